@@ -1,0 +1,274 @@
+"""Named real architectures and GPUs, and the `config.json` reader that turns either into a `ModelSpec`.
+
+The model catalog stores each model as the fields of its official Hugging Face `config.json` (only
+the keys that change memory), and goes through the same parser as a user's own `config.json`, so the
+catalog cannot drift from what the reader understands. Parameter totals are pinned in the tests against
+`transformers` models built from these configs.
+
+GPU memory sizes are the `memory.total` that `nvidia-smi` reports for each board (MiB), which is what
+`torch.cuda.get_device_properties(0).total_memory` sees, not the marketing "GB".
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lora_planner.errors import PlannerInputError
+from lora_planner.specs import FAMILIES, ModelSpec
+
+MIB = 2**20
+GIB = 2**30
+
+# name -> (Hugging Face repo id, the memory-relevant part of its config.json)
+MODEL_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
+    "llama-2-7b": ("meta-llama/Llama-2-7b-hf", {
+        "model_type": "llama", "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008,
+        "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
+        "max_position_embeddings": 4096, "tie_word_embeddings": False}),
+    "llama-2-13b": ("meta-llama/Llama-2-13b-hf", {
+        "model_type": "llama", "vocab_size": 32000, "hidden_size": 5120, "intermediate_size": 13824,
+        "num_hidden_layers": 40, "num_attention_heads": 40, "num_key_value_heads": 40,
+        "max_position_embeddings": 4096, "tie_word_embeddings": False}),
+    "llama-2-70b": ("meta-llama/Llama-2-70b-hf", {
+        "model_type": "llama", "vocab_size": 32000, "hidden_size": 8192, "intermediate_size": 28672,
+        "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8,
+        "max_position_embeddings": 4096, "tie_word_embeddings": False}),
+    "llama-3-8b": ("meta-llama/Meta-Llama-3-8B", {
+        "model_type": "llama", "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336,
+        "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+        "max_position_embeddings": 8192, "tie_word_embeddings": False}),
+    "llama-3-70b": ("meta-llama/Meta-Llama-3-70B", {
+        "model_type": "llama", "vocab_size": 128256, "hidden_size": 8192, "intermediate_size": 28672,
+        "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8,
+        "max_position_embeddings": 8192, "tie_word_embeddings": False}),
+    "llama-3.1-8b": ("meta-llama/Llama-3.1-8B", {
+        "model_type": "llama", "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336,
+        "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+        "max_position_embeddings": 131072, "tie_word_embeddings": False}),
+    "llama-3.2-1b": ("meta-llama/Llama-3.2-1B", {
+        "model_type": "llama", "vocab_size": 128256, "hidden_size": 2048, "intermediate_size": 8192,
+        "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64,
+        "max_position_embeddings": 131072, "tie_word_embeddings": True}),
+    "llama-3.2-3b": ("meta-llama/Llama-3.2-3B", {
+        "model_type": "llama", "vocab_size": 128256, "hidden_size": 3072, "intermediate_size": 8192,
+        "num_hidden_layers": 28, "num_attention_heads": 24, "num_key_value_heads": 8, "head_dim": 128,
+        "max_position_embeddings": 131072, "tie_word_embeddings": True}),
+    "mistral-7b": ("mistralai/Mistral-7B-v0.1", {
+        "model_type": "mistral", "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336,
+        "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+        "max_position_embeddings": 32768, "tie_word_embeddings": False}),
+    "qwen2.5-0.5b": ("Qwen/Qwen2.5-0.5B", {
+        "model_type": "qwen2", "vocab_size": 151936, "hidden_size": 896, "intermediate_size": 4864,
+        "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2,
+        "max_position_embeddings": 32768, "tie_word_embeddings": True}),
+    "qwen2.5-1.5b": ("Qwen/Qwen2.5-1.5B", {
+        "model_type": "qwen2", "vocab_size": 151936, "hidden_size": 1536, "intermediate_size": 8960,
+        "num_hidden_layers": 28, "num_attention_heads": 12, "num_key_value_heads": 2,
+        "max_position_embeddings": 131072, "tie_word_embeddings": True}),
+    "qwen2.5-7b": ("Qwen/Qwen2.5-7B", {
+        "model_type": "qwen2", "vocab_size": 152064, "hidden_size": 3584, "intermediate_size": 18944,
+        "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4,
+        "max_position_embeddings": 131072, "tie_word_embeddings": False}),
+    "gemma-7b": ("google/gemma-7b", {
+        "model_type": "gemma", "vocab_size": 256000, "hidden_size": 3072, "intermediate_size": 24576,
+        "num_hidden_layers": 28, "num_attention_heads": 16, "num_key_value_heads": 16, "head_dim": 256,
+        "hidden_act": "gelu", "max_position_embeddings": 8192}),
+    "phi-2": ("microsoft/phi-2", {
+        "model_type": "phi", "vocab_size": 51200, "hidden_size": 2560, "intermediate_size": 10240,
+        "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
+        "hidden_act": "gelu_new", "partial_rotary_factor": 0.4, "qk_layernorm": False,
+        "resid_pdrop": 0.1, "embd_pdrop": 0.0, "attention_dropout": 0.0,
+        "max_position_embeddings": 2048, "tie_word_embeddings": False}),
+    "gpt2": ("openai-community/gpt2", {
+        "model_type": "gpt2", "vocab_size": 50257, "n_embd": 768, "n_layer": 12, "n_head": 12,
+        "n_inner": None, "n_positions": 1024, "activation_function": "gelu_new",
+        "resid_pdrop": 0.1, "embd_pdrop": 0.1, "attn_pdrop": 0.1}),
+    "bloom-7b1": ("bigscience/bloom-7b1", {
+        "model_type": "bloom", "vocab_size": 250880, "hidden_size": 4096, "n_layer": 30, "n_head": 32}),
+    "tinyllama-1.1b": ("TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T", {
+        "model_type": "llama", "vocab_size": 32000, "hidden_size": 2048, "intermediate_size": 5632,
+        "num_hidden_layers": 22, "num_attention_heads": 32, "num_key_value_heads": 4,
+        "max_position_embeddings": 2048, "tie_word_embeddings": False}),
+}
+
+# Other names people use for the same weights.
+MODEL_ALIASES: dict[str, str] = {
+    "llama-7b": "llama-2-7b",  # LLaMA-1 7B has the same shapes (only max_position_embeddings differs)
+    "llama2-7b": "llama-2-7b",
+    "llama-3-8b-instruct": "llama-3-8b",
+    "llama-3.1-8b-instruct": "llama-3.1-8b",
+    "mistral-7b-v0.1": "mistral-7b",
+    "tinyllama": "tinyllama-1.1b",
+}
+for _name, (_repo, _) in MODEL_CONFIGS.items():
+    MODEL_ALIASES[_repo.lower()] = _name
+
+# Defaults of each transformers config class for keys a config.json may omit.
+_TIE_DEFAULT = {"llama": False, "mistral": False, "qwen2": False, "gemma": True, "phi": False,
+                "gpt2": True, "bloom": True}
+# GPT2Config defaults resid/embd/attn dropout to 0.1; the other families' config classes to 0.
+_DROPOUT_DEFAULT = {"gpt2": 0.1}
+_DROPOUT_DEFAULT.update({f: 0.0 for f in FAMILIES if f != "gpt2"})
+_ACT_DEFAULT = {"llama": "silu", "mistral": "silu", "qwen2": "silu", "gemma": "gelu_pytorch_tanh",
+                "phi": "gelu_new", "gpt2": "gelu_new", "bloom": "bloom_gelu"}
+
+
+def _first(config: dict[str, Any], *keys: str, default: Any = None) -> Any:
+    for key in keys:
+        if config.get(key) is not None:
+            return config[key]
+    return default
+
+
+def _required_int(config: dict[str, Any], source: str, *keys: str) -> int:
+    value = _first(config, *keys)
+    if value is None:
+        raise PlannerInputError(f"{source}: {keys[0]}", "missing from the config",
+                                "use a complete Hugging Face config.json")
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise PlannerInputError(f"{source}: {keys[0]}", f"must be a positive integer, got {value!r}",
+                                "fix the config.json")
+    return value
+
+
+def spec_from_config(config: dict[str, Any], name: str) -> ModelSpec:
+    """Parse the memory-relevant part of a Hugging Face `config.json` into a `ModelSpec`.
+
+    Key names and defaults follow the `transformers` config classes of each family (GPT-2 and BLOOM use
+    `n_embd` / `n_layer` / `n_head`; Qwen2 always has q/k/v biases; Phi has biases everywhere and a biased
+    lm_head; GPT-2's MLP is `n_inner` or 4 x hidden; BLOOM's is 4 x hidden).
+    """
+    if not isinstance(config, dict):
+        raise PlannerInputError(name, "config.json must hold a JSON object", "use a Hugging Face config.json")
+    family = config.get("model_type")
+    if family not in FAMILIES:
+        raise PlannerInputError(
+            f"{name}: model_type", f"unsupported model_type {family!r}",
+            f"supported families are {', '.join(FAMILIES)}",
+        )
+    hidden = _required_int(config, name, "hidden_size", "n_embd", "n_embed")
+    layers = _required_int(config, name, "num_hidden_layers", "n_layer")
+    heads = _required_int(config, name, "num_attention_heads", "n_head")
+    vocab = _required_int(config, name, "vocab_size")
+    kv_heads = _first(config, "num_key_value_heads", default=heads)
+    head_dim = _first(config, "head_dim", default=hidden // heads)
+    if family in ("gpt2", "bloom"):
+        intermediate = _first(config, "n_inner", default=4 * hidden)
+        max_positions = _first(config, "n_positions", "max_position_embeddings", default=1024)
+    else:
+        intermediate = _required_int(config, name, "intermediate_size")
+        max_positions = _first(config, "max_position_embeddings", default=2048)
+    biased_everywhere = family in ("phi", "gpt2", "bloom")
+    return ModelSpec(
+        name=name,
+        family=family,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        intermediate_size=intermediate,
+        tie_word_embeddings=bool(_first(config, "tie_word_embeddings", default=_TIE_DEFAULT[family])),
+        max_position_embeddings=max_positions,
+        attention_bias=biased_everywhere or family == "qwen2" or bool(config.get("attention_bias", False)),
+        attention_out_bias=biased_everywhere or (family in ("llama", "gemma")
+                                                 and bool(config.get("attention_bias", False))),
+        mlp_bias=biased_everywhere or bool(config.get("mlp_bias", False)),
+        lm_head_bias=family == "phi",
+        qk_layernorm=family == "phi" and bool(config.get("qk_layernorm", False)),
+        partial_rotary_factor=float(config.get("partial_rotary_factor") or 1.0),
+        dropout=float(_first(config, "resid_pdrop", "hidden_dropout", default=_DROPOUT_DEFAULT[family])),
+        embedding_dropout=float(_first(config, "embd_pdrop", default=_DROPOUT_DEFAULT[family])),
+        attention_dropout=float(_first(config, "attn_pdrop", "attention_dropout", default=_DROPOUT_DEFAULT[family])),
+        hidden_act=str(_first(config, "hidden_activation", "hidden_act", "activation_function",
+                              default=_ACT_DEFAULT[family])),
+    )
+
+
+def load_config_json(path: str | Path) -> ModelSpec:
+    """Read a Hugging Face `config.json` (or a folder holding one) into a `ModelSpec`."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise PlannerInputError("model", f"cannot read {path} ({err.strerror or err})",
+                                "pass a catalog name or a readable config.json") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise PlannerInputError("model", f"{path} is not valid JSON ({err})",
+                                "pass a Hugging Face config.json") from None
+    return spec_from_config(config, name=str(path))
+
+
+def model_names() -> tuple[str, ...]:
+    return tuple(MODEL_CONFIGS)
+
+
+def resolve_model(name_or_path: str) -> ModelSpec:
+    """A catalog name (or alias / Hugging Face repo id), or a path to a `config.json`."""
+    key = name_or_path.strip().lower()
+    key = MODEL_ALIASES.get(key, key)
+    if key in MODEL_CONFIGS:
+        return spec_from_config(MODEL_CONFIGS[key][1], name=key)
+    if name_or_path.endswith(".json") or Path(name_or_path).exists():
+        return load_config_json(name_or_path)
+    close = difflib.get_close_matches(key, [*MODEL_CONFIGS, *MODEL_ALIASES], n=3, cutoff=0.5)
+    hint = f"did you mean {', '.join(close)}?" if close else f"known models: {', '.join(MODEL_CONFIGS)}"
+    raise PlannerInputError("model", f"unknown model {name_or_path!r}",
+                            f"{hint} (or pass a path to a config.json)")
+
+
+@dataclass(frozen=True)
+class GpuSpec:
+    name: str
+    memory_bytes: int
+    supports_bf16: bool
+
+
+GPUS: dict[str, GpuSpec] = {g.name: g for g in (
+    GpuSpec("a100-40gb", 40960 * MIB, True),
+    GpuSpec("a100-80gb", 81920 * MIB, True),
+    GpuSpec("h100-80gb", 81559 * MIB, True),
+    GpuSpec("h200", 143771 * MIB, True),
+    GpuSpec("l40s", 46068 * MIB, True),
+    GpuSpec("a10g", 23028 * MIB, True),
+    GpuSpec("l4", 23034 * MIB, True),
+    GpuSpec("t4", 15360 * MIB, False),
+    GpuSpec("v100-16gb", 16160 * MIB, False),
+    GpuSpec("v100-32gb", 32510 * MIB, False),
+    GpuSpec("rtx-3090", 24576 * MIB, True),
+    GpuSpec("rtx-4090", 24564 * MIB, True),
+)}
+
+
+def resolve_gpu(name: str) -> GpuSpec:
+    key = name.strip().lower()
+    if key in GPUS:
+        return GPUS[key]
+    close = difflib.get_close_matches(key, list(GPUS), n=3, cutoff=0.4)
+    hint = f"did you mean {', '.join(close)}?" if close else f"known GPUs: {', '.join(GPUS)}"
+    raise PlannerInputError("gpu", f"unknown GPU {name!r}", f"{hint} (or pass --gpu-mem 24GiB)")
+
+
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_memory_size(text: str, field_name: str = "gpu-mem") -> int:
+    """'24GiB', '80GB', '40 gib', '1.5TiB' -> bytes. A bare number means GiB."""
+    raw = text.strip().lower().replace(" ", "")
+    number = raw.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = raw[len(number):] or "gib"
+    try:
+        value = float(number)
+    except ValueError:
+        value = -1.0
+    if unit not in _UNITS or not value > 0:
+        raise PlannerInputError(field_name, f"cannot read memory size {text!r}", "write e.g. 24GiB or 80GB")
+    return int(value * _UNITS[unit])

@@ -1,0 +1,153 @@
+"""`lora-plan`: the command line. Parse, compute (pure planner), render; bad input -> one line, exit 2.
+
+Subcommands own their arguments. `lora-plan --model M ...` without a subcommand means `estimate`.
+Heavy modules (rich for tables, torch for profiling) are imported only by the subcommand that needs them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from lora_planner import __version__
+from lora_planner.catalog import GPUS, model_names, parse_memory_size, resolve_gpu, resolve_model
+from lora_planner.errors import PlannerInputError
+from lora_planner.memory import DeviceOverhead
+from lora_planner.planner import Budget, make_plan, plan_to_dict
+from lora_planner.specs import (
+    ATTENTIONS, DEVICES, DTYPES, METHODS, OPTIMIZER_IMPLS, OPTIMIZERS, LoraSpec, TrainingSpec,
+)
+
+SUBCOMMANDS = ("estimate",)
+EXIT_BAD_INPUT = 2
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse prints usage + error on two or more lines; we want one line and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise PlannerInputError("arguments", message, f"see `{self.prog} --help`")
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _add_planner_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="llama-2-7b",
+                   help=f"catalog name ({', '.join(model_names())}), a Hugging Face repo id of one of them, "
+                        "or a path to a config.json (default: llama-2-7b)")
+    p.add_argument("--method", default="full,lora,qlora", help="comma list of full, lora, qlora (default: all)")
+    p.add_argument("--r", type=int, default=8, help="LoRA rank (default 8)")
+    p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 2r)")
+    p.add_argument("--target", default=None,
+                   help="LoRA target modules, comma list of PEFT names, or all-linear "
+                        "(default: PEFT's default for the family, e.g. q_proj,v_proj)")
+    p.add_argument("--adapter-dtype", choices=("fp32", "base"), default="fp32",
+                   help="LoRA weights in fp32 (PEFT's default) or in the base dtype")
+    p.add_argument("--dtype", default=None, help=f"weight dtype: {'|'.join(DTYPES)} (default bf16; fp32 with --amp)")
+    p.add_argument("--amp", default=None, help="autocast mixed precision: bf16|fp16 (fp32 master weights)")
+    p.add_argument("--optimizer", default="adamw", help=f"{'|'.join(OPTIMIZERS)} (default adamw)")
+    p.add_argument("--optimizer-impl", default=None,
+                   help=f"{'|'.join(OPTIMIZER_IMPLS)} (default: PyTorch's, foreach on cuda, for-loop on cpu)")
+    p.add_argument("--batch-size", type=int, default=1, help="micro-batch size (default 1)")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (default 512)")
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute layers in backward")
+    p.add_argument("--attention", default="sdpa", help=f"{'|'.join(ATTENTIONS)} (default sdpa)")
+    p.add_argument("--device", default="cuda", help=f"{'|'.join(DEVICES)} (default cuda)")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--gpu", default=None, help=f"GPU to fit in: {', '.join(GPUS)}")
+    budget.add_argument("--gpu-mem", default=None, help="memory to fit in, e.g. 24GiB or 80GB")
+    p.add_argument("--cuda-context", default="512MiB",
+                   help="CUDA context + library workspaces outside the allocator (default 512MiB)")
+    p.add_argument("--allocator-overhead", type=float, default=0.05,
+                   help="caching-allocator reserve as a fraction of the allocated peak (default 0.05)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _OneLineParser(prog="lora-plan", description="Will a full / LoRA / QLoRA fine-tune fit, and why.")
+    parser.add_argument("--version", action="version", version=f"lora-plan {__version__}")
+    sub = parser.add_subparsers(dest="command", parser_class=_OneLineParser)
+    estimate = sub.add_parser("estimate", help="predict the peak memory of one training step (default)")
+    _add_planner_options(estimate)
+    estimate.add_argument("--json", action="store_true", help="print the plan as JSON")
+    estimate.add_argument("--detail", action="store_true", help="also show every phase of each method")
+    return parser
+
+
+def _training_from_args(args: argparse.Namespace, method: str) -> TrainingSpec:
+    target = _csv(args.target) if args.target is not None else None
+    if args.target is not None and not target:
+        raise PlannerInputError("target", "empty target list", "pass e.g. --target q_proj,v_proj or all-linear")
+    dtype = args.dtype if args.dtype is not None else ("fp32" if args.amp else "bf16")
+    return TrainingSpec(
+        method=method, dtype=dtype, amp=args.amp, optimizer=args.optimizer, optimizer_impl=args.optimizer_impl,
+        batch_size=args.batch_size, seq_len=args.seq_len, grad_checkpointing=args.grad_checkpointing,
+        device=args.device, attention=args.attention,
+        lora=LoraSpec(r=args.r, alpha=args.alpha, target_modules=target, adapter_dtype=args.adapter_dtype),
+    )
+
+
+def _budget_from_args(args: argparse.Namespace) -> Budget | None:
+    if args.gpu:
+        gpu = resolve_gpu(args.gpu)
+        return Budget(memory_bytes=gpu.memory_bytes, name=gpu.name, supports_bf16=gpu.supports_bf16)
+    if args.gpu_mem:
+        return Budget(memory_bytes=parse_memory_size(args.gpu_mem, "gpu-mem"))
+    return None
+
+
+def _methods_from_args(args: argparse.Namespace) -> tuple[str, ...]:
+    methods = _csv(args.method)
+    for method in methods:
+        if method not in METHODS:
+            raise PlannerInputError("method", f"unknown method {method!r}", f"use a comma list of {', '.join(METHODS)}")
+    if not methods:
+        raise PlannerInputError("method", "no method given", "pass e.g. --method full,lora")
+    return tuple(dict.fromkeys(methods))
+
+
+def _overhead_from_args(args: argparse.Namespace) -> DeviceOverhead:
+    if not 0 <= args.allocator_overhead < 10:
+        raise PlannerInputError("allocator-overhead", f"must be a fraction >= 0, got {args.allocator_overhead}",
+                                "pass e.g. 0.05")
+    return DeviceOverhead(cuda_context_bytes=parse_memory_size(args.cuda_context, "cuda-context"),
+                          allocator_fraction=args.allocator_overhead)
+
+
+def run_estimate(args: argparse.Namespace) -> int:
+    spec = resolve_model(args.model)
+    methods = _methods_from_args(args)
+    training = _training_from_args(args, methods[0])
+    for method in methods[1:]:
+        _training_from_args(args, method)  # validate every method's settings before computing
+    plan = make_plan(spec, training, methods, _budget_from_args(args), _overhead_from_args(args))
+    if args.json:
+        print(json.dumps(plan_to_dict(plan), indent=2))
+        return 0
+    from rich.console import Console  # only human output pays for rich
+
+    from lora_planner.render import render_plan
+
+    render_plan(plan, Console(), detail=args.detail)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or (argv[0] not in SUBCOMMANDS and argv[0] not in ("-h", "--help", "--version")):
+        argv.insert(0, "estimate")
+    try:
+        args = build_parser().parse_args(argv)
+        return {"estimate": run_estimate}[args.command](args)
+    except PlannerInputError as err:
+        print(f"lora-plan: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except SystemExit as exit_:  # --help / --version
+        return int(exit_.code or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

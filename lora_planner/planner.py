@@ -1,0 +1,120 @@
+"""One call that answers "will it fit?" for several methods at once, and its stable JSON shape (pure).
+
+`make_plan` ties the pieces together: the model spec, exact parameter counts, one `MemoryEstimate` per
+method (full / LoRA / QLoRA) under the same settings, and the GPU budget. `plan_to_dict` is the
+`--json` output (`schema_version` 1; keys are only ever added).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+from lora_planner.catalog import GPUS, GpuSpec
+from lora_planner.memory import DeviceOverhead, MemoryEstimate, estimate_memory
+from lora_planner.params import ParamCounts, count_params, resolve_targets
+from lora_planner.specs import ModelSpec, TrainingSpec
+
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The memory a run must fit in: a catalog GPU, or a size given by hand (`name` None)."""
+
+    memory_bytes: int
+    name: str | None = None
+    supports_bf16: bool = True
+
+
+@dataclass(frozen=True)
+class MethodPlan:
+    estimate: MemoryEstimate
+    fits: bool | None  # None when no budget was given
+    fits_on: tuple[str, ...]  # catalog GPUs whose memory holds peak_device_bytes
+
+
+@dataclass(frozen=True)
+class Plan:
+    spec: ModelSpec
+    params: ParamCounts
+    training: TrainingSpec  # the shared settings; `training.method` is the first method
+    target_modules: tuple[str, ...]  # resolved LoRA target paths (layer 0 shown)
+    methods: dict[str, MethodPlan]
+    budget: Budget | None
+    overhead: DeviceOverhead
+
+
+def _fits_on(peak_device_bytes: int, gpus: dict[str, GpuSpec]) -> tuple[str, ...]:
+    return tuple(name for name, gpu in sorted(gpus.items(), key=lambda kv: kv[1].memory_bytes)
+                 if peak_device_bytes <= gpu.memory_bytes)
+
+
+def make_plan(spec: ModelSpec, training: TrainingSpec, methods: tuple[str, ...],
+              budget: Budget | None = None, overhead: DeviceOverhead | None = None) -> Plan:
+    """Estimate every requested method under the same settings and compare each with the budget."""
+    overhead = overhead or DeviceOverhead()
+    plans: dict[str, MethodPlan] = {}
+    for method in methods:
+        estimate = estimate_memory(spec, replace(training, method=method), overhead)
+        fits = None if budget is None else estimate.peak_device_bytes <= budget.memory_bytes
+        plans[method] = MethodPlan(estimate, fits, _fits_on(estimate.peak_device_bytes, GPUS))
+    targets = tuple(m.path for m in resolve_targets(spec, training.lora.target_modules))
+    return Plan(spec=spec, params=count_params(spec), training=replace(training, method=methods[0]),
+                target_modules=targets, methods=plans, budget=budget, overhead=overhead)
+
+
+def plan_to_dict(plan: Plan) -> dict[str, Any]:
+    """The `--json` document."""
+    t, spec = plan.training, plan.spec
+    methods: dict[str, Any] = {}
+    for method, mp in plan.methods.items():
+        e = mp.estimate
+        methods[method] = {
+            "trainable_params": e.trainable_params,
+            "trainable_fraction": e.trainable_fraction,
+            "weights_at_dtype_bytes": e.weights_at_dtype_bytes,
+            "seed_rule_bytes": e.seed_rule_bytes,
+            "breakdown_bytes": e.peak.breakdown.as_dict(),
+            "peak_allocated_bytes": e.peak_allocated_bytes,
+            "peak_phase": e.peak_phase,
+            "device_overhead_bytes": e.device_overhead_bytes,
+            "peak_device_bytes": e.peak_device_bytes,
+            "fits": mp.fits,
+            "fits_on": list(mp.fits_on),
+            "phases": {p.phase: p.breakdown.as_dict() for p in e.phases},
+            "activations_per_layer_bytes": e.activations.layer_bytes,
+        }
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "model": {
+            "name": spec.name,
+            "family": spec.family,
+            "total_params": plan.params.total,
+            "params_by_group": plan.params.by_group,
+            "num_layers": spec.num_layers,
+            "hidden_size": spec.hidden_size,
+            "vocab_size": spec.vocab_size,
+        },
+        "inputs": {
+            "methods": list(plan.methods),
+            "r": t.lora.r,
+            "alpha": t.lora.effective_alpha,
+            "target_modules": list(plan.target_modules),
+            "adapter_dtype": t.lora.adapter_dtype,
+            "dtype": t.dtype,
+            "amp": t.amp,
+            "optimizer": t.optimizer,
+            "optimizer_impl": t.resolved_optimizer_impl,
+            "batch_size": t.batch_size,
+            "seq_len": t.seq_len,
+            "grad_checkpointing": t.grad_checkpointing,
+            "attention": t.attention,
+            "device": t.device,
+            "gpu": plan.budget.name if plan.budget else None,
+            "budget_bytes": plan.budget.memory_bytes if plan.budget else None,
+            "cuda_context_bytes": plan.overhead.cuda_context_bytes,
+            "allocator_fraction": plan.overhead.allocator_fraction,
+        },
+        "methods": methods,
+    }

@@ -1,0 +1,116 @@
+"""Human output of a `Plan`: rich tables. Only the CLI imports this module (rich stays off the API path)."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from lora_planner.memory import CATEGORIES
+from lora_planner.planner import Plan
+
+GIB = 2**30
+METHOD_TITLES = {"full": "full fine-tune", "lora": "LoRA", "qlora": "QLoRA"}
+PHASE_TITLES = {"forward_end": "forward end", "backward_start": "backward start",
+                "backward_layers": "backward (layers)", "backward_end": "backward end",
+                "optimizer_step": "optimizer step"}
+
+
+def human_count(n: int) -> str:
+    for unit, size in (("B", 10**9), ("M", 10**6), ("K", 10**3)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return str(n)
+
+
+def _percent(fraction: float) -> str:
+    return "100 %" if fraction == 1 else f"{100 * fraction:.4f} %"
+
+
+def gib(n: int) -> str:
+    return f"{n / GIB:.2f}"
+
+
+def _settings_line(plan: Plan) -> str:
+    t = plan.training
+    precision = f"fp32 weights + {t.amp} autocast" if t.amp else f"{t.dtype} weights"
+    lora = t.lora
+    targets = ", ".join(dict.fromkeys(p.rsplit(".", 1)[-1] for p in plan.target_modules))
+    parts = [
+        precision,
+        f"{t.optimizer} ({t.resolved_optimizer_impl})",
+        f"batch {t.batch_size} x {t.seq_len} tokens",
+        f"{t.attention} attention",
+        "gradient checkpointing" if t.grad_checkpointing else "no checkpointing",
+        f"device {t.device}",
+    ]
+    if any(m != "full" for m in plan.methods):
+        parts.append(f"LoRA r={lora.r} alpha={lora.effective_alpha:g} on {targets} ({lora.adapter_dtype} adapters)")
+    return " | ".join(parts)
+
+
+def _fits_cell(plan: Plan, method: str) -> Text:
+    mp = plan.methods[method]
+    if mp.fits is None:
+        smallest = mp.fits_on[0] if mp.fits_on else None
+        return Text(f"{smallest} or larger" if smallest else "no catalog GPU", style="cyan")
+    return Text("yes", style="bold green") if mp.fits else Text("no", style="bold red")
+
+
+def plan_table(plan: Plan) -> Table:
+    """Methods side by side: the peak's breakdown, the peak, the seed's rule, and the fit."""
+    methods = list(plan.methods)
+    table = Table(title="Peak memory of one training step (GiB)", title_justify="left")
+    table.add_column("", style="bold")
+    for method in methods:
+        table.add_column(METHOD_TITLES[method], justify="right")
+    est = {m: plan.methods[m].estimate for m in methods}
+    table.add_row("trainable params", *[human_count(est[m].trainable_params) for m in methods])
+    table.add_row("trainable fraction m", *[_percent(est[m].trainable_fraction) for m in methods])
+    for category in CATEGORIES:
+        label = category.replace("_", " ")
+        table.add_row(f"  {label}", *[gib(est[m].peak.breakdown.as_dict()[category]) for m in methods])
+    table.add_row("peak allocated", *[Text(gib(est[m].peak_allocated_bytes), style="bold") for m in methods])
+    table.add_row("  at phase", *[PHASE_TITLES[est[m].peak_phase] for m in methods])
+    if plan.training.device == "cuda":
+        table.add_row("  + CUDA context etc.", *[gib(est[m].device_overhead_bytes) for m in methods])
+        table.add_row("peak on device", *[Text(gib(est[m].peak_device_bytes), style="bold") for m in methods])
+    table.add_row("seed rule (1+4m)x", *[gib(est[m].seed_rule_bytes) for m in methods])
+    table.add_row("  vs peak", *[f"{100 * (est[m].seed_rule_bytes / est[m].peak_allocated_bytes - 1):+.0f} %"
+                                          for m in methods])
+    budget = plan.budget
+    if budget is None:
+        label = "fits on"
+    else:
+        label = f"fits in {budget.name} ({gib(budget.memory_bytes)})" if budget.name else f"fits in {gib(budget.memory_bytes)}"
+    table.add_row(label, *[_fits_cell(plan, m) for m in methods])
+    return table
+
+
+def phases_table(plan: Plan, method: str) -> Table:
+    """Every phase of one method, so the user sees where the peak comes from."""
+    e = plan.methods[method].estimate
+    table = Table(title=f"{METHOD_TITLES[method]}: live memory by phase (GiB)", title_justify="left")
+    table.add_column("phase", style="bold")
+    for category in CATEGORIES:
+        table.add_column(category.replace("_", " "), justify="right")
+    table.add_column("total", justify="right", style="bold")
+    for p in e.phases:
+        style = "reverse" if p.phase == e.peak_phase else ""
+        values = p.breakdown.as_dict()
+        table.add_row(PHASE_TITLES[p.phase], *[gib(values[c]) for c in CATEGORIES], gib(p.breakdown.total_bytes),
+                      style=style)
+    return table
+
+
+def render_plan(plan: Plan, console: Console, detail: bool = False) -> None:
+    spec, params = plan.spec, plan.params
+    groups = ", ".join(f"{g} {human_count(n)}" for g, n in params.by_group.items() if n)
+    console.print(f"[bold]{spec.name}[/bold] ({spec.family}): {human_count(params.total)} parameters ({groups})")
+    console.print(_settings_line(plan), style="dim")
+    if plan.budget is not None and not plan.budget.supports_bf16 and plan.training.compute_dtype == "bf16":
+        console.print(f"[yellow]note: {plan.budget.name} has no bf16 support; use --dtype fp16 or --amp fp16[/yellow]")
+    console.print(plan_table(plan))
+    if detail:
+        for method in plan.methods:
+            console.print(phases_table(plan, method))
