@@ -31,6 +31,7 @@ Known limitations: assumes no padding mask (SDPA takes its causal fast path), PE
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 from lora_planner.params import Module, module_inventory, resolve_targets
 from lora_planner.specs import BYTES_PER_ELEMENT, ModelSpec, TrainingSpec
@@ -90,6 +91,16 @@ class ActivationProfile:
         return self.total(self.loss)
 
 
+@lru_cache(maxsize=1024)
+def _adapted_paths(spec: ModelSpec, targets: tuple[str, ...] | None) -> frozenset[str]:
+    return frozenset(m.path for m in resolve_targets(spec, targets))
+
+
+@lru_cache(maxsize=256)
+def _modules_by_path(spec: ModelSpec) -> dict[str, Module]:
+    return {m.path: m for m in module_inventory(spec)}
+
+
 class _Flow:
     """The settings every rule below needs, and the rules for linear layers shared by all families."""
 
@@ -105,11 +116,8 @@ class _Flow:
         self.e_stream = FP32 if self.amp else self.e_compute
         self.e_adapter = FP32 if training.lora.adapter_dtype == "fp32" else BYTES_PER_ELEMENT[training.dtype]
         self.r = training.lora.r
-        adapted: tuple[Module, ...] = ()
-        if training.method != "full":
-            adapted = resolve_targets(spec, training.lora.target_modules)
-        self.adapted_paths = frozenset(m.path for m in adapted)
-        self.modules = {m.path: m for m in module_inventory(spec)}
+        self.adapted_paths = _adapted_paths(spec, training.lora.target_modules) if not self.full else frozenset()
+        self.modules = _modules_by_path(spec)
 
     def adapted(self, path: str) -> bool:
         return path in self.adapted_paths

@@ -113,6 +113,8 @@ _TIE_DEFAULT = {"llama": False, "mistral": False, "qwen2": False, "gemma": True,
 # GPT2Config defaults resid/embd/attn dropout to 0.1; the other families' config classes to 0.
 _DROPOUT_DEFAULT = {"gpt2": 0.1}
 _DROPOUT_DEFAULT.update({f: 0.0 for f in FAMILIES if f != "gpt2"})
+_POSITIONS_DEFAULT = {"llama": 2048, "mistral": 131072, "qwen2": 32768, "gemma": 8192, "phi": 2048,
+                      "gpt2": 1024, "bloom": 2048}
 _ACT_DEFAULT = {"llama": "silu", "mistral": "silu", "qwen2": "silu", "gemma": "gelu_pytorch_tanh",
                 "phi": "gelu_new", "gpt2": "gelu_new", "bloom": "bloom_gelu"}
 
@@ -155,14 +157,18 @@ def spec_from_config(config: dict[str, Any], name: str) -> ModelSpec:
     heads = _required_int(config, name, "num_attention_heads", "n_head")
     vocab = _required_int(config, name, "vocab_size")
     kv_heads = _first(config, "num_key_value_heads", default=heads)
-    head_dim = _first(config, "head_dim", default=hidden // heads)
-    if family in ("gpt2", "bloom"):
+    head_dim = _first(config, "head_dim", default=256 if family == "gemma" else hidden // heads)
+    if family == "gpt2":
         intermediate = _first(config, "n_inner", default=4 * hidden)
-        max_positions = _first(config, "n_positions", "max_position_embeddings", default=1024)
+    elif family == "bloom":
+        intermediate = 4 * hidden  # BloomMLP ignores any intermediate size in the config
     else:
         intermediate = _required_int(config, name, "intermediate_size")
-        max_positions = _first(config, "max_position_embeddings", default=2048)
+    max_positions = _first(config, "n_positions", "max_position_embeddings", default=_POSITIONS_DEFAULT[family])
     biased_everywhere = family in ("phi", "gpt2", "bloom")
+    # Which bias flags each transformers class honours: Llama both, Gemma attention_bias only,
+    # Qwen2 hard-codes q/k/v biases, Mistral none.
+    honours_attention_bias = family in ("llama", "gemma") and bool(config.get("attention_bias", False))
     return ModelSpec(
         name=name,
         family=family,
@@ -175,10 +181,9 @@ def spec_from_config(config: dict[str, Any], name: str) -> ModelSpec:
         intermediate_size=intermediate,
         tie_word_embeddings=bool(_first(config, "tie_word_embeddings", default=_TIE_DEFAULT[family])),
         max_position_embeddings=max_positions,
-        attention_bias=biased_everywhere or family == "qwen2" or bool(config.get("attention_bias", False)),
-        attention_out_bias=biased_everywhere or (family in ("llama", "gemma")
-                                                 and bool(config.get("attention_bias", False))),
-        mlp_bias=biased_everywhere or bool(config.get("mlp_bias", False)),
+        attention_bias=biased_everywhere or family == "qwen2" or honours_attention_bias,
+        attention_out_bias=biased_everywhere or honours_attention_bias,
+        mlp_bias=biased_everywhere or (family == "llama" and bool(config.get("mlp_bias", False))),
         lm_head_bias=family == "phi",
         qk_layernorm=family == "phi" and bool(config.get("qk_layernorm", False)),
         partial_rotary_factor=float(config.get("partial_rotary_factor") or 1.0),
@@ -266,9 +271,9 @@ def parse_memory_size(text: str, field_name: str = "gpu-mem") -> int:
     number = raw.rstrip("abcdefghijklmnopqrstuvwxyz")
     unit = raw[len(number):] or "gib"
     try:
-        value = float(number)
-    except ValueError:
-        value = -1.0
-    if unit not in _UNITS or not value > 0:
+        value = int(float(number) * _UNITS[unit]) if unit in _UNITS else 0
+    except (ValueError, OverflowError):
+        value = 0
+    if value < 1:
         raise PlannerInputError(field_name, f"cannot read memory size {text!r}", "write e.g. 24GiB or 80GB")
-    return int(value * _UNITS[unit])
+    return value

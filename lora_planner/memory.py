@@ -34,13 +34,14 @@ transformers implementations of the supported families (see `activations`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 from math import ceil
 from typing import Literal, get_args
 
 from lora_planner.activations import ActivationProfile, activation_profile
 from lora_planner.optimizers import TensorGroup, optimizer_scratch_bytes, optimizer_state_bytes
 from lora_planner.params import Module, count_params, lora_params, module_inventory
-from lora_planner.specs import BYTES_PER_ELEMENT, ModelSpec, TrainingSpec
+from lora_planner.specs import BYTES_PER_ELEMENT, LoraSpec, ModelSpec, TrainingSpec
 
 Phase = Literal["forward_end", "backward_start", "backward_layers", "backward_end", "optimizer_step"]
 PHASES: tuple[str, ...] = get_args(Phase)
@@ -142,11 +143,12 @@ def _base_weight_bytes(modules: tuple[Module, ...], training: TrainingSpec) -> i
     return total
 
 
-def _trainable_groups(spec: ModelSpec, training: TrainingSpec) -> tuple[TensorGroup, ...]:
+@lru_cache(maxsize=4096)  # grids vary batch and sequence far more often than these inputs
+def _trainable_groups(spec: ModelSpec, method: str, dtype: str, lora: LoraSpec) -> tuple[TensorGroup, ...]:
     """Every trainable tensor, grouped by shape: all weights and biases (full), or LoRA's A and B."""
     groups: list[TensorGroup] = []
-    if training.method == "full":
-        e = BYTES_PER_ELEMENT[training.dtype]
+    if method == "full":
+        e = BYTES_PER_ELEMENT[dtype]
         for m in module_inventory(spec):
             if m.tied:
                 continue
@@ -158,8 +160,7 @@ def _trainable_groups(spec: ModelSpec, training: TrainingSpec) -> tuple[TensorGr
             if m.bias:
                 groups.append(TensorGroup((m.out_features,), m.count, e))
         return tuple(groups)
-    lora = training.lora
-    e = 4 if lora.adapter_dtype == "fp32" else BYTES_PER_ELEMENT[training.dtype]
+    e = 4 if lora.adapter_dtype == "fp32" else BYTES_PER_ELEMENT[dtype]
     for m in lora_params(spec, lora.r, lora.target_modules).target_modules:
         groups.append(TensorGroup((lora.r, m.in_features), m.count, e))
         groups.append(TensorGroup((m.out_features, lora.r), m.count, e))
@@ -172,7 +173,7 @@ def estimate_memory(spec: ModelSpec, training: TrainingSpec,
     overhead = overhead or DeviceOverhead()
     modules = module_inventory(spec)
     base_params = count_params(spec).total
-    groups = _trainable_groups(spec, training)
+    groups = _trainable_groups(spec, training.method, training.dtype, training.lora)
     trainable_params = sum(g.numel * g.count for g in groups)
     trainable_bytes = sum(g.nbytes for g in groups)
 

@@ -27,6 +27,7 @@ is an estimate (two copies of the largest tensor); DeepSpeed / apex optimizers a
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from math import ceil
 
 from lora_planner.specs import Optimizer, OptimizerImpl
@@ -72,6 +73,7 @@ def _state_bytes_one(group: TensorGroup, optimizer: Optimizer) -> int:
     return numel * e
 
 
+@lru_cache(maxsize=4096)
 def optimizer_state_bytes(groups: tuple[TensorGroup, ...], optimizer: Optimizer, step_on_device: bool) -> int:
     """Bytes of optimizer state for all trainable tensors (+ Adam's 4-byte `step` where it is on device)."""
     total = sum(_state_bytes_one(g, optimizer) * g.count for g in groups)
@@ -80,6 +82,7 @@ def optimizer_state_bytes(groups: tuple[TensorGroup, ...], optimizer: Optimizer,
     return total
 
 
+@lru_cache(maxsize=4096)
 def optimizer_scratch_bytes(groups: tuple[TensorGroup, ...], optimizer: Optimizer, impl: OptimizerImpl) -> int:
     """Transient bytes inside `optimizer.step()` on top of weights, gradients and states."""
     if not groups or optimizer in ("adamw8bit", "paged_adamw8bit", "sgd") or impl == "fused":

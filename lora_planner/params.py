@@ -17,8 +17,11 @@ norms cannot; `modules_to_save`, DoRA and rank patterns are not modelled.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, replace
+from functools import lru_cache
+from types import MappingProxyType
+from math import ceil
+from typing import Literal, Mapping
 
 from lora_planner.errors import PlannerInputError
 from lora_planner.specs import ModelSpec
@@ -71,9 +74,19 @@ class Module:
         """Elements of the weight matrix alone (what QLoRA quantizes; biases stay 16-bit)."""
         return 0 if self.tied else self.in_features * self.out_features
 
-    def matches(self, target: str) -> bool:
-        """PEFT's rule: the full module name equals the target or ends with '.' + target."""
-        return self.path == target or self.path.endswith("." + target)
+    def layer_path(self, layer: int) -> str:
+        """The path of this module in `layer` (per-layer paths are stored for layer 0)."""
+        return self.path.replace(".0.", f".{layer}.", 1) if self.count > 1 or ".0." in self.path else self.path
+
+    def matching_layers(self, target: str) -> frozenset[int]:
+        """The layers where PEFT's rule matches: the full module name equals the target or ends with
+        '.' + target (`peft.tuners.tuners_utils.check_target_module_exists`)."""
+        matched = set()
+        for layer in range(self.count):
+            path = self.layer_path(layer)
+            if path == target or path.endswith("." + target):
+                matched.add(layer)
+        return frozenset(matched)
 
 
 def _llama_like(spec: ModelSpec) -> list[Module]:
@@ -109,9 +122,10 @@ def _phi(spec: ModelSpec) -> list[Module]:
         Module("model.final_layernorm", "norm", "norms", h, h, True),
     ]
     if spec.qk_layernorm:
+        width = h // spec.num_heads  # PhiAttention sizes these by hidden / heads, not head_dim
         modules += [
-            Module(layer + "self_attn.q_layernorm", "norm", "norms", spec.head_dim, spec.head_dim, True, n),
-            Module(layer + "self_attn.k_layernorm", "norm", "norms", spec.head_dim, spec.head_dim, True, n),
+            Module(layer + "self_attn.q_layernorm", "norm", "norms", width, width, True, n),
+            Module(layer + "self_attn.k_layernorm", "norm", "norms", width, width, True, n),
         ]
     return modules
 
@@ -152,6 +166,7 @@ _LAYOUTS = {"llama": _llama_like, "mistral": _llama_like, "qwen2": _llama_like, 
             "phi": _phi, "gpt2": _gpt2, "bloom": _bloom}
 
 
+@lru_cache(maxsize=256)  # specs are frozen; grids evaluate the same model thousands of times
 def module_inventory(spec: ModelSpec) -> tuple[Module, ...]:
     """Every parameter-holding module of the model, lm_head last."""
     modules = _LAYOUTS[spec.family](spec)
@@ -163,27 +178,32 @@ def module_inventory(spec: ModelSpec) -> tuple[Module, ...]:
 @dataclass(frozen=True)
 class ParamCounts:
     total: int
-    by_group: dict[str, int]
+    by_group: Mapping[str, int]  # read-only: results are cached and shared
 
 
+@lru_cache(maxsize=256)
 def count_params(spec: ModelSpec) -> ParamCounts:
     """Base-model parameters in total and by group (embeddings, attention, mlp, norms, lm_head)."""
     by_group = dict.fromkeys(GROUPS, 0)
     for module in module_inventory(spec):
         by_group[module.group] += module.params
-    return ParamCounts(total=sum(by_group.values()), by_group=by_group)
+    return ParamCounts(total=sum(by_group.values()), by_group=MappingProxyType(by_group))
 
 
-def linear_leaf_names(spec: ModelSpec) -> tuple[str, ...]:
-    """The short names a user can target (e.g. q_proj, c_attn), in model order."""
-    names = [m.path.rsplit(".", 1)[-1] for m in module_inventory(spec) if m.kind == "linear"]
+def targetable_names(spec: ModelSpec) -> tuple[str, ...]:
+    """The short names a user can target (e.g. q_proj, c_attn, embed_tokens), in model order."""
+    names = [m.path.rsplit(".", 1)[-1] for m in module_inventory(spec) if m.kind != "norm"]
     return tuple(dict.fromkeys(names))
 
 
+@lru_cache(maxsize=1024)
 def resolve_targets(spec: ModelSpec, targets: tuple[str, ...] | None) -> tuple[Module, ...]:
-    """The modules LoRA adapts (None: PEFT's default for the family). Every target must match something:
-    PEFT only fails when *none* match, which silently drops a misspelt name; this planner rejects each
-    unknown name instead."""
+    """The modules LoRA adapts (None: PEFT's default for the family), each with `count` = the number of
+    layers it is adapted in (a target such as "layers.3.self_attn.q_proj" picks one layer, as in PEFT).
+
+    Every target must match something: PEFT only fails when *none* match, which silently drops a
+    misspelt name; this planner rejects each unknown name instead.
+    """
     targets = PEFT_DEFAULT_TARGETS[spec.family] if targets is None else targets
     inventory = module_inventory(spec)
     if ALL_LINEAR in targets:
@@ -192,20 +212,20 @@ def resolve_targets(spec: ModelSpec, targets: tuple[str, ...] | None) -> tuple[M
                                     f"pass either {ALL_LINEAR} or a list of module names")
         # PEFT's all-linear: every Linear / Conv1D except the output layer (`get_output_embeddings`).
         return tuple(m for m in inventory if m.kind == "linear" and m.group != "lm_head")
-    chosen: list[Module] = []
+    choices = ", ".join(targetable_names(spec))
+    layers_by_path: dict[str, set[int]] = {}
     for target in targets:
-        hits = [m for m in inventory if m.matches(target)]
+        hits = {m: m.matching_layers(target) for m in inventory}
+        hits = {m: layers for m, layers in hits.items() if layers}
         if not hits:
-            raise PlannerInputError(
-                "target", f"no module named {target!r} in {spec.name} ({spec.family})",
-                f"choose from {', '.join(linear_leaf_names(spec))} or {ALL_LINEAR}",
-            )
-        norms = [m for m in hits if m.kind == "norm"]
-        if norms:
+            raise PlannerInputError("target", f"no module named {target!r} in {spec.name} ({spec.family})",
+                                    f"choose from {choices} or {ALL_LINEAR}")
+        if any(m.kind == "norm" for m in hits):
             raise PlannerInputError("target", f"{target!r} is a norm layer, which LoRA cannot adapt",
-                                    f"choose from {', '.join(linear_leaf_names(spec))}")
-        chosen.extend(m for m in hits if m not in chosen)
-    return tuple(chosen)
+                                    f"choose from {choices}")
+        for m, layers in hits.items():
+            layers_by_path.setdefault(m.path, set()).update(layers)
+    return tuple(replace(m, count=len(layers_by_path[m.path])) for m in inventory if m.path in layers_by_path)
 
 
 @dataclass(frozen=True)
@@ -226,8 +246,11 @@ class LoraCounts:
         return self.trainable_params / self.all_params
 
 
+@lru_cache(maxsize=4096)
 def lora_params(spec: ModelSpec, r: int, targets: tuple[str, ...] | None) -> LoraCounts:
     """Trainable parameters of a LoRA adapter of rank r on `targets` (equals PEFT's count)."""
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise PlannerInputError("r", f"must be a positive integer, got {r!r}", "pass e.g. --r 8")
     modules = resolve_targets(spec, targets)
     for module in modules:
         width = min(module.in_features, module.out_features)
@@ -242,12 +265,32 @@ def lora_params(spec: ModelSpec, r: int, targets: tuple[str, ...] | None) -> Lor
                       base_params=count_params(spec).total)
 
 
+def max_rank(spec: ModelSpec, targets: tuple[str, ...] | None) -> int:
+    """The largest r every targeted module allows (r <= min(in, out))."""
+    return min(min(m.in_features, m.out_features) for m in resolve_targets(spec, targets))
+
+
 def rank_for_trainable_fraction(spec: ModelSpec, fraction: float, targets: tuple[str, ...] | None) -> int:
-    """Smallest r whose trainable fraction m reaches `fraction` (m grows linearly in r)."""
-    per_rank = lora_params(spec, 1, targets).trainable_params
-    base = count_params(spec).total
-    # m = r p / (B + r p)  =>  r = m B / (p (1 - m))
+    """Smallest r whose trainable fraction m (as PEFT computes it) reaches `fraction`."""
     if not 0 < fraction < 1:
         raise PlannerInputError("trainable-fraction", f"must be in (0, 1), got {fraction}", "pass e.g. 0.05")
-    exact = fraction * base / (per_rank * (1 - fraction))
-    return max(1, -int(-exact // 1))
+    per_rank = lora_params(spec, 1, targets).trainable_params
+    base = count_params(spec).total
+    # m = r p / (B + r p) >= f  <=>  r >= f B / (p (1 - f)); start there, then settle float rounding exactly.
+    r = max(1, ceil(fraction * base / (per_rank * (1 - fraction))))
+
+    def reaches(rank: int) -> bool:
+        return rank * per_rank / (base + rank * per_rank) >= fraction
+
+    while r > 1 and reaches(r - 1):
+        r -= 1
+    while not reaches(r):
+        r += 1
+    limit = max_rank(spec, targets)
+    if r > limit:
+        best = limit * per_rank / (base + limit * per_rank)
+        raise PlannerInputError(
+            "trainable-fraction", f"{fraction:g} needs r={r}, above the largest rank {limit} of these targets "
+                                  f"(which reaches m={best:.4g})",
+            "target more modules (e.g. --target all-linear) or ask for a smaller fraction")
+    return r

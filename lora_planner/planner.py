@@ -91,7 +91,7 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
             "name": spec.name,
             "family": spec.family,
             "total_params": plan.params.total,
-            "params_by_group": plan.params.by_group,
+            "params_by_group": dict(plan.params.by_group),
             "num_layers": spec.num_layers,
             "hidden_size": spec.hidden_size,
             "vocab_size": spec.vocab_size,

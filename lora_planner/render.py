@@ -11,6 +11,8 @@ from lora_planner.planner import Plan
 
 GIB = 2**30
 METHOD_TITLES = {"full": "full fine-tune", "lora": "LoRA", "qlora": "QLoRA"}
+SHORT_CATEGORY = {"weights": "weights", "gradients": "grads", "optimizer_states": "optimizer",
+                  "activations": "acts", "temporaries": "temps"}
 PHASE_TITLES = {"forward_end": "forward end", "backward_start": "backward start",
                 "backward_layers": "backward (layers)", "backward_end": "backward end",
                 "optimizer_step": "optimizer step"}
@@ -61,7 +63,7 @@ def plan_table(plan: Plan) -> Table:
     """Methods side by side: the peak's breakdown, the peak, the seed's rule, and the fit."""
     methods = list(plan.methods)
     table = Table(title="Peak memory of one training step (GiB)", title_justify="left")
-    table.add_column("", style="bold")
+    table.add_column("", style="bold", no_wrap=True)
     for method in methods:
         table.add_column(METHOD_TITLES[method], justify="right")
     est = {m: plan.methods[m].estimate for m in methods}
@@ -75,7 +77,7 @@ def plan_table(plan: Plan) -> Table:
     if plan.training.device == "cuda":
         table.add_row("  + CUDA context etc.", *[gib(est[m].device_overhead_bytes) for m in methods])
         table.add_row("peak on device", *[Text(gib(est[m].peak_device_bytes), style="bold") for m in methods])
-    table.add_row("seed rule (1+4m)x", *[gib(est[m].seed_rule_bytes) for m in methods])
+    table.add_row("seed rule 4x | (1+4m)x", *[gib(est[m].seed_rule_bytes) for m in methods])
     table.add_row("  vs peak", *[f"{100 * (est[m].seed_rule_bytes / est[m].peak_allocated_bytes - 1):+.0f} %"
                                           for m in methods])
     budget = plan.budget
@@ -91,9 +93,9 @@ def phases_table(plan: Plan, method: str) -> Table:
     """Every phase of one method, so the user sees where the peak comes from."""
     e = plan.methods[method].estimate
     table = Table(title=f"{METHOD_TITLES[method]}: live memory by phase (GiB)", title_justify="left")
-    table.add_column("phase", style="bold")
+    table.add_column("phase", style="bold", no_wrap=True)
     for category in CATEGORIES:
-        table.add_column(category.replace("_", " "), justify="right")
+        table.add_column(SHORT_CATEGORY[category], justify="right")
     table.add_column("total", justify="right", style="bold")
     for p in e.phases:
         style = "reverse" if p.phase == e.peak_phase else ""

@@ -1,0 +1,511 @@
+"""The model catalog, the config.json reader and the GPU catalog (`lora_planner.catalog`).
+
+config.json files are written to `tmp_path` and read back through `load_config_json` / `resolve_model`;
+the resulting parameter count must equal that of the `transformers` model built from the same dict on
+the meta device (see `tests/hf_reference.py`).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+
+import pytest
+
+from lora_planner.catalog import (
+    GIB,
+    GPUS,
+    MIB,
+    MODEL_ALIASES,
+    MODEL_CONFIGS,
+    load_config_json,
+    model_names,
+    parse_memory_size,
+    resolve_gpu,
+    resolve_model,
+    spec_from_config,
+)
+from lora_planner.errors import PlannerInputError
+from lora_planner.params import count_params
+from lora_planner.specs import FAMILIES
+from tests.hf_reference import hf_config, meta_model, total_params
+
+# --------------------------------------------------------------------------------------------------
+# config.json files as Hugging Face publishes them (extra keys the reader must ignore included)
+# --------------------------------------------------------------------------------------------------
+
+CONFIG_FILES = {
+    # GQA + explicit head_dim + tied embeddings + llama3 rope scaling (Llama-3.2-1B's config.json).
+    "llama-gqa-head-dim-tied": {
+        "architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+        "bos_token_id": 128000, "eos_token_id": 128001, "head_dim": 64, "hidden_act": "silu",
+        "hidden_size": 2048, "initializer_range": 0.02, "intermediate_size": 8192,
+        "max_position_embeddings": 131072, "mlp_bias": False, "model_type": "llama",
+        "num_attention_heads": 32, "num_hidden_layers": 16, "num_key_value_heads": 8,
+        "pretraining_tp": 1, "rms_norm_eps": 1e-05,
+        "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                         "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+        "rope_theta": 500000.0, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
+        "transformers_version": "4.45.0.dev0", "use_cache": True, "vocab_size": 128256,
+    },
+    # head_dim larger than hidden / heads (q_proj widens: 16 x 192 = 3072 > 2048).
+    "llama-wide-head-dim": {
+        "model_type": "llama", "vocab_size": 1000, "hidden_size": 2048, "intermediate_size": 5504,
+        "num_hidden_layers": 3, "num_attention_heads": 16, "num_key_value_heads": 4, "head_dim": 192,
+    },
+    "llama-biases": {
+        "model_type": "llama", "vocab_size": 1000, "hidden_size": 512, "intermediate_size": 1376,
+        "num_hidden_layers": 2, "num_attention_heads": 8, "attention_bias": True, "mlp_bias": True,
+    },
+    # No num_key_value_heads, no tie_word_embeddings, no head_dim: transformers' defaults.
+    "llama-minimal": {
+        "model_type": "llama", "vocab_size": 32000, "hidden_size": 1024, "intermediate_size": 2816,
+        "num_hidden_layers": 4, "num_attention_heads": 16,
+    },
+    "llama-null-optionals": {
+        "model_type": "llama", "vocab_size": 32000, "hidden_size": 1024, "intermediate_size": 2816,
+        "num_hidden_layers": 4, "num_attention_heads": 16, "num_key_value_heads": None, "head_dim": None,
+    },
+    # Qwen2: q/k/v biases, tied embeddings (Qwen2.5-0.5B's config.json).
+    "qwen2-tied-biases": {
+        "architectures": ["Qwen2ForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 151643,
+        "eos_token_id": 151643, "hidden_act": "silu", "hidden_size": 896, "initializer_range": 0.02,
+        "intermediate_size": 4864, "max_position_embeddings": 32768, "max_window_layers": 24,
+        "model_type": "qwen2", "num_attention_heads": 14, "num_hidden_layers": 24, "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "sliding_window": 32768, "tie_word_embeddings": True,
+        "torch_dtype": "bfloat16", "transformers_version": "4.40.1", "use_cache": True,
+        "use_sliding_window": False, "vocab_size": 151936,
+    },
+    "qwen2-untied": {
+        "model_type": "qwen2", "vocab_size": 5000, "hidden_size": 256, "intermediate_size": 704,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "tie_word_embeddings": False,
+    },
+    "mistral": {
+        "architectures": ["MistralForCausalLM"], "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu",
+        "hidden_size": 4096, "initializer_range": 0.02, "intermediate_size": 14336,
+        "max_position_embeddings": 32768, "model_type": "mistral", "num_attention_heads": 32,
+        "num_hidden_layers": 32, "num_key_value_heads": 8, "rms_norm_eps": 1e-05, "rope_theta": 10000.0,
+        "sliding_window": 4096, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+        "transformers_version": "4.34.0.dev0", "use_cache": True, "vocab_size": 32000,
+    },
+    # Gemma-2B: multi-query attention, head_dim 256, tied by default (no tie_word_embeddings key).
+    "gemma-mqa": {
+        "architectures": ["GemmaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+        "bos_token_id": 2, "eos_token_id": 1, "head_dim": 256, "hidden_act": "gelu", "hidden_size": 2048,
+        "initializer_range": 0.02, "intermediate_size": 16384, "max_position_embeddings": 8192,
+        "model_type": "gemma", "num_attention_heads": 8, "num_hidden_layers": 18, "num_key_value_heads": 1,
+        "pad_token_id": 0, "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 10000.0,
+        "torch_dtype": "bfloat16", "transformers_version": "4.38.0.dev0", "use_cache": True,
+        "vocab_size": 256000,
+    },
+    # Phi with qk_layernorm (LayerNorm(head_dim) with bias on q and k), GQA, biased lm_head.
+    "phi-qk-layernorm": {
+        "model_type": "phi", "vocab_size": 51200, "hidden_size": 2560, "intermediate_size": 10240,
+        "num_hidden_layers": 4, "num_attention_heads": 32, "num_key_value_heads": 8,
+        "hidden_act": "gelu_new", "partial_rotary_factor": 0.4, "qk_layernorm": True,
+        "max_position_embeddings": 2048, "tie_word_embeddings": False,
+    },
+    # Phi-2's config.json.
+    "phi-2": {
+        "architectures": ["PhiForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 50256,
+        "embd_pdrop": 0.0, "eos_token_id": 50256, "hidden_act": "gelu_new", "hidden_size": 2560,
+        "initializer_range": 0.02, "intermediate_size": 10240, "layer_norm_eps": 1e-05,
+        "max_position_embeddings": 2048, "model_type": "phi", "num_attention_heads": 32,
+        "num_hidden_layers": 32, "num_key_value_heads": 32, "partial_rotary_factor": 0.4,
+        "qk_layernorm": False, "resid_pdrop": 0.1, "rope_scaling": None, "rope_theta": 10000.0,
+        "tie_word_embeddings": False, "torch_dtype": "float16", "transformers_version": "4.37.0",
+        "use_cache": True, "vocab_size": 51200,
+    },
+    # GPT-2 with n_inner (not 4 x hidden) and a different context length.
+    "gpt2-n-inner": {
+        "model_type": "gpt2", "vocab_size": 50257, "n_embd": 512, "n_layer": 4, "n_head": 8,
+        "n_inner": 1024, "n_positions": 2048, "activation_function": "gelu_new",
+    },
+    # gpt2-medium's config.json (n_inner null -> 4 x hidden, tied head by default).
+    "gpt2-medium": {
+        "activation_function": "gelu_new", "architectures": ["GPT2LMHeadModel"], "attn_pdrop": 0.1,
+        "bos_token_id": 50256, "embd_pdrop": 0.1, "eos_token_id": 50256, "initializer_range": 0.02,
+        "layer_norm_epsilon": 1e-05, "model_type": "gpt2", "n_ctx": 1024, "n_embd": 1024, "n_head": 16,
+        "n_inner": None, "n_layer": 24, "n_positions": 1024, "n_special": 0, "predict_special_tokens": True,
+        "resid_pdrop": 0.1, "summary_activation": None, "summary_first_dropout": 0.1,
+        "summary_proj_to_labels": True, "summary_type": "cls_index", "summary_use_proj": True,
+        "vocab_size": 50257,
+    },
+    "gpt2-untied": {
+        "model_type": "gpt2", "vocab_size": 1000, "n_embd": 128, "n_layer": 2, "n_head": 4,
+        "tie_word_embeddings": False,
+    },
+    # bloom-560m's config.json.
+    "bloom-560m": {
+        "apply_residual_connection_post_layernorm": False, "architectures": ["BloomForCausalLM"],
+        "attention_dropout": 0.0, "attention_softmax_in_fp32": True, "bias_dropout_fusion": True,
+        "bos_token_id": 1, "eos_token_id": 2, "hidden_dropout": 0.0, "hidden_size": 1024,
+        "initializer_range": 0.02, "layer_norm_epsilon": 1e-05, "masked_softmax_fusion": True,
+        "model_type": "bloom", "n_head": 16, "n_inner": None, "n_layer": 24, "offset_alibi": 100,
+        "pad_token_id": 3, "pretraining_tp": 1, "skip_bias_add": True, "skip_bias_add_qkv": False,
+        "slow_but_exact": False, "unk_token_id": 0, "use_cache": True, "vocab_size": 250880,
+    },
+    # Old BLOOM checkpoints spell the width n_embed.
+    "bloom-n-embed": {
+        "model_type": "bloom", "vocab_size": 1000, "n_embed": 256, "n_layer": 2, "num_attention_heads": 8,
+    },
+}
+
+
+def _write(tmp_path, config, filename="config.json"):
+    path = tmp_path / filename
+    path.write_text(json.dumps(config), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("key", CONFIG_FILES)
+def test_config_json_count_matches_transformers(tmp_path, key):
+    config = CONFIG_FILES[key]
+    spec = load_config_json(_write(tmp_path, config))
+    assert count_params(spec).total == total_params(meta_model(config))
+
+
+@pytest.mark.parametrize("key", CONFIG_FILES)
+def test_config_json_fields_match_transformers(tmp_path, key):
+    """The reader resolves the same shapes transformers does (defaults included)."""
+    config = CONFIG_FILES[key]
+    spec = load_config_json(_write(tmp_path, config))
+    cfg = hf_config(config)
+    model = meta_model(config)
+    assert spec.family == config["model_type"]
+    assert spec.hidden_size == cfg.hidden_size
+    assert spec.num_layers == cfg.num_hidden_layers
+    assert spec.num_heads == cfg.num_attention_heads
+    assert spec.vocab_size == cfg.vocab_size
+    assert spec.tie_word_embeddings == cfg.tie_word_embeddings
+    if spec.family == "gpt2" or "max_position_embeddings" in config:  # only GPT-2's wpe depends on it
+        assert spec.max_position_embeddings == cfg.max_position_embeddings
+    embeddings = model.get_input_embeddings().weight
+    assert tuple(embeddings.shape) == (spec.vocab_size, spec.hidden_size)
+    if spec.family not in ("gpt2", "bloom"):
+        attn = model.model.layers[0].self_attn
+        assert attn.q_proj.out_features == spec.q_size
+        assert attn.k_proj.out_features == spec.kv_size
+        assert spec.num_kv_heads == cfg.num_key_value_heads
+        mlp = model.model.layers[0].mlp
+        up = mlp.up_proj if hasattr(mlp, "up_proj") else mlp.fc1
+        assert up.out_features == spec.intermediate_size
+
+
+@pytest.mark.parametrize("key", ["gpt2-medium", "llama-gqa-head-dim-tied", "bloom-560m"])
+def test_config_json_via_resolve_model(tmp_path, key):
+    """resolve_model takes a config.json path or the folder holding one."""
+    config = CONFIG_FILES[key]
+    path = _write(tmp_path, config)
+    expected = total_params(meta_model(config))
+    assert count_params(resolve_model(str(path))).total == expected
+    assert count_params(resolve_model(str(tmp_path))).total == expected
+    assert count_params(load_config_json(tmp_path)).total == expected
+    assert resolve_model(str(path)).name == str(path)
+
+
+@pytest.mark.parametrize(("key", "expected"), [
+    ("gpt2-medium", 354_823_168),
+    ("bloom-560m", 559_214_592),
+    ("qwen2-tied-biases", 494_032_768),
+    ("gemma-mqa", 2_506_172_416),
+    ("phi-2", 2_779_683_840),
+    ("llama-gqa-head-dim-tied", 1_235_814_400),
+    ("mistral", 7_241_732_096),
+])
+def test_config_json_published_totals(tmp_path, key, expected):
+    assert count_params(load_config_json(_write(tmp_path, CONFIG_FILES[key]))).total == expected
+
+
+@pytest.mark.parametrize("name", MODEL_CONFIGS)
+def test_catalog_config_round_trips_through_a_file(tmp_path, name):
+    """A catalog entry written out as config.json reads back to the same spec (the catalog and the
+    reader cannot drift apart)."""
+    spec = load_config_json(_write(tmp_path, MODEL_CONFIGS[name][1]))
+    assert dataclasses.replace(spec, name=name) == resolve_model(name)
+
+
+# Keys transformers' class for the family ignores, or defaults the reader must mirror. Each case is a
+# catalog config with one edit; the count must still equal transformers'.
+def _edited(name, **edits):
+    config = copy.deepcopy(MODEL_CONFIGS[name][1])
+    for key, value in edits.items():
+        if value is dataclasses.MISSING:
+            del config[key]
+        else:
+            config[key] = value
+    return config
+
+
+FAMILY_DEFAULT_CASES = {
+    "gemma-no-head-dim": _edited("gemma-7b", head_dim=dataclasses.MISSING),  # GemmaConfig: head_dim=256
+    "gemma-untied": _edited("gemma-7b", tie_word_embeddings=False),
+    "gemma-attention-bias": _edited("gemma-7b", attention_bias=True),  # q/k/v and o_proj
+    "gemma-mlp-bias-ignored": _edited("gemma-7b", mlp_bias=True),
+    "mistral-attention-bias-ignored": _edited("mistral-7b", attention_bias=True),
+    "mistral-mlp-bias-ignored": _edited("mistral-7b", mlp_bias=True),
+    "mistral-head-dim": _edited("mistral-7b", head_dim=64),
+    "qwen2-mlp-bias-ignored": _edited("qwen2.5-0.5b", mlp_bias=True),
+    "qwen2-attention-bias-false-ignored": _edited("qwen2.5-0.5b", attention_bias=False),
+    "qwen2-tie-default": _edited("qwen2.5-0.5b", tie_word_embeddings=dataclasses.MISSING),
+    "qwen2-head-dim": _edited("qwen2.5-0.5b", head_dim=128),
+    "phi-tie-default": _edited("phi-2", tie_word_embeddings=dataclasses.MISSING),
+    "phi-gqa": _edited("phi-2", num_key_value_heads=8),
+    "phi-qk-layernorm-with-head-dim": _edited("phi-2", head_dim=64, qk_layernorm=True),
+    "bloom-n-inner-ignored": _edited("bloom-7b1", n_inner=1000),
+    "bloom-n-inner-null": _edited("bloom-7b1", n_inner=None),
+    "gpt2-max-position-embeddings": _edited("gpt2", n_positions=dataclasses.MISSING,
+                                            max_position_embeddings=512),
+    "gpt2-untied": _edited("gpt2", tie_word_embeddings=False),
+    "llama-no-kv-heads": _edited("llama-2-7b", num_key_value_heads=dataclasses.MISSING),
+    "llama-tie-default": _edited("llama-2-7b", tie_word_embeddings=dataclasses.MISSING),
+}
+
+
+@pytest.mark.parametrize("key", FAMILY_DEFAULT_CASES)
+def test_family_defaults_and_ignored_keys_match_transformers(key):
+    config = FAMILY_DEFAULT_CASES[key]
+    assert count_params(spec_from_config(config, key)).total == total_params(meta_model(config))
+
+
+# --------------------------------------------------------------------------------------------------
+# config.json errors
+# --------------------------------------------------------------------------------------------------
+
+LLAMA_SMALL = CONFIG_FILES["llama-minimal"]
+
+
+@pytest.mark.parametrize(("config", "field", "words"), [
+    ({**LLAMA_SMALL, "model_type": "t5"}, "model_type", ("'t5'", *FAMILIES)),
+    ({**LLAMA_SMALL, "model_type": "mixtral"}, "model_type", ("'mixtral'", "llama")),
+    ({k: v for k, v in LLAMA_SMALL.items() if k != "model_type"}, "model_type", ("None",)),
+    ({k: v for k, v in LLAMA_SMALL.items() if k != "hidden_size"}, "hidden_size", ("missing",)),
+    ({k: v for k, v in LLAMA_SMALL.items() if k != "num_hidden_layers"}, "num_hidden_layers", ("missing",)),
+    ({k: v for k, v in LLAMA_SMALL.items() if k != "num_attention_heads"}, "num_attention_heads",
+     ("missing",)),
+    ({k: v for k, v in LLAMA_SMALL.items() if k != "vocab_size"}, "vocab_size", ("missing",)),
+    ({k: v for k, v in LLAMA_SMALL.items() if k != "intermediate_size"}, "intermediate_size", ("missing",)),
+    ({**LLAMA_SMALL, "hidden_size": None}, "hidden_size", ("missing",)),
+    ({**LLAMA_SMALL, "hidden_size": "1024"}, "hidden_size", ("positive integer", "'1024'")),
+    ({**LLAMA_SMALL, "hidden_size": 0}, "hidden_size", ("positive integer",)),
+    ({**LLAMA_SMALL, "hidden_size": -1024}, "hidden_size", ("positive integer",)),
+    ({**LLAMA_SMALL, "hidden_size": 1024.0}, "hidden_size", ("positive integer",)),
+    ({**LLAMA_SMALL, "num_hidden_layers": True}, "num_hidden_layers", ("positive integer",)),
+    ({**LLAMA_SMALL, "num_key_value_heads": 3}, "num_key_value_heads", ("divide",)),
+    ({"model_type": "gpt2", "vocab_size": 100, "n_layer": 2, "n_head": 2}, "hidden_size", ("missing",)),
+])
+def test_bad_config_names_the_field(tmp_path, config, field, words):
+    with pytest.raises(PlannerInputError) as err:
+        load_config_json(_write(tmp_path, config))
+    assert field in err.value.field
+    message = str(err.value)
+    assert field in message
+    for word in words:
+        assert word in message
+
+
+@pytest.mark.parametrize(("content", "words"), [
+    (b"not json at all", ("not valid JSON",)),
+    (b'{"model_type": "llama", ', ("not valid JSON",)),
+    (b"\xff\xfe\x00garbage", ("not valid JSON",)),
+    (b"", ("not valid JSON",)),
+    (b"[1, 2, 3]", ("JSON object",)),
+    (b'[{"model_type": "llama"}]', ("JSON object",)),
+    (b"null", ("JSON object",)),
+    (b"42", ("JSON object",)),
+])
+def test_unreadable_config_file(tmp_path, content, words):
+    path = tmp_path / "config.json"
+    path.write_bytes(content)
+    for load in (load_config_json, lambda p: resolve_model(str(p))):
+        with pytest.raises(PlannerInputError) as err:
+            load(path)
+        for word in words:
+            assert word in str(err.value)
+        assert str(path) in str(err.value)
+
+
+@pytest.mark.parametrize("relative", ["missing/config.json", "nope.json", "empty-dir"])
+def test_missing_config_file(tmp_path, relative):
+    (tmp_path / "empty-dir").mkdir()
+    path = tmp_path / relative
+    for load in (load_config_json, lambda p: resolve_model(str(p))):
+        with pytest.raises(PlannerInputError) as err:
+            load(path)
+        assert err.value.field == "model"
+        assert "cannot read" in err.value.problem
+
+
+# --------------------------------------------------------------------------------------------------
+# Catalog names, aliases and Hugging Face repo ids
+# --------------------------------------------------------------------------------------------------
+
+def test_model_names_are_the_catalog():
+    assert model_names() == tuple(MODEL_CONFIGS)
+    assert {c["model_type"] for _, c in MODEL_CONFIGS.values()} == set(FAMILIES)
+
+
+@pytest.mark.parametrize("name", MODEL_CONFIGS)
+def test_catalog_name_and_repo_id_resolve(name):
+    repo, config = MODEL_CONFIGS[name]
+    spec = resolve_model(name)
+    assert spec.name == name and spec.family == config["model_type"]
+    assert resolve_model(repo) == spec
+    assert resolve_model(repo.upper()) == spec
+    assert resolve_model(f"  {name.upper()} ") == spec
+
+
+@pytest.mark.parametrize(("alias", "name"), [
+    ("llama-7b", "llama-2-7b"),
+    ("llama2-7b", "llama-2-7b"),
+    ("meta-llama/Llama-2-7b-hf", "llama-2-7b"),
+    ("meta-llama/llama-2-7b-hf", "llama-2-7b"),
+    ("meta-llama/Meta-Llama-3-8B", "llama-3-8b"),
+    ("Llama-3-8B-Instruct", "llama-3-8b"),
+    ("llama-3.1-8b-instruct", "llama-3.1-8b"),
+    ("mistral-7b-v0.1", "mistral-7b"),
+    ("mistralai/Mistral-7B-v0.1", "mistral-7b"),
+    ("TinyLlama", "tinyllama-1.1b"),
+    ("Qwen/Qwen2.5-0.5B", "qwen2.5-0.5b"),
+    ("openai-community/gpt2", "gpt2"),
+    ("bigscience/bloom-7b1", "bloom-7b1"),
+    ("microsoft/phi-2", "phi-2"),
+    ("google/gemma-7b", "gemma-7b"),
+])
+def test_aliases_and_repo_ids(alias, name):
+    spec = resolve_model(alias)
+    assert spec.name == name
+    assert count_params(spec).total == count_params(resolve_model(name)).total
+
+
+def test_every_alias_points_into_the_catalog():
+    assert set(MODEL_ALIASES.values()) <= set(MODEL_CONFIGS)
+    assert all(alias == alias.lower() for alias in MODEL_ALIASES)
+
+
+def test_llama_7b_alias_count():
+    assert count_params(resolve_model("llama-7b")).total == 6_738_415_616
+
+
+@pytest.mark.parametrize(("typo", "suggestions"), [
+    ("llama-2-7", ("llama-2-7b",)),
+    ("llama2-7", ("llama2-7b",)),
+    ("qwen2.5-7", ("qwen2.5-7b",)),
+    ("mistral", ("mistral-7b",)),
+    ("gpt-2", ("gpt2",)),
+    ("bloom", ("bloom-7b1",)),
+    ("phi2", ("phi-2",)),
+    ("gemma7b", ("gemma-7b",)),
+])
+def test_unknown_model_suggests_close_names(typo, suggestions):
+    with pytest.raises(PlannerInputError) as err:
+        resolve_model(typo)
+    assert err.value.field == "model"
+    assert repr(typo) in err.value.problem
+    assert "did you mean" in err.value.fix
+    for suggestion in suggestions:
+        assert suggestion in err.value.fix
+    assert "config.json" in err.value.fix
+
+
+def test_unknown_model_without_close_names_lists_the_catalog():
+    with pytest.raises(PlannerInputError) as err:
+        resolve_model("zzzzzz")
+    assert "did you mean" not in err.value.fix
+    for name in MODEL_CONFIGS:
+        assert name in err.value.fix
+
+
+# --------------------------------------------------------------------------------------------------
+# 5. GPUs and memory sizes
+# --------------------------------------------------------------------------------------------------
+
+# `nvidia-smi --query-gpu=memory.total` (MiB) and bf16 support (compute capability >= 8.0).
+GPU_TABLE = {
+    "a100-40gb": (40960, True),
+    "a100-80gb": (81920, True),
+    "h100-80gb": (81559, True),
+    "h200": (143771, True),
+    "l40s": (46068, True),
+    "a10g": (23028, True),
+    "l4": (23034, True),
+    "t4": (15360, False),
+    "v100-16gb": (16160, False),
+    "v100-32gb": (32510, False),
+    "rtx-3090": (24576, True),
+    "rtx-4090": (24564, True),
+}
+
+
+def test_gpu_table_is_the_catalog():
+    assert set(GPU_TABLE) == set(GPUS)
+
+
+@pytest.mark.parametrize(("name", "mib", "bf16"), [(n, *v) for n, v in GPU_TABLE.items()])
+def test_gpu_catalog(name, mib, bf16):
+    gpu = resolve_gpu(name)
+    assert (gpu.name, gpu.memory_bytes, gpu.supports_bf16) == (name, mib * MIB, bf16)
+    assert resolve_gpu(f" {name.upper()} ") == gpu
+
+
+@pytest.mark.parametrize(("name", "suggestions"), [
+    ("a100", ("a100-40gb", "a100-80gb")),
+    ("4090", ("rtx-4090",)),
+    ("h100", ("h100-80gb",)),
+    ("v100", ("v100-16gb", "v100-32gb")),
+])
+def test_unknown_gpu_suggests(name, suggestions):
+    with pytest.raises(PlannerInputError) as err:
+        resolve_gpu(name)
+    assert err.value.field == "gpu"
+    for suggestion in suggestions:
+        assert suggestion in err.value.fix
+    assert "--gpu-mem" in err.value.fix
+
+
+def test_unknown_gpu_without_close_names_lists_them_all():
+    with pytest.raises(PlannerInputError) as err:
+        resolve_gpu("xyz")
+    for name in GPUS:
+        assert name in err.value.fix
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("24GiB", 24 * GIB),
+    ("80GB", 80 * 10**9),
+    ("40", 40 * GIB),
+    ("1.5TiB", 3 * 2**39),
+    ("40 gib", 40 * GIB),
+    (" 16 GiB ", 16 * GIB),
+    ("512MiB", 512 * MIB),
+    ("2048KiB", 2 * MIB),
+    ("1000000kB", 10**9),
+    ("1e3MB", 10**9),
+    ("1TB", 10**12),
+    ("4096b", 4096),
+    ("0.5", GIB // 2),
+    ("79.6GiB", int(79.6 * GIB)),
+])
+def test_parse_memory_size(text, expected):
+    assert parse_memory_size(text) == expected
+
+
+@pytest.mark.parametrize("text", [
+    "abc", "-1GiB", "0", "0GB", "-0", "", "   ", "GiB", "24GiBs", "24XB", "24 G", "24GiB!", "inf", "nan",
+    "1e400GiB",  # float overflow: must still be a PlannerInputError
+    "0.1B",  # positive but rounds to 0 bytes
+])
+def test_parse_memory_size_rejects(text):
+    with pytest.raises(PlannerInputError) as err:
+        parse_memory_size(text)
+    assert err.value.field == "gpu-mem"
+    assert repr(text) in err.value.problem
+
+
+def test_parse_memory_size_names_the_given_field():
+    with pytest.raises(PlannerInputError) as err:
+        parse_memory_size("lots", field_name="cpu-mem")
+    assert err.value.field == "cpu-mem"
+    assert str(err.value).startswith("cpu-mem: ")

@@ -1,0 +1,537 @@
+"""Parameter and LoRA accounting (`lora_planner.params`) against real `transformers` / `peft` models.
+
+Every catalog model is rebuilt from its catalog config dict on the meta device (see `tests/hf_reference.py`)
+and the planner's numbers must equal the real ones exactly: totals, per-group sums, every inventory
+module's path / shape / bias / repeat count, and LoRA trainable / all-parameter counts as
+`PeftModel.get_nb_trainable_parameters()` reports them.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from lora_planner.catalog import MODEL_CONFIGS, resolve_model
+from lora_planner.errors import PlannerInputError
+from lora_planner.params import (
+    GROUPS,
+    count_params,
+    targetable_names,
+    lora_params,
+    module_inventory,
+    rank_for_trainable_fraction,
+    resolve_targets,
+)
+from lora_planner.specs import LoraSpec
+from tests.hf_reference import (
+    LINEAR_TYPES,
+    Conv1D,
+    layer_index,
+    meta_model,
+    module_instances,
+    params_by_module,
+    peft_lora_counts,
+    total_params,
+)
+
+CATALOG = tuple(MODEL_CONFIGS)
+
+# Published parameter totals (the model cards / safetensors metadata of each Hugging Face repo), pinned
+# independently of both the planner and transformers.
+PUBLISHED_TOTALS = {
+    "llama-2-7b": 6_738_415_616,
+    "llama-2-13b": 13_015_864_320,
+    "llama-2-70b": 68_976_648_192,
+    "llama-3-8b": 8_030_261_248,
+    "llama-3-70b": 70_553_706_496,
+    "llama-3.1-8b": 8_030_261_248,
+    "llama-3.2-1b": 1_235_814_400,
+    "llama-3.2-3b": 3_212_749_824,
+    "mistral-7b": 7_241_732_096,
+    "qwen2.5-0.5b": 494_032_768,
+    "qwen2.5-1.5b": 1_543_714_304,
+    "qwen2.5-7b": 7_615_616_512,
+    "gemma-7b": 8_537_680_896,
+    "phi-2": 2_779_683_840,
+    "gpt2": 124_439_808,
+    "bloom-7b1": 7_069_016_064,
+    "tinyllama-1.1b": 1_100_048_384,
+}
+
+
+def _family(name: str) -> str:
+    return MODEL_CONFIGS[name][1]["model_type"]
+
+
+@pytest.fixture(scope="module", params=CATALOG)
+def built(request):
+    """(catalog name, ModelSpec, meta model); read-only users only (PEFT tests build their own)."""
+    name = request.param
+    return name, resolve_model(name), meta_model(MODEL_CONFIGS[name][1])
+
+
+# --------------------------------------------------------------------------------------------------
+# 1. Base-model parameter counts
+# --------------------------------------------------------------------------------------------------
+
+def test_every_catalog_model_has_a_published_total():
+    assert set(PUBLISHED_TOTALS) == set(MODEL_CONFIGS)
+
+
+@pytest.mark.parametrize(("name", "expected"), PUBLISHED_TOTALS.items())
+def test_total_matches_published(name, expected):
+    assert count_params(resolve_model(name)).total == expected
+
+
+def test_total_matches_transformers(built):
+    name, spec, model = built
+    assert count_params(spec).total == total_params(model)
+
+
+def test_group_counts_match_transformers(built):
+    """Every real parameter belongs to an inventory module; summing them by the inventory's groups gives
+    `count_params(...).by_group` exactly (norms, embeddings, lm_head, attention, mlp)."""
+    name, spec, model = built
+    group_of = {m.path: m.group for m in module_inventory(spec)}
+    real = params_by_module(model)
+    assert set(real) <= set(group_of), f"real modules missing from the inventory: {set(real) - set(group_of)}"
+    by_group = dict.fromkeys(GROUPS, 0)
+    for path, numel in real.items():
+        by_group[group_of[path]] += numel
+    counts = count_params(spec)
+    assert counts.by_group == by_group
+    assert sum(counts.by_group.values()) == counts.total
+
+
+def test_module_params_match_transformers(built):
+    """Module by module: `Module.params` equals the real parameters folded onto that layer-0 path."""
+    name, spec, model = built
+    real = params_by_module(model)
+    for module in module_inventory(spec):
+        assert module.params == real.get(module.path, 0), module.path
+
+
+def test_inventory_paths_shapes_and_counts(built):
+    """Each inventory path exists in `named_modules()`, has the stated kind, weight shape ((out, in) for
+    nn.Linear, (in, out) for GPT-2's Conv1D, (vocab, hidden) for embeddings, (width,) for norms), bias,
+    and repeats `count` times (once per layer, with layer indices 0..count-1)."""
+    name, spec, model = built
+    modules = dict(model.named_modules())
+    instances = module_instances(model)
+    for m in module_inventory(spec):
+        assert m.path in modules, m.path
+        real = modules[m.path]
+        bias = getattr(real, "bias", None)
+        if m.kind == "linear":
+            assert isinstance(real, LINEAR_TYPES), (m.path, type(real))
+            expected = (m.in_features, m.out_features) if isinstance(real, Conv1D) else (m.out_features,
+                                                                                         m.in_features)
+            assert tuple(real.weight.shape) == expected, m.path
+            assert m.weight_numel_each == (0 if m.tied else real.weight.numel())
+        elif m.kind == "embedding":
+            assert isinstance(real, nn.Embedding), (m.path, type(real))
+            assert tuple(real.weight.shape) == (m.in_features, m.out_features), m.path
+        else:
+            assert not isinstance(real, (*LINEAR_TYPES, nn.Embedding)), m.path
+            assert tuple(real.weight.shape) == (m.out_features,) and m.in_features == m.out_features, m.path
+        assert (bias is not None) == m.bias, m.path
+        if bias is not None:
+            assert tuple(bias.shape) == (m.out_features,), m.path
+        assert instances[m.path] == m.count, m.path
+        if m.count > 1:
+            assert layer_index(m.path) == 0, m.path
+            assert m.path.replace(".0.", f".{m.count - 1}.", 1) in modules
+            assert m.path.replace(".0.", f".{m.count}.", 1) not in modules
+
+
+def test_inventory_lists_every_parameter_holding_module(built):
+    """No module with parameters of its own is left out of the inventory (layer-0 representatives)."""
+    name, spec, model = built
+    inventory = {m.path for m in module_inventory(spec)}
+    owners = {path for path, mod in model.named_modules()
+              if any(True for _ in mod.parameters(recurse=False)) and layer_index(path) in (None, 0)}
+    assert owners <= inventory, owners - inventory
+
+
+def test_tied_lm_head_is_the_embedding(built):
+    name, spec, model = built
+    lm_head = module_inventory(spec)[-1]
+    assert lm_head.path == "lm_head" and lm_head.group == "lm_head"
+    shared = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    assert lm_head.tied == spec.tie_word_embeddings == shared
+    if lm_head.tied:
+        assert lm_head.params == 0
+        assert count_params(spec).by_group["lm_head"] == 0
+
+
+@pytest.mark.parametrize(("name", "group", "expected"), [
+    # Llama-2-7B by hand: 32000 x 4096 embeddings and head, 65 RMSNorms of 4096, 32 x 4 x 4096^2 attention,
+    # 32 x 3 x 4096 x 11008 gated MLP.
+    ("llama-2-7b", "embeddings", 131_072_000),
+    ("llama-2-7b", "lm_head", 131_072_000),
+    ("llama-2-7b", "norms", 266_240),
+    ("llama-2-7b", "attention", 2_147_483_648),
+    ("llama-2-7b", "mlp", 4_328_521_728),
+    # GPT-2 small: wte 50257 x 768 + wpe 1024 x 768, tied head, biased Conv1Ds and LayerNorms.
+    ("gpt2", "embeddings", 39_383_808),
+    ("gpt2", "lm_head", 0),
+    ("gpt2", "norms", 38_400),
+    ("gpt2", "attention", 28_348_416),
+    ("gpt2", "mlp", 56_669_184),
+    # Phi-2: biased lm_head (2560 x 51200 + 51200).
+    ("phi-2", "lm_head", 131_123_200),
+    # Llama-3.2-1B: tied head, GQA k/v of 8 x 64.
+    ("llama-3.2-1b", "lm_head", 0),
+    ("llama-3.2-1b", "attention", 16 * (2048 * 2048 * 2 + 2048 * 512 * 2)),
+    # Qwen2.5-0.5B: q/k/v biases, no o_proj bias.
+    ("qwen2.5-0.5b", "attention", 24 * (896 * 896 + 896 + 2 * (896 * 128 + 128) + 896 * 896)),
+])
+def test_group_counts_by_hand(name, group, expected):
+    assert count_params(resolve_model(name)).by_group[group] == expected
+
+
+@pytest.mark.parametrize(("family", "expected"), [
+    ("llama", ("embed_tokens", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+               "lm_head")),
+    ("phi", ("embed_tokens", "q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2", "lm_head")),
+    ("gpt2", ("wte", "wpe", "c_attn", "c_proj", "c_fc", "lm_head")),
+    ("bloom", ("word_embeddings", "query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h", "lm_head")),
+])
+def test_targetable_names(family, expected):
+    name = next(n for n in CATALOG if _family(n) == family)
+    assert targetable_names(resolve_model(name)) == expected
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. LoRA counts against PEFT
+# --------------------------------------------------------------------------------------------------
+
+LLAMA_LIKE_CASES = [
+    (8, ("q_proj", "v_proj")),
+    (16, ("q_proj", "v_proj")),
+    (64, ("all-linear",)),
+    (4, ("gate_proj", "up_proj", "down_proj")),
+    (32, ("q_proj", "k_proj", "v_proj", "o_proj")),
+    (8, ("embed_tokens", "lm_head")),
+]
+FAMILY_CASES = {
+    "llama": LLAMA_LIKE_CASES,
+    "mistral": LLAMA_LIKE_CASES,
+    "qwen2": LLAMA_LIKE_CASES,
+    "gemma": LLAMA_LIKE_CASES,
+    "phi": [
+        (8, ("q_proj", "v_proj")),
+        (64, ("all-linear",)),
+        (4, ("fc1", "fc2")),
+        (16, ("dense",)),
+        (8, ("lm_head",)),
+    ],
+    "gpt2": [
+        (8, ("c_attn",)),
+        (16, ("c_attn",)),
+        (64, ("all-linear",)),
+        (4, ("c_fc", "c_proj")),
+        (8, ("c_proj",)),  # matches attn.c_proj and mlp.c_proj
+        (8, ("attn.c_proj",)),  # a dotted suffix picks one of them
+        (2, ("wte", "wpe")),
+        (768, ("c_attn",)),  # the largest rank the fused 768 -> 2304 projection allows
+    ],
+    "bloom": [
+        (8, ("query_key_value",)),
+        (64, ("all-linear",)),
+        (4, ("dense_h_to_4h", "dense_4h_to_h")),
+        (16, ("dense",)),  # self_attention.dense only (the MLP's names end differently)
+        (8, ("word_embeddings",)),
+    ],
+}
+PEFT_CASES = [
+    pytest.param(name, r, targets, id=f"{name}-r{r}-{'+'.join(targets)}")
+    for name in CATALOG
+    for r, targets in FAMILY_CASES[_family(name)]
+]
+
+
+def test_peft_cases_cover_every_model_and_family():
+    covered = {case.values[0] for case in PEFT_CASES}
+    assert covered == set(CATALOG)
+    assert set(FAMILY_CASES) == {_family(n) for n in CATALOG}
+
+
+@pytest.mark.parametrize(("name", "r", "targets"), PEFT_CASES)
+def test_lora_counts_match_peft(name, r, targets):
+    counts = lora_params(resolve_model(name), r, targets)
+    trainable, total = peft_lora_counts(MODEL_CONFIGS[name][1], r, targets)
+    assert (counts.trainable_params, counts.all_params) == (trainable, total)
+    assert counts.trainable_fraction == trainable / total
+    assert counts.base_params == count_params(resolve_model(name)).total
+
+
+def test_lora_llama_7b_q_v_r8_pinned():
+    counts = lora_params(resolve_model("llama-7b"), 8, ("q_proj", "v_proj"))
+    assert counts.trainable_params == 4_194_304  # 32 layers x 2 x 8 x (4096 + 4096)
+    assert counts.all_params == 6_742_609_920
+    assert round(100 * counts.trainable_fraction, 4) == 0.0622  # PEFT prints "trainable%: 0.0622"
+    assert [m.path for m in counts.target_modules] == ["model.layers.0.self_attn.q_proj",
+                                                      "model.layers.0.self_attn.v_proj"]
+
+
+@pytest.mark.parametrize(("name", "r", "targets", "expected"), [
+    ("gpt2", 8, ("c_attn",), 12 * 8 * (768 + 2304)),
+    ("gpt2", 8, ("c_proj",), 12 * 8 * (768 + 768) + 12 * 8 * (3072 + 768)),
+    ("llama-3.2-1b", 16, ("k_proj",), 16 * 16 * (2048 + 512)),
+    ("gemma-7b", 8, ("q_proj", "o_proj"), 28 * 8 * 2 * (3072 + 4096)),  # q: 16 x 256 = 4096 > hidden
+    ("bloom-7b1", 8, ("query_key_value",), 30 * 8 * (4096 + 3 * 4096)),
+    ("qwen2.5-0.5b", 8, ("embed_tokens",), 8 * (151936 + 896)),
+])
+def test_lora_counts_by_hand(name, r, targets, expected):
+    assert lora_params(resolve_model(name), r, targets).trainable_params == expected
+
+
+def test_lora_counts_are_linear_in_r():
+    spec = resolve_model("mistral-7b")
+    one = lora_params(spec, 1, ("all-linear",)).trainable_params
+    for r in (2, 7, 64, 1024):
+        assert lora_params(spec, r, ("all-linear",)).trainable_params == r * one
+
+
+@pytest.mark.parametrize("targets", [("q_proj", "q_proj"), ("q_proj", "self_attn.q_proj")])
+def test_duplicate_targets_are_counted_once(targets):
+    spec = resolve_model("llama-2-7b")
+    assert lora_params(spec, 8, targets).trainable_params == lora_params(spec, 8, ("q_proj",)).trainable_params
+
+
+def test_all_linear_is_every_linear_but_the_head():
+    for name in ("gpt2", "phi-2", "bloom-7b1", "llama-3.2-1b"):
+        spec = resolve_model(name)
+        chosen = resolve_targets(spec, ("all-linear",))
+        expected = [m for m in module_inventory(spec) if m.kind == "linear" and m.path != "lm_head"]
+        assert list(chosen) == expected
+
+
+# Layer-specific targets: PEFT adapts only the named layer.
+@pytest.mark.parametrize(("target", "layers"), [
+    ("model.layers.0.self_attn.q_proj", 1),
+    ("layers.3.self_attn.q_proj", 1),
+    ("self_attn.q_proj", 32),
+])
+def test_layer_specific_target_matches_peft(target, layers):
+    spec = resolve_model("llama-2-7b")
+    trainable, _ = peft_lora_counts(MODEL_CONFIGS["llama-2-7b"][1], 8, (target,))
+    assert trainable == layers * 8 * (4096 + 4096)
+    assert lora_params(spec, 8, (target,)).trainable_params == trainable
+
+
+# --------------------------------------------------------------------------------------------------
+# 4. LoRA input errors
+# --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("r", [0, -1, -8, 1.5, True, "8"])
+def test_lora_spec_rejects_bad_rank(r):
+    with pytest.raises(PlannerInputError) as err:
+        LoraSpec(r=r)
+    assert err.value.field == "r"
+    assert str(err.value).startswith("r: ")
+
+
+@pytest.mark.parametrize(("kwargs", "field"), [
+    ({"alpha": 0}, "alpha"),
+    ({"alpha": -16.0}, "alpha"),
+    ({"target_modules": ()}, "target"),
+    ({"target_modules": ("q_proj", " ")}, "target"),
+    ({"adapter_dtype": "fp8"}, "adapter_dtype"),
+])
+def test_lora_spec_rejects_bad_fields(kwargs, field):
+    with pytest.raises(PlannerInputError) as err:
+        LoraSpec(**kwargs)
+    assert err.value.field == field
+
+
+def test_lora_spec_defaults():
+    spec = LoraSpec()
+    assert (spec.r, spec.effective_alpha, spec.scaling) == (8, 16.0, 2.0)
+    assert LoraSpec(r=4, alpha=8).scaling == 2.0
+
+
+@pytest.mark.parametrize(("name", "r", "targets", "width", "module"), [
+    ("gpt2", 769, ("c_attn",), 768, "c_attn"),
+    ("gpt2", 769, ("all-linear",), 768, "c_attn"),
+    ("llama-3.2-1b", 513, ("k_proj",), 512, "k_proj"),  # GQA: 8 kv heads x 64
+    ("llama-3.2-1b", 513, ("all-linear",), 512, "k_proj"),
+    ("qwen2.5-0.5b", 129, ("v_proj",), 128, "v_proj"),  # 2 kv heads x 64
+    ("llama-2-7b", 4097, ("q_proj", "v_proj"), 4096, "q_proj"),
+])
+def test_rank_wider_than_a_target_layer(name, r, targets, width, module):
+    spec = resolve_model(name)
+    with pytest.raises(PlannerInputError) as err:
+        lora_params(spec, r, targets)
+    assert err.value.field == "r"
+    assert str(width) in str(err.value) and module in str(err.value)
+    assert lora_params(spec, width, targets).r == width  # the largest allowed rank works
+
+
+@pytest.mark.parametrize(("name", "target", "choices"), [
+    ("gpt2", "q_proj", ("c_attn", "c_proj", "c_fc", "all-linear")),
+    ("llama-2-7b", "c_attn", ("q_proj", "v_proj", "down_proj", "all-linear")),
+    ("llama-2-7b", "qproj", ("q_proj",)),
+    ("llama-2-7b", "mlp", ("gate_proj",)),  # a container, not a layer
+    ("bloom-7b1", "q_proj", ("query_key_value", "dense_h_to_4h")),
+    ("phi-2", "o_proj", ("dense", "fc1", "fc2")),
+])
+def test_unknown_target_names_the_choices(name, target, choices):
+    valid = {"gpt2": "c_attn", "bloom": "query_key_value"}.get(_family(name), "v_proj")
+    with pytest.raises(PlannerInputError) as err:
+        lora_params(resolve_model(name), 8, (valid, target))  # the unknown name is not the first
+    assert err.value.field == "target"
+    assert repr(target) in str(err.value)
+    for choice in choices:
+        assert choice in err.value.fix
+
+
+@pytest.mark.parametrize(("name", "target"), [
+    ("llama-2-7b", "input_layernorm"),
+    ("llama-2-7b", "norm"),  # model.norm
+    ("gpt2", "ln_1"),
+    ("gpt2", "ln_f"),
+    ("phi-2", "final_layernorm"),
+    ("bloom-7b1", "word_embeddings_layernorm"),
+])
+def test_norm_target_is_rejected(name, target):
+    with pytest.raises(PlannerInputError) as err:
+        lora_params(resolve_model(name), 8, (target,))
+    assert err.value.field == "target"
+    assert "norm" in err.value.problem
+
+
+@pytest.mark.parametrize("targets", [("all-linear", "q_proj"), ("q_proj", "all-linear"),
+                                     ("all-linear", "all-linear")])
+def test_all_linear_cannot_be_combined(targets):
+    with pytest.raises(PlannerInputError) as err:
+        lora_params(resolve_model("llama-2-7b"), 8, targets)
+    assert err.value.field == "target"
+    assert "all-linear" in str(err.value)
+
+
+# --------------------------------------------------------------------------------------------------
+# 6. rank_for_trainable_fraction
+# --------------------------------------------------------------------------------------------------
+
+# (model, targets) where every fraction up to 0.3 is reachable without exceeding any targeted width.
+FRACTION_CASES = [
+    ("llama-2-7b", ("all-linear",)),
+    ("llama-2-7b", ("gate_proj", "up_proj", "down_proj")),
+    ("gpt2", ("all-linear",)),
+    ("gpt2", ("c_fc", "c_proj")),
+    ("phi-2", ("all-linear",)),
+    ("gemma-7b", ("all-linear",)),
+    ("bloom-7b1", ("all-linear",)),
+]
+# ... and where the largest allowed rank stops short of 0.3 (GQA k/v projections are narrow).
+CAPPED_CASES = [
+    ("tinyllama-1.1b", ("all-linear",)),  # k/v: 2048 -> 256, at most 15.5 %
+    ("qwen2.5-1.5b", ("all-linear",)),  # k/v: 1536 -> 256, at most 16.1 %
+    ("gpt2", ("c_attn",)),  # at most 18.5 %
+]
+
+
+def _max_rank(spec, targets):
+    return min(min(m.in_features, m.out_features) for m in resolve_targets(spec, targets))
+
+
+@pytest.mark.parametrize(("name", "targets"), FRACTION_CASES)
+def test_fraction_cases_are_feasible(name, targets):
+    spec = resolve_model(name)
+    assert lora_params(spec, _max_rank(spec, targets), targets).trainable_fraction > 0.3
+
+
+@settings(max_examples=150, deadline=None, derandomize=True, database=None)
+@given(case=st.sampled_from(FRACTION_CASES), fraction=st.floats(1e-4, 0.3))
+def test_rank_for_fraction_is_the_smallest_reaching_rank(case, fraction):
+    name, targets = case
+    spec = resolve_model(name)
+    r = rank_for_trainable_fraction(spec, fraction, targets)
+    assert r >= 1
+    assert lora_params(spec, r, targets).trainable_fraction >= fraction
+    if r > 1:
+        assert lora_params(spec, r - 1, targets).trainable_fraction < fraction
+
+
+@settings(max_examples=100, deadline=None, derandomize=True, database=None)
+@given(case=st.sampled_from(CAPPED_CASES + FRACTION_CASES[:2]), fraction=st.floats(1e-4, 0.3))
+def test_rank_for_fraction_beyond_the_widest_rank_is_an_input_error(case, fraction):
+    """Either the smallest usable rank that reaches the fraction, or a PlannerInputError when even the
+    largest rank every targeted layer allows falls short."""
+    name, targets = case
+    spec = resolve_model(name)
+    reachable = lora_params(spec, _max_rank(spec, targets), targets).trainable_fraction >= fraction
+    if not reachable:
+        with pytest.raises(PlannerInputError):
+            rank_for_trainable_fraction(spec, fraction, targets)
+        return
+    r = rank_for_trainable_fraction(spec, fraction, targets)
+    assert lora_params(spec, r, targets).trainable_fraction >= fraction
+    if r > 1:
+        assert lora_params(spec, r - 1, targets).trainable_fraction < fraction
+
+
+@pytest.mark.parametrize(("name", "targets"), CAPPED_CASES)
+def test_capped_cases_are_capped(name, targets):
+    spec = resolve_model(name)
+    assert 0.01 < lora_params(spec, _max_rank(spec, targets), targets).trainable_fraction < 0.3
+
+
+@pytest.mark.parametrize(("name", "targets", "r"), [
+    ("llama-2-7b", ("q_proj", "v_proj"), 1),
+    ("llama-2-7b", ("q_proj", "v_proj"), 6),
+    ("llama-2-7b", ("q_proj", "v_proj"), 8),
+    ("llama-2-7b", ("q_proj", "v_proj"), 49),
+    ("gpt2", ("c_attn",), 16),
+    ("qwen2.5-0.5b", ("all-linear",), 64),
+])
+def test_rank_for_exactly_the_fraction_of_rank_r_is_r(name, targets, r):
+    """Asking for exactly the fraction LoRA rank r gives (as `LoraCounts.trainable_fraction` reports it)
+    must give back r, not r + 1."""
+    spec = resolve_model(name)
+    fraction = lora_params(spec, r, targets).trainable_fraction
+    assert rank_for_trainable_fraction(spec, fraction, targets) == r
+
+
+@pytest.mark.parametrize(("name", "targets", "fraction", "expected"), [
+    ("llama-2-7b", ("q_proj", "v_proj"), 1e-9, 1),
+    ("llama-2-7b", ("q_proj", "v_proj"), 0.000622, 8),  # 0.0622 % is r = 8 (0.06220594 %)
+    ("llama-2-7b", ("q_proj", "v_proj"), 0.000623, 9),
+    ("gpt2", ("all-linear",), 0.01, 9),  # r = 8: 0.939 %, r = 9: 1.055 %
+])
+def test_rank_for_fraction_table(name, targets, fraction, expected):
+    assert rank_for_trainable_fraction(resolve_model(name), fraction, targets) == expected
+
+
+@pytest.mark.parametrize("fraction", [0, 1, -0.1, 1.5, float("nan")])
+def test_rank_for_fraction_rejects_out_of_range(fraction):
+    with pytest.raises(PlannerInputError) as err:
+        rank_for_trainable_fraction(resolve_model("gpt2"), fraction, ("c_attn",))
+    assert err.value.field == "trainable-fraction"
+
+
+@pytest.mark.parametrize(("name", "targets", "fraction"), [
+    ("gpt2", ("c_attn",), 0.3),  # would need r = 1447 > 768
+    ("qwen2.5-0.5b", ("k_proj",), 0.2),  # k_proj is 896 -> 128
+])
+def test_rank_for_unreachable_fraction_is_an_input_error(name, targets, fraction):
+    """A fraction no allowed rank reaches must raise a PlannerInputError, not return a rank that
+    `lora_params` then rejects."""
+    with pytest.raises(PlannerInputError):
+        rank_for_trainable_fraction(resolve_model(name), fraction, targets)
+
+
+def test_rank_for_fraction_rejects_bad_targets():
+    with pytest.raises(PlannerInputError) as err:
+        rank_for_trainable_fraction(resolve_model("gpt2"), 0.01, ("q_proj",))
+    assert err.value.field == "target"
+
+
+def test_meta_models_have_no_storage():
+    model = meta_model(MODEL_CONFIGS["llama-2-70b"][1])
+    assert all(p.device == torch.device("meta") for p in model.parameters())
