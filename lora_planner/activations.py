@@ -33,7 +33,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
-from lora_planner.params import Module, module_inventory, resolve_targets
+from lora_planner.params import Module, module_inventory, resolve_targets, rotary_dim
 from lora_planner.specs import BYTES_PER_ELEMENT, ModelSpec, TrainingSpec
 
 FP32 = 4
@@ -81,6 +81,11 @@ class ActivationProfile:
     def all_layers_bytes(self) -> int:
         """Every layer's saved tensors (no checkpointing)."""
         return self.first_layer_bytes + (self.num_layers - 1) * self.layer_bytes
+
+    @property
+    def batch_bytes(self) -> int:
+        """The batch itself (input ids and labels), alive for the whole step."""
+        return self.total(tuple(item for item in self.model if item.name.startswith("batch.")))
 
     @property
     def model_bytes(self) -> int:
@@ -156,114 +161,146 @@ class _Flow:
         return own, keeps_x
 
     def amp_weight_copies(self, path: str, x_needs_grad: bool) -> list[SavedTensor]:
-        """Autocast's 16-bit weight copies that backward keeps: every weight whose input needs a gradient
-        (trainable weights are cached for the whole forward anyway), and the adapters' A and B."""
+        """Autocast's 16-bit weight copies that backward keeps (for the input gradient): every weight whose
+        input needs a gradient, trainable weights always (cached for the whole forward); for an adapter,
+        lora_B's copy always (its input A x needs a gradient) and lora_A's when x needs one."""
         m = self.modules[path]
         copies: list[SavedTensor] = []
         name = path.split("layers.0.")[-1].split("h.0.")[-1]
-        if (x_needs_grad or self.full) and not m.tied:
+        if x_needs_grad or self.full:
             copies.append(SavedTensor(f"{name}.weight_autocast_copy", m.in_features * m.out_features * self.e_compute))
         if self.adapted(path):
+            lora_in = m.in_features if x_needs_grad else 0
             copies.append(SavedTensor(f"{name}.lora_weights_autocast_copy",
-                                      self.r * (m.in_features + m.out_features) * self.e_compute))
+                                      self.r * (lora_in + m.out_features) * self.e_compute))
         return copies
 
     def adapter_makes_grad(self, *paths: str) -> bool:
         return any(self.adapted(p) for p in paths)
 
 
-def _rms_norm(flow: _Flow, name: str, x_needs_grad: bool, fp32_normalised: bool) -> list[SavedTensor]:
-    """Llama/Gemma RMSNorm: `x.to(fp32)`, `x * rsqrt(mean(x^2) + eps)`, then the weight.
+def _rms_norm(flow: _Flow, name: str, x_needs_grad: bool) -> list[SavedTensor]:
+    """Llama / Gemma RMSNorm: `x.to(fp32)`, `x * rsqrt(mean(x^2) + eps)`, then the weight.
 
     Saves the fp32 input (the stream itself when it is already fp32) and 1/rms when x needs a gradient;
-    the normalised tensor only when the weight trains (Llama multiplies after casting back to the stream
-    dtype, Gemma before, in fp32).
+    the normalised tensor only when the weight trains. Llama multiplies after casting back to the stream
+    dtype; Gemma multiplies in fp32 by `1 + w`, keeping that fp32 vector and an fp32 normalised tensor.
     """
     tokens, h = flow.tokens, flow.spec.hidden_size
+    gemma = flow.spec.family == "gemma"
     saved: list[SavedTensor] = []
     if x_needs_grad:
         saved += [SavedTensor(f"{name}.fp32_input", tokens * h * FP32), SavedTensor(f"{name}.rsqrt", tokens * FP32)]
+        if gemma:
+            saved.append(SavedTensor(f"{name}.one_plus_weight", h * FP32))
     if flow.full:
-        width = FP32 if fp32_normalised else flow.e_stream
+        width = FP32 if gemma else flow.e_stream
         saved.append(SavedTensor(f"{name}.normalised", tokens * h * width))
     return saved
 
 
 def _layer_norm(flow: _Flow, name: str, x_needs_grad: bool) -> list[SavedTensor]:
-    """nn.LayerNorm keeps its input and fp32 mean and 1/std (needed for the input and the weight gradient)."""
+    """nn.LayerNorm keeps its input and the per-token mean and 1/std, in the input's dtype."""
     if not (x_needs_grad or flow.full):
         return []
-    tokens, h = flow.tokens, flow.spec.hidden_size
-    return [SavedTensor(f"{name}.input", tokens * h * flow.e_stream), SavedTensor(f"{name}.mean_rstd", 2 * tokens * FP32)]
+    tokens, h, e = flow.tokens, flow.spec.hidden_size, flow.e_stream
+    return [SavedTensor(f"{name}.input", tokens * h * e), SavedTensor(f"{name}.mean_rstd", 2 * tokens * e)]
 
 
-def _sdpa(flow: _Flow, q_cols: int, kv_cols: int, *, q_new: bool, k_new: bool) -> list[SavedTensor]:
-    """Fused SDPA keeps q, k, v, output and the fp32 log-sum-exp (b x heads x s).
+def _dropout_mask(flow: _Flow, name: str, numel: int, p: float, x_needs_grad: bool, e: int) -> list[SavedTensor]:
+    """Training-mode dropout keeps its mask: a bool tensor from `native_dropout` on CUDA; on CPU
+    `F.dropout` multiplies by a Bernoulli tensor in the activation dtype."""
+    if p <= 0 or not x_needs_grad:
+        return []
+    return [SavedTensor(f"{name}.mask", numel * (MASK if flow.t.device == "cuda" else e))]
 
-    `q_new` / `k_new`: q and k are fresh tensors (after RoPE); otherwise they are views of the projection
-    output, which is counted by the caller.
-    """
+
+def _sdpa(flow: _Flow, q_cols: int, kv_cols: int) -> list[SavedTensor]:
+    """Fused SDPA (flash / memory-efficient, CUDA and CPU) keeps q, k, v, the output and the fp32
+    log-sum-exp (b x heads x s); with no padding mask transformers passes `enable_gqa`, so k and v stay
+    at kv-head width. q and k are fresh RoPE outputs; v is the projection output itself."""
     tokens, e = flow.tokens, flow.e_compute
-    saved = []
-    if q_new:
-        saved.append(SavedTensor("attn.q_rotated", tokens * q_cols * e))
-    if k_new:
-        saved.append(SavedTensor("attn.k_rotated", tokens * kv_cols * e))
-    saved += [
+    return [
+        SavedTensor("attn.q_rotated", tokens * q_cols * e),
+        SavedTensor("attn.k_rotated", tokens * kv_cols * e),
         SavedTensor("attn.v", tokens * kv_cols * e),
         SavedTensor("attn.output", tokens * q_cols * e),
         SavedTensor("attn.logsumexp", flow.b * flow.spec.num_heads * flow.s * FP32),
     ]
-    return saved
 
 
-def _eager_attention(flow: _Flow, q_cols: int) -> list[SavedTensor]:
-    """matmul(q, k^T) keeps q and k; softmax(dtype=fp32) keeps its fp32 output; the 16-bit copy of the
-    probabilities and v are kept by the second matmul; the output is copied to (b, s, heads*dim)."""
-    tokens, e = flow.tokens, flow.e_compute
-    scores = flow.b * flow.spec.num_heads * flow.s * flow.s
-    saved = [
-        SavedTensor("attn.q_rotated", tokens * q_cols * e),
-        SavedTensor("attn.k_repeated", tokens * q_cols * e),
-        SavedTensor("attn.v_repeated", tokens * q_cols * e),
-        SavedTensor("attn.softmax_fp32", scores * FP32),
-    ]
-    if e != FP32:
+def _softmax_saved(flow: _Flow, v_needs_grad: bool) -> list[SavedTensor]:
+    """Eager attention's S x S tensors: softmax keeps its output (fp32 when transformers asks for an fp32
+    softmax or autocast runs it in fp32); the 16-bit copy of the probabilities is kept by the matmul
+    with v when v needs a gradient (in fp32 it is the same tensor); dropout adds a mask and the dropped
+    probabilities."""
+    scores, e = flow.b * flow.spec.num_heads * flow.s * flow.s, flow.e_compute
+    softmax_e = FP32 if flow.spec.family != "gpt2" or flow.amp else e  # GPT-2 eager softmax stays in dtype
+    saved = [SavedTensor("attn.softmax", scores * softmax_e)]
+    probs_copy = softmax_e != e
+    if flow.spec.attention_dropout > 0:
+        saved += _dropout_mask(flow, "attn.dropout", scores, flow.spec.attention_dropout, True, e)
+        saved.append(SavedTensor("attn.probs_dropped", scores * e))
+    elif probs_copy and v_needs_grad:
         saved.append(SavedTensor("attn.probs", scores * e))
     return saved
+
+
+def _eager_attention(flow: _Flow, q_grad: bool, k_grad: bool, v_grad: bool) -> list[SavedTensor]:
+    """matmul(q, k^T) keeps each operand for the other's gradient; `repeat_kv` copies k and v to all
+    heads first (when heads > kv heads); probs @ v keeps v when the probabilities need a gradient."""
+    tokens, e, spec = flow.tokens, flow.e_compute, flow.spec
+    repeated = spec.q_size if spec.num_kv_heads != spec.num_heads else spec.kv_size
+    saved = []
+    if k_grad:
+        saved.append(SavedTensor("attn.q_rotated", tokens * spec.q_size * e))
+    if q_grad:
+        saved.append(SavedTensor("attn.k_repeated", tokens * repeated * e))
+    if q_grad or k_grad:
+        saved += _softmax_saved(flow, v_grad)
+        saved.append(SavedTensor("attn.v_repeated", tokens * repeated * e))
+    elif v_grad:
+        saved += [s for s in _softmax_saved(flow, True) if s.name != "attn.softmax"]
+    return saved
+
+
+def _attention_projections(flow: _Flow, prefix: str, projections: tuple[str, ...],
+                           x_needs_grad: bool) -> tuple[list[SavedTensor], bool, tuple[bool, ...]]:
+    """q / k / v (or fused qkv) linears sharing one normed input: (saved, whether the input is kept,
+    whether each output needs a gradient)."""
+    saved: list[SavedTensor] = []
+    keeps_input = False
+    for proj in projections:
+        own, keeps = flow.linear(prefix + proj, flow.e_stream, x_needs_grad)
+        saved += own
+        keeps_input |= keeps
+    grads = tuple(x_needs_grad or flow.adapted(prefix + proj) for proj in projections)
+    return saved, keeps_input, grads
 
 
 def _llama_layer(flow: _Flow, x_needs_grad: bool) -> list[SavedTensor]:
     """One Llama / Mistral / Qwen2 / Gemma decoder layer (pre-norm, separate q/k/v/o, gated MLP)."""
     spec, tokens, e = flow.spec, flow.tokens, flow.e_compute
     p = "model.layers.0."
-    gemma = spec.family == "gemma"
-    saved = _rms_norm(flow, "input_layernorm", x_needs_grad, fp32_normalised=gemma)
-
-    keeps_normed = False
-    for proj in ("q_proj", "k_proj", "v_proj"):
-        own, keeps = flow.linear(p + "self_attn." + proj, flow.e_stream, x_needs_grad)
-        saved += own
-        keeps_normed |= keeps
+    saved = _rms_norm(flow, "input_layernorm", x_needs_grad)
+    own, keeps_normed, (q_grad, k_grad, v_grad) = _attention_projections(
+        flow, p + "self_attn.", ("q_proj", "k_proj", "v_proj"), x_needs_grad)
+    saved += own
     if keeps_normed:
         saved.append(SavedTensor("input_layernorm.output", tokens * spec.hidden_size * flow.e_stream))
-
-    attn_needs_grad = x_needs_grad or flow.adapter_makes_grad(
-        p + "self_attn.q_proj", p + "self_attn.k_proj", p + "self_attn.v_proj")
-    # transformers passes enable_gqa to SDPA (no padding mask), so k and v stay at kv-head width.
-    if attn_needs_grad:
-        if flow.t.attention == "sdpa":
-            saved += _sdpa(flow, spec.q_size, spec.kv_size, q_new=True, k_new=True)
-        else:
-            saved += _eager_attention(flow, spec.q_size)
-    o_input_is_copy = flow.t.attention == "eager"
+    attn_needs_grad = q_grad or k_grad or v_grad
+    if flow.t.attention == "sdpa" and attn_needs_grad:
+        saved += _sdpa(flow, spec.q_size, spec.kv_size)
+    elif flow.t.attention == "eager":
+        saved += _eager_attention(flow, q_grad, k_grad, v_grad)
+    # SDPA's output is laid out (b, s, heads, dim), so o_proj reads it without a copy; eager copies.
     own, keeps = flow.linear(p + "self_attn.o_proj", e, attn_needs_grad)
     saved += own
-    if keeps and (o_input_is_copy or not attn_needs_grad):
+    if keeps and (flow.t.attention == "eager" or not attn_needs_grad):
         saved.append(SavedTensor("self_attn.o_proj.input", tokens * spec.q_size * e))
 
-    mid_needs_grad = attn_needs_grad or flow.adapter_makes_grad(p + "self_attn.o_proj")
-    saved += _rms_norm(flow, "post_attention_layernorm", mid_needs_grad, fp32_normalised=gemma)
+    mid_needs_grad = attn_needs_grad or flow.adapted(p + "self_attn.o_proj")
+    saved += _rms_norm(flow, "post_attention_layernorm", mid_needs_grad)
     keeps_normed = False
     for proj in ("gate_proj", "up_proj"):
         own, keeps = flow.linear(p + "mlp." + proj, flow.e_stream, mid_needs_grad)
@@ -288,28 +325,29 @@ def _llama_layer(flow: _Flow, x_needs_grad: bool) -> list[SavedTensor]:
     return saved
 
 
-def _gelu_saved(flow: _Flow, prefix: str) -> list[SavedTensor]:
+def _gelu_saved(flow: _Flow) -> list[SavedTensor]:
     """What the MLP activation keeps. `gelu_new` (GPT-2, Phi) is written out in Python in transformers
     (`0.5*x*(1 + tanh(c*(x + 0.044715*x^3)))`) and keeps x, tanh(.), 0.5*x and 1 + tanh(.); one-op
     activations (F.gelu, BLOOM's custom GeLUFunction) keep only x."""
     inter = flow.tokens * flow.spec.intermediate_size * flow.e_compute
     if flow.spec.hidden_act == "gelu_new":
-        return [SavedTensor(f"{prefix}.act_input", inter), SavedTensor(f"{prefix}.act_tanh", inter),
-                SavedTensor(f"{prefix}.act_half_x", inter), SavedTensor(f"{prefix}.act_one_plus_tanh", inter)]
-    return [SavedTensor(f"{prefix}.act_input", inter)]
+        return [SavedTensor("mlp.act_input", inter), SavedTensor("mlp.act_tanh", inter),
+                SavedTensor("mlp.act_half_x", inter), SavedTensor("mlp.act_one_plus_tanh", inter)]
+    return [SavedTensor("mlp.act_input", inter)]
 
 
-def _plain_mlp(flow: _Flow, fc1: str, fc2: str, x_needs_grad: bool) -> tuple[list[SavedTensor], bool]:
-    """fc1 -> activation -> fc2 (Phi, GPT-2, BLOOM). Returns (own saved tensors, whether fc1 keeps its input)."""
+def _plain_mlp(flow: _Flow, fc1: str, fc2: str, x_needs_grad: bool) -> tuple[list[SavedTensor], bool, bool]:
+    """fc1 -> activation -> fc2 (Phi, GPT-2, BLOOM): (saved, whether fc1 keeps its input, whether the
+    output needs a gradient)."""
     saved, keeps_x = flow.linear(fc1, flow.e_stream, x_needs_grad)
     inner_grad = x_needs_grad or flow.adapted(fc1)
     if inner_grad:
-        saved += _gelu_saved(flow, "mlp")
+        saved += _gelu_saved(flow)
     own, keeps = flow.linear(fc2, flow.e_compute, inner_grad)
     saved += own
     if keeps:
         saved.append(SavedTensor("mlp.fc2_input", flow.tokens * flow.spec.intermediate_size * flow.e_compute))
-    return saved, keeps_x
+    return saved, keeps_x, inner_grad or flow.adapted(fc2)
 
 
 def _phi_layer(flow: _Flow, x_needs_grad: bool) -> list[SavedTensor]:
@@ -317,26 +355,52 @@ def _phi_layer(flow: _Flow, x_needs_grad: bool) -> list[SavedTensor]:
     spec, tokens, e = flow.spec, flow.tokens, flow.e_compute
     p = "model.layers.0."
     saved = _layer_norm(flow, "input_layernorm", x_needs_grad)
-    keeps_normed = False
-    for proj in ("q_proj", "k_proj", "v_proj"):
-        own, keeps = flow.linear(p + "self_attn." + proj, flow.e_stream, x_needs_grad)
-        saved += own
-        keeps_normed |= keeps
-    attn_needs_grad = x_needs_grad or flow.adapter_makes_grad(
-        p + "self_attn.q_proj", p + "self_attn.k_proj", p + "self_attn.v_proj")
-    if attn_needs_grad:
-        saved += _sdpa(flow, spec.q_size, spec.kv_size, q_new=True, k_new=True)
+    own, keeps_normed, (q_grad, k_grad, v_grad) = _attention_projections(
+        flow, p + "self_attn.", ("q_proj", "k_proj", "v_proj"), x_needs_grad)
+    saved += own
+    attn_needs_grad = q_grad or k_grad or v_grad
+    if flow.t.attention == "sdpa" and attn_needs_grad:
+        saved += _sdpa(flow, spec.q_size, spec.kv_size)
+    elif flow.t.attention == "eager":
+        saved += _eager_attention(flow, q_grad, k_grad, v_grad)
+    # Partial RoPE ends in torch.cat, so q is (b, heads, s, dim)-contiguous and so is the attention
+    # output: the (b, s, hidden) input of `dense` is a copy.
     own, keeps = flow.linear(p + "self_attn.dense", e, attn_needs_grad)
     saved += own
-    mlp_saved, keeps_mlp_x = _plain_mlp(flow, p + "mlp.fc1", p + "mlp.fc2", x_needs_grad)
+    if keeps:
+        saved.append(SavedTensor("self_attn.dense.input", tokens * spec.q_size * e))
+    attn_out_grad = attn_needs_grad or flow.adapted(p + "self_attn.dense")
+    saved += _dropout_mask(flow, "attn.resid_dropout", tokens * spec.hidden_size, spec.dropout, attn_out_grad, e)
+    mlp_saved, keeps_mlp_x, mlp_out_grad = _plain_mlp(flow, p + "mlp.fc1", p + "mlp.fc2", x_needs_grad)
     saved += mlp_saved
+    saved += _dropout_mask(flow, "mlp.resid_dropout", tokens * spec.hidden_size, spec.dropout, mlp_out_grad, e)
     if keeps_normed or keeps_mlp_x:
         saved.append(SavedTensor("input_layernorm.output", tokens * spec.hidden_size * flow.e_stream))
     return saved
 
 
+def _gpt2_attention(flow: _Flow, needs_grad: bool) -> list[SavedTensor]:
+    """GPT-2's q, k, v are views of the c_attn output. SDPA with attention dropout has no fused CPU
+    kernel: the math fallback upcasts q, k, v to fp32 and keeps fp32 S x S probabilities, mask and dropped
+    probabilities. On CUDA the flash / efficient kernels keep q, k, v (the c_attn output), the output and
+    the log-sum-exp (dropout is replayed from the RNG state). Eager keeps the c_attn output and the S x S
+    softmax (plus dropout mask and dropped probabilities)."""
+    if not needs_grad:
+        return []
+    tokens, h, e = flow.tokens, flow.spec.hidden_size, flow.e_compute
+    scores = flow.b * flow.spec.num_heads * flow.s * flow.s
+    qkv = SavedTensor("attn.c_attn_output", tokens * 3 * h * e)
+    if flow.t.attention == "eager":
+        return [qkv, *_softmax_saved(flow, True)]
+    if flow.t.device == "cpu" and flow.spec.attention_dropout > 0:
+        return [SavedTensor("attn.qkv_fp32", 3 * tokens * h * FP32), SavedTensor("attn.probs_fp32", scores * FP32),
+                SavedTensor("attn.dropout_mask_fp32", scores * FP32), SavedTensor("attn.probs_dropped_fp32", scores * FP32)]
+    return [qkv, SavedTensor("attn.output", tokens * h * e),
+            SavedTensor("attn.logsumexp", flow.b * flow.spec.num_heads * flow.s * FP32)]
+
+
 def _gpt2_layer(flow: _Flow, x_needs_grad: bool) -> list[SavedTensor]:
-    """GPT-2: LayerNorm, fused c_attn (q, k, v are views of its output), SDPA, c_proj, MLP."""
+    """GPT-2: LayerNorm, fused c_attn, attention, c_proj, residual dropout, LayerNorm, MLP, dropout."""
     spec, tokens, e, h = flow.spec, flow.tokens, flow.e_compute, flow.spec.hidden_size
     p = "transformer.h.0."
     saved = _layer_norm(flow, "ln_1", x_needs_grad)
@@ -345,19 +409,20 @@ def _gpt2_layer(flow: _Flow, x_needs_grad: bool) -> list[SavedTensor]:
     if keeps:
         saved.append(SavedTensor("ln_1.output", tokens * h * flow.e_stream))
     attn_needs_grad = x_needs_grad or flow.adapted(p + "attn.c_attn")
-    if attn_needs_grad:
-        saved.append(SavedTensor("attn.c_attn_output", tokens * 3 * h * e))  # q, k, v views
-        saved += _sdpa(flow, h, 0, q_new=False, k_new=False)[1:]  # output + logsumexp (v is a view)
+    saved += _gpt2_attention(flow, attn_needs_grad)
     own, keeps = flow.linear(p + "attn.c_proj", e, attn_needs_grad)
     saved += own
+    fused_output_reused = flow.t.attention == "sdpa" and not (flow.t.device == "cpu" and spec.attention_dropout > 0)
+    if keeps and not (fused_output_reused and attn_needs_grad):
+        saved.append(SavedTensor("attn.c_proj.input", tokens * h * e))  # heads merged into a copy
     mid_needs_grad = attn_needs_grad or flow.adapted(p + "attn.c_proj")
-    saved += _dropout_masks(flow, "attn.resid_dropout", 1 if mid_needs_grad else 0)
+    saved += _dropout_mask(flow, "attn.resid_dropout", tokens * h, spec.dropout, mid_needs_grad, e)
     saved += _layer_norm(flow, "ln_2", mid_needs_grad)
-    mlp_saved, keeps_x = _plain_mlp(flow, p + "mlp.c_fc", p + "mlp.c_proj", mid_needs_grad)
+    mlp_saved, keeps_x, out_grad = _plain_mlp(flow, p + "mlp.c_fc", p + "mlp.c_proj", mid_needs_grad)
     saved += mlp_saved
     if keeps_x:
         saved.append(SavedTensor("ln_2.output", tokens * h * flow.e_stream))
-    saved += _dropout_masks(flow, "mlp.dropout", 1)
+    saved += _dropout_mask(flow, "mlp.dropout", tokens * h, spec.dropout, out_grad, e)
     return saved
 
 
@@ -372,52 +437,50 @@ def _bloom_layer(flow: _Flow, x_needs_grad: bool) -> list[SavedTensor]:
         saved.append(SavedTensor("input_layernorm.output", tokens * h * flow.e_stream))
     attn_needs_grad = x_needs_grad or flow.adapted(p + "self_attention.query_key_value")
     if attn_needs_grad:
-        scores = flow.b * spec.num_heads * flow.s * flow.s
-        # q, k, v are strided views of the fused output; reshaping them for baddbmm/bmm copies each.
+        # q, k, v are strided views of the fused output; reshaping them for baddbmm / bmm copies each.
         saved += [SavedTensor("attn.q", tokens * h * e), SavedTensor("attn.k", tokens * h * e),
-                  SavedTensor("attn.v", tokens * h * e), SavedTensor("attn.softmax_fp32", scores * FP32)]
-        if e != FP32:
-            saved.append(SavedTensor("attn.probs", scores * e))
+                  SavedTensor("attn.v", tokens * h * e), *_softmax_saved(flow, True)]
     own, keeps = flow.linear(p + "self_attention.dense", e, attn_needs_grad)
     saved += own
     if keeps:
         saved.append(SavedTensor("self_attention.dense.input", tokens * h * e))
     mid_needs_grad = attn_needs_grad or flow.adapted(p + "self_attention.dense")
     saved += _layer_norm(flow, "post_attention_layernorm", mid_needs_grad)
-    mlp_saved, keeps_x = _plain_mlp(flow, p + "mlp.dense_h_to_4h", p + "mlp.dense_4h_to_h", mid_needs_grad)
+    mlp_saved, keeps_x, _ = _plain_mlp(flow, p + "mlp.dense_h_to_4h", p + "mlp.dense_4h_to_h", mid_needs_grad)
     saved += mlp_saved
     if keeps_x:
         saved.append(SavedTensor("post_attention_layernorm.output", tokens * h * flow.e_stream))
     return saved
 
 
-def _dropout_masks(flow: _Flow, name: str, count: int, p: float | None = None) -> list[SavedTensor]:
-    p = flow.spec.dropout if p is None else p
-    if p <= 0 or count == 0:
-        return []
-    return [SavedTensor(f"{name}.mask", count * flow.tokens * flow.spec.hidden_size * MASK)]
-
-
 _LAYERS = {"llama": _llama_layer, "mistral": _llama_layer, "qwen2": _llama_layer, "gemma": _llama_layer,
            "phi": _phi_layer, "gpt2": _gpt2_layer, "bloom": _bloom_layer}
 
 
-def _model_level(flow: _Flow) -> list[SavedTensor]:
-    """Outside the layers: the batch, rotary tables, embedding-side ops, the final norm, lm_head's input."""
-    spec, tokens, h = flow.spec, flow.tokens, flow.spec.hidden_size
+def _model_level(flow: _Flow, embeddings_need_grad: bool) -> list[SavedTensor]:
+    """Outside the layers: the batch, RoPE tables, embedding-side ops, the final norm, lm_head's input."""
+    spec, tokens, h, s = flow.spec, flow.tokens, flow.spec.hidden_size, flow.s
     saved = [SavedTensor("batch.input_ids_and_labels", 2 * tokens * 8)]
-    if spec.family in ("llama", "mistral", "qwen2", "gemma", "phi"):
-        rotary_dim = spec.head_dim if spec.family != "phi" else int(spec.head_dim * spec.partial_rotary_factor)
-        saved.append(SavedTensor("rotary.cos_sin", 2 * tokens * rotary_dim * flow.e_compute))
+    if rotary_dim(spec):
+        # cos and sin for positions (1, s, rotary_dim), shared by every layer, in the stream dtype.
+        saved.append(SavedTensor("rotary.cos_sin", 2 * s * rotary_dim(spec) * flow.e_stream))
     if spec.family == "gpt2":
-        saved += _dropout_masks(flow, "embeddings.dropout", 1 if flow.full else 0, flow.spec.embedding_dropout)
+        if flow.full:
+            saved.append(SavedTensor("embeddings.position_ids", s * 8))  # wpe's indices
+        saved += _dropout_mask(flow, "embeddings.dropout", tokens * h, spec.embedding_dropout,
+                               embeddings_need_grad, flow.e_stream)
     if spec.family == "bloom":
-        saved += _layer_norm(flow, "word_embeddings_layernorm", flow.full)
-    final = {"phi": "model.final_layernorm", "gpt2": "transformer.ln_f", "bloom": "transformer.ln_f"}
-    if spec.family in final:
+        saved += _layer_norm(flow, "word_embeddings_layernorm", embeddings_need_grad)
+    if flow.t.grad_checkpointing and (flow.t.attention == "eager" or spec.family == "bloom"):
+        # Non-reentrant checkpointing keeps each layer's arguments until its backward: the
+        # materialised (b, 1, s, s) causal mask (and BLOOM's ALiBi bias), shared by all layers.
+        saved.append(SavedTensor("checkpoint.attention_mask", flow.b * s * s * flow.e_stream))
+        if spec.family == "bloom":
+            saved.append(SavedTensor("checkpoint.alibi", flow.b * spec.num_heads * s * flow.e_stream))
+    if spec.family in ("phi", "gpt2", "bloom"):
         saved += _layer_norm(flow, "final_norm", True)
     else:
-        saved += _rms_norm(flow, "final_norm", True, fp32_normalised=spec.family == "gemma")
+        saved += _rms_norm(flow, "final_norm", True)
     own, keeps = flow.linear("lm_head", flow.e_stream, True)
     saved += own
     if keeps:
@@ -438,8 +501,10 @@ def activation_profile(spec: ModelSpec, training: TrainingSpec) -> ActivationPro
     return ActivationProfile(
         layer=tuple(layer_fn(flow, True)),
         first_layer=tuple(layer_fn(flow, first_input_needs_grad)),
-        model=tuple(_model_level(flow)),
-        loss=(SavedTensor("loss.log_softmax_fp32", logits * FP32),),
+        model=tuple(_model_level(flow, first_input_needs_grad)),
+        # log_softmax's fp32 output (kept by nll_loss too), the shifted int64 targets, the total weight.
+        loss=(SavedTensor("loss.log_softmax_fp32", logits * FP32), SavedTensor("loss.targets", tokens * 8),
+              SavedTensor("loss.total_weight", FP32)),
         num_layers=spec.num_layers,
         checkpoint_per_layer_bytes=tokens * spec.hidden_size * flow.e_stream,
         # 16-bit logits + their fp32 copy are alive while log_softmax writes its output.

@@ -9,7 +9,7 @@ The peak is the maximum over the phases of a steady-state step (optimizer state 
 | backward_start   | yes     | -     | yes       | all saved + loss saved          | loss-gradient buffers     |
 | backward_layers  | yes     | head  | yes       | all layers (+ one recomputed)   | one layer's grad buffers  |
 | backward_end     | yes     | all   | yes       | first layer's (or recomputed)   | one layer's grad buffers  |
-| optimizer_step   | yes     | all   | yes       | -                               | implementation scratch    |
+| optimizer_step   | yes     | all   | yes       | the batch                       | implementation scratch    |
 
 Step 1 has no optimizer state before its `step()`, and its `step()` creates the same state the steady
 state holds, so the steady-state phases bound it. Between backward's first and last layer, memory moves
@@ -40,7 +40,7 @@ from typing import Literal, get_args
 
 from lora_planner.activations import ActivationProfile, activation_profile
 from lora_planner.optimizers import TensorGroup, optimizer_scratch_bytes, optimizer_state_bytes
-from lora_planner.params import Module, count_params, lora_params, module_inventory
+from lora_planner.params import Module, buffer_numel, count_params, lora_params, module_inventory
 from lora_planner.specs import BYTES_PER_ELEMENT, LoraSpec, ModelSpec, TrainingSpec
 
 Phase = Literal["forward_end", "backward_start", "backward_layers", "backward_end", "optimizer_step"]
@@ -178,12 +178,13 @@ def estimate_memory(spec: ModelSpec, training: TrainingSpec,
     trainable_bytes = sum(g.nbytes for g in groups)
 
     base_bytes = _base_weight_bytes(modules, training)
+    buffers = buffer_numel(spec) * BYTES_PER_ELEMENT[training.dtype]
     if training.method == "full":
-        weights = base_bytes
+        weights = base_bytes + buffers
         fraction = 1.0
         seed_rule = 4 * base_bytes
     else:
-        weights = base_bytes + trainable_bytes
+        weights = base_bytes + buffers + trainable_bytes
         fraction = trainable_params / (base_params + trainable_params)
         seed_rule = round((1 + 4 * fraction) * base_bytes)
     gradients = trainable_bytes
@@ -219,8 +220,9 @@ def estimate_memory(spec: ModelSpec, training: TrainingSpec,
         phase("backward_layers", gradients_bytes=head_grads,
               activations_bytes=layers_saved + acts.model_bytes + recomputed, temporaries_bytes=layer_scratch),
         phase("backward_end", gradients_bytes=gradients,
-              activations_bytes=last_layer_left + recomputed, temporaries_bytes=layer_scratch),
-        phase("optimizer_step", gradients_bytes=gradients, temporaries_bytes=opt_scratch),
+              activations_bytes=last_layer_left + recomputed + acts.batch_bytes, temporaries_bytes=layer_scratch),
+        phase("optimizer_step", gradients_bytes=gradients, activations_bytes=acts.batch_bytes,
+              temporaries_bytes=opt_scratch),
     )
     peak_allocated = max(p.breakdown.total_bytes for p in phases)
     return MemoryEstimate(

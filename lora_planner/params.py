@@ -175,6 +175,19 @@ def module_inventory(spec: ModelSpec) -> tuple[Module, ...]:
     return tuple(modules)
 
 
+def rotary_dim(spec: ModelSpec) -> int:
+    """Channels of each head that RoPE rotates (Phi rotates a fraction; GPT-2 and BLOOM have no RoPE)."""
+    if spec.family in ("gpt2", "bloom"):
+        return 0
+    return int(spec.head_dim * spec.partial_rotary_factor)
+
+
+def buffer_numel(spec: ModelSpec) -> int:
+    """Elements of the model's buffers, stored in the model dtype: RoPE's `inv_freq` and
+    `original_inv_freq` (rotary_dim / 2 each) and Gemma's scalar `embed_scale`."""
+    return 2 * (rotary_dim(spec) // 2) + (1 if spec.family == "gemma" else 0)
+
+
 @dataclass(frozen=True)
 class ParamCounts:
     total: int
