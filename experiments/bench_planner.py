@@ -1,0 +1,67 @@
+"""Speed of the analytic planner: cold CLI latency and grid throughput of the Python API.
+
+    python experiments/bench_planner.py            # prints a table, writes reports/bench_planner.json
+
+Targets (issue 2): the CLI answers cold in < 0.3 s and the API evaluates >= 20,000 configs/s.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import time
+from itertools import product
+from pathlib import Path
+
+from lora_planner.catalog import resolve_model
+from lora_planner.memory import estimate_memory
+from lora_planner.specs import LoraSpec, TrainingSpec
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli_seconds(argv: list[str], repeats: int = 7) -> float:
+    """Median wall time of a fresh interpreter running the CLI (imports included)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "lora_planner.cli", *argv], check=True, capture_output=True)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def grid() -> list[TrainingSpec]:
+    return [TrainingSpec(method=method, batch_size=batch, seq_len=seq, grad_checkpointing=ckpt, lora=LoraSpec(r=r))
+            for method, r, batch, seq, ckpt in product(("full", "lora", "qlora"), (1, 2, 4, 8, 16, 32, 64, 128, 256),
+                                                       (1, 2, 4, 8, 16), (256, 512, 1024, 2048, 4096), (False, True))]
+
+
+def configs_per_second(model: str, passes: int) -> float:
+    spec, configs = resolve_model(model), grid()
+    start = time.perf_counter()
+    for _ in range(passes):
+        for training in configs:
+            estimate_memory(spec, training)
+    return passes * len(configs) / (time.perf_counter() - start)
+
+
+def main() -> None:
+    results = {
+        "cli_cold_human_s": cli_seconds(["--model", "llama-7b", "--r", "8"]),
+        "cli_cold_json_s": cli_seconds(["--model", "llama-7b", "--r", "8", "--json"]),
+        "cli_version_s": cli_seconds(["--version"]),  # interpreter + package import, no planning
+        "grid_size": len(grid()),
+        "api_first_pass_configs_per_s": configs_per_second("llama-3-8b", 1),
+        "api_warm_configs_per_s": configs_per_second("llama-3-8b", 5),
+    }
+    for key, value in results.items():
+        print(f"{key:32s} {value:,.3f}" if isinstance(value, float) else f"{key:32s} {value}")
+    out = ROOT / "reports" / "bench_planner.json"
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {out.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""Validated settings (`lora_planner.specs`) and the error type (`lora_planner.errors`)."""
+
+from __future__ import annotations
+
+import pytest
+
+from lora_planner.errors import PlannerInputError
+from lora_planner.specs import LoraSpec, ModelSpec, TrainingSpec
+
+
+def test_defaults():
+    t = TrainingSpec()
+    assert (t.method, t.dtype, t.optimizer, t.batch_size, t.seq_len, t.device) == ("lora", "bf16", "adamw", 1, 512, "cuda")
+    assert t.resolved_optimizer_impl == "foreach"
+    assert TrainingSpec(device="cpu").resolved_optimizer_impl == "for-loop"
+    assert t.compute_dtype == "bf16" and TrainingSpec(dtype="fp32", amp="fp16").compute_dtype == "fp16"
+    assert LoraSpec(r=8).effective_alpha == 16 and LoraSpec(r=8, alpha=32).scaling == 4
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(method="prefix"), "method"),
+    (dict(dtype="int8"), "dtype"),
+    (dict(optimizer="lion"), "optimizer"),
+    (dict(optimizer_impl="cuda-graph"), "optimizer_impl"),
+    (dict(batch_size=0), "batch_size"),
+    (dict(seq_len=-5), "seq_len"),
+    (dict(batch_size=True), "batch_size"),
+    (dict(device="tpu"), "device"),
+    (dict(attention="flex"), "attention"),
+    (dict(amp="bf16"), "amp"),  # needs fp32 master weights
+    (dict(dtype="fp32", amp="fp8"), "amp"),
+    (dict(method="qlora", dtype="fp32"), "dtype"),
+])
+def test_training_spec_rejects(kwargs, field):
+    with pytest.raises(PlannerInputError) as err:
+        TrainingSpec(**kwargs)
+    assert err.value.field == field
+    assert str(err.value).startswith(f"{field}: ")
+
+
+def test_qlora_under_autocast_is_allowed():
+    assert TrainingSpec(method="qlora", dtype="fp32", amp="bf16").compute_dtype == "bf16"
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(r=0), "r"), (dict(r=-1), "r"), (dict(r=2.5), "r"), (dict(alpha=0), "alpha"),
+    (dict(target_modules=()), "target"), (dict(target_modules=("q_proj", " ")), "target"),
+    (dict(adapter_dtype="fp8"), "adapter_dtype"),
+])
+def test_lora_spec_rejects(kwargs, field):
+    with pytest.raises(PlannerInputError) as err:
+        LoraSpec(**kwargs)
+    assert err.value.field == field
+
+
+def test_model_spec_rejects_kv_heads_that_do_not_divide_heads():
+    with pytest.raises(PlannerInputError, match="num_key_value_heads"):
+        ModelSpec(name="x", family="llama", vocab_size=10, hidden_size=8, num_layers=1, num_heads=4, num_kv_heads=3,
+                  head_dim=2, intermediate_size=8, tie_word_embeddings=False)
+
+
+def test_error_message_is_one_line_with_field_problem_and_fix():
+    err = PlannerInputError("r", "must be positive", "pass --r 8")
+    assert str(err) == "r: must be positive; pass --r 8" and "\n" not in str(err)
