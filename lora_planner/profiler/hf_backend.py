@@ -1,0 +1,134 @@
+"""The `hf` backend: the real `transformers` model class for a `ModelSpec`, plus PEFT LoRA.
+
+Users train with these classes, so this is the reference the planner is held to. Nothing is downloaded:
+the model is built from a config (random init), on a real device, or on the meta device to be
+materialised later under FakeTensorMode (see `lora_planner.profiler.modes`).
+
+Traps handled here (each one silently gives wrong numbers otherwise):
+- transformers 5 `from_config` ignores `torch.set_default_dtype`; the dtype is passed explicitly;
+- `to_empty()` from meta unties tied embeddings; `materialize` re-ties them and checks the count;
+- PEFT's `get_peft_model` on a meta model leaves adapters on meta; they are materialised with the rest.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from lora_planner.errors import PlannerInputError
+from lora_planner.params import ALL_LINEAR, PEFT_DEFAULT_TARGETS, count_params
+from lora_planner.specs import ModelSpec, TrainingSpec
+
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def require_hf() -> tuple[Any, Any]:
+    """Import transformers and peft, or say how to get them."""
+    try:
+        import peft
+        import transformers
+    except ImportError as err:
+        raise PlannerInputError("backend", f"the hf backend needs transformers and peft ({err.name} is missing)",
+                                'pip install -e ".[profile]" or use --backend builtin') from None
+    transformers.utils.logging.set_verbosity_error()
+    return transformers, peft
+
+
+def hf_config_dict(spec: ModelSpec) -> dict[str, Any]:
+    """The `config.json` fields of `spec` under each family's own key names."""
+    common = {"model_type": spec.family, "vocab_size": spec.vocab_size, "tie_word_embeddings": spec.tie_word_embeddings,
+              "use_cache": False}
+    if spec.family == "gpt2":
+        return {**common, "n_embd": spec.hidden_size, "n_layer": spec.num_layers, "n_head": spec.num_heads,
+                "n_inner": spec.intermediate_size, "n_positions": spec.max_position_embeddings,
+                "activation_function": spec.hidden_act, "resid_pdrop": spec.dropout,
+                "embd_pdrop": spec.embedding_dropout, "attn_pdrop": spec.attention_dropout}
+    if spec.family == "bloom":
+        return {**common, "hidden_size": spec.hidden_size, "n_layer": spec.num_layers, "n_head": spec.num_heads,
+                "hidden_dropout": spec.dropout, "attention_dropout": spec.attention_dropout}
+    config = {**common, "hidden_size": spec.hidden_size, "intermediate_size": spec.intermediate_size,
+              "num_hidden_layers": spec.num_layers, "num_attention_heads": spec.num_heads,
+              "num_key_value_heads": spec.num_kv_heads, "head_dim": spec.head_dim,
+              "max_position_embeddings": spec.max_position_embeddings, "hidden_act": spec.hidden_act,
+              "attention_dropout": spec.attention_dropout}
+    if spec.family in ("llama", "gemma"):
+        config["attention_bias"] = spec.attention_out_bias
+    if spec.family == "llama":
+        config["mlp_bias"] = spec.mlp_bias
+    if spec.family == "phi":
+        config.update(partial_rotary_factor=spec.partial_rotary_factor, qk_layernorm=spec.qk_layernorm,
+                      resid_pdrop=spec.dropout, embd_pdrop=spec.embedding_dropout)
+    return config
+
+
+def build_hf_model(spec: ModelSpec, training: TrainingSpec, device: str) -> nn.Module:
+    """The transformers model (and PEFT adapters for LoRA) for `spec`, with random weights on `device`
+    ("cpu", "cuda" or "meta"), in training mode with the training's dtype, attention and checkpointing."""
+    transformers, _ = require_hf()
+    if training.method == "qlora":
+        raise PlannerInputError("method", "the profiler cannot run QLoRA here (NF4 needs bitsandbytes on CUDA)",
+                                "profile full or lora; QLoRA is predicted by the planner only")
+    config = transformers.AutoConfig.for_model(**hf_config_dict(spec))
+    dtype = TORCH_DTYPES["fp32" if training.amp else training.dtype]
+    attention = "eager" if spec.family == "bloom" else training.attention  # BLOOM has only eager (ALiBi)
+    with torch.device(device):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attention)
+    if training.grad_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if training.method != "full":
+        model = _apply_peft_lora(model, spec, training)
+    model.train()
+    return model
+
+
+def _apply_peft_lora(model: nn.Module, spec: ModelSpec, training: TrainingSpec) -> nn.Module:
+    _, peft = require_hf()
+    lora = training.lora
+    targets = lora.target_modules or PEFT_DEFAULT_TARGETS[spec.family]
+    target_modules: Any = ALL_LINEAR if targets == (ALL_LINEAR,) else list(targets)
+    config = peft.LoraConfig(r=lora.r, lora_alpha=lora.effective_alpha, target_modules=target_modules,
+                             lora_dropout=0.0, bias="none")
+    device = next(model.parameters()).device
+    with torch.device(device):  # on meta, keep PEFT from initialising adapters on the CPU first
+        peft_model = peft.get_peft_model(model, config, autocast_adapter_dtype=lora.adapter_dtype == "fp32")
+    if training.grad_checkpointing:
+        peft_model.enable_input_require_grads()  # what Trainer / prepare_model_for_kbit_training do
+    return peft_model
+
+
+def materialize(model: nn.Module, spec: ModelSpec, device: str = "cpu") -> nn.Module:
+    """Give a meta-built model real (or fake, under FakeTensorMode) storage and fresh values.
+
+    `to_empty` breaks weight tying; re-tie, then check the parameter count so a silent phantom
+    lm_head (Llama-3.2-1B would gain 262.7M parameters) cannot slip through.
+    """
+    model.to_empty(device=device)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if spec.tie_word_embeddings and hasattr(base, "tie_weights"):
+        base.tie_weights()
+    _reset_rotary_buffers(base)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.zero_()
+            else:
+                param.normal_(0.0, 0.02)
+    base_params = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
+    expected = count_params(spec).total
+    if base_params != expected:
+        raise RuntimeError(f"materialised model has {base_params} base parameters, expected {expected}")
+    return model
+
+
+def _reset_rotary_buffers(model: nn.Module) -> None:
+    """RoPE's inv_freq buffers are computed at construction; after to_empty they are garbage."""
+    for module in model.modules():
+        inv = getattr(module, "inv_freq", None)
+        if isinstance(inv, torch.Tensor) and hasattr(module, "rope_init_fn") and hasattr(module, "config"):
+            fresh, _ = module.rope_init_fn(module.config, inv.device)
+            with torch.no_grad():
+                inv.copy_(fresh.to(inv.dtype))
+                if isinstance(getattr(module, "original_inv_freq", None), torch.Tensor):
+                    module.original_inv_freq.copy_(fresh.to(inv.dtype))

@@ -1,0 +1,363 @@
+"""Run real training steps, measure them, and put the planner's prediction beside the measurement.
+
+The step protocol is the planner's: the same model spec, method, dtype / AMP, optimizer and its
+implementation, batch, sequence length, attention and checkpointing. Each run does `steps` steps (step 1
+creates the optimizer state; steps 2..N are the steady state); the peak is the larger of the two. Real
+runs then time `steps` more steps without any tracking and report the median step time and tokens/s.
+
+Three measurement modes behind one interface (`measure`):
+- `cpu`: real tensors under the exact live-tensor tracker (`tracker.LiveTensorTracker`);
+- `fake`: the same tracker under `FakeTensorMode`, so 7B-70B steps are "run" without their memory;
+- `cuda`: the caching allocator's own counters (`max_memory_allocated` / `max_memory_reserved`, reset
+  per step, minus the baseline allocated before the model existed), timed between
+  `torch.cuda.synchronize()` calls; a second, tracked pass gives the breakdown by category. The CUDA
+  API is injectable (`CudaApi`), so the protocol is tested on CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import gc
+import platform
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Literal, Protocol
+
+import torch
+
+from lora_planner import __version__
+from lora_planner.errors import PlannerInputError
+from lora_planner.memory import estimate_memory
+from lora_planner.params import resolve_targets
+from lora_planner.profiler.records import RECORD_SCHEMA_VERSION
+from lora_planner.profiler.tracker import StepMeasurement, hf_fake_parity, measure_training_step
+from lora_planner.specs import ModelSpec, TrainingSpec
+
+Backend = Literal["builtin", "hf"]
+Mode = Literal["auto", "cuda", "cpu", "fake"]
+BACKENDS: tuple[str, ...] = ("builtin", "hf")
+MODES: tuple[str, ...] = ("auto", "cuda", "cpu", "fake")
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# The planner's phases, folded onto the tracker's (forward / backward / optimizer_step).
+COARSE_PHASE = {"forward_end": "forward", "backward_start": "backward", "backward_layers": "backward",
+                "backward_end": "backward", "optimizer_step": "optimizer_step"}
+AUTO_CPU_LIMIT_BYTES = 4 * 2**30  # auto mode runs real CPU steps below this predicted peak, fake above
+
+
+@dataclass(frozen=True)
+class ProfileRequest:
+    model: str  # as the user named it (catalog name or config.json path)
+    spec: ModelSpec
+    training: TrainingSpec
+    backend: Backend = "hf"
+    mode: Mode = "cpu"  # concrete: resolve "auto" with `resolve_mode` first
+    steps: int = 3
+    seed: int = 0
+
+    @property
+    def key(self) -> str:
+        """Identifies a run for `--resume`: every setting that changes what is measured."""
+        t, lora = self.training, self.training.lora
+        targets = ",".join(lora.target_modules or ("default",))
+        adapter = f"r{lora.r}-a{lora.effective_alpha:g}-{targets}-{lora.adapter_dtype}" if t.method != "full" else "-"
+        return "|".join(map(str, (
+            self.model, self.backend, self.mode, t.method, adapter, t.dtype, t.amp or "-", t.optimizer,
+            t.resolved_optimizer_impl, t.batch_size, t.seq_len, int(t.grad_checkpointing), t.attention, self.steps)))
+
+
+class CudaApi(Protocol):
+    """The slice of `torch.cuda` the cuda mode uses (a seam for CPU tests)."""
+
+    def is_available(self) -> bool: ...
+    def synchronize(self) -> None: ...
+    def empty_cache(self) -> None: ...
+    def reset_peak_memory_stats(self) -> None: ...
+    def memory_allocated(self) -> int: ...
+    def max_memory_allocated(self) -> int: ...
+    def max_memory_reserved(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """What one run measured, whatever the mode."""
+
+    peak_bytes: int
+    peak_phase: str | None
+    breakdown_bytes: dict[str, int] | None
+    step1_peak_bytes: int
+    steady_peak_bytes: int | None
+    reserved_peak_bytes: int | None = None
+    step_times_s: tuple[float, ...] = ()
+
+
+def resolve_mode(mode: Mode, request_spec: ModelSpec, training: TrainingSpec, cuda: CudaApi | None = None) -> str:
+    """auto -> cuda when a GPU is there, else real CPU steps for small models, else fake tensors."""
+    cuda = cuda or torch.cuda
+    if mode == "cuda" and not cuda.is_available():
+        raise PlannerInputError("mode", "cuda mode needs a CUDA GPU and none is visible",
+                                "use --mode cpu (small models) or --mode fake (any size)")
+    if mode != "auto":
+        return mode
+    if cuda.is_available():
+        return "cuda"
+    predicted = estimate_memory(request_spec, replace(training, device="cpu")).peak_allocated_bytes
+    return "cpu" if predicted <= AUTO_CPU_LIMIT_BYTES else "fake"
+
+
+# ---------------------------------------------------------------------------------------------- building
+
+
+def build_model(request: ProfileRequest, device: str) -> torch.nn.Module:
+    """The backend's model for the request, on `device` (meta for fake mode)."""
+    t = request.training
+    if request.backend == "hf":
+        from lora_planner.profiler.hf_backend import build_hf_model
+
+        return build_hf_model(request.spec, t, device)
+    from lora_planner.profiler.builtin_model import apply_lora, build_builtin_model
+
+    if t.method == "qlora":
+        raise PlannerInputError("method", "the builtin backend has no 4-bit base", "profile full or lora")
+    model = build_builtin_model(request.spec, dtype=TORCH_DTYPES["fp32" if t.amp else t.dtype], device=device,
+                                attention=t.attention, gradient_checkpointing=t.grad_checkpointing)
+    if t.method != "full":
+        adapter = torch.float32 if t.lora.adapter_dtype == "fp32" else TORCH_DTYPES[t.dtype]
+        model = apply_lora(model, t.lora.r, t.lora.effective_alpha, t.lora.target_modules, adapter_dtype=adapter)
+    model.train()
+    return model
+
+
+def materialize_model(request: ProfileRequest, model: torch.nn.Module) -> torch.nn.Module:
+    """Storage for a meta-built model (call inside FakeTensorMode for fake runs)."""
+    if request.backend == "hf":
+        from lora_planner.profiler.hf_backend import materialize
+
+        return materialize(model, request.spec)
+    from lora_planner.profiler.builtin_model import init_weights
+
+    model.to_empty(device="cpu")
+    init_weights(model)
+    return model
+
+
+def build_optimizer(model: torch.nn.Module, training: TrainingSpec) -> torch.optim.Optimizer:
+    """The optimizer the planner assumes, over the trainable parameters only."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    impl = training.resolved_optimizer_impl
+    flags = {"foreach": impl == "foreach", "fused": impl == "fused"}
+    if training.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=1e-4, **flags)
+    if training.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=1e-3, momentum=0.9, **flags)
+    if training.optimizer == "adafactor":
+        if impl == "fused":
+            raise PlannerInputError("optimizer_impl", "torch.optim.Adafactor has no fused implementation",
+                                    "use --optimizer-impl foreach or for-loop")
+        return torch.optim.Adafactor(params, lr=1e-2, foreach=impl == "foreach")
+    raise PlannerInputError("optimizer", f"{training.optimizer} needs bitsandbytes on a CUDA GPU",
+                            "profile with adamw, sgd or adafactor here")
+
+
+def batch_factory(spec: ModelSpec, training: TrainingSpec, device: str, seed: int) -> Callable[[], dict[str, Any]]:
+    """Random token ids; labels are a separate tensor, as a data collator makes them."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+
+    def make_batch() -> dict[str, Any]:
+        ids = torch.randint(0, spec.vocab_size, (training.batch_size, training.seq_len), generator=generator)
+        ids = ids.to(device)
+        return {"input_ids": ids, "labels": ids.clone()}
+
+    return make_batch
+
+
+@contextlib.contextmanager
+def _autocast(training: TrainingSpec, device_type: str) -> Iterator[None]:
+    if training.amp is None:
+        yield
+        return
+    with torch.autocast(device_type, dtype=TORCH_DTYPES[training.amp]):
+        yield
+
+
+def _loss_fn(training: TrainingSpec, device_type: str) -> Callable[[torch.nn.Module, Any], torch.Tensor]:
+    def loss_fn(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        with _autocast(training, device_type):
+            return model(**batch).loss
+
+    return loss_fn
+
+
+def _train_step(model: torch.nn.Module, batch: dict[str, Any], optimizer: torch.optim.Optimizer,
+                loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor]) -> None:
+    loss = loss_fn(model, batch)
+    loss.backward()
+    del loss
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _time_steps(model, make_batch, optimizer, loss_fn, steps: int, sync: Callable[[], None]) -> tuple[float, ...]:
+    times = []
+    for _ in range(steps):
+        batch = make_batch()
+        sync()
+        start = time.perf_counter()
+        _train_step(model, batch, optimizer, loss_fn)
+        sync()
+        times.append(time.perf_counter() - start)
+    return tuple(times)
+
+
+# ---------------------------------------------------------------------------------------------- modes
+
+
+def _from_tracker(result: StepMeasurement, step_times: tuple[float, ...] = ()) -> Measurement:
+    first, steady = result.first_step, result.steady_state
+    peak = result.peak_step
+    return Measurement(peak_bytes=peak.peak_bytes, peak_phase=peak.peak_phase, breakdown_bytes=dict(peak.peak_breakdown),
+                       step1_peak_bytes=first.peak_bytes, steady_peak_bytes=steady.peak_bytes if steady else None,
+                       step_times_s=step_times)
+
+
+def measure_cpu(request: ProfileRequest) -> Measurement:
+    torch.manual_seed(request.seed)
+    model = build_model(request, "cpu")
+    optimizer = build_optimizer(model, request.training)
+    make_batch = batch_factory(request.spec, request.training, "cpu", request.seed)
+    loss_fn = _loss_fn(request.training, "cpu")
+    tracked = measure_training_step(model, make_batch, optimizer, steps=request.steps, loss_fn=loss_fn)
+    times = _time_steps(model, make_batch, optimizer, loss_fn, request.steps, sync=lambda: None)
+    return _from_tracker(tracked, times)
+
+
+def measure_fake(request: ProfileRequest) -> Measurement:
+    from torch._subclasses.fake_tensor import FakeTensorMode  # private API: guarded by the import
+
+    torch.manual_seed(request.seed)
+    model = build_model(request, "meta")
+    with FakeTensorMode(allow_non_fake_inputs=True), hf_fake_parity():
+        model = materialize_model(request, model)
+        optimizer = build_optimizer(model, request.training)
+        make_batch = batch_factory(request.spec, request.training, "cpu", request.seed)
+        tracked = measure_training_step(model, make_batch, optimizer, steps=request.steps,
+                                        loss_fn=_loss_fn(request.training, "cpu"))
+    return _from_tracker(tracked)
+
+
+def measure_cuda(request: ProfileRequest, cuda: CudaApi | None = None, device: str = "cuda") -> Measurement:
+    """Allocator counters per step (baseline subtracted), then timed steps, then a tracked pass for
+    the breakdown. `cuda` / `device` are seams: tests pass a stand-in API and "cpu"."""
+    cuda = cuda or torch.cuda
+    gc.collect()
+    cuda.empty_cache()
+    baseline = cuda.memory_allocated()
+    torch.manual_seed(request.seed)
+    model = build_model(request, device)
+    optimizer = build_optimizer(model, request.training)
+    make_batch = batch_factory(request.spec, request.training, device, request.seed)
+    loss_fn = _loss_fn(request.training, "cuda" if device == "cuda" else "cpu")
+    peaks, reserved = [], []
+    for _ in range(request.steps):
+        batch = make_batch()
+        cuda.synchronize()
+        cuda.reset_peak_memory_stats()
+        _train_step(model, batch, optimizer, loss_fn)
+        cuda.synchronize()
+        peaks.append(cuda.max_memory_allocated() - baseline)
+        reserved.append(cuda.max_memory_reserved())
+        del batch
+    times = _time_steps(model, make_batch, optimizer, loss_fn, request.steps, cuda.synchronize)
+    tracked = measure_training_step(model, make_batch, optimizer, steps=2, loss_fn=loss_fn)
+    steady_phase = tracked.steps[-1]
+    peak = max(peaks)
+    return Measurement(peak_bytes=peak, peak_phase=steady_phase.peak_phase,
+                       breakdown_bytes=dict(steady_phase.peak_breakdown), step1_peak_bytes=peaks[0],
+                       steady_peak_bytes=max(peaks[1:]) if len(peaks) > 1 else None,
+                       reserved_peak_bytes=max(reserved), step_times_s=times)
+
+
+MEASURE = {"cpu": measure_cpu, "fake": measure_fake, "cuda": measure_cuda}
+
+
+# ---------------------------------------------------------------------------------------------- records
+
+
+def _versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {"lora_planner": __version__, "torch": torch.__version__,
+                                        "python": platform.python_version()}
+    for name in ("transformers", "peft"):
+        try:
+            versions[name] = __import__(name).__version__
+        except ImportError:
+            versions[name] = None
+    return versions
+
+
+def _is_oom(err: BaseException) -> bool:
+    if isinstance(err, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    return isinstance(err, RuntimeError) and "out of memory" in str(err).lower()
+
+
+def base_record(request: ProfileRequest) -> dict[str, Any]:
+    """Settings, prediction and provenance of a run: everything but the measurement."""
+    t = request.training
+    device = "cuda" if request.mode == "cuda" else "cpu"
+    predicted = estimate_memory(request.spec, replace(t, device=device))
+    targets = [m.path for m in resolve_targets(request.spec, t.lora.target_modules)] if t.method != "full" else []
+    return {
+        "schema_version": RECORD_SCHEMA_VERSION,
+        "key": request.key,
+        "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "model": request.model,
+        "family": request.spec.family,
+        "backend": request.backend,
+        "mode": request.mode,
+        "device": device,
+        "settings": {
+            "method": t.method, "r": t.lora.r if t.method != "full" else None,
+            "alpha": t.lora.effective_alpha if t.method != "full" else None, "target_modules": targets,
+            "adapter_dtype": t.lora.adapter_dtype, "dtype": t.dtype, "amp": t.amp, "optimizer": t.optimizer,
+            "optimizer_impl": t.resolved_optimizer_impl, "batch_size": t.batch_size, "seq_len": t.seq_len,
+            "grad_checkpointing": t.grad_checkpointing, "attention": t.attention, "steps": request.steps,
+        },
+        "predicted": {
+            "peak_bytes": predicted.peak_allocated_bytes,
+            "peak_phase": predicted.peak_phase,
+            "coarse_phase": COARSE_PHASE[predicted.peak_phase],
+            "breakdown_bytes": predicted.peak.breakdown.as_dict(),
+            "device_overhead_bytes": predicted.device_overhead_bytes,
+            "peak_device_bytes": predicted.peak_device_bytes,
+        },
+        "versions": _versions(),
+    }
+
+
+def run_profile(request: ProfileRequest, measure: Callable[[ProfileRequest], Measurement] | None = None) -> dict[str, Any]:
+    """One run, as a record. Out-of-memory becomes `"status": "oom"`; bad settings raise
+    `PlannerInputError` (the caller decides whether a sweep goes on); any other failure is recorded."""
+    record = base_record(request)
+    measure = measure or MEASURE[request.mode]
+    try:
+        measured = measure(request)
+    except PlannerInputError:
+        raise
+    except Exception as err:  # noqa: BLE001 - a sweep records the failure and goes on
+        record.update(status="oom" if _is_oom(err) else "error", error=f"{type(err).__name__}: {err}"[:500])
+        return record
+    finally:
+        gc.collect()
+    tokens = request.training.tokens
+    median = statistics.median(measured.step_times_s) if measured.step_times_s else None
+    record.update(
+        status="ok",
+        measured={k: v for k, v in asdict(measured).items() if k != "step_times_s"},
+        relative_error=record["predicted"]["peak_bytes"] / measured.peak_bytes - 1,
+        step_times_s=list(measured.step_times_s),
+        median_step_time_s=median,
+        tokens_per_s=tokens / median if median else None,
+    )
+    return record
