@@ -471,6 +471,12 @@ def _model_level(flow: _Flow, embeddings_need_grad: bool) -> list[SavedTensor]:
                                embeddings_need_grad, flow.e_stream)
     if spec.family == "bloom":
         saved += _layer_norm(flow, "word_embeddings_layernorm", embeddings_need_grad)
+    if flow.t.grad_checkpointing and rotary_dim(spec) or (flow.t.grad_checkpointing and spec.family == "gpt2"
+                                                            and not flow.full):
+        saved.append(SavedTensor("checkpoint.position_ids", s * 8))  # int64, kept by the checkpoint's closure
+    if flow.t.grad_checkpointing and spec.family == "gpt2" and not flow.full:
+        # enable_input_require_grads turns the embedding output into a graph input that stays alive.
+        saved.append(SavedTensor("embeddings.output", tokens * h * flow.e_stream))
     if flow.t.grad_checkpointing and (flow.t.attention == "eager" or spec.family == "bloom"):
         # Non-reentrant checkpointing keeps each layer's arguments until its backward: the
         # materialised (b, 1, s, s) causal mask (and BLOOM's ALiBi bias), shared by all layers.

@@ -17,10 +17,11 @@ from lora_planner.errors import PlannerInputError
 from lora_planner.memory import DeviceOverhead
 from lora_planner.planner import Budget, make_plan, plan_to_dict
 from lora_planner.specs import (
-    ATTENTIONS, DEVICES, DTYPES, METHODS, OPTIMIZER_IMPLS, OPTIMIZERS, LoraSpec, TrainingSpec,
+    ATTENTIONS, DEVICES, DTYPES, METHODS, OPTIMIZER_IMPLS, OPTIMIZERS, LoraSpec, TrainingSpec, check_choice,
+    check_positive_int,
 )
 
-SUBCOMMANDS = ("estimate",)
+SUBCOMMANDS = ("estimate", "profile")
 EXIT_BAD_INPUT = 2
 
 
@@ -74,6 +75,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_planner_options(estimate)
     estimate.add_argument("--json", action="store_true", help="print the plan as JSON")
     estimate.add_argument("--detail", action="store_true", help="also show every phase of each method")
+
+    profile = sub.add_parser("profile", help="run real training steps (full vs LoRA) and compare with the prediction")
+    _add_planner_options(profile)
+    profile.set_defaults(method="full,lora")
+    profile.add_argument("--backend", default="hf", help="hf (transformers + peft, default) or builtin")
+    profile.add_argument("--mode", default="auto",
+                         help="auto (cuda if present, else cpu for small models, else fake), cuda, cpu or fake")
+    profile.add_argument("--steps", type=int, default=3, help="measured steps per run (default 3; step 1 creates "
+                                                               "the optimizer state)")
+    profile.add_argument("--out", default="runs.jsonl", help="JSONL file the records are appended to")
+    profile.add_argument("--resume", action="store_true", help="skip runs already recorded in --out")
+    profile.add_argument("--json", action="store_true", help="print the records as JSON")
     return parser
 
 
@@ -135,13 +148,30 @@ def run_estimate(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_profile_command(args: argparse.Namespace) -> int:
+    """Build one request per method, run them (appending each record as it finishes), show the table."""
+    spec = resolve_model(args.model)
+    methods = _methods_from_args(args)
+    trainings = [_training_from_args(args, method) for method in methods]
+    check_choice("backend", args.backend, ("builtin", "hf"))
+    check_choice("mode", args.mode, ("auto", "cuda", "cpu", "fake"))
+    check_positive_int("steps", args.steps)
+    try:
+        from lora_planner.profiler.session import profile_session
+    except ImportError as err:
+        raise PlannerInputError("profile", f"profiling needs torch ({err.name} is missing)",
+                                'pip install torch==2.13.0 && pip install -e ".[profile]"') from None
+    return profile_session(args.model, spec, trainings, backend=args.backend, mode=args.mode, steps=args.steps,
+                           out=args.out, resume=args.resume, as_json=args.json)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or (argv[0] not in SUBCOMMANDS and argv[0] not in ("-h", "--help", "--version")):
         argv.insert(0, "estimate")
     try:
         args = build_parser().parse_args(argv)
-        return {"estimate": run_estimate}[args.command](args)
+        return {"estimate": run_estimate, "profile": run_profile_command}[args.command](args)
     except PlannerInputError as err:
         print(f"lora-plan: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -209,18 +209,25 @@ def estimate_memory(spec: ModelSpec, training: TrainingSpec,
     # Gradients that exist once backward has left the loss: lm_head (+ final norm) for full fine-tuning.
     head_grads = sum(m.params for m in modules if m.group == "lm_head") * BYTES_PER_ELEMENT[training.dtype] \
         if training.method == "full" else 0
+    # The end of backward: the first layer's backward (its saved tensors, its gradient buffers), or, for a
+    # tied embedding, the very last op: autograd adds the embedding's V x h gradient to lm_head's, and
+    # both partial gradients are alive beside the sum while every activation is already gone.
+    last_layer_left = acts.checkpoint_per_layer_bytes if training.grad_checkpointing else acts.first_layer_bytes
+    end_acts, end_scratch = last_layer_left + recomputed + acts.batch_bytes, layer_scratch
+    if training.method == "full" and spec.tie_word_embeddings:
+        tie_scratch = 2 * spec.vocab_size * spec.hidden_size * BYTES_PER_ELEMENT[training.dtype]
+        if acts.batch_bytes + tie_scratch > end_acts + end_scratch:
+            end_acts, end_scratch = acts.batch_bytes, tie_scratch
 
     def phase(name: Phase, **parts: int) -> PhaseMemory:
         return PhaseMemory(name, MemoryBreakdown(weights_bytes=weights, optimizer_states_bytes=states, **parts))
 
-    last_layer_left = acts.checkpoint_per_layer_bytes if training.grad_checkpointing else acts.first_layer_bytes
     phases = (
         phase("forward_end", activations_bytes=saved, temporaries_bytes=acts.loss_forward_scratch_bytes),
         phase("backward_start", activations_bytes=saved, temporaries_bytes=acts.loss_backward_scratch_bytes),
         phase("backward_layers", gradients_bytes=head_grads,
               activations_bytes=layers_saved + acts.model_bytes + recomputed, temporaries_bytes=layer_scratch),
-        phase("backward_end", gradients_bytes=gradients,
-              activations_bytes=last_layer_left + recomputed + acts.batch_bytes, temporaries_bytes=layer_scratch),
+        phase("backward_end", gradients_bytes=gradients, activations_bytes=end_acts, temporaries_bytes=end_scratch),
         phase("optimizer_step", gradients_bytes=gradients, activations_bytes=acts.batch_bytes,
               temporaries_bytes=opt_scratch),
     )

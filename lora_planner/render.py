@@ -116,3 +116,29 @@ def render_plan(plan: Plan, console: Console, detail: bool = False) -> None:
     if detail:
         for method in plan.methods:
             console.print(phases_table(plan, method))
+
+
+SHORT_PHASE = {"forward": "fwd", "backward": "bwd", "optimizer_step": "opt", "zero_grad": "zero"}
+
+
+def profile_table(records: list[dict]) -> Table:
+    """Predicted vs measured peak allocated memory (GiB), one row per profile record."""
+    table = Table(title="Profile: predicted vs measured peak allocated (GiB)", title_justify="left")
+    for name in ("method", "run", "B x S", "pred", "meas", "error", "phase", "s/step", "tok/s"):
+        table.add_column(name, justify="left" if name in ("method", "run", "phase") else "right", no_wrap=True)
+    for record in records:
+        s, pred = record["settings"], record["predicted"]
+        cells = [s["method"], f"{record['backend']}/{record['mode']}", f"{s['batch_size']}x{s['seq_len']}",
+                 gib(pred["peak_bytes"])]
+        if record["status"] != "ok":
+            table.add_row(*cells, Text(record["status"], style="bold red"), "", "", "", "")
+            continue
+        meas, error = record["measured"], record["relative_error"]
+        phase = SHORT_PHASE.get(meas["peak_phase"], meas["peak_phase"] or "-")
+        if meas["peak_phase"] and meas["peak_phase"] != pred["coarse_phase"]:
+            phase += f" (pred {SHORT_PHASE[pred['coarse_phase']]})"
+        step, tokens = record.get("median_step_time_s"), record.get("tokens_per_s")
+        table.add_row(*cells, gib(meas["peak_bytes"]),
+                      Text(f"{100 * error:+.2f}%", style="green" if abs(error) <= 0.05 else "red"), phase,
+                      f"{step:.3f}" if step else "-", f"{tokens:,.0f}" if tokens else "-")
+    return table

@@ -12,6 +12,7 @@ Traps handled here (each one silently gives wrong numbers otherwise):
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -33,6 +34,9 @@ def require_hf() -> tuple[Any, Any]:
         raise PlannerInputError("backend", f"the hf backend needs transformers and peft ({err.name} is missing)",
                                 'pip install -e ".[profile]" or use --backend builtin') from None
     transformers.utils.logging.set_verbosity_error()
+    # Construction-time notices (deprecated names, Conv1D fan_in_fan_out) are not the user's concern here.
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"(peft|transformers)\.")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(peft|transformers)\.")
     return transformers, peft
 
 

@@ -1,0 +1,74 @@
+"""`lora-plan profile`: one run per method, records appended as they finish, a progress bar, a table.
+
+Long runs survive failure: an out-of-memory run is recorded as `"status": "oom"` and the next one
+starts; Ctrl-C stops after the records already written (each is on disk the moment its run ends);
+`--resume` skips runs whose key is already in the output file.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import replace
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from lora_planner.profiler.records import append_record, finished_keys
+from lora_planner.profiler.runner import ProfileRequest, resolve_mode, run_profile
+from lora_planner.specs import ModelSpec, TrainingSpec
+
+EXIT_INTERRUPTED = 130
+
+
+def build_requests(model: str, spec: ModelSpec, trainings: list[TrainingSpec], backend: str, mode: str,
+                   steps: int) -> list[ProfileRequest]:
+    """Resolve `auto` per run and align the training's device with the mode, so the optimizer
+    implementation the run uses is the one the prediction assumes."""
+    requests = []
+    for training in trainings:
+        concrete = resolve_mode(mode, spec, training)
+        device = "cuda" if concrete == "cuda" else "cpu"
+        requests.append(ProfileRequest(model=model, spec=spec, training=replace(training, device=device),
+                                       backend=backend, mode=concrete, steps=steps))
+    return requests
+
+
+def profile_session(model: str, spec: ModelSpec, trainings: list[TrainingSpec], *, backend: str, mode: str,
+                    steps: int, out: str, resume: bool, as_json: bool, console: Console | None = None) -> int:
+    console = console or Console(stderr=as_json)
+    requests = build_requests(model, spec, trainings, backend, mode, steps)
+    done = finished_keys(out) if resume else set()
+    todo = [r for r in requests if r.key not in done]
+    if len(todo) < len(requests):
+        console.print(f"resume: {len(requests) - len(todo)} run(s) already in {out}, skipped")
+    records: list[dict[str, Any]] = []
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                        TimeElapsedColumn(), console=console, transient=True)
+    try:
+        with progress:
+            task = progress.add_task("profiling", total=len(todo))
+            for request in todo:
+                t = request.training
+                progress.update(task, description=f"{t.method} {request.backend}/{request.mode} "
+                                                  f"b={t.batch_size} s={t.seq_len}")
+                record = run_profile(request)
+                append_record(out, record)
+                records.append(record)
+                progress.advance(task)
+    except KeyboardInterrupt:
+        console.print(f"interrupted: {len(records)} finished record(s) are in {out}")
+        return EXIT_INTERRUPTED
+    if as_json:
+        print(json.dumps(records, indent=2))
+    elif records:
+        from lora_planner.render import profile_table
+
+        console.print(profile_table(records))
+        console.print(f"records appended to {out}", style="dim")
+    return 0 if all(r["status"] != "error" for r in records) else 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit("use `lora-plan profile`")
