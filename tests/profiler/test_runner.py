@@ -1,0 +1,220 @@
+"""The profiler's run protocol (`lora_planner.profiler.runner`): modes, records, failures, the CUDA seam,
+and fidelity: the planner's peak against measured training steps."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from lora_planner.catalog import resolve_model, spec_from_config
+from lora_planner.errors import PlannerInputError
+from lora_planner.profiler.runner import (
+    Measurement, ProfileRequest, build_optimizer, measure_cuda, resolve_mode, run_profile,
+)
+from lora_planner.specs import LoraSpec, TrainingSpec
+
+TINY_LLAMA = spec_from_config({"model_type": "llama", "vocab_size": 1000, "hidden_size": 64, "intermediate_size": 176,
+                               "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}, "tiny-llama")
+TINY = {
+    "llama": TINY_LLAMA,
+    "qwen2": spec_from_config({"model_type": "qwen2", "vocab_size": 1000, "hidden_size": 64, "intermediate_size": 176,
+                               "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                               "tie_word_embeddings": True}, "tiny-qwen2"),
+    "gemma": spec_from_config({"model_type": "gemma", "vocab_size": 1000, "hidden_size": 64, "intermediate_size": 176,
+                               "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                               "head_dim": 16}, "tiny-gemma"),
+    "phi": spec_from_config({"model_type": "phi", "vocab_size": 1000, "hidden_size": 64, "intermediate_size": 176,
+                             "num_hidden_layers": 2, "num_attention_heads": 4, "partial_rotary_factor": 0.5,
+                             "resid_pdrop": 0.1}, "tiny-phi"),
+    "gpt2": spec_from_config({"model_type": "gpt2", "vocab_size": 1000, "n_embd": 64, "n_layer": 2, "n_head": 4},
+                             "tiny-gpt2"),
+    "bloom": spec_from_config({"model_type": "bloom", "vocab_size": 1000, "hidden_size": 64, "n_layer": 2,
+                               "n_head": 4}, "tiny-bloom"),
+}
+
+
+def cpu_training(**kw) -> TrainingSpec:
+    base = dict(method="lora", dtype="bf16", batch_size=2, seq_len=32, device="cpu", lora=LoraSpec(r=4))
+    base.update(kw)
+    return TrainingSpec(**base)
+
+
+def request(spec=TINY_LLAMA, backend="hf", mode="cpu", steps=2, **kw) -> ProfileRequest:
+    return ProfileRequest(model=spec.name, spec=spec, training=cpu_training(**kw), backend=backend, mode=mode,
+                          steps=steps)
+
+
+# ---------------------------------------------------------------------------------------------- fidelity
+
+CPU_CASES = [
+    ("llama", "hf", dict(method="full")),
+    ("llama", "hf", dict(method="lora")),
+    ("llama", "hf", dict(method="full", optimizer_impl="foreach", grad_checkpointing=True)),
+    ("llama", "hf", dict(method="lora", grad_checkpointing=True, lora=LoraSpec(r=8, target_modules=("all-linear",)))),
+    ("llama", "hf", dict(method="lora", dtype="fp32", amp="bf16")),
+    ("llama", "hf", dict(method="full", attention="eager", dtype="fp32")),
+    ("llama", "builtin", dict(method="full")),
+    ("llama", "builtin", dict(method="lora", optimizer_impl="foreach")),
+    ("llama", "builtin", dict(method="lora", grad_checkpointing=True)),
+    ("qwen2", "hf", dict(method="full", optimizer="sgd")),
+    ("qwen2", "builtin", dict(method="lora", lora=LoraSpec(r=4, target_modules=("all-linear",)))),
+    ("gemma", "hf", dict(method="lora")),
+    ("phi", "hf", dict(method="full")),
+    ("gpt2", "hf", dict(method="lora", grad_checkpointing=True)),
+    ("gpt2", "hf", dict(method="full", optimizer="adafactor")),
+    ("bloom", "hf", dict(method="lora")),
+]
+
+
+@pytest.mark.parametrize("family, backend, settings", CPU_CASES,
+                         ids=[f"{f}-{b}-{'-'.join(f'{k}={v}' for k, v in s.items() if k != 'lora')}"
+                              for f, b, s in CPU_CASES])
+def test_planner_matches_real_cpu_steps(family, backend, settings):
+    record = run_profile(request(TINY[family], backend=backend, **settings))
+    assert record["status"] == "ok", record.get("error")
+    assert abs(record["relative_error"]) <= 0.02, (record["predicted"], record["measured"])
+    assert record["measured"]["peak_phase"] == record["predicted"]["coarse_phase"]
+    assert record["median_step_time_s"] > 0 and record["tokens_per_s"] > 0
+
+
+@pytest.mark.parametrize("model, settings", [
+    ("llama-2-7b", dict(method="full", seq_len=128, batch_size=1)),
+    ("llama-2-7b", dict(method="lora", seq_len=256, batch_size=2)),
+    ("llama-3.2-1b", dict(method="lora", seq_len=512, batch_size=2, grad_checkpointing=True)),
+    ("llama-3.2-1b", dict(method="full", seq_len=256, batch_size=1, optimizer_impl="foreach")),
+])
+def test_planner_matches_fake_traces_of_real_architectures(model, settings):
+    spec = resolve_model(model)
+    record = run_profile(request(spec, mode="fake", **settings))
+    assert record["status"] == "ok", record.get("error")
+    assert abs(record["relative_error"]) <= 0.02, (record["predicted"], record["measured"])
+    assert record["measured"]["peak_phase"] == record["predicted"]["coarse_phase"]
+    assert record["step_times_s"] == [] and record["median_step_time_s"] is None  # nothing real to time
+
+
+def test_fake_and_real_runs_agree_byte_for_byte():
+    real = run_profile(request(method="lora"))
+    fake = run_profile(request(method="lora", mode="fake"))
+    assert real["measured"]["peak_bytes"] == fake["measured"]["peak_bytes"]
+    assert real["measured"]["breakdown_bytes"] == fake["measured"]["breakdown_bytes"]
+
+
+# ---------------------------------------------------------------------------------------------- records
+
+
+def test_record_carries_settings_prediction_measurement_and_versions():
+    record = run_profile(request(method="lora", steps=3))
+    assert record["schema_version"] == 1 and record["key"] == request(method="lora", steps=3).key
+    assert record["settings"]["target_modules"] == ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"]
+    assert record["settings"]["optimizer_impl"] == "for-loop"
+    measured = record["measured"]
+    assert measured["peak_bytes"] == max(measured["step1_peak_bytes"], measured["steady_peak_bytes"])
+    # Step 1 has no optimizer state before its step(); the steady state holds it all the time.
+    assert measured["step1_peak_bytes"] < measured["steady_peak_bytes"]
+    assert sum(measured["breakdown_bytes"].values()) == measured["peak_bytes"]
+    assert len(record["step_times_s"]) == 3
+    assert set(record["versions"]) >= {"torch", "transformers", "peft", "lora_planner"}
+
+
+def test_keys_differ_by_every_setting_that_changes_memory():
+    base = request()
+    variants = [request(batch_size=3), request(seq_len=64), request(method="full"), request(backend="builtin"),
+                request(mode="fake"), request(grad_checkpointing=True), request(lora=LoraSpec(r=8)),
+                request(optimizer_impl="foreach"), request(attention="eager"), request(steps=3)]
+    keys = {base.key, *(v.key for v in variants)}
+    assert len(keys) == len(variants) + 1
+
+
+def test_out_of_memory_is_recorded_not_raised():
+    def oom(_request):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    record = run_profile(request(), measure=oom)
+    assert record["status"] == "oom" and "out of memory" in record["error"]
+    assert "measured" not in record and record["predicted"]["peak_bytes"] > 0
+
+
+def test_other_failures_are_recorded_with_their_type():
+    def broken(_request):
+        raise ValueError("shape mismatch")
+
+    record = run_profile(request(), measure=broken)
+    assert record["status"] == "error" and record["error"] == "ValueError: shape mismatch"
+
+
+def test_bad_settings_still_raise():
+    with pytest.raises(PlannerInputError, match="QLoRA"):
+        run_profile(request(method="qlora"))
+    with pytest.raises(PlannerInputError, match="bitsandbytes"):
+        build_optimizer(torch.nn.Linear(2, 2), cpu_training(optimizer="adamw8bit"))
+
+
+# ---------------------------------------------------------------------------------------------- modes
+
+
+class FakeCuda:
+    """Stands in for `torch.cuda`: scripted allocator counters, and a log of the protocol's calls."""
+
+    def __init__(self, peaks, available=True):
+        self.peaks, self.available, self.calls = list(peaks), available, []
+
+    def is_available(self):
+        return self.available
+
+    def synchronize(self):
+        self.calls.append("sync")
+
+    def empty_cache(self):
+        self.calls.append("empty_cache")
+
+    def reset_peak_memory_stats(self):
+        self.calls.append("reset")
+
+    def memory_allocated(self):
+        return 100
+
+    def max_memory_allocated(self):
+        self.calls.append("max")
+        return self.peaks.pop(0)
+
+    def max_memory_reserved(self):
+        return 4096
+
+
+def test_cuda_protocol_resets_per_step_subtracts_the_baseline_and_splits_step_one():
+    cuda = FakeCuda([1100, 1600, 1500])
+    measured = measure_cuda(request(steps=3), cuda=cuda, device="cpu")
+    assert measured == Measurement(peak_bytes=1500, peak_phase=measured.peak_phase,
+                                   breakdown_bytes=measured.breakdown_bytes, step1_peak_bytes=1000,
+                                   steady_peak_bytes=1500, reserved_peak_bytes=4096,
+                                   step_times_s=measured.step_times_s)
+    assert cuda.calls[:5] == ["empty_cache", "sync", "reset", "sync", "max"]
+    assert cuda.calls.count("reset") == 3
+    assert len(measured.step_times_s) == 3 and measured.peak_phase in ("forward", "backward", "optimizer_step")
+
+
+def test_mode_resolution():
+    t = cpu_training()
+    assert resolve_mode("auto", TINY_LLAMA, t, FakeCuda([], available=True)) == "cuda"
+    assert resolve_mode("auto", TINY_LLAMA, t, FakeCuda([], available=False)) == "cpu"
+    assert resolve_mode("auto", resolve_model("llama-2-70b"), t, FakeCuda([], available=False)) == "fake"
+    assert resolve_mode("fake", TINY_LLAMA, t, FakeCuda([], available=True)) == "fake"
+    with pytest.raises(PlannerInputError, match="--mode cpu"):
+        resolve_mode("cuda", TINY_LLAMA, t, FakeCuda([], available=False))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_mode_on_a_real_gpu():
+    spec = spec_from_config({"model_type": "llama", "vocab_size": 32000, "hidden_size": 1024,
+                             "intermediate_size": 2816, "num_hidden_layers": 8, "num_attention_heads": 16,
+                             "num_key_value_heads": 4}, "gpu-llama")
+    for method in ("full", "lora"):
+        req = replace(request(spec, mode="cuda", method=method, batch_size=4, seq_len=512),
+                      training=replace(cpu_training(method=method, batch_size=4, seq_len=512), device="cuda"))
+        record = run_profile(req)
+        assert record["status"] == "ok", record.get("error")
+        assert record["measured"]["reserved_peak_bytes"] >= record["measured"]["peak_bytes"]
+        assert abs(record["relative_error"]) <= 0.05, (record["predicted"], record["measured"])

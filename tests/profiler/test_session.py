@@ -1,0 +1,117 @@
+"""`lora-plan profile` through `main([...])`: records on disk, resume, failures that do not stop a run,
+Ctrl-C, JSON output, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+
+from lora_planner.cli import main
+from lora_planner.profiler import runner
+from lora_planner.profiler.records import read_records
+
+TINY = {"model_type": "llama", "vocab_size": 500, "hidden_size": 32, "intermediate_size": 64,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}
+
+
+@pytest.fixture
+def tiny_config(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(TINY))
+    return str(path)
+
+
+def profile_args(config, out, *extra):
+    return ["profile", "--model", config, "--mode", "cpu", "--steps", "2", "--batch-size", "2", "--seq-len", "16",
+            "--out", str(out), *extra]
+
+
+def test_profile_writes_one_record_per_method_and_a_table(tiny_config, tmp_path, capsys):
+    out = tmp_path / "runs.jsonl"
+    assert main(profile_args(tiny_config, out)) == 0
+    records, bad = read_records(out)
+    assert [r["settings"]["method"] for r in records] == ["full", "lora"] and bad == []
+    assert all(r["status"] == "ok" and r["device"] == "cpu" for r in records)
+    text = capsys.readouterr().out
+    assert "predicted vs measured" in text and "full" in text and "lora" in text
+
+
+def test_resume_skips_finished_runs(tiny_config, tmp_path, capsys):
+    out = tmp_path / "runs.jsonl"
+    assert main(profile_args(tiny_config, out, "--method", "lora")) == 0
+    assert main(profile_args(tiny_config, out, "--resume")) == 0
+    records, _ = read_records(out)
+    assert [r["settings"]["method"] for r in records] == ["lora", "full"]
+    assert "1 run(s) already in" in capsys.readouterr().out
+
+
+def test_json_output(tiny_config, tmp_path, capsys):
+    assert main(profile_args(tiny_config, tmp_path / "r.jsonl", "--method", "full", "--json")) == 0
+    records = json.loads(capsys.readouterr().out)
+    assert len(records) == 1 and records[0]["measured"]["peak_bytes"] > 0
+
+
+def test_an_oom_is_recorded_and_the_next_run_goes_on(tiny_config, tmp_path, monkeypatch):
+    real = runner.MEASURE["cpu"]
+
+    def first_runs_out_of_memory(request):
+        if request.training.method == "full":
+            raise torch.OutOfMemoryError("out of memory")
+        return real(request)
+
+    monkeypatch.setitem(runner.MEASURE, "cpu", first_runs_out_of_memory)
+    out = tmp_path / "runs.jsonl"
+    assert main(profile_args(tiny_config, out)) == 0
+    records, _ = read_records(out)
+    assert [(r["settings"]["method"], r["status"]) for r in records] == [("full", "oom"), ("lora", "ok")]
+
+
+def test_ctrl_c_keeps_finished_records(tiny_config, tmp_path, monkeypatch, capsys):
+    real = runner.MEASURE["cpu"]
+
+    def interrupted_on_second(request):
+        if request.training.method == "lora":
+            raise KeyboardInterrupt
+        return real(request)
+
+    monkeypatch.setitem(runner.MEASURE, "cpu", interrupted_on_second)
+    out = tmp_path / "runs.jsonl"
+    assert main(profile_args(tiny_config, out)) == 130
+    records, _ = read_records(out)
+    assert [r["settings"]["method"] for r in records] == ["full"]
+    assert "1 finished record(s)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--backend", "jax"], "backend"),
+    (["--mode", "tpu"], "mode"),
+    (["--steps", "0"], "steps"),
+    (["--method", "qlora"], "QLoRA"),
+    (["--optimizer", "adamw8bit"], "bitsandbytes"),
+])
+def test_bad_input_is_one_line_exit_2(tiny_config, tmp_path, capsys, extra, message):
+    assert main(profile_args(tiny_config, tmp_path / "r.jsonl", *extra)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err
+
+
+def test_builtin_backend_rejects_families_it_does_not_implement(tmp_path, capsys):
+    assert main(["profile", "--model", "gpt2", "--backend", "builtin", "--mode", "fake",
+                 "--out", str(tmp_path / "r.jsonl")]) == 2
+    assert "hf backend" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
+def test_cuda_mode_without_a_gpu_says_what_to_do(tiny_config, tmp_path, capsys):
+    assert main(["profile", "--model", tiny_config, "--mode", "cuda", "--out", str(tmp_path / "r.jsonl")]) == 2
+    assert "--mode fake" in capsys.readouterr().err
+
+
+def test_hf_backend_without_transformers_names_the_fix(tiny_config, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "peft", None)  # import peft -> ImportError
+    assert main(profile_args(tiny_config, tmp_path / "r.jsonl")) == 2
+    err = capsys.readouterr().err
+    assert "transformers and peft" in err and "--backend builtin" in err
