@@ -229,26 +229,40 @@ def resolve_model(name_or_path: str) -> ModelSpec:
                             f"{hint} (or pass a path to a config.json)")
 
 
+TFLOPS = 10**12
+GB_PER_S = 10**9
+
+
 @dataclass(frozen=True)
 class GpuSpec:
+    """A GPU: memory as `nvidia-smi` reports it; dense (no sparsity) peak FLOP/s from NVIDIA's datasheets
+    for 16-bit tensor-core matmuls (fp32 accumulate) and for plain fp32 (TF32 off, PyTorch's default);
+    memory bandwidth. GPUs without bf16 (T4, V100) list their fp16 rate under `half_flops_per_s`."""
+
     name: str
     memory_bytes: int
     supports_bf16: bool
+    half_flops_per_s: float
+    fp32_flops_per_s: float
+    memory_bandwidth_bytes_per_s: float
+
+    def flops_per_s(self, dtype: str) -> float:
+        return self.fp32_flops_per_s if dtype == "fp32" else self.half_flops_per_s
 
 
 GPUS: dict[str, GpuSpec] = {g.name: g for g in (
-    GpuSpec("a100-40gb", 40960 * MIB, True),
-    GpuSpec("a100-80gb", 81920 * MIB, True),
-    GpuSpec("h100-80gb", 81559 * MIB, True),
-    GpuSpec("h200", 143771 * MIB, True),
-    GpuSpec("l40s", 46068 * MIB, True),
-    GpuSpec("a10g", 23028 * MIB, True),
-    GpuSpec("l4", 23034 * MIB, True),
-    GpuSpec("t4", 15360 * MIB, False),
-    GpuSpec("v100-16gb", 16160 * MIB, False),
-    GpuSpec("v100-32gb", 32510 * MIB, False),
-    GpuSpec("rtx-3090", 24576 * MIB, True),
-    GpuSpec("rtx-4090", 24564 * MIB, True),
+    GpuSpec("a100-40gb", 40960 * MIB, True, 312 * TFLOPS, 19.5 * TFLOPS, 1555 * GB_PER_S),
+    GpuSpec("a100-80gb", 81920 * MIB, True, 312 * TFLOPS, 19.5 * TFLOPS, 2039 * GB_PER_S),
+    GpuSpec("h100-80gb", 81559 * MIB, True, 989 * TFLOPS, 67 * TFLOPS, 3350 * GB_PER_S),
+    GpuSpec("h200", 143771 * MIB, True, 989 * TFLOPS, 67 * TFLOPS, 4800 * GB_PER_S),
+    GpuSpec("l40s", 46068 * MIB, True, 362 * TFLOPS, 91.6 * TFLOPS, 864 * GB_PER_S),
+    GpuSpec("a10g", 23028 * MIB, True, 70 * TFLOPS, 31.2 * TFLOPS, 600 * GB_PER_S),
+    GpuSpec("l4", 23034 * MIB, True, 121 * TFLOPS, 30.3 * TFLOPS, 300 * GB_PER_S),
+    GpuSpec("t4", 15360 * MIB, False, 65 * TFLOPS, 8.1 * TFLOPS, 320 * GB_PER_S),
+    GpuSpec("v100-16gb", 16160 * MIB, False, 125 * TFLOPS, 15.7 * TFLOPS, 900 * GB_PER_S),
+    GpuSpec("v100-32gb", 32510 * MIB, False, 125 * TFLOPS, 15.7 * TFLOPS, 900 * GB_PER_S),
+    GpuSpec("rtx-3090", 24576 * MIB, True, 71 * TFLOPS, 35.6 * TFLOPS, 936 * GB_PER_S),
+    GpuSpec("rtx-4090", 24564 * MIB, True, 165 * TFLOPS, 82.6 * TFLOPS, 1008 * GB_PER_S),
 )}
 
 

@@ -16,12 +16,15 @@ from lora_planner.catalog import GPUS, model_names, parse_memory_size, resolve_g
 from lora_planner.errors import PlannerInputError
 from lora_planner.memory import DeviceOverhead
 from lora_planner.planner import Budget, make_plan, plan_to_dict
+from lora_planner.recommend import add_recommend_arguments, run_recommend_command
+from lora_planner.report import add_calibrate_arguments, add_report_arguments, run_calibrate_command, run_report_command
 from lora_planner.specs import (
     ATTENTIONS, DEVICES, DTYPES, METHODS, OPTIMIZER_IMPLS, OPTIMIZERS, LoraSpec, TrainingSpec, check_choice,
     check_positive_int,
 )
+from lora_planner.sweep import add_sweep_arguments, run_sweep_command
 
-SUBCOMMANDS = ("estimate", "profile")
+SUBCOMMANDS = ("estimate", "profile", "recommend", "sweep", "calibrate", "report")
 EXIT_BAD_INPUT = 2
 
 
@@ -65,6 +68,9 @@ def _add_planner_options(p: argparse.ArgumentParser) -> None:
                    help="CUDA context + library workspaces outside the allocator (default 512MiB)")
     p.add_argument("--allocator-overhead", type=float, default=0.05,
                    help="caching-allocator reserve as a fraction of the allocated peak (default 0.05)")
+    p.add_argument("--mfu", type=float, default=0.4,
+                   help="model-FLOPs utilisation assumed for step times (default 0.4)")
+    p.add_argument("--train-tokens", default=None, help="also show the time to train on this many tokens, e.g. 1e9")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_planner_options(estimate)
     estimate.add_argument("--json", action="store_true", help="print the plan as JSON")
     estimate.add_argument("--detail", action="store_true", help="also show every phase of each method")
+    estimate.add_argument("--calibration", default=None,
+                          help="apply a calib.json from `lora-plan calibrate` (default: the uncalibrated planner)")
 
     profile = sub.add_parser("profile", help="run real training steps (full vs LoRA) and compare with the prediction")
     _add_planner_options(profile)
@@ -87,6 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("--out", default="runs.jsonl", help="JSONL file the records are appended to")
     profile.add_argument("--resume", action="store_true", help="skip runs already recorded in --out")
     profile.add_argument("--json", action="store_true", help="print the records as JSON")
+
+    recommend = sub.add_parser("recommend", help="choose method, rank, alpha, micro-batch and checkpointing for a GPU")
+    add_recommend_arguments(recommend)
+    add_sweep_arguments(sub.add_parser("sweep", help="run a TOML grid of profile runs into a JSONL file (resumable)"))
+    add_calibrate_arguments(sub.add_parser("calibrate", help="fit the planner's free constants to measured runs"))
+    add_report_arguments(sub.add_parser("report", help="charts and a Markdown report from profile records"))
     return parser
 
 
@@ -122,6 +136,18 @@ def _methods_from_args(args: argparse.Namespace) -> tuple[str, ...]:
     return tuple(dict.fromkeys(methods))
 
 
+def _train_tokens_from_args(args: argparse.Namespace) -> int | None:
+    if args.train_tokens is None:
+        return None
+    try:
+        tokens = int(float(args.train_tokens))
+    except ValueError:
+        tokens = 0
+    if tokens <= 0:
+        raise PlannerInputError("train-tokens", f"cannot read {args.train_tokens!r}", "pass e.g. --train-tokens 1e9")
+    return tokens
+
+
 def _overhead_from_args(args: argparse.Namespace) -> DeviceOverhead:
     if not 0 <= args.allocator_overhead < 10:
         raise PlannerInputError("allocator-overhead", f"must be a fraction >= 0, got {args.allocator_overhead}",
@@ -136,15 +162,26 @@ def run_estimate(args: argparse.Namespace) -> int:
     training = _training_from_args(args, methods[0])
     for method in methods[1:]:
         _training_from_args(args, method)  # validate every method's settings before computing
-    plan = make_plan(spec, training, methods, _budget_from_args(args), _overhead_from_args(args))
+    if not 0 < args.mfu <= 1:
+        raise PlannerInputError("mfu", f"must be in (0, 1], got {args.mfu}", "pass e.g. --mfu 0.4")
+    plan = make_plan(spec, training, methods, _budget_from_args(args), _overhead_from_args(args), mfu=args.mfu,
+                     train_tokens=_train_tokens_from_args(args))
+    calibration = None
+    if getattr(args, "calibration", None):
+        from lora_planner.report.calibrate import calibrate_plan_from_file
+
+        plan, calibration = calibrate_plan_from_file(plan, args.calibration)
     if args.json:
-        print(json.dumps(plan_to_dict(plan), indent=2))
+        print(json.dumps({**plan_to_dict(plan), **({"calibration": calibration} if calibration else {})}, indent=2))
         return 0
     from rich.console import Console  # only human output pays for rich
 
     from lora_planner.render import render_plan
 
-    render_plan(plan, Console(), detail=args.detail)
+    console = Console()
+    render_plan(plan, console, detail=args.detail)
+    if calibration:
+        console.print(calibration["note"], style="yellow", highlight=False)
     return 0
 
 
@@ -171,7 +208,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv.insert(0, "estimate")
     try:
         args = build_parser().parse_args(argv)
-        return {"estimate": run_estimate, "profile": run_profile_command}[args.command](args)
+        return {"estimate": run_estimate, "profile": run_profile_command,
+                "recommend": run_recommend_command, "sweep": run_sweep_command, "calibrate": run_calibrate_command,
+                "report": run_report_command}[args.command](args)
     except PlannerInputError as err:
         print(f"lora-plan: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -167,13 +167,18 @@ def _trainable_groups(spec: ModelSpec, method: str, dtype: str, lora: LoraSpec) 
     return tuple(groups)
 
 
+def trainable_groups(spec: ModelSpec, training: TrainingSpec) -> tuple[TensorGroup, ...]:
+    """The trainable tensors of `training` grouped by shape (all weights, or LoRA's A and B)."""
+    return _trainable_groups(spec, training.method, training.dtype, training.lora)
+
+
 def estimate_memory(spec: ModelSpec, training: TrainingSpec,
                     overhead: DeviceOverhead | None = None) -> MemoryEstimate:
     """Predict the peak allocated memory of one steady-state training step (see the module docstring)."""
     overhead = overhead or DeviceOverhead()
     modules = module_inventory(spec)
     base_params = count_params(spec).total
-    groups = _trainable_groups(spec, training.method, training.dtype, training.lora)
+    groups = trainable_groups(spec, training)
     trainable_params = sum(g.numel * g.count for g in groups)
     trainable_bytes = sum(g.nbytes for g in groups)
 

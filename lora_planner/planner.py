@@ -14,6 +14,9 @@ from lora_planner.catalog import GPUS, GpuSpec
 from lora_planner.memory import DeviceOverhead, MemoryEstimate, estimate_memory
 from lora_planner.params import ParamCounts, count_params, resolve_targets
 from lora_planner.specs import ModelSpec, TrainingSpec
+from lora_planner.throughput import DEFAULT_MFU, ThroughputEstimate, estimate_throughput
+
+REFERENCE_GPU = "h100-80gb"  # step times need a GPU's FLOP/s; this one when the budget names none
 
 SCHEMA_VERSION = 1
 
@@ -32,6 +35,7 @@ class MethodPlan:
     estimate: MemoryEstimate
     fits: bool | None  # None when no budget was given
     fits_on: tuple[str, ...]  # catalog GPUs whose memory holds peak_device_bytes
+    throughput: ThroughputEstimate
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,7 @@ class Plan:
     methods: dict[str, MethodPlan]
     budget: Budget | None
     overhead: DeviceOverhead
+    train_tokens: int | None = None  # show the time to train on this many tokens
 
 
 def _fits_on(peak_device_bytes: int, gpus: dict[str, GpuSpec]) -> tuple[str, ...]:
@@ -51,17 +56,22 @@ def _fits_on(peak_device_bytes: int, gpus: dict[str, GpuSpec]) -> tuple[str, ...
 
 
 def make_plan(spec: ModelSpec, training: TrainingSpec, methods: tuple[str, ...],
-              budget: Budget | None = None, overhead: DeviceOverhead | None = None) -> Plan:
-    """Estimate every requested method under the same settings and compare each with the budget."""
+              budget: Budget | None = None, overhead: DeviceOverhead | None = None, mfu: float = DEFAULT_MFU,
+              train_tokens: int | None = None) -> Plan:
+    """Estimate every requested method under the same settings and compare each with the budget.
+    Step times use the budget's GPU when it is a catalog GPU, else `REFERENCE_GPU`."""
     overhead = overhead or DeviceOverhead()
+    gpu = GPUS.get(budget.name or "", GPUS[REFERENCE_GPU]) if budget else GPUS[REFERENCE_GPU]
     plans: dict[str, MethodPlan] = {}
     for method in methods:
-        estimate = estimate_memory(spec, replace(training, method=method), overhead)
+        method_training = replace(training, method=method)
+        estimate = estimate_memory(spec, method_training, overhead)
         fits = None if budget is None else estimate.peak_device_bytes <= budget.memory_bytes
-        plans[method] = MethodPlan(estimate, fits, _fits_on(estimate.peak_device_bytes, GPUS))
+        plans[method] = MethodPlan(estimate, fits, _fits_on(estimate.peak_device_bytes, GPUS),
+                                   estimate_throughput(spec, method_training, gpu, mfu))
     targets = tuple(m.path for m in resolve_targets(spec, training.lora.target_modules))
     return Plan(spec=spec, params=count_params(spec), training=replace(training, method=methods[0]),
-                target_modules=targets, methods=plans, budget=budget, overhead=overhead)
+                target_modules=targets, methods=plans, budget=budget, overhead=overhead, train_tokens=train_tokens)
 
 
 def plan_to_dict(plan: Plan) -> dict[str, Any]:
@@ -84,6 +94,16 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
             "fits_on": list(mp.fits_on),
             "phases": {p.phase: p.breakdown.as_dict() for p in e.phases},
             "activations_per_layer_bytes": e.activations.layer_bytes,
+            "flops_per_step": mp.throughput.flops.total,
+            "step_time_s": mp.throughput.step_time_s,
+            "tokens_per_s": mp.throughput.tokens_per_s,
+            "throughput": {
+                "gpu": mp.throughput.gpu, "mfu": mp.throughput.mfu,
+                "forward_flops": mp.throughput.flops.forward, "backward_flops": mp.throughput.flops.backward,
+                "recompute_flops": mp.throughput.flops.recompute, "compute_time_s": mp.throughput.compute_time_s,
+                "memory_time_s": mp.throughput.memory_time_s,
+                "train_time_s": mp.throughput.time_for_tokens_s(plan.train_tokens) if plan.train_tokens else None,
+            },
         }
     return {
         "schema_version": SCHEMA_VERSION,
@@ -115,6 +135,7 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
             "budget_bytes": plan.budget.memory_bytes if plan.budget else None,
             "cuda_context_bytes": plan.overhead.cuda_context_bytes,
             "allocator_fraction": plan.overhead.allocator_fraction,
+            "train_tokens": plan.train_tokens,
         },
         "methods": methods,
     }

@@ -29,6 +29,18 @@ def _percent(fraction: float) -> str:
     return "100 %" if fraction == 1 else f"{100 * fraction:.4f} %"
 
 
+def _seconds(seconds: float) -> str:
+    if seconds < 1:
+        return f"{seconds * 1000:.0f} ms"
+    if seconds < 120:
+        return f"{seconds:.2f} s"
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.1f} min"
+    if seconds < 3 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
 def gib(n: int) -> str:
     return f"{n / GIB:.2f}"
 
@@ -80,6 +92,13 @@ def plan_table(plan: Plan) -> Table:
     table.add_row("seed rule 4x | (1+4m)x", *[gib(est[m].seed_rule_bytes) for m in methods])
     table.add_row("  vs peak", *[f"{100 * (est[m].seed_rule_bytes / est[m].peak_allocated_bytes - 1):+.0f} %"
                                           for m in methods])
+    gpu = plan.methods[methods[0]].throughput.gpu
+    table.add_row(f"step time on {gpu}", *[_seconds(plan.methods[m].throughput.step_time_s) for m in methods])
+    table.add_row("  tokens/s", *[f"{plan.methods[m].throughput.tokens_per_s:,.0f}" for m in methods])
+    table.add_row("  TFLOPs per step", *[f"{plan.methods[m].throughput.flops.total / 1e12:,.2f}" for m in methods])
+    if plan.train_tokens:
+        table.add_row(f"  time for {plan.train_tokens:.3g} tokens",
+                      *[_seconds(plan.methods[m].throughput.time_for_tokens_s(plan.train_tokens)) for m in methods])
     budget = plan.budget
     if budget is None:
         label = "fits on"
@@ -113,6 +132,10 @@ def render_plan(plan: Plan, console: Console, detail: bool = False) -> None:
     if plan.budget is not None and not plan.budget.supports_bf16 and plan.training.compute_dtype == "bf16":
         console.print(f"[yellow]note: {plan.budget.name} has no bf16 support; use --dtype fp16 or --amp fp16[/yellow]")
     console.print(plan_table(plan))
+    mp = next(iter(plan.methods.values()))
+    console.print(f"step times: {mp.throughput.mfu:.0%} model-FLOPs utilisation of {mp.throughput.gpu}'s dense "
+                  f"{plan.training.compute_dtype} peak + the memory-bound optimizer step" +
+                  ("" if plan.budget and plan.budget.name else " (reference GPU; pass --gpu)"), style="dim")
     if detail:
         for method in plan.methods:
             console.print(phases_table(plan, method))

@@ -1,0 +1,127 @@
+"""FLOPs and step time (`lora_planner.throughput`): exact counts against PyTorch's FlopCounterMode on real
+HF / builtin models, the LoRA/full ratio measured on CPU, and the time model."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from lora_planner.catalog import GPUS, resolve_model, spec_from_config
+from lora_planner.profiler.runner import ProfileRequest, batch_factory, build_model, build_optimizer
+from lora_planner.specs import LoraSpec, TrainingSpec
+from lora_planner.throughput import DEFAULT_MFU, estimate_throughput, step_flops
+
+SMALL = {"vocab_size": 300, "hidden_size": 64, "intermediate_size": 176, "num_hidden_layers": 3,
+         "num_attention_heads": 4, "num_key_value_heads": 2}
+SPECS = {
+    "llama": spec_from_config({"model_type": "llama", **SMALL}, "llama"),
+    "qwen2": spec_from_config({"model_type": "qwen2", **SMALL, "tie_word_embeddings": True}, "qwen2"),
+    "gemma": spec_from_config({"model_type": "gemma", **SMALL, "head_dim": 16}, "gemma"),
+    "phi": spec_from_config({"model_type": "phi", **SMALL, "partial_rotary_factor": 0.5}, "phi"),
+    "gpt2": spec_from_config({"model_type": "gpt2", "vocab_size": 300, "n_embd": 64, "n_layer": 3, "n_head": 4},
+                             "gpt2"),
+    "bloom": spec_from_config({"model_type": "bloom", "vocab_size": 300, "hidden_size": 64, "n_layer": 3,
+                               "n_head": 4}, "bloom"),
+}
+
+
+def counted_flops(spec, training, backend="hf") -> int:
+    """FLOPs FlopCounterMode sees in one forward + backward (SDPA through its math backend)."""
+    torch.manual_seed(0)
+    request = ProfileRequest(spec.name, spec, training, backend=backend, mode="cpu")
+    model = build_model(request, "cpu")
+    batch = batch_factory(spec, training, "cpu", 0)()
+    counter = FlopCounterMode(display=False)
+    with sdpa_kernel(SDPBackend.MATH), counter:
+        model(**batch).loss.backward()
+    return counter.get_total_flops()
+
+
+CASES = [(family, method, targets, ckpt)
+         for family in SPECS
+         for method, targets, ckpt in (("full", None, False), ("lora", None, False), ("lora", ("all-linear",), False),
+                                       ("lora", None, True), ("full", None, True))]
+
+
+@pytest.mark.parametrize("family, method, targets, ckpt", CASES,
+                         ids=[f"{f}-{m}-{'all' if t else 'default'}{'-ckpt' if c else ''}" for f, m, t, c in CASES])
+def test_flops_equal_flop_counter_mode(family, method, targets, ckpt):
+    training = TrainingSpec(method=method, dtype="fp32", batch_size=2, seq_len=12, grad_checkpointing=ckpt,
+                            device="cpu", lora=LoraSpec(r=4, target_modules=targets))
+    assert step_flops(SPECS[family], training).total == counted_flops(SPECS[family], training)
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_flops_equal_flop_counter_mode_builtin_backend(method):
+    training = TrainingSpec(method=method, dtype="fp32", batch_size=2, seq_len=12, device="cpu",
+                            lora=LoraSpec(r=4))
+    assert step_flops(SPECS["llama"], training).total == counted_flops(SPECS["llama"], training, backend="builtin")
+
+
+def test_full_training_is_about_6n_per_token_and_lora_about_two_thirds():
+    spec = resolve_model("llama-2-7b")
+    full = step_flops(spec, TrainingSpec(method="full", batch_size=1, seq_len=512))
+    lora = step_flops(spec, TrainingSpec(method="lora", batch_size=1, seq_len=512))
+    assert full.backward == pytest.approx(2 * full.forward, rel=1e-9)  # every weight: input + weight grads
+    assert full.total / (6 * 6_738_415_616 * 512) == pytest.approx(1.0, abs=0.05)  # + attention's s^2 term
+    assert lora.total / full.total == pytest.approx(2 / 3, abs=0.01)
+    ckpt = step_flops(spec, TrainingSpec(method="lora", batch_size=1, seq_len=512, grad_checkpointing=True))
+    assert ckpt.recompute > 0 and ckpt.total > lora.total
+
+
+def test_measured_lora_to_full_step_time_ratio_follows_the_flops():
+    """Ratio only, never absolute times: fp32 on one CPU thread is compute-bound enough to show it."""
+    spec = spec_from_config({"model_type": "llama", "vocab_size": 2000, "hidden_size": 256,
+                             "intermediate_size": 704, "num_hidden_layers": 4, "num_attention_heads": 8,
+                             "num_key_value_heads": 4}, "mid")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        times = {}
+        for method in ("full", "lora"):
+            training = TrainingSpec(method=method, dtype="fp32", batch_size=4, seq_len=128, device="cpu")
+            model = build_model(ProfileRequest("mid", spec, training, mode="cpu"), "cpu")
+            optimizer = build_optimizer(model, training)
+            make_batch = batch_factory(spec, training, "cpu", 0)
+            samples = []
+            for _ in range(5):
+                batch = make_batch()
+                start = time.perf_counter()
+                model(**batch).loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                samples.append(time.perf_counter() - start)
+            times[method] = sorted(samples)[2]
+    finally:
+        torch.set_num_threads(threads)
+    predicted = (step_flops(spec, TrainingSpec(method="lora", batch_size=4, seq_len=128)).total
+                 / step_flops(spec, TrainingSpec(method="full", batch_size=4, seq_len=128)).total)
+    measured = times["lora"] / times["full"]
+    assert measured == pytest.approx(predicted, rel=0.2), (measured, predicted)
+
+
+def test_step_time_is_compute_at_mfu_plus_memory_bound_optimizer():
+    spec, gpu = resolve_model("llama-2-7b"), GPUS["a100-80gb"]
+    training = TrainingSpec(method="full", batch_size=4, seq_len=1024)
+    est = estimate_throughput(spec, training, gpu)
+    assert est.mfu == DEFAULT_MFU and est.peak_flops_per_s == 312e12
+    assert est.compute_time_s == pytest.approx(step_flops(spec, training).total / (312e12 * DEFAULT_MFU))
+    # foreach AdamW on bf16: 9 passes over 2-byte parameters.
+    assert est.memory_time_s == pytest.approx(9 * 2 * 6_738_415_616 / 2039e9)
+    assert est.tokens_per_s == pytest.approx(4096 / est.step_time_s)
+    assert est.time_for_tokens_s(10**9) == pytest.approx(10**9 / est.tokens_per_s)
+    faster = estimate_throughput(spec, training, GPUS["h100-80gb"])
+    assert faster.step_time_s < est.step_time_s
+
+
+def test_qlora_pays_for_dequantization_and_fp32_uses_the_fp32_peak():
+    spec, gpu = resolve_model("llama-2-7b"), GPUS["a100-80gb"]
+    lora = estimate_throughput(spec, TrainingSpec(method="lora"), gpu)
+    qlora = estimate_throughput(spec, TrainingSpec(method="qlora"), gpu)
+    assert qlora.flops == lora.flops and qlora.memory_time_s > lora.memory_time_s
+    fp32 = estimate_throughput(spec, TrainingSpec(method="lora", dtype="fp32"), gpu)
+    assert fp32.peak_flops_per_s == 19.5e12 and fp32.step_time_s > lora.step_time_s
