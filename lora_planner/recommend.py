@@ -1,0 +1,798 @@
+"""`lora-plan recommend`: the method, LoRA rank, alpha, micro-batch, gradient accumulation and
+checkpointing to use for a GPU budget, each choice explained in a sentence (pure; no torch).
+
+The decision, in order (every step searches the pure planner, `memory.estimate_memory`):
+
+1. **Usable memory** = budget x (1 - headroom), per GPU. A configuration *fits* when its predicted peak on
+   the device (`peak_device_bytes`: allocated peak + CUDA context + allocator reserve; on several GPUs also
+   DDP's gradient buckets, see below) is at most that.
+2. **Method**: full fine-tuning if it fits and is allowed, else LoRA, else QLoRA (quality order
+   full > LoRA > QLoRA: full trains every weight; QLoRA's NF4 base adds quantization error to LoRA's).
+   A method fits when its wanted micro-batch (`min_micro_batch`, default 1) fits with or without
+   checkpointing.
+3. **Rank** (LoRA / QLoRA): `r` as given; else the smallest rung of `RANK_LADDER` (1 ... 256) whose
+   trainable fraction m reaches `trainable_fraction` (`params.rank_for_trainable_fraction`; used as is
+   above 256); else `DEFAULT_R` = 16, stepping down the ladder only if 16 cannot fit at all.
+   alpha = 2r unless given.
+4. **Gradient checkpointing** only when the wanted micro-batch does not fit without it: checkpointing
+   recomputes every layer's forward in backward (about a third more compute per step), while gradient
+   accumulation reaches the same global batch at no extra compute.
+5. **Micro-batch**: the largest that fits (`max_micro_batch_size`, by exponential + binary search; the
+   predicted peak never decreases with the batch), but never more than one optimizer step needs
+   (ceil(global_batch / gpus)), then *balanced*: the smallest micro-batch that needs no more accumulation
+   steps than the largest (up to 12 fit, global batch 32: 11 x 3 = 33 rather than 12 x 3 = 36: same
+   number of steps, less memory, closer to the batch asked for).
+   Gradient accumulation steps = ceil(global_batch / (micro x gpus)); the effective global batch
+   micro x gpus x accumulation is reported.
+
+Data parallel over `gpus` GPUs (each holds a full replica, as `DistributedDataParallel`): memory per GPU
+is one GPU's step plus DDP's gradient buckets, which hold a second copy of the trainable gradients for
+the whole run unless `gradient_as_bucket_view=True` (PyTorch's DDP documentation: the option saves
+"the total gradients size"). Sharding (FSDP / ZeRO) is a later issue.
+
+Nothing fits: the answer is the smallest configuration among the allowed methods (r = 1 or the rank
+asked for, micro-batch 1, checkpointing), `fits` False, with the per-GPU memory it would need.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from lora_planner.catalog import GPUS, model_names, parse_memory_size, resolve_gpu, resolve_model
+from lora_planner.errors import PlannerInputError
+from lora_planner.memory import DeviceOverhead, estimate_memory
+from lora_planner.params import PEFT_DEFAULT_TARGETS, max_rank, rank_for_trainable_fraction, resolve_targets
+from lora_planner.planner import SCHEMA_VERSION, Budget
+from lora_planner.specs import (
+    ATTENTIONS, DEVICES, DTYPES, METHODS, OPTIMIZER_IMPLS, OPTIMIZERS, LoraSpec, ModelSpec, TrainingSpec,
+    check_positive_int,
+)
+
+GIB = 2**30
+RANK_LADDER: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+DEFAULT_R = 16
+QUALITY_ORDER: tuple[str, ...] = ("full", "lora", "qlora")  # best first
+QUALITY = {"full": 2, "lora": 1, "qlora": 0}
+METHOD_NAMES = {"full": "full fine-tuning", "lora": "LoRA", "qlora": "QLoRA"}
+METHOD_TITLES = {"full": "Full fine-tuning", "lora": "LoRA", "qlora": "QLoRA"}
+PEAK_TOLERANCE = 0.01  # of the usable memory: peaks closer than this count as equal in the alternatives
+MAX_MICRO_BATCH = 1 << 16  # search limit: a micro-batch this large is "as large as you like"
+VERIFY_STEPS = 2  # step 1 creates the optimizer state, step 2 is the steady state
+PHASE_TITLES = {"forward_end": "forward end", "backward_start": "backward start",
+                "backward_layers": "backward (layers)", "backward_end": "backward end",
+                "optimizer_step": "optimizer step"}  # as `render` words them (render imports rich)
+
+
+def gib(n: int | float) -> str:
+    return f"{n / GIB:.2f} GiB"
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+
+
+@dataclass(frozen=True)
+class RecommendRequest:
+    """What to recommend for. `training` carries the fixed settings (dtype, AMP, optimizer and its
+    implementation, attention, device, sequence length, LoRA targets / alpha / adapter dtype); its
+    method, rank, batch size and checkpointing are what the search chooses. `methods` None means every
+    method the settings allow (QLoRA is left out under pure fp32, which it cannot run in)."""
+
+    spec: ModelSpec
+    budget: Budget  # per GPU
+    training: TrainingSpec = field(default_factory=TrainingSpec)
+    gpus: int = 1
+    global_batch: int = 32
+    methods: tuple[str, ...] | None = None
+    r: int | None = None
+    trainable_fraction: float | None = None
+    headroom: float = 0.1
+    min_micro_batch: int = 1
+    overhead: DeviceOverhead = field(default_factory=DeviceOverhead)
+
+    def __post_init__(self) -> None:
+        check_positive_int("gpus", self.gpus)
+        check_positive_int("global-batch", self.global_batch)
+        check_positive_int("min-micro-batch", self.min_micro_batch)
+        if isinstance(self.headroom, bool) or not isinstance(self.headroom, (int, float)) \
+                or not 0 <= self.headroom < 1:
+            raise PlannerInputError("headroom", f"must be a fraction in [0, 1), got {self.headroom!r}",
+                                    "pass e.g. 0.1 (keep 10% of the GPU free)")
+        if self.methods is not None:
+            if not self.methods:
+                raise PlannerInputError("methods", "no method given", "pass e.g. --methods full,lora")
+            for method in self.methods:
+                if method not in METHODS:
+                    raise PlannerInputError("methods", f"unknown method {method!r}",
+                                            f"use a comma list of {', '.join(METHODS)}")
+        if self.r is not None:
+            check_positive_int("r", self.r)
+            if self.trainable_fraction is not None:
+                raise PlannerInputError("r", "--r and --trainable-fraction both given",
+                                        "pass one of them (the fraction chooses r)")
+        if self.trainable_fraction is not None and not 0 < self.trainable_fraction < 1:
+            raise PlannerInputError("trainable-fraction", f"must be in (0, 1), got {self.trainable_fraction}",
+                                    "pass e.g. 0.05")
+
+    @property
+    def usable_bytes(self) -> int:
+        return math.floor(self.budget.memory_bytes * (1 - self.headroom))
+
+    @property
+    def per_gpu_share(self) -> int:
+        """The micro-batch that reaches the global batch in one step: more is never needed."""
+        return math.ceil(self.global_batch / self.gpus)
+
+
+# ---------------------------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One configuration: method, rank (None for full), checkpointing, and its micro-batch schedule.
+
+    `predicted_peak_bytes` is the peak on one device (allocated + device overhead + DDP buckets) at
+    `micro_batch_size`; `max_micro_batch_size` is the largest micro-batch that fits (0: not even 1)."""
+
+    method: str
+    r: int | None
+    grad_checkpointing: bool
+    micro_batch_size: int
+    max_micro_batch_size: int
+    gradient_accumulation_steps: int
+    effective_global_batch: int
+    predicted_peak_bytes: int
+    peak_allocated_bytes: int
+    device_overhead_bytes: int
+    ddp_bucket_bytes: int
+    peak_phase: str
+    trainable_params: int
+    trainable_fraction: float
+
+    @property
+    def fits(self) -> bool:
+        return self.max_micro_batch_size >= 1
+
+    @property
+    def label(self) -> str:
+        name = METHOD_NAMES[self.method]
+        rank = f" r={self.r}" if self.r is not None else ""
+        ckpt = " + checkpointing" if self.grad_checkpointing else ""
+        return f"{name}{rank}, micro-batch {self.micro_batch_size}{ckpt}"
+
+
+def dominates(a: Candidate, b: Candidate, tolerance_bytes: int = 0) -> bool:
+    """Whether configuration `a` is at least as good as `b` on every axis and better on one.
+
+    The axes: method quality (full > LoRA > QLoRA), micro-batch (larger: better GPU use, fewer
+    accumulation steps), checkpointing (off: about a third less compute), rank r (larger: a more
+    expressive adapter; full fine-tuning counts as unbounded rank), and predicted peak (lower: more
+    margin). Peaks within `tolerance_bytes` of each other count as equal (a few MiB of margin is not worth
+    a smaller rank), unless the two differ in peak alone, where the lower one wins. The alternatives are
+    the configurations that fit and that no other one dominates: the Pareto frontier of (method, r,
+    micro-batch, checkpointing) against predicted peak."""
+    ra = math.inf if a.r is None else a.r
+    rb = math.inf if b.r is None else b.r
+    at_least = (QUALITY[a.method] >= QUALITY[b.method] and a.micro_batch_size >= b.micro_batch_size
+                and (not a.grad_checkpointing) >= (not b.grad_checkpointing) and ra >= rb
+                and a.predicted_peak_bytes <= b.predicted_peak_bytes + tolerance_bytes)
+    better = (QUALITY[a.method] > QUALITY[b.method] or a.micro_batch_size > b.micro_batch_size
+              or (not a.grad_checkpointing) > (not b.grad_checkpointing) or ra > rb)
+    return at_least and (better or a.predicted_peak_bytes < b.predicted_peak_bytes)
+
+
+def pareto_frontier(candidates: list[Candidate], tolerance_bytes: int = 0) -> tuple[Candidate, ...]:
+    """The candidates that fit and are not dominated (`dominates`), best first: quality, no
+    checkpointing, micro-batch, rank, then lower peak."""
+    fitting = [c for c in candidates if c.fits]
+    front = [c for c in fitting if not any(dominates(o, c, tolerance_bytes) for o in fitting if o is not c)]
+    return tuple(sorted(front, key=_preference))
+
+
+def _preference(c: Candidate) -> tuple:
+    return (-QUALITY[c.method], c.grad_checkpointing, -c.micro_batch_size, -(c.r or 10**9), c.predicted_peak_bytes)
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    request: RecommendRequest
+    fits: bool
+    choice: Candidate  # when nothing fits: the smallest configuration
+    alpha: float | None  # None for full fine-tuning
+    target_modules: tuple[str, ...]  # as LoraConfig(target_modules=...) takes them; () for full
+    rank_source: str  # "given", "trainable-fraction", "default", or "none" (full fine-tuning)
+    implied_r: int | None  # the r --trainable-fraction implies, before rounding up to the ladder
+    reasons: tuple[str, ...]
+    alternatives: tuple[Candidate, ...]
+    needed_budget_bytes: int | None  # nothing fits: the per-GPU memory the smallest configuration needs
+
+    @property
+    def training(self) -> TrainingSpec:
+        """The recommended step as the planner's settings (micro-batch, rank, checkpointing filled in)."""
+        return _training(self.request, self.choice.method, self.choice.r, self.choice.grad_checkpointing,
+                         self.choice.micro_batch_size, self.alpha)
+
+
+# ---------------------------------------------------------------------------------------------- search
+
+
+def _training(req: RecommendRequest, method: str, r: int | None, ckpt: bool, micro: int,
+              alpha: float | None = None) -> TrainingSpec:
+    lora = req.training.lora if r is None else replace(req.training.lora, r=r)
+    if alpha is not None and r is not None:
+        lora = replace(lora, alpha=alpha)
+    return replace(req.training, method=method, batch_size=micro, grad_checkpointing=ckpt, lora=lora)
+
+
+@dataclass(frozen=True)
+class _Point:
+    device_bytes: int
+    allocated_bytes: int
+    overhead_bytes: int
+    ddp_bytes: int
+    phase: str
+    trainable_params: int
+    trainable_fraction: float
+
+
+class _Search:
+    """Cached planner calls for one request: (method, r, checkpointing, micro-batch) -> peak."""
+
+    def __init__(self, req: RecommendRequest) -> None:
+        self.req = req
+        self.usable = req.usable_bytes
+        self._points: dict[tuple[str, int | None, bool, int], _Point] = {}
+        self._max: dict[tuple[str, int | None, bool], int] = {}
+
+    def point(self, method: str, r: int | None, ckpt: bool, micro: int) -> _Point:
+        key = (method, r, ckpt, micro)
+        if key not in self._points:
+            est = estimate_memory(self.req.spec, _training(self.req, method, r, ckpt, micro), self.req.overhead)
+            # DDP's buckets: one more copy of every trainable gradient, alive all run (default DDP).
+            ddp = est.phases[-1].breakdown.gradients_bytes if self.req.gpus > 1 else 0
+            allocated = est.peak_allocated_bytes + ddp
+            overhead = self.req.overhead.bytes_for(allocated, self.req.training.device)
+            self._points[key] = _Point(allocated + overhead, allocated, overhead, ddp, est.peak_phase,
+                                       est.trainable_params, est.trainable_fraction)
+        return self._points[key]
+
+    def peak(self, method: str, r: int | None, ckpt: bool, micro: int) -> int:
+        return self.point(method, r, ckpt, micro).device_bytes
+
+    def fits(self, method: str, r: int | None, ckpt: bool, micro: int) -> bool:
+        return self.peak(method, r, ckpt, micro) <= self.usable
+
+    def max_micro(self, method: str, r: int | None, ckpt: bool) -> int:
+        """The largest micro-batch that fits (0 if not even 1), up to `MAX_MICRO_BATCH`."""
+        key = (method, r, ckpt)
+        if key not in self._max:
+            if not self.fits(method, r, ckpt, 1):
+                self._max[key] = 0
+            else:
+                low = 1  # fits
+                while low * 2 <= MAX_MICRO_BATCH and self.fits(method, r, ckpt, low * 2):
+                    low *= 2
+                high = min(low * 2, MAX_MICRO_BATCH + 1)  # does not fit (or past the limit)
+                while high - low > 1:
+                    mid = (low + high) // 2
+                    low, high = (mid, high) if self.fits(method, r, ckpt, mid) else (low, mid)
+                self._max[key] = low
+        return self._max[key]
+
+    def schedule(self, max_micro: int) -> tuple[int, int]:
+        """(micro-batch, accumulation steps) for the largest micro-batch that fits (see the module doc)."""
+        req = self.req
+        micro = max(1, min(max_micro, req.per_gpu_share))
+        accum = math.ceil(req.global_batch / (micro * req.gpus))
+        micro = math.ceil(req.global_batch / (req.gpus * accum))  # same steps, least memory
+        return micro, accum
+
+    def candidate(self, method: str, r: int | None, ckpt: bool, micro: int | None = None) -> Candidate:
+        """A configuration at its scheduled micro-batch (or at `micro` when given, e.g. 1 when nothing fits)."""
+        biggest = self.max_micro(method, r, ckpt)
+        if micro is None:
+            micro, accum = self.schedule(biggest)
+        else:
+            accum = math.ceil(self.req.global_batch / (micro * self.req.gpus))
+        p = self.point(method, r, ckpt, micro)
+        return Candidate(method=method, r=r if method != "full" else None, grad_checkpointing=ckpt,
+                         micro_batch_size=micro, max_micro_batch_size=biggest,
+                         gradient_accumulation_steps=accum, effective_global_batch=micro * self.req.gpus * accum,
+                         predicted_peak_bytes=p.device_bytes, peak_allocated_bytes=p.allocated_bytes,
+                         device_overhead_bytes=p.overhead_bytes, ddp_bucket_bytes=p.ddp_bytes, peak_phase=p.phase,
+                         trainable_params=p.trainable_params, trainable_fraction=p.trainable_fraction)
+
+
+def _allowed_methods(req: RecommendRequest, reasons: list[str]) -> tuple[str, ...]:
+    t = req.training
+    if req.methods is None:
+        methods = QUALITY_ORDER
+        if t.dtype == "fp32" and t.amp is None:
+            methods = ("full", "lora")
+            reasons.append("QLoRA is left out: it computes in 16-bit and these settings are pure fp32 "
+                           "(use --amp bf16 to include it).")
+    else:
+        methods = tuple(m for m in QUALITY_ORDER if m in req.methods)
+        excluded = [METHOD_NAMES[m] for m in QUALITY_ORDER if m not in methods]
+        if excluded:
+            reasons.append(f"Excluded by --methods: {', '.join(excluded)}.")
+    for method in methods:
+        replace(t, method=method)  # validates each method's settings (e.g. QLoRA under pure fp32)
+    return methods
+
+
+def _describe_budget(req: RecommendRequest) -> str:
+    b = req.budget
+    name = f"{b.name}, {gib(b.memory_bytes)}" if b.name else gib(b.memory_bytes)
+    gpus = f" on each of {req.gpus} data-parallel GPUs" if req.gpus > 1 else ""
+    headroom = f" minus {100 * req.headroom:g}% headroom" if req.headroom else ", no headroom"
+    return f"Budget: {gib(req.usable_bytes)} usable per GPU ({name}{headroom}){gpus}."
+
+
+def _ranks(req: RecommendRequest, adapter_methods: tuple[str, ...]) -> tuple[tuple[int, ...], str, int | None,
+                                                                              tuple[int, ...], list[str]]:
+    """(ranks to try, best first; source; implied r; ranks for the alternatives; reasons)."""
+    if not adapter_methods:
+        return (), "none", None, (), []
+    spec, targets = req.spec, req.training.lora.target_modules
+    limit = max_rank(spec, targets)
+    names = ", ".join(dict.fromkeys(m.path.rsplit(".", 1)[-1] for m in resolve_targets(spec, targets)))
+    ladder = tuple(r for r in RANK_LADDER if r <= limit) or (limit,)
+    if req.r is not None:
+        if req.r > limit:
+            raise PlannerInputError("r", f"rank {req.r} exceeds the width {limit} of the targeted modules ({names})",
+                                    f"use r <= {limit}")
+        return (req.r,), "given", None, (req.r,), [f"Rank r={req.r}, as given (--r)."]
+    if req.trainable_fraction is not None:
+        implied = rank_for_trainable_fraction(spec, req.trainable_fraction, targets)
+        rung = next((r for r in ladder if r >= implied), implied)
+        text = (f"Rank: --trainable-fraction {req.trainable_fraction:g} (m = trainable / all parameters, as PEFT "
+                f"reports it) needs r >= {implied} on {names}")
+        if rung == implied:
+            text += f"; r={implied}" + (" is on the ladder." if implied in ladder else
+                                        f" (above the ladder's {ladder[-1]}, used as is).")
+        else:
+            text += f"; rounded up to r={rung} on the ladder {', '.join(map(str, ladder))}."
+        return (rung,), "trainable-fraction", implied, (rung,), [text]
+    default = min(DEFAULT_R, ladder[-1])
+    tries = tuple(r for r in reversed(ladder) if r <= default)
+    text = (f"Rank r={default} is the default: a middle rung of the ladder {', '.join(map(str, ladder))}, "
+            "enough for most task adapters at a small memory cost; pass --r, or --trainable-fraction "
+            "(e.g. 0.05 for the seed's ~5% of the model rule), to choose.")
+    return tries, "default", None, ladder, [text]
+
+
+def recommend(req: RecommendRequest) -> Recommendation:
+    """Choose method, rank, alpha, checkpointing and micro-batch for `req` (see the module docstring)."""
+    reasons: list[str] = []
+    methods = _allowed_methods(req, reasons)
+    adapter_methods = tuple(m for m in methods if m != "full")
+    tries, rank_source, implied, alt_ranks, rank_reasons = _ranks(req, adapter_methods)
+    search = _Search(req)
+    usable_text = f"the {gib(req.usable_bytes)} usable"
+    want = min(req.min_micro_batch, req.per_gpu_share)
+
+    choice: Candidate | None = None
+    method_reasons: list[str] = []
+    for method in methods:
+        ranks: tuple[int | None, ...] = (None,) if method == "full" else tries
+        for r in ranks:
+            for ckpt in (False, True):
+                if search.max_micro(method, r, ckpt) >= want:
+                    choice = search.candidate(method, r, ckpt)
+                    break
+            if choice:
+                break
+        if choice:
+            if rank_source == "default" and choice.r is not None and choice.r != tries[0]:
+                method_reasons.append(
+                    f"r={tries[0]} does not fit even with checkpointing; r={choice.r} is the largest rank on the "
+                    "ladder that does.")
+            break
+        smallest_r = None if method == "full" else ranks[-1]
+        worst = search.peak(method, smallest_r, True, want)
+        rank = f" r={smallest_r}," if smallest_r is not None else ""
+        method_reasons.append(
+            f"{METHOD_TITLES[method]} does not fit: even{rank} micro-batch {want} with gradient "
+            f"checkpointing peaks at {gib(worst)}, above {usable_text}.")
+
+    alternatives_pool: list[Candidate] = []
+    for method in methods:
+        for r in ((None,) if method == "full" else alt_ranks):
+            for ckpt in (False, True):
+                if search.max_micro(method, r, ckpt) >= 1:
+                    alternatives_pool.append(search.candidate(method, r, ckpt))
+    alternatives = pareto_frontier(alternatives_pool, math.ceil(PEAK_TOLERANCE * req.usable_bytes))
+    if choice is not None and choice not in alternatives:  # e.g. a larger r costs almost nothing more
+        alternatives = tuple(sorted((*alternatives, choice), key=_preference))
+
+    targets = req.training.lora.target_modules or PEFT_DEFAULT_TARGETS[req.spec.family]
+    if choice is None:
+        return _nothing_fits(req, search, methods, tries, rank_source, implied, reasons + method_reasons, targets)
+    reasons.insert(0, _describe_budget(req))
+
+    if choice.method == "full":
+        reasons.append("Full fine-tuning fits, and it is the best in the quality order full > LoRA > QLoRA: "
+                       "every weight trains, so there is no adapter to size.")
+        if req.r is not None or req.trainable_fraction is not None:
+            reasons.append("--r / --trainable-fraction do not apply to full fine-tuning "
+                           "(pass --methods lora,qlora to get an adapter).")
+    else:
+        reasons += method_reasons
+        reasons.append(f"{METHOD_NAMES[choice.method]} fits: it is the best method in the quality order "
+                       "full > LoRA > QLoRA that does.")
+        reasons += rank_reasons
+        reasons.append(f"The adapters train {choice.trainable_params:,} parameters, "
+                       f"m = {100 * choice.trainable_fraction:.3g}% of the model, on {', '.join(targets)}.")
+    alpha = None
+    if choice.r is not None:
+        alpha = req.training.lora.alpha if req.training.lora.alpha is not None else float(2 * choice.r)
+        if req.training.lora.alpha is None:
+            reasons.append(f"alpha = 2r = {alpha:g} (a common rule of thumb: the update is scaled by alpha / r = 2); "
+                           "pass --alpha to set it.")
+        else:
+            reasons.append(f"alpha = {alpha:g}, as given (the update is scaled by alpha / r = {alpha / choice.r:g}).")
+    reasons += _checkpointing_reasons(req, search, choice, want, usable_text)
+    reasons += _batch_reasons(req, search, choice)
+    reasons += _peak_and_notes(req, choice)
+    return Recommendation(request=req, fits=True, choice=choice, alpha=alpha,
+                          target_modules=() if choice.method == "full" else tuple(targets),
+                          rank_source="none" if choice.method == "full" else rank_source,
+                          implied_r=implied, reasons=tuple(reasons), alternatives=alternatives,
+                          needed_budget_bytes=None)
+
+
+def _checkpointing_reasons(req: RecommendRequest, search: _Search, c: Candidate, want: int,
+                           usable_text: str) -> list[str]:
+    """Why checkpointing is on or off."""
+    wanted = f"micro-batch {want}" + (" (--min-micro-batch)" if req.min_micro_batch > 1 else "")
+    if not c.grad_checkpointing:
+        return [f"Gradient checkpointing is off: {wanted} fits without it (up to {c.max_micro_batch_size} does). "
+                "Checkpointing would recompute every layer's forward in backward (about a third more compute) "
+                "for memory this run does not need."]
+    without = search.peak(c.method, c.r, False, want)
+    return [f"Gradient checkpointing is on: without it even {wanted} peaks at {gib(without)}, above "
+            f"{usable_text}; with it each layer keeps only its input and one layer is recomputed at a time, "
+            f"so up to micro-batch {c.max_micro_batch_size} fits."]
+
+
+def _batch_reasons(req: RecommendRequest, search: _Search, c: Candidate) -> list[str]:
+    gpus = f"{req.gpus} GPUs" if req.gpus > 1 else "1 GPU"
+    text = f"Micro-batch {c.micro_batch_size} per GPU"
+    if c.micro_batch_size == c.max_micro_batch_size:
+        nxt = c.max_micro_batch_size + 1
+        if nxt <= MAX_MICRO_BATCH:
+            text += (f" is the largest that fits ({nxt} would peak at "
+                     f"{gib(search.peak(c.method, c.r, c.grad_checkpointing, nxt))})")
+    elif c.micro_batch_size == req.per_gpu_share:
+        text += (f": up to {c.max_micro_batch_size} fits, but {req.per_gpu_share} already makes the global batch of "
+                 f"{req.global_batch} in one step")
+    else:
+        text += (f": up to {c.max_micro_batch_size} fits; {c.micro_batch_size} reaches the global batch in the same "
+                 f"{c.gradient_accumulation_steps} accumulation steps with less memory")
+    steps = "step" if c.gradient_accumulation_steps == 1 else "steps"
+    text += (f". {c.micro_batch_size} x {c.gradient_accumulation_steps} gradient accumulation {steps} x {gpus} = "
+             f"an effective global batch of {c.effective_global_batch}")
+    if c.effective_global_batch != req.global_batch:
+        text += f" (asked {req.global_batch}; it rounds up to whole micro-batches)"
+    return [text + "."]
+
+
+def _peak_and_notes(req: RecommendRequest, c: Candidate) -> list[str]:
+    notes = []
+    parts = [f"{gib(c.peak_allocated_bytes - c.ddp_bucket_bytes)} allocated by the step"]
+    if c.ddp_bucket_bytes:
+        parts.append(f"{gib(c.ddp_bucket_bytes)} DDP gradient buckets")
+    if c.device_overhead_bytes:
+        parts.append(f"{gib(c.device_overhead_bytes)} CUDA context and allocator reserve")
+    notes.append(f"Predicted peak per GPU: {gib(c.predicted_peak_bytes)} at {PHASE_TITLES[c.peak_phase]} "
+                 f"({' + '.join(parts)}), {gib(req.usable_bytes - c.predicted_peak_bytes)} under the usable "
+                 f"{gib(req.usable_bytes)}.")
+    if req.gpus > 1:
+        notes.append(f"Data parallel over {req.gpus} GPUs: each holds a full replica and a micro-batch; DDP's "
+                     "gradient buckets (a second copy of the trainable gradients unless gradient_as_bucket_view=True) "
+                     "are counted. Sharding (FSDP / ZeRO) is not modelled yet.")
+    if not req.budget.supports_bf16 and req.training.compute_dtype == "bf16":
+        notes.append(f"Note: {req.budget.name} has no bf16 support; use --dtype fp16 (same memory) or --amp fp16.")
+    return notes
+
+
+def _nothing_fits(req: RecommendRequest, search: _Search, methods: tuple[str, ...], tries: tuple[int, ...],
+                  rank_source: str, implied: int | None, reasons: list[str],
+                  targets: tuple[str, ...]) -> Recommendation:
+    options = [search.candidate(m, None if m == "full" else tries[-1], True, micro=1) for m in methods]
+    smallest = min(options, key=lambda c: (c.predicted_peak_bytes, -QUALITY[c.method]))
+    needed = math.ceil(smallest.predicted_peak_bytes / (1 - req.headroom))
+    gpus = [g.name for g in sorted(GPUS.values(), key=lambda g: g.memory_bytes) if g.memory_bytes >= needed]
+    where = f" ({gpus[0]} or larger)" if gpus else " (more than any catalog GPU: shard the model across GPUs)"
+    headroom = f" with {100 * req.headroom:g}% headroom" if req.headroom else ""
+    reasons = [f"Nothing fits. {_describe_budget(req)}", *reasons,
+               f"The smallest configuration is {smallest.label}: it peaks at {gib(smallest.predicted_peak_bytes)} "
+               f"and would need {gib(needed)} per GPU{headroom}{where}. Sharding (FSDP / ZeRO) is not "
+               "modelled yet; data parallelism alone does not reduce memory per GPU."]
+    alpha = None
+    if smallest.r is not None:
+        alpha = req.training.lora.alpha if req.training.lora.alpha is not None else float(2 * smallest.r)
+    return Recommendation(request=req, fits=False, choice=smallest, alpha=alpha,
+                          target_modules=() if smallest.method == "full" else tuple(targets),
+                          rank_source="none" if smallest.method == "full" else rank_source, implied_r=implied,
+                          reasons=tuple(reasons), alternatives=(), needed_budget_bytes=needed)
+
+
+# ---------------------------------------------------------------------------------------------- JSON
+
+
+def candidate_to_dict(c: Candidate, alpha: float | None = None) -> dict[str, Any]:
+    return {
+        "method": c.method,
+        "r": c.r,
+        "alpha": alpha if alpha is not None else (None if c.r is None else float(2 * c.r)),
+        "micro_batch_size": c.micro_batch_size,
+        "max_micro_batch_size": c.max_micro_batch_size,
+        "gradient_accumulation_steps": c.gradient_accumulation_steps,
+        "effective_global_batch": c.effective_global_batch,
+        "gradient_checkpointing": c.grad_checkpointing,
+        "predicted_peak_bytes": c.predicted_peak_bytes,
+        "peak_phase": c.peak_phase,
+    }
+
+
+def recommendation_to_dict(rec: Recommendation, verification: Verification | None = None) -> dict[str, Any]:
+    """The `--json` document (`schema_version` 1; keys are only ever added)."""
+    req, c = rec.request, rec.choice
+    t = req.training
+    alpha_given = t.lora.alpha
+    doc: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "model": req.spec.name,
+        "method": c.method,
+        "r": c.r,
+        "alpha": rec.alpha,
+        "target_modules": list(rec.target_modules),
+        "micro_batch_size": c.micro_batch_size,
+        "max_micro_batch_size": c.max_micro_batch_size,
+        "gradient_accumulation_steps": c.gradient_accumulation_steps,
+        "effective_global_batch": c.effective_global_batch,
+        "gradient_checkpointing": c.grad_checkpointing,
+        "predicted_peak_bytes": c.predicted_peak_bytes,
+        "peak_phase": c.peak_phase,
+        "budget_bytes": req.budget.memory_bytes,
+        "usable_bytes": req.usable_bytes,
+        "needed_budget_bytes": rec.needed_budget_bytes,
+        "fits": rec.fits,
+        "reasons": list(rec.reasons),
+        "alternatives": [{**candidate_to_dict(a, alpha_given if a.r is not None else None),
+                          "recommended": a == c} for a in rec.alternatives],
+        "inputs": {
+            "gpu": req.budget.name, "gpus": req.gpus, "seq_len": t.seq_len, "global_batch": req.global_batch,
+            "headroom": req.headroom, "min_micro_batch": req.min_micro_batch,
+            "methods": list(req.methods) if req.methods is not None else None, "rank_source": rec.rank_source,
+            "trainable_fraction": req.trainable_fraction, "implied_r": rec.implied_r,
+            "dtype": t.dtype, "amp": t.amp, "optimizer": t.optimizer, "optimizer_impl": t.resolved_optimizer_impl,
+            "attention": t.attention, "device": t.device, "adapter_dtype": t.lora.adapter_dtype,
+            "cuda_context_bytes": req.overhead.cuda_context_bytes,
+            "allocator_fraction": req.overhead.allocator_fraction,
+        },
+    }
+    if verification is not None:
+        doc["verify"] = verification_to_dict(verification)
+    return doc
+
+
+# ---------------------------------------------------------------------------------------------- --verify
+
+VERIFY_NOTE = ("the check replays the Hugging Face training step under fake tensors (FakeTensorMode) and measures "
+               "what the CPU kernels keep alive, allocating nothing; CUDA-specific memory (the CUDA context, the "
+               "allocator's reserve, kernels that keep less than their CPU versions) is not measured: the "
+               "planner's model of it is applied to carry the measurement to the device")
+VERIFY_TOLERANCE = 0.01  # the planner's CPU prediction must be within 1% of the measured peak
+
+
+@dataclass(frozen=True)
+class VerifyRun:
+    """One replayed step. `measured_peak_bytes` is the peak allocated on CPU kernels; `predicted_peak_bytes`
+    the planner's prediction for that same CPU step; `cpu_kernel_extra_bytes` what the planner says CPU
+    kernels keep beyond the CUDA step (dropout masks stored in the element dtype, GPT-2's math-kernel
+    attention; 0 for most models); `added_bytes` the modelled device overhead plus DDP buckets."""
+
+    label: str  # "recommended" or "next micro-batch"
+    micro_batch_size: int
+    status: str  # "ok", "oom", "error"
+    measured_peak_bytes: int | None
+    predicted_peak_bytes: int
+    cpu_kernel_extra_bytes: int
+    added_bytes: int
+    error: str | None = None
+
+    @property
+    def device_bytes(self) -> int | None:
+        """The measurement carried to the device: minus the CPU kernels' extra, plus overhead and buckets."""
+        if self.measured_peak_bytes is None:
+            return None
+        return self.measured_peak_bytes - self.cpu_kernel_extra_bytes + self.added_bytes
+
+    @property
+    def relative_error(self) -> float | None:
+        if not self.measured_peak_bytes:
+            return None
+        return self.predicted_peak_bytes / self.measured_peak_bytes - 1
+
+
+@dataclass(frozen=True)
+class Verification:
+    mode: str
+    backend: str
+    note: str
+    usable_bytes: int
+    budget_bytes: int
+    runs: tuple[VerifyRun, ...]
+    skipped: str | None = None  # why nothing was run (QLoRA, a bitsandbytes optimizer, no torch)
+
+    @property
+    def confirmed(self) -> bool | None:
+        """The planner matches both measured peaks (within `VERIFY_TOLERANCE`), and carried to the device the
+        recommended micro-batch fits the usable memory while the next one does not. None if not checked."""
+        if self.skipped or not self.runs or any(r.status != "ok" for r in self.runs):
+            return None
+        if any(abs(r.relative_error) > VERIFY_TOLERANCE for r in self.runs):
+            return False
+        for r in self.runs:
+            fits = r.device_bytes <= self.usable_bytes
+            if fits != (r.label == "recommended"):
+                return False
+        return True
+
+
+def verify(rec: Recommendation, model_name: str | None = None) -> Verification:
+    """Replay the recommended step, and the first micro-batch predicted not to fit, under fake tensors
+    (`lora_planner.profiler`, imported here: it needs torch) and measure their peaks."""
+    req, c = rec.request, rec.choice
+    common = dict(mode="fake", backend="hf", note=VERIFY_NOTE, usable_bytes=req.usable_bytes,
+                  budget_bytes=req.budget.memory_bytes)
+    if c.method == "qlora":
+        return Verification(runs=(), skipped="QLoRA cannot be profiled here (its NF4 base needs bitsandbytes on "
+                                             "a CUDA GPU); the recommendation rests on the planner alone", **common)
+    if req.training.optimizer in ("adamw8bit", "paged_adamw8bit"):
+        return Verification(runs=(), skipped=f"{req.training.optimizer} needs bitsandbytes on a CUDA GPU and cannot "
+                                             "be profiled here", **common)
+    try:
+        from lora_planner.profiler.runner import ProfileRequest, run_profile
+    except ImportError as err:
+        return Verification(runs=(), skipped=f"profiling needs torch, transformers and peft ({err.name} is missing)",
+                            **common)
+    micros = [("recommended", c.micro_batch_size)]
+    if 0 < c.max_micro_batch_size < MAX_MICRO_BATCH:
+        micros.append(("next micro-batch", c.max_micro_batch_size + 1))
+    runs = []
+    for label, micro in micros:
+        device_step = _training(req, c.method, c.r, c.grad_checkpointing, micro, rec.alpha)
+        # Fake tensors are CPU tensors: replay on the CPU with the optimizer implementation the device uses.
+        cpu_step = replace(device_step, device="cpu", optimizer_impl=device_step.resolved_optimizer_impl)
+        record = run_profile(ProfileRequest(model=model_name or req.spec.name, spec=req.spec, training=cpu_step,
+                                            backend="hf", mode="fake", steps=VERIFY_STEPS))
+        predicted = record["predicted"]["peak_bytes"]
+        measured = record["measured"]["peak_bytes"] if record["status"] == "ok" else None
+        on_device = estimate_memory(req.spec, device_step, req.overhead)
+        extra = predicted - on_device.peak_allocated_bytes
+        ddp = on_device.phases[-1].breakdown.gradients_bytes if req.gpus > 1 else 0
+        allocated = (measured if measured is not None else predicted) - extra + ddp
+        added = ddp + req.overhead.bytes_for(allocated, req.training.device)
+        runs.append(VerifyRun(label=label, micro_batch_size=micro, status=record["status"],
+                              measured_peak_bytes=measured, predicted_peak_bytes=predicted,
+                              cpu_kernel_extra_bytes=extra, added_bytes=added, error=record.get("error")))
+    return Verification(runs=tuple(runs), **common)
+
+
+def verification_to_dict(v: Verification) -> dict[str, Any]:
+    return {
+        "mode": v.mode, "backend": v.backend, "note": v.note, "skipped": v.skipped, "confirmed": v.confirmed,
+        "usable_bytes": v.usable_bytes, "budget_bytes": v.budget_bytes,
+        "runs": [{"label": r.label, "micro_batch_size": r.micro_batch_size, "status": r.status,
+                  "measured_peak_bytes": r.measured_peak_bytes, "predicted_peak_bytes": r.predicted_peak_bytes,
+                  "relative_error": r.relative_error, "cpu_kernel_extra_bytes": r.cpu_kernel_extra_bytes,
+                  "added_device_bytes": r.added_bytes, "device_bytes": r.device_bytes,
+                  "fits_usable": None if r.device_bytes is None else r.device_bytes <= v.usable_bytes,
+                  "fits_budget": None if r.device_bytes is None else r.device_bytes <= v.budget_bytes,
+                  "error": r.error} for r in v.runs],
+    }
+
+
+# ---------------------------------------------------------------------------------------------- command line
+
+
+def add_recommend_arguments(p: argparse.ArgumentParser) -> None:
+    """The `recommend` subcommand's options (registered by `lora_planner.cli`)."""
+    p.add_argument("--model", required=True,
+                   help=f"catalog name ({', '.join(model_names())}), a Hugging Face repo id of one of them, "
+                        "or a path to a config.json")
+    budget = p.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--gpu", default=None, help=f"GPU to fit in: {', '.join(GPUS)}")
+    budget.add_argument("--gpu-mem", default=None, help="memory per GPU, e.g. 24GiB or 80GB")
+    p.add_argument("--gpus", type=int, default=1,
+                   help="data-parallel GPUs, each holding a full replica (default 1)")
+    p.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence (default 1024)")
+    p.add_argument("--global-batch", type=int, default=32,
+                   help="sequences per optimizer step = micro-batch x GPUs x accumulation steps (default 32)")
+    p.add_argument("--methods", "--method", dest="methods", default=None,
+                   help="allowed methods, comma list of full, lora, qlora (default: all that apply)")
+    p.add_argument("--target", default=None,
+                   help="LoRA target modules, comma list of PEFT names, or all-linear "
+                        "(default: PEFT's default for the family, e.g. q_proj,v_proj)")
+    rank = p.add_mutually_exclusive_group()
+    rank.add_argument("--r", type=int, default=None, help=f"LoRA rank (default {DEFAULT_R}, lower only if needed)")
+    rank.add_argument("--trainable-fraction", type=float, default=None,
+                      help="choose r so that the adapters train this fraction of the model, e.g. 0.05")
+    p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 2r)")
+    p.add_argument("--adapter-dtype", choices=("fp32", "base"), default="fp32",
+                   help="LoRA weights in fp32 (PEFT's default) or in the base dtype")
+    p.add_argument("--headroom", type=float, default=0.1,
+                   help="fraction of GPU memory to keep free, in [0, 1) (default 0.1)")
+    p.add_argument("--min-micro-batch", type=int, default=1,
+                   help="smallest micro-batch to accept; checkpointing is turned on only if it does not fit "
+                        "without (default 1)")
+    p.add_argument("--dtype", default=None, help=f"weight dtype: {'|'.join(DTYPES)} (default bf16; fp32 with --amp)")
+    p.add_argument("--amp", default=None, help="autocast mixed precision: bf16|fp16 (fp32 master weights)")
+    p.add_argument("--optimizer", default="adamw", help=f"{'|'.join(OPTIMIZERS)} (default adamw)")
+    p.add_argument("--optimizer-impl", default=None,
+                   help=f"{'|'.join(OPTIMIZER_IMPLS)} (default: PyTorch's, foreach on cuda, for-loop on cpu)")
+    p.add_argument("--attention", default="sdpa", help=f"{'|'.join(ATTENTIONS)} (default sdpa)")
+    p.add_argument("--device", default="cuda", help=f"{'|'.join(DEVICES)} (default cuda)")
+    p.add_argument("--cuda-context", default="512MiB",
+                   help="CUDA context + library workspaces outside the allocator (default 512MiB)")
+    p.add_argument("--allocator-overhead", type=float, default=0.05,
+                   help="caching-allocator reserve as a fraction of the allocated peak (default 0.05)")
+    p.add_argument("--verify", action="store_true",
+                   help="replay the recommended step and the next micro-batch under fake tensors (needs torch)")
+    p.add_argument("--json", action="store_true", help="print the recommendation as JSON")
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def request_from_args(args: argparse.Namespace) -> RecommendRequest:
+    spec = resolve_model(args.model)
+    if args.gpu:
+        gpu = resolve_gpu(args.gpu)
+        budget = Budget(memory_bytes=gpu.memory_bytes, name=gpu.name, supports_bf16=gpu.supports_bf16)
+    else:
+        budget = Budget(memory_bytes=parse_memory_size(args.gpu_mem, "gpu-mem"))
+    target = _csv(args.target) if args.target is not None else None
+    if args.target is not None and not target:
+        raise PlannerInputError("target", "empty target list", "pass e.g. --target q_proj,v_proj or all-linear")
+    methods = None
+    if args.methods is not None:
+        methods = tuple(dict.fromkeys(_csv(args.methods)))
+    if not 0 <= args.allocator_overhead < 10:
+        raise PlannerInputError("allocator-overhead", f"must be a fraction >= 0, got {args.allocator_overhead}",
+                                "pass e.g. 0.05")
+    overhead = DeviceOverhead(cuda_context_bytes=parse_memory_size(args.cuda_context, "cuda-context"),
+                              allocator_fraction=args.allocator_overhead)
+    dtype = args.dtype if args.dtype is not None else ("fp32" if args.amp else "bf16")
+    training = TrainingSpec(
+        method="full", dtype=dtype, amp=args.amp, optimizer=args.optimizer, optimizer_impl=args.optimizer_impl,
+        seq_len=args.seq_len, device=args.device, attention=args.attention,
+        lora=LoraSpec(r=1, alpha=args.alpha, target_modules=target, adapter_dtype=args.adapter_dtype),
+    )
+    return RecommendRequest(spec=spec, budget=budget, training=training, gpus=args.gpus,
+                            global_batch=args.global_batch, methods=methods, r=args.r,
+                            trainable_fraction=args.trainable_fraction, headroom=args.headroom,
+                            min_micro_batch=args.min_micro_batch, overhead=overhead)
+
+
+def run_recommend_command(args: argparse.Namespace) -> int:
+    """`lora-plan recommend`: compute (pure), optionally verify (torch), then print JSON or tables."""
+    rec = recommend(request_from_args(args))
+    verification = verify(rec, args.model) if args.verify else None
+    if args.json:
+        print(json.dumps(recommendation_to_dict(rec, verification), indent=2))
+        return 0
+    from rich.console import Console  # only human output pays for rich
+
+    from lora_planner.render_recommend import render_recommendation
+
+    render_recommendation(rec, Console(), verification)
+    return 0
