@@ -88,6 +88,11 @@ class ActivationProfile:
         return self.total(tuple(item for item in self.model if item.name.startswith("batch.")))
 
     @property
+    def model_bytes_below_head(self) -> int:
+        """Model-level tensors that outlive the head's backward (all but the final norm's and lm_head's)."""
+        return self.total(tuple(i for i in self.model if not i.name.startswith(("final_norm.", "lm_head."))))
+
+    @property
     def model_bytes(self) -> int:
         return self.total(self.model)
 

@@ -19,8 +19,8 @@ from lora_planner.planner import Budget, make_plan, plan_to_dict
 from lora_planner.recommend import add_recommend_arguments, run_recommend_command
 from lora_planner.report import add_calibrate_arguments, add_report_arguments, run_calibrate_command, run_report_command
 from lora_planner.specs import (
-    ATTENTIONS, DEVICES, DTYPES, METHODS, OPTIMIZER_IMPLS, OPTIMIZERS, LoraSpec, TrainingSpec, check_choice,
-    check_positive_int,
+    ATTENTIONS, DEVICES, DTYPES, METHODS, OPTIMIZER_IMPLS, OPTIMIZERS, STRATEGIES, LoraSpec, TrainingSpec,
+    check_choice, check_positive_int,
 )
 from lora_planner.sweep import add_sweep_arguments, run_sweep_command
 
@@ -61,6 +61,9 @@ def _add_planner_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute layers in backward")
     p.add_argument("--attention", default="sdpa", help=f"{'|'.join(ATTENTIONS)} (default sdpa)")
     p.add_argument("--device", default="cuda", help=f"{'|'.join(DEVICES)} (default cuda)")
+    p.add_argument("--gpus", type=int, default=1, help="data-parallel GPUs; --batch-size is per GPU (default 1)")
+    p.add_argument("--strategy", default=None,
+                   help=f"how GPUs share model states: {'|'.join(STRATEGIES)} (default with --gpus: ddp)")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--gpu", default=None, help=f"GPU to fit in: {', '.join(GPUS)}")
     budget.add_argument("--gpu-mem", default=None, help="memory to fit in, e.g. 24GiB or 80GB")
@@ -112,7 +115,7 @@ def _training_from_args(args: argparse.Namespace, method: str) -> TrainingSpec:
     return TrainingSpec(
         method=method, dtype=dtype, amp=args.amp, optimizer=args.optimizer, optimizer_impl=args.optimizer_impl,
         batch_size=args.batch_size, seq_len=args.seq_len, grad_checkpointing=args.grad_checkpointing,
-        device=args.device, attention=args.attention,
+        device=args.device, attention=args.attention, gpus=args.gpus, strategy=args.strategy,
         lora=LoraSpec(r=args.r, alpha=args.alpha, target_modules=target, adapter_dtype=args.adapter_dtype),
     )
 

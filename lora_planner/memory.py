@@ -5,6 +5,7 @@ The peak is the maximum over the phases of a steady-state step (optimizer state 
 
 | phase            | weights | grads | optimizer | activations                     | temporaries               |
 |------------------|---------|-------|-----------|---------------------------------|---------------------------|
+| forward_start    | yes     | -     | yes       | the batch                       | -                         |
 | forward_end      | yes     | -     | yes       | all saved + loss saved          | logits + fp32 upcast      |
 | backward_start   | yes     | -     | yes       | all saved + loss saved          | loss-gradient buffers     |
 | backward_layers  | yes     | head  | yes       | all layers (+ one recomputed)   | one layer's grad buffers  |
@@ -27,7 +28,9 @@ Device overhead (CUDA only, outside `max_memory_allocated`): the CUDA context an
 caching allocator's rounding and fragmentation (reserved - allocated). Both are settings with defaults
 from common observation, to be calibrated against measured runs (`lora-plan calibrate`).
 
-Known limitations: single device (no sharding yet); no CPU offload; activation rules follow the
+Several GPUs (DDP, ZeRO, FSDP) reuse these components per rank: `lora_planner.parallel`.
+
+Known limitations: no CPU offload; activation rules follow the
 transformers implementations of the supported families (see `activations`).
 """
 
@@ -40,11 +43,15 @@ from typing import Literal, get_args
 
 from lora_planner.activations import ActivationProfile, activation_profile
 from lora_planner.optimizers import TensorGroup, optimizer_scratch_bytes, optimizer_state_bytes
-from lora_planner.params import Module, buffer_numel, count_params, lora_params, module_inventory
+from lora_planner.params import Module, buffer_numel, count_params, lora_params, module_inventory, resolve_targets
 from lora_planner.specs import BYTES_PER_ELEMENT, LoraSpec, ModelSpec, TrainingSpec
 
-Phase = Literal["forward_end", "backward_start", "backward_layers", "backward_end", "optimizer_step"]
+Phase = Literal["forward_start", "forward_end", "backward_start", "backward_layers", "backward_end",
+                "optimizer_step"]
 PHASES: tuple[str, ...] = get_args(Phase)
+PHASE_TITLES: dict[str, str] = {
+    "forward_start": "forward (gather)", "forward_end": "forward end", "backward_start": "backward start",
+    "backward_layers": "backward (layers)", "backward_end": "backward end", "optimizer_step": "optimizer step"}
 CATEGORIES = ("weights", "gradients", "optimizer_states", "activations", "temporaries")
 MIB = 2**20
 NF4_BLOCK = 64
@@ -172,31 +179,64 @@ def trainable_groups(spec: ModelSpec, training: TrainingSpec) -> tuple[TensorGro
     return _trainable_groups(spec, training.method, training.dtype, training.lora)
 
 
-def estimate_memory(spec: ModelSpec, training: TrainingSpec,
-                    overhead: DeviceOverhead | None = None) -> MemoryEstimate:
-    """Predict the peak allocated memory of one steady-state training step (see the module docstring)."""
-    overhead = overhead or DeviceOverhead()
-    modules = module_inventory(spec)
-    base_params = count_params(spec).total
-    groups = trainable_groups(spec, training)
-    trainable_params = sum(g.numel * g.count for g in groups)
-    trainable_bytes = sum(g.nbytes for g in groups)
+@lru_cache(maxsize=4096)
+def group_bytes(spec: ModelSpec, training: TrainingSpec) -> tuple[int, int, int, int]:
+    """(root bytes, one layer's bytes, one layer's trainable bytes, root trainable bytes), adapters
+    included: "root" is everything outside the decoder layers (embeddings, final norm, lm_head), the
+    groups FSDP gathers and reduce-scatters, and what backward finishes last."""
+    e = BYTES_PER_ELEMENT[training.dtype]
+    e_adapter = 4 if training.lora.adapter_dtype == "fp32" else e
+    full = training.method == "full"
+    adapted = {m.path for m in resolve_targets(spec, training.lora.target_modules)} if not full else set()
+    root = layer = layer_trainable = root_trainable = 0
+    for m in module_inventory(spec):
+        if training.method == "qlora" and m.kind == "linear" and m.group != "lm_head":
+            stored = nf4_bytes(m.weight_numel_each) + (m.out_features * e if m.bias else 0)
+        else:
+            stored = m.params_each * e
+        adapter = training.lora.r * (m.in_features + m.out_features) * e_adapter if m.path in adapted else 0
+        trainable = stored if full else adapter
+        if m.count == spec.num_layers and ".0." in m.path:
+            layer, layer_trainable = layer + stored + adapter, layer_trainable + trainable
+        else:
+            root, root_trainable = root + stored + adapter, root_trainable + trainable
+    return root, layer, layer_trainable, root_trainable
 
+
+@dataclass(frozen=True)
+class StepComponents:
+    """The byte counts a step's phases are assembled from (one GPU, the whole model)."""
+
+    weights: int  # everything stored: base (+ buffers) + adapters
+    base_weights: int  # base weights at --dtype (NF4 for QLoRA), the seed rule's x
+    gradients: int  # of all trainable parameters
+    states: int  # optimizer state
+    optimizer_scratch: int
+    head_gradients: int  # lm_head (+ final norm) gradients, which exist from the start of backward (full)
+    activations: ActivationProfile
+    layers_saved: int  # saved by all layers (layer inputs only under checkpointing)
+    recomputed: int  # one layer's saved tensors, recomputed in backward under checkpointing
+    layer_scratch: int  # transient gradient buffers of one layer's backward (+ QLoRA's dequantized weight)
+    end_gradients: int  # the end of backward (see step_components)
+    end_activations: int  # besides the batch
+    end_scratch: int
+
+    @property
+    def saved(self) -> int:
+        """Everything the forward leaves for backward, the loss's included."""
+        return self.layers_saved + self.activations.model_bytes + self.activations.loss_bytes
+
+
+def step_components(spec: ModelSpec, training: TrainingSpec) -> StepComponents:
+    """Weights, gradients, optimizer state and activations of one step on one GPU."""
+    modules = module_inventory(spec)
+    groups = trainable_groups(spec, training)
+    trainable_bytes = sum(g.nbytes for g in groups)
     base_bytes = _base_weight_bytes(modules, training)
     buffers = buffer_numel(spec) * BYTES_PER_ELEMENT[training.dtype]
-    if training.method == "full":
-        weights = base_bytes + buffers
-        fraction = 1.0
-        seed_rule = 4 * base_bytes
-    else:
-        weights = base_bytes + buffers + trainable_bytes
-        fraction = trainable_params / (base_params + trainable_params)
-        seed_rule = round((1 + 4 * fraction) * base_bytes)
-    gradients = trainable_bytes
+    weights = base_bytes + buffers + (0 if training.method == "full" else trainable_bytes)
     impl = training.resolved_optimizer_impl
     step_on_device = training.device == "cpu" or impl == "fused"
-    states = optimizer_state_bytes(groups, training.optimizer, step_on_device)
-    opt_scratch = optimizer_scratch_bytes(groups, training.optimizer, impl)
 
     acts = activation_profile(spec, training)
     layer_scratch = acts.layer_backward_scratch_bytes
@@ -210,41 +250,76 @@ def estimate_memory(spec: ModelSpec, training: TrainingSpec,
     else:
         layers_saved = acts.all_layers_bytes
         recomputed = 0
-    saved = layers_saved + acts.model_bytes + acts.loss_bytes
-    # Gradients that exist once backward has left the loss: lm_head (+ final norm) for full fine-tuning.
     head_grads = sum(m.params for m in modules if m.group == "lm_head") * BYTES_PER_ELEMENT[training.dtype] \
         if training.method == "full" else 0
-    # The end of backward: the first layer's backward (its saved tensors, its gradient buffers), or, for a
-    # tied embedding, the very last op: autograd adds the embedding's V x h gradient to lm_head's, and
-    # both partial gradients are alive beside the sum while every activation is already gone.
+    # The end of backward is the larger of two moments: the first layer's backward (its saved tensors
+    # and gradient buffers beside every other layer's gradients; its own come as its tensors go), and the
+    # very last op, when all gradients exist and no activation is left; with a tied embedding autograd
+    # then adds the embedding's V x h gradient to lm_head's, both partial gradients beside the sum.
+    _, _, layer_trainable, _ = group_bytes(spec, training)
     last_layer_left = acts.checkpoint_per_layer_bytes if training.grad_checkpointing else acts.first_layer_bytes
-    end_acts, end_scratch = last_layer_left + recomputed + acts.batch_bytes, layer_scratch
+    end_grads, end_acts, end_scratch = trainable_bytes - layer_trainable, last_layer_left + recomputed, layer_scratch
+    last_op_scratch = 0
     if training.method == "full" and spec.tie_word_embeddings:
-        tie_scratch = 2 * spec.vocab_size * spec.hidden_size * BYTES_PER_ELEMENT[training.dtype]
-        if acts.batch_bytes + tie_scratch > end_acts + end_scratch:
-            end_acts, end_scratch = acts.batch_bytes, tie_scratch
+        last_op_scratch = 2 * spec.vocab_size * spec.hidden_size * BYTES_PER_ELEMENT[training.dtype]
+    if trainable_bytes + last_op_scratch > end_grads + end_acts + end_scratch:
+        end_grads, end_acts, end_scratch = trainable_bytes, 0, last_op_scratch
+    return StepComponents(
+        weights=weights, base_weights=base_bytes, gradients=trainable_bytes,
+        states=optimizer_state_bytes(groups, training.optimizer, step_on_device),
+        optimizer_scratch=optimizer_scratch_bytes(groups, training.optimizer, impl), head_gradients=head_grads,
+        activations=acts, layers_saved=layers_saved, recomputed=recomputed, layer_scratch=layer_scratch,
+        end_gradients=end_grads, end_activations=end_acts, end_scratch=end_scratch)
+
+
+def single_gpu_phases(c: StepComponents) -> tuple[PhaseMemory, ...]:
+    """The phases of the module docstring's table for one GPU holding everything."""
+    acts = c.activations
 
     def phase(name: Phase, **parts: int) -> PhaseMemory:
-        return PhaseMemory(name, MemoryBreakdown(weights_bytes=weights, optimizer_states_bytes=states, **parts))
+        return PhaseMemory(name, MemoryBreakdown(weights_bytes=c.weights, optimizer_states_bytes=c.states, **parts))
 
-    phases = (
-        phase("forward_end", activations_bytes=saved, temporaries_bytes=acts.loss_forward_scratch_bytes),
-        phase("backward_start", activations_bytes=saved, temporaries_bytes=acts.loss_backward_scratch_bytes),
-        phase("backward_layers", gradients_bytes=head_grads,
-              activations_bytes=layers_saved + acts.model_bytes + recomputed, temporaries_bytes=layer_scratch),
-        phase("backward_end", gradients_bytes=gradients, activations_bytes=end_acts, temporaries_bytes=end_scratch),
-        phase("optimizer_step", gradients_bytes=gradients, activations_bytes=acts.batch_bytes,
-              temporaries_bytes=opt_scratch),
+    return (
+        phase("forward_start", activations_bytes=acts.batch_bytes),
+        phase("forward_end", activations_bytes=c.saved, temporaries_bytes=acts.loss_forward_scratch_bytes),
+        phase("backward_start", activations_bytes=c.saved, temporaries_bytes=acts.loss_backward_scratch_bytes),
+        phase("backward_layers", gradients_bytes=c.head_gradients,
+              activations_bytes=c.layers_saved + acts.model_bytes + c.recomputed, temporaries_bytes=c.layer_scratch),
+        phase("backward_end", gradients_bytes=c.end_gradients, activations_bytes=c.end_activations + acts.batch_bytes,
+              temporaries_bytes=c.end_scratch),
+        phase("optimizer_step", gradients_bytes=c.gradients, activations_bytes=acts.batch_bytes,
+              temporaries_bytes=c.optimizer_scratch),
     )
+
+
+def estimate_memory(spec: ModelSpec, training: TrainingSpec,
+                    overhead: DeviceOverhead | None = None) -> MemoryEstimate:
+    """Predict the peak allocated memory of one steady-state training step, per GPU (see the module
+    docstring; several GPUs: `lora_planner.parallel`)."""
+    overhead = overhead or DeviceOverhead()
+    c = step_components(spec, training)
+    base_params = count_params(spec).total
+    trainable_params = sum(g.numel * g.count for g in trainable_groups(spec, training))
+    if training.method == "full":
+        fraction, seed_rule = 1.0, 4 * c.base_weights
+    else:
+        fraction = trainable_params / (base_params + trainable_params)
+        seed_rule = round((1 + 4 * fraction) * c.base_weights)
+    if training.resolved_strategy is None:
+        phases = single_gpu_phases(c)
+    else:
+        from lora_planner.parallel import sharded_phases  # parallel builds on this module
+
+        phases = sharded_phases(spec, training, c)
     peak_allocated = max(p.breakdown.total_bytes for p in phases)
     return MemoryEstimate(
         method=training.method,
         total_params=base_params,
         trainable_params=trainable_params,
         trainable_fraction=fraction,
-        weights_at_dtype_bytes=base_bytes,
+        weights_at_dtype_bytes=c.base_weights,
         seed_rule_bytes=seed_rule,
         phases=phases,
         device_overhead_bytes=overhead.bytes_for(peak_allocated, training.device),
-        activations=acts,
+        activations=c.activations,
     )

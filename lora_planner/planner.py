@@ -75,7 +75,7 @@ def make_plan(spec: ModelSpec, training: TrainingSpec, methods: tuple[str, ...],
 
 
 def plan_to_dict(plan: Plan) -> dict[str, Any]:
-    """The `--json` document."""
+    """The `--json` document. Memory is per GPU; tokens/s and training time are for all GPUs together."""
     t, spec = plan.training, plan.spec
     methods: dict[str, Any] = {}
     for method, mp in plan.methods.items():
@@ -87,6 +87,7 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
             "seed_rule_bytes": e.seed_rule_bytes,
             "breakdown_bytes": e.peak.breakdown.as_dict(),
             "peak_allocated_bytes": e.peak_allocated_bytes,
+            "per_gpu_peak_allocated_bytes": e.peak_allocated_bytes,
             "peak_phase": e.peak_phase,
             "device_overhead_bytes": e.device_overhead_bytes,
             "peak_device_bytes": e.peak_device_bytes,
@@ -96,13 +97,13 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
             "activations_per_layer_bytes": e.activations.layer_bytes,
             "flops_per_step": mp.throughput.flops.total,
             "step_time_s": mp.throughput.step_time_s,
-            "tokens_per_s": mp.throughput.tokens_per_s,
+            "tokens_per_s": mp.throughput.tokens_per_s * t.gpus,  # all GPUs, communication not modelled
             "throughput": {
                 "gpu": mp.throughput.gpu, "mfu": mp.throughput.mfu,
                 "forward_flops": mp.throughput.flops.forward, "backward_flops": mp.throughput.flops.backward,
                 "recompute_flops": mp.throughput.flops.recompute, "compute_time_s": mp.throughput.compute_time_s,
                 "memory_time_s": mp.throughput.memory_time_s,
-                "train_time_s": mp.throughput.time_for_tokens_s(plan.train_tokens) if plan.train_tokens else None,
+                "train_time_s": mp.throughput.time_for_tokens_s(plan.train_tokens) / t.gpus if plan.train_tokens else None,
             },
         }
     return {
@@ -131,6 +132,8 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
             "grad_checkpointing": t.grad_checkpointing,
             "attention": t.attention,
             "device": t.device,
+            "gpus": t.gpus,
+            "strategy": t.resolved_strategy,
             "gpu": plan.budget.name if plan.budget else None,
             "budget_bytes": plan.budget.memory_bytes if plan.budget else None,
             "cuda_context_bytes": plan.overhead.cuda_context_bytes,

@@ -44,12 +44,12 @@ from typing import Any
 
 from lora_planner.catalog import GPUS, model_names, parse_memory_size, resolve_gpu, resolve_model
 from lora_planner.errors import PlannerInputError
-from lora_planner.memory import DeviceOverhead, estimate_memory
+from lora_planner.memory import PHASE_TITLES, DeviceOverhead, estimate_memory, trainable_groups
 from lora_planner.params import PEFT_DEFAULT_TARGETS, max_rank, rank_for_trainable_fraction, resolve_targets
 from lora_planner.planner import SCHEMA_VERSION, Budget
 from lora_planner.specs import (
-    ATTENTIONS, DEVICES, DTYPES, METHODS, OPTIMIZER_IMPLS, OPTIMIZERS, LoraSpec, ModelSpec, TrainingSpec,
-    check_positive_int,
+    ATTENTIONS, DEVICES, DTYPES, METHODS, OPTIMIZER_IMPLS, OPTIMIZERS, STRATEGIES, LoraSpec, ModelSpec, TrainingSpec,
+    check_choice, check_positive_int,
 )
 
 GIB = 2**30
@@ -62,9 +62,6 @@ METHOD_TITLES = {"full": "Full fine-tuning", "lora": "LoRA", "qlora": "QLoRA"}
 PEAK_TOLERANCE = 0.01  # of the usable memory: peaks closer than this count as equal in the alternatives
 MAX_MICRO_BATCH = 1 << 16  # search limit: a micro-batch this large is "as large as you like"
 VERIFY_STEPS = 2  # step 1 creates the optimizer state, step 2 is the steady state
-PHASE_TITLES = {"forward_end": "forward end", "backward_start": "backward start",
-                "backward_layers": "backward (layers)", "backward_end": "backward end",
-                "optimizer_step": "optimizer step"}  # as `render` words them (render imports rich)
 
 
 def gib(n: int | float) -> str:
@@ -85,6 +82,7 @@ class RecommendRequest:
     budget: Budget  # per GPU
     training: TrainingSpec = field(default_factory=TrainingSpec)
     gpus: int = 1
+    strategy: str | None = None  # None with several GPUs: try ddp, zero1, fsdp and take the first that does best
     global_batch: int = 32
     methods: tuple[str, ...] | None = None
     r: int | None = None
@@ -224,7 +222,9 @@ def _training(req: RecommendRequest, method: str, r: int | None, ckpt: bool, mic
     lora = req.training.lora if r is None else replace(req.training.lora, r=r)
     if alpha is not None and r is not None:
         lora = replace(lora, alpha=alpha)
-    return replace(req.training, method=method, batch_size=micro, grad_checkpointing=ckpt, lora=lora)
+    strategy = (req.strategy or "ddp") if req.gpus > 1 else None
+    return replace(req.training, method=method, batch_size=micro, grad_checkpointing=ckpt, lora=lora,
+                   gpus=req.gpus, strategy=strategy)
 
 
 @dataclass(frozen=True)
@@ -250,11 +250,14 @@ class _Search:
     def point(self, method: str, r: int | None, ckpt: bool, micro: int) -> _Point:
         key = (method, r, ckpt, micro)
         if key not in self._points:
-            est = estimate_memory(self.req.spec, _training(self.req, method, r, ckpt, micro), self.req.overhead)
-            # DDP's buckets: one more copy of every trainable gradient, alive all run (default DDP).
-            ddp = est.phases[-1].breakdown.gradients_bytes if self.req.gpus > 1 else 0
-            allocated = est.peak_allocated_bytes + ddp
-            overhead = self.req.overhead.bytes_for(allocated, self.req.training.device)
+            training = _training(self.req, method, r, ckpt, micro)
+            est = estimate_memory(self.req.spec, training, self.req.overhead)
+            # The planner's per-GPU peak includes DDP's buckets (a second copy of the trainable gradients);
+            # they are shown apart.
+            ddp = sum(g.nbytes for g in trainable_groups(self.req.spec, training)) \
+                if training.resolved_strategy in ("ddp", "zero1") else 0
+            allocated = est.peak_allocated_bytes
+            overhead = est.device_overhead_bytes
             self._points[key] = _Point(allocated + overhead, allocated, overhead, ddp, est.peak_phase,
                                        est.trainable_params, est.trainable_fraction)
         return self._points[key]
@@ -365,7 +368,35 @@ def _ranks(req: RecommendRequest, adapter_methods: tuple[str, ...]) -> tuple[tup
     return tries, "default", None, ladder, [text]
 
 
+STRATEGY_ORDER = ("ddp", "zero1", "fsdp")  # simplest first: each shards more, and communicates more
+
+
 def recommend(req: RecommendRequest) -> Recommendation:
+    """Choose method, rank, alpha, checkpointing, micro-batch and, on several GPUs without --strategy, the
+    sharding strategy: the first of ddp, zero1, fsdp whose recommendation is best (method quality,
+    no checkpointing, micro-batch, rank; the simpler strategy on a tie)."""
+    if req.gpus == 1 or req.strategy is not None:
+        return _recommend_one(req)
+    options = [_recommend_one(replace(req, strategy=s)) for s in STRATEGY_ORDER]
+    fitting = [o for o in options if o.fits]
+    if not fitting:
+        return options[-1]  # fsdp needs the least memory: its smallest configuration is the one to show
+    best = min(fitting, key=lambda o: _preference(o.choice)[:-1])
+    others = ", ".join(f"{o.request.strategy}: {o.choice.label}" if o.fits else f"{o.request.strategy}: nothing fits"
+                       for o in options if o is not best)
+    why = (f"Strategy {best.request.strategy} over {req.gpus} GPUs: {STRATEGY_WHY[best.request.strategy]} "
+           f"It gives the best configuration of the three ({others}).")
+    return replace(best, reasons=(why, *best.reasons))
+
+
+STRATEGY_WHY = {
+    "ddp": "each GPU keeps a full replica (the simplest and fastest when it fits).",
+    "zero1": "optimizer states are divided over the GPUs (DDP + ZeroRedundancyOptimizer).",
+    "fsdp": "parameters, gradients and optimizer states are divided over the GPUs (FSDP2 fully_shard).",
+}
+
+
+def _recommend_one(req: RecommendRequest) -> Recommendation:
     """Choose method, rank, alpha, checkpointing and micro-batch for `req` (see the module docstring)."""
     reasons: list[str] = []
     methods = _allowed_methods(req, reasons)
@@ -557,6 +588,8 @@ def recommendation_to_dict(rec: Recommendation, verification: Verification | Non
         "gradient_accumulation_steps": c.gradient_accumulation_steps,
         "effective_global_batch": c.effective_global_batch,
         "gradient_checkpointing": c.grad_checkpointing,
+        "gpus": req.gpus,
+        "strategy": (req.strategy or "ddp") if req.gpus > 1 else None,
         "predicted_peak_bytes": c.predicted_peak_bytes,
         "peak_phase": c.peak_phase,
         "budget_bytes": req.budget.memory_bytes,
@@ -711,8 +744,10 @@ def add_recommend_arguments(p: argparse.ArgumentParser) -> None:
     budget = p.add_mutually_exclusive_group(required=True)
     budget.add_argument("--gpu", default=None, help=f"GPU to fit in: {', '.join(GPUS)}")
     budget.add_argument("--gpu-mem", default=None, help="memory per GPU, e.g. 24GiB or 80GB")
-    p.add_argument("--gpus", type=int, default=1,
-                   help="data-parallel GPUs, each holding a full replica (default 1)")
+    p.add_argument("--gpus", type=int, default=1, help="data-parallel GPUs (default 1)")
+    p.add_argument("--strategy", default=None,
+                   help="ddp, zero1, zero2, zero3 or fsdp (default with --gpus: the first of ddp, zero1, fsdp that "
+                        "gives the best configuration)")
     p.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence (default 1024)")
     p.add_argument("--global-batch", type=int, default=32,
                    help="sequences per optimizer step = micro-batch x GPUs x accumulation steps (default 32)")
@@ -777,7 +812,12 @@ def request_from_args(args: argparse.Namespace) -> RecommendRequest:
         seq_len=args.seq_len, device=args.device, attention=args.attention,
         lora=LoraSpec(r=1, alpha=args.alpha, target_modules=target, adapter_dtype=args.adapter_dtype),
     )
-    return RecommendRequest(spec=spec, budget=budget, training=training, gpus=args.gpus,
+    if args.strategy is not None and args.gpus == 1:
+        raise PlannerInputError("strategy", f"{args.strategy} shares model states across GPUs, but --gpus is 1",
+                                "pass --gpus N (N >= 2) with --strategy, or drop --strategy")
+    if args.strategy is not None:
+        check_choice("strategy", args.strategy, STRATEGIES)
+    return RecommendRequest(spec=spec, budget=budget, training=training, gpus=args.gpus, strategy=args.strategy,
                             global_batch=args.global_batch, methods=methods, r=args.r,
                             trainable_fraction=args.trainable_fraction, headroom=args.headroom,
                             min_micro_batch=args.min_micro_batch, overhead=overhead)

@@ -6,16 +6,13 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from lora_planner.memory import CATEGORIES
+from lora_planner.memory import CATEGORIES, PHASE_TITLES
 from lora_planner.planner import Plan
 
 GIB = 2**30
 METHOD_TITLES = {"full": "full fine-tune", "lora": "LoRA", "qlora": "QLoRA"}
 SHORT_CATEGORY = {"weights": "weights", "gradients": "grads", "optimizer_states": "optimizer",
                   "activations": "acts", "temporaries": "temps"}
-PHASE_TITLES = {"forward_end": "forward end", "backward_start": "backward start",
-                "backward_layers": "backward (layers)", "backward_end": "backward end",
-                "optimizer_step": "optimizer step"}
 
 
 def human_count(n: int) -> str:
@@ -58,6 +55,8 @@ def _settings_line(plan: Plan) -> str:
         "gradient checkpointing" if t.grad_checkpointing else "no checkpointing",
         f"device {t.device}",
     ]
+    if t.gpus > 1:
+        parts.append(f"{t.gpus} GPUs, {t.resolved_strategy} (memory per GPU, tokens/s for all)")
     if any(m != "full" for m in plan.methods):
         parts.append(f"LoRA r={lora.r} alpha={lora.effective_alpha:g} on {targets} ({lora.adapter_dtype} adapters)")
     return " | ".join(parts)
@@ -90,15 +89,18 @@ def plan_table(plan: Plan) -> Table:
         table.add_row("  + CUDA context etc.", *[gib(est[m].device_overhead_bytes) for m in methods])
         table.add_row("peak on device", *[Text(gib(est[m].peak_device_bytes), style="bold") for m in methods])
     table.add_row("seed rule 4x | (1+4m)x", *[gib(est[m].seed_rule_bytes) for m in methods])
-    table.add_row("  vs peak", *[f"{100 * (est[m].seed_rule_bytes / est[m].peak_allocated_bytes - 1):+.0f} %"
-                                          for m in methods])
+    if plan.training.gpus == 1:  # the rule is for one GPU holding everything
+        table.add_row("  vs peak", *[f"{100 * (est[m].seed_rule_bytes / est[m].peak_allocated_bytes - 1):+.0f} %"
+                                     for m in methods])
     gpu = plan.methods[methods[0]].throughput.gpu
     table.add_row(f"step time on {gpu}", *[_seconds(plan.methods[m].throughput.step_time_s) for m in methods])
-    table.add_row("  tokens/s", *[f"{plan.methods[m].throughput.tokens_per_s:,.0f}" for m in methods])
+    gpus = plan.training.gpus
+    table.add_row("  tokens/s", *[f"{plan.methods[m].throughput.tokens_per_s * gpus:,.0f}" for m in methods])
     table.add_row("  TFLOPs per step", *[f"{plan.methods[m].throughput.flops.total / 1e12:,.2f}" for m in methods])
     if plan.train_tokens:
         table.add_row(f"  time for {plan.train_tokens:.3g} tokens",
-                      *[_seconds(plan.methods[m].throughput.time_for_tokens_s(plan.train_tokens)) for m in methods])
+                      *[_seconds(plan.methods[m].throughput.time_for_tokens_s(plan.train_tokens) / gpus)
+                        for m in methods])
     budget = plan.budget
     if budget is None:
         label = "fits on"

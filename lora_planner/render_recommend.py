@@ -38,6 +38,8 @@ def choice_table(rec: Recommendation) -> Table:
     table.add_column("", style="bold", no_wrap=True)
     table.add_column("")
     table.add_row("method", METHOD_LABELS[c.method])
+    if req.gpus > 1:
+        table.add_row("strategy", f"{req.strategy or 'ddp'} over {req.gpus} GPUs")
     if c.r is not None:
         table.add_row("rank r / alpha", f"{c.r} / {rec.alpha:g}")
         table.add_row("target modules", ", ".join(rec.target_modules))

@@ -21,6 +21,7 @@ OptimizerImpl = Literal["foreach", "for-loop", "fused"]
 Device = Literal["cuda", "cpu"]
 Attention = Literal["sdpa", "eager"]
 AdapterDtype = Literal["fp32", "base"]
+Strategy = Literal["ddp", "zero1", "zero2", "zero3", "fsdp"]
 
 FAMILIES: tuple[str, ...] = get_args(Family)
 DTYPES: tuple[str, ...] = get_args(Dtype)
@@ -29,6 +30,7 @@ OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
 OPTIMIZER_IMPLS: tuple[str, ...] = get_args(OptimizerImpl)
 DEVICES: tuple[str, ...] = get_args(Device)
 ATTENTIONS: tuple[str, ...] = get_args(Attention)
+STRATEGIES: tuple[str, ...] = get_args(Strategy)
 
 BYTES_PER_ELEMENT: dict[str, int] = {"fp32": 4, "bf16": 2, "fp16": 2}
 
@@ -151,6 +153,8 @@ class TrainingSpec:
     device: Device = "cuda"
     attention: Attention = "sdpa"
     lora: LoraSpec = field(default_factory=LoraSpec)
+    gpus: int = 1  # data-parallel ranks; batch_size is per rank
+    strategy: Strategy | None = None  # how the ranks share model states (None: ddp when gpus > 1)
 
     def __post_init__(self) -> None:
         check_choice("method", self.method, METHODS)
@@ -160,6 +164,12 @@ class TrainingSpec:
         check_choice("attention", self.attention, ATTENTIONS)
         check_positive_int("batch_size", self.batch_size)
         check_positive_int("seq_len", self.seq_len)
+        check_positive_int("gpus", self.gpus)
+        if self.strategy is not None:
+            check_choice("strategy", self.strategy, STRATEGIES)
+            if self.gpus == 1:
+                raise PlannerInputError("strategy", f"{self.strategy} shares model states across GPUs, but gpus is 1",
+                                        "pass --gpus N (N >= 2) with --strategy, or drop --strategy")
         if self.optimizer_impl is not None:
             check_choice("optimizer_impl", self.optimizer_impl, OPTIMIZER_IMPLS)
         if self.amp is not None:
@@ -180,6 +190,13 @@ class TrainingSpec:
         if self.optimizer_impl is not None:
             return self.optimizer_impl
         return "foreach" if self.device == "cuda" else "for-loop"
+
+    @property
+    def resolved_strategy(self) -> Strategy | None:
+        """None on one GPU; DistributedDataParallel when several GPUs name no strategy."""
+        if self.gpus == 1:
+            return None
+        return self.strategy or "ddp"
 
     @property
     def compute_dtype(self) -> Dtype:

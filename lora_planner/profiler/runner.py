@@ -42,8 +42,8 @@ BACKENDS: tuple[str, ...] = ("builtin", "hf")
 MODES: tuple[str, ...] = ("auto", "cuda", "cpu", "fake")
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # The planner's phases, folded onto the tracker's (forward / backward / optimizer_step).
-COARSE_PHASE = {"forward_end": "forward", "backward_start": "backward", "backward_layers": "backward",
-                "backward_end": "backward", "optimizer_step": "optimizer_step"}
+COARSE_PHASE = {"forward_start": "forward", "forward_end": "forward", "backward_start": "backward",
+                "backward_layers": "backward", "backward_end": "backward", "optimizer_step": "optimizer_step"}
 AUTO_CPU_LIMIT_BYTES = 4 * 2**30  # auto mode runs real CPU steps below this predicted peak, fake above
 
 

@@ -1,0 +1,347 @@
+"""Fit the planner's free constants to measured runs, and apply them to an estimate (pure Python).
+
+What is fitted (`fit_calibration`):
+
+- **Activation factors**, one per (family, method): the planner's activation term is multiplied by k.
+  With p the predicted peak, a the predicted activations at the predicted peak and m the measured
+  peak, the model is m ~ (p - a) + k a, so k minimises sum((m - (p - a) - k a)^2) over the training
+  records of the group: k = sum(a (m - p + a)) / sum(a^2). A group whose activations are under
+  `MIN_ACTIVATION_SHARE` of its predicted peaks keeps k = 1 (its peak does not depend on them, e.g.
+  full fine-tuning peaking in the optimizer step); k is clipped to [0.25, 4].
+- **Device overhead**, only from cuda records: `allocator_fraction` by least squares through the
+  origin on reserved - allocated vs allocated (`measured.reserved_peak_bytes`, `measured.peak_bytes`),
+  `cuda_context_bytes` as the median memory held outside the allocator (`measured.non_allocator_bytes`,
+  which `lora-plan sweep` records for cuda runs). Without such records the defaults stay.
+
+The ok records are split at random (`seed`) into a training part and a held-out part (`holdout`);
+the held-out runs' absolute % errors before and after calibration (median, max) go into calib.json.
+The linearisation above is exact for the records (their predicted peak phase is kept); applying the
+factors to a new estimate (`apply_calibration`) scales the activations of every phase and takes the
+peak again, so the peak phase may change.
+
+Everything here is pure Python (`lora-plan estimate --calibration` imports it).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import random
+import statistics
+from collections.abc import Iterable
+from dataclasses import replace
+from math import ceil
+from pathlib import Path
+from typing import Any
+
+from lora_planner.catalog import GPUS
+from lora_planner.errors import PlannerInputError
+from lora_planner.memory import DeviceOverhead, MemoryEstimate, PhaseMemory
+from lora_planner.planner import Plan
+
+CALIBRATION_SCHEMA_VERSION = 1
+CALIBRATION_KIND = "lora_planner.calibration"
+MIN_ACTIVATION_SHARE = 0.02
+FACTOR_BOUNDS = (0.25, 4.0)
+GIB = 2**30
+
+
+def group_key(family: str, method: str) -> str:
+    return f"{family}/{method}"
+
+
+def _activation_terms(record: dict[str, Any]) -> tuple[float, float, float]:
+    """(predicted peak p, predicted activations a at that peak, measured peak m) of an ok record."""
+    predicted = record["predicted"]
+    return (float(predicted["peak_bytes"]), float(predicted["breakdown_bytes"].get("activations", 0)),
+            float(record["measured"]["peak_bytes"]))
+
+
+def fit_activation_factor(records: Iterable[dict[str, Any]]) -> tuple[float, str | None]:
+    """Least-squares k for m ~ (p - a) + k a, or (1.0, why not) when the data cannot determine it."""
+    terms = [_activation_terms(r) for r in records]
+    if not terms:
+        return 1.0, "no training records"
+    sum_aa = sum(a * a for _, a, _ in terms)
+    share = sum(a for _, a, _ in terms) / sum(p for p, _, _ in terms)
+    if sum_aa == 0 or share < MIN_ACTIVATION_SHARE:
+        return 1.0, f"activations are {100 * share:.2g}% of the predicted peaks (< {100 * MIN_ACTIVATION_SHARE:g}%)"
+    k = sum(a * (m - p + a) for p, a, m in terms) / sum_aa
+    low, high = FACTOR_BOUNDS
+    if not low <= k <= high:
+        return min(max(k, low), high), f"least squares gave {k:.3g}, clipped to [{low:g}, {high:g}]"
+    return k, None
+
+
+def _calibrated_peak(record: dict[str, Any], factor: float) -> float:
+    p, a, _ = _activation_terms(record)
+    return p - a + factor * a
+
+
+def error_stats(errors: list[float]) -> dict[str, Any]:
+    """Median and max absolute % error of relative errors (predicted / measured - 1)."""
+    if not errors:
+        return {"n": 0, "median_abs_pct": None, "max_abs_pct": None}
+    absolute = [100 * abs(e) for e in errors]
+    return {"n": len(errors), "median_abs_pct": statistics.median(absolute), "max_abs_pct": max(absolute)}
+
+
+def split_records(records: list[dict[str, Any]], holdout: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """(training, held-out): a seeded shuffle of the records sorted by key and origin; at least one
+    record trains when there are two or more."""
+    ordered = sorted(records, key=lambda r: (r["key"], r.get("_source", ""), r.get("timestamp", "")))
+    random.Random(seed).shuffle(ordered)
+    n_out = round(holdout * len(ordered))
+    if len(ordered) >= 2:
+        n_out = min(n_out, len(ordered) - 1)
+    else:
+        n_out = 0
+    return ordered[n_out:], ordered[:n_out]
+
+
+def _fit_device_overhead(records: list[dict[str, Any]]) -> dict[str, Any]:
+    cuda = [r for r in records if r.get("device") == "cuda" or r.get("mode") == "cuda"]
+    reserved = [r for r in cuda if isinstance(r["measured"].get("reserved_peak_bytes"), (int, float))]
+    outside = [r["measured"]["non_allocator_bytes"] for r in cuda
+               if isinstance(r["measured"].get("non_allocator_bytes"), (int, float))]
+    result: dict[str, Any] = {"n_cuda_records": len(cuda), "cuda_context_bytes": None, "allocator_fraction": None}
+    notes = []
+    if reserved:
+        num = sum((r["measured"]["reserved_peak_bytes"] - r["measured"]["peak_bytes"]) * r["measured"]["peak_bytes"]
+                  for r in reserved)
+        den = sum(r["measured"]["peak_bytes"] ** 2 for r in reserved)
+        result["allocator_fraction"] = max(0.0, num / den) if den else None
+    else:
+        notes.append("no cuda records with reserved memory: allocator_fraction keeps the planner's default")
+    if outside:
+        result["cuda_context_bytes"] = int(statistics.median(outside))
+    else:
+        notes.append("no cuda records with memory outside the allocator: cuda_context_bytes keeps the planner's "
+                     "default")
+    if not cuda:
+        notes = ["no cuda records: the device overhead keeps the planner's defaults (CUDA context, allocator reserve)"]
+    result["note"] = "; ".join(notes) or None
+    return result
+
+
+def fit_calibration(records: list[dict[str, Any]], holdout: float = 0.3, seed: int = 0,
+                    sources: list[str] | None = None) -> dict[str, Any]:
+    """The calib.json document for these records (only status-ok records are used)."""
+    if not 0 <= holdout < 1:
+        raise PlannerInputError("holdout", f"must be in [0, 1), got {holdout}", "pass e.g. --holdout 0.3")
+    ok = [r for r in records if r.get("status") == "ok"]
+    if not ok:
+        raise PlannerInputError("runs", "no measured (status ok) records to calibrate on",
+                                "run `lora-plan sweep GRID --out runs.jsonl` first")
+    train, held = split_records(ok, holdout, seed)
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for record in train:
+        groups.setdefault(group_key(record["family"], record["settings"]["method"]), []).append(record)
+    factors: dict[str, Any] = {}
+    for key in sorted({group_key(r["family"], r["settings"]["method"]) for r in ok}):
+        family, method = key.split("/")
+        factor, note = fit_activation_factor(groups.get(key, []))
+        members = groups.get(key, [])
+        factors[key] = {"family": family, "method": method, "factor": factor, "n_train": len(members),
+                        "train_error_before": error_stats([_calibrated_peak(r, 1.0) / _activation_terms(r)[2] - 1
+                                                           for r in members]),
+                        "train_error_after": error_stats([_calibrated_peak(r, factor) / _activation_terms(r)[2] - 1
+                                                          for r in members]),
+                        "note": note}
+
+    evaluated = held if held else train
+
+    def errors(records_: list[dict[str, Any]], calibrated: bool) -> list[float]:
+        out = []
+        for r in records_:
+            k = factors[group_key(r["family"], r["settings"]["method"])]["factor"] if calibrated else 1.0
+            out.append(_calibrated_peak(r, k) / _activation_terms(r)[2] - 1)
+        return out
+
+    by_group = {}
+    for key in factors:
+        members = [r for r in evaluated if group_key(r["family"], r["settings"]["method"]) == key]
+        if members:
+            by_group[key] = {"before": error_stats(errors(members, False)), "after": error_stats(errors(members, True))}
+    modes: dict[str, int] = {}
+    for r in ok:
+        modes[r["mode"]] = modes.get(r["mode"], 0) + 1
+    return {
+        "schema_version": CALIBRATION_SCHEMA_VERSION,
+        "kind": CALIBRATION_KIND,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "sources": sources or [],
+        "n_records": len(ok),
+        "fitted_on_modes": modes,
+        "holdout": holdout,
+        "seed": seed,
+        "n_train": len(train),
+        "n_heldout": len(held),
+        "activation_factors": factors,
+        "device_overhead": _fit_device_overhead(train),
+        "evaluation": {
+            "on": "held-out runs" if held else "training runs (no held-out split: in-sample)",
+            "before": error_stats(errors(evaluated, False)),
+            "after": error_stats(errors(evaluated, True)),
+            "by_group": by_group,
+            "heldout_keys": [r["key"] for r in held],
+        },
+    }
+
+
+# ---------------------------------------------------------------------------------------------- applying
+
+
+def load_calibration(path: str | Path) -> dict[str, Any]:
+    """Read and check a calib.json (one-line `PlannerInputError` when it is not one)."""
+    path = Path(path)
+    try:
+        calib = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise PlannerInputError("calibration", f"cannot read {path} ({err.strerror or err})",
+                                "pass a file written by `lora-plan calibrate --out calib.json`") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise PlannerInputError("calibration", f"{path} is not valid JSON ({err})",
+                                "pass a file written by `lora-plan calibrate`") from None
+    if not isinstance(calib, dict) or calib.get("kind") != CALIBRATION_KIND:
+        raise PlannerInputError("calibration", f"{path} is not a lora-plan calibration file",
+                                "pass a file written by `lora-plan calibrate --out calib.json`")
+    if calib.get("schema_version") != CALIBRATION_SCHEMA_VERSION:
+        raise PlannerInputError("calibration", f"{path} has schema_version {calib.get('schema_version')!r}",
+                                f"recalibrate with this version (schema {CALIBRATION_SCHEMA_VERSION})")
+    factors = calib.get("activation_factors")
+    if not isinstance(factors, dict) or not all(
+            isinstance(v, dict) and isinstance(v.get("factor"), (int, float)) and v["factor"] > 0
+            for v in factors.values()):
+        raise PlannerInputError("calibration", f"{path}: activation_factors must map family/method to a positive "
+                                               "factor", "recalibrate with `lora-plan calibrate`")
+    if not isinstance(calib.get("device_overhead", {}), dict):
+        raise PlannerInputError("calibration", f"{path}: device_overhead must be an object",
+                                "recalibrate with `lora-plan calibrate`")
+    return calib
+
+
+def activation_factor(calib: dict[str, Any], family: str, method: str) -> float:
+    """The factor for (family, method); QLoRA uses LoRA's when it has none of its own (same adapters
+    and activations, only the base weights differ); 1 when nothing was fitted."""
+    factors = calib.get("activation_factors", {})
+    for key in (group_key(family, method), group_key(family, "lora") if method == "qlora" else None):
+        if key in factors:
+            return float(factors[key]["factor"])
+    return 1.0
+
+
+def calibrated_overhead(calib: dict[str, Any], base: DeviceOverhead | None = None) -> DeviceOverhead:
+    """`base` (the planner's defaults) with the fitted device constants where cuda records gave them."""
+    base = base or DeviceOverhead()
+    device = calib.get("device_overhead") or {}
+    context, fraction = device.get("cuda_context_bytes"), device.get("allocator_fraction")
+    return DeviceOverhead(cuda_context_bytes=int(context) if context is not None else base.cuda_context_bytes,
+                          allocator_fraction=float(fraction) if fraction is not None else base.allocator_fraction)
+
+
+def apply_calibration(estimate: MemoryEstimate, calib: dict[str, Any], family: str, device: str,
+                      overhead: DeviceOverhead | None = None) -> MemoryEstimate:
+    """`estimate` with its activation term scaled by the (family, method) factor in every phase, the
+    peak taken again, and the device overhead recomputed with the calibrated constants."""
+    k = activation_factor(calib, family, estimate.method)
+    phases = tuple(PhaseMemory(p.phase, replace(p.breakdown, activations_bytes=ceil(p.breakdown.activations_bytes * k)))
+                   for p in estimate.phases)
+    peak = max(p.breakdown.total_bytes for p in phases)
+    overhead = calibrated_overhead(calib, overhead)
+    return replace(estimate, phases=phases, device_overhead_bytes=overhead.bytes_for(peak, device))
+
+
+def _fits_on(peak_device_bytes: int) -> tuple[str, ...]:
+    return tuple(name for name, gpu in sorted(GPUS.items(), key=lambda kv: kv[1].memory_bytes)
+                 if peak_device_bytes <= gpu.memory_bytes)
+
+
+def calibrate_plan(plan: Plan, calib: dict[str, Any]) -> Plan:
+    """Every method of `plan` calibrated, with its fit against the budget and the GPUs recomputed."""
+    overhead = calibrated_overhead(calib, plan.overhead)
+    methods = {}
+    for method, mp in plan.methods.items():
+        estimate = apply_calibration(mp.estimate, calib, plan.spec.family, plan.training.device, plan.overhead)
+        fits = None if plan.budget is None else estimate.peak_device_bytes <= plan.budget.memory_bytes
+        methods[method] = replace(mp, estimate=estimate, fits=fits, fits_on=_fits_on(estimate.peak_device_bytes))
+    return replace(plan, methods=methods, overhead=overhead)
+
+
+def calibration_summary(calib: dict[str, Any], plan: Plan, path: str) -> dict[str, Any]:
+    """What `--json` adds under "calibration", with a one-line `note` for the human output."""
+    family = plan.spec.family
+    factors = {m: activation_factor(calib, family, m) for m in plan.methods}
+    device = calib.get("device_overhead") or {}
+    fitted_device = [name for name in ("cuda_context_bytes", "allocator_fraction") if device.get(name) is not None]
+    evaluation = calib.get("evaluation", {})
+    before, after = evaluation.get("before", {}), evaluation.get("after", {})
+    modes = ", ".join(f"{n} {mode}" for mode, n in sorted(calib.get("fitted_on_modes", {}).items()))
+    parts = [f"activations x{factors[m]:.3f} ({family}/{m})" for m in plan.methods]
+    parts.append("device overhead " + ("fitted (" + ", ".join(fitted_device) + ")" if fitted_device
+                                       else "at the defaults (no cuda records)"))
+    note = f"calibrated with {path}: " + "; ".join(parts) + f"; fitted on {modes} records"
+    if before.get("median_abs_pct") is not None and after.get("median_abs_pct") is not None:
+        note += (f"; {evaluation.get('on', 'held-out runs')}: median |error| {before['median_abs_pct']:.2f}% -> "
+                 f"{after['median_abs_pct']:.2f}%")
+    return {"path": path, "activation_factors": factors, "device_overhead_fitted": fitted_device,
+            "fitted_on_modes": calib.get("fitted_on_modes", {}), "evaluation": {"before": before, "after": after},
+            "note": note}
+
+
+def calibrate_plan_from_file(plan: Plan, path: str) -> tuple[Plan, dict[str, Any]]:
+    """`lora-plan estimate --calibration calib.json`: the calibrated plan and what to say about it."""
+    calib = load_calibration(path)
+    return calibrate_plan(plan, calib), calibration_summary(calib, plan, path)
+
+
+# ---------------------------------------------------------------------------------------------- command
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}%"
+
+
+def format_calibration(calib: dict[str, Any]) -> list[str]:
+    """Plain-text lines: the factors and the held-out error before/after."""
+    lines = [f"calibration from {calib['n_records']} measured run(s) ({calib['n_train']} training, "
+             f"{calib['n_heldout']} held out, seed {calib['seed']})"]
+    lines.append(f"  {'family/method':<16} {'factor':>7} {'train':>5}  note")
+    for key, f in calib["activation_factors"].items():
+        lines.append(f"  {key:<16} {f['factor']:>7.4f} {f['n_train']:>5}  {f['note'] or ''}".rstrip())
+    device = calib["device_overhead"]
+    if device["n_cuda_records"]:
+        context = device["cuda_context_bytes"]
+        fraction = device["allocator_fraction"]
+        lines.append(f"  device overhead from {device['n_cuda_records']} cuda run(s): context "
+                     f"{'-' if context is None else f'{context / 2**20:.0f} MiB'}, allocator fraction "
+                     f"{'-' if fraction is None else f'{fraction:.4f}'}")
+    if device.get("note"):
+        lines.append(f"  {device['note']}")
+    ev = calib["evaluation"]
+    lines.append(f"  {ev['on']}: median |error| {_pct(ev['before']['median_abs_pct'])} -> "
+                 f"{_pct(ev['after']['median_abs_pct'])}, max |error| {_pct(ev['before']['max_abs_pct'])} -> "
+                 f"{_pct(ev['after']['max_abs_pct'])} ({ev['before']['n']} run(s))")
+    return lines
+
+
+def calibrate_command(args: Any) -> int:
+    """`lora-plan calibrate --runs runs.jsonl [--runs more.jsonl] --out calib.json [--holdout 0.3 --seed 0]`."""
+    import sys
+
+    from lora_planner.report.runs import load_runs
+
+    runs = load_runs(args.runs, require="ok")
+    for problem in runs.problems:
+        print(f"lora-plan: skipped {problem}", file=sys.stderr)
+    calib = fit_calibration(runs.records, holdout=args.holdout, seed=args.seed, sources=runs.paths)
+    out = Path(args.out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(calib, indent=2) + "\n", encoding="utf-8")
+    except OSError as err:
+        raise PlannerInputError("out", f"cannot write {out} ({err.strerror or err})", "pass a writable path") from None
+    for line in format_calibration(calib):
+        print(line)
+    print(f"written to {out}; use it with `lora-plan estimate ... --calibration {out}`")
+    return 0

@@ -1,0 +1,171 @@
+"""Calibration: a known bias is found and removes held-out error, unbiased groups are left alone, device
+overhead only from cuda records, and the calibrated estimate through `lora-plan estimate --calibration`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from lora_planner.catalog import resolve_model
+from lora_planner.cli import main
+from lora_planner.errors import PlannerInputError
+from lora_planner.memory import DeviceOverhead, estimate_memory
+from lora_planner.report.calibrate import (
+    activation_factor, apply_calibration, fit_activation_factor, fit_calibration, split_records,
+)
+from lora_planner.specs import LoraSpec, TrainingSpec
+from tests.report.synthetic import MIB, biased_records, make_record
+
+
+def test_known_bias_is_fitted_and_reduces_heldout_error_while_unbiased_groups_stay():
+    records = (biased_records(20, 1.3, "llama", "lora", "l", noise=0.002)
+               + biased_records(20, 1.0, "qwen2", "lora", "q", noise=0.002))
+    calib = fit_calibration(records, holdout=0.3, seed=0)
+    llama, qwen = calib["activation_factors"]["llama/lora"], calib["activation_factors"]["qwen2/lora"]
+    assert llama["factor"] == pytest.approx(1.3, abs=0.02)
+    assert qwen["factor"] == pytest.approx(1.0, abs=0.02)
+    assert calib["n_heldout"] == 12 and calib["n_train"] == 28
+    ev = calib["evaluation"]
+    assert ev["on"] == "held-out runs"
+    assert ev["after"]["median_abs_pct"] < ev["before"]["median_abs_pct"] / 5
+    assert ev["after"]["max_abs_pct"] < 1.0 < ev["before"]["max_abs_pct"]
+    unbiased = ev["by_group"]["qwen2/lora"]
+    assert unbiased["after"]["median_abs_pct"] == pytest.approx(unbiased["before"]["median_abs_pct"], abs=0.1)
+    assert calib["device_overhead"]["n_cuda_records"] == 0
+    assert calib["device_overhead"]["cuda_context_bytes"] is None  # defaults stay without cuda records
+    json.dumps(calib)
+
+
+def test_exact_records_give_factor_one_and_tiny_activation_shares_are_not_fitted():
+    assert fit_activation_factor(biased_records(5, 1.0)) == (pytest.approx(1.0), None)
+    full = [make_record(f"f{i}", method="full", predicted=100 * MIB, activations=1024, measured=90 * MIB)
+            for i in range(4)]
+    factor, note = fit_activation_factor(full)
+    assert factor == 1.0 and "activations are" in note
+    factor, note = fit_activation_factor(biased_records(4, 50.0))
+    assert factor == 4.0 and "clipped" in note
+
+
+def test_split_is_seeded_and_keeps_a_training_record():
+    records = biased_records(10, 1.0)
+    train, held = split_records(records, 0.3, seed=1)
+    assert len(held) == 3 and len(train) == 7
+    assert [r["key"] for r in held] == [r["key"] for r in split_records(list(reversed(records)), 0.3, seed=1)[1]]
+    assert len(split_records(records[:1], 0.9, 0)[0]) == 1
+    calib = fit_calibration(records, holdout=0.0)
+    assert calib["n_heldout"] == 0 and "in-sample" in calib["evaluation"]["on"]
+
+
+def test_device_overhead_from_cuda_records():
+    records = [make_record(f"c{i}", mode="cuda", predicted=(1 + i) * 1024 * MIB, activations=100 * MIB,
+                           reserved=int((1 + i) * 1024 * MIB * 1.1), non_allocator=(600 + i) * MIB)
+               for i in range(6)]
+    calib = fit_calibration(records, holdout=0.0)
+    device = calib["device_overhead"]
+    assert device["n_cuda_records"] == 6
+    assert device["allocator_fraction"] == pytest.approx(0.1, rel=1e-6)
+    assert device["cuda_context_bytes"] == pytest.approx(602.5 * MIB, abs=1)
+
+
+def test_bad_inputs():
+    with pytest.raises(PlannerInputError, match="holdout"):
+        fit_calibration(biased_records(3, 1.0), holdout=1.0)
+    with pytest.raises(PlannerInputError, match="no measured"):
+        fit_calibration([make_record("x", status="oom")])
+
+
+def _calib(factor: float = 1.5, context: int | None = 700 * MIB, fraction: float | None = 0.1) -> dict:
+    return {"schema_version": 1, "kind": "lora_planner.calibration", "fitted_on_modes": {"cuda": 3},
+            "activation_factors": {"llama/lora": {"family": "llama", "method": "lora", "factor": factor}},
+            "device_overhead": {"cuda_context_bytes": context, "allocator_fraction": fraction, "n_cuda_records": 3},
+            "evaluation": {"on": "held-out runs", "before": {"median_abs_pct": 9.0}, "after": {"median_abs_pct": 1.0}}}
+
+
+def test_apply_calibration_scales_activations_in_every_phase_and_uses_the_device_constants():
+    spec = resolve_model("llama-3.2-1b")
+    training = TrainingSpec(method="lora", batch_size=2, seq_len=1024, lora=LoraSpec(r=8))
+    base = estimate_memory(spec, training)
+    calibrated = apply_calibration(base, _calib(), "llama", "cuda")
+    for before, after in zip(base.phases, calibrated.phases):
+        assert after.breakdown.activations_bytes == pytest.approx(1.5 * before.breakdown.activations_bytes, abs=1)
+        assert after.breakdown.weights_bytes == before.breakdown.weights_bytes
+    assert calibrated.peak_allocated_bytes > base.peak_allocated_bytes
+    assert calibrated.device_overhead_bytes == DeviceOverhead(700 * MIB, 0.1).bytes_for(
+        calibrated.peak_allocated_bytes, "cuda")
+    assert apply_calibration(base, _calib(), "llama", "cpu").device_overhead_bytes == 0
+    # no factor for the family: activations unchanged; QLoRA borrows LoRA's factor
+    assert apply_calibration(base, _calib(), "qwen2", "cpu").peak_allocated_bytes == base.peak_allocated_bytes
+    assert activation_factor(_calib(), "llama", "qlora") == 1.5
+    assert activation_factor(_calib(), "llama", "full") == 1.0
+
+
+def test_estimate_with_calibration_says_so(tmp_path, capsys):
+    path = tmp_path / "calib.json"
+    path.write_text(json.dumps(_calib()))
+    argv = ["estimate", "--model", "llama-3.2-1b", "--method", "lora", "--seq-len", "1024", "--json"]
+    assert main(argv) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert "calibration" not in plain  # the uncalibrated planner is the default
+    assert main([*argv, "--calibration", str(path)]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    lora, plain_lora = doc["methods"]["lora"], plain["methods"]["lora"]
+    assert lora["breakdown_bytes"]["activations"] > plain_lora["breakdown_bytes"]["activations"]
+    assert doc["calibration"]["activation_factors"] == {"lora": 1.5}
+    assert doc["inputs"]["cuda_context_bytes"] == 700 * MIB
+    assert main(argv[:-1] + ["--calibration", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "calibrated with" in out and "x1.500 (llama/lora)" in out and "9.00% -> 1.00%" in out
+
+
+@pytest.mark.parametrize("content, needle", [
+    (None, "cannot read"), ("{", "not valid JSON"), ('{"kind": "other"}', "not a lora-plan calibration"),
+    ('{"kind": "lora_planner.calibration", "schema_version": 1, "activation_factors": {"a/b": {"factor": -1}}}',
+     "positive factor"),
+])
+def test_estimate_with_a_bad_calibration_file_is_one_line_exit_2(tmp_path, capsys, content, needle):
+    path = tmp_path / "calib.json"
+    if content is not None:
+        path.write_text(content)
+    assert main(["--model", "gpt2", "--calibration", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lora-plan: error: calibration:") and needle in err and err.count("\n") == 1
+
+
+def test_calibrate_command_writes_calib_json_and_prints_the_errors(tmp_path, capsys):
+    runs = tmp_path / "runs.jsonl"
+    records = biased_records(10, 1.2, prefix="a") + [make_record("oom1", status="oom")]
+    runs.write_text("\n".join(json.dumps(r) for r in records) + "\n{broken\n")
+    out = tmp_path / "calib.json"
+    assert main(["calibrate", "--runs", str(runs), "--out", str(out), "--holdout", "0.3", "--seed", "0"]) == 0
+    captured = capsys.readouterr()
+    assert "llama/lora" in captured.out and "held-out runs: median |error|" in captured.out
+    assert f"{runs}:12: not JSON" in captured.err
+    calib = json.loads(out.read_text())
+    assert calib["activation_factors"]["llama/lora"]["factor"] == pytest.approx(1.2, abs=1e-6)
+    assert main(["--model", "llama-3.2-1b", "--calibration", str(out), "--json"]) == 0
+
+
+@pytest.mark.parametrize("content", ["", "{broken\n", json.dumps(make_record("o", status="oom")) + "\n"])
+def test_calibrate_without_measured_runs_is_one_line_exit_2(tmp_path, capsys, content):
+    runs = tmp_path / "runs.jsonl"
+    runs.write_text(content)
+    assert main(["calibrate", "--runs", str(runs), "--out", str(tmp_path / "c.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lora-plan: error: runs: no measured") and err.count("\n") == 1
+    assert main(["calibrate", "--runs", str(tmp_path / "missing.jsonl"), "--out", "c.json"]) == 2
+    assert "cannot read" in capsys.readouterr().err
+    assert main(["calibrate", "--out", "c.json"]) == 2  # --runs is required
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_estimate_with_calibration_imports_no_torch_or_pandas(tmp_path):
+    path = tmp_path / "calib.json"
+    path.write_text(json.dumps(_calib()))
+    code = ("import sys; from lora_planner.cli import main; "
+            f"main(['--model', 'llama-7b', '--json', '--calibration', {str(path)!r}]); "
+            "print(sorted(m for m in ('torch', 'pandas', 'matplotlib') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip().splitlines()[-1] == "[]"

@@ -1,0 +1,224 @@
+"""Sweep grids: parsing and expansion (exact counts), bad grids (one-line errors), resume, failures that
+do not stop a sweep, Ctrl-C, and `lora-plan sweep` through `main([...])`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lora_planner.cli import main
+from lora_planner.errors import PlannerInputError
+from lora_planner.profiler.records import read_records
+from lora_planner.sweep import BUILTIN_FAMILIES, load_grid, parse_grid, run_sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_LLAMA = ('{ model_type = "llama", vocab_size = 256, hidden_size = 32, intermediate_size = 64, '
+              'num_hidden_layers = 2, num_attention_heads = 4, num_key_value_heads = 2 }')
+TINY_GPT2 = '{ model_type = "gpt2", vocab_size = 256, n_embd = 32, n_layer = 2, n_head = 4, n_positions = 64 }'
+
+GRID = f"""
+name = "t"
+[models.tl]
+config = {TINY_LLAMA}
+[models.tg]
+config = {TINY_GPT2}
+[axes]
+mode = "cpu"
+steps = 2
+seq_len = 16
+[[grid]]
+method = ["full", "lora"]
+r = [4, 8]
+backend = ["hf", "builtin"]
+batch_size = [1, 2]
+"""
+
+
+def small_grid(tmp_path: Path, text: str = "") -> Path:
+    path = tmp_path / "g.toml"
+    path.write_text(text or f"""
+[models.tl]
+config = {TINY_LLAMA}
+[axes]
+mode = "cpu"
+steps = 2
+batch_size = 2
+seq_len = 8
+[[grid]]
+method = ["full", "lora"]
+r = [2, 4]
+""")
+    return path
+
+
+def test_expansion_counts_collapse_full_and_skip_builtin_families():
+    grid = parse_grid(GRID)
+    # per model and backend: full x 2 batches + lora x 2 ranks x 2 batches = 6; gpt2 has no builtin backend
+    assert len(grid.runs) == 6 * 3
+    assert len(grid.skipped) == 6
+    assert all("builtin" in label and "tg" in label for label, _ in grid.skipped)
+    assert {r.backend for r in grid.runs if r.model == "tg"} == {"hf"}
+    full = [r for r in grid.runs if r.training.method == "full"]
+    assert len(full) == 3 * 2 and all(r.training.lora.r == 8 for r in full)
+    assert len({r.to_request().key for r in grid.runs}) == len(grid.runs)
+    assert grid.runs[0].source["model_source"]["config"]["model_type"] == "llama"
+
+
+def test_blocks_axes_defaults_and_dedup():
+    text = f"""
+[models.tl]
+config = {TINY_LLAMA}
+[axes]
+seq_len = [16, 32]
+precision = ["fp32", "amp-bf16"]
+[[grid]]
+method = "lora"
+target = ["default", "all-linear", "q_proj,k_proj", ["q_proj", "v_proj"]]
+[[grid]]
+method = ["full", "lora"]
+grad_checkpointing = [false, true]
+"""
+    grid = parse_grid(text)
+    # block 0: 4 targets x 2 seq x 2 precisions = 16; block 1: full 8 + lora 8, of which lora with
+    # default targets and no checkpointing (4) duplicate block 0 -> 12 new; "q_proj,v_proj" is the default set
+    # written out: a different key, kept
+    assert len(grid.runs) == 16 + 12
+    amp = [r for r in grid.runs if r.source["precision"] == "amp-bf16"]
+    assert all(r.training.dtype == "fp32" and r.training.amp == "bf16" for r in amp)
+    assert {r.source["target"] for r in grid.runs} == {"default", "all-linear", "q_proj,k_proj", "q_proj,v_proj"}
+
+
+def test_shipped_grids_parse_with_known_counts():
+    counts = {name: len(load_grid(ROOT / "experiments" / "grids" / f"{name}.toml").runs)
+              for name in ("cpu_validation", "fake_architectures", "gpu")}
+    assert counts == {"cpu_validation": 156, "fake_architectures": 57, "gpu": 33}
+    cpu = load_grid(ROOT / "experiments" / "grids" / "cpu_validation.toml")
+    assert {r.spec.family for r in cpu.runs} == {"llama", "mistral", "qwen2", "gemma", "phi", "gpt2", "bloom"}
+    assert {r.backend for r in cpu.runs} == {"hf", "builtin"} and {r.mode for r in cpu.runs} == {"cpu"}
+
+
+def test_builtin_families_match_the_backend():
+    from lora_planner.profiler.builtin_model import BUILTIN_FAMILIES as ACTUAL
+
+    assert BUILTIN_FAMILIES == ACTUAL
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("[models.a]\ncatalog = 'gpt2'\n[[grid]]\nmethod = ['qlora']", "qlora cannot be profiled"),
+    ("[models.a]\ncatalog = 'gpt2'\n[[grid]]\nbatch = [1]", "unknown key 'batch'"),
+    ("[models.a]\ncatalog = 'gpt2'\n[[grid]]\nmodels = ['b']", "unknown model label 'b'"),
+    ("[models.a]\ncatalog = 'gpt3'\n", "unknown model 'gpt3'"),
+    ("[models.a]\ncatalog = 'gpt2'\n[[grid]]\ntarget = ['q_proj']", "no module named 'q_proj'"),
+    ("[models.a]\ncatalog = 'gpt2'\n[[grid]]\nr = [0]", "positive integers"),
+    ("[models.a]\ncatalog = 'gpt2'\n[[grid]]\nmode = ['auto']", "auto is not allowed"),
+    ("[models.a]\ncatalog = 'gpt2'\n[[grid]]\nseq_len = []", "empty list"),
+    ("[models.a]\nconfig = { model_type = 'llama' }", "hidden_size"),
+    ("models = 3", "no [models] table"),
+    ("[models.a\n", "not valid TOML"),
+])
+def test_bad_grids_are_one_line_errors(text, needle):
+    with pytest.raises(PlannerInputError) as info:
+        parse_grid(text, name="bad")
+    message = str(info.value)
+    assert needle in message and "\n" not in message and message.startswith("grid bad")
+
+
+def test_sweep_resume_and_limit(tmp_path):
+    grid = load_grid(small_grid(tmp_path))
+    out = tmp_path / "runs.jsonl"
+    assert len(grid.runs) == 3
+    first = run_sweep(grid, out, limit=1)
+    assert len(first.finished) == 1 and first.not_started == 2
+    with pytest.raises(PlannerInputError, match="--resume"):
+        run_sweep(grid, out)
+    second = run_sweep(grid, out, resume=True)
+    assert second.already_done == 1 and len(second.finished) == 2
+    records, bad = read_records(out)
+    assert bad == [] and len(records) == 3 and len({r["key"] for r in records}) == 3
+    assert all(r["status"] == "ok" and r["sweep"]["grid"] == "g" for r in records)
+    phases = records[0]["measured"]["phases"]
+    assert set(phases) == {"forward", "backward", "optimizer_step", "zero_grad"}
+    assert max(p["peak_bytes"] for p in phases.values()) <= records[0]["measured"]["peak_bytes"]
+    third = run_sweep(grid, out, resume=True)
+    assert third.already_done == 3 and third.finished == []
+
+
+def test_oom_and_errors_are_recorded_and_the_sweep_goes_on(tmp_path):
+    from lora_planner.profiler.runner import Measurement
+
+    grid = load_grid(small_grid(tmp_path))
+    calls = []
+
+    def measure(request):
+        calls.append(request.key)
+        if len(calls) == 1:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        if len(calls) == 2:
+            raise ValueError("kernel exploded")
+        return Measurement(peak_bytes=1000, peak_phase="backward", breakdown_bytes=None, step1_peak_bytes=900,
+                           steady_peak_bytes=1000, step_times_s=(0.1, 0.2))
+
+    out = tmp_path / "runs.jsonl"
+    result = run_sweep(grid, out, measure=measure)
+    assert [r["status"] for r in result.finished] == ["oom", "error", "ok"]
+    records, _ = read_records(out)
+    assert [r["status"] for r in records] == ["oom", "error", "ok"]
+    assert "kernel exploded" in records[1]["error"]
+
+
+def test_ctrl_c_keeps_finished_records(tmp_path):
+    from lora_planner.profiler.runner import Measurement
+
+    grid = load_grid(small_grid(tmp_path))
+    calls = []
+
+    def measure(request):
+        calls.append(request)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return Measurement(peak_bytes=1000, peak_phase="backward", breakdown_bytes=None, step1_peak_bytes=900,
+                           steady_peak_bytes=1000)
+
+    out = tmp_path / "runs.jsonl"
+    result = run_sweep(grid, out, measure=measure)
+    assert result.interrupted and len(result.finished) == 1 and result.not_started == 2
+    records, _ = read_records(out)
+    assert len(records) == 1
+
+
+def test_cli_sweep_dry_run_real_run_and_bad_input(tmp_path, capsys):
+    path = small_grid(tmp_path)
+    out = tmp_path / "runs.jsonl"
+    assert main(["sweep", str(path), "--out", str(out), "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert "3 run(s)" in text and not out.exists()
+    assert main(["sweep", str(path), "--out", str(out), "--limit", "2"]) == 0
+    text = capsys.readouterr().out
+    assert "2 run(s) recorded" in text and "1 run(s) not started" in text
+    assert main(["sweep", str(path), "--out", str(out), "--resume"]) == 0
+    assert "2 run(s) already in" in capsys.readouterr().out
+    assert len(read_records(out)[0]) == 3
+    for argv, needle in ((["sweep", str(tmp_path / "nope.toml"), "--out", str(out)], "cannot read"),
+                         (["sweep", str(path), "--out", str(out)], "--resume"),
+                         (["sweep", str(path), "--out", str(out), "--resume", "--limit", "0"], "limit"),
+                         (["sweep"], "arguments")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("lora-plan: error:") and needle in err and err.count("\n") == 1
+
+
+def test_parsing_a_grid_imports_no_torch():
+    code = ("import sys; from lora_planner.sweep import load_grid; "
+            "g = load_grid('experiments/grids/fake_architectures.toml'); "
+            "print(len(g.runs), 'torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert result.stdout.split() == ["57", "False"]
+
+
+def test_records_carry_json_serialisable_sweep_sources(tmp_path):
+    grid = parse_grid(GRID)
+    json.dumps([r.source for r in grid.runs])  # stored in every record
