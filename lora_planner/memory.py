@@ -257,8 +257,11 @@ def step_components(spec: ModelSpec, training: TrainingSpec) -> StepComponents:
     # very last op, when all gradients exist and no activation is left; with a tied embedding autograd
     # then adds the embedding's V x h gradient to lm_head's, both partial gradients beside the sum.
     _, _, layer_trainable, _ = group_bytes(spec, training)
+    embedding_grads = sum(m.params for m in modules if m.group == "embeddings") * BYTES_PER_ELEMENT[training.dtype] \
+        if training.method == "full" else 0  # computed after the first layer's backward
     last_layer_left = acts.checkpoint_per_layer_bytes if training.grad_checkpointing else acts.first_layer_bytes
-    end_grads, end_acts, end_scratch = trainable_bytes - layer_trainable, last_layer_left + recomputed, layer_scratch
+    end_grads = trainable_bytes - layer_trainable - embedding_grads
+    end_acts, end_scratch = last_layer_left + recomputed, layer_scratch
     last_op_scratch = 0
     if training.method == "full" and spec.tie_word_embeddings:
         last_op_scratch = 2 * spec.vocab_size * spec.hidden_size * BYTES_PER_ELEMENT[training.dtype]

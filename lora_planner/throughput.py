@@ -22,6 +22,9 @@ optimizer step (bytes it reads and writes over the memory bandwidth), plus for Q
 dequantization of every base weight in each pass. The default MFU of 0.4 is typical of well-tuned
 single-GPU PyTorch training; calibrate it from profiler runs (`lora-plan calibrate`).
 
+Several GPUs: FLOPs and compute time are per GPU (its micro-batch); a sharded optimizer (ZeRO / FSDP)
+steps 1/N of the state on each rank.
+
 Known limitations: no communication time (multi-GPU), no data-loading or Python overhead, attention's
 softmax and element-wise ops are not counted (FlopCounterMode does not count them either), flash
 attention's backward recomputation (+0.5 x attention forward in hardware FLOPs) is left out of model
@@ -191,6 +194,8 @@ def estimate_throughput(spec: ModelSpec, training: TrainingSpec, gpu: GpuSpec,
     peak = gpu.flops_per_s(training.compute_dtype)
     compute = flops.total / (peak * mfu)
     memory_bytes = _optimizer_bytes_touched(spec, training)
+    if training.resolved_strategy not in (None, "ddp"):
+        memory_bytes //= training.gpus  # each rank steps its shard of the optimizer state
     if training.method == "qlora":
         passes = 2 + (1 if training.grad_checkpointing else 0)  # forward, backward (+ recompute)
         e = BYTES_PER_ELEMENT[training.compute_dtype]
