@@ -12,12 +12,11 @@ GPU memory sizes are the `memory.total` that `nvidia-smi` reports for each board
 from __future__ import annotations
 
 import difflib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lora_planner.errors import PlannerInputError
+from lora_planner.errors import PlannerInputError, read_json_file
 from lora_planner.specs import FAMILIES, ModelSpec
 
 MIB = 2**20
@@ -200,14 +199,7 @@ def load_config_json(path: str | Path) -> ModelSpec:
     path = Path(path)
     if path.is_dir():
         path = path / "config.json"
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as err:
-        raise PlannerInputError("model", f"cannot read {path} ({err.strerror or err})",
-                                "pass a catalog name or a readable config.json") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise PlannerInputError("model", f"{path} is not valid JSON ({err})",
-                                "pass a Hugging Face config.json") from None
+    config = read_json_file(path, "model", "pass a catalog name or a readable Hugging Face config.json")
     return spec_from_config(config, name=str(path))
 
 

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_planner.catalog import GPUS
-from lora_planner.errors import PlannerInputError
+from lora_planner.errors import PlannerInputError, read_json_file
 from lora_planner.memory import DeviceOverhead, MemoryEstimate, PhaseMemory
 from lora_planner.planner import Plan
 
@@ -195,14 +195,7 @@ def fit_calibration(records: list[dict[str, Any]], holdout: float = 0.3, seed: i
 def load_calibration(path: str | Path) -> dict[str, Any]:
     """Read and check a calib.json (one-line `PlannerInputError` when it is not one)."""
     path = Path(path)
-    try:
-        calib = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as err:
-        raise PlannerInputError("calibration", f"cannot read {path} ({err.strerror or err})",
-                                "pass a file written by `lora-plan calibrate --out calib.json`") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise PlannerInputError("calibration", f"{path} is not valid JSON ({err})",
-                                "pass a file written by `lora-plan calibrate`") from None
+    calib = read_json_file(path, "calibration", "pass a file written by `lora-plan calibrate --out calib.json`")
     if not isinstance(calib, dict) or calib.get("kind") != CALIBRATION_KIND:
         raise PlannerInputError("calibration", f"{path} is not a lora-plan calibration file",
                                 "pass a file written by `lora-plan calibrate --out calib.json`")
