@@ -433,7 +433,7 @@ def _gpt2_layer(flow: _Flow, x_needs_grad: bool) -> list[SavedTensor]:
 
 def _bloom_layer(flow: _Flow, x_needs_grad: bool) -> list[SavedTensor]:
     """BLOOM: LayerNorm, fused query_key_value, eager ALiBi attention (S x S kept), dense, MLP."""
-    spec, tokens, e, h = flow.spec, flow.tokens, flow.e_compute, flow.spec.hidden_size
+    tokens, e, h = flow.tokens, flow.e_compute, flow.spec.hidden_size
     p = "transformer.h.0."
     saved = _layer_norm(flow, "input_layernorm", x_needs_grad)
     own, keeps = flow.linear(p + "self_attention.query_key_value", flow.e_stream, x_needs_grad)

@@ -16,7 +16,7 @@ from lora_planner.catalog import GPUS, model_names, parse_memory_size, resolve_g
 from lora_planner.errors import PlannerInputError
 from lora_planner.memory import DeviceOverhead
 from lora_planner.planner import Budget, make_plan, plan_to_dict
-from lora_planner.recommend import add_recommend_arguments, run_recommend_command
+from lora_planner.recommend_cli import add_recommend_arguments, run_recommend_command
 from lora_planner.report import add_calibrate_arguments, add_report_arguments, run_calibrate_command, run_report_command
 from lora_planner.specs import (
     ATTENTIONS, DEVICES, DTYPES, METHODS, OPTIMIZER_IMPLS, OPTIMIZERS, STRATEGIES, LoraSpec, TrainingSpec,

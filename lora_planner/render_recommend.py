@@ -7,7 +7,9 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from lora_planner.recommend import PHASE_TITLES, Recommendation, Verification
+from lora_planner.memory import PHASE_TITLES
+from lora_planner.recommend import Recommendation
+from lora_planner.recommend_cli import Verification
 
 GIB = 2**30
 METHOD_LABELS = {"full": "full fine-tune", "lora": "LoRA", "qlora": "QLoRA"}

@@ -21,8 +21,8 @@ from lora_planner.params import lora_params, rank_for_trainable_fraction
 from lora_planner.planner import Budget
 from lora_planner.recommend import (
     DEFAULT_R, RANK_LADDER, Candidate, RecommendRequest, dominates, pareto_frontier, recommend,
-    recommendation_to_dict, verify,
 )
+from lora_planner.recommend_cli import recommendation_to_dict, verify
 from lora_planner.render_recommend import render_recommendation
 from lora_planner.specs import LoraSpec, TrainingSpec
 

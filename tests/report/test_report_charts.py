@@ -14,7 +14,7 @@ from lora_planner.report.tables import (
     breakdown_frame, error_summary, rank_frame, runs_frame, scaling_frame, seed_rule_frame,
 )
 from lora_planner.specs import LoraSpec, TrainingSpec
-from tests.report.synthetic import MIB, biased_records, make_record
+from tests.report.synthetic import biased_records, make_record
 
 SPEC = resolve_model("llama-3.2-1b")
 TRAINING = TrainingSpec(method="lora", batch_size=2, seq_len=512, lora=LoraSpec(r=8))

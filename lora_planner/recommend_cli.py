@@ -1,0 +1,308 @@
+"""`lora-plan recommend`'s input and output: the `--json` document, `--verify` (replaying the answer with
+the profiler under fake tensors; imports torch only then) and the command-line arguments. The decision
+itself is `lora_planner.recommend` (pure)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass, replace
+from typing import Any
+
+from lora_planner.catalog import GPUS, model_names, parse_memory_size, resolve_gpu, resolve_model
+from lora_planner.errors import PlannerInputError
+from lora_planner.memory import DeviceOverhead, estimate_memory
+from lora_planner.planner import SCHEMA_VERSION, Budget
+from lora_planner.recommend import (
+    DEFAULT_R, MAX_MICRO_BATCH, Candidate, Recommendation, RecommendRequest, recommend, training_for,
+)
+from lora_planner.specs import (
+    ATTENTIONS, DEVICES, DTYPES, OPTIMIZER_IMPLS, OPTIMIZERS, STRATEGIES, LoraSpec, TrainingSpec, check_choice,
+)
+
+
+# ---------------------------------------------------------------------------------------------- JSON
+
+
+def candidate_to_dict(c: Candidate, alpha: float | None = None) -> dict[str, Any]:
+    return {
+        "method": c.method,
+        "r": c.r,
+        "alpha": alpha if alpha is not None else (None if c.r is None else float(2 * c.r)),
+        "micro_batch_size": c.micro_batch_size,
+        "max_micro_batch_size": c.max_micro_batch_size,
+        "gradient_accumulation_steps": c.gradient_accumulation_steps,
+        "effective_global_batch": c.effective_global_batch,
+        "gradient_checkpointing": c.grad_checkpointing,
+        "predicted_peak_bytes": c.predicted_peak_bytes,
+        "peak_phase": c.peak_phase,
+    }
+
+
+def recommendation_to_dict(rec: Recommendation, verification: Verification | None = None) -> dict[str, Any]:
+    """The `--json` document (`schema_version` 1; keys are only ever added)."""
+    req, c = rec.request, rec.choice
+    t = req.training
+    alpha_given = t.lora.alpha
+    doc: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "model": req.spec.name,
+        "method": c.method,
+        "r": c.r,
+        "alpha": rec.alpha,
+        "target_modules": list(rec.target_modules),
+        "micro_batch_size": c.micro_batch_size,
+        "max_micro_batch_size": c.max_micro_batch_size,
+        "gradient_accumulation_steps": c.gradient_accumulation_steps,
+        "effective_global_batch": c.effective_global_batch,
+        "gradient_checkpointing": c.grad_checkpointing,
+        "gpus": req.gpus,
+        "strategy": (req.strategy or "ddp") if req.gpus > 1 else None,
+        "predicted_peak_bytes": c.predicted_peak_bytes,
+        "peak_phase": c.peak_phase,
+        "budget_bytes": req.budget.memory_bytes,
+        "usable_bytes": req.usable_bytes,
+        "needed_budget_bytes": rec.needed_budget_bytes,
+        "fits": rec.fits,
+        "reasons": list(rec.reasons),
+        "alternatives": [{**candidate_to_dict(a, alpha_given if a.r is not None else None),
+                          "recommended": a == c} for a in rec.alternatives],
+        "inputs": {
+            "gpu": req.budget.name, "gpus": req.gpus, "seq_len": t.seq_len, "global_batch": req.global_batch,
+            "headroom": req.headroom, "min_micro_batch": req.min_micro_batch,
+            "methods": list(req.methods) if req.methods is not None else None, "rank_source": rec.rank_source,
+            "trainable_fraction": req.trainable_fraction, "implied_r": rec.implied_r,
+            "dtype": t.dtype, "amp": t.amp, "optimizer": t.optimizer, "optimizer_impl": t.resolved_optimizer_impl,
+            "attention": t.attention, "device": t.device, "adapter_dtype": t.lora.adapter_dtype,
+            "cuda_context_bytes": req.overhead.cuda_context_bytes,
+            "allocator_fraction": req.overhead.allocator_fraction,
+        },
+    }
+    if verification is not None:
+        doc["verify"] = verification_to_dict(verification)
+    return doc
+
+
+# ---------------------------------------------------------------------------------------------- --verify
+
+VERIFY_STEPS = 2  # step 1 creates the optimizer state, step 2 is the steady state
+
+VERIFY_NOTE = ("the check replays the Hugging Face training step under fake tensors (FakeTensorMode) and measures "
+               "what the CPU kernels keep alive, allocating nothing; CUDA-specific memory (the CUDA context, the "
+               "allocator's reserve, kernels that keep less than their CPU versions) is not measured: the "
+               "planner's model of it is applied to carry the measurement to the device")
+VERIFY_TOLERANCE = 0.01  # the planner's CPU prediction must be within 1% of the measured peak
+
+
+@dataclass(frozen=True)
+class VerifyRun:
+    """One replayed step. `measured_peak_bytes` is the peak allocated on CPU kernels; `predicted_peak_bytes`
+    the planner's prediction for that same CPU step; `cpu_kernel_extra_bytes` what the planner says CPU
+    kernels keep beyond the CUDA step (dropout masks stored in the element dtype, GPT-2's math-kernel
+    attention; 0 for most models); `added_bytes` the modelled device overhead plus DDP buckets."""
+
+    label: str  # "recommended" or "next micro-batch"
+    micro_batch_size: int
+    status: str  # "ok", "oom", "error"
+    measured_peak_bytes: int | None
+    predicted_peak_bytes: int
+    cpu_kernel_extra_bytes: int
+    added_bytes: int
+    error: str | None = None
+
+    @property
+    def device_bytes(self) -> int | None:
+        """The measurement carried to the device: minus the CPU kernels' extra, plus overhead and buckets."""
+        if self.measured_peak_bytes is None:
+            return None
+        return self.measured_peak_bytes - self.cpu_kernel_extra_bytes + self.added_bytes
+
+    @property
+    def relative_error(self) -> float | None:
+        if not self.measured_peak_bytes:
+            return None
+        return self.predicted_peak_bytes / self.measured_peak_bytes - 1
+
+
+@dataclass(frozen=True)
+class Verification:
+    mode: str
+    backend: str
+    note: str
+    usable_bytes: int
+    budget_bytes: int
+    runs: tuple[VerifyRun, ...]
+    skipped: str | None = None  # why nothing was run (QLoRA, a bitsandbytes optimizer, no torch)
+
+    @property
+    def confirmed(self) -> bool | None:
+        """The planner matches both measured peaks (within `VERIFY_TOLERANCE`), and carried to the device the
+        recommended micro-batch fits the usable memory while the next one does not. None if not checked."""
+        if self.skipped or not self.runs or any(r.status != "ok" for r in self.runs):
+            return None
+        if any(abs(r.relative_error) > VERIFY_TOLERANCE for r in self.runs):
+            return False
+        for r in self.runs:
+            fits = r.device_bytes <= self.usable_bytes
+            if fits != (r.label == "recommended"):
+                return False
+        return True
+
+
+def verify(rec: Recommendation, model_name: str | None = None) -> Verification:
+    """Replay the recommended step, and the first micro-batch predicted not to fit, under fake tensors
+    (`lora_planner.profiler`, imported here: it needs torch) and measure their peaks."""
+    req, c = rec.request, rec.choice
+    common = dict(mode="fake", backend="hf", note=VERIFY_NOTE, usable_bytes=req.usable_bytes,
+                  budget_bytes=req.budget.memory_bytes)
+    if c.method == "qlora":
+        return Verification(runs=(), skipped="QLoRA cannot be profiled here (its NF4 base needs bitsandbytes on "
+                                             "a CUDA GPU); the recommendation rests on the planner alone", **common)
+    if req.training.optimizer in ("adamw8bit", "paged_adamw8bit"):
+        return Verification(runs=(), skipped=f"{req.training.optimizer} needs bitsandbytes on a CUDA GPU and cannot "
+                                             "be profiled here", **common)
+    try:
+        from lora_planner.profiler.runner import ProfileRequest, run_profile
+    except ImportError as err:
+        return Verification(runs=(), skipped=f"profiling needs torch, transformers and peft ({err.name} is missing)",
+                            **common)
+    micros = [("recommended", c.micro_batch_size)]
+    if 0 < c.max_micro_batch_size < MAX_MICRO_BATCH:
+        micros.append(("next micro-batch", c.max_micro_batch_size + 1))
+    runs = []
+    for label, micro in micros:
+        device_step = training_for(req, c.method, c.r, c.grad_checkpointing, micro, rec.alpha)
+        # Fake tensors are CPU tensors: replay on the CPU with the optimizer implementation the device uses.
+        cpu_step = replace(device_step, device="cpu", optimizer_impl=device_step.resolved_optimizer_impl)
+        record = run_profile(ProfileRequest(model=model_name or req.spec.name, spec=req.spec, training=cpu_step,
+                                            backend="hf", mode="fake", steps=VERIFY_STEPS))
+        predicted = record["predicted"]["peak_bytes"]
+        measured = record["measured"]["peak_bytes"] if record["status"] == "ok" else None
+        on_device = estimate_memory(req.spec, device_step, req.overhead)
+        extra = predicted - on_device.peak_allocated_bytes
+        ddp = on_device.phases[-1].breakdown.gradients_bytes if req.gpus > 1 else 0
+        allocated = (measured if measured is not None else predicted) - extra + ddp
+        added = ddp + req.overhead.bytes_for(allocated, req.training.device)
+        runs.append(VerifyRun(label=label, micro_batch_size=micro, status=record["status"],
+                              measured_peak_bytes=measured, predicted_peak_bytes=predicted,
+                              cpu_kernel_extra_bytes=extra, added_bytes=added, error=record.get("error")))
+    return Verification(runs=tuple(runs), **common)
+
+
+def verification_to_dict(v: Verification) -> dict[str, Any]:
+    return {
+        "mode": v.mode, "backend": v.backend, "note": v.note, "skipped": v.skipped, "confirmed": v.confirmed,
+        "usable_bytes": v.usable_bytes, "budget_bytes": v.budget_bytes,
+        "runs": [{"label": r.label, "micro_batch_size": r.micro_batch_size, "status": r.status,
+                  "measured_peak_bytes": r.measured_peak_bytes, "predicted_peak_bytes": r.predicted_peak_bytes,
+                  "relative_error": r.relative_error, "cpu_kernel_extra_bytes": r.cpu_kernel_extra_bytes,
+                  "added_device_bytes": r.added_bytes, "device_bytes": r.device_bytes,
+                  "fits_usable": None if r.device_bytes is None else r.device_bytes <= v.usable_bytes,
+                  "fits_budget": None if r.device_bytes is None else r.device_bytes <= v.budget_bytes,
+                  "error": r.error} for r in v.runs],
+    }
+
+
+# ---------------------------------------------------------------------------------------------- command line
+
+
+def add_recommend_arguments(p: argparse.ArgumentParser) -> None:
+    """The `recommend` subcommand's options (registered by `lora_planner.cli`)."""
+    p.add_argument("--model", required=True,
+                   help=f"catalog name ({', '.join(model_names())}), a Hugging Face repo id of one of them, "
+                        "or a path to a config.json")
+    budget = p.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--gpu", default=None, help=f"GPU to fit in: {', '.join(GPUS)}")
+    budget.add_argument("--gpu-mem", default=None, help="memory per GPU, e.g. 24GiB or 80GB")
+    p.add_argument("--gpus", type=int, default=1, help="data-parallel GPUs (default 1)")
+    p.add_argument("--strategy", default=None,
+                   help="ddp, zero1, zero2, zero3 or fsdp (default with --gpus: the first of ddp, zero1, fsdp that "
+                        "gives the best configuration)")
+    p.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence (default 1024)")
+    p.add_argument("--global-batch", type=int, default=32,
+                   help="sequences per optimizer step = micro-batch x GPUs x accumulation steps (default 32)")
+    p.add_argument("--methods", "--method", dest="methods", default=None,
+                   help="allowed methods, comma list of full, lora, qlora (default: all that apply)")
+    p.add_argument("--target", default=None,
+                   help="LoRA target modules, comma list of PEFT names, or all-linear "
+                        "(default: PEFT's default for the family, e.g. q_proj,v_proj)")
+    rank = p.add_mutually_exclusive_group()
+    rank.add_argument("--r", type=int, default=None, help=f"LoRA rank (default {DEFAULT_R}, lower only if needed)")
+    rank.add_argument("--trainable-fraction", type=float, default=None,
+                      help="choose r so that the adapters train this fraction of the model, e.g. 0.05")
+    p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 2r)")
+    p.add_argument("--adapter-dtype", choices=("fp32", "base"), default="fp32",
+                   help="LoRA weights in fp32 (PEFT's default) or in the base dtype")
+    p.add_argument("--headroom", type=float, default=0.1,
+                   help="fraction of GPU memory to keep free, in [0, 1) (default 0.1)")
+    p.add_argument("--min-micro-batch", type=int, default=1,
+                   help="smallest micro-batch to accept; checkpointing is turned on only if it does not fit "
+                        "without (default 1)")
+    p.add_argument("--dtype", default=None, help=f"weight dtype: {'|'.join(DTYPES)} (default bf16; fp32 with --amp)")
+    p.add_argument("--amp", default=None, help="autocast mixed precision: bf16|fp16 (fp32 master weights)")
+    p.add_argument("--optimizer", default="adamw", help=f"{'|'.join(OPTIMIZERS)} (default adamw)")
+    p.add_argument("--optimizer-impl", default=None,
+                   help=f"{'|'.join(OPTIMIZER_IMPLS)} (default: PyTorch's, foreach on cuda, for-loop on cpu)")
+    p.add_argument("--attention", default="sdpa", help=f"{'|'.join(ATTENTIONS)} (default sdpa)")
+    p.add_argument("--device", default="cuda", help=f"{'|'.join(DEVICES)} (default cuda)")
+    p.add_argument("--cuda-context", default="512MiB",
+                   help="CUDA context + library workspaces outside the allocator (default 512MiB)")
+    p.add_argument("--allocator-overhead", type=float, default=0.05,
+                   help="caching-allocator reserve as a fraction of the allocated peak (default 0.05)")
+    p.add_argument("--verify", action="store_true",
+                   help="replay the recommended step and the next micro-batch under fake tensors (needs torch)")
+    p.add_argument("--json", action="store_true", help="print the recommendation as JSON")
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def request_from_args(args: argparse.Namespace) -> RecommendRequest:
+    spec = resolve_model(args.model)
+    if args.gpu:
+        gpu = resolve_gpu(args.gpu)
+        budget = Budget(memory_bytes=gpu.memory_bytes, name=gpu.name, supports_bf16=gpu.supports_bf16)
+    else:
+        budget = Budget(memory_bytes=parse_memory_size(args.gpu_mem, "gpu-mem"))
+    target = _csv(args.target) if args.target is not None else None
+    if args.target is not None and not target:
+        raise PlannerInputError("target", "empty target list", "pass e.g. --target q_proj,v_proj or all-linear")
+    methods = None
+    if args.methods is not None:
+        methods = tuple(dict.fromkeys(_csv(args.methods)))
+    if not 0 <= args.allocator_overhead < 10:
+        raise PlannerInputError("allocator-overhead", f"must be a fraction >= 0, got {args.allocator_overhead}",
+                                "pass e.g. 0.05")
+    overhead = DeviceOverhead(cuda_context_bytes=parse_memory_size(args.cuda_context, "cuda-context"),
+                              allocator_fraction=args.allocator_overhead)
+    dtype = args.dtype if args.dtype is not None else ("fp32" if args.amp else "bf16")
+    training = TrainingSpec(
+        method="full", dtype=dtype, amp=args.amp, optimizer=args.optimizer, optimizer_impl=args.optimizer_impl,
+        seq_len=args.seq_len, device=args.device, attention=args.attention,
+        lora=LoraSpec(r=1, alpha=args.alpha, target_modules=target, adapter_dtype=args.adapter_dtype),
+    )
+    if args.strategy is not None and args.gpus == 1:
+        raise PlannerInputError("strategy", f"{args.strategy} shares model states across GPUs, but --gpus is 1",
+                                "pass --gpus N (N >= 2) with --strategy, or drop --strategy")
+    if args.strategy is not None:
+        check_choice("strategy", args.strategy, STRATEGIES)
+    return RecommendRequest(spec=spec, budget=budget, training=training, gpus=args.gpus, strategy=args.strategy,
+                            global_batch=args.global_batch, methods=methods, r=args.r,
+                            trainable_fraction=args.trainable_fraction, headroom=args.headroom,
+                            min_micro_batch=args.min_micro_batch, overhead=overhead)
+
+
+def run_recommend_command(args: argparse.Namespace) -> int:
+    """`lora-plan recommend`: compute (pure), optionally verify (torch), then print JSON or tables."""
+    rec = recommend(request_from_args(args))
+    verification = verify(rec, args.model) if args.verify else None
+    if args.json:
+        print(json.dumps(recommendation_to_dict(rec, verification), indent=2))
+        return 0
+    from rich.console import Console  # only human output pays for rich
+
+    from lora_planner.render_recommend import render_recommendation
+
+    render_recommendation(rec, Console(), verification)
+    return 0
