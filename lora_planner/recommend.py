@@ -85,6 +85,7 @@ class RecommendRequest:
     headroom: float = 0.1
     min_micro_batch: int = 1
     overhead: DeviceOverhead = field(default_factory=DeviceOverhead)
+    calibration: dict | None = field(default=None, compare=False)  # a calib.json: every estimate applies it
 
     def __post_init__(self) -> None:
         check_positive_int("gpus", self.gpus)
@@ -247,6 +248,11 @@ class _Search:
         if key not in self._points:
             training = training_for(self.req, method, r, ckpt, micro)
             est = estimate_memory(self.req.spec, training, self.req.overhead)
+            if self.req.calibration is not None:
+                from lora_planner.report.calibrate import apply_calibration  # pure, like this module
+
+                est = apply_calibration(est, self.req.calibration, self.req.spec.family, training.device,
+                                        self.req.overhead)
             # The planner's per-GPU peak includes DDP's buckets (a second copy of the trainable gradients);
             # they are shown apart.
             ddp = sum(g.nbytes for g in trainable_groups(self.req.spec, training)) \

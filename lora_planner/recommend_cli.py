@@ -233,6 +233,8 @@ def add_recommend_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 2r)")
     p.add_argument("--adapter-dtype", choices=("fp32", "base"), default="fp32",
                    help="LoRA weights in fp32 (PEFT's default) or in the base dtype")
+    p.add_argument("--calibration", default=None,
+                   help="a calib.json from `lora-plan calibrate`: every prediction of the search applies it")
     p.add_argument("--headroom", type=float, default=0.1,
                    help="fraction of GPU memory to keep free, in [0, 1) (default 0.1)")
     p.add_argument("--min-micro-batch", type=int, default=1,
@@ -256,6 +258,14 @@ def add_recommend_arguments(p: argparse.ArgumentParser) -> None:
 
 def _csv(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _calibration_from_args(args: argparse.Namespace) -> dict | None:
+    if not args.calibration:
+        return None
+    from lora_planner.report.calibrate import load_calibration
+
+    return load_calibration(args.calibration)
 
 
 def request_from_args(args: argparse.Namespace) -> RecommendRequest:
@@ -290,7 +300,8 @@ def request_from_args(args: argparse.Namespace) -> RecommendRequest:
     return RecommendRequest(spec=spec, budget=budget, training=training, gpus=args.gpus, strategy=args.strategy,
                             global_batch=args.global_batch, methods=methods, r=args.r,
                             trainable_fraction=args.trainable_fraction, headroom=args.headroom,
-                            min_micro_batch=args.min_micro_batch, overhead=overhead)
+                            min_micro_batch=args.min_micro_batch, overhead=overhead,
+                            calibration=_calibration_from_args(args))
 
 
 def run_recommend_command(args: argparse.Namespace) -> int:

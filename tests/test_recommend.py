@@ -420,3 +420,21 @@ def test_verify_says_qlora_cannot_be_profiled(capsys):
                  "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["verify"]["runs"] == [] and "QLoRA" in doc["verify"]["skipped"] and doc["verify"]["confirmed"] is None
+
+
+def test_calibration_reaches_every_prediction_of_the_search(tmp_path, capsys):
+    """A calib.json that doubles LLaMA LoRA activations must shrink the micro-batch the search finds."""
+    from lora_planner.report.calibrate import CALIBRATION_KIND, CALIBRATION_SCHEMA_VERSION
+
+    calib = {"kind": CALIBRATION_KIND, "schema_version": CALIBRATION_SCHEMA_VERSION,
+             "activation_factors": {"llama/lora": {"factor": 2.0}}, "device_overhead": {}}
+    path = tmp_path / "calib.json"
+    path.write_text(json.dumps(calib))
+    base = ["recommend", "--model", "llama-3.2-1b", "--gpu", "rtx-4090", "--methods", "lora", "--seq-len", "1024",
+            "--global-batch", "256", "--json"]
+    assert main(base) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert main([*base, "--calibration", str(path)]) == 0
+    calibrated = json.loads(capsys.readouterr().out)
+    assert calibrated["max_micro_batch_size"] < plain["max_micro_batch_size"]
+    assert main([*base, "--calibration", str(tmp_path / "missing.json")]) == 2
