@@ -126,6 +126,24 @@ def phases_table(plan: Plan, method: str) -> Table:
     return table
 
 
+def saved_tensors_table(plan: Plan, method: str, top: int = 10) -> Table:
+    """The largest tensors one decoder layer keeps for backward, so the activation term is explained."""
+    e = plan.methods[method].estimate
+    items = sorted(e.activations.layer, key=lambda item: -item.nbytes)
+    total = e.activations.layer_bytes
+    table = Table(title=f"{METHOD_TITLES[method]}: what one layer keeps for backward "
+                        f"({total / 2**20:,.1f} MiB x {e.activations.num_layers} layers)", title_justify="left")
+    table.add_column("saved tensor", no_wrap=True)
+    table.add_column("MiB", justify="right")
+    table.add_column("share", justify="right")
+    for item in items[:top]:
+        table.add_row(item.name, f"{item.nbytes / 2**20:,.2f}", f"{100 * item.nbytes / total:.0f} %")
+    if len(items) > top:
+        rest = sum(item.nbytes for item in items[top:])
+        table.add_row(f"{len(items) - top} more", f"{rest / 2**20:,.2f}", f"{100 * rest / total:.0f} %")
+    return table
+
+
 def render_plan(plan: Plan, console: Console, detail: bool = False) -> None:
     spec, params = plan.spec, plan.params
     groups = ", ".join(f"{g} {human_count(n)}" for g, n in params.by_group.items() if n)
@@ -141,6 +159,8 @@ def render_plan(plan: Plan, console: Console, detail: bool = False) -> None:
     if detail:
         for method in plan.methods:
             console.print(phases_table(plan, method))
+            if plan.methods[method].estimate.activations.layer_bytes:
+                console.print(saved_tensors_table(plan, method))
 
 
 SHORT_PHASE = {"forward": "fwd", "backward": "bwd", "optimizer_step": "opt", "zero_grad": "zero"}

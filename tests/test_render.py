@@ -47,3 +47,10 @@ def test_bf16_warning_on_gpus_without_bf16():
 
 def test_human_count():
     assert [human_count(n) for n in (7, 4_194_304, 6_738_415_616)] == ["7", "4.19 M", "6.74 B"]
+
+
+def test_detail_explains_the_activation_term_with_the_largest_saved_tensors():
+    plan = make_plan(resolve_model("llama-3-8b"), TrainingSpec(seq_len=2048), ("lora",))
+    text = rendered(plan, detail=True)
+    assert "what one layer keeps for backward" in text
+    assert "self_attn.q_proj.lora_input_cast" in text and "mlp.gate_output" in text
