@@ -205,11 +205,13 @@ def _rms_norm(flow: _Flow, name: str, x_needs_grad: bool) -> list[SavedTensor]:
 
 
 def _layer_norm(flow: _Flow, name: str, x_needs_grad: bool) -> list[SavedTensor]:
-    """nn.LayerNorm keeps its input and the per-token mean and 1/std, in the input's dtype."""
+    """nn.LayerNorm keeps its input and the per-token mean and 1/std: in the input's dtype on CPU (measured),
+    in fp32 on CUDA (`layer_norm_cuda` allocates them in the accumulation type)."""
     if not (x_needs_grad or flow.full):
         return []
     tokens, h, e = flow.tokens, flow.spec.hidden_size, flow.e_stream
-    return [SavedTensor(f"{name}.input", tokens * h * e), SavedTensor(f"{name}.mean_rstd", 2 * tokens * e)]
+    stats = FP32 if flow.t.device == "cuda" else e
+    return [SavedTensor(f"{name}.input", tokens * h * e), SavedTensor(f"{name}.mean_rstd", 2 * tokens * stats)]
 
 
 def _dropout_mask(flow: _Flow, name: str, numel: int, p: float, x_needs_grad: bool, e: int) -> list[SavedTensor]:
