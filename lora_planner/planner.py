@@ -34,7 +34,7 @@ class Budget:
 class MethodPlan:
     estimate: MemoryEstimate
     fits: bool | None  # None when no budget was given
-    fits_on: tuple[str, ...]  # catalog GPUs whose memory holds peak_device_bytes
+    fits_on: tuple[str, ...]  # catalog GPUs that hold peak_device_bytes and run the compute dtype
     throughput: ThroughputEstimate
 
 
@@ -50,9 +50,10 @@ class Plan:
     train_tokens: int | None = None  # show the time to train on this many tokens
 
 
-def _fits_on(peak_device_bytes: int, gpus: dict[str, GpuSpec]) -> tuple[str, ...]:
+def fits_on(peak_device_bytes: int, gpus: dict[str, GpuSpec], compute_dtype: str) -> tuple[str, ...]:
+    """Catalog GPUs, smallest first, that hold the peak and can run the compute dtype (no bf16 on T4/V100)."""
     return tuple(name for name, gpu in sorted(gpus.items(), key=lambda kv: kv[1].memory_bytes)
-                 if peak_device_bytes <= gpu.memory_bytes)
+                 if peak_device_bytes <= gpu.memory_bytes and (compute_dtype != "bf16" or gpu.supports_bf16))
 
 
 def make_plan(spec: ModelSpec, training: TrainingSpec, methods: tuple[str, ...],
@@ -67,7 +68,7 @@ def make_plan(spec: ModelSpec, training: TrainingSpec, methods: tuple[str, ...],
         method_training = replace(training, method=method)
         estimate = estimate_memory(spec, method_training, overhead)
         fits = None if budget is None else estimate.peak_device_bytes <= budget.memory_bytes
-        plans[method] = MethodPlan(estimate, fits, _fits_on(estimate.peak_device_bytes, GPUS),
+        plans[method] = MethodPlan(estimate, fits, fits_on(estimate.peak_device_bytes, GPUS, training.compute_dtype),
                                    estimate_throughput(spec, method_training, gpu, mfu))
     targets = tuple(m.path for m in resolve_targets(spec, training.lora.target_modules))
     return Plan(spec=spec, params=count_params(spec), training=replace(training, method=methods[0]),

@@ -37,7 +37,7 @@ from typing import Any
 from lora_planner.catalog import GPUS
 from lora_planner.errors import PlannerInputError, read_json_file
 from lora_planner.memory import DeviceOverhead, MemoryEstimate, PhaseMemory
-from lora_planner.planner import Plan
+from lora_planner.planner import Plan, fits_on
 
 CALIBRATION_SCHEMA_VERSION = 1
 CALIBRATION_KIND = "lora_planner.calibration"
@@ -245,11 +245,6 @@ def apply_calibration(estimate: MemoryEstimate, calib: dict[str, Any], family: s
     return replace(estimate, phases=phases, device_overhead_bytes=overhead.bytes_for(peak, device))
 
 
-def _fits_on(peak_device_bytes: int) -> tuple[str, ...]:
-    return tuple(name for name, gpu in sorted(GPUS.items(), key=lambda kv: kv[1].memory_bytes)
-                 if peak_device_bytes <= gpu.memory_bytes)
-
-
 def calibrate_plan(plan: Plan, calib: dict[str, Any]) -> Plan:
     """Every method of `plan` calibrated, with its fit against the budget and the GPUs recomputed."""
     overhead = calibrated_overhead(calib, plan.overhead)
@@ -257,7 +252,8 @@ def calibrate_plan(plan: Plan, calib: dict[str, Any]) -> Plan:
     for method, mp in plan.methods.items():
         estimate = apply_calibration(mp.estimate, calib, plan.spec.family, plan.training.device, plan.overhead)
         fits = None if plan.budget is None else estimate.peak_device_bytes <= plan.budget.memory_bytes
-        methods[method] = replace(mp, estimate=estimate, fits=fits, fits_on=_fits_on(estimate.peak_device_bytes))
+        gpus = fits_on(estimate.peak_device_bytes, GPUS, plan.training.compute_dtype)
+        methods[method] = replace(mp, estimate=estimate, fits=fits, fits_on=gpus)
     return replace(plan, methods=methods, overhead=overhead)
 
 
