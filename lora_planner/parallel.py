@@ -78,7 +78,9 @@ def sharded_phases(spec: ModelSpec, training: TrainingSpec, c: StepComponents) -
         phase("forward_start", shards + root + layer, root + layer, acts.batch_bytes),
         phase("forward_end", shards + held, acts.loss_forward_scratch_bytes + (layer if strategy == "zero2" else 0),
               c.saved),
-        phase("backward_start", shards + held, acts.loss_backward_scratch_bytes, c.saved),
+        # lm_head's backward pre-hook already all-gathers the last layer (prefetch) into its flat buffer.
+        phase("backward_start", shards + held, acts.loss_backward_scratch_bytes + (0 if strategy == "zero2" else layer),
+              c.saved),
         phase("backward_layers", shards + held + gathered_next, gathered_next + layer_trainable + c.head_gradients,
               between_layers, gradients=ceil(layer_trainable / n)),
         # The last op (the embedding's backward): the layers' gradients are sharded, the root's all still

@@ -63,9 +63,11 @@ class ProfileRequest:
         t, lora = self.training, self.training.lora
         targets = ",".join(lora.target_modules or ("default",))
         adapter = f"r{lora.r}-a{lora.effective_alpha:g}-{targets}-{lora.adapter_dtype}" if t.method != "full" else "-"
-        return "|".join(map(str, (
-            self.model, self.backend, self.mode, t.method, adapter, t.dtype, t.amp or "-", t.optimizer,
-            t.resolved_optimizer_impl, t.batch_size, t.seq_len, int(t.grad_checkpointing), t.attention, self.steps)))
+        parts = [self.model, self.backend, self.mode, t.method, adapter, t.dtype, t.amp or "-", t.optimizer,
+                 t.resolved_optimizer_impl, t.batch_size, t.seq_len, int(t.grad_checkpointing), t.attention, self.steps]
+        if t.gpus > 1:
+            parts.append(f"{t.gpus}x{t.resolved_strategy}")
+        return "|".join(map(str, parts))
 
 
 class CudaApi(Protocol):
@@ -279,6 +281,14 @@ def measure_cuda(request: ProfileRequest, cuda: CudaApi | None = None, device: s
                        reserved_peak_bytes=max(reserved), step_times_s=times)
 
 
+def measure_ranks(request: ProfileRequest) -> Measurement:
+    """Several GPUs: one CPU process per rank under torch.distributed (gloo); the busiest rank's peak."""
+    from lora_planner.profiler.distributed import measure_distributed
+
+    t = request.training
+    return max(measure_distributed(request, t.resolved_strategy, t.gpus), key=lambda m: m.peak_bytes)
+
+
 MEASURE = {"cpu": measure_cpu, "fake": measure_fake, "cuda": measure_cuda}
 
 
@@ -323,6 +333,7 @@ def base_record(request: ProfileRequest) -> dict[str, Any]:
             "adapter_dtype": t.lora.adapter_dtype, "dtype": t.dtype, "amp": t.amp, "optimizer": t.optimizer,
             "optimizer_impl": t.resolved_optimizer_impl, "batch_size": t.batch_size, "seq_len": t.seq_len,
             "grad_checkpointing": t.grad_checkpointing, "attention": t.attention, "steps": request.steps,
+            "gpus": t.gpus, "strategy": t.resolved_strategy,
         },
         "predicted": {
             "peak_bytes": predicted.peak_allocated_bytes,
@@ -340,7 +351,7 @@ def run_profile(request: ProfileRequest, measure: Callable[[ProfileRequest], Mea
     """One run, as a record. Out-of-memory becomes `"status": "oom"`; bad settings raise
     `PlannerInputError` (the caller decides whether a sweep goes on); any other failure is recorded."""
     record = base_record(request)
-    measure = measure or MEASURE[request.mode]
+    measure = measure or (measure_ranks if request.training.gpus > 1 else MEASURE[request.mode])
     try:
         measured = measure(request)
     except PlannerInputError:

@@ -28,7 +28,8 @@ def build_requests(model: str, spec: ModelSpec, trainings: list[TrainingSpec], b
     implementation the run uses is the one the prediction assumes."""
     requests = []
     for training in trainings:
-        concrete = resolve_mode(mode, spec, training)
+        # Several GPUs are measured as CPU processes on gloo (lora_planner.profiler.distributed).
+        concrete = "cpu" if training.gpus > 1 and mode == "auto" else resolve_mode(mode, spec, training)
         device = "cuda" if concrete == "cuda" else "cpu"
         requests.append(ProfileRequest(model=model, spec=spec, training=replace(training, device=device),
                                        backend=backend, mode=concrete, steps=steps))

@@ -115,3 +115,13 @@ def test_hf_backend_without_transformers_names_the_fix(tiny_config, tmp_path, ca
     assert main(profile_args(tiny_config, tmp_path / "r.jsonl")) == 2
     err = capsys.readouterr().err
     assert "transformers and peft" in err and "--backend builtin" in err
+
+
+def test_several_gpus_are_profiled_as_cpu_ranks_and_compared_per_rank(tiny_config, tmp_path, capsys):
+    out = tmp_path / "runs.jsonl"
+    assert main(["profile", "--model", tiny_config, "--backend", "builtin", "--dtype", "fp32", "--gpus", "2",
+                 "--strategy", "fsdp", "--batch-size", "2", "--seq-len", "16", "--out", str(out)]) == 0
+    records, _ = read_records(out)
+    assert [(r["settings"]["gpus"], r["settings"]["strategy"], r["mode"]) for r in records] == [(2, "fsdp", "cpu")] * 2
+    assert all(abs(r["relative_error"]) <= 0.05 for r in records)
+    assert "fsdpx2" in capsys.readouterr().out
