@@ -271,6 +271,13 @@ def _eager_attention(flow: _Flow, q_grad: bool, k_grad: bool, v_grad: bool) -> l
     return saved
 
 
+def _attention_core(flow: _Flow, q_grad: bool, k_grad: bool, v_grad: bool) -> list[SavedTensor]:
+    """RoPE'd q, k and v through SDPA (everything or nothing) or eager attention (per operand)."""
+    if flow.t.attention == "eager":
+        return _eager_attention(flow, q_grad, k_grad, v_grad)
+    return _sdpa(flow, flow.spec.q_size, flow.spec.kv_size) if q_grad or k_grad or v_grad else []
+
+
 def _attention_projections(flow: _Flow, prefix: str, projections: tuple[str, ...],
                            x_needs_grad: bool) -> tuple[list[SavedTensor], bool, tuple[bool, ...]]:
     """q / k / v (or fused qkv) linears sharing one normed input: (saved, whether the input is kept,
@@ -296,10 +303,7 @@ def _llama_layer(flow: _Flow, x_needs_grad: bool) -> list[SavedTensor]:
     if keeps_normed:
         saved.append(SavedTensor("input_layernorm.output", tokens * spec.hidden_size * flow.e_stream))
     attn_needs_grad = q_grad or k_grad or v_grad
-    if flow.t.attention == "sdpa" and attn_needs_grad:
-        saved += _sdpa(flow, spec.q_size, spec.kv_size)
-    elif flow.t.attention == "eager":
-        saved += _eager_attention(flow, q_grad, k_grad, v_grad)
+    saved += _attention_core(flow, q_grad, k_grad, v_grad)
     # SDPA's output is laid out (b, s, heads, dim), so o_proj reads it without a copy; eager copies.
     own, keeps = flow.linear(p + "self_attn.o_proj", e, attn_needs_grad)
     saved += own
@@ -366,10 +370,7 @@ def _phi_layer(flow: _Flow, x_needs_grad: bool) -> list[SavedTensor]:
         flow, p + "self_attn.", ("q_proj", "k_proj", "v_proj"), x_needs_grad)
     saved += own
     attn_needs_grad = q_grad or k_grad or v_grad
-    if flow.t.attention == "sdpa" and attn_needs_grad:
-        saved += _sdpa(flow, spec.q_size, spec.kv_size)
-    elif flow.t.attention == "eager":
-        saved += _eager_attention(flow, q_grad, k_grad, v_grad)
+    saved += _attention_core(flow, q_grad, k_grad, v_grad)
     # Partial RoPE ends in torch.cat, so q is (b, heads, s, dim)-contiguous and so is the attention
     # output: the (b, s, hidden) input of `dense` is a copy.
     own, keeps = flow.linear(p + "self_attn.dense", e, attn_needs_grad)
