@@ -59,7 +59,7 @@ MODEL_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     "mistral-7b": ("mistralai/Mistral-7B-v0.1", {
         "model_type": "mistral", "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336,
         "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
-        "max_position_embeddings": 32768, "tie_word_embeddings": False}),
+        "max_position_embeddings": 32768, "sliding_window": 4096, "tie_word_embeddings": False}),
     "qwen2.5-0.5b": ("Qwen/Qwen2.5-0.5B", {
         "model_type": "qwen2", "vocab_size": 151936, "hidden_size": 896, "intermediate_size": 4864,
         "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2,
@@ -189,9 +189,21 @@ def spec_from_config(config: dict[str, Any], name: str) -> ModelSpec:
         dropout=float(_first(config, "resid_pdrop", "hidden_dropout", default=_DROPOUT_DEFAULT[family])),
         embedding_dropout=float(_first(config, "embd_pdrop", default=_DROPOUT_DEFAULT[family])),
         attention_dropout=float(_first(config, "attn_pdrop", "attention_dropout", default=_DROPOUT_DEFAULT[family])),
+        sliding_window=_sliding_window(family, config),
         hidden_act=str(_first(config, "hidden_activation", "hidden_act", "activation_function",
                               default=_ACT_DEFAULT[family])),
     )
+
+
+def _sliding_window(family: str, config: dict[str, Any]) -> int | None:
+    """MistralConfig defaults to a 4096-token window; Qwen2 uses one only with `use_sliding_window`."""
+    if family == "mistral":
+        window = config.get("sliding_window", 4096)
+    elif family == "qwen2" and config.get("use_sliding_window"):
+        window = config.get("sliding_window")
+    else:
+        window = None
+    return int(window) if isinstance(window, int) and window > 0 else None
 
 
 def load_config_json(path: str | Path) -> ModelSpec:

@@ -117,6 +117,7 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
             "num_layers": spec.num_layers,
             "hidden_size": spec.hidden_size,
             "vocab_size": spec.vocab_size,
+            "sliding_window": spec.sliding_window,
         },
         "inputs": {
             "methods": list(plan.methods),

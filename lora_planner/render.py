@@ -151,6 +151,10 @@ def render_plan(plan: Plan, console: Console, detail: bool = False) -> None:
     console.print(_settings_line(plan), style="dim")
     if plan.budget is not None and not plan.budget.supports_bf16 and plan.training.compute_dtype == "bf16":
         console.print(f"[yellow]note: {plan.budget.name} has no bf16 support; use --dtype fp16 or --amp fp16[/yellow]")
+    if spec.sliding_window and plan.training.seq_len > spec.sliding_window:
+        console.print(f"[yellow]note: {spec.name} attends over a {spec.sliding_window}-token sliding window, shorter "
+                      f"than --seq-len {plan.training.seq_len}; transformers then builds an S x S mask and repeats "
+                      "k/v for SDPA, which this estimate does not count[/yellow]")
     console.print(plan_table(plan))
     mp = next(iter(plan.methods.values()))
     console.print(f"step times: {mp.throughput.mfu:.0%} model-FLOPs utilisation of {mp.throughput.gpu}'s dense "

@@ -75,6 +75,7 @@ class ModelSpec:
     dropout: float = 0.0  # residual dropout active in training (GPT-2 and Phi-2: 0.1)
     embedding_dropout: float = 0.0  # GPT-2: 0.1
     attention_dropout: float = 0.0
+    sliding_window: int | None = None  # Mistral: attention sees this many past tokens (None: all)
 
     def __post_init__(self) -> None:
         check_choice("model_type", self.family, FAMILIES)

@@ -54,3 +54,9 @@ def test_detail_explains_the_activation_term_with_the_largest_saved_tensors():
     text = rendered(plan, detail=True)
     assert "what one layer keeps for backward" in text
     assert "self_attn.q_proj.lora_input_cast" in text and "mlp.gate_output" in text
+
+
+def test_sliding_window_shorter_than_the_sequence_is_flagged():
+    plan = make_plan(resolve_model("mistral-7b"), TrainingSpec(seq_len=8192), ("lora",))
+    assert "sliding window" in rendered(plan)
+    assert "sliding window" not in rendered(make_plan(resolve_model("mistral-7b"), TrainingSpec(seq_len=4096), ("lora",)))
