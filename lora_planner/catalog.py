@@ -223,6 +223,13 @@ def resolve_model(name_or_path: str) -> ModelSpec:
     """A catalog name (or alias / Hugging Face repo id), or a path to a `config.json`."""
     key = name_or_path.strip().lower()
     key = MODEL_ALIASES.get(key, key)
+    if key not in MODEL_CONFIGS:
+        # Chat / instruct fine-tunes share their base model's shapes: meta-llama/Llama-3.1-8B-Instruct.
+        for suffix in ("-instruct", "-chat", "-it", "-chat-hf"):
+            base = key.removesuffix(suffix)
+            if base != key and MODEL_ALIASES.get(base, base) in MODEL_CONFIGS:
+                key = MODEL_ALIASES.get(base, base)
+                break
     if key in MODEL_CONFIGS:
         return spec_from_config(MODEL_CONFIGS[key][1], name=key)
     if name_or_path.endswith(".json") or Path(name_or_path).exists():

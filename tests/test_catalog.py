@@ -509,3 +509,9 @@ def test_parse_memory_size_names_the_given_field():
         parse_memory_size("lots", field_name="cpu-mem")
     assert err.value.field == "cpu-mem"
     assert str(err.value).startswith("cpu-mem: ")
+
+
+def test_chat_and_instruct_variants_resolve_to_their_base_shapes():
+    assert resolve_model("meta-llama/Llama-3.1-8B-Instruct").name == "llama-3.1-8b"
+    assert resolve_model("Qwen/Qwen2.5-7B-Instruct").name == "qwen2.5-7b"
+    assert resolve_model("mistral-7b-instruct").name == "mistral-7b"
