@@ -50,7 +50,6 @@ peak and end-of-phase bytes for forward, backward, optimizer_step and zero_grad.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import sys
 import tomllib
@@ -338,33 +337,6 @@ class SweepResult:
         return counts
 
 
-def _phase_summary(measurement: Any) -> dict[str, dict[str, Any]]:
-    """The steady-state step's phases (step 1 when only one step ran), from a `StepMeasurement`."""
-    step = measurement.steady_state or measurement.first_step
-    return {p.phase: {"peak_bytes": p.peak_bytes, "end_bytes": p.end_bytes, "peak_breakdown": dict(p.peak_breakdown),
-                      "end_breakdown": dict(p.end_breakdown)} for p in step.phases}
-
-
-@contextlib.contextmanager
-def _capture_tracked_steps(sink: list[Any]) -> Iterator[None]:
-    """Keep every `StepMeasurement` the runner's measure functions produce (they call
-    `runner.measure_training_step`), so a record can carry the per-phase snapshots."""
-    from lora_planner.profiler import runner
-
-    original = runner.measure_training_step
-
-    def capturing(*args: Any, **kwargs: Any) -> Any:
-        result = original(*args, **kwargs)
-        sink.append(result)
-        return result
-
-    runner.measure_training_step = capturing
-    try:
-        yield
-    finally:
-        runner.measure_training_step = original
-
-
 def _device_memory_now() -> dict[str, int]:
     """After a cuda run (its tensors freed, the allocator's cache kept): memory the process holds
     outside the caching allocator (CUDA context, libraries) = device used - reserved."""
@@ -425,15 +397,11 @@ def run_sweep(grid: Grid, out: str | Path, *, resume: bool = False, limit: int |
             task = progress.add_task(f"sweep {grid.name}", total=len(todo))
             for run, request in todo:
                 progress.update(task, description=f"{grid.name}: {run.label}")
-                tracked: list[Any] = []
                 try:
-                    with _capture_tracked_steps(tracked) if measure is None else contextlib.nullcontext():
-                        record = run_profile(request, measure)
+                    record = run_profile(request, measure)
                 except PlannerInputError as err:  # settings this backend cannot run: recorded, sweep goes on
                     record = _error_record(request, err)
                 record["sweep"] = {**run.source, "torch_threads": threads}
-                if record["status"] == "ok" and tracked:
-                    record["measured"]["phases"] = _phase_summary(tracked[-1])
                 if record["status"] == "ok" and run.mode == "cuda" and measure is None:
                     record["measured"].update(_device_memory_now())
                 append_record(out, record)

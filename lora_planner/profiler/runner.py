@@ -93,6 +93,8 @@ class Measurement:
     steady_peak_bytes: int | None
     reserved_peak_bytes: int | None = None
     step_times_s: tuple[float, ...] = ()
+    # The steady-state step's phases (step 1 when only one ran): phase -> peak / end bytes and breakdowns.
+    phases: dict[str, dict[str, Any]] | None = None
 
 
 def resolve_mode(mode: Mode, request_spec: ModelSpec, training: TrainingSpec, cuda: CudaApi | None = None) -> str:
@@ -216,12 +218,19 @@ def _time_steps(model, make_batch, optimizer, loss_fn, steps: int, sync: Callabl
 # ---------------------------------------------------------------------------------------------- modes
 
 
+def phase_summary(result: StepMeasurement) -> dict[str, dict[str, Any]]:
+    """The steady-state step's phases (step 1 when only one step ran), as plain data for a record."""
+    step = result.steady_state or result.first_step
+    return {p.phase: {"peak_bytes": p.peak_bytes, "end_bytes": p.end_bytes, "peak_breakdown": dict(p.peak_breakdown),
+                      "end_breakdown": dict(p.end_breakdown)} for p in step.phases}
+
+
 def _from_tracker(result: StepMeasurement, step_times: tuple[float, ...] = ()) -> Measurement:
     first, steady = result.first_step, result.steady_state
     peak = result.peak_step
     return Measurement(peak_bytes=peak.peak_bytes, peak_phase=peak.peak_phase, breakdown_bytes=dict(peak.peak_breakdown),
                        step1_peak_bytes=first.peak_bytes, steady_peak_bytes=steady.peak_bytes if steady else None,
-                       step_times_s=step_times)
+                       step_times_s=step_times, phases=phase_summary(result))
 
 
 def measure_cpu(request: ProfileRequest) -> Measurement:
@@ -278,7 +287,7 @@ def measure_cuda(request: ProfileRequest, cuda: CudaApi | None = None, device: s
     return Measurement(peak_bytes=peak, peak_phase=steady_phase.peak_phase,
                        breakdown_bytes=dict(steady_phase.peak_breakdown), step1_peak_bytes=peaks[0],
                        steady_peak_bytes=max(peaks[1:]) if len(peaks) > 1 else None,
-                       reserved_peak_bytes=max(reserved), step_times_s=times)
+                       reserved_peak_bytes=max(reserved), step_times_s=times, phases=phase_summary(tracked))
 
 
 def measure_ranks(request: ProfileRequest) -> Measurement:
