@@ -189,7 +189,7 @@ def test_cuda_protocol_resets_per_step_subtracts_the_baseline_and_splits_step_on
     assert measured == Measurement(peak_bytes=1500, peak_phase=measured.peak_phase,
                                    breakdown_bytes=measured.breakdown_bytes, step1_peak_bytes=1000,
                                    steady_peak_bytes=1500, reserved_peak_bytes=4096,
-                                   step_times_s=measured.step_times_s)
+                                   step_times_s=measured.step_times_s, phases=measured.phases)
     assert cuda.calls[:5] == ["empty_cache", "sync", "reset", "sync", "max"]
     assert cuda.calls.count("reset") == 3
     assert len(measured.step_times_s) == 3 and measured.peak_phase in ("forward", "backward", "optimizer_step")
