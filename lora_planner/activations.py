@@ -31,7 +31,8 @@ Known limitations: assumes no padding mask (SDPA takes its causal fast path), PE
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
+from typing import NamedTuple
 
 from lora_planner.params import Module, module_inventory, resolve_targets, rotary_dim
 from lora_planner.specs import BYTES_PER_ELEMENT, ModelSpec, TrainingSpec
@@ -40,8 +41,7 @@ FP32 = 4
 MASK = 1  # bool dropout mask, one byte per element
 
 
-@dataclass(frozen=True)
-class SavedTensor:
+class SavedTensor(NamedTuple):  # a NamedTuple, not a dataclass: profiles build thousands of these per grid
     name: str
     nbytes: int
 
@@ -69,34 +69,34 @@ class ActivationProfile:
     def total(items: tuple[SavedTensor, ...]) -> int:
         return sum(item.nbytes for item in items)
 
-    @property
+    @cached_property  # profiles are immutable; totals are asked for once per phase
     def layer_bytes(self) -> int:
         return self.total(self.layer)
 
-    @property
+    @cached_property
     def first_layer_bytes(self) -> int:
         return self.total(self.first_layer)
 
-    @property
+    @cached_property
     def all_layers_bytes(self) -> int:
         """Every layer's saved tensors (no checkpointing)."""
         return self.first_layer_bytes + (self.num_layers - 1) * self.layer_bytes
 
-    @property
+    @cached_property
     def batch_bytes(self) -> int:
         """The batch itself (input ids and labels), alive for the whole step."""
         return self.total(tuple(item for item in self.model if item.name.startswith("batch.")))
 
-    @property
+    @cached_property
     def model_bytes_below_head(self) -> int:
         """Model-level tensors that outlive the head's backward (all but the final norm's and lm_head's)."""
         return self.total(tuple(i for i in self.model if not i.name.startswith(("final_norm.", "lm_head."))))
 
-    @property
+    @cached_property
     def model_bytes(self) -> int:
         return self.total(self.model)
 
-    @property
+    @cached_property
     def loss_bytes(self) -> int:
         return self.total(self.loss)
 

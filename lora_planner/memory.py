@@ -135,10 +135,16 @@ def nf4_bytes(numel: int) -> int:
     return ceil(numel / 2) + blocks + 4 * ceil(blocks / NF4_DOUBLE_QUANT_BLOCK)
 
 
-def _base_weight_bytes(modules: tuple[Module, ...], training: TrainingSpec) -> int:
+def _base_weight_bytes(spec: ModelSpec, training: TrainingSpec) -> int:
     """Frozen or trainable base weights as stored: --dtype (fp32 under AMP), NF4 linears under QLoRA."""
-    e = BYTES_PER_ELEMENT[training.dtype]
-    if training.method != "qlora":
+    return _stored_weight_bytes(spec, training.method == "qlora", training.dtype)
+
+
+@lru_cache(maxsize=1024)
+def _stored_weight_bytes(spec: ModelSpec, quantized: bool, dtype: str) -> int:
+    modules = module_inventory(spec)
+    e = BYTES_PER_ELEMENT[dtype]
+    if not quantized:
         return sum(m.params for m in modules) * e
     total = 0
     for m in modules:
@@ -180,21 +186,36 @@ def trainable_groups(spec: ModelSpec, training: TrainingSpec) -> tuple[TensorGro
 
 
 @lru_cache(maxsize=4096)
+def _trainable_totals(spec: ModelSpec, method: str, dtype: str, lora: LoraSpec) -> tuple[int, int]:
+    groups = _trainable_groups(spec, method, dtype, lora)
+    return sum(g.numel * g.count for g in groups), sum(g.nbytes for g in groups)
+
+
+def trainable_totals(spec: ModelSpec, training: TrainingSpec) -> tuple[int, int]:
+    """(trainable parameters, their bytes)."""
+    return _trainable_totals(spec, training.method, training.dtype, training.lora)
+
+
 def group_bytes(spec: ModelSpec, training: TrainingSpec) -> tuple[int, int, int, int]:
     """(root bytes, one layer's bytes, one layer's trainable bytes, root trainable bytes), adapters
     included: "root" is everything outside the decoder layers (embeddings, final norm, lm_head), the
     groups FSDP gathers and reduce-scatters, and what backward finishes last."""
-    e = BYTES_PER_ELEMENT[training.dtype]
-    e_adapter = 4 if training.lora.adapter_dtype == "fp32" else e
-    full = training.method == "full"
-    adapted = {m.path for m in resolve_targets(spec, training.lora.target_modules)} if not full else set()
+    return _group_bytes(spec, training.method, training.dtype, training.lora)
+
+
+@lru_cache(maxsize=4096)  # keyed on what matters, not on batch and sequence
+def _group_bytes(spec: ModelSpec, method: str, dtype: str, lora: LoraSpec) -> tuple[int, int, int, int]:
+    e = BYTES_PER_ELEMENT[dtype]
+    e_adapter = 4 if lora.adapter_dtype == "fp32" else e
+    full = method == "full"
+    adapted = {m.path for m in resolve_targets(spec, lora.target_modules)} if not full else set()
     root = layer = layer_trainable = root_trainable = 0
     for m in module_inventory(spec):
-        if training.method == "qlora" and m.kind == "linear" and m.group != "lm_head":
+        if method == "qlora" and m.kind == "linear" and m.group != "lm_head":
             stored = nf4_bytes(m.weight_numel_each) + (m.out_features * e if m.bias else 0)
         else:
             stored = m.params_each * e
-        adapter = training.lora.r * (m.in_features + m.out_features) * e_adapter if m.path in adapted else 0
+        adapter = lora.r * (m.in_features + m.out_features) * e_adapter if m.path in adapted else 0
         trainable = stored if full else adapter
         if m.count == spec.num_layers and ".0." in m.path:
             layer, layer_trainable = layer + stored + adapter, layer_trainable + trainable
@@ -231,8 +252,8 @@ def step_components(spec: ModelSpec, training: TrainingSpec) -> StepComponents:
     """Weights, gradients, optimizer state and activations of one step on one GPU."""
     modules = module_inventory(spec)
     groups = trainable_groups(spec, training)
-    trainable_bytes = sum(g.nbytes for g in groups)
-    base_bytes = _base_weight_bytes(modules, training)
+    _, trainable_bytes = trainable_totals(spec, training)
+    base_bytes = _base_weight_bytes(spec, training)
     buffers = buffer_numel(spec) * BYTES_PER_ELEMENT[training.dtype]
     weights = base_bytes + buffers + (0 if training.method == "full" else trainable_bytes)
     impl = training.resolved_optimizer_impl
@@ -302,7 +323,7 @@ def estimate_memory(spec: ModelSpec, training: TrainingSpec,
     overhead = overhead or DeviceOverhead()
     c = step_components(spec, training)
     base_params = count_params(spec).total
-    trainable_params = sum(g.numel * g.count for g in trainable_groups(spec, training))
+    trainable_params, _ = trainable_totals(spec, training)
     if training.method == "full":
         fraction, seed_rule = 1.0, 4 * c.base_weights
     else:

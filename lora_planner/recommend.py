@@ -43,7 +43,7 @@ from dataclasses import dataclass, field, replace
 
 from lora_planner.catalog import GPUS
 from lora_planner.errors import PlannerInputError
-from lora_planner.memory import PHASE_TITLES, DeviceOverhead, estimate_memory, trainable_groups
+from lora_planner.memory import PHASE_TITLES, DeviceOverhead, estimate_memory, trainable_totals
 from lora_planner.params import PEFT_DEFAULT_TARGETS, max_rank, rank_for_trainable_fraction, resolve_targets
 from lora_planner.planner import Budget
 from lora_planner.specs import METHODS, ModelSpec, TrainingSpec, check_positive_int
@@ -255,8 +255,7 @@ class _Search:
                                         self.req.overhead)
             # The planner's per-GPU peak includes DDP's buckets (a second copy of the trainable gradients);
             # they are shown apart.
-            ddp = sum(g.nbytes for g in trainable_groups(self.req.spec, training)) \
-                if training.resolved_strategy in ("ddp", "zero1") else 0
+            ddp = trainable_totals(self.req.spec, training)[1] if training.resolved_strategy in ("ddp", "zero1") else 0
             allocated = est.peak_allocated_bytes
             overhead = est.device_overhead_bytes
             self._points[key] = _Point(allocated + overhead, allocated, overhead, ddp, est.peak_phase,
