@@ -2,7 +2,7 @@
 
 Users train with these classes, so this is the reference the planner is held to. Nothing is downloaded:
 the model is built from a config (random init), on a real device, or on the meta device to be
-materialised later under FakeTensorMode (see `lora_planner.profiler.modes`).
+materialised later under FakeTensorMode (see `lora_planner.profiler.runner.measure_fake`).
 
 Traps handled here (each one silently gives wrong numbers otherwise):
 - transformers 5 `from_config` ignores `torch.set_default_dtype`; the dtype is passed explicitly;
