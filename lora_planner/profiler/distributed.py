@@ -101,7 +101,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 
 from lora_planner.errors import PlannerInputError
 from lora_planner.profiler.runner import (
-    Measurement, ProfileRequest, _loss_fn, batch_factory, build_model, build_optimizer,
+    Measurement, ProfileRequest, _loss_fn, _train_step, batch_factory, build_model, build_optimizer,
 )
 from lora_planner.profiler.tracker import (
     LiveTensorTracker, MemoryCategory, StepPeak, _optimizer_state_tensors, measure_training_step,
@@ -508,13 +508,7 @@ def _fsdp_mem_tracker_peak(request: ProfileRequest, strategy: str, rank: int) ->
     reference = FSDPMemTracker(model, optimizer)
     with _fsdp_hooks(LiveTensorTracker(), {}), reference:
         for _ in range(request.steps):
-            batch = make_batch()
-            loss = loss_fn(model, batch)
-            loss.backward()
-            del loss
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            del batch
+            _train_step(model, make_batch(), optimizer, loss_fn)
             reference.reset_mod_stats()
     return int(sum(snap["Total"] for snap in reference.get_tracker_snapshot("peak").values()))
 
