@@ -30,11 +30,12 @@ Known limitations: assumes no padding mask (SDPA takes its causal fast path), PE
 
 from __future__ import annotations
 
+from copy import copy
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 from typing import NamedTuple
 
-from lora_planner.params import Module, module_inventory, resolve_targets, rotary_dim
+from lora_planner.params import Module, adapters_by_layer, module_inventory, rotary_dim
 from lora_planner.specs import BYTES_PER_ELEMENT, ModelSpec, TrainingSpec
 
 FP32 = 4
@@ -50,13 +51,17 @@ class SavedTensor(NamedTuple):  # a NamedTuple, not a dataclass: profiles build 
 class ActivationProfile:
     """Bytes kept for backward, split the way the phases of a step need them.
 
-    `layer` is a layer whose input needs a gradient; `first_layer` is layer 0, which differs when the
-    embeddings are frozen (LoRA / QLoRA). `model` is what lives outside the layers (rotary tables, final
-    norm, lm_head input, the batch itself); `loss` is what the loss keeps for backward.
+    `layer` is the last layer (the first one backward meets); `first_layer` is layer 0, which differs when
+    the embeddings are frozen (LoRA / QLoRA). `layer_runs` lists every layer, as runs of identical layers
+    in model order: (how many, what each saves); layers differ when LoRA adapts only some of them (a
+    layer-specific target or `layers_to_transform`), since nothing upstream of the first adapted layer
+    needs a gradient. `model` is what lives outside the layers (rotary tables, final norm, lm_head input,
+    the batch itself); `loss` is what the loss keeps for backward.
     """
 
     layer: tuple[SavedTensor, ...]
     first_layer: tuple[SavedTensor, ...]
+    layer_runs: tuple[tuple[int, tuple[SavedTensor, ...]], ...]
     model: tuple[SavedTensor, ...]
     loss: tuple[SavedTensor, ...]
     num_layers: int
@@ -80,7 +85,32 @@ class ActivationProfile:
     @cached_property
     def all_layers_bytes(self) -> int:
         """Every layer's saved tensors (no checkpointing)."""
-        return self.first_layer_bytes + (self.num_layers - 1) * self.layer_bytes
+        return sum(count * self.total(saved) for count, saved in self.layer_runs)
+
+    def layer_saved_bytes(self, index: int) -> int:
+        """What decoder layer `index` saves."""
+        for count, saved in self.layer_runs:
+            if index < count:
+                return self.total(saved)
+            index -= count
+        raise IndexError(index)
+
+    @cached_property
+    def largest_layer(self) -> tuple[SavedTensor, ...]:
+        """The layer that saves the most (what `--detail` shows)."""
+        return max((saved for _, saved in self.layer_runs), key=self.total)
+
+    @cached_property
+    def checkpoint_recompute_bytes(self) -> int:
+        """Under gradient checkpointing, the most that recomputing one layer adds in backward on top of
+        every layer's checkpointed input: layer i is recomputed while the inputs of layers 0..i are still
+        held (later ones are freed), so this is max over i of (layer i's saved bytes - (L - 1 - i) inputs)."""
+        best, i = None, 0
+        for count, saved in self.layer_runs:
+            i += count  # the run's last layer has the fewest freed inputs ahead of it
+            extra = self.total(saved) - (self.num_layers - i) * self.checkpoint_per_layer_bytes
+            best = extra if best is None else max(best, extra)
+        return best or 0
 
     @cached_property
     def batch_bytes(self) -> int:
@@ -101,11 +131,6 @@ class ActivationProfile:
         return self.total(self.loss)
 
 
-@lru_cache(maxsize=1024)
-def _adapted_paths(spec: ModelSpec, targets: tuple[str, ...] | None) -> frozenset[str]:
-    return frozenset(m.path for m in resolve_targets(spec, targets))
-
-
 @lru_cache(maxsize=256)
 def _modules_by_path(spec: ModelSpec) -> dict[str, Module]:
     return {m.path: m for m in module_inventory(spec)}
@@ -121,13 +146,29 @@ class _Flow:
         self.tokens = training.tokens
         self.full = training.method == "full"
         self.amp = training.amp is not None
-        self.e_compute = BYTES_PER_ELEMENT[training.compute_dtype]
+        # PEFT's prepare_model_for_kbit_training casts embeddings, norms, biases and lm_head to fp32: the
+        # stream and every op between the 4-bit matmuls (which cast their input to the compute dtype and
+        # their output back, bitsandbytes `Linear4bit.forward`) then run in fp32.
+        self.kbit_fp32 = training.method == "qlora" and training.kbit_prep
+        self.e_compute = FP32 if self.kbit_fp32 else BYTES_PER_ELEMENT[training.compute_dtype]
         # The residual stream: fp32 under autocast (fp32 embeddings, fp32 adds), else the compute dtype.
         self.e_stream = FP32 if self.amp else self.e_compute
         self.e_adapter = FP32 if training.lora.adapter_dtype == "fp32" else BYTES_PER_ELEMENT[training.dtype]
         self.r = training.lora.r
-        self.adapted_paths = _adapted_paths(spec, training.lora.target_modules) if not self.full else frozenset()
+        if self.full:
+            self.layer_adapters: tuple[frozenset[str], ...] = (frozenset(),) * spec.num_layers
+            self.outside_adapters: frozenset[str] = frozenset()
+        else:
+            self.layer_adapters, self.outside_adapters = adapters_by_layer(
+                spec, training.lora.target_modules, training.lora.layers_to_transform)
+        self.adapted_paths = self.outside_adapters
         self.modules = _modules_by_path(spec)
+
+    def in_layer(self, adapters: frozenset[str]) -> _Flow:
+        """The same settings, seen from a decoder layer whose adapted modules are `adapters`."""
+        flow = copy(self)
+        flow.adapted_paths = adapters | self.outside_adapters
+        return flow
 
     def adapted(self, path: str) -> bool:
         return path in self.adapted_paths
@@ -502,19 +543,42 @@ def _model_level(flow: _Flow, embeddings_need_grad: bool) -> list[SavedTensor]:
     return saved
 
 
+def _layer_runs(flow: _Flow, first_input_needs_grad: bool) -> tuple[tuple[int, tuple[SavedTensor, ...]], ...]:
+    """Each decoder layer's saved tensors, as runs of identical layers. A layer's input needs a gradient
+    when anything upstream trains: the embeddings (full), checkpointing's `enable_input_require_grads`,
+    or an adapter in an earlier layer."""
+    layer_fn = _LAYERS[flow.spec.family]
+    built: dict[tuple[frozenset[str], bool], tuple[SavedTensor, ...]] = {}
+    runs: list[list] = []
+    needs_grad = first_input_needs_grad
+    for adapters in flow.layer_adapters:
+        key = (adapters, needs_grad)
+        if key not in built:
+            built[key] = tuple(layer_fn(flow.in_layer(adapters), needs_grad))
+        if runs and runs[-1][1] is built[key]:
+            runs[-1][0] += 1
+        else:
+            runs.append([1, built[key]])
+        needs_grad = needs_grad or bool(adapters)
+    return tuple((count, saved) for count, saved in runs)
+
+
 def activation_profile(spec: ModelSpec, training: TrainingSpec) -> ActivationProfile:
     """Saved activations and transient buffers of one training step (see the module docstring)."""
     flow = _Flow(spec, training)
-    layer_fn = _LAYERS[spec.family]
     tokens, vocab, e = flow.tokens, spec.vocab_size, flow.e_compute
     logits = tokens * vocab
-    # Frozen embeddings (LoRA / QLoRA, no enable_input_require_grads) send no gradient into layer 0.
-    # Gradient checkpointing in transformers makes the inputs require grad, so layer 0 is like the rest.
-    first_input_needs_grad = flow.full or training.grad_checkpointing
+    # Frozen embeddings (LoRA / QLoRA, no enable_input_require_grads) send no gradient into layer 0, unless
+    # the embedding itself carries an adapter. Gradient checkpointing in transformers makes the inputs
+    # require grad, so layer 0 is like the rest.
+    embedding_adapted = any(flow.modules[p].kind == "embedding" for p in flow.outside_adapters)
+    first_input_needs_grad = flow.full or training.grad_checkpointing or embedding_adapted
+    runs = _layer_runs(flow, first_input_needs_grad)
     upcast = logits * FP32 if e != FP32 else 0
     return ActivationProfile(
-        layer=tuple(layer_fn(flow, True)),
-        first_layer=tuple(layer_fn(flow, first_input_needs_grad)),
+        layer=runs[-1][1],
+        first_layer=runs[0][1],
+        layer_runs=runs,
         model=tuple(_model_level(flow, first_input_needs_grad)),
         # log_softmax's fp32 output (kept by nll_loss too), the shifted int64 targets, the total weight.
         loss=(SavedTensor("loss.log_softmax_fp32", logits * FP32), SavedTensor("loss.targets", tokens * 8),

@@ -12,10 +12,13 @@ import sys
 from collections.abc import Sequence
 
 from lora_planner import __version__
-from lora_planner.catalog import GPUS, model_names, parse_memory_size, resolve_gpu, resolve_model
+from lora_planner.catalog import model_names, resolve_model
+from lora_planner.cli_options import (
+    add_budget_arguments, add_overhead_arguments, add_seq_len_argument, budget_from_args, overhead_from_args,
+)
+from lora_planner.defaults import DEFAULT_BATCH_SIZE, DEFAULT_MODEL, DEFAULT_R
 from lora_planner.errors import PlannerInputError
-from lora_planner.memory import DeviceOverhead
-from lora_planner.planner import Budget, make_plan, plan_to_dict
+from lora_planner.planner import make_plan, plan_to_dict, refit
 from lora_planner.recommend_cli import add_recommend_arguments, run_recommend_command
 from lora_planner.report import add_calibrate_arguments, add_report_arguments, run_calibrate_command, run_report_command
 from lora_planner.specs import (
@@ -40,37 +43,50 @@ def _csv(text: str) -> tuple[str, ...]:
 
 
 def _add_planner_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="llama-2-7b",
+    p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"catalog name ({', '.join(model_names())}), a Hugging Face repo id of one of them, "
-                        "or a path to a config.json (default: llama-2-7b)")
+                        f"or a path to a config.json (default: {DEFAULT_MODEL})")
     p.add_argument("--method", default="full,lora,qlora", help="comma list of full, lora, qlora (default: all)")
-    p.add_argument("--r", type=int, default=8, help="LoRA rank (default 8)")
+    p.add_argument("--r", type=int, default=DEFAULT_R, help=f"LoRA rank (default {DEFAULT_R}, PEFT's)")
     p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 2r)")
     p.add_argument("--target", default=None,
                    help="LoRA target modules, comma list of PEFT names, or all-linear "
                         "(default: PEFT's default for the family, e.g. q_proj,v_proj)")
     p.add_argument("--adapter-dtype", choices=("fp32", "base"), default="fp32",
                    help="LoRA weights in fp32 (PEFT's default) or in the base dtype")
-    p.add_argument("--dtype", default=None, help=f"weight dtype: {'|'.join(DTYPES)} (default bf16; fp32 with --amp)")
-    p.add_argument("--amp", default=None, help="autocast mixed precision: bf16|fp16 (fp32 master weights)")
-    p.add_argument("--optimizer", default="adamw", help=f"{'|'.join(OPTIMIZERS)} (default adamw)")
+    p.add_argument("--layers-to-transform", default=None,
+                   help="PEFT's layers_to_transform: adapt the targets only in these layers, e.g. 0,1,2 or 24-31")
+    p.add_argument("--no-kbit-prep", dest="kbit_prep", action="store_false",
+                   help="QLoRA without PEFT's prepare_model_for_kbit_training (which TRL and most recipes "
+                        "call, casting embeddings, norms and lm_head to fp32)")
+    p.add_argument("--dtype", default=None,
+                   help=f"weight dtype: {'|'.join(DTYPES)}, or bfloat16|float16|float32 (default bf16; fp32 with --amp)")
+    p.add_argument("--amp", default=None, help="autocast mixed precision: bf16|fp16 or bfloat16|float16 "
+                                               "(fp32 master weights)")
+    p.add_argument("--optimizer", default="adamw",
+                   help=f"{'|'.join(OPTIMIZERS)}, or any Hugging Face TrainingArguments optim name (adamw_torch, "
+                        "adamw_torch_fused, adamw_8bit, paged_adamw_32bit, lion_8bit, adafactor, sgd, ...; the ones "
+                        "not modelled are refused with the reason) (default adamw, fused: the Trainer's default "
+                        "adamw_torch_fused)")
     p.add_argument("--optimizer-impl", default=None,
-                   help=f"{'|'.join(OPTIMIZER_IMPLS)} (default: PyTorch's, foreach on cuda, for-loop on cpu)")
-    p.add_argument("--batch-size", type=int, default=1, help="micro-batch size (default 1)")
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (default 512)")
+                   help=f"{'|'.join(OPTIMIZER_IMPLS)} (default: fused for adamw, as the Hugging Face Trainer's "
+                        "adamw_torch_fused on torch >= 2.8; PyTorch's for the other torch optimizers: foreach on "
+                        "cuda, for-loop on cpu)")
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+                   help=f"micro-batch size (default {DEFAULT_BATCH_SIZE})")
+    add_seq_len_argument(p)
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute layers in backward")
-    p.add_argument("--attention", default="sdpa", help=f"{'|'.join(ATTENTIONS)} (default sdpa)")
+    p.add_argument("--attention", default="sdpa",
+                   help=f"{'|'.join(ATTENTIONS)}, transformers' attn_implementation (default sdpa, transformers' "
+                        "default; flash_attention_2 is refused until its kernel is modelled)")
     p.add_argument("--device", default="cuda", help=f"{'|'.join(DEVICES)} (default cuda)")
     p.add_argument("--gpus", type=int, default=1, help="data-parallel GPUs; --batch-size is per GPU (default 1)")
     p.add_argument("--strategy", default=None,
-                   help=f"how GPUs share model states: {'|'.join(STRATEGIES)} (default with --gpus: ddp)")
-    budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--gpu", default=None, help=f"GPU to fit in: {', '.join(GPUS)}")
-    budget.add_argument("--gpu-mem", default=None, help="memory to fit in, e.g. 24GiB or 80GB")
-    p.add_argument("--cuda-context", default="512MiB",
-                   help="CUDA context + library workspaces outside the allocator (default 512MiB)")
-    p.add_argument("--allocator-overhead", type=float, default=0.05,
-                   help="caching-allocator reserve as a fraction of the allocated peak (default 0.05)")
+                   help=f"how GPUs share model states, one engine each: {'|'.join(STRATEGIES)}; zero1|zero2|zero3 "
+                        "are DeepSpeed's stages (deepspeed-zeroN), fsdp is FSDP2 FULL_SHARD, fsdp-grad-op SHARD_GRAD_OP, "
+                        "ddp-zero1 DDP + ZeroRedundancyOptimizer (default with --gpus: ddp)")
+    add_budget_arguments(p)
+    add_overhead_arguments(p)
     p.add_argument("--mfu", type=float, default=0.4,
                    help="model-FLOPs utilisation assumed for step times (default 0.4)")
     p.add_argument("--train-tokens", default=None, help="also show the time to train on this many tokens, e.g. 1e9")
@@ -112,21 +128,33 @@ def _training_from_args(args: argparse.Namespace, method: str) -> TrainingSpec:
     if args.target is not None and not target:
         raise PlannerInputError("target", "empty target list", "pass e.g. --target q_proj,v_proj or all-linear")
     dtype = args.dtype if args.dtype is not None else ("fp32" if args.amp else "bf16")
+    layers = _layer_list(args.layers_to_transform) if args.layers_to_transform is not None else None
     return TrainingSpec(
         method=method, dtype=dtype, amp=args.amp, optimizer=args.optimizer, optimizer_impl=args.optimizer_impl,
         batch_size=args.batch_size, seq_len=args.seq_len, grad_checkpointing=args.grad_checkpointing,
         device=args.device, attention=args.attention, gpus=args.gpus, strategy=args.strategy,
-        lora=LoraSpec(r=args.r, alpha=args.alpha, target_modules=target, adapter_dtype=args.adapter_dtype),
+        lora=LoraSpec(r=args.r, alpha=args.alpha, target_modules=target, adapter_dtype=args.adapter_dtype,
+                      layers_to_transform=layers),
+        kbit_prep=args.kbit_prep,
     )
 
 
-def _budget_from_args(args: argparse.Namespace) -> Budget | None:
-    if args.gpu:
-        gpu = resolve_gpu(args.gpu)
-        return Budget(memory_bytes=gpu.memory_bytes, name=gpu.name, supports_bf16=gpu.supports_bf16)
-    if args.gpu_mem:
-        return Budget(memory_bytes=parse_memory_size(args.gpu_mem, "gpu-mem"))
-    return None
+def _layer_list(text: str) -> tuple[int, ...]:
+    """"0,1,2" or "24-31" or "0-3,8" -> sorted unique layer indices."""
+    layers: set[int] = set()
+    for part in _csv(text):
+        low, sep, high = part.partition("-")
+        try:
+            first, last = int(low), int(high) if sep else int(low)
+        except ValueError:
+            first, last = 0, -1
+        if first < 0 or last < first:
+            raise PlannerInputError("layers-to-transform", f"cannot read {part!r}",
+                                    "pass layer indices or ranges, e.g. 0,1,2 or 24-31")
+        layers.update(range(first, last + 1))
+    if not layers:
+        raise PlannerInputError("layers-to-transform", "no layer given", "pass e.g. --layers-to-transform 0-3")
+    return tuple(sorted(layers))
 
 
 def _methods_from_args(args: argparse.Namespace) -> tuple[str, ...]:
@@ -151,14 +179,6 @@ def _train_tokens_from_args(args: argparse.Namespace) -> int | None:
     return tokens
 
 
-def _overhead_from_args(args: argparse.Namespace) -> DeviceOverhead:
-    if not 0 <= args.allocator_overhead < 10:
-        raise PlannerInputError("allocator-overhead", f"must be a fraction >= 0, got {args.allocator_overhead}",
-                                "pass e.g. 0.05")
-    return DeviceOverhead(cuda_context_bytes=parse_memory_size(args.cuda_context, "cuda-context"),
-                          allocator_fraction=args.allocator_overhead)
-
-
 def run_estimate(args: argparse.Namespace) -> int:
     spec = resolve_model(args.model)
     methods = _methods_from_args(args)
@@ -167,13 +187,14 @@ def run_estimate(args: argparse.Namespace) -> int:
         _training_from_args(args, method)  # validate every method's settings before computing
     if not 0 < args.mfu <= 1:
         raise PlannerInputError("mfu", f"must be in (0, 1], got {args.mfu}", "pass e.g. --mfu 0.4")
-    plan = make_plan(spec, training, methods, _budget_from_args(args), _overhead_from_args(args), mfu=args.mfu,
-                     train_tokens=_train_tokens_from_args(args))
+    plan = make_plan(spec, training, methods, budget_from_args(args), overhead_from_args(args), mfu=args.mfu,
+                     train_tokens=_train_tokens_from_args(args), headroom=args.headroom)
     calibration = None
     if getattr(args, "calibration", None):
         from lora_planner.report.calibrate import calibrate_plan_from_file
 
         plan, calibration = calibrate_plan_from_file(plan, args.calibration)
+        plan = refit(plan)  # the fit of the calibrated peaks, by the same rule and headroom
     if args.json:
         print(json.dumps({**plan_to_dict(plan), **({"calibration": calibration} if calibration else {})}, indent=2))
         return 0

@@ -43,7 +43,9 @@ from typing import Literal, get_args
 
 from lora_planner.activations import ActivationProfile, activation_profile
 from lora_planner.optimizers import TensorGroup, optimizer_scratch_bytes, optimizer_state_bytes
-from lora_planner.params import Module, buffer_numel, count_params, lora_params, module_inventory, resolve_targets
+from lora_planner.params import (
+    Module, adapted_layers, buffer_numel, count_params, is_per_layer, lora_params, module_inventory,
+)
 from lora_planner.specs import BYTES_PER_ELEMENT, LoraSpec, ModelSpec, TrainingSpec
 
 Phase = Literal["forward_start", "forward_end", "backward_start", "backward_layers", "backward_end",
@@ -137,23 +139,28 @@ def nf4_bytes(numel: int) -> int:
 
 def _base_weight_bytes(spec: ModelSpec, training: TrainingSpec) -> int:
     """Frozen or trainable base weights as stored: --dtype (fp32 under AMP), NF4 linears under QLoRA."""
-    return _stored_weight_bytes(spec, training.method == "qlora", training.dtype)
+    return _stored_weight_bytes(spec, training.method == "qlora", training.dtype, _kbit_fp32(training))
+
+
+def _kbit_fp32(training: TrainingSpec) -> bool:
+    """Whether PEFT's `prepare_model_for_kbit_training` runs (QLoRA, `kbit_prep`): it casts every 16-bit
+    parameter that is not a bitsandbytes `Params4bit` to fp32 (peft 0.21.2, `peft/utils/other.py`): the
+    embeddings, norms, lm_head and the biases of the quantized linears. Buffers (RoPE's inv_freq) stay."""
+    return training.method == "qlora" and training.kbit_prep and training.dtype != "fp32"
+
+
+def _stored_bytes_each(m: Module, quantized: bool, dtype: str, kbit_fp32: bool) -> int:
+    """One instance of module `m` as stored: NF4 weight (+ bias) for QLoRA's linears, else at `dtype`;
+    after kbit preparation everything not in NF4 is fp32."""
+    e = 4 if kbit_fp32 else BYTES_PER_ELEMENT[dtype]
+    if quantized and m.kind == "linear" and m.group != "lm_head":
+        return nf4_bytes(m.weight_numel_each) + (m.out_features * e if m.bias else 0)
+    return m.params_each * e
 
 
 @lru_cache(maxsize=1024)
-def _stored_weight_bytes(spec: ModelSpec, quantized: bool, dtype: str) -> int:
-    modules = module_inventory(spec)
-    e = BYTES_PER_ELEMENT[dtype]
-    if not quantized:
-        return sum(m.params for m in modules) * e
-    total = 0
-    for m in modules:
-        if m.kind == "linear" and m.group != "lm_head":
-            bias = m.out_features * e if m.bias else 0
-            total += (nf4_bytes(m.weight_numel_each) + bias) * m.count
-        else:
-            total += m.params * e
-    return total
+def _stored_weight_bytes(spec: ModelSpec, quantized: bool, dtype: str, kbit_fp32: bool = False) -> int:
+    return sum(_stored_bytes_each(m, quantized, dtype, kbit_fp32) * m.count for m in module_inventory(spec))
 
 
 @lru_cache(maxsize=4096)  # grids vary batch and sequence far more often than these inputs
@@ -169,12 +176,12 @@ def _trainable_groups(spec: ModelSpec, method: str, dtype: str, lora: LoraSpec) 
                 groups.append(TensorGroup((m.out_features,), m.count * (2 if m.bias else 1), e))
                 continue
             shape = (m.in_features, m.out_features) if m.kind == "embedding" else (m.out_features, m.in_features)
-            groups.append(TensorGroup(shape, m.count, e))
+            groups.append(TensorGroup(shape, m.count, e, embedding=m.kind == "embedding"))
             if m.bias:
                 groups.append(TensorGroup((m.out_features,), m.count, e))
         return tuple(groups)
     e = 4 if lora.adapter_dtype == "fp32" else BYTES_PER_ELEMENT[dtype]
-    for m in lora_params(spec, lora.r, lora.target_modules).target_modules:
+    for m in lora_params(spec, lora.r, lora.target_modules, lora.layers_to_transform).target_modules:
         groups.append(TensorGroup((lora.r, m.in_features), m.count, e))
         groups.append(TensorGroup((m.out_features, lora.r), m.count, e))
     return tuple(groups)
@@ -200,28 +207,44 @@ def group_bytes(spec: ModelSpec, training: TrainingSpec) -> tuple[int, int, int,
     """(root bytes, one layer's bytes, one layer's trainable bytes, root trainable bytes), adapters
     included: "root" is everything outside the decoder layers (embeddings, final norm, lm_head), the
     groups FSDP gathers and reduce-scatters, and what backward finishes last."""
-    return _group_bytes(spec, training.method, training.dtype, training.lora)
+    root, layer, layer_trainable, root_trainable, _ = _group_bytes(spec, training.method, training.dtype,
+                                                                   training.lora, _kbit_fp32(training))
+    return root, layer, layer_trainable, root_trainable
+
+
+def layer_trainable_bytes(spec: ModelSpec, training: TrainingSpec) -> tuple[int, ...]:
+    """Trainable bytes of each decoder layer (all its weights under full fine-tuning; its adapters under
+    LoRA, which may differ layer by layer with layer-specific targets)."""
+    return _group_bytes(spec, training.method, training.dtype, training.lora, _kbit_fp32(training))[4]
 
 
 @lru_cache(maxsize=4096)  # keyed on what matters, not on batch and sequence
-def _group_bytes(spec: ModelSpec, method: str, dtype: str, lora: LoraSpec) -> tuple[int, int, int, int]:
+def _group_bytes(spec: ModelSpec, method: str, dtype: str, lora: LoraSpec,
+                 kbit_fp32: bool) -> tuple[int, int, int, int, tuple[int, ...]]:
+    """(root, largest layer, largest layer's trainable, root trainable, each layer's trainable) bytes."""
     e = BYTES_PER_ELEMENT[dtype]
     e_adapter = 4 if lora.adapter_dtype == "fp32" else e
     full = method == "full"
-    adapted = {m.path for m in resolve_targets(spec, lora.target_modules)} if not full else set()
-    root = layer = layer_trainable = root_trainable = 0
+    layers = spec.num_layers
+    adapted = {} if full else dict(adapted_layers(spec, lora.target_modules, lora.layers_to_transform))
+    by_path = {m.path: layers_in for m, layers_in in adapted.items()}
+    root = layer_stored = root_trainable = 0
+    per_layer_adapters = [0] * layers
     for m in module_inventory(spec):
-        if method == "qlora" and m.kind == "linear" and m.group != "lm_head":
-            stored = nf4_bytes(m.weight_numel_each) + (m.out_features * e if m.bias else 0)
+        stored = _stored_bytes_each(m, method == "qlora", dtype, kbit_fp32)
+        adapter = lora.r * (m.in_features + m.out_features) * e_adapter
+        if is_per_layer(m):
+            layer_stored += stored
+            for i in by_path.get(m.path, ()):
+                per_layer_adapters[i] += adapter
         else:
-            stored = m.params_each * e
-        adapter = lora.r * (m.in_features + m.out_features) * e_adapter if m.path in adapted else 0
-        trainable = stored if full else adapter
-        if m.count == spec.num_layers and ".0." in m.path:
-            layer, layer_trainable = layer + stored + adapter, layer_trainable + trainable
-        else:
-            root, root_trainable = root + stored + adapter, root_trainable + trainable
-    return root, layer, layer_trainable, root_trainable
+            root += stored + (adapter if m.path in by_path else 0)
+            root_trainable += stored if full else (adapter if m.path in by_path else 0)
+    if full:
+        per_layer_trainable = (layer_stored,) * layers
+        return root, layer_stored, layer_stored, root_trainable, per_layer_trainable
+    largest = max(per_layer_adapters)
+    return root, layer_stored + largest, largest, root_trainable, tuple(per_layer_adapters)
 
 
 @dataclass(frozen=True)
@@ -267,7 +290,7 @@ def step_components(spec: ModelSpec, training: TrainingSpec) -> StepComponents:
         layer_scratch += largest * BYTES_PER_ELEMENT[training.compute_dtype]
     if training.grad_checkpointing:
         layers_saved = spec.num_layers * acts.checkpoint_per_layer_bytes
-        recomputed = acts.layer_bytes  # the layer being recomputed in backward
+        recomputed = acts.checkpoint_recompute_bytes  # the layer being recomputed in backward
     else:
         layers_saved = acts.all_layers_bytes
         recomputed = 0
@@ -277,12 +300,19 @@ def step_components(spec: ModelSpec, training: TrainingSpec) -> StepComponents:
     # and gradient buffers beside every other layer's gradients; its own come as its tensors go), and the
     # very last op, when all gradients exist and no activation is left; with a tied embedding autograd
     # then adds the embedding's V x h gradient to lm_head's, both partial gradients beside the sum.
-    _, _, layer_trainable, _ = group_bytes(spec, training)
+    # "First layer" is the first one backward runs through: layer 0, or under LoRA without a gradient at
+    # the model's input, the first layer with an adapter (nothing below it has a backward).
+    per_layer_trainable = layer_trainable_bytes(spec, training)
+    first = 0 if acts.first_layer_bytes or not any(per_layer_trainable) else \
+        next(i for i, b in enumerate(per_layer_trainable) if b)
     embedding_grads = sum(m.params for m in modules if m.group == "embeddings") * BYTES_PER_ELEMENT[training.dtype] \
         if training.method == "full" else 0  # computed after the first layer's backward
-    last_layer_left = acts.checkpoint_per_layer_bytes if training.grad_checkpointing else acts.first_layer_bytes
-    end_grads = trainable_bytes - layer_trainable - embedding_grads
-    end_acts, end_scratch = last_layer_left + recomputed, layer_scratch
+    if training.grad_checkpointing:
+        last_layer_left = (first + 1) * acts.checkpoint_per_layer_bytes + acts.layer_saved_bytes(first)
+    else:
+        last_layer_left = acts.layer_saved_bytes(first)
+    end_grads = trainable_bytes - per_layer_trainable[first] - embedding_grads
+    end_acts, end_scratch = last_layer_left, layer_scratch
     last_op_scratch = 0
     if training.method == "full" and spec.tie_word_embeddings:
         last_op_scratch = 2 * spec.vocab_size * spec.hidden_size * BYTES_PER_ELEMENT[training.dtype]

@@ -210,21 +210,50 @@ def targetable_names(spec: ModelSpec) -> tuple[str, ...]:
 
 
 @lru_cache(maxsize=1024)
-def resolve_targets(spec: ModelSpec, targets: tuple[str, ...] | None) -> tuple[Module, ...]:
-    """The modules LoRA adapts (None: PEFT's default for the family), each with `count` = the number of
-    layers it is adapted in (a target such as "layers.3.self_attn.q_proj" picks one layer, as in PEFT).
+def _layer_index(path: str) -> int | None:
+    """The layer index PEFT reads from a module name for `layers_to_transform`: the first numbered
+    segment after a named one (`peft.tuners.tuners_utils.check_target_module_exists`, `layers_pattern`
+    unset: `re.match(r".*?\\.[^.]*\\.(?P<idx>\\d+)\\.", key)`); None for modules outside the layers."""
+    parts = path.split(".")
+    for i in range(1, len(parts) - 1):
+        if parts[i].isdigit() and i >= 2:
+            return int(parts[i])
+    return None
+
+
+@lru_cache(maxsize=4096)
+def adapted_layers(spec: ModelSpec, targets: tuple[str, ...] | None,
+                   layers_to_transform: tuple[int, ...] | None = None) -> tuple[tuple[Module, frozenset[int]], ...]:
+    """Each module LoRA adapts (its layer-0 inventory entry) with the layers it is adapted in, matched as
+    PEFT matches (`check_target_module_exists`): a full name equal to a target always matches (so does
+    "lm_head"); a name ending in "." + target matches only in `layers_to_transform` when that is set
+    (modules outside the decoder layers have no layer index and drop out). None targets: PEFT's default.
 
     Every target must match something: PEFT only fails when *none* match, which silently drops a
     misspelt name; this planner rejects each unknown name instead.
     """
     targets = PEFT_DEFAULT_TARGETS[spec.family] if targets is None else targets
     inventory = module_inventory(spec)
+    if layers_to_transform is not None:
+        bad = [i for i in layers_to_transform if not 0 <= i < spec.num_layers]
+        if not layers_to_transform or bad:
+            raise PlannerInputError("layers_to_transform", f"no layer {bad[0] if bad else '(empty list)'} in "
+                                    f"{spec.name}, which has {spec.num_layers} layers (0-{spec.num_layers - 1})",
+                                    f"pass layer indices from 0 to {spec.num_layers - 1}")
+    keep = None if layers_to_transform is None else frozenset(layers_to_transform)
     if ALL_LINEAR in targets:
         if len(targets) > 1:
             raise PlannerInputError("target", f"{ALL_LINEAR!r} cannot be combined with other names",
                                     f"pass either {ALL_LINEAR} or a list of module names")
         # PEFT's all-linear: every Linear / Conv1D except the output layer (`get_output_embeddings`).
-        return tuple(m for m in inventory if m.kind == "linear" and m.group != "lm_head")
+        chosen = [m for m in inventory if m.kind == "linear" and m.group != "lm_head"]
+        if keep is not None:
+            # LoraConfig.__post_init__ (peft/tuners/lora/config.py): "`layers_to_transform` cannot be used
+            # when `target_modules` is a str", and all-linear is one.
+            names = ",".join(dict.fromkeys(m.path.rsplit(".", 1)[-1] for m in chosen))
+            raise PlannerInputError("layers_to_transform", "PEFT refuses it with target_modules='all-linear' "
+                                    "(a string target)", f"list the modules instead: --target {names}")
+        return tuple((m, frozenset(range(m.count))) for m in chosen)
     choices = ", ".join(targetable_names(spec))
     layers_by_path: dict[str, set[int]] = {}
     for target in targets:
@@ -236,9 +265,74 @@ def resolve_targets(spec: ModelSpec, targets: tuple[str, ...] | None) -> tuple[M
         if any(m.kind == "norm" for m in hits):
             raise PlannerInputError("target", f"{target!r} is a norm layer, which LoRA cannot adapt",
                                     f"choose from {choices}")
+        if keep is not None:
+            hits = {m: frozenset(i for i in layers if m.layer_path(i) == target
+                                 or _layer_index(m.layer_path(i)) in keep) for m, layers in hits.items()}
+            hits = {m: layers for m, layers in hits.items() if layers}
+            if not hits:
+                raise PlannerInputError(
+                    "target", f"{target!r} matches nothing in layers_to_transform {list(layers_to_transform)}"
+                              " (modules outside the decoder layers have no layer index)",
+                    "drop it from the targets or widen layers_to_transform")
         for m, layers in hits.items():
             layers_by_path.setdefault(m.path, set()).update(layers)
-    return tuple(replace(m, count=len(layers_by_path[m.path])) for m in inventory if m.path in layers_by_path)
+    return tuple((m, frozenset(layers_by_path[m.path])) for m in inventory if m.path in layers_by_path)
+
+
+def resolve_targets(spec: ModelSpec, targets: tuple[str, ...] | None,
+                    layers_to_transform: tuple[int, ...] | None = None) -> tuple[Module, ...]:
+    """The modules LoRA adapts (see `adapted_layers`), each with `count` = the number of layers it is
+    adapted in (a target such as "layers.3.self_attn.q_proj" picks one layer, as in PEFT)."""
+    return tuple(replace(m, count=len(layers)) for m, layers in adapted_layers(spec, targets, layers_to_transform))
+
+
+def is_per_layer(module: Module) -> bool:
+    """Whether the module repeats in every decoder layer (its path is stored for layer 0)."""
+    return ".0." in module.path
+
+
+@lru_cache(maxsize=1024)
+@lru_cache(maxsize=1024)
+def adapters_by_layer(spec: ModelSpec, targets: tuple[str, ...] | None, layers_to_transform: tuple[int, ...] | None,
+                      ) -> tuple[tuple[frozenset[str], ...], frozenset[str]]:
+    """(for each decoder layer, the layer-0 paths of the modules adapted in it; the adapted modules outside
+    the layers, such as embeddings or lm_head)."""
+    per_layer: list[set[str]] = [set() for _ in range(spec.num_layers)]
+    outside: set[str] = set()
+    for m, layers in adapted_layers(spec, targets, layers_to_transform):
+        if not is_per_layer(m):
+            outside.add(m.path)
+            continue
+        for i in layers:
+            per_layer[i].add(m.path)
+    return tuple(frozenset(p) for p in per_layer), frozenset(outside)
+
+
+def target_description(spec: ModelSpec, targets: tuple[str, ...] | None,
+                       layers_to_transform: tuple[int, ...] | None = None) -> tuple[str, ...]:
+    """What LoRA adapts, as a reader would say it: "self_attn.q_proj (all 32 layers)",
+    "self_attn.q_proj (layer 3)", "self_attn.q_proj (layers 0-3, 8)", "lm_head"."""
+    out = []
+    for m, layers in adapted_layers(spec, targets, layers_to_transform):
+        if not is_per_layer(m):
+            out.append(m.path)
+            continue
+        name = m.path.split(".0.", 1)[1]
+        if len(layers) == spec.num_layers:
+            out.append(f"{name} (all {spec.num_layers} layers)" if spec.num_layers > 1 else name)
+        else:
+            out.append(f"{name} ({'layer' if len(layers) == 1 else 'layers'} {_ranges(sorted(layers))})")
+    return tuple(out)
+
+
+def _ranges(indices: list[int]) -> str:
+    """[0, 1, 2, 3, 8] -> "0-3, 8"."""
+    parts, start = [], indices[0]
+    for prev, cur in zip(indices, indices[1:] + [None]):
+        if cur != prev + 1 if cur is not None else True:
+            parts.append(str(start) if start == prev else f"{start}-{prev}")
+            start = cur
+    return ", ".join(parts)
 
 
 @dataclass(frozen=True)
@@ -260,11 +354,12 @@ class LoraCounts:
 
 
 @lru_cache(maxsize=4096)
-def lora_params(spec: ModelSpec, r: int, targets: tuple[str, ...] | None) -> LoraCounts:
+def lora_params(spec: ModelSpec, r: int, targets: tuple[str, ...] | None,
+                layers_to_transform: tuple[int, ...] | None = None) -> LoraCounts:
     """Trainable parameters of a LoRA adapter of rank r on `targets` (equals PEFT's count)."""
     if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
         raise PlannerInputError("r", f"must be a positive integer, got {r!r}", "pass e.g. --r 8")
-    modules = resolve_targets(spec, targets)
+    modules = resolve_targets(spec, targets, layers_to_transform)
     for module in modules:
         width = min(module.in_features, module.out_features)
         if r > width:

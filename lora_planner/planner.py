@@ -7,12 +7,15 @@ method (full / LoRA / QLoRA) under the same settings, and the GPU budget. `plan_
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Any
 
-from lora_planner.catalog import GPUS, GpuSpec
+from lora_planner.catalog import GIB, GPUS, GpuSpec, memory_size_echo, parse_memory_size, resolve_gpu
+from lora_planner.defaults import DEFAULT_HEADROOM
+from lora_planner.errors import PlannerInputError
 from lora_planner.memory import DeviceOverhead, MemoryEstimate, estimate_memory
-from lora_planner.params import ParamCounts, count_params, resolve_targets
+from lora_planner.params import PEFT_DEFAULT_TARGETS, ParamCounts, count_params, target_description
 from lora_planner.specs import ModelSpec, TrainingSpec
 from lora_planner.throughput import DEFAULT_MFU, ThroughputEstimate, estimate_throughput
 
@@ -23,11 +26,85 @@ SCHEMA_VERSION = 1
 
 @dataclass(frozen=True)
 class Budget:
-    """The memory a run must fit in: a catalog GPU, or a size given by hand (`name` None)."""
+    """The memory a run must fit in (per GPU): a catalog GPU, a size given by hand (`name` None), or both
+    (`--gpu NAME --gpu-mem SIZE`: the memory from the size, FLOP/s, bandwidth and bf16 support from the
+    GPU, e.g. a 94 GB H100 NVL or a MIG slice). `memory_text` is the size as the user typed it."""
 
     memory_bytes: int
     name: str | None = None
     supports_bf16: bool = True
+    memory_text: str | None = None
+
+
+def budget_from_options(gpu: str | None, gpu_mem: str | None) -> Budget | None:
+    """`--gpu` and / or `--gpu-mem` -> the budget (None when neither is given)."""
+    if gpu_mem is not None:
+        memory = parse_memory_size(gpu_mem, "gpu-mem")
+    if gpu:
+        spec = resolve_gpu(gpu)
+        if gpu_mem is None:
+            return Budget(memory_bytes=spec.memory_bytes, name=spec.name, supports_bf16=spec.supports_bf16)
+        return Budget(memory_bytes=memory, name=spec.name, supports_bf16=spec.supports_bf16, memory_text=gpu_mem)
+    if gpu_mem is not None:
+        return Budget(memory_bytes=memory, memory_text=gpu_mem)
+    return None
+
+
+def gib_text(n: int | float) -> str:
+    return f"{n / GIB:.2f} GiB"
+
+
+def describe_budget(budget: Budget) -> str:
+    """'rtx-4090, 23.99 GiB', '80 GB = 74.51 GiB', or 'h100-80gb with --gpu-mem 94 GB = 87.54 GiB (...)'."""
+    if budget.memory_text is None:
+        size = gib_text(budget.memory_bytes)
+        return f"{budget.name}, {size}" if budget.name else size
+    echo = memory_size_echo(budget.memory_text)
+    if budget.name is None:
+        return echo
+    return (f"{budget.name} with --gpu-mem {echo} (memory from --gpu-mem; FLOP/s, bandwidth and bf16 support "
+            f"from --gpu {budget.name})")
+
+
+def usable_bytes(budget_bytes: int, headroom: float) -> int:
+    """The memory a step may use on one GPU: budget x (1 - headroom), rounded down to a byte. The one
+    definition `estimate`, `recommend`, `--verify` and `fits on` all use."""
+    if isinstance(headroom, bool) or not isinstance(headroom, (int, float)) or not 0 <= headroom < 1:
+        raise PlannerInputError("headroom", f"must be a fraction in [0, 1), got {headroom!r}",
+                                "pass e.g. 0.1 (keep 10% of the GPU free) or 0 (use all of it)")
+    return math.floor(budget_bytes * (1 - headroom))
+
+
+def fits(peak_device_bytes: int, usable: int) -> bool:
+    """Whether a step fits: its predicted (or measured) peak on the device is at most the usable memory.
+    A peak exactly at the usable memory fits."""
+    return peak_device_bytes <= usable
+
+
+def describe_usable(budget_bytes: int, headroom: float) -> str:
+    """'usable = 23.99 GiB x (1 - 10 %) = 21.59 GiB': the same text in every subcommand."""
+    return (f"usable = {gib_text(budget_bytes)} x (1 - {100 * headroom:g} %) = "
+            f"{gib_text(usable_bytes(budget_bytes, headroom))}")
+
+
+def plan_warnings(spec: ModelSpec, training: TrainingSpec, budget: Budget | None = None) -> tuple[str, ...]:
+    """What the user should know about these settings that is not an error (pure; shown by every output)."""
+    warnings = []
+    limit = spec.max_position_embeddings
+    if training.seq_len > limit:
+        why = ("its learned position embeddings have no row past it, so the forward fails"
+               if spec.family == "gpt2" else
+               "the model saw no longer sequences in pre-training: use RoPE scaling (rope_scaling in config.json) "
+               "or expect worse quality")
+        warnings.append(f"--seq-len {training.seq_len} is above {spec.name}'s max_position_embeddings {limit}: "
+                        f"{why}; the memory estimate is for the length asked")
+    if spec.sliding_window and training.seq_len > spec.sliding_window:
+        warnings.append(f"{spec.name} attends over a {spec.sliding_window}-token sliding window, shorter than "
+                        f"--seq-len {training.seq_len}; transformers then builds an S x S mask and repeats k/v for "
+                        "SDPA, which this estimate does not count")
+    if budget is not None and not budget.supports_bf16 and training.compute_dtype == "bf16":
+        warnings.append(f"{budget.name} has no bf16 support; use --dtype fp16 or --amp fp16")
+    return tuple(warnings)
 
 
 @dataclass(frozen=True)
@@ -43,36 +120,62 @@ class Plan:
     spec: ModelSpec
     params: ParamCounts
     training: TrainingSpec  # the shared settings; `training.method` is the first method
-    target_modules: tuple[str, ...]  # resolved LoRA target paths (layer 0 shown)
+    target_modules: tuple[str, ...]  # LoRA targets as asked (PEFT's default names when none were)
     methods: dict[str, MethodPlan]
     budget: Budget | None
     overhead: DeviceOverhead
     train_tokens: int | None = None  # show the time to train on this many tokens
+    headroom: float = DEFAULT_HEADROOM  # usable = budget x (1 - headroom), for the budget and `fits on`
+    warnings: tuple[str, ...] = ()  # `plan_warnings`: shown under the table and in --json
+    adapted_modules: tuple[str, ...] = ()  # what the targets adapt, layer by layer (`target_description`)
+
+    @property
+    def usable_bytes(self) -> int | None:
+        return None if self.budget is None else usable_bytes(self.budget.memory_bytes, self.headroom)
 
 
-def fits_on(peak_device_bytes: int, gpus: dict[str, GpuSpec], compute_dtype: str) -> tuple[str, ...]:
-    """Catalog GPUs, smallest first, that hold the peak and can run the compute dtype (no bf16 on T4/V100)."""
+def fits_on(peak_device_bytes: int, gpus: dict[str, GpuSpec], compute_dtype: str,
+            headroom: float = DEFAULT_HEADROOM) -> tuple[str, ...]:
+    """Catalog GPUs, smallest first, whose usable memory holds the peak and that can run the compute dtype
+    (no bf16 on T4/V100)."""
     return tuple(name for name, gpu in sorted(gpus.items(), key=lambda kv: kv[1].memory_bytes)
-                 if peak_device_bytes <= gpu.memory_bytes and (compute_dtype != "bf16" or gpu.supports_bf16))
+                 if fits(peak_device_bytes, usable_bytes(gpu.memory_bytes, headroom))
+                 and (compute_dtype != "bf16" or gpu.supports_bf16))
+
+
+def refit(plan: Plan) -> Plan:
+    """Every method's `fits` and `fits_on` recomputed from its estimate (after a calibration changed it)."""
+    methods = {}
+    for method, mp in plan.methods.items():
+        peak = mp.estimate.peak_device_bytes
+        methods[method] = replace(
+            mp, fits=None if plan.usable_bytes is None else fits(peak, plan.usable_bytes),
+            fits_on=fits_on(peak, GPUS, plan.training.compute_dtype, plan.headroom))
+    return replace(plan, methods=methods)
 
 
 def make_plan(spec: ModelSpec, training: TrainingSpec, methods: tuple[str, ...],
               budget: Budget | None = None, overhead: DeviceOverhead | None = None, mfu: float = DEFAULT_MFU,
-              train_tokens: int | None = None) -> Plan:
-    """Estimate every requested method under the same settings and compare each with the budget.
-    Step times use the budget's GPU when it is a catalog GPU, else `REFERENCE_GPU`."""
+              train_tokens: int | None = None, headroom: float = DEFAULT_HEADROOM) -> Plan:
+    """Estimate every requested method under the same settings and compare each with the budget's usable
+    memory (`usable_bytes`). Step times use the budget's GPU when it is a catalog GPU, else `REFERENCE_GPU`."""
     overhead = overhead or DeviceOverhead()
+    usable = None if budget is None else usable_bytes(budget.memory_bytes, headroom)
     gpu = GPUS.get(budget.name or "", GPUS[REFERENCE_GPU]) if budget else GPUS[REFERENCE_GPU]
     plans: dict[str, MethodPlan] = {}
     for method in methods:
         method_training = replace(training, method=method)
         estimate = estimate_memory(spec, method_training, overhead)
-        fits = None if budget is None else estimate.peak_device_bytes <= budget.memory_bytes
-        plans[method] = MethodPlan(estimate, fits, fits_on(estimate.peak_device_bytes, GPUS, training.compute_dtype),
+        fit = None if usable is None else fits(estimate.peak_device_bytes, usable)
+        plans[method] = MethodPlan(estimate, fit,
+                                   fits_on(estimate.peak_device_bytes, GPUS, training.compute_dtype, headroom),
                                    estimate_throughput(spec, method_training, gpu, mfu))
-    targets = tuple(m.path for m in resolve_targets(spec, training.lora.target_modules))
+    lora = training.lora
+    targets = lora.target_modules or PEFT_DEFAULT_TARGETS[spec.family]
+    adapted = target_description(spec, lora.target_modules, lora.layers_to_transform)
     return Plan(spec=spec, params=count_params(spec), training=replace(training, method=methods[0]),
-                target_modules=targets, methods=plans, budget=budget, overhead=overhead, train_tokens=train_tokens)
+                target_modules=targets, adapted_modules=adapted, methods=plans, budget=budget, overhead=overhead, train_tokens=train_tokens,
+                headroom=headroom, warnings=plan_warnings(spec, training, budget))
 
 
 def plan_to_dict(plan: Plan) -> dict[str, Any]:
@@ -124,11 +227,15 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
             "r": t.lora.r,
             "alpha": t.lora.effective_alpha,
             "target_modules": list(plan.target_modules),
+            "layers_to_transform": list(t.lora.layers_to_transform) if t.lora.layers_to_transform else None,
+            "adapted_modules": list(plan.adapted_modules),
+            "kbit_prep": t.kbit_prep if "qlora" in plan.methods else None,
             "adapter_dtype": t.lora.adapter_dtype,
             "dtype": t.dtype,
             "amp": t.amp,
             "optimizer": t.optimizer,
             "optimizer_impl": t.resolved_optimizer_impl,
+            "optimizer_impl_reason": t.optimizer_impl_reason,
             "batch_size": t.batch_size,
             "seq_len": t.seq_len,
             "grad_checkpointing": t.grad_checkpointing,
@@ -138,9 +245,13 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
             "strategy": t.resolved_strategy,
             "gpu": plan.budget.name if plan.budget else None,
             "budget_bytes": plan.budget.memory_bytes if plan.budget else None,
+            "gpu_mem": plan.budget.memory_text if plan.budget else None,
+            "headroom": plan.headroom,
+            "usable_bytes": plan.usable_bytes,
             "cuda_context_bytes": plan.overhead.cuda_context_bytes,
             "allocator_fraction": plan.overhead.allocator_fraction,
             "train_tokens": plan.train_tokens,
         },
         "methods": methods,
+        "warnings": list(plan.warnings),
     }

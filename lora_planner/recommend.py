@@ -3,7 +3,8 @@ checkpointing to use for a GPU budget, each choice explained in a sentence (pure
 
 The decision, in order (every step searches the pure planner, `memory.estimate_memory`):
 
-1. **Usable memory** = budget x (1 - headroom), per GPU. A configuration *fits* when its predicted peak on
+1. **Usable memory** = budget x (1 - headroom), per GPU (`planner.usable_bytes`, the same definition and
+   default headroom as `lora-plan`). A configuration *fits* (`planner.fits`) when its predicted peak on
    the device (`peak_device_bytes`: allocated peak + CUDA context + allocator reserve; on several GPUs also
    DDP's gradient buckets, see below) is at most that.
 2. **Method**: full fine-tuning if it fits and is allowed, else LoRA, else QLoRA (quality order
@@ -12,7 +13,8 @@ The decision, in order (every step searches the pure planner, `memory.estimate_m
    checkpointing.
 3. **Rank** (LoRA / QLoRA): `r` as given; else the smallest rung of `RANK_LADDER` (1 ... 256) whose
    trainable fraction m reaches `trainable_fraction` (`params.rank_for_trainable_fraction`; used as is
-   above 256); else `DEFAULT_R` = 16, stepping down the ladder only if 16 cannot fit at all.
+   above 256); else `DEFAULT_R` (8, PEFT's default and the `lora-plan` default), stepping down the
+   ladder only if it cannot fit at all.
    alpha = 2r unless given.
 4. **Gradient checkpointing** only when the wanted micro-batch does not fit without it: checkpointing
    recomputes every layer's forward in backward (about a third more compute per step), while gradient
@@ -27,7 +29,7 @@ The decision, in order (every step searches the pure planner, `memory.estimate_m
 
 Data parallel over `gpus` GPUs: memory per GPU comes from the planner's multi-GPU model
 (`lora_planner.parallel`: DDP's gradient buckets, ZeRO-1's divided optimizer state, FSDP's shards and
-gathered layers). With no `strategy` given, `recommend` tries ddp, zero1 and fsdp and keeps the first
+gathered layers). With no `strategy` given, `recommend` tries ddp, ddp-zero1 and fsdp and keeps the first
 that gives the best configuration (`STRATEGY_ORDER`).
 
 The JSON document, `--verify` and the command line live in `lora_planner.recommend_cli`.
@@ -45,12 +47,14 @@ from lora_planner.catalog import GPUS
 from lora_planner.errors import PlannerInputError
 from lora_planner.memory import PHASE_TITLES, DeviceOverhead, estimate_memory, trainable_totals
 from lora_planner.params import PEFT_DEFAULT_TARGETS, max_rank, rank_for_trainable_fraction, resolve_targets
-from lora_planner.planner import Budget
+from lora_planner.defaults import DEFAULT_GLOBAL_BATCH, DEFAULT_HEADROOM, DEFAULT_R
+from lora_planner.planner import (
+    Budget, describe_budget, describe_usable, fits, fits_on, plan_warnings, usable_bytes,
+)
 from lora_planner.specs import METHODS, ModelSpec, TrainingSpec, check_positive_int
 
 GIB = 2**30
 RANK_LADDER: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-DEFAULT_R = 16
 QUALITY_ORDER: tuple[str, ...] = ("full", "lora", "qlora")  # best first
 QUALITY = {"full": 2, "lora": 1, "qlora": 0}
 METHOD_NAMES = {"full": "full fine-tuning", "lora": "LoRA", "qlora": "QLoRA"}
@@ -77,12 +81,12 @@ class RecommendRequest:
     budget: Budget  # per GPU
     training: TrainingSpec = field(default_factory=TrainingSpec)
     gpus: int = 1
-    strategy: str | None = None  # None with several GPUs: try ddp, zero1, fsdp and take the first that does best
-    global_batch: int = 32
+    strategy: str | None = None  # None with several GPUs: try ddp, ddp-zero1, fsdp and take the first that does best
+    global_batch: int = DEFAULT_GLOBAL_BATCH
     methods: tuple[str, ...] | None = None
     r: int | None = None
     trainable_fraction: float | None = None
-    headroom: float = 0.1
+    headroom: float = DEFAULT_HEADROOM
     min_micro_batch: int = 1
     overhead: DeviceOverhead = field(default_factory=DeviceOverhead)
     calibration: dict | None = field(default=None, compare=False)  # a calib.json: every estimate applies it
@@ -113,7 +117,7 @@ class RecommendRequest:
 
     @property
     def usable_bytes(self) -> int:
-        return math.floor(self.budget.memory_bytes * (1 - self.headroom))
+        return usable_bytes(self.budget.memory_bytes, self.headroom)
 
     @property
     def per_gpu_share(self) -> int:
@@ -202,6 +206,7 @@ class Recommendation:
     reasons: tuple[str, ...]
     alternatives: tuple[Candidate, ...]
     needed_budget_bytes: int | None  # nothing fits: the per-GPU memory the smallest configuration needs
+    warnings: tuple[str, ...] = ()  # `planner.plan_warnings` for these settings (e.g. --seq-len too long)
 
     @property
     def training(self) -> TrainingSpec:
@@ -255,7 +260,7 @@ class _Search:
                                         self.req.overhead)
             # The planner's per-GPU peak includes DDP's buckets (a second copy of the trainable gradients);
             # they are shown apart.
-            ddp = trainable_totals(self.req.spec, training)[1] if training.resolved_strategy in ("ddp", "zero1") else 0
+            ddp = trainable_totals(self.req.spec, training)[1] if training.resolved_strategy in ("ddp", "ddp-zero1") else 0
             allocated = est.peak_allocated_bytes
             overhead = est.device_overhead_bytes
             self._points[key] = _Point(allocated + overhead, allocated, overhead, ddp, est.peak_phase,
@@ -266,7 +271,7 @@ class _Search:
         return self.point(method, r, ckpt, micro).device_bytes
 
     def fits(self, method: str, r: int | None, ckpt: bool, micro: int) -> bool:
-        return self.peak(method, r, ckpt, micro) <= self.usable
+        return fits(self.peak(method, r, ckpt, micro), self.usable)
 
     def max_micro(self, method: str, r: int | None, ckpt: bool) -> int:
         """The largest micro-batch that fits (0 if not even 1), up to `MAX_MICRO_BATCH`."""
@@ -328,11 +333,9 @@ def _allowed_methods(req: RecommendRequest, reasons: list[str]) -> tuple[str, ..
 
 
 def _describe_budget(req: RecommendRequest) -> str:
-    b = req.budget
-    name = f"{b.name}, {gib(b.memory_bytes)}" if b.name else gib(b.memory_bytes)
     gpus = f" on each of {req.gpus} data-parallel GPUs" if req.gpus > 1 else ""
-    headroom = f" minus {100 * req.headroom:g}% headroom" if req.headroom else ", no headroom"
-    return f"Budget: {gib(req.usable_bytes)} usable per GPU ({name}{headroom}){gpus}."
+    return (f"Budget: {describe_budget(req.budget)}{gpus}; {describe_usable(req.budget.memory_bytes, req.headroom)} "
+            "(--headroom).")
 
 
 def _ranks(req: RecommendRequest, adapter_methods: tuple[str, ...]) -> tuple[tuple[int, ...], str, int | None,
@@ -362,18 +365,18 @@ def _ranks(req: RecommendRequest, adapter_methods: tuple[str, ...]) -> tuple[tup
         return (rung,), "trainable-fraction", implied, (rung,), [text]
     default = min(DEFAULT_R, ladder[-1])
     tries = tuple(r for r in reversed(ladder) if r <= default)
-    text = (f"Rank r={default} is the default: a middle rung of the ladder {', '.join(map(str, ladder))}, "
-            "enough for most task adapters at a small memory cost; pass --r, or --trainable-fraction "
-            "(e.g. 0.05 for the seed's ~5% of the model rule), to choose.")
+    text = (f"Rank r={default} is the default (PEFT's LoraConfig default, and lora-plan's), on the ladder "
+            f"{', '.join(map(str, ladder))}; pass --r, or --trainable-fraction "
+            "(e.g. 0.05 for the seed's ~5 % of the model rule), to choose.")
     return tries, "default", None, ladder, [text]
 
 
-STRATEGY_ORDER = ("ddp", "zero1", "fsdp")  # simplest first: each shards more, and communicates more
+STRATEGY_ORDER = ("ddp", "ddp-zero1", "fsdp")  # simplest first: each shards more, and communicates more
 
 
 def recommend(req: RecommendRequest) -> Recommendation:
     """Choose method, rank, alpha, checkpointing, micro-batch and, on several GPUs without --strategy, the
-    sharding strategy: the first of ddp, zero1, fsdp whose recommendation is best (method quality,
+    sharding strategy: the first of ddp, ddp-zero1, fsdp whose recommendation is best (method quality,
     no checkpointing, micro-batch, rank; the simpler strategy on a tie)."""
     if req.gpus == 1 or req.strategy is not None:
         return _recommend_one(req)
@@ -391,7 +394,7 @@ def recommend(req: RecommendRequest) -> Recommendation:
 
 STRATEGY_WHY = {
     "ddp": "each GPU keeps a full replica (the simplest and fastest when it fits).",
-    "zero1": "optimizer states are divided over the GPUs (DDP + ZeroRedundancyOptimizer).",
+    "ddp-zero1": "optimizer states are divided over the GPUs (DDP + ZeroRedundancyOptimizer).",
     "fsdp": "parameters, gradients and optimizer states are divided over the GPUs (FSDP2 fully_shard).",
 }
 
@@ -473,7 +476,7 @@ def _recommend_one(req: RecommendRequest) -> Recommendation:
                           target_modules=() if choice.method == "full" else tuple(targets),
                           rank_source="none" if choice.method == "full" else rank_source,
                           implied_r=implied, reasons=tuple(reasons), alternatives=alternatives,
-                          needed_budget_bytes=None)
+                          needed_budget_bytes=None, warnings=plan_warnings(req.spec, req.training, req.budget))
 
 
 def _checkpointing_reasons(req: RecommendRequest, search: _Search, c: Candidate, want: int,
@@ -523,12 +526,48 @@ def _peak_and_notes(req: RecommendRequest, c: Candidate) -> list[str]:
                  f"({' + '.join(parts)}), {gib(req.usable_bytes - c.predicted_peak_bytes)} under the usable "
                  f"{gib(req.usable_bytes)}.")
     if req.gpus > 1:
-        notes.append(f"Data parallel over {req.gpus} GPUs: each holds a full replica and a micro-batch; DDP's "
-                     "gradient buckets (a second copy of the trainable gradients unless gradient_as_bucket_view=True) "
-                     "are counted. Sharding (FSDP / ZeRO) is not modelled yet.")
-    if not req.budget.supports_bf16 and req.training.compute_dtype == "bf16":
-        notes.append(f"Note: {req.budget.name} has no bf16 support; use --dtype fp16 (same memory) or --amp fp16.")
+        notes.append(_parallel_note(req))
     return notes
+
+
+# How each engine shares the model states (`lora_planner.parallel`), by the name it resolves to; any other
+# (sharded) engine divides parameters too.
+_ZERO1_NOTE = ("the optimizer state is divided over the GPUs; each keeps the full weights and gradients and the "
+               "data-parallel gradient buffers, which are counted")
+MULTI_GPU_NOTES = {
+    "ddp": "each holds a full replica and a micro-batch; DDP's gradient buckets (a second copy of the trainable "
+           "gradients unless gradient_as_bucket_view=True) are counted",
+    "zero1": _ZERO1_NOTE, "ddp-zero1": _ZERO1_NOTE, "deepspeed-zero1": _ZERO1_NOTE,
+    "deepspeed-zero2": "gradients and optimizer state are divided over the GPUs; each keeps the full weights, and "
+                       "the gradient buckets are counted",
+}
+SHARDED_NOTE = ("parameters, gradients and optimizer state are divided over the GPUs; the gathered layers, the "
+                "gathered embeddings and lm_head and the reduce-scatter buffers are counted")
+
+
+def _engine(req: RecommendRequest) -> str:
+    """The multi-GPU engine the request runs (aliases resolved, ddp when none is named)."""
+    return training_for(req, "full", None, False, 1).resolved_strategy or "ddp"
+
+
+def _parallel_note(req: RecommendRequest) -> str:
+    """How the GPUs share the model states under the request's strategy (`lora_planner.parallel`)."""
+    engine = _engine(req)
+    return (f"Data parallel over {req.gpus} GPUs with {engine}: {MULTI_GPU_NOTES.get(engine, SHARDED_NOTE)} "
+            "(lora_planner.parallel).")
+
+
+def _sharding_hint(req: RecommendRequest) -> str:
+    """What more GPUs could do when nothing fits."""
+    if req.gpus == 1:
+        return ("On several GPUs (--gpus N) a sharding strategy such as fsdp divides parameters, gradients and "
+                "optimizer state over them; plain data parallelism (ddp) does not reduce memory per GPU.")
+    engine = _engine(req)
+    if engine in MULTI_GPU_NOTES:
+        return (f"{engine} keeps every parameter on each of the {req.gpus} GPUs; a sharding strategy such as "
+                "fsdp divides them too (drop --strategy to let recommend try it).")
+    return (f"Even sharded with {engine} over {req.gpus} GPUs: more GPUs divide the model states further, "
+            "but each GPU keeps its own micro-batch's activations.")
 
 
 def _nothing_fits(req: RecommendRequest, search: _Search, methods: tuple[str, ...], tries: tuple[int, ...],
@@ -537,17 +576,19 @@ def _nothing_fits(req: RecommendRequest, search: _Search, methods: tuple[str, ..
     options = [search.candidate(m, None if m == "full" else tries[-1], True, micro=1) for m in methods]
     smallest = min(options, key=lambda c: (c.predicted_peak_bytes, -QUALITY[c.method]))
     needed = math.ceil(smallest.predicted_peak_bytes / (1 - req.headroom))
-    gpus = [g.name for g in sorted(GPUS.values(), key=lambda g: g.memory_bytes) if g.memory_bytes >= needed]
-    where = f" ({gpus[0]} or larger)" if gpus else " (more than any catalog GPU: shard the model across GPUs)"
-    headroom = f" with {100 * req.headroom:g}% headroom" if req.headroom else ""
+    while not fits(smallest.predicted_peak_bytes, usable_bytes(needed, req.headroom)):
+        needed += 1  # float rounding in budget x (1 - headroom)
+    gpus = fits_on(smallest.predicted_peak_bytes, GPUS, req.training.compute_dtype, req.headroom)
+    where = f" ({gpus[0]} or larger)" if gpus else " (more than any catalog GPU)"
+    headroom = f" with {100 * req.headroom:g} % headroom" if req.headroom else ""
     reasons = [f"Nothing fits. {_describe_budget(req)}", *reasons,
                f"The smallest configuration is {smallest.label}: it peaks at {gib(smallest.predicted_peak_bytes)} "
-               f"and would need {gib(needed)} per GPU{headroom}{where}. Sharding (FSDP / ZeRO) is not "
-               "modelled yet; data parallelism alone does not reduce memory per GPU."]
+               f"and would need {gib(needed)} per GPU{headroom}{where}. {_sharding_hint(req)}"]
     alpha = None
     if smallest.r is not None:
         alpha = req.training.lora.alpha if req.training.lora.alpha is not None else float(2 * smallest.r)
     return Recommendation(request=req, fits=False, choice=smallest, alpha=alpha,
                           target_modules=() if smallest.method == "full" else tuple(targets),
                           rank_source="none" if smallest.method == "full" else rank_source, implied_r=implied,
-                          reasons=tuple(reasons), alternatives=(), needed_budget_bytes=needed)
+                          reasons=tuple(reasons), alternatives=(), needed_budget_bytes=needed,
+                          warnings=plan_warnings(req.spec, req.training, req.budget))

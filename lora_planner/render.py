@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import re
+import textwrap
+
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
 from lora_planner.memory import CATEGORIES, PHASE_TITLES
-from lora_planner.planner import Plan
+from lora_planner.planner import Plan, describe_budget, describe_usable, gib_text
 
 GIB = 2**30
 METHOD_TITLES = {"full": "full fine-tune", "lora": "LoRA", "qlora": "QLoRA"}
@@ -39,17 +42,38 @@ def _seconds(seconds: float) -> str:
 
 
 def gib(n: int) -> str:
+    """A table cell: the table's title or column header carries the unit."""
     return f"{n / GIB:.2f}"
+
+
+NBSP = "\u00a0"
+_NUMBER_UNIT = re.compile(r"(\d) (B|kB|KiB|MB|MiB|GB|GiB|TB|TiB|%|ms|s|min|h|days|tokens)(?=[\s.,;:)]|$)")
+
+
+def print_wrapped(console: Console, text: str, first: str = "", rest: str = "", style: str | None = None) -> None:
+    """Print prose wrapped to the console's width without ever separating a number from its unit.
+
+    Rich breaks lines at any whitespace, the non-breaking space included, so the text is wrapped here
+    (textwrap breaks only at ASCII whitespace: a non-breaking space between number and unit holds them
+    together) and each line printed as it is."""
+    kept = _NUMBER_UNIT.sub(lambda m: f"{m[1]}{NBSP}{m[2]}", text).replace("(1 - ", f"(1{NBSP}-{NBSP}")
+    lines = textwrap.wrap(kept, width=max(console.width, 20), initial_indent=first, subsequent_indent=rest,
+                          break_long_words=False, break_on_hyphens=False) or [first]
+    for line in lines:
+        console.print(line.replace(NBSP, " "), style=style, markup=False, highlight=False, soft_wrap=True)
 
 
 def _settings_line(plan: Plan) -> str:
     t = plan.training
     precision = f"fp32 weights + {t.amp} autocast" if t.amp else f"{t.dtype} weights"
     lora = t.lora
-    targets = ", ".join(dict.fromkeys(p.rsplit(".", 1)[-1] for p in plan.target_modules))
+    if all("layer" not in d or d.endswith(" layers)") and "(all " in d for d in plan.adapted_modules):
+        targets = ", ".join(dict.fromkeys(p.rsplit(".", 1)[-1] for p in plan.target_modules))  # every layer
+    else:
+        targets = ", ".join(plan.adapted_modules)
     parts = [
         precision,
-        f"{t.optimizer} ({t.resolved_optimizer_impl})",
+        f"{t.optimizer} ({t.resolved_optimizer_impl}: {t.optimizer_impl_reason})",
         f"batch {t.batch_size} x {t.seq_len} tokens",
         f"{t.attention} attention",
         "gradient checkpointing" if t.grad_checkpointing else "no checkpointing",
@@ -59,6 +83,9 @@ def _settings_line(plan: Plan) -> str:
         parts.append(f"{t.gpus} GPUs, {t.resolved_strategy} (memory per GPU, tokens/s for all)")
     if any(m != "full" for m in plan.methods):
         parts.append(f"LoRA r={lora.r} alpha={lora.effective_alpha:g} on {targets} ({lora.adapter_dtype} adapters)")
+    if "qlora" in plan.methods and t.dtype != "fp32":
+        parts.append("QLoRA after prepare_model_for_kbit_training (embeddings, norms, lm_head in fp32)"
+                     if t.kbit_prep else "QLoRA without prepare_model_for_kbit_training (--no-kbit-prep)")
     return " | ".join(parts)
 
 
@@ -67,13 +94,26 @@ def _fits_cell(plan: Plan, method: str) -> Text:
     if mp.fits is None:
         smallest = mp.fits_on[0] if mp.fits_on else None
         return Text(f"{smallest} or larger" if smallest else "no catalog GPU", style="cyan")
-    return Text("yes", style="bold green") if mp.fits else Text("no", style="bold red")
+    if mp.fits:
+        return Text("yes", style="bold green")
+    if plan.budget is not None and mp.estimate.peak_device_bytes <= plan.budget.memory_bytes:
+        return Text("no (in headroom)", style="bold yellow")  # within the budget, not within the usable part
+    return Text("no", style="bold red")
+
+
+def fits_label(plan: Plan) -> str:
+    """The label of the fit row: what the peak is compared with, with its unit."""
+    if plan.budget is None or plan.usable_bytes is None:
+        return "fits on"
+    usable = gib_text(plan.usable_bytes)
+    return f"fits in {plan.budget.name} (usable {usable})" if plan.budget.name else f"fits in usable {usable}"
 
 
 def plan_table(plan: Plan) -> Table:
     """Methods side by side: the peak's breakdown, the peak, the seed's rule, and the fit."""
     methods = list(plan.methods)
-    table = Table(title="Peak memory of one training step (GiB)", title_justify="left")
+    per_gpu = " per GPU" if plan.training.gpus > 1 else ""
+    table = Table(title=f"Peak memory{per_gpu} of one training step (GiB)", title_justify="left")
     table.add_column("", style="bold", no_wrap=True)
     for method in methods:
         table.add_column(METHOD_TITLES[method], justify="right")
@@ -88,8 +128,10 @@ def plan_table(plan: Plan) -> Table:
     if plan.training.device == "cuda":
         table.add_row("  + CUDA context etc.", *[gib(est[m].device_overhead_bytes) for m in methods])
         table.add_row("peak on device", *[Text(gib(est[m].peak_device_bytes), style="bold") for m in methods])
-    table.add_row("seed rule 4x | (1+4m)x", *[gib(est[m].seed_rule_bytes) for m in methods])
-    if plan.training.gpus == 1:  # the rule is for one GPU holding everything
+    # The rule is for one GPU holding the whole model: beside a per-GPU peak it is labelled as such.
+    seed_label = "seed rule 4x | (1+4m)x" if plan.training.gpus == 1 else "seed rule, whole model on 1 GPU"
+    table.add_row(seed_label, *[gib(est[m].seed_rule_bytes) for m in methods])
+    if plan.training.gpus == 1:
         table.add_row("  vs peak", *[f"{100 * (est[m].seed_rule_bytes / est[m].peak_allocated_bytes - 1):+.0f} %"
                                      for m in methods])
     gpu = plan.methods[methods[0]].throughput.gpu
@@ -101,12 +143,7 @@ def plan_table(plan: Plan) -> Table:
         table.add_row(f"  time for {plan.train_tokens:.3g} tokens",
                       *[_seconds(plan.methods[m].throughput.time_for_tokens_s(plan.train_tokens) / gpus)
                         for m in methods])
-    budget = plan.budget
-    if budget is None:
-        label = "fits on"
-    else:
-        label = f"fits in {budget.name} ({gib(budget.memory_bytes)})" if budget.name else f"fits in {gib(budget.memory_bytes)}"
-    table.add_row(label, *[_fits_cell(plan, m) for m in methods])
+    table.add_row(fits_label(plan), *[_fits_cell(plan, m) for m in methods])
     return table
 
 
@@ -149,12 +186,15 @@ def render_plan(plan: Plan, console: Console, detail: bool = False) -> None:
     groups = ", ".join(f"{g} {human_count(n)}" for g, n in params.by_group.items() if n)
     console.print(f"[bold]{spec.name}[/bold] ({spec.family}): {human_count(params.total)} parameters ({groups})")
     console.print(_settings_line(plan), style="dim")
-    if plan.budget is not None and not plan.budget.supports_bf16 and plan.training.compute_dtype == "bf16":
-        console.print(f"[yellow]note: {plan.budget.name} has no bf16 support; use --dtype fp16 or --amp fp16[/yellow]")
-    if spec.sliding_window and plan.training.seq_len > spec.sliding_window:
-        console.print(f"[yellow]note: {spec.name} attends over a {spec.sliding_window}-token sliding window, shorter "
-                      f"than --seq-len {plan.training.seq_len}; transformers then builds an S x S mask and repeats "
-                      "k/v for SDPA, which this estimate does not count[/yellow]")
+    per_gpu = " per GPU" if plan.training.gpus > 1 else ""
+    if plan.budget is not None:
+        print_wrapped(console, f"budget{per_gpu}: {describe_budget(plan.budget)}; "
+                               f"{describe_usable(plan.budget.memory_bytes, plan.headroom)} (--headroom)")
+    else:
+        print_wrapped(console, f"fits on: the smallest catalog GPU whose usable memory holds the peak on device, "
+                               f"usable = memory x (1 - {100 * plan.headroom:g} %) (--headroom)", style="dim")
+    for warning in plan.warnings:
+        print_wrapped(console, f"warning: {warning}", rest="  ", style="yellow")
     console.print(plan_table(plan))
     mp = next(iter(plan.methods.values()))
     console.print(f"step times: {mp.throughput.mfu:.0%} model-FLOPs utilisation of {mp.throughput.gpu}'s dense "

@@ -8,8 +8,10 @@ from rich.table import Table
 from rich.text import Text
 
 from lora_planner.memory import PHASE_TITLES
+from lora_planner.planner import describe_budget, describe_usable, fits
 from lora_planner.recommend import Recommendation
 from lora_planner.recommend_cli import Verification
+from lora_planner.render import print_wrapped
 
 GIB = 2**30
 METHOD_LABELS = {"full": "full fine-tune", "lora": "LoRA", "qlora": "QLoRA"}
@@ -25,11 +27,11 @@ def _settings_line(rec: Recommendation) -> str:
     t = req.training
     precision = f"fp32 weights + {t.amp} autocast" if t.amp else f"{t.dtype} weights"
     gpus = f"{req.gpus} x " if req.gpus > 1 else ""
-    budget = req.budget.name or f"{_gib(req.budget.memory_bytes)} GiB"
+    budget = req.budget.name or describe_budget(req.budget)
     return " | ".join([
         f"{req.spec.name} on {gpus}{budget}", f"seq {t.seq_len}", f"global batch {req.global_batch}", precision,
         f"{t.optimizer} ({t.resolved_optimizer_impl})", f"{t.attention} attention", f"device {t.device}",
-        f"headroom {100 * req.headroom:g}%",
+        f"headroom {100 * req.headroom:g} %",
     ])
 
 
@@ -54,7 +56,8 @@ def choice_table(rec: Recommendation) -> Table:
                                             f"{c.gradient_accumulation_steps} x {gpus}; asked {req.global_batch})")
     table.add_row("gradient checkpointing", "on" if c.grad_checkpointing else "off")
     table.add_row("predicted peak per GPU", f"{_gib(c.predicted_peak_bytes)} GiB at {PHASE_TITLES[c.peak_phase]}")
-    table.add_row("usable / budget", f"{_gib(req.usable_bytes)} / {_gib(req.budget.memory_bytes)} GiB")
+    table.add_row("budget per GPU", describe_budget(req.budget))
+    table.add_row("usable memory", describe_usable(req.budget.memory_bytes, req.headroom))
     if rec.fits:
         table.add_row("fits", Text("yes", style="bold green"))
     else:
@@ -78,21 +81,24 @@ def alternatives_table(rec: Recommendation) -> Table:
 
 def verify_table(v: Verification) -> Table:
     table = Table(title=f"Verify: {v.backend} training step replayed under {v.mode} tensors (GiB; usable "
-                        f"{_gib(v.usable_bytes)} of {_gib(v.budget_bytes)})", title_justify="left")
+                        f"{_gib(v.usable_bytes)} GiB of {_gib(v.budget_bytes)} GiB)", title_justify="left")
     for name in ("run", "micro", "measured", "planner", "error", "to device", "device", "fits"):
-        table.add_column(name, justify="left" if name in ("run", "fits") else "right")
+        table.add_column(name, justify="left" if name in ("run", "fits") else "right", no_wrap=name == "fits")
     for r in v.runs:
         label = "chosen" if r.label == "recommended" else "next"
         if r.status != "ok":
             table.add_row(label, str(r.micro_batch_size), Text(r.status, style="bold red"),
                           _gib(r.predicted_peak_bytes), "", "", "", "")
             continue
-        device = r.device_bytes
-        fits = Text("yes", style="green") if device <= v.usable_bytes else (
-            Text("margin", style="yellow") if device <= v.budget_bytes else Text("no", style="red"))
+        if v.fits(r):
+            fit = Text("yes", style="green")
+        elif fits(r.device_bytes, v.budget_bytes):
+            fit = Text("headroom", style="yellow")
+        else:
+            fit = Text("no", style="red")
         table.add_row(label, str(r.micro_batch_size), _gib(r.measured_peak_bytes), _gib(r.predicted_peak_bytes),
                       f"{100 * r.relative_error:+.2f}%", f"{(r.added_bytes - r.cpu_kernel_extra_bytes) / GIB:+.2f}",
-                      _gib(device), fits)
+                      _gib(r.device_bytes), fit)
     return table
 
 
@@ -101,20 +107,29 @@ def render_verification(v: Verification, console: Console) -> None:
         console.print(f"[yellow]verify: not run: {v.skipped}.[/yellow]")
         return
     console.print(verify_table(v))
-    console.print(f"Note: {v.note}. measured: peak allocated on CPU kernels; planner: its prediction for that CPU "
-                  "step; to device: modelled overhead (+ DDP buckets) minus what CPU kernels keep beyond CUDA's; fits: "
-                  "yes, margin (inside the headroom) or no.",
-                  style="dim")
+    print_wrapped(console, f"Note: {v.note}. measured: peak allocated on CPU kernels; planner: its prediction for "
+                           "that CPU step; error: planner / measured - 1; to device: modelled overhead (+ DDP buckets) "
+                           "minus what CPU kernels keep beyond CUDA's; fits: device <= usable (yes), within the budget "
+                           "but not the usable part (headroom), or no.", style="dim")
     extra = max((r.cpu_kernel_extra_bytes for r in v.runs), default=0)
     if extra >= 2**20:
-        console.print(f"CPU kernels keep up to {_gib(extra)} GiB more than the CUDA step here (dropout masks, "
-                      "math-kernel attention under attention dropout): the fit is judged on the device figure.",
-                      style="dim")
+        print_wrapped(console, f"CPU kernels keep up to {_gib(extra)} GiB more than the CUDA step here (dropout "
+                               "masks, math-kernel attention under attention dropout): the fit is judged on the "
+                               "device figure.", style="dim")
+    tolerance = f"{100 * v.tolerance:g} %"
+    worst = max((abs(r.relative_error) for r in v.runs if r.relative_error is not None), default=0.0)
     if v.confirmed:
-        console.print("[green]verified: the planner matches the measured peaks, and the recommended micro-batch fits "
-                      "while the next one does not.[/green]")
+        print_wrapped(console, f"verified: the planner is within {100 * worst:.2f} % of every measured peak "
+                               f"(tolerance {tolerance}).", style="green")
     elif v.confirmed is False:
-        console.print("[yellow]not confirmed: see the table (the planner's error, or the fit of each run).[/yellow]")
+        print_wrapped(console, f"not confirmed: the planner is off by up to {100 * worst:.2f} % of a measured peak "
+                               f"(tolerance {tolerance}).", style="yellow")
+    for r in v.fit_surprises:
+        verdict = "fits" if v.fits(r) else "does not fit"
+        print_wrapped(console, f"note: measured, the {r.label} ({r.micro_batch_size}) {verdict}: "
+                               f"{_gib(r.device_bytes)} GiB on the device against the usable {_gib(v.usable_bytes)} GiB"
+                               f"; the search predicted the opposite, so the usable limit lies within the planner's "
+                               "error.", style="yellow")
     for r in v.runs:
         if r.error:
             console.print(f"[red]{r.label}: {r.error}[/red]", highlight=False)
@@ -123,9 +138,11 @@ def render_verification(v: Verification, console: Console) -> None:
 def render_recommendation(rec: Recommendation, console: Console, verification: Verification | None = None) -> None:
     console.print(_settings_line(rec), style="dim")
     console.print(choice_table(rec))
+    for warning in rec.warnings:
+        print_wrapped(console, f"warning: {warning}", rest="  ", style="yellow")
     console.print(Text("Why", style="bold"))
     for reason in rec.reasons:
-        console.print(f"- {reason}", highlight=False)
+        print_wrapped(console, reason, first="- ", rest="  ")
     if rec.alternatives:
         console.print(alternatives_table(rec))
     if verification is not None:

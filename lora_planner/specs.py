@@ -12,16 +12,28 @@ from dataclasses import dataclass, field
 from typing import Literal, get_args
 
 from lora_planner.errors import PlannerInputError
+from lora_planner.defaults import DEFAULT_R, DEFAULT_SEQ_LEN
+from lora_planner.names import (
+    default_optimizer_impl, optimizer_impls, resolve_attention, resolve_dtype, resolve_optimizer,
+)
 
 Family = Literal["llama", "mistral", "qwen2", "gemma", "phi", "gpt2", "bloom"]
 Dtype = Literal["fp32", "bf16", "fp16"]
 Method = Literal["full", "lora", "qlora"]
-Optimizer = Literal["adamw", "adamw8bit", "paged_adamw8bit", "sgd", "adafactor"]
+# The planner's optimizer names, one per state layout (`lora_planner.names.PLANNER_OPTIMIZERS` says what
+# each is); Hugging Face `OptimizerNames` spellings are mapped onto these by `TrainingSpec`.
+Optimizer = Literal["adamw", "sgd", "sgd_momentum", "adagrad", "rmsprop", "adafactor", "torch_adafactor",
+                    "adamw8bit", "paged_adamw8bit", "paged_adamw32bit",
+                    "lion8bit", "lion32bit", "paged_lion8bit", "paged_lion32bit", "rmsprop8bit", "rmsprop32bit",
+                    "ademamix8bit", "ademamix32bit", "paged_ademamix8bit", "paged_ademamix32bit"]
 OptimizerImpl = Literal["foreach", "for-loop", "fused"]
 Device = Literal["cuda", "cpu"]
 Attention = Literal["sdpa", "eager"]
 AdapterDtype = Literal["fp32", "base"]
-Strategy = Literal["ddp", "zero1", "zero2", "zero3", "fsdp"]
+# Each strategy names one engine (lora_planner.parallel): torch DDP (+ ZeroRedundancyOptimizer), torch FSDP2
+# FULL_SHARD / SHARD_GRAD_OP, DeepSpeed ZeRO stages 1-3. The bare ZeRO names are DeepSpeed's.
+Strategy = Literal["ddp", "ddp-zero1", "fsdp", "fsdp-grad-op", "deepspeed-zero1", "deepspeed-zero2",
+                   "deepspeed-zero3"]
 
 FAMILIES: tuple[str, ...] = get_args(Family)
 DTYPES: tuple[str, ...] = get_args(Dtype)
@@ -31,6 +43,10 @@ OPTIMIZER_IMPLS: tuple[str, ...] = get_args(OptimizerImpl)
 DEVICES: tuple[str, ...] = get_args(Device)
 ATTENTIONS: tuple[str, ...] = get_args(Attention)
 STRATEGIES: tuple[str, ...] = get_args(Strategy)
+STRATEGY_ALIASES: dict[str, str] = {"zero1": "deepspeed-zero1", "zero2": "deepspeed-zero2",
+                                    "zero3": "deepspeed-zero3", "fsdp-full-shard": "fsdp",
+                                    "zero-redundancy-optimizer": "ddp-zero1"}
+STRATEGY_NAMES: tuple[str, ...] = STRATEGIES + tuple(STRATEGY_ALIASES)  # accepted by --strategy
 
 BYTES_PER_ELEMENT: dict[str, int] = {"fp32": 4, "bf16": 2, "fp16": 2}
 
@@ -111,10 +127,12 @@ class LoraSpec:
     (`autocast_adapter_dtype=True` keeps adapters in fp32 on a 16-bit base); "base" uses the base dtype.
     """
 
-    r: int = 8
+    r: int = DEFAULT_R
     alpha: float | None = None
     target_modules: tuple[str, ...] | None = None
     adapter_dtype: AdapterDtype = "fp32"
+    # PEFT's `layers_to_transform`: adapt the targets only in these decoder layers (None: every layer).
+    layers_to_transform: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         check_positive_int("r", self.r)
@@ -124,6 +142,11 @@ class LoraSpec:
                 not self.target_modules or any(not t.strip() for t in self.target_modules)):
             raise PlannerInputError("target", "empty target module name", "pass e.g. --target q_proj,v_proj")
         check_choice("adapter_dtype", self.adapter_dtype, ("fp32", "base"))
+        if self.layers_to_transform is not None and (
+                not self.layers_to_transform
+                or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in self.layers_to_transform)):
+            raise PlannerInputError("layers_to_transform", f"must be layer indices >= 0, got {self.layers_to_transform!r}",
+                                    "pass e.g. --layers-to-transform 0,1,2")
 
     @property
     def effective_alpha(self) -> float:
@@ -139,8 +162,12 @@ class TrainingSpec:
     """One optimizer step's settings.
 
     `dtype` is the dtype the weights are stored in; `amp` turns on autocast mixed precision, which needs
-    fp32 master weights (`dtype` must be fp32). `optimizer_impl` None means PyTorch's own default for the
-    device: foreach on CUDA, the for-loop implementation on CPU (`torch.optim.optimizer._default_to_fused_or_foreach`).
+    fp32 master weights (`dtype` must be fp32). `optimizer_impl` None means the default for the optimizer
+    (`lora_planner.names.default_optimizer_impl`): fused AdamW, the Hugging Face Trainer's default
+    `adamw_torch_fused`; PyTorch's own choice for the other torch optimizers (foreach on CUDA, for-loop on
+    CPU). Hugging Face spellings are accepted and normalized on construction: `optimizer="adamw_torch"`
+    becomes adamw + PyTorch's default for the device, `dtype="bfloat16"` bf16, `attention` as transformers'
+    `attn_implementation`.
     """
 
     method: Method = "lora"
@@ -149,30 +176,35 @@ class TrainingSpec:
     optimizer: Optimizer = "adamw"
     optimizer_impl: OptimizerImpl | None = None
     batch_size: int = 1
-    seq_len: int = 512
+    seq_len: int = DEFAULT_SEQ_LEN
     grad_checkpointing: bool = False
     device: Device = "cuda"
     attention: Attention = "sdpa"
     lora: LoraSpec = field(default_factory=LoraSpec)
     gpus: int = 1  # data-parallel ranks; batch_size is per rank
     strategy: Strategy | None = None  # how the ranks share model states (None: ddp when gpus > 1)
+    # QLoRA only: PEFT's `prepare_model_for_kbit_training` (TRL and most recipes call it on a quantized
+    # base) casts every non-quantized 16-bit parameter to fp32; see `lora_planner.memory`.
+    kbit_prep: bool = True
 
     def __post_init__(self) -> None:
         check_choice("method", self.method, METHODS)
-        check_choice("dtype", self.dtype, DTYPES)
-        check_choice("optimizer", self.optimizer, OPTIMIZERS)
         check_choice("device", self.device, DEVICES)
-        check_choice("attention", self.attention, ATTENTIONS)
+        self._normalize_spellings()
         check_positive_int("batch_size", self.batch_size)
         check_positive_int("seq_len", self.seq_len)
         check_positive_int("gpus", self.gpus)
         if self.strategy is not None:
-            check_choice("strategy", self.strategy, STRATEGIES)
+            check_choice("strategy", self.strategy, STRATEGY_NAMES)
             if self.gpus == 1:
                 raise PlannerInputError("strategy", f"{self.strategy} shares model states across GPUs, but gpus is 1",
                                         "pass --gpus N (N >= 2) with --strategy, or drop --strategy")
         if self.optimizer_impl is not None:
             check_choice("optimizer_impl", self.optimizer_impl, OPTIMIZER_IMPLS)
+            impls = optimizer_impls(self.optimizer)
+            if self.optimizer_impl not in impls:
+                raise PlannerInputError("optimizer_impl", f"{self.optimizer} has no {self.optimizer_impl} implementation",
+                                        f"use {' or '.join(impls)}, or leave --optimizer-impl out")
         if self.amp is not None:
             check_choice("amp", self.amp, ("bf16", "fp16"))
             if self.dtype != "fp32":
@@ -186,18 +218,41 @@ class TrainingSpec:
                 "use --dtype bf16 or fp16 (or --amp bf16) with --method qlora",
             )
 
+    def _normalize_spellings(self) -> None:
+        """Hugging Face / torch spellings -> the planner's (the dataclass is frozen: object.__setattr__)."""
+        object.__setattr__(self, "dtype", resolve_dtype(self.dtype, "dtype"))
+        if self.amp is not None:
+            object.__setattr__(self, "amp", resolve_dtype(self.amp, "amp"))
+        object.__setattr__(self, "attention", resolve_attention(self.attention))
+        optimizer, impl = resolve_optimizer(self.optimizer, self.device)
+        if impl is not None and self.optimizer_impl is not None and impl != self.optimizer_impl:
+            raise PlannerInputError("optimizer_impl", f"{self.optimizer!r} already means the {impl} implementation, "
+                                                      f"not {self.optimizer_impl}",
+                                    "drop --optimizer-impl, or name the optimizer without an implementation")
+        object.__setattr__(self, "optimizer", optimizer)
+        if impl is not None:
+            object.__setattr__(self, "optimizer_impl", impl)
+
     @property
     def resolved_optimizer_impl(self) -> OptimizerImpl:
         if self.optimizer_impl is not None:
             return self.optimizer_impl
-        return "foreach" if self.device == "cuda" else "for-loop"
+        return default_optimizer_impl(self.optimizer, self.device)[0]
+
+    @property
+    def optimizer_impl_reason(self) -> str:
+        """Why `resolved_optimizer_impl` is what it is, for the output."""
+        if self.optimizer_impl is not None:
+            return "as given"
+        return default_optimizer_impl(self.optimizer, self.device)[1]
 
     @property
     def resolved_strategy(self) -> Strategy | None:
-        """None on one GPU; DistributedDataParallel when several GPUs name no strategy."""
+        """The engine `strategy` is taken as (aliases resolved: zero2 -> deepspeed-zero2); None on one
+        GPU; DistributedDataParallel when several GPUs name no strategy."""
         if self.gpus == 1:
             return None
-        return self.strategy or "ddp"
+        return STRATEGY_ALIASES.get(self.strategy, self.strategy) if self.strategy else "ddp"
 
     @property
     def compute_dtype(self) -> Dtype:

@@ -363,6 +363,7 @@ def run_sweep(grid: Grid, out: str | Path, *, resume: bool = False, limit: int |
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from lora_planner.profiler.progress import describe
     from lora_planner.profiler.records import append_record, finished_keys, read_records
     from lora_planner.profiler.runner import run_profile
 
@@ -397,8 +398,12 @@ def run_sweep(grid: Grid, out: str | Path, *, resume: bool = False, limit: int |
             task = progress.add_task(f"sweep {grid.name}", total=len(todo))
             for run, request in todo:
                 progress.update(task, description=f"{grid.name}: {run.label}")
+
+                def show_step(event: Any, label: str = f"{grid.name}: {run.label}") -> None:
+                    progress.update(task, description=f"{label}: {describe(event)}")
+
                 try:
-                    record = run_profile(request, measure)
+                    record = run_profile(request, measure, progress=show_step)
                 except PlannerInputError as err:  # settings this backend cannot run: recorded, sweep goes on
                     record = _error_record(request, err)
                 record["sweep"] = {**run.source, "torch_threads": threads}

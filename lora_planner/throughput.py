@@ -37,7 +37,8 @@ from dataclasses import dataclass
 
 from lora_planner.catalog import GpuSpec
 from lora_planner.memory import nf4_bytes
-from lora_planner.params import Module, module_inventory, resolve_targets
+from lora_planner.optimizers import optimizer_bytes_touched
+from lora_planner.params import Module, adapters_by_layer, is_per_layer, module_inventory
 from lora_planner.specs import BYTES_PER_ELEMENT, ModelSpec, TrainingSpec
 
 DEFAULT_MFU = 0.4
@@ -85,67 +86,83 @@ def _gpt2_layer0_input_needs_grad(adapted_paths: set[str]) -> dict[str, bool]:
 
 
 def step_flops(spec: ModelSpec, training: TrainingSpec) -> StepFlops:
-    """Matmul FLOPs of one training step (see the module docstring)."""
+    """Matmul FLOPs of one training step (see the module docstring), layer by layer: under LoRA without
+    a gradient at the model's input, layers below the first adapted one do no backward at all and the
+    first adapted layer only from its first adapter on."""
     tokens, full, r = training.tokens, training.method == "full", training.lora.r
-    adapted = {} if full else {m.path: m.count for m in resolve_targets(spec, training.lora.target_modules)}
-    layer0_special = not full and not training.grad_checkpointing
-    if layer0_special:
-        if spec.family == "gpt2":
-            layer0_grad = _gpt2_layer0_input_needs_grad(set(adapted))
-        else:
-            leaf_flags = _layer0_input_needs_grad(spec, {p.rsplit(".", 1)[-1] for p in adapted})
-            layer0_grad = {m.path: leaf_flags[_leaf(m)] for m in module_inventory(spec)
-                           if m.kind == "linear" and m.group != "lm_head"}
-    forward = backward = layer_forward = 0
-    for m in module_inventory(spec):
-        if m.kind != "linear":
-            continue
-        per_layer = 2 * tokens * m.in_features * m.out_features
-        n_adapted = adapted.get(m.path, 0)
-        adapter = 2 * tokens * r * (m.in_features + m.out_features)
-        fwd = per_layer * m.count + adapter * n_adapted
-        # Layers whose input needs a gradient (all but layer 0's first stage under LoRA).
-        grad_layers = m.count
-        if layer0_special and m.group != "lm_head" and not layer0_grad[m.path]:
-            grad_layers -= 1
-        bwd = per_layer * grad_layers + (per_layer * m.count if full else 0)
-        # Adapters: B's input and weight gradients always; A's weight gradient always, its input
-        # gradient where the module's input needs one.
-        bwd += n_adapted * (2 * tokens * r * m.out_features * 2 + 2 * tokens * r * m.in_features)
-        bwd += min(n_adapted, grad_layers) * 2 * tokens * r * m.in_features
-        forward += fwd
-        backward += bwd
-        if m.group != "lm_head":
-            layer_forward += fwd
+    lora = training.lora
+    if full:
+        layer_adapters, outside = (frozenset(),) * spec.num_layers, frozenset()
+    else:
+        layer_adapters, outside = adapters_by_layer(spec, lora.target_modules, lora.layers_to_transform)
+    inventory = module_inventory(spec)
+    per_layer = [m for m in inventory if m.kind == "linear" and is_per_layer(m)]
+    root = [m for m in inventory if m.kind == "linear" and not is_per_layer(m)]
+    embedding_adapted = any(m.kind == "embedding" and m.path in outside for m in inventory)
+    needs_grad = full or training.grad_checkpointing or embedding_adapted
     attention = 2 * 2 * training.batch_size * spec.num_heads * training.seq_len ** 2 * spec.head_dim
-    forward += attention * spec.num_layers
-    layer_forward += attention * spec.num_layers
-    backward += 2 * attention * spec.num_layers
-    if layer0_special:
-        backward -= 2 * attention - _layer0_attention_backward(spec, set(adapted), attention)
-    recompute = layer_forward - _recompute_skipped(spec, training, adapted) if training.grad_checkpointing else 0
+
+    def linear(m: Module, adapted: bool, x_grad: bool) -> tuple[int, int]:
+        base = 2 * tokens * m.in_features * m.out_features
+        fwd, bwd = base, (base if x_grad else 0) + (base if full else 0)
+        if adapted:
+            fwd += 2 * tokens * r * (m.in_features + m.out_features)
+            # B's input and weight gradients, A's weight gradient always; A's input gradient where x needs one.
+            bwd += 2 * tokens * r * m.out_features * 2 + 2 * tokens * r * m.in_features * (2 if x_grad else 1)
+        return fwd, bwd
+
+    forward = backward = layer_forward = 0
+    built: dict[tuple[frozenset[str], bool], tuple[int, int]] = {}
+    for adapters in layer_adapters:
+        key = (adapters, needs_grad)
+        if key not in built:
+            flags = None if needs_grad else _first_layer_input_needs_grad(spec, adapters)
+            fwd = bwd = 0
+            for m in per_layer:
+                f, b = linear(m, m.path in adapters, needs_grad or flags[m.path])
+                fwd, bwd = fwd + f, bwd + b
+            bwd += 2 * attention if needs_grad else _first_layer_attention_backward(spec, adapters, attention)
+            built[key] = (fwd + attention, bwd)
+        forward, backward, layer_forward = forward + built[key][0], backward + built[key][1], layer_forward + built[key][0]
+        needs_grad = needs_grad or bool(adapters)
+    for m in root:
+        f, b = linear(m, m.path in outside, needs_grad)
+        forward, backward = forward + f, backward + b
+    n_adapted_last = sum(1 for adapters in layer_adapters if _last_linear_path(spec) in adapters)
+    recompute = layer_forward - _recompute_skipped(spec, training, n_adapted_last) if training.grad_checkpointing else 0
     return StepFlops(forward=forward, backward=backward, recompute=recompute)
+
+
+def _first_layer_input_needs_grad(spec: ModelSpec, adapters: frozenset[str]) -> dict[str, bool]:
+    """Which linears (by layer-0 path) of a layer whose input needs no gradient get one at their input."""
+    if spec.family == "gpt2":
+        return _gpt2_layer0_input_needs_grad(set(adapters))
+    flags = _layer0_input_needs_grad(spec, {p.rsplit(".", 1)[-1] for p in adapters})
+    return {m.path: flags[_leaf(m)] for m in module_inventory(spec) if m.kind == "linear" and is_per_layer(m)}
 
 
 _LAST_LINEAR = {"llama": "mlp.down_proj", "mistral": "mlp.down_proj", "qwen2": "mlp.down_proj",
                 "gemma": "mlp.down_proj", "phi": "mlp.fc2", "gpt2": "mlp.c_proj", "bloom": "mlp.dense_4h_to_h"}
 
 
-def _recompute_skipped(spec: ModelSpec, training: TrainingSpec, adapted: dict[str, int]) -> int:
+def _last_linear_path(spec: ModelSpec) -> str:
+    prefix = "transformer.h.0." if spec.family in ("gpt2", "bloom") else "model.layers.0."
+    return prefix + _LAST_LINEAR[spec.family]
+
+
+def _recompute_skipped(spec: ModelSpec, training: TrainingSpec, n_adapted: int) -> int:
     """Non-reentrant checkpointing stops recomputing at the layer's last saved tensor, and an op saves
-    its inputs before it computes: so each layer's last matmul (lora_B's, when that linear is adapted)
-    is never re-run, unless a dropout after it saves a mask (GPT-2, Phi-2)."""
+    its inputs before it computes: so each layer's last matmul (lora_B's, in the `n_adapted` layers where
+    that linear is adapted) is never re-run, unless a dropout after it saves a mask (GPT-2, Phi-2)."""
     if spec.dropout > 0 and spec.family in ("gpt2", "phi"):
         return 0
-    prefix = "transformer.h.0." if spec.family in ("gpt2", "bloom") else "model.layers.0."
-    m = next(m for m in module_inventory(spec) if m.path == prefix + _LAST_LINEAR[spec.family])
-    if prefix + _LAST_LINEAR[spec.family] in adapted:
-        per_layer = 2 * training.tokens * training.lora.r * m.out_features
-        return per_layer * adapted[m.path]
-    return 2 * training.tokens * m.in_features * m.out_features * m.count
+    m = next(m for m in module_inventory(spec) if m.path == _last_linear_path(spec))
+    lora_b = 2 * training.tokens * training.lora.r * m.out_features
+    base = 2 * training.tokens * m.in_features * m.out_features
+    return lora_b * n_adapted + base * (spec.num_layers - n_adapted)
 
 
-def _layer0_attention_backward(spec: ModelSpec, adapted_paths: set[str], attention_forward: int) -> int:
+def _first_layer_attention_backward(spec: ModelSpec, adapted_paths: frozenset[str], attention_forward: int) -> int:
     """Attention's backward matmuls in layer 0 under LoRA: dP = dO V^T when q or k needs a gradient,
     dV = P^T dO when v does, dQ = dS K and dK = dS^T Q for q and k themselves (each half a forward)."""
     leaves = {p.rsplit(".", 1)[-1] for p in adapted_paths if ".0." in p}
@@ -171,20 +188,12 @@ class ThroughputEstimate:
 
 
 def _optimizer_bytes_touched(spec: ModelSpec, training: TrainingSpec) -> int:
-    """Bytes the optimizer step reads and writes: AdamW reads parameter, gradient and two states and
-    writes parameter and states (7 passes; foreach adds a written-and-read square-root copy); 8-bit
-    states move 1 byte; SGD with momentum 5 passes; Adafactor about 5."""
+    """Bytes the optimizer step reads and writes (`lora_planner.optimizers.optimizer_bytes_touched`)."""
     from lora_planner.memory import trainable_groups  # memory's grouping of trainable tensors
 
-    groups = trainable_groups(spec, training)
-    total = sum(g.nbytes for g in groups)
-    passes = {"adamw": 7, "sgd": 5, "adafactor": 5}.get(training.optimizer)
-    if passes is None:  # 8-bit: parameter r/w + gradient read at full width, two 1-byte states r/w
-        numel = sum(g.numel * g.count for g in groups)
-        return 3 * total + 4 * numel
-    if training.optimizer == "adamw" and training.resolved_optimizer_impl == "foreach":
-        passes += 2
-    return passes * total
+    impl = training.resolved_optimizer_impl
+    return optimizer_bytes_touched(trainable_groups(spec, training), training.optimizer, impl,
+                                   training.device == "cpu" or impl == "fused")
 
 
 def estimate_throughput(spec: ModelSpec, training: TrainingSpec, gpu: GpuSpec,

@@ -81,10 +81,12 @@ def peft_targets(targets: tuple[str, ...]) -> str | list[str]:
     return "all-linear" if targets == ("all-linear",) else list(targets)
 
 
-def peft_lora_counts(config: dict[str, Any], r: int, targets: tuple[str, ...]) -> tuple[int, int]:
+def peft_lora_counts(config: dict[str, Any], r: int, targets: tuple[str, ...],
+                     layers_to_transform: tuple[int, ...] | None = None) -> tuple[int, int]:
     """(trainable, all) from `PeftModel.get_nb_trainable_parameters()` for LoRA rank r, alpha 2r."""
     model = meta_model(config)
-    lora = LoraConfig(r=r, lora_alpha=2 * r, target_modules=peft_targets(targets))
+    lora = LoraConfig(r=r, lora_alpha=2 * r, target_modules=peft_targets(targets),
+                      layers_to_transform=list(layers_to_transform) if layers_to_transform else None)
     # Under the meta default device the adapters are created on meta too (else PEFT allocates and
     # initialises them on the CPU first: gigabytes for a 70B model at r = 64).
     with warnings.catch_warnings(), torch.device("meta"):

@@ -77,19 +77,29 @@ class Case:
     method: str = "full"  # "full" | "lora" (the family's default targets) | "lora_all" ("all-linear")
     attention: str = "sdpa"
     gc: bool = False
+    targets: tuple[str, ...] | None = None  # explicit LoRA targets (else by `method`)
+    layers: tuple[int, ...] | None = None  # PEFT's layers_to_transform
+    quantized: bool = False  # QLoRA: a real bitsandbytes NF4 base (CPU backend)
+    kbit_prep: bool = True  # with quantized: PEFT's prepare_model_for_kbit_training
 
     @property
     def id(self) -> str:
-        return "-".join([self.family, self.mode, self.method, self.attention] + (["gc"] if self.gc else []))
+        extra = (["gc"] if self.gc else []) + ([",".join(self.targets)] if self.targets else []) \
+            + ([f"layers{list(self.layers)}"] if self.layers else []) \
+            + (["nf4" + ("-kbitprep" if self.kbit_prep else "")] if self.quantized else [])
+        return "-".join([self.family, self.mode, self.method, self.attention] + extra)
+
+    def lora_targets(self) -> tuple[str, ...] | None:
+        return self.targets or (("all-linear",) if self.method == "lora_all" else None)
 
     def training(self) -> TrainingSpec:
-        targets = ("all-linear",) if self.method == "lora_all" else None
         return TrainingSpec(
-            method="full" if self.method == "full" else "lora",
+            method="full" if self.method == "full" else ("qlora" if self.quantized else "lora"),
             dtype="bf16" if self.mode == "bf16" else "fp32",
             amp="bf16" if self.mode == "amp" else None,
             batch_size=B, seq_len=S, grad_checkpointing=self.gc, device="cpu", attention=self.attention,
-            lora=LoraSpec(r=R, alpha=2 * R, target_modules=targets),
+            lora=LoraSpec(r=R, alpha=2 * R, target_modules=self.lora_targets(), layers_to_transform=self.layers),
+            kbit_prep=self.kbit_prep,
         )
 
 
@@ -131,11 +141,13 @@ class LiveStorages(TorchDispatchMode):
         return out
 
 
-def build_model(case: Case) -> torch.nn.Module:
+def build_model(case: Case, tmp_dir: str | None = None) -> torch.nn.Module:
     torch.manual_seed(0)
     dtype = torch.bfloat16 if case.mode == "bf16" else torch.float32
     model = AutoModelForCausalLM.from_config(hf_config(CONFIGS[case.family]), dtype=dtype,
                                              attn_implementation=case.attention)
+    if case.quantized:
+        model = quantized_model(model, case, tmp_dir)
     model.config.use_cache = False
     if case.gc:
         with warnings.catch_warnings():
@@ -143,12 +155,32 @@ def build_model(case: Case) -> torch.nn.Module:
             # non-reentrant (transformers' default); also calls enable_input_require_grads()
             model.gradient_checkpointing_enable()
     if case.method != "full":
-        targets = peft_targets(("all-linear",)) if case.method == "lora_all" else None  # None: PEFT's default
-        lora = LoraConfig(r=R, lora_alpha=2 * R, target_modules=targets, lora_dropout=0.0, task_type="CAUSAL_LM")
+        targets = peft_targets(case.lora_targets()) if case.lora_targets() else None  # None: PEFT's default
+        lora = LoraConfig(r=R, lora_alpha=2 * R, target_modules=targets, lora_dropout=0.0, task_type="CAUSAL_LM",
+                          layers_to_transform=list(case.layers) if case.layers else None)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Conv1D fan_in_fan_out notice
             model = get_peft_model(model, lora)
     model.train()
+    return model
+
+
+def quantized_model(model: torch.nn.Module, case: Case, tmp_dir: str | None) -> torch.nn.Module:
+    """The same weights reloaded as QLoRA does (bitsandbytes NF4, double quantization, bf16 compute),
+    then, with `kbit_prep`, PEFT's `prepare_model_for_kbit_training` as TRL calls it."""
+    from peft import prepare_model_for_kbit_training
+    from transformers import BitsAndBytesConfig
+
+    assert tmp_dir is not None
+    model.save_pretrained(tmp_dir)
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_pretrained(tmp_dir, device_map="cpu", dtype=torch.bfloat16,
+                                                     quantization_config=quant, attn_implementation=case.attention)
+        if case.kbit_prep:
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=case.gc)
     return model
 
 
@@ -158,9 +190,9 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     return inner.layers if hasattr(inner, "layers") else inner.h
 
 
-def measure(case: Case, live: bool = False) -> Measured:
+def measure(case: Case, live: bool = False, tmp_dir: str | None = None) -> Measured:
     """One training forward (labels = input ids, `out` dropped as the Trainer does), then backward."""
-    model = build_model(case)
+    model = build_model(case, tmp_dir)
     torch.manual_seed(1)
     input_ids = torch.randint(0, V, (B, S))
     exclude = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers(), input_ids]}
@@ -372,3 +404,62 @@ def test_checkpoint_closure_keeps_layer_kwargs_alive(case: Case):
     predicted = {i.name: i.nbytes for i in profile.model if i.name in closure_items(case.family)}
     assert kept == predicted, (case.id, measured.closure_kept)
     assert measured.closure_alive_after_backward == 0  # released with the graph
+
+
+# ------------------------------------------------------------------------------------------------
+# LoRA on some layers only: a layer-specific target or PEFT's layers_to_transform. Nothing upstream of
+# the first adapted layer needs a gradient, so layers below it keep nothing; every layer is compared.
+
+LAYER_CASES = [
+    Case("llama", "bf16", "lora", targets=("layers.2.self_attn.q_proj",)),
+    Case("llama", "bf16", "lora", targets=("layers.1.mlp.down_proj", "layers.2.self_attn.v_proj")),
+    Case("llama", "bf16", "lora", layers=(1,)),
+    Case("llama", "fp32", "lora", layers=(1, 2), targets=("q_proj", "k_proj", "o_proj", "up_proj", "down_proj")),
+    Case("llama", "amp", "lora", targets=("layers.1.self_attn.q_proj",)),
+    Case("llama", "bf16", "lora", layers=(2,), gc=True),
+    Case("gpt2", "bf16", "lora", targets=("h.2.attn.c_attn",)),
+    Case("phi", "bf16", "lora", layers=(1,), targets=("dense", "fc1", "fc2")),
+]
+
+
+@pytest.mark.parametrize("case", LAYER_CASES, ids=[c.id for c in LAYER_CASES])
+def test_saved_bytes_follow_the_adapted_layers(case: Case):
+    measured = measure(case)
+    profile = planner(case)
+    # RoPE's cos/sin are shared by every layer that needs them; when a single layer does, the hooks see
+    # them saved by that layer alone. The planner counts them outside the layers either way.
+    layers, outside = dict(measured.layers), measured.outside
+    for i in range(NUM_LAYERS):
+        rotary = sum(n for _, shape, n in measured.items.get(f"layer{i}", []) if len(shape) == 4 and shape[:2] == (1, 1))
+        layers[i] -= rotary
+        outside += rotary
+    for i in range(NUM_LAYERS):
+        want = profile.checkpoint_per_layer_bytes if case.gc else profile.layer_saved_bytes(i)
+        assert layers[i] == want, (case.id, i, layers, _describe(measured, f"layer{i}"))
+    want_outside = expected(case, profile)["outside"]
+    assert outside == want_outside, (case.id, outside, want_outside, _describe(measured, "outside"))
+
+
+# ------------------------------------------------------------------------------------------------
+# QLoRA on a real bitsandbytes NF4 base (its CPU backend): the 4-bit matmul keeps only the packed weight;
+# after PEFT's prepare_model_for_kbit_training the stream and every op between matmuls run in fp32.
+
+QLORA_CASES = [
+    Case("llama", "bf16", "lora", quantized=True),
+    Case("llama", "bf16", "lora", quantized=True, kbit_prep=False),
+    Case("llama", "bf16", "lora_all", quantized=True),
+    Case("llama", "bf16", "lora", quantized=True, gc=True),
+    Case("qwen2", "bf16", "lora_all", quantized=True, kbit_prep=False),
+    Case("gemma", "bf16", "lora", quantized=True),
+]
+
+
+@pytest.mark.parametrize("case", QLORA_CASES, ids=[c.id for c in QLORA_CASES])
+def test_qlora_saved_bytes_match_bitsandbytes(case: Case, tmp_path):
+    pytest.importorskip("bitsandbytes", reason="QLoRA measurements need bitsandbytes (test extra)")
+    measured = measure(case, tmp_dir=str(tmp_path))
+    profile = planner(case)
+    want = expected(case, profile)
+    got = {"layer0": measured.layers[0], "layer1": measured.layers[1], "outside": measured.outside}
+    assert got == want, (case.id, got, want, {w: _describe(measured, w) for w in ("layer0", "layer1", "outside")},
+                         [(i.name, i.nbytes) for i in profile.model + profile.loss])

@@ -422,20 +422,36 @@ def test_unknown_model_without_close_names_lists_the_catalog():
 # 5. GPUs and memory sizes
 # --------------------------------------------------------------------------------------------------
 
-# `nvidia-smi --query-gpu=memory.total` (MiB) and bf16 support (compute capability >= 8.0).
+# `nvidia-smi --query-gpu=memory.total` (MiB; ROCm: rocm-smi), bf16 support (Ampere / CDNA2 on), dense 16-bit
+# tensor TFLOP/s with fp32 accumulation, fp32 TFLOP/s and GB/s from the datasheets (catalog `source`).
 GPU_TABLE = {
-    "a100-40gb": (40960, True),
-    "a100-80gb": (81920, True),
-    "h100-80gb": (81559, True),
-    "h200": (143771, True),
-    "l40s": (46068, True),
-    "a10g": (23028, True),
-    "l4": (23034, True),
-    "t4": (15360, False),
-    "v100-16gb": (16160, False),
-    "v100-32gb": (32510, False),
-    "rtx-3090": (24576, True),
-    "rtx-4090": (24564, True),
+    "h100-80gb": (81559, True, 989, 67, 3350),
+    "h100-pcie": (81559, True, 756, 51, 2000),
+    "h100-nvl": (95830, True, 835, 60, 3900),
+    "h200": (143771, True, 989, 67, 4800),
+    "b200": (183359, True, 2250, 75, 8000),
+    "gb200": (186 * 10**9 // MIB, True, 2500, 80, 8000),  # datasheet 186 GB converted
+    "a100-40gb": (40960, True, 312, 19.5, 1555),
+    "a100-80gb": (81920, True, 312, 19.5, 2039),
+    "l40": (46068, True, 181, 90.5, 864),
+    "l40s": (46068, True, 362, 91.6, 864),
+    "a10": (23028, True, 125, 31.2, 600),
+    "a10g": (23028, True, 70, 31.2, 600),
+    "l4": (23034, True, 121, 30.3, 300),
+    "t4": (15360, False, 65, 8.1, 320),
+    "v100-16gb": (16160, False, 125, 15.7, 900),
+    "v100-32gb": (32510, False, 125, 15.7, 900),
+    "rtx-a6000": (49140, True, 154.8, 38.7, 768),
+    "rtx-6000-ada": (49140, True, 364.2, 91.1, 960),
+    "rtx-5090": (32607, True, 209.5, 104.8, 1792),
+    "rtx-4090": (24564, True, 165.2, 82.6, 1008),
+    "rtx-4080": (16376, True, 97.5, 48.7, 716.8),
+    "rtx-4070-ti": (12282, True, 80.2, 40.1, 504),
+    "rtx-3090": (24576, True, 71, 35.6, 936),
+    "rtx-3080": (10240, True, 59.5, 29.8, 760),
+    "rtx-3060-12gb": (12288, True, 25.5, 12.7, 360),
+    "mi300x": (196288, True, 1307.4, 163.4, 5300),
+    "mi250": (65520, True, 181, 22.6, 1638.4),  # one GCD, the device PyTorch sees
 }
 
 
@@ -443,23 +459,40 @@ def test_gpu_table_is_the_catalog():
     assert set(GPU_TABLE) == set(GPUS)
 
 
-@pytest.mark.parametrize(("name", "mib", "bf16"), [(n, *v) for n, v in GPU_TABLE.items()])
-def test_gpu_catalog(name, mib, bf16):
+@pytest.mark.parametrize(("name", "mib", "bf16", "half_tflops", "fp32_tflops", "gb_per_s"),
+                         [(n, *v) for n, v in GPU_TABLE.items()])
+def test_gpu_catalog(name, mib, bf16, half_tflops, fp32_tflops, gb_per_s):
     gpu = resolve_gpu(name)
     assert (gpu.name, gpu.memory_bytes, gpu.supports_bf16) == (name, mib * MIB, bf16)
+    assert gpu.flops_per_s("bf16") == pytest.approx(half_tflops * 1e12)
+    assert gpu.flops_per_s("fp32") == pytest.approx(fp32_tflops * 1e12)
+    assert gpu.memory_bandwidth_bytes_per_s == pytest.approx(gb_per_s * 1e9)
+    assert gpu.dtypes == (("bf16", "fp16", "fp32") if bf16 else ("fp16", "fp32"))
+    assert gpu.source.startswith("https://") and gpu.memory_source
     assert resolve_gpu(f" {name.upper()} ") == gpu
 
 
+@pytest.mark.parametrize(("alias", "name"), [
+    ("h100", "h100-80gb"), ("H100-SXM", "h100-80gb"), ("a100", "a100-40gb"), ("4090", "rtx-4090"),
+    ("RTX 4090", "rtx-4090"), ("NVIDIA GeForce RTX 4090", "rtx-4090"), ("rtx_3060", "rtx-3060-12gb"),
+    ("v100", "v100-16gb"), ("NVIDIA H100 NVL", "h100-nvl"), ("A6000", "rtx-a6000"), ("5090", "rtx-5090"),
+    ("4070ti", "rtx-4070-ti"), ("NVIDIA A100-SXM4-80GB", "a100-80gb"), ("MI300X", "mi300x"),
+])
+def test_gpu_aliases(alias, name):
+    assert resolve_gpu(alias).name == name
+
+
 @pytest.mark.parametrize(("name", "suggestions"), [
-    ("a100", ("a100-40gb", "a100-80gb")),
-    ("4090", ("rtx-4090",)),
-    ("h100", ("h100-80gb",)),
-    ("v100", ("v100-16gb", "v100-32gb")),
+    ("a10o", ("a100",)),
+    ("rtx-409", ("rtx-4090",)),
+    ("h10", ("h100",)),
+    ("v10", ("v100",)),
 ])
 def test_unknown_gpu_suggests(name, suggestions):
     with pytest.raises(PlannerInputError) as err:
         resolve_gpu(name)
     assert err.value.field == "gpu"
+    assert "did you mean" in err.value.fix
     for suggestion in suggestions:
         assert suggestion in err.value.fix
     assert "--gpu-mem" in err.value.fix
@@ -515,3 +548,9 @@ def test_chat_and_instruct_variants_resolve_to_their_base_shapes():
     assert resolve_model("meta-llama/Llama-3.1-8B-Instruct").name == "llama-3.1-8b"
     assert resolve_model("Qwen/Qwen2.5-7B-Instruct").name == "qwen2.5-7b"
     assert resolve_model("mistral-7b-instruct").name == "mistral-7b"
+
+
+@pytest.mark.parametrize("repo_id, name", [("META-LLAMA/LLAMA-3.1-8B", "llama-3.1-8b"),
+                                           ("Qwen/QWEN2.5-7B", "qwen2.5-7b"), (" openai-community/GPT2 ", "gpt2")])
+def test_hugging_face_repo_ids_resolve_case_insensitively(repo_id, name):
+    assert resolve_model(repo_id).name == name

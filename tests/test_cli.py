@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
 import pytest
 
-from lora_planner.cli import main
+from lora_planner.cli import build_parser, main
+from lora_planner.defaults import DEFAULT_HEADROOM, DEFAULT_R, DEFAULT_SEQ_LEN
 from lora_planner.memory import CATEGORIES
+from lora_planner.planner import usable_bytes
+from lora_planner.specs import TrainingSpec
+
+GIB = 2**30
 
 
 def run_json(capsys, *argv: str) -> dict:
@@ -52,10 +58,13 @@ def test_json_shape_is_stable(capsys):
 
 
 def test_fits_follows_the_budget(capsys):
-    small = run_json(capsys, "--model", "llama-7b", "--gpu-mem", "10GiB")
+    small = run_json(capsys, "--model", "llama-7b", "--gpu-mem", "10GiB", "--seq-len", "512")
     assert small["methods"]["qlora"]["fits"] is True
     assert small["methods"]["full"]["fits"] is False
     assert small["inputs"]["budget_bytes"] == 10 * 2**30
+    assert small["inputs"]["usable_bytes"] == usable_bytes(10 * 2**30, DEFAULT_HEADROOM)
+    for method in small["methods"].values():
+        assert method["fits"] is (method["peak_device_bytes"] <= small["inputs"]["usable_bytes"])
     unbounded = run_json(capsys, "--model", "llama-7b")
     assert unbounded["methods"]["lora"]["fits"] is None
     assert unbounded["methods"]["lora"]["fits_on"]
@@ -65,7 +74,7 @@ def test_cpu_device_has_no_overhead(capsys):
     doc = run_json(capsys, "--model", "gpt2", "--device", "cpu", "--method", "lora")
     assert list(doc["methods"]) == ["lora"]
     assert doc["methods"]["lora"]["device_overhead_bytes"] == 0
-    assert doc["inputs"]["optimizer_impl"] == "for-loop"
+    assert doc["inputs"]["optimizer_impl"] == TrainingSpec(device="cpu").resolved_optimizer_impl
 
 
 def test_amp_defaults_to_fp32_master_weights(capsys):
@@ -107,6 +116,9 @@ def test_config_json_path(tmp_path, capsys):
     (["--method", "prefix"], "method"),
     (["--gpu", "h300"], "unknown GPU"),
     (["--gpu-mem", "lots"], "gpu-mem"),
+    (["--gpu", "h300", "--gpu-mem", "94GB"], "unknown GPU"),
+    (["--headroom", "1"], "headroom"),
+    (["--headroom", "-0.1"], "headroom"),
     (["--batch-size", "0"], "batch_size"),
     (["--seq-len", "-1"], "seq_len"),
     (["--device", "tpu"], "device"),
@@ -155,3 +167,122 @@ def test_estimate_path_does_not_import_torch_or_pandas():
             "print(sorted(m for m in ('torch', 'pandas', 'matplotlib', 'rich') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+# ---------------------------------------------------------------------------------------------- issue 9
+
+
+ITEM9 = ["--model", "llama-3.1-8b", "--r", "1", "--seq-len", "4096", "--gpu", "rtx-4090"]
+
+
+def test_estimate_and_recommend_share_their_defaults():
+    """One set of defaults (lora_planner.defaults) for every subcommand."""
+    parser = build_parser()
+    estimate = parser.parse_args(["estimate"])
+    recommend = parser.parse_args(["recommend", "--model", "gpt2", "--gpu", "t4"])
+    assert estimate.r == DEFAULT_R and estimate.seq_len == recommend.seq_len == DEFAULT_SEQ_LEN
+    for option in ("headroom", "alpha", "cuda_context", "allocator_overhead", "adapter_dtype", "optimizer",
+                   "attention", "device", "target"):
+        assert getattr(estimate, option) == getattr(recommend, option), option
+    assert estimate.headroom == DEFAULT_HEADROOM
+
+
+def test_recommend_default_rank_is_the_estimate_default(capsys):
+    doc = run_json(capsys, "recommend", "--model", "gpt2", "--gpu", "h100-80gb", "--methods", "lora")
+    plan = run_json(capsys, "--model", "gpt2", "--method", "lora")
+    assert doc["r"] == plan["inputs"]["r"] == DEFAULT_R
+    assert doc["inputs"]["seq_len"] == plan["inputs"]["seq_len"] == DEFAULT_SEQ_LEN
+
+
+@pytest.mark.parametrize("headroom, verdict", [(None, False), ("0", True)])
+def test_estimate_and_recommend_give_one_verdict_and_one_usable_figure(capsys, headroom, verdict):
+    """llama-3.1-8b LoRA r=1, checkpointing, 4096 tokens on an rtx-4090 peaks at 23.49 of 23.99 GiB: with the
+    default headroom neither subcommand calls it a fit; with --headroom 0 both do."""
+    extra = ["--headroom", headroom] if headroom else []
+    plan = run_json(capsys, *ITEM9, "--method", "lora", "--grad-checkpointing", *extra)
+    rec = run_json(capsys, "recommend", *ITEM9, "--methods", "lora", "--global-batch", "1", *extra)
+    assert plan["inputs"]["usable_bytes"] == rec["usable_bytes"]
+    assert plan["methods"]["lora"]["peak_device_bytes"] == rec["predicted_peak_bytes"]
+    assert plan["methods"]["lora"]["fits"] is rec["fits"] is verdict
+    assert main([*ITEM9, "--method", "lora", "--grad-checkpointing", *extra]) == 0
+    estimate_out = " ".join(capsys.readouterr().out.split())
+    assert main(["recommend", *ITEM9, "--methods", "lora", "--global-batch", "1", *extra]) == 0
+    recommend_out = " ".join(capsys.readouterr().out.split())
+    usable = "usable = 23.99 GiB x (1 - 10 %) = 21.59 GiB" if headroom is None else \
+        "usable = 23.99 GiB x (1 - 0 %) = 23.99 GiB"
+    assert usable in estimate_out and usable in recommend_out
+
+
+# ---------------------------------------------------------------------------------------------- issues 10, 11, 14
+
+
+def test_gpu_mem_is_echoed_with_its_unit(capsys):
+    assert main(["--model", "llama-7b", "--gpu-mem", "80GB"]) == 0
+    out = capsys.readouterr().out
+    flat = " ".join(out.split())
+    assert "80 GB = 74.51 GiB" in flat and "usable = 74.51 GiB x (1 - 10 %) = 67.06 GiB" in flat
+    assert "fits in usable 67.06 GiB" in flat
+    # Every size printed between the settings and the table (whose title says GiB) carries its unit.
+    budget_line = flat[flat.index("budget:"):flat.index("Peak memory")]
+    sizes = re.findall(r"\d+\.\d\d(?!\d)(?: (\S+))?", budget_line)
+    assert sizes and all(unit.rstrip(";,.)") == "GiB" for unit in sizes), budget_line
+    assert main(["--model", "llama-7b", "--gpu-mem", "24GiB"]) == 0
+    assert "budget: 24 GiB; usable" in " ".join(capsys.readouterr().out.split())
+    doc = run_json(capsys, "--model", "llama-7b", "--gpu-mem", "80GB")
+    assert doc["inputs"]["gpu_mem"] == "80GB" and doc["inputs"]["budget_bytes"] == 80 * 10**9
+
+
+def test_gpu_and_gpu_mem_combine(capsys):
+    """A 94 GB H100 NVL: the memory of --gpu-mem, the step time of --gpu."""
+    doc = run_json(capsys, "--model", "llama-3-8b", "--gpu", "h100-80gb", "--gpu-mem", "94GB")
+    assert doc["inputs"]["gpu"] == "h100-80gb" and doc["inputs"]["budget_bytes"] == 94 * 10**9
+    assert all(m["throughput"]["gpu"] == "h100-80gb" for m in doc["methods"].values())
+    assert main(["--model", "llama-3-8b", "--gpu", "h100-80gb", "--gpu-mem", "94GB"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "h100-80gb with --gpu-mem 94 GB = 87.54 GiB (memory from --gpu-mem" in out
+    assert "step time on h100-80gb" in out and "reference GPU" not in out
+    rec = run_json(capsys, "recommend", "--model", "llama-3-8b", "--gpu", "h100-80gb", "--gpu-mem", "94GB")
+    assert rec["budget_bytes"] == 94 * 10**9 and rec["inputs"]["gpu"] == "h100-80gb"
+    assert rec["inputs"]["gpu_mem"] == "94GB"
+
+
+def test_seq_len_beyond_max_position_embeddings_warns(capsys):
+    doc = run_json(capsys, "--model", "llama-3-8b", "--method", "lora", "--seq-len", "200000")
+    assert len(doc["warnings"]) == 1 and "max_position_embeddings 8192" in doc["warnings"][0]
+    assert run_json(capsys, "--model", "llama-3-8b", "--method", "lora", "--seq-len", "8192")["warnings"] == []
+    assert main(["--model", "llama-3-8b", "--method", "lora", "--seq-len", "200000"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "warning: --seq-len 200000 is above llama-3-8b's max_position_embeddings 8192" in out
+    rec = run_json(capsys, "recommend", "--model", "llama-3-8b", "--gpu", "h200", "--seq-len", "200000")
+    assert any("max_position_embeddings 8192" in w for w in rec["warnings"])
+    assert main(["recommend", "--model", "llama-3-8b", "--gpu", "h200", "--seq-len", "200000"]) == 0
+    assert "warning: --seq-len 200000" in " ".join(capsys.readouterr().out.split())
+
+
+# ------------------------------------------------------------------ which layers LoRA adapts, kbit prep
+
+def test_layer_specific_target_is_echoed_as_asked(capsys):
+    doc = run_json(capsys, "--model", "llama-2-7b", "--method", "lora", "--target", "layers.3.self_attn.q_proj",
+                   "--json")
+    assert doc["inputs"]["target_modules"] == ["layers.3.self_attn.q_proj"]
+    assert doc["inputs"]["adapted_modules"] == ["self_attn.q_proj (layer 3)"]
+    assert doc["methods"]["lora"]["trainable_params"] == 8 * (4096 + 4096)
+
+
+def test_layers_to_transform_option(capsys):
+    doc = run_json(capsys, "--model", "llama-2-7b", "--method", "lora", "--layers-to-transform", "0-3,31", "--json")
+    assert doc["inputs"]["layers_to_transform"] == [0, 1, 2, 3, 31]
+    assert doc["inputs"]["adapted_modules"] == ["self_attn.q_proj (layers 0-3, 31)", "self_attn.v_proj (layers 0-3, 31)"]
+    assert doc["methods"]["lora"]["trainable_params"] == 5 * 2 * 8 * (4096 + 4096)
+    assert main(["--model", "llama-2-7b", "--layers-to-transform", "x"]) == 2
+    assert "layers-to-transform: cannot read 'x'" in capsys.readouterr().err
+
+
+def test_qlora_kbit_prep_is_on_by_default_and_can_be_turned_off(capsys):
+    on = run_json(capsys, "--model", "llama-3.1-8b", "--method", "qlora", "--json")
+    off = run_json(capsys, "--model", "llama-3.1-8b", "--method", "qlora", "--no-kbit-prep", "--json")
+    assert (on["inputs"]["kbit_prep"], off["inputs"]["kbit_prep"]) == (True, False)
+    extra = on["methods"]["qlora"]["peak_allocated_bytes"] - off["methods"]["qlora"]["peak_allocated_bytes"]
+    assert extra > 2 * (2 * 128256 * 4096)  # embed + lm_head from 2 to 4 bytes, plus the fp32 stream
+    assert main(["--model", "llama-3.1-8b", "--method", "qlora"]) == 0
+    assert "prepare_model_for_kbit_training" in capsys.readouterr().out

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from lora_planner.catalog import resolve_model, spec_from_config
 from lora_planner.memory import CATEGORIES, PHASES, DeviceOverhead, estimate_memory, nf4_bytes
+from lora_planner.params import module_inventory
 from lora_planner.specs import LoraSpec, TrainingSpec
 
 # 2 layers, hidden 8, 2 heads of 4 (1 kv head), MLP 12, vocab 100, untied: 2,600 parameters.
@@ -116,18 +117,71 @@ def test_nf4_storage_follows_the_qlora_paper():
     assert nf4_bytes(numel) * 8 / numel == pytest.approx(4 + 8 / 64 + 32 / (64 * 256))
 
 
-def test_qlora_keeps_embeddings_norms_and_head_in_16_bit():
+@pytest.mark.parametrize("kbit_prep, bytes_per_other_param", [(False, 2), (True, 4)])
+def test_qlora_stores_linears_in_nf4_and_the_rest_at_16_or_32_bit(kbit_prep, bytes_per_other_param):
+    """Without PEFT's prepare_model_for_kbit_training the embeddings, norms and lm_head stay bf16; with
+    it (the default, as TRL runs QLoRA) they are cast to fp32: 2 x 131.07 M + 266 K params x 2 bytes more."""
     spec = resolve_model("llama-2-7b")
-    q = estimate_memory(spec, TrainingSpec(method="qlora"))
+    q = estimate_memory(spec, TrainingSpec(method="qlora", kbit_prep=kbit_prep))
     linear_numel = 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008)
     assert q.weights_at_dtype_bytes == (32 * (4 * nf4_bytes(4096 * 4096) + 3 * nf4_bytes(4096 * 11008))
-                                        + 2 * (6_738_415_616 - linear_numel))
+                                        + bytes_per_other_param * (6_738_415_616 - linear_numel))
     lora = estimate_memory(spec, TrainingSpec(method="lora"))
     assert q.peak_allocated_bytes < lora.peak_allocated_bytes
 
 
+def test_kbit_prep_costs_about_2_gib_on_llama_3_1_8b():
+    """The issue's case: the fp32 cast of 1.05 B embedding + lm_head parameters is +1.96 GiB of weights
+    alone; the fp32 stream adds activations."""
+    spec = resolve_model("llama-3.1-8b")
+    on, off = (estimate_memory(spec, TrainingSpec(method="qlora", kbit_prep=k)) for k in (True, False))
+    extra_weights = on.weights_at_dtype_bytes - off.weights_at_dtype_bytes
+    assert extra_weights == 2 * (2 * 128256 * 4096 + 65 * 4096)  # embed + lm_head + 65 RMSNorms, 2 -> 4 bytes
+    assert on.peak_allocated_bytes - off.peak_allocated_bytes > extra_weights
+
+
+def test_kbit_prep_only_applies_to_qlora():
+    spec = resolve_model("llama-3.2-1b")
+    for method in ("full", "lora"):
+        a, b = (estimate_memory(spec, TrainingSpec(method=method, kbit_prep=k)) for k in (True, False))
+        assert a.phases == b.phases
+
+
+def test_kbit_prep_weights_equal_a_real_prepared_bitsandbytes_model(tmp_path):
+    """Every parameter that is not NF4 after peft.prepare_model_for_kbit_training is fp32, and the planner's
+    non-NF4 bytes equal their storage (tiny Llama, real bitsandbytes 4-bit on its CPU backend)."""
+    pytest.importorskip("bitsandbytes", reason="needs bitsandbytes (test extra)")
+    import torch
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from tests.hf_reference import hf_config
+
+    config = {"model_type": "llama", "vocab_size": 300, "hidden_size": 64, "intermediate_size": 96,
+              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "attention_bias": True}
+    AutoModelForCausalLM.from_config(hf_config(config), dtype=torch.bfloat16).save_pretrained(tmp_path)
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, device_map="cpu", dtype=torch.bfloat16,
+                                                 quantization_config=quant)
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    other = [p for p in model.parameters() if p.__class__.__name__ != "Params4bit"]
+    assert {p.dtype for p in other} == {torch.float32}
+    spec = spec_from_config(config, "tiny")
+    planner_nf4 = sum(nf4_bytes(m.weight_numel_each) * m.count for m in module_inventory(spec)
+                      if m.kind == "linear" and m.group != "lm_head")
+    q = estimate_memory(spec, TrainingSpec(method="qlora"))
+    assert q.weights_at_dtype_bytes - planner_nf4 == sum(p.numel() * p.element_size() for p in other)
+
+
+EMBED_7B = 32000 * 4096
+
+
 @pytest.mark.parametrize("optimizer, state_bytes_per_param", [
-    ("adamw", 2 * 2), ("sgd", 2), ("adamw8bit", 2 + 2 * 4 / 256), ("paged_adamw8bit", 2 + 2 * 4 / 256)])
+    ("adamw", 2 * 2), ("sgd", 0), ("sgd_momentum", 2),
+    # 8-bit: two 1-byte states + an fp32 absmax per 256 values, but the embedding's states stay fp32 (Trainer)
+    ("adamw8bit", (2 + 2 * 4 / 256) * (1 - EMBED_7B / 6_738_415_616) + 8 * EMBED_7B / 6_738_415_616),
+    ("paged_adamw8bit", (2 + 2 * 4 / 256) * (1 - EMBED_7B / 6_738_415_616) + 8 * EMBED_7B / 6_738_415_616)])
 def test_optimizer_state_per_parameter_full_7b(optimizer, state_bytes_per_param):
     e = estimate_memory(resolve_model("llama-2-7b"), TrainingSpec(method="full", optimizer=optimizer))
     per_param = e.peak.breakdown.optimizer_states_bytes / e.trainable_params
@@ -215,22 +269,25 @@ def test_lora_on_attention_never_needs_more_than_full(name, settings_, r):
     """Holds for attention targets and per-parameter optimizer state. It fails in two measured corners: with
     MLP targets (Phi's PEFT default includes fc1/fc2) the adapters' fp32 input copies can outweigh full
     fine-tuning's savings when activations dominate (next test), and with Adafactor's factored (tiny) state
-    the fp32 adapters can outweigh it when the peak is the loss backward, before any gradient exists."""
-    if settings_["optimizer"] == "adafactor":
+    the fp32 adapters can outweigh it (so can plain SGD's, none at all) when the peak is the loss backward, before any gradient exists."""
+    if settings_["optimizer"] in ("adafactor", "torch_adafactor", "sgd"):  # no per-parameter state
         settings_ = {**settings_, "optimizer": "adamw"}
     targets = ATTENTION_TARGETS.get(name, ("q_proj", "v_proj"))
     assert _peak(name, "lora", settings_, r=r, targets=targets) <= _peak(name, "full", settings_)
 
 
 def test_lora_on_mlp_can_exceed_full_when_activations_dominate():
-    settings_ = dict(dtype="bf16", optimizer="adafactor", batch_size=12, seq_len=73, attention="eager", device="cpu")
+    settings_ = dict(dtype="bf16", optimizer="torch_adafactor", batch_size=12, seq_len=73, attention="eager", device="cpu")
     assert _peak("phi-2", "lora", settings_, r=1) > _peak("phi-2", "full", settings_)
 
 
 @settings(max_examples=100, deadline=None, derandomize=True, database=None)
 @given(MODELS, SETTINGS, st.integers(1, 64))
 def test_qlora_never_needs_more_than_lora(name, settings_, r):
-    settings_ = {**settings_, "dtype": "bf16" if settings_["dtype"] == "fp32" else settings_["dtype"]}
+    """Without kbit preparation; with it (fp32 embeddings and stream) QLoRA can exceed LoRA on small models,
+    `tests/test_planner.py::test_qlora_as_trl_runs_it_can_exceed_lora_on_a_small_model`."""
+    settings_ = {**settings_, "dtype": "bf16" if settings_["dtype"] == "fp32" else settings_["dtype"],
+                 "kbit_prep": False}
     assert _peak(name, "qlora", settings_, r=r) <= _peak(name, "lora", settings_, r=r)
 
 
@@ -239,3 +296,12 @@ def test_training_spec_is_hashable_and_replace_keeps_validation():
     assert hash(t) == hash(replace(t))
     with pytest.raises(ValueError, match="batch_size"):
         replace(t, batch_size=0)
+
+
+def test_embedding_tensors_are_marked_for_the_trainers_32_bit_8bit_optimizer_rule():
+    """The Trainer keeps nn.Embedding states in 32-bit under 8-bit bitsandbytes optimizers: memory must
+    tell the optimizer model which trainable tensors are embeddings."""
+    from lora_planner.memory import trainable_groups
+
+    groups = trainable_groups(resolve_model("llama-3-8b"), TrainingSpec(method="full", optimizer="adamw8bit"))
+    assert [g.shape for g in groups if g.embedding] == [(128256, 4096)]

@@ -8,6 +8,8 @@ module's path / shape / bias / repeat count, and LoRA trainable / all-parameter 
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -17,6 +19,7 @@ from torch import nn
 from lora_planner.catalog import MODEL_CONFIGS, resolve_model
 from lora_planner.errors import PlannerInputError
 from lora_planner.params import (
+    target_description,
     GROUPS,
     count_params,
     targetable_names,
@@ -322,6 +325,43 @@ def test_layer_specific_target_matches_peft(target, layers):
     trainable, _ = peft_lora_counts(MODEL_CONFIGS["llama-2-7b"][1], 8, (target,))
     assert trainable == layers * 8 * (4096 + 4096)
     assert lora_params(spec, 8, (target,)).trainable_params == trainable
+
+
+# PEFT's layers_to_transform: the suffix matches are kept only in the listed layers; an exact full name
+# is always adapted; modules outside the layers (lm_head) have no index and drop out.
+@pytest.mark.parametrize(("name", "targets", "layers"), [
+    ("llama-2-7b", ("q_proj", "v_proj"), (0,)),
+    ("llama-2-7b", ("q_proj", "down_proj"), (3, 7, 31)),
+    ("llama-2-7b", ("model.layers.5.self_attn.q_proj", "v_proj"), (0, 1)),
+    ("llama-2-7b", ("v_proj", "lm_head"), (2,)),
+    ("gpt2", ("c_attn", "c_proj"), (0, 11)),
+    ("bloom-7b1", ("query_key_value",), (29,)),
+    ("phi-2", ("fc1", "dense"), (1, 2)),
+])
+def test_layers_to_transform_matches_peft(name, targets, layers):
+    spec = resolve_model(name)
+    trainable, _ = peft_lora_counts(MODEL_CONFIGS[name][1], 8, targets, layers)
+    assert lora_params(spec, 8, targets, layers).trainable_params == trainable
+
+
+@pytest.mark.parametrize(("targets", "layers", "message"), [
+    (("all-linear",), (1,), "list the modules instead: --target q_proj,k_proj"),
+    (("q_proj",), (32,), "no layer 32 in llama-2-7b, which has 32 layers"),
+    (("embed_tokens",), (1,), "'embed_tokens' matches nothing in layers_to_transform [1]"),
+])
+def test_layers_to_transform_errors(targets, layers, message):
+    with pytest.raises(PlannerInputError, match=re.escape(message)):
+        lora_params(resolve_model("llama-2-7b"), 8, targets, layers)
+
+
+@pytest.mark.parametrize(("targets", "layers", "described"), [
+    (None, None, ("self_attn.q_proj (all 32 layers)", "self_attn.v_proj (all 32 layers)")),
+    (("layers.3.self_attn.q_proj",), None, ("self_attn.q_proj (layer 3)",)),
+    (("q_proj",), (0, 1, 2, 3, 8, 30, 31), ("self_attn.q_proj (layers 0-3, 8, 30-31)",)),
+    (("lm_head", "o_proj"), None, ("self_attn.o_proj (all 32 layers)", "lm_head")),
+])
+def test_target_description_says_which_layers(targets, layers, described):
+    assert target_description(resolve_model("llama-2-7b"), targets, layers) == described
 
 
 # --------------------------------------------------------------------------------------------------

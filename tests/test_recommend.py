@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 import subprocess
 import sys
 import time
@@ -18,11 +19,11 @@ from lora_planner.catalog import GPUS, resolve_model
 from lora_planner.cli import main
 from lora_planner.memory import estimate_memory
 from lora_planner.params import lora_params, rank_for_trainable_fraction
-from lora_planner.planner import Budget
+from lora_planner.planner import Budget, usable_bytes
 from lora_planner.recommend import (
     DEFAULT_R, RANK_LADDER, Candidate, RecommendRequest, dominates, pareto_frontier, recommend,
 )
-from lora_planner.recommend_cli import recommendation_to_dict, verify
+from lora_planner.recommend_cli import VERIFY_TOLERANCE, Verification, VerifyRun, recommendation_to_dict, verify
 from lora_planner.render_recommend import render_recommendation
 from lora_planner.specs import LoraSpec, TrainingSpec
 
@@ -216,11 +217,12 @@ def test_seed_five_percent_rule_implies_an_off_ladder_rank():
 def test_default_rank_steps_down_the_ladder_only_when_it_must():
     base = request("gpt2", Budget(GIB), 1024, methods=("lora",), headroom=0.0,
                    training=TrainingSpec(seq_len=1024, lora=LoraSpec(target_modules=("all-linear",))))
-    at16, at8 = device_peak(base, "lora", 16, True, 1), device_peak(base, "lora", 8, True, 1)
-    assert at8 < at16
-    rec = recommend(replace(base, budget=Budget((at8 + at16) // 2)))
-    assert rec.choice.r == 8 and rec.choice.grad_checkpointing
-    assert any("r=16 does not fit even with checkpointing; r=8" in r for r in rec.reasons)
+    lower = RANK_LADDER[RANK_LADDER.index(DEFAULT_R) - 1]
+    at_default, at_lower = device_peak(base, "lora", DEFAULT_R, True, 1), device_peak(base, "lora", lower, True, 1)
+    assert at_lower < at_default
+    rec = recommend(replace(base, budget=Budget((at_lower + at_default) // 2)))
+    assert rec.choice.r == lower and rec.choice.grad_checkpointing
+    assert any(f"r={DEFAULT_R} does not fit even with checkpointing; r={lower}" in r for r in rec.reasons)
 
 
 # ---------------------------------------------------------------------------------------------- alternatives
@@ -276,7 +278,10 @@ def test_nothing_fits_names_the_smallest_configuration_and_its_budget(capsys):
     assert doc["reasons"][0].startswith("Nothing fits.")
     assert main(["recommend", "--model", "llama-2-70b", "--gpu", "t4"]) == 0
     out = " ".join(capsys.readouterr().out.split())  # rich wraps at 80 columns here
-    assert "Nothing fits" in out and "needs 42.70 GiB per GPU" in out and "l40s or larger" in out
+    usable = {name: usable_bytes(gpu.memory_bytes, 0.1) for name, gpu in GPUS.items() if gpu.supports_bf16}
+    smallest = min((n for n in usable if usable[n] >= doc["predicted_peak_bytes"]), key=lambda n: usable[n])
+    assert "Nothing fits" in out and f"needs {doc['needed_budget_bytes'] / GIB:.2f} GiB per GPU" in out
+    assert f"({smallest} or larger)" in out
 
 
 # ---------------------------------------------------------------------------------------------- output
@@ -291,7 +296,8 @@ def test_json_shape(capsys):
                 "fits", "reasons", "alternatives"):
         assert key in doc, key
     assert doc["schema_version"] == 1 and "verify" not in doc
-    assert (doc["method"], doc["r"], doc["alpha"], doc["target_modules"]) == ("lora", 16, 32.0, ["q_proj", "v_proj"])
+    assert (doc["method"], doc["r"], doc["alpha"], doc["target_modules"]) == ("lora", DEFAULT_R, 2.0 * DEFAULT_R,
+                                                                              ["q_proj", "v_proj"])
     assert doc["budget_bytes"] == GPUS["rtx-4090"].memory_bytes and doc["fits"] is True
     assert doc["predicted_peak_bytes"] <= doc["usable_bytes"] == math.floor(0.9 * doc["budget_bytes"])
     assert all(isinstance(r, str) and r.endswith(".") for r in doc["reasons"])
@@ -306,8 +312,11 @@ def test_human_output(capsys):
     assert main(["recommend", "--model", "llama-3-8b", "--gpu", "rtx-4090", "--seq-len", "1024",
                  "--global-batch", "32"]) == 0
     out = " ".join(capsys.readouterr().out.split())  # rich wraps at 80 columns here
-    for needle in ("Recommended configuration", "LoRA", "16 / 32", "q_proj, v_proj", "gradient checkpointing",
-                   "Why", "Full fine-tuning does not fit", "Alternatives that fit", "19.93 GiB", "21.59 / 23.99 GiB"):
+    rec = recommend(request("llama-3-8b", "rtx-4090", 1024, global_batch=32))
+    for needle in ("Recommended configuration", "LoRA", f"{DEFAULT_R} / {2 * DEFAULT_R}", "q_proj, v_proj",
+                   "gradient checkpointing", "Why", "Full fine-tuning does not fit", "Alternatives that fit",
+                   f"{rec.choice.predicted_peak_bytes / GIB:.2f} GiB", "rtx-4090, 23.99 GiB",
+                   "usable = 23.99 GiB x (1 - 10 %) = 21.59 GiB"):
         assert needle in out, needle
 
 
@@ -323,7 +332,7 @@ def test_rendering_at_a_fixed_width():
 
 def test_bf16_note_on_t4():
     rec = recommend(request("qwen2.5-0.5b", "t4", 512))
-    assert any("t4 has no bf16 support" in r for r in rec.reasons)
+    assert any("t4 has no bf16 support" in w for w in rec.warnings)  # shown as a warning, as lora-plan does
 
 
 @pytest.mark.parametrize("argv, field", [
@@ -358,6 +367,7 @@ def test_bad_input_is_one_line_exit_2(capsys, argv, field):
 
 @pytest.mark.parametrize("argv, message", [
     (["recommend", "--model", "gpt2"], "one of the arguments --gpu --gpu-mem is required"),
+    (["recommend", "--model", "gpt2", "--headroom", "0"], "one of the arguments --gpu --gpu-mem is required"),
     (["recommend", "--gpu", "t4"], "--model"),
 ])
 def test_missing_required_arguments(capsys, argv, message):
@@ -438,3 +448,107 @@ def test_calibration_reaches_every_prediction_of_the_search(tmp_path, capsys):
     calibrated = json.loads(capsys.readouterr().out)
     assert calibrated["max_micro_batch_size"] < plain["max_micro_batch_size"]
     assert main([*base, "--calibration", str(tmp_path / "missing.json")]) == 2
+
+
+# ---------------------------------------------------------------------------------------------- issue 9 items
+
+
+@pytest.mark.parametrize("gpus, strategy", [(2, "ddp"), (2, "zero1"), (4, "fsdp"), (4, None)])
+def test_multi_gpu_reasons_describe_the_strategy_not_a_stale_limitation(gpus, strategy):
+    """Item 5: sharding is modelled (lora_planner.parallel); the reasons must not say otherwise."""
+    rec = recommend(request("llama-3-8b", "rtx-4090", 1024, gpus=gpus, strategy=strategy, global_batch=64))
+    text = " ".join(rec.reasons)
+    assert "not modelled" not in text
+    engine = rec.training.resolved_strategy
+    assert f"Data parallel over {gpus} GPUs with {engine}" in text
+    if engine == "fsdp":
+        assert "parameters, gradients and optimizer state are divided over the GPUs" in text
+
+
+@pytest.mark.parametrize("gpus", [1, 2])
+def test_nothing_fits_points_at_sharding_without_stale_text(gpus):
+    rec = recommend(request("llama-2-70b", "t4", 1024, gpus=gpus))
+    assert not rec.fits
+    text = " ".join(rec.reasons)
+    assert "not modelled" not in text
+    assert ("fsdp divides" in text) if gpus == 1 else ("Even sharded with fsdp over 2 GPUs" in text)
+
+
+def test_fit_at_exactly_the_usable_memory_counts_as_a_fit():
+    """Item 6: one rule, peak <= usable, in the search as in --verify."""
+    base = request("gpt2", Budget(4 * GIB), 128, headroom=0.0, methods=("full",))
+    peak = device_peak(base, "full", None, False, 3)
+    rec = recommend(replace(base, budget=Budget(peak)))
+    assert rec.choice.max_micro_batch_size == 3 and not rec.choice.grad_checkpointing
+
+
+def _run(label, micro, measured, predicted, device_extra=0) -> VerifyRun:
+    return VerifyRun(label=label, micro_batch_size=micro, status="ok", measured_peak_bytes=measured,
+                     predicted_peak_bytes=predicted, cpu_kernel_extra_bytes=0, added_bytes=device_extra)
+
+
+def _verify_text(v: Verification) -> str:
+    buffer = io.StringIO()
+    from lora_planner.render_recommend import render_verification
+
+    render_verification(v, Console(file=buffer, width=100, color_system=None))
+    return " ".join(buffer.getvalue().split())
+
+
+def test_verify_verdict_follows_the_measured_error():
+    """Item 6: a 0.04 % error is confirmed, even when the next micro-batch lands exactly on the usable memory
+    (which fits, by the planner's one rule); an error above the stated tolerance is not."""
+    usable = 10 * GIB
+    chosen = _run("recommended", 3, 8 * GIB, round(8 * GIB * 1.0004))
+    on_the_limit = _run("next micro-batch", 4, usable, round(usable * 0.9996))
+    v = Verification(mode="fake", backend="hf", note="n", usable_bytes=usable, budget_bytes=11 * GIB,
+                     runs=(chosen, on_the_limit))
+    assert VERIFY_TOLERANCE == 0.005 and v.tolerance == VERIFY_TOLERANCE
+    assert v.confirmed is True
+    assert v.fits(on_the_limit) is True and v.fit_surprises == (on_the_limit,)
+    text = _verify_text(v)
+    assert "verified: the planner is within 0.04 % of every measured peak (tolerance 0.5 %)" in text
+    assert "not confirmed" not in text
+    assert "the next micro-batch (4) fits: 10.00 GiB on the device against the usable 10.00 GiB" in text
+    doc = recommendation_to_dict(recommend(request("gpt2", Budget(4 * GIB), 128)), v)["verify"]
+    assert doc["confirmed"] is True and doc["tolerance"] == 0.005
+    assert [r["fits_usable"] for r in doc["runs"]] == [True, True]
+    off = replace(v, runs=(chosen, _run("next micro-batch", 4, 12 * GIB, round(12 * GIB * 1.006))))
+    assert off.confirmed is False and off.fit_surprises == ()
+    assert "not confirmed: the planner is off by up to 0.60 % of a measured peak (tolerance 0.5 %)" in \
+        _verify_text(off)
+
+
+def test_verify_table_sizes_carry_units_and_headroom_verdict():
+    usable, budget = 10 * GIB, 11 * GIB
+    v = Verification(mode="fake", backend="hf", note="n", usable_bytes=usable, budget_bytes=budget,
+                     runs=(_run("recommended", 1, 9 * GIB, 9 * GIB), _run("next micro-batch", 2, 10 * GIB + 1,
+                                                                          10 * GIB + 1)))
+    text = _verify_text(v)
+    assert "usable 10.00 GiB of 11.00 GiB" in text and "│ headroom │" in text
+
+
+def test_budget_echo_and_headroom_definition_in_recommend(capsys):
+    """Items 9 and 10: the decimal size is echoed in GiB and usable memory is defined in the output."""
+    assert main(["recommend", "--model", "llama-3-8b", "--gpu-mem", "80GB"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "80 GB = 74.51 GiB" in out and "usable = 74.51 GiB x (1 - 10 %) = 67.06 GiB" in out
+    rec = recommend(request("llama-3-8b", Budget(80 * 10**9, memory_text="80GB"), 1024))
+    assert rec.request.usable_bytes == usable_bytes(80 * 10**9, 0.1)
+
+
+UNIT_AT_LINE_START = re.compile(r"^(- )?(GiB|GB|MiB|KiB|%)([\s.,;:)]|$)")
+
+
+@pytest.mark.parametrize("model, gpu", [("llama-3-8b", "rtx-4090"), ("llama-3-8b", "t4"), ("llama-2-70b", "t4"),
+                                        ("llama-2-70b", "h100-80gb"), ("mistral-7b", "a100-40gb")])
+def test_explanations_never_wrap_a_number_away_from_its_unit(model, gpu):
+    """Item 16: at 80 columns (and around it) no line of the output starts with a unit."""
+    rec = recommend(request(model, gpu, 1024))
+    for width in range(72, 101, 4):
+        buffer = io.StringIO()
+        render_recommendation(rec, Console(file=buffer, width=width, color_system=None))
+        lines = buffer.getvalue().splitlines()
+        bad = [line for line in lines if UNIT_AT_LINE_START.match(line.strip().lstrip("│ "))]
+        assert not bad, (width, bad)
+        assert max(len(line) for line in lines) <= width

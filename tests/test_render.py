@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import io
+import re
 
+import pytest
 from rich.console import Console
 
 from lora_planner.catalog import resolve_model
 from lora_planner.planner import Budget, make_plan
-from lora_planner.render import gib, human_count, render_plan
+from lora_planner.render import gib, human_count, print_wrapped, render_plan
 from lora_planner.specs import TrainingSpec
 
 
-def rendered(plan, detail=False) -> str:
+def rendered(plan, detail=False, width=120) -> str:
     out = io.StringIO()
-    render_plan(plan, Console(file=out, width=120, color_system=None), detail=detail)
+    render_plan(plan, Console(file=out, width=width, color_system=None), detail=detail)
     return out.getvalue()
 
 
@@ -24,11 +26,13 @@ def test_plan_table_rows_and_values():
     text = rendered(plan)
     lines = {line.split("│")[1].strip(): line for line in text.splitlines() if line.count("│") == 5}
     for row in ("trainable params", "weights", "gradients", "optimizer states", "activations", "temporaries",
-                "peak allocated", "at phase", "peak on device", "seed rule 4x | (1+4m)x", "fits in 24.00"):
+                "peak allocated", "at phase", "peak on device", "seed rule 4x | (1+4m)x",
+                "fits in usable 21.60 GiB"):
         assert row in lines, row
     full = plan.methods["full"].estimate
     assert gib(full.peak_allocated_bytes) in lines["peak allocated"]
-    assert "no" in lines["fits in 24.00"] and "yes" in lines["fits in 24.00"]
+    assert "no" in lines["fits in usable 21.60 GiB"] and "yes" in lines["fits in usable 21.60 GiB"]
+    assert "usable = 24.00 GiB x (1 - 10 %) = 21.60 GiB" in text
     assert "6.74 B" in text and "0.0622 %" in text
 
 
@@ -60,3 +64,53 @@ def test_sliding_window_shorter_than_the_sequence_is_flagged():
     plan = make_plan(resolve_model("mistral-7b"), TrainingSpec(seq_len=8192), ("lora",))
     assert "sliding window" in rendered(plan)
     assert "sliding window" not in rendered(make_plan(resolve_model("mistral-7b"), TrainingSpec(seq_len=4096), ("lora",)))
+
+
+def test_multi_gpu_table_labels_the_seed_rule_as_the_whole_model():
+    """The seed's rule is for one GPU holding everything; beside a per-GPU peak it says so."""
+    plan = make_plan(resolve_model("llama-3-8b"), TrainingSpec(gpus=8, strategy="fsdp"), ("full", "lora"))
+    text = rendered(plan)
+    assert "Peak memory per GPU of one training step (GiB)" in text
+    row = next(line for line in text.splitlines() if "seed rule" in line)
+    assert "seed rule, whole model on 1 GPU" in row
+    assert "seed rule 4x | (1+4m)x" in rendered(make_plan(resolve_model("llama-3-8b"), TrainingSpec(), ("lora",)))
+
+
+def test_fit_row_carries_the_unit_and_the_gpu():
+    plan = make_plan(resolve_model("gpt2"), TrainingSpec(), ("lora",), Budget(memory_bytes=80 * 10**9,
+                                                                              memory_text="80GB"))
+    text = rendered(plan)
+    assert "fits in usable 67.06 GiB" in text and "80 GB = 74.51 GiB" in text
+    assert not re.search(r"fits in [\d.]+ ", text)
+    named = rendered(make_plan(resolve_model("gpt2"), TrainingSpec(), ("lora",),
+                               Budget(memory_bytes=24 * 2**30, name="rtx-4090")))
+    assert "fits in rtx-4090 (usable 21.60 GiB)" in named
+
+
+def test_within_the_budget_but_not_the_headroom_says_so():
+    spec, training = resolve_model("gpt2"), TrainingSpec()
+    peak = make_plan(spec, training, ("lora",)).methods["lora"].estimate.peak_device_bytes
+    plan = make_plan(spec, training, ("lora",), Budget(memory_bytes=peak))
+    assert plan.methods["lora"].fits is False and "no (in headroom)" in rendered(plan)
+    assert make_plan(spec, training, ("lora",), Budget(memory_bytes=peak), headroom=0).methods["lora"].fits is True
+
+
+def test_long_sequence_warning_is_rendered():
+    plan = make_plan(resolve_model("llama-3-8b"), TrainingSpec(seq_len=200_000), ("lora",))
+    text = " ".join(rendered(plan, width=80).split())
+    assert "warning: --seq-len 200000 is above llama-3-8b's max_position_embeddings 8192" in text
+
+
+UNIT_AT_LINE_START = re.compile(r"^(- )?(GiB|GB|MiB|KiB|B|%)([\s.,;:)]|$)")
+
+
+@pytest.mark.parametrize("width", range(40, 101, 3))
+def test_print_wrapped_keeps_numbers_with_their_units(width):
+    text = ("Gradient checkpointing is on: without it even micro-batch 1 peaks at 34.41 GiB, above the 21.59 GiB "
+            "usable; usable = 23.99 GiB x (1 - 10 %) = 21.59 GiB, 80 GB = 74.51 GiB, 512 MiB and 3 % more.")
+    out = io.StringIO()
+    print_wrapped(Console(file=out, width=width, color_system=None), text, first="- ", rest="  ")
+    lines = out.getvalue().splitlines()
+    assert not [line for line in lines if UNIT_AT_LINE_START.match(line.strip())]
+    assert " ".join(" ".join(lines).split()) == "- " + " ".join(text.split())
+    assert max(len(line) for line in lines) <= width

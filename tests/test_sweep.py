@@ -222,3 +222,28 @@ def test_parsing_a_grid_imports_no_torch():
 def test_records_carry_json_serialisable_sweep_sources(tmp_path):
     grid = parse_grid(GRID)
     json.dumps([r.source for r in grid.runs])  # stored in every record
+
+
+def test_the_sweep_progress_names_the_step_of_the_run_in_progress(tmp_path, monkeypatch):
+    """Issue 9 item 15: the sweep's progress line says which step of the current run is going."""
+    import io
+
+    import rich.progress
+    from rich.console import Console
+
+    descriptions = []
+    update = rich.progress.Progress.update
+
+    def recording_update(self, task_id, **fields):
+        if "description" in fields:
+            descriptions.append(fields["description"])
+        return update(self, task_id, **fields)
+
+    monkeypatch.setattr(rich.progress.Progress, "update", recording_update)
+    grid = load_grid(small_grid(tmp_path))
+    console = Console(file=io.StringIO(), width=200, force_terminal=True)
+    run_sweep(grid, tmp_path / "runs.jsonl", limit=1, console=console)
+    label = f"{grid.name}: {grid.runs[0].label}"
+    assert descriptions == [label] + [f"{label}: {step}" for step in (
+        "building the model", "measured step 0/2", "measured step 1/2", "measured step 2/2", "timed step 1/2",
+        "timed step 2/2")]

@@ -55,6 +55,24 @@ def test_flops_equal_flop_counter_mode(family, method, targets, ckpt):
     assert step_flops(SPECS[family], training).total == counted_flops(SPECS[family], training)
 
 
+LAYER_CASES = [("llama", ("layers.2.self_attn.q_proj",), None, False),
+               ("llama", ("o_proj", "down_proj"), (1, 2), False),
+               ("llama", ("q_proj", "v_proj"), (1,), True),
+               ("llama", ("layers.1.mlp.down_proj",), None, True),
+               ("gpt2", ("h.1.attn.c_attn", "h.2.mlp.c_proj"), None, False),
+               ("phi", ("fc1", "fc2"), (2,), False),
+               ("bloom", ("query_key_value",), (1, 2), False)]
+
+
+@pytest.mark.parametrize("family, targets, layers, ckpt", LAYER_CASES,
+                         ids=[f"{f}-{','.join(t)}-{layers}{'-ckpt' if c else ''}" for f, t, layers, c in LAYER_CASES])
+def test_flops_follow_the_adapted_layers(family, targets, layers, ckpt):
+    """LoRA on some layers only: layers below the first adapted one run no backward."""
+    training = TrainingSpec(method="lora", dtype="fp32", batch_size=2, seq_len=12, grad_checkpointing=ckpt,
+                            device="cpu", lora=LoraSpec(r=4, target_modules=targets, layers_to_transform=layers))
+    assert step_flops(SPECS[family], training).total == counted_flops(SPECS[family], training)
+
+
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_flops_equal_flop_counter_mode_builtin_backend(method):
     training = TrainingSpec(method=method, dtype="fp32", batch_size=2, seq_len=12, device="cpu",
@@ -106,12 +124,15 @@ def test_measured_lora_to_full_step_time_ratio_follows_the_flops():
 
 def test_step_time_is_compute_at_mfu_plus_memory_bound_optimizer():
     spec, gpu = resolve_model("llama-2-7b"), GPUS["a100-80gb"]
-    training = TrainingSpec(method="full", batch_size=4, seq_len=1024)
+    training = TrainingSpec(method="full", batch_size=4, seq_len=1024, optimizer_impl="foreach")
     est = estimate_throughput(spec, training, gpu)
     assert est.mfu == DEFAULT_MFU and est.peak_flops_per_s == 312e12
     assert est.compute_time_s == pytest.approx(step_flops(spec, training).total / (312e12 * DEFAULT_MFU))
     # foreach AdamW on bf16: 9 passes over 2-byte parameters.
     assert est.memory_time_s == pytest.approx(9 * 2 * 6_738_415_616 / 2039e9)
+    # The default, fused AdamW (the Trainer's adamw_torch_fused): 7 passes (+ the 4-byte step tensors).
+    fused = estimate_throughput(spec, TrainingSpec(method="full", batch_size=4, seq_len=1024), gpu)
+    assert fused.memory_time_s == pytest.approx(7 * 2 * 6_738_415_616 / 2039e9)
     assert est.tokens_per_s == pytest.approx(4096 / est.step_time_s)
     assert est.time_for_tokens_s(10**9) == pytest.approx(10**9 / est.tokens_per_s)
     faster = estimate_throughput(spec, training, GPUS["h100-80gb"])

@@ -42,7 +42,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lora_planner.errors import PlannerInputError
-from lora_planner.params import ALL_LINEAR, PEFT_DEFAULT_TARGETS, module_inventory, resolve_targets
+from lora_planner.params import adapted_layers, module_inventory
 from lora_planner.specs import ModelSpec
 
 __all__ = [
@@ -446,32 +446,24 @@ class LoRALinear(nn.Module):
         return f"r={self.r}, alpha={self.alpha:g}, adapter_dtype={self.lora_A.weight.dtype}"
 
 
-def lora_module_paths(spec: ModelSpec, target_modules: tuple[str, ...] | None) -> tuple[str, ...]:
-    """Full module paths LoRA adapts, decided by `lora_planner.params.resolve_targets` (PEFT's suffix
-    rule, "all-linear", None = PEFT's default for the family); per-layer paths expanded."""
-    targets = PEFT_DEFAULT_TARGETS[spec.family] if target_modules is None else tuple(target_modules)
-    # resolve_targets validates and picks the modules; its `count` says in how many layers, not which,
-    # so the layers are matched again on the full inventory entry (all of them for all-linear).
-    inventory = {m.path: m for m in module_inventory(spec)}
+def lora_module_paths(spec: ModelSpec, target_modules: tuple[str, ...] | None,
+                      layers_to_transform: tuple[int, ...] | None = None) -> tuple[str, ...]:
+    """Full module paths LoRA adapts, decided by `lora_planner.params.adapted_layers` (PEFT's suffix
+    rule, "all-linear", None = PEFT's default for the family, `layers_to_transform`)."""
     paths: list[str] = []
-    for resolved in resolve_targets(spec, targets):
-        module = inventory[resolved.path]
+    for module, layers in adapted_layers(spec, target_modules, layers_to_transform):
         if module.kind != "linear":
             raise PlannerInputError(
                 "target", f"{module.path.rsplit('.', 1)[-1]!r} is an embedding; the builtin backend adapts "
                           "linear layers only", "target linear layers, or use the hf backend")
-        if ALL_LINEAR in targets:
-            layers: set[int] = set(range(module.count))
-        else:
-            layers = set().union(*(module.matching_layers(t) for t in targets))
-        assert len(layers) == resolved.count, (module.path, layers, resolved.count)
         paths += [module.layer_path(layer) for layer in sorted(layers)]
     return tuple(paths)
 
 
 def apply_lora(model: DecoderLM, r: int, alpha: float | None = None,
                target_modules: tuple[str, ...] | None = None,
-               adapter_dtype: torch.dtype | None = torch.float32) -> DecoderLM:
+               adapter_dtype: torch.dtype | None = torch.float32,
+               layers_to_transform: tuple[int, ...] | None = None) -> DecoderLM:
     """Freeze every base parameter and wrap the targeted linears in `LoRALinear` (in place).
 
     `alpha` None means 2r (the planner's `LoraSpec` default). Returns the model.
@@ -479,7 +471,7 @@ def apply_lora(model: DecoderLM, r: int, alpha: float | None = None,
     alpha = float(2 * r) if alpha is None else alpha
     if not alpha > 0:
         raise PlannerInputError("alpha", f"must be positive, got {alpha!r}", "pass e.g. --alpha 16")
-    paths = lora_module_paths(model.spec, target_modules)
+    paths = lora_module_paths(model.spec, target_modules, layers_to_transform)
     for p in model.parameters():
         p.requires_grad_(False)
     for path in paths:

@@ -84,6 +84,7 @@ import contextlib
 import datetime
 import gc
 import inspect
+import logging
 import os
 import pickle
 import socket
@@ -93,19 +94,22 @@ import time
 import traceback
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils._python_dispatch import _disable_current_modes
 
 from lora_planner.errors import PlannerInputError
+from lora_planner.parallel.deepspeed import DEFAULT_CONFIG, DeepSpeedZeroConfig, deepspeed_config
 from lora_planner.profiler.runner import (
     Measurement, ProfileRequest, _loss_fn, _train_step, batch_factory, build_model, build_optimizer,
 )
 from lora_planner.profiler.tracker import (
-    LiveTensorTracker, MemoryCategory, StepPeak, _optimizer_state_tensors, measure_training_step,
+    LiveTensorTracker, MemoryCategory, Phase, StepPeak, _optimizer_state_tensors, measure_training_step,
 )
+from lora_planner.specs import STRATEGIES as SPEC_STRATEGIES
+from lora_planner.specs import STRATEGY_ALIASES, Strategy
 
 __all__ = [
     "STRATEGIES",
@@ -116,10 +120,10 @@ __all__ = [
     "measure_single",
 ]
 
-Strategy = Literal["ddp", "zero1", "zero2", "zero3", "fsdp"]
-STRATEGIES: tuple[str, ...] = ("ddp", "zero1", "zero2", "zero3", "fsdp")
-DDP_STRATEGIES = frozenset({"ddp", "zero1"})
-FSDP_RESHARD_AFTER_FORWARD = {"zero2": False, "zero3": True, "fsdp": True}
+STRATEGIES: tuple[str, ...] = SPEC_STRATEGIES  # canonical names; STRATEGY_ALIASES (zero2, ...) resolve to them
+DDP_STRATEGIES = frozenset({"ddp", "ddp-zero1"})
+FSDP_RESHARD_AFTER_FORWARD = {"fsdp": True, "fsdp-grad-op": False}
+DEEPSPEED_STAGES = {"deepspeed-zero1": 1, "deepspeed-zero2": 2, "deepspeed-zero3": 3}
 MIN_DDP_STEPS = 3  # DDP rebuilds its buckets in step 2's forward; step 3 on is the steady state
 PROCESS_GROUP_TIMEOUT = datetime.timedelta(seconds=300)
 
@@ -164,9 +168,28 @@ class DistributedMeasurement(Measurement):
 # ---------------------------------------------------------------------------------------------- checks
 
 
-def _check(request: ProfileRequest, strategy: str, world_size: int) -> None:
-    if strategy not in STRATEGIES:
+def resolve_strategy(strategy: str) -> str:
+    """The canonical engine name of `strategy` (aliases such as zero2 -> deepspeed-zero2)."""
+    resolved = STRATEGY_ALIASES.get(strategy, strategy)
+    if resolved not in STRATEGIES:
         raise PlannerInputError("strategy", f"unknown strategy {strategy!r}", f"use one of {', '.join(STRATEGIES)}")
+    return resolved
+
+
+def deepspeed_available() -> bool:
+    """Whether DeepSpeed can be imported here (it is optional: `pip install deepspeed`, DS_BUILD_OPS=0)."""
+    import importlib.util
+
+    return importlib.util.find_spec("deepspeed") is not None
+
+
+def _check(request: ProfileRequest, strategy: str, world_size: int) -> None:
+    strategy = resolve_strategy(strategy)
+    if strategy in DEEPSPEED_STAGES:
+        if not deepspeed_available():
+            raise PlannerInputError("strategy", f"{strategy} needs DeepSpeed, which is not installed",
+                                    "pip install deepspeed (DS_BUILD_OPS=0 is enough: it runs on CPU with gloo)")
+        deepspeed_config(replace(request.training, gpus=max(world_size, 2), strategy=strategy))  # refuses --amp
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise PlannerInputError("world_size", f"must be a positive integer, got {world_size!r}", "pass e.g. 2")
     if request.mode not in ("cpu", "auto"):
@@ -433,13 +456,17 @@ def _ddp_bucket_bytes(model: nn.Module) -> int:
     return sum(int(s) for s in str(sizes).split(",") if s.strip())
 
 
-def _measure_rank(request: ProfileRequest, strategy: str | None, rank: int, world_size: int) -> DistributedMeasurement:
+def _measure_rank(request: ProfileRequest, strategy: str | None, rank: int, world_size: int,
+                  zero: DeepSpeedZeroConfig = DEFAULT_CONFIG) -> DistributedMeasurement:
     """This process's measurement: `strategy` None is the unwrapped single-process run."""
     t = request.training
     torch.manual_seed(request.seed)
     model = build_model(request, "cpu")
     full_param_bytes = _storage_bytes(model.parameters())
     full_trainable_bytes = _storage_bytes(p for p in model.parameters() if p.requires_grad)
+    if strategy in DEEPSPEED_STAGES:
+        return _measure_deepspeed_rank(request, model, strategy, rank, world_size, zero,
+                                       full_param_bytes=full_param_bytes, full_trainable_bytes=full_trainable_bytes)
     if strategy is None:
         wrapped, optimizer = model, build_optimizer(model, t)
     else:
@@ -493,6 +520,100 @@ def _to_measurement(steps: list[StepPeak], tracker: _RankTracker, names: dict[in
         off_thread_frees=tracker.off_thread_frees, off_thread_free_bytes=tracker.off_thread_free_bytes, **fields)
 
 
+# ---------------------------------------------------------------------------------------------- DeepSpeed
+
+# DeepSpeed ZeRO optimizer attributes holding the states a rank keeps across steps (stage_1_and_2.py
+# `DeepSpeedZeroOptimizer`, stage3.py `DeepSpeedZeroOptimizer_Stage3`): name -> (category, buffer name).
+_DEEPSPEED_STATE = {
+    "bit16_groups_flat": (MemoryCategory.WEIGHTS, "ds_bit16_flat"),
+    "fp16_partitioned_groups_flat": (MemoryCategory.WEIGHTS, "ds_bit16_partition"),
+    "single_partition_of_fp32_groups": (MemoryCategory.WEIGHTS, "ds_fp32_master"),
+    "fp32_partitioned_groups_flat": (MemoryCategory.WEIGHTS, "ds_fp32_master"),
+    "grad_partitions_flat_buffer": (MemoryCategory.GRADIENTS, "ds_grad_partitions"),
+}
+
+
+def _deepspeed_buffers(zero_optimizer: Any) -> list[tuple[str, MemoryCategory, list[torch.Tensor]]]:
+    out = []
+    for attr, (category, name) in _DEEPSPEED_STATE.items():
+        value = getattr(zero_optimizer, attr, None)
+        tensors = [t for t in (value if isinstance(value, (list, tuple)) else [value]) if isinstance(t, torch.Tensor)]
+        if tensors:
+            out.append((name, category, tensors))
+    buckets = [b.buffer for b in getattr(zero_optimizer, "ipg_buckets", {}).values()]
+    tensors = [t for b in buckets for t in (b if isinstance(b, list) else [b]) if isinstance(t, torch.Tensor)]
+    if tensors:
+        out.append(("ds_ipg_bucket", MemoryCategory.GRADIENTS, tensors))
+    return out
+
+
+def _measure_deepspeed_rank(request: ProfileRequest, model: nn.Module, strategy: str, rank: int, world_size: int,
+                            zero: DeepSpeedZeroConfig, **fields: Any) -> DistributedMeasurement:
+    """One rank under DeepSpeed ZeRO (`deepspeed.initialize` with the planner's config dict:
+    `parallel.deepspeed.deepspeed_config`; the client optimizer is `runner.build_optimizer`'s). A step is
+    `engine(**batch).loss`, `engine.backward(loss)`, `engine.step()` (which also zeroes the gradients),
+    with the tracker's phases forward / backward / optimizer_step / zero_grad (empty). DeepSpeed's
+    persistent buffers are registered and named (`ds_*` in `buffers_at_peak`); stage 1/2's gradient
+    bucket, made at the first gradient hook of each backward, is registered as it is made."""
+    import deepspeed
+    from deepspeed.utils import logger as ds_logger
+
+    ds_logger.setLevel(logging.WARNING)
+    t = request.training
+    config = deepspeed_config(replace(t, gpus=world_size, strategy=strategy), zero)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, t), config=config)
+    zero_optimizer = engine.optimizer
+    basic = zero_optimizer.optimizer  # the client optimizer, over this rank's fp32 partition
+    tracker = _RankTracker()
+    names: dict[int, str] = {}
+
+    def register_state() -> None:
+        for name, category, tensors in _deepspeed_buffers(zero_optimizer):
+            tracker.register(tensors, category)
+            _name_storages(tracker, names, tensors, name)
+
+    if hasattr(zero_optimizer, "setup_buckets"):  # stages 1 and 2: the bucket of each backward
+        setup_buckets = zero_optimizer.setup_buckets
+
+        def setup_and_register() -> None:
+            setup_buckets()
+            register_state()
+
+        zero_optimizer.setup_buckets = setup_and_register
+    params = list(engine.module.parameters())
+    make_batch = batch_factory(request.spec, t, "cpu", request.seed + 1000 * rank)
+    loss_fn = _loss_fn(t, "cpu")
+    steps: list[StepPeak] = []
+    with tracker:
+        tracker.register(params, MemoryCategory.WEIGHTS)
+        tracker.register([p.ds_tensor for p in params if getattr(p, "ds_tensor", None) is not None],
+                         MemoryCategory.WEIGHTS)
+        tracker.register(list(engine.module.buffers()), MemoryCategory.WEIGHTS)
+        register_state()
+        tracker.register(_optimizer_state_tensors(basic), MemoryCategory.OPTIMIZER_STATES)
+        for _ in range(request.steps):
+            tracker.begin_step(Phase.FORWARD)
+            batch = make_batch()
+            loss = loss_fn(engine, batch)
+            tracker.mark_phase(Phase.BACKWARD)
+            engine.backward(loss)
+            del loss
+            tracker.mark_phase(Phase.OPTIMIZER_STEP)
+            engine.step()
+            tracker.register(_optimizer_state_tensors(basic), MemoryCategory.OPTIMIZER_STATES)
+            tracker.mark_phase(Phase.ZERO_GRAD)
+            del batch
+            steps.append(tracker.end_step())
+    steps = [tracker.step_result(s.step) for s in steps]
+    local = [getattr(p, "ds_tensor", p) for p in params]
+    measurement = _to_measurement(
+        steps, tracker, names, rank=rank, world_size=world_size, strategy=strategy,
+        local_param_bytes=_storage_bytes(local),
+        local_trainable_bytes=_storage_bytes(x for x, p in zip(local, params) if p.requires_grad), **fields)
+    tracker.detach()
+    return measurement
+
+
 def _fsdp_mem_tracker_peak(request: ProfileRequest, strategy: str, rank: int) -> int | None:
     """The same FSDP2 run again under torch's `FSDPMemTracker` (private API: None when this torch has
     none); collectives below the tracker and released as in the measured run."""
@@ -531,8 +652,10 @@ def _loopback_ifname() -> str | None:
 
 
 def _worker(rank: int, world_size: int, port: int, jobs: list[tuple[ProfileRequest, str]], out_dir: str,
-            cross_check: bool) -> None:
+            cross_check: bool, zero: DeepSpeedZeroConfig = DEFAULT_CONFIG) -> None:
     import torch.distributed as dist
+
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed picks its accelerator at first import
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
@@ -544,7 +667,7 @@ def _worker(rank: int, world_size: int, port: int, jobs: list[tuple[ProfileReque
     try:
         for request, strategy in jobs:
             try:
-                measured = _measure_rank(request, strategy, rank, world_size)
+                measured = _measure_rank(request, strategy, rank, world_size, zero)
                 if cross_check and strategy in FSDP_RESHARD_AFTER_FORWARD:
                     gc.collect()
                     measured = replace(measured, reference_peak_bytes=_fsdp_mem_tracker_peak(request, strategy, rank))
@@ -566,11 +689,13 @@ def _worker(rank: int, world_size: int, port: int, jobs: list[tuple[ProfileReque
 
 
 def measure_distributed_many(jobs: Sequence[tuple[ProfileRequest, Strategy]], world_size: int = 2, *,
-                             cross_check: bool = False) -> list[list[DistributedMeasurement]]:
+                             cross_check: bool = False, zero: DeepSpeedZeroConfig = DEFAULT_CONFIG
+                             ) -> list[list[DistributedMeasurement]]:
     """Several (request, strategy) runs in one launch of `world_size` CPU processes; per job, one
-    measurement per rank (index = rank). `cross_check`: also run each FSDP job under torch's
-    `FSDPMemTracker` (`reference_peak_bytes`)."""
-    jobs = list(jobs)
+    measurement per rank (index = rank). Strategy aliases (zero2, ...) are resolved (`resolve_strategy`).
+    `cross_check`: also run each FSDP job under torch's `FSDPMemTracker` (`reference_peak_bytes`).
+    `zero`: the DeepSpeed ZeRO settings of the deepspeed-* jobs (DeepSpeed's defaults)."""
+    jobs = [(request, resolve_strategy(strategy)) for request, strategy in jobs]
     for request, strategy in jobs:
         _check(request, strategy, world_size)
     import torch.multiprocessing as mp
@@ -578,7 +703,7 @@ def measure_distributed_many(jobs: Sequence[tuple[ProfileRequest, Strategy]], wo
     with tempfile.TemporaryDirectory(prefix="lora_planner_dist_") as out_dir:
         failure: BaseException | None = None
         try:
-            mp.spawn(_worker, args=(world_size, _free_port(), jobs, out_dir, cross_check), nprocs=world_size,
+            mp.spawn(_worker, args=(world_size, _free_port(), jobs, out_dir, cross_check, zero), nprocs=world_size,
                      join=True)
         except Exception as err:  # the ranks' own records say more; raised below
             failure = err
@@ -607,9 +732,10 @@ def measure_distributed_many(jobs: Sequence[tuple[ProfileRequest, Strategy]], wo
 
 
 def measure_distributed(request: ProfileRequest, strategy: Strategy, world_size: int = 2, *,
-                        cross_check: bool = False) -> list[DistributedMeasurement]:
+                        cross_check: bool = False, zero: DeepSpeedZeroConfig = DEFAULT_CONFIG
+                        ) -> list[DistributedMeasurement]:
     """`request` trained under `strategy` on `world_size` CPU processes: one measurement per rank."""
-    return measure_distributed_many([(request, strategy)], world_size, cross_check=cross_check)[0]
+    return measure_distributed_many([(request, strategy)], world_size, cross_check=cross_check, zero=zero)[0]
 
 
 def measure_single(request: ProfileRequest) -> DistributedMeasurement:

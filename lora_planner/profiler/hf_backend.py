@@ -93,7 +93,8 @@ def _apply_peft_lora(model: nn.Module, spec: ModelSpec, training: TrainingSpec) 
     targets = lora.target_modules or PEFT_DEFAULT_TARGETS[spec.family]
     target_modules: Any = ALL_LINEAR if targets == (ALL_LINEAR,) else list(targets)
     config = peft.LoraConfig(r=lora.r, lora_alpha=lora.effective_alpha, target_modules=target_modules,
-                             lora_dropout=0.0, bias="none")
+                             lora_dropout=0.0, bias="none",
+                             layers_to_transform=list(lora.layers_to_transform) if lora.layers_to_transform else None)
     device = next(model.parameters()).device
     with torch.device(device):  # on meta, keep PEFT from initialising adapters on the CPU first
         peft_model = peft.get_peft_model(model, config, autocast_adapter_dtype=lora.adapter_dtype == "fp32")

@@ -12,13 +12,20 @@ Three measurement modes behind one interface (`measure`):
   per step, minus the baseline allocated before the model existed), timed between
   `torch.cuda.synchronize()` calls; a second, tracked pass gives the breakdown by category. The CUDA
   API is injectable (`CudaApi`), so the protocol is tested on CPU.
+
+Progress: `run_profile(request, progress=callback)` calls `callback(RunProgress(stage, step, steps))`
+as the run builds its model and finishes each step; how it is shown is the caller's business (the
+session draws it with rich; this module knows nothing of the display).
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import datetime as dt
 import gc
+import itertools
+import logging
 import platform
 import statistics
 import time
@@ -31,7 +38,7 @@ import torch
 from lora_planner import __version__
 from lora_planner.errors import PlannerInputError
 from lora_planner.memory import estimate_memory
-from lora_planner.params import resolve_targets
+from lora_planner.params import resolve_targets, target_description
 from lora_planner.profiler.records import RECORD_SCHEMA_VERSION
 from lora_planner.profiler.tracker import StepMeasurement, hf_fake_parity, measure_training_step
 from lora_planner.specs import ModelSpec, TrainingSpec
@@ -67,6 +74,8 @@ class ProfileRequest:
                  t.resolved_optimizer_impl, t.batch_size, t.seq_len, int(t.grad_checkpointing), t.attention, self.steps]
         if t.gpus > 1:
             parts.append(f"{t.gpus}x{t.resolved_strategy}")
+        if lora.layers_to_transform and t.method != "full":
+            parts.append("layers" + ",".join(map(str, lora.layers_to_transform)))
         return "|".join(map(str, parts))
 
 
@@ -80,6 +89,41 @@ class CudaApi(Protocol):
     def memory_allocated(self) -> int: ...
     def max_memory_allocated(self) -> int: ...
     def max_memory_reserved(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class RunProgress:
+    """Where a run is. `stage`: "build" (prediction, model, optimizer), "measure" (the measured steps:
+    tracked, or the allocator's counters on cuda), "time" (steps timed without the tracker), "breakdown"
+    (cuda's tracked pass); `step` of the stage's `steps` have finished (0: the stage begins)."""
+
+    stage: str
+    step: int = 0
+    steps: int = 0
+
+
+ProgressCallback = Callable[[RunProgress], None]
+# The callback of the run in progress: a context variable, so the measure functions (and stand-ins
+# tests put in MEASURE) keep their one-argument signature.
+_PROGRESS: contextvars.ContextVar[ProgressCallback | None] = contextvars.ContextVar("profile_progress", default=None)
+
+
+def _report(stage: str, step: int = 0, steps: int = 0) -> None:
+    callback = _PROGRESS.get()
+    if callback is not None:
+        callback(RunProgress(stage, step, steps))
+
+
+def _reporting_batches(make_batch: Callable[[], Any], stage: str, steps: int) -> Callable[[], Any]:
+    """`make_batch` that also reports each step as it starts (the tracker asks for one batch per step), so
+    progress needs no hook inside the tracker."""
+    started = itertools.count()
+
+    def make() -> Any:
+        _report(stage, next(started), steps)
+        return make_batch()
+
+    return make
 
 
 @dataclass(frozen=True)
@@ -129,7 +173,8 @@ def build_model(request: ProfileRequest, device: str) -> torch.nn.Module:
                                 attention=t.attention, gradient_checkpointing=t.grad_checkpointing)
     if t.method != "full":
         adapter = torch.float32 if t.lora.adapter_dtype == "fp32" else TORCH_DTYPES[t.dtype]
-        model = apply_lora(model, t.lora.r, t.lora.effective_alpha, t.lora.target_modules, adapter_dtype=adapter)
+        model = apply_lora(model, t.lora.r, t.lora.effective_alpha, t.lora.target_modules, adapter_dtype=adapter,
+                           layers_to_transform=t.lora.layers_to_transform)
     model.train()
     return model
 
@@ -148,21 +193,50 @@ def materialize_model(request: ProfileRequest, model: torch.nn.Module) -> torch.
 
 
 def build_optimizer(model: torch.nn.Module, training: TrainingSpec) -> torch.optim.Optimizer:
-    """The optimizer the planner assumes, over the trainable parameters only."""
+    """The optimizer the planner assumes, over the trainable parameters only (as the Hugging Face Trainer
+    builds it: `transformers/trainer_optimizer.py`; `sgd_momentum` adds momentum 0.9)."""
     params = [p for p in model.parameters() if p.requires_grad]
     impl = training.resolved_optimizer_impl
     flags = {"foreach": impl == "foreach", "fused": impl == "fused"}
     if training.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=1e-4, **flags)
     if training.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=1e-3, **flags)
+    if training.optimizer == "sgd_momentum":
         return torch.optim.SGD(params, lr=1e-3, momentum=0.9, **flags)
-    if training.optimizer == "adafactor":
-        if impl == "fused":
-            raise PlannerInputError("optimizer_impl", "torch.optim.Adafactor has no fused implementation",
-                                    "use --optimizer-impl foreach or for-loop")
+    if training.optimizer == "adagrad":
+        return torch.optim.Adagrad(params, lr=1e-2, **flags)
+    if training.optimizer == "rmsprop":
+        return torch.optim.RMSprop(params, lr=1e-3, foreach=impl == "foreach")
+    if training.optimizer == "torch_adafactor":
         return torch.optim.Adafactor(params, lr=1e-2, foreach=impl == "foreach")
+    if training.optimizer == "adafactor":
+        from transformers.optimization import Adafactor  # what the Trainer's `optim="adafactor"` builds
+
+        return Adafactor(params, lr=1e-3, scale_parameter=False, relative_step=False)
     raise PlannerInputError("optimizer", f"{training.optimizer} needs bitsandbytes on a CUDA GPU",
-                            "profile with adamw, sgd or adafactor here")
+                            "profile with a torch optimizer (adamw, sgd, adagrad, rmsprop) or adafactor here")
+
+
+def check_request(request: ProfileRequest) -> None:
+    """Raise the `PlannerInputError` a run of these settings would raise, before anything is built, so
+    a session of several runs stops at once instead of after the runs before it."""
+    t = request.training
+    if t.method == "qlora":
+        raise PlannerInputError("method", "the profiler cannot run QLoRA here (NF4 needs bitsandbytes on CUDA)",
+                                "profile full or lora; QLoRA is predicted by the planner only")
+    if request.backend == "hf":
+        from lora_planner.profiler.hf_backend import require_hf
+
+        require_hf()
+    # The optimizer's own checks, on a one-parameter stand-in in the run's dtype.
+    stand_in = torch.nn.Linear(1, 1, bias=False, dtype=TORCH_DTYPES["fp32" if t.amp else t.dtype])
+    try:
+        build_optimizer(stand_in, t)
+    except PlannerInputError:
+        raise
+    except Exception:  # noqa: BLE001 - anything else is the run's to record
+        pass
 
 
 def batch_factory(spec: ModelSpec, training: TrainingSpec, device: str, seed: int) -> Callable[[], dict[str, Any]]:
@@ -205,14 +279,23 @@ def _train_step(model: torch.nn.Module, batch: dict[str, Any], optimizer: torch.
 
 def _time_steps(model, make_batch, optimizer, loss_fn, steps: int, sync: Callable[[], None]) -> tuple[float, ...]:
     times = []
-    for _ in range(steps):
+    for i in range(steps):
         batch = make_batch()
         sync()
         start = time.perf_counter()
         _train_step(model, batch, optimizer, loss_fn)
         sync()
         times.append(time.perf_counter() - start)
+        _report("time", i + 1, steps)
     return tuple(times)
+
+
+def _tracked(model, make_batch, optimizer, steps: int, loss_fn, stage: str = "measure") -> StepMeasurement:
+    """`measure_training_step`, reporting each step."""
+    result = measure_training_step(model, _reporting_batches(make_batch, stage, steps), optimizer, steps=steps,
+                                   loss_fn=loss_fn)
+    _report(stage, steps, steps)
+    return result
 
 
 # ---------------------------------------------------------------------------------------------- modes
@@ -239,7 +322,7 @@ def measure_cpu(request: ProfileRequest) -> Measurement:
     optimizer = build_optimizer(model, request.training)
     make_batch = batch_factory(request.spec, request.training, "cpu", request.seed)
     loss_fn = _loss_fn(request.training, "cpu")
-    tracked = measure_training_step(model, make_batch, optimizer, steps=request.steps, loss_fn=loss_fn)
+    tracked = _tracked(model, make_batch, optimizer, request.steps, loss_fn)
     times = _time_steps(model, make_batch, optimizer, loss_fn, request.steps, sync=lambda: None)
     return _from_tracker(tracked, times)
 
@@ -253,8 +336,7 @@ def measure_fake(request: ProfileRequest) -> Measurement:
         model = materialize_model(request, model)
         optimizer = build_optimizer(model, request.training)
         make_batch = batch_factory(request.spec, request.training, "cpu", request.seed)
-        tracked = measure_training_step(model, make_batch, optimizer, steps=request.steps,
-                                        loss_fn=_loss_fn(request.training, "cpu"))
+        tracked = _tracked(model, make_batch, optimizer, request.steps, _loss_fn(request.training, "cpu"))
     return _from_tracker(tracked)
 
 
@@ -271,7 +353,7 @@ def measure_cuda(request: ProfileRequest, cuda: CudaApi | None = None, device: s
     make_batch = batch_factory(request.spec, request.training, device, request.seed)
     loss_fn = _loss_fn(request.training, "cuda" if device == "cuda" else "cpu")
     peaks, reserved = [], []
-    for _ in range(request.steps):
+    for i in range(request.steps):
         batch = make_batch()
         cuda.synchronize()
         cuda.reset_peak_memory_stats()
@@ -280,8 +362,9 @@ def measure_cuda(request: ProfileRequest, cuda: CudaApi | None = None, device: s
         peaks.append(cuda.max_memory_allocated() - baseline)
         reserved.append(cuda.max_memory_reserved())
         del batch
+        _report("measure", i + 1, request.steps)
     times = _time_steps(model, make_batch, optimizer, loss_fn, request.steps, cuda.synchronize)
-    tracked = measure_training_step(model, make_batch, optimizer, steps=2, loss_fn=loss_fn)
+    tracked = _tracked(model, make_batch, optimizer, 2, loss_fn, stage="breakdown")
     steady_phase = tracked.steps[-1]
     peak = max(peaks)
     return Measurement(peak_bytes=peak, peak_phase=steady_phase.peak_phase,
@@ -307,6 +390,9 @@ MEASURE = {"cpu": measure_cpu, "fake": measure_fake, "cuda": measure_cuda}
 def _versions() -> dict[str, str | None]:
     versions: dict[str, str | None] = {"lora_planner": __version__, "torch": torch.__version__,
                                         "python": platform.python_version()}
+    # bitsandbytes (imported by peft when installed) warns about an optional 4-bit CPU kernel on import;
+    # QLoRA is never profiled here, so that warning would only clutter the progress lines.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     for name in ("transformers", "peft"):
         try:
             versions[name] = __import__(name).__version__
@@ -326,7 +412,9 @@ def base_record(request: ProfileRequest) -> dict[str, Any]:
     t = request.training
     device = "cuda" if request.mode == "cuda" else "cpu"
     predicted = estimate_memory(request.spec, replace(t, device=device))
-    targets = [m.path for m in resolve_targets(request.spec, t.lora.target_modules)] if t.method != "full" else []
+    lora = t.lora
+    targets = [m.path for m in resolve_targets(request.spec, lora.target_modules, lora.layers_to_transform)] \
+        if t.method != "full" else []
     return {
         "schema_version": RECORD_SCHEMA_VERSION,
         "key": request.key,
@@ -339,6 +427,12 @@ def base_record(request: ProfileRequest) -> dict[str, Any]:
         "settings": {
             "method": t.method, "r": t.lora.r if t.method != "full" else None,
             "alpha": t.lora.effective_alpha if t.method != "full" else None, "target_modules": targets,
+            # what was asked (None: PEFT's default), which layers, and what that adapts, layer by layer
+            "targets_asked": list(lora.target_modules) if lora.target_modules else None,
+            "layers_to_transform": list(lora.layers_to_transform) if lora.layers_to_transform else None,
+            "adapted_modules": list(target_description(request.spec, lora.target_modules, lora.layers_to_transform))
+            if t.method != "full" else [],
+            "kbit_prep": t.kbit_prep if t.method == "qlora" else None,
             "adapter_dtype": t.lora.adapter_dtype, "dtype": t.dtype, "amp": t.amp, "optimizer": t.optimizer,
             "optimizer_impl": t.resolved_optimizer_impl, "batch_size": t.batch_size, "seq_len": t.seq_len,
             "grad_checkpointing": t.grad_checkpointing, "attention": t.attention, "steps": request.steps,
@@ -356,11 +450,16 @@ def base_record(request: ProfileRequest) -> dict[str, Any]:
     }
 
 
-def run_profile(request: ProfileRequest, measure: Callable[[ProfileRequest], Measurement] | None = None) -> dict[str, Any]:
+def run_profile(request: ProfileRequest, measure: Callable[[ProfileRequest], Measurement] | None = None,
+                progress: ProgressCallback | None = None) -> dict[str, Any]:
     """One run, as a record. Out-of-memory becomes `"status": "oom"`; bad settings raise
-    `PlannerInputError` (the caller decides whether a sweep goes on); any other failure is recorded."""
+    `PlannerInputError` (the caller decides whether a sweep goes on); any other failure is recorded.
+    `progress` is called as the run starts (stage "build") and as it finishes each step (`RunProgress`)."""
+    if progress is not None:
+        progress(RunProgress("build"))
     record = base_record(request)
     measure = measure or (measure_ranks if request.training.gpus > 1 else MEASURE[request.mode])
+    token = _PROGRESS.set(progress)
     try:
         measured = measure(request)
     except PlannerInputError:
@@ -369,6 +468,7 @@ def run_profile(request: ProfileRequest, measure: Callable[[ProfileRequest], Mea
         record.update(status="oom" if _is_oom(err) else "error", error=f"{type(err).__name__}: {err}"[:500])
         return record
     finally:
+        _PROGRESS.reset(token)
         gc.collect()
     tokens = request.training.tokens
     median = statistics.median(measured.step_times_s) if measured.step_times_s else None

@@ -1,4 +1,7 @@
-"""`lora-plan profile`: one run per method, records appended as they finish, a progress bar, a table.
+"""`lora-plan profile`: one run per method, records appended as they finish, progress per step, a table.
+
+Progress goes to stderr (`progress.RunProgressDisplay`: a live display on a terminal, a line per
+finished step otherwise), so stdout holds only the table, or the records with `--json`.
 
 Long runs survive failure: an out-of-memory run is recorded as `"status": "oom"` and the next one
 starts; Ctrl-C stops after the records already written (each is on disk the moment its run ends);
@@ -13,10 +16,10 @@ from dataclasses import replace
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from lora_planner.profiler.progress import RunProgressDisplay
 from lora_planner.profiler.records import append_record, finished_keys
-from lora_planner.profiler.runner import ProfileRequest, resolve_mode, run_profile
+from lora_planner.profiler.runner import ProfileRequest, check_request, resolve_mode, run_profile
 from lora_planner.specs import ModelSpec, TrainingSpec
 
 EXIT_INTERRUPTED = 130
@@ -37,27 +40,26 @@ def build_requests(model: str, spec: ModelSpec, trainings: list[TrainingSpec], b
 
 
 def profile_session(model: str, spec: ModelSpec, trainings: list[TrainingSpec], *, backend: str, mode: str,
-                    steps: int, out: str, resume: bool, as_json: bool, console: Console | None = None) -> int:
+                    steps: int, out: str, resume: bool, as_json: bool, console: Console | None = None,
+                    progress_console: Console | None = None) -> int:
     console = console or Console(stderr=as_json)
     requests = build_requests(model, spec, trainings, backend, mode, steps)
     done = finished_keys(out) if resume else set()
     todo = [r for r in requests if r.key not in done]
     if len(todo) < len(requests):
         console.print(f"resume: {len(requests) - len(todo)} run(s) already in {out}, skipped")
+    for request in todo:  # bad settings fail now, not after the runs before them
+        check_request(request)
     records: list[dict[str, Any]] = []
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                        TimeElapsedColumn(), console=console, transient=True)
     try:
-        with progress:
-            task = progress.add_task("profiling", total=len(todo))
+        with RunProgressDisplay(len(todo), progress_console or Console(stderr=True)) as display:
             for request in todo:
                 t = request.training
-                progress.update(task, description=f"{t.method} {request.backend}/{request.mode} "
-                                                  f"b={t.batch_size} s={t.seq_len}")
-                record = run_profile(request)
+                callback = display.run(f"{t.method} {request.backend}/{request.mode} b={t.batch_size} s={t.seq_len}")
+                record = run_profile(request, progress=callback)
                 append_record(out, record)
                 records.append(record)
-                progress.advance(task)
+                display.finished(record)
     except KeyboardInterrupt:
         console.print(f"interrupted: {len(records)} finished record(s) are in {out}")
         return EXIT_INTERRUPTED

@@ -1,8 +1,9 @@
 """Reports and calibration from profile records (`lora-plan report`, `lora-plan calibrate`).
 
 - `runs`: read and check JSONL records from several files; bad lines are named, never fatal (pure);
-- `calibrate`: fit the planner's free constants to measured runs and apply them to an estimate (pure:
-  `lora-plan estimate --calibration` imports it, so it stays free of pandas and torch);
+- `calibrate`: fit the planner's free constants to measured runs, keep only what lowers the held-out
+  error, and apply them to an estimate (pure: `lora-plan estimate --calibration` imports it, so it
+  stays free of pandas and torch);
 - `tables`: records and planner grids as pandas DataFrames, error summaries;
 - `charts`: matplotlib figures (Agg, no display) from those DataFrames;
 - `claims`: the seed's rules of thumb checked against measurements and the planner;
@@ -21,7 +22,9 @@ def add_calibrate_arguments(p: Any) -> None:
     p.add_argument("--runs", action="append", required=True, help="JSONL profile records (repeatable)")
     p.add_argument("--out", required=True, help="calibration file to write, e.g. calib.json")
     p.add_argument("--holdout", type=float, default=0.3,
-                   help="fraction of the measured runs held out to evaluate the fit (default 0.3)")
+                   help="fraction of each family/method's measured runs held out to check its factor (default 0.3); "
+                        "a factor is applied only when it lowers their error, and nothing is written when no run "
+                        "can be held out or nothing is applied")
     p.add_argument("--seed", type=int, default=0, help="seed of the held-out split (default 0)")
 
 

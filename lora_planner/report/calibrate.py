@@ -13,8 +13,14 @@ What is fitted (`fit_calibration`):
   `cuda_context_bytes` as the median memory held outside the allocator (`measured.non_allocator_bytes`,
   which `lora-plan sweep` records for cuda runs). Without such records the defaults stay.
 
-The ok records are split at random (`seed`) into a training part and a held-out part (`holdout`);
-the held-out runs' absolute % errors before and after calibration (median, max) go into calib.json.
+The ok records of each (family, method) are split at random (`seed`) into a training part and a
+held-out part (`holdout`; at least one run of a group trains). **A fitted factor is applied only when
+it lowers its group's held-out error**: the median absolute % error must drop and the max must not
+rise; otherwise it stays 1 and calib.json says why (`decision`, `note`). A group with no held-out run
+cannot be checked and stays at 1 too; if the applied factors together raised the held-out median,
+none would be applied. The held-out runs' errors before and after (median, max) go into calib.json.
+`lora-plan calibrate` writes nothing when no run could be held out, or when nothing was fitted (no
+factor applied, no cuda records): it says why instead.
 The linearisation above is exact for the records (their predicted peak phase is kept); applying the
 factors to a new estimate (`apply_calibration`) scales the activations of every phase and takes the
 peak again, so the peak phase may change.
@@ -87,16 +93,28 @@ def error_stats(errors: list[float]) -> dict[str, Any]:
 
 
 def split_records(records: list[dict[str, Any]], holdout: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """(training, held-out): a seeded shuffle of the records sorted by key and origin; at least one
-    record trains when there are two or more."""
+    """(training, held-out): a seeded shuffle of the records sorted by key and origin, then per
+    (family, method) group the first round(holdout x group size) are held out, so every group with two
+    or more runs can check its own factor; at least one run of each group trains."""
     ordered = sorted(records, key=lambda r: (r["key"], r.get("_source", ""), r.get("timestamp", "")))
     random.Random(seed).shuffle(ordered)
-    n_out = round(holdout * len(ordered))
-    if len(ordered) >= 2:
-        n_out = min(n_out, len(ordered) - 1)
-    else:
-        n_out = 0
-    return ordered[n_out:], ordered[:n_out]
+    sizes: dict[str, int] = {}
+    for r in ordered:
+        sizes[_group(r)] = sizes.get(_group(r), 0) + 1
+    quota = {key: min(round(holdout * n), n - 1) for key, n in sizes.items()}
+    train, held = [], []
+    for r in ordered:
+        key = _group(r)
+        if quota[key] > 0:
+            quota[key] -= 1
+            held.append(r)
+        else:
+            train.append(r)
+    return train, held
+
+
+def _group(record: dict[str, Any]) -> str:
+    return group_key(record["family"], record["settings"]["method"])
 
 
 def _fit_device_overhead(records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -124,9 +142,35 @@ def _fit_device_overhead(records: list[dict[str, Any]]) -> dict[str, Any]:
     return result
 
 
+def _errors(records: list[dict[str, Any]], factor: float) -> list[float]:
+    return [_calibrated_peak(r, factor) / _activation_terms(r)[2] - 1 for r in records]
+
+
+def lowers_error(before: dict[str, Any], after: dict[str, Any]) -> bool:
+    """The acceptance rule: the median |error| drops and the max |error| does not rise."""
+    if not before["n"]:
+        return False
+    return after["median_abs_pct"] < before["median_abs_pct"] and after["max_abs_pct"] <= before["max_abs_pct"]
+
+
+def _decide(fitted: float, fit_note: str | None, held: list[dict[str, Any]]) -> tuple[float, str, str | None]:
+    """(applied factor, decision, note) for a group's least-squares factor and its held-out runs."""
+    if fitted == 1.0:
+        return 1.0, "not fitted", fit_note
+    if not held:
+        return 1.0, "unchecked", f"least squares gave {fitted:.4f} but no run of this group is held out to check it"
+    before, after = error_stats(_errors(held, 1.0)), error_stats(_errors(held, fitted))
+    if lowers_error(before, after):
+        return fitted, "applied", fit_note
+    return 1.0, "rejected", (f"least squares gave {fitted:.4f}, which does not lower the held-out error (median "
+                             f"{before['median_abs_pct']:.2f}% -> {after['median_abs_pct']:.2f}%, max "
+                             f"{before['max_abs_pct']:.2f}% -> {after['max_abs_pct']:.2f}%)")
+
+
 def fit_calibration(records: list[dict[str, Any]], holdout: float = 0.3, seed: int = 0,
                     sources: list[str] | None = None) -> dict[str, Any]:
-    """The calib.json document for these records (only status-ok records are used)."""
+    """The calib.json document for these records (only status-ok records are used). Every group's
+    factor says whether it is applied (`decision`: applied, rejected, unchecked, not fitted) and why."""
     if not 0 <= holdout < 1:
         raise PlannerInputError("holdout", f"must be in [0, 1), got {holdout}", "pass e.g. --holdout 0.3")
     ok = [r for r in records if r.get("status") == "ok"]
@@ -134,33 +178,50 @@ def fit_calibration(records: list[dict[str, Any]], holdout: float = 0.3, seed: i
         raise PlannerInputError("runs", "no measured (status ok) records to calibrate on",
                                 "run `lora-plan sweep GRID --out runs.jsonl` first")
     train, held = split_records(ok, holdout, seed)
-    groups: dict[str, list[dict[str, Any]]] = {}
-    for record in train:
-        groups.setdefault(group_key(record["family"], record["settings"]["method"]), []).append(record)
     factors: dict[str, Any] = {}
-    for key in sorted({group_key(r["family"], r["settings"]["method"]) for r in ok}):
+    for key in sorted({_group(r) for r in ok}):
         family, method = key.split("/")
-        factor, note = fit_activation_factor(groups.get(key, []))
-        members = groups.get(key, [])
-        factors[key] = {"family": family, "method": method, "factor": factor, "n_train": len(members),
-                        "train_error_before": error_stats([_calibrated_peak(r, 1.0) / _activation_terms(r)[2] - 1
-                                                           for r in members]),
-                        "train_error_after": error_stats([_calibrated_peak(r, factor) / _activation_terms(r)[2] - 1
-                                                          for r in members]),
+        members = [r for r in train if _group(r) == key]
+        held_members = [r for r in held if _group(r) == key]
+        fitted, fit_note = fit_activation_factor(members)
+        factor, decision, note = _decide(fitted, fit_note, held_members)
+        factors[key] = {"family": family, "method": method, "factor": factor, "fitted_factor": fitted,
+                        "decision": decision, "n_train": len(members), "n_heldout": len(held_members),
+                        "train_error_before": error_stats(_errors(members, 1.0)),
+                        "train_error_after": error_stats(_errors(members, fitted)),
+                        "heldout_error_before": error_stats(_errors(held_members, 1.0)),
+                        "heldout_error_after": error_stats(_errors(held_members, fitted)),
                         "note": note}
 
-    evaluated = held if held else train
-
     def errors(records_: list[dict[str, Any]], calibrated: bool) -> list[float]:
-        out = []
-        for r in records_:
-            k = factors[group_key(r["family"], r["settings"]["method"])]["factor"] if calibrated else 1.0
-            out.append(_calibrated_peak(r, k) / _activation_terms(r)[2] - 1)
-        return out
+        return [e for r in records_ for e in _errors([r], factors[_group(r)]["factor"] if calibrated else 1.0)]
+
+    applied = [f for f in factors.values() if f["decision"] == "applied"]
+    if applied and not lowers_error(error_stats(errors(held, False)), error_stats(errors(held, True))):
+        for f in applied:  # each lowered its own group's error, but together they raise the median
+            f.update(factor=1.0, decision="rejected",
+                     note="lowered its group's held-out error, but the applied factors together do not lower "
+                          "the held-out error of all runs")
+        applied = []
+    device = _fit_device_overhead(train)
+    fitted_device = [n for n in ("cuda_context_bytes", "allocator_fraction") if device[n] is not None]
+    if not held:
+        status = "no held-out runs"
+        summary = (f"{len(ok)} measured run(s) leave none to hold out at holdout {holdout:g}: no factor can be "
+                   "checked, so none is applied")
+    elif applied or fitted_device:
+        status = "calibrated"
+        summary = (f"{len(applied)} of {len(factors)} activation factor(s) applied (each lowers its group's "
+                   f"held-out error)" + (f"; device overhead fitted ({', '.join(fitted_device)})"
+                                          if fitted_device else ""))
+    else:
+        status = "nothing to apply"
+        summary = ("no activation factor lowers the held-out error and no cuda record gives device constants: "
+                   "the uncalibrated planner stands")
 
     by_group = {}
     for key in factors:
-        members = [r for r in evaluated if group_key(r["family"], r["settings"]["method"]) == key]
+        members = [r for r in held if _group(r) == key]
         if members:
             by_group[key] = {"before": error_stats(errors(members, False)), "after": error_stats(errors(members, True))}
     modes: dict[str, int] = {}
@@ -171,6 +232,9 @@ def fit_calibration(records: list[dict[str, Any]], holdout: float = 0.3, seed: i
         "kind": CALIBRATION_KIND,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "sources": sources or [],
+        "status": status,
+        "summary": summary,
+        "rule": "a factor is applied only when it lowers its group's held-out median |error| without raising the max",
         "n_records": len(ok),
         "fitted_on_modes": modes,
         "holdout": holdout,
@@ -178,11 +242,11 @@ def fit_calibration(records: list[dict[str, Any]], holdout: float = 0.3, seed: i
         "n_train": len(train),
         "n_heldout": len(held),
         "activation_factors": factors,
-        "device_overhead": _fit_device_overhead(train),
+        "device_overhead": device,
         "evaluation": {
-            "on": "held-out runs" if held else "training runs (no held-out split: in-sample)",
-            "before": error_stats(errors(evaluated, False)),
-            "after": error_stats(errors(evaluated, True)),
+            "on": "held-out runs" if held else "no held-out runs",
+            "before": error_stats(errors(held, False)),
+            "after": error_stats(errors(held, True)),
             "by_group": by_group,
             "heldout_keys": [r["key"] for r in held],
         },
@@ -292,12 +356,16 @@ def _pct(value: float | None) -> str:
 
 
 def format_calibration(calib: dict[str, Any]) -> list[str]:
-    """Plain-text lines: the factors and the held-out error before/after."""
+    """Plain-text lines: each factor (applied or not, and why), the device overhead, the held-out error
+    before/after and the verdict."""
     lines = [f"calibration from {calib['n_records']} measured run(s) ({calib['n_train']} training, "
              f"{calib['n_heldout']} held out, seed {calib['seed']})"]
-    lines.append(f"  {'family/method':<16} {'factor':>7} {'train':>5}  note")
+    lines.append(f"  {'family/method':<16} {'factor':>7} {'fitted':>7} {'train':>5} {'held':>4}  decision")
     for key, f in calib["activation_factors"].items():
-        lines.append(f"  {key:<16} {f['factor']:>7.4f} {f['n_train']:>5}  {f['note'] or ''}".rstrip())
+        fitted = f.get("fitted_factor", f["factor"])
+        why = f": {f['note']}" if f.get("note") else ""
+        lines.append(f"  {key:<16} {f['factor']:>7.4f} {fitted:>7.4f} {f['n_train']:>5} {f.get('n_heldout', 0):>4}  "
+                     f"{f.get('decision', 'applied')}{why}")
     device = calib["device_overhead"]
     if device["n_cuda_records"]:
         context = device["cuda_context_bytes"]
@@ -308,14 +376,20 @@ def format_calibration(calib: dict[str, Any]) -> list[str]:
     if device.get("note"):
         lines.append(f"  {device['note']}")
     ev = calib["evaluation"]
-    lines.append(f"  {ev['on']}: median |error| {_pct(ev['before']['median_abs_pct'])} -> "
-                 f"{_pct(ev['after']['median_abs_pct'])}, max |error| {_pct(ev['before']['max_abs_pct'])} -> "
-                 f"{_pct(ev['after']['max_abs_pct'])} ({ev['before']['n']} run(s))")
+    if ev["before"]["n"]:
+        lines.append(f"  {ev['on']}: median |error| {_pct(ev['before']['median_abs_pct'])} -> "
+                     f"{_pct(ev['after']['median_abs_pct'])}, max |error| {_pct(ev['before']['max_abs_pct'])} -> "
+                     f"{_pct(ev['after']['max_abs_pct'])} ({ev['before']['n']} run(s), with the applied factors)")
+    if calib.get("summary"):
+        lines.append(f"  {calib['summary']}")
     return lines
 
 
 def calibrate_command(args: Any) -> int:
-    """`lora-plan calibrate --runs runs.jsonl [--runs more.jsonl] --out calib.json [--holdout 0.3 --seed 0]`."""
+    """`lora-plan calibrate --runs runs.jsonl [--runs more.jsonl] --out calib.json [--holdout 0.3 --seed 0]`.
+
+    Writes calib.json only when the held-out runs confirm something: with no run to hold out, or
+    nothing applied, it says why (one-line error, exit 2) and writes nothing."""
     import sys
 
     from lora_planner.report.runs import load_runs
@@ -325,12 +399,23 @@ def calibrate_command(args: Any) -> int:
         print(f"lora-plan: skipped {problem}", file=sys.stderr)
     calib = fit_calibration(runs.records, holdout=args.holdout, seed=args.seed, sources=runs.paths)
     out = Path(args.out)
+    if calib["status"] == "no held-out runs":
+        raise PlannerInputError("runs", f"{calib['n_records']} measured run(s) leave none to hold out at --holdout "
+                                        f"{args.holdout:g}, so no fit can be checked and {out} was not written",
+                                "measure two or more runs per family/method and keep --holdout above 0 "
+                                "(default 0.3)")
+    for line in format_calibration(calib):
+        print(line)
+    if calib["status"] == "nothing to apply":
+        ev = calib["evaluation"]
+        median = _pct(ev["before"]["median_abs_pct"])
+        raise PlannerInputError("runs", f"the fit does not lower the held-out error of these runs (median {median} "
+                                        f"uncalibrated), so {out} was not written",
+                                "keep the uncalibrated planner, or measure more runs to fit a correction")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(calib, indent=2) + "\n", encoding="utf-8")
     except OSError as err:
         raise PlannerInputError("out", f"cannot write {out} ({err.strerror or err})", "pass a writable path") from None
-    for line in format_calibration(calib):
-        print(line)
     print(f"written to {out}; use it with `lora-plan estimate ... --calibration {out}`")
     return 0

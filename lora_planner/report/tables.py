@@ -73,6 +73,9 @@ def record_targets(record: dict[str, Any]) -> tuple[str, ...] | None:
     sweep_target = (record.get("sweep") or {}).get("target")
     if isinstance(sweep_target, str):
         return None if sweep_target == "default" else tuple(sweep_target.split(","))
+    if "targets_asked" in record["settings"]:  # records since layer-specific targets were modelled
+        asked = record["settings"]["targets_asked"]
+        return tuple(str(t) for t in asked) if asked else None
     paths = record["settings"].get("target_modules") or []
     names = tuple(dict.fromkeys(str(p).rsplit(".", 1)[-1] for p in paths))
     return names or None
@@ -81,8 +84,10 @@ def record_targets(record: dict[str, Any]) -> tuple[str, ...] | None:
 def training_for_record(record: dict[str, Any]) -> TrainingSpec | None:
     s = record["settings"]
     try:
+        layers = s.get("layers_to_transform")
         lora = LoraSpec(r=s.get("r") or 8, alpha=s.get("alpha"), target_modules=record_targets(record),
-                        adapter_dtype=s.get("adapter_dtype", "fp32")) if s["method"] != "full" else LoraSpec()
+                        adapter_dtype=s.get("adapter_dtype", "fp32"),
+                        layers_to_transform=tuple(layers) if layers else None) if s["method"] != "full" else LoraSpec()
         return TrainingSpec(method=s["method"], dtype=s.get("dtype", "bf16"), amp=s.get("amp"),
                             optimizer=s.get("optimizer", "adamw"), optimizer_impl=s.get("optimizer_impl"),
                             batch_size=s["batch_size"], seq_len=s["seq_len"],
@@ -102,7 +107,8 @@ def matmul_params(spec: ModelSpec) -> int:
 def approximate_flop_ratio(spec: ModelSpec, training: TrainingSpec) -> float:
     """LoRA / full training FLOPs per token under the standard approximation (module docstring)."""
     n = matmul_params(spec)
-    adapters = lora_params(spec, training.lora.r, training.lora.target_modules).trainable_params
+    adapters = lora_params(spec, training.lora.r, training.lora.target_modules,
+                           training.lora.layers_to_transform).trainable_params
     if training.grad_checkpointing:
         return (6 * n + 8 * adapters) / (8 * n)
     return (4 * n + 6 * adapters) / (6 * n)

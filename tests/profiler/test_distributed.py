@@ -14,7 +14,7 @@ import torch
 from lora_planner.catalog import spec_from_config
 from lora_planner.errors import PlannerInputError
 from lora_planner.profiler import distributed
-from lora_planner.profiler.distributed import STRATEGIES, measure_distributed_many, measure_single
+from lora_planner.profiler.distributed import measure_distributed_many, measure_single, resolve_strategy
 from lora_planner.profiler.runner import ProfileRequest, build_model
 from lora_planner.specs import LoraSpec, TrainingSpec
 
@@ -25,7 +25,8 @@ WORLD = 2
 SPEC = spec_from_config({"model_type": "llama", "vocab_size": 1000, "hidden_size": 64, "intermediate_size": 176,
                          "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}, "tiny-llama")
 METHODS = ("full", "lora")
-FSDP_LIKE = ("zero2", "zero3", "fsdp")
+STRATEGIES = ("ddp", "ddp-zero1", "fsdp-grad-op", "fsdp")  # torch engines; DeepSpeed: tests/test_parallel.py
+FSDP_LIKE = ("fsdp-grad-op", "fsdp")
 
 
 def request(method: str, steps: int = 3, **kw) -> ProfileRequest:
@@ -73,7 +74,7 @@ def test_every_rank_reports_a_consistent_peak(runs, strategy, method):
         assert m.off_thread_frees == 0 and m.release_timeouts == 0  # no late frees from gloo's threads
 
 
-@pytest.mark.parametrize("strategy", [s for s in STRATEGIES if s != "zero1"])
+@pytest.mark.parametrize("strategy", [s for s in STRATEGIES if s != "ddp-zero1"])
 @pytest.mark.parametrize("method", METHODS)
 def test_ranks_doing_the_same_work_peak_the_same(runs, strategy, method):
     first, *rest = runs[strategy, method]
@@ -84,7 +85,7 @@ def test_ranks_doing_the_same_work_peak_the_same(runs, strategy, method):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_zero1_ranks_differ_by_their_partitions_optimizer_state_only(runs, method):
-    ranks = runs["zero1", method]
+    ranks = runs["ddp-zero1", method]
     torch.manual_seed(0)
     largest = max(p.numel() * p.element_size() for p in build_model(request(method), "cpu").parameters()
                   if p.requires_grad)
@@ -113,7 +114,7 @@ def test_ddp_is_the_single_process_step_plus_its_gradient_buckets(runs, single, 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_zero1_shards_the_optimizer_state_only(runs, method):
-    ddp, zero1 = runs["ddp", method], runs["zero1", method]
+    ddp, zero1 = runs["ddp", method], runs["ddp-zero1", method]
     ddp_states = ddp[0].breakdown_bytes["optimizer_states"]
     states = [m.breakdown_bytes["optimizer_states"] for m in zero1]
     assert sum(states) == ddp_states  # every tensor's state on exactly one rank
@@ -143,17 +144,18 @@ def test_fsdp_shards_weights_gradients_and_optimizer_states(runs, strategy, meth
         assert idle["weights"] == m.local_param_bytes + buffers and idle["gradients"] == 0
         gathered = m.buffers_at_peak["fsdp_unsharded_params"]
         assert m.breakdown_bytes["weights"] == m.local_param_bytes + buffers + gathered
-        if strategy == "zero2":  # nothing resharded before backward: the whole model at the forward peak
+        if strategy == "fsdp-grad-op":  # nothing resharded before backward: the whole model at the forward peak
             assert gathered == root + SPEC.num_layers * layer
         else:  # the root group (never resharded after forward) plus one layer
             assert gathered == root + layer
         assert m.gloo_scratch_bytes == root  # gloo's largest staging copy (not counted): the root group
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_zero3_is_the_fsdp_recipe(runs, method):
-    for a, b in zip(runs["zero3", method], runs["fsdp", method]):
-        assert replace(a, strategy="fsdp") == b
+@pytest.mark.parametrize("name, engine", [("zero1", "deepspeed-zero1"), ("zero2", "deepspeed-zero2"),
+                                          ("zero3", "deepspeed-zero3"), ("fsdp-full-shard", "fsdp"),
+                                          ("zero-redundancy-optimizer", "ddp-zero1"), ("fsdp", "fsdp")])
+def test_old_names_resolve_to_the_engine_they_mean(name, engine):
+    assert resolve_strategy(name) == engine
 
 
 def test_fsdp_full_fine_tuning_peaks_below_single_process_and_ddp(runs, single):
@@ -179,7 +181,7 @@ def test_fsdp_peak_counts_resized_storages(runs):
     """FSDP2 frees gathered parameters with UntypedStorage.resize_(0): after the forward of a resharding
     group its gathered bytes must leave the count (else every layer would stay gathered)."""
     root, layer, _ = group_bytes("lora")
-    for strategy in ("zero3", "fsdp"):
+    for strategy in ("fsdp",):
         m = runs[strategy, "lora"][0]
         assert m.buffers_at_peak["fsdp_unsharded_params"] < root + SPEC.num_layers * layer
 

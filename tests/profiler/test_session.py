@@ -4,6 +4,7 @@ Ctrl-C, JSON output, and one-line errors."""
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 import pytest
@@ -52,6 +53,21 @@ def test_json_output(tiny_config, tmp_path, capsys):
     assert main(profile_args(tiny_config, tmp_path / "r.jsonl", "--method", "full", "--json")) == 0
     records = json.loads(capsys.readouterr().out)
     assert len(records) == 1 and records[0]["measured"]["peak_bytes"] > 0
+
+
+@pytest.mark.parametrize("extra", [[], ["--json"]])
+def test_progress_is_one_stderr_line_per_step_and_stdout_stays_clean(tiny_config, tmp_path, capsys, extra):
+    """Issue 9 item 15: progress per step while a run goes, on stderr (not a terminal here: plain lines)."""
+    assert main(profile_args(tiny_config, tmp_path / "r.jsonl", *extra)) == 0
+    captured = capsys.readouterr()
+    lines = [re.sub(r" \(\d+\.\d s\)$", "", line) for line in captured.err.splitlines()]
+    assert lines == [f"run {i}/2 {method} hf/cpu b=2 s=16: {what}" for i, method in ((1, "full"), (2, "lora"))
+                     for what in ("building the model", "measured step 1/2", "measured step 2/2", "timed step 1/2",
+                                  "timed step 2/2", "done, ok")]
+    assert all(re.search(r" \(\d+\.\d s\)$", line) for line in captured.err.splitlines())
+    assert "run 1/2" not in captured.out
+    if extra:
+        assert len(json.loads(captured.out)) == 2
 
 
 def test_an_oom_is_recorded_and_the_next_run_goes_on(tiny_config, tmp_path, monkeypatch):
@@ -125,3 +141,11 @@ def test_several_gpus_are_profiled_as_cpu_ranks_and_compared_per_rank(tiny_confi
     assert [(r["settings"]["gpus"], r["settings"]["strategy"], r["mode"]) for r in records] == [(2, "fsdp", "cpu")] * 2
     assert all(abs(r["relative_error"]) <= 0.05 for r in records)
     assert "fsdpx2" in capsys.readouterr().out
+
+
+def test_bad_settings_of_a_later_run_stop_the_session_before_its_first_run(tiny_config, tmp_path, capsys):
+    out = tmp_path / "runs.jsonl"
+    assert main(profile_args(tiny_config, out, "--method", "full,qlora")) == 2
+    assert not out.exists()  # full was not run first
+    err = capsys.readouterr().err
+    assert err.startswith("lora-plan: error: method:") and "QLoRA" in err and err.count("\n") == 1

@@ -1,0 +1,53 @@
+"""Command-line options that `estimate` (and `profile`) and `recommend` share, defined once so that their
+names, defaults (`lora_planner.defaults`) and meaning cannot drift apart."""
+
+from __future__ import annotations
+
+import argparse
+
+from lora_planner.catalog import GPUS, parse_memory_size
+from lora_planner.defaults import (
+    DEFAULT_ALLOCATOR_OVERHEAD, DEFAULT_CUDA_CONTEXT, DEFAULT_HEADROOM, DEFAULT_SEQ_LEN,
+)
+from lora_planner.errors import PlannerInputError
+from lora_planner.memory import DeviceOverhead
+from lora_planner.planner import Budget, budget_from_options, usable_bytes
+
+
+def add_seq_len_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN,
+                   help=f"tokens per sequence (default {DEFAULT_SEQ_LEN}, TRL's SFT max_length)")
+
+
+def add_budget_arguments(p: argparse.ArgumentParser) -> None:
+    """--gpu, --gpu-mem (either, or both: that GPU with another memory size) and --headroom."""
+    p.add_argument("--gpu", default=None,
+                   help=f"GPU to fit in: {', '.join(GPUS)}; with --gpu-mem, its FLOP/s, bandwidth and bf16 support "
+                        "and the memory of --gpu-mem (e.g. a 94 GB H100 NVL, a MIG slice)")
+    p.add_argument("--gpu-mem", default=None,
+                   help="memory per GPU, e.g. 24GiB (binary, 2^30 bytes) or 80GB (decimal, 10^9 bytes: 74.51 GiB)")
+    p.add_argument("--headroom", type=float, default=DEFAULT_HEADROOM,
+                   help=f"fraction of each GPU's memory kept free: usable = budget x (1 - headroom), in [0, 1) "
+                        f"(default {DEFAULT_HEADROOM:g})")
+
+
+def add_overhead_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cuda-context", default=DEFAULT_CUDA_CONTEXT,
+                   help=f"CUDA context + library workspaces outside the allocator (default {DEFAULT_CUDA_CONTEXT})")
+    p.add_argument("--allocator-overhead", type=float, default=DEFAULT_ALLOCATOR_OVERHEAD,
+                   help="caching-allocator reserve as a fraction of the allocated peak "
+                        f"(default {DEFAULT_ALLOCATOR_OVERHEAD:g})")
+
+
+def budget_from_args(args: argparse.Namespace) -> Budget | None:
+    """The budget of --gpu / --gpu-mem (None if neither), with --headroom checked."""
+    usable_bytes(1, args.headroom)  # one-line error for a headroom outside [0, 1)
+    return budget_from_options(args.gpu, args.gpu_mem)
+
+
+def overhead_from_args(args: argparse.Namespace) -> DeviceOverhead:
+    if not 0 <= args.allocator_overhead < 10:
+        raise PlannerInputError("allocator-overhead", f"must be a fraction >= 0, got {args.allocator_overhead}",
+                                "pass e.g. 0.05")
+    return DeviceOverhead(cuda_context_bytes=parse_memory_size(args.cuda_context, "cuda-context"),
+                          allocator_fraction=args.allocator_overhead)
