@@ -114,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("--out", default="runs.jsonl", help="JSONL file the records are appended to")
     profile.add_argument("--resume", action="store_true", help="skip runs already recorded in --out")
     profile.add_argument("--json", action="store_true", help="print the records as JSON")
+    profile.add_argument("--threads", type=int, default=None,
+                         help="torch CPU threads (default: torch's); 1 is steadier and often faster on a busy machine")
 
     recommend = sub.add_parser("recommend", help="choose method, rank, alpha, micro-batch and checkpointing for a GPU")
     add_recommend_arguments(recommend)
@@ -222,8 +224,10 @@ def run_profile_command(args: argparse.Namespace) -> int:
     except ImportError as err:
         raise PlannerInputError("profile", f"profiling needs torch ({err.name} is missing)",
                                 'pip install torch==2.13.0 && pip install -e ".[profile]"') from None
+    if args.threads is not None:
+        check_positive_int("threads", args.threads)
     return profile_session(args.model, spec, trainings, backend=args.backend, mode=args.mode, steps=args.steps,
-                           out=args.out, resume=args.resume, as_json=args.json)
+                           out=args.out, resume=args.resume, as_json=args.json, threads=args.threads)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -15,6 +15,7 @@ import sys
 from dataclasses import replace
 from typing import Any
 
+import torch
 from rich.console import Console
 
 from lora_planner.profiler.progress import RunProgressDisplay
@@ -41,8 +42,10 @@ def build_requests(model: str, spec: ModelSpec, trainings: list[TrainingSpec], b
 
 def profile_session(model: str, spec: ModelSpec, trainings: list[TrainingSpec], *, backend: str, mode: str,
                     steps: int, out: str, resume: bool, as_json: bool, console: Console | None = None,
-                    progress_console: Console | None = None) -> int:
+                    progress_console: Console | None = None, threads: int | None = None) -> int:
     console = console or Console(stderr=as_json)
+    if threads is not None:
+        torch.set_num_threads(threads)  # as `lora-plan sweep --threads`: records carry the thread count
     requests = build_requests(model, spec, trainings, backend, mode, steps)
     done = finished_keys(out) if resume else set()
     todo = [r for r in requests if r.key not in done]

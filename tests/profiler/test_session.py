@@ -149,3 +149,20 @@ def test_bad_settings_of_a_later_run_stop_the_session_before_its_first_run(tiny_
     assert not out.exists()  # full was not run first
     err = capsys.readouterr().err
     assert err.startswith("lora-plan: error: method:") and "QLoRA" in err and err.count("\n") == 1
+
+
+def test_threads_option_sets_torch_threads_and_rejects_bad_values(tmp_path, capsys):
+    from lora_planner.cli import main
+
+    before = torch.get_num_threads()
+    try:
+        assert main(["profile", "--model", "gpt2", "--threads", "0", "--out", str(tmp_path / "r.jsonl")]) == 2
+        assert "threads: must be a positive integer" in capsys.readouterr().err
+        config = tmp_path / "config.json"
+        config.write_text('{"model_type": "llama", "vocab_size": 64, "hidden_size": 16, "intermediate_size": 32, '
+                          '"num_hidden_layers": 1, "num_attention_heads": 2}')
+        assert main(["profile", "--model", str(config), "--method", "lora", "--mode", "fake", "--steps", "1",
+                     "--seq-len", "8", "--threads", "1", "--out", str(tmp_path / "r.jsonl")]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
