@@ -592,3 +592,75 @@ def _nothing_fits(req: RecommendRequest, search: _Search, methods: tuple[str, ..
                           rank_source="none" if smallest.method == "full" else rank_source, implied_r=implied,
                           reasons=tuple(reasons), alternatives=(), needed_budget_bytes=needed,
                           warnings=plan_warnings(req.spec, req.training, req.budget))
+
+
+# ---- the --verify verdict (pure data; `recommend_cli.verify` runs the replays) ----------------------
+
+# The verdict: the planner's prediction for each replayed CPU step within 0.5 % of the measured peak
+# (fake-tensor replays usually agree to the byte; 0.5 % is about what the CUDA-side model can promise).
+VERIFY_TOLERANCE = 0.005
+
+
+@dataclass(frozen=True)
+class VerifyRun:
+    """One replayed step. `measured_peak_bytes` is the peak allocated on CPU kernels; `predicted_peak_bytes`
+    the planner's prediction for that same CPU step; `cpu_kernel_extra_bytes` what the planner says CPU
+    kernels keep beyond the CUDA step (dropout masks stored in the element dtype, GPT-2's math-kernel
+    attention; 0 for most models); `added_bytes` the modelled device overhead plus DDP buckets."""
+
+    label: str  # "recommended" or "next micro-batch"
+    micro_batch_size: int
+    status: str  # "ok", "oom", "error"
+    measured_peak_bytes: int | None
+    predicted_peak_bytes: int
+    cpu_kernel_extra_bytes: int
+    added_bytes: int
+    error: str | None = None
+
+    @property
+    def device_bytes(self) -> int | None:
+        """The measurement carried to the device: minus the CPU kernels' extra, plus overhead and buckets."""
+        if self.measured_peak_bytes is None:
+            return None
+        return self.measured_peak_bytes - self.cpu_kernel_extra_bytes + self.added_bytes
+
+    @property
+    def relative_error(self) -> float | None:
+        """predicted / measured - 1, as the profiler reports it (+: the planner predicts more)."""
+        if not self.measured_peak_bytes:
+            return None
+        return self.predicted_peak_bytes / self.measured_peak_bytes - 1
+
+    @property
+    def expected_to_fit(self) -> bool:
+        """What the search said: the recommended micro-batch fits, the next one does not."""
+        return self.label == "recommended"
+
+
+@dataclass(frozen=True)
+class Verification:
+    mode: str
+    backend: str
+    note: str
+    usable_bytes: int
+    budget_bytes: int
+    runs: tuple[VerifyRun, ...]
+    skipped: str | None = None  # why nothing was run (QLoRA, a bitsandbytes optimizer, no torch)
+    tolerance: float = VERIFY_TOLERANCE
+
+    def fits(self, run: VerifyRun) -> bool | None:
+        """The measured step carried to the device, judged by the planner's own rule (`planner.fits`)."""
+        return None if run.device_bytes is None else fits(run.device_bytes, self.usable_bytes)
+
+    @property
+    def confirmed(self) -> bool | None:
+        """The verdict follows the measured error: True when the planner is within `tolerance` of every
+        measured peak, False when it is off by more on some run. None if not checked."""
+        if self.skipped or not self.runs or any(r.status != "ok" for r in self.runs):
+            return None
+        return all(abs(r.relative_error) <= self.tolerance for r in self.runs)
+
+    @property
+    def fit_surprises(self) -> tuple[VerifyRun, ...]:
+        """Runs whose measured fit differs from the search's (the usable limit fell inside the error)."""
+        return tuple(r for r in self.runs if r.status == "ok" and self.fits(r) != r.expected_to_fit)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 from lora_planner.catalog import model_names, resolve_model
@@ -17,8 +17,9 @@ from lora_planner.defaults import DEFAULT_GLOBAL_BATCH, DEFAULT_R
 from lora_planner.errors import PlannerInputError
 from lora_planner.memory import estimate_memory
 from lora_planner.planner import SCHEMA_VERSION, fits
-from lora_planner.recommend import (
-    MAX_MICRO_BATCH, Candidate, Recommendation, RecommendRequest, recommend, training_for,
+from lora_planner.recommend import (  # noqa: F401 (VERIFY_TOLERANCE: re-exported for callers)
+    MAX_MICRO_BATCH, VERIFY_TOLERANCE, Candidate, Recommendation, RecommendRequest, Verification, VerifyRun,
+    recommend, training_for,
 )
 from lora_planner.specs import (
     ATTENTIONS, DEVICES, DTYPES, OPTIMIZER_IMPLS, OPTIMIZERS, STRATEGIES, STRATEGY_NAMES, LoraSpec, TrainingSpec, check_choice,
@@ -98,76 +99,6 @@ VERIFY_NOTE = ("the check replays the Hugging Face training step under fake tens
                "what the CPU kernels keep alive, allocating nothing; CUDA-specific memory (the CUDA context, the "
                "allocator's reserve, kernels that keep less than their CPU versions) is not measured: the "
                "planner's model of it is applied to carry the measurement to the device")
-# The verdict: the planner's prediction for each replayed CPU step within 0.5 % of the measured peak
-# (fake-tensor replays usually agree to the byte; 0.5 % is about what the CUDA-side model can promise).
-VERIFY_TOLERANCE = 0.005
-
-
-@dataclass(frozen=True)
-class VerifyRun:
-    """One replayed step. `measured_peak_bytes` is the peak allocated on CPU kernels; `predicted_peak_bytes`
-    the planner's prediction for that same CPU step; `cpu_kernel_extra_bytes` what the planner says CPU
-    kernels keep beyond the CUDA step (dropout masks stored in the element dtype, GPT-2's math-kernel
-    attention; 0 for most models); `added_bytes` the modelled device overhead plus DDP buckets."""
-
-    label: str  # "recommended" or "next micro-batch"
-    micro_batch_size: int
-    status: str  # "ok", "oom", "error"
-    measured_peak_bytes: int | None
-    predicted_peak_bytes: int
-    cpu_kernel_extra_bytes: int
-    added_bytes: int
-    error: str | None = None
-
-    @property
-    def device_bytes(self) -> int | None:
-        """The measurement carried to the device: minus the CPU kernels' extra, plus overhead and buckets."""
-        if self.measured_peak_bytes is None:
-            return None
-        return self.measured_peak_bytes - self.cpu_kernel_extra_bytes + self.added_bytes
-
-    @property
-    def relative_error(self) -> float | None:
-        """predicted / measured - 1, as the profiler reports it (+: the planner predicts more)."""
-        if not self.measured_peak_bytes:
-            return None
-        return self.predicted_peak_bytes / self.measured_peak_bytes - 1
-
-    @property
-    def expected_to_fit(self) -> bool:
-        """What the search said: the recommended micro-batch fits, the next one does not."""
-        return self.label == "recommended"
-
-
-@dataclass(frozen=True)
-class Verification:
-    mode: str
-    backend: str
-    note: str
-    usable_bytes: int
-    budget_bytes: int
-    runs: tuple[VerifyRun, ...]
-    skipped: str | None = None  # why nothing was run (QLoRA, a bitsandbytes optimizer, no torch)
-    tolerance: float = VERIFY_TOLERANCE
-
-    def fits(self, run: VerifyRun) -> bool | None:
-        """The measured step carried to the device, judged by the planner's own rule (`planner.fits`)."""
-        return None if run.device_bytes is None else fits(run.device_bytes, self.usable_bytes)
-
-    @property
-    def confirmed(self) -> bool | None:
-        """The verdict follows the measured error: True when the planner is within `tolerance` of every
-        measured peak, False when it is off by more on some run. None if not checked."""
-        if self.skipped or not self.runs or any(r.status != "ok" for r in self.runs):
-            return None
-        return all(abs(r.relative_error) <= self.tolerance for r in self.runs)
-
-    @property
-    def fit_surprises(self) -> tuple[VerifyRun, ...]:
-        """Runs whose measured fit differs from the search's (the usable limit fell inside the error)."""
-        return tuple(r for r in self.runs if r.status == "ok" and self.fits(r) != r.expected_to_fit)
-
-
 def verify(rec: Recommendation, model_name: str | None = None) -> Verification:
     """Replay the recommended step, and the first micro-batch predicted not to fit, under fake tensors
     (`lora_planner.profiler`, imported here: it needs torch) and measure their peaks."""

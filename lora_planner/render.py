@@ -166,10 +166,15 @@ def phases_table(plan: Plan, method: str) -> Table:
 def saved_tensors_table(plan: Plan, method: str, top: int = 10) -> Table:
     """The largest tensors one decoder layer keeps for backward, so the activation term is explained."""
     e = plan.methods[method].estimate
-    items = sorted(e.activations.layer, key=lambda item: -item.nbytes)
-    total = e.activations.layer_bytes
-    table = Table(title=f"{METHOD_TITLES[method]}: what one layer keeps for backward "
-                        f"({total / 2**20:,.1f} MiB x {e.activations.num_layers} layers)", title_justify="left")
+    acts = e.activations
+    items = sorted(acts.largest_layer, key=lambda item: -item.nbytes)
+    total = acts.total(acts.largest_layer)
+    runs = acts.layer_runs
+    if len(runs) == 1 or (len(runs) == 2 and runs[0][0] == 1 and runs[1][1] is acts.largest_layer):
+        size = f"{total / 2**20:,.1f} MiB x {acts.num_layers} layers"
+    else:  # LoRA on some layers only: layers differ (layer 0 alone may differ under LoRA: frozen input)
+        size = f"the largest layer, {total / 2**20:,.1f} MiB; all {acts.num_layers} layers {acts.all_layers_bytes / 2**20:,.1f} MiB"
+    table = Table(title=f"{METHOD_TITLES[method]}: what one layer keeps for backward ({size})", title_justify="left")
     table.add_column("saved tensor", no_wrap=True)
     table.add_column("MiB", justify="right")
     table.add_column("share", justify="right")

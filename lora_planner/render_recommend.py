@@ -9,8 +9,7 @@ from rich.text import Text
 
 from lora_planner.memory import PHASE_TITLES
 from lora_planner.planner import describe_budget, describe_usable, fits
-from lora_planner.recommend import Recommendation
-from lora_planner.recommend_cli import Verification
+from lora_planner.recommend import Recommendation, Verification
 from lora_planner.render import print_wrapped
 
 GIB = 2**30

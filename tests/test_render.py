@@ -114,3 +114,16 @@ def test_print_wrapped_keeps_numbers_with_their_units(width):
     assert not [line for line in lines if UNIT_AT_LINE_START.match(line.strip())]
     assert " ".join(" ".join(lines).split()) == "- " + " ".join(text.split())
     assert max(len(line) for line in lines) <= width
+
+
+def test_layer_specific_lora_shows_the_adapted_layers_and_the_largest_layer():
+    from lora_planner.specs import LoraSpec
+
+    training = TrainingSpec(lora=LoraSpec(target_modules=("layers.3.self_attn.q_proj",)))
+    out = " ".join(rendered(make_plan(resolve_model("llama-2-7b"), training, ("lora",)), detail=True, width=200).split())
+    assert "LoRA r=8 alpha=16 on self_attn.q_proj (layer 3)" in out
+    assert re.search(r"what one layer keeps for backward \(the largest layer, [\d.,]+ MiB; all 32 layers [\d.,]+ MiB\)", out)
+    uniform = " ".join(rendered(make_plan(resolve_model("llama-2-7b"), TrainingSpec(), ("lora",)), detail=True,
+                                width=200).split())
+    assert re.search(r"what one layer keeps for backward \([\d.,]+ MiB x 32 layers\)", uniform)
+    assert "on q_proj, v_proj (fp32 adapters)" in uniform
