@@ -129,12 +129,18 @@ class MemoryEstimate:
         return self.peak_allocated_bytes + self.device_overhead_bytes
 
 
+# Each quantized tensor's QuantState also owns its own small tensors (bitsandbytes 0.50.2
+# `functional.quantize_4bit` with compress_statistics=True, measured on a loaded model): the NF4 code
+# book (16 fp32), the absmax offset (one fp32) and the nested state's dynamic 8-bit map (256 fp32).
+NF4_STATE_CONSTANT_BYTES = 16 * 4 + 4 + 256 * 4
+
+
 def nf4_bytes(numel: int) -> int:
     """One NF4 tensor with double quantization (QLoRA Sec. 3; bitsandbytes `quantize_4bit`,
     `compress_statistics=True`): packed 4-bit values, one uint8 constant per 64 values, one fp32 constant
-    per 256 of those."""
+    per 256 of those, and the quantization state's own constants (1,092 bytes)."""
     blocks = ceil(numel / NF4_BLOCK)
-    return ceil(numel / 2) + blocks + 4 * ceil(blocks / NF4_DOUBLE_QUANT_BLOCK)
+    return ceil(numel / 2) + blocks + 4 * ceil(blocks / NF4_DOUBLE_QUANT_BLOCK) + NF4_STATE_CONSTANT_BYTES
 
 
 def _base_weight_bytes(spec: ModelSpec, training: TrainingSpec) -> int:

@@ -106,8 +106,9 @@ def verify(rec: Recommendation, model_name: str | None = None) -> Verification:
     common = dict(mode="fake", backend="hf", note=VERIFY_NOTE, usable_bytes=req.usable_bytes,
                   budget_bytes=req.budget.memory_bytes)
     if c.method == "qlora":
-        return Verification(runs=(), skipped="QLoRA cannot be profiled here (its NF4 base needs bitsandbytes on "
-                                             "a CUDA GPU); the recommendation rests on the planner alone", **common)
+        return Verification(runs=(), skipped="QLoRA cannot be replayed under fake tensors (bitsandbytes packs real "
+                                             "4-bit weights); measure it with `lora-plan profile --method qlora "
+                                             "--mode cpu` on a small config or on a GPU", **common)
     if req.training.optimizer in ("adamw8bit", "paged_adamw8bit"):
         return Verification(runs=(), skipped=f"{req.training.optimizer} needs bitsandbytes on a CUDA GPU and cannot "
                                              "be profiled here", **common)

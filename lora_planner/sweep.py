@@ -25,7 +25,7 @@ grad_checkpointing = [false, true]
 ```
 
 Axes (with their defaults): `backend` ["hf"] (hf | builtin), `mode` ["cpu"] (cpu | fake | cuda),
-`method` ["full", "lora"] (qlora cannot be profiled: NF4 needs bitsandbytes), `precision` ["bf16"]
+`method` ["full", "lora"] (| qlora: real bitsandbytes NF4, cpu or cuda mode, hf backend), `precision` ["bf16"]
 (fp32 | bf16 | fp16 | amp-bf16 | amp-fp16: the weight dtype, or fp32 masters under autocast), `r` [8],
 `alpha` [] (2r), `target` ["default"] (a target set: "default" = PEFT's default for the family,
 "all-linear", "q_proj,v_proj" or ["q_proj", "v_proj"]), `adapter_dtype` ["fp32"], `batch_size` [1],
@@ -67,7 +67,7 @@ from lora_planner.specs import LoraSpec, ModelSpec, TrainingSpec
 BUILTIN_FAMILIES: tuple[str, ...] = ("llama", "mistral", "qwen2")
 BACKENDS: tuple[str, ...] = ("hf", "builtin")
 MODES: tuple[str, ...] = ("cpu", "fake", "cuda")
-PROFILED_METHODS: tuple[str, ...] = ("full", "lora")
+PROFILED_METHODS: tuple[str, ...] = ("full", "lora", "qlora")
 PROFILED_OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd", "adafactor")
 PRECISIONS: dict[str, tuple[str, str | None]] = {
     "fp32": ("fp32", None), "bf16": ("bf16", None), "fp16": ("fp16", None),
@@ -159,8 +159,7 @@ def _check_values(where: str, key: str, values: list[Any]) -> None:
                    "optimizer": PROFILED_OPTIMIZERS, "adapter_dtype": ("fp32", "base"), "attention": ("sdpa", "eager"),
                    "optimizer_impl": ("default", "foreach", "for-loop", "fused")}.get(key)
         if choices and value not in choices:
-            extra = {"method": " (qlora cannot be profiled: NF4 needs bitsandbytes on CUDA; the planner predicts it)",
-                     "optimizer": " (8-bit AdamW needs bitsandbytes on CUDA)", "mode": " (auto is not allowed in a "
+            extra = {"optimizer": " (8-bit AdamW needs bitsandbytes on CUDA)", "mode": " (auto is not allowed in a "
                      "grid: a run's key must not depend on the machine)"}.get(key, "")
             raise bad(f"unknown value {value!r}{extra}", f"use {', '.join(choices)}")
 
@@ -303,6 +302,9 @@ def _expand_block(where: str, label: str, spec: ModelSpec, source: dict[str, Any
                  "precision": v["precision"]}
         run = SweepRun(model=label, spec=spec, training=training, backend=v["backend"], mode=v["mode"],
                        steps=scalars["steps"], seed=scalars["seed"], source=sweep)
+        if training.method == "qlora" and (v["backend"] != "hf" or v["mode"] == "fake"):
+            yield (run.label, "QLoRA runs on real bitsandbytes NF4 weights: hf backend, cpu or cuda mode")
+            continue
         if v["backend"] == "builtin" and spec.family not in BUILTIN_FAMILIES:
             yield (run.label, f"the builtin backend implements {', '.join(BUILTIN_FAMILIES)} only, not {spec.family}")
             continue

@@ -423,9 +423,9 @@ def test_verify_replays_the_recommendation_under_fake_tensors():
     assert doc["verify"]["runs"][0]["measured_peak_bytes"] == chosen.measured_peak_bytes
 
 
-def test_verify_says_qlora_cannot_be_profiled(capsys):
+def test_verify_says_qlora_cannot_be_replayed_under_fake_tensors(capsys):
     assert main(["recommend", "--model", "llama-2-13b", "--gpu", "rtx-4090", "--seq-len", "512", "--verify"]) == 0
-    assert "QLoRA cannot be profiled" in capsys.readouterr().out
+    assert "QLoRA cannot be replayed under fake tensors" in capsys.readouterr().out
     assert main(["recommend", "--model", "llama-2-13b", "--gpu", "rtx-4090", "--seq-len", "512", "--verify",
                  "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)

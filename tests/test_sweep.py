@@ -108,7 +108,7 @@ def test_builtin_families_match_the_backend():
 
 
 @pytest.mark.parametrize("text, needle", [
-    ("[models.a]\ncatalog = 'gpt2'\n[[grid]]\nmethod = ['qlora']", "qlora cannot be profiled"),
+    ("[models.a]\ncatalog = 'gpt2'\n[[grid]]\nmethod = ['sft']", "unknown value 'sft'"),
     ("[models.a]\ncatalog = 'gpt2'\n[[grid]]\nbatch = [1]", "unknown key 'batch'"),
     ("[models.a]\ncatalog = 'gpt2'\n[[grid]]\nmodels = ['b']", "unknown model label 'b'"),
     ("[models.a]\ncatalog = 'gpt3'\n", "unknown model 'gpt3'"),
@@ -247,3 +247,12 @@ def test_the_sweep_progress_names_the_step_of_the_run_in_progress(tmp_path, monk
     assert descriptions == [label] + [f"{label}: {step}" for step in (
         "building the model", "measured step 0/2", "measured step 1/2", "measured step 2/2", "timed step 1/2",
         "timed step 2/2")]
+
+
+def test_qlora_runs_on_real_nf4_weights_only():
+    """QLoRA is profiled on bitsandbytes' real 4-bit weights: cpu or cuda mode with the hf backend; the
+    grid skips (and says why) its fake-mode and builtin runs."""
+    grid = parse_grid("[models.a]\ncatalog = 'gpt2'\n[[grid]]\nmethod = ['qlora']\nmode = ['cpu', 'fake']\n"
+                      "backend = ['hf', 'builtin']")
+    assert [(r.backend, r.mode) for r in grid.runs] == [("hf", "cpu")]
+    assert len(grid.skipped) == 3 and all("real bitsandbytes NF4" in why for _, why in grid.skipped)

@@ -71,19 +71,54 @@ def build_hf_model(spec: ModelSpec, training: TrainingSpec, device: str) -> nn.M
     """The transformers model (and PEFT adapters for LoRA) for `spec`, with random weights on `device`
     ("cpu", "cuda" or "meta"), in training mode with the training's dtype, attention and checkpointing."""
     transformers, _ = require_hf()
-    if training.method == "qlora":
-        raise PlannerInputError("method", "the profiler cannot run QLoRA here (NF4 needs bitsandbytes on CUDA)",
-                                "profile full or lora; QLoRA is predicted by the planner only")
     config = transformers.AutoConfig.for_model(**hf_config_dict(spec))
     dtype = TORCH_DTYPES["fp32" if training.amp else training.dtype]
     attention = "eager" if spec.family == "bloom" else training.attention  # BLOOM has only eager (ALiBi)
-    with torch.device(device):
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attention)
+    if training.method == "qlora":
+        model = _quantized_model(config, training, device, attention)
+    else:
+        with torch.device(device):
+            model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attention)
     if training.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if training.method != "full":
         model = _apply_peft_lora(model, spec, training)
     model.train()
+    return model
+
+
+def require_bitsandbytes(device: str) -> None:
+    """QLoRA replays need real NF4 weights: bitsandbytes (its CPU backend, or CUDA), never meta/fake."""
+    if device == "meta":
+        raise PlannerInputError("mode", "QLoRA cannot be replayed under fake tensors (bitsandbytes packs real "
+                                        "4-bit weights)", "use --mode cpu (bitsandbytes' CPU backend) or cuda")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise PlannerInputError("method", "profiling QLoRA needs bitsandbytes",
+                                "pip install bitsandbytes (its CPU backend runs NF4 here)") from None
+
+
+def _quantized_model(config: Any, training: TrainingSpec, device: str, attention: str) -> nn.Module:
+    """The model as QLoRA loads it: random weights saved, then reloaded through `from_pretrained` with
+    bitsandbytes NF4 (double quantization, the training dtype as compute dtype; QLoRA paper, Sec. 3) and,
+    with `kbit_prep`, PEFT's `prepare_model_for_kbit_training` as TRL's SFTTrainer calls it
+    (`use_gradient_checkpointing` = the run's checkpointing, non-reentrant)."""
+    import tempfile
+
+    transformers, peft = require_hf()
+    require_bitsandbytes(device)
+    compute = TORCH_DTYPES[training.compute_dtype]
+    quant = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                            bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute)
+    with tempfile.TemporaryDirectory(prefix="lora-plan-qlora-") as folder:
+        transformers.AutoModelForCausalLM.from_config(config, dtype=compute).save_pretrained(folder)
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            folder, dtype=compute, quantization_config=quant, device_map=device, attn_implementation=attention)
+    if training.kbit_prep:
+        model = peft.prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=training.grad_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 

@@ -223,8 +223,11 @@ def check_request(request: ProfileRequest) -> None:
     a session of several runs stops at once instead of after the runs before it."""
     t = request.training
     if t.method == "qlora":
-        raise PlannerInputError("method", "the profiler cannot run QLoRA here (NF4 needs bitsandbytes on CUDA)",
-                                "profile full or lora; QLoRA is predicted by the planner only")
+        if request.backend != "hf":
+            raise PlannerInputError("method", "the builtin backend has no 4-bit base", "profile QLoRA with --backend hf")
+        from lora_planner.profiler.hf_backend import require_bitsandbytes
+
+        require_bitsandbytes("meta" if request.mode == "fake" else request.mode)
     if request.backend == "hf":
         from lora_planner.profiler.hf_backend import require_hf
 

@@ -151,7 +151,7 @@ def test_other_failures_are_recorded_with_their_type():
 
 def test_bad_settings_still_raise():
     with pytest.raises(PlannerInputError, match="QLoRA"):
-        run_profile(request(method="qlora"))
+        run_profile(request(method="qlora", mode="fake"))
     with pytest.raises(PlannerInputError, match="bitsandbytes"):
         build_optimizer(torch.nn.Linear(2, 2), cpu_training(optimizer="adamw8bit"))
 
@@ -253,3 +253,40 @@ def test_layer_specific_targets_match_measured_steps(backend, mode, lora):
     settings = record["settings"]
     assert settings["targets_asked"] == (list(lora.target_modules) if lora.target_modules else None)
     assert settings["layers_to_transform"] == (list(lora.layers_to_transform) if lora.layers_to_transform else None)
+
+
+# ------------------------------------------------------------ QLoRA on real bitsandbytes NF4 (CPU backend)
+
+QLORA_CASES = [
+    ("llama", dict()),  # prepare_model_for_kbit_training, as TRL runs it
+    ("llama", dict(kbit_prep=False)),
+    ("llama", dict(grad_checkpointing=True)),
+    ("llama", dict(lora=LoraSpec(r=8, target_modules=("all-linear",)))),
+    ("qwen2", dict()),  # q/k/v biases: fp32 after kbit preparation
+    ("gemma", dict(kbit_prep=False)),
+]
+
+
+@pytest.mark.parametrize("family, settings", QLORA_CASES,
+                         ids=[f"{f}-{'-'.join(f'{k}={v}' for k, v in s.items() if k != 'lora') or 'default'}"
+                              + ("-all-linear" if "lora" in s else "") for f, s in QLORA_CASES])
+def test_qlora_matches_real_bitsandbytes_steps(family, settings):
+    """Real NF4 weights (transformers from_pretrained + BitsAndBytesConfig on bitsandbytes' CPU backend), the
+    exact tracker, within 0.5 % of the planner and in its phase."""
+    pytest.importorskip("bitsandbytes", reason="QLoRA runs need bitsandbytes (test extra)")
+    record = run_profile(request(TINY[family], method="qlora", batch_size=2, seq_len=64, **settings))
+    assert record["status"] == "ok", record.get("error")
+    assert abs(record["relative_error"]) <= 0.005, (record["predicted"], record["measured"])
+    assert record["measured"]["peak_phase"] == record["predicted"]["coarse_phase"]
+    assert record["settings"]["kbit_prep"] == settings.get("kbit_prep", True)
+
+
+@pytest.mark.parametrize("backend, mode, message", [
+    ("hf", "fake", "QLoRA cannot be replayed under fake tensors"),
+    ("builtin", "cpu", "the builtin backend has no 4-bit base"),
+])
+def test_qlora_needs_real_weights_on_the_hf_backend(backend, mode, message):
+    from lora_planner.profiler.runner import check_request
+
+    with pytest.raises(PlannerInputError, match=message):
+        check_request(request(backend=backend, mode=mode, method="qlora"))
