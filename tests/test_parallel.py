@@ -151,14 +151,21 @@ def test_deepspeed_zero2_full_fp32_by_hand():
     """TINY full fine-tune, fp32, 2 ranks: 220,480 parameters (881,920 bytes) flattened (already a multiple
     of 2 x 2), partition 110,240 elements; fp32 master partition 440,960 bytes (a clone even in fp32);
     AdamW's two fp32 states of the one flat partition + its 4-byte step: 881,924; gradient bucket 50,000
-    x 4 bytes in backward; the step's fp32 gradient partition 440,960."""
+    x 4 bytes in backward. In `model.parameters()` order (embedding, per layer q k v o gate up down then
+    the two norms, final norm, lm_head) the boundary at 110,240 cuts layer 1's o_proj (4,096 elements at
+    110,208): rank 0's grads_in_partition is 110,208 + 4,096 = 114,304 elements, rank 1's 110,272."""
+    assert deepspeed._rank_partitions(deepspeed._trainable_order(TINY, training()), 2) == (110_240, (
+        deepspeed.RankPartition(114_304, 64_000, 0), deepspeed.RankPartition(110_272, 64_000, 0)))
     single = phase(estimate_memory(TINY, training(gpus=1)), "forward_start")
     ds = ds_phases()
     assert ds["forward_start"].weights_bytes == single.weights_bytes + 440_960 == 881_920 + 64 + 440_960
     assert ds["forward_start"].optimizer_states_bytes == 2 * 440_960 + 4
     assert ds["forward_start"].gradients_bytes == 0  # the bucket is released at the end of each backward
-    assert ds["backward_layers"].gradients_bytes == 200_000 + 440_960  # bucket + grads_in_partition (T > bucket)
-    assert ds["optimizer_step"].gradients_bytes == 440_960
+    # lm_head's 64,000-element gradient exceeds the bucket: reduced from its own storage at the next hook,
+    # when the last rank makes its grads_in_partition
+    assert ds["backward_layers"].gradients_bytes == 200_000 + 4 * 110_272 + 4 * 64_000
+    # step: grads_in_partition beside the norm's fp64 copy of the largest piece (the embedding)
+    assert ds["optimizer_step"].temporaries_bytes == 4 * 114_304 + 8 * 64_000
 
 
 def test_deepspeed_casts_lora_adapters_to_bf16_and_keeps_an_fp32_master_partition():
@@ -188,13 +195,11 @@ def test_deepspeed_zero3_partitions_all_but_persistent_parameters():
 
 # ---------------------------------------------------------------------------------------------- DeepSpeed, measured
 
-# |predicted / busiest rank's measured peak - 1| on TINY, 2 CPU ranks. LoRA under stages 1/2 is held to
-# 0.5 % (measured: +0.02 %). Full fine-tuning's step and stage 3 are not byte-exact yet (measured -0.4 % to
-# -4.8 %): DeepSpeed's gradient-norm pass and stage 3's gathered set are modelled coarsely (README).
-DS_TOLERANCE = {
-    ("deepspeed-zero1", "lora"): 0.005, ("deepspeed-zero2", "lora"): 0.005,
-    ("deepspeed-zero1", "full"): 0.06, ("deepspeed-zero2", "full"): 0.06,
-    ("deepspeed-zero3", "lora"): 0.06, ("deepspeed-zero3", "full"): 0.06}
+# |predicted / busiest rank's measured peak - 1| on TINY, 2 CPU ranks, every case held to the project's
+# 0.5 %. Measured (this DeepSpeed, 2 ranks): zero1 full -0.0004 %, zero2 full +0.23 % (the moment the last
+# rank makes grads_in_partition is mid final-norm backward: lm_head's input and the norm's saved tensors are
+# gone, the planner keeps them), zero3 full -0.20 %, LoRA +0.01 to +0.02 %.
+DS_TOLERANCE = 0.005
 
 
 @pytest.fixture(scope="module")
@@ -216,7 +221,7 @@ def test_predicted_per_rank_peak_matches_deepspeed(ds_measured, strategy, method
     predicted = max(p.breakdown.total_bytes for p in deepspeed.phases(
         TINY, training(method, strategy=strategy), None, SMALL_BUCKETS))
     busiest = max(rank.peak_bytes for rank in ds_measured[(strategy, method)])  # what the planner predicts
-    assert abs(predicted / busiest - 1) <= DS_TOLERANCE[strategy, method], (strategy, method, predicted, busiest)
+    assert abs(predicted / busiest - 1) <= DS_TOLERANCE, (strategy, method, predicted, busiest)
 
 
 @pytest.mark.parametrize("strategy", DEEPSPEED_STAGES)

@@ -39,13 +39,28 @@ Modelled on DeepSpeed 0.19.8's own source (github.com/deepspeedai/DeepSpeed; pat
 Validated against DeepSpeed itself where it runs here: 2 CPU ranks on gloo (`DS_ACCELERATOR=cpu`),
 `lora_planner.profiler.distributed`, tests/test_parallel.py.
 
+Per rank (stages 1/2, stage_1_and_2.py): `grads_in_partition` (`copy_grads_in_partition`) is one buffer
+of every parameter overlapping the rank's partition, whole, so ranks differ by the parameters straddling
+their boundaries; it is laid out from `model.parameters()` order (`_trainable_order`). It lives from the
+rank's first reduction to `step`, where the gradient norm (`scaled_global_norm` -> `get_grad_norm_direct`)
+copies each gradient piece of the partition to fp64 (`get_norm_dtype`) beside it, then `step` flattens
+the partition and casts it to fp32. A gradient larger than `reduce_bucket_size` bypasses the bucket and
+stays in its own storage until the next hook reduces it (`extra_large_param_to_reduce`). The planner
+predicts the busiest rank: each phase takes the rank that holds most (the largest `grads_in_partition`,
+the largest fp64 piece; for stage 2's first reduction, the last rank, which backward reaches first).
+Stage 3 (partition_parameters.py `_enable_mem_efficient_linear` -> runtime/zero/linear.py
+`LinearFunctionForZeroStage3`) saves every linear's input, frozen ones under LoRA included.
+
 Known limitations: the gathered set under stage 3 is modelled as the largest module gathered plus the
 next one prefetched (DeepSpeed's trace-based prefetch may hold more small modules at once, bounded by
-`stage3_prefetch_bucket_size` and `stage3_max_live_parameters`); the partition is an even split (stage
-1/2 pad the flat buffer only; DeepSpeed's `grads_in_partition` counts the parameters that straddle a
-partition boundary whole); no CPU/NVMe offload, no ZeRO++ (hpZ, quantized weights), no MiCS; NCCL's
-own buffers are not modelled; torch autocast (`--amp`) is not DeepSpeed's mixed precision and is
-refused; QLoRA under stage 3 is refused (NF4 weights are not partitioned as plain tensors).
+`stage3_prefetch_bucket_size` and `stage3_max_live_parameters`); stage 3's step is bounded by a 16-bit
+-> fp32 copy of the partition (in fp32 DeepSpeed makes none: over-predicted, below the peak on the test
+model); stage 2's first reduction is taken with every layer's saved tensors still live (on the test model
+lm_head's input and the final norm's are already gone: +0.23 %); ZeRO-3's extra linear inputs are
+modelled for Llama-like families only; `parameter_alignment` and `round_robin_gradients` (off by
+default) are not modelled; no CPU/NVMe offload, no ZeRO++ (hpZ, quantized weights), no MiCS; NCCL's own
+buffers are not modelled; torch autocast (`--amp`) is not DeepSpeed's mixed precision and is refused;
+QLoRA under stage 3 is refused (NF4 weights are not partitioned as plain tensors).
 """
 
 from __future__ import annotations
@@ -57,11 +72,16 @@ from typing import Any
 from lora_planner.errors import PlannerInputError
 from lora_planner.memory import MemoryBreakdown, PhaseMemory, StepComponents, step_components
 from lora_planner.optimizers import TensorGroup, optimizer_scratch_bytes, optimizer_state_bytes
-from lora_planner.params import buffer_numel, module_inventory, resolve_targets
+from lora_planner.params import adapters_by_layer, buffer_numel, is_per_layer, module_inventory, resolve_targets
 from lora_planner.specs import BYTES_PER_ELEMENT, ModelSpec, TrainingSpec
 
 FP32 = 4
+NORM_BYTES = 8  # runtime/zero/utils.py `get_norm_dtype`: fp64 wherever the accelerator has it (CUDA, CPU)
 NCCL_START_ALIGNMENT_FACTOR = 2  # stage_1_and_2.py: `self.nccl_start_alignment_factor = 2`
+# transformers registers these families' decoder-layer norms after attention and MLP (modeling_llama.py
+# `LlamaDecoderLayer.__init__`: self_attn, mlp, input_layernorm, post_attention_layernorm; likewise Mistral,
+# Qwen2, Gemma, Phi), so `model.parameters()`, the order ZeRO flattens, is not the forward order there.
+NORMS_REGISTERED_LAST = frozenset({"llama", "mistral", "qwen2", "gemma", "phi"})
 
 
 @dataclass(frozen=True)
@@ -160,10 +180,98 @@ def _modules_gathered(spec: ModelSpec, training: TrainingSpec, zero: DeepSpeedZe
     return sum(largest)
 
 
+def _trainable_order(spec: ModelSpec, training: TrainingSpec) -> tuple[int, ...]:
+    """Elements of every trainable parameter in `model.parameters()` order, the order stage 1/2 flatten
+    them in (stage_1_and_2.py `__init__`: `round_robin_gradients` off, `parameter_alignment` off, so no
+    padding between parameters): modules in registration order (`NORMS_REGISTERED_LAST`), each module's
+    weight then bias; under LoRA each adapted module's lora_A then lora_B (PEFT `LoraLayer`)."""
+    full = training.method == "full"
+    r = training.lora.r
+    per_layer_adapters, outside = ((), frozenset()) if full else adapters_by_layer(
+        spec, training.lora.target_modules, training.lora.layers_to_transform)
+    modules = [m for m in module_inventory(spec) if not m.tied]
+    layer = [m for m in modules if is_per_layer(m)]
+    if spec.family in NORMS_REGISTERED_LAST:
+        layer = [m for m in layer if m.kind != "norm"] + [m for m in layer if m.kind == "norm"]
+    first = next((i for i, m in enumerate(modules) if is_per_layer(m)), len(modules))
+    before = [m for m in modules[:first] if not is_per_layer(m)]
+    after = [m for m in modules[first:] if not is_per_layer(m)]
+
+    def tensors(m, adapted: bool) -> list[int]:
+        if full:
+            if m.kind == "norm":
+                return [m.out_features] * (2 if m.bias else 1)
+            return [m.in_features * m.out_features] + ([m.out_features] if m.bias else [])
+        return [r * m.in_features, m.out_features * r] if adapted else []
+
+    order = [n for m in before for n in tensors(m, m.path in outside)]
+    for i in range(spec.num_layers):
+        adapted = per_layer_adapters[i] if per_layer_adapters else frozenset()
+        order += [n for m in layer for n in tensors(m, m.path in adapted)]
+    order += [n for m in after for n in tensors(m, m.path in outside)]
+    return tuple(order)
+
+
+@dataclass(frozen=True)
+class RankPartition:
+    """What one rank's stage 1/2 partition holds (stage_1_and_2.py `get_partition_info`)."""
+
+    grads_in_partition_numel: int  # every parameter overlapping the partition, whole (`copy_grads_in_partition`)
+    largest_piece_numel: int  # the largest part of one parameter inside the partition (the norm's fp64 copy)
+    padding_numel: int  # zeros `get_flat_partition` appends on the last rank
+
+
+def _rank_partitions(order: tuple[int, ...], ranks: int) -> tuple[int, tuple[RankPartition, ...]]:
+    """(partition elements, each rank's `RankPartition`): the flat buffer padded to a multiple of
+    2 x ranks and cut evenly; a parameter straddling a boundary belongs to both ranks whole."""
+    total = sum(order)
+    align = NCCL_START_ALIGNMENT_FACTOR * ranks
+    size = ceil(total / align) * align // ranks
+    out = []
+    for k in range(ranks):
+        start, end = k * size, (k + 1) * size
+        whole = largest = 0
+        offset = 0
+        for numel in order:
+            inside = min(offset + numel, end) - max(offset, start)
+            if inside > 0:
+                whole += numel
+                largest = max(largest, inside)
+            offset += numel
+        out.append(RankPartition(whole, largest, max(0, end - max(total, start))))
+    return size, tuple(out)
+
+
+def _zero3_linear_inputs_bytes(spec: ModelSpec, training: TrainingSpec, c: StepComponents) -> tuple[int, int]:
+    """(all layers', outside the layers) bytes of linear inputs that ZeRO-3 keeps and plain autograd would
+    not. Stage 3 replaces `torch.nn.functional.linear` with `zero3_linear_wrap` (partition_parameters.py
+    `_enable_mem_efficient_linear`, called by parameter_offload.py's `Init(module=...)`; `memory_efficient_linear`
+    defaults to True), whose `LinearFunctionForZeroStage3.forward` (runtime/zero/linear.py) saves input,
+    weight and bias for every linear, frozen ones included. Full fine-tuning keeps them anyway; under LoRA
+    the frozen linears' inputs are added. Llama-like families (the names `activations` gives those inputs);
+    elsewhere not modelled (module docstring)."""
+    if training.method == "full" or spec.family not in NORMS_REGISTERED_LAST - {"phi"}:
+        return 0, 0
+    tokens, e = training.tokens, BYTES_PER_ELEMENT[training.compute_dtype]
+    acts = c.activations
+    inputs = {"input_layernorm.output": spec.hidden_size, "post_attention_layernorm.output": spec.hidden_size,
+              "mlp.down_proj.input": spec.intermediate_size}
+    layers = 0
+    for count, saved in acts.layer_runs:
+        names = {t.name for t in saved}
+        missing = sum(n for name, n in inputs.items() if name not in names)
+        if "attn.output" not in names and "self_attn.o_proj.input" not in names:  # o_proj reads SDPA's output
+            missing += spec.q_size
+        layers += count * missing * tokens * e
+    outside = 0 if any(t.name == "lm_head.input" for t in acts.model) else tokens * spec.hidden_size * e
+    return layers, outside
+
+
 def phases(spec: ModelSpec, training: TrainingSpec, c: StepComponents,
            zero: DeepSpeedZeroConfig = DEFAULT_CONFIG) -> tuple[PhaseMemory, ...]:
-    """One rank under `deepspeed-zero1|2|3` (see the module docstring). `c` is ignored: DeepSpeed's
-    components are rebuilt with its dtype rule (every parameter, adapters included, in `--dtype`)."""
+    """The busiest rank under `deepspeed-zero1|2|3` (see the module docstring). `c` is ignored:
+    DeepSpeed's components are rebuilt with its dtype rule (every parameter, adapters included, in
+    `--dtype`). Where ranks differ (stage 1/2's partitions), each phase takes the rank that holds most."""
     _check(training)
     stage = STAGES[training.resolved_strategy]
     n = training.gpus
@@ -175,15 +283,12 @@ def phases(spec: ModelSpec, training: TrainingSpec, c: StepComponents,
     bucket = zero.reduce_bucket_size * e * (2 if zero.overlap(stage) and stage < 3 else 1)
     impl = training.resolved_optimizer_impl
     step_on_device = training.device == "cpu" or impl == "fused"
+    acts = c.activations
 
     if stage < 3:
-        align = NCCL_START_ALIGNMENT_FACTOR * n
-        flat = ceil(trainable / align) * align
-        partition = flat // n
-        weights = c.weights + (flat - trainable) * e + partition * FP32
-        in_bucket = min(trainable, zero.reduce_bucket_size) * e  # the reduction's flat copy
-        kept = partition * e if trainable > zero.reduce_bucket_size else 0  # grads_in_partition mid-backward
-        persistent_grads = 0
+        order = _trainable_order(spec, training)
+        partition, ranks = _rank_partitions(order, n)
+        weights = c.weights + (partition * n - trainable) * e + partition * FP32
     else:
         threshold = zero.stage3_param_persistence_threshold
         shard = sum(ceil(numel / n) * count for numel, count, _ in params)
@@ -191,15 +296,9 @@ def phases(spec: ModelSpec, training: TrainingSpec, c: StepComponents,
         partition = sum(ceil(numel / n) * count for numel, count, t in params if t)
         buffers = buffer_numel(spec) * e
         weights = (shard + persistent) * e + buffers + partition * FP32
-        gathered = _modules_gathered(spec, training, zero) * e
-        persistent_grads = bucket + partition * e  # ipg bucket + grad_partitions_flat_buffer, from __init__
-        in_bucket = kept = 0
     flat_group = (TensorGroup((partition,), 1, FP32),)
     states = optimizer_state_bytes(flat_group, training.optimizer, step_on_device)
     scratch = optimizer_scratch_bytes(flat_group, training.optimizer, impl)
-    # step: the fp32 gradient of the partition, made from the 16-bit one (freed right after the cast)
-    step_temporaries = max(scratch, partition * e if e != FP32 else 0)
-    acts = c.activations
 
     def phase(name, weights_bytes, gradients, activations, temporaries) -> PhaseMemory:
         return PhaseMemory(name, MemoryBreakdown(weights_bytes=weights_bytes, gradients_bytes=gradients,
@@ -207,32 +306,74 @@ def phases(spec: ModelSpec, training: TrainingSpec, c: StepComponents,
                                                  temporaries_bytes=temporaries))
 
     if stage == 3:
+        gathered = _modules_gathered(spec, training, zero) * e
+        persistent_grads = bucket + partition * e  # ipg bucket + grad_partitions_flat_buffer, from __init__
+        extra_layers, extra_outside = _zero3_linear_inputs_bytes(spec, training, c)
+        saved = c.saved + extra_layers + extra_outside
+        layers = c.layers_saved + extra_layers + acts.model_bytes + extra_outside + c.recomputed
+        # step: the fp32 gradient of the partition, made from the 16-bit one (freed right after the cast)
+        step_temporaries = max(scratch, partition * e if e != FP32 else 0)
         # Gathered modules on top of the partitions: the embedding at the start of forward, the largest
         # module and the one prefetched after it from then on.
-        layers = c.layers_saved + acts.model_bytes + c.recomputed
         return (
             phase("forward_start", weights + gathered, persistent_grads, acts.batch_bytes, 0),
-            phase("forward_end", weights + gathered, persistent_grads, c.saved, acts.loss_forward_scratch_bytes),
-            phase("backward_start", weights + gathered, persistent_grads, c.saved, acts.loss_backward_scratch_bytes),
+            phase("forward_end", weights + gathered, persistent_grads, saved, acts.loss_forward_scratch_bytes),
+            phase("backward_start", weights + gathered, persistent_grads, saved, acts.loss_backward_scratch_bytes),
             phase("backward_layers", weights + gathered, persistent_grads + c.head_gradients, layers,
                   c.layer_scratch),
             phase("backward_end", weights + gathered, persistent_grads, c.end_activations + acts.batch_bytes,
                   c.end_scratch),
             phase("optimizer_step", weights, persistent_grads + partition * FP32, acts.batch_bytes, step_temporaries),
         )
-    # Stages 1 and 2. Backward's layers: the bucket beside what autograd made so far (stage 1 keeps every
-    # gradient; stage 2 has copied them into the bucket). Its end is the larger of the last op (stage 1:
-    # every gradient beside the bucket) and the epilogue's reduction (the bucket, its flat copy).
+    # Stages 1 and 2. `grads_in_partition` (stage_1_and_2.py `copy_grads_in_partition`): one 16-bit buffer
+    # of every parameter overlapping this rank's partition, whole, made at this rank's first reduction and
+    # kept until `step` flattens it. Backward's layers: the bucket beside what autograd made so far (stage
+    # 1 keeps every gradient; stage 2 has copied them into the bucket). Its end is the larger of the last
+    # op (stage 1: every gradient beside the bucket) and the epilogue's reduction (the bucket, its flat
+    # copy; stage_1_and_2.py `allreduce_bucket`: `self.flatten(bucket)`).
+    kept = max(r.grads_in_partition_numel for r in ranks) * e
+    last_rank_kept = ranks[-1].grads_in_partition_numel * e  # backward reaches the last parameters first
+    mid_backward = trainable > zero.reduce_bucket_size  # a reduction before the epilogue
+    in_bucket = min(trainable, zero.reduce_bucket_size) * e
+    layers_acts = c.layers_saved + acts.model_bytes + c.recomputed
     head = c.head_gradients if stage == 1 else 0
-    last_op = (c.end_gradients if stage == 1 else 0) + bucket + kept
+    last_op = (c.end_gradients if stage == 1 else 0) + bucket + (kept if mid_backward else 0)
     end = phase("backward_end", weights, last_op, c.end_activations + acts.batch_bytes, c.end_scratch)
     epilogue = phase("backward_end", weights, bucket + in_bucket + kept, acts.batch_bytes, 0)
+    backward = [phase("backward_layers", weights, head + bucket + (last_rank_kept if mid_backward else 0),
+                      layers_acts, c.layer_scratch)]
+    head_pending = _head_extra_large_gradients(spec, training, zero) * e
+    if stage == 2 and head_pending:
+        # A gradient larger than the bucket stays in its own storage until the next gradient hook reduces
+        # it (stage_1_and_2.py `reduce_independent_p_g_buckets_and_remove_grads`: `extra_large_param_to_reduce`);
+        # the last rank's `grads_in_partition` is made then, before any layer's backward.
+        backward.append(phase("backward_layers", weights, bucket + last_rank_kept + head_pending, layers_acts, 0))
+    # step (stage_1_and_2.py `step`): the gradient norm first (`scaled_global_norm` -> `get_grad_norm_direct`:
+    # each gradient piece of the partition copied to fp64, one at a time, beside `grads_in_partition`), then
+    # the partition flattened (`self.flatten(self.averaged_gradients[i])`, 16-bit) and cast to fp32 (no copy
+    # in fp32); `free_grad_in_param_list` then drops `grads_in_partition` and the client optimizer steps.
+    norm = max((r.grads_in_partition_numel + r.padding_numel) * e + r.largest_piece_numel * NORM_BYTES
+               for r in ranks)
+    flatten = max((r.grads_in_partition_numel + r.padding_numel) * e for r in ranks) + partition * e \
+        + (partition * FP32 if e != FP32 else 0)
     return (
         phase("forward_start", weights, 0, acts.batch_bytes, 0),
         phase("forward_end", weights, 0, c.saved, acts.loss_forward_scratch_bytes),
         phase("backward_start", weights, 0, c.saved, acts.loss_backward_scratch_bytes),
-        phase("backward_layers", weights, head + bucket + kept, c.layers_saved + acts.model_bytes + c.recomputed,
-              c.layer_scratch),
+        max(backward, key=lambda p: p.breakdown.total_bytes),
         max(end, epilogue, key=lambda p: p.breakdown.total_bytes),
-        phase("optimizer_step", weights, partition * FP32, acts.batch_bytes, step_temporaries),
+        max(phase("optimizer_step", weights, 0, acts.batch_bytes, max(norm, flatten)),
+            phase("optimizer_step", weights, partition * FP32, acts.batch_bytes, scratch),
+            key=lambda p: p.breakdown.total_bytes),
     )
+
+
+def _head_extra_large_gradients(spec: ModelSpec, training: TrainingSpec, zero: DeepSpeedZeroConfig) -> int:
+    """Elements of the trainable parameters outside the decoder layers that backward reaches first (lm_head,
+    the final norm) and that exceed `reduce_bucket_size`: their gradients are reduced from their own
+    storage, not copied into the bucket."""
+    if training.method != "full":
+        return 0
+    modules = [m for m in module_inventory(spec) if not m.tied]
+    last_layer = max((i for i, m in enumerate(modules) if is_per_layer(m)), default=-1)
+    return sum(m.params_each for m in modules[last_layer + 1:] if m.params_each > zero.reduce_bucket_size)

@@ -199,8 +199,8 @@ def _check(request: ProfileRequest, strategy: str, world_size: int) -> None:
         raise PlannerInputError("strategy", "this torch build has no torch.distributed gloo backend",
                                 "install a torch build with distributed support (the PyPI wheels have it)")
     if request.training.method == "qlora":
-        raise PlannerInputError("method", "QLoRA cannot be profiled on CPU (NF4 needs bitsandbytes on CUDA)",
-                                "profile full or lora")
+        raise PlannerInputError("method", "QLoRA is profiled on one process only (the distributed profiler does "
+                                "not wrap bitsandbytes' 4-bit weights)", "profile QLoRA without --gpus, or full / lora")
     if strategy in DDP_STRATEGIES and request.steps < MIN_DDP_STEPS:
         raise PlannerInputError(
             "steps", f"{strategy} needs at least {MIN_DDP_STEPS} steps (DDP rebuilds its gradient buckets in "
@@ -547,6 +547,57 @@ def _deepspeed_buffers(zero_optimizer: Any) -> list[tuple[str, MemoryCategory, l
     return out
 
 
+# deepspeed/comm/torch.py `TorchBackend`: the collectives DeepSpeed's ZeRO optimizers call.
+# Only the flat-tensor ones (stage 3's reduce-scatter and all-gather): gloo stages them in copies NCCL does not
+# make. Stage 1/2's `reduce` / `all_reduce` stay tracked: below the tracker, gloo's worker then releases
+# an extra-large gradient's storage late (it stayed live into `step` on 2 CPU ranks), which NCCL does not.
+_DEEPSPEED_COLLECTIVES = ("reduce_scatter_tensor", "all_gather_into_tensor")
+
+
+@contextlib.contextmanager
+def _deepspeed_collectives_below_tracker() -> Iterator[None]:
+    """While active, DeepSpeed's collectives run below the tracker: gloo stages them in buffers of its own
+    that NCCL does not allocate (`reduce_scatter_tensor` clones its whole input, which the tracker first
+    sees at a `split`; stage 3 reduce-scatters every gradient that does not fit the bucket). What
+    DeepSpeed itself allocates around a collective (flat copies, outputs) is still tracked. Like FSDP2's
+    (`_fsdp_hooks`), the call then waits until gloo's worker has dropped its references."""
+    from deepspeed.comm import comm as ds_comm
+
+    backend = ds_comm.cdb
+    originals = {name: getattr(backend, name) for name in _DEEPSPEED_COLLECTIVES if hasattr(backend, name)}
+
+    def below(call: Any) -> Any:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+            before = _use_counts(tensors)
+            with _disable_current_modes():
+                work = call(*args, **kwargs)
+            if not kwargs.get("async_op", False):
+                _await_release(tensors, before)
+            return work
+
+        return wrapper
+
+    for name, call in originals.items():
+        setattr(backend, name, below(call))
+    try:
+        yield
+    finally:
+        for name, call in originals.items():
+            setattr(backend, name, call)
+
+
+def _restore_torch_linear() -> None:
+    """Undo ZeRO-3's global `torch.nn.functional.linear = zero3_linear_wrap` (partition_parameters.py
+    `InsertPostInitMethodToModuleSubClasses._enable_mem_efficient_linear`, which "will persist unless
+    manually reset"), so that the jobs after a stage-3 job in this process run the plain linear."""
+    from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses
+
+    original = getattr(InsertPostInitMethodToModuleSubClasses, "linear_bk", None)
+    if original is not None:
+        torch.nn.functional.linear = original
+
+
 def _measure_deepspeed_rank(request: ProfileRequest, model: nn.Module, strategy: str, rank: int, world_size: int,
                             zero: DeepSpeedZeroConfig, **fields: Any) -> DistributedMeasurement:
     """One rank under DeepSpeed ZeRO (`deepspeed.initialize` with the planner's config dict:
@@ -554,14 +605,26 @@ def _measure_deepspeed_rank(request: ProfileRequest, model: nn.Module, strategy:
     `engine(**batch).loss`, `engine.backward(loss)`, `engine.step()` (which also zeroes the gradients),
     with the tracker's phases forward / backward / optimizer_step / zero_grad (empty). DeepSpeed's
     persistent buffers are registered and named (`ds_*` in `buffers_at_peak`); stage 1/2's gradient
-    bucket, made at the first gradient hook of each backward, is registered as it is made."""
+    bucket, made at the first gradient hook of each backward, is registered as it is made. DeepSpeed's
+    collectives run below the tracker (`_deepspeed_collectives_below_tracker`: gloo's staging copies are
+    not what NCCL allocates), and ZeRO-3's global linear patch is undone afterwards."""
     import deepspeed
     from deepspeed.utils import logger as ds_logger
 
     ds_logger.setLevel(logging.WARNING)
     t = request.training
     config = deepspeed_config(replace(t, gpus=world_size, strategy=strategy), zero)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, t), config=config)
+    try:
+        engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, t), config=config)
+        with _deepspeed_collectives_below_tracker():
+            return _measure_deepspeed_engine(request, engine, strategy, rank, world_size, **fields)
+    finally:
+        _restore_torch_linear()
+
+
+def _measure_deepspeed_engine(request: ProfileRequest, engine: Any, strategy: str, rank: int, world_size: int,
+                              **fields: Any) -> DistributedMeasurement:
+    t = request.training
     zero_optimizer = engine.optimizer
     basic = zero_optimizer.optimizer  # the client optimizer, over this rank's fp32 partition
     tracker = _RankTracker()

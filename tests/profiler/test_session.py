@@ -105,7 +105,8 @@ def test_ctrl_c_keeps_finished_records(tiny_config, tmp_path, monkeypatch, capsy
     (["--backend", "jax"], "backend"),
     (["--mode", "tpu"], "mode"),
     (["--steps", "0"], "steps"),
-    (["--method", "qlora"], "QLoRA"),
+    (["--method", "qlora", "--mode", "fake"], "QLoRA cannot be replayed under fake tensors"),
+    (["--method", "qlora", "--backend", "builtin"], "the builtin backend has no 4-bit base"),
     (["--optimizer", "adamw8bit"], "bitsandbytes"),
 ])
 def test_bad_input_is_one_line_exit_2(tiny_config, tmp_path, capsys, extra, message):
@@ -145,10 +146,10 @@ def test_several_gpus_are_profiled_as_cpu_ranks_and_compared_per_rank(tiny_confi
 
 def test_bad_settings_of_a_later_run_stop_the_session_before_its_first_run(tiny_config, tmp_path, capsys):
     out = tmp_path / "runs.jsonl"
-    assert main(profile_args(tiny_config, out, "--method", "full,qlora")) == 2
+    assert main(profile_args(tiny_config, out, "--method", "full,qlora", "--mode", "fake")) == 2
     assert not out.exists()  # full was not run first
     err = capsys.readouterr().err
-    assert err.startswith("lora-plan: error: method:") and "QLoRA" in err and err.count("\n") == 1
+    assert err.startswith("lora-plan: error: mode:") and "QLoRA" in err and err.count("\n") == 1
 
 
 def test_threads_option_sets_torch_threads_and_rejects_bad_values(tmp_path, capsys):
