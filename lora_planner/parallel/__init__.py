@@ -23,7 +23,7 @@ The old names `zero1`, `zero2`, `zero3` are aliases of the DeepSpeed stages (ZeR
 
 from __future__ import annotations
 
-from lora_planner.memory import PhaseMemory, StepComponents
+from lora_planner.step import PhaseMemory, StepComponents
 from lora_planner.parallel import ddp, deepspeed, fsdp
 from lora_planner.parallel.deepspeed import DeepSpeedZeroConfig
 from lora_planner.specs import ModelSpec, TrainingSpec

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import replace
 from math import ceil
 
-from lora_planner.memory import PhaseMemory, StepComponents, single_gpu_phases
+from lora_planner.step import PhaseMemory, StepComponents, single_gpu_phases
 from lora_planner.specs import ModelSpec, TrainingSpec
 
 

@@ -70,7 +70,7 @@ from math import ceil
 from typing import Any
 
 from lora_planner.errors import PlannerInputError
-from lora_planner.memory import MemoryBreakdown, PhaseMemory, StepComponents, step_components
+from lora_planner.step import MemoryBreakdown, PhaseMemory, StepComponents, step_components
 from lora_planner.optimizers import TensorGroup, optimizer_scratch_bytes, optimizer_state_bytes
 from lora_planner.params import adapters_by_layer, buffer_numel, is_per_layer, module_inventory, resolve_targets
 from lora_planner.specs import BYTES_PER_ELEMENT, ModelSpec, TrainingSpec

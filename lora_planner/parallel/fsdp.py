@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from math import ceil
 
-from lora_planner.memory import MemoryBreakdown, PhaseMemory, StepComponents, group_bytes
+from lora_planner.step import MemoryBreakdown, PhaseMemory, StepComponents, group_bytes
 from lora_planner.params import buffer_numel
 from lora_planner.specs import BYTES_PER_ELEMENT, ModelSpec, TrainingSpec
 

@@ -1,0 +1,278 @@
+"""One GPU's training step, as byte counts: weights as stored, trainable tensors, optimizer state,
+activations, and the phases of the step they are assembled into (pure).
+
+`lora_planner.memory` turns these into the answer (`estimate_memory`: the peak, its phase, the device
+overhead); `lora_planner.parallel` reuses the same components per rank for several GPUs. The phase table,
+the sources of every term and the known limitations are in `lora_planner.memory`'s docstring.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from math import ceil
+from typing import Literal, get_args
+
+from lora_planner.activations import ActivationProfile, activation_profile
+from lora_planner.optimizers import TensorGroup, optimizer_scratch_bytes, optimizer_state_bytes
+from lora_planner.params import Module, adapted_layers, buffer_numel, is_per_layer, lora_params, module_inventory
+from lora_planner.specs import BYTES_PER_ELEMENT, LoraSpec, ModelSpec, TrainingSpec
+
+Phase = Literal["forward_start", "forward_end", "backward_start", "backward_layers", "backward_end",
+                "optimizer_step"]
+PHASES: tuple[str, ...] = get_args(Phase)
+PHASE_TITLES: dict[str, str] = {
+    "forward_start": "forward (gather)", "forward_end": "forward end", "backward_start": "backward start",
+    "backward_layers": "backward (layers)", "backward_end": "backward end", "optimizer_step": "optimizer step"}
+CATEGORIES = ("weights", "gradients", "optimizer_states", "activations", "temporaries")
+MIB = 2**20
+NF4_BLOCK = 64
+NF4_DOUBLE_QUANT_BLOCK = 256
+
+
+@dataclass(frozen=True)
+class MemoryBreakdown:
+    """Live bytes by PyTorch's memory categories."""
+
+    weights_bytes: int = 0
+    gradients_bytes: int = 0
+    optimizer_states_bytes: int = 0
+    activations_bytes: int = 0
+    temporaries_bytes: int = 0
+
+    @property
+    def total_bytes(self) -> int:
+        return (self.weights_bytes + self.gradients_bytes + self.optimizer_states_bytes
+                + self.activations_bytes + self.temporaries_bytes)
+
+    def as_dict(self) -> dict[str, int]:
+        return {name: getattr(self, f"{name}_bytes") for name in CATEGORIES}
+
+
+@dataclass(frozen=True)
+class PhaseMemory:
+    phase: Phase
+    breakdown: MemoryBreakdown
+
+
+# Each quantized tensor's QuantState also owns its own small tensors (bitsandbytes 0.50.2
+# `functional.quantize_4bit` with compress_statistics=True, measured on a loaded model): the NF4 code
+# book (16 fp32), the absmax offset (one fp32) and the nested state's dynamic 8-bit map (256 fp32).
+NF4_STATE_CONSTANT_BYTES = 16 * 4 + 4 + 256 * 4
+
+
+def nf4_bytes(numel: int) -> int:
+    """One NF4 tensor with double quantization (QLoRA Sec. 3; bitsandbytes `quantize_4bit`,
+    `compress_statistics=True`): packed 4-bit values, one uint8 constant per 64 values, one fp32 constant
+    per 256 of those, and the quantization state's own constants (1,092 bytes)."""
+    blocks = ceil(numel / NF4_BLOCK)
+    return ceil(numel / 2) + blocks + 4 * ceil(blocks / NF4_DOUBLE_QUANT_BLOCK) + NF4_STATE_CONSTANT_BYTES
+
+
+def _base_weight_bytes(spec: ModelSpec, training: TrainingSpec) -> int:
+    """Frozen or trainable base weights as stored: --dtype (fp32 under AMP), NF4 linears under QLoRA."""
+    return _stored_weight_bytes(spec, training.method == "qlora", training.dtype, _kbit_fp32(training))
+
+
+def _kbit_fp32(training: TrainingSpec) -> bool:
+    """Whether PEFT's `prepare_model_for_kbit_training` runs (QLoRA, `kbit_prep`): it casts every 16-bit
+    parameter that is not a bitsandbytes `Params4bit` to fp32 (peft 0.21.2, `peft/utils/other.py`): the
+    embeddings, norms, lm_head and the biases of the quantized linears. Buffers (RoPE's inv_freq) stay."""
+    return training.method == "qlora" and training.kbit_prep and training.dtype != "fp32"
+
+
+def _stored_bytes_each(m: Module, quantized: bool, dtype: str, kbit_fp32: bool) -> int:
+    """One instance of module `m` as stored: NF4 weight (+ bias) for QLoRA's linears, else at `dtype`;
+    after kbit preparation everything not in NF4 is fp32."""
+    e = 4 if kbit_fp32 else BYTES_PER_ELEMENT[dtype]
+    if quantized and m.kind == "linear" and m.group != "lm_head":
+        return nf4_bytes(m.weight_numel_each) + (m.out_features * e if m.bias else 0)
+    return m.params_each * e
+
+
+@lru_cache(maxsize=1024)
+def _stored_weight_bytes(spec: ModelSpec, quantized: bool, dtype: str, kbit_fp32: bool = False) -> int:
+    return sum(_stored_bytes_each(m, quantized, dtype, kbit_fp32) * m.count for m in module_inventory(spec))
+
+
+@lru_cache(maxsize=4096)  # grids vary batch and sequence far more often than these inputs
+def _trainable_groups(spec: ModelSpec, method: str, dtype: str, lora: LoraSpec) -> tuple[TensorGroup, ...]:
+    """Every trainable tensor, grouped by shape: all weights and biases (full), or LoRA's A and B."""
+    groups: list[TensorGroup] = []
+    if method == "full":
+        e = BYTES_PER_ELEMENT[dtype]
+        for m in module_inventory(spec):
+            if m.tied:
+                continue
+            if m.kind == "norm":
+                groups.append(TensorGroup((m.out_features,), m.count * (2 if m.bias else 1), e))
+                continue
+            shape = (m.in_features, m.out_features) if m.kind == "embedding" else (m.out_features, m.in_features)
+            groups.append(TensorGroup(shape, m.count, e, embedding=m.kind == "embedding"))
+            if m.bias:
+                groups.append(TensorGroup((m.out_features,), m.count, e))
+        return tuple(groups)
+    e = 4 if lora.adapter_dtype == "fp32" else BYTES_PER_ELEMENT[dtype]
+    for m in lora_params(spec, lora.r, lora.target_modules, lora.layers_to_transform).target_modules:
+        groups.append(TensorGroup((lora.r, m.in_features), m.count, e))
+        groups.append(TensorGroup((m.out_features, lora.r), m.count, e))
+    return tuple(groups)
+
+
+def trainable_groups(spec: ModelSpec, training: TrainingSpec) -> tuple[TensorGroup, ...]:
+    """The trainable tensors of `training` grouped by shape (all weights, or LoRA's A and B)."""
+    return _trainable_groups(spec, training.method, training.dtype, training.lora)
+
+
+@lru_cache(maxsize=4096)
+def _trainable_totals(spec: ModelSpec, method: str, dtype: str, lora: LoraSpec) -> tuple[int, int]:
+    groups = _trainable_groups(spec, method, dtype, lora)
+    return sum(g.numel * g.count for g in groups), sum(g.nbytes for g in groups)
+
+
+def trainable_totals(spec: ModelSpec, training: TrainingSpec) -> tuple[int, int]:
+    """(trainable parameters, their bytes)."""
+    return _trainable_totals(spec, training.method, training.dtype, training.lora)
+
+
+def group_bytes(spec: ModelSpec, training: TrainingSpec) -> tuple[int, int, int, int]:
+    """(root bytes, one layer's bytes, one layer's trainable bytes, root trainable bytes), adapters
+    included: "root" is everything outside the decoder layers (embeddings, final norm, lm_head), the
+    groups FSDP gathers and reduce-scatters, and what backward finishes last."""
+    root, layer, layer_trainable, root_trainable, _ = _group_bytes(spec, training.method, training.dtype,
+                                                                   training.lora, _kbit_fp32(training))
+    return root, layer, layer_trainable, root_trainable
+
+
+def layer_trainable_bytes(spec: ModelSpec, training: TrainingSpec) -> tuple[int, ...]:
+    """Trainable bytes of each decoder layer (all its weights under full fine-tuning; its adapters under
+    LoRA, which may differ layer by layer with layer-specific targets)."""
+    return _group_bytes(spec, training.method, training.dtype, training.lora, _kbit_fp32(training))[4]
+
+
+@lru_cache(maxsize=4096)  # keyed on what matters, not on batch and sequence
+def _group_bytes(spec: ModelSpec, method: str, dtype: str, lora: LoraSpec,
+                 kbit_fp32: bool) -> tuple[int, int, int, int, tuple[int, ...]]:
+    """(root, largest layer, largest layer's trainable, root trainable, each layer's trainable) bytes."""
+    e = BYTES_PER_ELEMENT[dtype]
+    e_adapter = 4 if lora.adapter_dtype == "fp32" else e
+    full = method == "full"
+    layers = spec.num_layers
+    adapted = {} if full else dict(adapted_layers(spec, lora.target_modules, lora.layers_to_transform))
+    by_path = {m.path: layers_in for m, layers_in in adapted.items()}
+    root = layer_stored = root_trainable = 0
+    per_layer_adapters = [0] * layers
+    for m in module_inventory(spec):
+        stored = _stored_bytes_each(m, method == "qlora", dtype, kbit_fp32)
+        adapter = lora.r * (m.in_features + m.out_features) * e_adapter
+        if is_per_layer(m):
+            layer_stored += stored
+            for i in by_path.get(m.path, ()):
+                per_layer_adapters[i] += adapter
+        else:
+            root += stored + (adapter if m.path in by_path else 0)
+            root_trainable += stored if full else (adapter if m.path in by_path else 0)
+    if full:
+        per_layer_trainable = (layer_stored,) * layers
+        return root, layer_stored, layer_stored, root_trainable, per_layer_trainable
+    largest = max(per_layer_adapters)
+    return root, layer_stored + largest, largest, root_trainable, tuple(per_layer_adapters)
+
+
+@dataclass(frozen=True)
+class StepComponents:
+    """The byte counts a step's phases are assembled from (one GPU, the whole model)."""
+
+    weights: int  # everything stored: base (+ buffers) + adapters
+    base_weights: int  # base weights at --dtype (NF4 for QLoRA), the seed rule's x
+    gradients: int  # of all trainable parameters
+    states: int  # optimizer state
+    optimizer_scratch: int
+    head_gradients: int  # lm_head (+ final norm) gradients, which exist from the start of backward (full)
+    activations: ActivationProfile
+    layers_saved: int  # saved by all layers (layer inputs only under checkpointing)
+    recomputed: int  # one layer's saved tensors, recomputed in backward under checkpointing
+    layer_scratch: int  # transient gradient buffers of one layer's backward (+ QLoRA's dequantized weight)
+    end_gradients: int  # the end of backward (see step_components)
+    end_activations: int  # besides the batch
+    end_scratch: int
+
+    @property
+    def saved(self) -> int:
+        """Everything the forward leaves for backward, the loss's included."""
+        return self.layers_saved + self.activations.model_bytes + self.activations.loss_bytes
+
+
+def step_components(spec: ModelSpec, training: TrainingSpec) -> StepComponents:
+    """Weights, gradients, optimizer state and activations of one step on one GPU."""
+    modules = module_inventory(spec)
+    groups = trainable_groups(spec, training)
+    _, trainable_bytes = trainable_totals(spec, training)
+    base_bytes = _base_weight_bytes(spec, training)
+    buffers = buffer_numel(spec) * BYTES_PER_ELEMENT[training.dtype]
+    weights = base_bytes + buffers + (0 if training.method == "full" else trainable_bytes)
+    impl = training.resolved_optimizer_impl
+    step_on_device = training.device == "cpu" or impl == "fused"
+
+    acts = activation_profile(spec, training)
+    layer_scratch = acts.layer_backward_scratch_bytes
+    if training.method == "qlora":
+        # bitsandbytes dequantizes one weight to the compute dtype for each matmul, forward and backward.
+        largest = max(m.weight_numel_each for m in modules if m.kind == "linear" and m.group != "lm_head")
+        layer_scratch += largest * BYTES_PER_ELEMENT[training.compute_dtype]
+    if training.grad_checkpointing:
+        layers_saved = spec.num_layers * acts.checkpoint_per_layer_bytes
+        recomputed = acts.checkpoint_recompute_bytes  # the layer being recomputed in backward
+    else:
+        layers_saved = acts.all_layers_bytes
+        recomputed = 0
+    head_grads = sum(m.params for m in modules if m.group == "lm_head") * BYTES_PER_ELEMENT[training.dtype] \
+        if training.method == "full" else 0
+    # The end of backward is the larger of two moments: the first layer's backward (its saved tensors
+    # and gradient buffers beside every other layer's gradients; its own come as its tensors go), and the
+    # very last op, when all gradients exist and no activation is left; with a tied embedding autograd
+    # then adds the embedding's V x h gradient to lm_head's, both partial gradients beside the sum.
+    # "First layer" is the first one backward runs through: layer 0, or under LoRA without a gradient at
+    # the model's input, the first layer with an adapter (nothing below it has a backward).
+    per_layer_trainable = layer_trainable_bytes(spec, training)
+    first = 0 if acts.first_layer_bytes or not any(per_layer_trainable) else \
+        next(i for i, b in enumerate(per_layer_trainable) if b)
+    embedding_grads = sum(m.params for m in modules if m.group == "embeddings") * BYTES_PER_ELEMENT[training.dtype] \
+        if training.method == "full" else 0  # computed after the first layer's backward
+    if training.grad_checkpointing:
+        last_layer_left = (first + 1) * acts.checkpoint_per_layer_bytes + acts.layer_saved_bytes(first)
+    else:
+        last_layer_left = acts.layer_saved_bytes(first)
+    end_grads = trainable_bytes - per_layer_trainable[first] - embedding_grads
+    end_acts, end_scratch = last_layer_left, layer_scratch
+    last_op_scratch = 0
+    if training.method == "full" and spec.tie_word_embeddings:
+        last_op_scratch = 2 * spec.vocab_size * spec.hidden_size * BYTES_PER_ELEMENT[training.dtype]
+    if trainable_bytes + last_op_scratch > end_grads + end_acts + end_scratch:
+        end_grads, end_acts, end_scratch = trainable_bytes, 0, last_op_scratch
+    return StepComponents(
+        weights=weights, base_weights=base_bytes, gradients=trainable_bytes,
+        states=optimizer_state_bytes(groups, training.optimizer, step_on_device),
+        optimizer_scratch=optimizer_scratch_bytes(groups, training.optimizer, impl), head_gradients=head_grads,
+        activations=acts, layers_saved=layers_saved, recomputed=recomputed, layer_scratch=layer_scratch,
+        end_gradients=end_grads, end_activations=end_acts, end_scratch=end_scratch)
+
+
+def single_gpu_phases(c: StepComponents) -> tuple[PhaseMemory, ...]:
+    """The phases of the module docstring's table for one GPU holding everything."""
+    acts = c.activations
+
+    def phase(name: Phase, **parts: int) -> PhaseMemory:
+        return PhaseMemory(name, MemoryBreakdown(weights_bytes=c.weights, optimizer_states_bytes=c.states, **parts))
+
+    return (
+        phase("forward_start", activations_bytes=acts.batch_bytes),
+        phase("forward_end", activations_bytes=c.saved, temporaries_bytes=acts.loss_forward_scratch_bytes),
+        phase("backward_start", activations_bytes=c.saved, temporaries_bytes=acts.loss_backward_scratch_bytes),
+        phase("backward_layers", gradients_bytes=c.head_gradients,
+              activations_bytes=c.layers_saved + acts.model_bytes + c.recomputed, temporaries_bytes=c.layer_scratch),
+        phase("backward_end", gradients_bytes=c.end_gradients, activations_bytes=c.end_activations + acts.batch_bytes,
+              temporaries_bytes=c.end_scratch),
+        phase("optimizer_step", gradients_bytes=c.gradients, activations_bytes=acts.batch_bytes,
+              temporaries_bytes=c.optimizer_scratch),
+    )
