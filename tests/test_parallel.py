@@ -222,6 +222,9 @@ def test_predicted_per_rank_peak_matches_deepspeed(ds_measured, strategy, method
         TINY, training(method, strategy=strategy), None, SMALL_BUCKETS))
     busiest = max(rank.peak_bytes for rank in ds_measured[(strategy, method)])  # what the planner predicts
     assert abs(predicted / busiest - 1) <= DS_TOLERANCE, (strategy, method, predicted, busiest)
+    # gloo's worker thread can free a collective's tensor a moment late, which inflated ZeRO-2 full's peak at
+    # random (+0.5 % to +1.7 %) until the profiler waited for it after every synchronous collective
+    # (`_deepspeed_collectives_below_tracker`); a late scalar or an overlapped stage-3 buffer can remain.
 
 
 @pytest.mark.parametrize("strategy", DEEPSPEED_STAGES)
