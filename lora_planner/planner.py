@@ -87,8 +87,10 @@ def describe_usable(budget_bytes: int, headroom: float) -> str:
             f"{gib_text(usable_bytes(budget_bytes, headroom))}")
 
 
-def plan_warnings(spec: ModelSpec, training: TrainingSpec, budget: Budget | None = None) -> tuple[str, ...]:
-    """What the user should know about these settings that is not an error (pure; shown by every output)."""
+def plan_warnings(spec: ModelSpec, training: TrainingSpec, budget: Budget | None = None,
+                  methods: tuple[str, ...] | None = None) -> tuple[str, ...]:
+    """What the user should know about these settings that is not an error (pure; shown by every output).
+    `methods`: every method planned (default: the training's)."""
     warnings = []
     limit = spec.max_position_embeddings
     if training.seq_len > limit:
@@ -102,6 +104,11 @@ def plan_warnings(spec: ModelSpec, training: TrainingSpec, budget: Budget | None
         warnings.append(f"{spec.name} attends over a {spec.sliding_window}-token sliding window, shorter than "
                         f"--seq-len {training.seq_len}; transformers then builds an S x S mask and repeats k/v for "
                         "SDPA, which this estimate does not count")
+    if training.resolved_strategy is not None:
+        from lora_planner.parallel.deepspeed import unmodelled_note
+
+        notes = (unmodelled_note(spec, replace(training, method=m)) for m in (methods or (training.method,)))
+        warnings += list(dict.fromkeys(n for n in notes if n))
     if budget is not None and not budget.supports_bf16 and training.compute_dtype == "bf16":
         warnings.append(f"{budget.name} has no bf16 support; use --dtype fp16 or --amp fp16")
     return tuple(warnings)
@@ -175,7 +182,7 @@ def make_plan(spec: ModelSpec, training: TrainingSpec, methods: tuple[str, ...],
     adapted = target_description(spec, lora.target_modules, lora.layers_to_transform)
     return Plan(spec=spec, params=count_params(spec), training=replace(training, method=methods[0]),
                 target_modules=targets, adapted_modules=adapted, methods=plans, budget=budget, overhead=overhead, train_tokens=train_tokens,
-                headroom=headroom, warnings=plan_warnings(spec, training, budget))
+                headroom=headroom, warnings=plan_warnings(spec, training, budget, methods))
 
 
 def plan_to_dict(plan: Plan) -> dict[str, Any]:

@@ -112,3 +112,14 @@ def test_warnings_are_pure_and_in_the_json():
     assert "learned position embeddings" in plan_warnings(resolve_model("gpt2"), TrainingSpec(seq_len=2048))[0]
     plan = make_plan(spec, TrainingSpec(seq_len=200_000), ("lora",))
     assert plan.warnings == (warning,) and plan_to_dict(plan)["warnings"] == [warning]
+
+
+@pytest.mark.parametrize("name, methods, warned", [
+    ("gpt2", ("lora",), True), ("bloom-7b1", ("full", "lora"), True), ("gpt2", ("full",), False),
+    ("llama-2-7b", ("lora",), False),
+])
+def test_deepspeed_zero3_says_what_it_leaves_out(name, methods, warned):
+    """ZeRO-3's saving linear (every frozen linear keeps its input) is modelled for Llama-style layers only."""
+    training = TrainingSpec(gpus=2, strategy="deepspeed-zero3")
+    plan = make_plan(resolve_model(name), training, methods)
+    assert any("zero3_linear_wrap" in w for w in plan.warnings) is warned

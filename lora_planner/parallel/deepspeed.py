@@ -267,6 +267,15 @@ def _zero3_linear_inputs_bytes(spec: ModelSpec, training: TrainingSpec, c: StepC
     return layers, outside
 
 
+def unmodelled_note(spec: ModelSpec, training: TrainingSpec) -> str | None:
+    """What this model leaves out for these settings, to show beside the answer (None: nothing)."""
+    if (training.resolved_strategy == "deepspeed-zero3" and training.method != "full"
+            and spec.family not in NORMS_REGISTERED_LAST - {"phi"}):
+        return (f"deepspeed-zero3 keeps every linear's input (zero3_linear_wrap), frozen ones included; that is "
+                f"modelled for Llama-style layers only, so this {spec.family} estimate is low by those inputs")
+    return None
+
+
 def phases(spec: ModelSpec, training: TrainingSpec, c: StepComponents,
            zero: DeepSpeedZeroConfig = DEFAULT_CONFIG) -> tuple[PhaseMemory, ...]:
     """The busiest rank under `deepspeed-zero1|2|3` (see the module docstring). `c` is ignored:
