@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lora_planner.errors import PlannerInputError, read_json_file
+from lora_planner.errors import PlannerInputError
+from lora_planner.files import MAX_CONFIG_BYTES, read_json_file
 from lora_planner.specs import FAMILIES, ModelSpec
 
 MIB = 2**20

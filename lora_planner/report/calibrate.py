@@ -41,7 +41,8 @@ from pathlib import Path
 from typing import Any
 
 from lora_planner.catalog import GPUS
-from lora_planner.errors import PlannerInputError, read_json_file
+from lora_planner.errors import PlannerInputError
+from lora_planner.files import read_json_file
 from lora_planner.memory import DeviceOverhead, MemoryEstimate, PhaseMemory
 from lora_planner.planner import Plan, fits_on
 
