@@ -2,17 +2,28 @@
 
 Subcommands own their arguments. `lora-plan --model M ...` without a subcommand means `estimate`.
 Heavy modules (rich for tables, torch for profiling) are imported only by the subcommand that needs them.
+
+Exit codes: 0 done; 1 a profile / sweep run was recorded as failed (`"status": "error"`); 2 bad input (one
+line naming the option and the fix: option values are checked by `lora_planner.cli_types`, files by
+`lora_planner.files`); 70 an internal error (a bug: one line, `LORA_PLAN_DEBUG=1` shows the traceback);
+130 interrupted (Ctrl-C; records already written stay); 141 stdout closed early (`| head`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from lora_planner import __version__
 from lora_planner.catalog import model_names, resolve_model
+from lora_planner.cli_types import (
+    MAX_STEPS, MAX_THREADS, MAX_TRAIN_TOKENS, Number, Text, count, fraction, option_error, positive_number,
+)
 from lora_planner.cli_options import (
     add_budget_arguments, add_overhead_arguments, add_seq_len_argument, budget_from_args, overhead_from_args,
 )
@@ -22,20 +33,33 @@ from lora_planner.planner import make_plan, plan_to_dict, refit
 from lora_planner.recommend_cli import add_recommend_arguments, run_recommend_command
 from lora_planner.report import add_calibrate_arguments, add_report_arguments, run_calibrate_command, run_report_command
 from lora_planner.specs import (
-    ATTENTIONS, DEVICES, DTYPES, METHODS, OPTIMIZER_IMPLS, OPTIMIZERS, STRATEGIES, LoraSpec, TrainingSpec,
-    check_choice, check_positive_int,
+    ATTENTIONS, DEVICES, DTYPES, MAX_BATCH_SIZE, MAX_GPUS, MAX_R, METHODS, OPTIMIZER_IMPLS, OPTIMIZERS, STRATEGIES,
+    LoraSpec, TrainingSpec, check_choice,
 )
 from lora_planner.sweep import add_sweep_arguments, run_sweep_command
 
 SUBCOMMANDS = ("estimate", "profile", "recommend", "sweep", "calibrate", "report")
 EXIT_BAD_INPUT = 2
+EXIT_INTERNAL_ERROR = 70  # EX_SOFTWARE (sysexits.h): an unexpected exception, i.e. a bug
+EXIT_INTERRUPTED = 130  # 128 + SIGINT
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a reader that left
 
 
 class _OneLineParser(argparse.ArgumentParser):
-    """argparse prints usage + error on two or more lines; we want one line and exit code 2."""
+    """argparse prints usage + error on two or more lines; we want one line naming the option and exit code 2.
+    Option names must be typed whole (`--mod` is not `--model`): abbreviations are how a typo silently sets
+    another option."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        raise PlannerInputError("arguments", message, f"see `{self.prog} --help`")
+        parsed = option_error(message)
+        if parsed is None:
+            raise PlannerInputError("arguments", message, f"see `{self.prog} --help`")
+        field, problem, fix = parsed
+        raise PlannerInputError(field, problem, fix or f"see `{self.prog} --help`")
 
 
 def _csv(text: str) -> tuple[str, ...]:
@@ -43,53 +67,56 @@ def _csv(text: str) -> tuple[str, ...]:
 
 
 def _add_planner_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=DEFAULT_MODEL,
+    p.add_argument("--model", type=Text("model", "--model llama-3.1-8b"), default=DEFAULT_MODEL,
                    help=f"catalog name ({', '.join(model_names())}), a Hugging Face repo id of one of them, "
                         f"or a path to a config.json (default: {DEFAULT_MODEL})")
-    p.add_argument("--method", default="full,lora,qlora", help="comma list of full, lora, qlora (default: all)")
-    p.add_argument("--r", type=int, default=DEFAULT_R, help=f"LoRA rank (default {DEFAULT_R}, PEFT's)")
-    p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 2r)")
-    p.add_argument("--target", default=None,
+    p.add_argument("--method", type=Text("method", "--method full,lora"), default="full,lora,qlora", help="comma list of full, lora, qlora (default: all)")
+    p.add_argument("--r", type=count("r", "--r 8", MAX_R), default=DEFAULT_R, help=f"LoRA rank (default {DEFAULT_R}, PEFT's)")
+    p.add_argument("--alpha", type=positive_number("alpha", "--alpha 16"), default=None, help="LoRA alpha (default 2r)")
+    p.add_argument("--target", type=Text("target", "--target q_proj,v_proj"), default=None,
                    help="LoRA target modules, comma list of PEFT names, or all-linear "
                         "(default: PEFT's default for the family, e.g. q_proj,v_proj)")
     p.add_argument("--adapter-dtype", choices=("fp32", "base"), default="fp32",
                    help="LoRA weights in fp32 (PEFT's default) or in the base dtype")
-    p.add_argument("--layers-to-transform", default=None,
+    p.add_argument("--layers-to-transform", type=Text("layers-to-transform", "--layers-to-transform 0-3"),
+                   default=None,
                    help="PEFT's layers_to_transform: adapt the targets only in these layers, e.g. 0,1,2 or 24-31")
     p.add_argument("--no-kbit-prep", dest="kbit_prep", action="store_false",
                    help="QLoRA without PEFT's prepare_model_for_kbit_training (which TRL and most recipes "
                         "call, casting embeddings, norms and lm_head to fp32)")
-    p.add_argument("--dtype", default=None,
+    p.add_argument("--dtype", type=Text("dtype", "--dtype bf16"), default=None,
                    help=f"weight dtype: {'|'.join(DTYPES)}, or bfloat16|float16|float32 (default bf16; fp32 with --amp)")
-    p.add_argument("--amp", default=None, help="autocast mixed precision: bf16|fp16 or bfloat16|float16 "
+    p.add_argument("--amp", type=Text("amp", "--amp bf16"), default=None, help="autocast mixed precision: bf16|fp16 or bfloat16|float16 "
                                                "(fp32 master weights)")
-    p.add_argument("--optimizer", default="adamw",
+    p.add_argument("--optimizer", type=Text("optimizer", "--optimizer adamw"), default="adamw",
                    help=f"{'|'.join(OPTIMIZERS)}, or any Hugging Face TrainingArguments optim name (adamw_torch, "
                         "adamw_torch_fused, adamw_8bit, paged_adamw_32bit, lion_8bit, adafactor, sgd, ...; the ones "
                         "not modelled are refused with the reason) (default adamw, fused: the Trainer's default "
                         "adamw_torch_fused)")
-    p.add_argument("--optimizer-impl", default=None,
+    p.add_argument("--optimizer-impl", type=Text("optimizer-impl", "--optimizer-impl fused"), default=None,
                    help=f"{'|'.join(OPTIMIZER_IMPLS)} (default: fused for adamw, as the Hugging Face Trainer's "
                         "adamw_torch_fused on torch >= 2.8; PyTorch's for the other torch optimizers: foreach on "
                         "cuda, for-loop on cpu)")
-    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+    p.add_argument("--batch-size", type=count("batch-size", "--batch-size 4", MAX_BATCH_SIZE),
+                   default=DEFAULT_BATCH_SIZE,
                    help=f"micro-batch size (default {DEFAULT_BATCH_SIZE})")
     add_seq_len_argument(p)
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute layers in backward")
-    p.add_argument("--attention", default="sdpa",
+    p.add_argument("--attention", type=Text("attention", "--attention sdpa"), default="sdpa",
                    help=f"{'|'.join(ATTENTIONS)}, transformers' attn_implementation (default sdpa, transformers' "
                         "default; flash_attention_2 is refused until its kernel is modelled)")
-    p.add_argument("--device", default="cuda", help=f"{'|'.join(DEVICES)} (default cuda)")
-    p.add_argument("--gpus", type=int, default=1, help="data-parallel GPUs; --batch-size is per GPU (default 1)")
-    p.add_argument("--strategy", default=None,
+    p.add_argument("--device", type=Text("device", "--device cuda"), default="cuda", help=f"{'|'.join(DEVICES)} (default cuda)")
+    p.add_argument("--gpus", type=count("gpus", "--gpus 8", MAX_GPUS), default=1, help="data-parallel GPUs; --batch-size is per GPU (default 1)")
+    p.add_argument("--strategy", type=Text("strategy", "--strategy fsdp"), default=None,
                    help=f"how GPUs share model states, one engine each: {'|'.join(STRATEGIES)}; zero1|zero2|zero3 "
                         "are DeepSpeed's stages (deepspeed-zeroN), fsdp is FSDP2 FULL_SHARD, fsdp-grad-op SHARD_GRAD_OP, "
                         "ddp-zero1 DDP + ZeroRedundancyOptimizer (default with --gpus: ddp)")
     add_budget_arguments(p)
     add_overhead_arguments(p)
-    p.add_argument("--mfu", type=float, default=0.4,
+    p.add_argument("--mfu", type=fraction("mfu", "--mfu 0.4", zero=False, one=True), default=0.4,
                    help="model-FLOPs utilisation assumed for step times (default 0.4)")
-    p.add_argument("--train-tokens", default=None, help="also show the time to train on this many tokens, e.g. 1e9")
+    p.add_argument("--train-tokens", type=Number("train-tokens", 1, MAX_TRAIN_TOKENS, "--train-tokens 1e9"),
+                   default=None, help="also show the time to train on this many tokens, e.g. 1e9")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,21 +127,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_planner_options(estimate)
     estimate.add_argument("--json", action="store_true", help="print the plan as JSON")
     estimate.add_argument("--detail", action="store_true", help="also show every phase of each method")
-    estimate.add_argument("--calibration", default=None,
+    estimate.add_argument("--calibration", type=Text("calibration", "--calibration calib.json"), default=None,
                           help="apply a calib.json from `lora-plan calibrate` (default: the uncalibrated planner)")
 
     profile = sub.add_parser("profile", help="run real training steps (full vs LoRA) and compare with the prediction")
     _add_planner_options(profile)
     profile.set_defaults(method="full,lora")
-    profile.add_argument("--backend", default="hf", help="hf (transformers + peft, default) or builtin")
-    profile.add_argument("--mode", default="auto",
+    profile.add_argument("--backend", type=Text("backend", "--backend hf"), default="hf", help="hf (transformers + peft, default) or builtin")
+    profile.add_argument("--mode", type=Text("mode", "--mode cpu"), default="auto",
                          help="auto (cuda if present, else cpu for small models, else fake), cuda, cpu or fake")
-    profile.add_argument("--steps", type=int, default=3, help="measured steps per run (default 3; step 1 creates "
+    profile.add_argument("--steps", type=count("steps", "--steps 3", MAX_STEPS), default=3, help="measured steps per run (default 3; step 1 creates "
                                                                "the optimizer state)")
-    profile.add_argument("--out", default="runs.jsonl", help="JSONL file the records are appended to")
+    profile.add_argument("--out", type=Text("out", "--out runs.jsonl"), default="runs.jsonl", help="JSONL file the records are appended to")
     profile.add_argument("--resume", action="store_true", help="skip runs already recorded in --out")
     profile.add_argument("--json", action="store_true", help="print the records as JSON")
-    profile.add_argument("--threads", type=int, default=None,
+    profile.add_argument("--threads", type=count("threads", "--threads 1", MAX_THREADS), default=None,
                          help="torch CPU threads (default: torch's); 1 is steadier and often faster on a busy machine")
 
     recommend = sub.add_parser("recommend", help="choose method, rank, alpha, micro-batch and checkpointing for a GPU")
@@ -170,15 +197,7 @@ def _methods_from_args(args: argparse.Namespace) -> tuple[str, ...]:
 
 
 def _train_tokens_from_args(args: argparse.Namespace) -> int | None:
-    if args.train_tokens is None:
-        return None
-    try:
-        tokens = int(float(args.train_tokens))
-    except ValueError:
-        tokens = 0
-    if tokens <= 0:
-        raise PlannerInputError("train-tokens", f"cannot read {args.train_tokens!r}", "pass e.g. --train-tokens 1e9")
-    return tokens
+    return None if args.train_tokens is None else int(args.train_tokens)  # a finite number >= 1 (cli_types)
 
 
 def run_estimate(args: argparse.Namespace) -> int:
@@ -187,8 +206,6 @@ def run_estimate(args: argparse.Namespace) -> int:
     training = _training_from_args(args, methods[0])
     for method in methods[1:]:
         _training_from_args(args, method)  # validate every method's settings before computing
-    if not 0 < args.mfu <= 1:
-        raise PlannerInputError("mfu", f"must be in (0, 1], got {args.mfu}", "pass e.g. --mfu 0.4")
     plan = make_plan(spec, training, methods, budget_from_args(args), overhead_from_args(args), mfu=args.mfu,
                      train_tokens=_train_tokens_from_args(args), headroom=args.headroom)
     calibration = None
@@ -218,14 +235,11 @@ def run_profile_command(args: argparse.Namespace) -> int:
     trainings = [_training_from_args(args, method) for method in methods]
     check_choice("backend", args.backend, ("builtin", "hf"))
     check_choice("mode", args.mode, ("auto", "cuda", "cpu", "fake"))
-    check_positive_int("steps", args.steps)
     try:
         from lora_planner.profiler.session import profile_session
     except ImportError as err:
         raise PlannerInputError("profile", f"profiling needs torch ({err.name} is missing)",
                                 'pip install torch==2.13.0 && pip install -e ".[profile]"') from None
-    if args.threads is not None:
-        check_positive_int("threads", args.threads)
     return profile_session(args.model, spec, trainings, backend=args.backend, mode=args.mode, steps=args.steps,
                            out=args.out, resume=args.resume, as_json=args.json, threads=args.threads)
 
@@ -244,6 +258,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     except SystemExit as exit_:  # --help / --version
         return int(exit_.code or 0)
+    except KeyboardInterrupt:  # profile / sweep say what was kept themselves; the rest computes nothing durable
+        print("lora-plan: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # `lora-plan ... | head`: the reader left; nothing to report
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
+    except Exception as err:  # noqa: BLE001 - a bug: one line and a distinct exit code, never a traceback
+        if os.environ.get("LORA_PLAN_DEBUG"):
+            raise
+        print(f"lora-plan: internal error: {type(err).__name__}: {str(err)[:300]} (a bug: please report it with "
+              "the command line; LORA_PLAN_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return EXIT_INTERNAL_ERROR
+
+
+def _silence_stdout() -> None:
+    """After a broken pipe, point stdout at /dev/null so the interpreter's final flush does not complain."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
 
 
 if __name__ == "__main__":

@@ -6,35 +6,40 @@ from __future__ import annotations
 import argparse
 
 from lora_planner.catalog import GPUS, parse_memory_size
+from lora_planner.cli_types import Number, Text, count, fraction
 from lora_planner.defaults import (
     DEFAULT_ALLOCATOR_OVERHEAD, DEFAULT_CUDA_CONTEXT, DEFAULT_HEADROOM, DEFAULT_SEQ_LEN,
 )
-from lora_planner.errors import PlannerInputError
-from lora_planner.memory import DeviceOverhead
+from lora_planner.memory import MAX_ALLOCATOR_FRACTION, DeviceOverhead
 from lora_planner.planner import Budget, budget_from_options, usable_bytes
+from lora_planner.specs import MAX_SEQ_LEN
+
+ALLOCATOR_OVERHEAD = Number("allocator-overhead", 0.0, MAX_ALLOCATOR_FRACTION, "--allocator-overhead 0.05",
+                            high_open=True)
 
 
 def add_seq_len_argument(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN,
+    p.add_argument("--seq-len", type=count("seq-len", "--seq-len 2048", MAX_SEQ_LEN), default=DEFAULT_SEQ_LEN,
                    help=f"tokens per sequence (default {DEFAULT_SEQ_LEN}, TRL's SFT max_length)")
 
 
 def add_budget_arguments(p: argparse.ArgumentParser) -> None:
     """--gpu, --gpu-mem (either, or both: that GPU with another memory size) and --headroom."""
-    p.add_argument("--gpu", default=None,
+    p.add_argument("--gpu", type=Text("gpu", "--gpu a100-80gb"), default=None,
                    help=f"GPU to fit in: {', '.join(GPUS)}; with --gpu-mem, its FLOP/s, bandwidth and bf16 support "
                         "and the memory of --gpu-mem (e.g. a 94 GB H100 NVL, a MIG slice)")
-    p.add_argument("--gpu-mem", default=None,
+    p.add_argument("--gpu-mem", type=Text("gpu-mem", "--gpu-mem 24GiB"), default=None,
                    help="memory per GPU, e.g. 24GiB (binary, 2^30 bytes) or 80GB (decimal, 10^9 bytes: 74.51 GiB)")
-    p.add_argument("--headroom", type=float, default=DEFAULT_HEADROOM,
+    p.add_argument("--headroom", type=fraction("headroom", "--headroom 0.1", zero=True, one=False),
+                   default=DEFAULT_HEADROOM,
                    help=f"fraction of each GPU's memory kept free: usable = budget x (1 - headroom), in [0, 1) "
                         f"(default {DEFAULT_HEADROOM:g})")
 
 
 def add_overhead_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--cuda-context", default=DEFAULT_CUDA_CONTEXT,
+    p.add_argument("--cuda-context", type=Text("cuda-context", "--cuda-context 512MiB"), default=DEFAULT_CUDA_CONTEXT,
                    help=f"CUDA context + library workspaces outside the allocator (default {DEFAULT_CUDA_CONTEXT})")
-    p.add_argument("--allocator-overhead", type=float, default=DEFAULT_ALLOCATOR_OVERHEAD,
+    p.add_argument("--allocator-overhead", type=ALLOCATOR_OVERHEAD, default=DEFAULT_ALLOCATOR_OVERHEAD,
                    help="caching-allocator reserve as a fraction of the allocated peak "
                         f"(default {DEFAULT_ALLOCATOR_OVERHEAD:g})")
 
@@ -46,8 +51,5 @@ def budget_from_args(args: argparse.Namespace) -> Budget | None:
 
 
 def overhead_from_args(args: argparse.Namespace) -> DeviceOverhead:
-    if not 0 <= args.allocator_overhead < 10:
-        raise PlannerInputError("allocator-overhead", f"must be a fraction >= 0, got {args.allocator_overhead}",
-                                "pass e.g. 0.05")
     return DeviceOverhead(cuda_context_bytes=parse_memory_size(args.cuda_context, "cuda-context"),
                           allocator_fraction=args.allocator_overhead)

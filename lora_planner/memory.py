@@ -38,10 +38,12 @@ transformers implementations of the supported families (see `activations`).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from math import ceil
 
 from lora_planner.activations import ActivationProfile
+from lora_planner.errors import PlannerInputError
 from lora_planner.params import count_params
 from lora_planner.parallel import sharded_phases
 from lora_planner.specs import ModelSpec, TrainingSpec
@@ -50,6 +52,11 @@ from lora_planner.step import (  # noqa: F401 (the step's pieces, re-exported: c
     layer_trainable_bytes, nf4_bytes, single_gpu_phases, step_components, trainable_groups, trainable_totals,
 )
 
+# Bounds of the device overhead settings (flags and calibration files): a CUDA context is ~0.3-1 GiB; the
+# caching allocator's reserve is measured at a few % to ~30 % of the peak, never ten times it.
+MAX_CUDA_CONTEXT_BYTES = 2**40
+MAX_ALLOCATOR_FRACTION = 10.0
+
 
 @dataclass(frozen=True)
 class DeviceOverhead:
@@ -57,6 +64,19 @@ class DeviceOverhead:
 
     cuda_context_bytes: int = 512 * MIB  # CUDA context + cuBLAS/cuDNN workspaces, typical for torch 2.x
     allocator_fraction: float = 0.05  # reserved/allocated - 1 for a training loop without memory churn
+
+    def __post_init__(self) -> None:
+        """Checked like user input: they come from flags and from calibration files."""
+        context = self.cuda_context_bytes
+        if isinstance(context, bool) or not isinstance(context, int) or not 0 <= context < MAX_CUDA_CONTEXT_BYTES:
+            raise PlannerInputError("cuda-context", f"must be a size in [0, 1 TiB), got {context!r} bytes",
+                                    "pass e.g. --cuda-context 512MiB")
+        fraction = self.allocator_fraction
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not math.isfinite(fraction) \
+                or not 0 <= fraction < MAX_ALLOCATOR_FRACTION:
+            raise PlannerInputError("allocator-overhead",
+                                    f"must be a fraction in [0, {MAX_ALLOCATOR_FRACTION:g}), got {fraction!r}",
+                                    "pass e.g. --allocator-overhead 0.05")
 
     def bytes_for(self, peak_allocated_bytes: int, device: str) -> int:
         if device != "cuda":

@@ -59,8 +59,8 @@ class Module:
 
     @property
     def params_each(self) -> int:
-        if self.tied:
-            return 0
+        if self.tied:  # the weight is another module's; a bias stays its own (Phi's lm_head, tied)
+            return self.out_features if self.bias else 0
         if self.kind == "norm":
             return self.out_features * (2 if self.bias else 1)
         return self.in_features * self.out_features + (self.out_features if self.bias else 0)
@@ -184,8 +184,29 @@ def rotary_dim(spec: ModelSpec) -> int:
 
 def buffer_numel(spec: ModelSpec) -> int:
     """Elements of the model's buffers, stored in the model dtype: RoPE's `inv_freq` and
-    `original_inv_freq` (rotary_dim / 2 each) and Gemma's scalar `embed_scale`."""
-    return 2 * (rotary_dim(spec) // 2) + (1 if spec.family == "gemma" else 0)
+    `original_inv_freq` (`torch.arange(0, rotary_dim, 2)`: ceil(rotary_dim / 2) each) and Gemma's scalar
+    `embed_scale`."""
+    return 2 * ((rotary_dim(spec) + 1) // 2) + (1 if spec.family == "gemma" else 0)
+
+
+# Families whose positions are a learned table (GPT-2's `wpe`); the others use RoPE (extrapolates past
+# max_position_embeddings) or ALiBi (BLOOM: no table at all).
+LEARNED_POSITION_FAMILIES = ("gpt2",)
+
+
+def check_sequence_length(spec: ModelSpec, seq_len: int) -> None:
+    """Refuse a sequence longer than a learned position table: transformers 5.24 models/gpt2/modeling_gpt2.py
+    GPT2Model builds `wpe = nn.Embedding(config.max_position_embeddings, ...)` and looks up
+    `position_ids = arange(seq_len)`, so position max_position_embeddings has no row (IndexError on the CPU, a
+    device-side assert on CUDA). RoPE families run longer sequences (the rotation extrapolates; `plan_warnings`
+    says so), BLOOM's ALiBi has no limit. Called wherever a ModelSpec meets a TrainingSpec
+    (`lora_planner.step.step_components`), so every estimate, plan, sweep and recommendation gets it."""
+    limit = spec.max_position_embeddings
+    if spec.family in LEARNED_POSITION_FAMILIES and seq_len > limit:
+        raise PlannerInputError(
+            "seq_len", f"{seq_len:,} tokens is longer than {spec.name}'s learned position table "
+                       f"(max_position_embeddings / n_positions {limit:,}); transformers' GPT2Model fails on position "
+                       f"{limit:,} (IndexError)", f"use --seq-len <= {limit:,}")
 
 
 @dataclass(frozen=True)

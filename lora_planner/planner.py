@@ -93,13 +93,10 @@ def plan_warnings(spec: ModelSpec, training: TrainingSpec, budget: Budget | None
     `methods`: every method planned (default: the training's)."""
     warnings = []
     limit = spec.max_position_embeddings
-    if training.seq_len > limit:
-        why = ("its learned position embeddings have no row past it, so the forward fails"
-               if spec.family == "gpt2" else
-               "the model saw no longer sequences in pre-training: use RoPE scaling (rope_scaling in config.json) "
-               "or expect worse quality")
+    if training.seq_len > limit:  # learned position tables (GPT-2) refuse it: params.check_sequence_length
         warnings.append(f"--seq-len {training.seq_len} is above {spec.name}'s max_position_embeddings {limit}: "
-                        f"{why}; the memory estimate is for the length asked")
+                        "the model saw no longer sequences in pre-training: use RoPE scaling (rope_scaling in "
+                        "config.json) or expect worse quality; the memory estimate is for the length asked")
     if spec.sliding_window and training.seq_len > spec.sliding_window:
         warnings.append(f"{spec.name} attends over a {spec.sliding_window}-token sliding window, shorter than "
                         f"--seq-len {training.seq_len}; transformers then builds an S x S mask and repeats k/v for "

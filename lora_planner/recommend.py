@@ -51,7 +51,9 @@ from lora_planner.defaults import DEFAULT_GLOBAL_BATCH, DEFAULT_HEADROOM, DEFAUL
 from lora_planner.planner import (
     Budget, describe_budget, describe_usable, fits, fits_on, plan_warnings, usable_bytes,
 )
-from lora_planner.specs import METHODS, ModelSpec, TrainingSpec, check_positive_int
+from lora_planner.specs import (
+    MAX_BATCH_SIZE, MAX_GPUS, MAX_R, METHODS, ModelSpec, TrainingSpec, check_positive_int,
+)
 
 GIB = 2**30
 RANK_LADDER: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -61,6 +63,7 @@ METHOD_NAMES = {"full": "full fine-tuning", "lora": "LoRA", "qlora": "QLoRA"}
 METHOD_TITLES = {"full": "Full fine-tuning", "lora": "LoRA", "qlora": "QLoRA"}
 PEAK_TOLERANCE = 0.01  # of the usable memory: peaks closer than this count as equal in the alternatives
 MAX_MICRO_BATCH = 1 << 16  # search limit: a micro-batch this large is "as large as you like"
+MAX_GLOBAL_BATCH = 1 << 30  # sequences per optimizer step: far above any published run (~10^4-10^5)
 
 
 def gib(n: int | float) -> str:
@@ -92,9 +95,9 @@ class RecommendRequest:
     calibration: dict | None = field(default=None, compare=False)  # a calib.json: every estimate applies it
 
     def __post_init__(self) -> None:
-        check_positive_int("gpus", self.gpus)
-        check_positive_int("global-batch", self.global_batch)
-        check_positive_int("min-micro-batch", self.min_micro_batch)
+        check_positive_int("gpus", self.gpus, MAX_GPUS)
+        check_positive_int("global-batch", self.global_batch, MAX_GLOBAL_BATCH)
+        check_positive_int("min-micro-batch", self.min_micro_batch, MAX_BATCH_SIZE)
         if isinstance(self.headroom, bool) or not isinstance(self.headroom, (int, float)) \
                 or not 0 <= self.headroom < 1:
             raise PlannerInputError("headroom", f"must be a fraction in [0, 1), got {self.headroom!r}",
@@ -107,11 +110,13 @@ class RecommendRequest:
                     raise PlannerInputError("methods", f"unknown method {method!r}",
                                             f"use a comma list of {', '.join(METHODS)}")
         if self.r is not None:
-            check_positive_int("r", self.r)
+            check_positive_int("r", self.r, MAX_R)
             if self.trainable_fraction is not None:
                 raise PlannerInputError("r", "--r and --trainable-fraction both given",
                                         "pass one of them (the fraction chooses r)")
-        if self.trainable_fraction is not None and not 0 < self.trainable_fraction < 1:
+        if self.trainable_fraction is not None and (
+                isinstance(self.trainable_fraction, bool) or not isinstance(self.trainable_fraction, (int, float))
+                or not 0 < self.trainable_fraction < 1):
             raise PlannerInputError("trainable-fraction", f"must be in (0, 1), got {self.trainable_fraction}",
                                     "pass e.g. 0.05")
 

@@ -10,19 +10,21 @@ from dataclasses import replace
 from typing import Any
 
 from lora_planner.catalog import model_names, resolve_model
+from lora_planner.cli_types import Text, count, fraction, positive_number
 from lora_planner.cli_options import (
     add_budget_arguments, add_overhead_arguments, add_seq_len_argument, budget_from_args, overhead_from_args,
 )
 from lora_planner.defaults import DEFAULT_GLOBAL_BATCH, DEFAULT_R
 from lora_planner.errors import PlannerInputError
-from lora_planner.memory import estimate_memory
+from lora_planner.memory import estimate_memory, trainable_totals
 from lora_planner.planner import SCHEMA_VERSION, fits
 from lora_planner.recommend import (  # noqa: F401 (VERIFY_TOLERANCE: re-exported for callers)
-    MAX_MICRO_BATCH, VERIFY_TOLERANCE, Candidate, Recommendation, RecommendRequest, Verification, VerifyRun,
+    MAX_GLOBAL_BATCH, MAX_MICRO_BATCH, VERIFY_TOLERANCE, Candidate, Recommendation, RecommendRequest, Verification, VerifyRun,
     recommend, training_for,
 )
 from lora_planner.specs import (
-    ATTENTIONS, DEVICES, DTYPES, OPTIMIZER_IMPLS, OPTIMIZERS, STRATEGIES, STRATEGY_NAMES, LoraSpec, TrainingSpec, check_choice,
+    ATTENTIONS, DEVICES, DTYPES, MAX_BATCH_SIZE, MAX_GPUS, MAX_R, OPTIMIZER_IMPLS, OPTIMIZERS, STRATEGIES,
+    STRATEGY_NAMES, LoraSpec, TrainingSpec, check_choice,
 )
 
 
@@ -117,21 +119,30 @@ def verify(rec: Recommendation, model_name: str | None = None) -> Verification:
     except ImportError as err:
         return Verification(runs=(), skipped=f"profiling needs torch, transformers and peft ({err.name} is missing)",
                             **common)
+    strategy = training_for(req, c.method, c.r, c.grad_checkpointing, c.micro_batch_size).resolved_strategy
+    if strategy not in (None, "ddp"):
+        return Verification(runs=(), skipped=f"--verify replays one GPU's step under fake tensors, and {strategy} "
+                                             "divides model states over ranks, which takes real processes: measure "
+                                             f"it with `lora-plan profile --gpus {req.gpus} --strategy {strategy} "
+                                             "--mode cpu` on a small config", **common)
     micros = [("recommended", c.micro_batch_size)]
     if 0 < c.max_micro_batch_size < MAX_MICRO_BATCH:
         micros.append(("next micro-batch", c.max_micro_batch_size + 1))
     runs = []
     for label, micro in micros:
         device_step = training_for(req, c.method, c.r, c.grad_checkpointing, micro, rec.alpha)
-        # Fake tensors are CPU tensors: replay on the CPU with the optimizer implementation the device uses.
-        cpu_step = replace(device_step, device="cpu", optimizer_impl=device_step.resolved_optimizer_impl)
+        # One rank of DDP is one GPU's step plus the reducer's buckets (lora_planner.parallel.ddp): replay the
+        # one-GPU step and add the buckets. Fake tensors are CPU tensors: replay on the CPU with the optimizer
+        # implementation the device uses.
+        one_gpu = replace(device_step, gpus=1, strategy=None)
+        cpu_step = replace(one_gpu, device="cpu", optimizer_impl=one_gpu.resolved_optimizer_impl)
         record = run_profile(ProfileRequest(model=model_name or req.spec.name, spec=req.spec, training=cpu_step,
                                             backend="hf", mode="fake", steps=VERIFY_STEPS))
         predicted = record["predicted"]["peak_bytes"]
         measured = record["measured"]["peak_bytes"] if record["status"] == "ok" else None
-        on_device = estimate_memory(req.spec, device_step, req.overhead)
+        on_device = estimate_memory(req.spec, one_gpu, req.overhead)
         extra = predicted - on_device.peak_allocated_bytes
-        ddp = on_device.phases[-1].breakdown.gradients_bytes if req.gpus > 1 else 0
+        ddp = trainable_totals(req.spec, device_step)[1] if strategy == "ddp" else 0
         allocated = (measured if measured is not None else predicted) - extra + ddp
         added = ddp + req.overhead.bytes_for(allocated, req.training.device)
         runs.append(VerifyRun(label=label, micro_batch_size=micro, status=record["status"],
@@ -160,42 +171,45 @@ def verification_to_dict(v: Verification) -> dict[str, Any]:
 
 def add_recommend_arguments(p: argparse.ArgumentParser) -> None:
     """The `recommend` subcommand's options (registered by `lora_planner.cli`)."""
-    p.add_argument("--model", required=True,
+    p.add_argument("--model", type=Text("model", "--model llama-3.1-8b"), required=True,
                    help=f"catalog name ({', '.join(model_names())}), a Hugging Face repo id of one of them, "
                         "or a path to a config.json")
     add_budget_arguments(p)  # --gpu and / or --gpu-mem (one is required), --headroom
-    p.add_argument("--gpus", type=int, default=1, help="data-parallel GPUs (default 1)")
-    p.add_argument("--strategy", default=None,
+    p.add_argument("--gpus", type=count("gpus", "--gpus 8", MAX_GPUS), default=1, help="data-parallel GPUs (default 1)")
+    p.add_argument("--strategy", type=Text("strategy", "--strategy fsdp"), default=None,
                    help=f"{', '.join(STRATEGIES)} (zero1|zero2|zero3: DeepSpeed's stages) (default with --gpus: "
                         "the first of ddp, ddp-zero1, fsdp that gives the best configuration)")
     add_seq_len_argument(p)
-    p.add_argument("--global-batch", type=int, default=DEFAULT_GLOBAL_BATCH,
+    p.add_argument("--global-batch", type=count("global-batch", "--global-batch 32", MAX_GLOBAL_BATCH),
+                   default=DEFAULT_GLOBAL_BATCH,
                    help="sequences per optimizer step = micro-batch x GPUs x accumulation steps "
                         f"(default {DEFAULT_GLOBAL_BATCH})")
-    p.add_argument("--methods", "--method", dest="methods", default=None,
+    p.add_argument("--methods", "--method", dest="methods", type=Text("methods", "--methods lora,qlora"), default=None,
                    help="allowed methods, comma list of full, lora, qlora (default: all that apply)")
-    p.add_argument("--target", default=None,
+    p.add_argument("--target", type=Text("target", "--target q_proj,v_proj"), default=None,
                    help="LoRA target modules, comma list of PEFT names, or all-linear "
                         "(default: PEFT's default for the family, e.g. q_proj,v_proj)")
     rank = p.add_mutually_exclusive_group()
-    rank.add_argument("--r", type=int, default=None, help=f"LoRA rank (default {DEFAULT_R}, lower only if needed)")
-    rank.add_argument("--trainable-fraction", type=float, default=None,
+    rank.add_argument("--r", type=count("r", "--r 8", MAX_R), default=None, help=f"LoRA rank (default {DEFAULT_R}, lower only if needed)")
+    rank.add_argument("--trainable-fraction", type=fraction("trainable-fraction", "--trainable-fraction 0.05",
+                                                            zero=False, one=False), default=None,
                       help="choose r so that the adapters train this fraction of the model, e.g. 0.05")
-    p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 2r)")
+    p.add_argument("--alpha", type=positive_number("alpha", "--alpha 16"), default=None, help="LoRA alpha (default 2r)")
     p.add_argument("--adapter-dtype", choices=("fp32", "base"), default="fp32",
                    help="LoRA weights in fp32 (PEFT's default) or in the base dtype")
-    p.add_argument("--calibration", default=None,
+    p.add_argument("--calibration", type=Text("calibration", "--calibration calib.json"), default=None,
                    help="a calib.json from `lora-plan calibrate`: every prediction of the search applies it")
-    p.add_argument("--min-micro-batch", type=int, default=1,
+    p.add_argument("--min-micro-batch", type=count("min-micro-batch", "--min-micro-batch 4", MAX_BATCH_SIZE),
+                   default=1,
                    help="smallest micro-batch to accept; checkpointing is turned on only if it does not fit "
                         "without (default 1)")
-    p.add_argument("--dtype", default=None, help=f"weight dtype: {'|'.join(DTYPES)} (default bf16; fp32 with --amp)")
-    p.add_argument("--amp", default=None, help="autocast mixed precision: bf16|fp16 (fp32 master weights)")
-    p.add_argument("--optimizer", default="adamw", help=f"{'|'.join(OPTIMIZERS)} (default adamw)")
-    p.add_argument("--optimizer-impl", default=None,
+    p.add_argument("--dtype", type=Text("dtype", "--dtype bf16"), default=None, help=f"weight dtype: {'|'.join(DTYPES)} (default bf16; fp32 with --amp)")
+    p.add_argument("--amp", type=Text("amp", "--amp bf16"), default=None, help="autocast mixed precision: bf16|fp16 (fp32 master weights)")
+    p.add_argument("--optimizer", type=Text("optimizer", "--optimizer adamw"), default="adamw", help=f"{'|'.join(OPTIMIZERS)} (default adamw)")
+    p.add_argument("--optimizer-impl", type=Text("optimizer-impl", "--optimizer-impl fused"), default=None,
                    help=f"{'|'.join(OPTIMIZER_IMPLS)} (default: PyTorch's, foreach on cuda, for-loop on cpu)")
-    p.add_argument("--attention", default="sdpa", help=f"{'|'.join(ATTENTIONS)} (default sdpa)")
-    p.add_argument("--device", default="cuda", help=f"{'|'.join(DEVICES)} (default cuda)")
+    p.add_argument("--attention", type=Text("attention", "--attention sdpa"), default="sdpa", help=f"{'|'.join(ATTENTIONS)} (default sdpa)")
+    p.add_argument("--device", type=Text("device", "--device cuda"), default="cuda", help=f"{'|'.join(DEVICES)} (default cuda)")
     add_overhead_arguments(p)
     p.add_argument("--verify", action="store_true",
                    help="replay the recommended step and the next micro-batch under fake tensors (needs torch)")

@@ -8,6 +8,7 @@ trust its inputs; errors are `PlannerInputError`s that name the field and the fi
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
@@ -56,9 +57,40 @@ def check_choice(field_name: str, value: object, choices: tuple[str, ...]) -> No
         raise PlannerInputError(field_name, f"unknown value {value!r}", f"use one of {', '.join(choices)}")
 
 
-def check_positive_int(field_name: str, value: object) -> None:
+# Bounds of the step's sizes, far above any real run, so that absurd input is refused with one line instead of
+# overflowing or running for hours (the CLI's types, `lora_planner.cli_types`, use the same constants).
+MAX_R = 2**16  # PEFT ranks in use stop at a few thousand; a rank is also bounded by the layer's width
+MAX_BATCH_SIZE = 2**20  # sequences per micro-batch
+MAX_SEQ_LEN = 2**24  # 16.8 M tokens per sequence: above the longest context windows published (10 M)
+MAX_GPUS = 2**20  # data-parallel ranks: ~10x the largest training clusters built
+
+
+def check_positive_int(field_name: str, value: object, maximum: int | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise PlannerInputError(field_name, f"must be a positive integer, got {value!r}", "pass a value >= 1")
+    if maximum is not None and value > maximum:
+        shown = f"{value:.3g}" if value >= 10**12 else f"{value:,}"
+        raise PlannerInputError(field_name, f"must be at most {maximum:,}, got {shown}",
+                                f"pass a value in [1, {maximum:,}]")
+
+
+# Largest sizes a ModelSpec may have, each far above any released model (the largest today: Llama-3.1-405B's
+# 126 layers, 16,384 hidden, 53,248 MLP width and 128 heads; Gemma's 256k vocabulary; Llama 4 Scout's 10M-token
+# context), so that absurd config values (10**12 layers, a 10**15 vocabulary) are refused in one line instead
+# of making per-layer loops run for hours or sizes overflow downstream float arithmetic.
+MAX_LAYERS = 2**14  # 16,384 decoder layers
+MAX_WIDTH = 2**20  # hidden_size, intermediate_size, head_dim: 1,048,576 channels
+MAX_HEADS = 2**16  # attention and key/value heads
+MAX_VOCAB = 2**24  # 16.8 M tokens
+MAX_POSITIONS = 2**26  # max_position_embeddings: 67 M tokens
+MODEL_SIZE_LIMITS: dict[str, int] = {
+    "vocab_size": MAX_VOCAB, "hidden_size": MAX_WIDTH, "num_layers": MAX_LAYERS, "num_heads": MAX_HEADS,
+    "num_kv_heads": MAX_HEADS, "head_dim": MAX_WIDTH, "intermediate_size": MAX_WIDTH,
+    "max_position_embeddings": MAX_POSITIONS,
+}
+# ModelSpec fields -> the config.json keys errors name (Llama spelling; GPT-2 / BLOOM readers rename them).
+MODEL_CONFIG_KEYS: dict[str, str] = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
+                                     "num_kv_heads": "num_key_value_heads"}
 
 
 @dataclass(frozen=True)
@@ -68,6 +100,10 @@ class ModelSpec:
     Family conventions (module names and layout) follow the Hugging Face `transformers` classes:
     llama/mistral/qwen2/gemma share the Llama layout (separate q/k/v/o, gated MLP, RMSNorm), phi has
     LayerNorm, parallel attention+MLP and a biased lm_head, gpt2 and bloom fuse q/k/v into one matrix.
+
+    Construction validates: every size a positive integer at most its `MODEL_SIZE_LIMITS` bound, dropouts in
+    [0, 1], `partial_rotary_factor` in (0, 1], `sliding_window` None or positive, the flags bools, and
+    num_kv_heads dividing num_heads. Errors name the config.json key (num_hidden_layers, not num_layers).
     """
 
     name: str
@@ -95,9 +131,31 @@ class ModelSpec:
 
     def __post_init__(self) -> None:
         check_choice("model_type", self.family, FAMILIES)
-        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
-                     "intermediate_size", "max_position_embeddings"):
-            check_positive_int(name, getattr(self, name))
+        for name, maximum in MODEL_SIZE_LIMITS.items():
+            key = MODEL_CONFIG_KEYS.get(name, name)
+            check_positive_int(key, getattr(self, name))
+            if getattr(self, name) > maximum:
+                value = getattr(self, name)
+                shown = f"{value:.3g}" if value >= 10**12 else f"{value:,}"
+                raise PlannerInputError(key, f"{shown} is above the planner's limit of {maximum:,}, far beyond any "
+                                             "released model", f"check the config.json (at most {maximum:,})")
+        for name in ("dropout", "embedding_dropout", "attention_dropout"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                    math.isfinite(value) and 0 <= value <= 1):
+                raise PlannerInputError(name, f"must be a dropout probability in [0, 1], got {value!r}",
+                                        "use e.g. 0.0 or 0.1")
+        prf = self.partial_rotary_factor
+        if isinstance(prf, bool) or not isinstance(prf, (int, float)) or not (math.isfinite(prf) and 0 < prf <= 1):
+            raise PlannerInputError("partial_rotary_factor", f"must be a fraction in (0, 1], got {prf!r}",
+                                    "use e.g. 0.5, or 1.0 for RoPE on the whole head")
+        if self.sliding_window is not None:
+            check_positive_int("sliding_window", self.sliding_window)
+        for name in ("tie_word_embeddings", "attention_bias", "attention_out_bias", "mlp_bias", "lm_head_bias",
+                     "qk_layernorm"):
+            if not isinstance(getattr(self, name), bool):
+                raise PlannerInputError(name, f"must be true or false, got {getattr(self, name)!r}",
+                                        "use a bool")
         if self.num_heads % self.num_kv_heads:
             raise PlannerInputError(
                 "num_key_value_heads",
@@ -135,8 +193,9 @@ class LoraSpec:
     layers_to_transform: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
-        check_positive_int("r", self.r)
-        if self.alpha is not None and not self.alpha > 0:
+        check_positive_int("r", self.r, MAX_R)
+        if self.alpha is not None and (isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float))
+                                       or not math.isfinite(self.alpha) or not self.alpha > 0):
             raise PlannerInputError("alpha", f"must be positive, got {self.alpha!r}", "pass e.g. --alpha 16")
         if self.target_modules is not None and (
                 not self.target_modules or any(not t.strip() for t in self.target_modules)):
@@ -191,9 +250,9 @@ class TrainingSpec:
         check_choice("method", self.method, METHODS)
         check_choice("device", self.device, DEVICES)
         self._normalize_spellings()
-        check_positive_int("batch_size", self.batch_size)
-        check_positive_int("seq_len", self.seq_len)
-        check_positive_int("gpus", self.gpus)
+        check_positive_int("batch_size", self.batch_size, MAX_BATCH_SIZE)
+        check_positive_int("seq_len", self.seq_len, MAX_SEQ_LEN)
+        check_positive_int("gpus", self.gpus, MAX_GPUS)
         if self.strategy is not None:
             check_choice("strategy", self.strategy, STRATEGY_NAMES)
             if self.gpus == 1:

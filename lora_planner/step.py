@@ -15,7 +15,9 @@ from typing import Literal, get_args
 
 from lora_planner.activations import ActivationProfile, activation_profile
 from lora_planner.optimizers import TensorGroup, optimizer_scratch_bytes, optimizer_state_bytes
-from lora_planner.params import Module, adapted_layers, buffer_numel, is_per_layer, lora_params, module_inventory
+from lora_planner.params import (
+    Module, adapted_layers, buffer_numel, check_sequence_length, is_per_layer, lora_params, module_inventory,
+)
 from lora_planner.specs import BYTES_PER_ELEMENT, LoraSpec, ModelSpec, TrainingSpec
 
 Phase = Literal["forward_start", "forward_end", "backward_start", "backward_layers", "backward_end",
@@ -205,6 +207,7 @@ class StepComponents:
 
 def step_components(spec: ModelSpec, training: TrainingSpec) -> StepComponents:
     """Weights, gradients, optimizer state and activations of one step on one GPU."""
+    check_sequence_length(spec, training.seq_len)  # GPT-2's learned positions end at n_positions
     modules = module_inventory(spec)
     groups = trainable_groups(spec, training)
     _, trainable_bytes = trainable_totals(spec, training)

@@ -41,11 +41,15 @@ is a `PlannerInputError` naming the block and the key. A run's identity is the p
 (`ProfileRequest.key`): `--resume` skips keys already in the output file. The key holds the model's
 label, not its config: give a changed inline config a new label.
 
-Running: each record is appended (and fsynced) the moment its run finishes, out-of-memory and failed
-runs are recorded (`status` "oom" / "error") and the sweep goes on, Ctrl-C stops after the records
-already written (exit 130). Records of a sweep carry a `sweep` object (grid, model source, target
-set, precision, torch CPU threads) and, for runs whose step was tracked, `measured.phases`: the steady-state step's
-peak and end-of-phase bytes for forward, backward, optimizer_step and zero_grad.
+Running: `--out` is checked before the first run (`files.check_output_file`); each record is appended
+(and fsynced) the moment its run finishes, out-of-memory and failed runs are recorded (`status` "oom" /
+"error") and the sweep goes on, Ctrl-C stops after the records already written (exit 130). A record that
+cannot be appended after all (disk full, the file replaced meanwhile) is kept on stderr and in a fallback
+file (`profiler.records.RecordWriter`), as are the later ones; the sweep goes on and exits 1.
+
+Records of a sweep carry a `sweep` object (grid, model source, target set, precision, torch CPU threads)
+and, for runs whose step was tracked, `measured.phases`: the steady-state step's peak and end-of-phase
+bytes for forward, backward, optimizer_step and zero_grad.
 """
 
 from __future__ import annotations
@@ -59,7 +63,9 @@ from pathlib import Path
 from typing import Any
 
 from lora_planner.catalog import load_config_json, resolve_model, spec_from_config
+from lora_planner.cli_types import MAX_THREADS, Text, count
 from lora_planner.errors import PlannerInputError
+from lora_planner.files import check_output_file, read_user_text
 from lora_planner.params import lora_params, resolve_targets
 from lora_planner.specs import LoraSpec, ModelSpec, TrainingSpec
 
@@ -313,11 +319,7 @@ def _expand_block(where: str, label: str, spec: ModelSpec, source: dict[str, Any
 
 def load_grid(path: str | Path) -> Grid:
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise PlannerInputError("grid", f"cannot read {path} ({getattr(err, 'strerror', None) or err})",
-                                "pass a TOML grid file, e.g. experiments/grids/cpu_validation.toml") from None
+    text = read_user_text(path, "grid", "pass a TOML grid file, e.g. experiments/grids/cpu_validation.toml")
     return parse_grid(text, name=path.stem, base_dir=path.parent, path=str(path))
 
 
@@ -331,6 +333,9 @@ class SweepResult:
     finished: list[dict[str, Any]] = field(default_factory=list)  # records written by this call
     not_started: int = 0  # left by --limit or Ctrl-C
     interrupted: bool = False
+    kept: int = 0  # records that could not be appended to --out (on stderr and in `fallback`)
+    fallback: Path | None = None
+    kept_summary: str | None = None  # one line saying where the kept records are
 
     def counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -366,12 +371,12 @@ def run_sweep(grid: Grid, out: str | Path, *, resume: bool = False, limit: int |
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from lora_planner.profiler.progress import describe
-    from lora_planner.profiler.records import append_record, finished_keys, read_records
+    from lora_planner.profiler.records import RecordWriter, finished_keys, read_records
     from lora_planner.profiler.runner import run_profile
 
     console = console or Console()
-    out = Path(out)
-    if not resume and out.exists():
+    out = check_output_file(out, "out")  # before any run: a bad --out never costs a measurement
+    if not resume:
         existing, _ = read_records(out)
         if existing:
             raise PlannerInputError("out", f"{out} already holds {len(existing)} record(s)",
@@ -395,6 +400,7 @@ def run_sweep(grid: Grid, out: str | Path, *, resume: bool = False, limit: int |
         todo = todo[:limit]
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         console=console, transient=False)
+    writer = RecordWriter(out)
     try:
         with progress:
             task = progress.add_task(f"sweep {grid.name}", total=len(todo))
@@ -411,31 +417,30 @@ def run_sweep(grid: Grid, out: str | Path, *, resume: bool = False, limit: int |
                 record["sweep"] = {**run.source, "torch_threads": threads}
                 if record["status"] == "ok" and run.mode == "cuda" and measure is None:
                     record["measured"].update(_device_memory_now())
-                append_record(out, record)
+                writer.append(record)
                 result.finished.append(record)
                 progress.advance(task)
     except KeyboardInterrupt:
         result.interrupted = True
         result.not_started += len(todo) - len(result.finished)
+    result.kept, result.fallback, result.kept_summary = writer.kept, writer.fallback, writer.summary()
     return result
 
 
 def add_sweep_arguments(p: Any) -> None:
     """The `lora-plan sweep` subcommand's arguments (an argparse parser)."""
-    p.add_argument("grid", help="TOML grid file (see experiments/grids/ and the lora_planner.sweep docstring)")
-    p.add_argument("--out", required=True, help="JSONL file each record is appended to as its run finishes")
+    p.add_argument("grid", type=Text("grid", "experiments/grids/cpu_validation.toml"), help="TOML grid file (see experiments/grids/ and the lora_planner.sweep docstring)")
+    p.add_argument("--out", type=Text("out", "--out runs.jsonl"), required=True, help="JSONL file each record is appended to as its run finishes")
     p.add_argument("--resume", action="store_true", help="skip runs whose key is already in --out")
-    p.add_argument("--limit", type=int, default=None, help="run at most N of the remaining runs")
+    p.add_argument("--limit", type=count("limit", "--limit 10"), default=None, help="run at most N of the remaining runs")
     p.add_argument("--dry-run", action="store_true", help="list the grid's runs without running them")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=count("threads", "--threads 1", MAX_THREADS), default=None,
                    help="torch CPU threads (default: torch's); 1 gives steadier step times on a shared machine")
 
 
 def run_sweep_command(args: Any, console: Any = None) -> int:
     """`lora-plan sweep GRID --out runs.jsonl [--resume] [--limit N] [--dry-run]`."""
     grid = load_grid(args.grid)
-    if args.limit is not None and args.limit < 1:
-        raise PlannerInputError("limit", f"must be a positive integer, got {args.limit}", "pass e.g. --limit 10")
     from rich.console import Console
 
     console = console or Console()
@@ -446,8 +451,6 @@ def run_sweep_command(args: Any, console: Any = None) -> int:
         for run in grid.runs:
             console.print(f"  {run.label}", highlight=False)
         return 0
-    if args.threads is not None and args.threads < 1:
-        raise PlannerInputError("threads", f"must be a positive integer, got {args.threads}", "pass e.g. --threads 1")
     try:
         import torch
     except ImportError as err:
@@ -459,12 +462,18 @@ def run_sweep_command(args: Any, console: Any = None) -> int:
     if result.already_done:
         console.print(f"resume: {result.already_done} run(s) already in {args.out}, skipped")
     counts = ", ".join(f"{n} {status}" for status, n in sorted(result.counts().items())) or "nothing run"
-    console.print(f"{len(result.finished)} run(s) recorded in {args.out} ({counts})")
+    kept = f"; {result.kept} of them kept in {result.fallback} instead" if result.kept else ""
+    console.print(f"{len(result.finished)} run(s) recorded in {args.out} ({counts}){kept}", highlight=False)
     if result.not_started:
         console.print(f"{result.not_started} run(s) not started: run again with --resume to continue")
+    if result.kept_summary:
+        print(f"lora-plan: {result.kept_summary}", file=sys.stderr)
     if result.interrupted:
-        console.print(f"interrupted: the {len(result.finished)} finished record(s) are in {args.out}")
+        where = f"{args.out}" + (f" and {result.fallback}" if result.kept else "")
+        console.print(f"interrupted: the {len(result.finished)} finished record(s) are in {where}", highlight=False)
         return EXIT_INTERRUPTED
+    if result.kept:
+        return 1
     return 0 if all(r["status"] != "error" for r in result.finished) else 1
 
 

@@ -10,8 +10,12 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
+import time
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lora_planner.catalog import (
     GIB,
@@ -554,3 +558,323 @@ def test_chat_and_instruct_variants_resolve_to_their_base_shapes():
                                            ("Qwen/QWEN2.5-7B", "qwen2.5-7b"), (" openai-community/GPT2 ", "gpt2")])
 def test_hugging_face_repo_ids_resolve_case_insensitively(repo_id, name):
     assert resolve_model(repo_id).name == name
+
+
+# --------------------------------------------------------------------------------------------------
+# Differential: the reader accepts exactly what transformers 5.24 builds (meta device), and where it
+# is stricter by design, it says so for a reason listed in `spec_from_config`'s docstring
+# --------------------------------------------------------------------------------------------------
+
+# One tiny config per family, with every key the reader reads (transformers builds each in milliseconds).
+TINY = {
+    "llama": {"model_type": "llama", "vocab_size": 128, "hidden_size": 64, "intermediate_size": 96,
+              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+              "max_position_embeddings": 256, "tie_word_embeddings": False, "attention_bias": False,
+              "mlp_bias": False, "attention_dropout": 0.0, "hidden_act": "silu"},
+    "mistral": {"model_type": "mistral", "vocab_size": 128, "hidden_size": 64, "intermediate_size": 96,
+                "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+                "max_position_embeddings": 256, "sliding_window": 64, "tie_word_embeddings": False,
+                "attention_dropout": 0.0, "hidden_act": "silu"},
+    "qwen2": {"model_type": "qwen2", "vocab_size": 128, "hidden_size": 64, "intermediate_size": 96,
+              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "max_position_embeddings": 256, "tie_word_embeddings": True, "use_sliding_window": False,
+              "sliding_window": 64, "attention_dropout": 0.0, "hidden_act": "silu"},
+    "gemma": {"model_type": "gemma", "vocab_size": 128, "hidden_size": 64, "intermediate_size": 96,
+              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4, "head_dim": 32,
+              "hidden_act": "gelu", "max_position_embeddings": 256, "attention_bias": False,
+              "tie_word_embeddings": True, "attention_dropout": 0.0},
+    "phi": {"model_type": "phi", "vocab_size": 128, "hidden_size": 64, "intermediate_size": 96,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4,
+            "partial_rotary_factor": 0.5, "qk_layernorm": False, "resid_pdrop": 0.1, "embd_pdrop": 0.0,
+            "attention_dropout": 0.0, "max_position_embeddings": 256, "tie_word_embeddings": False,
+            "hidden_act": "gelu_new"},
+    "gpt2": {"model_type": "gpt2", "vocab_size": 128, "n_embd": 64, "n_layer": 2, "n_head": 4, "n_inner": None,
+             "n_positions": 128, "activation_function": "gelu_new", "resid_pdrop": 0.1, "embd_pdrop": 0.1,
+             "attn_pdrop": 0.1, "tie_word_embeddings": True},
+    "bloom": {"model_type": "bloom", "vocab_size": 128, "hidden_size": 64, "n_layer": 2, "n_head": 4,
+              "hidden_dropout": 0.0, "attention_dropout": 0.0, "tie_word_embeddings": True},
+}
+# Keys a config.json may add that some family's class reads, ignores, or spells differently.
+EXTRA_KEYS = ("head_dim", "partial_rotary_factor", "num_key_value_heads", "n_positions", "max_position_embeddings",
+              "n_embed", "hidden_size", "attention_bias", "mlp_bias", "qk_layernorm", "sliding_window",
+              "use_sliding_window", "n_inner", "intermediate_size", "resid_pdrop", "attention_dropout")
+_LAYER_KEY = {"gpt2": "n_layer", "bloom": "n_layer"}
+
+
+def _transformers_count(config) -> int | None:
+    """transformers' parameter count for `config`, or None when it refuses to build it (any exception:
+    strict type validation, a class validator, or the model's own __init__)."""
+    try:
+        return total_params(meta_model(config))
+    except Exception:  # noqa: BLE001 - any refusal counts as a refusal
+        return None
+
+
+def _planner_count(config) -> int | None:
+    """The planner's count, or None when it refuses (only ever a PlannerInputError)."""
+    try:
+        return count_params(spec_from_config(config, "cfg.json")).total
+    except PlannerInputError:
+        return None
+
+
+def _mutated(base, **edits):
+    config = copy.deepcopy(base)
+    for key, value in edits.items():
+        if value is dataclasses.MISSING:
+            config.pop(key, None)
+        else:
+            config[key] = value
+    return config
+
+
+def _catalog_small(name, **edits):
+    """A catalog config cut to one layer (real widths, real vocabulary), then edited."""
+    family = MODEL_CONFIGS[name][1]["model_type"]
+    return _mutated(MODEL_CONFIGS[name][1], **{_LAYER_KEY.get(family, "num_hidden_layers"): 1, **edits})
+
+
+NAN, INF = float("nan"), float("inf")
+# (case id, config): both accept (counts equal) or both refuse.
+AGREEING_CASES = [
+    # types, as the @strict config classes check them
+    ("llama-hidden-string", _catalog_small("llama-2-7b", hidden_size="4096")),
+    ("llama-hidden-float", _catalog_small("llama-2-7b", hidden_size=4096.0)),
+    ("llama-layers-bool", _catalog_small("llama-2-7b", num_hidden_layers=True)),
+    ("llama-vocab-list", _catalog_small("llama-2-7b", vocab_size=[32000])),
+    ("llama-tie-string", _catalog_small("llama-2-7b", tie_word_embeddings="false")),
+    ("llama-tie-int", _catalog_small("llama-2-7b", tie_word_embeddings=0)),
+    ("llama-tie-null", _catalog_small("llama-2-7b", tie_word_embeddings=None)),
+    ("llama-attention-bias-yes", _catalog_small("llama-2-7b", attention_bias="yes")),
+    ("llama-mlp-bias-int", _catalog_small("llama-2-7b", mlp_bias=1)),
+    ("llama-kv-heads-float", _catalog_small("llama-3-8b", num_key_value_heads=8.0)),
+    ("llama-head-dim-string", _catalog_small("llama-3.2-1b", head_dim="64")),
+    ("llama-dropout-string", _catalog_small("llama-2-7b", attention_dropout="0.1")),
+    ("llama-dropout-bool", _catalog_small("llama-2-7b", attention_dropout=True)),
+    ("llama-act-unknown", _catalog_small("llama-2-7b", hidden_act="swiglu")),
+    ("llama-act-int", _catalog_small("llama-2-7b", hidden_act=1)),
+    ("llama-positions-null", _catalog_small("llama-2-7b", max_position_embeddings=None)),
+    ("mistral-window-float", _catalog_small("mistral-7b", sliding_window=4096.0)),
+    ("mistral-window-string", _catalog_small("mistral-7b", sliding_window="4096")),
+    ("mistral-kv-null", _catalog_small("mistral-7b", num_key_value_heads=None)),
+    ("mistral-dropout-null", _catalog_small("mistral-7b", attention_dropout=None)),
+    ("qwen2-use-window-string", _catalog_small("qwen2.5-0.5b", use_sliding_window="true")),
+    ("qwen2-window-dict", _catalog_small("qwen2.5-0.5b", sliding_window={"size": 4096})),
+    ("gemma-head-dim-null", _catalog_small("gemma-7b", head_dim=None)),
+    ("gemma-act-null", _catalog_small("gemma-7b", hidden_act=None)),
+    ("phi-qk-layernorm-string", _catalog_small("phi-2", qk_layernorm="false")),
+    ("phi-partial-rotary-null", _catalog_small("phi-2", partial_rotary_factor=None)),
+    ("phi-partial-rotary-string", _catalog_small("phi-2", partial_rotary_factor="0.4")),
+    ("gpt2-n-embd-string", _catalog_small("gpt2", n_embd="768")),
+    ("gpt2-activation-unknown", _catalog_small("gpt2", activation_function="gelu2")),
+    ("gpt2-positions-float", _catalog_small("gpt2", n_positions=1024.0)),
+    ("gpt2-inner-float", _catalog_small("gpt2", n_inner=3072.0)),
+    ("bloom-n-head-string", _catalog_small("bloom-7b1", n_head="32")),
+    ("bloom-tie-string", _catalog_small("bloom-7b1", tie_word_embeddings="true")),
+    # hidden size not a multiple of the heads: Llama (validate_architecture), GPT-2, BLOOM (Attention.__init__)
+    ("llama-hidden-not-multiple", _catalog_small("llama-2-7b", hidden_size=4100)),
+    ("llama-hidden-not-multiple-head-dim", _catalog_small("llama-3.2-1b", hidden_size=2050)),
+    ("gpt2-hidden-not-multiple", _catalog_small("gpt2", n_embd=770)),
+    ("bloom-hidden-not-multiple", _catalog_small("bloom-7b1", hidden_size=4100)),
+    ("bloom-n-embed-not-multiple", _mutated(TINY["bloom"], n_embed=66)),
+    # ...which Mistral / Qwen2 / Gemma / Phi floor (hidden // heads) and build
+    ("mistral-hidden-floored", _mutated(TINY["mistral"], hidden_size=66, head_dim=None)),
+    ("qwen2-hidden-floored", _mutated(TINY["qwen2"], hidden_size=66)),
+    ("phi-hidden-floored", _mutated(TINY["phi"], hidden_size=66)),
+    ("gemma-hidden-any", _mutated(TINY["gemma"], hidden_size=66)),
+    # a head of width 0: RoPE divides by zero
+    ("qwen2-head-dim-zero-derived", _mutated(TINY["qwen2"], hidden_size=3)),
+    ("llama-head-dim-zero", _mutated(TINY["llama"], head_dim=0)),
+    ("mistral-head-dim-zero-means-derived", _mutated(TINY["mistral"], head_dim=0)),
+    # RoPE needs an even rotary dimension above 4 (validate_rope), except where only part of it rotates
+    ("llama-odd-head-dim", _mutated(TINY["llama"], head_dim=7)),
+    ("gemma-odd-head-dim", _mutated(TINY["gemma"], head_dim=9)),
+    ("llama-odd-head-dim-3", _mutated(TINY["llama"], head_dim=3)),
+    ("qwen2-odd-head-dim-given", _mutated(TINY["qwen2"], head_dim=7)),
+    ("qwen2-odd-head-dim-derived", _mutated(TINY["qwen2"], hidden_size=84, num_attention_heads=4)),
+    ("phi-odd-head-dim-partial", _mutated(TINY["phi"], head_dim=7)),
+    # head_dim read with getattr by Qwen2 / Phi: null fails there
+    ("qwen2-head-dim-null", _mutated(TINY["qwen2"], head_dim=None)),
+    ("phi-head-dim-null", _mutated(TINY["phi"], head_dim=None)),
+    ("phi-head-dim-given", _mutated(TINY["phi"], head_dim=24, qk_layernorm=True)),
+    # dropouts nn.Dropout refuses at construction
+    ("gpt2-resid-negative", _catalog_small("gpt2", resid_pdrop=-0.1)),
+    ("gpt2-attn-above-one", _catalog_small("gpt2", attn_pdrop=1.5)),
+    ("phi-resid-inf", _catalog_small("phi-2", resid_pdrop=INF)),
+    ("bloom-attention-dropout-two", _catalog_small("bloom-7b1", attention_dropout=2)),
+    ("phi-dropout-int-one", _catalog_small("phi-2", embd_pdrop=1)),
+    ("llama-dropout-null", _catalog_small("llama-2-7b", attention_dropout=None)),
+    # keys a family ignores, and the spellings each class prefers
+    ("llama-partial-rotary-ignored", _mutated(TINY["llama"], partial_rotary_factor=0.25)),
+    ("llama-partial-rotary-junk-ignored", _mutated(TINY["llama"], partial_rotary_factor="x")),
+    ("mistral-bias-junk-ignored", _mutated(TINY["mistral"], attention_bias="yes", mlp_bias=[1])),
+    ("gpt2-head-dim-ignored", _mutated(TINY["gpt2"], head_dim=-1, num_key_value_heads="x")),
+    ("bloom-positions-ignored", _mutated(TINY["bloom"], max_position_embeddings="x", n_positions=-1)),
+    ("llama-n-positions-ignored", _mutated(TINY["llama"], n_positions="x")),
+    ("gpt2-max-positions-wins", _mutated(TINY["gpt2"], max_position_embeddings=48)),
+    ("gpt2-max-positions-wins-bad", _mutated(TINY["gpt2"], max_position_embeddings="48")),
+    ("gpt2-hidden-size-wins", _mutated(TINY["gpt2"], hidden_size=32)),
+    ("bloom-n-embed-wins", _mutated(TINY["bloom"], n_embed=48)),
+    ("bloom-n-embed-null-ignored", _mutated(TINY["bloom"], n_embed=None)),
+    ("bloom-num-hidden-layers-wins", _mutated(TINY["bloom"], num_hidden_layers=3)),
+    ("gemma-hidden-activation-ignored", _mutated(TINY["gemma"], hidden_activation="tanh")),
+    ("qwen2-window-unused-still-typed", _mutated(TINY["qwen2"], sliding_window=-5.5)),
+    # defaults of each class for an omitted key
+    ("qwen2-kv-null-means-heads", _mutated(TINY["qwen2"], num_key_value_heads=None)),
+    ("phi-partial-rotary-default", _mutated(TINY["phi"], partial_rotary_factor=dataclasses.MISSING)),
+    ("phi-tied-keeps-its-lm-head-bias", _mutated(TINY["phi"], tie_word_embeddings=True)),
+    ("gpt2-n-inner-null", _mutated(TINY["gpt2"], n_inner=None)),
+    ("mistral-window-null", _mutated(TINY["mistral"], sliding_window=None)),
+]
+
+# (case id, config, key named): transformers builds these, the planner refuses them on purpose (see
+# `spec_from_config`'s docstring: "Stricter than transformers").
+STRICTER_CASES = [
+    ("llama-hidden-missing", _mutated(TINY["llama"], hidden_size=dataclasses.MISSING), "hidden_size"),
+    ("gpt2-layers-missing", _mutated(TINY["gpt2"], n_layer=dataclasses.MISSING), "n_layer"),
+    ("llama-layers-zero", _mutated(TINY["llama"], num_hidden_layers=0), "num_hidden_layers"),
+    ("llama-vocab-zero", _mutated(TINY["llama"], vocab_size=0), "vocab_size"),
+    ("gpt2-positions-zero", _mutated(TINY["gpt2"], n_positions=0), "n_positions"),
+    ("gpt2-heads-negative", _mutated(TINY["gpt2"], n_head=-1), "n_head"),
+    ("llama-kv-not-dividing", _mutated(TINY["llama"], num_key_value_heads=3), "num_key_value_heads"),
+    ("mistral-kv-default-8-of-4", _mutated(TINY["mistral"], num_key_value_heads=dataclasses.MISSING),
+     "num_key_value_heads"),
+    ("llama-attention-dropout-negative", _mutated(TINY["llama"], attention_dropout=-0.1), "attention_dropout"),
+    ("qwen2-attention-dropout-nan", _mutated(TINY["qwen2"], attention_dropout=NAN), "attention_dropout"),
+    ("gpt2-resid-nan", _mutated(TINY["gpt2"], resid_pdrop=NAN), "resid_pdrop"),
+    ("bloom-hidden-dropout-above-one", _mutated(TINY["bloom"], hidden_dropout=1.5), "hidden_dropout"),
+    ("phi-partial-rotary-above-one", _mutated(TINY["phi"], partial_rotary_factor=1.5), "partial_rotary_factor"),
+    ("phi-partial-rotary-zero", _mutated(TINY["phi"], partial_rotary_factor=0), "partial_rotary_factor"),
+    ("phi-head-dim-bool", _mutated(TINY["phi"], head_dim=True), "head_dim"),
+    ("mistral-window-zero", _mutated(TINY["mistral"], sliding_window=0), "sliding_window"),
+    ("llama-act-prelu", _mutated(TINY["llama"], hidden_act="prelu"), "hidden_act"),
+    ("llama-hidden-above-bound", _mutated(TINY["llama"], hidden_size=2**21, head_dim=16), "hidden_size"),
+    ("qwen2-vocab-above-bound", _mutated(TINY["qwen2"], vocab_size=10**15), "vocab_size"),
+]
+
+
+@pytest.mark.parametrize("config", [c for _, c in AGREEING_CASES], ids=[i for i, _ in AGREEING_CASES])
+def test_reader_accepts_exactly_what_transformers_builds(config):
+    expected = _transformers_count(config)
+    assert _planner_count(config) == expected
+
+
+@pytest.mark.parametrize(("config", "key"), [c[1:] for c in STRICTER_CASES], ids=[c[0] for c in STRICTER_CASES])
+def test_reader_is_stricter_on_purpose(config, key):
+    if key not in ("hidden_size", "vocab_size"):  # (no need to build the above-bound ones)
+        assert _transformers_count(config) is not None
+    with pytest.raises(PlannerInputError) as err:
+        spec_from_config(config, "cfg.json")
+    assert err.value.field.startswith("cfg.json: ") and key in err.value.field
+    assert "\n" not in str(err.value)
+
+
+def test_reader_and_transformers_agree_on_every_tiny_config():
+    for family, config in TINY.items():
+        assert _planner_count(config) == _transformers_count(config) is not None, family
+
+
+def _stricter_on_purpose(family, key, value) -> bool:
+    """Whether the one-key edit (key, value) of TINY[family] is one of the planner's deliberate refusals of a
+    config transformers builds (the docstring's "Stricter than transformers" list)."""
+    sizes = {"vocab_size", "hidden_size", "n_embd", "n_embed", "num_hidden_layers", "n_layer", "num_attention_heads",
+             "n_head", "intermediate_size", "n_inner", "max_position_embeddings", "n_positions",
+             "num_key_value_heads", "head_dim"}
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if value is dataclasses.MISSING:
+        return True  # a required size omitted, or a class default kv-head count that does not divide 4
+    if key in sizes and isinstance(value, bool):
+        return True  # Qwen2 / Phi read an undeclared head_dim with getattr: True builds a 1-wide head
+    if key in sizes and isinstance(value, int) and not isinstance(value, bool):
+        if value <= 0 or value > 2**14:  # (2**14: the smallest bound; these tiny configs stay far below others)
+            return True
+        if key == "num_key_value_heads" and 4 % value:
+            return True
+        kv = TINY[family].get("num_key_value_heads")
+        if key in ("num_attention_heads", "n_head") and kv and value % kv:
+            return True
+    if key in ("attention_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop", "hidden_dropout") and number:
+        return not (math.isfinite(value) and 0 <= value <= 1)
+    if key == "partial_rotary_factor" and family == "phi":
+        return isinstance(value, (int, float)) and not (math.isfinite(value) and 0 < value <= 1)
+    if key == "sliding_window" and isinstance(value, int) and not isinstance(value, bool) and value <= 0:
+        return True
+    return key in ("hidden_act", "activation_function") and value in ("prelu", "xielu")
+
+
+HOSTILE = st.one_of(
+    st.sampled_from([0, -1, 1, 2, 3, 7, 48, 10**12, 2**31, 2**63, 10**15, 64.0, 1.5, 0.5, -0.5, 2.0, 1e308,
+                     NAN, INF, -INF, "64", "false", "true", "yes", "", "silu", "gelu", "prelu", "gelu_new", None,
+                     True, False, [64], [], {"a": 1}, {}, [[[]]], dataclasses.MISSING]),
+    st.integers(-3, 160),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=6),
+    st.lists(st.integers(), max_size=2),
+    st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@given(family=st.sampled_from(sorted(TINY)), data=st.data())
+def test_hostile_one_key_edits(family, data):
+    """One key of a tiny config (or one key a family may add) set to a hostile value: the reader returns a
+    ModelSpec or raises PlannerInputError, nothing else; when it accepts, transformers builds the same
+    parameter count; when it refuses what transformers builds, the refusal is a deliberate one."""
+    key = data.draw(st.sampled_from(sorted(set(TINY[family]) - {"model_type"} | set(EXTRA_KEYS))), label="key")
+    value = data.draw(HOSTILE, label="value")
+    config = _mutated(TINY[family], **{key: value})
+    try:
+        spec = spec_from_config(config, "cfg.json")
+    except PlannerInputError as err:
+        assert err.field.startswith("cfg.json") and "\n" not in str(err)
+        spec = None
+    if spec is not None:
+        assert count_params(spec).total == _transformers_count(config)
+    elif not _stricter_on_purpose(family, key, value):
+        assert _transformers_count(config) is None, f"transformers builds {key}={value!r}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Absurd sizes are refused at once; odd names and paths are one-line errors, never OSError
+# --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("edits", "key"), [
+    ({"num_hidden_layers": 10**12}, "num_hidden_layers"),
+    ({"vocab_size": 10**15}, "vocab_size"),
+    ({"hidden_size": 2**40, "head_dim": 128}, "hidden_size"),
+    ({"intermediate_size": 10**9}, "intermediate_size"),
+    ({"max_position_embeddings": 2**40}, "max_position_embeddings"),
+    ({"num_attention_heads": 2**20, "num_key_value_heads": 2**20, "hidden_size": 2**20, "head_dim": 1},
+     "num_attention_heads"),
+    ({"head_dim": 2**30}, "head_dim"),
+])
+def test_absurd_sizes_are_refused_at_once(edits, key):
+    config = _mutated(MODEL_CONFIGS["llama-2-7b"][1], **edits)
+    start = time.perf_counter()
+    with pytest.raises(PlannerInputError) as err:
+        spec_from_config(config, "big.json")
+    assert time.perf_counter() - start < 0.5
+    assert err.value.field == f"big.json: {key}" and "limit" in err.value.problem
+
+
+def test_gpt2_absurd_layers_name_its_own_key():
+    with pytest.raises(PlannerInputError) as err:
+        spec_from_config(_mutated(MODEL_CONFIGS["gpt2"][1], n_layer=10**12), "g.json")
+    assert err.value.field == "g.json: n_layer"
+
+
+@pytest.mark.parametrize("name", [
+    "x" * 5000, "a/" * 3000 + "config.json", "dir/" + "y" * 300 + "/config.json", "bad\0name", "bad\0name.json",
+    "/" + "z" * 4096, "   ", "",
+])
+def test_odd_model_names_and_paths_are_one_line_errors(name):
+    with pytest.raises(PlannerInputError) as err:
+        resolve_model(name)
+    assert err.value.field == "model" and "\n" not in str(err.value) and len(str(err.value)) < 1500
+
+
+def test_config_json_is_read_size_bounded(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(CONFIG_FILES["llama-minimal"]) + " " * (16 * MIB))
+    with pytest.raises(PlannerInputError, match="more than the"):
+        load_config_json(path)

@@ -16,9 +16,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from lora_planner.catalog import MODEL_CONFIGS, resolve_model
+from lora_planner.catalog import MODEL_CONFIGS, resolve_model, spec_from_config
 from lora_planner.errors import PlannerInputError
 from lora_planner.params import (
+    LEARNED_POSITION_FAMILIES,
+    buffer_numel,
+    check_sequence_length,
     target_description,
     GROUPS,
     count_params,
@@ -575,3 +578,63 @@ def test_rank_for_fraction_rejects_bad_targets():
 def test_meta_models_have_no_storage():
     model = meta_model(MODEL_CONFIGS["llama-2-70b"][1])
     assert all(p.device == torch.device("meta") for p in model.parameters())
+
+
+# --------------------------------------------------------------------------------------------------
+# Sequences longer than a learned position table; buffers and a tied lm_head's bias as transformers has them
+# --------------------------------------------------------------------------------------------------
+
+def test_gpt2_refuses_a_sequence_past_its_learned_positions():
+    """transformers' GPT2Model has no position row past n_positions: the forward raises IndexError, so the
+    planner refuses the plan with the limit in the fix."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tiny = GPT2LMHeadModel(GPT2Config(vocab_size=32, n_embd=8, n_layer=1, n_head=2, n_positions=8))
+    tiny(torch.zeros(1, 8, dtype=torch.long))  # 8 positions: fine
+    with pytest.raises(IndexError):
+        tiny(torch.zeros(1, 9, dtype=torch.long))
+    gpt2 = resolve_model("gpt2")
+    check_sequence_length(gpt2, 1024)
+    with pytest.raises(PlannerInputError) as err:
+        check_sequence_length(gpt2, 1025)
+    assert err.value.field == "seq_len" and err.value.fix == "use --seq-len <= 1,024"
+    assert "learned position table" in err.value.problem and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["llama-2-7b", "mistral-7b", "qwen2.5-0.5b", "gemma-7b", "phi-2", "bloom-7b1"])
+def test_rope_and_alibi_models_run_past_max_position_embeddings(name):
+    """RoPE extrapolates and ALiBi has no table: longer sequences stay plannable (plan_warnings says so)."""
+    spec = resolve_model(name)
+    check_sequence_length(spec, 4 * spec.max_position_embeddings)
+    assert LEARNED_POSITION_FAMILIES == ("gpt2",)
+
+
+_TINY_BUFFERS = {
+    "llama": {"model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 1,
+              "num_attention_heads": 4, "num_key_value_heads": 2},
+    "llama-head-dim-3": {"model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48,
+                         "num_hidden_layers": 1, "num_attention_heads": 4, "head_dim": 3},
+    "qwen2-odd-head": {"model_type": "qwen2", "vocab_size": 64, "hidden_size": 84, "intermediate_size": 48,
+                       "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2},
+    "gemma": {"model_type": "gemma", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 1,
+              "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16},
+    "phi-default-half": {"model_type": "phi", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48,
+                         "num_hidden_layers": 1, "num_attention_heads": 2},
+    "phi-odd-rotary": {"model_type": "phi", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48,
+                       "num_hidden_layers": 1, "num_attention_heads": 2, "partial_rotary_factor": 0.3},
+    "phi-tied": {"model_type": "phi", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48,
+                 "num_hidden_layers": 1, "num_attention_heads": 2, "tie_word_embeddings": True},
+    "gpt2": {"model_type": "gpt2", "vocab_size": 64, "n_embd": 32, "n_layer": 1, "n_head": 4},
+    "bloom": {"model_type": "bloom", "vocab_size": 64, "hidden_size": 32, "n_layer": 1, "n_head": 4},
+}
+
+
+@pytest.mark.parametrize("key", _TINY_BUFFERS)
+def test_buffers_and_parameters_match_transformers(key):
+    """RoPE's inv_freq / original_inv_freq hold ceil(rotary_dim / 2) each (an odd rotary dim rounds up);
+    Phi's rotary_dim is int(head_dim x partial_rotary_factor), 0.5 by default; a tied Phi lm_head keeps its bias."""
+    config = _TINY_BUFFERS[key]
+    spec = spec_from_config(config, key)
+    model = meta_model(config)
+    assert buffer_numel(spec) == sum(b.numel() for b in model.buffers())
+    assert count_params(spec).total == total_params(model)

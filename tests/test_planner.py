@@ -109,7 +109,8 @@ def test_warnings_are_pure_and_in_the_json():
     (warning,) = plan_warnings(spec, TrainingSpec(seq_len=200_000))
     assert "--seq-len 200000 is above llama-3-8b's max_position_embeddings 8192" in warning
     assert "RoPE scaling" in warning
-    assert "learned position embeddings" in plan_warnings(resolve_model("gpt2"), TrainingSpec(seq_len=2048))[0]
+    with pytest.raises(PlannerInputError, match="learned position table"):  # GPT-2 fails past n_positions
+        make_plan(resolve_model("gpt2"), TrainingSpec(seq_len=2048), ("lora",))
     plan = make_plan(spec, TrainingSpec(seq_len=200_000), ("lora",))
     assert plan.warnings == (warning,) and plan_to_dict(plan)["warnings"] == [warning]
 

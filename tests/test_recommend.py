@@ -21,7 +21,7 @@ from lora_planner.memory import estimate_memory
 from lora_planner.params import lora_params, rank_for_trainable_fraction
 from lora_planner.planner import Budget, usable_bytes
 from lora_planner.recommend import (
-    DEFAULT_R, RANK_LADDER, Candidate, RecommendRequest, dominates, pareto_frontier, recommend,
+    DEFAULT_R, RANK_LADDER, Candidate, RecommendRequest, dominates, pareto_frontier, recommend, training_for,
 )
 from lora_planner.recommend_cli import VERIFY_TOLERANCE, Verification, VerifyRun, recommendation_to_dict, verify
 from lora_planner.render_recommend import render_recommendation
@@ -67,6 +67,8 @@ TABLE_GPUS = ("t4", "rtx-4090", "a100-40gb", "h100-80gb")
 @pytest.mark.parametrize("gpu", TABLE_GPUS)
 @pytest.mark.parametrize("model", MODELS)
 def test_recommendation_is_feasible_maximal_and_minimal(model, gpu, seq_len):
+    if model == "gpt2":
+        seq_len = min(seq_len, 1024)  # learned positions end at n_positions (params.check_sequence_length)
     req = request(model, gpu, seq_len, global_batch=64)
     rec = recommend(req)
     c = rec.choice
@@ -352,7 +354,7 @@ def test_bf16_note_on_t4():
     (["--trainable-fraction", "0.9"], "largest rank"),
     (["--methods", "qlora", "--dtype", "fp32"], "QLoRA"),
     (["--target", "qkv_proj"], "no module named"),
-    (["--seq-len", "0"], "seq_len"),
+    (["--seq-len", "0"], "seq-len"),
     (["--optimizer", "lion"], "optimizer"),
     (["--device", "tpu"], "device"),
 ])
@@ -391,8 +393,8 @@ def test_estimate_path_does_not_import_torch_or_rich():
 
 def test_search_is_fast():
     start = time.perf_counter()
-    for model in ("llama-3-8b", "gpt2", "llama-2-70b"):
-        recommend(request(model, "h100-80gb", 2048, global_batch=1024))
+    for model, seq_len in (("llama-3-8b", 2048), ("gpt2", 1024), ("llama-2-70b", 2048)):
+        recommend(request(model, "h100-80gb", seq_len, global_batch=1024))
     assert time.perf_counter() - start < 2.0
 
 
@@ -552,3 +554,30 @@ def test_explanations_never_wrap_a_number_away_from_its_unit(model, gpu):
         bad = [line for line in lines if UNIT_AT_LINE_START.match(line.strip().lstrip("│ "))]
         assert not bad, (width, bad)
         assert max(len(line) for line in lines) <= width
+
+
+def test_verify_on_several_gpus_replays_one_ddp_rank_plus_its_buckets():
+    """Issue 10: `recommend --verify --gpus 2` used to fail with a hint naming `--mode`, which recommend lacks."""
+    from lora_planner.memory import estimate_memory, trainable_totals
+
+    rec = recommend(request("gpt2", Budget(4 * GIB), 128, global_batch=256, gpus=2, strategy="ddp"))
+    v = verify(rec)
+    assert v.skipped is None and v.runs and v.runs[0].status == "ok"
+    chosen = v.runs[0]
+    step = training_for(rec.request, rec.choice.method, rec.choice.r, rec.choice.grad_checkpointing,
+                        chosen.micro_batch_size, rec.alpha)
+    buckets = trainable_totals(rec.request.spec, step)[1]
+    one_gpu = estimate_memory(rec.request.spec, replace(step, gpus=1, strategy=None)).peak_allocated_bytes
+    assert buckets > 0
+    # measured one-GPU replay, CPU-kernel extra removed, DDP buckets added: the planner's rank within 0.5 %
+    allocated = chosen.measured_peak_bytes - chosen.cpu_kernel_extra_bytes + buckets
+    assert abs(allocated / (one_gpu + buckets) - 1) < 0.005
+    assert abs(allocated / estimate_memory(rec.request.spec, step).peak_allocated_bytes - 1) < 0.005
+
+
+def test_verify_on_sharded_strategies_says_which_profile_command_measures_them(capsys):
+    assert main(["recommend", "--model", "gpt2", "--gpu", "t4", "--gpus", "2", "--strategy", "fsdp", "--verify",
+                 "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["verify"]["runs"] == []
+    assert "`lora-plan profile --gpus 2 --strategy fsdp --mode cpu`" in doc["verify"]["skipped"]

@@ -8,7 +8,9 @@ import pytest
 
 from lora_planner.defaults import DEFAULT_SEQ_LEN
 from lora_planner.errors import PlannerInputError
-from lora_planner.specs import LoraSpec, ModelSpec, TrainingSpec
+from lora_planner.specs import (
+    MAX_HEADS, MAX_LAYERS, MAX_POSITIONS, MAX_VOCAB, MAX_WIDTH, MODEL_SIZE_LIMITS, LoraSpec, ModelSpec, TrainingSpec,
+)
 
 
 def test_defaults():
@@ -117,3 +119,70 @@ def test_attention_spellings():
     assert TrainingSpec(attention=" SDPA ").attention == "sdpa"
     with pytest.raises(PlannerInputError, match="did you mean sdpa"):
         TrainingSpec(attention="spda")
+
+
+# --------------------------------------------------------------------------------------------------
+# ModelSpec: documented size bounds, dropouts, RoPE fraction, window and flags
+# --------------------------------------------------------------------------------------------------
+
+def _model(**edits) -> ModelSpec:
+    fields = dict(name="x", family="llama", vocab_size=128, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                  head_dim=16, intermediate_size=96, tie_word_embeddings=False)
+    return ModelSpec(**{**fields, **edits})
+
+
+@pytest.mark.parametrize(("name", "key"), [
+    ("vocab_size", "vocab_size"), ("hidden_size", "hidden_size"), ("num_layers", "num_hidden_layers"),
+    ("num_heads", "num_attention_heads"), ("num_kv_heads", "num_key_value_heads"), ("head_dim", "head_dim"),
+    ("intermediate_size", "intermediate_size"), ("max_position_embeddings", "max_position_embeddings"),
+])
+def test_model_sizes_are_bounded_at_their_documented_limits(name, key):
+    limit = MODEL_SIZE_LIMITS[name]
+    at_limit = {name: limit}
+    if name == "num_heads":
+        at_limit["num_kv_heads"] = 1
+    if name == "num_kv_heads":
+        at_limit["num_heads"] = limit
+    assert getattr(_model(**at_limit), name) == limit
+    for too_big in (limit + 1, 10**12, 10**15):
+        with pytest.raises(PlannerInputError) as err:
+            _model(**{**at_limit, name: too_big})
+        assert err.value.field == key and "limit" in err.value.problem and "\n" not in str(err.value)
+
+
+def test_the_limits_are_far_above_real_models():
+    assert (MAX_LAYERS, MAX_WIDTH, MAX_HEADS, MAX_VOCAB, MAX_POSITIONS) == (2**14, 2**20, 2**16, 2**24, 2**26)
+    # Llama-3.1-405B: 126 layers, 16384 hidden, 53248 MLP, 128 heads; Gemma: 256000 vocab; 10M context
+    assert MAX_LAYERS > 100 * 126 and MAX_WIDTH > 16 * 53248 and MAX_VOCAB > 64 * 256000 and MAX_POSITIONS > 6 * 10**7
+
+
+@pytest.mark.parametrize(("edits", "field"), [
+    (dict(num_layers=0), "num_hidden_layers"),
+    (dict(num_heads=-4), "num_attention_heads"),
+    (dict(hidden_size=64.0), "hidden_size"),
+    (dict(vocab_size=True), "vocab_size"),
+    (dict(dropout=-0.1), "dropout"),
+    (dict(dropout=float("nan")), "dropout"),
+    (dict(embedding_dropout=1.5), "embedding_dropout"),
+    (dict(attention_dropout=float("inf")), "attention_dropout"),
+    (dict(attention_dropout="0.1"), "attention_dropout"),
+    (dict(partial_rotary_factor=0.0), "partial_rotary_factor"),
+    (dict(partial_rotary_factor=1.5), "partial_rotary_factor"),
+    (dict(partial_rotary_factor=float("nan")), "partial_rotary_factor"),
+    (dict(partial_rotary_factor=True), "partial_rotary_factor"),
+    (dict(sliding_window=0), "sliding_window"),
+    (dict(sliding_window=4096.0), "sliding_window"),
+    (dict(tie_word_embeddings="false"), "tie_word_embeddings"),
+    (dict(attention_bias=1), "attention_bias"),
+])
+def test_model_spec_rejects(edits, field):
+    with pytest.raises(PlannerInputError) as err:
+        _model(**edits)
+    assert err.value.field == field
+
+
+@pytest.mark.parametrize("edits", [dict(dropout=0, embedding_dropout=1, attention_dropout=0.5),
+                                   dict(partial_rotary_factor=1), dict(partial_rotary_factor=0.25),
+                                   dict(sliding_window=None), dict(sliding_window=1)])
+def test_model_spec_accepts_the_edges(edits):
+    _model(**edits)

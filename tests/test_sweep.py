@@ -3,7 +3,9 @@ do not stop a sweep, Ctrl-C, and `lora-plan sweep` through `main([...])`."""
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -256,3 +258,97 @@ def test_qlora_runs_on_real_nf4_weights_only():
                       "backend = ['hf', 'builtin']")
     assert [(r.backend, r.mode) for r in grid.runs] == [("hf", "cpu")]
     assert len(grid.skipped) == 3 and all("real bitsandbytes NF4" in why for _, why in grid.skipped)
+
+
+# ---------------------------------------------------------------------------------------------- issue 10
+
+
+def _quick(calls):
+    from lora_planner.profiler.runner import Measurement
+
+    def measure(request):
+        calls.append(request.key)
+        return Measurement(peak_bytes=1000, peak_phase="backward", breakdown_bytes=None, step1_peak_bytes=900,
+                           steady_peak_bytes=1000, step_times_s=(0.1,))
+
+    return measure
+
+
+@pytest.mark.parametrize("make_out, needle", [
+    (lambda tmp: tmp, "is a folder"),
+    (lambda tmp: (tmp / "f").write_text("x") and tmp / "f" / "runs.jsonl", "lies under"),
+    (lambda tmp: Path(os.devnull), "is a device"),
+])
+def test_a_bad_out_is_refused_before_the_first_run(tmp_path, monkeypatch, capsys, make_out, needle):
+    from lora_planner.profiler import runner
+
+    calls = []
+    monkeypatch.setitem(runner.MEASURE, "cpu", _quick(calls))
+    grid = small_grid(tmp_path)
+    with pytest.raises(PlannerInputError, match=needle):
+        run_sweep(load_grid(grid), make_out(tmp_path), measure=_quick(calls))
+    assert main(["sweep", str(grid), "--out", str(make_out(tmp_path))]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lora-plan: error: out:") and needle in err and err.count("\n") == 1
+    assert calls == []
+
+
+def test_a_full_disk_keeps_every_record_and_the_sweep_goes_on(tmp_path, monkeypatch, capsys):
+    from lora_planner.profiler import records, runner
+
+    out = tmp_path / "runs.jsonl"
+    fallback_dir = tmp_path / "fallback"
+    fallback_dir.mkdir()
+    monkeypatch.setattr(records, "fallback_path", lambda name: fallback_dir / name)
+    real = records._write
+    written = []
+
+    def write(fd, data):  # the first record goes in, then the disk is full
+        if out.exists() and os.path.samestat(os.fstat(fd), os.stat(out)) and written:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written.append(data)
+        return real(fd, data)
+
+    monkeypatch.setattr(records, "_write", write)
+    calls = []
+    monkeypatch.setitem(runner.MEASURE, "cpu", _quick(calls))
+    assert main(["sweep", str(small_grid(tmp_path)), "--out", str(out)]) == 1
+    captured = capsys.readouterr()
+    assert len(calls) == 3
+    assert len(read_records(out)[0]) == 1
+    [fallback] = fallback_dir.iterdir()
+    kept = [json.loads(line) for line in captured.err.splitlines() if line.startswith("{")]
+    assert [r["key"] for r in read_records(fallback)[0]] == [r["key"] for r in kept] and len(kept) == 2
+    assert f"2 record(s) could not be appended to {out}; they are in {fallback}" in captured.err
+    assert "2 of them kept in" in captured.out
+    # once the disk has room again, the fallback completes the file and --resume has nothing left to do
+    out.write_bytes(out.read_bytes() + fallback.read_bytes())
+    monkeypatch.setattr(records, "_write", real)
+    assert main(["sweep", str(small_grid(tmp_path)), "--out", str(out), "--resume"]) == 0
+    assert len(calls) == 3
+
+
+def test_resume_reruns_a_run_whose_record_was_cut_short(tmp_path):
+    grid = load_grid(small_grid(tmp_path))
+    out = tmp_path / "runs.jsonl"
+    calls = []
+    run_sweep(grid, out, measure=_quick(calls))
+    text = out.read_bytes()
+    out.write_bytes(text[:-100])  # the last record cut short (an interrupted write)
+    result = run_sweep(grid, out, resume=True, measure=_quick(calls))
+    assert result.already_done == 2 and len(result.finished) == 1 and calls[-1] == calls[2]
+    records, bad = read_records(out)
+    assert len(records) == 3 and len(bad) == 1 and "not JSON" in bad[0].reason
+
+
+@pytest.mark.parametrize("make, needle", [
+    (lambda p: os.mkfifo(p), "named pipe"),
+    (lambda p: p.mkdir(), "folder"),
+    (lambda p: p.write_bytes(b"\xff\xfe"), "not UTF-8"),
+])
+def test_a_grid_that_is_not_a_regular_text_file_is_one_line(tmp_path, capsys, make, needle):
+    path = tmp_path / "g.toml"
+    make(path)
+    assert main(["sweep", str(path), "--out", str(tmp_path / "runs.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lora-plan: error: grid:") and needle in err and err.count("\n") == 1

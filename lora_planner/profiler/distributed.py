@@ -9,6 +9,11 @@ different tokens per rank). Each process has its own tracker, so a rank's number
 tensors only. `measure_distributed_many` runs several (request, strategy) jobs in one launch (torch's
 import in every process is the slow part); `measure_single` is the unwrapped reference, in process.
 
+Ctrl-C: the ranks start with SIGINT ignored (no traceback per rank from their start-up) and exit quietly
+with code 130 when interrupted while measuring; the parent stops any rank still running and raises one
+KeyboardInterrupt, so `lora-plan profile` prints its single "interrupted" line. A Ctrl-C in the moment the
+ranks are being started is ignored (press it again).
+
 Strategies:
 
 - ``ddp``: `DistributedDataParallel(model)`, default settings (`gradient_as_bucket_view=False`, 25 MiB
@@ -87,7 +92,9 @@ import inspect
 import logging
 import os
 import pickle
+import signal
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -723,8 +730,24 @@ def _loopback_ifname() -> str | None:
     return "lo" if "lo" in names else next((n for n in names if n.startswith("lo")), None)
 
 
+EXIT_INTERRUPTED = 130  # a rank stopped by Ctrl-C exits with this code, quietly
+
+
 def _worker(rank: int, world_size: int, port: int, jobs: list[tuple[ProfileRequest, str]], out_dir: str,
             cross_check: bool, zero: DeepSpeedZeroConfig = DEFAULT_CONFIG) -> None:
+    """A rank process's entry point. The ranks start with Ctrl-C ignored (`_sigint_ignored`: no traceback
+    from their torch import); here it becomes a KeyboardInterrupt again, and the rank exits quietly with
+    `EXIT_INTERRUPTED` (the parent prints the one "interrupted" line)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _run_rank(rank, world_size, port, jobs, out_dir, cross_check, zero)
+    except KeyboardInterrupt:
+        sys.exit(EXIT_INTERRUPTED)
+
+
+def _run_rank(rank: int, world_size: int, port: int, jobs: list[tuple[ProfileRequest, str]], out_dir: str,
+              cross_check: bool, zero: DeepSpeedZeroConfig) -> None:
     import torch.distributed as dist
 
     os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed picks its accelerator at first import
@@ -760,6 +783,34 @@ def _worker(rank: int, world_size: int, port: int, jobs: list[tuple[ProfileReque
         dist.destroy_process_group()
 
 
+@contextlib.contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """Ignore Ctrl-C while the rank processes start (a process started meanwhile inherits it, and Python
+    keeps an inherited SIG_IGN), so an interrupt during their slow torch import prints no traceback
+    per rank; the parent, which gets it too once the ranks have started, stops them (`_stop`).
+    Only in the main thread (where signal handlers live); elsewhere a no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _stop(processes: Sequence[Any], grace_s: float = 5.0) -> None:
+    """End the rank processes still running: SIGTERM (no traceback), SIGKILL after `grace_s`."""
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+    for process in processes:
+        process.join(grace_s)
+        if process.is_alive():
+            process.kill()
+            process.join()
+
+
 def measure_distributed_many(jobs: Sequence[tuple[ProfileRequest, Strategy]], world_size: int = 2, *,
                              cross_check: bool = False, zero: DeepSpeedZeroConfig = DEFAULT_CONFIG
                              ) -> list[list[DistributedMeasurement]]:
@@ -774,9 +825,20 @@ def measure_distributed_many(jobs: Sequence[tuple[ProfileRequest, Strategy]], wo
 
     with tempfile.TemporaryDirectory(prefix="lora_planner_dist_") as out_dir:
         failure: BaseException | None = None
+        with _sigint_ignored():  # the ranks inherit it: no traceback if Ctrl-C hits their start-up
+            context = mp.spawn(_worker, args=(world_size, _free_port(), jobs, out_dir, cross_check, zero),
+                               nprocs=world_size, join=False)
         try:
-            mp.spawn(_worker, args=(world_size, _free_port(), jobs, out_dir, cross_check, zero), nprocs=world_size,
-                     join=True)
+            while not context.join():
+                pass
+        except KeyboardInterrupt:
+            _stop(context.processes)
+            raise
+        except mp.ProcessExitedException as err:
+            if err.exit_code == EXIT_INTERRUPTED:  # a rank was interrupted: so is the run
+                _stop(context.processes)
+                raise KeyboardInterrupt from None
+            failure = err
         except Exception as err:  # the ranks' own records say more; raised below
             failure = err
         per_rank: list[list[Any]] = []

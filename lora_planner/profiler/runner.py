@@ -16,6 +16,11 @@ Three measurement modes behind one interface (`measure`):
 Progress: `run_profile(request, progress=callback)` calls `callback(RunProgress(stage, step, steps))`
 as the run builds its model and finishes each step; how it is shown is the caller's business (the
 session draws it with rich; this module knows nothing of the display).
+
+Outcomes: out-of-memory (CUDA's "out of memory", the CPU allocator's "can't allocate memory", a
+`MemoryError`) is `"status": "oom"`; any other failure `"error"`; a measurement that would not read back
+as a valid record (`records.check_record`: a zero or non-finite peak, a NaN step time) is an `"error"`
+naming the field, never written as `Infinity`.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import contextvars
 import datetime as dt
 import gc
 import itertools
+import json
 import logging
 import platform
 import statistics
@@ -39,7 +45,7 @@ from lora_planner import __version__
 from lora_planner.errors import PlannerInputError
 from lora_planner.memory import estimate_memory
 from lora_planner.params import resolve_targets, target_description
-from lora_planner.profiler.records import RECORD_SCHEMA_VERSION
+from lora_planner.profiler.records import RECORD_SCHEMA_VERSION, check_record
 from lora_planner.profiler.tracker import StepMeasurement, hf_fake_parity, measure_training_step
 from lora_planner.specs import ModelSpec, TrainingSpec
 
@@ -56,7 +62,7 @@ AUTO_CPU_LIMIT_BYTES = 4 * 2**30  # auto mode runs real CPU steps below this pre
 
 @dataclass(frozen=True)
 class ProfileRequest:
-    model: str  # as the user named it (catalog name or config.json path)
+    model: str  # the label: a catalog name, or a config path (`session.model_label` normalises them)
     spec: ModelSpec
     training: TrainingSpec
     backend: Backend = "hf"
@@ -404,10 +410,17 @@ def _versions() -> dict[str, str | None]:
     return versions
 
 
+# What an allocator that ran out of memory says: CUDA's caching allocator ("CUDA out of memory"), and
+# PyTorch's CPU allocator, whose failed malloc is a plain RuntimeError ("[enforce fail at alloc_cpu.cpp]
+# ... DefaultCPUAllocator: can't allocate memory: you tried to allocate N bytes. Error code 12 (Cannot
+# allocate memory)").
+OOM_MESSAGES = ("out of memory", "can't allocate memory", "cannot allocate memory")
+
+
 def _is_oom(err: BaseException) -> bool:
     if isinstance(err, (MemoryError, torch.OutOfMemoryError)):
         return True
-    return isinstance(err, RuntimeError) and "out of memory" in str(err).lower()
+    return isinstance(err, RuntimeError) and any(text in str(err).lower() for text in OOM_MESSAGES)
 
 
 def base_record(request: ProfileRequest) -> dict[str, Any]:
@@ -475,12 +488,23 @@ def run_profile(request: ProfileRequest, measure: Callable[[ProfileRequest], Mea
         gc.collect()
     tokens = request.training.tokens
     median = statistics.median(measured.step_times_s) if measured.step_times_s else None
-    record.update(
-        status="ok",
-        measured={k: v for k, v in asdict(measured).items() if k != "step_times_s"},
-        relative_error=record["predicted"]["peak_bytes"] / measured.peak_bytes - 1,
-        step_times_s=list(measured.step_times_s),
-        median_step_time_s=median,
-        tokens_per_s=tokens / median if median else None,
-    )
-    return record
+    peak = measured.peak_bytes
+    measured_record = dict(record, status="ok",
+                           measured={k: v for k, v in asdict(measured).items() if k != "step_times_s"},
+                           relative_error=record["predicted"]["peak_bytes"] / peak - 1 if peak and peak > 0 else None,
+                           step_times_s=list(measured.step_times_s),
+                           median_step_time_s=median,
+                           tokens_per_s=tokens / median if median else None)
+    # What is written must read back (records.check_record): a measurement that is not (a zero or
+    # non-finite peak, a NaN step time) is a profiler bug, recorded as one rather than written as Infinity.
+    reason = check_record(_as_json(measured_record))
+    if reason:
+        record.update(status="error", error=(f"the measurement is not a valid record ({reason}): a profiler bug, "
+                                             "please report it")[:500])
+        return record
+    return measured_record
+
+
+def _as_json(record: dict[str, Any]) -> Any:
+    """`record` as it reads back from a records file (tuples as lists), without NaN / Infinity checks."""
+    return json.loads(json.dumps(record, default=str))

@@ -5,12 +5,23 @@ finished step otherwise), so stdout holds only the table, or the records with `-
 
 Long runs survive failure: an out-of-memory run is recorded as `"status": "oom"` and the next one
 starts; Ctrl-C stops after the records already written (each is on disk the moment its run ends);
-`--resume` skips runs whose key is already in the output file.
+`--resume` skips runs whose key is already in the output file (valid records only: a broken line's
+run is run again).
+
+Nothing measured is lost: `--out` is checked (`files.check_output_file`) before the first step, and a
+record that still cannot be appended (disk full, the file replaced meanwhile) is kept on stderr and in a
+fallback file (`records.RecordWriter`); the session then finishes its runs and exits 1.
+
+A run's key and record hold the model's label (`model_label`): the catalog's name for a catalog model
+(any alias, repo id or case: `meta-llama/Llama-2-7b-hf` -> `llama-2-7b`), else the config path
+normalised (`./cfg//x.json` -> `cfg/x.json`), so `--resume` does not depend on how it was typed.
+Known limitation: an absolute and a relative path to one config are two labels.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import replace
 from typing import Any
@@ -18,18 +29,27 @@ from typing import Any
 import torch
 from rich.console import Console
 
+from lora_planner.catalog import model_names
+from lora_planner.files import check_output_file
 from lora_planner.profiler.progress import RunProgressDisplay
-from lora_planner.profiler.records import append_record, finished_keys
+from lora_planner.profiler.records import RecordWriter, finished_keys
 from lora_planner.profiler.runner import ProfileRequest, check_request, resolve_mode, run_profile
 from lora_planner.specs import ModelSpec, TrainingSpec
 
 EXIT_INTERRUPTED = 130
 
 
+def model_label(model: str, spec: ModelSpec) -> str:
+    """The label a run's key and record carry for `--model model` (resolved to `spec`): the catalog's
+    name for a catalog model, else the config path as `os.path.normpath` writes it."""
+    return spec.name if spec.name in model_names() else os.path.normpath(model)
+
+
 def build_requests(model: str, spec: ModelSpec, trainings: list[TrainingSpec], backend: str, mode: str,
                    steps: int) -> list[ProfileRequest]:
     """Resolve `auto` per run and align the training's device with the mode, so the optimizer
-    implementation the run uses is the one the prediction assumes."""
+    implementation the run uses is the one the prediction assumes; label the model (`model_label`)."""
+    model = model_label(model, spec)
     requests = []
     for training in trainings:
         # Several GPUs are measured as CPU processes on gloo (lora_planner.profiler.distributed).
@@ -49,22 +69,25 @@ def profile_session(model: str, spec: ModelSpec, trainings: list[TrainingSpec], 
     requests = build_requests(model, spec, trainings, backend, mode, steps)
     done = finished_keys(out) if resume else set()
     todo = [r for r in requests if r.key not in done]
-    if len(todo) < len(requests):
-        console.print(f"resume: {len(requests) - len(todo)} run(s) already in {out}, skipped")
     for request in todo:  # bad settings fail now, not after the runs before them
         check_request(request)
+    check_output_file(out, "out")  # and a bad --out now, not after the measurements
+    if len(todo) < len(requests):
+        console.print(f"resume: {len(requests) - len(todo)} run(s) already in {out}, skipped")
     records: list[dict[str, Any]] = []
+    writer = RecordWriter(out)
     try:
         with RunProgressDisplay(len(todo), progress_console or Console(stderr=True)) as display:
             for request in todo:
                 t = request.training
                 callback = display.run(f"{t.method} {request.backend}/{request.mode} b={t.batch_size} s={t.seq_len}")
                 record = run_profile(request, progress=callback)
-                append_record(out, record)
+                writer.append(record)
                 records.append(record)
                 display.finished(record)
     except KeyboardInterrupt:
-        console.print(f"interrupted: {len(records)} finished record(s) are in {out}")
+        where = f"{out}" + (f" and {writer.fallback}" if writer.kept else "")
+        console.print(f"interrupted: {len(records)} finished record(s) are in {where}", highlight=False)
         return EXIT_INTERRUPTED
     if as_json:
         print(json.dumps(records, indent=2))
@@ -72,7 +95,11 @@ def profile_session(model: str, spec: ModelSpec, trainings: list[TrainingSpec], 
         from lora_planner.render import profile_table
 
         console.print(profile_table(records))
-        console.print(f"records appended to {out}", style="dim")
+        if len(records) > writer.kept:
+            console.print(f"records appended to {out}", style="dim")
+    if writer.kept:
+        print(f"lora-plan: {writer.summary()}", file=sys.stderr)
+        return 1
     return 0 if all(r["status"] != "error" for r in records) else 1
 
 

@@ -3,6 +3,9 @@
 The report reads well on its own: what was measured and how, the error summary, the seed's claims
 with numbers, the planner's charts for the chosen model, speed, and every run. File names are fixed
 (`report.md`, `parity.png`, ...) so a regenerated report replaces the previous one.
+
+Input and output are checked before the work: the records (`report.runs.load_runs`: each file once, bad
+lines named and skipped), then `--out` (`files.check_output_dir`: a folder that can be written).
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import pandas as pd
 from lora_planner import __version__
 from lora_planner.catalog import GPUS, resolve_model
 from lora_planner.errors import PlannerInputError
+from lora_planner.files import check_output_dir
+from lora_planner.memory import estimate_memory
 from lora_planner.report import charts, claims
 from lora_planner.report.calibrate import fit_calibration
 from lora_planner.report.markdown import bullet_list, md_table
@@ -119,6 +124,19 @@ def _largest_fitting(frame: pd.DataFrame, axis: str, capacities: dict[str, int])
     return "; ".join(parts) + " (of the values charted)"
 
 
+def _planned(spec: Any, training: TrainingSpec, axis: str, values: tuple[int, ...]) -> tuple[int, ...]:
+    """The values of `axis` the planner accepts for `spec`: a learned position table (gpt2: 1,024) caps the
+    sequence lengths charted."""
+    accepted = []
+    for value in values:
+        try:
+            estimate_memory(spec, replace(training, **{axis: value}))
+        except PlannerInputError:
+            continue
+        accepted.append(value)
+    return tuple(accepted)
+
+
 def _sentence(text: str | None) -> str:
     return f"{text[0].upper()}{text[1:]}." if text else ""
 
@@ -129,12 +147,7 @@ def build_report(run_paths: list[str], out_dir: str | Path, model: str = "llama-
     usable record at all is a `PlannerInputError`."""
     spec = resolve_model(model)
     runs = load_runs(run_paths, require="any")
-    out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise PlannerInputError("out", f"cannot create {out} ({err.strerror or err})",
-                                "pass a writable folder") from None
+    out = check_output_dir(out_dir, "out")  # before any chart: a bad --out is said now, not after the work
     result = ReportResult(out_dir=out, runs=runs)
     files = result.files
     frame = runs_frame(runs.records)
@@ -224,7 +237,8 @@ def build_report(run_paths: list[str], out_dir: str | Path, model: str = "llama-
     if len(ok) and ok["seed_rule_error"].notna().any():
         md += image("seed rule vs measured", charts.seed_rule_measured_chart(frame), "seed_rule_measured.png")
     seed_training = TrainingSpec(method="lora", dtype="bf16", device="cuda", batch_size=1, lora=LoraSpec(r=8))
-    seed_frame = seed_rule_frame(spec, seed_training)
+    seed_frame = seed_rule_frame(spec, seed_training, _planned(spec, seed_training, "seq_len",
+                                                               (128, 256, 512, 1024, 2048, 4096)))
     md.append(f"The same comparison from the planner for {spec.name} (batch 1, bf16, CUDA) as the sequence grows: the "
               "rule is close only while the logits and activations are small next to the weights.")
     md += [""] + image("seed rule vs planner", charts.seed_rule_chart(
@@ -279,7 +293,8 @@ def build_report(run_paths: list[str], out_dir: str | Path, model: str = "llama-
     md += [""] + image("peak vs batch", charts.scaling_chart(batch, "batch_size", capacities, spec.name,
                                                              _settings_text(base, False) + ", 512 tokens"), "batch.png")
     seq_base = replace(base, batch_size=1, seq_len=512)
-    seq = scaling_frame(spec, seq_base, "seq_len", (256, 512, 1024, 2048, 4096, 8192, 16384))
+    seq = scaling_frame(spec, seq_base, "seq_len",
+                        _planned(spec, seq_base, "seq_len", (256, 512, 1024, 2048, 4096, 8192, 16384)))
     md.append("**Sequence length** (batch 1): " + _largest_fitting(seq, "seq_len", capacities) + ". Full "
               "fine-tuning stays flat while its peak is the optimizer step, then grows with the activations.")
     seq_chart = charts.scaling_chart(seq, "seq_len", capacities, spec.name,
@@ -331,6 +346,8 @@ def report_command(args: Any) -> int:
     """`lora-plan report --runs runs.jsonl [--runs more.jsonl] --out reports/NAME/ [--model llama-3-8b]`."""
     result = build_report(list(args.runs), args.out, model=args.model)
     assert result.runs is not None
+    for note in result.runs.notes:
+        print(f"lora-plan: note: {note}", file=sys.stderr)
     for problem in result.runs.problems:
         print(f"lora-plan: skipped {problem}", file=sys.stderr)
     print(f"report: {len(result.runs.records)} record(s) from {len(result.runs.paths)} file(s)"

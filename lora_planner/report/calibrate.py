@@ -25,6 +25,12 @@ The linearisation above is exact for the records (their predicted peak phase is 
 factors to a new estimate (`apply_calibration`) scales the activations of every phase and takes the
 peak again, so the peak phase may change.
 
+A calib.json is user input: `load_calibration` / `check_calibration` validate it (kind, schema version, each
+factor a finite number within `FACTOR_BOUNDS` under a known family/method key, the device constants within the
+bounds of `--cuda-context` / `--allocator-overhead`) and name the key at fault in one line, and
+`apply_calibration` / `calibrated_overhead` apply only a checked document, so no file can make a device peak
+negative or a "fits" verdict out of a string.
+
 Everything here is pure Python (`lora-plan estimate --calibration` imports it).
 """
 
@@ -32,6 +38,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import random
 import statistics
 from collections.abc import Iterable
@@ -43,8 +50,11 @@ from typing import Any
 from lora_planner.catalog import GPUS
 from lora_planner.errors import PlannerInputError
 from lora_planner.files import read_json_file
-from lora_planner.memory import DeviceOverhead, MemoryEstimate, PhaseMemory
+from lora_planner.memory import (
+    MAX_ALLOCATOR_FRACTION, MAX_CUDA_CONTEXT_BYTES, DeviceOverhead, MemoryEstimate, PhaseMemory,
+)
 from lora_planner.planner import Plan, fits_on
+from lora_planner.specs import FAMILIES, METHODS
 
 CALIBRATION_SCHEMA_VERSION = 1
 CALIBRATION_KIND = "lora_planner.calibration"
@@ -257,32 +267,105 @@ def fit_calibration(records: list[dict[str, Any]], holdout: float = 0.3, seed: i
 # ---------------------------------------------------------------------------------------------- applying
 
 
+_RECALIBRATE = "recalibrate with `lora-plan calibrate --runs runs.jsonl --out calib.json`"
+_PASS_A_CALIB = "pass a file written by `lora-plan calibrate --out calib.json`"
+
+
 def load_calibration(path: str | Path) -> dict[str, Any]:
-    """Read and check a calib.json (one-line `PlannerInputError` when it is not one)."""
+    """Read and check a calib.json like any user input (`check_calibration`): one-line `PlannerInputError`
+    naming the file and the key when it is not a valid one."""
     path = Path(path)
-    calib = read_json_file(path, "calibration", "pass a file written by `lora-plan calibrate --out calib.json`")
+    calib = read_json_file(path, "calibration", _PASS_A_CALIB)
+    return check_calibration(calib, str(path))
+
+
+def _is_number(value: Any) -> bool:
+    """A finite JSON number; bools are not numbers."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_calibration(calib: Any, source: str = "calibration file") -> dict[str, Any]:
+    """`calib` if it is a calibration document the planner can apply, else a `PlannerInputError` (field
+    `calibration`) naming `source`, the key and the fix. What is checked (everything `apply_calibration`,
+    `calibrated_overhead` and `calibration_summary` read):
+
+    - `kind` is `CALIBRATION_KIND` and `schema_version` the integer `CALIBRATION_SCHEMA_VERSION`;
+    - `activation_factors` maps "family/method" keys (a known family and method) to objects whose `factor` is a
+      finite number within `FACTOR_BOUNDS` (what `fit_activation_factor` clips to; 1 = not applied);
+    - `device_overhead.cuda_context_bytes` is null or an integer in [0, 1 TiB) and
+      `device_overhead.allocator_fraction` null or a finite number in [0, 10): the bounds `--cuda-context` and
+      `--allocator-overhead` have (`lora_planner.memory.DeviceOverhead`), so no calibration can make a device
+      peak negative;
+    - the display fields (`fitted_on_modes`, `evaluation.before/after.median_abs_pct`) have their types.
+    """
+    def bad(key: str, problem: str, fix: str = _RECALIBRATE) -> PlannerInputError:
+        return PlannerInputError("calibration", f"{source}: {key} {problem}", fix)
+
     if not isinstance(calib, dict) or calib.get("kind") != CALIBRATION_KIND:
-        raise PlannerInputError("calibration", f"{path} is not a lora-plan calibration file",
-                                "pass a file written by `lora-plan calibrate --out calib.json`")
-    if calib.get("schema_version") != CALIBRATION_SCHEMA_VERSION:
-        raise PlannerInputError("calibration", f"{path} has schema_version {calib.get('schema_version')!r}",
-                                f"recalibrate with this version (schema {CALIBRATION_SCHEMA_VERSION})")
+        raise PlannerInputError("calibration", f"{source} is not a lora-plan calibration file (kind is not "
+                                               f"{CALIBRATION_KIND!r})", _PASS_A_CALIB)
+    version = calib.get("schema_version")
+    if isinstance(version, bool) or version != CALIBRATION_SCHEMA_VERSION:
+        raise bad("schema_version", f"is {_shown(version)}, not {CALIBRATION_SCHEMA_VERSION}",
+                  f"{_RECALIBRATE} with this version (schema {CALIBRATION_SCHEMA_VERSION})")
     factors = calib.get("activation_factors")
-    if not isinstance(factors, dict) or not all(
-            isinstance(v, dict) and isinstance(v.get("factor"), (int, float)) and v["factor"] > 0
-            for v in factors.values()):
-        raise PlannerInputError("calibration", f"{path}: activation_factors must map family/method to a positive "
-                                               "factor", "recalibrate with `lora-plan calibrate`")
-    if not isinstance(calib.get("device_overhead", {}), dict):
-        raise PlannerInputError("calibration", f"{path}: device_overhead must be an object",
-                                "recalibrate with `lora-plan calibrate`")
+    if not isinstance(factors, dict):
+        raise bad("activation_factors", f"must be an object mapping family/method to a factor, got {_shown(factors)}")
+    low, high = FACTOR_BOUNDS
+    for key, entry in factors.items():
+        family, _, method = key.partition("/") if isinstance(key, str) else ("", "", "")
+        if family not in FAMILIES or method not in METHODS:
+            raise bad(f"activation_factors[{key!r}]", f"is not a family/method key (families: {', '.join(FAMILIES)}; "
+                                                      f"methods: {', '.join(METHODS)})")
+        factor = entry.get("factor") if isinstance(entry, dict) else None
+        if not _is_number(factor) or not low <= factor <= high:
+            raise bad(f"activation_factors[{key!r}].factor", f"must be a positive factor, a finite number in "
+                                                             f"[{low:g}, {high:g}], got {_shown(factor)}")
+        for name, expected in (("family", family), ("method", method)):
+            if name in entry and entry[name] != expected:
+                raise bad(f"activation_factors[{key!r}].{name}", f"is {_shown(entry[name])}, but the key says "
+                                                                 f"{expected!r}")
+    device = calib.get("device_overhead", {})
+    if not isinstance(device, dict):
+        raise bad("device_overhead", f"must be an object, got {_shown(device)}")
+    context = device.get("cuda_context_bytes")
+    if context is not None and (isinstance(context, bool) or not isinstance(context, int)
+                                or not 0 <= context < MAX_CUDA_CONTEXT_BYTES):
+        raise bad("device_overhead.cuda_context_bytes", f"must be null or a whole number of bytes in [0, 1 TiB), got "
+                                                        f"{_shown(context)}")
+    fraction = device.get("allocator_fraction")
+    if fraction is not None and (not _is_number(fraction) or not 0 <= fraction < MAX_ALLOCATOR_FRACTION):
+        raise bad("device_overhead.allocator_fraction", f"must be null or a number in [0, {MAX_ALLOCATOR_FRACTION:g}) "
+                                                        f"(as --allocator-overhead), got {_shown(fraction)}")
+    modes = calib.get("fitted_on_modes", {})
+    if not isinstance(modes, dict) or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0
+                                              for n in modes.values()):
+        raise bad("fitted_on_modes", f"must map modes to run counts, got {_shown(modes)}")
+    evaluation = calib.get("evaluation", {})
+    if not isinstance(evaluation, dict):
+        raise bad("evaluation", f"must be an object, got {_shown(evaluation)}")
+    for part in ("before", "after"):
+        stats = evaluation.get(part, {})
+        if not isinstance(stats, dict):
+            raise bad(f"evaluation.{part}", f"must be an object, got {_shown(stats)}")
+        median = stats.get("median_abs_pct")
+        if median is not None and (not _is_number(median) or median < 0):
+            raise bad(f"evaluation.{part}.median_abs_pct", f"must be null or a non-negative number, got "
+                                                           f"{_shown(median)}")
+    if not isinstance(evaluation.get("on", ""), str):
+        raise bad("evaluation.on", f"must be a string, got {_shown(evaluation.get('on'))}")
     return calib
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def activation_factor(calib: dict[str, Any], family: str, method: str) -> float:
     """The factor for (family, method); QLoRA uses LoRA's when it has none of its own (same adapters
-    and activations, only the base weights differ); 1 when nothing was fitted."""
-    factors = calib.get("activation_factors", {})
+    and activations, only the base weights differ); 1 when nothing was fitted. `calib` is checked first."""
+    factors = check_calibration(calib)["activation_factors"]
     for key in (group_key(family, method), group_key(family, "lora") if method == "qlora" else None):
         if key in factors:
             return float(factors[key]["factor"])
@@ -290,18 +373,20 @@ def activation_factor(calib: dict[str, Any], family: str, method: str) -> float:
 
 
 def calibrated_overhead(calib: dict[str, Any], base: DeviceOverhead | None = None) -> DeviceOverhead:
-    """`base` (the planner's defaults) with the fitted device constants where cuda records gave them."""
+    """`base` (the planner's defaults) with the fitted device constants where cuda records gave them (`calib` is
+    checked first; `DeviceOverhead` checks the result again)."""
     base = base or DeviceOverhead()
-    device = calib.get("device_overhead") or {}
+    device = check_calibration(calib).get("device_overhead") or {}
     context, fraction = device.get("cuda_context_bytes"), device.get("allocator_fraction")
-    return DeviceOverhead(cuda_context_bytes=int(context) if context is not None else base.cuda_context_bytes,
-                          allocator_fraction=float(fraction) if fraction is not None else base.allocator_fraction)
+    return DeviceOverhead(cuda_context_bytes=context if context is not None else base.cuda_context_bytes,
+                          allocator_fraction=fraction if fraction is not None else base.allocator_fraction)
 
 
 def apply_calibration(estimate: MemoryEstimate, calib: dict[str, Any], family: str, device: str,
                       overhead: DeviceOverhead | None = None) -> MemoryEstimate:
     """`estimate` with its activation term scaled by the (family, method) factor in every phase, the
-    peak taken again, and the device overhead recomputed with the calibrated constants."""
+    peak taken again, and the device overhead recomputed with the calibrated constants (only a checked
+    `calib` is applied: `check_calibration`)."""
     k = activation_factor(calib, family, estimate.method)
     phases = tuple(PhaseMemory(p.phase, replace(p.breakdown, activations_bytes=ceil(p.breakdown.activations_bytes * k)))
                    for p in estimate.phases)
@@ -390,33 +475,47 @@ def calibrate_command(args: Any) -> int:
     """`lora-plan calibrate --runs runs.jsonl [--runs more.jsonl] --out calib.json [--holdout 0.3 --seed 0]`.
 
     Writes calib.json only when the held-out runs confirm something: with no run to hold out, or
-    nothing applied, it says why (one-line error, exit 2) and writes nothing."""
+    nothing applied, it says why (one-line error, exit 2) and writes nothing. `--out` is checked before
+    the runs are read (`files.check_output_file`); the empty file that check creates is removed again
+    when nothing is written."""
+    import os
     import sys
 
+    from lora_planner.files import check_output_file, dumps_strict
     from lora_planner.report.runs import load_runs
 
-    runs = load_runs(args.runs, require="ok")
-    for problem in runs.problems:
-        print(f"lora-plan: skipped {problem}", file=sys.stderr)
-    calib = fit_calibration(runs.records, holdout=args.holdout, seed=args.seed, sources=runs.paths)
     out = Path(args.out)
-    if calib["status"] == "no held-out runs":
-        raise PlannerInputError("runs", f"{calib['n_records']} measured run(s) leave none to hold out at --holdout "
-                                        f"{args.holdout:g}, so no fit can be checked and {out} was not written",
-                                "measure two or more runs per family/method and keep --holdout above 0 "
-                                "(default 0.3)")
-    for line in format_calibration(calib):
-        print(line)
-    if calib["status"] == "nothing to apply":
-        ev = calib["evaluation"]
-        median = _pct(ev["before"]["median_abs_pct"])
-        raise PlannerInputError("runs", f"the fit does not lower the held-out error of these runs (median {median} "
-                                        f"uncalibrated), so {out} was not written",
-                                "keep the uncalibrated planner, or measure more runs to fit a correction")
+    new_file = not os.path.lexists(out)
+    check_output_file(out, "out")
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(calib, indent=2) + "\n", encoding="utf-8")
-    except OSError as err:
-        raise PlannerInputError("out", f"cannot write {out} ({err.strerror or err})", "pass a writable path") from None
+        runs = load_runs(args.runs, require="ok")
+        for note in runs.notes:
+            print(f"lora-plan: note: {note}", file=sys.stderr)
+        for problem in runs.problems:
+            print(f"lora-plan: skipped {problem}", file=sys.stderr)
+        calib = fit_calibration(runs.records, holdout=args.holdout, seed=args.seed, sources=runs.paths)
+        if calib["status"] == "no held-out runs":
+            raise PlannerInputError("runs", f"{calib['n_records']} measured run(s) leave none to hold out at "
+                                            f"--holdout {args.holdout:g}, so no fit can be checked and {out} was "
+                                            "not written",
+                                    "measure two or more runs per family/method and keep --holdout above 0 "
+                                    "(default 0.3)")
+        for line in format_calibration(calib):
+            print(line)
+        if calib["status"] == "nothing to apply":
+            ev = calib["evaluation"]
+            median = _pct(ev["before"]["median_abs_pct"])
+            raise PlannerInputError("runs", f"the fit does not lower the held-out error of these runs (median "
+                                            f"{median} uncalibrated), so {out} was not written",
+                                    "keep the uncalibrated planner, or measure more runs to fit a correction")
+        try:
+            out.write_text(dumps_strict(calib, indent=2) + "\n", encoding="utf-8")
+        except OSError as err:
+            raise PlannerInputError("out", f"cannot write {out} ({err.strerror or err})",
+                                    "pass a writable path") from None
+    except BaseException:
+        if new_file and out.is_file() and out.stat().st_size == 0:
+            out.unlink()
+        raise
     print(f"written to {out}; use it with `lora-plan estimate ... --calibration {out}`")
     return 0

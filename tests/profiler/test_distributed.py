@@ -202,3 +202,85 @@ def test_bad_inputs_are_one_line_errors_before_any_launch(monkeypatch):
         distributed.measure_distributed(request("lora"), "fsdp", world_size=0)
     with pytest.raises(PlannerInputError, match="mode"):
         distributed.measure_distributed(replace(request("lora"), mode="fake"), "fsdp")
+
+
+# ---------------------------------------------------------------------------------------------- Ctrl-C
+
+
+def test_a_rank_interrupted_by_ctrl_c_exits_quietly(monkeypatch, capsys):
+    """Issue 10 class 4: a rank's KeyboardInterrupt is no traceback, just exit code 130."""
+    import signal
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(distributed, "_run_rank", interrupted)
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit) as info:
+            distributed._worker(0, WORLD, 0, [], "unused", False)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert info.value.code == distributed.EXIT_INTERRUPTED == 130
+    captured = capsys.readouterr()
+    assert captured.err == "" and captured.out == ""
+
+
+class _FakeProcess:
+    def __init__(self):
+        self.alive, self.terminated = True, False
+
+    def is_alive(self):
+        return self.alive
+
+    def terminate(self):
+        self.terminated, self.alive = True, False
+
+    def kill(self):
+        self.alive = False
+
+    def join(self, timeout=None):
+        pass
+
+
+@pytest.mark.parametrize("failure", [
+    KeyboardInterrupt(),
+    torch.multiprocessing.ProcessExitedException("process 0 terminated with exit code 130", 0, 1, 130),
+])
+def test_the_parent_stops_the_ranks_and_raises_one_keyboard_interrupt(monkeypatch, failure):
+    import signal
+
+    seen = {}
+    processes = [_FakeProcess(), _FakeProcess()]
+
+    class Context:
+        def __init__(self):
+            self.processes = processes
+
+        def join(self):
+            raise failure
+
+    def spawn(fn, args, nprocs, join):
+        seen["sigint while starting"] = signal.getsignal(signal.SIGINT)
+        assert fn is distributed._worker and nprocs == WORLD and join is False
+        return Context()
+
+    monkeypatch.setattr(torch.multiprocessing, "spawn", spawn)
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        measure_distributed_many([(request("lora"), "ddp")], world_size=WORLD)
+    assert seen["sigint while starting"] is signal.SIG_IGN  # the ranks start with Ctrl-C ignored
+    assert signal.getsignal(signal.SIGINT) is before  # and the parent's handler is back
+    assert all(p.terminated for p in processes)
+
+
+def test_a_rank_that_fails_otherwise_is_still_an_error(monkeypatch):
+    class Context:
+        processes = [_FakeProcess()]
+
+        def join(self):
+            raise torch.multiprocessing.ProcessExitedException("process 0 terminated with exit code 1", 0, 1, 1)
+
+    monkeypatch.setattr(torch.multiprocessing, "spawn", lambda *a, **k: Context())
+    with pytest.raises(RuntimeError, match="exit code 1"):
+        measure_distributed_many([(request("lora"), "ddp")], world_size=WORLD)

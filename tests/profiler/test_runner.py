@@ -141,6 +141,62 @@ def test_out_of_memory_is_recorded_not_raised():
     assert "measured" not in record and record["predicted"]["peak_bytes"] > 0
 
 
+def _real_cpu_allocation_failure() -> RuntimeError:
+    """What PyTorch's CPU allocator really raises when malloc fails (64 TiB: more than any machine)."""
+    try:
+        torch.empty(2**46, dtype=torch.uint8)
+    except RuntimeError as err:
+        return err
+    pytest.skip("this machine allocated 64 TiB")
+
+
+def test_cpu_out_of_memory_is_recorded_as_oom():
+    """Issue 10 class 4: a real CPU allocation failure (DefaultCPUAllocator, error code 12) is an oom."""
+    failure = _real_cpu_allocation_failure()
+    assert "can't allocate memory" in str(failure)
+
+    def cpu_oom(_request):
+        raise failure
+
+    record = run_profile(request(), measure=cpu_oom)
+    assert record["status"] == "oom" and "DefaultCPUAllocator" in record["error"]
+
+
+@pytest.mark.parametrize("error, status", [
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), "oom"),
+    (RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"), "oom"),
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory"), "oom"),
+    (MemoryError(), "oom"),
+    (RuntimeError("Cannot allocate memory (errno 12)"), "oom"),
+    (RuntimeError("mat1 and mat2 shapes cannot be multiplied"), "error"),
+    (ValueError("out of memory"), "error"),  # only an allocator's RuntimeError is an oom
+])
+def test_oom_classification(error, status):
+    def fail(_request):
+        raise error
+
+    assert run_profile(request(), measure=fail)["status"] == status
+
+
+@pytest.mark.parametrize("measurement, needle", [
+    (dict(peak_bytes=0), "measured.peak_bytes is 0"),
+    (dict(peak_bytes=float("inf")), "measured.peak_bytes is inf"),
+    (dict(peak_bytes=100, step_times_s=(float("nan"), 0.1)), "step_times_s[0] is nan"),
+    (dict(peak_bytes=100, steady_peak_bytes=-1), "measured.steady_peak_bytes is -1"),
+])
+def test_a_measurement_that_would_not_read_back_is_an_error_record(measurement, needle):
+    """Issue 10 class 3: never write Infinity / NaN / a zero peak; record the bug with the field."""
+    from lora_planner.files import dumps_strict
+    from lora_planner.profiler.records import check_record
+
+    values = dict(peak_phase="backward", breakdown_bytes=None, step1_peak_bytes=100, steady_peak_bytes=None)
+    values.update(measurement)
+    record = run_profile(request(), measure=lambda _request: Measurement(**values))
+    assert record["status"] == "error" and needle in record["error"] and "profiler bug" in record["error"]
+    assert "measured" not in record and check_record(record) is None
+    dumps_strict(record)
+
+
 def test_other_failures_are_recorded_with_their_type():
     def broken(_request):
         raise ValueError("shape mismatch")

@@ -3,9 +3,12 @@ Ctrl-C, JSON output, and one-line errors."""
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import re
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -158,7 +161,8 @@ def test_threads_option_sets_torch_threads_and_rejects_bad_values(tmp_path, caps
     before = torch.get_num_threads()
     try:
         assert main(["profile", "--model", "gpt2", "--threads", "0", "--out", str(tmp_path / "r.jsonl")]) == 2
-        assert "threads: must be a positive integer" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert "threads: must be" in err and "--threads 1" in err  # the option layer's wording
         config = tmp_path / "config.json"
         config.write_text('{"model_type": "llama", "vocab_size": 64, "hidden_size": 16, "intermediate_size": 32, '
                           '"num_hidden_layers": 1, "num_attention_heads": 2}')
@@ -167,3 +171,146 @@ def test_threads_option_sets_torch_threads_and_rejects_bad_values(tmp_path, caps
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------------------------------------- issue 10
+
+
+def quick_measure(calls):
+    def measure(request):
+        calls.append(request.key)
+        return runner.Measurement(peak_bytes=1000, peak_phase="backward", breakdown_bytes={"weights": 1000},
+                                  step1_peak_bytes=1000, steady_peak_bytes=900, step_times_s=(0.1, 0.2))
+
+    return measure
+
+
+def quick_args(config, out, *extra):
+    return ["profile", "--model", config, "--backend", "builtin", "--mode", "cpu", "--steps", "2", "--batch-size",
+            "1", "--seq-len", "8", "--out", str(out), *extra]
+
+
+@pytest.mark.parametrize("make_out, needle", [
+    (lambda tmp: tmp, "is a folder"),
+    (lambda tmp: (tmp / "file").write_text("x") and tmp / "file" / "runs.jsonl", "lies under"),
+    (lambda tmp: Path(os.devnull), "is a device, not a file"),
+    (lambda tmp: tmp / ("x" * 300) / "runs.jsonl", "too long"),
+])
+def test_a_bad_out_is_refused_before_any_measurement(tiny_config, tmp_path, monkeypatch, capsys, make_out, needle):
+    """Issue 10 class 1: --out is checked before the first step, so a measurement is never thrown away."""
+    calls = []
+    monkeypatch.setitem(runner.MEASURE, "cpu", quick_measure(calls))
+    out = make_out(tmp_path)
+    assert main(quick_args(tiny_config, out)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lora-plan: error: out:") and needle in err and err.count("\n") == 1
+    assert calls == []
+
+
+@pytest.fixture
+def full_disk(tmp_path, monkeypatch):
+    """The output file's writes fail with ENOSPC; the fallback goes to tmp_path/fallback."""
+    from lora_planner.profiler import records
+
+    out = tmp_path / "runs.jsonl"
+    fallback_dir = tmp_path / "fallback"
+    fallback_dir.mkdir()
+    monkeypatch.setattr(records, "fallback_path", lambda name: fallback_dir / name)
+    real = records._write
+
+    def write(fd, data):
+        if out.exists() and os.path.samestat(os.fstat(fd), os.stat(out)):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data)
+
+    monkeypatch.setattr(records, "_write", write)
+    return out, fallback_dir
+
+
+def test_a_full_disk_keeps_every_record_and_exits_1(tiny_config, monkeypatch, capsys, full_disk):
+    out, fallback_dir = full_disk
+    calls = []
+    monkeypatch.setitem(runner.MEASURE, "cpu", quick_measure(calls))
+    assert main(quick_args(tiny_config, out)) == 1
+    assert len(calls) == 2  # the second run went on after the first could not be appended
+    err = capsys.readouterr().err
+    kept = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    assert [r["settings"]["method"] for r in kept] == ["full", "lora"]
+    [fallback] = fallback_dir.iterdir()
+    assert [r["key"] for r in read_records(fallback)[0]] == [r["key"] for r in kept]
+    assert f"cannot append to {out} (No space left on device)" in err
+    assert f"2 record(s) could not be appended to {out}; they are in {fallback}" in err
+    assert out.read_bytes() == b""
+
+
+def test_resume_does_not_depend_on_how_the_config_path_is_spelled(tiny_config, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    calls = []
+    monkeypatch.setitem(runner.MEASURE, "cpu", quick_measure(calls))
+    assert main(quick_args("./config.json", "runs.jsonl")) == 0
+    assert main(quick_args(".//config.json", "runs.jsonl", "--resume")) == 0
+    (tmp_path / "sub").mkdir()
+    assert main(quick_args("sub/../config.json", "runs.jsonl", "--resume")) == 0
+    assert len(calls) == 2
+    records, _ = read_records("runs.jsonl")
+    assert {r["model"] for r in records} == {"config.json"}
+    assert capsys.readouterr().out.count("2 run(s) already in") == 2
+
+
+@pytest.mark.parametrize("spellings, label", [
+    (("meta-llama/Llama-2-7b-hf", "llama-2-7b", "LLAMA-2-7B", " llama-2-7b"), "llama-2-7b"),
+    (("cfg/x.json", "./cfg/x.json", "cfg//x.json", "cfg/../cfg/x.json", "cfg/./x.json"), "cfg/x.json"),
+])
+def test_one_model_spelled_several_ways_has_one_key(spellings, label):
+    """Issue 10 class 4: the resume key and the record's model are the normalised label."""
+    from dataclasses import replace
+
+    from lora_planner.catalog import resolve_model
+    from lora_planner.profiler.session import build_requests
+    from lora_planner.specs import TrainingSpec
+
+    keys, labels = set(), set()
+    for model in spellings:
+        # a config path resolves to a spec named after the path (catalog.load_config_json)
+        spec = resolve_model(model) if label == "llama-2-7b" else replace(resolve_model("llama-2-7b"), name=model)
+        [request] = build_requests(model, spec, [TrainingSpec(method="lora")], "hf", "fake", 2)
+        keys.add(request.key)
+        labels.add(request.model)
+    assert len(keys) == 1 and labels == {label}
+
+
+def test_resume_runs_again_a_run_whose_line_was_cut_short(tiny_config, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setitem(runner.MEASURE, "cpu", quick_measure(calls))
+    out = tmp_path / "runs.jsonl"
+    assert main(quick_args(tiny_config, out)) == 0
+    text = out.read_bytes()
+    out.write_bytes(text[:-len(text.splitlines()[-1]) // 2 - 1])  # the lora record cut in half, no newline
+    assert main(quick_args(tiny_config, out, "--resume")) == 0
+    assert len(calls) == 3 and "|lora|" in calls[-1]
+    records, bad = read_records(out)
+    assert [r["settings"]["method"] for r in records] == ["full", "lora"]
+    assert len(bad) == 1 and bad[0].line_number == 2
+
+
+def test_resume_over_mistyped_records_does_not_crash(tiny_config, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setitem(runner.MEASURE, "cpu", quick_measure(calls))
+    out = tmp_path / "runs.jsonl"
+    out.write_text('{"key": ["a", "list"], "schema_version": 1, "status": "ok"}\n{"key": {"a": 1}}\n'
+                   + "[" * 50_000 + "\n" + '{"key": "x", "v": NaN}\n')
+    assert main(quick_args(tiny_config, out, "--resume")) == 0
+    assert len(calls) == 2
+
+
+def test_a_record_with_a_non_finite_measurement_is_an_error_record(tiny_config, tmp_path, monkeypatch):
+    def measure(request):
+        return runner.Measurement(peak_bytes=float("nan"), peak_phase="backward", breakdown_bytes=None,
+                                  step1_peak_bytes=1, steady_peak_bytes=None)
+
+    monkeypatch.setitem(runner.MEASURE, "cpu", measure)
+    out = tmp_path / "runs.jsonl"
+    assert main(quick_args(tiny_config, out, "--method", "full")) == 1
+    assert b"NaN" not in out.read_bytes()
+    [record], bad = read_records(out)
+    assert bad == [] and record["status"] == "error" and "measured.peak_bytes is nan" in record["error"]

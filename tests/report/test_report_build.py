@@ -4,6 +4,7 @@ one-line error, several --runs files merged."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -105,3 +106,81 @@ def test_load_runs_requires_measured_records_when_asked(tmp_path):
     assert len(load_runs([str(path)]).records) == 1
     with pytest.raises(PlannerInputError, match="1 record.s. without a measurement"):
         load_runs([str(path)], require="ok")
+
+
+# ---------------------------------------------------------------------------------------------- issue 10
+
+
+def test_a_file_given_twice_is_read_once(tmp_path, capsys, monkeypatch):
+    path = write_runs(tmp_path / "runs.jsonl", biased_records(3, 1.0, prefix="a"))
+    monkeypatch.chdir(tmp_path)
+    runs = load_runs([str(path), str(path), "./runs.jsonl"])
+    assert len(runs.records) == 3 and runs.paths == [str(path)]
+    assert runs.notes == [f"--runs {path} is given twice: read once",
+                          f"--runs ./runs.jsonl is the same file as {path}: read once"]
+    out = tmp_path / "rep"
+    assert main(["report", "--runs", str(path), "--runs", str(path), "--out", str(out), "--model", "gpt2"]) == 0
+    captured = capsys.readouterr()
+    assert "report: 3 record(s) from 1 file(s)" in captured.out
+    assert captured.err == f"lora-plan: note: --runs {path} is given twice: read once\n"
+
+
+@pytest.mark.parametrize("make_out, needle", [
+    (lambda tmp: (tmp / "file").write_text("x") and tmp / "file", "exists and is not a folder"),
+    (lambda tmp: (tmp / "file").write_text("x") and tmp / "file" / "rep", "lies under"),
+])
+def test_report_checks_out_before_any_chart(tmp_path, capsys, monkeypatch, make_out, needle):
+    from lora_planner.report import build
+
+    monkeypatch.setattr(build, "runs_frame", lambda *a: pytest.fail("the report started before --out was checked"))
+    runs = write_runs(tmp_path / "runs.jsonl", [make_record("a")])
+    assert main(["report", "--runs", str(runs), "--out", str(make_out(tmp_path))]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lora-plan: error: out:") and needle in err and err.count("\n") == 1
+
+
+def test_report_over_mistyped_records_names_the_lines(tmp_path, capsys):
+    """Issue 10 class 3: valid JSON with the wrong types is a named bad line, not a traceback."""
+    good = biased_records(3, 1.0, prefix="g", step_time=0.2)
+    wrong = [
+        {**make_record("k1"), "key": ["a", "list"]},
+        {**make_record("k2"), "settings": {**make_record("k2")["settings"], "batch_size": "2"}},
+        {**make_record("k3"), "predicted": {**make_record("k3")["predicted"], "breakdown_bytes": [1]}},
+        {**make_record("k4"), "measured": {"peak_bytes": "many"}},
+        {**make_record("k5"), "family": {"name": "llama"}},
+        {**make_record("k6"), "step_times_s": ["fast"]},
+    ]
+    path = write_runs(tmp_path / "runs.jsonl", good + wrong, ["[" * 10_000 + "]" * 10_000, '{"key": "n", "x": NaN}'])
+    assert main(["report", "--runs", str(path), "--out", str(tmp_path / "rep"), "--model", "gpt2"]) == 0
+    captured = capsys.readouterr()
+    assert "8 bad line(s) skipped" in captured.out
+    for line, needle in ((4, "key is a list"), (5, "settings.batch_size is '2'"), (6, "predicted.breakdown_bytes"),
+                         (7, "measured.peak_bytes is 'many'"), (8, "family is an object"),
+                         (9, "step_times_s[0] is 'fast'"), (10, "not standard JSON (nested too deeply)"),
+                         (11, "not standard JSON (NaN is not a JSON number)")):
+        assert f"{path}:{line}: {needle}" in captured.err, needle
+    assert "Traceback" not in captured.err
+
+
+def test_runs_that_are_not_regular_files_are_refused(tmp_path, capsys):
+    fifo = tmp_path / "runs.jsonl"
+    os.mkfifo(fifo)
+    assert main(["report", "--runs", str(fifo), "--out", str(tmp_path / "rep")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lora-plan: error: runs:") and "named pipe" in err and err.count("\n") == 1
+
+
+def test_calibrate_checks_out_first_and_leaves_no_empty_file(tmp_path, capsys):
+    runs = write_runs(tmp_path / "runs.jsonl", biased_records(6, 1.3, prefix="c"))
+    (tmp_path / "file").write_text("x")
+    assert main(["calibrate", "--runs", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "file" / "c.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lora-plan: error: out:") and "lies under" in err  # --out first, before the runs
+    out = tmp_path / "calib.json"
+    assert main(["calibrate", "--runs", str(tmp_path / "none.jsonl"), "--out", str(out)]) == 2
+    assert "runs: cannot read" in capsys.readouterr().err and not out.exists()  # no empty calib.json left
+    assert main(["calibrate", "--runs", str(runs), "--runs", str(runs), "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "is given twice: read once" in captured.err
+    calib = json.loads(out.read_text())
+    assert calib["n_records"] == 6 and calib["sources"] == [str(runs)]

@@ -14,7 +14,8 @@ from lora_planner.cli import main
 from lora_planner.errors import PlannerInputError
 from lora_planner.memory import DeviceOverhead, estimate_memory
 from lora_planner.report.calibrate import (
-    activation_factor, apply_calibration, fit_activation_factor, fit_calibration, split_records,
+    FACTOR_BOUNDS, activation_factor, apply_calibration, calibrated_overhead, check_calibration,
+    fit_activation_factor, fit_calibration, load_calibration, split_records,
 )
 from lora_planner.specs import LoraSpec, TrainingSpec
 from tests.report.synthetic import MIB, biased_records, make_record
@@ -194,7 +195,7 @@ def test_estimate_with_calibration_says_so(tmp_path, capsys):
 
 @pytest.mark.parametrize("content, needle", [
     (None, "cannot read"), ("{", "not valid JSON"), ('{"kind": "other"}', "not a lora-plan calibration"),
-    ('{"kind": "lora_planner.calibration", "schema_version": 1, "activation_factors": {"a/b": {"factor": -1}}}',
+    ('{"kind": "lora_planner.calibration", "schema_version": 1, "activation_factors": {"llama/lora": {"factor": -1}}}',
      "positive factor"),
 ])
 def test_estimate_with_a_bad_calibration_file_is_one_line_exit_2(tmp_path, capsys, content, needle):
@@ -241,3 +242,122 @@ def test_estimate_with_calibration_imports_no_torch_or_pandas(tmp_path):
             "print(sorted(m for m in ('torch', 'pandas', 'matplotlib') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+# --------------------------------------------------------------------------------------------------
+# calib.json is user input: each bad file is refused in one line naming the file and the key
+# --------------------------------------------------------------------------------------------------
+
+def _edit(path: str, value):
+    """_calib() with the value at a dotted path replaced ("-" deletes it)."""
+    calib = _calib()
+    *parents, last = path.split(".")
+    node = calib
+    for part in parents:
+        node = node[part]
+    if value == "-":
+        del node[last]
+    else:
+        node[last] = value
+    return calib
+
+
+BAD_CALIBRATIONS = [
+    # (case, document, key named in the message)
+    ("not an object", [1, 2], "not a lora-plan calibration file"),
+    ("wrong kind", _edit("kind", "lora_planner.records"), "not a lora-plan calibration file"),
+    ("no kind", _edit("kind", "-"), "not a lora-plan calibration file"),
+    ("future schema", _edit("schema_version", 2), "schema_version"),
+    ("schema as a bool", _edit("schema_version", True), "schema_version"),
+    ("schema as a string", _edit("schema_version", "1"), "schema_version"),
+    ("factors missing", _edit("activation_factors", "-"), "activation_factors"),
+    ("factors a list", _edit("activation_factors", [1.5]), "activation_factors"),
+    ("negative factor", _edit("activation_factors.llama/lora.factor", -1), "activation_factors['llama/lora'].factor"),
+    ("zero factor", _edit("activation_factors.llama/lora.factor", 0), "activation_factors['llama/lora'].factor"),
+    ("factor below the bounds", _edit("activation_factors.llama/lora.factor", 0.1), "'llama/lora'].factor"),
+    ("factor above the bounds", _edit("activation_factors.llama/lora.factor", 40.0), "'llama/lora'].factor"),
+    ("factor a string", _edit("activation_factors.llama/lora.factor", "1.5"), "'llama/lora'].factor"),
+    ("factor a bool", _edit("activation_factors.llama/lora.factor", True), "'llama/lora'].factor"),
+    ("factor null", _edit("activation_factors.llama/lora.factor", None), "'llama/lora'].factor"),
+    ("factor missing", _edit("activation_factors.llama/lora.factor", "-"), "'llama/lora'].factor"),
+    ("entry not an object", _edit("activation_factors.llama/lora", 1.5), "'llama/lora'].factor"),
+    ("unknown family", {**_calib(), "activation_factors": {"t5/lora": {"factor": 1.2}}}, "activation_factors['t5/lora']"),
+    ("unknown method", {**_calib(), "activation_factors": {"llama/dora": {"factor": 1.2}}},
+     "activation_factors['llama/dora']"),
+    ("key without a slash", {**_calib(), "activation_factors": {"llama": {"factor": 1.2}}}, "activation_factors['llama']"),
+    ("entry family differs", _edit("activation_factors.llama/lora.family", "qwen2"), "'llama/lora'].family"),
+    ("device overhead a list", _edit("device_overhead", [1]), "device_overhead"),
+    ("negative context", _edit("device_overhead.cuda_context_bytes", -512), "device_overhead.cuda_context_bytes"),
+    ("context a float", _edit("device_overhead.cuda_context_bytes", 5.0e8), "device_overhead.cuda_context_bytes"),
+    ("context a string", _edit("device_overhead.cuda_context_bytes", "512MiB"), "device_overhead.cuda_context_bytes"),
+    ("context a bool", _edit("device_overhead.cuda_context_bytes", True), "device_overhead.cuda_context_bytes"),
+    ("context 1 TiB", _edit("device_overhead.cuda_context_bytes", 2**40), "device_overhead.cuda_context_bytes"),
+    ("negative fraction", _edit("device_overhead.allocator_fraction", -0.5), "device_overhead.allocator_fraction"),
+    ("fraction 10", _edit("device_overhead.allocator_fraction", 10), "device_overhead.allocator_fraction"),
+    ("fraction a string", _edit("device_overhead.allocator_fraction", "0.1"), "device_overhead.allocator_fraction"),
+    ("fraction a bool", _edit("device_overhead.allocator_fraction", False), "device_overhead.allocator_fraction"),
+    ("modes a list", _edit("fitted_on_modes", ["cuda"]), "fitted_on_modes"),
+    ("mode count a string", _edit("fitted_on_modes", {"cuda": "3"}), "fitted_on_modes"),
+    ("evaluation a string", _edit("evaluation", "good"), "evaluation"),
+    ("median a string", _edit("evaluation.before.median_abs_pct", "9%"), "evaluation.before.median_abs_pct"),
+    ("negative median", _edit("evaluation.after.median_abs_pct", -1.0), "evaluation.after.median_abs_pct"),
+]
+
+
+@pytest.mark.parametrize(("document", "key"), [case[1:] for case in BAD_CALIBRATIONS],
+                         ids=[case[0] for case in BAD_CALIBRATIONS])
+def test_bad_calibration_file_is_refused_naming_the_key(tmp_path, document, key):
+    path = tmp_path / "calib.json"
+    path.write_text(json.dumps(document))
+    with pytest.raises(PlannerInputError) as err:
+        load_calibration(path)
+    assert err.value.field == "calibration"
+    message = str(err.value)
+    assert str(path) in message and key in message and "\n" not in message
+    assert "lora-plan calibrate" in err.value.fix or "calibrate --out" in err.value.fix
+
+
+@pytest.mark.parametrize(("document", "key"), [case[1:] for case in BAD_CALIBRATIONS if isinstance(case[1], dict)],
+                         ids=[case[0] for case in BAD_CALIBRATIONS if isinstance(case[1], dict)])
+def test_applying_an_unchecked_bad_calibration_is_refused_too(document, key):
+    """apply_calibration / calibrated_overhead trust only checked input: a dict that never went through
+    load_calibration is checked on the way in."""
+    base = estimate_memory(resolve_model("llama-3.2-1b"), TrainingSpec(method="lora", seq_len=256))
+    with pytest.raises(PlannerInputError, match="calibration"):
+        apply_calibration(base, document, "llama", "cuda")
+    with pytest.raises(PlannerInputError):
+        calibrated_overhead(document)
+
+
+def test_json_nan_and_infinity_in_a_calibration_file_are_not_json(tmp_path):
+    path = tmp_path / "calib.json"
+    path.write_text(json.dumps(_edit("activation_factors.llama/lora.factor", float("nan"))))
+    with pytest.raises(PlannerInputError, match="not valid JSON"):
+        load_calibration(path)
+    with pytest.raises(PlannerInputError, match="factor"):  # and as a Python dict it is out of bounds
+        check_calibration(_edit("activation_factors.llama/lora.factor", float("inf")))
+
+
+@pytest.mark.parametrize("factor", [FACTOR_BOUNDS[0], 1.0, FACTOR_BOUNDS[1], 1])
+def test_factors_at_the_bounds_and_null_device_constants_are_valid(factor):
+    calib = _edit("activation_factors.llama/lora.factor", factor)
+    calib["device_overhead"] = {"cuda_context_bytes": None, "allocator_fraction": None, "n_cuda_records": 0}
+    assert check_calibration(calib) is calib
+    assert activation_factor(calib, "llama", "lora") == factor
+    assert calibrated_overhead(calib) == DeviceOverhead()
+    assert calibrated_overhead(_edit("device_overhead.cuda_context_bytes", 0)).cuda_context_bytes == 0
+
+
+def test_a_calibration_written_by_calibrate_round_trips(tmp_path, capsys):
+    runs = tmp_path / "runs.jsonl"
+    records = biased_records(10, 1.2, prefix="a") + biased_records(6, 1.0, "qwen2", "lora", "q")
+    runs.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    out = tmp_path / "calib.json"
+    assert main(["calibrate", "--runs", str(runs), "--out", str(out), "--holdout", "0.3", "--seed", "0"]) == 0
+    capsys.readouterr()
+    written = json.loads(out.read_text())
+    loaded = load_calibration(out)
+    assert loaded == written
+    assert check_calibration(fit_calibration(records, holdout=0.3, seed=0))  # the fitted document itself
+    assert activation_factor(loaded, "llama", "lora") == pytest.approx(1.2, abs=1e-6)
+    assert activation_factor(loaded, "qwen2", "lora") == written["activation_factors"]["qwen2/lora"]["factor"]
