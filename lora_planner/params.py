@@ -206,7 +206,7 @@ def check_sequence_length(spec: ModelSpec, seq_len: int) -> None:
         raise PlannerInputError(
             "seq_len", f"{seq_len:,} tokens is longer than {spec.name}'s learned position table "
                        f"(max_position_embeddings / n_positions {limit:,}); transformers' GPT2Model fails on position "
-                       f"{limit:,} (IndexError)", f"use --seq-len <= {limit:,}")
+                       f"{limit:,} (IndexError)", f"use a seq_len <= {limit:,}")
 
 
 @dataclass(frozen=True)

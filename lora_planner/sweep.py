@@ -66,7 +66,7 @@ from lora_planner.catalog import load_config_json, resolve_model, spec_from_conf
 from lora_planner.cli_types import MAX_THREADS, Text, count
 from lora_planner.errors import PlannerInputError
 from lora_planner.files import check_output_file, read_user_text
-from lora_planner.params import lora_params, resolve_targets
+from lora_planner.params import check_sequence_length, lora_params, resolve_targets
 from lora_planner.specs import LoraSpec, ModelSpec, TrainingSpec
 
 # The builtin backend's families (`profiler.builtin_model.BUILTIN_FAMILIES`; a test keeps them equal).
@@ -193,6 +193,10 @@ def _load_models(where: str, table: Any, base_dir: Path) -> dict[str, tuple[Mode
                 set(entry) - {"catalog", "config", "path"}:
             raise _err(at, "needs exactly one of catalog = NAME, config = {...} or path = FILE",
                        'write e.g. catalog = "gpt2" or config = { model_type = "llama", ... }')
+        for key in ("catalog", "path"):
+            if key in entry and (not isinstance(entry[key], str) or not entry[key].strip()):
+                raise _err(at, f"{key} must be a non-empty string, got {entry[key]!r}"[:200],
+                           f'write e.g. {key} = "{"gpt2" if key == "catalog" else "configs/model.json"}"')
         try:
             if "catalog" in entry:
                 spec = resolve_model(str(entry["catalog"]))
@@ -302,6 +306,7 @@ def _expand_block(where: str, label: str, spec: ModelSpec, source: dict[str, Any
                 lora_params(spec, lora.r, targets)  # unknown targets, r wider than a layer
             else:
                 resolve_targets(spec, None)
+            check_sequence_length(spec, training.seq_len)  # GPT-2's learned positions
         except PlannerInputError as err:
             raise _err(f"{where} model {label}", f"{err.field}: {err.problem}", err.fix) from None
         sweep = {"grid": grid_name, "model_source": source, "target": _target_label(v["target"]),

@@ -318,3 +318,11 @@ def test_qlora_kbit_prep_is_on_by_default_and_can_be_turned_off(capsys):
     assert extra > 2 * (2 * 128256 * 4096)  # embed + lm_head from 2 to 4 bytes, plus the fp32 stream
     assert main(["--model", "llama-3.1-8b", "--method", "qlora"]) == 0
     assert "prepare_model_for_kbit_training" in capsys.readouterr().out
+
+
+def test_profile_refuses_a_plan_the_planner_refuses_before_building_or_creating_anything(tmp_path, capsys):
+    out = tmp_path / "runs.jsonl"
+    assert main(["profile", "--model", "gpt2", "--seq-len", "2048", "--mode", "fake", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lora-plan: error: seq_len: 2,048 tokens") and len(err.splitlines()) == 1
+    assert not out.exists()

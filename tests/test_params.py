@@ -597,7 +597,7 @@ def test_gpt2_refuses_a_sequence_past_its_learned_positions():
     check_sequence_length(gpt2, 1024)
     with pytest.raises(PlannerInputError) as err:
         check_sequence_length(gpt2, 1025)
-    assert err.value.field == "seq_len" and err.value.fix == "use --seq-len <= 1,024"
+    assert err.value.field == "seq_len" and err.value.fix == "use a seq_len <= 1,024"
     assert "learned position table" in err.value.problem and "\n" not in str(err.value)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -352,3 +353,20 @@ def test_a_grid_that_is_not_a_regular_text_file_is_one_line(tmp_path, capsys, ma
     assert main(["sweep", str(path), "--out", str(tmp_path / "runs.jsonl")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("lora-plan: error: grid:") and needle in err and err.count("\n") == 1
+
+
+def test_a_grid_past_gpt2_learned_positions_is_refused_when_parsed_not_when_run():
+    text = '[models.g]\ncatalog = "gpt2"\n[[grid]]\nmethod = ["lora"]\nseq_len = [512, 2048]\n'
+    with pytest.raises(PlannerInputError, match=r"grid g grid\[0\] model g: seq_len: 2,048 tokens .* <= 1,024"):
+        parse_grid(text, name="g")
+
+
+@pytest.mark.parametrize("entry, problem", [
+    ('path = ["a.json"]', "path must be a non-empty string, got ['a.json']"),
+    ("catalog = 3", "catalog must be a non-empty string, got 3"),
+    ('path = ""', "path must be a non-empty string"),
+])
+def test_model_sources_of_the_wrong_type_are_one_line(entry, problem):
+    """Found by the fuzz suite (issue 10): `path = [...]` raised TypeError from Path()."""
+    with pytest.raises(PlannerInputError, match=re.escape(problem)):
+        parse_grid(f"[models.m]\n{entry}\n", name="g")

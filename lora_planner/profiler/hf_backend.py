@@ -12,6 +12,7 @@ Traps handled here (each one silently gives wrong numbers otherwise):
 
 from __future__ import annotations
 
+import logging
 import warnings
 from typing import Any
 
@@ -27,6 +28,9 @@ TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.flo
 
 def require_hf() -> tuple[Any, Any]:
     """Import transformers and peft, or say how to get them."""
+    # bitsandbytes (imported by peft when installed) logs a warning at import on AVX512-BF16 CPUs when the optional
+    # `kernels` package is missing; its pure-PyTorch CPU path is what runs (and what was measured): not news.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         import peft
         import transformers

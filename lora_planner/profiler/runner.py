@@ -228,6 +228,7 @@ def check_request(request: ProfileRequest) -> None:
     """Raise the `PlannerInputError` a run of these settings would raise, before anything is built, so
     a session of several runs stops at once instead of after the runs before it."""
     t = request.training
+    estimate_memory(request.spec, t)  # the planner's own checks (e.g. a sequence past GPT-2's positions)
     if t.method == "qlora":
         if request.backend != "hf":
             raise PlannerInputError("method", "the builtin backend has no 4-bit base", "profile QLoRA with --backend hf")
