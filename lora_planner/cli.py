@@ -29,6 +29,7 @@ from lora_planner.cli_options import (
 )
 from lora_planner.defaults import DEFAULT_BATCH_SIZE, DEFAULT_MODEL, DEFAULT_R
 from lora_planner.errors import PlannerInputError
+from lora_planner.models_cli import add_models_arguments, run_models_command
 from lora_planner.planner import make_plan, plan_to_dict, refit
 from lora_planner.recommend_cli import add_recommend_arguments, run_recommend_command
 from lora_planner.report import add_calibrate_arguments, add_report_arguments, run_calibrate_command, run_report_command
@@ -38,7 +39,7 @@ from lora_planner.specs import (
 )
 from lora_planner.sweep import add_sweep_arguments, run_sweep_command
 
-SUBCOMMANDS = ("estimate", "profile", "recommend", "sweep", "calibrate", "report")
+SUBCOMMANDS = ("estimate", "profile", "recommend", "sweep", "calibrate", "report", "models")
 EXIT_BAD_INPUT = 2
 EXIT_INTERNAL_ERROR = 70  # EX_SOFTWARE (sysexits.h): an unexpected exception, i.e. a bug
 EXIT_INTERRUPTED = 130  # 128 + SIGINT
@@ -149,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sweep_arguments(sub.add_parser("sweep", help="run a TOML grid of profile runs into a JSONL file (resumable)"))
     add_calibrate_arguments(sub.add_parser("calibrate", help="fit the planner's free constants to measured runs"))
     add_report_arguments(sub.add_parser("report", help="charts and a Markdown report from profile records"))
+    add_models_arguments(sub.add_parser("models", help="list the model catalog (sizes, context, repo ids)"))
     return parser
 
 
@@ -252,7 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         return {"estimate": run_estimate, "profile": run_profile_command,
                 "recommend": run_recommend_command, "sweep": run_sweep_command, "calibrate": run_calibrate_command,
-                "report": run_report_command}[args.command](args)
+                "report": run_report_command, "models": run_models_command}[args.command](args)
     except PlannerInputError as err:
         print(f"lora-plan: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT

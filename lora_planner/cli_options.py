@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import argparse
 
-from lora_planner.catalog import GPUS, parse_memory_size
 from lora_planner.cli_types import Number, Text, count, fraction
 from lora_planner.defaults import (
     DEFAULT_ALLOCATOR_OVERHEAD, DEFAULT_CUDA_CONTEXT, DEFAULT_HEADROOM, DEFAULT_SEQ_LEN,
 )
+from lora_planner.gpus import GPUS, parse_memory_size
 from lora_planner.memory import MAX_ALLOCATOR_FRACTION, DeviceOverhead
 from lora_planner.planner import Budget, budget_from_options, usable_bytes
 from lora_planner.specs import MAX_SEQ_LEN

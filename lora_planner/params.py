@@ -19,157 +19,27 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from functools import lru_cache
-from types import MappingProxyType
 from math import ceil
-from typing import Literal, Mapping
+from types import MappingProxyType
+from typing import Mapping
 
 from lora_planner.errors import PlannerInputError
+from lora_planner.families import FAMILY_RULES, family_rules
+from lora_planner.families.base import GROUPS, Module, ModuleGroup, ModuleKind  # noqa: F401 (Module: re-exported)
 from lora_planner.specs import ModelSpec
 
-ModuleKind = Literal["linear", "embedding", "norm"]
-ModuleGroup = Literal["embeddings", "attention", "mlp", "norms", "lm_head"]
-GROUPS: tuple[ModuleGroup, ...] = ("embeddings", "attention", "mlp", "norms", "lm_head")
 ALL_LINEAR = "all-linear"
 
-# PEFT's `TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING`: used when no target is given.
+# PEFT's `TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING`, as each family declares it: used when no target
+# is given.
 PEFT_DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
-    "llama": ("q_proj", "v_proj"), "mistral": ("q_proj", "v_proj"), "qwen2": ("q_proj", "v_proj"),
-    "gemma": ("q_proj", "v_proj"), "phi": ("q_proj", "v_proj", "fc1", "fc2"), "gpt2": ("c_attn",),
-    "bloom": ("query_key_value",),
-}
-
-
-@dataclass(frozen=True)
-class Module:
-    """One module (repeated `count` times, once per layer for per-layer modules).
-
-    `path` is the Hugging Face path of the first instance (layer 0); for linears `in_features` x
-    `out_features` is the weight shape, for embeddings `in_features` is the vocabulary, for norms both
-    are the normalised width.
-    """
-
-    path: str
-    kind: ModuleKind
-    group: ModuleGroup
-    in_features: int
-    out_features: int
-    bias: bool = False
-    count: int = 1
-    tied: bool = False  # shares its weight with another module (tied lm_head): no parameters of its own
-
-    @property
-    def params_each(self) -> int:
-        if self.tied:  # the weight is another module's; a bias stays its own (Phi's lm_head, tied)
-            return self.out_features if self.bias else 0
-        if self.kind == "norm":
-            return self.out_features * (2 if self.bias else 1)
-        return self.in_features * self.out_features + (self.out_features if self.bias else 0)
-
-    @property
-    def params(self) -> int:
-        return self.params_each * self.count
-
-    @property
-    def weight_numel_each(self) -> int:
-        """Elements of the weight matrix alone (what QLoRA quantizes; biases stay 16-bit)."""
-        return 0 if self.tied else self.in_features * self.out_features
-
-    def layer_path(self, layer: int) -> str:
-        """The path of this module in `layer` (per-layer paths are stored for layer 0)."""
-        return self.path.replace(".0.", f".{layer}.", 1) if self.count > 1 or ".0." in self.path else self.path
-
-    def matching_layers(self, target: str) -> frozenset[int]:
-        """The layers where PEFT's rule matches: the full module name equals the target or ends with
-        '.' + target (`peft.tuners.tuners_utils.check_target_module_exists`)."""
-        matched = set()
-        for layer in range(self.count):
-            path = self.layer_path(layer)
-            if path == target or path.endswith("." + target):
-                matched.add(layer)
-        return frozenset(matched)
-
-
-def _llama_like(spec: ModelSpec) -> list[Module]:
-    """Llama / Mistral / Qwen2 / Gemma: `model.layers.N.{self_attn,mlp}.*`, RMSNorm (weight only)."""
-    h, n, layer = spec.hidden_size, spec.num_layers, "model.layers.0."
-    return [
-        Module("model.embed_tokens", "embedding", "embeddings", spec.vocab_size, h),
-        Module(layer + "input_layernorm", "norm", "norms", h, h, count=n),
-        Module(layer + "self_attn.q_proj", "linear", "attention", h, spec.q_size, spec.attention_bias, n),
-        Module(layer + "self_attn.k_proj", "linear", "attention", h, spec.kv_size, spec.attention_bias, n),
-        Module(layer + "self_attn.v_proj", "linear", "attention", h, spec.kv_size, spec.attention_bias, n),
-        Module(layer + "self_attn.o_proj", "linear", "attention", spec.q_size, h, spec.attention_out_bias, n),
-        Module(layer + "post_attention_layernorm", "norm", "norms", h, h, count=n),
-        Module(layer + "mlp.gate_proj", "linear", "mlp", h, spec.intermediate_size, spec.mlp_bias, n),
-        Module(layer + "mlp.up_proj", "linear", "mlp", h, spec.intermediate_size, spec.mlp_bias, n),
-        Module(layer + "mlp.down_proj", "linear", "mlp", spec.intermediate_size, h, spec.mlp_bias, n),
-        Module("model.norm", "norm", "norms", h, h),
-    ]
-
-
-def _phi(spec: ModelSpec) -> list[Module]:
-    """Phi (transformers' PhiForCausalLM): LayerNorm with bias, parallel attention + MLP, one norm a layer."""
-    h, n, layer = spec.hidden_size, spec.num_layers, "model.layers.0."
-    modules = [
-        Module("model.embed_tokens", "embedding", "embeddings", spec.vocab_size, h),
-        Module(layer + "input_layernorm", "norm", "norms", h, h, True, n),
-        Module(layer + "self_attn.q_proj", "linear", "attention", h, spec.q_size, True, n),
-        Module(layer + "self_attn.k_proj", "linear", "attention", h, spec.kv_size, True, n),
-        Module(layer + "self_attn.v_proj", "linear", "attention", h, spec.kv_size, True, n),
-        Module(layer + "self_attn.dense", "linear", "attention", spec.q_size, h, True, n),
-        Module(layer + "mlp.fc1", "linear", "mlp", h, spec.intermediate_size, True, n),
-        Module(layer + "mlp.fc2", "linear", "mlp", spec.intermediate_size, h, True, n),
-        Module("model.final_layernorm", "norm", "norms", h, h, True),
-    ]
-    if spec.qk_layernorm:
-        width = h // spec.num_heads  # PhiAttention sizes these by hidden / heads, not head_dim
-        modules += [
-            Module(layer + "self_attn.q_layernorm", "norm", "norms", width, width, True, n),
-            Module(layer + "self_attn.k_layernorm", "norm", "norms", width, width, True, n),
-        ]
-    return modules
-
-
-def _gpt2(spec: ModelSpec) -> list[Module]:
-    """GPT-2: learned positions, fused `c_attn` (Conv1D, h -> 3h), LayerNorm with bias."""
-    h, n, layer = spec.hidden_size, spec.num_layers, "transformer.h.0."
-    return [
-        Module("transformer.wte", "embedding", "embeddings", spec.vocab_size, h),
-        Module("transformer.wpe", "embedding", "embeddings", spec.max_position_embeddings, h),
-        Module(layer + "ln_1", "norm", "norms", h, h, True, n),
-        Module(layer + "attn.c_attn", "linear", "attention", h, 3 * h, True, n),
-        Module(layer + "attn.c_proj", "linear", "attention", h, h, True, n),
-        Module(layer + "ln_2", "norm", "norms", h, h, True, n),
-        Module(layer + "mlp.c_fc", "linear", "mlp", h, spec.intermediate_size, True, n),
-        Module(layer + "mlp.c_proj", "linear", "mlp", spec.intermediate_size, h, True, n),
-        Module("transformer.ln_f", "norm", "norms", h, h, True),
-    ]
-
-
-def _bloom(spec: ModelSpec) -> list[Module]:
-    """BLOOM: ALiBi (no position parameters), a LayerNorm after the embeddings, fused `query_key_value`."""
-    h, n, layer = spec.hidden_size, spec.num_layers, "transformer.h.0."
-    return [
-        Module("transformer.word_embeddings", "embedding", "embeddings", spec.vocab_size, h),
-        Module("transformer.word_embeddings_layernorm", "norm", "norms", h, h, True),
-        Module(layer + "input_layernorm", "norm", "norms", h, h, True, n),
-        Module(layer + "self_attention.query_key_value", "linear", "attention", h, 3 * h, True, n),
-        Module(layer + "self_attention.dense", "linear", "attention", h, h, True, n),
-        Module(layer + "post_attention_layernorm", "norm", "norms", h, h, True, n),
-        Module(layer + "mlp.dense_h_to_4h", "linear", "mlp", h, spec.intermediate_size, True, n),
-        Module(layer + "mlp.dense_4h_to_h", "linear", "mlp", spec.intermediate_size, h, True, n),
-        Module("transformer.ln_f", "norm", "norms", h, h, True),
-    ]
-
-
-_LAYOUTS = {"llama": _llama_like, "mistral": _llama_like, "qwen2": _llama_like, "gemma": _llama_like,
-            "phi": _phi, "gpt2": _gpt2, "bloom": _bloom}
+    model_type: family.peft_default_targets for model_type, family in FAMILY_RULES.items()}
 
 
 @lru_cache(maxsize=256)  # specs are frozen; grids evaluate the same model thousands of times
 def module_inventory(spec: ModelSpec) -> tuple[Module, ...]:
     """Every parameter-holding module of the model, lm_head last."""
-    modules = _LAYOUTS[spec.family](spec)
+    modules = family_rules(spec.family).layout(spec)
     modules.append(Module("lm_head", "linear", "lm_head", spec.hidden_size, spec.vocab_size,
                           spec.lm_head_bias, tied=spec.tie_word_embeddings))
     return tuple(modules)
@@ -177,21 +47,16 @@ def module_inventory(spec: ModelSpec) -> tuple[Module, ...]:
 
 def rotary_dim(spec: ModelSpec) -> int:
     """Channels of each head that RoPE rotates (Phi rotates a fraction; GPT-2 and BLOOM have no RoPE)."""
-    if spec.family in ("gpt2", "bloom"):
+    if family_rules(spec.family).positions != "rope":
         return 0
     return int(spec.head_dim * spec.partial_rotary_factor)
 
 
 def buffer_numel(spec: ModelSpec) -> int:
     """Elements of the model's buffers, stored in the model dtype: RoPE's `inv_freq` and
-    `original_inv_freq` (`torch.arange(0, rotary_dim, 2)`: ceil(rotary_dim / 2) each) and Gemma's scalar
-    `embed_scale`."""
-    return 2 * ((rotary_dim(spec) + 1) // 2) + (1 if spec.family == "gemma" else 0)
-
-
-# Families whose positions are a learned table (GPT-2's `wpe`); the others use RoPE (extrapolates past
-# max_position_embeddings) or ALiBi (BLOOM: no table at all).
-LEARNED_POSITION_FAMILIES = ("gpt2",)
+    `original_inv_freq` (`torch.arange(0, rotary_dim, 2)`: ceil(rotary_dim / 2) each) and the family's
+    scalars (Gemma's `embed_scale`)."""
+    return 2 * ((rotary_dim(spec) + 1) // 2) + family_rules(spec.family).scalar_buffers
 
 
 def check_sequence_length(spec: ModelSpec, seq_len: int) -> None:
@@ -202,7 +67,7 @@ def check_sequence_length(spec: ModelSpec, seq_len: int) -> None:
     says so), BLOOM's ALiBi has no limit. Called wherever a ModelSpec meets a TrainingSpec
     (`lora_planner.step.step_components`), so every estimate, plan, sweep and recommendation gets it."""
     limit = spec.max_position_embeddings
-    if spec.family in LEARNED_POSITION_FAMILIES and seq_len > limit:
+    if family_rules(spec.family).positions == "learned" and seq_len > limit:
         raise PlannerInputError(
             "seq_len", f"{seq_len:,} tokens is longer than {spec.name}'s learned position table "
                        f"(max_position_embeddings / n_positions {limit:,}); transformers' GPT2Model fails on position "
@@ -312,7 +177,6 @@ def is_per_layer(module: Module) -> bool:
     return ".0." in module.path
 
 
-@lru_cache(maxsize=1024)
 @lru_cache(maxsize=1024)
 def adapters_by_layer(spec: ModelSpec, targets: tuple[str, ...] | None, layers_to_transform: tuple[int, ...] | None,
                       ) -> tuple[tuple[frozenset[str], ...], frozenset[str]]:

@@ -11,9 +11,9 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any
 
-from lora_planner.catalog import GIB, GPUS, GpuSpec, memory_size_echo, parse_memory_size, resolve_gpu
 from lora_planner.defaults import DEFAULT_HEADROOM
 from lora_planner.errors import PlannerInputError
+from lora_planner.gpus import GIB, GPUS, GpuSpec, memory_size_echo, parse_memory_size, resolve_gpu
 from lora_planner.memory import DeviceOverhead, MemoryEstimate, estimate_memory
 from lora_planner.params import PEFT_DEFAULT_TARGETS, ParamCounts, count_params, target_description
 from lora_planner.specs import ModelSpec, TrainingSpec

@@ -43,8 +43,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 
-from lora_planner.catalog import GPUS
 from lora_planner.errors import PlannerInputError
+from lora_planner.gpus import GPUS
 from lora_planner.memory import PHASE_TITLES, DeviceOverhead, estimate_memory, trainable_totals
 from lora_planner.params import PEFT_DEFAULT_TARGETS, max_rank, rank_for_trainable_fraction, resolve_targets
 from lora_planner.defaults import DEFAULT_GLOBAL_BATCH, DEFAULT_HEADROOM, DEFAULT_R

@@ -62,8 +62,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from lora_planner.catalog import load_config_json, resolve_model, spec_from_config
+from lora_planner.catalog import resolve_model
 from lora_planner.cli_types import MAX_THREADS, Text, count
+from lora_planner.config_reader import load_config_json, spec_from_config
 from lora_planner.errors import PlannerInputError
 from lora_planner.files import check_output_file, read_user_text
 from lora_planner.params import check_sequence_length, lora_params, resolve_targets

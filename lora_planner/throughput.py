@@ -35,10 +35,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lora_planner.catalog import GpuSpec
+from lora_planner.gpus import GpuSpec
 from lora_planner.memory import nf4_bytes
 from lora_planner.optimizers import optimizer_bytes_touched
-from lora_planner.params import Module, adapters_by_layer, is_per_layer, module_inventory
+from lora_planner.activations import make_flow
+from lora_planner.families import family_rules
+from lora_planner.families.base import Module
+from lora_planner.params import adapters_by_layer, is_per_layer, module_inventory
 from lora_planner.specs import BYTES_PER_ELEMENT, ModelSpec, TrainingSpec
 
 DEFAULT_MFU = 0.4
@@ -52,37 +55,6 @@ class StepFlops:
     @property
     def total(self) -> int:
         return self.forward + self.backward + self.recompute
-
-
-def _leaf(module: Module) -> str:
-    return module.path.rsplit(".", 1)[-1]
-
-
-def _layer0_input_needs_grad(spec: ModelSpec, adapted: set[str]) -> dict[str, bool]:
-    """Which layer-0 linears (by leaf name) get a gradient at their input when the embeddings are frozen
-    (LoRA, no checkpointing): the first projections never; later ones once an adapter upstream makes one.
-    GPT-2 reuses the name c_proj for two modules and is handled by path (`_gpt2_layer0_input_needs_grad`)."""
-    if spec.family == "phi":
-        attention = bool(adapted & {"q_proj", "k_proj", "v_proj"})
-        return {"q_proj": False, "k_proj": False, "v_proj": False, "fc1": False, "dense": attention,
-                "fc2": "fc1" in adapted}
-    if spec.family == "bloom":
-        qkv, out, up, down = "query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"
-        attention = qkv in adapted
-        mid = attention or out in adapted
-        return {qkv: False, out: attention, up: mid, down: mid or up in adapted}
-    attention = bool(adapted & {"q_proj", "k_proj", "v_proj"})
-    mid = attention or "o_proj" in adapted
-    return {"q_proj": False, "k_proj": False, "v_proj": False, "o_proj": attention, "gate_proj": mid,
-            "up_proj": mid, "down_proj": mid or bool(adapted & {"gate_proj", "up_proj"})}
-
-
-def _gpt2_layer0_input_needs_grad(adapted_paths: set[str]) -> dict[str, bool]:
-    p = "transformer.h.0."
-    attention = p + "attn.c_attn" in adapted_paths
-    mid = attention or p + "attn.c_proj" in adapted_paths
-    return {p + "attn.c_attn": False, p + "attn.c_proj": attention, p + "mlp.c_fc": mid,
-            p + "mlp.c_proj": mid or p + "mlp.c_fc" in adapted_paths}
 
 
 def step_flops(spec: ModelSpec, training: TrainingSpec) -> StepFlops:
@@ -116,12 +88,12 @@ def step_flops(spec: ModelSpec, training: TrainingSpec) -> StepFlops:
     for adapters in layer_adapters:
         key = (adapters, needs_grad)
         if key not in built:
-            flags = None if needs_grad else _first_layer_input_needs_grad(spec, adapters)
+            flags, qkv = ({}, (True, True, True)) if needs_grad else _first_layer_grads(spec, training, adapters)
             fwd = bwd = 0
             for m in per_layer:
                 f, b = linear(m, m.path in adapters, needs_grad or flags[m.path])
                 fwd, bwd = fwd + f, bwd + b
-            bwd += 2 * attention if needs_grad else _first_layer_attention_backward(spec, adapters, attention)
+            bwd += _first_layer_attention_backward(qkv, attention)
             built[key] = (fwd + attention, bwd)
         forward, backward, layer_forward = forward + built[key][0], backward + built[key][1], layer_forward + built[key][0]
         needs_grad = needs_grad or bool(adapters)
@@ -133,28 +105,27 @@ def step_flops(spec: ModelSpec, training: TrainingSpec) -> StepFlops:
     return StepFlops(forward=forward, backward=backward, recompute=recompute)
 
 
-def _first_layer_input_needs_grad(spec: ModelSpec, adapters: frozenset[str]) -> dict[str, bool]:
-    """Which linears (by layer-0 path) of a layer whose input needs no gradient get one at their input."""
-    if spec.family == "gpt2":
-        return _gpt2_layer0_input_needs_grad(set(adapters))
-    flags = _layer0_input_needs_grad(spec, {p.rsplit(".", 1)[-1] for p in adapters})
-    return {m.path: flags[_leaf(m)] for m in module_inventory(spec) if m.kind == "linear" and is_per_layer(m)}
-
-
-_LAST_LINEAR = {"llama": "mlp.down_proj", "mistral": "mlp.down_proj", "qwen2": "mlp.down_proj",
-                "gemma": "mlp.down_proj", "phi": "mlp.fc2", "gpt2": "mlp.c_proj", "bloom": "mlp.dense_4h_to_h"}
+def _first_layer_grads(spec: ModelSpec, training: TrainingSpec,
+                       adapters: frozenset[str]) -> tuple[dict[str, bool], tuple[bool, bool, bool]]:
+    """In a layer whose input needs no gradient (LoRA below the first adapter, frozen embeddings): which
+    linears (by layer-0 path) get a gradient at their input, and whether attention's q, k and v do. Read off
+    the family's own layer rule (the same data flow the activation model follows)."""
+    flow = make_flow(spec, training).in_layer(adapters)
+    flow.input_grads = {}
+    flow.family.layer(flow, False)
+    return flow.input_grads, flow.attention_grads or (False, False, False)
 
 
 def _last_linear_path(spec: ModelSpec) -> str:
-    prefix = "transformer.h.0." if spec.family in ("gpt2", "bloom") else "model.layers.0."
-    return prefix + _LAST_LINEAR[spec.family]
+    family = family_rules(spec.family)
+    return family.layer_prefix + family.last_linear
 
 
 def _recompute_skipped(spec: ModelSpec, training: TrainingSpec, n_adapted: int) -> int:
     """Non-reentrant checkpointing stops recomputing at the layer's last saved tensor, and an op saves
     its inputs before it computes: so each layer's last matmul (lora_B's, in the `n_adapted` layers where
     that linear is adapted) is never re-run, unless a dropout after it saves a mask (GPT-2, Phi-2)."""
-    if spec.dropout > 0 and spec.family in ("gpt2", "phi"):
+    if spec.dropout > 0 and family_rules(spec.family).residual_dropout:
         return 0
     m = next(m for m in module_inventory(spec) if m.path == _last_linear_path(spec))
     lora_b = 2 * training.tokens * training.lora.r * m.out_features
@@ -162,12 +133,10 @@ def _recompute_skipped(spec: ModelSpec, training: TrainingSpec, n_adapted: int) 
     return lora_b * n_adapted + base * (spec.num_layers - n_adapted)
 
 
-def _first_layer_attention_backward(spec: ModelSpec, adapted_paths: frozenset[str], attention_forward: int) -> int:
+def _first_layer_attention_backward(grads: tuple[bool, bool, bool], attention_forward: int) -> int:
     """Attention's backward matmuls in layer 0 under LoRA: dP = dO V^T when q or k needs a gradient,
     dV = P^T dO when v does, dQ = dS K and dK = dS^T Q for q and k themselves (each half a forward)."""
-    leaves = {p.rsplit(".", 1)[-1] for p in adapted_paths if ".0." in p}
-    fused = bool(leaves & {"c_attn", "query_key_value"})
-    q, k, v = (fused or "q_proj" in leaves), (fused or "k_proj" in leaves), (fused or "v_proj" in leaves)
+    q, k, v = grads
     half = attention_forward // 2
     return half * ((q or k) + v + q + k)
 

@@ -35,7 +35,7 @@ from torch.utils._pytree import tree_leaves
 from transformers import AutoModelForCausalLM
 
 from lora_planner.activations import ActivationProfile, activation_profile
-from lora_planner.catalog import spec_from_config
+from lora_planner.config_reader import spec_from_config
 from lora_planner.specs import LoraSpec, TrainingSpec
 from tests.hf_reference import hf_config, peft_targets
 

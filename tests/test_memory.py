@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lora_planner.catalog import resolve_model, spec_from_config
+from lora_planner.catalog import resolve_model
+from lora_planner.config_reader import spec_from_config
 from lora_planner.memory import CATEGORIES, PHASES, DeviceOverhead, estimate_memory, nf4_bytes
 from lora_planner.params import module_inventory
 from lora_planner.specs import LoraSpec, TrainingSpec

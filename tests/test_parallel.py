@@ -8,7 +8,8 @@ import json
 import pytest
 import torch
 
-from lora_planner.catalog import resolve_model, spec_from_config
+from lora_planner.catalog import resolve_model
+from lora_planner.config_reader import spec_from_config
 from lora_planner.errors import PlannerInputError
 from lora_planner.memory import estimate_memory
 from lora_planner.parallel import DeepSpeedZeroConfig, deepspeed

@@ -16,10 +16,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from lora_planner.catalog import MODEL_CONFIGS, resolve_model, spec_from_config
+from lora_planner.catalog import MODEL_CONFIGS, resolve_model
+from lora_planner.config_reader import spec_from_config
 from lora_planner.errors import PlannerInputError
+from lora_planner.families import FAMILY_RULES
 from lora_planner.params import (
-    LEARNED_POSITION_FAMILIES,
     buffer_numel,
     check_sequence_length,
     target_description,
@@ -65,6 +66,20 @@ PUBLISHED_TOTALS = {
     "gpt2": 124_439_808,
     "bloom-7b1": 7_069_016_064,
     "tinyllama-1.1b": 1_100_048_384,
+    # Newer entries (each equals transformers on meta, `test_total_matches_transformers`); the published, rounded
+    # figure of the model card in the comment.
+    "llama-3.1-70b": 70_553_706_496,  # 70.6 B
+    "llama-3.1-405b": 405_853_388_800,  # 405.8 B
+    "qwen2.5-3b": 3_085_938_688,  # 3.09 B
+    "qwen2.5-32b": 32_763_876_352,  # the card says 32.5 B (31.0 B non-embedding); transformers builds this
+    "qwen2.5-72b-instruct": 72_706_203_648,  # 72.7 B
+    "mistral-7b-v0.3": 7_248_023_552,  # 7.25 B
+    "mistral-nemo-12b": 12_247_782_400,  # 12.2 B
+    "smollm2-135m": 134_515_008,  # 135 M
+    "smollm2-360m": 361_821_120,  # 362 M
+    "smollm2-1.7b": 1_711_376_384,  # 1.71 B
+    "deepseek-r1-distill-qwen-1.5b": 1_777_088_000,  # 1.78 B (untied lm_head)
+    "deepseek-r1-distill-qwen-32b": 32_763_876_352,  # Qwen2.5-32B's shapes
 }
 
 
@@ -606,7 +621,7 @@ def test_rope_and_alibi_models_run_past_max_position_embeddings(name):
     """RoPE extrapolates and ALiBi has no table: longer sequences stay plannable (plan_warnings says so)."""
     spec = resolve_model(name)
     check_sequence_length(spec, 4 * spec.max_position_embeddings)
-    assert LEARNED_POSITION_FAMILIES == ("gpt2",)
+    assert [t for t, f in FAMILY_RULES.items() if f.positions == "learned"] == ["gpt2"]
 
 
 _TINY_BUFFERS = {

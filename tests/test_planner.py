@@ -7,9 +7,10 @@ from dataclasses import replace
 
 import pytest
 
-from lora_planner.catalog import GPUS, resolve_model
+from lora_planner.catalog import resolve_model
 from lora_planner.defaults import DEFAULT_HEADROOM
 from lora_planner.errors import PlannerInputError
+from lora_planner.gpus import GPUS
 from lora_planner.memory import DeviceOverhead
 from lora_planner.planner import (
     Budget, budget_from_options, describe_usable, fits, fits_on, make_plan, plan_to_dict, plan_warnings, refit,

@@ -15,8 +15,9 @@ from dataclasses import replace
 import pytest
 from rich.console import Console
 
-from lora_planner.catalog import GPUS, resolve_model
+from lora_planner.catalog import resolve_model
 from lora_planner.cli import main
+from lora_planner.gpus import GPUS
 from lora_planner.memory import estimate_memory
 from lora_planner.params import lora_params, rank_for_trainable_fraction
 from lora_planner.planner import Budget, usable_bytes

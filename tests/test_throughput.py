@@ -10,7 +10,9 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from lora_planner.catalog import GPUS, resolve_model, spec_from_config
+from lora_planner.catalog import resolve_model
+from lora_planner.config_reader import spec_from_config
+from lora_planner.gpus import GPUS
 from lora_planner.profiler.runner import ProfileRequest, batch_factory, build_model, build_optimizer
 from lora_planner.specs import LoraSpec, TrainingSpec
 from lora_planner.throughput import DEFAULT_MFU, estimate_throughput, step_flops

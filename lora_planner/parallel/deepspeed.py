@@ -72,16 +72,16 @@ from typing import Any
 from lora_planner.errors import PlannerInputError
 from lora_planner.step import MemoryBreakdown, PhaseMemory, StepComponents, step_components
 from lora_planner.optimizers import TensorGroup, optimizer_scratch_bytes, optimizer_state_bytes
+from lora_planner.families import family_rules
 from lora_planner.params import adapters_by_layer, buffer_numel, is_per_layer, module_inventory, resolve_targets
 from lora_planner.specs import BYTES_PER_ELEMENT, ModelSpec, TrainingSpec
 
 FP32 = 4
 NORM_BYTES = 8  # runtime/zero/utils.py `get_norm_dtype`: fp64 wherever the accelerator has it (CUDA, CPU)
 NCCL_START_ALIGNMENT_FACTOR = 2  # stage_1_and_2.py: `self.nccl_start_alignment_factor = 2`
-# transformers registers these families' decoder-layer norms after attention and MLP (modeling_llama.py
-# `LlamaDecoderLayer.__init__`: self_attn, mlp, input_layernorm, post_attention_layernorm; likewise Mistral,
-# Qwen2, Gemma, Phi), so `model.parameters()`, the order ZeRO flattens, is not the forward order there.
-NORMS_REGISTERED_LAST = frozenset({"llama", "mistral", "qwen2", "gemma", "phi"})
+# The layers whose frozen linears' inputs (what ZeRO-3's `zero3_linear_wrap` adds) this module can name: the
+# Llama layer's (`lora_planner.families.llama`).
+SAVING_LINEAR_MODELLED = frozenset({"llama", "mistral", "qwen2", "gemma"})
 
 
 @dataclass(frozen=True)
@@ -183,7 +183,7 @@ def _modules_gathered(spec: ModelSpec, training: TrainingSpec, zero: DeepSpeedZe
 def _trainable_order(spec: ModelSpec, training: TrainingSpec) -> tuple[int, ...]:
     """Elements of every trainable parameter in `model.parameters()` order, the order stage 1/2 flatten
     them in (stage_1_and_2.py `__init__`: `round_robin_gradients` off, `parameter_alignment` off, so no
-    padding between parameters): modules in registration order (`NORMS_REGISTERED_LAST`), each module's
+    padding between parameters): modules in registration order (`Family.norms_registered_last`), each module's
     weight then bias; under LoRA each adapted module's lora_A then lora_B (PEFT `LoraLayer`)."""
     full = training.method == "full"
     r = training.lora.r
@@ -191,7 +191,10 @@ def _trainable_order(spec: ModelSpec, training: TrainingSpec) -> tuple[int, ...]
         spec, training.lora.target_modules, training.lora.layers_to_transform)
     modules = [m for m in module_inventory(spec) if not m.tied]
     layer = [m for m in modules if is_per_layer(m)]
-    if spec.family in NORMS_REGISTERED_LAST:
+    # transformers registers some families' decoder-layer norms after attention and MLP (Llama's
+    # `LlamaDecoderLayer.__init__`: self_attn, mlp, input_layernorm, post_attention_layernorm): `model.parameters()`,
+    # the order ZeRO flattens, is not the forward order there (`Family.norms_registered_last`).
+    if family_rules(spec.family).norms_registered_last:
         layer = [m for m in layer if m.kind != "norm"] + [m for m in layer if m.kind == "norm"]
     first = next((i for i, m in enumerate(modules) if is_per_layer(m)), len(modules))
     before = [m for m in modules[:first] if not is_per_layer(m)]
@@ -250,7 +253,7 @@ def _zero3_linear_inputs_bytes(spec: ModelSpec, training: TrainingSpec, c: StepC
     weight and bias for every linear, frozen ones included. Full fine-tuning keeps them anyway; under LoRA
     the frozen linears' inputs are added. Llama-like families (the names `activations` gives those inputs);
     elsewhere not modelled (module docstring)."""
-    if training.method == "full" or spec.family not in NORMS_REGISTERED_LAST - {"phi"}:
+    if training.method == "full" or spec.family not in SAVING_LINEAR_MODELLED:
         return 0, 0
     tokens, e = training.tokens, BYTES_PER_ELEMENT[training.compute_dtype]
     acts = c.activations
@@ -270,7 +273,7 @@ def _zero3_linear_inputs_bytes(spec: ModelSpec, training: TrainingSpec, c: StepC
 def unmodelled_note(spec: ModelSpec, training: TrainingSpec) -> str | None:
     """What this model leaves out for these settings, to show beside the answer (None: nothing)."""
     if (training.resolved_strategy == "deepspeed-zero3" and training.method != "full"
-            and spec.family not in NORMS_REGISTERED_LAST - {"phi"}):
+            and spec.family not in SAVING_LINEAR_MODELLED):
         return (f"deepspeed-zero3 keeps every linear's input (zero3_linear_wrap), frozen ones included; that is "
                 f"modelled for Llama-style layers only, so this {spec.family} estimate is low by those inputs")
     return None

@@ -20,9 +20,10 @@ from typing import Any
 import pandas as pd
 
 from lora_planner import __version__
-from lora_planner.catalog import GPUS, resolve_model
+from lora_planner.catalog import resolve_model
 from lora_planner.errors import PlannerInputError
 from lora_planner.files import check_output_dir
+from lora_planner.gpus import GPUS
 from lora_planner.memory import estimate_memory
 from lora_planner.report import charts, claims
 from lora_planner.report.calibrate import fit_calibration

@@ -47,9 +47,9 @@ from math import ceil
 from pathlib import Path
 from typing import Any
 
-from lora_planner.catalog import GPUS
 from lora_planner.errors import PlannerInputError
 from lora_planner.files import read_json_file
+from lora_planner.gpus import GPUS
 from lora_planner.memory import (
     MAX_ALLOCATOR_FRACTION, MAX_CUDA_CONTEXT_BYTES, DeviceOverhead, MemoryEstimate, PhaseMemory,
 )

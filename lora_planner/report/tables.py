@@ -23,7 +23,8 @@ from typing import Any
 
 import pandas as pd
 
-from lora_planner.catalog import resolve_model, spec_from_config
+from lora_planner.catalog import resolve_model
+from lora_planner.config_reader import spec_from_config
 from lora_planner.errors import PlannerInputError
 from lora_planner.memory import CATEGORIES, estimate_memory
 from lora_planner.params import count_params, lora_params, max_rank

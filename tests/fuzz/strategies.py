@@ -21,7 +21,8 @@ from typing import Any
 from hypothesis import strategies as st
 
 from lora_planner import cli, specs, sweep
-from lora_planner.catalog import GPUS, MODEL_ALIASES, MODEL_CONFIGS, model_names
+from lora_planner.catalog import MODEL_ALIASES, MODEL_CONFIGS, model_names
+from lora_planner.gpus import GPUS
 
 from .workspace import TINY_LLAMA, Ref
 
@@ -150,6 +151,7 @@ VALID: dict[str, st.SearchStrategy[Any]] = {
     "calibration": st.just(Ref("calib.json")),
     "runs": st.just(Ref("runs.jsonl")),
     "grid": st.just(Ref("grid.toml")),
+    "family": st.sampled_from(specs.FAMILIES),
 }
 # --out means a records file (profile, sweep), a calibration file (calibrate) or a folder (report).
 OUT_VALUES = {"profile": st.sampled_from((Ref("runs.jsonl"), Ref("out_new"))),

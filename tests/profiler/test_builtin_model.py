@@ -1,7 +1,7 @@
 """The builtin Llama-style model against `lora_planner`'s arithmetic and against `transformers` / `peft`.
 
 Tiny models (3 layers, B=3, S=20, h=64, I=176, 4 heads of 16, V=1000, r=4; dimensions pairwise
-distinct) are built from config dicts: the `ModelSpec` through `catalog.spec_from_config`, the
+distinct) are built from config dicts: the `ModelSpec` through `config_reader.spec_from_config`, the
 reference through `AutoConfig.for_model` (tests/hf_reference.py), so both sides read the same config.
 
 Saved-for-backward bytes are measured with `torch.autograd.graph.saved_tensors_hooks`, deduplicated by
@@ -22,7 +22,8 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from lora_planner.activations import activation_profile
-from lora_planner.catalog import resolve_model, spec_from_config
+from lora_planner.catalog import resolve_model
+from lora_planner.config_reader import spec_from_config
 from lora_planner.errors import PlannerInputError
 from lora_planner.params import count_params, lora_params
 from lora_planner.profiler.builtin_model import (

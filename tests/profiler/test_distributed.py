@@ -11,7 +11,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from lora_planner.catalog import spec_from_config
+from lora_planner.config_reader import spec_from_config
 from lora_planner.errors import PlannerInputError
 from lora_planner.profiler import distributed
 from lora_planner.profiler.distributed import measure_distributed_many, measure_single, resolve_strategy

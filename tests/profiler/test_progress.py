@@ -9,7 +9,7 @@ from functools import partial
 import pytest
 from rich.console import Console
 
-from lora_planner.catalog import spec_from_config
+from lora_planner.config_reader import spec_from_config
 from lora_planner.errors import PlannerInputError
 from lora_planner.profiler.progress import RunProgressDisplay
 from lora_planner.profiler.runner import ProfileRequest, RunProgress, check_request, measure_cuda, run_profile

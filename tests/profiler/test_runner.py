@@ -8,7 +8,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from lora_planner.catalog import resolve_model, spec_from_config
+from lora_planner.catalog import resolve_model
+from lora_planner.config_reader import spec_from_config
 from lora_planner.errors import PlannerInputError
 from lora_planner.profiler.runner import (
     Measurement, ProfileRequest, build_optimizer, measure_cuda, resolve_mode, run_profile,

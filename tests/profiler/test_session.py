@@ -271,7 +271,7 @@ def test_one_model_spelled_several_ways_has_one_key(spellings, label):
 
     keys, labels = set(), set()
     for model in spellings:
-        # a config path resolves to a spec named after the path (catalog.load_config_json)
+        # a config path resolves to a spec named after the path (config_reader.load_config_json)
         spec = resolve_model(model) if label == "llama-2-7b" else replace(resolve_model("llama-2-7b"), name=model)
         [request] = build_requests(model, spec, [TrainingSpec(method="lora")], "hf", "fake", 2)
         keys.add(request.key)

@@ -8,7 +8,8 @@ import pandas as pd
 import pytest
 from matplotlib.figure import Figure
 
-from lora_planner.catalog import GPUS, resolve_model
+from lora_planner.catalog import resolve_model
+from lora_planner.gpus import GPUS
 from lora_planner.report import charts
 from lora_planner.report.tables import (
     breakdown_frame, error_summary, rank_frame, runs_frame, scaling_frame, seed_rule_frame,

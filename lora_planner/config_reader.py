@@ -1,0 +1,458 @@
+"""The `config.json` reader: a Hugging Face config (a user's file or a catalog entry) -> `ModelSpec`.
+
+The reader (`spec_from_config`) applies the rules transformers 5.24 applies when it builds a model from a
+config.json: each family's keys typed as its `@strict` config class declares them, the class validators and
+the modules' own checks (hidden size a multiple of the heads for Llama / GPT-2 / BLOOM, an even RoPE dimension,
+known activations, dropouts in [0, 1]); what transformers refuses, the reader refuses in one line naming
+`{file}: {key}`, and where transformers ignores or defaults a key the reader models what transformers builds.
+Its few deliberate departures (stricter) are listed in `spec_from_config`; `tests/test_config_reader.py` checks
+the reader against transformers on a table of mutated real configs and on generated hostile edits.
+`load_config_json` reads only regular files of at most `MAX_CONFIG_BYTES`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lora_planner.errors import PlannerInputError
+from lora_planner.files import MAX_CONFIG_BYTES, read_json_file
+from lora_planner.specs import FAMILIES, ModelSpec
+
+# --------------------------------------------------------------------------------------------------
+# config.json -> ModelSpec, with the rules transformers 5.24 applies
+# --------------------------------------------------------------------------------------------------
+#
+# Each family's keys, as its transformers 5.24 config class declares them (models/<family>/
+# configuration_<family>.py). The classes are `@strict` dataclasses (configuration_utils.py
+# PreTrainedConfig, huggingface_hub.dataclasses.strict): a value whose type is not the declared one is
+# refused on construction (`type_validator`: an `int` field takes no bool and no float, a `float` field no
+# int, a `bool` field only true / false, and null only where the type says `| None`). A key the class does not
+# declare is kept as a plain attribute and ignored by the model (e.g. `attention_bias` for Mistral), unless
+# the model reads it with `getattr` (Qwen2 / Phi `head_dim`, every RoPE family's `partial_rotary_factor`).
+#
+# Kinds: "int", "float", "bool", "str", "null" (JSON's types, with int and float told apart as Python does).
+_INT, _OPT_INT, _BOOL, _STR = ("int",), ("int", "null"), ("bool",), ("str",)
+_NUM, _OPT_NUM = ("int", "float"), ("int", "float", "null")
+_REQUIRED = object()  # the planner's own rule: a size a config.json must state (see `_refuse_missing`)
+
+
+@dataclass(frozen=True)
+class _Key:
+    kinds: tuple[str, ...]
+    default: Any = _REQUIRED
+
+
+_SIZES = {"vocab_size": _Key(_INT), "hidden_size": _Key(_INT), "num_hidden_layers": _Key(_INT),
+          "num_attention_heads": _Key(_INT)}
+_LLAMA_LIKE = {**_SIZES, "intermediate_size": _Key(_INT), "hidden_act": _Key(_STR, "silu")}
+_FAMILY_KEYS: dict[str, dict[str, _Key]] = {
+    # LlamaConfig
+    "llama": {**_LLAMA_LIKE, "num_key_value_heads": _Key(_OPT_INT, None), "head_dim": _Key(_OPT_INT, None),
+              "max_position_embeddings": _Key(_INT, 2048), "tie_word_embeddings": _Key(_BOOL, False),
+              "attention_bias": _Key(_BOOL, False), "mlp_bias": _Key(_BOOL, False),
+              "attention_dropout": _Key(_OPT_NUM, 0.0)},
+    # MistralConfig: no bias flags (MistralAttention has none); num_key_value_heads is a plain int (default 8)
+    "mistral": {**_LLAMA_LIKE, "num_key_value_heads": _Key(_INT, 8), "head_dim": _Key(_OPT_INT, None),
+                "max_position_embeddings": _Key(_INT, 4096 * 32), "tie_word_embeddings": _Key(_BOOL, False),
+                "sliding_window": _Key(_OPT_INT, 4096), "attention_dropout": _Key(_NUM, 0.0)},
+    # Qwen2Config: q/k/v biases hard-coded; no head_dim field (Qwen2Attention reads it with getattr)
+    "qwen2": {**_LLAMA_LIKE, "num_key_value_heads": _Key(_OPT_INT, 32),
+              "max_position_embeddings": _Key(_INT, 32768), "tie_word_embeddings": _Key(_BOOL, False),
+              "use_sliding_window": _Key(_BOOL, False), "sliding_window": _Key(_OPT_INT, 4096),
+              "attention_dropout": _Key(_NUM, 0.0)},
+    # GemmaConfig: head_dim a plain int (default 256); no mlp_bias
+    "gemma": {**_LLAMA_LIKE, "hidden_act": _Key(_STR, "gelu_pytorch_tanh"), "num_key_value_heads": _Key(_INT, 16),
+              "head_dim": _Key(_INT, 256), "max_position_embeddings": _Key(_INT, 8192),
+              "tie_word_embeddings": _Key(_BOOL, True), "attention_bias": _Key(_BOOL, False),
+              "attention_dropout": _Key(_NUM, 0.0)},
+    # PhiConfig: biases everywhere; partial_rotary_factor is not a field (PhiConfig.__post_init__ defaults it
+    # to 0.5 into rope_parameters)
+    "phi": {**_LLAMA_LIKE, "hidden_act": _Key(_STR, "gelu_new"), "num_key_value_heads": _Key(_OPT_INT, None),
+            "max_position_embeddings": _Key(_INT, 2048), "tie_word_embeddings": _Key(_BOOL, False),
+            "qk_layernorm": _Key(_BOOL, False), "resid_pdrop": _Key(_NUM, 0.0), "embd_pdrop": _Key(_NUM, 0.0),
+            "attention_dropout": _Key(_OPT_NUM, 0.0)},
+    # GPT2Config: its own names (attribute_map: hidden_size -> n_embd, ...); MLP n_inner or 4 x hidden
+    "gpt2": {"vocab_size": _Key(_INT), "n_embd": _Key(_INT), "n_layer": _Key(_INT), "n_head": _Key(_INT),
+             "n_positions": _Key(_INT, 1024), "n_inner": _Key(_OPT_INT, None),
+             "activation_function": _Key(_STR, "gelu_new"), "tie_word_embeddings": _Key(_BOOL, True),
+             "resid_pdrop": _Key(_NUM, 0.1), "embd_pdrop": _Key(_NUM, 0.1), "attn_pdrop": _Key(_NUM, 0.1)},
+    # BloomConfig: ALiBi (no positions key), MLP always 4 x hidden (BloomMLP)
+    "bloom": {"vocab_size": _Key(_INT), "hidden_size": _Key(_INT), "n_layer": _Key(_INT), "n_head": _Key(_INT),
+              "tie_word_embeddings": _Key(_BOOL, True), "hidden_dropout": _Key(_NUM, 0.0),
+              "attention_dropout": _Key(_NUM, 0.0)},
+}
+# Other spellings a class accepts for a key, each taking precedence over the key when present: the
+# `attribute_map` of GPT2Config / BloomConfig (assigned after the fields, PreTrainedConfig.__post_init__), and
+# BloomConfig.__post_init__'s `n_embed` (popped from the kwargs; null leaves hidden_size as it is).
+_ALIASES: dict[str, dict[str, str]] = {
+    "gpt2": {"n_embd": "hidden_size", "n_layer": "num_hidden_layers", "n_head": "num_attention_heads",
+             "n_positions": "max_position_embeddings"},
+    "bloom": {"hidden_size": "n_embed", "n_layer": "num_hidden_layers", "n_head": "num_attention_heads"},
+}
+_CLASS = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config", "gemma": "GemmaConfig",
+          "phi": "PhiConfig", "gpt2": "GPT2Config", "bloom": "BloomConfig"}
+_MODULE = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "gemma": "Gemma", "phi": "Phi", "gpt2": "GPT2",
+           "bloom": "Bloom"}
+_KIND_TEXT = {"int": "an integer", "float": "a float", "bool": "true or false", "str": "a string", "null": "null"}
+_DROPOUTS = {"llama": ("attention_dropout",), "mistral": ("attention_dropout",), "qwen2": ("attention_dropout",),
+             "gemma": ("attention_dropout",), "phi": ("resid_pdrop", "embd_pdrop", "attention_dropout"),
+             "gpt2": ("resid_pdrop", "embd_pdrop", "attn_pdrop"), "bloom": ("hidden_dropout", "attention_dropout")}
+# Bloom has no positions limit (ALiBi); what the warnings compare --seq-len with (BLOOM's pre-training length).
+_BLOOM_POSITIONS = 2048
+# transformers 5.24 activations.py ACT2CLS: `ACT2FN[name]` raises KeyError for any other name (every family's
+# MLP looks its activation up there on construction). `prelu` and `xielu` are left out: they hold learnable
+# parameters the planner does not count.
+ACTIVATIONS = ("gelu", "gelu_10", "gelu_fast", "gelu_new", "gelu_python", "gelu_pytorch_tanh", "gelu_python_tanh",
+               "gelu_accurate", "hardswish", "laplace", "leaky_relu", "linear", "mish", "quick_gelu", "relu", "relu2",
+               "relu6", "sigmoid", "silu", "sqrtsoftplus", "swish", "tanh")
+_PARAMETRIC_ACTIVATIONS = ("prelu", "xielu")
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int):
+        return "int"
+    if isinstance(value, float):
+        return "float"
+    if isinstance(value, str):
+        return "str"
+    return "array" if isinstance(value, list) else "object" if isinstance(value, dict) else type(value).__name__
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+class _Reader:
+    """One config.json of one family: each key typed as transformers types it, one `PlannerInputError` per
+    problem, naming `{source}: {key}`."""
+
+    def __init__(self, config: dict[str, Any], family: str, source: str) -> None:
+        self.config, self.family, self.source = config, family, source
+        self.keys = _FAMILY_KEYS[family]
+        self.cls = _CLASS[family]
+
+    def error(self, key: str, problem: str, fix: str = "fix the config.json") -> PlannerInputError:
+        return PlannerInputError(f"{self.source}: {key}", problem, fix)
+
+    def spelling(self, key: str) -> str:
+        """The key the value comes from: an alias the class prefers when present (see `_ALIASES`)."""
+        alias = _ALIASES.get(self.family, {}).get(key)
+        if alias is not None and alias in self.config and not (alias == "n_embed" and self.config[alias] is None):
+            return alias
+        return key
+
+    def get(self, key: str) -> Any:
+        """The value of a declared key, type-checked as the config class checks it, or its class default."""
+        spec = self.keys[key]
+        spelled = self.spelling(key)
+        if spelled not in self.config:
+            if spec.default is _REQUIRED:
+                self._refuse_missing(key, spelled)
+            return spec.default
+        value = self.config[spelled]
+        if spec.default is _REQUIRED and value is None:
+            self._refuse_missing(key, spelled, null=True)
+        if _kind(value) not in spec.kinds:
+            wanted = " or ".join(_KIND_TEXT[k] for k in spec.kinds)
+            if spec.kinds in (_INT, _OPT_INT):
+                raise self.error(spelled, f"must be a positive integer (transformers' {self.cls} declares it "
+                                          f"{wanted}), got {_shown(value)}",
+                                 "write it as a JSON integer" + (" or null" if "null" in spec.kinds else ""))
+            raise self.error(spelled, f"transformers' {self.cls} refuses {_shown(value)}: it must be {wanted}",
+                             f"write it as {'a JSON number' if 'int' in spec.kinds else 'a JSON ' + wanted}")
+        return value
+
+    def _refuse_missing(self, key: str, spelled: str, null: bool = False) -> None:
+        """The planner's rule, stricter than transformers (which would build its class default, e.g. LlamaConfig's
+        4096-wide model): a config.json without its sizes is more likely a truncated file or a misspelt key
+        than a request for the default model."""
+        named = spelled if spelled == key else f"{spelled} ({key})"
+        alias = next((a for k, a in _ALIASES.get(self.family, {}).items() if k == key), None)
+        if alias and alias != spelled:
+            named = f"{key} ({alias})"
+        raise self.error(named, "missing from the config" + (" (null)" if null else ""),
+                         "use a complete Hugging Face config.json")
+
+    def size(self, key: str) -> int:
+        value = self.get(key)
+        if value <= 0:
+            raise self.error(self.spelling(key), f"must be a positive integer, got {value}")
+        return value
+
+    def positive_or_default(self, key: str, derived: int) -> int:
+        """An optional size: null (where the class allows it) means `derived`."""
+        value = self.get(key)
+        if value is None:
+            return derived
+        if value <= 0:
+            raise self.error(self.spelling(key), f"must be a positive integer or null, got {value}")
+        return value
+
+    def flag(self, key: str) -> bool:
+        return self.get(key) if key in self.keys else False
+
+    def dropout(self, key: str) -> float:
+        """A dropout probability: finite, in [0, 1]. torch.nn.Dropout.__init__ and torch.nn.functional.dropout raise
+        ValueError outside [0, 1] (GPT-2, BLOOM and Phi build nn.Dropout modules from these keys, so transformers
+        refuses the config outright; the Llama-style families pass attention_dropout to F.dropout in the first
+        training forward). NaN, which torch lets through, is refused too: no dropout rate is NaN."""
+        value = self.get(key)
+        if value is None:  # LlamaConfig / PhiConfig: attention_dropout may be null (no dropout)
+            return 0.0
+        if not (math.isfinite(value) and 0 <= value <= 1):
+            raise self.error(key, f"must be a dropout probability in [0, 1] (torch.nn.Dropout raises ValueError "
+                                  f"otherwise), got {_shown(value)}", "write e.g. 0.0 or 0.1")
+        return float(value)
+
+    def activation(self, key: str) -> str:
+        if self.family == "bloom":
+            return "bloom_gelu"  # BloomMLP's own BloomGelu; BloomConfig has no activation key
+        value = self.get(key)
+        if self.family == "gemma" and value == "gelu":
+            value = "gelu_pytorch_tanh"  # GemmaConfig.__post_init__: the legacy "gelu" means the tanh approximation
+        if value in _PARAMETRIC_ACTIVATIONS:
+            raise self.error(key, f"{value!r} has learnable parameters, which the planner does not count",
+                             f"use a Hugging Face config with one of {', '.join(ACTIVATIONS)}")
+        if value not in ACTIVATIONS:
+            raise self.error(key, f"unknown activation {_shown(value)} (transformers' ACT2FN raises KeyError)",
+                             f"use one of {', '.join(ACTIVATIONS)}")
+        return value
+
+
+def _number(value: Any) -> bool:
+    return _kind(value) in ("int", "float")
+
+
+def _rope_partial_factor(config: dict[str, Any]) -> Any:
+    """What transformers puts in `rope_parameters["partial_rotary_factor"]`: the value inside `rope_parameters`
+    (or legacy `rope_scaling`) first, else the top-level key (modeling_rope_utils.py
+    RotaryEmbeddingConfigMixin.convert_rope_params_to_dict); None when neither is given."""
+    for key in ("rope_parameters", "rope_scaling"):
+        nested = config.get(key)
+        if isinstance(nested, dict) and "partial_rotary_factor" in nested:
+            return nested["partial_rotary_factor"]
+    return config.get("partial_rotary_factor")
+
+
+def spec_from_config(config: dict[str, Any], name: str) -> ModelSpec:
+    """Parse the memory-relevant part of a Hugging Face `config.json` into a `ModelSpec`, refusing what
+    transformers 5.24 refuses to build (one `PlannerInputError` naming `{name}: {key}`).
+
+    Key names, types and defaults follow each family's config class (see `_FAMILY_KEYS`): GPT-2 and BLOOM use
+    `n_embd` / `n_layer` / `n_head` (and their `attribute_map` aliases); Qwen2 always has q/k/v biases; Phi has
+    biases everywhere and a biased lm_head; GPT-2's MLP is `n_inner` or 4 x hidden; BLOOM's is 4 x hidden.
+    Rules mirrored (each raises in transformers on construction unless said otherwise):
+
+    - types: every declared key has its declared type (configuration_utils.py PreTrainedConfig is `@strict`,
+      huggingface_hub/dataclasses.py `type_validator`; see `_FAMILY_KEYS`);
+    - models/llama/configuration_llama.py LlamaConfig.validate_architecture: hidden_size must be a multiple of
+      num_attention_heads (even with an explicit head_dim); models/gpt2/modeling_gpt2.py GPT2Attention.__init__
+      and models/bloom/modeling_bloom.py BloomAttention.__init__ raise ValueError on `embed_dim % num_heads`;
+      Mistral / Qwen2 / Gemma / Phi floor hidden_size // num_attention_heads and build;
+    - head_dim: null (Llama / Mistral; MistralAttention also treats 0 so: `head_dim or hidden // heads`) means
+      hidden_size // num_attention_heads, which must not be 0 (every RoPE init, e.g. modeling_llama.py
+      LlamaRotaryEmbedding.compute_default_rope_parameters, computes `base ** (arange(0, dim, 2) / dim)`:
+      ZeroDivisionError); Qwen2Attention / PhiAttention read an undeclared head_dim with getattr, so null fails;
+    - modeling_rope_utils.py RotaryEmbeddingConfigMixin.validate_rope: an odd head_dim above 4 that RoPE
+      rotates whole is refused;
+    - activations: every MLP looks its activation up in activations.py ACT2FN (KeyError for unknown names);
+    - dropouts in [0, 1]: torch.nn.Dropout.__init__ raises ValueError (GPT2Attention, GPT2MLP, BloomAttention,
+      PhiDecoderLayer, PhiModel build them); the Llama-style attention_dropout reaches F.dropout, which raises
+      in the first training forward;
+    - models/phi/configuration_phi.py PhiConfig.__post_init__ defaults partial_rotary_factor to 0.5; an
+      explicit null leaves none, and PhiAttention.__init__ fails (KeyError).
+
+    Stricter than transformers, by the planner's choice: sizes must be stated and positive (transformers builds
+    a class default, or an empty layer for 0), num_key_value_heads must divide num_attention_heads (transformers
+    builds it but repeat_kv's heads // kv copies fail in the first forward), Phi's partial_rotary_factor must be
+    in (0, 1] (above 1 the rotary slice exceeds the head; 0 is no RoPE at all), a sliding_window must be a
+    positive number of tokens, and `ModelSpec` bounds every size (`lora_planner.specs.MAX_*`).
+    Not mirrored: the contents of `rope_parameters` / `rope_scaling` and of keys that do not shape the model
+    (`rms_norm_eps`, token ids, `torch_dtype`, ...), which the planner ignores.
+    """
+    if not isinstance(config, dict):
+        raise PlannerInputError(name, "config.json must hold a JSON object", "use a Hugging Face config.json")
+    family = config.get("model_type")
+    if not isinstance(family, str) or family not in FAMILIES:
+        raise PlannerInputError(
+            f"{name}: model_type", f"unsupported model_type {_shown(family)}",
+            f"supported families are {', '.join(FAMILIES)}",
+        )
+    r = _Reader(config, family, name)
+    gpt_names = family in ("gpt2", "bloom")
+    hidden = r.size("n_embd" if family == "gpt2" else "hidden_size")
+    layers = r.size("n_layer" if gpt_names else "num_hidden_layers")
+    heads = r.size("n_head" if gpt_names else "num_attention_heads")
+    vocab = r.size("vocab_size")
+    heads_key = r.spelling("n_head" if gpt_names else "num_attention_heads")
+    width_key = r.spelling("n_embd" if family == "gpt2" else "hidden_size")
+    if family in ("llama", "gpt2", "bloom") and hidden % heads:
+        where = {"llama": "LlamaConfig.validate_architecture", "gpt2": "GPT2Attention.__init__",
+                 "bloom": "BloomAttention.__init__"}[family]
+        raise r.error(width_key, f"{hidden} is not a multiple of {heads_key}={heads} (transformers' {where} "
+                                 "raises ValueError)", f"make {width_key} a multiple of {heads_key}")
+    if gpt_names:
+        kv_heads, head_dim = heads, hidden // heads
+    else:
+        kv_heads = r.positive_or_default("num_key_value_heads", heads)
+        head_dim = _head_dim(r, hidden, heads, heads_key, width_key)
+    if family == "gpt2":
+        intermediate = r.positive_or_default("n_inner", 4 * hidden)
+    elif family == "bloom":
+        intermediate = 4 * hidden  # BloomMLP ignores any intermediate size in the config
+    else:
+        intermediate = r.size("intermediate_size")
+    if family == "bloom":
+        max_positions = _BLOOM_POSITIONS
+    else:
+        max_positions = r.size("n_positions" if family == "gpt2" else "max_position_embeddings")
+    rotary = _partial_rotary_factor(r, head_dim)
+    # Which bias flags each transformers class honours: Llama both, Gemma attention_bias only,
+    # Qwen2 hard-codes q/k/v biases, Mistral none.
+    attention_bias = r.flag("attention_bias")
+    dropouts = [r.dropout(key) for key in _DROPOUTS[family]]
+    resid = dropouts[0] if family in ("phi", "gpt2", "bloom") else 0.0
+    embd = dropouts[1] if family in ("phi", "gpt2") else 0.0
+    attn = dropouts[-1]
+    try:
+        return _model_spec(r, name, family, vocab, hidden, layers, heads, kv_heads, head_dim, intermediate,
+                           max_positions, rotary, attention_bias, resid, embd, attn)
+    except PlannerInputError as err:  # ModelSpec's own rules (size bounds, kv heads): name the file and its key
+        if err.field.startswith(f"{name}: "):
+            raise
+        raise r.error(r.spelling(_GPT_NAMES.get(family, {}).get(err.field, err.field)), err.problem, err.fix) from None
+
+
+# ModelSpec's error fields (Llama spellings) -> GPT-2 / BLOOM config keys.
+_GPT_NAMES = {"gpt2": {"hidden_size": "n_embd", "num_hidden_layers": "n_layer", "num_attention_heads": "n_head",
+                       "intermediate_size": "n_inner", "max_position_embeddings": "n_positions"},
+              "bloom": {"num_hidden_layers": "n_layer", "num_attention_heads": "n_head"}}
+
+
+def _model_spec(r: _Reader, name: str, family: str, vocab: int, hidden: int, layers: int, heads: int, kv_heads: int,
+                head_dim: int, intermediate: int, max_positions: int, rotary: float, attention_bias: bool,
+                resid: float, embd: float, attn: float) -> ModelSpec:
+    biased_everywhere = family in ("phi", "gpt2", "bloom")
+    return ModelSpec(
+        name=name,
+        family=family,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        intermediate_size=intermediate,
+        tie_word_embeddings=r.get("tie_word_embeddings"),
+        max_position_embeddings=max_positions,
+        attention_bias=biased_everywhere or family == "qwen2" or attention_bias,
+        attention_out_bias=biased_everywhere or attention_bias,
+        mlp_bias=biased_everywhere or r.flag("mlp_bias"),
+        lm_head_bias=family == "phi",
+        qk_layernorm=r.flag("qk_layernorm"),
+        partial_rotary_factor=rotary,
+        dropout=resid,
+        embedding_dropout=embd,
+        attention_dropout=attn,
+        sliding_window=_sliding_window(r),
+        hidden_act=r.activation("activation_function" if family == "gpt2" else "hidden_act"),
+    )
+
+
+def _head_dim(r: _Reader, hidden: int, heads: int, heads_key: str, width_key: str) -> int:
+    family, config = r.family, r.config
+    if family in ("qwen2", "phi") and "head_dim" in config:
+        # Undeclared: Qwen2Attention / PhiAttention take getattr(config, "head_dim", hidden // heads) as is.
+        value = config["head_dim"]
+        if _kind(value) != "int" or value <= 0:
+            raise r.error("head_dim", f"must be a positive integer, got {_shown(value)} ({_MODULE[family]}Attention "
+                                      "sizes its projections with it)")
+        head_dim = value
+    elif family == "gemma":
+        head_dim = r.get("head_dim")
+        if head_dim <= 0:
+            raise r.error("head_dim", f"must be a positive integer, got {head_dim}")
+    else:
+        value = r.get("head_dim") if "head_dim" in r.keys else None
+        if family == "mistral" and value == 0:
+            value = None  # MistralAttention: `getattr(config, "head_dim", None) or hidden // heads`
+        if value is not None and value <= 0:
+            raise r.error("head_dim", f"must be a positive integer or null, got {value}")
+        head_dim = value if value is not None else hidden // heads
+        if head_dim == 0:
+            raise r.error(heads_key, f"{width_key} {hidden} // {heads_key} {heads} is a head_dim of 0 (transformers' "
+                                     "RoPE then divides by zero)", f"use at most {hidden} attention heads")
+    # RotaryEmbeddingConfigMixin.validate_rope (modeling_rope_utils.py), run on every config with a head_dim
+    # attribute (Llama / Mistral / Gemma always, Qwen2 / Phi when config.json gives one).
+    checked = family in ("llama", "mistral", "gemma") or "head_dim" in config
+    factor = _rope_partial_factor(config)
+    if factor is None:
+        factor = 0.5 if family == "phi" else 1.0
+    if checked and head_dim > 4 and head_dim % 2:
+        whole = not _number(factor) or (math.isfinite(factor) and int(head_dim * factor) == head_dim)
+        if whole:
+            raise r.error("head_dim", f"{head_dim} is odd, and RoPE needs an even rotary dimension (transformers' "
+                                      "RotaryEmbeddingConfigMixin.validate_rope raises ValueError)",
+                          "use an even head_dim (hidden_size / num_attention_heads)")
+    return head_dim
+
+
+def _partial_rotary_factor(r: _Reader, head_dim: int) -> float:
+    """The fraction of each head RoPE rotates. Only PhiAttention honours it (`rotary_ndims = int(head_dim *
+    rope_parameters["partial_rotary_factor"])`, default 0.5 from PhiConfig.__post_init__); the Llama-style
+    rotary embeddings rotate the whole head whatever the key says; GPT-2 and BLOOM have no RoPE."""
+    if r.family != "phi":
+        return 1.0
+    value = _rope_partial_factor(r.config)
+    if value is None and "partial_rotary_factor" not in r.config:
+        return 0.5
+    if not _number(value) or not (math.isfinite(value) and 0 < value <= 1):
+        raise r.error("partial_rotary_factor", f"must be a fraction in (0, 1], got {_shown(value)} (PhiAttention "
+                                               "rotates int(head_dim x factor) channels of each head)",
+                      "write e.g. 0.4 (phi-2) or 0.5 (PhiConfig's default)")
+    return float(value)
+
+
+def _sliding_window(r: _Reader) -> int | None:
+    """MistralConfig defaults to a 4096-token window (null: none); Qwen2Config uses one only with
+    `use_sliding_window` (Qwen2Config.__post_init__ sets it to None otherwise)."""
+    if r.family == "mistral":
+        window = r.get("sliding_window")
+    elif r.family == "qwen2":
+        use = r.get("use_sliding_window")
+        window = r.get("sliding_window")  # type-checked even when unused, as the class does
+        window = window if use else None
+    else:
+        return None
+    if window is not None and window <= 0:
+        raise r.error("sliding_window", f"must be a positive number of tokens or null, got {window} (a window of "
+                                        f"{window} tokens masks every key)", "write e.g. 4096, or null for none")
+    return window
+
+
+def load_config_json(path: str | Path) -> ModelSpec:
+    """Read a Hugging Face `config.json` (or a folder holding one) into a `ModelSpec`: a regular file of at most
+    `MAX_CONFIG_BYTES`, standard JSON (`lora_planner.files.read_json_file`)."""
+    fix = "pass a catalog name or a readable Hugging Face config.json"
+    path = Path(path)
+    if _is_dir(path):
+        path = path / "config.json"
+    config = read_json_file(path, "model", fix, MAX_CONFIG_BYTES)
+    return spec_from_config(config, name=str(path))
+
+
+def _is_dir(path: Path) -> bool:
+    """`Path.is_dir`, False where the OS refuses to look (a name too long, an embedded NUL): the reader then
+    names the problem."""
+    try:
+        return path.is_dir()
+    except (OSError, ValueError):
+        return False

@@ -1,0 +1,22 @@
+"""Model families: one module each, declaring its modules and its layer (`lora_planner.families.base.Family`).
+
+To add a family: write `lora_planner/families/<name>.py` with its `layout` (the parameter-holding modules, as
+transformers names them), its `layer` (the shared op rules of `rules.py` in the layer's order) and a `Family`,
+register it below, teach `lora_planner.catalog` its config.json keys, and hold it to transformers and PEFT in
+the tests (parameters, trainable counts, saved tensors, fake traces of the full-size model).
+"""
+
+from __future__ import annotations
+
+from lora_planner.families import bloom, gpt2, llama, phi
+from lora_planner.families.base import Family
+
+FAMILY_RULES: dict[str, Family] = {
+    model_type: family for family in (*llama.FAMILIES, phi.FAMILY, gpt2.FAMILY, bloom.FAMILY)
+    for model_type in family.model_types
+}
+
+
+def family_rules(model_type: str) -> Family:
+    """The rules of a `model_type` (`ModelSpec.family`)."""
+    return FAMILY_RULES[model_type]

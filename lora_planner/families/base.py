@@ -1,0 +1,99 @@
+"""What a model family declares: its modules (`Module`, the parameter layout) and its rules (`Family`).
+
+A family is one transformers architecture (or several that share a layer, such as Llama, Mistral, Qwen2 and
+Gemma). Its module under `lora_planner/families/` declares, in one place, everything the planner needs to
+know about it: the parameter-holding modules with transformers' paths (`layout`), what one decoder layer
+keeps for backward (`layer`, built from the shared op rules of `lora_planner.families.rules`), what lives
+outside the layers (`model_level`), PEFT's default LoRA targets, and the few facts other models read (the
+position scheme, the final norm, the layer's last matmul, the order transformers registers norms in).
+Config parsing (the config.json keys and their defaults) lives in `lora_planner.catalog`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from lora_planner.families.rules import Flow, SavedTensor
+    from lora_planner.specs import ModelSpec
+
+ModuleKind = Literal["linear", "embedding", "norm"]
+ModuleGroup = Literal["embeddings", "attention", "mlp", "norms", "lm_head"]
+GROUPS: tuple[ModuleGroup, ...] = ("embeddings", "attention", "mlp", "norms", "lm_head")
+Positions = Literal["rope", "learned", "alibi"]
+NormKind = Literal["rms", "rms_gemma", "layer"]  # Llama RMSNorm, Gemma's (1 + w) in fp32, LayerNorm
+
+
+@dataclass(frozen=True)
+class Module:
+    """One module (repeated `count` times, once per layer for per-layer modules).
+
+    `path` is the Hugging Face path of the first instance (layer 0); for linears `in_features` x
+    `out_features` is the weight shape, for embeddings `in_features` is the vocabulary, for norms both
+    are the normalised width.
+    """
+
+    path: str
+    kind: ModuleKind
+    group: ModuleGroup
+    in_features: int
+    out_features: int
+    bias: bool = False
+    count: int = 1
+    tied: bool = False  # shares its weight with another module (tied lm_head): no parameters of its own
+
+    @property
+    def params_each(self) -> int:
+        if self.tied:  # the weight is another module's; a bias stays its own (Phi's lm_head, tied)
+            return self.out_features if self.bias else 0
+        if self.kind == "norm":
+            return self.out_features * (2 if self.bias else 1)
+        return self.in_features * self.out_features + (self.out_features if self.bias else 0)
+
+    @property
+    def params(self) -> int:
+        return self.params_each * self.count
+
+    @property
+    def weight_numel_each(self) -> int:
+        """Elements of the weight matrix alone (what QLoRA quantizes; biases stay 16-bit)."""
+        return 0 if self.tied else self.in_features * self.out_features
+
+    def layer_path(self, layer: int) -> str:
+        """The path of this module in `layer` (per-layer paths are stored for layer 0)."""
+        return self.path.replace(".0.", f".{layer}.", 1) if self.count > 1 or ".0." in self.path else self.path
+
+    def matching_layers(self, target: str) -> frozenset[int]:
+        """The layers where PEFT's rule matches: the full module name equals the target or ends with
+        '.' + target (`peft.tuners.tuners_utils.check_target_module_exists`)."""
+        matched = set()
+        for layer in range(self.count):
+            path = self.layer_path(layer)
+            if path == target or path.endswith("." + target):
+                matched.add(layer)
+        return frozenset(matched)
+
+
+def no_model_level(flow: Flow, embeddings_need_grad: bool) -> list[SavedTensor]:
+    return []
+
+
+@dataclass(frozen=True)
+class Family:
+    """The rules of one model family (see the module docstring). Paths are transformers' (layer 0)."""
+
+    model_types: tuple[str, ...]  # transformers' `model_type`s these rules cover
+    layout: Callable[[ModelSpec], list[Module]]  # every parameter-holding module but lm_head, in model order
+    layer: Callable[[Flow, bool], list[SavedTensor]]  # what one decoder layer keeps (input needs grad?)
+    peft_default_targets: tuple[str, ...]  # PEFT's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+    layer_prefix: str  # "model.layers.0." or "transformer.h.0."
+    last_linear: str  # the layer's last matmul, after `layer_prefix`: checkpointing never re-runs it
+    positions: Positions  # RoPE (extrapolates), a learned table (ends at max_position_embeddings), ALiBi
+    norm: NormKind  # the layers' and the final norm
+    # Saved tensors outside the layers that only this family has (embedding dropout, an embedding norm, ...).
+    model_level: Callable[[Flow, bool], list[SavedTensor]] = no_model_level
+    norms_registered_last: bool = False  # decoder-layer norms registered after attention and MLP
+    residual_dropout: bool = False  # dropout (spec.dropout) after attention and MLP outputs
+    scalar_buffers: int = 0  # buffers besides RoPE's (Gemma's `embed_scale`)

@@ -1,0 +1,95 @@
+"""Llama and the families that share its layer: Mistral, Qwen2, Gemma (transformers' modeling_llama.py,
+modeling_mistral.py, modeling_qwen2.py, modeling_gemma.py).
+
+Pre-norm decoder layer: RMSNorm -> separate q/k/v projections -> RoPE -> attention -> o_proj -> residual;
+RMSNorm -> gated MLP (act(gate_proj x) * up_proj x -> down_proj) -> residual. Biases: Llama's
+`attention_bias` / `mlp_bias`, Qwen2's q/k/v always, Gemma's `attention_bias`. Gemma's RMSNorm multiplies by
+(1 + w) in fp32 and the model keeps a scalar `embed_scale` buffer.
+"""
+
+from __future__ import annotations
+
+from lora_planner.families.base import Family, Module
+from lora_planner.families.rules import Flow, SavedTensor, attention_core, attention_projections, norm
+from lora_planner.specs import ModelSpec
+
+PREFIX = "model.layers.0."
+
+
+def layout(spec: ModelSpec) -> list[Module]:
+    """`model.layers.N.{self_attn,mlp}.*`, RMSNorm (weight only)."""
+    h, n, layer = spec.hidden_size, spec.num_layers, PREFIX
+    return [
+        Module("model.embed_tokens", "embedding", "embeddings", spec.vocab_size, h),
+        Module(layer + "input_layernorm", "norm", "norms", h, h, count=n),
+        Module(layer + "self_attn.q_proj", "linear", "attention", h, spec.q_size, spec.attention_bias, n),
+        Module(layer + "self_attn.k_proj", "linear", "attention", h, spec.kv_size, spec.attention_bias, n),
+        Module(layer + "self_attn.v_proj", "linear", "attention", h, spec.kv_size, spec.attention_bias, n),
+        Module(layer + "self_attn.o_proj", "linear", "attention", spec.q_size, h, spec.attention_out_bias, n),
+        Module(layer + "post_attention_layernorm", "norm", "norms", h, h, count=n),
+        Module(layer + "mlp.gate_proj", "linear", "mlp", h, spec.intermediate_size, spec.mlp_bias, n),
+        Module(layer + "mlp.up_proj", "linear", "mlp", h, spec.intermediate_size, spec.mlp_bias, n),
+        Module(layer + "mlp.down_proj", "linear", "mlp", spec.intermediate_size, h, spec.mlp_bias, n),
+        Module("model.norm", "norm", "norms", h, h),
+    ]
+
+
+def layer(flow: Flow, x_needs_grad: bool) -> list[SavedTensor]:
+    """One decoder layer (pre-norm, separate q/k/v/o, gated MLP)."""
+    spec, tokens, e = flow.spec, flow.tokens, flow.e_compute
+    p = PREFIX
+    saved = norm(flow, "input_layernorm", x_needs_grad)
+    own, keeps_normed, (q_grad, k_grad, v_grad) = attention_projections(
+        flow, p + "self_attn.", ("q_proj", "k_proj", "v_proj"), x_needs_grad)
+    saved += own
+    if keeps_normed:
+        saved.append(SavedTensor("input_layernorm.output", tokens * spec.hidden_size * flow.e_stream))
+    attn_needs_grad = q_grad or k_grad or v_grad
+    saved += attention_core(flow, q_grad, k_grad, v_grad)
+    # SDPA's output is laid out (b, s, heads, dim), so o_proj reads it without a copy; eager copies.
+    own, keeps = flow.linear(p + "self_attn.o_proj", e, attn_needs_grad)
+    saved += own
+    if keeps and (flow.t.attention == "eager" or not attn_needs_grad):
+        saved.append(SavedTensor("self_attn.o_proj.input", tokens * spec.q_size * e))
+
+    mid_needs_grad = attn_needs_grad or flow.adapted(p + "self_attn.o_proj")
+    saved += norm(flow, "post_attention_layernorm", mid_needs_grad)
+    keeps_normed = False
+    for proj in ("gate_proj", "up_proj"):
+        own, keeps = flow.linear(p + "mlp." + proj, flow.e_stream, mid_needs_grad)
+        saved += own
+        keeps_normed |= keeps
+    if keeps_normed:
+        saved.append(SavedTensor("post_attention_layernorm.output", tokens * spec.hidden_size * flow.e_stream))
+
+    gate_grad = mid_needs_grad or flow.adapted(p + "mlp.gate_proj")
+    up_grad = mid_needs_grad or flow.adapted(p + "mlp.up_proj")
+    inter = tokens * spec.intermediate_size * e
+    if gate_grad:
+        saved.append(SavedTensor("mlp.gate_output", inter))  # the activation function's input
+    if up_grad:
+        saved.append(SavedTensor("mlp.act_output", inter))  # act(gate) * up: each factor for the other's grad
+    if gate_grad:
+        saved.append(SavedTensor("mlp.up_output", inter))
+    own, keeps = flow.linear(p + "mlp.down_proj", e, gate_grad or up_grad)
+    saved += own
+    if keeps:
+        saved.append(SavedTensor("mlp.down_proj.input", inter))
+    return saved
+
+
+def _family(model_type: str, **overrides) -> Family:
+    # transformers registers the decoder layer's norms after attention and MLP (LlamaDecoderLayer.__init__:
+    # self_attn, mlp, input_layernorm, post_attention_layernorm), so `model.parameters()` is not forward order.
+    rules = dict(model_types=(model_type,), layout=layout, layer=layer, peft_default_targets=("q_proj", "v_proj"),
+                 layer_prefix=PREFIX, last_linear="mlp.down_proj", positions="rope", norm="rms",
+                 norms_registered_last=True)
+    return Family(**{**rules, **overrides})
+
+
+FAMILIES = (
+    _family("llama"),
+    _family("mistral"),
+    _family("qwen2"),
+    _family("gemma", norm="rms_gemma", scalar_buffers=1),  # GemmaModel's `embed_scale` buffer
+)

@@ -1,0 +1,273 @@
+"""The op rules every family's layer is built from: what each op keeps for backward (pure).
+
+Measured against PyTorch autograd's saved tensors in the Hugging Face `transformers` modules (checked with
+`torch.autograd.graph.saved_tensors_hooks`, `experiments/probe_saved_activations.py`; the summary of the
+rules is the docstring of `lora_planner.activations`). A family module composes them in its layer's order;
+`Flow` carries the settings every rule needs and the rule for (possibly adapted) linears.
+"""
+
+from __future__ import annotations
+
+from copy import copy
+from typing import TYPE_CHECKING, NamedTuple
+
+from lora_planner.specs import BYTES_PER_ELEMENT, ModelSpec, TrainingSpec
+
+if TYPE_CHECKING:
+    from lora_planner.families.base import Family, Module
+
+FP32 = 4
+MASK = 1  # bool dropout mask, one byte per element
+
+
+class SavedTensor(NamedTuple):  # a NamedTuple, not a dataclass: profiles build thousands of these per grid
+    name: str
+    nbytes: int
+
+
+class Flow:
+    """The settings every rule below needs, and the rule for linear layers shared by all families.
+
+    `layer_adapters` holds, per decoder layer, the layer-0 paths of its adapted modules; `outside_adapters`
+    the adapted modules outside the layers; `modules` every module by layer-0 path. `input_grads`, when a
+    dict, records for each linear whether its input needs a gradient (what the FLOP count reads), and
+    `attention_grads` whether q, k and v do.
+    """
+
+    def __init__(self, spec: ModelSpec, training: TrainingSpec, family: Family,
+                 layer_adapters: tuple[frozenset[str], ...], outside_adapters: frozenset[str],
+                 modules: dict[str, Module]) -> None:
+        self.spec = spec
+        self.family = family
+        self.t = training
+        self.b, self.s = training.batch_size, training.seq_len
+        self.tokens = training.tokens
+        self.full = training.method == "full"
+        self.amp = training.amp is not None
+        # PEFT's prepare_model_for_kbit_training casts embeddings, norms, biases and lm_head to fp32: the
+        # stream and every op between the 4-bit matmuls (which cast their input to the compute dtype and
+        # their output back, bitsandbytes `Linear4bit.forward`) then run in fp32.
+        self.kbit_fp32 = training.method == "qlora" and training.kbit_prep
+        self.e_compute = FP32 if self.kbit_fp32 else BYTES_PER_ELEMENT[training.compute_dtype]
+        # The residual stream: fp32 under autocast (fp32 embeddings, fp32 adds), else the compute dtype.
+        self.e_stream = FP32 if self.amp else self.e_compute
+        self.e_adapter = FP32 if training.lora.adapter_dtype == "fp32" else BYTES_PER_ELEMENT[training.dtype]
+        self.r = training.lora.r
+        self.layer_adapters = layer_adapters
+        self.outside_adapters = outside_adapters
+        self.adapted_paths = outside_adapters
+        self.modules = modules
+        self.input_grads: dict[str, bool] | None = None
+        self.attention_grads: tuple[bool, bool, bool] | None = None
+
+    def in_layer(self, adapters: frozenset[str]) -> Flow:
+        """The same settings, seen from a decoder layer whose adapted modules are `adapters`."""
+        flow = copy(self)
+        flow.adapted_paths = adapters | self.outside_adapters
+        return flow
+
+    def adapted(self, path: str) -> bool:
+        return path in self.adapted_paths
+
+    def linear(self, path: str, x_bytes_per_element: int, x_needs_grad: bool) -> tuple[list[SavedTensor], bool]:
+        """What a (possibly adapted) linear saves for its input x: (own tensors, whether x itself is kept).
+
+        x itself is kept when the base weight trains (full fine-tuning) or when an adapter uses x
+        without a cast. Under autocast every consumer casts an fp32 input to 16-bit on its own, and that
+        copy, not x, is what is saved.
+        """
+        if self.input_grads is not None:
+            self.input_grads[path] = x_needs_grad
+        m = self.modules[path]
+        tokens, name = self.tokens, path.split("layers.0.")[-1].split("h.0.")[-1]
+        own: list[SavedTensor] = []
+        keeps_x = False
+        cast_by_autocast = self.amp and x_bytes_per_element != self.e_compute
+        if self.full:
+            if cast_by_autocast:
+                own.append(SavedTensor(f"{name}.input_autocast_copy", tokens * m.in_features * self.e_compute))
+            else:
+                keeps_x = True
+        if self.adapted(path):
+            if self.amp:
+                # PEFT casts x to the adapter dtype (fp32), then autocast casts it to 16-bit for lora_A.
+                own.append(SavedTensor(f"{name}.lora_input_autocast_copy", tokens * m.in_features * self.e_compute))
+                a_out = self.e_compute
+            elif self.e_adapter != x_bytes_per_element:
+                own.append(SavedTensor(f"{name}.lora_input_cast", tokens * m.in_features * self.e_adapter))
+                a_out = self.e_adapter
+            else:
+                keeps_x = True
+                a_out = self.e_adapter
+            own.append(SavedTensor(f"{name}.lora_A_output", tokens * self.r * a_out))
+        if self.amp:
+            own.extend(self.amp_weight_copies(path, x_needs_grad))
+        return own, keeps_x
+
+    def amp_weight_copies(self, path: str, x_needs_grad: bool) -> list[SavedTensor]:
+        """Autocast's 16-bit weight copies that backward keeps (for the input gradient): every weight whose
+        input needs a gradient, trainable weights always (cached for the whole forward); for an adapter,
+        lora_B's copy always (its input A x needs a gradient) and lora_A's when x needs one."""
+        m = self.modules[path]
+        copies: list[SavedTensor] = []
+        name = path.split("layers.0.")[-1].split("h.0.")[-1]
+        if x_needs_grad or self.full:
+            copies.append(SavedTensor(f"{name}.weight_autocast_copy", m.in_features * m.out_features * self.e_compute))
+        if self.adapted(path):
+            lora_in = m.in_features if x_needs_grad else 0
+            copies.append(SavedTensor(f"{name}.lora_weights_autocast_copy",
+                                      self.r * (lora_in + m.out_features) * self.e_compute))
+        return copies
+
+    def note_attention(self, q_grad: bool, k_grad: bool, v_grad: bool) -> None:
+        if self.input_grads is not None:
+            self.attention_grads = (q_grad, k_grad, v_grad)
+
+
+# ---------------------------------------------------------------------------------------------- norms
+
+
+def norm(flow: Flow, name: str, x_needs_grad: bool) -> list[SavedTensor]:
+    """The family's norm (`Family.norm`)."""
+    return layer_norm(flow, name, x_needs_grad) if flow.family.norm == "layer" else rms_norm(flow, name, x_needs_grad)
+
+
+def rms_norm(flow: Flow, name: str, x_needs_grad: bool) -> list[SavedTensor]:
+    """Llama / Gemma RMSNorm: `x.to(fp32)`, `x * rsqrt(mean(x^2) + eps)`, then the weight.
+
+    Saves the fp32 input (the stream itself when it is already fp32) and 1/rms when x needs a gradient;
+    the normalised tensor only when the weight trains. Llama multiplies after casting back to the stream
+    dtype; Gemma ("rms_gemma") multiplies in fp32 by `1 + w`, keeping that fp32 vector and an fp32
+    normalised tensor.
+    """
+    tokens, h = flow.tokens, flow.spec.hidden_size
+    gemma = flow.family.norm == "rms_gemma"
+    saved: list[SavedTensor] = []
+    if x_needs_grad:
+        saved += [SavedTensor(f"{name}.fp32_input", tokens * h * FP32), SavedTensor(f"{name}.rsqrt", tokens * FP32)]
+        if gemma:
+            saved.append(SavedTensor(f"{name}.one_plus_weight", h * FP32))
+    if flow.full:
+        width = FP32 if gemma else flow.e_stream
+        saved.append(SavedTensor(f"{name}.normalised", tokens * h * width))
+    return saved
+
+
+def layer_norm(flow: Flow, name: str, x_needs_grad: bool) -> list[SavedTensor]:
+    """nn.LayerNorm keeps its input and the per-token mean and 1/std: in the input's dtype on CPU (measured),
+    in fp32 on CUDA (`layer_norm_cuda` allocates them in the accumulation type)."""
+    if not (x_needs_grad or flow.full):
+        return []
+    tokens, h, e = flow.tokens, flow.spec.hidden_size, flow.e_stream
+    stats = FP32 if flow.t.device == "cuda" else e
+    return [SavedTensor(f"{name}.input", tokens * h * e), SavedTensor(f"{name}.mean_rstd", 2 * tokens * stats)]
+
+
+def dropout_mask(flow: Flow, name: str, numel: int, p: float, x_needs_grad: bool, e: int) -> list[SavedTensor]:
+    """Training-mode dropout keeps its mask: a bool tensor from `native_dropout` on CUDA; on CPU
+    `F.dropout` multiplies by a Bernoulli tensor in the activation dtype."""
+    if p <= 0 or not x_needs_grad:
+        return []
+    return [SavedTensor(f"{name}.mask", numel * (MASK if flow.t.device == "cuda" else e))]
+
+
+# ---------------------------------------------------------------------------------------------- attention
+
+
+def sdpa(flow: Flow, q_cols: int, kv_cols: int) -> list[SavedTensor]:
+    """Fused SDPA (flash / memory-efficient, CUDA and CPU) keeps q, k, v, the output and the fp32
+    log-sum-exp (b x heads x s); with no padding mask transformers passes `enable_gqa`, so k and v stay
+    at kv-head width. q and k are fresh RoPE outputs; v is the projection output itself."""
+    tokens, e = flow.tokens, flow.e_compute
+    return [
+        SavedTensor("attn.q_rotated", tokens * q_cols * e),
+        SavedTensor("attn.k_rotated", tokens * kv_cols * e),
+        SavedTensor("attn.v", tokens * kv_cols * e),
+        SavedTensor("attn.output", tokens * q_cols * e),
+        SavedTensor("attn.logsumexp", flow.b * flow.spec.num_heads * flow.s * FP32),
+    ]
+
+
+def softmax_saved(flow: Flow, v_needs_grad: bool, fp32_softmax: bool = True) -> list[SavedTensor]:
+    """Eager attention's S x S tensors: softmax keeps its output (fp32 when transformers asks for an fp32
+    softmax (`fp32_softmax`) or autocast runs it in fp32); the 16-bit copy of the probabilities is kept by the
+    matmul with v when v needs a gradient (in fp32 it is the same tensor); dropout adds a mask and the
+    dropped probabilities."""
+    scores, e = flow.b * flow.spec.num_heads * flow.s * flow.s, flow.e_compute
+    softmax_e = FP32 if fp32_softmax or flow.amp else e
+    saved = [SavedTensor("attn.softmax", scores * softmax_e)]
+    probs_copy = softmax_e != e
+    if flow.spec.attention_dropout > 0:
+        saved += dropout_mask(flow, "attn.dropout", scores, flow.spec.attention_dropout, True, e)
+        saved.append(SavedTensor("attn.probs_dropped", scores * e))
+    elif probs_copy and v_needs_grad:
+        saved.append(SavedTensor("attn.probs", scores * e))
+    return saved
+
+
+def eager_attention(flow: Flow, q_grad: bool, k_grad: bool, v_grad: bool) -> list[SavedTensor]:
+    """matmul(q, k^T) keeps each operand for the other's gradient; `repeat_kv` copies k and v to all
+    heads first (when heads > kv heads); probs @ v keeps v when the probabilities need a gradient."""
+    tokens, e, spec = flow.tokens, flow.e_compute, flow.spec
+    repeated = spec.q_size if spec.num_kv_heads != spec.num_heads else spec.kv_size
+    saved = []
+    if k_grad:
+        saved.append(SavedTensor("attn.q_rotated", tokens * spec.q_size * e))
+    if q_grad:
+        saved.append(SavedTensor("attn.k_repeated", tokens * repeated * e))
+    if q_grad or k_grad:
+        saved += softmax_saved(flow, v_grad)
+        saved.append(SavedTensor("attn.v_repeated", tokens * repeated * e))
+    elif v_grad:
+        saved += [s for s in softmax_saved(flow, True) if s.name != "attn.softmax"]
+    return saved
+
+
+def attention_core(flow: Flow, q_grad: bool, k_grad: bool, v_grad: bool) -> list[SavedTensor]:
+    """RoPE'd q, k and v through SDPA (everything or nothing) or eager attention (per operand)."""
+    flow.note_attention(q_grad, k_grad, v_grad)
+    if flow.t.attention == "eager":
+        return eager_attention(flow, q_grad, k_grad, v_grad)
+    return sdpa(flow, flow.spec.q_size, flow.spec.kv_size) if q_grad or k_grad or v_grad else []
+
+
+def attention_projections(flow: Flow, prefix: str, projections: tuple[str, ...],
+                          x_needs_grad: bool) -> tuple[list[SavedTensor], bool, tuple[bool, ...]]:
+    """q / k / v (or fused qkv) linears sharing one normed input: (saved, whether the input is kept,
+    whether each output needs a gradient)."""
+    saved: list[SavedTensor] = []
+    keeps_input = False
+    for proj in projections:
+        own, keeps = flow.linear(prefix + proj, flow.e_stream, x_needs_grad)
+        saved += own
+        keeps_input |= keeps
+    grads = tuple(x_needs_grad or flow.adapted(prefix + proj) for proj in projections)
+    return saved, keeps_input, grads
+
+
+# ---------------------------------------------------------------------------------------------- MLPs
+
+
+def gelu_saved(flow: Flow) -> list[SavedTensor]:
+    """What the MLP activation keeps. `gelu_new` (GPT-2, Phi) is written out in Python in transformers
+    (`0.5*x*(1 + tanh(c*(x + 0.044715*x^3)))`) and keeps x, tanh(.), 0.5*x and 1 + tanh(.); one-op
+    activations (F.gelu, BLOOM's custom GeLUFunction) keep only x."""
+    inter = flow.tokens * flow.spec.intermediate_size * flow.e_compute
+    if flow.spec.hidden_act == "gelu_new":
+        return [SavedTensor("mlp.act_input", inter), SavedTensor("mlp.act_tanh", inter),
+                SavedTensor("mlp.act_half_x", inter), SavedTensor("mlp.act_one_plus_tanh", inter)]
+    return [SavedTensor("mlp.act_input", inter)]
+
+
+def plain_mlp(flow: Flow, fc1: str, fc2: str, x_needs_grad: bool) -> tuple[list[SavedTensor], bool, bool]:
+    """fc1 -> activation -> fc2 (Phi, GPT-2, BLOOM): (saved, whether fc1 keeps its input, whether the
+    output needs a gradient)."""
+    saved, keeps_x = flow.linear(fc1, flow.e_stream, x_needs_grad)
+    inner_grad = x_needs_grad or flow.adapted(fc1)
+    if inner_grad:
+        saved += gelu_saved(flow)
+    own, keeps = flow.linear(fc2, flow.e_compute, inner_grad)
+    saved += own
+    if keeps:
+        saved.append(SavedTensor("mlp.fc2_input", flow.tokens * flow.spec.intermediate_size * flow.e_compute))
+    return saved, keeps_x, inner_grad or flow.adapted(fc2)
