@@ -15,6 +15,7 @@ from lora_planner.defaults import DEFAULT_HEADROOM
 from lora_planner.errors import PlannerInputError
 from lora_planner.gpus import GIB, GPUS, GpuSpec, memory_size_echo, parse_memory_size, resolve_gpu
 from lora_planner.memory import DeviceOverhead, MemoryEstimate, estimate_memory
+from lora_planner.families import family_rules
 from lora_planner.params import PEFT_DEFAULT_TARGETS, ParamCounts, count_params, target_description
 from lora_planner.specs import ModelSpec, TrainingSpec
 from lora_planner.throughput import DEFAULT_MFU, ThroughputEstimate, estimate_throughput
@@ -92,6 +93,12 @@ def plan_warnings(spec: ModelSpec, training: TrainingSpec, budget: Budget | None
     """What the user should know about these settings that is not an error (pure; shown by every output).
     `methods`: every method planned (default: the training's)."""
     warnings = []
+    family = family_rules(spec.family)
+    if training.lora.target_modules is None and not family.peft_has_default \
+            and any(m != "full" for m in (methods or (training.method,))):
+        warnings.append(f"PEFT has no default LoRA targets for {spec.family} (get_peft_model asks for "
+                        f"target_modules): planned with {', '.join(family.peft_default_targets)}, this tool's "
+                        "choice; pass --target to set them")
     limit = spec.max_position_embeddings
     if training.seq_len > limit:  # learned position tables (GPT-2) refuse it: params.check_sequence_length
         warnings.append(f"--seq-len {training.seq_len} is above {spec.name}'s max_position_embeddings {limit}: "

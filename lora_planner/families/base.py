@@ -87,7 +87,9 @@ class Family:
     model_types: tuple[str, ...]  # transformers' `model_type`s these rules cover
     layout: Callable[[ModelSpec], list[Module]]  # every parameter-holding module but lm_head, in model order
     layer: Callable[[Flow, bool], list[SavedTensor]]  # what one decoder layer keeps (input needs grad?)
-    peft_default_targets: tuple[str, ...]  # PEFT's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+    # PEFT's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING; where PEFT has none (`peft_has_default`
+    # False: get_peft_model then asks for target_modules), the documented choice this tool plans with.
+    peft_default_targets: tuple[str, ...]
     layer_prefix: str  # "model.layers.0." or "transformer.h.0."
     last_linear: str  # the layer's last matmul, after `layer_prefix`: checkpointing never re-runs it
     positions: Positions  # RoPE (extrapolates), a learned table (ends at max_position_embeddings), ALiBi
@@ -97,3 +99,4 @@ class Family:
     norms_registered_last: bool = False  # decoder-layer norms registered after attention and MLP
     residual_dropout: bool = False  # dropout (spec.dropout) after attention and MLP outputs
     scalar_buffers: int = 0  # buffers besides RoPE's (Gemma's `embed_scale`)
+    peft_has_default: bool = True
