@@ -14,7 +14,6 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from lora_planner.catalog import MODEL_CONFIGS, resolve_model
-from lora_planner.cli_types import Text
 from lora_planner.params import count_params
 from lora_planner.specs import FAMILIES, check_choice
 
@@ -78,12 +77,6 @@ def render_models(rows: tuple[ModelRow, ...], console: Any) -> None:
     console.print(table)
     console.print("Any other Hugging Face model: `lora-plan --model ORG/NAME` (its config.json read from the local "
                   "Hugging Face cache) or `lora-plan --model path/to/config.json`.", highlight=False, markup=False)
-
-
-def add_models_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--json", action="store_true", help="print the catalog as JSON")
-    p.add_argument("--family", type=Text("family", "--family llama"), default=None,
-                   help=f"only this family: {', '.join(FAMILIES)}")
 
 
 def run_models_command(args: argparse.Namespace) -> int:

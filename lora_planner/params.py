@@ -25,7 +25,7 @@ from typing import Mapping
 
 from lora_planner.errors import PlannerInputError
 from lora_planner.families import FAMILY_RULES, family_rules
-from lora_planner.families.base import GROUPS, Module, ModuleGroup, ModuleKind  # noqa: F401 (Module: re-exported)
+from lora_planner.families.base import GROUPS, Module  # noqa: F401 (Module: re-exported)
 from lora_planner.specs import ModelSpec
 
 ALL_LINEAR = "all-linear"

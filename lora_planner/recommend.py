@@ -52,7 +52,7 @@ from lora_planner.planner import (
     Budget, describe_budget, describe_usable, fits, fits_on, plan_warnings, usable_bytes,
 )
 from lora_planner.specs import (
-    MAX_BATCH_SIZE, MAX_GPUS, MAX_R, METHODS, ModelSpec, TrainingSpec, check_positive_int,
+    MAX_BATCH_SIZE, MAX_GLOBAL_BATCH, MAX_GPUS, MAX_R, METHODS, ModelSpec, TrainingSpec, check_positive_int,
 )
 
 GIB = 2**30
@@ -63,7 +63,6 @@ METHOD_NAMES = {"full": "full fine-tuning", "lora": "LoRA", "qlora": "QLoRA"}
 METHOD_TITLES = {"full": "Full fine-tuning", "lora": "LoRA", "qlora": "QLoRA"}
 PEAK_TOLERANCE = 0.01  # of the usable memory: peaks closer than this count as equal in the alternatives
 MAX_MICRO_BATCH = 1 << 16  # search limit: a micro-batch this large is "as large as you like"
-MAX_GLOBAL_BATCH = 1 << 30  # sequences per optimizer step: far above any published run (~10^4-10^5)
 
 
 def gib(n: int | float) -> str:

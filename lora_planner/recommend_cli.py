@@ -1,5 +1,6 @@
 """`lora-plan recommend`'s input and output: the `--json` document, `--verify` (replaying the answer with
-the profiler under fake tensors; imports torch only then) and the command-line arguments. The decision
+the profiler under fake tensors; imports torch only then) and the command's runner (its options are in
+`lora_planner.cli_args`). The decision
 itself is `lora_planner.recommend` (pure)."""
 
 from __future__ import annotations
@@ -9,23 +10,16 @@ import json
 from dataclasses import replace
 from typing import Any
 
-from lora_planner.catalog import model_names, resolve_model
-from lora_planner.cli_types import Text, count, fraction, positive_number
-from lora_planner.cli_options import (
-    add_budget_arguments, add_overhead_arguments, add_seq_len_argument, budget_from_args, overhead_from_args,
-)
-from lora_planner.defaults import DEFAULT_GLOBAL_BATCH, DEFAULT_R
+from lora_planner.catalog import resolve_model
+from lora_planner.cli_options import budget_from_args, overhead_from_args
 from lora_planner.errors import PlannerInputError
 from lora_planner.memory import estimate_memory, trainable_totals
 from lora_planner.planner import SCHEMA_VERSION, fits
 from lora_planner.recommend import (  # noqa: F401 (VERIFY_TOLERANCE: re-exported for callers)
-    MAX_GLOBAL_BATCH, MAX_MICRO_BATCH, VERIFY_TOLERANCE, Candidate, Recommendation, RecommendRequest, Verification, VerifyRun,
-    recommend, training_for,
+    MAX_MICRO_BATCH, VERIFY_TOLERANCE, Candidate, Recommendation, RecommendRequest, Verification, VerifyRun, recommend,
+    training_for,
 )
-from lora_planner.specs import (
-    ATTENTIONS, DEVICES, DTYPES, MAX_BATCH_SIZE, MAX_GPUS, MAX_R, OPTIMIZER_IMPLS, OPTIMIZERS, STRATEGIES,
-    STRATEGY_NAMES, LoraSpec, TrainingSpec, check_choice,
-)
+from lora_planner.specs import STRATEGY_NAMES, LoraSpec, TrainingSpec, check_choice
 
 
 # ---------------------------------------------------------------------------------------------- JSON
@@ -167,53 +161,6 @@ def verification_to_dict(v: Verification) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- command line
-
-
-def add_recommend_arguments(p: argparse.ArgumentParser) -> None:
-    """The `recommend` subcommand's options (registered by `lora_planner.cli`)."""
-    p.add_argument("--model", type=Text("model", "--model llama-3.1-8b"), required=True,
-                   help=f"catalog name ({', '.join(model_names())}), a Hugging Face repo id of one of them, "
-                        "or a path to a config.json")
-    add_budget_arguments(p)  # --gpu and / or --gpu-mem (one is required), --headroom
-    p.add_argument("--gpus", type=count("gpus", "--gpus 8", MAX_GPUS), default=1, help="data-parallel GPUs (default 1)")
-    p.add_argument("--strategy", type=Text("strategy", "--strategy fsdp"), default=None,
-                   help=f"{', '.join(STRATEGIES)} (zero1|zero2|zero3: DeepSpeed's stages) (default with --gpus: "
-                        "the first of ddp, ddp-zero1, fsdp that gives the best configuration)")
-    add_seq_len_argument(p)
-    p.add_argument("--global-batch", type=count("global-batch", "--global-batch 32", MAX_GLOBAL_BATCH),
-                   default=DEFAULT_GLOBAL_BATCH,
-                   help="sequences per optimizer step = micro-batch x GPUs x accumulation steps "
-                        f"(default {DEFAULT_GLOBAL_BATCH})")
-    p.add_argument("--methods", "--method", dest="methods", type=Text("methods", "--methods lora,qlora"), default=None,
-                   help="allowed methods, comma list of full, lora, qlora (default: all that apply)")
-    p.add_argument("--target", type=Text("target", "--target q_proj,v_proj"), default=None,
-                   help="LoRA target modules, comma list of PEFT names, or all-linear "
-                        "(default: PEFT's default for the family, e.g. q_proj,v_proj)")
-    rank = p.add_mutually_exclusive_group()
-    rank.add_argument("--r", type=count("r", "--r 8", MAX_R), default=None, help=f"LoRA rank (default {DEFAULT_R}, lower only if needed)")
-    rank.add_argument("--trainable-fraction", type=fraction("trainable-fraction", "--trainable-fraction 0.05",
-                                                            zero=False, one=False), default=None,
-                      help="choose r so that the adapters train this fraction of the model, e.g. 0.05")
-    p.add_argument("--alpha", type=positive_number("alpha", "--alpha 16"), default=None, help="LoRA alpha (default 2r)")
-    p.add_argument("--adapter-dtype", choices=("fp32", "base"), default="fp32",
-                   help="LoRA weights in fp32 (PEFT's default) or in the base dtype")
-    p.add_argument("--calibration", type=Text("calibration", "--calibration calib.json"), default=None,
-                   help="a calib.json from `lora-plan calibrate`: every prediction of the search applies it")
-    p.add_argument("--min-micro-batch", type=count("min-micro-batch", "--min-micro-batch 4", MAX_BATCH_SIZE),
-                   default=1,
-                   help="smallest micro-batch to accept; checkpointing is turned on only if it does not fit "
-                        "without (default 1)")
-    p.add_argument("--dtype", type=Text("dtype", "--dtype bf16"), default=None, help=f"weight dtype: {'|'.join(DTYPES)} (default bf16; fp32 with --amp)")
-    p.add_argument("--amp", type=Text("amp", "--amp bf16"), default=None, help="autocast mixed precision: bf16|fp16 (fp32 master weights)")
-    p.add_argument("--optimizer", type=Text("optimizer", "--optimizer adamw"), default="adamw", help=f"{'|'.join(OPTIMIZERS)} (default adamw)")
-    p.add_argument("--optimizer-impl", type=Text("optimizer-impl", "--optimizer-impl fused"), default=None,
-                   help=f"{'|'.join(OPTIMIZER_IMPLS)} (default: PyTorch's, foreach on cuda, for-loop on cpu)")
-    p.add_argument("--attention", type=Text("attention", "--attention sdpa"), default="sdpa", help=f"{'|'.join(ATTENTIONS)} (default sdpa)")
-    p.add_argument("--device", type=Text("device", "--device cuda"), default="cuda", help=f"{'|'.join(DEVICES)} (default cuda)")
-    add_overhead_arguments(p)
-    p.add_argument("--verify", action="store_true",
-                   help="replay the recommended step and the next micro-batch under fake tensors (needs torch)")
-    p.add_argument("--json", action="store_true", help="print the recommendation as JSON")
 
 
 def _csv(text: str) -> tuple[str, ...]:

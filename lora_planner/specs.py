@@ -63,6 +63,7 @@ MAX_R = 2**16  # PEFT ranks in use stop at a few thousand; a rank is also bounde
 MAX_BATCH_SIZE = 2**20  # sequences per micro-batch
 MAX_SEQ_LEN = 2**24  # 16.8 M tokens per sequence: above the longest context windows published (10 M)
 MAX_GPUS = 2**20  # data-parallel ranks: ~10x the largest training clusters built
+MAX_GLOBAL_BATCH = 2**30  # sequences per optimizer step: far above any published run (~10^4-10^5)
 
 
 def check_positive_int(field_name: str, value: object, maximum: int | None = None) -> None:

@@ -63,7 +63,6 @@ from pathlib import Path
 from typing import Any
 
 from lora_planner.catalog import resolve_model
-from lora_planner.cli_types import MAX_THREADS, Text, count
 from lora_planner.config_reader import load_config_json, spec_from_config
 from lora_planner.errors import PlannerInputError
 from lora_planner.files import check_output_file, read_user_text
@@ -431,17 +430,6 @@ def run_sweep(grid: Grid, out: str | Path, *, resume: bool = False, limit: int |
         result.not_started += len(todo) - len(result.finished)
     result.kept, result.fallback, result.kept_summary = writer.kept, writer.fallback, writer.summary()
     return result
-
-
-def add_sweep_arguments(p: Any) -> None:
-    """The `lora-plan sweep` subcommand's arguments (an argparse parser)."""
-    p.add_argument("grid", type=Text("grid", "experiments/grids/cpu_validation.toml"), help="TOML grid file (see experiments/grids/ and the lora_planner.sweep docstring)")
-    p.add_argument("--out", type=Text("out", "--out runs.jsonl"), required=True, help="JSONL file each record is appended to as its run finishes")
-    p.add_argument("--resume", action="store_true", help="skip runs whose key is already in --out")
-    p.add_argument("--limit", type=count("limit", "--limit 10"), default=None, help="run at most N of the remaining runs")
-    p.add_argument("--dry-run", action="store_true", help="list the grid's runs without running them")
-    p.add_argument("--threads", type=count("threads", "--threads 1", MAX_THREADS), default=None,
-                   help="torch CPU threads (default: torch's); 1 gives steadier step times on a shared machine")
 
 
 def run_sweep_command(args: Any, console: Any = None) -> int:

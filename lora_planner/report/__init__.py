@@ -16,31 +16,6 @@ so `lora-plan estimate --calibration` (which imports `calibrate`) stays light.
 
 from typing import Any
 
-from lora_planner.cli_types import MAX_SEED, Text, count, fraction
-
-
-def add_calibrate_arguments(p: Any) -> None:
-    """`lora-plan calibrate` arguments (an argparse parser)."""
-    p.add_argument("--runs", action="append", type=Text("runs", "--runs runs.jsonl"), required=True,
-                   help="JSONL profile records (repeatable)")
-    p.add_argument("--out", type=Text("out", "--out calib.json"), required=True,
-                   help="calibration file to write, e.g. calib.json")
-    p.add_argument("--holdout", type=fraction("holdout", "--holdout 0.3", zero=True, one=False), default=0.3,
-                   help="fraction of each family/method's measured runs held out to check its factor (default 0.3); "
-                        "a factor is applied only when it lowers their error, and nothing is written when no run "
-                        "can be held out or nothing is applied")
-    p.add_argument("--seed", type=count("seed", "--seed 0", MAX_SEED, low=0), default=0, help="seed of the held-out split (default 0)")
-
-
-def add_report_arguments(p: Any) -> None:
-    """`lora-plan report` arguments (an argparse parser)."""
-    p.add_argument("--runs", action="append", type=Text("runs", "--runs runs.jsonl"), required=True,
-                   help="JSONL profile records (repeatable)")
-    p.add_argument("--out", type=Text("out", "--out reports/cpu"), required=True,
-                   help="folder for report.md and its PNG charts")
-    p.add_argument("--model", type=Text("model", "--model llama-3-8b"), default="llama-3-8b",
-                   help="model of the planner's own charts (breakdown, rank, batch, sequence; default llama-3-8b)")
-
 
 def run_calibrate_command(args: Any) -> int:
     from lora_planner.report.calibrate import calibrate_command

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import json
-import tempfile
 from pathlib import Path
 
 from tests.report.synthetic import biased_records

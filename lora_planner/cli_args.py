@@ -1,0 +1,215 @@
+"""Every subcommand's options, in one light module: building the parser (and `--help`) imports none of the
+subcommands' machinery, so `lora-plan --model llama-7b` loads only what the estimate needs.
+
+Option values are checked by `lora_planner.cli_types` (a test requires it of every option); the shared
+defaults come from `lora_planner.defaults`; `lora_planner.cli` dispatches to each subcommand's runner.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from lora_planner import __version__
+from lora_planner.catalog import model_names
+from lora_planner.cli_options import add_budget_arguments, add_overhead_arguments, add_seq_len_argument
+from lora_planner.cli_types import (
+    MAX_SEED, MAX_STEPS, MAX_THREADS, MAX_TRAIN_TOKENS, Number, Text, count, fraction, option_error, positive_number,
+)
+from lora_planner.defaults import DEFAULT_BATCH_SIZE, DEFAULT_GLOBAL_BATCH, DEFAULT_MODEL, DEFAULT_R
+from lora_planner.errors import PlannerInputError
+from lora_planner.specs import (
+    ATTENTIONS, DEVICES, DTYPES, FAMILIES, MAX_BATCH_SIZE, MAX_GLOBAL_BATCH, MAX_GPUS, MAX_R, OPTIMIZER_IMPLS,
+    OPTIMIZERS, STRATEGIES,
+)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse prints usage + error on two or more lines; we want one line naming the option and exit code 2.
+    Option names must be typed whole (`--mod` is not `--model`): abbreviations are how a typo silently sets
+    another option."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        parsed = option_error(message)
+        if parsed is None:
+            raise PlannerInputError("arguments", message, f"see `{self.prog} --help`")
+        field, problem, fix = parsed
+        raise PlannerInputError(field, problem, fix or f"see `{self.prog} --help`")
+
+
+def add_planner_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", type=Text("model", "--model llama-3.1-8b"), default=DEFAULT_MODEL,
+                   help=f"catalog name ({', '.join(model_names())}), a Hugging Face repo id of one of them, "
+                        f"or a path to a config.json (default: {DEFAULT_MODEL})")
+    p.add_argument("--method", type=Text("method", "--method full,lora"), default="full,lora,qlora", help="comma list of full, lora, qlora (default: all)")
+    p.add_argument("--r", type=count("r", "--r 8", MAX_R), default=DEFAULT_R, help=f"LoRA rank (default {DEFAULT_R}, PEFT's)")
+    p.add_argument("--alpha", type=positive_number("alpha", "--alpha 16"), default=None, help="LoRA alpha (default 2r)")
+    p.add_argument("--target", type=Text("target", "--target q_proj,v_proj"), default=None,
+                   help="LoRA target modules, comma list of PEFT names, or all-linear "
+                        "(default: PEFT's default for the family, e.g. q_proj,v_proj)")
+    p.add_argument("--adapter-dtype", choices=("fp32", "base"), default="fp32",
+                   help="LoRA weights in fp32 (PEFT's default) or in the base dtype")
+    p.add_argument("--layers-to-transform", type=Text("layers-to-transform", "--layers-to-transform 0-3"),
+                   default=None,
+                   help="PEFT's layers_to_transform: adapt the targets only in these layers, e.g. 0,1,2 or 24-31")
+    p.add_argument("--no-kbit-prep", dest="kbit_prep", action="store_false",
+                   help="QLoRA without PEFT's prepare_model_for_kbit_training (which TRL and most recipes "
+                        "call, casting embeddings, norms and lm_head to fp32)")
+    p.add_argument("--dtype", type=Text("dtype", "--dtype bf16"), default=None,
+                   help=f"weight dtype: {'|'.join(DTYPES)}, or bfloat16|float16|float32 (default bf16; fp32 with --amp)")
+    p.add_argument("--amp", type=Text("amp", "--amp bf16"), default=None, help="autocast mixed precision: bf16|fp16 or bfloat16|float16 "
+                                               "(fp32 master weights)")
+    p.add_argument("--optimizer", type=Text("optimizer", "--optimizer adamw"), default="adamw",
+                   help=f"{'|'.join(OPTIMIZERS)}, or any Hugging Face TrainingArguments optim name (adamw_torch, "
+                        "adamw_torch_fused, adamw_8bit, paged_adamw_32bit, lion_8bit, adafactor, sgd, ...; the ones "
+                        "not modelled are refused with the reason) (default adamw, fused: the Trainer's default "
+                        "adamw_torch_fused)")
+    p.add_argument("--optimizer-impl", type=Text("optimizer-impl", "--optimizer-impl fused"), default=None,
+                   help=f"{'|'.join(OPTIMIZER_IMPLS)} (default: fused for adamw, as the Hugging Face Trainer's "
+                        "adamw_torch_fused on torch >= 2.8; PyTorch's for the other torch optimizers: foreach on "
+                        "cuda, for-loop on cpu)")
+    p.add_argument("--batch-size", type=count("batch-size", "--batch-size 4", MAX_BATCH_SIZE),
+                   default=DEFAULT_BATCH_SIZE,
+                   help=f"micro-batch size (default {DEFAULT_BATCH_SIZE})")
+    add_seq_len_argument(p)
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute layers in backward")
+    p.add_argument("--attention", type=Text("attention", "--attention sdpa"), default="sdpa",
+                   help=f"{'|'.join(ATTENTIONS)}, transformers' attn_implementation (default sdpa, transformers' "
+                        "default; flash_attention_2 is refused until its kernel is modelled)")
+    p.add_argument("--device", type=Text("device", "--device cuda"), default="cuda", help=f"{'|'.join(DEVICES)} (default cuda)")
+    p.add_argument("--gpus", type=count("gpus", "--gpus 8", MAX_GPUS), default=1, help="data-parallel GPUs; --batch-size is per GPU (default 1)")
+    p.add_argument("--strategy", type=Text("strategy", "--strategy fsdp"), default=None,
+                   help=f"how GPUs share model states, one engine each: {'|'.join(STRATEGIES)}; zero1|zero2|zero3 "
+                        "are DeepSpeed's stages (deepspeed-zeroN), fsdp is FSDP2 FULL_SHARD, fsdp-grad-op SHARD_GRAD_OP, "
+                        "ddp-zero1 DDP + ZeroRedundancyOptimizer (default with --gpus: ddp)")
+    add_budget_arguments(p)
+    add_overhead_arguments(p)
+    p.add_argument("--mfu", type=fraction("mfu", "--mfu 0.4", zero=False, one=True), default=0.4,
+                   help="model-FLOPs utilisation assumed for step times (default 0.4)")
+    p.add_argument("--train-tokens", type=Number("train-tokens", 1, MAX_TRAIN_TOKENS, "--train-tokens 1e9"),
+                   default=None, help="also show the time to train on this many tokens, e.g. 1e9")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="lora-plan", description="Will a full / LoRA / QLoRA fine-tune fit, and why.")
+    parser.add_argument("--version", action="version", version=f"lora-plan {__version__}")
+    sub = parser.add_subparsers(dest="command", parser_class=OneLineParser)
+    estimate = sub.add_parser("estimate", help="predict the peak memory of one training step (default)")
+    add_planner_options(estimate)
+    estimate.add_argument("--json", action="store_true", help="print the plan as JSON")
+    estimate.add_argument("--detail", action="store_true", help="also show every phase of each method")
+    estimate.add_argument("--calibration", type=Text("calibration", "--calibration calib.json"), default=None,
+                          help="apply a calib.json from `lora-plan calibrate` (default: the uncalibrated planner)")
+
+    profile = sub.add_parser("profile", help="run real training steps (full vs LoRA) and compare with the prediction")
+    add_planner_options(profile)
+    profile.set_defaults(method="full,lora")
+    profile.add_argument("--backend", type=Text("backend", "--backend hf"), default="hf", help="hf (transformers + peft, default) or builtin")
+    profile.add_argument("--mode", type=Text("mode", "--mode cpu"), default="auto",
+                         help="auto (cuda if present, else cpu for small models, else fake), cuda, cpu or fake")
+    profile.add_argument("--steps", type=count("steps", "--steps 3", MAX_STEPS), default=3, help="measured steps per run (default 3; step 1 creates "
+                                                               "the optimizer state)")
+    profile.add_argument("--out", type=Text("out", "--out runs.jsonl"), default="runs.jsonl", help="JSONL file the records are appended to")
+    profile.add_argument("--resume", action="store_true", help="skip runs already recorded in --out")
+    profile.add_argument("--json", action="store_true", help="print the records as JSON")
+    profile.add_argument("--threads", type=count("threads", "--threads 1", MAX_THREADS), default=None,
+                         help="torch CPU threads (default: torch's); 1 is steadier and often faster on a busy machine")
+
+    recommend = sub.add_parser("recommend", help="choose method, rank, alpha, micro-batch and checkpointing for a GPU")
+    add_recommend_arguments(recommend)
+    add_sweep_arguments(sub.add_parser("sweep", help="run a TOML grid of profile runs into a JSONL file (resumable)"))
+    add_calibrate_arguments(sub.add_parser("calibrate", help="fit the planner's free constants to measured runs"))
+    add_report_arguments(sub.add_parser("report", help="charts and a Markdown report from profile records"))
+    add_models_arguments(sub.add_parser("models", help="list the model catalog (sizes, context, repo ids)"))
+    return parser
+
+
+def add_recommend_arguments(p: argparse.ArgumentParser) -> None:
+    """The `recommend` subcommand's options (registered by `lora_planner.cli`)."""
+    p.add_argument("--model", type=Text("model", "--model llama-3.1-8b"), required=True,
+                   help=f"catalog name ({', '.join(model_names())}), a Hugging Face repo id of one of them, "
+                        "or a path to a config.json")
+    add_budget_arguments(p)  # --gpu and / or --gpu-mem (one is required), --headroom
+    p.add_argument("--gpus", type=count("gpus", "--gpus 8", MAX_GPUS), default=1, help="data-parallel GPUs (default 1)")
+    p.add_argument("--strategy", type=Text("strategy", "--strategy fsdp"), default=None,
+                   help=f"{', '.join(STRATEGIES)} (zero1|zero2|zero3: DeepSpeed's stages) (default with --gpus: "
+                        "the first of ddp, ddp-zero1, fsdp that gives the best configuration)")
+    add_seq_len_argument(p)
+    p.add_argument("--global-batch", type=count("global-batch", "--global-batch 32", MAX_GLOBAL_BATCH),
+                   default=DEFAULT_GLOBAL_BATCH,
+                   help="sequences per optimizer step = micro-batch x GPUs x accumulation steps "
+                        f"(default {DEFAULT_GLOBAL_BATCH})")
+    p.add_argument("--methods", "--method", dest="methods", type=Text("methods", "--methods lora,qlora"), default=None,
+                   help="allowed methods, comma list of full, lora, qlora (default: all that apply)")
+    p.add_argument("--target", type=Text("target", "--target q_proj,v_proj"), default=None,
+                   help="LoRA target modules, comma list of PEFT names, or all-linear "
+                        "(default: PEFT's default for the family, e.g. q_proj,v_proj)")
+    rank = p.add_mutually_exclusive_group()
+    rank.add_argument("--r", type=count("r", "--r 8", MAX_R), default=None, help=f"LoRA rank (default {DEFAULT_R}, lower only if needed)")
+    rank.add_argument("--trainable-fraction", type=fraction("trainable-fraction", "--trainable-fraction 0.05",
+                                                            zero=False, one=False), default=None,
+                      help="choose r so that the adapters train this fraction of the model, e.g. 0.05")
+    p.add_argument("--alpha", type=positive_number("alpha", "--alpha 16"), default=None, help="LoRA alpha (default 2r)")
+    p.add_argument("--adapter-dtype", choices=("fp32", "base"), default="fp32",
+                   help="LoRA weights in fp32 (PEFT's default) or in the base dtype")
+    p.add_argument("--calibration", type=Text("calibration", "--calibration calib.json"), default=None,
+                   help="a calib.json from `lora-plan calibrate`: every prediction of the search applies it")
+    p.add_argument("--min-micro-batch", type=count("min-micro-batch", "--min-micro-batch 4", MAX_BATCH_SIZE),
+                   default=1,
+                   help="smallest micro-batch to accept; checkpointing is turned on only if it does not fit "
+                        "without (default 1)")
+    p.add_argument("--dtype", type=Text("dtype", "--dtype bf16"), default=None, help=f"weight dtype: {'|'.join(DTYPES)} (default bf16; fp32 with --amp)")
+    p.add_argument("--amp", type=Text("amp", "--amp bf16"), default=None, help="autocast mixed precision: bf16|fp16 (fp32 master weights)")
+    p.add_argument("--optimizer", type=Text("optimizer", "--optimizer adamw"), default="adamw", help=f"{'|'.join(OPTIMIZERS)} (default adamw)")
+    p.add_argument("--optimizer-impl", type=Text("optimizer-impl", "--optimizer-impl fused"), default=None,
+                   help=f"{'|'.join(OPTIMIZER_IMPLS)} (default: PyTorch's, foreach on cuda, for-loop on cpu)")
+    p.add_argument("--attention", type=Text("attention", "--attention sdpa"), default="sdpa", help=f"{'|'.join(ATTENTIONS)} (default sdpa)")
+    p.add_argument("--device", type=Text("device", "--device cuda"), default="cuda", help=f"{'|'.join(DEVICES)} (default cuda)")
+    add_overhead_arguments(p)
+    p.add_argument("--verify", action="store_true",
+                   help="replay the recommended step and the next micro-batch under fake tensors (needs torch)")
+    p.add_argument("--json", action="store_true", help="print the recommendation as JSON")
+
+
+def add_sweep_arguments(p: Any) -> None:
+    """The `lora-plan sweep` subcommand's arguments (an argparse parser)."""
+    p.add_argument("grid", type=Text("grid", "experiments/grids/cpu_validation.toml"), help="TOML grid file (see experiments/grids/ and the lora_planner.sweep docstring)")
+    p.add_argument("--out", type=Text("out", "--out runs.jsonl"), required=True, help="JSONL file each record is appended to as its run finishes")
+    p.add_argument("--resume", action="store_true", help="skip runs whose key is already in --out")
+    p.add_argument("--limit", type=count("limit", "--limit 10"), default=None, help="run at most N of the remaining runs")
+    p.add_argument("--dry-run", action="store_true", help="list the grid's runs without running them")
+    p.add_argument("--threads", type=count("threads", "--threads 1", MAX_THREADS), default=None,
+                   help="torch CPU threads (default: torch's); 1 gives steadier step times on a shared machine")
+
+
+def add_calibrate_arguments(p: Any) -> None:
+    """`lora-plan calibrate` arguments (an argparse parser)."""
+    p.add_argument("--runs", action="append", type=Text("runs", "--runs runs.jsonl"), required=True,
+                   help="JSONL profile records (repeatable)")
+    p.add_argument("--out", type=Text("out", "--out calib.json"), required=True,
+                   help="calibration file to write, e.g. calib.json")
+    p.add_argument("--holdout", type=fraction("holdout", "--holdout 0.3", zero=True, one=False), default=0.3,
+                   help="fraction of each family/method's measured runs held out to check its factor (default 0.3); "
+                        "a factor is applied only when it lowers their error, and nothing is written when no run "
+                        "can be held out or nothing is applied")
+    p.add_argument("--seed", type=count("seed", "--seed 0", MAX_SEED, low=0), default=0, help="seed of the held-out split (default 0)")
+
+
+def add_report_arguments(p: Any) -> None:
+    """`lora-plan report` arguments (an argparse parser)."""
+    p.add_argument("--runs", action="append", type=Text("runs", "--runs runs.jsonl"), required=True,
+                   help="JSONL profile records (repeatable)")
+    p.add_argument("--out", type=Text("out", "--out reports/cpu"), required=True,
+                   help="folder for report.md and its PNG charts")
+    p.add_argument("--model", type=Text("model", "--model llama-3-8b"), default="llama-3-8b",
+                   help="model of the planner's own charts (breakdown, rank, batch, sequence; default llama-3-8b)")
+
+
+def add_models_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print the catalog as JSON")
+    p.add_argument("--family", type=Text("family", "--family llama"), default=None,
+                   help=f"only this family: {', '.join(FAMILIES)}")
