@@ -12,7 +12,8 @@ from lora_planner.catalog import resolve_model
 from lora_planner.config_reader import spec_from_config
 from lora_planner.errors import PlannerInputError
 from lora_planner.memory import estimate_memory
-from lora_planner.parallel import DeepSpeedZeroConfig, deepspeed
+from lora_planner.parallel import deepspeed
+from lora_planner.parallel.deepspeed import DeepSpeedZeroConfig
 from lora_planner.specs import LoraSpec, TrainingSpec
 
 TINY = spec_from_config({"model_type": "llama", "vocab_size": 1000, "hidden_size": 64, "intermediate_size": 176,

@@ -23,18 +23,19 @@ The old names `zero1`, `zero2`, `zero3` are aliases of the DeepSpeed stages (ZeR
 
 from __future__ import annotations
 
+from importlib import import_module
+
 from lora_planner.step import PhaseMemory, StepComponents
-from lora_planner.parallel import ddp, deepspeed, fsdp
-from lora_planner.parallel.deepspeed import DeepSpeedZeroConfig
 from lora_planner.specs import ModelSpec, TrainingSpec
 
-__all__ = ["DeepSpeedZeroConfig", "sharded_phases"]
+__all__ = ["ENGINES", "sharded_phases"]
 
-ENGINES = {"ddp": ddp.phases, "ddp-zero1": ddp.phases, "fsdp": fsdp.phases, "fsdp-grad-op": fsdp.phases,
-           "deepspeed-zero1": deepspeed.phases, "deepspeed-zero2": deepspeed.phases,
-           "deepspeed-zero3": deepspeed.phases}
+# strategy -> the module of its engine (imported on first use: one GPU needs none of them)
+ENGINES = {"ddp": "ddp", "ddp-zero1": "ddp", "fsdp": "fsdp", "fsdp-grad-op": "fsdp",
+           "deepspeed-zero1": "deepspeed", "deepspeed-zero2": "deepspeed", "deepspeed-zero3": "deepspeed"}
 
 
 def sharded_phases(spec: ModelSpec, training: TrainingSpec, c: StepComponents) -> tuple[PhaseMemory, ...]:
     """The phases of one rank under `training.resolved_strategy`, from the single-GPU components `c`."""
-    return ENGINES[training.resolved_strategy](spec, training, c)
+    engine = import_module(f"lora_planner.parallel.{ENGINES[training.resolved_strategy]}")
+    return engine.phases(spec, training, c)
