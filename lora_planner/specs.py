@@ -18,7 +18,8 @@ from lora_planner.names import (
     default_optimizer_impl, optimizer_impls, resolve_attention, resolve_dtype, resolve_optimizer,
 )
 
-Family = Literal["llama", "mistral", "qwen2", "gemma", "phi", "gpt2", "bloom"]
+Family = Literal["llama", "mistral", "qwen2", "gemma", "phi", "gpt2", "bloom", "gpt_neox", "granite", "phi3",
+                 "starcoder2", "qwen3", "olmo2"]
 Dtype = Literal["fp32", "bf16", "fp16"]
 Method = Literal["full", "lora", "qlora"]
 # The planner's optimizer names, one per state layout (`lora_planner.names.PLANNER_OPTIMIZERS` says what
@@ -129,6 +130,7 @@ class ModelSpec:
     embedding_dropout: float = 0.0  # GPT-2: 0.1
     attention_dropout: float = 0.0
     sliding_window: int | None = None  # Mistral: attention sees this many past tokens (None: all)
+    parallel_residual: bool = False  # gpt_neox `use_parallel_residual`: x + attn(ln1(x)) + mlp(ln2(x))
 
     def __post_init__(self) -> None:
         check_choice("model_type", self.family, FAMILIES)
@@ -153,7 +155,7 @@ class ModelSpec:
         if self.sliding_window is not None:
             check_positive_int("sliding_window", self.sliding_window)
         for name in ("tie_word_embeddings", "attention_bias", "attention_out_bias", "mlp_bias", "lm_head_bias",
-                     "qk_layernorm"):
+                     "qk_layernorm", "parallel_residual"):
             if not isinstance(getattr(self, name), bool):
                 raise PlannerInputError(name, f"must be true or false, got {getattr(self, name)!r}",
                                         "use a bool")

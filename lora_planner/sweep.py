@@ -191,7 +191,10 @@ def _load_models(where: str, table: Any, base_dir: Path) -> dict[str, tuple[Mode
             entry = {"catalog": entry}
         if not isinstance(entry, dict) or len(set(entry) & {"catalog", "config", "path"}) != 1 or \
                 set(entry) - {"catalog", "config", "path"}:
-            raise _err(at, "needs exactly one of catalog = NAME, config = {...} or path = FILE",
+            dotted = isinstance(entry, dict) and entry and not set(entry) & {"catalog", "config", "path"}
+            raise _err(at, "needs exactly one of catalog = NAME, config = {...} or path = FILE"
+                           + (" (TOML reads dots in a bare key as nested tables)" if dotted else ""),
+                       'quote a label with dots, "granite-3.3-8b" = "granite-3.3-8b-instruct"' if dotted else
                        'write e.g. catalog = "gpt2" or config = { model_type = "llama", ... }')
         for key in ("catalog", "path"):
             if key in entry and (not isinstance(entry[key], str) or not entry[key].strip()):

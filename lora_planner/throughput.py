@@ -124,8 +124,10 @@ def _last_linear_path(spec: ModelSpec) -> str:
 def _recompute_skipped(spec: ModelSpec, training: TrainingSpec, n_adapted: int) -> int:
     """Non-reentrant checkpointing stops recomputing at the layer's last saved tensor, and an op saves
     its inputs before it computes: so each layer's last matmul (lora_B's, in the `n_adapted` layers where
-    that linear is adapted) is never re-run, unless a dropout after it saves a mask (GPT-2, Phi-2)."""
-    if spec.dropout > 0 and family_rules(spec.family).residual_dropout:
+    that linear is adapted) is never re-run, unless a dropout after it saves a mask (GPT-2, Phi-2) or another op
+    after it saves tensors (OLMo 2's post_feedforward_layernorm, `Family.saves_after_last_linear`)."""
+    family = family_rules(spec.family)
+    if family.saves_after_last_linear or (spec.dropout > 0 and family.residual_dropout):
         return 0
     m = next(m for m in module_inventory(spec) if m.path == _last_linear_path(spec))
     lora_b = 2 * training.tokens * training.lora.r * m.out_features

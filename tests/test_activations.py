@@ -57,6 +57,38 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "gpt2": {"model_type": "gpt2", "vocab_size": V, "n_embd": 64, "n_inner": 176, "n_layer": NUM_LAYERS,
              "n_head": 4, "n_positions": 128},
     "bloom": {"model_type": "bloom", "vocab_size": V, "hidden_size": 64, "n_layer": NUM_LAYERS, "n_head": 4},
+    # gpt_neox: Pythia's defaults (parallel residual, rotary_pct 0.25, no dropout); the sequential block with
+    # hidden / attention dropout and no attention biases
+    "gpt_neox": {"model_type": "gpt_neox", "vocab_size": V, "hidden_size": 64, "intermediate_size": 176,
+                 "num_hidden_layers": NUM_LAYERS, "num_attention_heads": 4, "max_position_embeddings": 128},
+    "gpt_neox_seq": {"model_type": "gpt_neox", "vocab_size": V, "hidden_size": 64, "intermediate_size": 176,
+                     "num_hidden_layers": NUM_LAYERS, "num_attention_heads": 4, "max_position_embeddings": 128,
+                     "use_parallel_residual": False, "attention_bias": False, "hidden_dropout": 0.1,
+                     "rotary_pct": 0.5},
+    "gpt_neox_drop": {"model_type": "gpt_neox", "vocab_size": V, "hidden_size": 64, "intermediate_size": 176,
+                      "num_hidden_layers": NUM_LAYERS, "num_attention_heads": 4, "max_position_embeddings": 128,
+                      "hidden_dropout": 0.1, "attention_dropout": 0.1},
+    # granite: Granite 3.x's multipliers, tied embeddings, GQA
+    "granite": {"model_type": "granite", **_LLAMA_LIKE, "embedding_multiplier": 12.0, "logits_scaling": 8.0,
+                "residual_multiplier": 0.22, "attention_multiplier": 0.015625, "tie_word_embeddings": True},
+    # phi3: fused qkv_proj / gate_up_proj, Phi-4-mini's partial rotary (0.75), residual dropout; pad_token_id
+    # null (Phi3Config's 32000 is outside the tiny vocabulary)
+    "phi3": {"model_type": "phi3", **_LLAMA_LIKE, "partial_rotary_factor": 0.75, "resid_pdrop": 0.1,
+             "pad_token_id": None},
+    "phi3_mha": {"model_type": "phi3", **_LLAMA_LIKE, "num_key_value_heads": 4, "pad_token_id": None},
+    # starcoder2: the released models' 0.1 dropouts (embeddings, residual, attention), biases, LayerNorm
+    "starcoder2": {"model_type": "starcoder2", **_LLAMA_LIKE, "residual_dropout": 0.1, "embedding_dropout": 0.1,
+                   "attention_dropout": 0.1},
+    "starcoder2_nodrop": {"model_type": "starcoder2", **_LLAMA_LIKE},
+    # qwen3: q / k RMSNorm per head; the wide variant has heads x head_dim above hidden (as Qwen3-0.6B: 16 x 128 >
+    # 1024), biases on q / k / v / o and tied embeddings
+    "qwen3": {"model_type": "qwen3", **_LLAMA_LIKE},
+    "qwen3_wide": {"model_type": "qwen3", **_LLAMA_LIKE, "head_dim": 32, "attention_bias": True,
+                   "tie_word_embeddings": True},
+    # olmo2: post-norms, q / k RMSNorm over the full widths; olmo2_mha: no GQA, biased attention
+    "olmo2": {"model_type": "olmo2", **_LLAMA_LIKE},
+    "olmo2_mha": {"model_type": "olmo2", **{k: v for k, v in _LLAMA_LIKE.items() if k != "head_dim"},
+                  "num_key_value_heads": 4, "attention_bias": True},
 }
 
 # Planner model-level items that non-reentrant checkpointing keeps alive through the closure over the
@@ -186,7 +218,7 @@ def quantized_model(model: torch.nn.Module, case: Case, tmp_dir: str | None) -> 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    inner = getattr(base, "model", None) or base.transformer
+    inner = getattr(base, "model", None) or getattr(base, "gpt_neox", None) or base.transformer
     return inner.layers if hasattr(inner, "layers") else inner.h
 
 
@@ -321,6 +353,80 @@ CASES = [
     Case("bloom", "bf16", "lora", "eager"),
     Case("bloom", "amp", "full", "eager"),
     Case("bloom", "fp32", "lora_all", "eager", gc=True),
+    # gpt_neox: fused interleaved query_key_value (v a view of it), partial rotary, parallel residual
+    Case("gpt_neox", "bf16", "full"),
+    Case("gpt_neox", "bf16", "lora"),
+    Case("gpt_neox", "fp32", "lora_all"),
+    Case("gpt_neox", "amp", "lora_all"),
+    Case("gpt_neox", "bf16", "full", "eager"),
+    Case("gpt_neox", "amp", "lora", "eager"),
+    Case("gpt_neox", "bf16", "lora", gc=True),
+    Case("gpt_neox", "bf16", "full", gc=True),
+    Case("gpt_neox_seq", "bf16", "full"),
+    Case("gpt_neox_seq", "bf16", "lora"),
+    Case("gpt_neox_seq", "fp32", "lora_all", "eager"),
+    Case("gpt_neox_seq", "bf16", "lora", gc=True),
+    Case("gpt_neox_drop", "bf16", "full", "eager"),
+    Case("gpt_neox_drop", "bf16", "lora_all", "eager"),
+    # granite: the Llama layer with scalar multipliers; PEFT has no default: q_proj, v_proj
+    Case("granite", "bf16", "full"),
+    Case("granite", "bf16", "lora", targets=("q_proj", "v_proj")),
+    Case("granite", "fp32", "lora_all"),
+    Case("granite", "amp", "lora", targets=("q_proj", "v_proj")),
+    Case("granite", "bf16", "full", "eager"),
+    Case("granite", "bf16", "lora", gc=True, targets=("q_proj", "v_proj")),
+    Case("granite", "amp", "lora_all", "eager", gc=True),
+    # phi3: fused qkv_proj (q, k, v views) and gate_up_proj (chunked); PEFT has no default: the fused qkv_proj
+    Case("phi3", "bf16", "full"),
+    Case("phi3", "bf16", "lora", targets=("qkv_proj",)),
+    Case("phi3", "bf16", "lora_all"),
+    Case("phi3", "amp", "lora_all"),
+    Case("phi3", "fp32", "full", "eager"),
+    Case("phi3", "bf16", "lora", "eager", targets=("qkv_proj",)),
+    Case("phi3_mha", "bf16", "full", "eager"),
+    Case("phi3_mha", "bf16", "lora", targets=("qkv_proj",)),
+    Case("phi3", "bf16", "lora", gc=True, targets=("qkv_proj",)),
+    Case("phi3", "amp", "full", gc=True),
+    # starcoder2: LayerNorm, biased q/k/v/o, c_fc -> gelu_pytorch_tanh -> c_proj; PEFT has no default: q, v
+    Case("starcoder2", "bf16", "full"),
+    Case("starcoder2", "bf16", "lora", targets=("q_proj", "v_proj")),
+    Case("starcoder2", "fp32", "lora_all"),
+    Case("starcoder2", "amp", "lora", targets=("q_proj", "v_proj")),
+    Case("starcoder2", "bf16", "full", "eager"),
+    Case("starcoder2", "fp32", "lora_all", "eager"),
+    Case("starcoder2_nodrop", "bf16", "full"),
+    Case("starcoder2_nodrop", "bf16", "lora", targets=("q_proj", "v_proj")),
+    Case("starcoder2", "bf16", "lora", gc=True, targets=("q_proj", "v_proj")),
+    Case("starcoder2_nodrop", "bf16", "full", "eager", gc=True),
+    # qwen3: Llama's layer + per-head q / k RMSNorm (PEFT default q_proj, v_proj)
+    Case("qwen3", "bf16", "full"),
+    Case("qwen3", "bf16", "lora"),
+    Case("qwen3", "bf16", "lora_all"),
+    Case("qwen3", "fp32", "lora_all"),
+    Case("qwen3", "amp", "lora_all"),
+    Case("qwen3", "amp", "full"),
+    Case("qwen3", "bf16", "full", "eager"),
+    Case("qwen3", "fp32", "lora", "eager"),
+    Case("qwen3", "bf16", "lora", targets=("k_proj",)),
+    Case("qwen3_wide", "bf16", "full"),
+    Case("qwen3_wide", "bf16", "lora"),
+    Case("qwen3", "bf16", "lora", gc=True),
+    Case("qwen3", "bf16", "full", "eager", gc=True),
+    # olmo2: post-norms (fp32 product), q / k RMSNorm over the whole widths; PEFT has no default: q_proj, v_proj
+    Case("olmo2", "bf16", "full"),
+    Case("olmo2", "bf16", "lora", targets=("q_proj", "v_proj")),
+    Case("olmo2", "bf16", "lora_all"),
+    Case("olmo2", "fp32", "full"),
+    Case("olmo2", "fp32", "lora_all"),
+    Case("olmo2", "amp", "lora_all"),
+    Case("olmo2", "amp", "full"),
+    Case("olmo2", "bf16", "full", "eager"),
+    Case("olmo2", "amp", "lora", "eager", targets=("q_proj", "v_proj")),
+    Case("olmo2", "bf16", "lora", targets=("o_proj", "down_proj")),
+    Case("olmo2_mha", "bf16", "full"),
+    Case("olmo2_mha", "bf16", "lora", targets=("q_proj", "v_proj")),
+    Case("olmo2", "bf16", "lora", gc=True, targets=("q_proj", "v_proj")),
+    Case("olmo2", "bf16", "full", gc=True),
 ]
 
 
@@ -359,7 +465,7 @@ def _closure_name(case: Case, dtype: str, shape: tuple[int, ...]) -> str:
     """The planner item a closure-kept storage belongs to, recognised by its shape."""
     if dtype == "int64" and shape == (S,):
         return "checkpoint.position_ids"  # the layers' `position_ids` kwarg
-    if case.family == "gpt2" and shape == (B, S, 64):
+    if case.family in ("gpt2", "granite", "gpt_neox_drop", "starcoder2") and shape == (B, S, 64):
         return "embeddings.output"  # made a graph input by enable_input_require_grads
     if shape == (B, 1, S, S):
         return "checkpoint.attention_mask"
@@ -383,6 +489,15 @@ CLOSURE_CASES = [
     # it, so only GPT-2 (wte + wpe, then dropout) holds it on top.
     Case("gpt2", "bf16", "lora", "eager", gc=True),
     Case("bloom", "bf16", "full", "eager", gc=True),
+    # The same leaf behind Granite's embedding_multiplier and GPT-NeoX's embedding dropout (none without dropout).
+    Case("gpt_neox", "bf16", "lora", gc=True),
+    Case("gpt_neox_drop", "bf16", "lora", "eager", gc=True),
+    Case("granite", "bf16", "lora", gc=True, targets=("q_proj", "v_proj")),
+    Case("granite", "bf16", "full", gc=True),
+    Case("qwen3", "bf16", "lora", gc=True),
+    Case("olmo2", "bf16", "full", "eager", gc=True),  # OLMo 2's cos / sin stay fp32
+    Case("starcoder2", "bf16", "lora", gc=True, targets=("q_proj", "v_proj")),  # its embedding dropout: the leaf too
+    Case("phi3", "bf16", "full", "eager", gc=True),
 ]
 
 
@@ -419,6 +534,8 @@ LAYER_CASES = [
     Case("llama", "bf16", "lora", layers=(2,), gc=True),
     Case("gpt2", "bf16", "lora", targets=("h.2.attn.c_attn",)),
     Case("phi", "bf16", "lora", layers=(1,), targets=("dense", "fc1", "fc2")),
+    Case("qwen3", "bf16", "lora", targets=("layers.1.self_attn.k_proj",)),
+    Case("olmo2", "bf16", "lora", layers=(1, 2), targets=("v_proj", "o_proj")),
 ]
 
 
@@ -451,6 +568,10 @@ QLORA_CASES = [
     Case("llama", "bf16", "lora", quantized=True, gc=True),
     Case("qwen2", "bf16", "lora_all", quantized=True, kbit_prep=False),
     Case("gemma", "bf16", "lora", quantized=True),
+    Case("phi3", "bf16", "lora", quantized=True, targets=("qkv_proj",)),
+    Case("qwen3", "bf16", "lora_all", quantized=True),
+    Case("olmo2", "bf16", "lora", quantized=True, targets=("q_proj", "v_proj")),
+    Case("olmo2", "bf16", "lora_all", quantized=True, kbit_prep=False),
 ]
 
 

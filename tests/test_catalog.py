@@ -142,12 +142,17 @@ def test_pending_entries_are_not_registered():
     """Families without rules yet stay out of the catalog (and out of the names that resolve)."""
     assert not set(PENDING_MODEL_CONFIGS) & set(MODEL_CONFIGS)
     assert {c["model_type"] for _, c in PENDING_MODEL_CONFIGS.values()}.isdisjoint(FAMILIES)
-    with pytest.raises(PlannerInputError):
-        resolve_model("qwen3-0.6b")
+    for name, (_, config) in PENDING_MODEL_CONFIGS.items():
+        with pytest.raises(PlannerInputError):
+            resolve_model(name)
 
 
 @pytest.mark.parametrize(("repo_id", "name"), [
     ("meta-llama/Llama-3.1-70B-Instruct", "llama-3.1-70b"),
+    ("Qwen/Qwen3-8B", "qwen3-8b"),
+    ("qwen/qwen3-0.6b", "qwen3-0.6b"),
+    ("allenai/OLMo-2-1124-7B-Instruct", "olmo2-7b"),
+    ("allenai/OLMo-2-1124-13B", "olmo2-13b"),
     ("meta-llama/Meta-Llama-3.1-405B-Instruct", "llama-3.1-405b"),
     ("Qwen/Qwen2.5-7B-Instruct", "qwen2.5-7b"),
     ("qwen/qwen2.5-3b-instruct", "qwen2.5-3b"),

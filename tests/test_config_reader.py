@@ -226,6 +226,9 @@ def _edited(name, **edits):
 
 
 FAMILY_DEFAULT_CASES = {
+    "qwen3-untied": _edited("qwen3-0.6b", tie_word_embeddings=False),
+    "qwen3-tie-default": _edited("qwen3-0.6b", tie_word_embeddings=dataclasses.MISSING),  # Qwen3Config: untied
+    "olmo2-kv-default": _edited("olmo2-7b", num_key_value_heads=dataclasses.MISSING),  # null: the heads
     "gemma-no-head-dim": _edited("gemma-7b", head_dim=dataclasses.MISSING),  # GemmaConfig: head_dim=256
     "gemma-untied": _edited("gemma-7b", tie_word_embeddings=False),
     "gemma-attention-bias": _edited("gemma-7b", attention_bias=True),  # q/k/v and o_proj
@@ -357,6 +360,33 @@ TINY = {
              "attn_pdrop": 0.1, "tie_word_embeddings": True},
     "bloom": {"model_type": "bloom", "vocab_size": 128, "hidden_size": 64, "n_layer": 2, "n_head": 4,
               "hidden_dropout": 0.0, "attention_dropout": 0.0, "tie_word_embeddings": True},
+    "gpt_neox": {"model_type": "gpt_neox", "vocab_size": 128, "hidden_size": 64, "intermediate_size": 96,
+                 "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 256, "rotary_pct": 0.25,
+                 "use_parallel_residual": True, "attention_bias": True, "hidden_dropout": 0.0,
+                 "attention_dropout": 0.0, "tie_word_embeddings": False, "hidden_act": "gelu"},
+    "granite": {"model_type": "granite", "vocab_size": 128, "hidden_size": 64, "intermediate_size": 96,
+                "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                "max_position_embeddings": 256, "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0,
+                "embedding_multiplier": 12.0, "logits_scaling": 8.0, "residual_multiplier": 0.22,
+                "attention_multiplier": 0.015625, "tie_word_embeddings": True, "hidden_act": "silu"},
+    "phi3": {"model_type": "phi3", "vocab_size": 128, "hidden_size": 64, "intermediate_size": 96,
+             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "partial_rotary_factor": 0.75,
+             "resid_pdrop": 0.1, "embd_pdrop": 0.0, "attention_dropout": 0.0, "max_position_embeddings": 256,
+             "sliding_window": 64, "tie_word_embeddings": False, "pad_token_id": 0, "hidden_act": "silu"},
+    "starcoder2": {"model_type": "starcoder2", "vocab_size": 128, "hidden_size": 64, "intermediate_size": 96,
+                   "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                   "max_position_embeddings": 256, "sliding_window": 64, "use_bias": True, "residual_dropout": 0.1,
+                   "embedding_dropout": 0.1, "attention_dropout": 0.1, "tie_word_embeddings": True,
+                   "hidden_act": "gelu_pytorch_tanh"},
+    "qwen3": {"model_type": "qwen3", "vocab_size": 128, "hidden_size": 64, "intermediate_size": 96,
+              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
+              "max_position_embeddings": 256, "attention_bias": False, "use_sliding_window": False,
+              "sliding_window": 64, "max_window_layers": 1, "tie_word_embeddings": True, "attention_dropout": 0.0,
+              "hidden_act": "silu"},
+    "olmo2": {"model_type": "olmo2", "vocab_size": 128, "hidden_size": 64, "intermediate_size": 96,
+              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "max_position_embeddings": 256, "attention_bias": False, "tie_word_embeddings": False,
+              "attention_dropout": 0.0, "hidden_act": "silu"},
 }
 # Keys a config.json may add that some family's class reads, ignores, or spells differently.
 EXTRA_KEYS = ("head_dim", "partial_rotary_factor", "num_key_value_heads", "n_positions", "max_position_embeddings",
@@ -489,6 +519,59 @@ AGREEING_CASES = [
     ("phi-tied-keeps-its-lm-head-bias", _mutated(TINY["phi"], tie_word_embeddings=True)),
     ("gpt2-n-inner-null", _mutated(TINY["gpt2"], n_inner=None)),
     ("mistral-window-null", _mutated(TINY["mistral"], sliding_window=None)),
+    ("gpt_neox-parallel-int", _mutated(TINY["gpt_neox"], use_parallel_residual=1)),
+    ("gpt_neox-attention-bias-null", _mutated(TINY["gpt_neox"], attention_bias=None)),
+    ("gpt_neox-hidden-not-multiple", _mutated(TINY["gpt_neox"], num_attention_heads=6)),
+    ("gpt_neox-hidden-dropout-above-one", _mutated(TINY["gpt_neox"], hidden_dropout=1.5)),
+    ("gpt_neox-kv-heads-ignored", _mutated(TINY["gpt_neox"], num_key_value_heads=2)),
+    ("gpt_neox-rope-parameters-factor", _mutated(TINY["gpt_neox"], rope_parameters={
+        "rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5})),
+    ("granite-multiplier-string", _mutated(TINY["granite"], logits_scaling="8")),
+    ("granite-multiplier-null", _mutated(TINY["granite"], residual_multiplier=None)),
+    ("granite-multiplier-int", _mutated(TINY["granite"], embedding_multiplier=12)),
+    ("granite-head-dim", _mutated(TINY["granite"], head_dim=32)),
+    ("granite-head-dim-null", _mutated(TINY["granite"], head_dim=None)),
+    ("granite-biases", _mutated(TINY["granite"], attention_bias=True, mlp_bias=True)),
+    ("phi3-pad-default-above-vocab", _mutated(TINY["phi3"], pad_token_id=dataclasses.MISSING)),
+    ("phi3-pad-null", _mutated(TINY["phi3"], pad_token_id=None)),
+    ("phi3-partial-rotary-default", _mutated(TINY["phi3"], partial_rotary_factor=dataclasses.MISSING)),
+    ("phi3-partial-rotary-null", _mutated(TINY["phi3"], partial_rotary_factor=None)),
+    ("phi3-head-dim", _mutated(TINY["phi3"], head_dim=24)),
+    ("phi3-head-dim-null", _mutated(TINY["phi3"], head_dim=None)),
+    ("phi3-biases-ignored", _mutated(TINY["phi3"], attention_bias=True, mlp_bias=True)),
+    ("phi3-resid-int", _mutated(TINY["phi3"], resid_pdrop=0)),
+    ("phi3-window-float", _mutated(TINY["phi3"], sliding_window=64.0)),
+    ("phi3-kv-null-means-heads", _mutated(TINY["phi3"], num_key_value_heads=None)),
+    ("phi4-mini-small", _catalog_small("phi-4-mini-instruct")),
+    ("starcoder2-no-bias", _mutated(TINY["starcoder2"], use_bias=False)),
+    ("starcoder2-bias-int", _mutated(TINY["starcoder2"], use_bias=1)),
+    ("starcoder2-head-dim", _mutated(TINY["starcoder2"], head_dim=24)),
+    ("starcoder2-head-dim-zero", _mutated(TINY["starcoder2"], head_dim=0)),
+    ("starcoder2-untied", _mutated(TINY["starcoder2"], tie_word_embeddings=False)),
+    ("starcoder2-tie-default", _mutated(TINY["starcoder2"], tie_word_embeddings=dataclasses.MISSING)),
+    ("starcoder2-kv-null", _mutated(TINY["starcoder2"], num_key_value_heads=None)),
+    ("starcoder2-15b-small", _catalog_small("starcoder2-15b")),
+    ("qwen3-0.6b-small", _catalog_small("qwen3-0.6b")),
+    ("qwen3-head-dim-default-128", _mutated(TINY["qwen3"], head_dim=dataclasses.MISSING)),  # not hidden // heads
+    ("qwen3-head-dim-null", _mutated(TINY["qwen3"], head_dim=None)),  # a plain int in Qwen3Config
+    ("qwen3-odd-head-dim", _mutated(TINY["qwen3"], head_dim=7)),
+    ("qwen3-hidden-not-multiple", _mutated(TINY["qwen3"], hidden_size=66)),
+    ("qwen3-attention-bias", _mutated(TINY["qwen3"], attention_bias=True)),  # q, k, v and o
+    ("qwen3-kv-null-means-heads", _mutated(TINY["qwen3"], num_key_value_heads=None)),
+    ("qwen3-window-used", _mutated(TINY["qwen3"], use_sliding_window=True)),
+    ("qwen3-max-window-layers-string", _mutated(TINY["qwen3"], max_window_layers="1")),
+    ("qwen3-layer-types", _mutated(TINY["qwen3"], use_sliding_window=True,
+                                   layer_types=["full_attention", "sliding_attention"])),
+    ("qwen3-layer-types-string", _mutated(TINY["qwen3"], layer_types="full_attention")),
+    ("qwen3-layer-types-too-few", _mutated(TINY["qwen3"], layer_types=["full_attention"])),
+    ("qwen3-dropout-int", _mutated(TINY["qwen3"], attention_dropout=0)),
+    ("olmo2-7b-small", _catalog_small("olmo2-7b")),
+    ("olmo2-head-dim", _mutated(TINY["olmo2"], head_dim=24)),  # undeclared, read with getattr
+    ("olmo2-head-dim-null", _mutated(TINY["olmo2"], head_dim=None)),
+    ("olmo2-hidden-not-multiple", _mutated(TINY["olmo2"], hidden_size=66)),
+    ("olmo2-attention-bias", _mutated(TINY["olmo2"], attention_bias=True)),
+    ("olmo2-kv-null-means-heads", _mutated(TINY["olmo2"], num_key_value_heads=None)),
+    ("olmo2-mlp-bias-ignored", _mutated(TINY["olmo2"], mlp_bias=True)),
 ]
 
 # (case id, config, key named): transformers builds these, the planner refuses them on purpose (see
@@ -510,7 +593,18 @@ STRICTER_CASES = [
     ("phi-partial-rotary-above-one", _mutated(TINY["phi"], partial_rotary_factor=1.5), "partial_rotary_factor"),
     ("phi-partial-rotary-zero", _mutated(TINY["phi"], partial_rotary_factor=0), "partial_rotary_factor"),
     ("phi-head-dim-bool", _mutated(TINY["phi"], head_dim=True), "head_dim"),
+    ("phi3-partial-rotary-above-one", _mutated(TINY["phi3"], partial_rotary_factor=1.5), "partial_rotary_factor"),
+    ("phi3-window-zero", _mutated(TINY["phi3"], sliding_window=0), "sliding_window"),
+    ("starcoder2-residual-dropout-nan", _mutated(TINY["starcoder2"], residual_dropout=NAN), "residual_dropout"),
+    ("starcoder2-embedding-dropout-above-one", _mutated(TINY["starcoder2"], embedding_dropout=1.5), "embedding_dropout"),
+    ("starcoder2-kv-default-2-of-3", _mutated(TINY["starcoder2"], num_attention_heads=3, hidden_size=66,
+                                              num_key_value_heads=dataclasses.MISSING), "num_key_value_heads"),
     ("mistral-window-zero", _mutated(TINY["mistral"], sliding_window=0), "sliding_window"),
+    ("gpt_neox-rotary-pct-above-one", _mutated(TINY["gpt_neox"], rotary_pct=2.0), "rotary_pct"),
+    ("gpt_neox-rotary-pct-bool", _mutated(TINY["gpt_neox"], rotary_pct=True), "rotary_pct"),
+    # Qwen3Config accepts any allowed layer type; Qwen3Model masks only full / sliding layers (KeyError in forward)
+    ("qwen3-layer-types-chunked", _mutated(TINY["qwen3"], layer_types=["full_attention", "chunked_attention"]),
+     "layer_types"),
     ("llama-act-prelu", _mutated(TINY["llama"], hidden_act="prelu"), "hidden_act"),
     ("llama-hidden-above-bound", _mutated(TINY["llama"], hidden_size=2**21, head_dim=16), "hidden_size"),
     ("qwen2-vocab-above-bound", _mutated(TINY["qwen2"], vocab_size=10**15), "vocab_size"),
@@ -557,9 +651,12 @@ def _stricter_on_purpose(family, key, value) -> bool:
         kv = TINY[family].get("num_key_value_heads")
         if key in ("num_attention_heads", "n_head") and kv and value % kv:
             return True
-    if key in ("attention_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop", "hidden_dropout") and number:
+    if key in ("attention_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop", "hidden_dropout", "residual_dropout",
+               "embedding_dropout") and number:
         return not (math.isfinite(value) and 0 <= value <= 1)
-    if key == "partial_rotary_factor" and family == "phi":
+    if key == "rotary_pct" and family == "gpt_neox":
+        return True  # only a fraction in (0, 1] (GPTNeoXConfig does not type it)
+    if key == "partial_rotary_factor" and family in ("phi", "phi3"):
         return isinstance(value, (int, float)) and not (math.isfinite(value) and 0 < value <= 1)
     if key == "sliding_window" and isinstance(value, int) and not isinstance(value, bool) and value <= 0:
         return True

@@ -80,6 +80,25 @@ PUBLISHED_TOTALS = {
     "smollm2-1.7b": 1_711_376_384,  # 1.71 B
     "deepseek-r1-distill-qwen-1.5b": 1_777_088_000,  # 1.78 B (untied lm_head)
     "deepseek-r1-distill-qwen-32b": 32_763_876_352,  # Qwen2.5-32B's shapes
+    "qwen3-0.6b": 596_049_920,  # 0.6 B (0.44 B non-embedding)
+    "qwen3-1.7b": 1_720_574_976,  # 1.7 B (1.4 B non-embedding)
+    "qwen3-4b": 4_022_468_096,  # 4.0 B (3.6 B non-embedding)
+    "qwen3-8b": 8_190_735_360,  # 8.2 B (6.95 B non-embedding)
+    "qwen3-14b": 14_768_307_200,  # 14.8 B (13.2 B non-embedding)
+    "qwen3-32b": 32_762_123_264,  # 32.8 B (31.2 B non-embedding)
+    "olmo2-7b": 7_298_617_344,  # 7.30 B
+    "olmo2-13b": 13_716_198_400,  # 13.7 B
+    "pythia-6.9b-deduped": 6_857_302_016,  # 6.86 B (Pythia paper, Table 1: 6,857,302,016)
+    "pythia-12b-deduped": 11_846_072_320,  # 11.8 B (Pythia paper: 11,846,072,320)
+    "gpt-neox-20b": 20_554_567_680,  # 20.6 B (GPT-NeoX-20B paper: 20,554,567,680)
+    "granite-3.3-8b-instruct": 8_170_864_640,  # 8.17 B
+    "phi-3-mini-4k-instruct": 3_821_079_552,  # 3.8 B
+    "phi-3.5-mini-instruct": 3_821_079_552,  # 3.8 B
+    "phi-4": 14_659_507_200,  # 14.7 B
+    "phi-4-mini-instruct": 3_836_021_760,  # 3.8 B (tied embeddings)
+    "starcoder2-3b": 3_030_371_328,  # 3.03 B
+    "starcoder2-7b": 7_173_923_840,  # 7.17 B
+    "starcoder2-15b": 15_655_899_136,  # 15.7 B (tied embeddings: its config.json has no tie_word_embeddings key)
 }
 
 
@@ -220,6 +239,9 @@ def test_group_counts_by_hand(name, group, expected):
     ("phi", ("embed_tokens", "q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2", "lm_head")),
     ("gpt2", ("wte", "wpe", "c_attn", "c_proj", "c_fc", "lm_head")),
     ("bloom", ("word_embeddings", "query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h", "lm_head")),
+    ("gpt_neox", ("embed_in", "query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h", "lm_head")),
+    ("phi3", ("embed_tokens", "o_proj", "qkv_proj", "gate_up_proj", "down_proj", "lm_head")),
+    ("starcoder2", ("embed_tokens", "q_proj", "k_proj", "v_proj", "o_proj", "c_fc", "c_proj", "lm_head")),
 ])
 def test_targetable_names(family, expected):
     name = next(n for n in CATALOG if _family(n) == family)
@@ -239,6 +261,30 @@ LLAMA_LIKE_CASES = [
     (8, ("embed_tokens", "lm_head")),
 ]
 FAMILY_CASES = {
+    "qwen3": LLAMA_LIKE_CASES,
+    "olmo2": LLAMA_LIKE_CASES,  # PEFT has no default: q_proj, v_proj (the first case)
+    "gpt_neox": [
+        (8, ("query_key_value",)),  # PEFT's default
+        (64, ("all-linear",)),
+        (4, ("dense_h_to_4h", "dense_4h_to_h")),
+        (16, ("dense",)),  # attention.dense only
+        (8, ("embed_in", "lm_head")),
+    ],
+    "granite": LLAMA_LIKE_CASES,  # PEFT has no default: q_proj, v_proj (the first case)
+    "phi3": [
+        (8, ("qkv_proj",)),  # PEFT has no default: the fused qkv_proj
+        (64, ("all-linear",)),
+        (4, ("gate_up_proj", "down_proj")),
+        (16, ("o_proj",)),
+        (8, ("embed_tokens", "lm_head")),
+    ],
+    "starcoder2": [
+        (8, ("q_proj", "v_proj")),  # PEFT has no default: q_proj, v_proj
+        (64, ("all-linear",)),
+        (4, ("c_fc", "c_proj")),  # mlp.c_fc / mlp.c_proj
+        (16, ("q_proj", "k_proj", "v_proj", "o_proj")),
+        (8, ("embed_tokens",)),
+    ],
     "llama": LLAMA_LIKE_CASES,
     "mistral": LLAMA_LIKE_CASES,
     "qwen2": LLAMA_LIKE_CASES,
@@ -279,6 +325,19 @@ def test_peft_cases_cover_every_model_and_family():
     covered = {case.values[0] for case in PEFT_CASES}
     assert covered == set(CATALOG)
     assert set(FAMILY_CASES) == {_family(n) for n in CATALOG}
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILY_RULES))
+def test_default_targets_are_pefts(model_type):
+    """A family's default targets are PEFT 0.21.2's own (TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING); where
+    PEFT has none (`peft_has_default` False), the model type is indeed missing from PEFT's table."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as peft_defaults
+
+    family = FAMILY_RULES[model_type]
+    if family.peft_has_default:
+        assert set(family.peft_default_targets) == set(peft_defaults[model_type])
+    else:
+        assert model_type not in peft_defaults
 
 
 @pytest.mark.parametrize(("name", "r", "targets"), PEFT_CASES)

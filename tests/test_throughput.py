@@ -28,6 +28,20 @@ SPECS = {
                              "gpt2"),
     "bloom": spec_from_config({"model_type": "bloom", "vocab_size": 300, "hidden_size": 64, "n_layer": 3,
                                "n_head": 4}, "bloom"),
+    "gpt_neox": spec_from_config({"model_type": "gpt_neox", **{k: v for k, v in SMALL.items()
+                                                            if k != "num_key_value_heads"}}, "gpt_neox"),
+    "gpt_neox_seq": spec_from_config({"model_type": "gpt_neox", "use_parallel_residual": False,
+                                      **{k: v for k, v in SMALL.items() if k != "num_key_value_heads"}}, "gpt_neox_seq"),
+    "granite": spec_from_config({"model_type": "granite", **SMALL, "embedding_multiplier": 12.0, "logits_scaling": 8.0,
+                                 "residual_multiplier": 0.22, "attention_multiplier": 0.015625}, "granite"),
+    "phi3": spec_from_config({"model_type": "phi3", **SMALL, "partial_rotary_factor": 0.75, "pad_token_id": None},
+                             "phi3"),
+    "phi3_drop": spec_from_config({"model_type": "phi3", **SMALL, "resid_pdrop": 0.1, "pad_token_id": None}, "phi3_drop"),
+    "starcoder2": spec_from_config({"model_type": "starcoder2", **SMALL, "residual_dropout": 0.1,
+                                   "embedding_dropout": 0.1, "attention_dropout": 0.1}, "starcoder2"),
+    "starcoder2_nodrop": spec_from_config({"model_type": "starcoder2", **SMALL}, "starcoder2_nodrop"),
+    "qwen3": spec_from_config({"model_type": "qwen3", **SMALL, "head_dim": 32, "tie_word_embeddings": True}, "qwen3"),
+    "olmo2": spec_from_config({"model_type": "olmo2", **SMALL}, "olmo2"),
 }
 
 
@@ -63,7 +77,9 @@ LAYER_CASES = [("llama", ("layers.2.self_attn.q_proj",), None, False),
                ("llama", ("layers.1.mlp.down_proj",), None, True),
                ("gpt2", ("h.1.attn.c_attn", "h.2.mlp.c_proj"), None, False),
                ("phi", ("fc1", "fc2"), (2,), False),
-               ("bloom", ("query_key_value",), (1, 2), False)]
+               ("bloom", ("query_key_value",), (1, 2), False),
+               ("qwen3", ("k_proj",), (1, 2), False),
+               ("olmo2", ("o_proj", "up_proj"), (2,), True)]
 
 
 @pytest.mark.parametrize("family, targets, layers, ckpt", LAYER_CASES,

@@ -2,17 +2,19 @@
 
 To add a family: write `lora_planner/families/<name>.py` with its `layout` (the parameter-holding modules, as
 transformers names them), its `layer` (the shared op rules of `rules.py` in the layer's order) and a `Family`,
-register it below, teach `lora_planner.catalog` its config.json keys, and hold it to transformers and PEFT in
+register it below, teach `lora_planner.config_reader` its config.json keys, and hold it to transformers and PEFT in
 the tests (parameters, trainable counts, saved tensors, fake traces of the full-size model).
 """
 
 from __future__ import annotations
 
-from lora_planner.families import bloom, gpt2, llama, phi
+from lora_planner.families import bloom, gpt2, gpt_neox, granite, llama, olmo2, phi, phi3, qwen3, starcoder2
 from lora_planner.families.base import Family
 
 FAMILY_RULES: dict[str, Family] = {
-    model_type: family for family in (*llama.FAMILIES, phi.FAMILY, gpt2.FAMILY, bloom.FAMILY)
+    model_type: family
+    for family in (*llama.FAMILIES, qwen3.FAMILY, olmo2.FAMILY, granite.FAMILY, phi.FAMILY, phi3.FAMILY, gpt2.FAMILY,
+                   starcoder2.FAMILY, gpt_neox.FAMILY, bloom.FAMILY)
     for model_type in family.model_types
 }
 

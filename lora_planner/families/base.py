@@ -23,7 +23,8 @@ ModuleKind = Literal["linear", "embedding", "norm"]
 ModuleGroup = Literal["embeddings", "attention", "mlp", "norms", "lm_head"]
 GROUPS: tuple[ModuleGroup, ...] = ("embeddings", "attention", "mlp", "norms", "lm_head")
 Positions = Literal["rope", "learned", "alibi"]
-NormKind = Literal["rms", "rms_gemma", "layer"]  # Llama RMSNorm, Gemma's (1 + w) in fp32, LayerNorm
+# Llama RMSNorm, Gemma's (1 + w) in fp32, OLMo 2's w x in fp32 (`(weight * x).to(input_dtype)`), LayerNorm
+NormKind = Literal["rms", "rms_gemma", "rms_fp32", "layer"]
 
 
 @dataclass(frozen=True)
@@ -100,3 +101,7 @@ class Family:
     residual_dropout: bool = False  # dropout (spec.dropout) after attention and MLP outputs
     scalar_buffers: int = 0  # buffers besides RoPE's (Gemma's `embed_scale`)
     peft_has_default: bool = True
+    rotary_fp32: bool = False  # RoPE's cos / sin stay fp32 whatever the dtype (OLMo 2's rotary embedding)
+    # An op after the layer's last matmul saves tensors (OLMo 2's norm of the MLP output), so checkpointing's
+    # recompute runs through that matmul too.
+    saves_after_last_linear: bool = False

@@ -45,7 +45,8 @@ def _attention(flow: Flow, needs_grad: bool) -> list[SavedTensor]:
         return [qkv, *softmax_saved(flow, True, fp32_softmax=False)]
     if flow.t.device == "cpu" and flow.spec.attention_dropout > 0:
         return [SavedTensor("attn.qkv_fp32", 3 * tokens * h * FP32), SavedTensor("attn.probs_fp32", scores * FP32),
-                SavedTensor("attn.dropout_mask_fp32", scores * FP32), SavedTensor("attn.probs_dropped_fp32", scores * FP32)]
+                SavedTensor("attn.dropout_mask_fp32", scores * FP32),
+                SavedTensor("attn.probs_dropped_fp32", scores * FP32)]
     return [qkv, SavedTensor("attn.output", tokens * h * e),
             SavedTensor("attn.logsumexp", flow.b * flow.spec.num_heads * flow.s * FP32)]
 
@@ -88,7 +89,8 @@ def model_level(flow: Flow, embeddings_need_grad: bool) -> list[SavedTensor]:
     saved += dropout_mask(flow, "embeddings.dropout", tokens * h, spec.embedding_dropout, embeddings_need_grad,
                           flow.e_stream)
     if flow.t.grad_checkpointing and not flow.full:
-        saved += [SavedTensor("checkpoint.position_ids", s * 8), SavedTensor("embeddings.output", tokens * h * flow.e_stream)]
+        saved += [SavedTensor("checkpoint.position_ids", s * 8),
+                  SavedTensor("embeddings.output", tokens * h * flow.e_stream)]
     return saved
 
 

@@ -138,7 +138,7 @@ def rms_norm(flow: Flow, name: str, x_needs_grad: bool) -> list[SavedTensor]:
     Saves the fp32 input (the stream itself when it is already fp32) and 1/rms when x needs a gradient;
     the normalised tensor only when the weight trains. Llama multiplies after casting back to the stream
     dtype; Gemma ("rms_gemma") multiplies in fp32 by `1 + w`, keeping that fp32 vector and an fp32
-    normalised tensor.
+    normalised tensor; OLMo 2 ("rms_fp32") multiplies in fp32 by w itself, keeping an fp32 normalised tensor.
     """
     tokens, h = flow.tokens, flow.spec.hidden_size
     gemma = flow.family.norm == "rms_gemma"
@@ -148,8 +148,24 @@ def rms_norm(flow: Flow, name: str, x_needs_grad: bool) -> list[SavedTensor]:
         if gemma:
             saved.append(SavedTensor(f"{name}.one_plus_weight", h * FP32))
     if flow.full:
-        width = FP32 if gemma else flow.e_stream
+        width = FP32 if gemma or flow.family.norm == "rms_fp32" else flow.e_stream
         saved.append(SavedTensor(f"{name}.normalised", tokens * h * width))
+    return saved
+
+
+def rms_norm_of(flow: Flow, name: str, numel: int, width: int, x_e: int, x_needs_grad: bool,
+                fp32_product: bool = False) -> list[SavedTensor]:
+    """RMSNorm over the last `width` channels of a tensor of `numel` elements, `x_e` bytes each, wherever it sits:
+    the q / k norms of Qwen3 (per head, `Qwen3RMSNorm(head_dim)`) and OLMo 2 (over the whole q / kv width),
+    OLMo 2's norms of the attention and MLP outputs. As `rms_norm`: the fp32 input (x itself when already fp32)
+    and the per-row 1/rms when x needs a gradient; when the weight trains, the normalised tensor in x's dtype
+    (Qwen3RMSNorm: `weight * x.to(input_dtype)`) or in fp32 (`fp32_product`, Olmo2RMSNorm:
+    `(weight * x).to(input_dtype)`)."""
+    saved: list[SavedTensor] = []
+    if x_needs_grad:
+        saved += [SavedTensor(f"{name}.fp32_input", numel * FP32), SavedTensor(f"{name}.rsqrt", numel // width * FP32)]
+    if flow.full:
+        saved.append(SavedTensor(f"{name}.normalised", numel * (FP32 if fp32_product else x_e)))
     return saved
 
 

@@ -53,6 +53,13 @@ def hf_config_dict(spec: ModelSpec) -> dict[str, Any]:
                 "n_inner": spec.intermediate_size, "n_positions": spec.max_position_embeddings,
                 "activation_function": spec.hidden_act, "resid_pdrop": spec.dropout,
                 "embd_pdrop": spec.embedding_dropout, "attn_pdrop": spec.attention_dropout}
+    if spec.family == "gpt_neox":
+        return {**common, "hidden_size": spec.hidden_size, "intermediate_size": spec.intermediate_size,
+                "num_hidden_layers": spec.num_layers, "num_attention_heads": spec.num_heads,
+                "max_position_embeddings": spec.max_position_embeddings, "hidden_act": spec.hidden_act,
+                "rotary_pct": spec.partial_rotary_factor, "use_parallel_residual": spec.parallel_residual,
+                "attention_bias": spec.attention_bias, "hidden_dropout": spec.dropout,
+                "attention_dropout": spec.attention_dropout}
     if spec.family == "bloom":
         return {**common, "hidden_size": spec.hidden_size, "n_layer": spec.num_layers, "n_head": spec.num_heads,
                 "hidden_dropout": spec.dropout, "attention_dropout": spec.attention_dropout}
@@ -61,13 +68,21 @@ def hf_config_dict(spec: ModelSpec) -> dict[str, Any]:
               "num_key_value_heads": spec.num_kv_heads, "head_dim": spec.head_dim,
               "max_position_embeddings": spec.max_position_embeddings, "hidden_act": spec.hidden_act,
               "attention_dropout": spec.attention_dropout}
-    if spec.family in ("llama", "gemma"):
+    if spec.family in ("llama", "gemma", "qwen3", "olmo2"):
         config["attention_bias"] = spec.attention_out_bias
     if spec.family == "llama":
         config["mlp_bias"] = spec.mlp_bias
     if spec.family == "phi":
         config.update(partial_rotary_factor=spec.partial_rotary_factor, qk_layernorm=spec.qk_layernorm,
                       resid_pdrop=spec.dropout, embd_pdrop=spec.embedding_dropout)
+    if spec.family == "phi3":
+        config.update(partial_rotary_factor=spec.partial_rotary_factor, resid_pdrop=spec.dropout,
+                      sliding_window=spec.sliding_window, pad_token_id=None)  # 32000 by default: above tiny vocabs
+    if spec.family == "starcoder2":
+        config.update(use_bias=spec.attention_bias, residual_dropout=spec.dropout,
+                      embedding_dropout=spec.embedding_dropout, sliding_window=spec.sliding_window)
+    if spec.family == "granite":
+        config.update(attention_bias=spec.attention_bias, mlp_bias=spec.mlp_bias)
     return config
 
 

@@ -1,0 +1,101 @@
+"""OLMo 2 (transformers' models/olmo2/modeling_olmo2.py): post-norm placement and q / k norms over the full widths.
+
+`Olmo2DecoderLayer.forward`: no input norms; `x + post_attention_layernorm(self_attn(x))`, then
+`h + post_feedforward_layernorm(mlp(h))`. `Olmo2Attention.forward`: `q_norm(q_proj(x))` over all heads' channels
+(`Olmo2RMSNorm(heads x head_dim)`), `k_norm(k_proj(x))` over the kv width, then the views, RoPE, SDPA / eager
+attention and o_proj; `attention_bias` puts biases on q, k, v and o. `Olmo2RMSNorm` multiplies by its weight in
+fp32 and casts after (`(weight * x).to(input_dtype)`, norm kind "rms_fp32"), so a trained norm keeps an fp32
+normalised tensor. `Olmo2RotaryEmbedding.forward` returns cos / sin in fp32 (no cast to x's dtype) and
+`apply_rotary_pos_emb` rotates in fp32 and casts back to q's / k's dtype, so the shared cos / sin tables RoPE's
+backward keeps are fp32 (`Family.rotary_fp32`); the fp32 products are transient. Gated MLP as Llama's.
+
+What a layer keeps (rules from `lora_planner.families.rules`): the q / k / v projections read the layer input
+itself (the residual stream), so it is what they keep; q_norm / k_norm keep the fp32 copies of the projection
+outputs and 1/rms per token (`rms_norm_of`); the attention core as Llama's; each post-norm keeps the fp32 copy
+of its sublayer's output (o_proj, down_proj) and 1/rms; gate / up read the stream after the attention residual.
+
+PEFT 0.21.2 has no default LoRA targets for olmo2 (TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING has no
+entry: `get_peft_model` asks for target_modules): the planner uses q_proj, v_proj and says so
+(`Family.peft_has_default` False).
+"""
+
+from __future__ import annotations
+
+from lora_planner.families.base import Family, Module
+from lora_planner.families.rules import Flow, SavedTensor, attention_core, attention_projections, rms_norm_of
+from lora_planner.specs import ModelSpec
+
+PREFIX = "model.layers.0."
+
+
+def layout(spec: ModelSpec) -> list[Module]:
+    """`model.layers.N.{self_attn,mlp}.*` in transformers' registration order (`Olmo2Attention`: q, k, v, o,
+    q_norm, k_norm; `Olmo2DecoderLayer`: self_attn, mlp, post_attention_layernorm, post_feedforward_layernorm)."""
+    h, n, layer, bias = spec.hidden_size, spec.num_layers, PREFIX, spec.attention_bias
+    return [
+        Module("model.embed_tokens", "embedding", "embeddings", spec.vocab_size, h),
+        Module(layer + "self_attn.q_proj", "linear", "attention", h, spec.q_size, bias, n),
+        Module(layer + "self_attn.k_proj", "linear", "attention", h, spec.kv_size, bias, n),
+        Module(layer + "self_attn.v_proj", "linear", "attention", h, spec.kv_size, bias, n),
+        Module(layer + "self_attn.o_proj", "linear", "attention", spec.q_size, h, bias, n),
+        Module(layer + "self_attn.q_norm", "norm", "norms", spec.q_size, spec.q_size, count=n),
+        Module(layer + "self_attn.k_norm", "norm", "norms", spec.kv_size, spec.kv_size, count=n),
+        Module(layer + "mlp.gate_proj", "linear", "mlp", h, spec.intermediate_size, count=n),
+        Module(layer + "mlp.up_proj", "linear", "mlp", h, spec.intermediate_size, count=n),
+        Module(layer + "mlp.down_proj", "linear", "mlp", spec.intermediate_size, h, count=n),
+        Module(layer + "post_attention_layernorm", "norm", "norms", h, h, count=n),
+        Module(layer + "post_feedforward_layernorm", "norm", "norms", h, h, count=n),
+        Module("model.norm", "norm", "norms", h, h),
+    ]
+
+
+def layer(flow: Flow, x_needs_grad: bool) -> list[SavedTensor]:
+    """One decoder layer: attention on the stream, post-norm, residual; gated MLP, post-norm, residual."""
+    spec, tokens, e, h = flow.spec, flow.tokens, flow.e_compute, flow.spec.hidden_size
+    p = PREFIX
+    saved, keeps_x, (q_grad, k_grad, v_grad) = attention_projections(
+        flow, p + "self_attn.", ("q_proj", "k_proj", "v_proj"), x_needs_grad)
+    if keeps_x:
+        saved.append(SavedTensor("layer.input", tokens * h * flow.e_stream))
+    saved += rms_norm_of(flow, "self_attn.q_norm", tokens * spec.q_size, spec.q_size, e, q_grad, fp32_product=True)
+    saved += rms_norm_of(flow, "self_attn.k_norm", tokens * spec.kv_size, spec.kv_size, e, k_grad, fp32_product=True)
+    attn_needs_grad = q_grad or k_grad or v_grad
+    saved += attention_core(flow, q_grad, k_grad, v_grad)
+    # SDPA's output is laid out (b, s, heads, dim), so o_proj reads it without a copy; eager copies.
+    own, keeps = flow.linear(p + "self_attn.o_proj", e, attn_needs_grad)
+    saved += own
+    if keeps and (flow.t.attention == "eager" or not attn_needs_grad):
+        saved.append(SavedTensor("self_attn.o_proj.input", tokens * spec.q_size * e))
+    attn_out_grad = attn_needs_grad or flow.adapted(p + "self_attn.o_proj")
+    saved += rms_norm_of(flow, "post_attention_layernorm", tokens * h, h, e, attn_out_grad, fp32_product=True)
+
+    mid_needs_grad = x_needs_grad or attn_out_grad
+    keeps_mid = False
+    for proj in ("gate_proj", "up_proj"):
+        own, keeps = flow.linear(p + "mlp." + proj, flow.e_stream, mid_needs_grad)
+        saved += own
+        keeps_mid |= keeps
+    if keeps_mid:
+        saved.append(SavedTensor("attention_residual.output", tokens * h * flow.e_stream))
+    gate_grad = mid_needs_grad or flow.adapted(p + "mlp.gate_proj")
+    up_grad = mid_needs_grad or flow.adapted(p + "mlp.up_proj")
+    inter = tokens * spec.intermediate_size * e
+    if gate_grad:
+        saved.append(SavedTensor("mlp.gate_output", inter))  # the activation function's input
+    if up_grad:
+        saved.append(SavedTensor("mlp.act_output", inter))  # act(gate) * up: each factor for the other's grad
+    if gate_grad:
+        saved.append(SavedTensor("mlp.up_output", inter))
+    own, keeps = flow.linear(p + "mlp.down_proj", e, gate_grad or up_grad)
+    saved += own
+    if keeps:
+        saved.append(SavedTensor("mlp.down_proj.input", inter))
+    mlp_out_grad = gate_grad or up_grad or flow.adapted(p + "mlp.down_proj")
+    saved += rms_norm_of(flow, "post_feedforward_layernorm", tokens * h, h, e, mlp_out_grad, fp32_product=True)
+    return saved
+
+
+FAMILY = Family(model_types=("olmo2",), layout=layout, layer=layer, peft_default_targets=("q_proj", "v_proj"),
+                layer_prefix=PREFIX, last_linear="mlp.down_proj", positions="rope", norm="rms_fp32",
+                peft_has_default=False, rotary_fp32=True,
+                saves_after_last_linear=True)
