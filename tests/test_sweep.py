@@ -98,7 +98,7 @@ grad_checkpointing = [false, true]
 def test_shipped_grids_parse_with_known_counts():
     counts = {name: len(load_grid(ROOT / "experiments" / "grids" / f"{name}.toml").runs)
               for name in ("cpu_validation", "fake_architectures", "gpu")}
-    assert counts == {"cpu_validation": 156, "fake_architectures": 81, "gpu": 33}
+    assert counts == {"cpu_validation": 228, "fake_architectures": 81, "gpu": 33}
     cpu = load_grid(ROOT / "experiments" / "grids" / "cpu_validation.toml")
     assert {r.spec.family for r in cpu.runs} == {"llama", "mistral", "qwen2", "gemma", "phi", "gpt2", "bloom"}
     assert {r.backend for r in cpu.runs} == {"hf", "builtin"} and {r.mode for r in cpu.runs} == {"cpu"}
