@@ -13,11 +13,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Any, Literal, NamedTuple
 
-if TYPE_CHECKING:
-    from lora_planner.families.rules import Flow, SavedTensor
-    from lora_planner.specs import ModelSpec
+from lora_planner.specs import ModelSpec
 
 ModuleKind = Literal["linear", "embedding", "norm"]
 ModuleGroup = Literal["embeddings", "attention", "mlp", "norms", "lm_head"]
@@ -25,6 +23,18 @@ GROUPS: tuple[ModuleGroup, ...] = ("embeddings", "attention", "mlp", "norms", "l
 Positions = Literal["rope", "learned", "alibi"]
 # Llama RMSNorm, Gemma's (1 + w) in fp32, OLMo 2's w x in fp32 (`(weight * x).to(input_dtype)`), LayerNorm
 NormKind = Literal["rms", "rms_gemma", "rms_fp32", "layer"]
+
+
+class SavedTensor(NamedTuple):  # a NamedTuple, not a dataclass: profiles build thousands of these per grid
+    """A tensor autograd keeps for backward (or a buffer alive at a phase), by what it is and its size."""
+
+    name: str
+    nbytes: int
+
+
+# A family's rules take a `lora_planner.families.rules.Flow` (the settings, the adapted modules and the rule for
+# linears); typed Any here so that this module stays below the rules it describes.
+LayerRule = Callable[[Any, bool], list[SavedTensor]]
 
 
 @dataclass(frozen=True)
@@ -77,7 +87,7 @@ class Module:
         return frozenset(matched)
 
 
-def no_model_level(flow: Flow, embeddings_need_grad: bool) -> list[SavedTensor]:
+def no_model_level(flow: Any, embeddings_need_grad: bool) -> list[SavedTensor]:
     return []
 
 
@@ -87,7 +97,7 @@ class Family:
 
     model_types: tuple[str, ...]  # transformers' `model_type`s these rules cover
     layout: Callable[[ModelSpec], list[Module]]  # every parameter-holding module but lm_head, in model order
-    layer: Callable[[Flow, bool], list[SavedTensor]]  # what one decoder layer keeps (input needs grad?)
+    layer: LayerRule  # what one decoder layer keeps (flow, whether the layer's input needs a gradient)
     # PEFT's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING; where PEFT has none (`peft_has_default`
     # False: get_peft_model then asks for target_modules), the documented choice this tool plans with.
     peft_default_targets: tuple[str, ...]
@@ -96,7 +106,7 @@ class Family:
     positions: Positions  # RoPE (extrapolates), a learned table (ends at max_position_embeddings), ALiBi
     norm: NormKind  # the layers' and the final norm
     # Saved tensors outside the layers that only this family has (embedding dropout, an embedding norm, ...).
-    model_level: Callable[[Flow, bool], list[SavedTensor]] = no_model_level
+    model_level: LayerRule = no_model_level
     norms_registered_last: bool = False  # decoder-layer norms registered after attention and MLP
     residual_dropout: bool = False  # dropout (spec.dropout) after attention and MLP outputs
     scalar_buffers: int = 0  # buffers besides RoPE's (Gemma's `embed_scale`)

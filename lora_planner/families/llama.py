@@ -10,7 +10,9 @@ RMSNorm -> gated MLP (act(gate_proj x) * up_proj x -> down_proj) -> residual. Bi
 from __future__ import annotations
 
 from lora_planner.families.base import Family, Module
-from lora_planner.families.rules import Flow, SavedTensor, attention_core, attention_projections, norm
+from lora_planner.families.rules import (
+    Flow, SavedTensor, attention_core, attention_projections, gated_mlp, norm,
+)
 from lora_planner.specs import ModelSpec
 
 PREFIX = "model.layers.0."
@@ -54,28 +56,8 @@ def layer(flow: Flow, x_needs_grad: bool) -> list[SavedTensor]:
 
     mid_needs_grad = attn_needs_grad or flow.adapted(p + "self_attn.o_proj")
     saved += norm(flow, "post_attention_layernorm", mid_needs_grad)
-    keeps_normed = False
-    for proj in ("gate_proj", "up_proj"):
-        own, keeps = flow.linear(p + "mlp." + proj, flow.e_stream, mid_needs_grad)
-        saved += own
-        keeps_normed |= keeps
-    if keeps_normed:
-        saved.append(SavedTensor("post_attention_layernorm.output", tokens * spec.hidden_size * flow.e_stream))
-
-    gate_grad = mid_needs_grad or flow.adapted(p + "mlp.gate_proj")
-    up_grad = mid_needs_grad or flow.adapted(p + "mlp.up_proj")
-    inter = tokens * spec.intermediate_size * e
-    if gate_grad:
-        saved.append(SavedTensor("mlp.gate_output", inter))  # the activation function's input
-    if up_grad:
-        saved.append(SavedTensor("mlp.act_output", inter))  # act(gate) * up: each factor for the other's grad
-    if gate_grad:
-        saved.append(SavedTensor("mlp.up_output", inter))
-    own, keeps = flow.linear(p + "mlp.down_proj", e, gate_grad or up_grad)
-    saved += own
-    if keeps:
-        saved.append(SavedTensor("mlp.down_proj.input", inter))
-    return saved
+    mlp_saved, _ = gated_mlp(flow, p + "mlp.", mid_needs_grad, "post_attention_layernorm.output")
+    return saved + mlp_saved
 
 
 def _family(model_type: str, **overrides) -> Family:

@@ -22,7 +22,9 @@ entry: `get_peft_model` asks for target_modules): the planner uses q_proj, v_pro
 from __future__ import annotations
 
 from lora_planner.families.base import Family, Module
-from lora_planner.families.rules import Flow, SavedTensor, attention_core, attention_projections, rms_norm_of
+from lora_planner.families.rules import (
+    Flow, SavedTensor, attention_core, attention_projections, gated_mlp, rms_norm_of,
+)
 from lora_planner.specs import ModelSpec
 
 PREFIX = "model.layers.0."
@@ -70,27 +72,8 @@ def layer(flow: Flow, x_needs_grad: bool) -> list[SavedTensor]:
     saved += rms_norm_of(flow, "post_attention_layernorm", tokens * h, h, e, attn_out_grad, fp32_product=True)
 
     mid_needs_grad = x_needs_grad or attn_out_grad
-    keeps_mid = False
-    for proj in ("gate_proj", "up_proj"):
-        own, keeps = flow.linear(p + "mlp." + proj, flow.e_stream, mid_needs_grad)
-        saved += own
-        keeps_mid |= keeps
-    if keeps_mid:
-        saved.append(SavedTensor("attention_residual.output", tokens * h * flow.e_stream))
-    gate_grad = mid_needs_grad or flow.adapted(p + "mlp.gate_proj")
-    up_grad = mid_needs_grad or flow.adapted(p + "mlp.up_proj")
-    inter = tokens * spec.intermediate_size * e
-    if gate_grad:
-        saved.append(SavedTensor("mlp.gate_output", inter))  # the activation function's input
-    if up_grad:
-        saved.append(SavedTensor("mlp.act_output", inter))  # act(gate) * up: each factor for the other's grad
-    if gate_grad:
-        saved.append(SavedTensor("mlp.up_output", inter))
-    own, keeps = flow.linear(p + "mlp.down_proj", e, gate_grad or up_grad)
-    saved += own
-    if keeps:
-        saved.append(SavedTensor("mlp.down_proj.input", inter))
-    mlp_out_grad = gate_grad or up_grad or flow.adapted(p + "mlp.down_proj")
+    mlp_saved, mlp_out_grad = gated_mlp(flow, p + "mlp.", mid_needs_grad, "attention_residual.output")
+    saved += mlp_saved
     saved += rms_norm_of(flow, "post_feedforward_layernorm", tokens * h, h, e, mlp_out_grad, fp32_product=True)
     return saved
 

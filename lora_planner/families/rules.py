@@ -9,20 +9,12 @@ rules is the docstring of `lora_planner.activations`). A family module composes 
 from __future__ import annotations
 
 from copy import copy
-from typing import TYPE_CHECKING, NamedTuple
 
+from lora_planner.families.base import Family, Module, SavedTensor
 from lora_planner.specs import BYTES_PER_ELEMENT, ModelSpec, TrainingSpec
-
-if TYPE_CHECKING:
-    from lora_planner.families.base import Family, Module
 
 FP32 = 4
 MASK = 1  # bool dropout mask, one byte per element
-
-
-class SavedTensor(NamedTuple):  # a NamedTuple, not a dataclass: profiles build thousands of these per grid
-    name: str
-    nbytes: int
 
 
 class Flow:
@@ -287,3 +279,32 @@ def plain_mlp(flow: Flow, fc1: str, fc2: str, x_needs_grad: bool) -> tuple[list[
     if keeps:
         saved.append(SavedTensor("mlp.fc2_input", flow.tokens * flow.spec.intermediate_size * flow.e_compute))
     return saved, keeps_x, inner_grad or flow.adapted(fc2)
+
+
+def gated_mlp(flow: Flow, prefix: str, x_needs_grad: bool, input_name: str) -> tuple[list[SavedTensor], bool]:
+    """Llama's MLP: gate_proj and up_proj on one input (kept once, as `input_name`, when a linear needs it),
+    act(gate) * up, down_proj: (saved, whether the output needs a gradient)."""
+    spec, tokens, e = flow.spec, flow.tokens, flow.e_compute
+    saved: list[SavedTensor] = []
+    keeps_input = False
+    for proj in ("gate_proj", "up_proj"):
+        own, keeps = flow.linear(prefix + proj, flow.e_stream, x_needs_grad)
+        saved += own
+        keeps_input |= keeps
+    if keeps_input:
+        saved.append(SavedTensor(input_name, tokens * spec.hidden_size * flow.e_stream))
+    gate_grad = x_needs_grad or flow.adapted(prefix + "gate_proj")
+    up_grad = x_needs_grad or flow.adapted(prefix + "up_proj")
+    inter = tokens * spec.intermediate_size * e
+    if gate_grad:
+        saved.append(SavedTensor("mlp.gate_output", inter))  # the activation function's input
+    if up_grad:
+        saved.append(SavedTensor("mlp.act_output", inter))  # act(gate) * up: each factor for the other's grad
+    if gate_grad:
+        saved.append(SavedTensor("mlp.up_output", inter))
+    own, keeps = flow.linear(prefix + "down_proj", e, gate_grad or up_grad)
+    saved += own
+    if keeps:
+        saved.append(SavedTensor("mlp.down_proj.input", inter))
+    return saved, gate_grad or up_grad or flow.adapted(prefix + "down_proj")
+
