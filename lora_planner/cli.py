@@ -24,7 +24,7 @@ from lora_planner.cli_args import build_parser
 from lora_planner.cli_options import budget_from_args, overhead_from_args
 from lora_planner.errors import PlannerInputError
 from lora_planner.planner import make_plan, plan_to_dict, refit
-from lora_planner.specs import METHODS, LoraSpec, TrainingSpec, check_choice
+from lora_planner.specs import MAX_LAYERS, METHODS, LoraSpec, TrainingSpec, check_choice
 
 SUBCOMMANDS = ("estimate", "profile", "recommend", "sweep", "calibrate", "report", "models")
 EXIT_BAD_INPUT = 2
@@ -65,6 +65,9 @@ def _layer_list(text: str) -> tuple[int, ...]:
         if first < 0 or last < first:
             raise PlannerInputError("layers-to-transform", f"cannot read {part!r}",
                                     "pass layer indices or ranges, e.g. 0,1,2 or 24-31")
+        if last >= MAX_LAYERS:  # checked before the range is built: 0-99999999999 must not hang
+            raise PlannerInputError("layers-to-transform", f"layer {last:,} in {part!r} is past any model "
+                                    f"(at most {MAX_LAYERS:,} layers)", "pass the model's layer indices, e.g. 0-31")
         layers.update(range(first, last + 1))
     if not layers:
         raise PlannerInputError("layers-to-transform", "no layer given", "pass e.g. --layers-to-transform 0-3")

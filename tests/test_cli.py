@@ -140,6 +140,7 @@ def test_config_json_path(tmp_path, capsys):
     (["--model", "x" * 5000], "model: 5,000 characters"),
     (["--target", "q_proj\x00"], "target: contains a control character"),
     (["--calibration", " "], "calibration: empty value"),
+    (["--method", "lora", "--layers-to-transform", "0-99999999999"], "layers-to-transform: layer 99,999,999,999"),
     (["--mod", "llama-7b"], "unrecognized arguments: --mod"),  # no abbreviations
     (["--gpu-me", "24GiB"], "unrecognized arguments: --gpu-me"),
     (["profile", "--thread", "1"], "unrecognized arguments: --thread"),

@@ -119,7 +119,7 @@ VALID: dict[str, st.SearchStrategy[Any]] = {
     "alpha": _num((1, 8, 16.0, 32, 0.5)),
     "target": st.sampled_from(TARGETS),
     "adapter_dtype": st.sampled_from(("fp32", "base")),
-    "layers_to_transform": st.sampled_from(("0", "0,1", "0-1", "1-3,5", "0-31")),
+    "layers_to_transform": st.sampled_from(("0", "0,1", "0-1", "1-3,5", "0-31", "3-1", "0-99999999999", "-1", "a-b")),
     "dtype": st.sampled_from(specs.DTYPES + ("bfloat16", "float16", "float32")),
     "amp": st.sampled_from(("bf16", "fp16", "bfloat16", "float16")),
     "optimizer": st.sampled_from(specs.OPTIMIZERS + HF_OPTIM_NAMES),
