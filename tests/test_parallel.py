@@ -204,15 +204,19 @@ def test_deepspeed_zero3_partitions_all_but_persistent_parameters():
 DS_TOLERANCE = 0.005
 
 
+def _ds_job(strategy: str, method: str):
+    from lora_planner.profiler.runner import ProfileRequest
+
+    return ProfileRequest(TINY.name, TINY, training(method, gpus=1), backend="builtin", mode="cpu", steps=3), strategy
+
+
 @pytest.fixture(scope="module")
 def ds_measured():
     from lora_planner.profiler.distributed import deepspeed_available, measure_distributed_many
-    from lora_planner.profiler.runner import ProfileRequest
 
     if not deepspeed_available():
         pytest.skip("needs DeepSpeed (pip install deepspeed; DS_BUILD_OPS=0)")
-    jobs = [(ProfileRequest(TINY.name, TINY, training(method, gpus=1), backend="builtin", mode="cpu", steps=3),
-             strategy) for strategy in DEEPSPEED_STAGES for method in ("full", "lora")]
+    jobs = [_ds_job(strategy, method) for strategy in DEEPSPEED_STAGES for method in ("full", "lora")]
     results = measure_distributed_many(jobs, world_size=2, zero=SMALL_BUCKETS)
     return {(strategy, request.training.method): ranks for (request, strategy), ranks in zip(jobs, results)}
 
@@ -223,10 +227,17 @@ def test_predicted_per_rank_peak_matches_deepspeed(ds_measured, strategy, method
     predicted = max(p.breakdown.total_bytes for p in deepspeed.phases(
         TINY, training(method, strategy=strategy), None, SMALL_BUCKETS))
     busiest = max(rank.peak_bytes for rank in ds_measured[(strategy, method)])  # what the planner predicts
-    assert abs(predicted / busiest - 1) <= DS_TOLERANCE, (strategy, method, predicted, busiest)
     # gloo's worker thread can free a collective's tensor a moment late, which inflated ZeRO-2 full's peak at
     # random (+0.5 % to +1.7 %) until the profiler waited for it after every synchronous collective
-    # (`_deepspeed_collectives_below_tracker`); a late scalar or an overlapped stage-3 buffer can remain.
+    # (`_deepspeed_collectives_below_tracker`); a late scalar or an overlapped stage-3 buffer can remain (seen
+    # once more in CI: zero2 full +1.5 %). A late free only ever raises a measured peak, so a peak above the
+    # prediction is measured once more and the lower of the two is the run's: a planner error shows in both.
+    if busiest > predicted * (1 + DS_TOLERANCE):
+        from lora_planner.profiler.distributed import measure_distributed_many
+
+        (again,) = measure_distributed_many([_ds_job(strategy, method)], world_size=2, zero=SMALL_BUCKETS)
+        busiest = min(busiest, max(rank.peak_bytes for rank in again))
+    assert abs(predicted / busiest - 1) <= DS_TOLERANCE, (strategy, method, predicted, busiest)
 
 
 @pytest.mark.parametrize("strategy", DEEPSPEED_STAGES)
