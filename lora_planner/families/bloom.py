@@ -6,7 +6,9 @@ GELU MLP of 4 x hidden.
 from __future__ import annotations
 
 from lora_planner.families.base import Family, Module
-from lora_planner.families.rules import Flow, SavedTensor, layer_norm, norm, plain_mlp, softmax_saved
+from lora_planner.families.rules import (
+    Flow, SavedTensor, layer_norm, norm, output_projection, plain_mlp, softmax_saved,
+)
 from lora_planner.specs import ModelSpec
 
 PREFIX = "transformer.h.0."
@@ -42,11 +44,8 @@ def layer(flow: Flow, x_needs_grad: bool) -> list[SavedTensor]:
         # q, k, v are strided views of the fused output; reshaping them for baddbmm / bmm copies each.
         saved += [SavedTensor("attn.q", tokens * h * e), SavedTensor("attn.k", tokens * h * e),
                   SavedTensor("attn.v", tokens * h * e), *softmax_saved(flow, True)]
-    own, keeps = flow.linear(p + "self_attention.dense", e, attn_needs_grad)
+    own, mid_needs_grad = output_projection(flow, p + "self_attention.dense", h, attn_needs_grad)
     saved += own
-    if keeps:
-        saved.append(SavedTensor("self_attention.dense.input", tokens * h * e))
-    mid_needs_grad = attn_needs_grad or flow.adapted(p + "self_attention.dense")
     saved += norm(flow, "post_attention_layernorm", mid_needs_grad)
     mlp_saved, keeps_x, _ = plain_mlp(flow, p + "mlp.dense_h_to_4h", p + "mlp.dense_4h_to_h", mid_needs_grad)
     saved += mlp_saved

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from lora_planner.families.base import Family, Module
 from lora_planner.families.rules import (
-    FP32, Flow, SavedTensor, dropout_mask, eager_attention, layer_norm, norm, plain_mlp,
+    FP32, Flow, SavedTensor, dropout_mask, eager_attention, layer_norm, norm, output_projection, plain_mlp,
 )
 from lora_planner.specs import ModelSpec
 
@@ -77,11 +77,8 @@ def layer(flow: Flow, x_needs_grad: bool) -> list[SavedTensor]:
         saved.append(SavedTensor("input_layernorm.output", tokens * h * flow.e_stream))
     attn_needs_grad = x_needs_grad or flow.adapted(p + "attention.query_key_value")
     saved += _attention(flow, attn_needs_grad)
-    own, keeps = flow.linear(p + "attention.dense", e, attn_needs_grad)
+    own, attn_out_grad = output_projection(flow, p + "attention.dense", h, attn_needs_grad)  # heads merged: a copy
     saved += own
-    if keeps:
-        saved.append(SavedTensor("attention.dense.input", tokens * h * e))  # heads merged into a copy
-    attn_out_grad = attn_needs_grad or flow.adapted(p + "attention.dense")
     saved += dropout_mask(flow, "attn.post_attention_dropout", tokens * h, spec.dropout, attn_out_grad, e)
 
     if spec.parallel_residual:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from lora_planner.families.base import Family, Module
 from lora_planner.families.rules import (
-    Flow, SavedTensor, attention_core, attention_projections, gated_mlp, norm,
+    Flow, SavedTensor, attention_core, attention_projections, gated_mlp, norm, output_projection,
 )
 from lora_planner.specs import ModelSpec
 
@@ -38,7 +38,7 @@ def layout(spec: ModelSpec) -> list[Module]:
 
 def layer(flow: Flow, x_needs_grad: bool) -> list[SavedTensor]:
     """One decoder layer (pre-norm, separate q/k/v/o, gated MLP)."""
-    spec, tokens, e = flow.spec, flow.tokens, flow.e_compute
+    spec, tokens = flow.spec, flow.tokens
     p = PREFIX
     saved = norm(flow, "input_layernorm", x_needs_grad)
     own, keeps_normed, (q_grad, k_grad, v_grad) = attention_projections(
@@ -48,13 +48,9 @@ def layer(flow: Flow, x_needs_grad: bool) -> list[SavedTensor]:
         saved.append(SavedTensor("input_layernorm.output", tokens * spec.hidden_size * flow.e_stream))
     attn_needs_grad = q_grad or k_grad or v_grad
     saved += attention_core(flow, q_grad, k_grad, v_grad)
-    # SDPA's output is laid out (b, s, heads, dim), so o_proj reads it without a copy; eager copies.
-    own, keeps = flow.linear(p + "self_attn.o_proj", e, attn_needs_grad)
+    own, mid_needs_grad = output_projection(flow, p + "self_attn.o_proj", spec.q_size, attn_needs_grad,
+                                            reads_saved_output=flow.t.attention != "eager")
     saved += own
-    if keeps and (flow.t.attention == "eager" or not attn_needs_grad):
-        saved.append(SavedTensor("self_attn.o_proj.input", tokens * spec.q_size * e))
-
-    mid_needs_grad = attn_needs_grad or flow.adapted(p + "self_attn.o_proj")
     saved += norm(flow, "post_attention_layernorm", mid_needs_grad)
     mlp_saved, _ = gated_mlp(flow, p + "mlp.", mid_needs_grad, "post_attention_layernorm.output")
     return saved + mlp_saved

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from lora_planner.families.base import Family, Module
 from lora_planner.families.rules import (
-    Flow, SavedTensor, attention_core, attention_projections, gated_mlp, rms_norm_of,
+    Flow, SavedTensor, attention_core, attention_projections, gated_mlp, output_projection, rms_norm_of,
 )
 from lora_planner.specs import ModelSpec
 
@@ -63,12 +63,9 @@ def layer(flow: Flow, x_needs_grad: bool) -> list[SavedTensor]:
     saved += rms_norm_of(flow, "self_attn.k_norm", tokens * spec.kv_size, spec.kv_size, e, k_grad, fp32_product=True)
     attn_needs_grad = q_grad or k_grad or v_grad
     saved += attention_core(flow, q_grad, k_grad, v_grad)
-    # SDPA's output is laid out (b, s, heads, dim), so o_proj reads it without a copy; eager copies.
-    own, keeps = flow.linear(p + "self_attn.o_proj", e, attn_needs_grad)
+    own, attn_out_grad = output_projection(flow, p + "self_attn.o_proj", spec.q_size, attn_needs_grad,
+                                           reads_saved_output=flow.t.attention != "eager")
     saved += own
-    if keeps and (flow.t.attention == "eager" or not attn_needs_grad):
-        saved.append(SavedTensor("self_attn.o_proj.input", tokens * spec.q_size * e))
-    attn_out_grad = attn_needs_grad or flow.adapted(p + "self_attn.o_proj")
     saved += rms_norm_of(flow, "post_attention_layernorm", tokens * h, h, e, attn_out_grad, fp32_product=True)
 
     mid_needs_grad = x_needs_grad or attn_out_grad

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from lora_planner.families.base import Family, Module
 from lora_planner.families.rules import (
-    Flow, SavedTensor, attention_core, attention_projections, dropout_mask, norm, plain_mlp,
+    Flow, SavedTensor, attention_core, attention_projections, dropout_mask, norm, output_projection, plain_mlp,
 )
 from lora_planner.specs import ModelSpec
 
@@ -48,11 +48,8 @@ def layer(flow: Flow, x_needs_grad: bool) -> list[SavedTensor]:
     saved += attention_core(flow, q_grad, k_grad, v_grad)
     # Partial RoPE ends in torch.cat, so q is (b, heads, s, dim)-contiguous and so is the attention
     # output: the (b, s, hidden) input of `dense` is a copy.
-    own, keeps = flow.linear(p + "self_attn.dense", e, attn_needs_grad)
+    own, attn_out_grad = output_projection(flow, p + "self_attn.dense", spec.q_size, attn_needs_grad)
     saved += own
-    if keeps:
-        saved.append(SavedTensor("self_attn.dense.input", tokens * spec.q_size * e))
-    attn_out_grad = attn_needs_grad or flow.adapted(p + "self_attn.dense")
     saved += dropout_mask(flow, "attn.resid_dropout", tokens * spec.hidden_size, spec.dropout, attn_out_grad, e)
     mlp_saved, keeps_mlp_x, mlp_out_grad = plain_mlp(flow, p + "mlp.fc1", p + "mlp.fc2", x_needs_grad)
     saved += mlp_saved

@@ -24,7 +24,9 @@ and MLP) is the layout order, which DeepSpeed's flat buffers follow.
 from __future__ import annotations
 
 from lora_planner.families.base import Family, Module
-from lora_planner.families.rules import FP32, Flow, SavedTensor, dropout_mask, norm, softmax_saved
+from lora_planner.families.rules import (
+    FP32, Flow, SavedTensor, dropout_mask, norm, output_projection, softmax_saved,
+)
 from lora_planner.specs import ModelSpec
 
 PREFIX = "model.layers.0."
@@ -85,11 +87,8 @@ def layer(flow: Flow, x_needs_grad: bool) -> list[SavedTensor]:
         saved.append(SavedTensor("input_layernorm.output", tokens * h * flow.e_stream))
     attn_needs_grad = x_needs_grad or flow.adapted(p + "self_attn.qkv_proj")
     saved += _attention(flow, attn_needs_grad)
-    own, keeps = flow.linear(p + "self_attn.o_proj", e, attn_needs_grad)
+    own, mid_needs_grad = output_projection(flow, p + "self_attn.o_proj", spec.q_size, attn_needs_grad)  # a copy
     saved += own
-    if keeps:
-        saved.append(SavedTensor("self_attn.o_proj.input", tokens * spec.q_size * e))  # heads merged: a copy
-    mid_needs_grad = attn_needs_grad or flow.adapted(p + "self_attn.o_proj")
     saved += dropout_mask(flow, "attn.resid_dropout", tokens * h, spec.dropout, mid_needs_grad, e)
 
     saved += norm(flow, "post_attention_layernorm", mid_needs_grad)

@@ -253,6 +253,20 @@ def attention_projections(flow: Flow, prefix: str, projections: tuple[str, ...],
     return saved, keeps_input, grads
 
 
+def output_projection(flow: Flow, path: str, width: int, attn_needs_grad: bool,
+                      reads_saved_output: bool = False) -> tuple[list[SavedTensor], bool]:
+    """The projection after attention (o_proj / dense, input `width` wide in the compute dtype): its own tensors,
+    and its input when it keeps it, unless that input is the attention output already saved
+    (`reads_saved_output`: fused SDPA's output is laid out (b, s, heads, dim), so the projection reads it without
+    a copy; eager attention, partial RoPE's cat and merged heads make a copy). (saved, whether the output needs
+    a gradient)."""
+    own, keeps = flow.linear(path, flow.e_compute, attn_needs_grad)
+    if keeps and not (reads_saved_output and attn_needs_grad):
+        name = path.split("layers.0.")[-1].split("h.0.")[-1]
+        own.append(SavedTensor(f"{name}.input", flow.tokens * width * flow.e_compute))
+    return own, attn_needs_grad or flow.adapted(path)
+
+
 # ---------------------------------------------------------------------------------------------- MLPs
 
 

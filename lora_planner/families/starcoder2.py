@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from lora_planner.families.base import Family, Module
 from lora_planner.families.rules import (
-    FP32, Flow, SavedTensor, attention_core, attention_projections, dropout_mask, norm, plain_mlp,
+    FP32, Flow, SavedTensor, attention_core, attention_projections, dropout_mask, norm, output_projection, plain_mlp,
 )
 from lora_planner.specs import ModelSpec
 
@@ -81,11 +81,9 @@ def layer(flow: Flow, x_needs_grad: bool) -> list[SavedTensor]:
     saved += (_cpu_math_attention if cpu_math else attention_core)(flow, q_grad, k_grad, v_grad)
     # SDPA's fused output is laid out (b, s, heads, dim): o_proj reads it without a copy; eager and the math
     # path copy.
-    own, keeps = flow.linear(p + "self_attn.o_proj", e, attn_needs_grad)
+    own, mid_needs_grad = output_projection(flow, p + "self_attn.o_proj", spec.q_size, attn_needs_grad,
+                                            reads_saved_output=flow.t.attention != "eager" and not cpu_math)
     saved += own
-    if keeps and (flow.t.attention == "eager" or cpu_math or not attn_needs_grad):
-        saved.append(SavedTensor("self_attn.o_proj.input", tokens * spec.q_size * e))
-    mid_needs_grad = attn_needs_grad or flow.adapted(p + "self_attn.o_proj")
     saved += dropout_mask(flow, "attn.resid_dropout", tokens * h, spec.dropout, mid_needs_grad, e)
 
     saved += norm(flow, "post_attention_layernorm", mid_needs_grad)
