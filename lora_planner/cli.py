@@ -20,13 +20,13 @@ import sys
 from collections.abc import Callable, Sequence
 
 from lora_planner.catalog import resolve_model
-from lora_planner.cli_args import build_parser
+from lora_planner.cli_args import SUBCOMMAND_ARGUMENTS, build_parser
 from lora_planner.cli_options import budget_from_args, overhead_from_args
 from lora_planner.errors import PlannerInputError
 from lora_planner.planner import make_plan, plan_to_dict, refit
 from lora_planner.specs import MAX_LAYERS, METHODS, LoraSpec, TrainingSpec, check_choice
 
-SUBCOMMANDS = ("estimate", "profile", "recommend", "sweep", "calibrate", "report", "models")
+SUBCOMMANDS = tuple(SUBCOMMAND_ARGUMENTS)
 EXIT_BAD_INPUT = 2
 EXIT_INTERNAL_ERROR = 70  # EX_SOFTWARE (sysexits.h): an unexpected exception, i.e. a bug
 EXIT_INTERRUPTED = 130  # 128 + SIGINT
@@ -105,9 +105,8 @@ def run_estimate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({**plan_to_dict(plan), **({"calibration": calibration} if calibration else {})}, indent=2))
         return 0
-    from rich.console import Console  # only human output pays for rich
-
     from lora_planner.render import render_plan
+    from lora_planner.textable import Console  # stdlib only: the estimate path stays instant (no rich)
 
     console = Console()
     render_plan(plan, console, detail=args.detail)
@@ -160,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not argv or (argv[0] not in SUBCOMMANDS and argv[0] not in ("-h", "--help", "--version")):
         argv.insert(0, "estimate")
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser(argv[0] if argv[0] in SUBCOMMANDS else None).parse_args(argv)
         return _runner(args.command)(args)
     except PlannerInputError as err:
         print(f"lora-plan: error: {err}", file=sys.stderr)

@@ -8,6 +8,7 @@ defaults come from `lora_planner.defaults`; `lora_planner.cli` dispatches to eac
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from typing import Any
 
 from lora_planner import __version__
@@ -99,39 +100,40 @@ def add_planner_options(p: argparse.ArgumentParser) -> None:
                    default=None, help="also show the time to train on this many tokens, e.g. 1e9")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def add_estimate_arguments(p: argparse.ArgumentParser) -> None:
+    add_planner_options(p)
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("--detail", action="store_true", help="also show every phase of each method")
+    p.add_argument("--calibration", type=Text("calibration", "--calibration calib.json"), default=None,
+                   help="apply a calib.json from `lora-plan calibrate` (default: the uncalibrated planner)")
+
+
+def add_profile_arguments(p: argparse.ArgumentParser) -> None:
+    add_planner_options(p)
+    p.set_defaults(method="full,lora")
+    p.add_argument("--backend", type=Text("backend", "--backend hf"), default="hf",
+                   help="hf (transformers + peft, default) or builtin")
+    p.add_argument("--mode", type=Text("mode", "--mode cpu"), default="auto",
+                   help="auto (cuda if present, else cpu for small models, else fake), cuda, cpu or fake")
+    p.add_argument("--steps", type=count("steps", "--steps 3", MAX_STEPS), default=3,
+                   help="measured steps per run (default 3; step 1 creates the optimizer state)")
+    p.add_argument("--out", type=Text("out", "--out runs.jsonl"), default="runs.jsonl",
+                   help="JSONL file the records are appended to")
+    p.add_argument("--resume", action="store_true", help="skip runs already recorded in --out")
+    p.add_argument("--json", action="store_true", help="print the records as JSON")
+    p.add_argument("--threads", type=count("threads", "--threads 1", MAX_THREADS), default=None,
+                   help="torch CPU threads (default: torch's); 1 is steadier and often faster on a busy machine")
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser of `lora-plan`; with `command`, only that subcommand's (building all eight costs ~4 ms of a
+    cold start that must stay under 0.08 s; `--help` and `--version` build them all)."""
     parser = OneLineParser(prog="lora-plan", description="Will a full / LoRA / QLoRA fine-tune fit, and why.")
     parser.add_argument("--version", action="version", version=f"lora-plan {__version__}")
     sub = parser.add_subparsers(dest="command", parser_class=OneLineParser)
-    estimate = sub.add_parser("estimate", help="predict the peak memory of one training step (default)")
-    add_planner_options(estimate)
-    estimate.add_argument("--json", action="store_true", help="print the plan as JSON")
-    estimate.add_argument("--detail", action="store_true", help="also show every phase of each method")
-    estimate.add_argument("--calibration", type=Text("calibration", "--calibration calib.json"), default=None,
-                          help="apply a calib.json from `lora-plan calibrate` (default: the uncalibrated planner)")
-
-    profile = sub.add_parser("profile", help="run real training steps (full vs LoRA) and compare with the prediction")
-    add_planner_options(profile)
-    profile.set_defaults(method="full,lora")
-    profile.add_argument("--backend", type=Text("backend", "--backend hf"), default="hf",
-                         help="hf (transformers + peft, default) or builtin")
-    profile.add_argument("--mode", type=Text("mode", "--mode cpu"), default="auto",
-                         help="auto (cuda if present, else cpu for small models, else fake), cuda, cpu or fake")
-    profile.add_argument("--steps", type=count("steps", "--steps 3", MAX_STEPS), default=3,
-                         help="measured steps per run (default 3; step 1 creates the optimizer state)")
-    profile.add_argument("--out", type=Text("out", "--out runs.jsonl"), default="runs.jsonl",
-                         help="JSONL file the records are appended to")
-    profile.add_argument("--resume", action="store_true", help="skip runs already recorded in --out")
-    profile.add_argument("--json", action="store_true", help="print the records as JSON")
-    profile.add_argument("--threads", type=count("threads", "--threads 1", MAX_THREADS), default=None,
-                         help="torch CPU threads (default: torch's); 1 is steadier and often faster on a busy machine")
-
-    recommend = sub.add_parser("recommend", help="choose method, rank, alpha, micro-batch and checkpointing for a GPU")
-    add_recommend_arguments(recommend)
-    add_sweep_arguments(sub.add_parser("sweep", help="run a TOML grid of profile runs into a JSONL file (resumable)"))
-    add_calibrate_arguments(sub.add_parser("calibrate", help="fit the planner's free constants to measured runs"))
-    add_report_arguments(sub.add_parser("report", help="charts and a Markdown report from profile records"))
-    add_models_arguments(sub.add_parser("models", help="list the model catalog (sizes, context, repo ids)"))
+    for name, (help_text, add_arguments) in SUBCOMMAND_ARGUMENTS.items():
+        if command is None or name == command:
+            add_arguments(sub.add_parser(name, help=help_text))
     return parser
 
 
@@ -230,3 +232,15 @@ def add_models_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the catalog as JSON")
     p.add_argument("--family", type=Text("family", "--family llama"), default=None,
                    help=f"only this family: {', '.join(FAMILIES)}")
+
+
+# Each subcommand: its help line and the function declaring its options, in the order `--help` lists them.
+SUBCOMMAND_ARGUMENTS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
+    "estimate": ("predict the peak memory of one training step (default)", add_estimate_arguments),
+    "profile": ("run real training steps (full vs LoRA) and compare with the prediction", add_profile_arguments),
+    "recommend": ("choose method, rank, alpha, micro-batch and checkpointing for a GPU", add_recommend_arguments),
+    "sweep": ("run a TOML grid of profile runs into a JSONL file (resumable)", add_sweep_arguments),
+    "calibrate": ("fit the planner's free constants to measured runs", add_calibrate_arguments),
+    "report": ("charts and a Markdown report from profile records", add_report_arguments),
+    "models": ("list the model catalog (sizes, context, repo ids)", add_models_arguments),
+}

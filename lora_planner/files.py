@@ -20,7 +20,6 @@ import errno
 import json
 import os
 import stat
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -171,6 +170,7 @@ def check_output_dir(path: str | Path, field: str = "out") -> Path:
         if above is not None:
             raise PlannerInputError(field, f"{_short(path)} lies under {_short(above)}, which is a file", fix)
         path.mkdir(parents=True, exist_ok=True)
+        import tempfile  # lazily: only on this path (cold start, issue 11)
         with tempfile.TemporaryFile(dir=path):
             pass
     except PlannerInputError:
@@ -183,4 +183,5 @@ def check_output_dir(path: str | Path, field: str = "out") -> Path:
 
 def fallback_path(name: str) -> Path:
     """Where records go when their output file cannot be written: the system's temp folder."""
+    import tempfile  # lazily: only on this path (cold start, issue 11)
     return Path(tempfile.gettempdir()) / name

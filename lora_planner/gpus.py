@@ -9,7 +9,6 @@ covers it, and `--gpu NAME --gpu-mem SIZE` takes an exact figure.
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass
 
 from lora_planner.errors import PlannerInputError
@@ -184,6 +183,7 @@ def resolve_gpu(name: str) -> GpuSpec:
     key = GPU_ALIASES.get(key, key)
     if key in GPUS:
         return GPUS[key]
+    import difflib  # lazily: only on this path (cold start, issue 11)
     close = difflib.get_close_matches(key, [*GPUS, *GPU_ALIASES], n=3, cutoff=0.4)
     hint = f"did you mean {', '.join(close)}?" if close else f"known GPUs: {', '.join(GPUS)}"
     raise PlannerInputError("gpu", f"unknown GPU {name!r}", f"{hint} (or pass --gpu-mem 24GiB)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import textwrap
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -58,13 +59,13 @@ def params_text(n: int) -> str:
 
 
 def render_models(rows: tuple[ModelRow, ...], console: Any) -> None:
-    from rich.table import Table  # only human output pays for rich
+    from lora_planner.textable import Table
 
-    table = Table(title=f"Model catalog ({len(rows)} models)", title_justify="left",
-                  caption="params, embed (embedding params): B = 10^9, M = 10^6 parameters; context: max_position_embeddings, "
-                          "in tokens", caption_justify="left")
-    table.add_column("name", overflow="fold", min_width=12)
-    table.add_column("repo id", overflow="fold", min_width=15)
+    table = Table(title=f"Model catalog ({len(rows)} models)",
+                  caption="params, embed (embedding params): B = 10^9, M = 10^6 parameters; context: "
+                          "max_position_embeddings, in tokens")
+    table.add_column("name", fold=True, min_width=12)
+    table.add_column("repo id", fold=True, min_width=15)
     table.add_column("family", no_wrap=True)
     table.add_column("params", justify="right", no_wrap=True)
     table.add_column("embed", justify="right", no_wrap=True)
@@ -75,8 +76,10 @@ def render_models(rows: tuple[ModelRow, ...], console: Any) -> None:
                       params_text(row.embedding_params), f"{row.context_tokens:,}",
                       "yes" if row.tied_embeddings else "no")
     console.print(table)
-    console.print("Any other Hugging Face model: `lora-plan --model ORG/NAME` (its config.json read from the local "
-                  "Hugging Face cache) or `lora-plan --model path/to/config.json`.", highlight=False, markup=False)
+    note = ("Any other Hugging Face model: `lora-plan --model ORG/NAME` (its config.json read from the local "
+            "Hugging Face cache) or `lora-plan --model path/to/config.json`.")
+    for line in textwrap.wrap(note, width=max(console.width, 20), break_on_hyphens=False):
+        console.print(line)
 
 
 def run_models_command(args: argparse.Namespace) -> int:
@@ -84,7 +87,7 @@ def run_models_command(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows_to_json(rows), indent=2))
         return 0
-    from rich.console import Console
+    from lora_planner.textable import Console
 
     render_models(rows, Console())
     return 0

@@ -20,7 +20,6 @@ the pinned transformers (5.24.0) and follows `transformers/trainer_optimizer.py`
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass
 
 from lora_planner.errors import PlannerInputError
@@ -124,6 +123,7 @@ def resolve_optimizer(name: str, device: str = "cuda") -> tuple[str, str | None]
                                 "pick a modelled optimizer, e.g. adamw_torch_fused, adamw_8bit or adafactor")
     if entry is None:
         known = [*PLANNER_OPTIMIZERS, *HF_OPTIMIZERS]
+        import difflib  # lazily: only on this path (cold start, issue 11)
         close = difflib.get_close_matches(str(key), known, n=3, cutoff=0.6)
         hint = f"did you mean {', '.join(close)}?" if close else f"use one of {', '.join(PLANNER_OPTIMIZERS)}"
         raise PlannerInputError("optimizer", f"unknown optimizer {name!r}",
@@ -180,6 +180,7 @@ def resolve_dtype(name: object, field: str = "dtype") -> str:
     key = name.strip().lower() if isinstance(name, str) else name
     if key in DTYPE_SPELLINGS:
         return DTYPE_SPELLINGS[key]
+    import difflib  # lazily: only on this path (cold start, issue 11)
     close = difflib.get_close_matches(str(key), list(DTYPE_SPELLINGS), n=3, cutoff=0.6)
     hint = f"did you mean {', '.join(close)}? " if close else ""
     raise PlannerInputError(field, f"unknown dtype {name!r}", f"{hint}use bf16, fp16 or fp32 (or bfloat16, float16, "
@@ -205,6 +206,7 @@ def resolve_attention(name: object) -> str:
     if key in REFUSED_ATTENTIONS:
         raise PlannerInputError("attention", f"{name!r} is not modelled: {REFUSED_ATTENTIONS[key]}",
                                 "use --attention sdpa (on CUDA it dispatches to a flash kernel for 16-bit inputs)")
+    import difflib  # lazily: only on this path (cold start, issue 11)
     close = difflib.get_close_matches(str(key), ["sdpa", "eager", *REFUSED_ATTENTIONS], n=2, cutoff=0.5)
     hint = f"did you mean {', '.join(close)}? " if close else ""
     raise PlannerInputError("attention", f"unknown attention {name!r}", f"{hint}use sdpa or eager")

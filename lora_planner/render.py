@@ -1,16 +1,16 @@
-"""Human output of a `Plan`: rich tables. Only the CLI imports this module (rich stays off the API path)."""
+"""Human output of a `Plan`: tables drawn by `lora_planner.textable` (stdlib only, so the estimate path answers
+cold in <= 0.08 s). Only the CLI imports this module."""
 
 from __future__ import annotations
 
 import re
 import textwrap
 
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
+from typing import Any
 
 from lora_planner.memory import CATEGORIES, PHASE_TITLES
 from lora_planner.planner import Plan, describe_budget, describe_usable, gib_text
+from lora_planner.textable import Console, Styled, Table
 
 GIB = 2**30
 METHOD_TITLES = {"full": "full fine-tune", "lora": "LoRA", "qlora": "QLoRA"}
@@ -50,10 +50,11 @@ NBSP = "\u00a0"
 _NUMBER_UNIT = re.compile(r"(\d) (B|kB|KiB|MB|MiB|GB|GiB|TB|TiB|%|ms|s|min|h|days|tokens)(?=[\s.,;:)]|$)")
 
 
-def print_wrapped(console: Console, text: str, first: str = "", rest: str = "", style: str | None = None) -> None:
+def print_wrapped(console: Any, text: str, first: str = "", rest: str = "", style: str | None = None) -> None:
     """Print prose wrapped to the console's width without ever separating a number from its unit.
 
-    Rich breaks lines at any whitespace, the non-breaking space included, so the text is wrapped here
+    `console` is a `lora_planner.textable.Console` or a rich one (the recommender's). Rich breaks lines at any
+    whitespace, the non-breaking space included, so the text is wrapped here
     (textwrap breaks only at ASCII whitespace: a non-breaking space between number and unit holds them
     together) and each line printed as it is."""
     kept = _NUMBER_UNIT.sub(lambda m: f"{m[1]}{NBSP}{m[2]}", text).replace("(1 - ", f"(1{NBSP}-{NBSP}")
@@ -89,16 +90,16 @@ def _settings_line(plan: Plan) -> str:
     return " | ".join(parts)
 
 
-def _fits_cell(plan: Plan, method: str) -> Text:
+def _fits_cell(plan: Plan, method: str) -> Styled:
     mp = plan.methods[method]
     if mp.fits is None:
         smallest = mp.fits_on[0] if mp.fits_on else None
-        return Text(f"{smallest} or larger" if smallest else "no catalog GPU", style="cyan")
+        return Styled(f"{smallest} or larger" if smallest else "no catalog GPU", "cyan")
     if mp.fits:
-        return Text("yes", style="bold green")
+        return Styled("yes", "bold green")
     if plan.budget is not None and mp.estimate.peak_device_bytes <= plan.budget.memory_bytes:
-        return Text("no (in headroom)", style="bold yellow")  # within the budget, not within the usable part
-    return Text("no", style="bold red")
+        return Styled("no (in headroom)", "bold yellow")  # within the budget, not within the usable part
+    return Styled("no", "bold red")
 
 
 def fits_label(plan: Plan) -> str:
@@ -113,7 +114,7 @@ def plan_table(plan: Plan) -> Table:
     """Methods side by side: the peak's breakdown, the peak, the seed's rule, and the fit."""
     methods = list(plan.methods)
     per_gpu = " per GPU" if plan.training.gpus > 1 else ""
-    table = Table(title=f"Peak memory{per_gpu} of one training step (GiB)", title_justify="left")
+    table = Table(title=f"Peak memory{per_gpu} of one training step (GiB)")
     table.add_column("", style="bold", no_wrap=True)
     for method in methods:
         table.add_column(METHOD_TITLES[method], justify="right")
@@ -123,11 +124,11 @@ def plan_table(plan: Plan) -> Table:
     for category in CATEGORIES:
         label = category.replace("_", " ")
         table.add_row(f"  {label}", *[gib(est[m].peak.breakdown.as_dict()[category]) for m in methods])
-    table.add_row("peak allocated", *[Text(gib(est[m].peak_allocated_bytes), style="bold") for m in methods])
+    table.add_row("peak allocated", *[Styled(gib(est[m].peak_allocated_bytes), "bold") for m in methods])
     table.add_row("  at phase", *[PHASE_TITLES[est[m].peak_phase] for m in methods])
     if plan.training.device == "cuda":
         table.add_row("  + CUDA context etc.", *[gib(est[m].device_overhead_bytes) for m in methods])
-        table.add_row("peak on device", *[Text(gib(est[m].peak_device_bytes), style="bold") for m in methods])
+        table.add_row("peak on device", *[Styled(gib(est[m].peak_device_bytes), "bold") for m in methods])
     # The rule is for one GPU holding the whole model: beside a per-GPU peak it is labelled as such.
     seed_label = "seed rule 4x | (1+4m)x" if plan.training.gpus == 1 else "seed rule, whole model on 1 GPU"
     table.add_row(seed_label, *[gib(est[m].seed_rule_bytes) for m in methods])
@@ -150,7 +151,7 @@ def plan_table(plan: Plan) -> Table:
 def phases_table(plan: Plan, method: str) -> Table:
     """Every phase of one method, so the user sees where the peak comes from."""
     e = plan.methods[method].estimate
-    table = Table(title=f"{METHOD_TITLES[method]}: live memory by phase (GiB)", title_justify="left")
+    table = Table(title=f"{METHOD_TITLES[method]}: live memory by phase (GiB)")
     table.add_column("phase", style="bold", no_wrap=True)
     for category in CATEGORIES:
         table.add_column(SHORT_CATEGORY[category], justify="right")
@@ -174,7 +175,7 @@ def saved_tensors_table(plan: Plan, method: str, top: int = 10) -> Table:
         size = f"{total / 2**20:,.1f} MiB x {acts.num_layers} layers"
     else:  # LoRA on some layers only: layers differ (layer 0 alone may differ under LoRA: frozen input)
         size = f"the largest layer, {total / 2**20:,.1f} MiB; all {acts.num_layers} layers {acts.all_layers_bytes / 2**20:,.1f} MiB"
-    table = Table(title=f"{METHOD_TITLES[method]}: what one layer keeps for backward ({size})", title_justify="left")
+    table = Table(title=f"{METHOD_TITLES[method]}: what one layer keeps for backward ({size})")
     table.add_column("saved tensor", no_wrap=True)
     table.add_column("MiB", justify="right")
     table.add_column("share", justify="right")
@@ -189,8 +190,13 @@ def saved_tensors_table(plan: Plan, method: str, top: int = 10) -> Table:
 def render_plan(plan: Plan, console: Console, detail: bool = False) -> None:
     spec, params = plan.spec, plan.params
     groups = ", ".join(f"{g} {human_count(n)}" for g, n in params.by_group.items() if n)
-    console.print(f"[bold]{spec.name}[/bold] ({spec.family}): {human_count(params.total)} parameters ({groups})")
-    console.print(_settings_line(plan), style="dim")
+    headline = f"{spec.name} ({spec.family}): {human_count(params.total)} parameters ({groups})"
+    first, *rest = textwrap.wrap(headline, width=max(console.width, 20), break_long_words=False,
+                                 break_on_hyphens=False)
+    console.print([Styled(spec.name, "bold"), Styled(first[len(spec.name):])])  # the name in bold
+    for line in rest:
+        console.print(line)
+    print_wrapped(console, _settings_line(plan), style="dim")
     per_gpu = " per GPU" if plan.training.gpus > 1 else ""
     if plan.budget is not None:
         print_wrapped(console, f"budget{per_gpu}: {describe_budget(plan.budget)}; "
@@ -202,7 +208,7 @@ def render_plan(plan: Plan, console: Console, detail: bool = False) -> None:
         print_wrapped(console, f"warning: {warning}", rest="  ", style="yellow")
     console.print(plan_table(plan))
     mp = next(iter(plan.methods.values()))
-    console.print(f"step times: {mp.throughput.mfu:.0%} model-FLOPs utilisation of {mp.throughput.gpu}'s dense "
+    print_wrapped(console, f"step times: {mp.throughput.mfu:.0%} model-FLOPs utilisation of {mp.throughput.gpu}'s dense "
                   f"{plan.training.compute_dtype} peak + the memory-bound optimizer step" +
                   ("" if plan.budget and plan.budget.name else " (reference GPU; pass --gpu)"), style="dim")
     if detail:
@@ -210,37 +216,3 @@ def render_plan(plan: Plan, console: Console, detail: bool = False) -> None:
             console.print(phases_table(plan, method))
             if plan.methods[method].estimate.activations.layer_bytes:
                 console.print(saved_tensors_table(plan, method))
-
-
-SHORT_PHASE = {"forward": "fwd", "backward": "bwd", "optimizer_step": "opt", "zero_grad": "zero"}
-
-
-def profile_table(records: list[dict]) -> Table:
-    """Predicted vs measured peak allocated memory, one row per profile record (GiB, or MiB for small runs);
-    step time and tokens/s only when some run was timed (real steps)."""
-    largest = max((r["predicted"]["peak_bytes"] for r in records), default=0)
-    unit, scale = ("GiB", 2**30) if largest >= 2**30 else ("MiB", 2**20)
-    timed = any(r.get("median_step_time_s") for r in records)
-    table = Table(title=f"Profile: predicted vs measured peak allocated ({unit})", title_justify="left")
-    columns = ("method", "run", "BxS", "pred", "meas", "error", "phase") + (("s/step", "tok/s") if timed else ())
-    for name in columns:
-        table.add_column(name, justify="left" if name in ("method", "run", "phase") else "right", no_wrap=True)
-    for record in records:
-        s, pred = record["settings"], record["predicted"]
-        method = s["method"] + (f" {s['strategy']}x{s['gpus']}" if s.get("gpus", 1) > 1 else "")
-        cells = [method, f"{record['backend']}/{record['mode']}", f"{s['batch_size']}x{s['seq_len']}",
-                 f"{pred['peak_bytes'] / scale:.2f}"]
-        if record["status"] != "ok":
-            table.add_row(*cells, Text(record["status"], style="bold red"), *[""] * (len(columns) - 5))
-            continue
-        meas, error = record["measured"], record["relative_error"]
-        phase = SHORT_PHASE.get(meas["peak_phase"], meas["peak_phase"] or "-")
-        if meas["peak_phase"] and meas["peak_phase"] != pred["coarse_phase"]:
-            phase += f" (pred {SHORT_PHASE[pred['coarse_phase']]})"
-        row = [*cells, f"{meas['peak_bytes'] / scale:.2f}",
-               Text(f"{100 * error:+.2f}%", style="green" if abs(error) <= 0.05 else "red"), phase]
-        if timed:
-            step, tokens = record.get("median_step_time_s"), record.get("tokens_per_s")
-            row += [f"{step:.3f}" if step else "-", f"{tokens:,.0f}" if tokens else "-"]
-        table.add_row(*row)
-    return table

@@ -10,7 +10,9 @@ import sys
 import pytest
 
 from lora_planner.cli import build_parser, main
+from lora_planner.cli_args import SUBCOMMAND_ARGUMENTS
 from lora_planner.defaults import DEFAULT_HEADROOM, DEFAULT_R, DEFAULT_SEQ_LEN
+from lora_planner.errors import PlannerInputError
 from lora_planner.memory import CATEGORIES
 from lora_planner.planner import usable_bytes
 from lora_planner.specs import TrainingSpec
@@ -195,11 +197,24 @@ def test_help_and_version_exit_zero(capsys):
     assert main(["--version"]) == 0
 
 
-def test_estimate_path_does_not_import_torch_or_pandas():
-    code = ("import sys; from lora_planner.cli import main; main(['--model', 'llama-7b', '--json']); "
-            "print(sorted(m for m in ('torch', 'pandas', 'matplotlib', 'rich') if m in sys.modules))")
+@pytest.mark.parametrize("extra", [["--json"], [], ["--detail"]])
+def test_estimate_path_imports_only_the_stdlib(extra):
+    """Cold start (issue 11): neither torch, pandas, matplotlib nor rich, and not the other subcommands'
+    modules, on the estimate path, human output included (drawn by lora_planner.textable)."""
+    heavy = ("torch", "pandas", "matplotlib", "rich", "tempfile", "difflib", "lora_planner.recommend",
+             "lora_planner.sweep", "lora_planner.profiler", "lora_planner.report")
+    code = (f"import sys; from lora_planner.cli import main; main(['--model', 'llama-7b', *{extra!r}]); "
+            f"print(sorted(m for m in {heavy!r} if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_one_subcommand_builds_only_its_own_parser():
+    parser = build_parser("models")
+    assert parser.parse_args(["models", "--json"]).json
+    with pytest.raises(PlannerInputError, match="invalid choice"):
+        parser.parse_args(["estimate"])  # not built: argparse refuses the choice
+    assert set(build_parser()._subparsers._group_actions[0].choices) == set(SUBCOMMAND_ARGUMENTS)
 
 
 # ---------------------------------------------------------------------------------------------- issue 9

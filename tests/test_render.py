@@ -6,7 +6,7 @@ import io
 import re
 
 import pytest
-from rich.console import Console
+from lora_planner.textable import Console
 
 from lora_planner.catalog import resolve_model
 from lora_planner.planner import Budget, make_plan
@@ -16,7 +16,7 @@ from lora_planner.specs import TrainingSpec
 
 def rendered(plan, detail=False, width=120) -> str:
     out = io.StringIO()
-    render_plan(plan, Console(file=out, width=width, color_system=None), detail=detail)
+    render_plan(plan, Console(file=out, width=width, color=False), detail=detail)
     return out.getvalue()
 
 
@@ -109,7 +109,7 @@ def test_print_wrapped_keeps_numbers_with_their_units(width):
     text = ("Gradient checkpointing is on: without it even micro-batch 1 peaks at 34.41 GiB, above the 21.59 GiB "
             "usable; usable = 23.99 GiB x (1 - 10 %) = 21.59 GiB, 80 GB = 74.51 GiB, 512 MiB and 3 % more.")
     out = io.StringIO()
-    print_wrapped(Console(file=out, width=width, color_system=None), text, first="- ", rest="  ")
+    print_wrapped(Console(file=out, width=width, color=False), text, first="- ", rest="  ")
     lines = out.getvalue().splitlines()
     assert not [line for line in lines if UNIT_AT_LINE_START.match(line.strip())]
     assert " ".join(" ".join(lines).split()) == "- " + " ".join(text.split())

@@ -92,7 +92,7 @@ def profile_session(model: str, spec: ModelSpec, trainings: list[TrainingSpec], 
     if as_json:
         print(json.dumps(records, indent=2))
     elif records:
-        from lora_planner.render import profile_table
+        from lora_planner.render_profile import profile_table
 
         console.print(profile_table(records))
         if len(records) > writer.kept:
