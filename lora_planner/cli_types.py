@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import argparse
 import math
-from dataclasses import dataclass
+from typing import NamedTuple
 
 MAX_TEXT_CHARS = 4096  # Linux PATH_MAX; no model name, GPU name or list of targets is longer
 MAX_THREADS = 1024  # torch.set_num_threads overflows on huge values; no CPU has more hardware threads
@@ -43,8 +43,7 @@ def _check_text(text: str, example: str) -> str:
     return text
 
 
-@dataclass(frozen=True)
-class Text:
+class Text(NamedTuple):
     """A non-empty, bounded string option."""
 
     field: str
@@ -58,8 +57,7 @@ class Text:
         return _check_text(text, self.example)
 
 
-@dataclass(frozen=True)
-class Integer:
+class Integer(NamedTuple):
     """An integer option in [low, high] (high None: no upper bound beyond `MAX_COUNT`)."""
 
     field: str
@@ -84,8 +82,7 @@ class Integer:
         return value
 
 
-@dataclass(frozen=True)
-class Number:
+class Number(NamedTuple):
     """A finite number option in a range: [low, high], with either end open (`low_open` / `high_open`)."""
 
     field: str
