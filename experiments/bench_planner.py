@@ -29,19 +29,23 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
 
 
-def seconds(command: list[str], repeats: int = 9) -> float:
-    """Median wall time of a fresh interpreter running `command` (imports included), after one warm-up run."""
-    subprocess.run(command, check=True, capture_output=True, env=ENV)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def cold_seconds(commands: dict[str, list[str]], rounds: int = 15) -> dict[str, dict[str, float]]:
+    """Wall time of a fresh interpreter running each command (imports included): median and minimum over
+    `rounds`, the commands interleaved round by round so that a change in the machine's load hits them all
+    alike, after one warm-up run each (which also writes the bytecode cache)."""
+    for command in commands.values():
         subprocess.run(command, check=True, capture_output=True, env=ENV)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times: dict[str, list[float]] = {name: [] for name in commands}
+    for _ in range(rounds):
+        for name, command in commands.items():
+            start = time.perf_counter()
+            subprocess.run(command, check=True, capture_output=True, env=ENV)
+            times[name].append(time.perf_counter() - start)
+    return {name: {"median_s": statistics.median(t), "min_s": min(t)} for name, t in times.items()}
 
 
-def cli_seconds(argv: list[str]) -> float:
-    return seconds([sys.executable, "-m", "lora_planner.cli", *argv])
+def cli(*argv: str) -> list[str]:
+    return [sys.executable, "-m", "lora_planner.cli", *argv]
 
 
 def grid() -> list[TrainingSpec]:
@@ -60,11 +64,16 @@ def configs_per_second(model: str, passes: int) -> float:
 
 
 def main() -> None:
+    load_before = os.getloadavg()[0]
+    cold = cold_seconds({
+        "python_pass": [sys.executable, "-c", "pass"],  # the interpreter alone, same run
+        "cli_human": cli("--model", "llama-7b", "--r", "8"),  # the table, as a user types it
+        "cli_json": cli("--model", "llama-7b", "--r", "8", "--json"),
+        "cli_version": cli("--version"),  # interpreter + package import, no planning
+    })
     results = {
-        "python_pass_s": seconds([sys.executable, "-c", "pass"]),  # the interpreter alone, same run
-        "cli_cold_human_s": cli_seconds(["--model", "llama-7b", "--r", "8"]),
-        "cli_cold_json_s": cli_seconds(["--model", "llama-7b", "--r", "8", "--json"]),
-        "cli_version_s": cli_seconds(["--version"]),  # interpreter + package import, no planning
+        **{f"{name}_{stat}": value for name, stats in cold.items() for stat, value in stats.items()},
+        "load_average_1min": [load_before, os.getloadavg()[0]],  # before and after the cold runs (2 cores)
         "grid_size": len(grid()),
         "api_first_pass_configs_per_s": configs_per_second("llama-3-8b", 1),
         "api_warm_configs_per_s": configs_per_second("llama-3-8b", 5),

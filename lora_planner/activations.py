@@ -29,19 +29,25 @@ Where the rules live: the op rules (norms, attention cores, MLPs, linears with o
 module assembles a step's profile from them (layers in runs, what lives outside the layers, the loss).
 
 Known limitations: assumes no padding mask (SDPA takes its causal fast path), PEFT's
-`lora_dropout=0`, no KV cache, no fused cross-entropy (Liger) and no sequence packing.
+`lora_dropout=0`, no KV cache, no fused cross-entropy (Liger) and no sequence packing. The loss is the model's
+own `reduction="mean"` (what `model(**batch).loss` runs, and the profiler); the Trainer passes
+`num_items_in_batch` to models that accept loss kwargs, which sums and divides: a few 0-d tensors more.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property, lru_cache
 
 from lora_planner.families import family_rules
 from lora_planner.families.base import Module
 from lora_planner.families.rules import FP32, Flow, SavedTensor, norm
-from lora_planner.params import adapters_by_layer, module_inventory, rotary_dim
+from lora_planner.params import adapters_by_layer, module_inventory, rotary_dim, rotary_tables
 from lora_planner.specs import ModelSpec, TrainingSpec
+
+
+# What only nll_loss saves (not log_softmax's backward), freed once `NllLossBackward` has run.
+NLL_ONLY_SAVED = frozenset({"loss.targets", "loss.total_weight"})
 
 
 @dataclass(frozen=True)
@@ -53,7 +59,15 @@ class ActivationProfile:
     in model order: (how many, what each saves); layers differ when LoRA adapts only some of them (a
     layer-specific target or `layers_to_transform`), since nothing upstream of the first adapted layer
     needs a gradient. `model` is what lives outside the layers (rotary tables, final norm, lm_head input,
-    the batch itself); `loss` is what the loss keeps for backward.
+    the batch itself); `loss` is what the loss keeps for backward (its saved tensors: what
+    `saved_tensors_hooks` sees).
+
+    Besides the saved tensors, the loss's own scalars (transformers 5.24 `loss/loss_utils.py`
+    `ForCausalLMLoss` -> `fixed_cross_entropy`, `reduction="mean"`): the loss itself, a 0-d fp32 tensor the
+    caller holds from the end of forward until `backward()` returns (`loss_output_bytes`, an activation to
+    the tracker), and `backward()`'s seed gradient `torch.ones_like(loss)` (`torch/autograd/__init__.py`
+    `_make_grads`), alive for all of backward (in `loss_backward_scratch_bytes`, and `backward_seed_bytes`
+    for the phases after the loss's backward).
     """
 
     layer: tuple[SavedTensor, ...]
@@ -63,9 +77,13 @@ class ActivationProfile:
     loss: tuple[SavedTensor, ...]
     num_layers: int
     checkpoint_per_layer_bytes: int
-    loss_forward_scratch_bytes: int  # logits and their fp32 copy, alive while the loss is computed
-    loss_backward_scratch_bytes: int  # gradient buffers of the loss backward, on top of `loss`
+    # Transient at the forward's last op (nll_loss): logits, their fp32 copy, the padded labels, the final hidden
+    # state when lm_head does not keep it, autocast's unsaved weight copies (see `activation_profile`).
+    loss_forward_scratch_bytes: int
+    loss_backward_scratch_bytes: int  # gradient buffers of the loss backward (and its seed), on top of `loss`
     layer_backward_scratch_bytes: int  # transient gradient buffers inside one layer's backward
+    loss_output_bytes: int = FP32  # the loss value (a 0-d fp32 tensor), alive from forward end through backward
+    backward_seed_bytes: int = FP32  # backward()'s seed gradient, ones_like(loss), alive through backward
 
     @staticmethod
     def total(items: tuple[SavedTensor, ...]) -> int:
@@ -127,6 +145,13 @@ class ActivationProfile:
     def loss_bytes(self) -> int:
         return self.total(self.loss)
 
+    @cached_property
+    def loss_bytes_in_backward(self) -> int:
+        """What the loss still keeps when its backward peaks (log_softmax's backward writes its result): the
+        shifted targets and the total weight are gone, freed with `NllLossBackward`'s saved variables once it
+        ran (autograd releases a node's saved tensors after its backward unless `retain_graph`)."""
+        return self.total(tuple(i for i in self.loss if i.name not in NLL_ONLY_SAVED))
+
 
 @lru_cache(maxsize=256)
 def _modules_by_path(spec: ModelSpec) -> dict[str, Module]:
@@ -134,14 +159,20 @@ def _modules_by_path(spec: ModelSpec) -> dict[str, Module]:
 
 
 def make_flow(spec: ModelSpec, training: TrainingSpec) -> Flow:
-    """The settings the family's rules read, with the adapted modules of every layer."""
+    """The settings the family's rules read, with the adapted modules of every layer. A family transformers 5.24
+    builds without SDPA (`Family.sdpa` False: Gemma 2, whose soft-capping SDPA cannot do) runs eager attention
+    whatever was asked (`from_config` / `from_pretrained` fall back to eager by default; an explicit "sdpa" raises),
+    so that is what is planned (`lora_planner.planner.plan_warnings` says so)."""
+    family = family_rules(spec.family)
+    if not family.sdpa and training.attention != "eager":
+        training = replace(training, attention="eager")
     if training.method == "full":
         layer_adapters: tuple[frozenset[str], ...] = (frozenset(),) * spec.num_layers
         outside: frozenset[str] = frozenset()
     else:
         layer_adapters, outside = adapters_by_layer(spec, training.lora.target_modules,
                                                     training.lora.layers_to_transform)
-    return Flow(spec, training, family_rules(spec.family), layer_adapters, outside, _modules_by_path(spec))
+    return Flow(spec, training, family, layer_adapters, outside, _modules_by_path(spec))
 
 
 def _model_level(flow: Flow, embeddings_need_grad: bool) -> list[SavedTensor]:
@@ -152,7 +183,7 @@ def _model_level(flow: Flow, embeddings_need_grad: bool) -> list[SavedTensor]:
     if rotary_dim(spec):
         # cos and sin for positions (1, s, rotary_dim), shared by every layer, in the stream dtype.
         rotary_e = FP32 if family.rotary_fp32 else flow.e_stream
-        saved.append(SavedTensor("rotary.cos_sin", 2 * s * rotary_dim(spec) * rotary_e))
+        saved.append(SavedTensor("rotary.cos_sin", 2 * s * rotary_dim(spec) * rotary_e * rotary_tables(spec)))
         if flow.t.grad_checkpointing:
             saved.append(SavedTensor("checkpoint.position_ids", s * 8))  # int64, kept by the checkpoint's closure
     if flow.t.grad_checkpointing and flow.t.attention == "eager":
@@ -171,21 +202,82 @@ def _model_level(flow: Flow, embeddings_need_grad: bool) -> list[SavedTensor]:
 def _layer_runs(flow: Flow, first_input_needs_grad: bool) -> tuple[tuple[int, tuple[SavedTensor, ...]], ...]:
     """Each decoder layer's saved tensors, as runs of identical layers. A layer's input needs a gradient
     when anything upstream trains: the embeddings (full), checkpointing's `enable_input_require_grads`,
-    or an adapter in an earlier layer."""
+    or an adapter in an earlier layer. Layers of different `ModelSpec.layer_types` (sliding-window or full
+    attention) are built apart (`Flow.layer_type`); equal results share one tuple, so runs still merge."""
     layer_fn = flow.family.layer
-    built: dict[tuple[frozenset[str], bool], tuple[SavedTensor, ...]] = {}
+    built: dict[tuple[frozenset[str], bool, str | None], tuple[SavedTensor, ...]] = {}
     runs: list[list] = []
     needs_grad = first_input_needs_grad
-    for adapters in flow.layer_adapters:
-        key = (adapters, needs_grad)
+    for adapters, layer_type in zip(flow.layer_adapters, flow.spec.layer_types or (None,) * flow.spec.num_layers):
+        key = (adapters, needs_grad, layer_type)
         if key not in built:
-            built[key] = tuple(layer_fn(flow.in_layer(adapters), needs_grad))
+            layer_flow = flow.in_layer(adapters)
+            layer_flow.layer_type = layer_type
+            saved = tuple(layer_fn(layer_flow, needs_grad))
+            built[key] = next((other for other in built.values() if other == saved), saved)
         if runs and runs[-1][1] is built[key]:
             runs[-1][0] += 1
         else:
             runs.append([1, built[key]])
         needs_grad = needs_grad or bool(adapters)
     return tuple((count, saved) for count, saved in runs)
+
+
+def _forward_end_holds(flow: Flow, model: tuple[SavedTensor, ...], first_input_needs_grad: bool) -> int:
+    """What the forward still holds at its last op (nll_loss) that backward does not keep.
+
+    - The final hidden state (lm_head's input), when lm_head does not save it (LoRA, or under autocast, where
+      lm_head saves its 16-bit copy): `LlamaForCausalLM.forward` (and every transformers 5.24 `*ForCausalLM`)
+      holds it in the local `hidden_states` (and `outputs`) while `self.loss_function` runs.
+    - Under autocast, the cached 16-bit copies of trainable weights that autograd does not save: autocast
+      caches the cast of every leaf that requires grad (`aten/src/ATen/autocast_mode.cpp` `cached_cast`) until
+      the outermost autocast region exits, after the loss (`torch.autocast.__exit__` ->
+      `torch.clear_autocast_cache`). Backward keeps a weight's copy only when the matmul's input needs a
+      gradient (`Flow.amp_weight_copies`); in a checkpointed layer (non-reentrant) it keeps none. So: LoRA's
+      lora_A where x needs no gradient (the layers before the first adapter's output, without checkpointing),
+      every adapter's A and B in checkpointed layers; under full fine-tuning every linear's bias (addmm's bias
+      needs no saving), and under checkpointing every layer linear's weight too.
+    Adapters outside the layers (lm_head, the embeddings) are not counted: lm_head's input needs a gradient and
+    is not checkpointed, and embeddings run no autocast op.
+    """
+    spec = flow.spec
+    held = 0 if any(i.name == "lm_head.input" for i in model) else flow.tokens * spec.hidden_size * flow.e_stream
+    if not flow.amp:
+        return held
+    e, checkpointed = flow.e_compute, flow.t.grad_checkpointing
+    if flow.full:
+        for m in flow.modules.values():
+            if m.kind != "linear":
+                continue
+            in_layers = m.path.startswith(flow.family.layer_prefix)
+            weight = m.in_features * m.out_features if checkpointed and in_layers and not m.tied else 0
+            held += (weight + (m.out_features if m.bias else 0)) * e * m.count
+        return held
+    needs_grad = first_input_needs_grad
+    for adapters, layer_type in zip(flow.layer_adapters, spec.layer_types or (None,) * spec.num_layers):
+        if checkpointed:
+            held += sum(flow.r * (flow.modules[p].in_features + flow.modules[p].out_features) for p in adapters) * e
+        elif adapters and not needs_grad:
+            layer_flow = flow.in_layer(adapters)
+            layer_flow.layer_type, layer_flow.input_grads = layer_type, {}
+            flow.family.layer(layer_flow, False)
+            held += sum(flow.r * flow.modules[p].in_features for p in adapters
+                        if not layer_flow.input_grads.get(p, True)) * e
+        needs_grad = needs_grad or bool(adapters)
+    return held
+
+
+def causal_lm_loss_saved(flow: Flow) -> tuple[SavedTensor, ...]:
+    """What transformers 5.24's `ForCausalLMLoss` (`loss/loss_utils.py`) saves: log_softmax's fp32 output (kept
+    by nll_loss too), the shifted int64 targets and the total weight. `labels = pad(labels, (0, 1), value=-100)`
+    (b x (s+1) int64, held by the local `labels` until the loss returns), `shift_labels = labels[...,
+    1:].contiguous()`: a b x s copy, the targets nll_loss saves. With b = 1 the slice is already contiguous (a
+    size-1 dimension's stride does not count), so `contiguous()` copies nothing and the saved targets are a view
+    of the padded (s+1) labels, which then live on with them. (Traced profiles subtract this from what they
+    measured, `lora_planner.traced`.)"""
+    targets = flow.tokens * 8 if flow.b > 1 else (flow.s + 1) * 8
+    return (SavedTensor("loss.log_softmax_fp32", flow.tokens * flow.spec.vocab_size * FP32),
+            SavedTensor("loss.targets", targets), SavedTensor("loss.total_weight", FP32))
 
 
 def activation_profile(spec: ModelSpec, training: TrainingSpec) -> ActivationProfile:
@@ -200,20 +292,27 @@ def activation_profile(spec: ModelSpec, training: TrainingSpec) -> ActivationPro
     first_input_needs_grad = flow.full or training.grad_checkpointing or embedding_adapted
     runs = _layer_runs(flow, first_input_needs_grad)
     upcast = logits * FP32 if e != FP32 else 0
+    # Final logit soft-capping (Gemma 2: `Gemma2ForCausalLM.forward`, logits / cap, tanh, * cap): the scalar ops save
+    # nothing; tanh keeps its output (the logits' dtype) for backward.
+    softcap = (SavedTensor("loss.logit_softcap_tanh", logits * e),) if spec.final_logit_softcapping is not None else ()
+    # The padded labels (see `causal_lm_loss_saved`) are a separate b x (s+1) tensor only when b > 1.
+    padded_labels = flow.b * (flow.s + 1) * 8 if flow.b > 1 else 0
+    model = tuple(_model_level(flow, first_input_needs_grad))
     return ActivationProfile(
         layer=runs[-1][1],
         first_layer=runs[0][1],
         layer_runs=runs,
-        model=tuple(_model_level(flow, first_input_needs_grad)),
-        # log_softmax's fp32 output (kept by nll_loss too), the shifted int64 targets, the total weight.
-        loss=(SavedTensor("loss.log_softmax_fp32", logits * FP32), SavedTensor("loss.targets", tokens * 8),
-              SavedTensor("loss.total_weight", FP32)),
+        model=model,
+        loss=causal_lm_loss_saved(flow) + softcap,
         num_layers=spec.num_layers,
         checkpoint_per_layer_bytes=tokens * spec.hidden_size * flow.e_stream,
-        # 16-bit logits + their fp32 copy are alive while log_softmax writes its output.
-        loss_forward_scratch_bytes=logits * e + upcast,
-        # nll_loss's gradient and log_softmax's input gradient, both fp32, beside the saved output.
-        loss_backward_scratch_bytes=2 * logits * FP32,
+        # At nll_loss (the forward's last op): the logits + their fp32 copy, the padded labels, and what the
+        # CausalLM forward and the autocast region still hold (`_forward_end_holds`).
+        loss_forward_scratch_bytes=logits * e + upcast + padded_labels + _forward_end_holds(flow, model,
+                                                                                            first_input_needs_grad),
+        # The seed ones_like(loss), then nll_loss's gradient and log_softmax's input gradient (both fp32) beside
+        # the saved output.
+        loss_backward_scratch_bytes=FP32 + 2 * logits * FP32,
         # Inside a layer's backward: the incoming gradient, gradients of the MLP's intermediates and of
         # the layer input, the largest of which are B x S x intermediate.
         layer_backward_scratch_bytes=(2 * spec.hidden_size + 3 * spec.intermediate_size) * tokens * e,

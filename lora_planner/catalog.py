@@ -9,7 +9,6 @@ totals are pinned in the tests against `transformers` models built from these co
 
 from __future__ import annotations
 
-import difflib
 import os
 import re
 from pathlib import Path
@@ -297,6 +296,99 @@ MODEL_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
         "num_hidden_layers": 40, "num_attention_heads": 48, "num_key_value_heads": 4, "hidden_act": "gelu_pytorch_tanh",
         "max_position_embeddings": 16384, "sliding_window": 4096, "use_bias": True, "residual_dropout": 0.1,
         "embedding_dropout": 0.1, "attention_dropout": 0.1}),
+    # ---- smollm3 ----
+    # github.com/huggingface/smollm text/pretraining/smollm3/long_context_32k_to_64.yaml `model_config` (the last
+    # pretraining stage of SmolLM3-3B: 36 layers, 2048 hidden, 11008 MLP, 16 heads / 4 kv heads, vocab 128256, tied,
+    # 65536 positions, a NoPE layer every 4); the hub config.json's no_rope_layers (1, 1, 1, 0) x 9,
+    # use_sliding_window false and sliding_window null are SmolLM3Config's defaults for those values.
+    "smollm3-3b": ("HuggingFaceTB/SmolLM3-3B", {
+        "model_type": "smollm3", "vocab_size": 128256, "hidden_size": 2048, "intermediate_size": 11008,
+        "num_hidden_layers": 36, "num_attention_heads": 16, "num_key_value_heads": 4,
+        "max_position_embeddings": 65536, "no_rope_layer_interval": 4, "use_sliding_window": False,
+        "sliding_window": None, "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": True}),
+    # ---- gemma2 / gemma3_text ----
+    # The config.json files as MODEL_PRESETS "gemma2_2b" (the -it repo's), "gemma2_9b", "gemma2_27b" and
+    # "gemma3_1b_it" in github.com/mlc-ai/mlc-llm python/mlc_llm/model/model_preset.py (commit 79d603f0); the Gemma 2
+    # sizes also in NVIDIA-NeMo/Megatron-Bridge's Gemma2 bridge unit test (gemma2_{2b,9b,27b}_config_dict). No
+    # tie_word_embeddings key: Gemma2Config / Gemma3TextConfig default it to true. The -pt / -it repos share shapes.
+    "gemma-2-2b": ("google/gemma-2-2b", {
+        "model_type": "gemma2", "vocab_size": 256000, "hidden_size": 2304, "intermediate_size": 9216,
+        "num_hidden_layers": 26, "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256,
+        "hidden_activation": "gelu_pytorch_tanh", "max_position_embeddings": 8192, "sliding_window": 4096,
+        "query_pre_attn_scalar": 256, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0}),
+    "gemma-2-9b": ("google/gemma-2-9b", {
+        "model_type": "gemma2", "vocab_size": 256000, "hidden_size": 3584, "intermediate_size": 14336,
+        "num_hidden_layers": 42, "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 256,
+        "hidden_activation": "gelu_pytorch_tanh", "max_position_embeddings": 8192, "sliding_window": 4096,
+        "query_pre_attn_scalar": 256, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0}),
+    "gemma-2-27b": ("google/gemma-2-27b", {
+        "model_type": "gemma2", "vocab_size": 256000, "hidden_size": 4608, "intermediate_size": 36864,
+        "num_hidden_layers": 46, "num_attention_heads": 32, "num_key_value_heads": 16, "head_dim": 128,
+        "hidden_activation": "gelu_pytorch_tanh", "max_position_embeddings": 8192, "sliding_window": 4096,
+        "query_pre_attn_scalar": 144, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0}),
+    "gemma-3-1b": ("google/gemma-3-1b-pt", {
+        "model_type": "gemma3_text", "vocab_size": 262144, "hidden_size": 1152, "intermediate_size": 6912,
+        "num_hidden_layers": 26, "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 256,
+        "hidden_activation": "gelu_pytorch_tanh", "max_position_embeddings": 32768, "sliding_window": 512,
+        "sliding_window_pattern": 6, "query_pre_attn_scalar": 256, "attn_logit_softcapping": None,
+        "final_logit_softcapping": None}),
+    # ---- more Llama / Qwen2 / Mistral / Phi-3 sizes (issue 11, section 3) ----
+    # github.com/meta-llama/llama-models models/sku_list.py (commit c908f5b "Add Llama 3.3": llama3_3_70b_instruct,
+    # huggingface_repo meta-llama/Llama-3.3-70B-Instruct: dim 8192, 80 layers, 64 heads, 8 kv heads, vocab 128256,
+    # ffn_dim_multiplier 1.3, multiple_of 4096 -> intermediate 28672 as for Llama 3.1 70B) and models/datatypes.py
+    # (max_seq_length 131072 for the llama3_3 family); a separate output layer (models/llama3/model.py). Meta
+    # published only the instruct repo.
+    "llama-3.3-70b-instruct": ("meta-llama/Llama-3.3-70B-Instruct", {
+        "model_type": "llama", "vocab_size": 128256, "hidden_size": 8192, "intermediate_size": 28672,
+        "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8,
+        "max_position_embeddings": 131072, "tie_word_embeddings": False}),
+    # Qwen25Config14B / Qwen25Config72B ("Config for Qwen 2.5 14B: https://huggingface.co/Qwen/Qwen2.5-14B", "... 72B:
+    # https://huggingface.co/Qwen/Qwen2.5-72B") in github.com/NVIDIA/NeMo nemo/collections/llm/gpt/model/qwen2.py:
+    # layers, hidden, heads, query groups, ffn, vocab 152064, seq_length 131072, untied (Qwen2Config); the same file's
+    # 7B / 32B classes agree with the qwen2.5-7b / qwen2.5-32b entries above.
+    "qwen2.5-14b": ("Qwen/Qwen2.5-14B", {
+        "model_type": "qwen2", "vocab_size": 152064, "hidden_size": 5120, "intermediate_size": 13824,
+        "num_hidden_layers": 48, "num_attention_heads": 40, "num_key_value_heads": 8,
+        "max_position_embeddings": 131072, "use_sliding_window": False, "tie_word_embeddings": False}),
+    "qwen2.5-72b": ("Qwen/Qwen2.5-72B", {
+        "model_type": "qwen2", "vocab_size": 152064, "hidden_size": 8192, "intermediate_size": 29568,
+        "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8,
+        "max_position_embeddings": 131072, "use_sliding_window": False, "tie_word_embeddings": False}),
+    # The files of mistralai/Mistral-Small-24B-Instruct-2501 vendored in github.com/OpenMOSE/RWKV-LM-RLHF
+    # main/tokenizer/mistralsmall3/: params.json (dim 5120, 40 layers, head_dim 128, hidden_dim 32768, 32 heads, 8 kv
+    # heads, vocab 131072, max_seq_len 32768, no sliding window), model.safetensors.index.json (separate lm_head and
+    # embed_tokens; total_size 47,144,806,400 bytes = 2 x the 23,572,403,200 parameters these shapes give) and the
+    # model card (README.md: instruct fine-tune of mistralai/Mistral-Small-24B-Base-2501, 32k context).
+    "mistral-small-24b": ("mistralai/Mistral-Small-24B-Base-2501", {
+        "model_type": "mistral", "vocab_size": 131072, "hidden_size": 5120, "intermediate_size": 32768,
+        "num_hidden_layers": 40, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+        "max_position_embeddings": 32768, "sliding_window": None, "tie_word_embeddings": False}),
+    # The Phi3ForCausalLM config.json (transformers 4.39.3; 40 layers, 5120 hidden, 40 / 10 heads, 17920 MLP, vocab
+    # 32064, 4096 positions, sliding_window 2047) used as the Phi-3-medium case in github.com/scaleapi/llm-engine
+    # model-engine/tests/unit/domain/test_llm_use_cases.py (test_infer_hardware); these shapes give 13.96 B
+    # parameters, the card's "14B". Microsoft published only the instruct repo.
+    "phi-3-medium-4k-instruct": ("microsoft/Phi-3-medium-4k-instruct", {
+        "model_type": "phi3", "vocab_size": 32064, "hidden_size": 5120, "intermediate_size": 17920,
+        "num_hidden_layers": 40, "num_attention_heads": 40, "num_key_value_heads": 10,
+        "max_position_embeddings": 4096, "sliding_window": 2047, "resid_pdrop": 0.0, "embd_pdrop": 0.0,
+        "attention_dropout": 0.0, "tie_word_embeddings": False}),
+    # DeepSeek-R1-Distill-Qwen-7B: the module tree and config (transformers 4.48.3) printed for
+    # deepseek-ai/DeepSeek-R1-Distill-Qwen-7B in github.com/VainF/Torch-Pruning examples/LLMs/readme.md (before
+    # pruning: embed 152064 x 3584, 28 layers, q 3584 -> 3584, k / v 3584 -> 512, MLP 18944, untied lm_head;
+    # max_position_embeddings 131072, no sliding window).
+    "deepseek-r1-distill-qwen-7b": ("deepseek-ai/DeepSeek-R1-Distill-Qwen-7B", {
+        "model_type": "qwen2", "vocab_size": 152064, "hidden_size": 3584, "intermediate_size": 18944,
+        "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4,
+        "max_position_embeddings": 131072, "use_sliding_window": False, "sliding_window": None,
+        "tie_word_embeddings": False}),
+    # DeepSeek-R1-Distill-Llama-8B: github.com/deepseek-ai/DeepSeek-R1 README.md (base model Llama-3.1-8B) and the
+    # hub API record of the repo in github.com/daniel-p-green/alain-ai-learning-platform
+    # out/research-deepseek-ai-deepseek-r1-distill-llama-8b/sources/huggingface/model.json (LlamaForCausalLM,
+    # safetensors total 8,030,261,248 = Llama-3.1-8B's, untied); context 131072 from that capsule's TECH_SPECS.md.
+    "deepseek-r1-distill-llama-8b": ("deepseek-ai/DeepSeek-R1-Distill-Llama-8B", {
+        "model_type": "llama", "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336,
+        "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+        "max_position_embeddings": 131072, "tie_word_embeddings": False}),
 }
 
 # Catalog entries for families the reader does not support yet: registered when the family's rules land (move
@@ -321,6 +413,14 @@ MODEL_ALIASES: dict[str, str] = {
     "phi-3-mini-4k": "phi-3-mini-4k-instruct",
     "phi-3.5-mini": "phi-3.5-mini-instruct",
     "phi-4-mini": "phi-4-mini-instruct",
+    "llama-3.3-70b": "llama-3.3-70b-instruct",
+    "mistral-small-24b-base-2501": "mistral-small-24b",  # (-Instruct-2501 resolves through "-instruct-" -> "-base-")
+    "mistral-small-3": "mistral-small-24b",
+    "phi-3-medium-4k": "phi-3-medium-4k-instruct",
+    "smollm3-3b-base": "smollm3-3b",  # the pretrained weights (HuggingFaceTB/SmolLM3-3B is the instruct model)
+    "huggingfacetb/smollm3-3b-base": "smollm3-3b",
+    "gemma-3-1b-pt": "gemma-3-1b",
+    "google/gemma-3-1b-it": "gemma-3-1b",  # the instruction-tuned weights (the -pt repo is the catalog's)
 }
 for _name, (_repo, _) in MODEL_CONFIGS.items():
     MODEL_ALIASES[_repo.lower()] = _name
@@ -345,6 +445,7 @@ def resolve_model(name_or_path: str) -> ModelSpec:
     if name_or_path.endswith(".json") or _exists(Path(name_or_path)):
         return load_config_json(name_or_path)
     shown = name_or_path if len(name_or_path) <= 80 else name_or_path[:77] + "..."
+    import difflib  # lazily: only on this path (cold start, issue 11)
     close = difflib.get_close_matches(key[:200], [*MODEL_CONFIGS, *MODEL_ALIASES], n=3, cutoff=0.5)
     hint = f"did you mean {', '.join(close)}?" if close else f"known models: {', '.join(MODEL_CONFIGS)}"
     repo_id = name_or_path.strip()

@@ -24,7 +24,7 @@ from lora_planner.cli_args import SUBCOMMAND_ARGUMENTS, build_parser
 from lora_planner.cli_options import budget_from_args, overhead_from_args
 from lora_planner.errors import PlannerInputError
 from lora_planner.planner import make_plan, plan_to_dict, refit
-from lora_planner.specs import MAX_LAYERS, METHODS, LoraSpec, TrainingSpec, check_choice
+from lora_planner.specs import MAX_LAYERS, METHODS, REGISTERED_FAMILIES, LoraSpec, TrainingSpec, check_choice
 
 SUBCOMMANDS = tuple(SUBCOMMAND_ARGUMENTS)
 EXIT_BAD_INPUT = 2
@@ -91,6 +91,8 @@ def _train_tokens_from_args(args: argparse.Namespace) -> int | None:
 def run_estimate(args: argparse.Namespace) -> int:
     spec = resolve_model(args.model)
     methods = _methods_from_args(args)
+    if spec.family in REGISTERED_FAMILIES and args.method == "full,lora,qlora" and len(methods) > 1:
+        methods = tuple(m for m in methods if m != "qlora")  # the default: traced profiles have no QLoRA (traced.py)
     training = _training_from_args(args, methods[0])
     for method in methods[1:]:
         _training_from_args(args, method)  # validate every method's settings before computing

@@ -36,6 +36,7 @@ from lora_planner.specs import FAMILIES, ModelSpec
 # Kinds: "int", "float", "bool", "str", "null" (JSON's types, with int and float told apart as Python does).
 _INT, _OPT_INT, _BOOL, _STR = ("int",), ("int", "null"), ("bool",), ("str",)
 _NUM, _OPT_NUM = ("int", "float"), ("int", "float", "null")
+_OPT_FLOAT, _OPT_BOOL = ("float", "null"), ("bool", "null")
 _REQUIRED = object()  # the planner's own rule: a size a config.json must state (see `_refuse_missing`)
 
 
@@ -62,7 +63,7 @@ _FAMILY_KEYS: dict[str, dict[str, _Key]] = {
     "qwen2": {**_LLAMA_LIKE, "num_key_value_heads": _Key(_OPT_INT, 32),
               "max_position_embeddings": _Key(_INT, 32768), "tie_word_embeddings": _Key(_BOOL, False),
               "use_sliding_window": _Key(_BOOL, False), "sliding_window": _Key(_OPT_INT, 4096),
-              "attention_dropout": _Key(_NUM, 0.0)},
+              "max_window_layers": _Key(_INT, 28), "attention_dropout": _Key(_NUM, 0.0)},
     # GemmaConfig: head_dim a plain int (default 256); no mlp_bias
     "gemma": {**_LLAMA_LIKE, "hidden_act": _Key(_STR, "gelu_pytorch_tanh"), "num_key_value_heads": _Key(_INT, 16),
               "head_dim": _Key(_INT, 256), "max_position_embeddings": _Key(_INT, 8192),
@@ -121,7 +122,32 @@ _FAMILY_KEYS: dict[str, dict[str, _Key]] = {
                 "mlp_bias": _Key(_BOOL, False), "attention_dropout": _Key(_NUM, 0.0),
                 "embedding_multiplier": _Key(_NUM, 1.0), "logits_scaling": _Key(_NUM, 1.0),
                 "residual_multiplier": _Key(_NUM, 1.0), "attention_multiplier": _Key(_NUM, 1.0)},
+    # SmolLM3Config: attention_bias on q, k, v and o; head_dim undeclared (SmolLM3Attention reads it with getattr);
+    # NoPE layers (`no_rope_layers`, else every `no_rope_layer_interval`-th) change no size; a window only with
+    # use_sliding_window, on NoPE layers (`_window_fields`); pad_token_id 128004 by default (an Embedding index)
+    "smollm3": {**_LLAMA_LIKE, "num_key_value_heads": _Key(_OPT_INT, 4), "max_position_embeddings": _Key(_INT, 32768),
+                "tie_word_embeddings": _Key(_BOOL, True), "attention_bias": _Key(_BOOL, False),
+                "mlp_bias": _Key(_BOOL, False), "attention_dropout": _Key(_NUM, 0.0),
+                "use_sliding_window": _Key(_BOOL, False), "sliding_window": _Key(_OPT_INT, None),
+                "no_rope_layer_interval": _Key(_INT, 4), "pad_token_id": _Key(_OPT_INT, 128004)},
 }
+# Gemma2Config / Gemma3TextConfig: the MLP reads `hidden_activation` (not `hidden_act`); head_dim and num_key_value_heads
+# plain ints; both soft-caps `float | None` (an integer is refused); query_pre_attn_scalar an int (a scale: no size);
+# sliding_window `int | None`, but both models build the sliding-window mask in every forward (null fails there);
+# layer_types one kind per layer (`_gemma_fields`); Gemma 3 also reads the undeclared `sliding_window_pattern`.
+_GEMMA2_LIKE = {**_SIZES, "intermediate_size": _Key(_INT), "hidden_activation": _Key(_STR, "gelu_pytorch_tanh"),
+                "num_key_value_heads": _Key(_INT, 4), "head_dim": _Key(_INT, 256),
+                "tie_word_embeddings": _Key(_BOOL, True), "attention_bias": _Key(_BOOL, False),
+                "attention_dropout": _Key(_OPT_NUM, 0.0), "query_pre_attn_scalar": _Key(_INT, 256),
+                "sliding_window": _Key(_OPT_INT, 4096), "pad_token_id": _Key(_OPT_INT, 0)}
+_FAMILY_KEYS["gemma2"] = {**_GEMMA2_LIKE, "max_position_embeddings": _Key(_INT, 8192),
+                          "final_logit_softcapping": _Key(_OPT_FLOAT, 30.0),
+                          "attn_logit_softcapping": _Key(_OPT_FLOAT, 50.0),
+                          "use_bidirectional_attention": _Key(_OPT_BOOL, None)}
+_FAMILY_KEYS["gemma3_text"] = {**_GEMMA2_LIKE, "vocab_size": _Key(_INT), "max_position_embeddings": _Key(_INT, 131072),
+                               "final_logit_softcapping": _Key(_OPT_FLOAT, None),
+                               "attn_logit_softcapping": _Key(_OPT_FLOAT, None),
+                               "use_bidirectional_attention": _Key(_OPT_BOOL, False)}
 # Other spellings a class accepts for a key, each taking precedence over the key when present: the
 # `attribute_map` of GPT2Config / BloomConfig (assigned after the fields, PreTrainedConfig.__post_init__), and
 # BloomConfig.__post_init__'s `n_embed` (popped from the kwargs; null leaves hidden_size as it is).
@@ -133,10 +159,11 @@ _ALIASES: dict[str, dict[str, str]] = {
 _CLASS = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config", "gemma": "GemmaConfig",
           "phi": "PhiConfig", "gpt2": "GPT2Config", "bloom": "BloomConfig", "gpt_neox": "GPTNeoXConfig",
           "granite": "GraniteConfig", "phi3": "Phi3Config", "starcoder2": "Starcoder2Config", "qwen3": "Qwen3Config",
-          "olmo2": "Olmo2Config"}
+          "olmo2": "Olmo2Config", "smollm3": "SmolLM3Config", "gemma2": "Gemma2Config",
+          "gemma3_text": "Gemma3TextConfig"}
 _MODULE = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "gemma": "Gemma", "phi": "Phi", "gpt2": "GPT2",
            "bloom": "Bloom", "gpt_neox": "GPTNeoX", "granite": "Granite", "phi3": "Phi3", "starcoder2": "Starcoder2",
-           "qwen3": "Qwen3", "olmo2": "Olmo2"}
+           "qwen3": "Qwen3", "olmo2": "Olmo2", "smollm3": "SmolLM3", "gemma2": "Gemma2", "gemma3_text": "Gemma3"}
 _KIND_TEXT = {"int": "an integer", "float": "a float", "bool": "true or false", "str": "a string", "null": "null"}
 _DROPOUTS = {"gpt_neox": ("hidden_dropout", "attention_dropout"), "granite": ("attention_dropout",),
              "llama": ("attention_dropout",), "mistral": ("attention_dropout",), "qwen2": ("attention_dropout",),
@@ -144,7 +171,8 @@ _DROPOUTS = {"gpt_neox": ("hidden_dropout", "attention_dropout"), "granite": ("a
              "gpt2": ("resid_pdrop", "embd_pdrop", "attn_pdrop"), "bloom": ("hidden_dropout", "attention_dropout"),
              "phi3": ("resid_pdrop", "embd_pdrop", "attention_dropout"),
              "starcoder2": ("residual_dropout", "embedding_dropout", "attention_dropout"),
-             "qwen3": ("attention_dropout",), "olmo2": ("attention_dropout",)}
+             "qwen3": ("attention_dropout",), "olmo2": ("attention_dropout",), "smollm3": ("attention_dropout",),
+             "gemma2": ("attention_dropout",), "gemma3_text": ("attention_dropout",)}
 # Bloom has no positions limit (ALiBi); what the warnings compare --seq-len with (BLOOM's pre-training length).
 _BLOOM_POSITIONS = 2048
 # transformers 5.24 activations.py ACT2CLS: `ACT2FN[name]` raises KeyError for any other name (every family's
@@ -326,6 +354,10 @@ def spec_from_config(config: dict[str, Any], name: str) -> ModelSpec:
     if not isinstance(config, dict):
         raise PlannerInputError(name, "config.json must hold a JSON object", "use a Hugging Face config.json")
     family = config.get("model_type")
+    if isinstance(family, str) and family not in FAMILIES and family.strip():
+        from lora_planner.traced import traced_spec  # no analytic rule: the traced path (cache, or trace now)
+
+        return traced_spec(config, name)
     if not isinstance(family, str) or family not in FAMILIES:
         raise PlannerInputError(
             f"{name}: model_type", f"unsupported model_type {_shown(family)}",
@@ -341,9 +373,10 @@ def spec_from_config(config: dict[str, Any], name: str) -> ModelSpec:
     if "pad_token_id" in r.keys:
         _check_padding_index(r, vocab)
     width_key = r.spelling("n_embd" if family == "gpt2" else "hidden_size")
-    if family in ("llama", "gpt2", "bloom", "gpt_neox") and hidden % heads:
+    if family in ("llama", "gpt2", "bloom", "gpt_neox", "gemma2", "gemma3_text") and hidden % heads:
         where = {"llama": "LlamaConfig.validate_architecture", "gpt2": "GPT2Attention.__init__",
                  "gpt_neox": "GPTNeoXConfig.validate_architecture",
+                 "gemma2": "Gemma2Config.validate_architecture", "gemma3_text": "Gemma3TextConfig.validate_architecture",
                  "bloom": "BloomAttention.__init__"}[family]
         raise r.error(width_key, f"{hidden} is not a multiple of {heads_key}={heads} (transformers' {where} "
                                  "raises ValueError)", f"make {width_key} a multiple of {heads_key}")
@@ -415,9 +448,49 @@ def _model_spec(r: _Reader, name: str, family: str, vocab: int, hidden: int, lay
         dropout=resid,
         embedding_dropout=embd,
         attention_dropout=attn,
-        sliding_window=_sliding_window(r),
-        hidden_act=r.activation("activation_function" if family == "gpt2" else "hidden_act"),
+        **_window_fields(r, layers),
+        hidden_act=r.activation(_ACTIVATION_KEY.get(family, "hidden_act")),
+        **_gemma_fields(r, layers),
     )
+
+
+_ACTIVATION_KEY = {"gpt2": "activation_function", "gemma2": "hidden_activation", "gemma3_text": "hidden_activation"}
+
+
+def _gemma_fields(r: _Reader, layers: int) -> dict[str, Any]:
+    """Gemma 2 / 3's soft-caps and layer kinds. `layer_types` (`list[str] | None`) must name one of the two kinds the
+    models build masks for, per layer (Gemma2Model / Gemma3TextModel index `causal_mask_mapping` by it: any other
+    kind fails in the first forward, so the planner refuses it now); null means Gemma2Config.__post_init__'s
+    alternation (sliding first) or Gemma3TextConfig.__post_init__'s pattern (`sliding_window_pattern`, default 6:
+    every 6th layer full; 0 divides by zero). Gemma 3 never applies `attn_logit_softcapping` (Gemma3Attention does
+    not pass it on), so it is type-checked and dropped."""
+    if r.family not in ("gemma2", "gemma3_text"):
+        return {}
+    types = r.config.get("layer_types")
+    if types is not None and not (isinstance(types, list) and len(types) == layers and all(
+            t in ("full_attention", "sliding_attention") for t in types)):
+        raise r.error("layer_types", f"must be null or one of \"full_attention\" / \"sliding_attention\" per "
+                                     f"layer ({layers}), got {_shown(types)}", "fix the config.json")
+    if r.get("query_pre_attn_scalar") == 0:  # the attention scale (no size); Gemma2Attention.__init__ takes ** -0.5
+        raise r.error("query_pre_attn_scalar", "is 0 (Gemma2Attention / Gemma3Attention.__init__ compute "
+                                               "query_pre_attn_scalar ** -0.5: ZeroDivisionError)", "write e.g. 256")
+    if r.get("use_bidirectional_attention") and r.family == "gemma3_text":
+        raise r.error("use_bidirectional_attention", "bidirectional Gemma 3 (EmbeddingGemma) is not a causal LM the "
+                                                     "planner models", "set it to false or null")
+    pattern = 2
+    if r.family == "gemma3_text" and types is None:
+        # Gemma3TextConfig.__post_init__: `kwargs.get("sliding_window_pattern", 6)`, undeclared and untyped, used as
+        # `bool((i + 1) % pattern)`: any nonzero number works as Python computes it; 0 or a non-number raises.
+        pattern = r.config.get("sliding_window_pattern", 6)
+        if _kind(pattern) not in ("int", "float", "bool") or pattern == 0:
+            raise r.error("sliding_window_pattern", f"must be a nonzero number, got {_shown(pattern)} "
+                                                    "(Gemma3TextConfig.__post_init__ takes (layer + 1) % pattern)",
+                          "write e.g. 6 (five sliding-window layers, then one full)")
+    if types is None:
+        types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(layers)]
+    attn_cap = r.get("attn_logit_softcapping")
+    return {"final_logit_softcapping": r.get("final_logit_softcapping"), "layer_types": tuple(types),
+            "attn_logit_softcapping": attn_cap if r.family == "gemma2" else None}
 
 
 def _check_padding_index(r: _Reader, vocab: int) -> None:
@@ -432,7 +505,7 @@ def _check_padding_index(r: _Reader, vocab: int) -> None:
 
 def _head_dim(r: _Reader, hidden: int, heads: int, heads_key: str, width_key: str) -> int:
     family, config = r.family, r.config
-    if family in ("qwen2", "phi", "phi3", "olmo2", "granite") and "head_dim" in config:
+    if family in ("qwen2", "phi", "phi3", "olmo2", "granite", "smollm3") and "head_dim" in config:
         # Undeclared: Qwen2Attention / PhiAttention / Phi3Attention take getattr(config, "head_dim", hidden // heads)
         # as is.
         value = config["head_dim"]
@@ -447,7 +520,7 @@ def _head_dim(r: _Reader, hidden: int, heads: int, heads_key: str, width_key: st
             raise r.error("head_dim", f"must be a positive integer or null, got {_shown(value)} (Starcoder2Attention "
                                       "sizes its projections with it)")
         head_dim = value
-    elif family in ("gemma", "qwen3"):  # declared plain ints: GemmaConfig 256, Qwen3Config 128 by default
+    elif family in ("gemma", "qwen3", "gemma2", "gemma3_text"):  # declared plain ints: Gemma* 256, Qwen3 128
         head_dim = r.get("head_dim")
         if head_dim <= 0:
             raise r.error("head_dim", f"must be a positive integer, got {head_dim}")
@@ -463,7 +536,7 @@ def _head_dim(r: _Reader, hidden: int, heads: int, heads_key: str, width_key: st
                                      "RoPE then divides by zero)", f"use at most {hidden} attention heads")
     # RotaryEmbeddingConfigMixin.validate_rope (modeling_rope_utils.py), run on every config with a head_dim
     # attribute (Llama / Mistral / Gemma always, Qwen2 / Phi when config.json gives one).
-    checked = family in ("llama", "mistral", "gemma", "qwen3") or "head_dim" in config
+    checked = family in ("llama", "mistral", "gemma", "qwen3", "gemma2", "gemma3_text") or "head_dim" in config
     factor = _rope_partial_factor(config)
     if factor is None:
         factor = 0.5 if family == "phi" else 1.0
@@ -509,39 +582,89 @@ def _gpt_neox_rotary_pct(r: _Reader) -> float:
     return float(value)
 
 
-def _sliding_window(r: _Reader) -> int | None:
-    """MistralConfig defaults to a 4096-token window (null: none); Qwen2Config uses one only with
-    `use_sliding_window` (Qwen2Config.__post_init__ sets it to None otherwise)."""
-    if r.family == "mistral":
+def _window_fields(r: _Reader, layers: int) -> dict[str, Any]:
+    """The sliding window transformers' masks apply (`ModelSpec.sliding_window`) and, beside Gemma's
+    (`_gemma_fields`), the layers it applies to (`ModelSpec.layer_types`), as each config class sets them:
+    - MistralConfig (4096 by default), Phi3Config, Starcoder2Config (None by default): one `sliding_window` for the
+      whole model (MistralModel / Phi3Model / Starcoder2Model.forward pick `create_sliding_window_causal_mask` for
+      every layer when it is set; these classes carry no layer kinds): every layer "sliding_attention".
+    - Qwen2Config / Qwen3Config.__post_init__: the window only with `use_sliding_window`; `layer_types`, or by default
+      "sliding_attention" for layers from `max_window_layers` on when the window is set.
+    - SmolLM3Config.__post_init__: `layer_types`, or by default its NoPE layers "sliding_attention" when
+      use_sliding_window and sliding_window are both set (`_smollm3_nope_layers`); the window is not cleared.
+    A "sliding_attention" layer with no window fails in every forward (`create_sliding_window_causal_mask` raises
+    ValueError): refused now. No sliding layer: no window and no layer kinds (what the model then runs)."""
+    if r.family in ("gemma2", "gemma3_text"):
         window = r.get("sliding_window")
-    elif r.family == "qwen2":
-        use = r.get("use_sliding_window")
-        window = r.get("sliding_window")  # type-checked even when unused, as the class does
-        window = window if use else None
-    elif r.family == "qwen3":
-        # Qwen3Config.__post_init__: the window only with use_sliding_window, and only on "sliding_attention"
-        # layers (`layer_types`, by default the layers from max_window_layers on); none of them: no window.
-        use = r.get("use_sliding_window")
-        window = r.get("sliding_window")
-        first_sliding = r.get("max_window_layers")
-        types = r.config.get("layer_types")
-        layers = r.get("num_hidden_layers")
-        if types is not None and not (isinstance(types, list) and len(types) == layers and all(
-                t in ("full_attention", "sliding_attention") for t in types)):
-            # Qwen3Config types it `list[str] | None`; validate_layer_type wants one per layer; Qwen3Model builds
-            # masks for these two kinds only (any other fails in the first forward: the planner refuses it now).
-            raise r.error("layer_types", f"must be null or one of \"full_attention\" / \"sliding_attention\" per "
-                                         f"layer ({layers}), got {_shown(types)}", "fix the config.json")
-        sliding = "sliding_attention" in types if types is not None else first_sliding < layers
-        window = window if use and sliding else None
-    elif r.family in ("phi3", "starcoder2"):
-        window = r.get("sliding_window")  # Phi3Config / Starcoder2Config: None (no window) by default
+        if window is None:  # Gemma2Model / Gemma3TextModel.forward: create_sliding_window_causal_mask raises
+            raise r.error("sliding_window", "is null, but transformers builds the sliding-window mask in every forward "
+                                            "(create_sliding_window_causal_mask raises ValueError)",
+                          "write the window, e.g. 4096 (Gemma 2) or 512 (Gemma 3 1B)")
+        _check_window(r, window)
+        return {"sliding_window": window}
+    if r.family in ("mistral", "phi3", "starcoder2"):
+        window = _check_window(r, r.get("sliding_window"))
+        return {"sliding_window": window, "layer_types": None if window is None else ("sliding_attention",) * layers}
+    if r.family in ("qwen2", "qwen3"):
+        use, window, first_sliding = r.get("use_sliding_window"), r.get("sliding_window"), r.get("max_window_layers")
+        window = window if use else None  # type-checked even when unused, as the class does
+        types = _layer_types(r, layers)
+        if types is None:
+            types = ["sliding_attention" if window is not None and i >= first_sliding else "full_attention"
+                     for i in range(layers)]
+    elif r.family == "smollm3":
+        use, window = r.get("use_sliding_window"), r.get("sliding_window")
+        nope = _smollm3_nope_layers(r, layers)
+        types = _layer_types(r, layers)
+        if types is None:
+            types = ["sliding_attention" if use and window is not None and n else "full_attention" for n in nope]
     else:
-        return None
+        return {}
+    if "sliding_attention" not in types:
+        return {"sliding_window": None, "layer_types": None}
+    if window is None:
+        raise r.error("layer_types", "has \"sliding_attention\" layers but no sliding window applies (sliding_window "
+                                     "null" + (" or use_sliding_window false" if r.family != "smollm3" else "")
+                                     + "): create_sliding_window_causal_mask raises ValueError in every forward",
+                      "set the window, or make those layers \"full_attention\"")
+    return {"sliding_window": _check_window(r, window), "layer_types": tuple(types)}
+
+
+def _check_window(r: _Reader, window: int | None) -> int | None:
     if window is not None and window <= 0:
         raise r.error("sliding_window", f"must be a positive number of tokens or null, got {window} (a window of "
                                         f"{window} tokens masks every key)", "write e.g. 4096, or null for none")
     return window
+
+
+def _layer_types(r: _Reader, layers: int) -> list[str] | None:
+    """`layer_types` as Qwen3Config / SmolLM3Config type it (`list[str] | None`, one per layer:
+    validate_layer_type); the models build masks for these two kinds only (any other fails in the first forward:
+    the planner refuses it now)."""
+    types = r.config.get("layer_types")
+    if types is not None and not (isinstance(types, list) and len(types) == layers and all(
+            t in ("full_attention", "sliding_attention") for t in types)):
+        raise r.error("layer_types", f"must be null or one of \"full_attention\" / \"sliding_attention\" per "
+                                     f"layer ({layers}), got {_shown(types)}", "fix the config.json")
+    return types
+
+
+def _smollm3_nope_layers(r: _Reader, layers: int) -> list[bool]:
+    """SmolLM3Config.__post_init__: `no_rope_layers` (`list[int] | None`; SmolLM3Attention indexes it by layer, so
+    at least one entry per layer) or, when null, a NoPE layer every `no_rope_layer_interval` layers (`(i + 1) %
+    interval`: 0 divides by zero). Whether each layer is NoPE."""
+    interval = r.get("no_rope_layer_interval")
+    flags = r.config.get("no_rope_layers")
+    if flags is not None and not (isinstance(flags, list) and all(_kind(f) == "int" for f in flags)):
+        raise r.error("no_rope_layers", f"transformers' SmolLM3Config refuses {_shown(flags)}: it must be null or a "
+                                        "list of integers (1: RoPE, 0: NoPE)", "write e.g. [1, 1, 1, 0, ...]")
+    if flags is not None and len(flags) < layers:
+        raise r.error("no_rope_layers", f"has {len(flags)} entries for {layers} layers (SmolLM3Attention indexes it "
+                                        "by layer: IndexError)", "give one entry per layer")
+    if flags is None and interval == 0:
+        raise r.error("no_rope_layer_interval", "is 0 (SmolLM3Config.__post_init__ takes (layer + 1) % interval: "
+                                                "ZeroDivisionError)", "write e.g. 4 (a NoPE layer every 4 layers)")
+    return [not f for f in flags[:layers]] if flags is not None else [(i + 1) % interval == 0 for i in range(layers)]
 
 
 def load_config_json(path: str | Path) -> ModelSpec:

@@ -3,14 +3,25 @@
 The peak is the maximum over the phases of a steady-state step (optimizer state exists from step 1's
 `step()` on; gradients are freed by `zero_grad(set_to_none=True)` before each forward) of what is live:
 
-| phase            | weights | grads | optimizer | activations                     | temporaries               |
-|------------------|---------|-------|-----------|---------------------------------|---------------------------|
-| forward_start    | yes     | -     | yes       | the batch                       | -                         |
-| forward_end      | yes     | -     | yes       | all saved + loss saved          | logits + fp32 upcast      |
-| backward_start   | yes     | -     | yes       | all saved + loss saved          | loss-gradient buffers     |
-| backward_layers  | yes     | head  | yes       | all layers (+ one recomputed)   | one layer's grad buffers  |
-| backward_end     | yes     | all   | yes       | first layer's (or recomputed)   | one layer's grad buffers  |
-| optimizer_step   | yes     | all   | yes       | the batch                       | implementation scratch    |
+| phase           | weights | grads | optimizer | activations                     | temporaries                   |
+|-----------------|---------|-------|-----------|---------------------------------|-------------------------------|
+| forward_start   | yes     | -     | yes       | the batch                       | -                             |
+| forward_end     | yes     | -     | yes       | all saved + loss saved + loss   | logits + fp32 upcast + held   |
+| backward_start  | yes     | -     | yes       | all saved + log_softmax + loss  | seed + loss-gradient buffers  |
+| backward_layers | yes     | head  | yes       | all layers (+ 1 recomputed) + loss | one layer's grad buffers + seed |
+| backward_end    | yes     | all   | yes       | first layer's (or recomputed) + loss | ... + seed (or the last op's) |
+| optimizer_step  | yes     | all   | yes       | the batch                       | implementation scratch        |
+
+Weights include the buffers as transformers keeps them (RoPE's two fp32 tables, `params.buffer_bytes`).
+forward_end is nll_loss, the forward's last op: "held" is what is alive there and not kept for backward (the
+padded labels, the final hidden state when lm_head does not save it, autocast's unsaved weight copies;
+`activations.ActivationProfile.loss_forward_scratch_bytes`). backward_start is log_softmax's backward: nll_loss's
+targets and total weight were freed with its node. "loss" is the loss value (a 0-d fp32 tensor the caller holds);
+it and `backward()`'s seed gradient (`ones_like(loss)`) live until `backward()` returns. backward_end is the
+larger of the first layer's backward and the last op (full fine-tuning: the embedding's backward beside its
+incoming tokens x h gradient; tied, the add of the two partial V x h gradients; `step.step_components`).
+Checked phase by phase against real CPU steps with the exact tracker (`tests/profiler/test_runner.py`, byte for
+byte).
 
 Step 1 has no optimizer state before its `step()`, and its `step()` creates the same state the steady
 state holds, so the steady-state phases bound it. Between backward's first and last layer, memory moves

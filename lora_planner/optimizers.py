@@ -34,7 +34,8 @@ Scratch at the step (on top of weights, gradients and states; measured with the 
   Adafactor one (`row_var @ col_var`);
 - `fused`: in-place kernels, none; SGD without momentum or with it: none; bitsandbytes: in place, none;
 - transformers' Adafactor (a Python loop): `grad**2 + eps` and then the factored approximation or `-update`
-  are two fp32 copies of the tensor, plus fp32 copies of the gradient and the weight for 16-bit weights.
+  are two fp32 copies of the tensor, plus fp32 copies of the gradient and the weight for 16-bit weights, plus
+  (factored tensors) the fp32 row and column factors of the approximation.
 
 Known limitations: a Python loop keeps the previous tensor's temporaries alive until it reassigns them, so
 when the largest tensor directly follows another large one (LoRA's A then B; three same-shaped matrices)
@@ -139,8 +140,17 @@ def optimizer_state_bytes(groups: tuple[TensorGroup, ...], optimizer: Optimizer,
 
 def _hf_adafactor_scratch(groups: tuple[TensorGroup, ...]) -> int:
     """transformers' Adafactor, largest tensor: two fp32 copies (`grad**2 + eps`, then the factored
-    estimate or `-update`), plus fp32 copies of gradient and weight when they are 16-bit."""
-    return max(g.numel * FP32 * (2 if g.bytes_per_element == FP32 else 4) for g in groups)
+    estimate or `-update`), plus fp32 copies of gradient and weight when they are 16-bit. A factored (2-D+)
+    tensor peaks in `_approx_sq_grad` (transformers 5.24 `optimization.py`) at `torch.mul(r_factor, c_factor)`:
+    beside those copies its fp32 row factor (`exp_avg_sq_row / mean`, rsqrt in place) and column factor
+    (`exp_avg_sq_col.rsqrt()`) are alive."""
+    def one(g: TensorGroup) -> int:
+        copies = g.numel * FP32 * (2 if g.bytes_per_element == FP32 else 4)
+        if len(g.shape) < 2:
+            return copies
+        return copies + (g.numel // g.shape[-1] + g.numel // g.shape[-2]) * FP32
+
+    return max(one(g) for g in groups)
 
 
 @lru_cache(maxsize=4096)

@@ -26,7 +26,7 @@ from typing import Mapping
 from lora_planner.errors import PlannerInputError
 from lora_planner.families import FAMILY_RULES, family_rules
 from lora_planner.families.base import GROUPS, Module  # noqa: F401 (Module: re-exported)
-from lora_planner.specs import ModelSpec
+from lora_planner.specs import BYTES_PER_ELEMENT, ModelSpec
 
 ALL_LINEAR = "all-linear"
 
@@ -52,11 +52,35 @@ def rotary_dim(spec: ModelSpec) -> int:
     return int(spec.head_dim * spec.partial_rotary_factor)
 
 
+def rotary_tables(spec: ModelSpec) -> int:
+    """How many RoPE tables the model builds: one, or one per attention kind in `layer_types` where the family
+    rotates each kind with its own base (`Family.rotary_per_layer_type`: Gemma 3's local and global RoPE,
+    `Gemma3RotaryEmbedding.__init__` loops over `sorted(set(config.layer_types))`)."""
+    if family_rules(spec.family).rotary_per_layer_type and spec.layer_types:
+        return len(set(spec.layer_types))
+    return 1
+
+
 def buffer_numel(spec: ModelSpec) -> int:
     """Elements of the model's buffers, stored in the model dtype: RoPE's `inv_freq` and
-    `original_inv_freq` (`torch.arange(0, rotary_dim, 2)`: ceil(rotary_dim / 2) each) and the family's
-    scalars (Gemma's `embed_scale`)."""
-    return 2 * ((rotary_dim(spec) + 1) // 2) + family_rules(spec.family).scalar_buffers
+    `original_inv_freq` (`torch.arange(0, rotary_dim, 2)`: ceil(rotary_dim / 2) each, per table) and the
+    family's scalars (Gemma's `embed_scale`)."""
+    return 2 * ((rotary_dim(spec) + 1) // 2) * rotary_tables(spec) + family_rules(spec.family).scalar_buffers
+
+
+def buffer_bytes(spec: ModelSpec, dtype: str) -> int:
+    """Bytes of the model's buffers as transformers 5.24 keeps them (two separate storages per RoPE table, not
+    one shared; checked on every family's tiny model, `tests/test_params.py`). RoPE's `inv_freq` and
+    `original_inv_freq` stay fp32 whatever the model dtype: `LlamaRotaryEmbedding.__init__`
+    (models/llama/modeling_llama.py, and every RoPE family's copy) registers `nn.Buffer(inv_freq)` and
+    `nn.Buffer(inv_freq.clone())`, computed by `torch.arange(0, dim, 2, dtype=torch.float)`, so a 16-bit
+    `from_config` / `from_pretrained` leaves them fp32 (and DeepSpeed 0.19.8 `engine._configure_distributed_model`
+    casts parameters only, "preserve fp32 buffers (e.g. rotary inv_freq)"). The family's scalars are made by
+    `torch.tensor(...)` under the model's default dtype (Gemma's `embed_scale`, `GemmaTextScaledWordEmbedding`):
+    `dtype`. GPT-2 and BLOOM have no buffers in 5.24 (GPT-2's causal `bias` mask is gone)."""
+    rope = 2 * ((rotary_dim(spec) + 1) // 2) * rotary_tables(spec) * 4
+    family = family_rules(spec.family)
+    return rope + family.scalar_buffers * BYTES_PER_ELEMENT[dtype] + family.fixed_buffer_bytes
 
 
 def check_sequence_length(spec: ModelSpec, seq_len: int) -> None:

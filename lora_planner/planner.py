@@ -17,7 +17,7 @@ from lora_planner.gpus import GIB, GPUS, GpuSpec, memory_size_echo, parse_memory
 from lora_planner.memory import DeviceOverhead, MemoryEstimate, estimate_memory
 from lora_planner.families import family_rules
 from lora_planner.params import PEFT_DEFAULT_TARGETS, ParamCounts, count_params, target_description
-from lora_planner.specs import ModelSpec, TrainingSpec
+from lora_planner.specs import REGISTERED_FAMILIES, ModelSpec, TrainingSpec
 from lora_planner.throughput import DEFAULT_MFU, ThroughputEstimate, estimate_throughput
 
 REFERENCE_GPU = "h100-80gb"  # step times need a GPU's FLOP/s; this one when the budget names none
@@ -94,6 +94,10 @@ def plan_warnings(spec: ModelSpec, training: TrainingSpec, budget: Budget | None
     `methods`: every method planned (default: the training's)."""
     warnings = []
     family = family_rules(spec.family)
+    if spec.family in REGISTERED_FAMILIES:  # a traced profile (lora_planner.traced): say so, with its versions
+        from lora_planner.traced import traced_note
+
+        warnings.append(traced_note(spec.family, training.device))
     if training.lora.target_modules is None and not family.peft_has_default \
             and any(m != "full" for m in (methods or (training.method,))):
         warnings.append(f"PEFT has no default LoRA targets for {spec.family} (get_peft_model asks for "
@@ -104,7 +108,12 @@ def plan_warnings(spec: ModelSpec, training: TrainingSpec, budget: Budget | None
         warnings.append(f"--seq-len {training.seq_len} is above {spec.name}'s max_position_embeddings {limit}: "
                         "the model saw no longer sequences in pre-training: use RoPE scaling (rope_scaling in "
                         "config.json) or expect worse quality; the memory estimate is for the length asked")
-    if spec.sliding_window and training.seq_len > spec.sliding_window:
+    if not family.sdpa and training.attention != "eager":
+        warnings.append(f"transformers 5.24 has no SDPA attention for {spec.family} (it cannot soft-cap attention "
+                        "scores): attn_implementation=\"sdpa\" raises, and by default the model runs eager attention, "
+                        "which is what is planned (S x S scores per head kept for backward); pass --attention eager "
+                        "to plan it without this note")
+    if spec.sliding_window and training.seq_len > spec.sliding_window and not family.models_sliding_window:
         warnings.append(f"{spec.name} attends over a {spec.sliding_window}-token sliding window, shorter than "
                         f"--seq-len {training.seq_len}; transformers then builds an S x S mask and repeats k/v for "
                         "SDPA, which this estimate does not count")
@@ -189,6 +198,14 @@ def make_plan(spec: ModelSpec, training: TrainingSpec, methods: tuple[str, ...],
                 headroom=headroom, warnings=plan_warnings(spec, training, budget, methods))
 
 
+def _traced_info(family: str) -> dict[str, Any] | None:
+    if family not in REGISTERED_FAMILIES:
+        return None
+    from lora_planner.traced import traced_info
+
+    return traced_info(family)
+
+
 def plan_to_dict(plan: Plan) -> dict[str, Any]:
     """The `--json` document. Memory is per GPU; tokens/s and training time are for all GPUs together."""
     t, spec = plan.training, plan.spec
@@ -232,6 +249,7 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
             "hidden_size": spec.hidden_size,
             "vocab_size": spec.vocab_size,
             "sliding_window": spec.sliding_window,
+            "traced": _traced_info(spec.family),  # None for built-in rules; else versions, date, cache file
         },
         "inputs": {
             "methods": list(plan.methods),

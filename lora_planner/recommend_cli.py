@@ -19,7 +19,7 @@ from lora_planner.recommend import (  # noqa: F401 (VERIFY_TOLERANCE: re-exporte
     MAX_MICRO_BATCH, VERIFY_TOLERANCE, Candidate, Recommendation, RecommendRequest, Verification, VerifyRun, recommend,
     training_for,
 )
-from lora_planner.specs import STRATEGY_NAMES, LoraSpec, TrainingSpec, check_choice
+from lora_planner.specs import REGISTERED_FAMILIES, STRATEGY_NAMES, LoraSpec, TrainingSpec, check_choice
 
 
 # ---------------------------------------------------------------------------------------------- JSON
@@ -187,6 +187,8 @@ def request_from_args(args: argparse.Namespace) -> RecommendRequest:
     methods = None
     if args.methods is not None:
         methods = tuple(dict.fromkeys(_csv(args.methods)))
+    elif spec.family in REGISTERED_FAMILIES:
+        methods = ("full", "lora")  # traced profiles have no QLoRA (lora_planner.traced)
     overhead = overhead_from_args(args)
     dtype = args.dtype if args.dtype is not None else ("fp32" if args.amp else "bf16")
     training = TrainingSpec(

@@ -19,7 +19,7 @@ from lora_planner.names import (
 )
 
 Family = Literal["llama", "mistral", "qwen2", "gemma", "phi", "gpt2", "bloom", "gpt_neox", "granite", "phi3",
-                 "starcoder2", "qwen3", "olmo2"]
+                 "starcoder2", "qwen3", "olmo2", "smollm3", "gemma2", "gemma3_text"]
 Dtype = Literal["fp32", "bf16", "fp16"]
 Method = Literal["full", "lora", "qlora"]
 # The planner's optimizer names, one per state layout (`lora_planner.names.PLANNER_OPTIMIZERS` says what
@@ -38,6 +38,8 @@ Strategy = Literal["ddp", "ddp-zero1", "fsdp", "fsdp-grad-op", "deepspeed-zero1"
                    "deepspeed-zero3"]
 
 FAMILIES: tuple[str, ...] = get_args(Family)
+# `ModelSpec.family` values beyond the Literal: traced profiles (`lora_planner.traced.register`) add theirs.
+REGISTERED_FAMILIES: set[str] = set()
 DTYPES: tuple[str, ...] = get_args(Dtype)
 METHODS: tuple[str, ...] = get_args(Method)
 OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
@@ -129,11 +131,19 @@ class ModelSpec:
     dropout: float = 0.0  # residual dropout active in training (GPT-2 and Phi-2: 0.1)
     embedding_dropout: float = 0.0  # GPT-2: 0.1
     attention_dropout: float = 0.0
-    sliding_window: int | None = None  # Mistral: attention sees this many past tokens (None: all)
+    sliding_window: int | None = None  # the window the sliding layers attend over (None: none), `layer_types`
     parallel_residual: bool = False  # gpt_neox `use_parallel_residual`: x + attn(ln1(x)) + mlp(ln2(x))
+    # Gemma 2 / 3 (transformers' Gemma2Config / Gemma3TextConfig): tanh soft-capping of the attention scores and
+    # of the logits (None: none).
+    attn_logit_softcapping: float | None = None
+    final_logit_softcapping: float | None = None
+    # Each layer's attention kind ("sliding_attention": masked to `sliding_window`, or "full_attention"), as the
+    # config class sets it (`config_reader._window_fields`); None: no sliding layer.
+    layer_types: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
-        check_choice("model_type", self.family, FAMILIES)
+        if self.family not in REGISTERED_FAMILIES:  # traced families (lora_planner.traced) are registered at run time
+            check_choice("model_type", self.family, FAMILIES)
         for name, maximum in MODEL_SIZE_LIMITS.items():
             key = MODEL_CONFIG_KEYS.get(name, name)
             check_positive_int(key, getattr(self, name))
@@ -154,6 +164,18 @@ class ModelSpec:
                                     "use e.g. 0.5, or 1.0 for RoPE on the whole head")
         if self.sliding_window is not None:
             check_positive_int("sliding_window", self.sliding_window)
+        for name in ("attn_logit_softcapping", "final_logit_softcapping"):
+            cap = getattr(self, name)
+            # any number: transformers soft-caps whenever the value is not None (`if softcap is not None`)
+            if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float))):
+                raise PlannerInputError(name, f"must be a number or null, got {cap!r}",
+                                        "use e.g. 30.0 (Gemma 2), or null for no soft-capping")
+        if self.layer_types is not None and (
+                len(self.layer_types) != self.num_layers
+                or any(t not in ("sliding_attention", "full_attention") for t in self.layer_types)):
+            raise PlannerInputError("layer_types", f"must name sliding_attention or full_attention for each of the "
+                                                   f"{self.num_layers} layers, got {self.layer_types!r}",
+                                    "fix the config.json, or leave layer_types out")
         for name in ("tie_word_embeddings", "attention_bias", "attention_out_bias", "mlp_bias", "lm_head_bias",
                      "qk_layernorm", "parallel_residual"):
             if not isinstance(getattr(self, name), bool):

@@ -16,7 +16,7 @@ from typing import Literal, get_args
 from lora_planner.activations import ActivationProfile, activation_profile
 from lora_planner.optimizers import TensorGroup, optimizer_scratch_bytes, optimizer_state_bytes
 from lora_planner.params import (
-    Module, adapted_layers, buffer_numel, check_sequence_length, is_per_layer, lora_params, module_inventory,
+    Module, adapted_layers, buffer_bytes, check_sequence_length, is_per_layer, lora_params, module_inventory,
 )
 from lora_planner.specs import BYTES_PER_ELEMENT, LoraSpec, ModelSpec, TrainingSpec
 
@@ -79,16 +79,20 @@ def _base_weight_bytes(spec: ModelSpec, training: TrainingSpec) -> int:
 def _kbit_fp32(training: TrainingSpec) -> bool:
     """Whether PEFT's `prepare_model_for_kbit_training` runs (QLoRA, `kbit_prep`): it casts every 16-bit
     parameter that is not a bitsandbytes `Params4bit` to fp32 (peft 0.21.2, `peft/utils/other.py`): the
-    embeddings, norms, lm_head and the biases of the quantized linears. Buffers (RoPE's inv_freq) stay."""
+    embeddings, norms, lm_head and the biases of the quantized linears (which their first forward casts back to
+    the compute dtype, `_stored_bytes_each`). Buffers (RoPE's inv_freq) stay."""
     return training.method == "qlora" and training.kbit_prep and training.dtype != "fp32"
 
 
 def _stored_bytes_each(m: Module, quantized: bool, dtype: str, kbit_fp32: bool) -> int:
     """One instance of module `m` as stored: NF4 weight (+ bias) for QLoRA's linears, else at `dtype`;
-    after kbit preparation everything not in NF4 is fp32."""
+    after kbit preparation everything else is fp32. A quantized linear's bias is back at `dtype` (the compute
+    dtype QLoRA loads with) from the first forward on, kbit preparation or not: bitsandbytes 0.50
+    `nn/modules.py` `Linear4bit.forward` casts x to the compute dtype and then the bias for good
+    (`bias.data = bias.data.to(x.dtype)`)."""
     e = 4 if kbit_fp32 else BYTES_PER_ELEMENT[dtype]
     if quantized and m.kind == "linear" and m.group != "lm_head":
-        return nf4_bytes(m.weight_numel_each) + (m.out_features * e if m.bias else 0)
+        return nf4_bytes(m.weight_numel_each) + (m.out_features * BYTES_PER_ELEMENT[dtype] if m.bias else 0)
     return m.params_each * e
 
 
@@ -194,15 +198,29 @@ class StepComponents:
     activations: ActivationProfile
     layers_saved: int  # saved by all layers (layer inputs only under checkpointing)
     recomputed: int  # one layer's saved tensors, recomputed in backward under checkpointing
-    layer_scratch: int  # transient gradient buffers of one layer's backward (+ QLoRA's dequantized weight)
+    layer_scratch: int  # transient gradient buffers of one layer's backward (+ QLoRA's dequantized weight), seed
     end_gradients: int  # the end of backward (see step_components)
-    end_activations: int  # besides the batch
-    end_scratch: int
+    end_activations: int  # besides the batch (the loss value included)
+    end_scratch: int  # backward's seed included
 
     @property
     def saved(self) -> int:
-        """Everything the forward leaves for backward, the loss's included."""
-        return self.layers_saved + self.activations.model_bytes + self.activations.loss_bytes
+        """Everything the forward leaves for backward, the loss's included, and the loss value."""
+        acts = self.activations
+        return self.layers_saved + acts.model_bytes + acts.loss_bytes + acts.loss_output_bytes
+
+    @property
+    def saved_at_backward_start(self) -> int:
+        """What is kept when the loss's backward peaks: nll_loss's targets and total weight are freed by then
+        (`ActivationProfile.loss_bytes_in_backward`)."""
+        acts = self.activations
+        return self.layers_saved + acts.model_bytes + acts.loss_bytes_in_backward + acts.loss_output_bytes
+
+    @property
+    def layers_activations(self) -> int:
+        """While backward runs through the layers: every layer's saved tensors (+ one recomputed), the
+        model-level ones, and the loss value the caller holds until `backward()` returns."""
+        return self.layers_saved + self.activations.model_bytes + self.recomputed + self.activations.loss_output_bytes
 
 
 def step_components(spec: ModelSpec, training: TrainingSpec) -> StepComponents:
@@ -212,13 +230,14 @@ def step_components(spec: ModelSpec, training: TrainingSpec) -> StepComponents:
     groups = trainable_groups(spec, training)
     _, trainable_bytes = trainable_totals(spec, training)
     base_bytes = _base_weight_bytes(spec, training)
-    buffers = buffer_numel(spec) * BYTES_PER_ELEMENT[training.dtype]
+    buffers = buffer_bytes(spec, training.dtype)  # RoPE's fp32 tables, Gemma's embed_scale
     weights = base_bytes + buffers + (0 if training.method == "full" else trainable_bytes)
     impl = training.resolved_optimizer_impl
     step_on_device = training.device == "cpu" or impl == "fused"
 
     acts = activation_profile(spec, training)
-    layer_scratch = acts.layer_backward_scratch_bytes
+    # backward()'s seed gradient lives through all of backward (`ActivationProfile.backward_seed_bytes`)
+    layer_scratch = acts.layer_backward_scratch_bytes + acts.backward_seed_bytes
     if training.method == "qlora":
         # bitsandbytes dequantizes one weight to the compute dtype for each matmul, forward and backward.
         largest = max(m.weight_numel_each for m in modules if m.kind == "linear" and m.group != "lm_head")
@@ -247,12 +266,20 @@ def step_components(spec: ModelSpec, training: TrainingSpec) -> StepComponents:
     else:
         last_layer_left = acts.layer_saved_bytes(first)
     end_grads = trainable_bytes - per_layer_trainable[first] - embedding_grads
-    end_acts, end_scratch = last_layer_left, layer_scratch
-    last_op_scratch = 0
-    if training.method == "full" and spec.tie_word_embeddings:
-        last_op_scratch = 2 * spec.vocab_size * spec.hidden_size * BYTES_PER_ELEMENT[training.dtype]
-    if trainable_bytes + last_op_scratch > end_grads + end_acts + end_scratch:
-        end_grads, end_acts, end_scratch = trainable_bytes, 0, last_op_scratch
+    # The loss value and backward's seed stay until `backward()` returns, at either moment.
+    end_acts, end_scratch = last_layer_left + acts.loss_output_bytes, layer_scratch
+    last_op_scratch = acts.backward_seed_bytes
+    if training.method == "full":
+        # The embedding's backward (`embedding_dense_backward`) writes its gradient while its input, the
+        # gradient of the embeddings' output (tokens x h, the weights' dtype), is still alive: autograd frees
+        # a node's incoming gradient when the node returns. Tied: then the add of the two partial V x h
+        # gradients (lm_head's, waiting in the weight's input buffer, and the embedding's) makes the sum, with
+        # that input gradient gone: the larger of the two moments.
+        e = BYTES_PER_ELEMENT[training.dtype]
+        table, into_embedding = spec.vocab_size * spec.hidden_size * e, training.tokens * spec.hidden_size * e
+        last_op_scratch += table + max(table, into_embedding) if spec.tie_word_embeddings else into_embedding
+    if trainable_bytes + last_op_scratch + acts.loss_output_bytes > end_grads + end_acts + end_scratch:
+        end_grads, end_acts, end_scratch = trainable_bytes, acts.loss_output_bytes, last_op_scratch
     return StepComponents(
         weights=weights, base_weights=base_bytes, gradients=trainable_bytes,
         states=optimizer_state_bytes(groups, training.optimizer, step_on_device),
@@ -271,9 +298,10 @@ def single_gpu_phases(c: StepComponents) -> tuple[PhaseMemory, ...]:
     return (
         phase("forward_start", activations_bytes=acts.batch_bytes),
         phase("forward_end", activations_bytes=c.saved, temporaries_bytes=acts.loss_forward_scratch_bytes),
-        phase("backward_start", activations_bytes=c.saved, temporaries_bytes=acts.loss_backward_scratch_bytes),
-        phase("backward_layers", gradients_bytes=c.head_gradients,
-              activations_bytes=c.layers_saved + acts.model_bytes + c.recomputed, temporaries_bytes=c.layer_scratch),
+        phase("backward_start", activations_bytes=c.saved_at_backward_start,
+              temporaries_bytes=acts.loss_backward_scratch_bytes),
+        phase("backward_layers", gradients_bytes=c.head_gradients, activations_bytes=c.layers_activations,
+              temporaries_bytes=c.layer_scratch),
         phase("backward_end", gradients_bytes=c.end_gradients, activations_bytes=c.end_activations + acts.batch_bytes,
               temporaries_bytes=c.end_scratch),
         phase("optimizer_step", gradients_bytes=c.gradients, activations_bytes=acts.batch_bytes,

@@ -36,6 +36,7 @@ from transformers import AutoModelForCausalLM
 
 from lora_planner.activations import ActivationProfile, activation_profile
 from lora_planner.config_reader import spec_from_config
+from lora_planner.families import family_rules
 from lora_planner.specs import LoraSpec, TrainingSpec
 from tests.hf_reference import hf_config, peft_targets
 
@@ -89,13 +90,52 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "olmo2": {"model_type": "olmo2", **_LLAMA_LIKE},
     "olmo2_mha": {"model_type": "olmo2", **{k: v for k, v in _LLAMA_LIKE.items() if k != "head_dim"},
                   "num_key_value_heads": 4, "attention_bias": True},
+    # smollm3: NoPE layers (no RoPE) mixed with RoPE layers: layer 1 (smollm3) / layer 0 (smollm3_nope0, with
+    # biases on q / k / v / o, untied; two RoPE layers, so that cos / sin count outside the layers, as the planner
+    # counts them); pad_token_id null (SmolLM3Config's 128004 is outside the tiny vocabulary)
+    "smollm3": {"model_type": "smollm3", **_LLAMA_LIKE, "no_rope_layers": [1, 0, 1], "pad_token_id": None},
+    "smollm3_nope0": {"model_type": "smollm3", **_LLAMA_LIKE, "no_rope_layers": [0, 1, 1], "attention_bias": True,
+                      "tie_word_embeddings": False, "pad_token_id": None},
+    # gemma2: four (1 + w) norms, attention and final logit soft-capping, eager attention only (transformers refuses
+    # sdpa); gemma2_swa: a 8-token window below S (the sliding layers' mask differs: nothing more is saved), biases
+    "gemma2": {"model_type": "gemma2", **_LLAMA_LIKE},
+    "gemma2_swa": {"model_type": "gemma2", **_LLAMA_LIKE, "sliding_window": 8, "attention_bias": True,
+                   "query_pre_attn_scalar": 24, "tie_word_embeddings": False},
+    # gemma3_text: q / k norms, local / global layers with two RoPE tables, an 8-token window below S: SDPA's
+    # sliding layers get a mask (repeated k / v, an additive mask); layer 0 sliding (gemma3) or full (gemma3_local,
+    # with final logit soft-capping)
+    "gemma3": {"model_type": "gemma3_text", **_LLAMA_LIKE, "sliding_window": 8,
+               "layer_types": ["sliding_attention", "full_attention", "full_attention"]},
+    "gemma3_local": {"model_type": "gemma3_text", **_LLAMA_LIKE, "sliding_window": 8, "final_logit_softcapping": 30.0,
+                     "layer_types": ["full_attention", "sliding_attention", "sliding_attention"]},
+    "gemma3_nowin": {"model_type": "gemma3_text", **_LLAMA_LIKE},  # 5:1 pattern: three sliding layers, window 4096
+    # one kv head (Gemma 3 1B): repeat_kv before the masked SDPA is a view, so k / v keep their kv-wide storage
+    "gemma3_mqa": {"model_type": "gemma3_text", **_LLAMA_LIKE, "num_key_value_heads": 1, "sliding_window": 8,
+                   "layer_types": ["full_attention", "sliding_attention", "sliding_attention"]},
+    # Sliding windows below S (8 < 20) in the other families: SDPA's sliding layers get a materialised mask (repeated
+    # k / v, an additive mask). Mistral, StarCoder2, Phi-3: every layer; Qwen2 / Qwen3: layers from max_window_layers
+    # (1) on; SmolLM3: its NoPE layer (0) with use_sliding_window (two RoPE layers, so that cos / sin count outside).
+    "mistral_swa": {"model_type": "mistral", **_LLAMA_LIKE, "sliding_window": 8},
+    "starcoder2_swa": {"model_type": "starcoder2", **_LLAMA_LIKE, "sliding_window": 8, "residual_dropout": 0.1,
+                       "embedding_dropout": 0.1, "attention_dropout": 0.1},
+    "starcoder2_swa_nodrop": {"model_type": "starcoder2", **_LLAMA_LIKE, "sliding_window": 8},
+    "phi3_swa": {"model_type": "phi3", **_LLAMA_LIKE, "partial_rotary_factor": 0.75, "sliding_window": 8,
+                 "pad_token_id": None},
+    "phi3_mha_swa": {"model_type": "phi3", **_LLAMA_LIKE, "num_key_value_heads": 4, "sliding_window": 8,
+                     "pad_token_id": None},  # Phi-3-mini: no GQA, so k / v stay as they are (v: the qkv storage)
+    "qwen2_swa": {"model_type": "qwen2", **_LLAMA_LIKE, "use_sliding_window": True, "sliding_window": 8,
+                  "max_window_layers": 1},
+    "qwen3_swa": {"model_type": "qwen3", **_LLAMA_LIKE, "use_sliding_window": True, "sliding_window": 8,
+                  "max_window_layers": 1},
+    "smollm3_swa": {"model_type": "smollm3", **_LLAMA_LIKE, "no_rope_layers": [0, 1, 1], "use_sliding_window": True,
+                    "sliding_window": 8, "pad_token_id": None},
 }
 
 # Planner model-level items that non-reentrant checkpointing keeps alive through the closure over the
 # layer's keyword arguments (invisible to saved_tensors_hooks). GPT-2 passes its causal mask
 # positionally, so checkpoint saves it as an input (visible) and it is not in this list.
 _CLOSURE_ITEMS = {"rotary.cos_sin", "checkpoint.attention_mask", "checkpoint.alibi", "checkpoint.position_ids",
-                  "embeddings.output"}
+                  "embeddings.output", "checkpoint.sliding_attention_mask"}
 
 
 def closure_items(family: str) -> set[str]:
@@ -176,8 +216,10 @@ class LiveStorages(TorchDispatchMode):
 def build_model(case: Case, tmp_dir: str | None = None) -> torch.nn.Module:
     torch.manual_seed(0)
     dtype = torch.bfloat16 if case.mode == "bf16" else torch.float32
+    # A class transformers builds without SDPA (Gemma 2) is built with transformers' default: eager.
+    sdpa_ok = family_rules(CONFIGS[case.family]["model_type"]).sdpa
     model = AutoModelForCausalLM.from_config(hf_config(CONFIGS[case.family]), dtype=dtype,
-                                             attn_implementation=case.attention)
+                                             attn_implementation=case.attention if sdpa_ok else None)
     if case.quantized:
         model = quantized_model(model, case, tmp_dir)
     model.config.use_cache = False
@@ -209,8 +251,10 @@ def quantized_model(model: torch.nn.Module, case: Case, tmp_dir: str | None) -> 
                                bnb_4bit_compute_dtype=torch.bfloat16)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        sdpa_ok = family_rules(CONFIGS[case.family]["model_type"]).sdpa  # else transformers' default: eager
         model = AutoModelForCausalLM.from_pretrained(tmp_dir, device_map="cpu", dtype=torch.bfloat16,
-                                                     quantization_config=quant, attn_implementation=case.attention)
+                                                     quantization_config=quant,
+                                                     attn_implementation=case.attention if sdpa_ok else None)
         if case.kbit_prep:
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=case.gc)
     return model
@@ -427,6 +471,85 @@ CASES = [
     Case("olmo2_mha", "bf16", "lora", targets=("q_proj", "v_proj")),
     Case("olmo2", "bf16", "lora", gc=True, targets=("q_proj", "v_proj")),
     Case("olmo2", "bf16", "full", gc=True),
+    # smollm3: Llama's layer; NoPE layers save what RoPE layers save. PEFT has no default: q_proj, v_proj
+    Case("smollm3", "bf16", "full"),
+    Case("smollm3", "bf16", "lora", targets=("q_proj", "v_proj")),
+    Case("smollm3", "bf16", "lora_all"),
+    Case("smollm3", "fp32", "lora_all"),
+    Case("smollm3", "amp", "lora_all"),
+    Case("smollm3", "amp", "full"),
+    Case("smollm3", "bf16", "full", "eager"),
+    Case("smollm3", "fp32", "lora", "eager", targets=("q_proj", "k_proj")),
+    Case("smollm3", "amp", "lora", "eager", targets=("q_proj", "v_proj")),
+    Case("smollm3_nope0", "bf16", "full"),
+    Case("smollm3_nope0", "bf16", "lora", targets=("q_proj", "v_proj")),
+    Case("smollm3_nope0", "bf16", "full", "eager"),
+    Case("smollm3_nope0", "fp32", "lora_all", "eager"),
+    Case("smollm3", "bf16", "lora", gc=True, targets=("q_proj", "v_proj")),
+    Case("smollm3_nope0", "bf16", "full", "eager", gc=True),
+    # gemma2: eager attention whatever is asked (sdpa is planned and built as eager); PEFT default q_proj, v_proj
+    Case("gemma2", "bf16", "full"),
+    Case("gemma2", "bf16", "lora"),
+    Case("gemma2", "bf16", "lora_all"),
+    Case("gemma2", "fp32", "lora_all"),
+    Case("gemma2", "amp", "lora_all"),
+    Case("gemma2", "amp", "full"),
+    Case("gemma2", "bf16", "full", "eager"),
+    Case("gemma2_swa", "bf16", "full", "eager"),
+    Case("gemma2_swa", "bf16", "lora", "eager"),
+    Case("gemma2_swa", "fp32", "lora", "eager", targets=("k_proj", "o_proj")),
+    Case("gemma2", "bf16", "lora", "eager", gc=True),
+    Case("gemma2_swa", "bf16", "full", "eager", gc=True),
+    # gemma3_text: q / k norms; sliding layers past the window under SDPA
+    Case("gemma3", "bf16", "full"),
+    Case("gemma3", "bf16", "lora"),
+    Case("gemma3", "bf16", "lora_all"),
+    Case("gemma3", "fp32", "lora_all"),
+    Case("gemma3", "amp", "lora_all"),
+    Case("gemma3", "amp", "full"),
+    Case("gemma3", "bf16", "full", "eager"),
+    Case("gemma3", "fp32", "lora", "eager"),
+    Case("gemma3_local", "bf16", "full"),
+    Case("gemma3_local", "bf16", "lora"),
+    Case("gemma3_local", "amp", "lora_all"),
+    Case("gemma3_nowin", "bf16", "full"),
+    Case("gemma3_nowin", "bf16", "lora"),
+    Case("gemma3", "bf16", "lora", gc=True),
+    Case("gemma3_local", "bf16", "full", gc=True),
+    Case("gemma3_local", "bf16", "lora", "eager", gc=True),
+    Case("gemma3_mqa", "bf16", "full"),
+    Case("gemma3_mqa", "bf16", "lora"),
+    Case("gemma3_mqa", "bf16", "lora", "eager"),
+    # sliding windows below S in the other families (SDPA: a materialised mask on the sliding layers)
+    Case("mistral_swa", "bf16", "full"),
+    Case("mistral_swa", "bf16", "lora"),
+    Case("mistral_swa", "amp", "lora_all"),
+    Case("mistral_swa", "bf16", "lora", "eager"),
+    Case("mistral_swa", "bf16", "lora", gc=True),
+    Case("starcoder2_swa", "bf16", "full"),  # attention dropout on the CPU: SDPA's math path, with the mask
+    Case("starcoder2_swa", "bf16", "lora", targets=("q_proj", "v_proj")),
+    Case("starcoder2_swa_nodrop", "bf16", "full"),
+    Case("starcoder2_swa_nodrop", "fp32", "lora_all"),
+    Case("starcoder2_swa_nodrop", "bf16", "lora", "eager", targets=("q_proj", "v_proj")),
+    Case("phi3_swa", "bf16", "full"),
+    Case("phi3_swa", "bf16", "lora", targets=("qkv_proj",)),
+    Case("phi3_swa", "amp", "lora_all"),
+    Case("phi3_swa", "bf16", "full", "eager"),
+    Case("phi3_mha_swa", "bf16", "full"),
+    Case("phi3_mha_swa", "bf16", "lora", targets=("qkv_proj",)),
+    Case("qwen2_swa", "bf16", "full"),
+    Case("qwen2_swa", "bf16", "lora"),
+    Case("qwen2_swa", "fp32", "lora_all"),
+    Case("qwen2_swa", "bf16", "full", "eager"),
+    Case("qwen2_swa", "bf16", "lora", "eager", gc=True),
+    Case("qwen3_swa", "bf16", "full"),
+    Case("qwen3_swa", "bf16", "lora"),
+    Case("qwen3_swa", "amp", "lora_all"),
+    Case("qwen3_swa", "bf16", "full", gc=True),
+    Case("smollm3_swa", "bf16", "full"),
+    Case("smollm3_swa", "bf16", "lora", targets=("q_proj", "v_proj")),
+    Case("smollm3_swa", "bf16", "lora", "eager", targets=("q_proj", "v_proj")),
+    Case("smollm3_swa", "bf16", "full", gc=True),
 ]
 
 
@@ -447,6 +570,8 @@ def test_saved_bytes_match_planner(case: Case):
     measured = measure(case)
     profile = planner(case)
     want = expected(case, profile)
+    if case.family.startswith("gemma3"):
+        _rotary_outside(measured)  # a RoPE table used by one layer only (local / global kinds) is still shared
     got = {"layer0": measured.layers[0], "layer1": measured.layers[1], "outside": measured.outside}
     for where in ("layer0", "layer1", "outside"):
         names = {"layer0": profile.first_layer, "layer1": profile.layer, "outside": profile.model + profile.loss}
@@ -458,6 +583,19 @@ def test_saved_bytes_match_planner(case: Case):
     assert all(measured.layers[i] == measured.layers[1] for i in range(2, NUM_LAYERS)), measured.layers
 
 
+def _rotary_outside(measured: Measured) -> None:
+    """Count RoPE's cos / sin ((1, 1, S, d) views) outside the layers, where the planner counts them, even when
+    a single layer saved them (Gemma 3 with one layer of a kind: its table is that layer's alone)."""
+    for i in range(NUM_LAYERS):
+        items = measured.items.get(f"layer{i}", [])
+        rotary = [item for item in items if len(item[1]) == 4 and item[1][:3] == (1, 1, S)]
+        for item in rotary:
+            items.remove(item)
+            measured.layers[i] -= item[2]
+            measured.outside += item[2]
+            measured.items.setdefault("outside", []).append(item)
+
+
 # ------------------------------------------------------------------------------------------------
 # what non-reentrant checkpointing keeps alive outside saved tensors (the open question)
 
@@ -467,7 +605,7 @@ def _closure_name(case: Case, dtype: str, shape: tuple[int, ...]) -> str:
         return "checkpoint.position_ids"  # the layers' `position_ids` kwarg
     if case.family in ("gpt2", "granite", "gpt_neox_drop", "starcoder2") and shape == (B, S, 64):
         return "embeddings.output"  # made a graph input by enable_input_require_grads
-    if shape == (B, 1, S, S):
+    if shape in ((B, 1, S, S), (1, 1, S, S)):  # (1, 1, S, S): Gemma 3's bool sliding-window mask (SDPA)
         return "checkpoint.attention_mask"
     if len(shape) == 3 and shape[:2] == (1, S):
         return "rotary.cos_sin"
@@ -498,6 +636,12 @@ CLOSURE_CASES = [
     Case("olmo2", "bf16", "full", "eager", gc=True),  # OLMo 2's cos / sin stay fp32
     Case("starcoder2", "bf16", "lora", gc=True, targets=("q_proj", "v_proj")),  # its embedding dropout: the leaf too
     Case("phi3", "bf16", "full", "eager", gc=True),
+    Case("gemma2_swa", "bf16", "lora", "eager", gc=True),  # the full and the sliding layers' masks
+    Case("gemma3", "bf16", "lora", gc=True),  # SDPA: the sliding layers' bool mask; two RoPE tables
+    Case("gemma3_local", "bf16", "full", "eager", gc=True),
+    Case("smollm3", "bf16", "lora", gc=True, targets=("q_proj", "v_proj")),  # a NoPE layer between RoPE layers
+    Case("mistral_swa", "bf16", "lora", gc=True),  # SDPA past the window: the (1, 1, S, S) bool mask
+    Case("qwen2_swa", "bf16", "lora", "eager", gc=True),  # full and sliding layers: two (B, 1, S, S) masks
 ]
 
 
@@ -516,7 +660,12 @@ def test_checkpoint_closure_keeps_layer_kwargs_alive(case: Case):
     for dtype, shape, nbytes in measured.closure_kept:
         name = _closure_name(case, dtype, shape)
         kept[name] = kept.get(name, 0) + nbytes
-    predicted = {i.name: i.nbytes for i in profile.model if i.name in closure_items(case.family)}
+    predicted: dict[str, int] = {}
+    for item in profile.model:
+        if item.name in closure_items(case.family):
+            # Gemma's sliding-window layers' mask has the full layers' mask's shape: told apart by size only
+            name = "checkpoint.attention_mask" if item.name == "checkpoint.sliding_attention_mask" else item.name
+            predicted[name] = predicted.get(name, 0) + item.nbytes
     assert kept == predicted, (case.id, measured.closure_kept)
     assert measured.closure_alive_after_backward == 0  # released with the graph
 
@@ -572,6 +721,8 @@ QLORA_CASES = [
     Case("qwen3", "bf16", "lora_all", quantized=True),
     Case("olmo2", "bf16", "lora", quantized=True, targets=("q_proj", "v_proj")),
     Case("olmo2", "bf16", "lora_all", quantized=True, kbit_prep=False),
+    Case("gemma2", "bf16", "lora", quantized=True),  # eager attention, soft-caps in fp32 after kbit preparation
+    Case("gemma3", "bf16", "lora_all", quantized=True),  # a sliding layer past the window (SDPA mask, repeated k/v)
 ]
 
 
@@ -579,6 +730,8 @@ QLORA_CASES = [
 def test_qlora_saved_bytes_match_bitsandbytes(case: Case, tmp_path):
     pytest.importorskip("bitsandbytes", reason="QLoRA measurements need bitsandbytes (test extra)")
     measured = measure(case, tmp_dir=str(tmp_path))
+    if case.family.startswith("gemma3"):
+        _rotary_outside(measured)
     profile = planner(case)
     want = expected(case, profile)
     got = {"layer0": measured.layers[0], "layer1": measured.layers[1], "outside": measured.outside}

@@ -67,6 +67,16 @@ def test_catalog_name_and_repo_id_resolve(name):
     ("bigscience/bloom-7b1", "bloom-7b1"),
     ("microsoft/phi-2", "phi-2"),
     ("google/gemma-7b", "gemma-7b"),
+    # fine-tunes and base repos of the issue-11 entries resolve to the catalogued shapes
+    ("meta-llama/Llama-3.3-70B-Instruct", "llama-3.3-70b-instruct"),
+    ("llama-3.3-70b", "llama-3.3-70b-instruct"),
+    ("Qwen/Qwen2.5-14B-Instruct", "qwen2.5-14b"),
+    ("mistralai/Mistral-Small-24B-Instruct-2501", "mistral-small-24b"),
+    ("Mistral-Small-24B-Base-2501", "mistral-small-24b"),
+    ("microsoft/Phi-3-medium-4k-instruct", "phi-3-medium-4k-instruct"),
+    ("deepseek-ai/DeepSeek-R1-Distill-Qwen-7B", "deepseek-r1-distill-qwen-7b"),
+    ("HuggingFaceTB/SmolLM3-3B", "smollm3-3b"),
+    ("HuggingFaceTB/SmolLM3-3B-Base", "smollm3-3b"),
 ])
 def test_aliases_and_repo_ids(alias, name):
     spec = resolve_model(alias)

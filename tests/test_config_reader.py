@@ -387,6 +387,22 @@ TINY = {
               "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
               "max_position_embeddings": 256, "attention_bias": False, "tie_word_embeddings": False,
               "attention_dropout": 0.0, "hidden_act": "silu"},
+    "smollm3": {"model_type": "smollm3", "vocab_size": 128, "hidden_size": 64, "intermediate_size": 96,
+                "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                "max_position_embeddings": 256, "attention_bias": False, "mlp_bias": False,
+                "use_sliding_window": False, "sliding_window": 64, "no_rope_layers": [1, 0],
+                "no_rope_layer_interval": 4, "tie_word_embeddings": True, "attention_dropout": 0.0, "pad_token_id": 0,
+                "hidden_act": "silu"},
+    "gemma2": {"model_type": "gemma2", "vocab_size": 128, "hidden_size": 64, "intermediate_size": 96,
+               "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+               "hidden_activation": "gelu_pytorch_tanh", "max_position_embeddings": 256, "sliding_window": 64,
+               "query_pre_attn_scalar": 16, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0,
+               "attention_bias": False, "tie_word_embeddings": True, "attention_dropout": 0.0, "pad_token_id": 0},
+    "gemma3_text": {"model_type": "gemma3_text", "vocab_size": 128, "hidden_size": 64, "intermediate_size": 96,
+                    "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 16,
+                    "hidden_activation": "gelu_pytorch_tanh", "max_position_embeddings": 256, "sliding_window": 64,
+                    "sliding_window_pattern": 2, "query_pre_attn_scalar": 16, "final_logit_softcapping": None,
+                    "attention_bias": False, "tie_word_embeddings": True, "attention_dropout": 0.0, "pad_token_id": 0},
 }
 # Keys a config.json may add that some family's class reads, ignores, or spells differently.
 EXTRA_KEYS = ("head_dim", "partial_rotary_factor", "num_key_value_heads", "n_positions", "max_position_embeddings",
@@ -558,6 +574,25 @@ AGREEING_CASES = [
     ("qwen3-hidden-not-multiple", _mutated(TINY["qwen3"], hidden_size=66)),
     ("qwen3-attention-bias", _mutated(TINY["qwen3"], attention_bias=True)),  # q, k, v and o
     ("qwen3-kv-null-means-heads", _mutated(TINY["qwen3"], num_key_value_heads=None)),
+    ("smollm3-3b-small", _catalog_small("smollm3-3b")),
+    ("smollm3-pad-default-above-vocab", _mutated(TINY["smollm3"], pad_token_id=dataclasses.MISSING)),  # 128004
+    ("smollm3-tie-default", _mutated(TINY["smollm3"], tie_word_embeddings=dataclasses.MISSING)),  # tied
+    ("smollm3-kv-null-means-heads", _mutated(TINY["smollm3"], num_key_value_heads=None)),
+    ("smollm3-biases", _mutated(TINY["smollm3"], attention_bias=True, mlp_bias=True)),  # q, k, v, o and the MLP
+    ("smollm3-head-dim", _mutated(TINY["smollm3"], head_dim=32)),  # undeclared, read with getattr
+    ("smollm3-head-dim-null", _mutated(TINY["smollm3"], head_dim=None)),
+    ("smollm3-odd-head-dim", _mutated(TINY["smollm3"], head_dim=7)),
+    ("smollm3-no-rope-layers-too-few", _mutated(TINY["smollm3"], no_rope_layers=[1])),  # IndexError
+    ("smollm3-no-rope-layers-longer", _mutated(TINY["smollm3"], no_rope_layers=[1, 0, 1, 0])),
+    ("smollm3-no-rope-layers-bools", _mutated(TINY["smollm3"], no_rope_layers=[True, False])),
+    ("smollm3-no-rope-layers-string", _mutated(TINY["smollm3"], no_rope_layers="10")),
+    ("smollm3-no-rope-layers-null", _mutated(TINY["smollm3"], no_rope_layers=None)),  # by the interval
+    ("smollm3-interval-zero", _mutated(TINY["smollm3"], no_rope_layers=None, no_rope_layer_interval=0)),
+    ("smollm3-interval-zero-unused", _mutated(TINY["smollm3"], no_rope_layer_interval=0)),
+    ("smollm3-interval-float", _mutated(TINY["smollm3"], no_rope_layer_interval=4.0)),
+    ("smollm3-window-on-nope-layers", _mutated(TINY["smollm3"], use_sliding_window=True)),
+    ("smollm3-layer-types-too-few", _mutated(TINY["smollm3"], layer_types=["full_attention"])),
+    ("smollm3-dropout-int", _mutated(TINY["smollm3"], attention_dropout=0)),
     ("qwen3-window-used", _mutated(TINY["qwen3"], use_sliding_window=True)),
     ("qwen3-max-window-layers-string", _mutated(TINY["qwen3"], max_window_layers="1")),
     ("qwen3-layer-types", _mutated(TINY["qwen3"], use_sliding_window=True,
@@ -572,6 +607,32 @@ AGREEING_CASES = [
     ("olmo2-attention-bias", _mutated(TINY["olmo2"], attention_bias=True)),
     ("olmo2-kv-null-means-heads", _mutated(TINY["olmo2"], num_key_value_heads=None)),
     ("olmo2-mlp-bias-ignored", _mutated(TINY["olmo2"], mlp_bias=True)),
+    # gemma2 / gemma3_text: Gemma2Config / Gemma3TextConfig types and validators
+    ("gemma2-2b-small", _catalog_small("gemma-2-2b")),
+    ("gemma2-27b-small", _catalog_small("gemma-2-27b")),  # head_dim 128 below hidden / heads (144)
+    ("gemma2-softcap-int", _mutated(TINY["gemma2"], final_logit_softcapping=30)),  # float | None: refused
+    ("gemma2-attn-softcap-null", _mutated(TINY["gemma2"], attn_logit_softcapping=None)),
+    ("gemma2-scalar-float", _mutated(TINY["gemma2"], query_pre_attn_scalar=144.0)),  # int: refused
+    ("gemma2-scalar-zero", _mutated(TINY["gemma2"], query_pre_attn_scalar=0)),  # 0 ** -0.5: ZeroDivisionError
+    ("gemma2-kv-null", _mutated(TINY["gemma2"], num_key_value_heads=None)),  # a plain int: refused
+    ("gemma2-hidden-not-multiple", _mutated(TINY["gemma2"], hidden_size=66)),  # validate_architecture
+    ("gemma2-act-gelu", _mutated(TINY["gemma2"], hidden_activation="gelu")),
+    ("gemma2-act-unknown", _mutated(TINY["gemma2"], hidden_activation="geglu")),
+    ("gemma2-hidden-act-ignored", _mutated(TINY["gemma2"], hidden_act="geglu")),  # the MLP reads hidden_activation
+    ("gemma2-layer-types", _mutated(TINY["gemma2"], layer_types=["full_attention", "full_attention"])),
+    ("gemma2-layer-types-too-few", _mutated(TINY["gemma2"], layer_types=["full_attention"])),
+    ("gemma2-layer-types-unknown", _mutated(TINY["gemma2"], layer_types=["full_attention", "local"])),
+    ("gemma2-pad-above-vocab", _mutated(TINY["gemma2"], pad_token_id=128)),
+    ("gemma2-bias-untied", _mutated(TINY["gemma2"], attention_bias=True, tie_word_embeddings=False)),
+    ("gemma3-1b-small", _catalog_small("gemma-3-1b")),
+    ("gemma3-pattern-default", _mutated(TINY["gemma3_text"], sliding_window_pattern=dataclasses.MISSING)),
+    ("gemma3-pattern-zero", _mutated(TINY["gemma3_text"], sliding_window_pattern=0)),  # ZeroDivisionError
+    ("gemma3-pattern-zero-unused", _mutated(TINY["gemma3_text"], sliding_window_pattern=0,
+                                            layer_types=["full_attention"] * 3)),
+    ("gemma3-pattern-string", _mutated(TINY["gemma3_text"], sliding_window_pattern="6")),
+    ("gemma3-pattern-float", _mutated(TINY["gemma3_text"], sliding_window_pattern=1.5)),
+    ("gemma3-softcaps", _mutated(TINY["gemma3_text"], final_logit_softcapping=30.0, attn_logit_softcapping=50.0)),
+    ("gemma3-head-dim-odd", _mutated(TINY["gemma3_text"], head_dim=7)),
 ]
 
 # (case id, config, key named): transformers builds these, the planner refuses them on purpose (see
@@ -606,8 +667,22 @@ STRICTER_CASES = [
     ("qwen3-layer-types-chunked", _mutated(TINY["qwen3"], layer_types=["full_attention", "chunked_attention"]),
      "layer_types"),
     ("llama-act-prelu", _mutated(TINY["llama"], hidden_act="prelu"), "hidden_act"),
+    # the models build the sliding-window mask in every forward (create_sliding_window_causal_mask raises on null)
+    ("gemma2-window-null", _mutated(TINY["gemma2"], sliding_window=None), "sliding_window"),
+    ("gemma3-window-null", _mutated(TINY["gemma3_text"], sliding_window=None), "sliding_window"),
+    ("gemma3-bidirectional", _mutated(TINY["gemma3_text"], use_bidirectional_attention=True),
+     "use_bidirectional_attention"),  # EmbeddingGemma: not a causal LM
+    ("gemma2-layer-types-chunked", _mutated(TINY["gemma2"], layer_types=["full_attention", "chunked_attention"]),
+     "layer_types"),
     ("llama-hidden-above-bound", _mutated(TINY["llama"], hidden_size=2**21, head_dim=16), "hidden_size"),
     ("qwen2-vocab-above-bound", _mutated(TINY["qwen2"], vocab_size=10**15), "vocab_size"),
+    # a "sliding_attention" layer with no window: create_sliding_window_causal_mask raises in every forward
+    ("qwen3-sliding-layers-no-window", _mutated(TINY["qwen3"], layer_types=["full_attention", "sliding_attention"]),
+     "layer_types"),
+    ("qwen2-sliding-layers-no-window", _mutated(TINY["qwen2"], layer_types=["sliding_attention"] * 2),
+     "layer_types"),
+    ("smollm3-sliding-layers-no-window", _mutated(TINY["smollm3"], sliding_window=None,
+                                                  layer_types=["full_attention", "sliding_attention"]), "layer_types"),
 ]
 
 
@@ -625,6 +700,64 @@ def test_reader_is_stricter_on_purpose(config, key):
         spec_from_config(config, "cfg.json")
     assert err.value.field.startswith("cfg.json: ") and key in err.value.field
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(("edits", "window"), [
+    ({}, None),  # use_sliding_window false
+    ({"use_sliding_window": True}, 64),  # layer 1 is NoPE: SmolLM3Config makes it "sliding_attention"
+    ({"use_sliding_window": True, "no_rope_layers": [1, 1]}, None),  # no NoPE layer, no sliding layer
+    ({"use_sliding_window": True, "sliding_window": None}, None),
+    ({"use_sliding_window": True, "no_rope_layers": None, "no_rope_layer_interval": 2}, 64),  # layer 1 NoPE
+    ({"use_sliding_window": True, "no_rope_layers": [1, 1], "layer_types": ["sliding_attention"] * 2}, 64),
+    ({"use_sliding_window": True, "layer_types": ["full_attention"] * 2}, None),
+])
+def test_smollm3_window_applies_to_its_sliding_layers(edits, window):
+    """SmolLM3Config.__post_init__: NoPE layers are "sliding_attention" when use_sliding_window and sliding_window
+    are both set (unless layer_types says otherwise); SmolLM3Attention uses the window on those layers only."""
+    config = _mutated(TINY["smollm3"], **edits)
+    assert spec_from_config(config, "cfg.json").sliding_window == window
+    built = hf_config(config)
+    sliding = "sliding_attention" in built.layer_types and built.use_sliding_window
+    assert (built.sliding_window if sliding else None) == window
+
+
+@pytest.mark.parametrize("family, edits", [
+    ("mistral", {}), ("mistral", {"sliding_window": None}), ("phi3", {}), ("phi3", {"sliding_window": 2047}),
+    ("starcoder2", {}), ("starcoder2", {"sliding_window": None}),
+    ("qwen2", {}), ("qwen2", {"use_sliding_window": True}),
+    ("qwen2", {"use_sliding_window": True, "max_window_layers": 1}),
+    ("qwen2", {"use_sliding_window": True, "layer_types": ["sliding_attention", "full_attention"]}),
+    ("qwen3", {"use_sliding_window": True, "max_window_layers": 0}), ("qwen3", {"max_window_layers": 0}),
+    ("smollm3", {"use_sliding_window": True}), ("smollm3", {"layer_types": ["full_attention", "sliding_attention"]}),
+])
+def test_sliding_layers_match_transformers(family, edits):
+    """The window and its layers (`layer_types`) are what the model builds its masks for: each config class's
+    `layer_types` (Qwen2 / Qwen3 / SmolLM3, with the window they read), or every layer when Mistral / Phi-3 /
+    StarCoder2 set `sliding_window` (their models pick create_sliding_window_causal_mask globally)."""
+    config = _mutated(TINY[family], **edits)
+    spec, built = spec_from_config(config, "cfg.json"), hf_config(config)
+    types = getattr(built, "layer_types", None) or (["sliding_attention"] * built.num_hidden_layers
+                                                     if built.sliding_window is not None else [])
+    sliding = "sliding_attention" in types
+    assert spec.layer_types == (tuple(types) if sliding else None), (family, edits)
+    assert spec.sliding_window == (built.sliding_window if sliding else None)
+
+
+@pytest.mark.parametrize("edits", [
+    {}, {"sliding_window_pattern": dataclasses.MISSING}, {"sliding_window_pattern": 3}, {"sliding_window_pattern": 1},
+    {"sliding_window_pattern": -2}, {"sliding_window_pattern": True},
+    {"layer_types": ["full_attention", "sliding_attention", "full_attention"]},
+])
+def test_gemma_layer_types_and_caps_match_transformers(edits):
+    """The reader's layer kinds (Gemma3TextConfig.__post_init__'s pattern, or layer_types) and soft-caps are the
+    config transformers builds (Gemma 2: sliding first, alternating)."""
+    for family in ("gemma2", "gemma3_text"):
+        config = _mutated(TINY[family], **(edits if family == "gemma3_text" or "layer_types" not in edits else {}))
+        spec, built = spec_from_config(config, "cfg.json"), hf_config(config)
+        assert spec.layer_types == tuple(built.layer_types), (family, edits)
+        assert spec.final_logit_softcapping == built.final_logit_softcapping
+        assert spec.attn_logit_softcapping == (built.attn_logit_softcapping if family == "gemma2" else None)
+        assert spec.sliding_window == built.sliding_window
 
 
 def test_reader_and_transformers_agree_on_every_tiny_config():
@@ -651,6 +784,9 @@ def _stricter_on_purpose(family, key, value) -> bool:
         kv = TINY[family].get("num_key_value_heads")
         if key in ("num_attention_heads", "n_head") and kv and value % kv:
             return True
+        width = TINY[family].get("hidden_size", TINY[family].get("n_embd"))
+        if key in ("num_attention_heads", "n_head") and "head_dim" not in TINY[family] and width and value > width:
+            return True  # hidden // heads is a head_dim of 0: zero-width heads, refused (Granite builds them)
     if key in ("attention_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop", "hidden_dropout", "residual_dropout",
                "embedding_dropout") and number:
         return not (math.isfinite(value) and 0 <= value <= 1)
@@ -660,7 +796,9 @@ def _stricter_on_purpose(family, key, value) -> bool:
         return isinstance(value, (int, float)) and not (math.isfinite(value) and 0 < value <= 1)
     if key == "sliding_window" and isinstance(value, int) and not isinstance(value, bool) and value <= 0:
         return True
-    return key in ("hidden_act", "activation_function") and value in ("prelu", "xielu")
+    if key == "sliding_window" and value is None and family in ("gemma2", "gemma3_text"):
+        return True  # both models build the sliding-window mask in every forward: null fails there, refused now
+    return key in ("hidden_act", "activation_function", "hidden_activation") and value in ("prelu", "xielu")
 
 
 HOSTILE = st.one_of(

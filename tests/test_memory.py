@@ -34,8 +34,12 @@ def phase(estimate, name):
 
 
 # Hand-computed pieces (bytes), bf16 weights, B=1, S=4, h=8, q=8, kv=4, I=12, V=100.
-WEIGHTS_BF16 = 2600 * 2 + 2 * 2 * 2  # parameters + RoPE inv_freq / original_inv_freq (2 each, head_dim 4)
-LOSS_SAVED = T * 100 * 4 + T * 8 + 4  # fp32 log_softmax, int64 targets, total weight
+# parameters + RoPE inv_freq / original_inv_freq (2 each, head_dim 4), two fp32 tensors whatever the dtype
+WEIGHTS_BF16 = 2600 * 2 + 2 * 2 * 4
+# fp32 log_softmax, int64 targets, total weight. With B = 1 `labels[..., 1:].contiguous()` copies nothing: the
+# targets nll_loss saves are a view of the padded (B, S + 1) labels, which live on with them.
+LOSS_SAVED = T * 100 * 4 + B * (S + 1) * 8 + 4
+LOSS_VALUE = SEED = 4  # the loss (0-d fp32), alive until backward() returns; backward's seed, ones_like(loss)
 LOGITS_FP32 = T * 100 * 4
 BATCH = 2 * T * 8
 ROTARY = 2 * S * 4 * 2  # cos + sin, (1, S, head_dim) bf16
@@ -52,18 +56,21 @@ def test_tiny_full_bf16_every_phase_by_hand():
     assert e.activations.layer_bytes == e.activations.first_layer_bytes == layer
     model = BATCH + ROTARY + (NORM_X + 64) + 64  # final norm (+ normalised), lm_head input
     assert e.activations.model_bytes == model
-    saved = 2 * layer + model + LOSS_SAVED
+    saved = 2 * layer + model + LOSS_SAVED + LOSS_VALUE
     states = 2 * 2600 * 2 + 21 * 4  # exp_avg + exp_avg_sq (bf16) + a 4-byte `step` for each of 21 tensors
     assert phase(e, "forward_end").as_dict() == {
         "weights": WEIGHTS_BF16, "gradients": 0, "optimizer_states": states, "activations": saved,
-        "temporaries": T * 100 * 2 + LOGITS_FP32}  # bf16 logits + their fp32 upcast
-    assert phase(e, "backward_start").temporaries_bytes == 2 * LOGITS_FP32
+        # bf16 logits + their fp32 upcast (B = 1: no padded-labels copy; lm_head keeps its input: saved)
+        "temporaries": T * 100 * 2 + LOGITS_FP32}
+    # nll_loss's targets and total weight are freed once its backward ran: log_softmax's output and the loss stay
+    assert phase(e, "backward_start").activations_bytes == saved - B * (S + 1) * 8 - 4
+    assert phase(e, "backward_start").temporaries_bytes == SEED + 2 * LOGITS_FP32
     opt = phase(e, "optimizer_step")
     # for-loop AdamW: two temporary copies of the largest tensor (embedding / lm_head, 800 x 2 bytes).
     assert opt.as_dict() == {"weights": WEIGHTS_BF16, "gradients": 5200, "optimizer_states": states,
                              "activations": BATCH, "temporaries": 2 * 1600}
     assert e.peak_phase == "optimizer_step"
-    assert e.peak_allocated_bytes == WEIGHTS_BF16 + 5200 + states + BATCH + 3200 == 24156
+    assert e.peak_allocated_bytes == WEIGHTS_BF16 + 5200 + states + BATCH + 3200 == 24164
     assert e.seed_rule_bytes == 4 * 5200
 
 
@@ -79,14 +86,17 @@ def test_tiny_lora_bf16_every_phase_by_hand():
     first = lora_in + sdpa + NORM_X + mlp  # frozen embeddings: nothing reaches the first norm
     assert (e.activations.layer_bytes, e.activations.first_layer_bytes) == (layer, first) == (1120, 976)
     model = BATCH + ROTARY + NORM_X
-    saved = layer + first + model + LOSS_SAVED
     weights = WEIGHTS_BF16 + adapters
     states = 2 * adapters + 8 * 4
+    # frozen lm_head keeps no input; LlamaForCausalLM.forward still holds the final hidden state (bf16) at the loss
+    assert phase(e, "forward_end").temporaries_bytes == T * 100 * 2 + LOGITS_FP32 + T * 8 * 2
     start = phase(e, "backward_start")
+    # log_softmax's output and the loss value; the targets and total weight went with nll_loss's backward
+    kept = layer + first + model + LOGITS_FP32 + LOSS_VALUE
     assert start.as_dict() == {"weights": weights, "gradients": 0, "optimizer_states": states,
-                               "activations": saved, "temporaries": 2 * LOGITS_FP32}
+                               "activations": kept, "temporaries": SEED + 2 * LOGITS_FP32}
     assert e.peak_phase == "backward_start"
-    assert e.peak_allocated_bytes == start.total_bytes == 13788
+    assert e.peak_allocated_bytes == start.total_bytes == 13768
     m = 112 / (2600 + 112)
     assert e.trainable_fraction == pytest.approx(m)
     assert e.seed_rule_bytes == round((1 + 4 * m) * 5200)
@@ -97,10 +107,10 @@ def test_gradient_checkpointing_keeps_layer_inputs_and_recomputes_one_layer():
     ckpt = estimate_memory(TINY, tiny_training(method="full", grad_checkpointing=True))
     assert ckpt.activations.checkpoint_per_layer_bytes == T * 8 * 2
     fwd = phase(ckpt, "forward_end").activations_bytes
-    assert fwd == 2 * T * 8 * 2 + ckpt.activations.model_bytes + ckpt.activations.loss_bytes
+    assert fwd == 2 * T * 8 * 2 + ckpt.activations.model_bytes + ckpt.activations.loss_bytes + LOSS_VALUE
     assert fwd < phase(plain, "forward_end").activations_bytes
     layers = phase(ckpt, "backward_layers").activations_bytes
-    assert layers == 2 * T * 8 * 2 + ckpt.activations.model_bytes + ckpt.activations.layer_bytes
+    assert layers == 2 * T * 8 * 2 + ckpt.activations.model_bytes + ckpt.activations.layer_bytes + LOSS_VALUE
 
 
 def test_breakdown_at_peak_adds_up_and_every_phase_is_reported():
@@ -150,8 +160,9 @@ def test_kbit_prep_only_applies_to_qlora():
 
 
 def test_kbit_prep_weights_equal_a_real_prepared_bitsandbytes_model(tmp_path):
-    """Every parameter that is not NF4 after peft.prepare_model_for_kbit_training is fp32, and the planner's
-    non-NF4 bytes equal their storage (tiny Llama, real bitsandbytes 4-bit on its CPU backend)."""
+    """Every parameter that is not NF4 after peft.prepare_model_for_kbit_training is fp32; the first forward casts
+    the quantized linears' biases back to bf16 for good; and the planner's non-NF4 bytes equal that steady state's
+    storage (tiny Llama, real bitsandbytes 4-bit on its CPU backend)."""
     pytest.importorskip("bitsandbytes", reason="needs bitsandbytes (test extra)")
     import torch
     from peft import prepare_model_for_kbit_training
@@ -169,6 +180,12 @@ def test_kbit_prep_weights_equal_a_real_prepared_bitsandbytes_model(tmp_path):
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     other = [p for p in model.parameters() if p.__class__.__name__ != "Params4bit"]
     assert {p.dtype for p in other} == {torch.float32}
+    # bitsandbytes 0.50 `Linear4bit.forward`: x goes to the compute dtype, then `bias.data = bias.data.to(x.dtype)`.
+    model.train()
+    model(input_ids=torch.zeros(1, 4, dtype=torch.long))
+    biases = {id(m.bias) for m in model.modules() if m.__class__.__name__ == "Linear4bit" and m.bias is not None}
+    assert len(biases) == 2 * 4 and {p.dtype for p in other if id(p) in biases} == {torch.bfloat16}
+    assert {p.dtype for p in other if id(p) not in biases} == {torch.float32}
     spec = spec_from_config(config, "tiny")
     planner_nf4 = sum(nf4_bytes(m.weight_numel_each) * m.count for m in module_inventory(spec)
                       if m.kind == "linear" and m.group != "lm_head")

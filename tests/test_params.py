@@ -15,12 +15,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
+from transformers import AutoModelForCausalLM
 
 from lora_planner.catalog import MODEL_CONFIGS, resolve_model
 from lora_planner.config_reader import spec_from_config
 from lora_planner.errors import PlannerInputError
 from lora_planner.families import FAMILY_RULES
 from lora_planner.params import (
+    buffer_bytes,
     buffer_numel,
     check_sequence_length,
     target_description,
@@ -36,6 +38,7 @@ from lora_planner.specs import LoraSpec
 from tests.hf_reference import (
     LINEAR_TYPES,
     Conv1D,
+    hf_config,
     layer_index,
     meta_model,
     module_instances,
@@ -99,6 +102,18 @@ PUBLISHED_TOTALS = {
     "starcoder2-3b": 3_030_371_328,  # 3.03 B
     "starcoder2-7b": 7_173_923_840,  # 7.17 B
     "starcoder2-15b": 15_655_899_136,  # 15.7 B (tied embeddings: its config.json has no tie_word_embeddings key)
+    "smollm3-3b": 3_075_098_624,  # 3.08 B (tied embeddings)
+    "llama-3.3-70b-instruct": 70_553_706_496,  # 70.6 B (Llama 3.1 70B's shapes)
+    "qwen2.5-14b": 14_770_033_664,  # 14.7 B (13.1 B non-embedding)
+    "qwen2.5-72b": 72_706_203_648,  # 72.7 B
+    "mistral-small-24b": 23_572_403_200,  # 24 B (its safetensors index: 47,144,806,400 bytes in bf16)
+    "phi-3-medium-4k-instruct": 13_960_238_080,  # 14 B
+    "deepseek-r1-distill-qwen-7b": 7_615_616_512,  # 7.62 B (Qwen2.5-7B's shapes)
+    "deepseek-r1-distill-llama-8b": 8_030_261_248,  # 8.03 B (its hub safetensors total)
+    "gemma-2-2b": 2_614_341_888,  # 2.61 B (tied embeddings)
+    "gemma-2-9b": 9_241_705_984,  # 9.24 B
+    "gemma-2-27b": 27_227_128_320,  # 27.2 B
+    "gemma-3-1b": 999_885_952,  # 1.0 B
 }
 
 
@@ -271,6 +286,9 @@ FAMILY_CASES = {
         (8, ("embed_in", "lm_head")),
     ],
     "granite": LLAMA_LIKE_CASES,  # PEFT has no default: q_proj, v_proj (the first case)
+    "smollm3": LLAMA_LIKE_CASES,  # PEFT has no default: q_proj, v_proj (the first case)
+    "gemma2": LLAMA_LIKE_CASES,  # PEFT's default: q_proj, v_proj
+    "gemma3_text": LLAMA_LIKE_CASES,  # PEFT's default: q_proj, v_proj
     "phi3": [
         (8, ("qkv_proj",)),  # PEFT has no default: the fused qkv_proj
         (64, ("all-linear",)),
@@ -700,6 +718,20 @@ _TINY_BUFFERS = {
                  "num_hidden_layers": 1, "num_attention_heads": 2, "tie_word_embeddings": True},
     "gpt2": {"model_type": "gpt2", "vocab_size": 64, "n_embd": 32, "n_layer": 1, "n_head": 4},
     "bloom": {"model_type": "bloom", "vocab_size": 64, "hidden_size": 32, "n_layer": 1, "n_head": 4},
+    # SmolLM3: biases on q / k / v / o and the MLP, untied, a head_dim of its own, a NoPE layer
+    "smollm3-biased": {"model_type": "smollm3", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48,
+                       "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+                       "attention_bias": True, "mlp_bias": True, "tie_word_embeddings": False,
+                       "no_rope_layers": [1, 0], "pad_token_id": None},
+    # Gemma 2: embed_scale, one RoPE table; Gemma 3: one RoPE table per layer kind (local and global), q / k norms
+    "gemma2-biased": {"model_type": "gemma2", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48,
+                      "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16,
+                      "attention_bias": True, "tie_word_embeddings": False},
+    "gemma3-two-kinds": {"model_type": "gemma3_text", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48,
+                         "num_hidden_layers": 3, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16,
+                         "sliding_window_pattern": 2},
+    "gemma3-one-kind": {"model_type": "gemma3_text", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48,
+                        "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16},
 }
 
 
@@ -712,3 +744,9 @@ def test_buffers_and_parameters_match_transformers(key):
     model = meta_model(config)
     assert buffer_numel(spec) == sum(b.numel() for b in model.buffers())
     assert count_params(spec).total == total_params(model)
+    # Bytes, as a bf16 model keeps them: RoPE's two tables stay fp32 (two storages), Gemma's embed_scale is bf16.
+    with torch.device("meta"):
+        bf16 = AutoModelForCausalLM.from_config(hf_config(config), dtype=torch.bfloat16)
+    assert buffer_bytes(spec, "bf16") == sum(b.numel() * b.element_size() for b in bf16.buffers())
+    assert all(b.dtype == (torch.bfloat16 if n.endswith("embed_scale") else torch.float32)
+               for n, b in bf16.named_buffers())

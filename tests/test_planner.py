@@ -125,3 +125,31 @@ def test_deepspeed_zero3_says_what_it_leaves_out(name, methods, warned):
     training = TrainingSpec(gpus=2, strategy="deepspeed-zero3")
     plan = make_plan(resolve_model(name), training, methods)
     assert any("zero3_linear_wrap" in w for w in plan.warnings) is warned
+
+
+@pytest.mark.parametrize("name, training, notes", [
+    ("gemma-2-2b", TrainingSpec(), ("no SDPA attention for gemma2", "runs eager attention")),  # sdpa asked
+    ("gemma-2-2b", TrainingSpec(attention="eager", seq_len=8192), ()),  # past the window: modelled, no note
+    ("gemma-3-1b", TrainingSpec(seq_len=2048), ()),  # SDPA exists; its 512-token window is modelled
+])
+def test_gemma_notes_say_what_transformers_runs(name, training, notes):
+    """Gemma 2 has no SDPA in transformers 5.24: what is planned is eager, and the plan says so; Gemma's sliding
+    windows are counted, so the generic "not counted" window note stays away."""
+    warnings = plan_warnings(resolve_model(name), training)
+    assert not any("sliding window" in w for w in warnings)
+    assert len(warnings) == (1 if notes else 0) and all(n in warnings[0] for n in notes)
+
+
+@pytest.mark.parametrize("name, window", [("mistral-7b", 4096), ("phi-3-mini-4k-instruct", 2047),
+                                          ("starcoder2-3b", 4096)])
+def test_sliding_window_past_the_sequence_is_modelled_not_flagged(name, window):
+    """From --seq-len >= window on, SDPA gets a materialised mask on every layer (each keeps k / v repeated to every
+    head and an additive (1, 1, s, s) mask): counted, so no "not counted" window note, and the peak jumps there by
+    more than the masks themselves."""
+    spec = resolve_model(name)
+    assert spec.sliding_window == window
+    assert not any("sliding window" in w for w in plan_warnings(spec, TrainingSpec(seq_len=2 * window)))
+    below, at = (make_plan(spec, TrainingSpec(seq_len=s), ("lora",)).methods["lora"].estimate.peak_allocated_bytes
+                 for s in (window - 1, window))
+    masks = spec.num_layers * window * window * 2  # bf16, batch 1
+    assert at - below > masks

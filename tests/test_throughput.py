@@ -42,6 +42,18 @@ SPECS = {
     "starcoder2_nodrop": spec_from_config({"model_type": "starcoder2", **SMALL}, "starcoder2_nodrop"),
     "qwen3": spec_from_config({"model_type": "qwen3", **SMALL, "head_dim": 32, "tie_word_embeddings": True}, "qwen3"),
     "olmo2": spec_from_config({"model_type": "olmo2", **SMALL}, "olmo2"),
+    # eager attention with soft-capping (the planner plans, and the hf backend builds, eager); an 8-token window
+    "gemma2": spec_from_config({"model_type": "gemma2", **SMALL, "head_dim": 16, "sliding_window": 8}, "gemma2"),
+    "gemma3_text": spec_from_config({"model_type": "gemma3_text", **SMALL, "head_dim": 16, "sliding_window": 8,
+                                     "sliding_window_pattern": 2}, "gemma3_text"),
+    # four layers: SmolLM3Config's default interval makes layer 3 NoPE (the profiler builds that default)
+    "smollm3": spec_from_config({"model_type": "smollm3", **SMALL, "num_hidden_layers": 4, "pad_token_id": None},
+                                "smollm3"),
+    # an 8-token window below the 12-token steps: SDPA's materialised masks and repeated k / v add no FLOPs
+    # (Mistral: every layer; Qwen2: the layers from max_window_layers 1 on)
+    "mistral_swa": spec_from_config({"model_type": "mistral", **SMALL, "sliding_window": 8}, "mistral_swa"),
+    "qwen2_swa": spec_from_config({"model_type": "qwen2", **SMALL, "use_sliding_window": True, "sliding_window": 8,
+                                   "max_window_layers": 1}, "qwen2_swa"),
 }
 
 

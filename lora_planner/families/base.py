@@ -87,6 +87,16 @@ class Module:
         return frozenset(matched)
 
 
+def attention_modules(spec: ModelSpec, prefix: str, qkv_bias: bool, out_bias: bool) -> list[Module]:
+    """A Llama-style attention's `self_attn.{q,k,v,o}_proj` in registration order (q: heads x head_dim wide,
+    k and v: kv heads x head_dim, o back to hidden), repeated once per layer; `prefix` is the layer-0 path."""
+    h, n = spec.hidden_size, spec.num_layers
+    return [Module(prefix + "self_attn.q_proj", "linear", "attention", h, spec.q_size, qkv_bias, n),
+            Module(prefix + "self_attn.k_proj", "linear", "attention", h, spec.kv_size, qkv_bias, n),
+            Module(prefix + "self_attn.v_proj", "linear", "attention", h, spec.kv_size, qkv_bias, n),
+            Module(prefix + "self_attn.o_proj", "linear", "attention", spec.q_size, h, out_bias, n)]
+
+
 def no_model_level(flow: Any, embeddings_need_grad: bool) -> list[SavedTensor]:
     return []
 
@@ -110,8 +120,15 @@ class Family:
     norms_registered_last: bool = False  # decoder-layer norms registered after attention and MLP
     residual_dropout: bool = False  # dropout (spec.dropout) after attention and MLP outputs
     scalar_buffers: int = 0  # buffers besides RoPE's (Gemma's `embed_scale`)
+    # Bytes of buffers whose dtype does not follow the model's (a traced model's bool causal mask, fp32 tables).
+    fixed_buffer_bytes: int = 0
     peft_has_default: bool = True
     rotary_fp32: bool = False  # RoPE's cos / sin stay fp32 whatever the dtype (OLMo 2's rotary embedding)
     # An op after the layer's last matmul saves tensors (OLMo 2's norm of the MLP output), so checkpointing's
     # recompute runs through that matmul too.
     saves_after_last_linear: bool = False
+    sdpa: bool = True  # transformers 5.24 accepts attn_implementation="sdpa" (Gemma 2: no, `_supports_sdpa = False`)
+    rotary_per_layer_type: bool = False  # a RoPE table per `layer_types` kind (Gemma 3: local and global bases)
+    # The layer rules count what a window past --seq-len allocates (`rules.attention_core` / `rules.mask_arguments`);
+    # a family without it gets the planner's "not counted" note when --seq-len exceeds its window.
+    models_sliding_window: bool = False

@@ -5,13 +5,21 @@ Pre-norm decoder layer: RMSNorm -> separate q/k/v projections -> RoPE -> attenti
 RMSNorm -> gated MLP (act(gate_proj x) * up_proj x -> down_proj) -> residual. Biases: Llama's
 `attention_bias` / `mlp_bias`, Qwen2's q/k/v always, Gemma's `attention_bias`. Gemma's RMSNorm multiplies by
 (1 + w) in fp32 and the model keeps a scalar `embed_scale` buffer.
+
+Sliding windows (the shared rules of `lora_planner.families.rules`, "sliding windows"): Mistral's `sliding_window`
+(MistralConfig: 4096 by default, null in v0.3 / Nemo) puts every layer behind `create_sliding_window_causal_mask`
+(`MistralModel.forward`); Qwen2's applies with `use_sliding_window` to the "sliding_attention" layers of
+`layer_types` (by default those from `max_window_layers` on: `Qwen2Config.__post_init__`, `Qwen2Model.forward`). From
+--seq-len >= window on, SDPA gets a materialised mask on those layers: each keeps k / v repeated to every head and an
+additive (b, 1, s, s) mask (`rules.attention_core`); checkpointing keeps the mask arguments (`rules.mask_arguments`).
+Llama and Gemma have no window.
 """
 
 from __future__ import annotations
 
-from lora_planner.families.base import Family, Module
+from lora_planner.families.base import Family, Module, attention_modules
 from lora_planner.families.rules import (
-    Flow, SavedTensor, attention_core, attention_projections, gated_mlp, norm, output_projection,
+    Flow, SavedTensor, attention_core, attention_projections, gated_mlp, norm, output_projection, sliding_model_level,
 )
 from lora_planner.specs import ModelSpec
 
@@ -24,10 +32,7 @@ def layout(spec: ModelSpec) -> list[Module]:
     return [
         Module("model.embed_tokens", "embedding", "embeddings", spec.vocab_size, h),
         Module(layer + "input_layernorm", "norm", "norms", h, h, count=n),
-        Module(layer + "self_attn.q_proj", "linear", "attention", h, spec.q_size, spec.attention_bias, n),
-        Module(layer + "self_attn.k_proj", "linear", "attention", h, spec.kv_size, spec.attention_bias, n),
-        Module(layer + "self_attn.v_proj", "linear", "attention", h, spec.kv_size, spec.attention_bias, n),
-        Module(layer + "self_attn.o_proj", "linear", "attention", spec.q_size, h, spec.attention_out_bias, n),
+        *attention_modules(spec, layer, spec.attention_bias, spec.attention_out_bias),
         Module(layer + "post_attention_layernorm", "norm", "norms", h, h, count=n),
         Module(layer + "mlp.gate_proj", "linear", "mlp", h, spec.intermediate_size, spec.mlp_bias, n),
         Module(layer + "mlp.up_proj", "linear", "mlp", h, spec.intermediate_size, spec.mlp_bias, n),
@@ -67,7 +72,8 @@ def _family(model_type: str, **overrides) -> Family:
 
 FAMILIES = (
     _family("llama"),
-    _family("mistral"),
-    _family("qwen2"),
+    # Sliding windows: `rules.attention_core` (the layers) and `rules.mask_arguments` (checkpointing's mask arguments)
+    _family("mistral", model_level=sliding_model_level, models_sliding_window=True),
+    _family("qwen2", model_level=sliding_model_level, models_sliding_window=True),
     _family("gemma", norm="rms_gemma", scalar_buffers=1),  # GemmaModel's `embed_scale` buffer
 )

@@ -21,7 +21,7 @@ entry: `get_peft_model` asks for target_modules): the planner uses q_proj, v_pro
 
 from __future__ import annotations
 
-from lora_planner.families.base import Family, Module
+from lora_planner.families.base import Family, Module, attention_modules
 from lora_planner.families.rules import (
     Flow, SavedTensor, attention_core, attention_projections, gated_mlp, output_projection, rms_norm_of,
 )
@@ -36,10 +36,7 @@ def layout(spec: ModelSpec) -> list[Module]:
     h, n, layer, bias = spec.hidden_size, spec.num_layers, PREFIX, spec.attention_bias
     return [
         Module("model.embed_tokens", "embedding", "embeddings", spec.vocab_size, h),
-        Module(layer + "self_attn.q_proj", "linear", "attention", h, spec.q_size, bias, n),
-        Module(layer + "self_attn.k_proj", "linear", "attention", h, spec.kv_size, bias, n),
-        Module(layer + "self_attn.v_proj", "linear", "attention", h, spec.kv_size, bias, n),
-        Module(layer + "self_attn.o_proj", "linear", "attention", spec.q_size, h, bias, n),
+        *attention_modules(spec, layer, bias, bias),
         Module(layer + "self_attn.q_norm", "norm", "norms", spec.q_size, spec.q_size, count=n),
         Module(layer + "self_attn.k_norm", "norm", "norms", spec.kv_size, spec.kv_size, count=n),
         Module(layer + "mlp.gate_proj", "linear", "mlp", h, spec.intermediate_size, count=n),

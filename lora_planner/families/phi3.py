@@ -15,6 +15,13 @@ A Llama-like pre-norm layer (RMSNorm, `Phi3RMSNorm`: weight only) with two fused
 - `Phi3DecoderLayer.forward`: `resid_attn_dropout` / `resid_mlp_dropout` (nn.Dropout(resid_pdrop)) on both
   branch outputs before the residual adds. `embd_pdrop` is in Phi3Config but Phi3Model never applies it.
 
+Sliding window (`Phi3Config.sliding_window`; Phi-3-mini-4k / medium-4k: 2047, so --seq-len >= 2047 materialises it):
+`Phi3Model.forward` builds every layer's mask with `create_sliding_window_causal_mask`. From --seq-len >= window on,
+SDPA gets the mask (the shared rules of `lora_planner.families.rules`, "sliding windows"): with GQA (Phi-3-medium,
+Phi-4-mini) `repeat_kv` copies k and v to every head and SDPA keeps those copies instead of the qkv storage; without
+GQA (Phi-3-mini, Phi-3.5-mini) k and v go in as they are (v still a view of the qkv output); either way SDPA keeps
+its additive (b, 1, s, s) mask. Eager attention: one additive mask as for any window-less model.
+
 PEFT 0.21.2 has no default LoRA targets for phi3 (TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING):
 the plan assumes the fused `qkv_proj` (the attention's q, k and v at once) and says so.
 Registration order (`Phi3Attention.__init__`: o_proj before qkv_proj; the layer's norms after attention
@@ -25,7 +32,8 @@ from __future__ import annotations
 
 from lora_planner.families.base import Family, Module
 from lora_planner.families.rules import (
-    FP32, Flow, SavedTensor, dropout_mask, norm, output_projection, softmax_saved,
+    FP32, Flow, SavedTensor, dropout_mask, masked_sdpa, norm, output_projection, sliding_mask_applies,
+    sliding_model_level, softmax_saved,
 )
 from lora_planner.specs import ModelSpec
 
@@ -66,13 +74,20 @@ def _attention(flow: Flow, needs_grad: bool) -> list[SavedTensor]:
         saved.append(SavedTensor("attn.v_repeated" if gqa else "attn.v_copy",
                                  tokens * (spec.q_size if gqa else spec.kv_size) * e))
         return saved
-    return [
+    if sliding_mask_applies(flow) and spec.num_kv_heads != spec.num_heads:
+        # A materialised mask (seq_len >= sliding_window): repeat_kv copies k and v to every head, so SDPA keeps
+        # those copies, not the qkv storage (`rules.masked_sdpa`).
+        return masked_sdpa(flow, spec.q_size)
+    saved = [
         SavedTensor("attn.q_rotated", tokens * spec.q_size * e),
         SavedTensor("attn.k_rotated", tokens * spec.kv_size * e),
         SavedTensor("attn.qkv_output", tokens * (spec.q_size + 2 * spec.kv_size) * e),  # v's storage
         SavedTensor("attn.output", tokens * spec.q_size * e),
         SavedTensor("attn.logsumexp", flow.b * spec.num_heads * flow.s * FP32),
     ]
+    if sliding_mask_applies(flow):  # without GQA, k and v go in as they are; the additive mask comes on top
+        saved.append(SavedTensor("attn.additive_mask", flow.b * flow.s * flow.s * e))
+    return saved
 
 
 def layer(flow: Flow, x_needs_grad: bool) -> list[SavedTensor]:
@@ -112,4 +127,5 @@ def layer(flow: Flow, x_needs_grad: bool) -> list[SavedTensor]:
 
 FAMILY = Family(model_types=("phi3",), layout=layout, layer=layer, peft_default_targets=("qkv_proj",),
                 layer_prefix=PREFIX, last_linear="mlp.down_proj", positions="rope", norm="rms",
-                norms_registered_last=True, residual_dropout=True, peft_has_default=False)
+                norms_registered_last=True, residual_dropout=True, peft_has_default=False,
+                model_level=sliding_model_level, models_sliding_window=True)

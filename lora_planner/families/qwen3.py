@@ -7,16 +7,18 @@ Everything else is `LlamaDecoderLayer` (pre-norm, gated MLP); `attention_bias` p
 for each of q and k when it needs a gradient, the norm's fp32 input and its per-head 1/rms (and, when the norm
 weight trains, its normalised input): `rules.rms_norm_of`.
 
-Sliding-window layers (`use_sliding_window`, layers from `max_window_layers` on) are not modelled: the config
-reader carries the window and the plan warns when --seq-len exceeds it, as for Mistral. PEFT 0.21.2's default
-targets for qwen3 are q_proj and v_proj (TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING).
+Sliding-window layers (`use_sliding_window`; `layer_types`, by default the layers from `max_window_layers` on:
+`Qwen3Config.__post_init__`; `Qwen3Model.forward` builds their mask with `create_sliding_window_causal_mask`): from
+--seq-len >= window on, SDPA's sliding layers keep k / v repeated to every head and an additive (b, 1, s, s) mask
+(the shared rules of `lora_planner.families.rules`, "sliding windows"). PEFT 0.21.2's default targets for qwen3 are
+q_proj and v_proj (TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING).
 """
 
 from __future__ import annotations
 
 from lora_planner.families import llama
-from lora_planner.families.base import Family, Module
-from lora_planner.families.rules import Flow, SavedTensor, rms_norm_of
+from lora_planner.families.base import Family, Module, attention_modules
+from lora_planner.families.rules import Flow, SavedTensor, rms_norm_of, sliding_model_level
 from lora_planner.specs import ModelSpec
 
 PREFIX = "model.layers.0."
@@ -30,10 +32,7 @@ def layout(spec: ModelSpec) -> list[Module]:
     d = spec.head_dim
     return [
         Module("model.embed_tokens", "embedding", "embeddings", spec.vocab_size, h),
-        Module(layer + "self_attn.q_proj", "linear", "attention", h, spec.q_size, bias, n),
-        Module(layer + "self_attn.k_proj", "linear", "attention", h, spec.kv_size, bias, n),
-        Module(layer + "self_attn.v_proj", "linear", "attention", h, spec.kv_size, bias, n),
-        Module(layer + "self_attn.o_proj", "linear", "attention", spec.q_size, h, bias, n),
+        *attention_modules(spec, layer, bias, bias),
         Module(layer + "self_attn.q_norm", "norm", "norms", d, d, count=n),
         Module(layer + "self_attn.k_norm", "norm", "norms", d, d, count=n),
         Module(layer + "mlp.gate_proj", "linear", "mlp", h, spec.intermediate_size, count=n),
@@ -62,4 +61,5 @@ def layer(flow: Flow, x_needs_grad: bool) -> list[SavedTensor]:
 
 
 FAMILY = Family(model_types=("qwen3",), layout=layout, layer=layer, peft_default_targets=("q_proj", "v_proj"),
-                layer_prefix=PREFIX, last_linear="mlp.down_proj", positions="rope", norm="rms")
+                layer_prefix=PREFIX, last_linear="mlp.down_proj", positions="rope", norm="rms",
+                model_level=sliding_model_level, models_sliding_window=True)

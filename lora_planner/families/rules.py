@@ -51,6 +51,7 @@ class Flow:
         self.modules = modules
         self.input_grads: dict[str, bool] | None = None
         self.attention_grads: tuple[bool, bool, bool] | None = None
+        self.layer_type: str | None = None  # the layer's `ModelSpec.layer_types` entry (set per layer)
 
     def in_layer(self, adapters: frozenset[str]) -> Flow:
         """The same settings, seen from a decoder layer whose adapted modules are `adapters`."""
@@ -232,11 +233,83 @@ def eager_attention(flow: Flow, q_grad: bool, k_grad: bool, v_grad: bool) -> lis
 
 
 def attention_core(flow: Flow, q_grad: bool, k_grad: bool, v_grad: bool) -> list[SavedTensor]:
-    """RoPE'd q, k and v through SDPA (everything or nothing) or eager attention (per operand)."""
+    """RoPE'd q, k and v through SDPA (everything or nothing) or eager attention (per operand); a sliding-window
+    layer whose SDPA mask is materialised keeps what `masked_sdpa` says."""
     flow.note_attention(q_grad, k_grad, v_grad)
     if flow.t.attention == "eager":
         return eager_attention(flow, q_grad, k_grad, v_grad)
-    return sdpa(flow, flow.spec.q_size, flow.spec.kv_size) if q_grad or k_grad or v_grad else []
+    if not (q_grad or k_grad or v_grad):
+        return []
+    if sliding_mask_applies(flow):
+        return masked_sdpa(flow, flow.spec.q_size)
+    return sdpa(flow, flow.spec.q_size, flow.spec.kv_size)
+
+
+# ---------------------------------------------------------------------------------------------- sliding windows
+# transformers 5.24 `masking_utils`: every family with a window (Mistral, Phi-3, StarCoder2: all layers, from
+# `config.sliding_window`; Qwen2 / Qwen3 / SmolLM3 / Gemma 2 / Gemma 3: the "sliding_attention" entries of
+# `config.layer_types`) builds its sliding layers' mask with `create_sliding_window_causal_mask`, the others' with
+# `create_causal_mask`. The config reader writes each family's `ModelSpec.layer_types` the way its config class does
+# (all "sliding_attention" for the single-window families), so one rule serves them all.
+#
+# - SDPA: `sdpa_mask` returns None (SDPA's `is_causal`) only while seq_len < sliding_window
+#   (`_ignore_causal_mask_sdpa`: `kv_length >= local_attention_size` materialises it). From seq_len >= window on, a
+#   (1, 1, s, s) bool mask (expanded to the batch: a view) reaches `sdpa_attention_forward`, which then repeats k and
+#   v to every head (`use_gqa_in_sdpa` is False with a mask: `repeat_kv`), and SDPA converts the bool mask into an
+#   additive (b, 1, s, s) mask in the compute dtype on every call (`convert_boolean_attn_mask`), which its backward
+#   keeps (`masked_sdpa`). Full layers keep SDPA's `is_causal` path (`sdpa`).
+# - eager: `eager_mask` materialises a (b, 1, s, s) additive mask in the embeddings' dtype for each kind present;
+#   adding it saves nothing, so sliding and full layers keep the same tensors.
+# - gradient checkpointing (non-reentrant) keeps each layer's mask argument until that layer's backward
+#   (`mask_arguments`).
+# CUDA: the masked SDPA rules out the flash kernel and the memory-efficient one runs. Assumed: it keeps what the CPU
+# flash kernel keeps (q, the repeated k / v, the output, the fp32 log-sum-exp, the additive mask as its bias);
+# its log-sum-exp is padded to a multiple of 32 positions and its bias to a multiple of 16, so equal sizes when
+# seq_len is a multiple of 32 and a few bytes per row more otherwise (not counted). Measured on the CPU (SDPA's
+# CPU flash kernel takes the mask; tests/test_activations.py `*_swa`) and in fake traces of full-size models (CPU
+# dispatch); not yet on a GPU.
+
+SLIDING, FULL = "sliding_attention", "full_attention"
+
+
+def sliding_mask_materialised(flow: Flow) -> bool:
+    """Whether SDPA's sliding-window layers get an explicit mask: seq_len >= sliding_window
+    (`masking_utils._ignore_causal_mask_sdpa`)."""
+    window = flow.spec.sliding_window
+    return flow.t.attention != "eager" and window is not None and flow.s >= window
+
+
+def sliding_mask_applies(flow: Flow) -> bool:
+    """This layer is a sliding-window layer (`Flow.layer_type`) and SDPA gets its mask."""
+    return flow.layer_type == SLIDING and sliding_mask_materialised(flow)
+
+
+def masked_sdpa(flow: Flow, q_cols: int) -> list[SavedTensor]:
+    """SDPA with a materialised mask: q (`q_cols` wide), k and v repeated to every head (`repeat_kv`; as they are
+    without GQA), the output, the log-sum-exp, and the additive (b, 1, s, s) mask SDPA makes of the bool one.
+    With a single kv head (Gemma 3 1B) `repeat_kv`'s expand + reshape is a view of the kv-wide tensor (the head
+    dimension keeps stride 0), so k and v keep their kv-wide storage."""
+    kv_cols = flow.spec.kv_size if flow.spec.num_kv_heads == 1 else q_cols
+    return sdpa(flow, q_cols, kv_cols) + [SavedTensor("attn.additive_mask", flow.b * flow.s * flow.s * flow.e_compute)]
+
+
+def mask_arguments(flow: Flow) -> list[SavedTensor]:
+    """Under non-reentrant checkpointing, the sliding layers' mask argument their recompute closures keep (the full
+    layers' eager mask is counted by `lora_planner.activations` for every eager family): SDPA, seq_len >= window: the
+    (1, 1, s, s) bool mask; eager with both kinds of layer: the second (b, 1, s, s) additive mask."""
+    kinds = set(flow.spec.layer_types or ())
+    if not flow.t.grad_checkpointing or SLIDING not in kinds:
+        return []
+    if sliding_mask_materialised(flow):
+        return [SavedTensor("checkpoint.sliding_attention_mask", flow.s * flow.s)]
+    if flow.t.attention == "eager" and kinds == {SLIDING, FULL}:
+        return [SavedTensor("checkpoint.sliding_attention_mask", flow.b * flow.s * flow.s * flow.e_stream)]
+    return []
+
+
+def sliding_model_level(flow: Flow, embeddings_need_grad: bool) -> list[SavedTensor]:
+    """`Family.model_level` of a family whose only tensors outside the layers are the mask arguments."""
+    return mask_arguments(flow)
 
 
 def attention_projections(flow: Flow, prefix: str, projections: tuple[str, ...],

@@ -14,14 +14,21 @@ Dropouts (the released models: 0.1 each), all `nn.functional.dropout`:
   no fused kernel: the math path (`_scaled_dot_product_attention_math`) upcasts q, k, v to fp32, repeats k and v
   to every head, and keeps per operand what eager attention would, in fp32 (`_cpu_math_attention`).
 
+Sliding window (`Starcoder2Config.sliding_window`, 4096 in the released models): `Starcoder2Model.forward` builds every
+layer's mask with `create_sliding_window_causal_mask`. From --seq-len >= window on SDPA gets it (the shared rules of
+`lora_planner.families.rules`, "sliding windows": k / v repeated to every head, the additive (b, 1, s, s) mask kept);
+the CPU math path with attention dropout adds the mask in place and keeps what it keeps without one (measured:
+tests/test_activations.py `starcoder2_swa`); under checkpointing the layers' mask argument stays alive.
+
 PEFT 0.21.2 has no default LoRA targets for starcoder2: the plan assumes q_proj and v_proj and says so.
 """
 
 from __future__ import annotations
 
-from lora_planner.families.base import Family, Module
+from lora_planner.families.base import Family, Module, attention_modules
 from lora_planner.families.rules import (
-    FP32, Flow, SavedTensor, attention_core, attention_projections, dropout_mask, norm, output_projection, plain_mlp,
+    FP32, Flow, SavedTensor, attention_core, attention_projections, dropout_mask, mask_arguments, norm,
+    output_projection, plain_mlp,
 )
 from lora_planner.specs import ModelSpec
 
@@ -34,10 +41,7 @@ def layout(spec: ModelSpec) -> list[Module]:
     return [
         Module("model.embed_tokens", "embedding", "embeddings", spec.vocab_size, h),
         Module(layer + "input_layernorm", "norm", "norms", h, h, True, n),
-        Module(layer + "self_attn.q_proj", "linear", "attention", h, spec.q_size, bias, n),
-        Module(layer + "self_attn.k_proj", "linear", "attention", h, spec.kv_size, bias, n),
-        Module(layer + "self_attn.v_proj", "linear", "attention", h, spec.kv_size, bias, n),
-        Module(layer + "self_attn.o_proj", "linear", "attention", spec.q_size, h, spec.attention_out_bias, n),
+        *attention_modules(spec, layer, bias, spec.attention_out_bias),
         Module(layer + "post_attention_layernorm", "norm", "norms", h, h, True, n),
         Module(layer + "mlp.c_fc", "linear", "mlp", h, spec.intermediate_size, spec.mlp_bias, n),
         Module(layer + "mlp.c_proj", "linear", "mlp", spec.intermediate_size, h, spec.mlp_bias, n),
@@ -98,15 +102,16 @@ def layer(flow: Flow, x_needs_grad: bool) -> list[SavedTensor]:
 def model_level(flow: Flow, embeddings_need_grad: bool) -> list[SavedTensor]:
     """The embedding dropout's mask; under checkpointing with frozen embeddings and that dropout, the embedding
     output that `enable_input_require_grads` makes a graph leaf (the AccumulateGrad node holds it: it is not
-    layer 0's checkpointed input, which is the dropout's output)."""
+    layer 0's checkpointed input, which is the dropout's output), and the sliding window's mask argument."""
     spec, tokens, h = flow.spec, flow.tokens, flow.spec.hidden_size
     saved = dropout_mask(flow, "embeddings.dropout", tokens * h, spec.embedding_dropout, embeddings_need_grad,
                          flow.e_stream)
     if flow.t.grad_checkpointing and not flow.full and spec.embedding_dropout > 0:
         saved.append(SavedTensor("embeddings.output", tokens * h * flow.e_stream))
-    return saved
+    return saved + mask_arguments(flow)
 
 
 FAMILY = Family(model_types=("starcoder2",), layout=layout, layer=layer, peft_default_targets=("q_proj", "v_proj"),
                 layer_prefix=PREFIX, last_linear="mlp.c_proj", positions="rope", norm="layer",
-                model_level=model_level, norms_registered_last=True, residual_dropout=True, peft_has_default=False)
+                model_level=model_level, norms_registered_last=True, residual_dropout=True, peft_has_default=False,
+                models_sliding_window=True)

@@ -73,7 +73,7 @@ from lora_planner.errors import PlannerInputError
 from lora_planner.step import MemoryBreakdown, PhaseMemory, StepComponents, step_components
 from lora_planner.optimizers import TensorGroup, optimizer_scratch_bytes, optimizer_state_bytes
 from lora_planner.families import family_rules
-from lora_planner.params import adapters_by_layer, buffer_numel, is_per_layer, module_inventory, resolve_targets
+from lora_planner.params import adapters_by_layer, buffer_bytes, is_per_layer, module_inventory, resolve_targets
 from lora_planner.specs import BYTES_PER_ELEMENT, ModelSpec, TrainingSpec
 
 FP32 = 4
@@ -306,7 +306,7 @@ def phases(spec: ModelSpec, training: TrainingSpec, c: StepComponents,
         shard = sum(ceil(numel / n) * count for numel, count, _ in params)
         persistent = sum(numel * count for numel, count, _ in params if numel <= threshold)
         partition = sum(ceil(numel / n) * count for numel, count, t in params if t)
-        buffers = buffer_numel(spec) * e
+        buffers = buffer_bytes(spec, training.dtype)
         weights = (shard + persistent) * e + buffers + partition * FP32
     flat_group = (TensorGroup((partition,), 1, FP32),)
     states = optimizer_state_bytes(flat_group, training.optimizer, step_on_device)
@@ -322,7 +322,8 @@ def phases(spec: ModelSpec, training: TrainingSpec, c: StepComponents,
         persistent_grads = bucket + partition * e  # ipg bucket + grad_partitions_flat_buffer, from __init__
         extra_layers, extra_outside = _zero3_linear_inputs_bytes(spec, training, c)
         saved = c.saved + extra_layers + extra_outside
-        layers = c.layers_saved + extra_layers + acts.model_bytes + extra_outside + c.recomputed
+        saved_at_backward_start = c.saved_at_backward_start + extra_layers + extra_outside
+        layers = c.layers_activations + extra_layers + extra_outside
         # step: the fp32 gradient of the partition, made from the 16-bit one (freed right after the cast)
         step_temporaries = max(scratch, partition * e if e != FP32 else 0)
         # Gathered modules on top of the partitions: the embedding at the start of forward, the largest
@@ -330,7 +331,8 @@ def phases(spec: ModelSpec, training: TrainingSpec, c: StepComponents,
         return (
             phase("forward_start", weights + gathered, persistent_grads, acts.batch_bytes, 0),
             phase("forward_end", weights + gathered, persistent_grads, saved, acts.loss_forward_scratch_bytes),
-            phase("backward_start", weights + gathered, persistent_grads, saved, acts.loss_backward_scratch_bytes),
+            phase("backward_start", weights + gathered, persistent_grads, saved_at_backward_start,
+                  acts.loss_backward_scratch_bytes),
             phase("backward_layers", weights + gathered, persistent_grads + c.head_gradients, layers,
                   c.layer_scratch),
             phase("backward_end", weights + gathered, persistent_grads, c.end_activations + acts.batch_bytes,
@@ -347,11 +349,13 @@ def phases(spec: ModelSpec, training: TrainingSpec, c: StepComponents,
     last_rank_kept = ranks[-1].grads_in_partition_numel * e  # backward reaches the last parameters first
     mid_backward = trainable > zero.reduce_bucket_size  # a reduction before the epilogue
     in_bucket = min(trainable, zero.reduce_bucket_size) * e
-    layers_acts = c.layers_saved + acts.model_bytes + c.recomputed
+    layers_acts = c.layers_activations
     head = c.head_gradients if stage == 1 else 0
     last_op = (c.end_gradients if stage == 1 else 0) + bucket + (kept if mid_backward else 0)
     end = phase("backward_end", weights, last_op, c.end_activations + acts.batch_bytes, c.end_scratch)
-    epilogue = phase("backward_end", weights, bucket + in_bucket + kept, acts.batch_bytes, 0)
+    # inside backward still: the loss value and backward's seed are alive
+    epilogue = phase("backward_end", weights, bucket + in_bucket + kept, acts.batch_bytes + acts.loss_output_bytes,
+                     acts.backward_seed_bytes)
     backward = [phase("backward_layers", weights, head + bucket + (last_rank_kept if mid_backward else 0),
                       layers_acts, c.layer_scratch)]
     head_pending = _head_extra_large_gradients(spec, training, zero) * e
@@ -371,7 +375,7 @@ def phases(spec: ModelSpec, training: TrainingSpec, c: StepComponents,
     return (
         phase("forward_start", weights, 0, acts.batch_bytes, 0),
         phase("forward_end", weights, 0, c.saved, acts.loss_forward_scratch_bytes),
-        phase("backward_start", weights, 0, c.saved, acts.loss_backward_scratch_bytes),
+        phase("backward_start", weights, 0, c.saved_at_backward_start, acts.loss_backward_scratch_bytes),
         max(backward, key=lambda p: p.breakdown.total_bytes),
         max(end, epilogue, key=lambda p: p.breakdown.total_bytes),
         max(phase("optimizer_step", weights, 0, acts.batch_bytes, max(norm, flatten)),

@@ -24,8 +24,8 @@ from __future__ import annotations
 from math import ceil
 
 from lora_planner.step import MemoryBreakdown, PhaseMemory, StepComponents, group_bytes
-from lora_planner.params import buffer_numel
-from lora_planner.specs import BYTES_PER_ELEMENT, ModelSpec, TrainingSpec
+from lora_planner.params import buffer_bytes
+from lora_planner.specs import ModelSpec, TrainingSpec
 
 
 def phases(spec: ModelSpec, training: TrainingSpec, c: StepComponents) -> tuple[PhaseMemory, ...]:
@@ -33,7 +33,7 @@ def phases(spec: ModelSpec, training: TrainingSpec, c: StepComponents) -> tuple[
     n = training.gpus
     keep_gathered = training.resolved_strategy == "fsdp-grad-op"  # no reshard after forward
     acts = c.activations
-    buffers = buffer_numel(spec) * BYTES_PER_ELEMENT[training.dtype]
+    buffers = buffer_bytes(spec, training.dtype)
     root, layer, layer_trainable, root_trainable = group_bytes(spec, training)
     shards = ceil((c.weights - buffers) / n) + buffers
     grads, states = ceil(c.gradients / n), ceil(c.states / n)
@@ -52,7 +52,7 @@ def phases(spec: ModelSpec, training: TrainingSpec, c: StepComponents) -> tuple[
     # gradients (the reduce-scatter input) beside their shard, lm_head's gradients unsharded until the
     # root's reduce-scatter at the very end; one layer's saved tensors are gone.
     one_layer = acts.checkpoint_per_layer_bytes if training.grad_checkpointing else acts.layer_bytes
-    between_layers = c.layers_saved - one_layer + acts.model_bytes_below_head
+    between_layers = c.layers_saved - one_layer + acts.model_bytes_below_head + acts.loss_output_bytes
     gathered_next = 0 if keep_gathered else layer
     return (
         # The first all-gathers: root and layer 0, each beside its flat all-gather buffer.
@@ -61,12 +61,13 @@ def phases(spec: ModelSpec, training: TrainingSpec, c: StepComponents) -> tuple[
               c.saved),
         # lm_head's backward pre-hook already all-gathers the last layer (prefetch) into its flat buffer.
         phase("backward_start", shards + held, acts.loss_backward_scratch_bytes + (0 if keep_gathered else layer),
-              c.saved),
-        phase("backward_layers", shards + held + gathered_next, gathered_next + layer_trainable + c.head_gradients,
+              c.saved_at_backward_start),
+        phase("backward_layers", shards + held + gathered_next,
+              gathered_next + layer_trainable + c.head_gradients + acts.backward_seed_bytes,
               between_layers, gradients=ceil(layer_trainable / n)),
         # The last op (the embedding's backward): the layers' gradients are sharded, the root's all still
-        # unsharded; every saved tensor is gone.
-        phase("backward_end", shards + root, root_trainable, acts.batch_bytes,
-              gradients=ceil((c.gradients - root_trainable) / n)),
+        # unsharded; every saved tensor is gone (the loss value and backward's seed stay until it returns).
+        phase("backward_end", shards + root, root_trainable + acts.backward_seed_bytes,
+              acts.batch_bytes + acts.loss_output_bytes, gradients=ceil((c.gradients - root_trainable) / n)),
         phase("optimizer_step", shards, scratch, acts.batch_bytes, gradients=grads),
     )

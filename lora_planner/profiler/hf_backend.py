@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from lora_planner.errors import PlannerInputError
+from lora_planner.families import family_rules
 from lora_planner.params import ALL_LINEAR, PEFT_DEFAULT_TARGETS, count_params
 from lora_planner.specs import ModelSpec, TrainingSpec
 
@@ -46,6 +47,12 @@ def require_hf() -> tuple[Any, Any]:
 
 def hf_config_dict(spec: ModelSpec) -> dict[str, Any]:
     """The `config.json` fields of `spec` under each family's own key names."""
+    from lora_planner import traced
+
+    if traced.is_traced(spec.family):  # the config it was traced from, at the spec's depth
+        from lora_planner.profiler.trace_family import reduced_config
+
+        return reduced_config(traced.profile_of(spec.family), spec.num_layers)
     common = {"model_type": spec.family, "vocab_size": spec.vocab_size, "tie_word_embeddings": spec.tie_word_embeddings,
               "use_cache": False}
     if spec.family == "gpt2":
@@ -83,6 +90,20 @@ def hf_config_dict(spec: ModelSpec) -> dict[str, Any]:
                       embedding_dropout=spec.embedding_dropout, sliding_window=spec.sliding_window)
     if spec.family == "granite":
         config.update(attention_bias=spec.attention_bias, mlp_bias=spec.mlp_bias)
+    if spec.family == "smollm3":  # NoPE layers by SmolLM3Config's default interval (they change no size)
+        config.update(attention_bias=spec.attention_bias, mlp_bias=spec.mlp_bias, pad_token_id=None,
+                      use_sliding_window=spec.sliding_window is not None, sliding_window=spec.sliding_window,
+                      layer_types=list(spec.layer_types) if spec.layer_types else None)
+    if spec.family == "mistral":  # MistralConfig's window is 4096 unless given (null: none)
+        config["sliding_window"] = spec.sliding_window
+    if spec.family in ("qwen2", "qwen3"):  # the window's layers as the reader derived them (`layer_types`)
+        config.update(use_sliding_window=spec.sliding_window is not None, sliding_window=spec.sliding_window,
+                      layer_types=list(spec.layer_types) if spec.layer_types else None)
+    if spec.family in ("gemma2", "gemma3_text"):
+        config.update(hidden_activation=spec.hidden_act, attention_bias=spec.attention_bias,
+                      sliding_window=spec.sliding_window, layer_types=list(spec.layer_types or ()) or None,
+                      final_logit_softcapping=spec.final_logit_softcapping,
+                      attn_logit_softcapping=spec.attn_logit_softcapping)
     return config
 
 
@@ -92,7 +113,8 @@ def build_hf_model(spec: ModelSpec, training: TrainingSpec, device: str) -> nn.M
     transformers, _ = require_hf()
     config = transformers.AutoConfig.for_model(**hf_config_dict(spec))
     dtype = TORCH_DTYPES["fp32" if training.amp else training.dtype]
-    attention = "eager" if spec.family == "bloom" else training.attention  # BLOOM has only eager (ALiBi)
+    # BLOOM has only eager (ALiBi); Gemma 2 refuses an explicit "sdpa" and runs eager by default (Family.sdpa)
+    attention = "eager" if spec.family == "bloom" or not family_rules(spec.family).sdpa else training.attention
     if training.method == "qlora":
         model = _quantized_model(config, training, device, attention)
     else:

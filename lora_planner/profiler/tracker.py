@@ -638,6 +638,22 @@ def _optimizer_state_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Ten
     return [t for state in optimizer.state.values() for t in _iter_tensors(state)]
 
 
+def _quant_state_tensors(params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    """The tensors of bitsandbytes' 4-bit weights that are neither parameters nor buffers: each
+    `Params4bit.quant_state`'s `absmax`, NF4 `code` book and `offset`, and its nested (double-quantization)
+    state's `absmax` and `code` (bitsandbytes `functional.QuantState`, made by `quantize_4bit`). They are part of
+    the weight for as long as the model lives; unregistered, the ones an op reads would be adopted in the first
+    forward (and counted as activations) and the code book, which no op reads, not at all."""
+    out: list[torch.Tensor] = []
+    for p in params:
+        state = getattr(p, "quant_state", None)
+        while state is not None:
+            out += [t for t in (getattr(state, name, None) for name in ("absmax", "code", "offset"))
+                    if isinstance(t, torch.Tensor)]
+            state = getattr(state, "state2", None)
+    return out
+
+
 def _storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
     seen: dict[int, int] = {}
     for t in tensors:
@@ -663,7 +679,8 @@ def measure_training_step(
     (loss.backward(); the loss is dropped; every p.grad is registered as gradients), phase
     "optimizer_step" (optimizer.step(); every tensor in optimizer.state is registered as
     optimizer_states), phase "zero_grad" (optimizer.zero_grad(set_to_none)); the batch lives until
-    the step ends. Parameters and buffers are registered as weights before step 1. The batch is
+    the step ends. Parameters, buffers and bitsandbytes' quantization states
+    (`_quant_state_tensors`) are registered as weights before step 1. The batch is
     classified like any forward-made storage (activations, since it outlives the forward).
 
     Works the same under FakeTensorMode (enter it first, then call this).
@@ -683,6 +700,7 @@ def measure_training_step(
     with tr:
         tr.register(plist, MemoryCategory.WEIGHTS)
         tr.register(buffers, MemoryCategory.WEIGHTS)
+        tr.register(_quant_state_tensors(plist), MemoryCategory.WEIGHTS)
         tr.register([p.grad for p in plist if p.grad is not None], MemoryCategory.GRADIENTS)
         tr.register(_optimizer_state_tensors(optimizer), MemoryCategory.OPTIMIZER_STATES)
         for _ in range(steps):
@@ -696,6 +714,9 @@ def measure_training_step(
             tr.mark_phase(Phase.OPTIMIZER_STEP)
             optimizer.step()
             tr.register(_optimizer_state_tensors(optimizer), MemoryCategory.OPTIMIZER_STATES)
+            # A parameter whose storage the step replaced (bitsandbytes' `Linear4bit.forward` casts its bias for
+            # good: `bias.data = bias.data.to(x.dtype)`) is still a weight, for the new storage's whole life.
+            tr.register(plist, MemoryCategory.WEIGHTS)
             tr.mark_phase(Phase.ZERO_GRAD)
             optimizer.zero_grad(set_to_none=set_to_none)
             del batch

@@ -11,8 +11,9 @@ import torch
 from lora_planner.catalog import resolve_model
 from lora_planner.config_reader import spec_from_config
 from lora_planner.errors import PlannerInputError
+from lora_planner.memory import estimate_memory
 from lora_planner.profiler.runner import (
-    Measurement, ProfileRequest, build_optimizer, measure_cuda, resolve_mode, run_profile,
+    COARSE_PHASE, Measurement, ProfileRequest, build_optimizer, measure_cuda, resolve_mode, run_profile,
 )
 from lora_planner.specs import LoraSpec, TrainingSpec
 
@@ -60,6 +61,26 @@ TINY = {
     "olmo2": spec_from_config({"model_type": "olmo2", "vocab_size": 1000, "hidden_size": 64, "intermediate_size": 176,
                                "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2},
                               "tiny-olmo2"),
+    # smollm3: four layers, so that SmolLM3Config's default interval makes layer 3 NoPE; tied embeddings
+    "smollm3": spec_from_config({"model_type": "smollm3", "vocab_size": 1000, "hidden_size": 64,
+                                 "intermediate_size": 176, "num_hidden_layers": 4, "num_attention_heads": 4,
+                                 "num_key_value_heads": 2, "pad_token_id": None}, "tiny-smollm3"),
+    # gemma2 / gemma3_text: a 16-token window, below the steps' 32 tokens; Gemma 3 alternates local / global layers
+    "gemma2": spec_from_config({"model_type": "gemma2", "vocab_size": 1000, "hidden_size": 64, "intermediate_size": 176,
+                                "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                                "head_dim": 16, "sliding_window": 16}, "tiny-gemma2"),
+    "gemma3_text": spec_from_config({"model_type": "gemma3_text", "vocab_size": 1000, "hidden_size": 64,
+                                     "intermediate_size": 176, "num_hidden_layers": 2, "num_attention_heads": 4,
+                                     "num_key_value_heads": 2, "head_dim": 16, "sliding_window": 16,
+                                     "sliding_window_pattern": 2}, "tiny-gemma3"),
+    # a 16-token window below the steps' 32 tokens: Mistral (every layer), Qwen2 (layer 1 from max_window_layers 1)
+    "mistral_swa": spec_from_config({"model_type": "mistral", "vocab_size": 1000, "hidden_size": 64,
+                                     "intermediate_size": 176, "num_hidden_layers": 2, "num_attention_heads": 4,
+                                     "num_key_value_heads": 2, "sliding_window": 16}, "tiny-mistral-swa"),
+    "qwen2_swa": spec_from_config({"model_type": "qwen2", "vocab_size": 1000, "hidden_size": 64,
+                                   "intermediate_size": 176, "num_hidden_layers": 2, "num_attention_heads": 4,
+                                   "num_key_value_heads": 2, "use_sliding_window": True, "sliding_window": 16,
+                                   "max_window_layers": 1, "tie_word_embeddings": True}, "tiny-qwen2-swa"),
 }
 
 
@@ -83,6 +104,13 @@ CPU_CASES = [
     ("llama", "hf", dict(method="lora", grad_checkpointing=True, lora=LoraSpec(r=8, target_modules=("all-linear",)))),
     ("llama", "hf", dict(method="lora", dtype="fp32", amp="bf16")),
     ("llama", "hf", dict(method="full", attention="eager", dtype="fp32")),
+    # B = 1: nll_loss saves a view of the padded labels (no contiguous copy); full fine-tuning's last op, the
+    # embedding's backward beside its incoming gradient (the peak); full fine-tuning under autocast: the cached
+    # bf16 copy of every bias, and of every layer weight under checkpointing (the peak moves to forward)
+    ("llama", "hf", dict(method="lora", batch_size=1)),
+    ("llama", "hf", dict(method="full", batch_size=1, grad_checkpointing=True)),
+    ("llama", "hf", dict(method="full", dtype="fp32", amp="bf16", grad_checkpointing=True)),
+    ("phi", "hf", dict(method="full", dtype="fp32", amp="bf16")),
     ("llama", "builtin", dict(method="full")),
     ("llama", "builtin", dict(method="lora", optimizer_impl="foreach")),
     ("llama", "builtin", dict(method="lora", grad_checkpointing=True)),
@@ -122,6 +150,27 @@ CPU_CASES = [
     ("olmo2", "hf", dict(method="lora", dtype="fp32", amp="bf16")),
     ("olmo2", "hf", dict(method="full", attention="eager", dtype="fp32")),
     ("olmo2", "hf", dict(method="full", grad_checkpointing=True)),
+    ("smollm3", "hf", dict(method="full")),
+    ("smollm3", "hf", dict(method="lora")),  # PEFT has no default: the planner's q_proj, v_proj
+    ("smollm3", "hf", dict(method="lora", grad_checkpointing=True, lora=LoraSpec(r=8, target_modules=("all-linear",)))),
+    ("smollm3", "hf", dict(method="lora", dtype="fp32", amp="bf16")),
+    ("smollm3", "hf", dict(method="full", attention="eager", dtype="fp32")),
+    ("gemma2", "hf", dict(method="full")),  # planned and built with eager attention (transformers refuses sdpa)
+    ("gemma2", "hf", dict(method="lora")),
+    ("gemma2", "hf", dict(method="lora", grad_checkpointing=True, lora=LoraSpec(r=8, target_modules=("all-linear",)))),
+    ("gemma2", "hf", dict(method="lora", dtype="fp32", amp="bf16")),
+    ("gemma3_text", "hf", dict(method="full")),
+    ("gemma3_text", "hf", dict(method="lora")),
+    ("gemma3_text", "hf", dict(method="lora", grad_checkpointing=True,
+                               lora=LoraSpec(r=8, target_modules=("all-linear",)))),
+    ("gemma3_text", "hf", dict(method="lora", dtype="fp32", amp="bf16")),
+    ("gemma3_text", "hf", dict(method="full", attention="eager", dtype="fp32")),
+    # past the sliding window: SDPA's materialised masks (repeated k / v, additive masks), checkpointed mask arguments
+    ("mistral_swa", "hf", dict(method="lora")),
+    ("mistral_swa", "hf", dict(method="full", grad_checkpointing=True)),
+    ("qwen2_swa", "hf", dict(method="lora", grad_checkpointing=True,
+                             lora=LoraSpec(r=8, target_modules=("all-linear",)))),
+    ("qwen2_swa", "hf", dict(method="full", attention="eager", dtype="fp32", grad_checkpointing=True)),
 ]
 
 
@@ -129,11 +178,42 @@ CPU_CASES = [
                          ids=[f"{f}-{b}-{'-'.join(f'{k}={v}' for k, v in s.items() if k != 'lora')}"
                               for f, b, s in CPU_CASES])
 def test_planner_matches_real_cpu_steps(family, backend, settings):
-    record = run_profile(request(TINY[family], backend=backend, **settings))
+    """Byte for byte (issue 11): the peak, its breakdown by category and its phase; and each of the tracker's
+    phases (steady state) against the largest of the planner's phases folded onto it, by category.
+
+    One documented bound: a Python-loop optimizer step (`for-loop`: torch's AdamW / Adagrad / RMSprop / Adafactor)
+    keeps the previous tensor's temporaries alive while the next tensor's are made (`lora_planner.optimizers`,
+    known limitations), so when a large tensor follows another (GPT-2's wte then wpe, LoRA's A then B) that phase
+    measures up to one more tensor's temporaries than predicted: 0 <= excess <= the predicted step scratch.
+    """
+    req = request(TINY[family], backend=backend, **settings)
+    record = run_profile(req)
     assert record["status"] == "ok", record.get("error")
-    assert abs(record["relative_error"]) <= 0.02, (record["predicted"], record["measured"])
-    assert record["measured"]["peak_phase"] == record["predicted"]["coarse_phase"]
+    predicted, measured = record["predicted"], record["measured"]
+    assert (predicted["peak_bytes"], predicted["breakdown_bytes"]) == (measured["peak_bytes"],
+                                                                         measured["breakdown_bytes"]), measured
+    assert record["relative_error"] == 0
+    assert measured["peak_phase"] == predicted["coarse_phase"]
+    for name, (want_bytes, want) in _predicted_phase_peaks(req).items():
+        got = measured["phases"][name]
+        if name == "optimizer_step" and req.training.resolved_optimizer_impl == "for-loop":
+            assert 0 <= got["peak_bytes"] - want_bytes <= want["temporaries"], (name, got, want)
+            assert {k: v for k, v in got["peak_breakdown"].items() if k != "temporaries"} == \
+                {k: v for k, v in want.items() if k != "temporaries"}, (name, got, want)
+        else:
+            assert (got["peak_bytes"], got["peak_breakdown"]) == (want_bytes, want), name
     assert record["median_step_time_s"] > 0 and record["tokens_per_s"] > 0
+
+
+def _predicted_phase_peaks(req: ProfileRequest) -> dict[str, tuple[int, dict[str, int]]]:
+    """The planner's phases folded onto the tracker's (`runner.COARSE_PHASE`): each one's largest, by category."""
+    estimate = estimate_memory(req.spec, replace(req.training, device="cpu"))
+    peaks: dict[str, tuple[int, dict[str, int]]] = {}
+    for p in estimate.phases:
+        name = COARSE_PHASE[p.phase]
+        if name not in peaks or p.breakdown.total_bytes > peaks[name][0]:
+            peaks[name] = (p.breakdown.total_bytes, p.breakdown.as_dict())
+    return peaks
 
 
 @pytest.mark.parametrize("model, settings", [
@@ -172,13 +252,31 @@ def test_planner_matches_real_cpu_steps(family, backend, settings):
     ("olmo2-7b", dict(method="lora", seq_len=512, batch_size=2, grad_checkpointing=True,
                       lora=LoraSpec(r=8, target_modules=("all-linear",)))),
     ("olmo2-7b", dict(method="full", seq_len=128, batch_size=1, attention="eager")),
+    ("smollm3-3b", dict(method="full", seq_len=128, batch_size=1)),
+    ("smollm3-3b", dict(method="lora", seq_len=256, batch_size=2)),  # PEFT has no default: q_proj, v_proj
+    ("smollm3-3b", dict(method="lora", seq_len=512, batch_size=2, grad_checkpointing=True,
+                        lora=LoraSpec(r=8, target_modules=("all-linear",)))),
+    ("gemma-2-2b", dict(method="full", seq_len=128, batch_size=1)),  # eager attention (no sdpa in transformers)
+    ("gemma-2-2b", dict(method="lora", seq_len=256, batch_size=2)),
+    ("gemma-2-2b", dict(method="lora", seq_len=512, batch_size=2, grad_checkpointing=True,
+                        lora=LoraSpec(r=8, target_modules=("all-linear",)))),
+    ("gemma-3-1b", dict(method="full", seq_len=128, batch_size=1)),
+    ("gemma-3-1b", dict(method="lora", seq_len=256, batch_size=2)),
+    ("gemma-3-1b", dict(method="lora", seq_len=1024, batch_size=2, grad_checkpointing=True,  # past the 512 window
+                        lora=LoraSpec(r=8, target_modules=("all-linear",)))),
+    # past the sliding window (SDPA's materialised mask on every layer): Phi-3-mini-4k's 2047, Mistral 7B v0.1's 4096
+    ("phi-3-mini-4k-instruct", dict(method="lora", seq_len=2048, batch_size=1)),
+    ("mistral-7b", dict(method="lora", seq_len=4096, batch_size=1)),
 ])
 def test_planner_matches_fake_traces_of_real_architectures(model, settings):
     spec = resolve_model(model)
     record = run_profile(request(spec, mode="fake", **settings))
     assert record["status"] == "ok", record.get("error")
-    tolerance = 0.02 if model in ("llama-2-7b", "llama-3.2-1b") else 0.005  # the issue-11 bar for new families
-    assert abs(record["relative_error"]) <= tolerance, (record["predicted"], record["measured"])
+    # Byte for byte, by category (the issue-11 bar is 0.5 %; every case here is exact since the loss's scalars,
+    # the padded labels, the buffers' fp32 and the embedding's last backward op are modelled)
+    predicted, measured = record["predicted"], record["measured"]
+    assert (predicted["peak_bytes"], predicted["breakdown_bytes"]) == (measured["peak_bytes"],
+                                                                         measured["breakdown_bytes"]), measured
     assert record["measured"]["peak_phase"] == record["predicted"]["coarse_phase"]
     assert record["step_times_s"] == [] and record["median_step_time_s"] is None  # nothing real to time
 
@@ -384,11 +482,13 @@ LAYER_CASES = [
                          ids=[f"{b}-{m}-{','.join(lora.target_modules or ('default',))}-{lora.layers_to_transform}"
                               for b, m, lora in LAYER_CASES])
 def test_layer_specific_targets_match_measured_steps(backend, mode, lora):
-    """Activations follow which layers are adapted: within 0.5 % of the measured peak, in its phase, and
-    the record echoes what was asked."""
+    """Activations follow which layers are adapted: the measured peak byte for byte (and by category), in its
+    phase, and the record echoes what was asked."""
     record = run_profile(request(TINY_LLAMA_4, backend=backend, mode=mode, batch_size=2, seq_len=64, lora=lora))
     assert record["status"] == "ok", record.get("error")
-    assert abs(record["relative_error"]) <= 0.005, (record["predicted"], record["measured"])
+    predicted, measured = record["predicted"], record["measured"]
+    assert (predicted["peak_bytes"], predicted["breakdown_bytes"]) == (measured["peak_bytes"],
+                                                                         measured["breakdown_bytes"]), measured
     assert record["measured"]["peak_phase"] == record["predicted"]["coarse_phase"]
     settings = record["settings"]
     assert settings["targets_asked"] == (list(lora.target_modules) if lora.target_modules else None)
@@ -404,6 +504,8 @@ QLORA_CASES = [
     ("llama", dict(lora=LoraSpec(r=8, target_modules=("all-linear",)))),
     ("qwen2", dict()),  # q/k/v biases: fp32 after kbit preparation
     ("gemma", dict(kbit_prep=False)),
+    ("gemma2", dict()),  # eager attention, soft-capping; 64 tokens past the 16-token window
+    ("gemma3_text", dict()),  # the sliding layer's SDPA mask and repeated k / v
 ]
 
 
@@ -412,11 +514,14 @@ QLORA_CASES = [
                               + ("-all-linear" if "lora" in s else "") for f, s in QLORA_CASES])
 def test_qlora_matches_real_bitsandbytes_steps(family, settings):
     """Real NF4 weights (transformers from_pretrained + BitsAndBytesConfig on bitsandbytes' CPU backend), the
-    exact tracker, within 0.5 % of the planner and in its phase."""
+    exact tracker (quantization states registered as weights), the planner's peak byte for byte, by category,
+    and in its phase."""
     pytest.importorskip("bitsandbytes", reason="QLoRA runs need bitsandbytes (test extra)")
     record = run_profile(request(TINY[family], method="qlora", batch_size=2, seq_len=64, **settings))
     assert record["status"] == "ok", record.get("error")
-    assert abs(record["relative_error"]) <= 0.005, (record["predicted"], record["measured"])
+    predicted, measured = record["predicted"], record["measured"]
+    assert (predicted["peak_bytes"], predicted["breakdown_bytes"]) == (measured["peak_bytes"],
+                                                                         measured["breakdown_bytes"]), measured
     assert record["measured"]["peak_phase"] == record["predicted"]["coarse_phase"]
     assert record["settings"]["kbit_prep"] == settings.get("kbit_prep", True)
 
