@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -105,6 +104,8 @@ def run_estimate(args: argparse.Namespace) -> int:
         plan, calibration = calibrate_plan_from_file(plan, args.calibration)
         plan = refit(plan)  # the fit of the calibrated peaks, by the same rule and headroom
     if args.json:
+        import json  # only JSON output pays for it (cold start, issue 11)
+
         print(json.dumps({**plan_to_dict(plan), **({"calibration": calibration} if calibration else {})}, indent=2))
         return 0
     from lora_planner.render import render_plan

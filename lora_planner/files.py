@@ -17,7 +17,6 @@ records keep them (stderr and `fallback_path`) when that happens.
 from __future__ import annotations
 
 import errno
-import json
 import os
 import stat
 from pathlib import Path
@@ -107,6 +106,8 @@ def _refuse_constant(name: str) -> Any:
 def loads_strict(text: str | bytes) -> Any:
     """`json.loads` of standard JSON: NaN / Infinity refused, nesting past the recursion limit a ValueError."""
     try:
+        import json  # lazily: the estimate path reads no JSON for a catalog model (cold start, issue 11)
+
         return json.loads(text, parse_constant=_refuse_constant)
     except RecursionError:
         raise ValueError("nested too deeply") from None
@@ -114,6 +115,8 @@ def loads_strict(text: str | bytes) -> Any:
 
 def dumps_strict(value: Any, **kwargs: Any) -> str:
     """`json.dumps` that refuses NaN / Infinity (they are not JSON) instead of writing them."""
+    import json
+
     return json.dumps(value, allow_nan=False, **kwargs)
 
 
