@@ -58,6 +58,12 @@ IRRELEVANT_KEYS = frozenset({
     "_attn_implementation_autoset", "quantization_config"})
 
 
+# config.json keys of the depth, and keys only the Hub / the loader read (never passed to the config class).
+DEPTH_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+BUILD_ONLY_KEYS = ("architectures", "transformers_version", "torch_dtype", "dtype", "auto_map", "_name_or_path",
+                   "quantization_config")
+
+
 def evaluate(poly: Poly, b: int, s: int) -> int:
     """A fitted byte count at micro-batch b and sequence length s."""
     return sum(c * m for c, m in zip(poly, monomials(b, s)))
@@ -444,6 +450,13 @@ def unsupported(name: str, model_type: Any, reason: str) -> PlannerInputError:
     return PlannerInputError(f"{name}: model_type", f"unsupported model_type {model_type!r}: {reason}",
                              f"supported families are {', '.join(FAMILIES)}, and any decoder-only causal LM "
                              "transformers can build (traced)")
+
+
+def reduced_config(profile: TracedProfile, num_layers: int) -> dict[str, Any]:
+    """The profile's config at another depth (what `hf_backend.hf_config_dict` builds a traced spec from)."""
+    config = {k: v for k, v in profile.config.items() if k not in BUILD_ONLY_KEYS}
+    key = next((k for k in DEPTH_KEYS if k in config), "num_hidden_layers")
+    return {**config, key: num_layers, "use_cache": False}
 
 
 def traced_note(family_id: str, device: str = "cuda") -> str | None:

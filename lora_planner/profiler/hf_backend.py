@@ -50,9 +50,7 @@ def hf_config_dict(spec: ModelSpec) -> dict[str, Any]:
     from lora_planner import traced
 
     if traced.is_traced(spec.family):  # the config it was traced from, at the spec's depth
-        from lora_planner.profiler.trace_family import reduced_config
-
-        return reduced_config(traced.profile_of(spec.family), spec.num_layers)
+        return traced.reduced_config(traced.profile_of(spec.family), spec.num_layers)
     common = {"model_type": spec.family, "vocab_size": spec.vocab_size, "tie_word_embeddings": spec.tie_word_embeddings,
               "use_cache": False}
     if spec.family == "gpt2":

@@ -40,8 +40,8 @@ from lora_planner.profiler.hf_backend import build_hf_model, materialize, requir
 from lora_planner.profiler.tracker import LiveTensorTracker, hf_fake_parity
 from lora_planner.specs import LoraSpec, ModelSpec, TrainingSpec
 from lora_planner.traced import (
-    ModelLevel, Poly, TracedProfile, config_hash, library_versions, normalised_config, parse_key, solve_exact,
-    spec_of, unsupported,
+    BUILD_ONLY_KEYS, ModelLevel, Poly, TracedProfile, config_hash, library_versions, normalised_config, parse_key,
+    solve_exact, spec_of, unsupported,
 )
 
 TRACE_LAYERS = 3
@@ -50,9 +50,6 @@ TRACE_LAYERS = 3
 # view of the padded (s + 1)-token labels, 8 bytes more than any polynomial gives; the generic loss rule
 # (`activations.activation_profile`) counts that case, and the traced loss is only its difference from that rule.
 SHAPES: tuple[tuple[int, int], ...] = ((2, 16), (3, 16), (2, 24), (4, 24), (3, 32), (2, 40), (4, 40), (3, 48))
-DEPTH_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
-BUILD_ONLY_KEYS = ("architectures", "transformers_version", "torch_dtype", "dtype", "auto_map", "_name_or_path",
-                   "quantization_config")
 
 
 def _config_object(config: dict[str, Any], name: str) -> Any:
@@ -188,13 +185,6 @@ def trace_layout(config: dict[str, Any], name: str) -> TracedProfile:
 
 
 # ---------------------------------------------------------------------------------------------- saved tensors
-
-
-def reduced_config(profile: TracedProfile, num_layers: int) -> dict[str, Any]:
-    """The profile's config at another depth (what `hf_backend.hf_config_dict` builds a traced spec from)."""
-    config = {k: v for k, v in profile.config.items() if k not in BUILD_ONLY_KEYS}
-    key = next((k for k in DEPTH_KEYS if k in config), "num_hidden_layers")
-    return {**config, key: num_layers, "use_cache": False}
 
 
 def _training(settings: dict[str, Any], gc_on: bool) -> TrainingSpec:
