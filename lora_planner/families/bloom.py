@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from lora_planner.families.base import Family, Module
 from lora_planner.families.rules import (
-    Flow, SavedTensor, layer_norm, norm, output_projection, plain_mlp, softmax_saved,
+    Flow, SavedTensor, layer_norm, norm, normed_attention_input, output_projection, plain_mlp, softmax_saved,
 )
 from lora_planner.specs import ModelSpec
 
@@ -33,12 +33,7 @@ def layer(flow: Flow, x_needs_grad: bool) -> list[SavedTensor]:
     """LayerNorm, fused query_key_value, eager ALiBi attention (S x S kept), dense, MLP."""
     tokens, e, h = flow.tokens, flow.e_compute, flow.spec.hidden_size
     p = PREFIX
-    saved = norm(flow, "input_layernorm", x_needs_grad)
-    own, keeps = flow.linear(p + "self_attention.query_key_value", flow.e_stream, x_needs_grad)
-    saved += own
-    if keeps:
-        saved.append(SavedTensor("input_layernorm.output", tokens * h * flow.e_stream))
-    attn_needs_grad = x_needs_grad or flow.adapted(p + "self_attention.query_key_value")
+    saved, (attn_needs_grad,) = normed_attention_input(flow, p + "self_attention.", ("query_key_value",), x_needs_grad)
     flow.note_attention(attn_needs_grad, attn_needs_grad, attn_needs_grad)
     if attn_needs_grad:
         # q, k, v are strided views of the fused output; reshaping them for baddbmm / bmm copies each.

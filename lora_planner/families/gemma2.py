@@ -39,7 +39,7 @@ from __future__ import annotations
 
 from lora_planner.families.base import Family, Module, attention_modules
 from lora_planner.families.rules import (
-    Flow, SavedTensor, attention_projections, eager_attention, gated_mlp, mask_arguments, norm, output_projection,
+    Flow, SavedTensor, eager_attention, gated_mlp, mask_arguments, norm, normed_attention_input, output_projection,
 )
 from lora_planner.specs import ModelSpec
 
@@ -82,13 +82,9 @@ def sandwich_layer(flow: Flow, x_needs_grad: bool, head_norms=None, attention=so
     """Pre- and post-norms around attention and MLP (Gemma 2 and Gemma 3): `head_norms(flow, x_needs_grad)` is what
     Gemma 3's q / k norms keep, `attention` the attention core, `reads_saved_output` whether o_proj reads the saved
     attention output without a copy (fused SDPA)."""
-    spec, tokens, h, p = flow.spec, flow.tokens, flow.spec.hidden_size, PREFIX
-    saved = norm(flow, "input_layernorm", x_needs_grad)
-    own, keeps_normed, (q_grad, k_grad, v_grad) = attention_projections(
-        flow, p + "self_attn.", ("q_proj", "k_proj", "v_proj"), x_needs_grad)
-    saved += own
-    if keeps_normed:
-        saved.append(SavedTensor("input_layernorm.output", tokens * h * flow.e_stream))
+    spec, p = flow.spec, PREFIX
+    saved, (q_grad, k_grad, v_grad) = normed_attention_input(flow, p + "self_attn.", ("q_proj", "k_proj", "v_proj"),
+                                                            x_needs_grad)
     if head_norms is not None:
         saved += head_norms(flow, x_needs_grad)
     attn_needs_grad = q_grad or k_grad or v_grad

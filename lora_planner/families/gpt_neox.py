@@ -25,7 +25,8 @@ from __future__ import annotations
 
 from lora_planner.families.base import Family, Module
 from lora_planner.families.rules import (
-    FP32, Flow, SavedTensor, dropout_mask, eager_attention, layer_norm, norm, output_projection, plain_mlp,
+    FP32, Flow, SavedTensor, dropout_mask, eager_attention, layer_norm, norm, normed_attention_input,
+    output_projection, plain_mlp,
 )
 from lora_planner.specs import ModelSpec
 
@@ -70,12 +71,7 @@ def layer(flow: Flow, x_needs_grad: bool) -> list[SavedTensor]:
     second LayerNorm of the same input; sequential: on the LayerNorm of x + attention)."""
     spec, tokens, e, h = flow.spec, flow.tokens, flow.e_compute, flow.spec.hidden_size
     p = PREFIX
-    saved = norm(flow, "input_layernorm", x_needs_grad)
-    own, keeps = flow.linear(p + "attention.query_key_value", flow.e_stream, x_needs_grad)
-    saved += own
-    if keeps:
-        saved.append(SavedTensor("input_layernorm.output", tokens * h * flow.e_stream))
-    attn_needs_grad = x_needs_grad or flow.adapted(p + "attention.query_key_value")
+    saved, (attn_needs_grad,) = normed_attention_input(flow, p + "attention.", ("query_key_value",), x_needs_grad)
     saved += _attention(flow, attn_needs_grad)
     own, attn_out_grad = output_projection(flow, p + "attention.dense", h, attn_needs_grad)  # heads merged: a copy
     saved += own

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 from lora_planner.families.base import Family, Module, attention_modules
 from lora_planner.families.rules import (
-    Flow, SavedTensor, attention_core, attention_projections, gated_mlp, norm, output_projection, sliding_model_level,
+    Flow, SavedTensor, attention_core, gated_mlp, norm, normed_attention_input, output_projection,
+    sliding_model_level,
 )
 from lora_planner.specs import ModelSpec
 
@@ -43,14 +44,10 @@ def layout(spec: ModelSpec) -> list[Module]:
 
 def layer(flow: Flow, x_needs_grad: bool) -> list[SavedTensor]:
     """One decoder layer (pre-norm, separate q/k/v/o, gated MLP)."""
-    spec, tokens = flow.spec, flow.tokens
+    spec = flow.spec
     p = PREFIX
-    saved = norm(flow, "input_layernorm", x_needs_grad)
-    own, keeps_normed, (q_grad, k_grad, v_grad) = attention_projections(
-        flow, p + "self_attn.", ("q_proj", "k_proj", "v_proj"), x_needs_grad)
-    saved += own
-    if keeps_normed:
-        saved.append(SavedTensor("input_layernorm.output", tokens * spec.hidden_size * flow.e_stream))
+    saved, (q_grad, k_grad, v_grad) = normed_attention_input(flow, p + "self_attn.", ("q_proj", "k_proj", "v_proj"),
+                                                            x_needs_grad)
     attn_needs_grad = q_grad or k_grad or v_grad
     saved += attention_core(flow, q_grad, k_grad, v_grad)
     own, mid_needs_grad = output_projection(flow, p + "self_attn.o_proj", spec.q_size, attn_needs_grad,

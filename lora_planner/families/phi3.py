@@ -32,8 +32,8 @@ from __future__ import annotations
 
 from lora_planner.families.base import Family, Module
 from lora_planner.families.rules import (
-    FP32, Flow, SavedTensor, dropout_mask, masked_sdpa, norm, output_projection, sliding_mask_applies,
-    sliding_model_level, softmax_saved,
+    FP32, Flow, SavedTensor, dropout_mask, masked_sdpa, norm, normed_attention_input, output_projection,
+    sliding_mask_applies, sliding_model_level, softmax_saved,
 )
 from lora_planner.specs import ModelSpec
 
@@ -95,12 +95,7 @@ def layer(flow: Flow, x_needs_grad: bool) -> list[SavedTensor]:
     act(gate) * up, down_proj, residual dropout."""
     spec, tokens, e, h = flow.spec, flow.tokens, flow.e_compute, flow.spec.hidden_size
     p = PREFIX
-    saved = norm(flow, "input_layernorm", x_needs_grad)
-    own, keeps = flow.linear(p + "self_attn.qkv_proj", flow.e_stream, x_needs_grad)
-    saved += own
-    if keeps:
-        saved.append(SavedTensor("input_layernorm.output", tokens * h * flow.e_stream))
-    attn_needs_grad = x_needs_grad or flow.adapted(p + "self_attn.qkv_proj")
+    saved, (attn_needs_grad,) = normed_attention_input(flow, p + "self_attn.", ("qkv_proj",), x_needs_grad)
     saved += _attention(flow, attn_needs_grad)
     own, mid_needs_grad = output_projection(flow, p + "self_attn.o_proj", spec.q_size, attn_needs_grad)  # a copy
     saved += own

@@ -326,6 +326,19 @@ def attention_projections(flow: Flow, prefix: str, projections: tuple[str, ...],
     return saved, keeps_input, grads
 
 
+def normed_attention_input(flow: Flow, prefix: str, projections: tuple[str, ...],
+                           x_needs_grad: bool) -> tuple[list[SavedTensor], tuple[bool, ...]]:
+    """A pre-norm layer's way into attention: `input_layernorm`, then the projections reading its output (q / k / v
+    or a fused qkv, under `prefix`, e.g. "model.layers.0.self_attn."), and that output itself when a projection
+    keeps its input: (saved, whether each projection's output needs a gradient)."""
+    saved = norm(flow, "input_layernorm", x_needs_grad)
+    own, keeps_normed, grads = attention_projections(flow, prefix, projections, x_needs_grad)
+    saved += own
+    if keeps_normed:
+        saved.append(SavedTensor("input_layernorm.output", flow.tokens * flow.spec.hidden_size * flow.e_stream))
+    return saved, grads
+
+
 def output_projection(flow: Flow, path: str, width: int, attn_needs_grad: bool,
                       reads_saved_output: bool = False) -> tuple[list[SavedTensor], bool]:
     """The projection after attention (o_proj / dense, input `width` wide in the compute dtype): its own tensors,

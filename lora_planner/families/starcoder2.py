@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from lora_planner.families.base import Family, Module, attention_modules
 from lora_planner.families.rules import (
-    FP32, Flow, SavedTensor, attention_core, attention_projections, dropout_mask, mask_arguments, norm,
+    FP32, Flow, SavedTensor, attention_core, dropout_mask, mask_arguments, norm, normed_attention_input,
     output_projection, plain_mlp,
 )
 from lora_planner.specs import ModelSpec
@@ -74,12 +74,8 @@ def layer(flow: Flow, x_needs_grad: bool) -> list[SavedTensor]:
     """LayerNorm, q/k/v, RoPE, attention, o_proj, residual dropout; LayerNorm, c_fc, GELU, c_proj, dropout."""
     spec, tokens, e, h = flow.spec, flow.tokens, flow.e_compute, flow.spec.hidden_size
     p = PREFIX
-    saved = norm(flow, "input_layernorm", x_needs_grad)
-    own, keeps_normed, (q_grad, k_grad, v_grad) = attention_projections(
-        flow, p + "self_attn.", ("q_proj", "k_proj", "v_proj"), x_needs_grad)
-    saved += own
-    if keeps_normed:
-        saved.append(SavedTensor("input_layernorm.output", tokens * h * flow.e_stream))
+    saved, (q_grad, k_grad, v_grad) = normed_attention_input(flow, p + "self_attn.", ("q_proj", "k_proj", "v_proj"),
+                                                            x_needs_grad)
     attn_needs_grad = q_grad or k_grad or v_grad
     cpu_math = flow.t.attention == "sdpa" and flow.t.device == "cpu" and spec.attention_dropout > 0
     saved += (_cpu_math_attention if cpu_math else attention_core)(flow, q_grad, k_grad, v_grad)
