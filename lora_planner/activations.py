@@ -42,7 +42,7 @@ from functools import cached_property, lru_cache
 from lora_planner.families import family_rules
 from lora_planner.families.base import Module
 from lora_planner.families.rules import FP32, Flow, SavedTensor, norm
-from lora_planner.params import adapters_by_layer, module_inventory, rotary_dim, rotary_tables
+from lora_planner.params import adapted_layers, adapters_by_layer, module_inventory, rotary_dim, rotary_tables
 from lora_planner.specs import ModelSpec, TrainingSpec
 
 
@@ -170,9 +170,15 @@ def make_flow(spec: ModelSpec, training: TrainingSpec) -> Flow:
         layer_adapters: tuple[frozenset[str], ...] = (frozenset(),) * spec.num_layers
         outside: frozenset[str] = frozenset()
     else:
-        layer_adapters, outside = adapters_by_layer(spec, training.lora.target_modules,
-                                                    training.lora.layers_to_transform)
-    return Flow(spec, training, family, layer_adapters, outside, _modules_by_path(spec))
+        lora = training.lora
+        layer_adapters, outside = adapters_by_layer(spec, lora.target_modules, lora.layers_to_transform,
+                                                    lora.target_parameters)
+    flow = Flow(spec, training, family, layer_adapters, outside, _modules_by_path(spec))
+    if spec.is_moe and training.method != "full":
+        flow.rank_scale = {m.path: m.lora_rank_scale for m, _ in adapted_layers(
+            spec, training.lora.target_modules, training.lora.layers_to_transform, training.lora.target_parameters)
+            if m.lora_rank_scale != 1}
+    return flow
 
 
 def _model_level(flow: Flow, embeddings_need_grad: bool) -> list[SavedTensor]:
@@ -204,15 +210,17 @@ def _layer_runs(flow: Flow, first_input_needs_grad: bool) -> tuple[tuple[int, tu
     when anything upstream trains: the embeddings (full), checkpointing's `enable_input_require_grads`,
     or an adapter in an earlier layer. Layers of different `ModelSpec.layer_types` (sliding-window or full
     attention) are built apart (`Flow.layer_type`); equal results share one tuple, so runs still merge."""
-    layer_fn = flow.family.layer
-    built: dict[tuple[frozenset[str], bool, str | None], tuple[SavedTensor, ...]] = {}
+    layer_fn, spec = flow.family.layer, flow.spec
+    built: dict[tuple[frozenset[str], bool, str | None, bool], tuple[SavedTensor, ...]] = {}
     runs: list[list] = []
     needs_grad = first_input_needs_grad
-    for adapters, layer_type in zip(flow.layer_adapters, flow.spec.layer_types or (None,) * flow.spec.num_layers):
-        key = (adapters, needs_grad, layer_type)
+    for index, (adapters, layer_type) in enumerate(zip(flow.layer_adapters,
+                                                       spec.layer_types or (None,) * spec.num_layers)):
+        moe_layer = spec.is_moe_layer(index)
+        key = (adapters, needs_grad, layer_type, moe_layer)
         if key not in built:
             layer_flow = flow.in_layer(adapters)
-            layer_flow.layer_type = layer_type
+            layer_flow.layer_type, layer_flow.moe_layer = layer_type, moe_layer
             saved = tuple(layer_fn(layer_flow, needs_grad))
             built[key] = next((other for other in built.values() if other == saved), saved)
         if runs and runs[-1][1] is built[key]:

@@ -129,6 +129,35 @@ _FAMILY_KEYS: dict[str, dict[str, _Key]] = {
                 "use_sliding_window": _Key(_BOOL, False), "sliding_window": _Key(_OPT_INT, None),
                 "no_rope_layer_interval": _Key(_INT, 4), "pad_token_id": _Key(_OPT_INT, 128004)},
 }
+# The MoE families (transformers 5.24 MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig, OlmoeConfig). Mixtral's experts are
+# `intermediate_size` wide, `num_local_experts` of them; the others' `moe_intermediate_size`, `num_experts`, with
+# dense MLPs of `intermediate_size` in `mlp_only_layers` / off `decoder_sparse_step` (Qwen). head_dim is undeclared
+# but read by the attention (`getattr(config, "head_dim", hidden // heads)`; Mixtral `... or hidden // heads`).
+_MOE_ROUTING = {"num_experts_per_tok": _Key(_INT, 2), "output_router_logits": _Key(_BOOL, False),
+                "router_aux_loss_coef": _Key(_NUM, 0.001), "attention_dropout": _Key(_NUM, 0.0)}
+_QWEN_MOE = {**_LLAMA_LIKE, **_MOE_ROUTING, "max_position_embeddings": _Key(_INT, 32768),
+             "tie_word_embeddings": _Key(_BOOL, False), "use_sliding_window": _Key(_BOOL, False),
+             "sliding_window": _Key(_OPT_INT, 4096), "decoder_sparse_step": _Key(_INT, 1),
+             "norm_topk_prob": _Key(_BOOL, False), "mlp_only_layers": _Key(("array", "null"), None)}
+_FAMILY_KEYS["mixtral"] = {**_LLAMA_LIKE, **_MOE_ROUTING, "num_key_value_heads": _Key(_INT, 8),
+                           "head_dim": _Key(_OPT_INT, None), "max_position_embeddings": _Key(_INT, 4096 * 32),
+                           "tie_word_embeddings": _Key(_BOOL, False), "sliding_window": _Key(_OPT_INT, None),
+                           "num_local_experts": _Key(_INT, 8), "router_jitter_noise": _Key(_NUM, 0.0)}
+_FAMILY_KEYS["qwen2_moe"] = {**_QWEN_MOE, "num_key_value_heads": _Key(_OPT_INT, 16), "num_experts": _Key(_INT, 60),
+                             "num_experts_per_tok": _Key(_INT, 4), "moe_intermediate_size": _Key(_INT, 1408),
+                             "shared_expert_intermediate_size": _Key(_INT, 5632), "qkv_bias": _Key(_BOOL, True),
+                             "max_window_layers": _Key(_INT, 28)}
+_FAMILY_KEYS["qwen3_moe"] = {**_QWEN_MOE, "num_key_value_heads": _Key(_INT, 4), "num_experts": _Key(_INT, 128),
+                             "num_experts_per_tok": _Key(_INT, 8), "moe_intermediate_size": _Key(_INT, 768),
+                             "attention_bias": _Key(_BOOL, False)}
+_FAMILY_KEYS["olmoe"] = {**_LLAMA_LIKE, **_MOE_ROUTING, "num_key_value_heads": _Key(_OPT_INT, None),
+                         "max_position_embeddings": _Key(_INT, 4096), "tie_word_embeddings": _Key(_BOOL, False),
+                         "attention_bias": _Key(_BOOL, False), "clip_qkv": _Key(_OPT_NUM, None),
+                         "num_experts": _Key(_INT, 64), "num_experts_per_tok": _Key(_INT, 8),
+                         "norm_topk_prob": _Key(_BOOL, False), "router_aux_loss_coef": _Key(_NUM, 0.01),
+                         "pad_token_id": _Key(_OPT_INT, 1)}
+# (deepseek keys)
+# (gpt_oss keys)
 # Gemma2Config / Gemma3TextConfig: the MLP reads `hidden_activation` (not `hidden_act`); head_dim and num_key_value_heads
 # plain ints; both soft-caps `float | None` (an integer is refused); query_pre_attn_scalar an int (a scale: no size);
 # sliding_window `int | None`, but both models build the sliding-window mask in every forward (null fails there);
@@ -158,11 +187,14 @@ _CLASS = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Con
           "phi": "PhiConfig", "gpt2": "GPT2Config", "bloom": "BloomConfig", "gpt_neox": "GPTNeoXConfig",
           "granite": "GraniteConfig", "phi3": "Phi3Config", "starcoder2": "Starcoder2Config", "qwen3": "Qwen3Config",
           "olmo2": "Olmo2Config", "smollm3": "SmolLM3Config", "gemma2": "Gemma2Config",
-          "gemma3_text": "Gemma3TextConfig"}
+          "gemma3_text": "Gemma3TextConfig", "mixtral": "MixtralConfig", "qwen2_moe": "Qwen2MoeConfig",
+          "qwen3_moe": "Qwen3MoeConfig", "olmoe": "OlmoeConfig"}
 _MODULE = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "gemma": "Gemma", "phi": "Phi", "gpt2": "GPT2",
            "bloom": "Bloom", "gpt_neox": "GPTNeoX", "granite": "Granite", "phi3": "Phi3", "starcoder2": "Starcoder2",
-           "qwen3": "Qwen3", "olmo2": "Olmo2", "smollm3": "SmolLM3", "gemma2": "Gemma2", "gemma3_text": "Gemma3"}
-_KIND_TEXT = {"int": "an integer", "float": "a float", "bool": "true or false", "str": "a string", "null": "null"}
+           "qwen3": "Qwen3", "olmo2": "Olmo2", "smollm3": "SmolLM3", "gemma2": "Gemma2", "gemma3_text": "Gemma3",
+           "mixtral": "Mixtral", "qwen2_moe": "Qwen2Moe", "qwen3_moe": "Qwen3Moe", "olmoe": "Olmoe"}
+_KIND_TEXT = {"int": "an integer", "float": "a float", "bool": "true or false", "str": "a string", "null": "null",
+              "array": "a list"}
 _DROPOUTS = {"gpt_neox": ("hidden_dropout", "attention_dropout"), "granite": ("attention_dropout",),
              "llama": ("attention_dropout",), "mistral": ("attention_dropout",), "qwen2": ("attention_dropout",),
              "gemma": ("attention_dropout",), "phi": ("resid_pdrop", "embd_pdrop", "attention_dropout"),
@@ -170,7 +202,9 @@ _DROPOUTS = {"gpt_neox": ("hidden_dropout", "attention_dropout"), "granite": ("a
              "phi3": ("resid_pdrop", "embd_pdrop", "attention_dropout"),
              "starcoder2": ("residual_dropout", "embedding_dropout", "attention_dropout"),
              "qwen3": ("attention_dropout",), "olmo2": ("attention_dropout",), "smollm3": ("attention_dropout",),
-             "gemma2": ("attention_dropout",), "gemma3_text": ("attention_dropout",)}
+             "gemma2": ("attention_dropout",), "gemma3_text": ("attention_dropout",),
+             "mixtral": ("attention_dropout",), "qwen2_moe": ("attention_dropout",), "qwen3_moe": ("attention_dropout",),
+             "olmoe": ("attention_dropout",)}
 # Bloom has no positions limit (ALiBi); what the warnings compare --seq-len with (BLOOM's pre-training length).
 _BLOOM_POSITIONS = 2048
 # transformers 5.24 activations.py ACT2CLS: `ACT2FN[name]` raises KeyError for any other name (every family's
@@ -436,7 +470,7 @@ def _model_spec(r: _Reader, name: str, family: str, vocab: int, hidden: int, lay
         intermediate_size=intermediate,
         tie_word_embeddings=r.get("tie_word_embeddings"),
         max_position_embeddings=max_positions,
-        attention_bias=biased_everywhere or family == "qwen2" or attention_bias,
+        attention_bias=biased_everywhere or family == "qwen2" or attention_bias or r.flag("qkv_bias"),
         attention_out_bias=biased_everywhere or attention_bias,
         mlp_bias=biased_everywhere or family == "gpt_neox" or r.flag("mlp_bias"),
         lm_head_bias=family == "phi",
@@ -449,7 +483,37 @@ def _model_spec(r: _Reader, name: str, family: str, vocab: int, hidden: int, lay
         **_window_fields(r, layers),
         hidden_act=r.activation(_ACTIVATION_KEY.get(family, "hidden_act")),
         **_gemma_fields(r, layers),
+        **_moe_fields(r, layers, intermediate),
     )
+
+
+def _moe_fields(r: _Reader, layers: int, intermediate: int) -> dict[str, Any]:
+    """The MoE fields of `ModelSpec`: Mixtral's `num_local_experts` of `intermediate_size`; Qwen2-MoE / Qwen3-MoE /
+    OLMoE's `num_experts` of `moe_intermediate_size` (OLMoE: `intermediate_size`). Qwen's dense layers:
+    `Qwen2MoeDecoderLayer.__init__` builds an MoE block where `layer_idx not in mlp_only_layers and num_experts > 0
+    and (layer_idx + 1) % decoder_sparse_step == 0`, else a dense MLP (`decoder_sparse_step` 0 divides by zero)."""
+    family = r.family
+    if family not in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe"):
+        return {}
+    if family == "olmoe" and r.get("clip_qkv") is not None:
+        raise r.error("clip_qkv", "in-place clamps of q, k and v are not modelled by this planner",
+                      "set clip_qkv to null (OLMoE-1B-7B ships null)")
+    experts = r.size("num_local_experts" if family == "mixtral" else "num_experts")
+    top_k = r.size("num_experts_per_tok")
+    width = intermediate if family in ("mixtral", "olmoe") else r.size("moe_intermediate_size")
+    dense: tuple[int, ...] = ()
+    if family in ("qwen2_moe", "qwen3_moe"):
+        step, only = r.get("decoder_sparse_step"), r.get("mlp_only_layers") or []
+        if step <= 0:
+            raise r.error("decoder_sparse_step", f"must be a positive integer, got {step} ({_MODULE[family]}"
+                                                 "DecoderLayer takes (layer_idx + 1) % decoder_sparse_step)")
+        if not all(_kind(i) == "int" for i in only):
+            raise r.error("mlp_only_layers", f"must list layer indices, got {_shown(only)}")
+        dense = tuple(i for i in range(layers) if i in only or (i + 1) % step)
+    shared = r.size("shared_expert_intermediate_size") if family == "qwen2_moe" else 0
+    norm_topk = True if family == "mixtral" else r.get("norm_topk_prob")
+    return {"num_experts": experts, "num_experts_per_tok": top_k, "moe_intermediate_size": width,
+            "shared_expert_intermediate_size": shared, "dense_layers": dense, "norm_topk_prob": norm_topk}
 
 
 _ACTIVATION_KEY = {"gpt2": "activation_function", "gemma2": "hidden_activation", "gemma3_text": "hidden_activation"}
@@ -503,7 +567,8 @@ def _check_padding_index(r: _Reader, vocab: int) -> None:
 
 def _head_dim(r: _Reader, hidden: int, heads: int, heads_key: str, width_key: str) -> int:
     family, config = r.family, r.config
-    if family in ("qwen2", "phi", "phi3", "olmo2", "granite", "smollm3") and "head_dim" in config:
+    if family in ("qwen2", "phi", "phi3", "olmo2", "granite", "smollm3", "qwen2_moe", "qwen3_moe", "olmoe") \
+            and "head_dim" in config:
         # Undeclared: Qwen2Attention / PhiAttention / Phi3Attention take getattr(config, "head_dim", hidden // heads)
         # as is.
         value = config["head_dim"]
@@ -524,7 +589,7 @@ def _head_dim(r: _Reader, hidden: int, heads: int, heads_key: str, width_key: st
             raise r.error("head_dim", f"must be a positive integer, got {head_dim}")
     else:
         value = r.get("head_dim") if "head_dim" in r.keys else None
-        if family == "mistral" and value == 0:
+        if family in ("mistral", "mixtral") and value == 0:
             value = None  # MistralAttention: `getattr(config, "head_dim", None) or hidden // heads`
         if value is not None and value <= 0:
             raise r.error("head_dim", f"must be a positive integer or null, got {value}")
@@ -600,8 +665,13 @@ def _window_fields(r: _Reader, layers: int) -> dict[str, Any]:
                           "write the window, e.g. 4096 (Gemma 2) or 512 (Gemma 3 1B)")
         _check_window(r, window)
         return {"sliding_window": window}
-    if r.family in ("mistral", "phi3", "starcoder2"):
-        window = _check_window(r, r.get("sliding_window"))
+    if r.family in ("mistral", "phi3", "starcoder2", "mixtral", "qwen3_moe"):
+        # Qwen3MoeConfig.__post_init__ keeps the window only with use_sliding_window; Qwen3MoeModel then builds the
+        # sliding mask for every layer (`mask_function`), as Mixtral does whenever sliding_window is set.
+        window = r.get("sliding_window")
+        if r.family == "qwen3_moe" and not r.get("use_sliding_window"):
+            window = None
+        window = _check_window(r, window)
         return {"sliding_window": window, "layer_types": None if window is None else ("sliding_attention",) * layers}
     if r.family in ("qwen2", "qwen3"):
         use, window, first_sliding = r.get("use_sliding_window"), r.get("sliding_window"), r.get("max_window_layers")
@@ -609,6 +679,15 @@ def _window_fields(r: _Reader, layers: int) -> dict[str, Any]:
         types = _layer_types(r, layers)
         if types is None:
             types = ["sliding_attention" if window is not None and i >= first_sliding else "full_attention"
+                     for i in range(layers)]
+    elif r.family == "qwen2_moe":
+        # Qwen2MoeConfig.__post_init__: without use_sliding_window the window is 0 (no sliding layer); layer_types by
+        # default "sliding_attention" on even-indexed layers below max_window_layers.
+        use, window, first_full = r.get("use_sliding_window"), r.get("sliding_window"), r.get("max_window_layers")
+        window = window if use else None
+        types = _layer_types(r, layers)
+        if types is None:
+            types = ["sliding_attention" if (i + 1) % 2 and i < first_full and use else "full_attention"
                      for i in range(layers)]
     elif r.family == "smollm3":
         use, window = r.get("use_sliding_window"), r.get("sliding_window")

@@ -26,7 +26,7 @@ from typing import Mapping
 from lora_planner.errors import PlannerInputError
 from lora_planner.families import FAMILY_RULES, family_rules
 from lora_planner.families.base import GROUPS, Module  # noqa: F401 (Module: re-exported)
-from lora_planner.specs import BYTES_PER_ELEMENT, ModelSpec
+from lora_planner.specs import BYTES_PER_ELEMENT, MAX_R, ModelSpec
 
 ALL_LINEAR = "all-linear"
 
@@ -114,8 +114,10 @@ def count_params(spec: ModelSpec) -> ParamCounts:
 
 
 def targetable_names(spec: ModelSpec) -> tuple[str, ...]:
-    """The short names a user can target (e.g. q_proj, c_attn, embed_tokens), in model order."""
-    names = [m.path.rsplit(".", 1)[-1] for m in module_inventory(spec) if m.kind != "norm"]
+    """The short names a user can target (e.g. q_proj, c_attn, embed_tokens), in model order; for an MoE family
+    with PEFT's conversion, the v4 names it maps onto the experts and the router (gate_proj, w1, gate, ...)."""
+    names = [m.path.rsplit(".", 1)[-1] for m in module_inventory(spec) if m.kind in ("linear", "embedding")]
+    names += [old for old, _ in family_rules(spec.family).moe_conversion]
     return tuple(dict.fromkeys(names))
 
 
@@ -131,18 +133,118 @@ def _layer_index(path: str) -> int | None:
     return None
 
 
+def peft_moe_conversion(spec: ModelSpec, targets: tuple[str, ...], target_parameters: tuple[str, ...] | None,
+                        ) -> tuple[tuple[str, ...], dict[str, int]]:
+    """PEFT 0.21.2's transformers-v5 MoE conversion (`peft/utils/transformers_weight_conversion.py`,
+    `_convert_peft_config_moe`, run by `inject_adapter` before matching): v4 names of the experts and the router
+    (gate_proj / up_proj / down_proj / gate; Mixtral's w1 / w3 / w2 / gate) move from the module targets to
+    `target_parameters` (gate_up_proj, down_proj, gate.weight); "all-linear" is first resolved to the leaf names of
+    the model's nn.Linear modules plus every v4 name (`_resolve_string_target_modules`). A parameter fused from
+    several v4 names gets rank (and alpha) x that many (`rank_pattern`), and naming only some of them is refused.
+    Returns (module targets left, {parameter target: rank multiplier}); families without a conversion pass through."""
+    family = family_rules(spec.family)
+    params = {t: 1 for t in target_parameters or ()}
+    if not family.moe_conversion:
+        return targets, params
+    mapping, fused = dict(family.moe_conversion), dict(family.moe_fused)
+    if targets == (ALL_LINEAR,):
+        linears = [m for m in module_inventory(spec) if m.kind == "linear" and m.group != "lm_head"]
+        targets = tuple(dict.fromkeys([m.path.rsplit(".", 1)[-1] for m in linears] + list(mapping)))
+    left: list[str] = []
+    matched: dict[str, set[str]] = {}
+    for target in targets:
+        old = next((o for o in mapping if target == o or target.endswith("." + o)), None)
+        if old is None:
+            left.append(target)
+            continue
+        params.setdefault(mapping[old], 1)
+        matched.setdefault(mapping[old], set()).add(old)
+    for new, olds in fused.items():
+        present = matched.get(new, set())
+        if 0 < len(present) < len(olds):
+            missing = ", ".join(sorted(set(olds) - present))
+            raise PlannerInputError("target", f"PEFT cannot convert {', '.join(sorted(present))} without also "
+                                              f"targeting {missing}: transformers 5 fuses them into {new}",
+                                    f"add {missing} to the targets")
+        if len(present) == len(olds) > 1:
+            params[new] = len(olds)
+    return tuple(left), params
+
+
+def _parameter_targets(spec: ModelSpec, params: dict[str, int]) -> dict[Module, tuple[frozenset[int], int]]:
+    """Expert and router weights matched by PEFT's `target_parameters` (`BaseTuner._inject_parameters`: the
+    parameter's full name equals the target or ends with "." + target, in every layer; `layers_to_transform` does
+    not apply), each with its layers and rank multiplier."""
+    hits: dict[Module, tuple[frozenset[int], int]] = {}
+    for target, scale in params.items():
+        found = False
+        for m in module_inventory(spec):
+            suffix = "" if m.kind == "experts" else ".weight"
+            keys = {i: m.layer_path(i) + suffix for i in m.layer_indices}
+            layers = frozenset(i for i, key in keys.items() if key == target or key.endswith("." + target))
+            if not layers:
+                continue
+            if m.kind not in ("experts", "router"):
+                raise PlannerInputError("target_parameters", f"{target!r} matches {m.parameter_name}, a {m.kind} weight",
+                                        "name nn.Linear modules in --target; target_parameters is for MoE experts "
+                                        "and routers")
+            found = True
+            hits[m] = (layers, scale)
+        if not found:
+            names = ", ".join(dict.fromkeys(m.parameter_name.split(".0.", 1)[-1] for m in module_inventory(spec)
+                                            if m.kind in ("experts", "router"))) or "none in this model"
+            raise PlannerInputError("target_parameters", f"no expert or router parameter named {target!r} in "
+                                    f"{spec.name}", f"choose from {names}")
+    return hits
+
+
 @lru_cache(maxsize=4096)
 def adapted_layers(spec: ModelSpec, targets: tuple[str, ...] | None,
-                   layers_to_transform: tuple[int, ...] | None = None) -> tuple[tuple[Module, frozenset[int]], ...]:
+                   layers_to_transform: tuple[int, ...] | None = None,
+                   target_parameters: tuple[str, ...] | None = None,
+                   ) -> tuple[tuple[Module, frozenset[int]], ...]:
     """Each module LoRA adapts (its layer-0 inventory entry) with the layers it is adapted in, matched as
     PEFT matches (`check_target_module_exists`): a full name equal to a target always matches (so does
     "lm_head"); a name ending in "." + target matches only in `layers_to_transform` when that is set
     (modules outside the decoder layers have no layer index and drop out). None targets: PEFT's default.
+    MoE families first go through PEFT's v4 -> v5 conversion (`peft_moe_conversion`); expert and router weights
+    reached through `target_parameters` come back with their `lora_rank_scale`.
 
     Every target must match something: PEFT only fails when *none* match, which silently drops a
     misspelt name; this planner rejects each unknown name instead.
     """
     targets = PEFT_DEFAULT_TARGETS[spec.family] if targets is None else targets
+    if ALL_LINEAR in targets and len(targets) > 1:
+        raise PlannerInputError("target", f"{ALL_LINEAR!r} cannot be combined with other names",
+                                f"pass either {ALL_LINEAR} or a list of module names")
+    all_linear = targets == (ALL_LINEAR,)
+    if all_linear and layers_to_transform is not None:
+        # LoraConfig.__post_init__ (peft/tuners/lora/config.py): "`layers_to_transform` cannot be used
+        # when `target_modules` is a str", and all-linear is one.
+        names = ",".join(dict.fromkeys(m.path.rsplit(".", 1)[-1] for m in module_inventory(spec)
+                                       if m.kind == "linear" and m.group != "lm_head"))
+        raise PlannerInputError("layers_to_transform", "PEFT refuses it with target_modules='all-linear' "
+                                "(a string target)", f"list the modules instead: --target {names}")
+    targets, params = peft_moe_conversion(spec, targets, target_parameters)
+    by_module = {m: (layers, scale) for m, (layers, scale) in _parameter_targets(spec, params).items()}
+    if all_linear:
+        # PEFT's all-linear: every Linear / Conv1D except the output layer (`get_output_embeddings`); after an MoE
+        # conversion, the linear leaf names the conversion left (`peft_moe_conversion`).
+        converted = bool(family_rules(spec.family).moe_conversion)
+        chosen = [m for m in module_inventory(spec) if m.kind == "linear" and m.group != "lm_head"
+                  and (not converted or m.path.rsplit(".", 1)[-1] in targets)]
+        for m in chosen:
+            by_module[m] = (frozenset(m.layer_indices), 1)
+    elif targets:
+        for m, layers in _module_targets(spec, targets, layers_to_transform).items():
+            by_module[m] = (layers, 1)
+    return tuple((replace(m, lora_rank_scale=by_module[m][1]) if by_module[m][1] != 1 else m, by_module[m][0])
+                 for m in module_inventory(spec) if m in by_module)
+
+
+def _module_targets(spec: ModelSpec, targets: tuple[str, ...],
+                    layers_to_transform: tuple[int, ...] | None) -> dict[Module, frozenset[int]]:
+    """Modules named in `target_modules` (see `adapted_layers`)."""
     inventory = module_inventory(spec)
     if layers_to_transform is not None:
         bad = [i for i in layers_to_transform if not 0 <= i < spec.num_layers]
@@ -151,26 +253,16 @@ def adapted_layers(spec: ModelSpec, targets: tuple[str, ...] | None,
                                     f"{spec.name}, which has {spec.num_layers} layers (0-{spec.num_layers - 1})",
                                     f"pass layer indices from 0 to {spec.num_layers - 1}")
     keep = None if layers_to_transform is None else frozenset(layers_to_transform)
-    if ALL_LINEAR in targets:
-        if len(targets) > 1:
-            raise PlannerInputError("target", f"{ALL_LINEAR!r} cannot be combined with other names",
-                                    f"pass either {ALL_LINEAR} or a list of module names")
-        # PEFT's all-linear: every Linear / Conv1D except the output layer (`get_output_embeddings`).
-        chosen = [m for m in inventory if m.kind == "linear" and m.group != "lm_head"]
-        if keep is not None:
-            # LoraConfig.__post_init__ (peft/tuners/lora/config.py): "`layers_to_transform` cannot be used
-            # when `target_modules` is a str", and all-linear is one.
-            names = ",".join(dict.fromkeys(m.path.rsplit(".", 1)[-1] for m in chosen))
-            raise PlannerInputError("layers_to_transform", "PEFT refuses it with target_modules='all-linear' "
-                                    "(a string target)", f"list the modules instead: --target {names}")
-        return tuple((m, frozenset(range(m.count))) for m in chosen)
     choices = ", ".join(targetable_names(spec))
-    layers_by_path: dict[str, set[int]] = {}
+    found: dict[Module, set[int]] = {}
     for target in targets:
-        hits = {m: m.matching_layers(target) for m in inventory}
+        hits = {m: m.matching_layers(target) for m in inventory if m.kind not in ("experts", "router")}
         hits = {m: layers for m, layers in hits.items() if layers}
         if not hits:
-            raise PlannerInputError("target", f"no module named {target!r} in {spec.name} ({spec.family})",
+            extra = ""
+            if any(m.kind in ("experts", "router") and m.matching_layers(target) for m in inventory):
+                extra = f" module ({target} is an MoE parameter: pass it as --target-parameters {target})"
+            raise PlannerInputError("target", f"no module named {target!r} in {spec.name} ({spec.family}){extra}",
                                     f"choose from {choices} or {ALL_LINEAR}")
         if any(m.kind == "norm" for m in hits):
             raise PlannerInputError("target", f"{target!r} is a norm layer, which LoRA cannot adapt",
@@ -185,15 +277,17 @@ def adapted_layers(spec: ModelSpec, targets: tuple[str, ...] | None,
                               " (modules outside the decoder layers have no layer index)",
                     "drop it from the targets or widen layers_to_transform")
         for m, layers in hits.items():
-            layers_by_path.setdefault(m.path, set()).update(layers)
-    return tuple((m, frozenset(layers_by_path[m.path])) for m in inventory if m.path in layers_by_path)
+            found.setdefault(m, set()).update(layers)
+    return {m: frozenset(layers) for m, layers in found.items()}
 
 
 def resolve_targets(spec: ModelSpec, targets: tuple[str, ...] | None,
-                    layers_to_transform: tuple[int, ...] | None = None) -> tuple[Module, ...]:
+                    layers_to_transform: tuple[int, ...] | None = None,
+                    target_parameters: tuple[str, ...] | None = None) -> tuple[Module, ...]:
     """The modules LoRA adapts (see `adapted_layers`), each with `count` = the number of layers it is
     adapted in (a target such as "layers.3.self_attn.q_proj" picks one layer, as in PEFT)."""
-    return tuple(replace(m, count=len(layers)) for m, layers in adapted_layers(spec, targets, layers_to_transform))
+    return tuple(replace(m, count=len(layers), layers=())
+                 for m, layers in adapted_layers(spec, targets, layers_to_transform, target_parameters))
 
 
 def is_per_layer(module: Module) -> bool:
@@ -203,12 +297,13 @@ def is_per_layer(module: Module) -> bool:
 
 @lru_cache(maxsize=1024)
 def adapters_by_layer(spec: ModelSpec, targets: tuple[str, ...] | None, layers_to_transform: tuple[int, ...] | None,
+                      target_parameters: tuple[str, ...] | None = None,
                       ) -> tuple[tuple[frozenset[str], ...], frozenset[str]]:
     """(for each decoder layer, the layer-0 paths of the modules adapted in it; the adapted modules outside
     the layers, such as embeddings or lm_head)."""
     per_layer: list[set[str]] = [set() for _ in range(spec.num_layers)]
     outside: set[str] = set()
-    for m, layers in adapted_layers(spec, targets, layers_to_transform):
+    for m, layers in adapted_layers(spec, targets, layers_to_transform, target_parameters):
         if not is_per_layer(m):
             outside.add(m.path)
             continue
@@ -218,16 +313,20 @@ def adapters_by_layer(spec: ModelSpec, targets: tuple[str, ...] | None, layers_t
 
 
 def target_description(spec: ModelSpec, targets: tuple[str, ...] | None,
-                       layers_to_transform: tuple[int, ...] | None = None) -> tuple[str, ...]:
+                       layers_to_transform: tuple[int, ...] | None = None,
+                       target_parameters: tuple[str, ...] | None = None) -> tuple[str, ...]:
     """What LoRA adapts, as a reader would say it: "self_attn.q_proj (all 32 layers)",
-    "self_attn.q_proj (layer 3)", "self_attn.q_proj (layers 0-3, 8)", "lm_head"."""
+    "self_attn.q_proj (layer 3)", "self_attn.q_proj (layers 0-3, 8)", "lm_head"; MoE parameters as PEFT's
+    target_parameters with their rank: "mlp.experts.gate_up_proj [r=32] (all 48 layers)"."""
     out = []
-    for m, layers in adapted_layers(spec, targets, layers_to_transform):
+    for m, layers in adapted_layers(spec, targets, layers_to_transform, target_parameters):
         if not is_per_layer(m):
             out.append(m.path)
             continue
-        name = m.path.split(".0.", 1)[1]
-        if len(layers) == spec.num_layers:
+        name = m.parameter_name.split(".0.", 1)[1] if m.kind in ("experts", "router") else m.path.split(".0.", 1)[1]
+        if m.lora_rank_scale != 1:
+            name += f" [rank x{m.lora_rank_scale}]"
+        if len(layers) == len(m.layer_indices) == spec.num_layers:
             out.append(f"{name} (all {spec.num_layers} layers)" if spec.num_layers > 1 else name)
         else:
             out.append(f"{name} ({'layer' if len(layers) == 1 else 'layers'} {_ranges(sorted(layers))})")
@@ -264,12 +363,17 @@ class LoraCounts:
 
 @lru_cache(maxsize=4096)
 def lora_params(spec: ModelSpec, r: int, targets: tuple[str, ...] | None,
-                layers_to_transform: tuple[int, ...] | None = None) -> LoraCounts:
-    """Trainable parameters of a LoRA adapter of rank r on `targets` (equals PEFT's count)."""
+                layers_to_transform: tuple[int, ...] | None = None,
+                target_parameters: tuple[str, ...] | None = None) -> LoraCounts:
+    """Trainable parameters of a LoRA adapter of rank r on `targets` (equals PEFT's count). A rank above a
+    targeted linear's width is refused (it adds nothing a lower rank would not); PEFT itself accepts it, and so does
+    this function for 1-wide scalar gates (Qwen2-MoE's shared_expert_gate, which all-linear picks) and MoE
+    parameters."""
     if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
         raise PlannerInputError("r", f"must be a positive integer, got {r!r}", "pass e.g. --r 8")
-    modules = resolve_targets(spec, targets, layers_to_transform)
-    for module in modules:
+    modules = resolve_targets(spec, targets, layers_to_transform, target_parameters)
+    checked = tuple(m for m in modules if _rank_bounded(m))
+    for module in checked:
         width = min(module.in_features, module.out_features)
         if r > width:
             raise PlannerInputError(
@@ -277,14 +381,21 @@ def lora_params(spec: ModelSpec, r: int, targets: tuple[str, ...] | None,
                      f"({module.in_features} x {module.out_features})",
                 f"use r <= {width}",
             )
-    trainable = sum(module.count * r * (module.in_features + module.out_features) for module in modules)
+    trainable = sum(module.count * module.lora_numel(r) for module in modules)
     return LoraCounts(r=r, target_modules=modules, trainable_params=trainable,
                       base_params=count_params(spec).total)
 
 
 def max_rank(spec: ModelSpec, targets: tuple[str, ...] | None) -> int:
-    """The largest r every targeted module allows (r <= min(in, out))."""
-    return min(min(m.in_features, m.out_features) for m in resolve_targets(spec, targets))
+    """The largest r every targeted module allows (r <= min(in, out)); MAX_R when nothing is checked
+    (see `lora_params`)."""
+    widths = [min(m.in_features, m.out_features) for m in resolve_targets(spec, targets) if _rank_bounded(m)]
+    return min(widths) if widths else MAX_R
+
+
+def _rank_bounded(m: Module) -> bool:
+    """Whether the planner bounds r by this adapted module's width (see `lora_params`)."""
+    return m.kind in ("linear", "embedding") and min(m.in_features, m.out_features) > 1
 
 
 def rank_for_trainable_fraction(spec: ModelSpec, fraction: float, targets: tuple[str, ...] | None) -> int:

@@ -19,7 +19,8 @@ from lora_planner.names import (
 )
 
 Family = Literal["llama", "mistral", "qwen2", "gemma", "phi", "gpt2", "bloom", "gpt_neox", "granite", "phi3",
-                 "starcoder2", "qwen3", "olmo2", "smollm3", "gemma2", "gemma3_text"]
+                 "starcoder2", "qwen3", "olmo2", "smollm3", "gemma2", "gemma3_text",
+                 "mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
 Dtype = Literal["fp32", "bf16", "fp16"]
 Method = Literal["full", "lora", "qlora"]
 # The planner's optimizer names, one per state layout (`lora_planner.names.PLANNER_OPTIMIZERS` says what
@@ -31,6 +32,9 @@ Optimizer = Literal["adamw", "sgd", "sgd_momentum", "adagrad", "rmsprop", "adafa
 OptimizerImpl = Literal["foreach", "for-loop", "fused"]
 Device = Literal["cuda", "cpu"]
 Attention = Literal["sdpa", "eager"]
+# transformers 5.24's MoE experts implementations (`integrations/moe.py`): "grouped_mm" (the default,
+# `PreTrainedModel.get_correct_experts_implementation`) or the class's own per-expert loop ("eager").
+ExpertsImplementation = Literal["grouped_mm", "eager"]
 AdapterDtype = Literal["fp32", "base"]
 # Each strategy names one engine (lora_planner.parallel): torch DDP (+ ZeroRedundancyOptimizer), torch FSDP2
 # FULL_SHARD / SHARD_GRAD_OP, DeepSpeed ZeRO stages 1-3. The bare ZeRO names are DeepSpeed's.
@@ -46,6 +50,8 @@ OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
 OPTIMIZER_IMPLS: tuple[str, ...] = get_args(OptimizerImpl)
 DEVICES: tuple[str, ...] = get_args(Device)
 ATTENTIONS: tuple[str, ...] = get_args(Attention)
+EXPERTS_IMPLEMENTATIONS: tuple[str, ...] = get_args(ExpertsImplementation)
+ROUTINGS: tuple[str, ...] = ("balanced", "worst")
 STRATEGIES: tuple[str, ...] = get_args(Strategy)
 STRATEGY_ALIASES: dict[str, str] = {"zero1": "deepspeed-zero1", "zero2": "deepspeed-zero2",
                                     "zero3": "deepspeed-zero3", "fsdp-full-shard": "fsdp",
@@ -87,6 +93,7 @@ MAX_WIDTH = 2**20  # hidden_size, intermediate_size, head_dim: 1,048,576 channel
 MAX_HEADS = 2**16  # attention and key/value heads
 MAX_VOCAB = 2**24  # 16.8 M tokens
 MAX_POSITIONS = 2**26  # max_position_embeddings: 67 M tokens
+MAX_EXPERTS = 2**16  # routed experts per layer (DeepSeek-V3: 256, Qwen3-235B: 128)
 MODEL_SIZE_LIMITS: dict[str, int] = {
     "vocab_size": MAX_VOCAB, "hidden_size": MAX_WIDTH, "num_layers": MAX_LAYERS, "num_heads": MAX_HEADS,
     "num_kv_heads": MAX_HEADS, "head_dim": MAX_WIDTH, "intermediate_size": MAX_WIDTH,
@@ -140,6 +147,19 @@ class ModelSpec:
     # Each layer's attention kind ("sliding_attention": masked to `sliding_window`, or "full_attention"), as the
     # config class sets it (`config_reader._window_fields`); None: no sliding layer.
     layer_types: tuple[str, ...] | None = None
+    # Mixture of experts (0 experts: a dense model). Every MoE layer routes each token to `num_experts_per_tok` of
+    # `num_experts` experts of width `moe_intermediate_size`; `shared_expert_intermediate_size` > 0 adds an
+    # always-on gated MLP of that width (Qwen2-MoE's `shared_expert`); `dense_layers` lists the layers that keep a
+    # dense MLP of `intermediate_size` (Qwen2-MoE's `mlp_only_layers` / `decoder_sparse_step`); `norm_topk_prob`
+    # renormalises the top-k probabilities (Mixtral always does).
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    shared_expert_intermediate_size: int = 0
+    dense_layers: tuple[int, ...] = ()
+    norm_topk_prob: bool = False
+    # (deepseek fields)
+    # (gpt_oss fields)
 
     def __post_init__(self) -> None:
         if self.family not in REGISTERED_FAMILIES:  # traced families (lora_planner.traced) are registered at run time
@@ -181,6 +201,16 @@ class ModelSpec:
             if not isinstance(getattr(self, name), bool):
                 raise PlannerInputError(name, f"must be true or false, got {getattr(self, name)!r}",
                                         "use a bool")
+        if self.num_experts:
+            check_positive_int("num_experts_per_tok", self.num_experts_per_tok)
+            check_positive_int("moe_intermediate_size", self.moe_intermediate_size, MAX_WIDTH)
+            check_positive_int("num_experts", self.num_experts, MAX_EXPERTS)
+            if self.num_experts_per_tok > self.num_experts:
+                raise PlannerInputError("num_experts_per_tok", f"{self.num_experts_per_tok} is more than the "
+                                        f"{self.num_experts} experts", "use at most num_experts")
+            if any(not 0 <= i < self.num_layers for i in self.dense_layers):
+                raise PlannerInputError("mlp_only_layers", f"must be layer indices below {self.num_layers}, got "
+                                        f"{list(self.dense_layers)!r}", "fix the config.json")
         if self.num_heads % self.num_kv_heads:
             raise PlannerInputError(
                 "num_key_value_heads",
@@ -197,6 +227,14 @@ class ModelSpec:
     def kv_size(self) -> int:
         """Width of each of the key and value projections (grouped-query attention shrinks it)."""
         return self.num_kv_heads * self.head_dim
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether decoder layer `layer` routes through experts (else it has a dense MLP)."""
+        return self.num_experts > 0 and layer not in self.dense_layers
 
 
 @dataclass(frozen=True)
@@ -216,6 +254,9 @@ class LoraSpec:
     adapter_dtype: AdapterDtype = "fp32"
     # PEFT's `layers_to_transform`: adapt the targets only in these decoder layers (None: every layer).
     layers_to_transform: tuple[int, ...] | None = None
+    # PEFT's `target_parameters`: MoE expert / router weights adapted through `lora.ParamWrapper` (a parameter name
+    # or its suffix, e.g. "mlp.experts.gate_up_proj"), beside what `target_modules` names.
+    target_parameters: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         check_positive_int("r", self.r, MAX_R)
@@ -226,6 +267,10 @@ class LoraSpec:
                 not self.target_modules or any(not t.strip() for t in self.target_modules)):
             raise PlannerInputError("target", "empty target module name", "pass e.g. --target q_proj,v_proj")
         check_choice("adapter_dtype", self.adapter_dtype, ("fp32", "base"))
+        if self.target_parameters is not None and (
+                not self.target_parameters or any(not t.strip() for t in self.target_parameters)):
+            raise PlannerInputError("target_parameters", "empty parameter name",
+                                    "pass e.g. --target-parameters mlp.experts.gate_up_proj,mlp.experts.down_proj")
         if self.layers_to_transform is not None and (
                 not self.layers_to_transform
                 or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in self.layers_to_transform)):
@@ -264,6 +309,11 @@ class TrainingSpec:
     grad_checkpointing: bool = False
     device: Device = "cuda"
     attention: Attention = "sdpa"
+    # MoE models only: transformers' experts implementation, and the routing the eager loop's per-expert buffers are
+    # sized from: "balanced" (every expert gets tokens x k / E), "worst" (one expert set takes every token), or the
+    # tokens each expert received, per MoE layer (e.g. measured by the profiler's router hook).
+    experts_implementation: ExpertsImplementation = "grouped_mm"
+    routing: str | tuple[tuple[int, ...], ...] = "balanced"
     lora: LoraSpec = field(default_factory=LoraSpec)
     gpus: int = 1  # data-parallel ranks; batch_size is per rank
     strategy: Strategy | None = None  # how the ranks share model states (None: ddp when gpus > 1)
@@ -278,6 +328,14 @@ class TrainingSpec:
         check_positive_int("batch_size", self.batch_size, MAX_BATCH_SIZE)
         check_positive_int("seq_len", self.seq_len, MAX_SEQ_LEN)
         check_positive_int("gpus", self.gpus, MAX_GPUS)
+        check_choice("experts_implementation", self.experts_implementation, EXPERTS_IMPLEMENTATIONS)
+        if isinstance(self.routing, str):
+            check_choice("routing", self.routing, ROUTINGS)
+        elif not (isinstance(self.routing, tuple) and self.routing and all(
+                isinstance(row, tuple) and row and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0
+                                                       for n in row) for row in self.routing)):
+            raise PlannerInputError("routing", "must be balanced, worst, or per-layer tokens per expert",
+                                    "pass --routing balanced|worst|FILE (a JSON list of per-layer lists of counts)")
         if self.strategy is not None:
             check_choice("strategy", self.strategy, STRATEGY_NAMES)
             if self.gpus == 1:

@@ -114,14 +114,19 @@ def _trainable_groups(spec: ModelSpec, method: str, dtype: str, lora: LoraSpec) 
                 groups.append(TensorGroup((m.out_features,), m.count * (2 if m.bias else 1), e))
                 continue
             shape = (m.in_features, m.out_features) if m.kind == "embedding" else (m.out_features, m.in_features)
+            if m.kind == "experts":  # transformers' (E, out, in) stacks
+                shape = (m.experts, m.out_features, m.in_features)
             groups.append(TensorGroup(shape, m.count, e, embedding=m.kind == "embedding"))
             if m.bias:
-                groups.append(TensorGroup((m.out_features,), m.count, e))
+                groups.append(TensorGroup((m.experts, m.out_features) if m.experts > 1 else (m.out_features,),
+                                          m.count, e))
         return tuple(groups)
     e = 4 if lora.adapter_dtype == "fp32" else BYTES_PER_ELEMENT[dtype]
-    for m in lora_params(spec, lora.r, lora.target_modules, lora.layers_to_transform).target_modules:
-        groups.append(TensorGroup((lora.r, m.in_features), m.count, e))
-        groups.append(TensorGroup((m.out_features, lora.r), m.count, e))
+    for m in lora_params(spec, lora.r, lora.target_modules, lora.layers_to_transform,
+                         lora.target_parameters).target_modules:
+        rank = lora.r * m.lora_rank_scale * m.experts  # PEFT's ParamWrapper: lora_A (r E, in), lora_B (out, r E)
+        groups.append(TensorGroup((rank, m.in_features), m.count, e))
+        groups.append(TensorGroup((m.out_features, rank), m.count, e))
     return tuple(groups)
 
 
@@ -164,13 +169,15 @@ def _group_bytes(spec: ModelSpec, method: str, dtype: str, lora: LoraSpec,
     e_adapter = 4 if lora.adapter_dtype == "fp32" else e
     full = method == "full"
     layers = spec.num_layers
-    adapted = {} if full else dict(adapted_layers(spec, lora.target_modules, lora.layers_to_transform))
+    adapted = {} if full else dict(adapted_layers(spec, lora.target_modules, lora.layers_to_transform,
+                                                   lora.target_parameters))
     by_path = {m.path: layers_in for m, layers_in in adapted.items()}
+    numel_by_path = {m.path: m.lora_numel(lora.r) for m in adapted}
     root = layer_stored = root_trainable = 0
     per_layer_adapters = [0] * layers
     for m in module_inventory(spec):
         stored = _stored_bytes_each(m, method == "qlora", dtype, kbit_fp32)
-        adapter = lora.r * (m.in_features + m.out_features) * e_adapter
+        adapter = numel_by_path.get(m.path, 0) * e_adapter
         if is_per_layer(m):
             layer_stored += stored
             for i in by_path.get(m.path, ()):

@@ -129,6 +129,17 @@ CONFIGS: dict[str, dict[str, Any]] = {
                   "max_window_layers": 1},
     "smollm3_swa": {"model_type": "smollm3", **_LLAMA_LIKE, "no_rope_layers": [0, 1, 1], "use_sliding_window": True,
                     "sliding_window": 8, "pad_token_id": None},
+    # Mixture of experts (lora_planner/families/moe.py): 8 experts, top-2. mixtral: fp32 router scores, always
+    # renormalised; qwen3_moe: per-head q / k norms, renormalised bf16 scores, head_dim x heads above hidden;
+    # olmoe: whole-width q / k norms, scores not renormalised; qwen2_moe: a shared expert with a sigmoid gate, q / k / v
+    # biases, a dense MLP in layer 1 (mlp_only_layers)
+    "mixtral": {"model_type": "mixtral", **_LLAMA_LIKE, "num_local_experts": 8, "num_experts_per_tok": 2},
+    "qwen3_moe": {"model_type": "qwen3_moe", **_LLAMA_LIKE, "head_dim": 32, "moe_intermediate_size": 48,
+                  "num_experts": 8, "num_experts_per_tok": 2, "norm_topk_prob": True},
+    "olmoe": {"model_type": "olmoe", **{k: v for k, v in _LLAMA_LIKE.items() if k != "head_dim"},
+              "intermediate_size": 48, "num_experts": 8, "num_experts_per_tok": 2},
+    "qwen2_moe": {"model_type": "qwen2_moe", **_LLAMA_LIKE, "moe_intermediate_size": 48, "num_experts": 8,
+                  "num_experts_per_tok": 2, "shared_expert_intermediate_size": 80, "mlp_only_layers": [1]},
 }
 
 # Planner model-level items that non-reentrant checkpointing keeps alive through the closure over the
@@ -153,12 +164,16 @@ class Case:
     layers: tuple[int, ...] | None = None  # PEFT's layers_to_transform
     quantized: bool = False  # QLoRA: a real bitsandbytes NF4 base (CPU backend)
     kbit_prep: bool = True  # with quantized: PEFT's prepare_model_for_kbit_training
+    experts: str = "grouped_mm"  # MoE models: transformers' experts implementation
+    target_parameters: tuple[str, ...] | None = None  # PEFT's target_parameters (MoE experts / routers)
 
     @property
     def id(self) -> str:
         extra = (["gc"] if self.gc else []) + ([",".join(self.targets)] if self.targets else []) \
             + ([f"layers{list(self.layers)}"] if self.layers else []) \
-            + (["nf4" + ("-kbitprep" if self.kbit_prep else "")] if self.quantized else [])
+            + (["nf4" + ("-kbitprep" if self.kbit_prep else "")] if self.quantized else []) \
+            + ([self.experts] if self.experts != "grouped_mm" else []) \
+            + (["params:" + ",".join(self.target_parameters)] if self.target_parameters else [])
         return "-".join([self.family, self.mode, self.method, self.attention] + extra)
 
     def lora_targets(self) -> tuple[str, ...] | None:
@@ -170,8 +185,9 @@ class Case:
             dtype="bf16" if self.mode == "bf16" else "fp32",
             amp="bf16" if self.mode == "amp" else None,
             batch_size=B, seq_len=S, grad_checkpointing=self.gc, device="cpu", attention=self.attention,
-            lora=LoraSpec(r=R, alpha=2 * R, target_modules=self.lora_targets(), layers_to_transform=self.layers),
-            kbit_prep=self.kbit_prep,
+            lora=LoraSpec(r=R, alpha=2 * R, target_modules=self.lora_targets(), layers_to_transform=self.layers,
+                          target_parameters=self.target_parameters),
+            kbit_prep=self.kbit_prep, experts_implementation=self.experts,
         )
 
 
@@ -218,8 +234,9 @@ def build_model(case: Case, tmp_dir: str | None = None) -> torch.nn.Module:
     dtype = torch.bfloat16 if case.mode == "bf16" else torch.float32
     # A class transformers builds without SDPA (Gemma 2) is built with transformers' default: eager.
     sdpa_ok = family_rules(CONFIGS[case.family]["model_type"]).sdpa
+    moe = {"experts_implementation": case.experts} if "num_experts_per_tok" in CONFIGS[case.family] else {}
     model = AutoModelForCausalLM.from_config(hf_config(CONFIGS[case.family]), dtype=dtype,
-                                             attn_implementation=case.attention if sdpa_ok else None)
+                                             attn_implementation=case.attention if sdpa_ok else None, **moe)
     if case.quantized:
         model = quantized_model(model, case, tmp_dir)
     model.config.use_cache = False
@@ -230,8 +247,13 @@ def build_model(case: Case, tmp_dir: str | None = None) -> torch.nn.Module:
             model.gradient_checkpointing_enable()
     if case.method != "full":
         targets = peft_targets(case.lora_targets()) if case.lora_targets() else None  # None: PEFT's default
+        rules = family_rules(CONFIGS[case.family]["model_type"])
+        if targets is None and "num_experts_per_tok" in CONFIGS[case.family] and (rules.moe_conversion or not rules.peft_has_default):
+            # MoE: PEFT 0.21.2 has no default for most, and its MoE conversion empties Mixtral's under transformers 5
+            targets = list(rules.peft_default_targets)
         lora = LoraConfig(r=R, lora_alpha=2 * R, target_modules=targets, lora_dropout=0.0, task_type="CAUSAL_LM",
-                          layers_to_transform=list(case.layers) if case.layers else None)
+                          layers_to_transform=list(case.layers) if case.layers else None,
+                          target_parameters=list(case.target_parameters) if case.target_parameters else None)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Conv1D fan_in_fan_out notice
             model = get_peft_model(model, lora)
@@ -737,3 +759,42 @@ def test_qlora_saved_bytes_match_bitsandbytes(case: Case, tmp_path):
     got = {"layer0": measured.layers[0], "layer1": measured.layers[1], "outside": measured.outside}
     assert got == want, (case.id, got, want, {w: _describe(measured, w) for w in ("layer0", "layer1", "outside")},
                          [(i.name, i.nbytes) for i in profile.model + profile.loss])
+
+
+# ------------------------------------------------------------------------------------------------
+# Mixture of experts (lora_planner/families/moe.py): the router, the fused experts under both implementations
+# (grouped_mm: static shapes; eager: a loop over the experts that received tokens), LoRA on the experts through
+# PEFT's target_parameters (the folded weight each adapted expert stack keeps), a shared expert and a dense layer.
+# Every layer is compared (qwen2_moe's layer 1 is dense).
+
+MOE_CASES = [
+    Case(family, "bf16", method, gc=gc, experts=experts)
+    for family in ("mixtral", "qwen3_moe", "olmoe", "qwen2_moe")
+    for method, gc, experts in (("full", False, "grouped_mm"), ("lora", False, "grouped_mm"),
+                                ("lora_all", False, "grouped_mm"), ("full", False, "eager"),
+                                ("lora_all", False, "eager"), ("lora_all", True, "grouped_mm"))
+] + [
+    Case("mixtral", "fp32", "lora_all"),
+    Case("qwen3_moe", "bf16", "lora", "eager"),
+    Case("qwen2_moe", "bf16", "lora", targets=("q_proj", "v_proj"),
+         target_parameters=("mlp.experts.gate_up_proj", "mlp.experts.down_proj", "mlp.gate.weight")),
+    Case("olmoe", "bf16", "lora", targets=("o_proj",), target_parameters=("mlp.experts.down_proj",)),
+    Case("mixtral", "bf16", "lora", targets=("w1", "w3")),  # the experts' gate_up_proj alone, at rank 2r
+]
+
+
+@pytest.mark.parametrize("case", MOE_CASES, ids=[c.id for c in MOE_CASES])
+def test_moe_saved_bytes_match_planner(case: Case):
+    measured = measure(case)
+    profile = planner(case)
+    layers, outside = dict(measured.layers), measured.outside
+    for i in range(NUM_LAYERS):  # RoPE's cos / sin seen by one layer only: the planner counts them outside
+        rotary = sum(n for _, shape, n in measured.items.get(f"layer{i}", []) if len(shape) == 4 and shape[:2] == (1, 1))
+        layers[i] -= rotary
+        outside += rotary
+    for i in range(NUM_LAYERS):
+        want = profile.checkpoint_per_layer_bytes if case.gc else profile.layer_saved_bytes(i)
+        assert layers[i] == want, (case.id, i, layers[i], want, _describe(measured, f"layer{i}"),
+                                   [(t.name, t.nbytes) for t in profile.layer_runs[0][1]])
+    want_outside = expected(case, profile)["outside"]
+    assert outside == want_outside, (case.id, outside, want_outside, _describe(measured, "outside"))

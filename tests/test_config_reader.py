@@ -268,7 +268,7 @@ LLAMA_SMALL = CONFIG_FILES["llama-minimal"]
 
 @pytest.mark.parametrize(("config", "field", "words"), [
     ({**LLAMA_SMALL, "model_type": "t5"}, "model_type", ("'t5'", *FAMILIES)),
-    ({**LLAMA_SMALL, "model_type": "mixtral"}, "model_type", ("'mixtral'", "llama")),
+    ({**LLAMA_SMALL, "model_type": "bart"}, "model_type", ("'bart'", "llama")),
     ({k: v for k, v in LLAMA_SMALL.items() if k != "model_type"}, "model_type", ("None",)),
     ({k: v for k, v in LLAMA_SMALL.items() if k != "hidden_size"}, "hidden_size", ("missing",)),
     ({k: v for k, v in LLAMA_SMALL.items() if k != "num_hidden_layers"}, "num_hidden_layers", ("missing",)),

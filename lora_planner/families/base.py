@@ -17,7 +17,10 @@ from typing import Any, Literal, NamedTuple
 
 from lora_planner.specs import ModelSpec
 
-ModuleKind = Literal["linear", "embedding", "norm"]
+# "experts": a stack of per-expert weights held as one 3-D parameter (transformers 5.24's fused MoE experts,
+# `MixtralExperts.gate_up_proj`: experts x out x in); "router": a 2-D weight that is a bare `nn.Parameter` of a
+# custom module (`MixtralTopKRouter.weight`), not an `nn.Linear` (so PEFT's all-linear does not see it).
+ModuleKind = Literal["linear", "embedding", "norm", "experts", "router"]
 ModuleGroup = Literal["embeddings", "attention", "mlp", "norms", "lm_head"]
 GROUPS: tuple[ModuleGroup, ...] = ("embeddings", "attention", "mlp", "norms", "lm_head")
 Positions = Literal["rope", "learned", "alibi"]
@@ -43,7 +46,9 @@ class Module:
 
     `path` is the Hugging Face path of the first instance (layer 0); for linears `in_features` x
     `out_features` is the weight shape, for embeddings `in_features` is the vocabulary, for norms both
-    are the normalised width.
+    are the normalised width. For "experts" (a 3-D parameter, `path` is the parameter's own name) each of the
+    `experts` experts maps `in_features` to `out_features` (the bias, when there is one, is experts x out);
+    `fused` counts the projections PEFT's transformers-v5 conversion fused into it (gate_proj + up_proj: 2).
     """
 
     path: str
@@ -54,6 +59,12 @@ class Module:
     bias: bool = False
     count: int = 1
     tied: bool = False  # shares its weight with another module (tied lm_head): no parameters of its own
+    experts: int = 1  # "experts" modules: how many experts the 3-D parameter stacks
+    fused: int = 1  # "experts" modules: projections fused into one tensor (gate_up_proj: 2)
+    # The decoder layers the module is in, when not 0..count-1 (an MoE model's expert layers next to dense ones).
+    layers: tuple[int, ...] = ()
+    # LoRA only: the rank multiplier PEFT's MoE conversion gives this module (`rank_pattern`, gate_up_proj: 2).
+    lora_rank_scale: int = 1
 
     @property
     def params_each(self) -> int:
@@ -61,7 +72,7 @@ class Module:
             return self.out_features if self.bias else 0
         if self.kind == "norm":
             return self.out_features * (2 if self.bias else 1)
-        return self.in_features * self.out_features + (self.out_features if self.bias else 0)
+        return self.experts * (self.in_features * self.out_features + (self.out_features if self.bias else 0))
 
     @property
     def params(self) -> int:
@@ -70,7 +81,22 @@ class Module:
     @property
     def weight_numel_each(self) -> int:
         """Elements of the weight matrix alone (what QLoRA quantizes; biases stay 16-bit)."""
-        return 0 if self.tied else self.in_features * self.out_features
+        return 0 if self.tied else self.experts * self.in_features * self.out_features
+
+    @property
+    def parameter_name(self) -> str:
+        """The weight's name in `model.named_parameters()` (layer 0): what PEFT's `target_parameters` match."""
+        return self.path if self.kind == "experts" else self.path + ".weight"
+
+    @property
+    def layer_indices(self) -> tuple[int, ...] | range:
+        return self.layers or range(self.count)
+
+    def lora_numel(self, r: int) -> int:
+        """LoRA parameters of one instance at rank r: r (in + out) (Hu et al. 2021); for "experts", PEFT's
+        `ParamWrapper` (`peft/tuners/lora/layer.py`: lora_A (r E, in), lora_B (out, r E)) at r x `lora_rank_scale`."""
+        rank = r * self.lora_rank_scale
+        return rank * self.experts * (self.in_features + self.out_features)
 
     def layer_path(self, layer: int) -> str:
         """The path of this module in `layer` (per-layer paths are stored for layer 0)."""
@@ -80,7 +106,7 @@ class Module:
         """The layers where PEFT's rule matches: the full module name equals the target or ends with
         '.' + target (`peft.tuners.tuners_utils.check_target_module_exists`)."""
         matched = set()
-        for layer in range(self.count):
+        for layer in self.layer_indices:
             path = self.layer_path(layer)
             if path == target or path.endswith("." + target):
                 matched.add(layer)
@@ -132,3 +158,9 @@ class Family:
     # The layer rules count what a window past --seq-len allocates (`rules.attention_core` / `rules.mask_arguments`);
     # a family without it gets the planner's "not counted" note when --seq-len exceeds its window.
     models_sliding_window: bool = False
+    # PEFT 0.21.2's transformers-v5 MoE conversion (`peft/utils/transformers_weight_conversion.py`,
+    # `_MOE_TARGET_MODULE_MAPPING` and `_MOE_FUSED_TARGETS`, from transformers' `conversion_mapping`): the v4 module
+    # names it rewrites into `target_parameters` (v4 name -> parameter name), and the parameters fused from several
+    # v4 names (which get rank and alpha x that many through `rank_pattern` / `alpha_pattern`). Empty: no conversion.
+    moe_conversion: tuple[tuple[str, str], ...] = ()
+    moe_fused: tuple[tuple[str, tuple[str, ...]], ...] = ()

@@ -52,6 +52,12 @@ class Flow:
         self.input_grads: dict[str, bool] | None = None
         self.attention_grads: tuple[bool, bool, bool] | None = None
         self.layer_type: str | None = None  # the layer's `ModelSpec.layer_types` entry (set per layer)
+        self.moe_layer = spec.is_moe  # the layer routes through experts (set per layer, `ModelSpec.dense_layers`)
+        # MoE experts compute in their weights' dtype (grouped_mm casts its input to it, `integrations/moe.py`
+        # `_grouped_mm`), fp32 after PEFT's kbit preparation.
+        self.e_expert = FP32 if self.kbit_fp32 or (training.dtype == "fp32") else self.e_compute
+        # LoRA rank multipliers PEFT's MoE conversion sets (`rank_pattern`: r x 2 on gate_up_proj), by layer-0 path.
+        self.rank_scale: dict[str, int] = {}
 
     def in_layer(self, adapters: frozenset[str]) -> Flow:
         """The same settings, seen from a decoder layer whose adapted modules are `adapters`."""
@@ -381,9 +387,11 @@ def plain_mlp(flow: Flow, fc1: str, fc2: str, x_needs_grad: bool) -> tuple[list[
     return saved, keeps_x, inner_grad or flow.adapted(fc2)
 
 
-def gated_mlp(flow: Flow, prefix: str, x_needs_grad: bool, input_name: str) -> tuple[list[SavedTensor], bool]:
+def gated_mlp(flow: Flow, prefix: str, x_needs_grad: bool, input_name: str,
+              width: int | None = None) -> tuple[list[SavedTensor], bool]:
     """Llama's MLP: gate_proj and up_proj on one input (kept once, as `input_name`, when a linear needs it),
-    act(gate) * up, down_proj: (saved, whether the output needs a gradient)."""
+    act(gate) * up, down_proj (`width` wide inside; the model's intermediate_size unless given, e.g. Qwen2-MoE's
+    shared expert): (saved, whether the output needs a gradient)."""
     spec, tokens, e = flow.spec, flow.tokens, flow.e_compute
     saved: list[SavedTensor] = []
     keeps_input = False
@@ -395,7 +403,7 @@ def gated_mlp(flow: Flow, prefix: str, x_needs_grad: bool, input_name: str) -> t
         saved.append(SavedTensor(input_name, tokens * spec.hidden_size * flow.e_stream))
     gate_grad = x_needs_grad or flow.adapted(prefix + "gate_proj")
     up_grad = x_needs_grad or flow.adapted(prefix + "up_proj")
-    inter = tokens * spec.intermediate_size * e
+    inter = tokens * (width or spec.intermediate_size) * e
     if gate_grad:
         saved.append(SavedTensor("mlp.gate_output", inter))  # the activation function's input
     if up_grad:
