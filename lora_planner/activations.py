@@ -189,7 +189,8 @@ def _model_level(flow: Flow, embeddings_need_grad: bool) -> list[SavedTensor]:
     if rotary_dim(spec):
         # cos and sin for positions (1, s, rotary_dim), shared by every layer, in the stream dtype.
         rotary_e = FP32 if family.rotary_fp32 else flow.e_stream
-        saved.append(SavedTensor("rotary.cos_sin", 2 * s * rotary_dim(spec) * rotary_e * rotary_tables(spec)))
+        width = rotary_dim(spec) // 2 if family.rotary_half_tables else rotary_dim(spec)
+        saved.append(SavedTensor("rotary.cos_sin", 2 * s * width * rotary_e * rotary_tables(spec)))
         if flow.t.grad_checkpointing:
             saved.append(SavedTensor("checkpoint.position_ids", s * 8))  # int64, kept by the checkpoint's closure
     if flow.t.grad_checkpointing and flow.t.attention == "eager":
@@ -291,6 +292,10 @@ def causal_lm_loss_saved(flow: Flow) -> tuple[SavedTensor, ...]:
 def activation_profile(spec: ModelSpec, training: TrainingSpec) -> ActivationProfile:
     """Saved activations and transient buffers of one training step (see the module docstring)."""
     flow = make_flow(spec, training)
+    if spec.is_moe and not isinstance(training.routing, str):
+        from lora_planner.families.moe import check_routing
+
+        check_routing(spec, training.routing)
     tokens, vocab, e = flow.tokens, spec.vocab_size, flow.e_compute
     logits = tokens * vocab
     # Frozen embeddings (LoRA / QLoRA, no enable_input_require_grads) send no gradient into layer 0, unless
@@ -323,5 +328,26 @@ def activation_profile(spec: ModelSpec, training: TrainingSpec) -> ActivationPro
         loss_backward_scratch_bytes=FP32 + 2 * logits * FP32,
         # Inside a layer's backward: the incoming gradient, gradients of the MLP's intermediates and of
         # the layer input, the largest of which are B x S x intermediate.
-        layer_backward_scratch_bytes=(2 * spec.hidden_size + 3 * spec.intermediate_size) * tokens * e,
+        layer_backward_scratch_bytes=_layer_backward_scratch(flow),
     )
+
+
+def _layer_backward_scratch(flow: Flow) -> int:
+    """Transient gradient buffers inside one layer's backward: the incoming gradient and the layer input's, and the
+    MLP intermediates' gradients (3 x tokens x intermediate). An MoE layer's intermediates are per routed pair
+    (tokens x k rows of the experts' width) under grouped_mm; the eager loop runs one expert at a time, so only the
+    busiest expert's rows (`TrainingSpec.routing`, `moe.busiest_expert_tokens`) are live at once, beside the
+    (tokens, hidden) gradients it accumulates into."""
+    spec, tokens, e = flow.spec, flow.tokens, flow.e_compute
+    dense = (2 * spec.hidden_size + 3 * spec.intermediate_size) * tokens * e
+    if not spec.is_moe:
+        return dense
+    from lora_planner.families.moe import busiest_expert_tokens
+
+    width, h = spec.moe_intermediate_size, spec.hidden_size
+    if flow.t.experts_implementation == "grouped_mm":
+        rows, extra = tokens * spec.num_experts_per_tok, 0
+    else:
+        rows, extra = busiest_expert_tokens(spec, tokens, flow.t.routing), 2 * h
+    moe = (2 * h * tokens + (3 * width + extra) * rows) * flow.e_expert
+    return max(moe, dense) if spec.dense_layers else moe

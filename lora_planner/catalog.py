@@ -389,6 +389,49 @@ MODEL_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
         "model_type": "llama", "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336,
         "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
         "max_position_embeddings": 131072, "tie_word_embeddings": False}),
+    # ---- mixture of experts (lora_planner/families/moe.py) ----
+    # Mixtral-8x7B / 8x22B: the config.json dumps of github.com/scaleapi/llm-engine model-engine tests
+    # (test_llm_use_cases.py, fake_llm_artifact_gateway model_config); their transformers totals equal the hub's
+    # safetensors totals (46,702,792,704 and 140,620,634,112). 8x22B's vocabulary is the base v0.1 repo's 32000.
+    "mixtral-8x7b": ("mistralai/Mixtral-8x7B-v0.1", {
+        "model_type": "mixtral", "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336,
+        "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "num_local_experts": 8,
+        "num_experts_per_tok": 2, "max_position_embeddings": 32768, "sliding_window": None,
+        "tie_word_embeddings": False}),
+    "mixtral-8x22b": ("mistralai/Mixtral-8x22B-v0.1", {
+        "model_type": "mixtral", "vocab_size": 32000, "hidden_size": 6144, "intermediate_size": 16384,
+        "num_hidden_layers": 56, "num_attention_heads": 48, "num_key_value_heads": 8, "num_local_experts": 8,
+        "num_experts_per_tok": 2, "max_position_embeddings": 65536, "tie_word_embeddings": False}),
+    # Qwen1.5-MoE-A2.7B: the -Chat-GPTQ-Int4 repo's config.json (same shapes) with the base repo's 8192 positions
+    # (a model manifest pinned to the base revision); transformers total 14,315,784,192 = the hub's.
+    "qwen1.5-moe-a2.7b": ("Qwen/Qwen1.5-MoE-A2.7B", {
+        "model_type": "qwen2_moe", "vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 5632,
+        "moe_intermediate_size": 1408, "shared_expert_intermediate_size": 5632, "num_hidden_layers": 24,
+        "num_attention_heads": 16, "num_key_value_heads": 16, "num_experts": 60, "num_experts_per_tok": 4,
+        "decoder_sparse_step": 1, "norm_topk_prob": False, "max_position_embeddings": 8192,
+        "use_sliding_window": False, "max_window_layers": 21, "tie_word_embeddings": False}),
+    # Qwen3-30B-A3B / 235B-A22B: config.json dumps in public notes / LiteLLM's HARD_CODED_CONFIGS; transformers
+    # totals equal the hub's (30,532,122,624; 235,093,634,560); the model cards: "30.5B in total and 3.3B
+    # activated", "235B ... 22B activated".
+    "qwen3-30b-a3b": ("Qwen/Qwen3-30B-A3B", {
+        "model_type": "qwen3_moe", "vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 6144,
+        "moe_intermediate_size": 768, "num_hidden_layers": 48, "num_attention_heads": 32, "num_key_value_heads": 4,
+        "head_dim": 128, "num_experts": 128, "num_experts_per_tok": 8, "decoder_sparse_step": 1,
+        "mlp_only_layers": [], "norm_topk_prob": True, "max_position_embeddings": 40960, "use_sliding_window": False,
+        "sliding_window": None, "attention_bias": False, "tie_word_embeddings": False}),
+    "qwen3-235b-a22b": ("Qwen/Qwen3-235B-A22B", {
+        "model_type": "qwen3_moe", "vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 12288,
+        "moe_intermediate_size": 1536, "num_hidden_layers": 94, "num_attention_heads": 64, "num_key_value_heads": 4,
+        "head_dim": 128, "num_experts": 128, "num_experts_per_tok": 8, "decoder_sparse_step": 1,
+        "mlp_only_layers": [], "norm_topk_prob": True, "max_position_embeddings": 40960, "use_sliding_window": False,
+        "sliding_window": None, "attention_bias": False, "tie_word_embeddings": False}),
+    # OLMoE-1B-7B-0924: shapes of the allenai/OLMoE-1B-7B-0125 config fixtures (the same architecture) and OlmoeConfig's
+    # defaults; the transformers total equals the 0924-Instruct hub total (6,919,161,856). Not read verbatim.
+    "olmoe-1b-7b": ("allenai/OLMoE-1B-7B-0924", {
+        "model_type": "olmoe", "vocab_size": 50304, "hidden_size": 2048, "intermediate_size": 1024,
+        "num_hidden_layers": 16, "num_attention_heads": 16, "num_key_value_heads": 16, "num_experts": 64,
+        "num_experts_per_tok": 8, "norm_topk_prob": False, "max_position_embeddings": 4096, "clip_qkv": None,
+        "attention_bias": False, "tie_word_embeddings": False}),
 }
 
 # Catalog entries for families the reader does not support yet: registered when the family's rules land (move

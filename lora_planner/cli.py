@@ -47,9 +47,40 @@ def _training_from_args(args: argparse.Namespace, method: str) -> TrainingSpec:
         batch_size=args.batch_size, seq_len=args.seq_len, grad_checkpointing=args.grad_checkpointing,
         device=args.device, attention=args.attention, gpus=args.gpus, strategy=args.strategy,
         lora=LoraSpec(r=args.r, alpha=args.alpha, target_modules=target, adapter_dtype=args.adapter_dtype,
-                      layers_to_transform=layers),
-        kbit_prep=args.kbit_prep,
+                      layers_to_transform=layers, target_parameters=_target_parameters(args)),
+        kbit_prep=args.kbit_prep, experts_implementation=getattr(args, "experts_implementation", "grouped_mm"),
+        routing=_routing(getattr(args, "routing", "balanced")),
     )
+
+
+def _target_parameters(args: argparse.Namespace) -> tuple[str, ...] | None:
+    text = getattr(args, "target_parameters", None)
+    if text is None:
+        return None
+    names = _csv(text)
+    if not names:
+        raise PlannerInputError("target-parameters", "empty parameter list",
+                                "pass e.g. --target-parameters mlp.experts.gate_up_proj,mlp.experts.down_proj")
+    return names
+
+
+def _routing(text: str) -> str | tuple[tuple[int, ...], ...]:
+    """--routing balanced|worst|FILE: a JSON file holds a list of per-layer lists of tokens per expert, or the
+    profiler's record (`{"router_counts": [[...], ...]}`)."""
+    if text in ("balanced", "worst"):
+        return text
+    from lora_planner.files import read_json_file
+
+    data = read_json_file(text, "routing", "pass balanced, worst, or a JSON list of per-layer tokens per expert")
+    if isinstance(data, dict):
+        data = data.get("router_counts", data.get("measured", {}).get("router_counts") if isinstance(
+            data.get("measured"), dict) else None)
+    if not (isinstance(data, list) and data and all(
+            isinstance(row, list) and row and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0
+                                                  for n in row) for row in data)):
+        raise PlannerInputError("routing", f"{text}: expected a JSON list of per-layer lists of token counts "
+                                           "(one count per expert)", "pass balanced, worst, or such a file")
+    return tuple(tuple(row) for row in data)
 
 
 def _layer_list(text: str) -> tuple[int, ...]:

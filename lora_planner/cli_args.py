@@ -59,6 +59,19 @@ def add_planner_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers-to-transform", type=Text("layers-to-transform", "--layers-to-transform 0-3"),
                    default=None,
                    help="PEFT's layers_to_transform: adapt the targets only in these layers, e.g. 0,1,2 or 24-31")
+    p.add_argument("--target-parameters", type=Text("target-parameters", "--target-parameters mlp.experts.down_proj"),
+                   default=None,
+                   help="PEFT's target_parameters: MoE expert / router weights to adapt (comma list, e.g. "
+                        "mlp.experts.gate_up_proj,mlp.experts.down_proj); all-linear already adds them where "
+                        "PEFT's transformers-v5 MoE conversion does (Mixtral, Qwen3-MoE, OLMoE, DeepSeek)")
+    p.add_argument("--experts-implementation", type=Text("experts-implementation", "--experts-implementation eager"),
+                   default="grouped_mm",
+                   help="MoE models: transformers' experts_implementation, grouped_mm (its default) or eager (a "
+                        "loop over the experts)")
+    p.add_argument("--routing", type=Text("routing", "--routing worst"), default="balanced",
+                   help="MoE models, eager experts: the routing that sizes the busiest expert's buffers: balanced "
+                        "(tokens x k / experts each; default), worst (one expert set takes every token), or a JSON "
+                        "file of per-layer tokens per expert (e.g. the profiler's router counts)")
     p.add_argument("--no-kbit-prep", dest="kbit_prep", action="store_false",
                    help="QLoRA without PEFT's prepare_model_for_kbit_training (which TRL and most recipes "
                         "call, casting embeddings, norms and lm_head to fp32)")

@@ -156,8 +156,41 @@ _FAMILY_KEYS["olmoe"] = {**_LLAMA_LIKE, **_MOE_ROUTING, "num_key_value_heads": _
                          "num_experts": _Key(_INT, 64), "num_experts_per_tok": _Key(_INT, 8),
                          "norm_topk_prob": _Key(_BOOL, False), "router_aux_loss_coef": _Key(_NUM, 0.01),
                          "pad_token_id": _Key(_OPT_INT, 1)}
-# (deepseek keys)
-# (gpt_oss keys)
+# DeepseekV3Config / DeepseekV2Config (`lora_planner.families.deepseek`): MLA sizes, routed / shared experts, the first
+# `first_k_dense_replace` layers dense. `num_local_experts` (V3) / `num_experts` (V2) are `attribute_map` aliases of
+# n_routed_experts (`_ALIASES`); head_dim is overwritten with qk_rope_head_dim by both `__post_init__`s.
+_DEEPSEEK = {**_LLAMA_LIKE, "tie_word_embeddings": _Key(_BOOL, False), "attention_bias": _Key(_BOOL, False),
+             "output_router_logits": _Key(_BOOL, False), "kv_lora_rank": _Key(_INT, 512),
+             "q_lora_rank": _Key(_OPT_INT, 1536), "qk_rope_head_dim": _Key(_INT, 64), "qk_nope_head_dim": _Key(_INT, 128),
+             "pad_token_id": _Key(_OPT_INT, None)}
+_FAMILY_KEYS["deepseek_v3"] = {**_DEEPSEEK, "num_key_value_heads": _Key(_OPT_INT, 128),
+                               "max_position_embeddings": _Key(_INT, 4096), "attention_dropout": _Key(_OPT_NUM, 0.0),
+                               "moe_intermediate_size": _Key(_INT, 2048), "n_shared_experts": _Key(_INT, 1),
+                               "n_routed_experts": _Key(_INT, 256), "num_experts_per_tok": _Key(_OPT_INT, 8),
+                               "routed_scaling_factor": _Key(("float",), 2.5), "v_head_dim": _Key(_OPT_INT, 128),
+                               "n_group": _Key(_OPT_INT, 8), "topk_group": _Key(_OPT_INT, 4),
+                               "first_k_dense_replace": _Key(_OPT_INT, 3), "norm_topk_prob": _Key(_OPT_BOOL, True),
+                               "rope_interleave": _Key(_OPT_BOOL, True)}
+_FAMILY_KEYS["deepseek_v2"] = {**_DEEPSEEK, "num_key_value_heads": _Key(_OPT_INT, None),
+                               "max_position_embeddings": _Key(_INT, 2048), "attention_dropout": _Key(_OPT_FLOAT, 0.0),
+                               "mlp_bias": _Key(_BOOL, False), "head_dim": _Key(_OPT_INT, None),
+                               "moe_intermediate_size": _Key(_INT, 1407), "n_shared_experts": _Key(_INT, 2),
+                               "n_routed_experts": _Key(_INT, 64), "num_experts_per_tok": _Key(_OPT_INT, None),
+                               "routed_scaling_factor": _Key(("float",), 1.0), "v_head_dim": _Key(_INT, 128),
+                               "n_group": _Key(_OPT_INT, None), "topk_group": _Key(_OPT_INT, None),
+                               "topk_method": _Key(("str", "null"), "greedy"), "first_k_dense_replace": _Key(_INT, 0),
+                               "norm_topk_prob": _Key(_OPT_BOOL, False)}
+# GptOssConfig (`lora_planner.families.gpt_oss`): num_key_value_heads and head_dim plain ints (8, 64: not hidden // heads);
+# `num_experts` is an `attribute_map` alias of num_local_experts (`_ALIASES`); the experts are `intermediate_size` wide;
+# attention_bias (default true) on q, k, v and o; `hidden_act` is declared but unused (the experts' clamped SwiGLU has
+# its own `swiglu_alpha` / `swiglu_limit`, floats that change no size); layer_types and the window: `_gpt_oss_fields`.
+_FAMILY_KEYS["gpt_oss"] = {**_LLAMA_LIKE, "num_key_value_heads": _Key(_INT, 8), "head_dim": _Key(_INT, 64),
+                           "max_position_embeddings": _Key(_INT, 131072), "tie_word_embeddings": _Key(_BOOL, False),
+                           "attention_bias": _Key(_BOOL, True), "attention_dropout": _Key(_NUM, 0.0),
+                           "sliding_window": _Key(_OPT_INT, 128), "num_local_experts": _Key(_INT, 128),
+                           "num_experts_per_tok": _Key(_INT, 4), "output_router_logits": _Key(_BOOL, False),
+                           "router_aux_loss_coef": _Key(("float",), 0.001), "swiglu_alpha": _Key(("float",), 1.702),
+                           "swiglu_limit": _Key(("float",), 7.0), "pad_token_id": _Key(_OPT_INT, None)}
 # Gemma2Config / Gemma3TextConfig: the MLP reads `hidden_activation` (not `hidden_act`); head_dim and num_key_value_heads
 # plain ints; both soft-caps `float | None` (an integer is refused); query_pre_attn_scalar an int (a scale: no size);
 # sliding_window `int | None`, but both models build the sliding-window mask in every forward (null fails there);
@@ -181,6 +214,9 @@ _FAMILY_KEYS["gemma3_text"] = {**_GEMMA2_LIKE, "vocab_size": _Key(_INT), "max_po
 _ALIASES: dict[str, dict[str, str]] = {
     "gpt2": {"n_embd": "hidden_size", "n_layer": "num_hidden_layers", "n_head": "num_attention_heads",
              "n_positions": "max_position_embeddings"},
+    "deepseek_v3": {"n_routed_experts": "num_local_experts"},
+    "deepseek_v2": {"n_routed_experts": "num_experts"},
+    "gpt_oss": {"num_local_experts": "num_experts"},
     "bloom": {"hidden_size": "n_embed", "n_layer": "num_hidden_layers", "n_head": "num_attention_heads"},
 }
 _CLASS = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config", "gemma": "GemmaConfig",
@@ -188,11 +224,13 @@ _CLASS = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Con
           "granite": "GraniteConfig", "phi3": "Phi3Config", "starcoder2": "Starcoder2Config", "qwen3": "Qwen3Config",
           "olmo2": "Olmo2Config", "smollm3": "SmolLM3Config", "gemma2": "Gemma2Config",
           "gemma3_text": "Gemma3TextConfig", "mixtral": "MixtralConfig", "qwen2_moe": "Qwen2MoeConfig",
-          "qwen3_moe": "Qwen3MoeConfig", "olmoe": "OlmoeConfig"}
+          "qwen3_moe": "Qwen3MoeConfig", "olmoe": "OlmoeConfig",
+          "deepseek_v2": "DeepseekV2Config", "deepseek_v3": "DeepseekV3Config", "gpt_oss": "GptOssConfig"}
 _MODULE = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "gemma": "Gemma", "phi": "Phi", "gpt2": "GPT2",
            "bloom": "Bloom", "gpt_neox": "GPTNeoX", "granite": "Granite", "phi3": "Phi3", "starcoder2": "Starcoder2",
            "qwen3": "Qwen3", "olmo2": "Olmo2", "smollm3": "SmolLM3", "gemma2": "Gemma2", "gemma3_text": "Gemma3",
-           "mixtral": "Mixtral", "qwen2_moe": "Qwen2Moe", "qwen3_moe": "Qwen3Moe", "olmoe": "Olmoe"}
+           "mixtral": "Mixtral", "qwen2_moe": "Qwen2Moe", "qwen3_moe": "Qwen3Moe", "olmoe": "Olmoe",
+           "deepseek_v2": "DeepseekV2", "deepseek_v3": "DeepseekV3", "gpt_oss": "GptOss"}
 _KIND_TEXT = {"int": "an integer", "float": "a float", "bool": "true or false", "str": "a string", "null": "null",
               "array": "a list"}
 _DROPOUTS = {"gpt_neox": ("hidden_dropout", "attention_dropout"), "granite": ("attention_dropout",),
@@ -204,7 +242,8 @@ _DROPOUTS = {"gpt_neox": ("hidden_dropout", "attention_dropout"), "granite": ("a
              "qwen3": ("attention_dropout",), "olmo2": ("attention_dropout",), "smollm3": ("attention_dropout",),
              "gemma2": ("attention_dropout",), "gemma3_text": ("attention_dropout",),
              "mixtral": ("attention_dropout",), "qwen2_moe": ("attention_dropout",), "qwen3_moe": ("attention_dropout",),
-             "olmoe": ("attention_dropout",)}
+             "olmoe": ("attention_dropout",), "deepseek_v2": ("attention_dropout",),
+             "deepseek_v3": ("attention_dropout",), "gpt_oss": ("attention_dropout",)}
 # Bloom has no positions limit (ALiBi); what the warnings compare --seq-len with (BLOOM's pre-training length).
 _BLOOM_POSITIONS = 2048
 # transformers 5.24 activations.py ACT2CLS: `ACT2FN[name]` raises KeyError for any other name (every family's
@@ -405,8 +444,9 @@ def spec_from_config(config: dict[str, Any], name: str) -> ModelSpec:
     if "pad_token_id" in r.keys:
         _check_padding_index(r, vocab)
     width_key = r.spelling("n_embd" if family == "gpt2" else "hidden_size")
-    if family in ("llama", "gpt2", "bloom", "gpt_neox", "gemma2", "gemma3_text") and hidden % heads:
+    if family in ("llama", "gpt2", "bloom", "gpt_neox", "gemma2", "gemma3_text", "deepseek_v2") and hidden % heads:
         where = {"llama": "LlamaConfig.validate_architecture", "gpt2": "GPT2Attention.__init__",
+                 "deepseek_v2": "DeepseekV2Config.validate_architecture",
                  "gpt_neox": "GPTNeoXConfig.validate_architecture",
                  "gemma2": "Gemma2Config.validate_architecture", "gemma3_text": "Gemma3TextConfig.validate_architecture",
                  "bloom": "BloomAttention.__init__"}[family]
@@ -484,7 +524,33 @@ def _model_spec(r: _Reader, name: str, family: str, vocab: int, hidden: int, lay
         hidden_act=r.activation(_ACTIVATION_KEY.get(family, "hidden_act")),
         **_gemma_fields(r, layers),
         **_moe_fields(r, layers, intermediate),
+        **_deepseek_fields(r, layers, heads, kv_heads),
+        **_gpt_oss_fields(r, layers, intermediate),
     )
+
+
+def _gpt_oss_fields(r: _Reader, layers: int, intermediate: int) -> dict[str, Any]:
+    """gpt-oss's experts and layer kinds (GptOssConfig, models/gpt_oss/modeling_gpt_oss.py): `num_local_experts`
+    experts of `intermediate_size`, top `num_experts_per_tok`, no dense layer; `layer_types` (`list[str] | None`, one
+    kind per layer) or by default `GptOssConfig.__post_init__`'s alternation, sliding first. GptOssModel.forward
+    builds the sliding-window mask in every forward (`create_sliding_window_causal_mask` raises ValueError with no
+    window), so a null sliding_window is refused, as for Gemma 2. The float keys are type-checked as the class does."""
+    if r.family != "gpt_oss":
+        return {}
+    for key in ("router_aux_loss_coef", "swiglu_alpha", "swiglu_limit", "output_router_logits"):
+        r.get(key)
+    window = r.get("sliding_window")
+    if window is None:
+        raise r.error("sliding_window", "is null, but transformers builds the sliding-window mask in every forward "
+                                        "(create_sliding_window_causal_mask raises ValueError)",
+                      "write the window, e.g. 128 (gpt-oss-20b / 120b)")
+    _check_window(r, window)
+    types = _layer_types(r, layers)
+    if types is None:
+        types = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(layers)]
+    experts, top_k = r.size("num_local_experts"), r.size("num_experts_per_tok")
+    return {"sliding_window": window, "layer_types": tuple(types), "num_experts": experts,
+            "num_experts_per_tok": top_k, "moe_intermediate_size": intermediate}
 
 
 def _moe_fields(r: _Reader, layers: int, intermediate: int) -> dict[str, Any]:
@@ -514,6 +580,53 @@ def _moe_fields(r: _Reader, layers: int, intermediate: int) -> dict[str, Any]:
     norm_topk = True if family == "mixtral" else r.get("norm_topk_prob")
     return {"num_experts": experts, "num_experts_per_tok": top_k, "moe_intermediate_size": width,
             "shared_expert_intermediate_size": shared, "dense_layers": dense, "norm_topk_prob": norm_topk}
+
+
+def _deepseek_fields(r: _Reader, layers: int, heads: int, kv_heads: int) -> dict[str, Any]:
+    """DeepSeek-V2 / V3 (`ModelSpec`'s MLA and router fields): `DeepseekV3DecoderLayer.__init__` builds the MoE block
+    where `layer_idx >= first_k_dense_replace`, a dense MLP below; the shared experts are one gated MLP of
+    n_shared_experts x moe_intermediate_size (`DeepseekV3MoE.__init__`); q_lora_rank null builds one q_proj. Refused
+    as transformers fails on them (in `__init__` or the first forward): num_experts_per_tok null (V2's default: the
+    router's topk), a null v_head_dim / first_k_dense_replace / n_group (V3), kv heads other than the heads (MLA
+    expands k / v to every head; `repeat_kv` would then repeat them again), n_routed_experts not a multiple of n_group
+    or groups of one expert (`DeepseekV3TopkRouter.forward`: `view(-1, n_group, E // n_group).topk(2)`), topk_group
+    above n_group, a V2 topk_method other than greedy / group_limited_greedy (`DeepseekV2TopkRouter.forward` leaves
+    its weights unset)."""
+    family = r.family
+    if family not in ("deepseek_v2", "deepseek_v3"):
+        return {}
+    if kv_heads != heads:
+        raise r.error("num_key_value_heads", f"{kv_heads} differs from num_attention_heads={heads}: multi-head latent "
+                                             "attention expands k and v to every head", "use null or the heads")
+    for key in ("num_experts_per_tok", "v_head_dim", "first_k_dense_replace"):
+        if key in r.keys and r.get(key) is None:
+            raise r.error(key, "is null, which transformers' DeepSeek modules cannot build or run", "write a number")
+    experts, top_k, width = r.size("n_routed_experts"), r.size("num_experts_per_tok"), r.size("moe_intermediate_size")
+    shared = r.get("n_shared_experts")
+    if shared < 0:
+        raise r.error("n_shared_experts", f"must be 0 or more, got {shared}")
+    q_rank = r.get("q_lora_rank")
+    q_rank = 0 if q_rank is None else r.size("q_lora_rank")
+    sigmoid = family == "deepseek_v3"
+    groups = topk_groups = 0
+    if sigmoid or r.get("topk_method") == "group_limited_greedy":
+        groups, topk_groups = r.get("n_group"), r.get("topk_group")
+        if groups is None or topk_groups is None or groups <= 0 or topk_groups <= 0:
+            raise r.error("n_group", "group-limited routing needs positive n_group and topk_group, got "
+                                     f"{_shown(groups)} / {_shown(topk_groups)}", "write both (V3: 8 and 4)")
+        if experts % groups or (sigmoid and experts // groups < 2) or topk_groups > groups:
+            raise r.error("n_group", f"{experts} experts in {groups} groups, {topk_groups} chosen: the router's "
+                                     "view / topk fail (whole groups, 2 or more experts each, topk_group <= n_group)",
+                          "use a divisor of n_routed_experts")
+    elif r.get("topk_method") != "greedy":
+        raise r.error("topk_method", f"unknown {_shown(r.get('topk_method'))} (DeepseekV2TopkRouter runs greedy or "
+                                     "group_limited_greedy)", "write greedy")
+    first_dense = max(0, r.get("first_k_dense_replace"))
+    return {"num_experts": experts, "num_experts_per_tok": top_k, "moe_intermediate_size": width,
+            "shared_expert_intermediate_size": shared * width, "dense_layers": tuple(range(min(first_dense, layers))),
+            "norm_topk_prob": bool(sigmoid and r.get("norm_topk_prob")), "kv_lora_rank": r.size("kv_lora_rank"),
+            "q_lora_rank": q_rank, "qk_nope_head_dim": r.size("qk_nope_head_dim"), "v_head_dim": r.size("v_head_dim"),
+            "router_sigmoid": sigmoid, "router_groups": groups, "router_topk_groups": topk_groups}
 
 
 _ACTIVATION_KEY = {"gpt2": "activation_function", "gemma2": "hidden_activation", "gemma3_text": "hidden_activation"}
@@ -567,6 +680,12 @@ def _check_padding_index(r: _Reader, vocab: int) -> None:
 
 def _head_dim(r: _Reader, hidden: int, heads: int, heads_key: str, width_key: str) -> int:
     family, config = r.family, r.config
+    if family in ("deepseek_v2", "deepseek_v3"):  # __post_init__: head_dim = qk_rope_head_dim (RoPE's width)
+        rope = r.size("qk_rope_head_dim")
+        if rope % 2:  # V3's interleaved RoPE reshapes to pairs, V2's rotary views pairs as complex numbers
+            raise r.error("qk_rope_head_dim", f"{rope} is odd; DeepSeek's RoPE rotates channel pairs",
+                          "use an even qk_rope_head_dim (64 in every DeepSeek-V2 / V3)")
+        return rope
     if family in ("qwen2", "phi", "phi3", "olmo2", "granite", "smollm3", "qwen2_moe", "qwen3_moe", "olmoe") \
             and "head_dim" in config:
         # Undeclared: Qwen2Attention / PhiAttention / Phi3Attention take getattr(config, "head_dim", hidden // heads)

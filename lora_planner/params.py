@@ -65,7 +65,9 @@ def buffer_numel(spec: ModelSpec) -> int:
     """Elements of the model's buffers, stored in the model dtype: RoPE's `inv_freq` and
     `original_inv_freq` (`torch.arange(0, rotary_dim, 2)`: ceil(rotary_dim / 2) each, per table) and the
     family's scalars (Gemma's `embed_scale`)."""
-    return 2 * ((rotary_dim(spec) + 1) // 2) * rotary_tables(spec) + family_rules(spec.family).scalar_buffers
+    family = family_rules(spec.family)
+    extra = family.fp32_buffers(spec) if family.fp32_buffers else 0
+    return 2 * ((rotary_dim(spec) + 1) // 2) * rotary_tables(spec) + family.scalar_buffers + extra
 
 
 def buffer_bytes(spec: ModelSpec, dtype: str) -> int:
@@ -80,7 +82,8 @@ def buffer_bytes(spec: ModelSpec, dtype: str) -> int:
     `dtype`. GPT-2 and BLOOM have no buffers in 5.24 (GPT-2's causal `bias` mask is gone)."""
     rope = 2 * ((rotary_dim(spec) + 1) // 2) * rotary_tables(spec) * 4
     family = family_rules(spec.family)
-    return rope + family.scalar_buffers * BYTES_PER_ELEMENT[dtype] + family.fixed_buffer_bytes
+    extra = family.fp32_buffers(spec) * 4 if family.fp32_buffers else 0  # DeepSeek-V3's e_score_correction_bias
+    return rope + family.scalar_buffers * BYTES_PER_ELEMENT[dtype] + family.fixed_buffer_bytes + extra
 
 
 def check_sequence_length(spec: ModelSpec, seq_len: int) -> None:
@@ -102,15 +105,32 @@ def check_sequence_length(spec: ModelSpec, seq_len: int) -> None:
 class ParamCounts:
     total: int
     by_group: Mapping[str, int]  # read-only: results are cached and shared
+    # What one token passes through: `total` less the routed experts it is not sent to (equal to `total` for a
+    # dense model). Memory needs `total` (every expert is resident); FLOPs follow `active`.
+    active: int = 0
 
 
 @lru_cache(maxsize=256)
 def count_params(spec: ModelSpec) -> ParamCounts:
-    """Base-model parameters in total and by group (embeddings, attention, mlp, norms, lm_head)."""
+    """Base-model parameters in total and by group (embeddings, attention, mlp, norms, lm_head), and active per
+    token: every MoE layer sends a token to k of its E routed experts, so (E - k) / E of each expert stack (weights
+    and biases) is idle for it; routers, shared experts, dense layers, attention, embeddings and lm_head all count
+    (the convention of the Qwen and OLMoE model cards; gpt-oss's and DeepSeek's cards leave the input embedding
+    out, `embedding_free_active_params`)."""
     by_group = dict.fromkeys(GROUPS, 0)
+    idle = 0
     for module in module_inventory(spec):
         by_group[module.group] += module.params
-    return ParamCounts(total=sum(by_group.values()), by_group=MappingProxyType(by_group))
+        if module.kind == "experts":
+            idle += module.params // spec.num_experts * (spec.num_experts - spec.num_experts_per_tok)
+    total = sum(by_group.values())
+    return ParamCounts(total=total, by_group=MappingProxyType(by_group), active=total - idle)
+
+
+def embedding_free_active_params(spec: ModelSpec) -> int:
+    """Active parameters without the input embedding table (a lookup, no FLOPs): how gpt-oss's and DeepSeek-V3's
+    model cards count "active"."""
+    return count_params(spec).active - count_params(spec).by_group["embeddings"]
 
 
 def targetable_names(spec: ModelSpec) -> tuple[str, ...]:

@@ -117,6 +117,8 @@ def plan_warnings(spec: ModelSpec, training: TrainingSpec, budget: Budget | None
         warnings.append(f"{spec.name} attends over a {spec.sliding_window}-token sliding window, shorter than "
                         f"--seq-len {training.seq_len}; transformers then builds an S x S mask and repeats k/v for "
                         "SDPA, which this estimate does not count")
+    if spec.is_moe:
+        warnings += moe_notes(spec, training, methods or (training.method,))
     if training.resolved_strategy is not None:
         from lora_planner.parallel.deepspeed import unmodelled_note
 
@@ -125,6 +127,39 @@ def plan_warnings(spec: ModelSpec, training: TrainingSpec, budget: Budget | None
     if budget is not None and not budget.supports_bf16 and training.compute_dtype == "bf16":
         warnings.append(f"{budget.name} has no bf16 support; use --dtype fp16 or --amp fp16")
     return tuple(warnings)
+
+
+def moe_notes(spec: ModelSpec, training: TrainingSpec, methods: tuple[str, ...]) -> list[str]:
+    """What an MoE plan assumed, beside the answer: the experts implementation and routing, PEFT's MoE quirks under
+    transformers 5 (`lora_planner.families.moe`, `lora_planner.params.peft_moe_conversion`), what QLoRA does to the
+    experts."""
+    from lora_planner.params import adapted_layers
+
+    family = family_rules(spec.family)
+    lora_methods = [m for m in methods if m != "full"]
+    notes = []
+    routing = training.routing if isinstance(training.routing, str) else "measured"
+    how = {"grouped_mm": "grouped_mm (transformers' default): what the experts keep does not depend on the routing",
+           "eager": f"eager (a loop over the experts): the busiest expert's buffers follow {routing} routing; what "
+                    "the experts keep does not depend on it"}[training.experts_implementation]
+    notes.append(f"MoE: experts_implementation {how}; expert parallelism is not modelled (experts are sharded like "
+                 "any other parameter by --strategy)")
+    if lora_methods and training.lora.target_modules is None and family.moe_conversion and family.peft_has_default:
+        notes.append(f"PEFT 0.21.2 under transformers 5 finds no default LoRA targets for {spec.family} (its MoE "
+                     f"conversion leaves target_modules empty: NoMatchingPeftModuleError); planned with its mapping's "
+                     f"{', '.join(family.peft_default_targets)}: pass them as target_modules")
+    if lora_methods:
+        lora = training.lora
+        adapted = adapted_layers(spec, lora.target_modules, lora.layers_to_transform, lora.target_parameters)
+        experts = [m for m, _ in adapted if m.kind == "experts"]
+        if experts:
+            notes.append("LoRA on the experts (PEFT's target_parameters, lora.ParamWrapper): each forward folds "
+                         "W + BA into a new expert-stack tensor that backward keeps, a second copy of every adapted "
+                         "expert weight per layer (gradient checkpointing keeps one layer's at a time)")
+    if "qlora" in methods:
+        kbit = " and PEFT's prepare_model_for_kbit_training casts them to fp32" if training.kbit_prep else ""
+        notes.append("QLoRA quantizes nn.Linear layers only: the fused expert tensors stay in --dtype" + kbit)
+    return notes
 
 
 @dataclass(frozen=True)
@@ -192,7 +227,7 @@ def make_plan(spec: ModelSpec, training: TrainingSpec, methods: tuple[str, ...],
                                    estimate_throughput(spec, method_training, gpu, mfu))
     lora = training.lora
     targets = lora.target_modules or PEFT_DEFAULT_TARGETS[spec.family]
-    adapted = target_description(spec, lora.target_modules, lora.layers_to_transform)
+    adapted = target_description(spec, lora.target_modules, lora.layers_to_transform, lora.target_parameters)
     return Plan(spec=spec, params=count_params(spec), training=replace(training, method=methods[0]),
                 target_modules=targets, adapted_modules=adapted, methods=plans, budget=budget, overhead=overhead, train_tokens=train_tokens,
                 headroom=headroom, warnings=plan_warnings(spec, training, budget, methods))
@@ -244,7 +279,10 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
             "name": spec.name,
             "family": spec.family,
             "total_params": plan.params.total,
+            "active_params": plan.params.active,
             "params_by_group": dict(plan.params.by_group),
+            "num_experts": spec.num_experts or None,
+            "num_experts_per_tok": spec.num_experts_per_tok or None,
             "num_layers": spec.num_layers,
             "hidden_size": spec.hidden_size,
             "vocab_size": spec.vocab_size,
@@ -269,6 +307,10 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
             "seq_len": t.seq_len,
             "grad_checkpointing": t.grad_checkpointing,
             "attention": t.attention,
+            "target_parameters": list(t.lora.target_parameters) if t.lora.target_parameters else None,
+            "experts_implementation": t.experts_implementation if spec.is_moe else None,
+            "routing": (t.routing if isinstance(t.routing, str) else [list(r) for r in t.routing])
+            if spec.is_moe else None,
             "device": t.device,
             "gpus": t.gpus,
             "strategy": t.resolved_strategy,

@@ -20,7 +20,7 @@ from lora_planner.names import (
 
 Family = Literal["llama", "mistral", "qwen2", "gemma", "phi", "gpt2", "bloom", "gpt_neox", "granite", "phi3",
                  "starcoder2", "qwen3", "olmo2", "smollm3", "gemma2", "gemma3_text",
-                 "mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
+                 "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "gpt_oss"]
 Dtype = Literal["fp32", "bf16", "fp16"]
 Method = Literal["full", "lora", "qlora"]
 # The planner's optimizer names, one per state layout (`lora_planner.names.PLANNER_OPTIMIZERS` says what
@@ -158,8 +158,19 @@ class ModelSpec:
     shared_expert_intermediate_size: int = 0
     dense_layers: tuple[int, ...] = ()
     norm_topk_prob: bool = False
-    # (deepseek fields)
-    # (gpt_oss fields)
+    # DeepSeek-V2 / V3 (`lora_planner.families.deepseek`): multi-head latent attention when `kv_lora_rank` > 0. q is
+    # `q_a_proj` (H -> q_lora_rank), its RMSNorm and `q_b_proj`, or one `q_proj` when `q_lora_rank` is 0 (config
+    # null); k / v come from `kv_a_proj_with_mqa` (H -> kv_lora_rank + rope dim), its RMSNorm and `kv_b_proj`; heads
+    # are `qk_nope_head_dim` + `head_dim` (the RoPE part, transformers' `head_dim = qk_rope_head_dim`) wide for q / k,
+    # `v_head_dim` for v. The router: `router_sigmoid` (V3: sigmoid scores) else softmax; `router_groups` > 0 limits the
+    # top-k to the best `router_topk_groups` of that many expert groups (V3; V2's group_limited_greedy).
+    kv_lora_rank: int = 0
+    q_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    v_head_dim: int = 0
+    router_sigmoid: bool = False
+    router_groups: int = 0
+    router_topk_groups: int = 0
 
     def __post_init__(self) -> None:
         if self.family not in REGISTERED_FAMILIES:  # traced families (lora_planner.traced) are registered at run time

@@ -41,7 +41,7 @@ from lora_planner.optimizers import optimizer_bytes_touched
 from lora_planner.activations import make_flow
 from lora_planner.families import family_rules
 from lora_planner.families.base import Module
-from lora_planner.params import adapters_by_layer, is_per_layer, module_inventory
+from lora_planner.params import adapted_layers, adapters_by_layer, is_per_layer, module_inventory
 from lora_planner.specs import BYTES_PER_ELEMENT, ModelSpec, TrainingSpec
 
 DEFAULT_MFU = 0.4
@@ -66,15 +66,22 @@ def step_flops(spec: ModelSpec, training: TrainingSpec) -> StepFlops:
     if full:
         layer_adapters, outside = (frozenset(),) * spec.num_layers, frozenset()
     else:
-        layer_adapters, outside = adapters_by_layer(spec, lora.target_modules, lora.layers_to_transform)
+        layer_adapters, outside = adapters_by_layer(spec, lora.target_modules, lora.layers_to_transform,
+                                                    lora.target_parameters)
     inventory = module_inventory(spec)
-    per_layer = [m for m in inventory if m.kind == "linear" and is_per_layer(m)]
+    per_layer = [m for m in inventory if m.kind in MATMUL_KINDS and is_per_layer(m)]
     root = [m for m in inventory if m.kind == "linear" and not is_per_layer(m)]
     embedding_adapted = any(m.kind == "embedding" and m.path in outside for m in inventory)
     needs_grad = full or training.grad_checkpointing or embedding_adapted
     attention = 2 * 2 * training.batch_size * spec.num_heads * training.seq_len ** 2 * spec.head_dim
 
-    def linear(m: Module, adapted: bool, x_grad: bool) -> tuple[int, int]:
+    # PEFT's rank_pattern on MoE expert stacks (gate_up_proj: r x 2, `params.peft_moe_conversion`)
+    scales = {} if full else {m.path: m.lora_rank_scale for m, _ in adapted_layers(
+        spec, lora.target_modules, lora.layers_to_transform, lora.target_parameters)}
+
+    def linear(m: Module, adapted: bool, x_grad: bool, scale: int = 1) -> tuple[int, int]:
+        if m.kind != "linear":
+            return _moe_matmul(spec, training, m, adapted, x_grad, scale)
         base = 2 * tokens * m.in_features * m.out_features
         fwd, bwd = base, (base if x_grad else 0) + (base if full else 0)
         if adapted:
@@ -84,14 +91,18 @@ def step_flops(spec: ModelSpec, training: TrainingSpec) -> StepFlops:
         return fwd, bwd
 
     forward = backward = layer_forward = 0
-    built: dict[tuple[frozenset[str], bool], tuple[int, int]] = {}
-    for adapters in layer_adapters:
-        key = (adapters, needs_grad)
+    built: dict[tuple[frozenset[str], bool, bool], tuple[int, int]] = {}
+    for index, adapters in enumerate(layer_adapters):
+        moe_layer = spec.is_moe_layer(index)
+        key = (adapters, needs_grad, moe_layer)
         if key not in built:
-            flags, qkv = ({}, (True, True, True)) if needs_grad else _first_layer_grads(spec, training, adapters)
+            flags, qkv = ({}, (True, True, True)) if needs_grad else _first_layer_grads(spec, training, adapters,
+                                                                                          moe_layer)
             fwd = bwd = 0
             for m in per_layer:
-                f, b = linear(m, m.path in adapters, needs_grad or flags[m.path])
+                if m.layers and index not in m.layers:  # an MoE model's expert layers next to dense ones
+                    continue
+                f, b = linear(m, m.path in adapters, needs_grad or flags[m.path], scales.get(m.path, 1))
                 fwd, bwd = fwd + f, bwd + b
             bwd += _first_layer_attention_backward(qkv, attention)
             built[key] = (fwd + attention, bwd)
@@ -102,16 +113,50 @@ def step_flops(spec: ModelSpec, training: TrainingSpec) -> StepFlops:
         forward, backward = forward + f, backward + b
     n_adapted_last = sum(1 for adapters in layer_adapters if _last_linear_path(spec) in adapters)
     recompute = layer_forward - _recompute_skipped(spec, training, n_adapted_last) if training.grad_checkpointing else 0
+    if training.grad_checkpointing and spec.dense_layers:
+        # An MoE model's dense layers end in the gated MLP's down_proj, which checkpointing does not re-run (its MoE
+        # layers save tensors after their last matmul: `Family.saves_after_last_linear`).
+        down = family_rules(spec.family).layer_prefix + "mlp.down_proj"
+        m = next(m for m in inventory if m.path == down)
+        for i in spec.dense_layers:
+            adapted = down in layer_adapters[i]
+            recompute -= 2 * tokens * (r if adapted else m.in_features) * m.out_features
     return StepFlops(forward=forward, backward=backward, recompute=recompute)
 
 
-def _first_layer_grads(spec: ModelSpec, training: TrainingSpec,
-                       adapters: frozenset[str]) -> tuple[dict[str, bool], tuple[bool, bool, bool]]:
+MATMUL_KINDS = ("linear", "experts", "router")
+
+
+def _moe_matmul(spec: ModelSpec, training: TrainingSpec, m: Module, adapted: bool, x_grad: bool,
+                scale: int) -> tuple[int, int]:
+    """FLOPs of an MoE router or expert stack (`lora_planner.families.moe`): the router is a (tokens x H) @ (H x E)
+    matmul; an expert stack multiplies each of the tokens x k routed rows by one expert's weight (grouped_mm, or one
+    matmul per expert in the eager loop: the same count), so FLOPs follow the active parameters. Backward: the
+    input gradient where the input needs one, the weight gradient where the weight trains; PEFT's ParamWrapper
+    folds W + BA (experts: `baddbmm`, E x out x in x r; router: B @ A) twice every forward (once to check it when
+    registering the parametrization) and the folded weight needs its gradient (then two matmuls for the factors'
+    gradients). torch 2.13's FlopCounterMode has no formula for
+    `aten._grouped_mm` (it counts 0 there); the eager loop's matmuls are counted, and these counts equal them."""
+    rows = training.tokens * (spec.num_experts_per_tok if m.kind == "experts" else 1)
+    base = 2 * rows * m.in_features * m.out_features
+    full = training.method == "full"
+    fwd, bwd = base, (base if x_grad else 0) + (base if full or adapted else 0)
+    if adapted:
+        # forward: the fold, and once more when `_activate_lora` registers the parametrization
+        # (`torch.nn.utils.parametrize.register_parametrization` evaluates it once to check its shape and dtype)
+        # (a router's `_LoraParameterProxy` adds a delta computed once before registering: B @ A counted once)
+        fold = 2 * m.experts * m.in_features * m.out_features * training.lora.r * scale
+        fwd, bwd = fwd + (2 if m.kind == "experts" else 1) * fold, bwd + 2 * fold
+    return fwd, bwd
+
+
+def _first_layer_grads(spec: ModelSpec, training: TrainingSpec, adapters: frozenset[str],
+                       moe_layer: bool = False) -> tuple[dict[str, bool], tuple[bool, bool, bool]]:
     """In a layer whose input needs no gradient (LoRA below the first adapter, frozen embeddings): which
     linears (by layer-0 path) get a gradient at their input, and whether attention's q, k and v do. Read off
     the family's own layer rule (the same data flow the activation model follows)."""
     flow = make_flow(spec, training).in_layer(adapters)
-    flow.input_grads = {}
+    flow.input_grads, flow.moe_layer = {}, moe_layer
     flow.family.layer(flow, False)
     return flow.input_grads, flow.attention_grads or (False, False, False)
 

@@ -782,6 +782,31 @@ MOE_CASES = [
     Case("mixtral", "bf16", "lora", targets=("w1", "w3")),  # the experts' gate_up_proj alone, at rank 2r
 ]
 
+# gpt_oss (lora_planner/families/gpt_oss.py): eager attention only (sinks: a softmax over S + 1 columns and its row max),
+# biased q / k / v / o, a biased router (softmax over the k top logits), biased transposed experts with the clamped
+# SwiGLU; sliding / full layers alternate (window 8 < S). PEFT has no default (q_proj, v_proj) and no MoE conversion
+# (all-linear = q / k / v / o); the experts and the router through target_parameters.
+CONFIGS["gpt_oss"] = {"model_type": "gpt_oss", **_LLAMA_LIKE, "intermediate_size": 48, "num_local_experts": 8,
+                      "num_experts_per_tok": 2, "sliding_window": 8}
+_GPT_OSS_EXPERTS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+MOE_CASES += [
+    Case("gpt_oss", "bf16", method, "eager", gc=gc, experts=experts)
+    for method, gc, experts in (("full", False, "grouped_mm"), ("lora", False, "grouped_mm"),
+                                ("lora_all", False, "grouped_mm"), ("full", False, "eager"),
+                                ("lora", False, "eager"), ("lora_all", False, "eager"),
+                                ("lora_all", True, "grouped_mm"), ("full", True, "grouped_mm"))
+] + [
+    Case("gpt_oss", "fp32", "lora_all", "eager"),
+    Case("gpt_oss", "fp32", "full", "eager", experts="eager"),
+    Case("gpt_oss", "bf16", "lora", "eager", targets=("v_proj",)),  # layer 0: only v needs a gradient
+    Case("gpt_oss", "bf16", "lora", "eager", targets=("all-linear",), target_parameters=_GPT_OSS_EXPERTS),
+    Case("gpt_oss", "bf16", "lora", "eager", targets=("all-linear",), target_parameters=_GPT_OSS_EXPERTS,
+         experts="eager"),
+    Case("gpt_oss", "bf16", "lora", "eager", targets=("o_proj",), target_parameters=("mlp.router.weight",)),
+    Case("gpt_oss", "bf16", "lora", "eager", gc=True, targets=("q_proj", "v_proj"),
+         target_parameters=("mlp.experts.down_proj",)),
+]
+
 
 @pytest.mark.parametrize("case", MOE_CASES, ids=[c.id for c in MOE_CASES])
 def test_moe_saved_bytes_match_planner(case: Case):

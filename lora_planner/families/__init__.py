@@ -12,13 +12,16 @@ from lora_planner.families import bloom, gpt2, gpt_neox, granite, llama, olmo2, 
 from lora_planner.families import smollm3
 from lora_planner.families import gemma2, gemma3
 from lora_planner.families import mixtral, olmoe, qwen_moe
+from lora_planner.families import deepseek
+from lora_planner.families import gpt_oss
 from lora_planner.families.base import Family
 
 FAMILY_RULES: dict[str, Family] = {
     model_type: family
     for family in (*llama.FAMILIES, qwen3.FAMILY, olmo2.FAMILY, granite.FAMILY, phi.FAMILY, phi3.FAMILY, gpt2.FAMILY,
                    starcoder2.FAMILY, gpt_neox.FAMILY, bloom.FAMILY,
-                   smollm3.FAMILY, gemma2.FAMILY, gemma3.FAMILY, mixtral.FAMILY, *qwen_moe.FAMILIES, olmoe.FAMILY)
+                   smollm3.FAMILY, gemma2.FAMILY, gemma3.FAMILY, mixtral.FAMILY, *qwen_moe.FAMILIES, olmoe.FAMILY,
+                   deepseek.FAMILY, gpt_oss.FAMILY)
     for model_type in family.model_types
 }
 

@@ -148,8 +148,13 @@ class Family:
     scalar_buffers: int = 0  # buffers besides RoPE's (Gemma's `embed_scale`)
     # Bytes of buffers whose dtype does not follow the model's (a traced model's bool causal mask, fp32 tables).
     fixed_buffer_bytes: int = 0
+    # Elements of fp32 buffers whose size depends on the model (DeepSeek-V3's per-layer `e_score_correction_bias`).
+    fp32_buffers: Callable[[ModelSpec], int] | None = None
     peft_has_default: bool = True
     rotary_fp32: bool = False  # RoPE's cos / sin stay fp32 whatever the dtype (OLMo 2's rotary embedding)
+    # RoPE's cos / sin are half the rotary width (gpt-oss: `GptOssRotaryEmbedding.forward` does not repeat the
+    # frequencies, `_apply_rotary_emb` rotates the two halves with them).
+    rotary_half_tables: bool = False
     # An op after the layer's last matmul saves tensors (OLMo 2's norm of the MLP output), so checkpointing's
     # recompute runs through that matmul too.
     saves_after_last_linear: bool = False

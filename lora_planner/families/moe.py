@@ -51,6 +51,8 @@ from lora_planner.families.rules import (
 from lora_planner.specs import ModelSpec
 
 QkNorms = Callable[[Flow, bool, bool], list[SavedTensor]]  # (flow, q needs grad, k needs grad) -> saved
+# (flow, layer-0 prefix, x needs grad) -> (saved, whether it keeps x, whether the scores need a gradient)
+RouterRule = Callable[[Flow, str, bool], tuple[list[SavedTensor], bool, bool]]
 
 INT64 = 8
 
@@ -95,6 +97,8 @@ def router(flow: Flow, prefix: str, x_needs_grad: bool, fp32_scores: bool) -> tu
     spec, tokens = flow.spec, flow.tokens
     path = prefix + "mlp.gate"
     trains = flow.full or flow.adapted(path)
+    if flow.input_grads is not None:  # what the FLOP count reads (`lora_planner.throughput`)
+        flow.input_grads[path] = x_needs_grad
     saved: list[SavedTensor] = []
     if flow.adapted(path):
         saved += folded_weight(flow, path, x_needs_grad)
@@ -110,15 +114,20 @@ def router(flow: Flow, prefix: str, x_needs_grad: bool, fp32_scores: bool) -> tu
 
 
 def experts(flow: Flow, prefix: str, x_needs_grad: bool, scores_grad: bool,
-            fp32_scores: bool) -> tuple[list[SavedTensor], bool]:
+            fp32_scores: bool, gate_saves: int = 1, biases: bool = False) -> tuple[list[SavedTensor], bool]:
     """The fused experts under the chosen implementation (module docstring): (saved, whether the output needs
-    a gradient)."""
+    a gradient). `gate_saves`: the (S, I) tensors the gating function keeps beside gate_up's output (act(gate) *
+    up: 1; gpt-oss's clamped SwiGLU `GptOssExperts._apply_gate`: 4); `biases`: the experts carry biases
+    (`gate_up_proj_bias` / `down_proj_bias`, gpt-oss), whose per-row gather under grouped_mm keeps its (S,) int64
+    index (`expert_ids_g`, one storage for both) when they train."""
     spec, e = flow.spec, flow.e_expert
     gate_up, down = prefix + "mlp.experts.gate_up_proj", prefix + "mlp.experts.down_proj"
     h, i, pairs = spec.hidden_size, spec.moe_intermediate_size, flow.tokens * spec.num_experts_per_tok
     gate_up_trains, down_trains = flow.full or flow.adapted(gate_up), flow.full or flow.adapted(down)
     inner_grad = x_needs_grad or gate_up_trains
     out_grad = inner_grad or down_trains or scores_grad
+    if flow.input_grads is not None:
+        flow.input_grads[gate_up], flow.input_grads[down] = x_needs_grad, inner_grad
     if not out_grad:
         return [], False
     score_e = FP32 if fp32_scores else e
@@ -132,13 +141,15 @@ def experts(flow: Flow, prefix: str, x_needs_grad: bool, scores_grad: bool,
         if scores_grad:
             saved.append(SavedTensor("mlp.experts.perm", pairs * INT64))
         saved.append(SavedTensor("mlp.experts.offsets", spec.num_experts * 4))  # int32, kept by grouped_mm
+        if biases and flow.full:
+            saved.append(SavedTensor("mlp.experts.bias_index", pairs * INT64))
     else:
         saved.append(SavedTensor("mlp.experts.token_index", pairs * 2 * INT64))  # torch.where: (n, 2) int64 each
     if gate_up_trains:
         saved.append(SavedTensor("mlp.experts.gathered_input", pairs * h * e))
     if inner_grad:
         saved += [SavedTensor("mlp.experts.gate_up_output", pairs * 2 * i * e),
-                  SavedTensor("mlp.experts.act_output", pairs * i * e)]
+                  SavedTensor("mlp.experts.act_output", pairs * i * e * gate_saves)]
     if down_trains:
         saved.append(SavedTensor("mlp.experts.down_input", pairs * i * e))
     if scores_grad:
@@ -153,20 +164,29 @@ def experts(flow: Flow, prefix: str, x_needs_grad: bool, scores_grad: bool,
 
 
 def routed_mlp(flow: Flow, prefix: str, x_needs_grad: bool, input_name: str,
-               fp32_scores: bool = False) -> tuple[list[SavedTensor], bool]:
+               fp32_scores: bool = False, router_rule: RouterRule | None = None,
+               shared_prefix: str = "mlp.shared_expert.", shared_gate: bool = True) -> tuple[list[SavedTensor], bool]:
     """A layer's MLP: the dense gated MLP in `ModelSpec.dense_layers` (`Flow.moe_layer` False), else the router,
     the experts and, with `shared_expert_intermediate_size`, Qwen2-MoE's shared expert (a gated MLP whose output is
-    scaled by `sigmoid(shared_expert_gate(x))`). (saved, whether the output needs a gradient.)"""
+    scaled by `sigmoid(shared_expert_gate(x))`). (saved, whether the output needs a gradient.) A family with its
+    own router passes `router_rule` (same signature and result as `router` without `fp32_scores`); DeepSeek's
+    shared experts (`shared_prefix` "mlp.shared_experts.", `shared_gate` False) are a plain gated MLP added to
+    the experts' output."""
     if not flow.moe_layer:
         return gated_mlp(flow, prefix + "mlp.", x_needs_grad, input_name)
     spec, tokens, e = flow.spec, flow.tokens, flow.e_compute
-    saved, keeps_x, scores_grad = router(flow, prefix, x_needs_grad, fp32_scores)
+    if router_rule is None:
+        saved, keeps_x, scores_grad = router(flow, prefix, x_needs_grad, fp32_scores)
+    else:
+        saved, keeps_x, scores_grad = router_rule(flow, prefix, x_needs_grad)
     shared_out_grad = False
     if spec.shared_expert_intermediate_size:
-        shared, shared_grad = gated_mlp(flow, prefix + "mlp.shared_expert.", x_needs_grad, input_name,
+        shared, shared_grad = gated_mlp(flow, prefix + shared_prefix, x_needs_grad, input_name,
                                         spec.shared_expert_intermediate_size)
         keeps_x = keeps_x or any(item.name == input_name for item in shared)
         saved += [item for item in shared if item.name != input_name]
+        shared_out_grad = shared_grad
+    if spec.shared_expert_intermediate_size and shared_gate:
         gate_path = prefix + "mlp.shared_expert_gate"
         own, gate_keeps = flow.linear(gate_path, flow.e_stream, x_needs_grad)
         saved += own
@@ -184,6 +204,17 @@ def routed_mlp(flow: Flow, prefix: str, x_needs_grad: bool, input_name: str,
     return saved, out_grad or shared_out_grad
 
 
+def check_routing(spec: ModelSpec, routing: tuple[tuple[int, ...], ...]) -> None:
+    """A measured routing must give one row per MoE layer and one count per expert."""
+    from lora_planner.errors import PlannerInputError
+
+    layers = sum(1 for i in range(spec.num_layers) if spec.is_moe_layer(i))
+    if len(routing) != layers or any(len(row) != spec.num_experts for row in routing):
+        raise PlannerInputError("routing", f"{spec.name} has {layers} MoE layers of {spec.num_experts} experts; the "
+                                           f"routing gives {len(routing)} rows of {sorted({len(r) for r in routing})} "
+                                           "counts", "pass one list of per-expert token counts per MoE layer")
+
+
 def busiest_expert_tokens(spec: ModelSpec, tokens: int, routing: str | tuple[tuple[int, ...], ...]) -> int:
     """Tokens the busiest expert of the busiest layer receives: balanced routing spreads the T k pairs evenly
     (ceil(T k / E)), the worst case sends every token to the same k experts (T each), a measured routing names
@@ -195,13 +226,13 @@ def busiest_expert_tokens(spec: ModelSpec, tokens: int, routing: str | tuple[tup
     return max(max(row) for row in routing)
 
 
-def mlp_modules(spec: ModelSpec, prefix: str) -> list[Module]:
+def mlp_modules(spec: ModelSpec, prefix: str, router_first: bool = True) -> list[Module]:
     """Every layer's MLP parameters: the MoE block (`moe_modules`, plus Qwen2-MoE's shared expert and its gate) in
     the expert layers, a dense gated MLP of `intermediate_size` in `ModelSpec.dense_layers`."""
     h, n = spec.hidden_size, spec.num_layers
     moe_layers = tuple(i for i in range(n) if spec.is_moe_layer(i))
     explicit = moe_layers if spec.dense_layers else ()
-    modules = [replace(m, layers=explicit) for m in moe_modules(spec, prefix)]
+    modules = [replace(m, layers=explicit) for m in moe_modules(spec, prefix, router_first)]
     if spec.shared_expert_intermediate_size:
         width, count = spec.shared_expert_intermediate_size, len(moe_layers)
         modules += [replace(m, layers=explicit) for m in (

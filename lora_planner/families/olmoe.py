@@ -48,5 +48,5 @@ def layer(flow: Flow, x_needs_grad: bool) -> list[SavedTensor]:
 
 
 FAMILY = Family(model_types=("olmoe",), layout=layout, layer=layer, peft_default_targets=("q_proj", "v_proj"),
-                peft_has_default=False, layer_prefix=PREFIX, last_linear="mlp.experts.down_proj", positions="rope",
+                peft_has_default=False, layer_prefix=PREFIX, last_linear="mlp.experts.down_proj", saves_after_last_linear=True, positions="rope",
                 norm="rms", norms_registered_last=True, **moe_conversion("olmoe"))

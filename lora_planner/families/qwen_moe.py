@@ -54,7 +54,7 @@ def qwen3_moe_layout(spec: ModelSpec) -> list[Module]:
         *attention_modules(spec, PREFIX, bias, bias),
         Module(PREFIX + "self_attn.q_norm", "norm", "norms", d, d, count=n),
         Module(PREFIX + "self_attn.k_norm", "norm", "norms", d, d, count=n),
-        *mlp_modules(spec, PREFIX),
+        *mlp_modules(spec, PREFIX, router_first=False),  # Qwen3MoeSparseMoeBlock: experts, then gate
         Module(PREFIX + "input_layernorm", "norm", "norms", h, h, count=n),
         Module(PREFIX + "post_attention_layernorm", "norm", "norms", h, h, count=n),
         Module("model.norm", "norm", "norms", h, h),
@@ -72,10 +72,10 @@ def qwen3_moe_layer(flow: Flow, x_needs_grad: bool) -> list[SavedTensor]:
 FAMILIES = (
     Family(model_types=("qwen2_moe",), layout=qwen2_moe_layout, layer=qwen2_moe_layer,
            peft_default_targets=("q_proj", "v_proj"), peft_has_default=False, layer_prefix=PREFIX,
-           last_linear="mlp.experts.down_proj", positions="rope", norm="rms", norms_registered_last=True,
+           last_linear="mlp.experts.down_proj", saves_after_last_linear=True, positions="rope", norm="rms", norms_registered_last=True,
            model_level=sliding_model_level, models_sliding_window=True),
     Family(model_types=("qwen3_moe",), layout=qwen3_moe_layout, layer=qwen3_moe_layer,
            peft_default_targets=("q_proj", "v_proj"), peft_has_default=False, layer_prefix=PREFIX,
-           last_linear="mlp.experts.down_proj", positions="rope", norm="rms", norms_registered_last=True,
+           last_linear="mlp.experts.down_proj", saves_after_last_linear=True, positions="rope", norm="rms", norms_registered_last=True,
            model_level=sliding_model_level, models_sliding_window=True, **moe_conversion("qwen3_moe")),
 )

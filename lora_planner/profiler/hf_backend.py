@@ -97,12 +97,31 @@ def hf_config_dict(spec: ModelSpec) -> dict[str, Any]:
     if spec.family in ("qwen2", "qwen3"):  # the window's layers as the reader derived them (`layer_types`)
         config.update(use_sliding_window=spec.sliding_window is not None, sliding_window=spec.sliding_window,
                       layer_types=list(spec.layer_types) if spec.layer_types else None)
+    if spec.is_moe:
+        config.update(_moe_config(spec))
     if spec.family in ("gemma2", "gemma3_text"):
         config.update(hidden_activation=spec.hidden_act, attention_bias=spec.attention_bias,
                       sliding_window=spec.sliding_window, layer_types=list(spec.layer_types or ()) or None,
                       final_logit_softcapping=spec.final_logit_softcapping,
                       attn_logit_softcapping=spec.attn_logit_softcapping)
     return config
+
+
+def _moe_config(spec: ModelSpec) -> dict[str, Any]:
+    """The MoE keys of a config.json for `spec` (`lora_planner.config_reader._moe_fields` read backwards)."""
+    experts = {"num_experts_per_tok": spec.num_experts_per_tok}
+    if spec.family == "mixtral":
+        return {**experts, "num_local_experts": spec.num_experts, "sliding_window": spec.sliding_window}
+    experts.update(num_experts=spec.num_experts, norm_topk_prob=spec.norm_topk_prob)
+    if spec.family == "olmoe":
+        return {**experts, "attention_bias": spec.attention_bias}
+    experts.update(moe_intermediate_size=spec.moe_intermediate_size, mlp_only_layers=list(spec.dense_layers),
+                   decoder_sparse_step=1, use_sliding_window=spec.sliding_window is not None,
+                   sliding_window=spec.sliding_window)
+    if spec.family == "qwen2_moe":
+        return {**experts, "qkv_bias": spec.attention_bias, "layer_types": list(spec.layer_types or ()) or None,
+                "shared_expert_intermediate_size": spec.shared_expert_intermediate_size}
+    return {**experts, "attention_bias": spec.attention_bias}
 
 
 def build_hf_model(spec: ModelSpec, training: TrainingSpec, device: str) -> nn.Module:
@@ -113,6 +132,8 @@ def build_hf_model(spec: ModelSpec, training: TrainingSpec, device: str) -> nn.M
     dtype = TORCH_DTYPES["fp32" if training.amp else training.dtype]
     # BLOOM has only eager (ALiBi); Gemma 2 refuses an explicit "sdpa" and runs eager by default (Family.sdpa)
     attention = "eager" if spec.family == "bloom" or not family_rules(spec.family).sdpa else training.attention
+    if spec.is_moe:  # transformers reads it off the config (`PreTrainedModel._check_and_adjust_experts_implementation`)
+        config._experts_implementation = training.experts_implementation
     if training.method == "qlora":
         model = _quantized_model(config, training, device, attention)
     else:
@@ -168,7 +189,8 @@ def _apply_peft_lora(model: nn.Module, spec: ModelSpec, training: TrainingSpec) 
     target_modules: Any = ALL_LINEAR if targets == (ALL_LINEAR,) else list(targets)
     config = peft.LoraConfig(r=lora.r, lora_alpha=lora.effective_alpha, target_modules=target_modules,
                              lora_dropout=0.0, bias="none",
-                             layers_to_transform=list(lora.layers_to_transform) if lora.layers_to_transform else None)
+                             layers_to_transform=list(lora.layers_to_transform) if lora.layers_to_transform else None,
+                             target_parameters=list(lora.target_parameters) if lora.target_parameters else None)
     device = next(model.parameters()).device
     with torch.device(device):  # on meta, keep PEFT from initialising adapters on the CPU first
         peft_model = peft.get_peft_model(model, config, autocast_adapter_dtype=lora.adapter_dtype == "fp32")
