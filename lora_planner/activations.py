@@ -350,4 +350,10 @@ def _layer_backward_scratch(flow: Flow) -> int:
     else:
         rows, extra = busiest_expert_tokens(spec, tokens, flow.t.routing), 2 * h
     moe = (2 * h * tokens + (3 * width + extra) * rows) * flow.e_expert
+    down = family_rules(spec.family).layer_prefix + "mlp.experts.down_proj"
+    if down in flow.layer_adapters[-1] and flow.t.experts_implementation == "grouped_mm":
+        # LoRA on down_proj (PEFT's ParamWrapper): its grouped_mm's backward writes the folded weight's gradient, a
+        # whole (E, H, I) stack, while the layer's saved tensors are still alive (measured; the gate_up stack's comes
+        # after down's folded weight and inputs are freed)
+        moe += spec.num_experts * h * width * flow.e_expert
     return max(moe, dense) if spec.dense_layers else moe

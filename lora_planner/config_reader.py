@@ -161,7 +161,8 @@ _FAMILY_KEYS["olmoe"] = {**_LLAMA_LIKE, **_MOE_ROUTING, "num_key_value_heads": _
 # n_routed_experts (`_ALIASES`); head_dim is overwritten with qk_rope_head_dim by both `__post_init__`s.
 _DEEPSEEK = {**_LLAMA_LIKE, "tie_word_embeddings": _Key(_BOOL, False), "attention_bias": _Key(_BOOL, False),
              "output_router_logits": _Key(_BOOL, False), "kv_lora_rank": _Key(_INT, 512),
-             "q_lora_rank": _Key(_OPT_INT, 1536), "qk_rope_head_dim": _Key(_INT, 64), "qk_nope_head_dim": _Key(_INT, 128),
+             "q_lora_rank": _Key(_OPT_INT, 1536), "qk_rope_head_dim": _Key(_INT, 64),
+             "qk_nope_head_dim": _Key(_INT, 128),
              "pad_token_id": _Key(_OPT_INT, None)}
 _FAMILY_KEYS["deepseek_v3"] = {**_DEEPSEEK, "num_key_value_heads": _Key(_OPT_INT, 128),
                                "max_position_embeddings": _Key(_INT, 4096), "attention_dropout": _Key(_OPT_NUM, 0.0),
@@ -180,10 +181,11 @@ _FAMILY_KEYS["deepseek_v2"] = {**_DEEPSEEK, "num_key_value_heads": _Key(_OPT_INT
                                "n_group": _Key(_OPT_INT, None), "topk_group": _Key(_OPT_INT, None),
                                "topk_method": _Key(("str", "null"), "greedy"), "first_k_dense_replace": _Key(_INT, 0),
                                "norm_topk_prob": _Key(_OPT_BOOL, False)}
-# GptOssConfig (`lora_planner.families.gpt_oss`): num_key_value_heads and head_dim plain ints (8, 64: not hidden // heads);
-# `num_experts` is an `attribute_map` alias of num_local_experts (`_ALIASES`); the experts are `intermediate_size` wide;
-# attention_bias (default true) on q, k, v and o; `hidden_act` is declared but unused (the experts' clamped SwiGLU has
-# its own `swiglu_alpha` / `swiglu_limit`, floats that change no size); layer_types and the window: `_gpt_oss_fields`.
+# GptOssConfig (`lora_planner.families.gpt_oss`): num_key_value_heads and head_dim plain ints (8, 64: not
+# hidden // heads); `num_experts` is an `attribute_map` alias of num_local_experts (`_ALIASES`); the experts are
+# `intermediate_size` wide; attention_bias (default true) on q, k, v and o; `hidden_act` is declared but unused (the
+# experts' clamped SwiGLU has its own `swiglu_alpha` / `swiglu_limit`, floats that change no size); layer_types and
+# the window: `_gpt_oss_fields`.
 _FAMILY_KEYS["gpt_oss"] = {**_LLAMA_LIKE, "num_key_value_heads": _Key(_INT, 8), "head_dim": _Key(_INT, 64),
                            "max_position_embeddings": _Key(_INT, 131072), "tie_word_embeddings": _Key(_BOOL, False),
                            "attention_bias": _Key(_BOOL, True), "attention_dropout": _Key(_NUM, 0.0),
@@ -605,6 +607,7 @@ def _deepseek_fields(r: _Reader, layers: int, heads: int, kv_heads: int) -> dict
     shared = r.get("n_shared_experts")
     if shared < 0:
         raise r.error("n_shared_experts", f"must be 0 or more, got {shared}")
+    r.get("routed_scaling_factor")  # a scale (no size), type-checked as the class does
     q_rank = r.get("q_lora_rank")
     q_rank = 0 if q_rank is None else r.size("q_lora_rank")
     sigmoid = family == "deepseek_v3"

@@ -27,6 +27,7 @@ class ModelRow:
     repo_id: str
     family: str
     total_params: int
+    active_params: int  # per token: the total less the routed experts a token is not sent to (MoE)
     embedding_params: int
     context_tokens: int
     tied_embeddings: bool
@@ -43,7 +44,7 @@ def catalog_rows(family: str | None = None) -> tuple[ModelRow, ...]:
         spec = resolve_model(name)
         counts = count_params(spec)
         rows.append(ModelRow(name=name, repo_id=repo_id, family=spec.family, total_params=counts.total,
-                             embedding_params=counts.by_group["embeddings"],
+                             active_params=counts.active, embedding_params=counts.by_group["embeddings"],
                              context_tokens=spec.max_position_embeddings, tied_embeddings=spec.tie_word_embeddings))
     return tuple(rows)
 
@@ -62,17 +63,20 @@ def render_models(rows: tuple[ModelRow, ...], console: Any) -> None:
     from lora_planner.textable import Table
 
     table = Table(title=f"Model catalog ({len(rows)} models)",
-                  caption="params, embed (embedding params): B = 10^9, M = 10^6 parameters; context: "
-                          "max_position_embeddings, in tokens")
+                  caption="params, active (per token: MoE models route each token to a few experts), embed "
+                          "(embedding params): B = 10^9, M = 10^6 parameters; context: max_position_embeddings, in "
+                          "tokens")
     table.add_column("name", fold=True, min_width=12)
     table.add_column("repo id", fold=True, min_width=15)
     table.add_column("family", no_wrap=True)
     table.add_column("params", justify="right", no_wrap=True)
+    table.add_column("active", justify="right", no_wrap=True)
     table.add_column("embed", justify="right", no_wrap=True)
     table.add_column("context", justify="right", no_wrap=True)
     table.add_column("tied", no_wrap=True)
     for row in rows:
         table.add_row(row.name, row.repo_id, row.family, params_text(row.total_params),
+                      params_text(row.active_params) if row.active_params != row.total_params else "all",
                       params_text(row.embedding_params), f"{row.context_tokens:,}",
                       "yes" if row.tied_embeddings else "no")
     console.print(table)

@@ -109,8 +109,9 @@ def plan_warnings(spec: ModelSpec, training: TrainingSpec, budget: Budget | None
                         "the model saw no longer sequences in pre-training: use RoPE scaling (rope_scaling in "
                         "config.json) or expect worse quality; the memory estimate is for the length asked")
     if not family.sdpa and training.attention != "eager":
-        warnings.append(f"transformers 5.24 has no SDPA attention for {spec.family} (it cannot soft-cap attention "
-                        "scores): attn_implementation=\"sdpa\" raises, and by default the model runs eager attention, "
+        why = NO_SDPA_REASONS.get(spec.family, "its attention is not SDPA's")
+        warnings.append(f"transformers 5.24 has no SDPA attention for {spec.family} ({why}): "
+                        "attn_implementation=\"sdpa\" raises, and by default the model runs eager attention, "
                         "which is what is planned (S x S scores per head kept for backward); pass --attention eager "
                         "to plan it without this note")
     if spec.sliding_window and training.seq_len > spec.sliding_window and not family.models_sliding_window:
@@ -127,6 +128,11 @@ def plan_warnings(spec: ModelSpec, training: TrainingSpec, budget: Budget | None
     if budget is not None and not budget.supports_bf16 and training.compute_dtype == "bf16":
         warnings.append(f"{budget.name} has no bf16 support; use --dtype fp16 or --amp fp16")
     return tuple(warnings)
+
+
+# Why transformers 5.24 refuses SDPA for a family (`Family.sdpa` False), for the plan's note.
+NO_SDPA_REASONS = {"gemma2": "it cannot soft-cap attention scores",
+                   "gpt_oss": "SDPA has no place for the attention sinks, an extra softmax column per head"}
 
 
 def moe_notes(spec: ModelSpec, training: TrainingSpec, methods: tuple[str, ...]) -> list[str]:
@@ -156,6 +162,10 @@ def moe_notes(spec: ModelSpec, training: TrainingSpec, methods: tuple[str, ...])
             notes.append("LoRA on the experts (PEFT's target_parameters, lora.ParamWrapper): each forward folds "
                          "W + BA into a new expert-stack tensor that backward keeps, a second copy of every adapted "
                          "expert weight per layer (gradient checkpointing keeps one layer's at a time)")
+    if spec.family == "gpt_oss":
+        notes.append("gpt-oss checkpoints store the experts in MXFP4; transformers dequantizes them to the load dtype "
+                     "for training (Mxfp4Config(dequantize=True), forced without triton kernels; the quantized path "
+                     "cannot train): planned as --dtype weights")
     if "qlora" in methods:
         kbit = " and PEFT's prepare_model_for_kbit_training casts them to fp32" if training.kbit_prep else ""
         notes.append("QLoRA quantizes nn.Linear layers only: the fused expert tensors stay in --dtype" + kbit)

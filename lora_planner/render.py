@@ -194,7 +194,8 @@ def render_plan(plan: Plan, console: Console, detail: bool = False) -> None:
     if spec.is_moe:
         headline = (f"{spec.name} ({spec.family}, {spec.num_experts} experts, {spec.num_experts_per_tok} per token): "
                     f"{human_count(params.total)} parameters, all resident in memory; {human_count(params.active)} "
-                    f"active per token, what the FLOPs follow ({groups})")
+                    f"active per token ({human_count(params.active - params.by_group['embeddings'])} without the "
+                    f"embedding table), what the FLOPs follow ({groups})")
     first, *rest = textwrap.wrap(headline, width=max(console.width, 20), break_long_words=False,
                                  break_on_hyphens=False)
     console.print([Styled(spec.name, "bold"), Styled(first[len(spec.name):])])  # the name in bold

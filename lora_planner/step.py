@@ -90,7 +90,7 @@ def _stored_bytes_each(m: Module, quantized: bool, dtype: str, kbit_fp32: bool) 
     dtype QLoRA loads with) from the first forward on, kbit preparation or not: bitsandbytes 0.50
     `nn/modules.py` `Linear4bit.forward` casts x to the compute dtype and then the bias for good
     (`bias.data = bias.data.to(x.dtype)`)."""
-    e = 4 if kbit_fp32 else BYTES_PER_ELEMENT[dtype]
+    e = 4 if kbit_fp32 or m.fp32 else BYTES_PER_ELEMENT[dtype]
     if quantized and m.kind == "linear" and m.group != "lm_head":
         return nf4_bytes(m.weight_numel_each) + (m.out_features * BYTES_PER_ELEMENT[dtype] if m.bias else 0)
     return m.params_each * e
@@ -116,7 +116,7 @@ def _trainable_groups(spec: ModelSpec, method: str, dtype: str, lora: LoraSpec) 
             shape = (m.in_features, m.out_features) if m.kind == "embedding" else (m.out_features, m.in_features)
             if m.kind == "experts":  # transformers' (E, out, in) stacks
                 shape = (m.experts, m.out_features, m.in_features)
-            groups.append(TensorGroup(shape, m.count, e, embedding=m.kind == "embedding"))
+            groups.append(TensorGroup(shape, m.count, 4 if m.fp32 else e, embedding=m.kind == "embedding"))
             if m.bias:
                 groups.append(TensorGroup((m.experts, m.out_features) if m.experts > 1 else (m.out_features,),
                                           m.count, e))
@@ -173,23 +173,25 @@ def _group_bytes(spec: ModelSpec, method: str, dtype: str, lora: LoraSpec,
                                                    lora.target_parameters))
     by_path = {m.path: layers_in for m, layers_in in adapted.items()}
     numel_by_path = {m.path: m.lora_numel(lora.r) for m in adapted}
-    root = layer_stored = root_trainable = 0
+    root = root_trainable = 0
+    per_layer_stored = [0] * layers  # an MoE model's dense layers and expert layers hold different modules
     per_layer_adapters = [0] * layers
     for m in module_inventory(spec):
         stored = _stored_bytes_each(m, method == "qlora", dtype, kbit_fp32)
         adapter = numel_by_path.get(m.path, 0) * e_adapter
         if is_per_layer(m):
-            layer_stored += stored
+            for i in m.layers or range(layers):
+                per_layer_stored[i] += stored
             for i in by_path.get(m.path, ()):
                 per_layer_adapters[i] += adapter
         else:
             root += stored + (adapter if m.path in by_path else 0)
             root_trainable += stored if full else (adapter if m.path in by_path else 0)
     if full:
-        per_layer_trainable = (layer_stored,) * layers
-        return root, layer_stored, layer_stored, root_trainable, per_layer_trainable
+        return root, max(per_layer_stored), max(per_layer_stored), root_trainable, tuple(per_layer_stored)
     largest = max(per_layer_adapters)
-    return root, layer_stored + largest, largest, root_trainable, tuple(per_layer_adapters)
+    return root, max(s + a for s, a in zip(per_layer_stored, per_layer_adapters)), largest, root_trainable, \
+        tuple(per_layer_adapters)
 
 
 @dataclass(frozen=True)
@@ -273,6 +275,14 @@ def step_components(spec: ModelSpec, training: TrainingSpec) -> StepComponents:
     else:
         last_layer_left = acts.layer_saved_bytes(first)
     end_grads = trainable_bytes - per_layer_trainable[first] - embedding_grads
+    if spec.dense_layers:
+        # An MoE model's dense layers (DeepSeek's first_k_dense_replace, Qwen2-MoE's mlp_only_layers) are lighter than
+        # its expert layers, so the first layer's backward need not be the heaviest late moment: the backward of each
+        # run's first expert layer, beside the gradients of every layer above it (and, under checkpointing, its
+        # recomputed saved tensors on top of the checkpointed inputs below), is a candidate too.
+        end_grads, last_layer_left = _late_backward_moment(acts, training, per_layer_trainable, first,
+                                                           trainable_bytes - embedding_grads,
+                                                           end_grads, last_layer_left)
     # The loss value and backward's seed stay until `backward()` returns, at either moment.
     end_acts, end_scratch = last_layer_left + acts.loss_output_bytes, layer_scratch
     last_op_scratch = acts.backward_seed_bytes
@@ -293,6 +303,28 @@ def step_components(spec: ModelSpec, training: TrainingSpec) -> StepComponents:
         optimizer_scratch=optimizer_scratch_bytes(groups, training.optimizer, impl), head_gradients=head_grads,
         activations=acts, layers_saved=layers_saved, recomputed=recomputed, layer_scratch=layer_scratch,
         end_gradients=end_grads, end_activations=end_acts, end_scratch=end_scratch)
+
+
+def _late_backward_moment(acts: ActivationProfile, training: TrainingSpec, per_layer_trainable: tuple[int, ...],
+                          first: int, grads_after_embedding: int, grads: int, left: int) -> tuple[int, int]:
+    """(gradients, activations) at the heaviest layer backward among `first` and each later run's first layer (see
+    `step_components`): at layer i the gradients of the layers above it exist, and the layers up to i keep their saved
+    tensors (checkpointing: their inputs, and layer i its recomputed tensors)."""
+    best = (grads + left, grads, left)
+    index, saved_below = 0, 0
+    for count, saved in acts.layer_runs:
+        layer_bytes = ActivationProfile.total(saved)
+        if index >= first and index > 0:
+            g = grads_after_embedding - sum(per_layer_trainable[: index + 1])
+            if training.grad_checkpointing:
+                a = (index + 1) * acts.checkpoint_per_layer_bytes + layer_bytes
+            else:
+                a = saved_below + layer_bytes
+            if g + a > best[0]:
+                best = (g + a, g, a)
+        saved_below += count * layer_bytes
+        index += count
+    return best[1], best[2]
 
 
 def single_gpu_phases(c: StepComponents) -> tuple[PhaseMemory, ...]:

@@ -84,6 +84,7 @@ AXES: dict[str, list[Any]] = {
     "backend": ["hf"], "mode": ["cpu"], "method": ["full", "lora"], "precision": ["bf16"], "r": [8],
     "alpha": [], "target": ["default"], "adapter_dtype": ["fp32"], "batch_size": [1], "seq_len": [512],
     "grad_checkpointing": [False], "optimizer": ["adamw"], "optimizer_impl": ["default"], "attention": ["sdpa"],
+    "experts_implementation": ["grouped_mm"],
 }
 SCALARS: dict[str, int] = {"steps": 3, "seed": 0}
 EXIT_INTERRUPTED = 130
@@ -113,8 +114,9 @@ class SweepRun:
         t = self.training
         adapter = f" r={t.lora.r} {self.source['target']}" if t.method != "full" else ""
         ckpt = " ckpt" if t.grad_checkpointing else ""
+        experts = f" experts={t.experts_implementation}" if self.spec.is_moe else ""
         return (f"{self.model} {t.method}{adapter} {self.source['precision']} {self.backend}/{self.mode} "
-                f"b={t.batch_size} s={t.seq_len}{ckpt}")
+                f"b={t.batch_size} s={t.seq_len}{ckpt}{experts}")
 
 
 @dataclass(frozen=True)
@@ -163,7 +165,8 @@ def _check_values(where: str, key: str, values: list[Any]) -> None:
             raise bad(f"must be strings, got {value!r}", f"write e.g. {key} = [{AXES[key][0]!r}]")
         choices = {"backend": BACKENDS, "mode": MODES, "method": PROFILED_METHODS, "precision": tuple(PRECISIONS),
                    "optimizer": PROFILED_OPTIMIZERS, "adapter_dtype": ("fp32", "base"), "attention": ("sdpa", "eager"),
-                   "optimizer_impl": ("default", "foreach", "for-loop", "fused")}.get(key)
+                   "optimizer_impl": ("default", "foreach", "for-loop", "fused"),
+                   "experts_implementation": ("grouped_mm", "eager")}.get(key)
         if choices and value not in choices:
             extra = {"optimizer": " (8-bit AdamW needs bitsandbytes on CUDA)", "mode": " (auto is not allowed in a "
                      "grid: a run's key must not depend on the machine)"}.get(key, "")
@@ -304,7 +307,8 @@ def _expand_block(where: str, label: str, spec: ModelSpec, source: dict[str, Any
                 method=v["method"], dtype=dtype, amp=amp, optimizer=v["optimizer"],
                 optimizer_impl=None if v["optimizer_impl"] == "default" else v["optimizer_impl"],
                 batch_size=v["batch_size"], seq_len=v["seq_len"], grad_checkpointing=v["grad_checkpointing"],
-                device=device, attention=v["attention"], lora=lora if v["method"] != "full" else LoraSpec())
+                device=device, attention=v["attention"], lora=lora if v["method"] != "full" else LoraSpec(),
+                experts_implementation=v["experts_implementation"])
             if training.method != "full":
                 lora_params(spec, lora.r, targets)  # unknown targets, r wider than a layer
             else:
@@ -318,6 +322,12 @@ def _expand_block(where: str, label: str, spec: ModelSpec, source: dict[str, Any
                        steps=scalars["steps"], seed=scalars["seed"], source=sweep)
         if training.method == "qlora" and (v["backend"] != "hf" or v["mode"] == "fake"):
             yield (run.label, "QLoRA runs on real bitsandbytes NF4 weights: hf backend, cpu or cuda mode")
+            continue
+        if v["experts_implementation"] != "grouped_mm" and not spec.is_moe:
+            yield (run.label, "experts_implementation applies to MoE models only")
+            continue
+        if v["experts_implementation"] == "eager" and v["mode"] == "fake":
+            yield (run.label, "the eager experts loop's data-dependent nonzero cannot run under fake tensors")
             continue
         if v["backend"] == "builtin" and spec.family not in BUILTIN_FAMILIES:
             yield (run.label, f"the builtin backend implements {', '.join(BUILTIN_FAMILIES)} only, not {spec.family}")

@@ -73,7 +73,12 @@ def step_flops(spec: ModelSpec, training: TrainingSpec) -> StepFlops:
     root = [m for m in inventory if m.kind == "linear" and not is_per_layer(m)]
     embedding_adapted = any(m.kind == "embedding" and m.path in outside for m in inventory)
     needs_grad = full or training.grad_checkpointing or embedding_adapted
-    attention = 2 * 2 * training.batch_size * spec.num_heads * training.seq_len ** 2 * spec.head_dim
+    # q k^T over the q / k head width, then probs @ v over v's (equal but for DeepSeek's latent attention, whose
+    # q / k heads are qk_nope_head_dim + the RoPE head_dim wide and v heads v_head_dim)
+    scores = 2 * training.batch_size * spec.num_heads * training.seq_len ** 2
+    qk_width = spec.head_dim + spec.qk_nope_head_dim
+    attention_qk, attention_pv = scores * qk_width, scores * (spec.v_head_dim or spec.head_dim)
+    attention = attention_qk + attention_pv
 
     # PEFT's rank_pattern on MoE expert stacks (gate_up_proj: r x 2, `params.peft_moe_conversion`)
     scales = {} if full else {m.path: m.lora_rank_scale for m, _ in adapted_layers(
@@ -104,7 +109,7 @@ def step_flops(spec: ModelSpec, training: TrainingSpec) -> StepFlops:
                     continue
                 f, b = linear(m, m.path in adapters, needs_grad or flags[m.path], scales.get(m.path, 1))
                 fwd, bwd = fwd + f, bwd + b
-            bwd += _first_layer_attention_backward(qkv, attention)
+            bwd += _first_layer_attention_backward(qkv, attention_qk, attention_pv)
             built[key] = (fwd + attention, bwd)
         forward, backward, layer_forward = forward + built[key][0], backward + built[key][1], layer_forward + built[key][0]
         needs_grad = needs_grad or bool(adapters)
@@ -180,12 +185,12 @@ def _recompute_skipped(spec: ModelSpec, training: TrainingSpec, n_adapted: int) 
     return lora_b * n_adapted + base * (spec.num_layers - n_adapted)
 
 
-def _first_layer_attention_backward(grads: tuple[bool, bool, bool], attention_forward: int) -> int:
-    """Attention's backward matmuls in layer 0 under LoRA: dP = dO V^T when q or k needs a gradient,
-    dV = P^T dO when v does, dQ = dS K and dK = dS^T Q for q and k themselves (each half a forward)."""
+def _first_layer_attention_backward(grads: tuple[bool, bool, bool], attention_qk: int, attention_pv: int) -> int:
+    """Attention's backward matmuls in layer 0 under LoRA: dP = dO V^T when q or k needs a gradient and dV = P^T dO
+    when v does (each the size of probs @ v), dQ = dS K and dK = dS^T Q for q and k themselves (each the size of
+    q k^T)."""
     q, k, v = grads
-    half = attention_forward // 2
-    return half * ((q or k) + v + q + k)
+    return attention_pv * ((q or k) + v) + attention_qk * (q + k)
 
 
 @dataclass(frozen=True)

@@ -157,7 +157,7 @@ class TracedProfile:
         data = dict(data)
         if data.pop("format", None) != PROFILE_VERSION:
             raise ValueError("another profile format")
-        data["modules"] = tuple(Module(**m) for m in data["modules"])
+        data["modules"] = tuple(Module(**{**m, "layers": tuple(m.get("layers", ()))}) for m in data["modules"])
         data["peft_default_targets"] = tuple(data["peft_default_targets"])
         data["layers"] = {k: tuple(v) for k, v in data["layers"].items()}
         data["model_levels"] = {k: ModelLevel(**{**v, **{n: tuple(v[n]) for n in ("before_layers", "head", "loss", "held", "checkpoint_layer")}})

@@ -308,14 +308,30 @@ def measure(case: Case, live: bool = False, tmp_dir: str | None = None) -> Measu
 
     saved: dict[int, tuple[str, tuple[int, ...], int]] = {}
     savers: dict[int, set[int | None]] = {}
+    # A storage saved by a node that the forward itself frees (a dead branch: DeepSeek-V3's router discards the
+    # values of its group top-k, freeing those nodes and what they saved) is not kept for backward; forgetting it
+    # also keeps a later tensor that reuses its address from being merged with it.
+    uids: dict[int, int] = {}
+    in_forward, counter = [True], [0]
+    ever_saved: set[int] = set()  # every address saved, freed or not (what the closure check leaves out, as before)
+
+    def forget(ptr: int, uid: int) -> None:
+        if in_forward[0] and uids.get(ptr) == uid:
+            del saved[ptr], savers[ptr], uids[ptr]
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         st = t.untyped_storage()
         ptr = st.data_ptr()
         if ptr in exclude or st.nbytes() == 0:
             return t
-        saved.setdefault(ptr, (str(t.dtype).removeprefix("torch."), tuple(t.shape), st.nbytes()))
-        savers.setdefault(ptr, set()).add(current[0])
+        if ptr not in saved:
+            saved[ptr] = (str(t.dtype).removeprefix("torch."), tuple(t.shape), st.nbytes())
+            savers[ptr] = set()
+            counter[0] += 1
+            uids[ptr] = uid = counter[0]
+            weakref.finalize(st, forget, ptr, uid)
+        savers[ptr].add(current[0])
+        ever_saved.add(ptr)
         return t.detach()  # no output -> grad_fn -> output cycle
 
     tracker = LiveStorages() if live else contextlib.nullcontext()
@@ -324,15 +340,19 @@ def measure(case: Case, live: bool = False, tmp_dir: str | None = None) -> Measu
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
             loss = model(input_ids=input_ids, labels=input_ids).loss
         gc.collect()  # `out` (logits) is gone: what is alive now is what backward needs
+        in_forward[0] = False
         closure_ptrs: set[int] = set()
         if live:
-            keep = {loss.untyped_storage().data_ptr()} | set(saved) | exclude
+            keep = {loss.untyped_storage().data_ptr()} | ever_saved | exclude
             closure_ptrs = set(tracker.live) - keep
         closure_kept = sorted(tracker.live[p][:3] for p in closure_ptrs)
+        # by (address, allocation id): a freed closure tensor's address reused by a gradient is not the same storage
+        closure_ids = {(p, tracker.live[p][3]) for p in closure_ptrs}
         loss.backward()
         del loss
         gc.collect()
-        closure_alive_after_backward = len(closure_ptrs & set(tracker.live)) if live else 0
+        alive_ids = {(p, info[3]) for p, info in tracker.live.items()} if live else set()
+        closure_alive_after_backward = len(closure_ids & alive_ids)
     for h in handles:
         h.remove()
 
@@ -782,10 +802,10 @@ MOE_CASES = [
     Case("mixtral", "bf16", "lora", targets=("w1", "w3")),  # the experts' gate_up_proj alone, at rank 2r
 ]
 
-# gpt_oss (lora_planner/families/gpt_oss.py): eager attention only (sinks: a softmax over S + 1 columns and its row max),
-# biased q / k / v / o, a biased router (softmax over the k top logits), biased transposed experts with the clamped
-# SwiGLU; sliding / full layers alternate (window 8 < S). PEFT has no default (q_proj, v_proj) and no MoE conversion
-# (all-linear = q / k / v / o); the experts and the router through target_parameters.
+# gpt_oss (lora_planner/families/gpt_oss.py): eager attention only (sinks: a softmax over S + 1 columns and its row
+# max), biased q / k / v / o, a biased router (softmax over the k top logits), biased transposed experts with the
+# clamped SwiGLU; sliding / full layers alternate (window 8 < S). PEFT has no default (q_proj, v_proj) and no MoE
+# conversion (all-linear = q / k / v / o); the experts and the router through target_parameters.
 CONFIGS["gpt_oss"] = {"model_type": "gpt_oss", **_LLAMA_LIKE, "intermediate_size": 48, "num_local_experts": 8,
                       "num_experts_per_tok": 2, "sliding_window": 8}
 _GPT_OSS_EXPERTS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
@@ -798,6 +818,11 @@ MOE_CASES += [
 ] + [
     Case("gpt_oss", "fp32", "lora_all", "eager"),
     Case("gpt_oss", "fp32", "full", "eager", experts="eager"),
+    # autocast (fp32 weights): the sink softmax in fp32 plus its 16-bit copy, the router's autocast copies, 16-bit
+    # routing weights beside fp32 experts
+    Case("gpt_oss", "amp", "full", "eager"),
+    Case("gpt_oss", "amp", "lora_all", "eager"),
+    Case("gpt_oss", "amp", "lora", "eager", targets=("v_proj",)),
     Case("gpt_oss", "bf16", "lora", "eager", targets=("v_proj",)),  # layer 0: only v needs a gradient
     Case("gpt_oss", "bf16", "lora", "eager", targets=("all-linear",), target_parameters=_GPT_OSS_EXPERTS),
     Case("gpt_oss", "bf16", "lora", "eager", targets=("all-linear",), target_parameters=_GPT_OSS_EXPERTS,
@@ -805,6 +830,46 @@ MOE_CASES += [
     Case("gpt_oss", "bf16", "lora", "eager", targets=("o_proj",), target_parameters=("mlp.router.weight",)),
     Case("gpt_oss", "bf16", "lora", "eager", gc=True, targets=("q_proj", "v_proj"),
          target_parameters=("mlp.experts.down_proj",)),
+]
+
+
+# deepseek_v3 / deepseek_v2 (lora_planner/families/deepseek.py): multi-head latent attention (q / k heads 16 + 8 wide,
+# v heads 12: SDPA takes the CPU math path), layer 0 dense (first_k_dense_replace), two shared experts of 24, an fp32
+# router: V3 sigmoid + group-limited top-k (4 groups, 3 kept) and renormalised, V2 softmax greedy top-k; V3 with
+# q_lora_rank (q_a_proj / q_a_layernorm / q_b_proj), V2 with one q_proj (V2-Lite). PEFT has no default (this tool's
+# kv_a_proj_with_mqa, kv_b_proj, o_proj); all-linear through the qwen2_moe conversion (experts + router, not the
+# shared experts nor the dense MLP).
+_DEEPSEEK = {**{k: v for k, v in _LLAMA_LIKE.items() if k != "head_dim"}, "num_key_value_heads": 4,
+             "moe_intermediate_size": 24, "kv_lora_rank": 16, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8,
+             "v_head_dim": 12, "n_shared_experts": 2, "num_experts_per_tok": 2, "first_k_dense_replace": 1}
+CONFIGS["deepseek_v3"] = {"model_type": "deepseek_v3", **_DEEPSEEK, "q_lora_rank": 32, "n_routed_experts": 8,
+                          "n_group": 4, "topk_group": 3}
+CONFIGS["deepseek_v2"] = {"model_type": "deepseek_v2", **_DEEPSEEK, "q_lora_rank": None, "n_routed_experts": 8}
+# V2's group_limited_greedy router, attention / MLP biases, q_lora_rank
+CONFIGS["deepseek_v2_glg"] = {"model_type": "deepseek_v2", **_DEEPSEEK, "q_lora_rank": 32, "n_routed_experts": 8,
+                              "topk_method": "group_limited_greedy", "n_group": 4, "topk_group": 2,
+                              "attention_bias": True, "mlp_bias": True}
+_DEEPSEEK_EXPERTS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+MOE_CASES += [
+    Case(family, "bf16", method, attention, gc=gc, experts=experts)
+    for family in ("deepseek_v3", "deepseek_v2")
+    for method, attention, gc, experts in (
+        ("full", "sdpa", False, "grouped_mm"), ("full", "eager", False, "grouped_mm"), ("full", "sdpa", False, "eager"),
+        ("lora", "sdpa", False, "grouped_mm"), ("lora", "eager", False, "eager"),
+        ("lora_all", "sdpa", False, "grouped_mm"), ("lora_all", "eager", False, "eager"),
+        ("full", "sdpa", True, "grouped_mm"), ("lora_all", "eager", True, "grouped_mm"))
+] + [
+    Case("deepseek_v3", "fp32", "full", "eager"),
+    Case("deepseek_v3", "fp32", "lora_all", "sdpa"),
+    Case("deepseek_v2_glg", "bf16", "full", "eager"),
+    Case("deepseek_v2_glg", "bf16", "lora_all"),
+    # the experts and the router only (layer 0 and the attention save nothing: the embeddings need no gradient)
+    Case("deepseek_v3", "bf16", "lora", targets=("gate_proj", "up_proj", "down_proj")),
+    Case("deepseek_v3", "bf16", "lora", "eager", targets=("o_proj",),
+         target_parameters=(*_DEEPSEEK_EXPERTS, "mlp.gate.weight")),
+    Case("deepseek_v2", "bf16", "lora", targets=("q_proj",), target_parameters=("mlp.experts.down_proj",),
+         experts="eager"),
+    Case("deepseek_v3", "bf16", "lora", "eager", targets=("kv_b_proj",)),  # q needs no gradient in layer 0
 ]
 
 

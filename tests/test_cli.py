@@ -160,6 +160,16 @@ def test_config_json_path(tmp_path, capsys):
     (["--attention", "flash3"], "attention"),
     (["--method", "qlora", "--dtype", "fp32"], "QLoRA"),
     (["--no-such-flag"], "unrecognized arguments"),
+    # MoE (issue 12)
+    (["--model", "qwen3-30b-a3b", "--experts-implementation", "batched_mm"], "experts_implementation"),
+    (["--model", "qwen3-30b-a3b", "--routing", "missing-routing.json"], "routing"),
+    (["--model", "qwen3-30b-a3b", "--method", "lora", "--target-parameters", "mlp.experts.w9"],
+     "target_parameters: no expert or router parameter named 'mlp.experts.w9'"),
+    (["--model", "qwen3-30b-a3b", "--method", "lora", "--target-parameters", "q_proj.weight"],
+     "target_parameters: 'q_proj.weight' matches model.layers.0.self_attn.q_proj.weight, a linear weight"),
+    (["--model", "qwen3-30b-a3b", "--method", "lora", "--target", "gate_proj"],
+     "without also targeting up_proj"),
+    (["--model", "qwen3-30b-a3b", "--method", "lora", "--target", "gate_up_proj"], "--target-parameters"),
 ])
 def test_bad_input_is_one_line_exit_2(capsys, argv, field):
     assert main(argv) == 2
@@ -342,3 +352,55 @@ def test_profile_refuses_a_plan_the_planner_refuses_before_building_or_creating_
     err = capsys.readouterr().err.strip()
     assert err.startswith("lora-plan: error: seq_len: 2,048 tokens") and len(err.splitlines()) == 1
     assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------- MoE (issue 12)
+
+
+def test_moe_plan_shows_total_and_active_params_and_what_it_assumed(capsys):
+    assert main(["--model", "qwen3-30b-a3b", "--r", "16"]) == 0
+    out = capsys.readouterr().out
+    for needle in ("30.53 B parameters, all", "3.35 B", "active per token", "experts_implementation grouped_mm",
+                   "PEFT has no default LoRA targets for qwen3_moe", "fused expert tensors stay in"):
+        assert needle in out.replace("\n", " "), needle
+    data = run_json(capsys, "--model", "qwen3-30b-a3b", "--r", "16")
+    assert (data["model"]["total_params"], data["model"]["active_params"]) == (30_532_122_624, 3_353_032_704)
+    assert (data["model"]["num_experts"], data["model"]["num_experts_per_tok"]) == (128, 8)
+    assert data["inputs"]["experts_implementation"] == "grouped_mm" and data["inputs"]["routing"] == "balanced"
+    dense = run_json(capsys, "--model", "llama-7b")
+    assert dense["model"]["active_params"] == dense["model"]["total_params"] and dense["inputs"]["routing"] is None
+
+
+def test_moe_all_linear_adapts_the_experts_through_target_parameters(capsys):
+    data = run_json(capsys, "--model", "mixtral-8x7b", "--method", "lora", "--target", "all-linear", "--r", "8")
+    adapted = data["inputs"]["adapted_modules"]
+    assert "mlp.experts.gate_up_proj [rank x2] (all 32 layers)" in adapted
+    assert "mlp.gate.weight (all 32 layers)" in adapted
+    # 32 layers x (attention r (in + out) + experts 8 x (2r (4096 + 28672) + r (14336 + 4096)) + router r (4096 + 8))
+    attention = 8 * (2 * (4096 + 4096) + 2 * (4096 + 1024))
+    experts = 8 * (16 * (4096 + 28672) + 8 * (14336 + 4096))
+    assert data["methods"]["lora"]["trainable_params"] == 32 * (attention + experts + 8 * (4096 + 8))
+    assert any("folds W + BA" in w for w in data["warnings"])
+
+
+def test_moe_routing_moves_only_the_eager_loop(tmp_path, capsys):
+    base = ["--model", "olmoe-1b-7b", "--method", "lora", "--batch-size", "4", "--seq-len", "2048"]
+    grouped = {r: run_json(capsys, *base, "--routing", r)["methods"]["lora"]["peak_allocated_bytes"]
+               for r in ("balanced", "worst")}
+    assert grouped["balanced"] == grouped["worst"]
+    eager = {r: run_json(capsys, *base, "--experts-implementation", "eager", "--routing", r)
+             ["methods"]["lora"]["peak_allocated_bytes"] for r in ("balanced", "worst")}
+    assert eager["balanced"] <= eager["worst"]
+    counts = tmp_path / "routing.json"
+    counts.write_text(json.dumps({"router_counts": [[8192 // 64 * 8] * 64] * 16}))  # balanced, written out
+    measured = run_json(capsys, *base, "--experts-implementation", "eager", "--routing", str(counts))
+    assert measured["methods"]["lora"]["peak_allocated_bytes"] == eager["balanced"]
+    counts.write_text(json.dumps([[1] * 64] * 3))
+    assert main([*base, "--experts-implementation", "eager", "--routing", str(counts)]) == 2
+    assert "16 MoE layers of 64 experts" in capsys.readouterr().err
+
+
+def test_recommend_runs_for_gpt_oss(capsys):
+    assert main(["recommend", "--model", "gpt-oss-20b", "--gpu", "h100-80gb"]) == 0
+    out = capsys.readouterr().out
+    assert "LoRA" in out and "MXFP4" in out and "Full fine-tuning does not fit" in out

@@ -868,3 +868,51 @@ def test_config_json_is_read_size_bounded(tmp_path):
     path.write_text(json.dumps(CONFIG_FILES["llama-minimal"]) + " " * (16 * MIB))
     with pytest.raises(PlannerInputError, match="more than the"):
         load_config_json(path)
+
+
+# DeepSeek-V2 / V3 (lora_planner/families/deepseek.py): the MLA / router fields as transformers' config classes set
+# them, and the configs their modules cannot build or run refused in one line.
+_DS = {"vocab_size": 96, "hidden_size": 64, "intermediate_size": 80, "moe_intermediate_size": 24,
+       "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 4, "kv_lora_rank": 16,
+       "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 12, "n_routed_experts": 8, "num_experts_per_tok": 2}
+
+
+@pytest.mark.parametrize("config", [
+    {"model_type": "deepseek_v3", **_DS, "n_group": 4, "topk_group": 2, "first_k_dense_replace": 2},
+    {"model_type": "deepseek_v3", **_DS, "n_group": 2, "topk_group": 1, "q_lora_rank": None, "num_local_experts": 4},
+    {"model_type": "deepseek_v2", **_DS, "q_lora_rank": 32, "norm_topk_prob": True, "num_experts": 4},
+    {"model_type": "deepseek_v2", **_DS, "topk_method": "group_limited_greedy", "n_group": 2, "topk_group": 1},
+], ids=["v3", "v3-q-proj-alias", "v2-alias", "v2-glg"])
+def test_deepseek_fields_match_transformers(config):
+    spec, hf = spec_from_config(config, "ds.json"), hf_config(config)
+    v3 = config["model_type"] == "deepseek_v3"
+    assert spec.head_dim == hf.head_dim == hf.qk_rope_head_dim
+    assert (spec.num_experts, spec.num_experts_per_tok, spec.moe_intermediate_size) == (
+        hf.n_routed_experts, hf.num_experts_per_tok, hf.moe_intermediate_size)
+    assert spec.shared_expert_intermediate_size == hf.n_shared_experts * hf.moe_intermediate_size
+    assert spec.dense_layers == tuple(range(min(hf.first_k_dense_replace, hf.num_hidden_layers)))
+    assert spec.q_lora_rank == (hf.q_lora_rank or 0) and spec.kv_lora_rank == hf.kv_lora_rank
+    assert spec.norm_topk_prob == (v3 and bool(hf.norm_topk_prob))  # V2's router never renormalises
+    grouped = v3 or hf.topk_method == "group_limited_greedy"
+    assert (spec.router_groups, spec.router_topk_groups) == ((hf.n_group, hf.topk_group) if grouped else (0, 0))
+    assert spec.router_sigmoid == v3
+    assert count_params(spec).total == total_params(meta_model(config))
+
+
+@pytest.mark.parametrize(("config", "key"), [
+    ({"model_type": "deepseek_v2", **_DS, "num_experts_per_tok": None}, "num_experts_per_tok"),
+    ({"model_type": "deepseek_v2", **{k: v for k, v in _DS.items() if k != "num_experts_per_tok"}},
+     "num_experts_per_tok"),  # DeepseekV2Config's default is None: the router's topk fails
+    ({"model_type": "deepseek_v3", **_DS, "num_key_value_heads": 2}, "num_key_value_heads"),
+    ({"model_type": "deepseek_v3", **_DS, "n_group": 3, "topk_group": 1}, "n_group"),  # 8 experts in 3 groups
+    ({"model_type": "deepseek_v3", **_DS, "n_group": 8, "topk_group": 1}, "n_group"),  # groups of one: topk(2)
+    ({"model_type": "deepseek_v3", **_DS, "first_k_dense_replace": None}, "first_k_dense_replace"),
+    ({"model_type": "deepseek_v2", **_DS, "topk_method": "noaux_tc"}, "topk_method"),
+    ({"model_type": "deepseek_v2", **_DS, "qk_rope_head_dim": 7}, "qk_rope_head_dim"),
+    ({"model_type": "deepseek_v2", **_DS, "hidden_size": 66}, "hidden_size"),
+    ({"model_type": "deepseek_v3", **_DS, "n_group": 4, "routed_scaling_factor": 2}, "routed_scaling_factor"),
+])
+def test_deepseek_configs_refused(config, key):
+    with pytest.raises(PlannerInputError) as err:
+        spec_from_config(config, "ds.json")
+    assert err.value.field == f"ds.json: {key}"

@@ -54,8 +54,8 @@ TINY = {
     "tiny-variant": {**_TINY, "attention_bias": False, "tie_word_embeddings": True, "num_experts": 4,
                      "num_local_experts": 8, "head_dim": 32, "layer_types": ["full_attention"] * 3},
     # GptOssConfig's head_dim (64), num_key_value_heads (8) and sliding_window (128)
-    "tiny-defaults": {**{k: v for k, v in _TINY.items() if k not in ("head_dim", "num_key_value_heads", "sliding_window")},
-                      "num_attention_heads": 8},
+    "tiny-defaults": {**{k: v for k, v in _TINY.items()
+                         if k not in ("head_dim", "num_key_value_heads", "sliding_window")}, "num_attention_heads": 8},
 }
 
 
@@ -79,8 +79,8 @@ def test_params_and_buffers_match_transformers(key):
     for m in module_inventory(spec):
         # `mlp.experts.gate_up_proj` (a parameter) belongs to module `mlp.experts`; `self_attn.sinks` to `self_attn`
         path = m.path.rsplit(".", 1)[0] if m.kind == "experts" or m.path.endswith(".sinks") else m.path
-        planned[path] = planned.get(path, 0) + (0 if m.tied else m.params)
-    assert planned == {k: v for k, v in real.items() if v}
+        planned[path] = planned.get(path, 0) + m.params
+    assert {k: v for k, v in planned.items() if v} == {k: v for k, v in real.items() if v}
     # model.named_parameters() order (what ZeRO flattens): the layout's order
     names = [n for n, _ in model.named_parameters() if ".layers.0." in n]
     assert names[0].endswith("self_attn.sinks") and names[-1].endswith("post_attention_layernorm.weight")

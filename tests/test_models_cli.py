@@ -19,8 +19,11 @@ def test_json_lists_every_catalog_model(capsys):
     by_name = {row["name"]: row for row in rows}
     assert by_name["llama-3.1-405b"] == {
         "name": "llama-3.1-405b", "repo_id": "meta-llama/Llama-3.1-405B", "family": "llama",
-        "total_params": 405_853_388_800, "embedding_params": 128256 * 16384, "context_tokens": 131072,
-        "tied_embeddings": False}
+        "total_params": 405_853_388_800, "active_params": 405_853_388_800, "embedding_params": 128256 * 16384,
+        "context_tokens": 131072, "tied_embeddings": False}
+    # MoE: every expert resident, 8 of 128 routed per token (Qwen3-30B-A3B's card: 30.5 B total, 3.3 B active)
+    assert (by_name["qwen3-30b-a3b"]["total_params"], by_name["qwen3-30b-a3b"]["active_params"]) == (
+        30_532_122_624, 3_353_032_704)
     assert by_name["llama-3.2-1b"]["tied_embeddings"] is True
     assert by_name["gpt2"]["embedding_params"] == 50257 * 768 + 1024 * 768  # token + position embeddings
     for row in rows:

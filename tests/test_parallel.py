@@ -246,3 +246,30 @@ def test_deepspeed_keeps_an_fp32_master_partition(ds_measured, strategy, method)
     trainable = 881_920 if method == "full" else 7_168  # fp32 bytes
     for rank in ds_measured[(strategy, method)]:
         assert rank.buffers_at_peak["ds_fp32_master"] == trainable // 2
+
+
+# ---------------------------------------------------------------------------------------------- MoE (issue 12)
+
+@pytest.mark.parametrize("name", ["qwen3-30b-a3b", "mixtral-8x7b", "gpt-oss-20b", "qwen1.5-moe-a2.7b"])
+@pytest.mark.parametrize("targets", [("q_proj", "v_proj"), ("all-linear",)])
+def test_deepspeed_shards_expert_stacks_like_any_parameter(name, targets):
+    """ZeRO flattens every parameter tensor: the expert stacks (E x out x in each) and PEFT's ParamWrapper adapters
+    ((r E) x in, out x (r E), gate_up_proj at 2r) are counted whole, so the tensors ZeRO partitions add up to the
+    model's and the adapters' totals (expert parallelism is not modelled)."""
+    from lora_planner.catalog import resolve_model
+    from lora_planner.params import count_params, lora_params
+    from lora_planner.specs import LoraSpec
+
+    spec = resolve_model(name)
+    t = TrainingSpec(method="lora", gpus=8, strategy="deepspeed-zero3", lora=LoraSpec(r=16, target_modules=targets))
+    tensors = deepspeed._parameters(spec, t)
+    assert sum(n * count for n, count, trainable in tensors if not trainable) == count_params(spec).total
+    assert sum(n * count for n, count, trainable in tensors if trainable) == \
+        lora_params(spec, 16, targets).trainable_params
+    order = deepspeed._trainable_order(spec, t)
+    assert sum(order) == lora_params(spec, 16, targets).trainable_params
+    full = TrainingSpec(method="full", gpus=8, strategy="deepspeed-zero3")
+    assert sum(deepspeed._trainable_order(spec, full)) == count_params(spec).total
+    plan = estimate_memory(spec, full)
+    single = estimate_memory(spec, TrainingSpec(method="full"))
+    assert plan.peak_allocated_bytes < single.peak_allocated_bytes / 2  # weights, gradients, states sharded 8 ways

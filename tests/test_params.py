@@ -8,6 +8,7 @@ module's path / shape / bias / repeat count, and LoRA trainable / all-parameter 
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import pytest
@@ -114,7 +115,24 @@ PUBLISHED_TOTALS = {
     "gemma-2-9b": 9_241_705_984,  # 9.24 B
     "gemma-2-27b": 27_227_128_320,  # 27.2 B
     "gemma-3-1b": 999_885_952,  # 1.0 B
+    # MoE: the hub's safetensors totals (model cards: total / active)
+    "mixtral-8x7b": 46_702_792_704,  # 46.7 B / 12.9 B
+    "mixtral-8x22b": 140_620_634_112,  # 141 B / 39 B
+    "qwen1.5-moe-a2.7b": 14_315_784_192,  # 14.3 B / 2.7 B
+    "qwen3-30b-a3b": 30_532_122_624,  # 30.5 B / 3.3 B
+    "qwen3-235b-a22b": 235_093_634_560,  # 235 B / 22 B
+    "olmoe-1b-7b": 6_919_161_856,  # 6.9 B / 1.3 B
+    "gpt-oss-20b": 20_914_757_184,  # 21 B / 3.6 B
+    "gpt-oss-120b": 116_829_156_672,  # 117 B / 5.1 B
+    "deepseek-v2-lite": 15_706_484_224,  # 16 B / 2.4 B
+    "deepseek-v3": 671_026_404_352,  # 671 B main model (the hub's 685 B adds the MTP module) / 37 B
 }
+# Active parameters per token (`ParamCounts.active`), as the model cards round them.
+PUBLISHED_ACTIVE = {"mixtral-8x7b": 12.9e9, "mixtral-8x22b": 39e9, "qwen1.5-moe-a2.7b": 2.7e9, "qwen3-30b-a3b": 3.3e9,
+                    "qwen3-235b-a22b": 22e9, "olmoe-1b-7b": 1.3e9}
+# gpt-oss's card counts active parameters without the input embedding table (`embedding_free_active_params`).
+PUBLISHED_ACTIVE_NO_EMBEDDINGS = {"gpt-oss-20b": 3.6e9, "gpt-oss-120b": 5.1e9, "deepseek-v2-lite": 2.4e9,
+                                  "deepseek-v3": 36.6e9}  # DeepSeek-V3's README: "Activation parameters: 36.6B"
 
 
 def _family(name: str) -> str:
@@ -141,6 +159,26 @@ def test_total_matches_published(name, expected):
     assert count_params(resolve_model(name)).total == expected
 
 
+@pytest.mark.parametrize(("name", "expected"), PUBLISHED_ACTIVE.items())
+def test_moe_active_params_match_the_model_cards(name, expected):
+    counts = count_params(resolve_model(name))
+    assert abs(counts.active - expected) / expected < 0.03, counts.active
+    assert counts.active < counts.total
+
+
+@pytest.mark.parametrize(("name", "expected"), PUBLISHED_ACTIVE_NO_EMBEDDINGS.items())
+def test_moe_active_params_without_embeddings_match_the_model_cards(name, expected):
+    from lora_planner.params import embedding_free_active_params
+
+    assert abs(embedding_free_active_params(resolve_model(name)) - expected) / expected < 0.03
+
+
+def test_moe_active_params_by_hand():
+    """Mixtral-8x7B: 2 of 8 experts of 3 x 4096 x 14336 in each of 32 layers are active."""
+    counts = count_params(resolve_model("mixtral-8x7b"))
+    assert counts.total - counts.active == 32 * 6 * 3 * 4096 * 14336
+
+
 def test_total_matches_transformers(built):
     name, spec, model = built
     assert count_params(spec).total == total_params(model)
@@ -150,7 +188,7 @@ def test_group_counts_match_transformers(built):
     """Every real parameter belongs to an inventory module; summing them by the inventory's groups gives
     `count_params(...).by_group` exactly (norms, embeddings, lm_head, attention, mlp)."""
     name, spec, model = built
-    group_of = {m.path: m.group for m in module_inventory(spec)}
+    group_of = {_owner(m): m.group for m in module_inventory(spec)}
     real = params_by_module(model)
     assert set(real) <= set(group_of), f"real modules missing from the inventory: {set(real) - set(group_of)}"
     by_group = dict.fromkeys(GROUPS, 0)
@@ -165,8 +203,27 @@ def test_module_params_match_transformers(built):
     """Module by module: `Module.params` equals the real parameters folded onto that layer-0 path."""
     name, spec, model = built
     real = params_by_module(model)
-    for module in module_inventory(spec):
-        assert module.params == real.get(module.path, 0), module.path
+    planned: dict[str, int] = {}
+    for module in module_inventory(spec):  # an MoE experts module's stacks are several inventory entries
+        planned[_owner(module)] = planned.get(_owner(module), 0) + module.params
+    for path, params in planned.items():
+        assert params == real.get(path, 0), path
+
+
+def _first_instance(m):
+    """The entry as its first layer names it (inventory paths are layer 0's; DeepSeek's MoE blocks start at layer
+    `first_k_dense_replace`)."""
+    return dataclasses.replace(m, path=m.layer_path(m.layer_indices[0])) if m.layers else m
+
+
+def _owner(m) -> str:
+    """The module that owns an inventory entry's parameters: itself, or for an entry whose path is a parameter's own
+    name (a 3-D experts stack, `mlp.experts.gate_up_proj`; gpt-oss's per-head `self_attn.sinks`) its module."""
+    return m.path.rsplit(".", 1)[0] if _is_parameter(m) else m.path
+
+
+def _is_parameter(m) -> bool:
+    return m.kind == "experts" or m.path.endswith(".sinks")
 
 
 def test_inventory_paths_shapes_and_counts(built):
@@ -177,10 +234,25 @@ def test_inventory_paths_shapes_and_counts(built):
     modules = dict(model.named_modules())
     instances = module_instances(model)
     for m in module_inventory(spec):
-        assert m.path in modules, m.path
-        real = modules[m.path]
+        if m.kind == "experts":  # a 3-D parameter (E, out, in) of the experts module (transposed: (E, in, out))
+            owner = modules[_owner(_first_instance(m))]
+            weight = getattr(owner, m.path.rsplit(".", 1)[1])
+            shape = (m.experts, m.in_features, m.out_features) if getattr(owner, "is_transposed", False) else (
+                m.experts, m.out_features, m.in_features)
+            assert tuple(weight.shape) == shape, m.path
+            assert instances[_owner(m)] == m.count, m.path
+            continue
+        if _is_parameter(m):  # gpt-oss's attention sinks: one (heads,) parameter of the attention module
+            owner = modules[_owner(_first_instance(m))]
+            assert tuple(getattr(owner, m.path.rsplit(".", 1)[1]).shape) == (m.out_features,), m.path
+            continue
+        assert _first_instance(m).path in modules, m.path
+        real = modules[_first_instance(m).path]
         bias = getattr(real, "bias", None)
-        if m.kind == "linear":
+        if m.kind == "router":  # a bare (E, H) parameter of a custom module (not an nn.Linear)
+            assert not isinstance(real, LINEAR_TYPES), m.path
+            assert tuple(real.weight.shape) == (m.out_features, m.in_features), m.path
+        elif m.kind == "linear":
             assert isinstance(real, LINEAR_TYPES), (m.path, type(real))
             expected = (m.in_features, m.out_features) if isinstance(real, Conv1D) else (m.out_features,
                                                                                          m.in_features)
@@ -196,7 +268,7 @@ def test_inventory_paths_shapes_and_counts(built):
         if bias is not None:
             assert tuple(bias.shape) == (m.out_features,), m.path
         assert instances[m.path] == m.count, m.path
-        if m.count > 1:
+        if m.count > 1 and not m.layers:
             assert layer_index(m.path) == 0, m.path
             assert m.path.replace(".0.", f".{m.count - 1}.", 1) in modules
             assert m.path.replace(".0.", f".{m.count}.", 1) not in modules
@@ -205,7 +277,7 @@ def test_inventory_paths_shapes_and_counts(built):
 def test_inventory_lists_every_parameter_holding_module(built):
     """No module with parameters of its own is left out of the inventory (layer-0 representatives)."""
     name, spec, model = built
-    inventory = {m.path for m in module_inventory(spec)}
+    inventory = {_owner(m) for m in module_inventory(spec)}
     owners = {path for path, mod in model.named_modules()
               if any(True for _ in mod.parameters(recurse=False)) and layer_index(path) in (None, 0)}
     assert owners <= inventory, owners - inventory
@@ -330,6 +402,48 @@ FAMILY_CASES = {
         (4, ("dense_h_to_4h", "dense_4h_to_h")),
         (16, ("dense",)),  # self_attention.dense only (the MLP's names end differently)
         (8, ("word_embeddings",)),
+    ],
+    # MoE: PEFT's transformers-v5 conversion turns v4 names of the experts / router into target_parameters
+    # (gate_up_proj at rank 2r); all-linear adds all of them (Mixtral, Qwen3-MoE, OLMoE); Qwen2-MoE has no conversion
+    "mixtral": [
+        (8, ("q_proj", "v_proj")),  # PEFT's mapping (its default lookup fails under transformers 5)
+        (16, ("all-linear",)),
+        (4, ("w1", "w3")),  # -> mlp.experts.gate_up_proj at r = 8
+        (8, ("w2", "gate")),  # -> mlp.experts.down_proj and mlp.gate.weight
+        (8, ("embed_tokens", "lm_head")),
+    ],
+    "qwen3_moe": [
+        (8, ("q_proj", "v_proj")),  # PEFT has no default: q_proj, v_proj
+        (16, ("all-linear",)),
+        (4, ("gate_proj", "up_proj", "down_proj")),  # -> the expert stacks
+        (32, ("q_proj", "k_proj", "v_proj", "o_proj", "gate")),
+    ],
+    "olmoe": [
+        (8, ("q_proj", "v_proj")),  # PEFT has no default: q_proj, v_proj
+        (16, ("all-linear",)),
+        (4, ("gate_proj", "up_proj", "down_proj")),
+        (8, ("embed_tokens", "lm_head")),
+    ],
+    "deepseek_v2": [
+        (8, ("kv_a_proj_with_mqa", "kv_b_proj", "o_proj")),  # PEFT has no default: this tool's MLA choice
+        (16, ("all-linear",)),  # + the expert stacks (gate_up_proj at 2r) and the router; not the shared experts
+        (4, ("gate_proj", "up_proj", "down_proj")),  # -> the expert stacks only (PEFT's conversion)
+    ],
+    "deepseek_v3": [
+        (8, ("kv_a_proj_with_mqa", "kv_b_proj", "o_proj")),
+        (16, ("all-linear",)),
+        (8, ("q_a_proj", "q_b_proj", "gate")),
+    ],
+    "gpt_oss": [
+        (8, ("q_proj", "v_proj")),  # PEFT has no default: q_proj, v_proj (no MoE conversion for gpt_oss)
+        (16, ("all-linear",)),  # attention only: the router and the experts are not nn.Linear
+        (32, ("q_proj", "k_proj", "v_proj", "o_proj")),
+    ],
+    "qwen2_moe": [
+        (8, ("q_proj", "v_proj")),  # PEFT has no default: q_proj, v_proj
+        (16, ("all-linear",)),  # attention, the shared expert, its 1-wide gate; the routed experts stay frozen
+        (4, ("gate_proj", "up_proj", "down_proj")),  # the shared expert's linears (no conversion for qwen2_moe)
+        (16, ("shared_expert_gate",)),  # 1 wide: PEFT adapts it at any rank
     ],
 }
 PEFT_CASES = [
@@ -750,3 +864,104 @@ def test_buffers_and_parameters_match_transformers(key):
     assert buffer_bytes(spec, "bf16") == sum(b.numel() * b.element_size() for b in bf16.buffers())
     assert all(b.dtype == (torch.bfloat16 if n.endswith("embed_scale") else torch.float32)
                for n, b in bf16.named_buffers())
+
+
+# --------------------------------------------------------------------------------------------------
+# DeepSeek-V2 / V3 (lora_planner/families/deepseek.py): MLA with and without q_lora_rank, dense first layers, shared
+# experts, the fp32 router and V3's fp32 e_score_correction_bias buffer; LoRA through PEFT's qwen2_moe conversion.
+# --------------------------------------------------------------------------------------------------
+
+_DEEPSEEK_BASE = {"vocab_size": 96, "hidden_size": 64, "intermediate_size": 80, "moe_intermediate_size": 24,
+                  "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 4, "q_lora_rank": 32,
+                  "kv_lora_rank": 16, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 12,
+                  "n_routed_experts": 8, "n_shared_experts": 2, "num_experts_per_tok": 2, "first_k_dense_replace": 1}
+_DEEPSEEK_TINY = {
+    "v3": {"model_type": "deepseek_v3", **_DEEPSEEK_BASE, "n_group": 4, "topk_group": 3},
+    "v3-q-proj-biased-tied": {"model_type": "deepseek_v3", **_DEEPSEEK_BASE, "n_group": 2, "topk_group": 1,
+                              "q_lora_rank": None, "attention_bias": True, "tie_word_embeddings": True,
+                              "first_k_dense_replace": 0, "num_local_experts": 4},  # the alias wins
+    "v3-all-dense": {"model_type": "deepseek_v3", **_DEEPSEEK_BASE, "n_group": 2, "topk_group": 2,
+                     "first_k_dense_replace": 5},
+    "v2-lite-like": {"model_type": "deepseek_v2", **_DEEPSEEK_BASE, "q_lora_rank": None},
+    "v2-biased-glg": {"model_type": "deepseek_v2", **_DEEPSEEK_BASE, "attention_bias": True, "mlp_bias": True,
+                      "topk_method": "group_limited_greedy", "n_group": 4, "topk_group": 2, "num_experts": 4,
+                      "first_k_dense_replace": 2, "n_shared_experts": 1},
+}
+_DEEPSEEK_LORA = (  # (target_modules, target_parameters)
+    (None, None),  # this tool's default: kv_a_proj_with_mqa, kv_b_proj, o_proj
+    (("all-linear",), None),
+    (("gate_proj", "up_proj", "down_proj"), None),  # converted: the routed experts only
+    (("o_proj",), ("mlp.experts.gate_up_proj", "mlp.experts.down_proj", "mlp.gate.weight")),
+    (("q_a_proj", "q_proj", "kv_b_proj", "gate"), None),
+)
+
+
+def _peft_trainable(config: dict, targets: tuple[str, ...], target_parameters: tuple[str, ...] | None) -> int:
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=targets if targets != ("all-linear",) else "all-linear",
+                      target_parameters=list(target_parameters) if target_parameters else None)
+    with warnings.catch_warnings(), torch.device("meta"):
+        warnings.simplefilter("ignore")
+        model = get_peft_model(meta_model(config), lora)
+    return int(model.get_nb_trainable_parameters()[0])
+
+
+@pytest.mark.parametrize("key", _DEEPSEEK_TINY)
+def test_deepseek_params_buffers_and_lora_match_transformers_and_peft(key):
+    config = _DEEPSEEK_TINY[key]
+    spec = spec_from_config(config, key)
+    model = meta_model(config)
+    assert count_params(spec).total == total_params(model)
+    mine: dict[str, int] = {}
+    for m in module_inventory(spec):  # transformers' experts module holds both stacks
+        path = m.path.rsplit(".", 1)[0] if m.kind == "experts" else m.path
+        mine[path] = mine.get(path, 0) + m.params
+    assert params_by_module(model) == {path: n for path, n in mine.items() if n}
+    assert buffer_numel(spec) == sum(b.numel() for b in model.buffers())
+    with torch.device("meta"):
+        bf16 = AutoModelForCausalLM.from_config(hf_config(config), dtype=torch.bfloat16)
+    assert buffer_bytes(spec, "bf16") == sum(b.numel() * b.element_size() for b in bf16.buffers())
+    from lora_planner.step import _stored_weight_bytes  # the router's weight stays fp32 (`Module.fp32`)
+
+    assert _stored_weight_bytes(spec, False, "bf16") == sum(p.numel() * p.element_size() for p in bf16.parameters())
+    for targets, params in _DEEPSEEK_LORA:
+        if targets and "q_proj" in targets and key != "v2-lite-like" and key != "v3-q-proj-biased-tied":
+            targets = tuple(t for t in targets if t != "q_proj")
+        if targets and "q_a_proj" in targets and spec.q_lora_rank == 0:
+            targets = tuple(t for t in targets if t != "q_a_proj")
+        if spec.num_layers == len(spec.dense_layers) and targets is not None:
+            continue  # no MoE layer: PEFT's converted targets match nothing (all-linear: PEFT adapts the attention, the
+            # planner refuses the unmatched gate_up_proj; not a released model)
+        resolved = FAMILY_RULES[spec.family].peft_default_targets if targets is None else targets
+        mine = lora_params(spec, 4, targets, target_parameters=params).trainable_params
+        assert mine == _peft_trainable(config, resolved, params), (key, targets, params)
+
+
+@pytest.mark.parametrize("name", ["deepseek-v2-lite", "deepseek-v3"])
+def test_deepseek_full_size_totals_match_transformers(name):
+    """/tmp/moe/catalog's configs (DeepSeek-V2-Lite, DeepSeek-V3): 15,706,484,224 and 671,026,404,352 parameters."""
+    config = _DEEPSEEK_FULL[name]
+    assert count_params(spec_from_config(config, name)).total == total_params(meta_model(config)) == {
+        "deepseek-v2-lite": 15_706_484_224, "deepseek-v3": 671_026_404_352}[name]
+
+
+_DEEPSEEK_FULL = {
+    "deepseek-v2-lite": {"model_type": "deepseek_v2", "vocab_size": 102400, "hidden_size": 2048,
+                         "intermediate_size": 10944, "moe_intermediate_size": 1408, "num_hidden_layers": 27,
+                         "num_attention_heads": 16, "num_key_value_heads": 16, "n_routed_experts": 64,
+                         "n_shared_experts": 2, "num_experts_per_tok": 6, "first_k_dense_replace": 1,
+                         "norm_topk_prob": False, "q_lora_rank": None, "kv_lora_rank": 512, "qk_nope_head_dim": 128,
+                         "qk_rope_head_dim": 64, "v_head_dim": 128, "n_group": 1, "topk_group": 1,
+                         "routed_scaling_factor": 1.0, "topk_method": "greedy", "max_position_embeddings": 163840,
+                         "attention_bias": False, "tie_word_embeddings": False},
+    "deepseek-v3": {"model_type": "deepseek_v3", "vocab_size": 129280, "hidden_size": 7168, "intermediate_size": 18432,
+                    "moe_intermediate_size": 2048, "num_hidden_layers": 61, "num_attention_heads": 128,
+                    "num_key_value_heads": 128, "n_routed_experts": 256, "n_shared_experts": 1,
+                    "num_experts_per_tok": 8, "first_k_dense_replace": 3, "norm_topk_prob": True, "q_lora_rank": 1536,
+                    "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128,
+                    "n_group": 8, "topk_group": 4, "routed_scaling_factor": 2.5, "max_position_embeddings": 163840,
+                    "attention_bias": False, "tie_word_embeddings": False},
+}

@@ -65,6 +65,8 @@ class Module:
     layers: tuple[int, ...] = ()
     # LoRA only: the rank multiplier PEFT's MoE conversion gives this module (`rank_pattern`, gate_up_proj: 2).
     lora_rank_scale: int = 1
+    # Kept in fp32 whatever the model's dtype (transformers' `_keep_in_fp32_modules_strict`: DeepSeek's router weight).
+    fp32: bool = False
 
     @property
     def params_each(self) -> int:

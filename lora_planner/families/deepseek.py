@@ -30,12 +30,14 @@ output comes back head-major, so `transpose(1, 2).contiguous()` copies; on CUDA 
 Routers (kept fp32: `_keep_in_fp32_modules_strict` holds `gate.weight`, created fp32 in `__init__`; `F.linear` on
 `hidden_states.type(torch.float32)`, whose fp32 copy it keeps when the weight trains):
 - V3 `DeepseekV3TopkRouter`: sigmoid (keeps its (T, E) output), + `e_score_correction_bias` (an fp32 buffer, E per
-  MoE layer) for the choice only, per group top-2 ((T, groups, 2) int64 indices) summed, top `topk_group` groups
-  ((T, topk_group) int64), `masked_fill` (a (T, E) bool mask), top-k ((T, k) int64, also gather's index), the weights
-  gathered from the uncorrected scores, renormalised with `norm_topk_prob` ((T, 1) sum and the (T, k) quotient),
-  x routed_scaling_factor (nothing kept).
+  MoE layer) for the choice only, per group top-2 summed, top `topk_group` groups, `masked_fill`, top-k: only the
+  indices of these are used, so their nodes (and the int64 indices and bool mask they saved) are freed within the
+  forward (measured: `tests/test_activations.py` forgets storages freed before backward); kept: the sigmoid output,
+  the (T, k) int64 top-k indices (gather's index), with `norm_topk_prob` the (T, 1) sum and the (T, k) quotient of
+  the weights gathered from the uncorrected scores; x routed_scaling_factor keeps nothing.
 - V2 `DeepseekV2TopkRouter`: fp32 softmax and top-k ("greedy"; never renormalised, whatever norm_topk_prob says);
-  "group_limited_greedy" adds the per-group max ((T, groups) int64), the group top-k and the bool mask.
+  "group_limited_greedy" adds a (T, E) bool mask (its masked_fill feeds the kept top-k values; the group max and
+  group top-k are freed as in V3).
 The routing weights reach the experts in fp32.
 
 PEFT 0.21.2 has no default targets for deepseek_v2 / v3 (none in TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING):
@@ -45,10 +47,12 @@ transformers' `conversion_mapping._MODEL_TO_CONVERSION_PATTERN` sends both to th
 (gate_up_proj at rank x2, down_proj, gate.weight): all-linear adapts the attention projections, the routed experts and
 the router, but never the shared experts or the dense MLPs (whose Linear layers share those names).
 
-Not modelled: the multi-token-prediction layer (transformers does not build it), flash / flex attention, an fp32
-router's weight bytes in the memory totals beside the saved tensors (`ModelSpec` weights are counted at --dtype),
-autocast (AMP) and QLoRA runs of these models (untested), and, with --dtype fp32, V2's RoPE table (complex64 (s,
-rope/2): half the bytes of the cos / sin counted).
+The router's weight is stored fp32 (`Module.fp32`: its weight, gradient and optimizer bytes).
+
+Not modelled: the multi-token-prediction layer (transformers does not build it), flash / flex attention, autocast
+(AMP) and QLoRA runs of these models (untested), with --dtype fp32 V2's RoPE table (complex64 (s, rope / 2): half the
+bytes of the cos / sin counted), and the FLOP count's attention widths (`lora_planner.throughput` reads heads x
+head_dim, here the RoPE part only).
 """
 
 from __future__ import annotations
@@ -103,7 +107,8 @@ def mlp_modules(spec: ModelSpec) -> list[Module]:
                     Module(PREFIX + "mlp.up_proj", "linear", "mlp", h, i, bias, len(dense), layers=dense),
                     Module(PREFIX + "mlp.down_proj", "linear", "mlp", i, h, bias, len(dense), layers=dense)]
     if moe_layers:
-        modules += [replace(m, layers=explicit) for m in moe_modules(spec, PREFIX, router_first=False)]
+        modules += [replace(m, layers=explicit, fp32=m.kind == "router")  # `_keep_in_fp32_modules_strict`
+                    for m in moe_modules(spec, PREFIX, router_first=False)]
         width, count, bias = spec.shared_expert_intermediate_size, len(moe_layers), spec.mlp_bias
         modules += [replace(m, layers=explicit) for m in (
             Module(PREFIX + "mlp.shared_experts.gate_proj", "linear", "mlp", h, width, bias, count),
@@ -139,14 +144,18 @@ def attention_inputs(flow: Flow, x_needs_grad: bool) -> tuple[list[SavedTensor],
     saved = norm(flow, "input_layernorm", x_needs_grad)
     keeps_normed = False
 
-    def low_rank(down: str, norm_name: str, up: str, width: int) -> bool:
-        """x -> down -> RMSNorm(width) -> up: whether up's output needs a gradient."""
+    def low_rank(down: str, norm_name: str, up: str, width: int, rest: int = 0) -> bool:
+        """x -> down -> RMSNorm(width) -> up: whether up's output needs a gradient. The norm reads the first `width`
+        of down's `width + rest` columns: in fp32 (no cast) it keeps that view, whose storage is the whole output."""
         nonlocal keeps_normed
         own, keeps = flow.linear(ATTN + down, es, x_needs_grad)
         saved.extend(own)
         keeps_normed |= keeps
         down_grad = x_needs_grad or flow.adapted(ATTN + down)
-        saved.extend(rms_norm_of(flow, norm_name, tokens * width, width, e, down_grad))
+        for item in rms_norm_of(flow, norm_name, tokens * width, width, e, down_grad):
+            if item.name.endswith("fp32_input") and e == FP32:
+                item = SavedTensor(item.name, tokens * (width + rest) * FP32)
+            saved.append(item)
         own, keeps = flow.linear(ATTN + up, e, down_grad)
         saved.extend(own)
         if keeps:
@@ -160,7 +169,7 @@ def attention_inputs(flow: Flow, x_needs_grad: bool) -> tuple[list[SavedTensor],
         saved += own
         keeps_normed |= keeps
         q_grad = x_needs_grad or flow.adapted(ATTN + "q_proj")
-    kv_grad = low_rank("kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj", spec.kv_lora_rank)
+    kv_grad = low_rank("kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj", spec.kv_lora_rank, spec.head_dim)
     if keeps_normed:
         saved.append(SavedTensor("input_layernorm.output", tokens * spec.hidden_size * es))
     return saved, q_grad, kv_grad
@@ -218,11 +227,8 @@ def router(flow: Flow, prefix: str, x_needs_grad: bool) -> tuple[list[SavedTenso
         return saved, keeps_x, False
     e, k, groups = spec.num_experts, spec.num_experts_per_tok, spec.router_groups
     saved.append(SavedTensor("mlp.router.sigmoid" if spec.router_sigmoid else "mlp.router.softmax", tokens * e * FP32))
-    if groups:
-        per_group = 2 if spec.router_sigmoid else 1  # V3: the sum of each group's top 2; V2: each group's max
-        saved += [SavedTensor("mlp.router.group_indices", tokens * groups * per_group * INT64),
-                  SavedTensor("mlp.router.group_topk_indices", tokens * spec.router_topk_groups * INT64),
-                  SavedTensor("mlp.router.group_mask", tokens * e * BOOL)]
+    if groups and not spec.router_sigmoid:  # V2's masked_fill feeds the kept top-k values: its bool mask stays
+        saved.append(SavedTensor("mlp.router.group_mask", tokens * e * BOOL))
     saved.append(SavedTensor("mlp.router.topk_indices", tokens * k * INT64))
     if spec.norm_topk_prob:
         saved += [SavedTensor("mlp.router.topk_sum", tokens * FP32),

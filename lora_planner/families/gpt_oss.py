@@ -19,7 +19,8 @@ post_attention_layernorm -> `GptOssMLP` (router + experts) -> + residual.
   eager, an explicit "sdpa" raises ValueError), so every plan is eager attention (`Family.sdpa` False).
   `eager_attention_forward`: q k^T * scaling (+ mask), `cat` with the sinks -> (b, NH, s, s + 1), minus its row max
   (`max(dim=-1)` keeps its int64 (b, NH, s, 1) indices), softmax in the compute dtype over s + 1 columns (kept: the
-  [..., :-1] view the matmul with v reads is the same storage), matmul with the repeated v (`sink_attention`).
+  [..., :-1] view the matmul with v reads is the same storage; under autocast an fp32 softmax and a 16-bit s x s
+  copy), matmul with the repeated v (`sink_attention`).
   Sliding layers (`layer_types`: every other layer from layer 0, window 128) differ only in their additive mask.
 - MLP (`GptOssMLP`): the router `mlp.router` (`GptOssTopKRouter`: bare weight (E, H) and bias (E,) parameters,
   `F.linear` -> `topk` (keeps its (T, k) int64 indices) -> softmax over the k selected logits in the logits' dtype
@@ -42,7 +43,9 @@ folds B A into a new bf16 copy of the weight on every forward and keeps it for b
 
 Not modelled: flash-attention / flex attention with sinks (kernels-community hub kernels; flex attention cannot run
 sinks on the CPU), their saved tensors were not measured; attention dropout (`attention_dropout`, 0 in the released
-configs) on the sink softmax; autocast (fp32 weights under bf16 autocast) was not measured for this family;
+configs) on the sink softmax; a router adapted through target_parameters under autocast; autocast with the eager
+experts loop (its `@` matmuls cast each hit expert's weight slices and inputs to 16-bit and keep those copies:
+measured 120 KB more than planned per layer of the tiny test model; grouped_mm under autocast is modelled);
 `output_router_logits` (the auxiliary loss keeps every layer's (T, E) softmax); the MXFP4 load's transient buffers
 (an int32 index per weight and two copies of each dequantized tensor, one tensor at a time); the experts'
 `batched_mm` implementation (keeps a per-row copy of the expert weights: avoid for training); expert parallelism.
@@ -53,7 +56,7 @@ from __future__ import annotations
 from lora_planner.families.base import Family, Module, attention_modules
 from lora_planner.families.moe import INT64, experts, folded_weight
 from lora_planner.families.rules import (
-    Flow, SavedTensor, norm, normed_attention_input, output_projection, sliding_model_level,
+    FP32, Flow, SavedTensor, norm, normed_attention_input, output_projection, sliding_model_level,
 )
 from lora_planner.specs import ModelSpec
 
@@ -83,28 +86,35 @@ def sink_attention(flow: Flow, q_grad: bool, k_grad: bool, v_grad: bool) -> list
     """gpt-oss's `eager_attention_forward` (module docstring): q k^T keeps each operand for the other's gradient (k
     and v repeated to every head first when heads > kv heads); the scores need a gradient when q or k does, or when
     the sinks train (full fine-tuning): then the row max keeps its int64 indices, the softmax over s + 1 columns its
-    output (compute dtype), and the matmul with v keeps v; with only v needing a gradient, the probabilities."""
+    output, and the matmul with v keeps v; with only v needing a gradient, the probabilities. The softmax runs in
+    the compute dtype, in fp32 under autocast (`cat` promotes the 16-bit scores to the fp32 sinks' dtype): then
+    `.to(value_states.dtype)` makes a 16-bit (s x s) copy of the probabilities, which the matmul with v keeps when v
+    needs a gradient."""
     flow.note_attention(q_grad, k_grad, v_grad)
     spec, tokens, e = flow.spec, flow.tokens, flow.e_compute
     repeated = spec.q_size if spec.num_kv_heads != spec.num_heads else spec.kv_size
     rows = flow.b * spec.num_heads * flow.s
-    probs = SavedTensor("attn.softmax_with_sink", rows * (flow.s + 1) * e)
+    softmax_e = FP32 if flow.amp else e
+    probs = SavedTensor("attn.softmax_with_sink", rows * (flow.s + 1) * softmax_e)
+    probs_copy = [SavedTensor("attn.probs", rows * flow.s * e)] if softmax_e != e and v_grad else []
     saved: list[SavedTensor] = []
     if k_grad:
         saved.append(SavedTensor("attn.q_rotated", tokens * spec.q_size * e))
     if q_grad:
         saved.append(SavedTensor("attn.k_repeated", tokens * repeated * e))
     if q_grad or k_grad or flow.full:
-        saved += [SavedTensor("attn.row_max_indices", rows * INT64), probs,
+        saved += [SavedTensor("attn.row_max_indices", rows * INT64), probs, *probs_copy,
                   SavedTensor("attn.v_repeated", tokens * repeated * e)]
     elif v_grad:
-        saved.append(probs)
+        saved += probs_copy or [probs]
     return saved
 
 
 def router(flow: Flow, x_needs_grad: bool) -> tuple[list[SavedTensor], bool, bool]:
     """`GptOssTopKRouter` (module docstring): (saved, whether it keeps its input x, whether the scores need a
-    gradient). x is kept when the weight trains (full) or is adapted (its folded weight needs x for its gradient)."""
+    gradient). x is kept when the weight trains (full) or is adapted (its folded weight needs x for its gradient);
+    under autocast `F.linear` keeps its 16-bit copy of x instead (reported as not kept) and, when x needs a
+    gradient or the weight trains, its 16-bit copy of the weight; the scores are then 16-bit."""
     path = PREFIX + "mlp.router"
     if flow.input_grads is not None:
         flow.input_grads[path] = x_needs_grad
@@ -112,12 +122,20 @@ def router(flow: Flow, x_needs_grad: bool) -> tuple[list[SavedTensor], bool, boo
     saved: list[SavedTensor] = []
     if flow.adapted(path):
         saved += folded_weight(flow, path, x_needs_grad)
+    keeps_x = trains
+    if flow.amp:
+        m, e = flow.modules[path], flow.e_compute
+        if trains:
+            saved.append(SavedTensor("mlp.router.input_autocast_copy", flow.tokens * m.in_features * e))
+            keeps_x = False
+        if x_needs_grad or trains:
+            saved.append(SavedTensor("mlp.router.weight_autocast_copy", m.in_features * m.out_features * e))
     scores_grad = x_needs_grad or trains
     if scores_grad:
         k = flow.spec.num_experts_per_tok
         saved += [SavedTensor("mlp.router.topk_indices", flow.tokens * k * INT64),
                   SavedTensor("mlp.router.topk_softmax", flow.tokens * k * flow.e_compute)]
-    return saved, trains, scores_grad
+    return saved, keeps_x, scores_grad
 
 
 def layer(flow: Flow, x_needs_grad: bool) -> list[SavedTensor]:
@@ -133,7 +151,8 @@ def layer(flow: Flow, x_needs_grad: bool) -> list[SavedTensor]:
     saved += norm(flow, "post_attention_layernorm", mid_needs_grad)
     own, keeps_x, scores_grad = router(flow, mid_needs_grad)
     saved += own
-    own, _ = experts(flow, p, mid_needs_grad, scores_grad, fp32_scores=False, gate_saves=4, biases=True)
+    own, _ = experts(flow, p, mid_needs_grad, scores_grad, fp32_scores=False, gate_saves=4, biases=True,
+                     scores_e=flow.e_compute)
     saved += own
     if keeps_x:
         saved.append(SavedTensor("post_attention_layernorm.output", flow.tokens * spec.hidden_size * flow.e_stream))

@@ -114,12 +114,14 @@ def router(flow: Flow, prefix: str, x_needs_grad: bool, fp32_scores: bool) -> tu
 
 
 def experts(flow: Flow, prefix: str, x_needs_grad: bool, scores_grad: bool,
-            fp32_scores: bool, gate_saves: int = 1, biases: bool = False) -> tuple[list[SavedTensor], bool]:
+            fp32_scores: bool, gate_saves: int = 1, biases: bool = False,
+            scores_e: int | None = None) -> tuple[list[SavedTensor], bool]:
     """The fused experts under the chosen implementation (module docstring): (saved, whether the output needs
     a gradient). `gate_saves`: the (S, I) tensors the gating function keeps beside gate_up's output (act(gate) *
     up: 1; gpt-oss's clamped SwiGLU `GptOssExperts._apply_gate`: 4); `biases`: the experts carry biases
     (`gate_up_proj_bias` / `down_proj_bias`, gpt-oss), whose per-row gather under grouped_mm keeps its (S,) int64
-    index (`expert_ids_g`, one storage for both) when they train."""
+    index (`expert_ids_g`, one storage for both) when they train; `scores_e`: the routing weights' bytes per element
+    when they follow neither rule of `fp32_scores` (gpt-oss under autocast: 16-bit scores, fp32 experts)."""
     spec, e = flow.spec, flow.e_expert
     gate_up, down = prefix + "mlp.experts.gate_up_proj", prefix + "mlp.experts.down_proj"
     h, i, pairs = spec.hidden_size, spec.moe_intermediate_size, flow.tokens * spec.num_experts_per_tok
@@ -130,7 +132,7 @@ def experts(flow: Flow, prefix: str, x_needs_grad: bool, scores_grad: bool,
         flow.input_grads[gate_up], flow.input_grads[down] = x_needs_grad, inner_grad
     if not out_grad:
         return [], False
-    score_e = FP32 if fp32_scores else e
+    score_e = scores_e or (FP32 if fp32_scores else e)
     saved: list[SavedTensor] = []
     for path, trains, in_grad in ((gate_up, gate_up_trains, x_needs_grad), (down, down_trains, inner_grad)):
         if flow.adapted(path):

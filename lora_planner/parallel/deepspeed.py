@@ -73,7 +73,9 @@ from lora_planner.errors import PlannerInputError
 from lora_planner.step import MemoryBreakdown, PhaseMemory, StepComponents, step_components
 from lora_planner.optimizers import TensorGroup, optimizer_scratch_bytes, optimizer_state_bytes
 from lora_planner.families import family_rules
-from lora_planner.params import adapters_by_layer, buffer_bytes, is_per_layer, module_inventory, resolve_targets
+from lora_planner.params import (
+    Module, adapted_layers, adapters_by_layer, buffer_bytes, is_per_layer, module_inventory, resolve_targets,
+)
 from lora_planner.specs import BYTES_PER_ELEMENT, ModelSpec, TrainingSpec
 
 FP32 = 4
@@ -152,14 +154,21 @@ def _parameters(spec: ModelSpec, training: TrainingSpec) -> list[tuple[int, int,
         if m.kind == "norm":
             out.append((m.out_features, m.count * (2 if m.bias else 1), full))
             continue
-        out.append((m.in_features * m.out_features, m.count, full))
+        out.append((m.weight_numel_each, m.count, full))
         if m.bias:
-            out.append((m.out_features, m.count, full))
+            out.append((m.experts * m.out_features, m.count, full))
     if not full:
-        r = training.lora.r
-        for m in resolve_targets(spec, training.lora.target_modules):
-            out += [(r * m.in_features, m.count, True), (m.out_features * r, m.count, True)]
+        lora = training.lora
+        for m in resolve_targets(spec, lora.target_modules, lora.layers_to_transform, lora.target_parameters):
+            out += [(n, m.count, True) for n in _lora_tensors(m, lora.r)]
     return out
+
+
+def _lora_tensors(m: Module, r: int) -> list[int]:
+    """Elements of an adapted module's lora_A then lora_B: r x in and out x r; for an MoE expert stack, PEFT's
+    ParamWrapper's (r E) x in and out x (r E) at its rank multiplier (`Module.lora_numel`)."""
+    rank = r * m.lora_rank_scale * m.experts
+    return [rank * m.in_features, m.out_features * rank]
 
 
 def _modules_gathered(spec: ModelSpec, training: TrainingSpec, zero: DeepSpeedZeroConfig) -> int:
@@ -167,14 +176,16 @@ def _modules_gathered(spec: ModelSpec, training: TrainingSpec, zero: DeepSpeedZe
     prefetched), each module's own parameters (DeepSpeed fetches per leaf module)."""
     threshold = zero.stage3_param_persistence_threshold
     r = training.lora.r
-    adapted = {m.path for m in resolve_targets(spec, training.lora.target_modules)} if training.method != "full" else set()
+    lora = training.lora
+    adapted = {m.path: m for m in resolve_targets(spec, lora.target_modules, lora.layers_to_transform,
+                                                  lora.target_parameters)} if training.method != "full" else {}
     sizes = []
     for m in module_inventory(spec):
         if m.tied or m.kind == "norm":
             continue
-        tensors = [m.in_features * m.out_features] + ([m.out_features] if m.bias else [])
+        tensors = [m.weight_numel_each] + ([m.experts * m.out_features] if m.bias else [])
         if m.path in adapted:
-            tensors += [r * m.in_features, m.out_features * r]
+            tensors += _lora_tensors(adapted[m.path], r)
         sizes.append(sum(t for t in tensors if t > threshold))
     largest = sorted(sizes, reverse=True)[:2]
     return sum(largest)
@@ -188,7 +199,9 @@ def _trainable_order(spec: ModelSpec, training: TrainingSpec) -> tuple[int, ...]
     full = training.method == "full"
     r = training.lora.r
     per_layer_adapters, outside = ((), frozenset()) if full else adapters_by_layer(
-        spec, training.lora.target_modules, training.lora.layers_to_transform)
+        spec, training.lora.target_modules, training.lora.layers_to_transform, training.lora.target_parameters)
+    scaled = {} if full else {m.path: m for m, _ in adapted_layers(
+        spec, training.lora.target_modules, training.lora.layers_to_transform, training.lora.target_parameters)}
     modules = [m for m in module_inventory(spec) if not m.tied]
     layer = [m for m in modules if is_per_layer(m)]
     # transformers registers some families' decoder-layer norms after attention and MLP (Llama's
@@ -204,13 +217,13 @@ def _trainable_order(spec: ModelSpec, training: TrainingSpec) -> tuple[int, ...]
         if full:
             if m.kind == "norm":
                 return [m.out_features] * (2 if m.bias else 1)
-            return [m.in_features * m.out_features] + ([m.out_features] if m.bias else [])
-        return [r * m.in_features, m.out_features * r] if adapted else []
+            return [m.weight_numel_each] + ([m.experts * m.out_features] if m.bias else [])
+        return _lora_tensors(scaled.get(m.path, m), r) if adapted else []
 
     order = [n for m in before for n in tensors(m, m.path in outside)]
     for i in range(spec.num_layers):
         adapted = per_layer_adapters[i] if per_layer_adapters else frozenset()
-        order += [n for m in layer for n in tensors(m, m.path in adapted)]
+        order += [n for m in layer if not m.layers or i in m.layers for n in tensors(m, m.path in adapted)]
     order += [n for m in after for n in tensors(m, m.path in outside)]
     return tuple(order)
 

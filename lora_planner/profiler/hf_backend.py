@@ -112,6 +112,23 @@ def _moe_config(spec: ModelSpec) -> dict[str, Any]:
     experts = {"num_experts_per_tok": spec.num_experts_per_tok}
     if spec.family == "mixtral":
         return {**experts, "num_local_experts": spec.num_experts, "sliding_window": spec.sliding_window}
+    if spec.family == "gpt_oss":  # layer_types: GptOssConfig's alternation, as the reader derived it
+        return {**experts, "num_local_experts": spec.num_experts, "sliding_window": spec.sliding_window,
+                "layer_types": list(spec.layer_types or ()) or None, "attention_bias": spec.attention_bias}
+    if spec.family in ("deepseek_v2", "deepseek_v3"):  # `config_reader._deepseek_fields` read backwards
+        width = spec.moe_intermediate_size
+        config = {**experts, "n_routed_experts": spec.num_experts, "moe_intermediate_size": width,
+                  "n_shared_experts": spec.shared_expert_intermediate_size // width,
+                  "first_k_dense_replace": len(spec.dense_layers), "q_lora_rank": spec.q_lora_rank or None,
+                  "kv_lora_rank": spec.kv_lora_rank, "qk_nope_head_dim": spec.qk_nope_head_dim,
+                  "qk_rope_head_dim": spec.head_dim, "v_head_dim": spec.v_head_dim,
+                  "attention_bias": spec.attention_bias, "mlp_bias": spec.mlp_bias, "head_dim": spec.head_dim}
+        if spec.family == "deepseek_v3":
+            return {**config, "n_group": spec.router_groups, "topk_group": spec.router_topk_groups,
+                    "norm_topk_prob": spec.norm_topk_prob}
+        grouped = spec.router_groups > 0
+        return {**config, "topk_method": "group_limited_greedy" if grouped else "greedy",
+                **({"n_group": spec.router_groups, "topk_group": spec.router_topk_groups} if grouped else {})}
     experts.update(num_experts=spec.num_experts, norm_topk_prob=spec.norm_topk_prob)
     if spec.family == "olmoe":
         return {**experts, "attention_bias": spec.attention_bias}

@@ -82,6 +82,10 @@ class ProfileRequest:
             parts.append(f"{t.gpus}x{t.resolved_strategy}")
         if lora.layers_to_transform and t.method != "full":
             parts.append("layers" + ",".join(map(str, lora.layers_to_transform)))
+        if self.spec.is_moe:
+            parts.append(t.experts_implementation)
+        if lora.target_parameters and t.method != "full":
+            parts.append("params:" + ",".join(lora.target_parameters))
         return "|".join(map(str, parts))
 
 
@@ -145,6 +149,9 @@ class Measurement:
     step_times_s: tuple[float, ...] = ()
     # The steady-state step's phases (step 1 when only one ran): phase -> peak / end bytes and breakdowns.
     phases: dict[str, dict[str, Any]] | None = None
+    # MoE models, real steps: tokens each expert received in each MoE layer, in step 1's forward (`RouterCounts`);
+    # what `lora-plan --routing FILE` reads.
+    router_counts: list[list[int]] | None = None
 
 
 def resolve_mode(mode: Mode, request_spec: ModelSpec, training: TrainingSpec, cuda: CudaApi | None = None) -> str:
@@ -326,15 +333,59 @@ def _from_tracker(result: StepMeasurement, step_times: tuple[float, ...] = ()) -
                        step_times_s=step_times, phases=phase_summary(result))
 
 
+class RouterCounts:
+    """Forward hooks on an MoE model's routers recording, per MoE layer, how many tokens each expert received in the
+    first forward (gradient checkpointing's recompute calls the router again: ignored). The router's top-k indices
+    are its integer (tokens, k) output (`MixtralTopKRouter`, `Qwen3MoeTopKRouter`, `GptOssTopKRouter`, ...); they are
+    counted in Python (`tolist`), so no tensor is allocated inside the memory tracker."""
+
+    def __init__(self, model: torch.nn.Module, num_experts: int) -> None:
+        self.num_experts = num_experts
+        self.counts: dict[str, list[int]] = {}
+        self._handles = [module.register_forward_hook(self._hook(name)) for name, module in model.named_modules()
+                         if type(module).__name__.endswith(("Router", "TopkRouter")) and name]
+
+    def _hook(self, name: str) -> Callable[..., None]:
+        def record(module: torch.nn.Module, args: Any, output: Any) -> None:
+            if name in self.counts:
+                return
+            outputs = output if isinstance(output, tuple) else (output,)
+            indices = next((t for t in outputs if isinstance(t, torch.Tensor) and not t.is_floating_point()), None)
+            if indices is None:
+                return
+            try:
+                flat = indices.reshape(-1).tolist()
+            except Exception:  # noqa: BLE001 - fake tensors have no values: no routing to record
+                return
+            row = [0] * self.num_experts
+            for expert in flat:
+                if 0 <= expert < self.num_experts:
+                    row[expert] += 1
+            self.counts[name] = row
+        return record
+
+    def rows(self) -> list[list[int]] | None:
+        for handle in self._handles:
+            handle.remove()
+        return [self.counts[name] for name in sorted(self.counts, key=_layer_order)] or None
+
+
+def _layer_order(name: str) -> tuple[int, str]:
+    digits = [part for part in name.split(".") if part.isdigit()]
+    return (int(digits[0]) if digits else -1, name)
+
+
 def measure_cpu(request: ProfileRequest) -> Measurement:
     torch.manual_seed(request.seed)
     model = build_model(request, "cpu")
     optimizer = build_optimizer(model, request.training)
     make_batch = batch_factory(request.spec, request.training, "cpu", request.seed)
     loss_fn = _loss_fn(request.training, "cpu")
+    router = RouterCounts(model, request.spec.num_experts) if request.spec.is_moe else None
     tracked = _tracked(model, make_batch, optimizer, request.steps, loss_fn)
+    routed = router.rows() if router else None
     times = _time_steps(model, make_batch, optimizer, loss_fn, request.steps, sync=lambda: None)
-    return _from_tracker(tracked, times)
+    return replace(_from_tracker(tracked, times), router_counts=routed)
 
 
 def measure_fake(request: ProfileRequest) -> Measurement:
@@ -430,7 +481,8 @@ def base_record(request: ProfileRequest) -> dict[str, Any]:
     device = "cuda" if request.mode == "cuda" else "cpu"
     predicted = estimate_memory(request.spec, replace(t, device=device))
     lora = t.lora
-    targets = [m.path for m in resolve_targets(request.spec, lora.target_modules, lora.layers_to_transform)] \
+    targets = [m.path for m in resolve_targets(request.spec, lora.target_modules, lora.layers_to_transform,
+                                               lora.target_parameters)] \
         if t.method != "full" else []
     return {
         "schema_version": RECORD_SCHEMA_VERSION,
@@ -447,13 +499,16 @@ def base_record(request: ProfileRequest) -> dict[str, Any]:
             # what was asked (None: PEFT's default), which layers, and what that adapts, layer by layer
             "targets_asked": list(lora.target_modules) if lora.target_modules else None,
             "layers_to_transform": list(lora.layers_to_transform) if lora.layers_to_transform else None,
-            "adapted_modules": list(target_description(request.spec, lora.target_modules, lora.layers_to_transform))
+            "adapted_modules": list(target_description(request.spec, lora.target_modules, lora.layers_to_transform,
+                                                       lora.target_parameters))
             if t.method != "full" else [],
             "kbit_prep": t.kbit_prep if t.method == "qlora" else None,
             "adapter_dtype": t.lora.adapter_dtype, "dtype": t.dtype, "amp": t.amp, "optimizer": t.optimizer,
             "optimizer_impl": t.resolved_optimizer_impl, "batch_size": t.batch_size, "seq_len": t.seq_len,
             "grad_checkpointing": t.grad_checkpointing, "attention": t.attention, "steps": request.steps,
             "gpus": t.gpus, "strategy": t.resolved_strategy,
+            "experts_implementation": t.experts_implementation if request.spec.is_moe else None,
+            "target_parameters": list(lora.target_parameters) if lora.target_parameters else None,
         },
         "predicted": {
             "peak_bytes": predicted.peak_allocated_bytes,

@@ -81,6 +81,34 @@ TINY = {
                                    "intermediate_size": 176, "num_hidden_layers": 2, "num_attention_heads": 4,
                                    "num_key_value_heads": 2, "use_sliding_window": True, "sliding_window": 16,
                                    "max_window_layers": 1, "tie_word_embeddings": True}, "tiny-qwen2-swa"),
+    # Mixture of experts (issue 12): 8 experts, top-2
+    "mixtral": spec_from_config({"model_type": "mixtral", "vocab_size": 1000, "hidden_size": 64, "intermediate_size": 96,
+                                 "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                                 "num_local_experts": 8, "num_experts_per_tok": 2}, "tiny-mixtral"),
+    "qwen3_moe": spec_from_config({"model_type": "qwen3_moe", "vocab_size": 1000, "hidden_size": 64,
+                                   "intermediate_size": 176, "moe_intermediate_size": 48, "num_hidden_layers": 2,
+                                   "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32, "num_experts": 8,
+                                   "num_experts_per_tok": 2, "norm_topk_prob": True}, "tiny-qwen3_moe"),
+    "olmoe": spec_from_config({"model_type": "olmoe", "vocab_size": 1000, "hidden_size": 64, "intermediate_size": 48,
+                               "num_hidden_layers": 2, "num_attention_heads": 4, "num_experts": 8,
+                               "num_experts_per_tok": 2}, "tiny-olmoe"),
+    "qwen2_moe": spec_from_config({"model_type": "qwen2_moe", "vocab_size": 1000, "hidden_size": 64,
+                                   "intermediate_size": 176, "moe_intermediate_size": 48,
+                                   "shared_expert_intermediate_size": 80, "num_hidden_layers": 2,
+                                   "num_attention_heads": 4, "num_key_value_heads": 2, "num_experts": 8,
+                                   "num_experts_per_tok": 2, "mlp_only_layers": [1]}, "tiny-qwen2_moe"),
+    "gpt_oss": spec_from_config({"model_type": "gpt_oss", "vocab_size": 1000, "hidden_size": 64, "intermediate_size": 48,
+                                 "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                                 "head_dim": 16, "num_local_experts": 8, "num_experts_per_tok": 2,
+                                 "sliding_window": 16}, "tiny-gpt_oss"),
+    # DeepSeek-V3: multi-head latent attention, layer 0 dense, two shared experts, a sigmoid group-limited router
+    "deepseek_v3": spec_from_config({"model_type": "deepseek_v3", "vocab_size": 1000, "hidden_size": 64,
+                                     "intermediate_size": 176, "moe_intermediate_size": 24, "num_hidden_layers": 2,
+                                     "num_attention_heads": 4, "num_key_value_heads": 4, "kv_lora_rank": 16,
+                                     "q_lora_rank": 32, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8,
+                                     "v_head_dim": 12, "n_routed_experts": 8, "n_shared_experts": 2,
+                                     "num_experts_per_tok": 2, "first_k_dense_replace": 1, "n_group": 4,
+                                     "topk_group": 3}, "tiny-deepseek_v3"),
 }
 
 
@@ -171,6 +199,19 @@ CPU_CASES = [
     ("qwen2_swa", "hf", dict(method="lora", grad_checkpointing=True,
                              lora=LoraSpec(r=8, target_modules=("all-linear",)))),
     ("qwen2_swa", "hf", dict(method="full", attention="eager", dtype="fp32", grad_checkpointing=True)),
+    # MoE (issue 12): grouped_mm (transformers' default) full / LoRA / all-linear (the folded expert stacks), the
+    # eager loop with LoRA on attention (its saved tensors sum to grouped_mm's but for index_add_'s source)
+    ("mixtral", "hf", dict(method="full")),
+    ("mixtral", "hf", dict(method="lora", lora=LoraSpec(r=8, target_modules=("all-linear",)))),
+    ("qwen3_moe", "hf", dict(method="lora", grad_checkpointing=True)),
+    ("olmoe", "hf", dict(method="lora", experts_implementation="eager",
+                         lora=LoraSpec(r=8, target_modules=("all-linear",)))),
+    ("qwen2_moe", "hf", dict(method="lora", grad_checkpointing=True, lora=LoraSpec(r=8, target_modules=("all-linear",)))),
+    ("gpt_oss", "hf", dict(method="lora", lora=LoraSpec(r=8, target_modules=("q_proj", "v_proj"),
+                                                        target_parameters=("mlp.experts.gate_up_proj",)))),
+    ("deepseek_v3", "hf", dict(method="full", grad_checkpointing=True)),
+    ("deepseek_v3", "hf", dict(method="lora", experts_implementation="eager",
+                               lora=LoraSpec(r=8, target_modules=("all-linear",)))),
 ]
 
 
@@ -267,6 +308,10 @@ def _predicted_phase_peaks(req: ProfileRequest) -> dict[str, tuple[int, dict[str
     # past the sliding window (SDPA's materialised mask on every layer): Phi-3-mini-4k's 2047, Mistral 7B v0.1's 4096
     ("phi-3-mini-4k-instruct", dict(method="lora", seq_len=2048, batch_size=1)),
     ("mistral-7b", dict(method="lora", seq_len=4096, batch_size=1)),
+    # MoE (issue 12), grouped_mm: all-linear adapts the expert stacks (each keeps its folded W + BA)
+    ("qwen3-30b-a3b", dict(method="lora", seq_len=256, batch_size=1, lora=LoraSpec(r=16, target_modules=("all-linear",)))),
+    ("gpt-oss-20b", dict(method="lora", seq_len=256, batch_size=2)),
+    ("olmoe-1b-7b", dict(method="full", seq_len=128, batch_size=1)),
 ])
 def test_planner_matches_fake_traces_of_real_architectures(model, settings):
     spec = resolve_model(model)
@@ -279,6 +324,23 @@ def test_planner_matches_fake_traces_of_real_architectures(model, settings):
                                                                          measured["breakdown_bytes"]), measured
     assert record["measured"]["peak_phase"] == record["predicted"]["coarse_phase"]
     assert record["step_times_s"] == [] and record["median_step_time_s"] is None  # nothing real to time
+
+
+@pytest.mark.parametrize("model, settings", [
+    # DeepSeek-V2-Lite: its dense layer 0 is lighter than its expert layers, so the heaviest late moment of backward
+    # is layer 1's recompute (the folded expert stacks), not layer 0's
+    ("deepseek-v2-lite", dict(method="lora", seq_len=256, batch_size=1, grad_checkpointing=True,
+                              lora=LoraSpec(r=16, target_modules=("all-linear",)))),
+])
+def test_planner_bounds_moe_folded_expert_traces(model, settings):
+    """LoRA on the expert stacks: the folded weight's gradient is a transient the plan bounds by a whole stack at the
+    layer's heaviest moment (`activations._layer_backward_scratch`): within the 0.5 % bar, never below the measured
+    peak (measured at +0.01 to +0.05 % on the catalog's MoE models, `reports/validation`)."""
+    record = run_profile(request(resolve_model(model), mode="fake", **settings))
+    assert record["status"] == "ok", record.get("error")
+    predicted, measured = record["predicted"]["peak_bytes"], record["measured"]["peak_bytes"]
+    assert 0 <= predicted / measured - 1 <= 0.005, (predicted, measured)
+    assert record["measured"]["peak_phase"] == record["predicted"]["coarse_phase"]
 
 
 def test_fake_and_real_runs_agree_byte_for_byte():
