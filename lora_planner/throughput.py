@@ -116,16 +116,7 @@ def step_flops(spec: ModelSpec, training: TrainingSpec) -> StepFlops:
     for m in root:
         f, b = linear(m, m.path in outside, needs_grad)
         forward, backward = forward + f, backward + b
-    n_adapted_last = sum(1 for adapters in layer_adapters if _last_linear_path(spec) in adapters)
-    recompute = layer_forward - _recompute_skipped(spec, training, n_adapted_last) if training.grad_checkpointing else 0
-    if training.grad_checkpointing and spec.dense_layers:
-        # An MoE model's dense layers end in the gated MLP's down_proj, which checkpointing does not re-run (its MoE
-        # layers save tensors after their last matmul: `Family.saves_after_last_linear`).
-        down = family_rules(spec.family).layer_prefix + "mlp.down_proj"
-        m = next(m for m in inventory if m.path == down)
-        for i in spec.dense_layers:
-            adapted = down in layer_adapters[i]
-            recompute -= 2 * tokens * (r if adapted else m.in_features) * m.out_features
+    recompute = layer_forward - _recompute_skipped(spec, training, layer_adapters) if training.grad_checkpointing else 0
     return StepFlops(forward=forward, backward=backward, recompute=recompute)
 
 
@@ -171,18 +162,27 @@ def _last_linear_path(spec: ModelSpec) -> str:
     return family.layer_prefix + family.last_linear
 
 
-def _recompute_skipped(spec: ModelSpec, training: TrainingSpec, n_adapted: int) -> int:
+def _recompute_skipped(spec: ModelSpec, training: TrainingSpec, layer_adapters: tuple[frozenset[str], ...]) -> int:
     """Non-reentrant checkpointing stops recomputing at the layer's last saved tensor, and an op saves
-    its inputs before it computes: so each layer's last matmul (lora_B's, in the `n_adapted` layers where
-    that linear is adapted) is never re-run, unless a dropout after it saves a mask (GPT-2, Phi-2) or another op
-    after it saves tensors (OLMo 2's post_feedforward_layernorm, `Family.saves_after_last_linear`)."""
+    its inputs before it computes: so each layer's last matmul (lora_B's, in the layers where that linear is
+    adapted) is never re-run, unless a dropout after it saves a mask (GPT-2, Phi-2) or another op after it saves
+    tensors (OLMo 2's post_feedforward_layernorm, the routing-weight product of most MoE blocks:
+    `Family.saves_after_last_linear`). An MoE model's dense layers end in their gated MLP's down_proj."""
     family = family_rules(spec.family)
-    if family.saves_after_last_linear or (spec.dropout > 0 and family.residual_dropout):
+    if spec.dropout > 0 and family.residual_dropout:
         return 0
-    m = next(m for m in module_inventory(spec) if m.path == _last_linear_path(spec))
-    lora_b = 2 * training.tokens * training.lora.r * m.out_features
-    base = 2 * training.tokens * m.in_features * m.out_features
-    return lora_b * n_adapted + base * (spec.num_layers - n_adapted)
+    modules = {m.path: m for m in module_inventory(spec)}
+    skipped = 0
+    for i, adapters in enumerate(layer_adapters):
+        if spec.is_moe_layer(i) or not spec.is_moe:
+            if family.saves_after_last_linear:
+                continue
+            path = _last_linear_path(spec)
+        else:
+            path = family.layer_prefix + "mlp.down_proj"
+        m = modules[path]
+        skipped += 2 * training.tokens * (training.lora.r if path in adapters else m.in_features) * m.out_features
+    return skipped
 
 
 def _first_layer_attention_backward(grads: tuple[bool, bool, bool], attention_qk: int, attention_pv: int) -> int:

@@ -190,11 +190,25 @@ MOE_SPECS = {
     "qwen2_moe": spec_from_config({"model_type": "qwen2_moe", **_MOE, "num_experts": 8, "moe_intermediate_size": 48,
                                    "shared_expert_intermediate_size": 80, "mlp_only_layers": [1]}, "qwen2_moe"),
     "olmoe": spec_from_config({"model_type": "olmoe", **_MOE, "num_experts": 8, "intermediate_size": 48}, "olmoe"),
+    "gpt_oss": spec_from_config({"model_type": "gpt_oss", **_MOE, "intermediate_size": 48, "head_dim": 16,
+                                 "num_local_experts": 8, "sliding_window": 8}, "gpt_oss"),
+    # multi-head latent attention: q / k heads 16 + 8 wide, v heads 12 (q k^T and probs @ v differ in width)
+    "deepseek_v3": spec_from_config({"model_type": "deepseek_v3", **{k: v for k, v in _MOE.items()
+                                                                      if k != "num_key_value_heads"},
+                                     "num_key_value_heads": 4, "moe_intermediate_size": 24, "kv_lora_rank": 16,
+                                     "q_lora_rank": 32,
+                                     "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 12,
+                                     "n_routed_experts": 8, "n_shared_experts": 2, "first_k_dense_replace": 1,
+                                     "n_group": 4, "topk_group": 3}, "deepseek_v3"),
 }
-MOE_CASES = [(family, method, targets, params, ckpt) for family in MOE_SPECS
+MOE_CASES = [(family, method, targets, params, ckpt) for family in MOE_SPECS if family != "deepseek_v3"
              for method, targets, params, ckpt in (
                  ("full", None, None, False), ("lora", ("q_proj", "v_proj"), None, False),
                  ("lora", ("all-linear",), None, True))] + [
+    # DeepSeek: its MoE layers end in the shared experts (checkpointing's recompute stops before their down_proj)
+    ("deepseek_v3", "full", None, None, False), ("deepseek_v3", "lora", None, None, True),
+    ("deepseek_v3", "lora", ("all-linear",), None, True),
+    ("gpt_oss", "lora", ("q_proj",), ("mlp.experts.gate_up_proj", "mlp.experts.down_proj"), False),
     ("qwen2_moe", "lora", ("o_proj",), ("mlp.experts.gate_up_proj", "mlp.gate.weight"), False),
     ("mixtral", "lora", ("all-linear",), None, False)]
 
