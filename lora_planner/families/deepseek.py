@@ -60,7 +60,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from lora_planner.families.base import Family, Module
-from lora_planner.families.moe import INT64, moe_conversion, moe_modules, routed_mlp
+from lora_planner.families.moe import INT64, moe_conversion, moe_modules, norms_last_layout, routed_mlp
 from lora_planner.families.rules import (
     FP32, Flow, SavedTensor, norm, output_projection, rms_norm_of, softmax_saved,
 )
@@ -119,15 +119,7 @@ def mlp_modules(spec: ModelSpec) -> list[Module]:
 
 def layout(spec: ModelSpec) -> list[Module]:
     """`DeepseekV3DecoderLayer.__init__`: self_attn, mlp, input_layernorm, post_attention_layernorm."""
-    h, n = spec.hidden_size, spec.num_layers
-    return [
-        Module("model.embed_tokens", "embedding", "embeddings", spec.vocab_size, h),
-        *attention_modules(spec),
-        *mlp_modules(spec),
-        Module(PREFIX + "input_layernorm", "norm", "norms", h, h, count=n),
-        Module(PREFIX + "post_attention_layernorm", "norm", "norms", h, h, count=n),
-        Module("model.norm", "norm", "norms", h, h),
-    ]
+    return norms_last_layout(spec, [*attention_modules(spec), *mlp_modules(spec)])
 
 
 def correction_bias_numel(spec: ModelSpec) -> int:

@@ -12,7 +12,7 @@ gate.weight, gate_up_proj (rank x2, from w1 + w3) and down_proj (w2) as target_p
 from __future__ import annotations
 
 from lora_planner.families.base import Family, Module, attention_modules
-from lora_planner.families.moe import decoder_layer, mlp_modules, moe_conversion
+from lora_planner.families.moe import decoder_layer, mlp_modules, moe_conversion, norms_last_layout
 from lora_planner.families.rules import Flow, SavedTensor, sliding_model_level
 from lora_planner.specs import ModelSpec
 
@@ -21,15 +21,7 @@ PREFIX = "model.layers.0."
 
 def layout(spec: ModelSpec) -> list[Module]:
     """`MixtralDecoderLayer.__init__` registers self_attn, mlp (gate, experts), then the two norms."""
-    h, n = spec.hidden_size, spec.num_layers
-    return [
-        Module("model.embed_tokens", "embedding", "embeddings", spec.vocab_size, h),
-        *attention_modules(spec, PREFIX, False, False),
-        *mlp_modules(spec, PREFIX),
-        Module(PREFIX + "input_layernorm", "norm", "norms", h, h, count=n),
-        Module(PREFIX + "post_attention_layernorm", "norm", "norms", h, h, count=n),
-        Module("model.norm", "norm", "norms", h, h),
-    ]
+    return norms_last_layout(spec, [*attention_modules(spec, PREFIX, False, False), *mlp_modules(spec, PREFIX)])
 
 
 def layer(flow: Flow, x_needs_grad: bool) -> list[SavedTensor]:

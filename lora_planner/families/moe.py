@@ -250,6 +250,17 @@ def mlp_modules(spec: ModelSpec, prefix: str, router_first: bool = True) -> list
     return modules
 
 
+def norms_last_layout(spec: ModelSpec, layer_modules: list[Module], prefix: str = "model.layers.0.") -> list[Module]:
+    """A pre-norm MoE model's parameters in registration order: the embeddings, the layer's `self_attn` and `mlp`
+    modules as the family lists them, then its two norms (`*DecoderLayer.__init__` registers self_attn, mlp,
+    input_layernorm, post_attention_layernorm: `Family.norms_registered_last`), and the final norm."""
+    h, n = spec.hidden_size, spec.num_layers
+    return [Module("model.embed_tokens", "embedding", "embeddings", spec.vocab_size, h), *layer_modules,
+            Module(prefix + "input_layernorm", "norm", "norms", h, h, count=n),
+            Module(prefix + "post_attention_layernorm", "norm", "norms", h, h, count=n),
+            Module("model.norm", "norm", "norms", h, h)]
+
+
 def decoder_layer(flow: Flow, x_needs_grad: bool, qk_norms: QkNorms | None = None,
                   fp32_scores: bool = False) -> list[SavedTensor]:
     """A Llama-style pre-norm layer whose MLP is `routed_mlp`: input_layernorm, q / k / v, the family's q / k norms

@@ -13,7 +13,7 @@ qwen2_moe conversion pattern.
 from __future__ import annotations
 
 from lora_planner.families.base import Family, Module, attention_modules
-from lora_planner.families.moe import decoder_layer, mlp_modules, moe_conversion
+from lora_planner.families.moe import decoder_layer, mlp_modules, moe_conversion, norms_last_layout
 from lora_planner.families.rules import Flow, SavedTensor, rms_norm_of
 from lora_planner.specs import ModelSpec
 
@@ -23,17 +23,13 @@ PREFIX = "model.layers.0."
 def layout(spec: ModelSpec) -> list[Module]:
     """`OlmoeAttention`: q, k, v, o, q_norm (hidden wide), k_norm (kv wide); `OlmoeDecoderLayer`: self_attn, mlp,
     input_layernorm, post_attention_layernorm."""
-    h, n, bias = spec.hidden_size, spec.num_layers, spec.attention_bias
-    return [
-        Module("model.embed_tokens", "embedding", "embeddings", spec.vocab_size, h),
+    n, bias = spec.num_layers, spec.attention_bias
+    return norms_last_layout(spec, [
         *attention_modules(spec, PREFIX, bias, bias),
         Module(PREFIX + "self_attn.q_norm", "norm", "norms", spec.q_size, spec.q_size, count=n),
         Module(PREFIX + "self_attn.k_norm", "norm", "norms", spec.kv_size, spec.kv_size, count=n),
         *mlp_modules(spec, PREFIX),
-        Module(PREFIX + "input_layernorm", "norm", "norms", h, h, count=n),
-        Module(PREFIX + "post_attention_layernorm", "norm", "norms", h, h, count=n),
-        Module("model.norm", "norm", "norms", h, h),
-    ]
+    ])
 
 
 def qk_width_norms(flow: Flow, q_grad: bool, k_grad: bool) -> list[SavedTensor]:

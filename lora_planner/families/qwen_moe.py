@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from lora_planner.families import qwen3
 from lora_planner.families.base import Family, Module, attention_modules
-from lora_planner.families.moe import decoder_layer, mlp_modules, moe_conversion
+from lora_planner.families.moe import decoder_layer, mlp_modules, moe_conversion, norms_last_layout
 from lora_planner.families.rules import Flow, SavedTensor, sliding_model_level
 from lora_planner.specs import ModelSpec
 
@@ -34,31 +34,20 @@ PREFIX = "model.layers.0."
 
 def qwen2_moe_layout(spec: ModelSpec) -> list[Module]:
     """`Qwen2MoeDecoderLayer.__init__`: self_attn, mlp, input_layernorm, post_attention_layernorm."""
-    h, n = spec.hidden_size, spec.num_layers
-    return [
-        Module("model.embed_tokens", "embedding", "embeddings", spec.vocab_size, h),
-        *attention_modules(spec, PREFIX, spec.attention_bias, False),
-        *mlp_modules(spec, PREFIX),
-        Module(PREFIX + "input_layernorm", "norm", "norms", h, h, count=n),
-        Module(PREFIX + "post_attention_layernorm", "norm", "norms", h, h, count=n),
-        Module("model.norm", "norm", "norms", h, h),
-    ]
+    return norms_last_layout(spec, [*attention_modules(spec, PREFIX, spec.attention_bias, False),
+                                    *mlp_modules(spec, PREFIX)])
 
 
 def qwen3_moe_layout(spec: ModelSpec) -> list[Module]:
     """`Qwen3MoeAttention`: q, k, v, o (`attention_bias` on all four), q_norm, k_norm; then the MoE block and the
     two layer norms."""
-    h, n, d, bias = spec.hidden_size, spec.num_layers, spec.head_dim, spec.attention_bias
-    return [
-        Module("model.embed_tokens", "embedding", "embeddings", spec.vocab_size, h),
+    n, d, bias = spec.num_layers, spec.head_dim, spec.attention_bias
+    return norms_last_layout(spec, [
         *attention_modules(spec, PREFIX, bias, bias),
         Module(PREFIX + "self_attn.q_norm", "norm", "norms", d, d, count=n),
         Module(PREFIX + "self_attn.k_norm", "norm", "norms", d, d, count=n),
         *mlp_modules(spec, PREFIX, router_first=False),  # Qwen3MoeSparseMoeBlock: experts, then gate
-        Module(PREFIX + "input_layernorm", "norm", "norms", h, h, count=n),
-        Module(PREFIX + "post_attention_layernorm", "norm", "norms", h, h, count=n),
-        Module("model.norm", "norm", "norms", h, h),
-    ]
+    ])
 
 
 def qwen2_moe_layer(flow: Flow, x_needs_grad: bool) -> list[SavedTensor]:
