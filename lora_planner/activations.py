@@ -82,6 +82,10 @@ class ActivationProfile:
     loss_forward_scratch_bytes: int
     loss_backward_scratch_bytes: int  # gradient buffers of the loss backward (and its seed), on top of `loss`
     layer_backward_scratch_bytes: int  # transient gradient buffers inside one layer's backward
+    # MoE with `output_router_logits`: the gradients of every MoE layer's router logits, which the load-balancing loss's
+    # backward (run first: its nodes are the newest) leaves waiting in each layer's input buffer until backward gets
+    # there (`router_aux_gradient_bytes`, a (tokens, experts) tensor per MoE layer).
+    router_aux_gradient_bytes: int = 0
     loss_output_bytes: int = FP32  # the loss value (a 0-d fp32 tensor), alive from forward end through backward
     backward_seed_bytes: int = FP32  # backward()'s seed gradient, ones_like(loss), alive through backward
 
@@ -311,6 +315,12 @@ def activation_profile(spec: ModelSpec, training: TrainingSpec) -> ActivationPro
     # The padded labels (see `causal_lm_loss_saved`) are a separate b x (s+1) tensor only when b > 1.
     padded_labels = flow.b * (flow.s + 1) * 8 if flow.b > 1 else 0
     model = tuple(_model_level(flow, first_input_needs_grad))
+    router_aux = 0
+    if spec.is_moe and spec.output_router_logits and spec.family not in ("deepseek_v2", "deepseek_v3"):
+        # `load_balancing_loss_func` (models/mixtral/modeling_mixtral.py and its copies): a softmax of each MoE layer's
+        # router logits (their dtype), then sums; what it keeps is dropped when its backward runs, first in backward
+        moe_layers = sum(1 for i in range(spec.num_layers) if spec.is_moe_layer(i))
+        router_aux = moe_layers * tokens * spec.num_experts * e
     return ActivationProfile(
         layer=runs[-1][1],
         first_layer=runs[0][1],
@@ -321,11 +331,13 @@ def activation_profile(spec: ModelSpec, training: TrainingSpec) -> ActivationPro
         checkpoint_per_layer_bytes=tokens * spec.hidden_size * flow.e_stream,
         # At nll_loss (the forward's last op): the logits + their fp32 copy, the padded labels, and what the
         # CausalLM forward and the autocast region still hold (`_forward_end_holds`).
-        loss_forward_scratch_bytes=logits * e + upcast + padded_labels + _forward_end_holds(flow, model,
-                                                                                            first_input_needs_grad),
+        # (With `output_router_logits` the model's output also holds every MoE layer's router logits through the loss.)
+        loss_forward_scratch_bytes=logits * e + upcast + padded_labels + router_aux
+        + _forward_end_holds(flow, model, first_input_needs_grad),
         # The seed ones_like(loss), then nll_loss's gradient and log_softmax's input gradient (both fp32) beside
         # the saved output.
-        loss_backward_scratch_bytes=FP32 + 2 * logits * FP32,
+        loss_backward_scratch_bytes=FP32 + 2 * logits * FP32 + router_aux,
+        router_aux_gradient_bytes=router_aux,
         # Inside a layer's backward: the incoming gradient, gradients of the MLP's intermediates and of
         # the layer input, the largest of which are B x S x intermediate.
         layer_backward_scratch_bytes=_layer_backward_scratch(flow),

@@ -552,7 +552,8 @@ def _gpt_oss_fields(r: _Reader, layers: int, intermediate: int) -> dict[str, Any
         types = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(layers)]
     experts, top_k = r.size("num_local_experts"), r.size("num_experts_per_tok")
     return {"sliding_window": window, "layer_types": tuple(types), "num_experts": experts,
-            "num_experts_per_tok": top_k, "moe_intermediate_size": intermediate}
+            "num_experts_per_tok": top_k, "moe_intermediate_size": intermediate,
+            "output_router_logits": r.get("output_router_logits")}
 
 
 def _moe_fields(r: _Reader, layers: int, intermediate: int) -> dict[str, Any]:
@@ -581,7 +582,8 @@ def _moe_fields(r: _Reader, layers: int, intermediate: int) -> dict[str, Any]:
     shared = r.size("shared_expert_intermediate_size") if family == "qwen2_moe" else 0
     norm_topk = True if family == "mixtral" else r.get("norm_topk_prob")
     return {"num_experts": experts, "num_experts_per_tok": top_k, "moe_intermediate_size": width,
-            "shared_expert_intermediate_size": shared, "dense_layers": dense, "norm_topk_prob": norm_topk}
+            "shared_expert_intermediate_size": shared, "dense_layers": dense, "norm_topk_prob": norm_topk,
+            "output_router_logits": r.get("output_router_logits")}
 
 
 def _deepseek_fields(r: _Reader, layers: int, heads: int, kv_heads: int) -> dict[str, Any]:

@@ -148,8 +148,10 @@ def moe_notes(spec: ModelSpec, training: TrainingSpec, methods: tuple[str, ...])
     how = {"grouped_mm": "grouped_mm (transformers' default): what the experts keep does not depend on the routing",
            "eager": f"eager (a loop over the experts): the busiest expert's buffers follow {routing} routing; what "
                     "the experts keep does not depend on it"}[training.experts_implementation]
-    notes.append(f"MoE: experts_implementation {how}; expert parallelism is not modelled (experts are sharded like "
-                 "any other parameter by --strategy)")
+    aux = ("on (config.json): the load-balancing loss keeps each MoE layer's router softmax" if spec.output_router_logits
+           else "off (config.json): no load-balancing loss")
+    notes.append(f"MoE: experts_implementation {how}; output_router_logits {aux}; expert parallelism is not modelled "
+                 "(experts are sharded like any other parameter by --strategy)")
     if lora_methods and training.lora.target_modules is None and family.moe_conversion and family.peft_has_default:
         notes.append(f"PEFT 0.21.2 under transformers 5 finds no default LoRA targets for {spec.family} (its MoE "
                      f"conversion leaves target_modules empty: NoMatchingPeftModuleError); planned with its mapping's "

@@ -158,6 +158,9 @@ class ModelSpec:
     shared_expert_intermediate_size: int = 0
     dense_layers: tuple[int, ...] = ()
     norm_topk_prob: bool = False
+    # `output_router_logits`: the CausalLM adds the load-balancing loss (`load_balancing_loss_func`), which keeps each
+    # MoE layer's router softmax for backward (Mixtral, Qwen2/3-MoE, OLMoE, gpt-oss; DeepSeek has none).
+    output_router_logits: bool = False
     # DeepSeek-V2 / V3 (`lora_planner.families.deepseek`): multi-head latent attention when `kv_lora_rank` > 0. q is
     # `q_a_proj` (H -> q_lora_rank), its RMSNorm and `q_b_proj`, or one `q_proj` when `q_lora_rank` is 0 (config
     # null); k / v come from `kv_a_proj_with_mqa` (H -> kv_lora_rank + rope dim), its RMSNorm and `kv_b_proj`; heads

@@ -229,7 +229,9 @@ class StepComponents:
     def layers_activations(self) -> int:
         """While backward runs through the layers: every layer's saved tensors (+ one recomputed), the
         model-level ones, and the loss value the caller holds until `backward()` returns."""
-        return self.layers_saved + self.activations.model_bytes + self.recomputed + self.activations.loss_output_bytes
+        acts = self.activations
+        return self.layers_saved + acts.model_bytes + self.recomputed + acts.loss_output_bytes \
+            + acts.router_aux_gradient_bytes
 
 
 def step_components(spec: ModelSpec, training: TrainingSpec) -> StepComponents:

@@ -765,6 +765,9 @@ QLORA_CASES = [
     Case("olmo2", "bf16", "lora_all", quantized=True, kbit_prep=False),
     Case("gemma2", "bf16", "lora", quantized=True),  # eager attention, soft-caps in fp32 after kbit preparation
     Case("gemma3", "bf16", "lora_all", quantized=True),  # a sliding layer past the window (SDPA mask, repeated k/v)
+    # MoE: bitsandbytes quantizes the nn.Linear layers only; kbit preparation casts the expert stacks to fp32
+    Case("qwen3_moe", "bf16", "lora", quantized=True),
+    Case("mixtral", "bf16", "lora_all", quantized=True, kbit_prep=False),
 ]
 
 

@@ -33,9 +33,15 @@ keeps for backward (its input needs a gradient) beside the two 16-bit copies of 
 LoRA on the experts keeps a second copy of every adapted expert weight per layer until backward. A router adapted
 the same way (`gate.weight`, 2-D) keeps its folded (E, H) weight.
 
-Known limitations: `router_jitter_noise` (Mixtral's training-time noise, 0 by default) and `output_router_logits`
-(the load-balancing loss keeps every layer's (T, E) logits and its own softmax until the loss) are not counted;
-expert parallelism is not modelled.
+With `output_router_logits` the CausalLM adds the load-balancing loss (`load_balancing_loss_func`): a softmax of
+every MoE layer's router logits, kept until its backward, which runs first in backward and leaves a (T, E) gradient
+per MoE layer waiting until backward reaches that layer (`lora_planner.activations`, `router_aux_gradient_bytes`).
+
+Known limitations: `router_jitter_noise` (Mixtral's training-time noise, 0 by default) is not counted; expert
+parallelism is not modelled; the eager loop's backward when the expert stacks need a weight gradient (full
+fine-tuning, LoRA on the experts): `SelectBackward` makes a full-size gradient of the stack per expert, which is not
+counted (it decided no peak in the validation grids); LoRA on the experts bounds the folded weight's gradient by a
+whole stack (+0.01 to +0.05 % on full-size fake traces).
 """
 
 from __future__ import annotations

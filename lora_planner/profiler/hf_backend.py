@@ -99,6 +99,8 @@ def hf_config_dict(spec: ModelSpec) -> dict[str, Any]:
                       layer_types=list(spec.layer_types) if spec.layer_types else None)
     if spec.is_moe:
         config.update(_moe_config(spec))
+        if spec.output_router_logits:
+            config["output_router_logits"] = True
     if spec.family in ("gemma2", "gemma3_text"):
         config.update(hidden_activation=spec.hidden_act, attention_bias=spec.attention_bias,
                       sliding_window=spec.sliding_window, layer_types=list(spec.layer_types or ()) or None,

@@ -101,6 +101,13 @@ TINY = {
                                  "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
                                  "head_dim": 16, "num_local_experts": 8, "num_experts_per_tok": 2,
                                  "sliding_window": 16}, "tiny-gpt_oss"),
+    # output_router_logits: the load-balancing loss keeps each MoE layer's router softmax; backward leaves the router
+    # logits' gradients waiting in every layer
+    "qwen3_moe_aux": spec_from_config({"model_type": "qwen3_moe", "vocab_size": 1000, "hidden_size": 64,
+                                       "intermediate_size": 176, "moe_intermediate_size": 48, "num_hidden_layers": 2,
+                                       "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
+                                       "num_experts": 8, "num_experts_per_tok": 2, "output_router_logits": True},
+                                      "tiny-qwen3_moe-aux"),
     # DeepSeek-V3: multi-head latent attention, layer 0 dense, two shared experts, a sigmoid group-limited router
     "deepseek_v3": spec_from_config({"model_type": "deepseek_v3", "vocab_size": 1000, "hidden_size": 64,
                                      "intermediate_size": 176, "moe_intermediate_size": 24, "num_hidden_layers": 2,
@@ -209,6 +216,8 @@ CPU_CASES = [
     ("qwen2_moe", "hf", dict(method="lora", grad_checkpointing=True, lora=LoraSpec(r=8, target_modules=("all-linear",)))),
     ("gpt_oss", "hf", dict(method="lora", lora=LoraSpec(r=8, target_modules=("q_proj", "v_proj"),
                                                         target_parameters=("mlp.experts.gate_up_proj",)))),
+    ("qwen3_moe_aux", "hf", dict(method="full")),
+    ("qwen3_moe_aux", "hf", dict(method="lora", grad_checkpointing=True, lora=LoraSpec(r=8, target_modules=("all-linear",)))),
     ("deepseek_v3", "hf", dict(method="full", grad_checkpointing=True)),
     ("deepseek_v3", "hf", dict(method="lora", experts_implementation="eager",
                                lora=LoraSpec(r=8, target_modules=("all-linear",)))),
