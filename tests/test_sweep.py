@@ -99,7 +99,7 @@ grad_checkpointing = [false, true]
 def test_shipped_grids_parse_with_known_counts():
     counts = {name: len(load_grid(ROOT / "experiments" / "grids" / f"{name}.toml").runs)
               for name in ("cpu_validation", "fake_architectures", "gpu")}
-    assert counts == {"cpu_validation": 364, "fake_architectures": 116, "gpu": 33}
+    assert counts == {"cpu_validation": 364, "fake_architectures": 120, "gpu": 33}
     cpu = load_grid(ROOT / "experiments" / "grids" / "cpu_validation.toml")
     assert {r.spec.family for r in cpu.runs} == set(FAMILIES)  # every family the planner knows
     assert {r.backend for r in cpu.runs} == {"hf", "builtin"} and {r.mode for r in cpu.runs} == {"cpu"}
@@ -220,7 +220,7 @@ def test_parsing_a_grid_imports_no_torch():
             "g = load_grid('experiments/grids/fake_architectures.toml'); "
             "print(len(g.runs), 'torch' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
-    assert result.stdout.split() == ["116", "False"]
+    assert result.stdout.split() == ["120", "False"]
 
 
 def test_records_carry_json_serialisable_sweep_sources(tmp_path):
