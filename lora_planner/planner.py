@@ -240,9 +240,24 @@ def make_plan(spec: ModelSpec, training: TrainingSpec, methods: tuple[str, ...],
     lora = training.lora
     targets = lora.target_modules or PEFT_DEFAULT_TARGETS[spec.family]
     adapted = target_description(spec, lora.target_modules, lora.layers_to_transform, lora.target_parameters)
+    bound = _worst_routing_note(spec, training, plans, overhead)
     return Plan(spec=spec, params=count_params(spec), training=replace(training, method=methods[0]),
                 target_modules=targets, adapted_modules=adapted, methods=plans, budget=budget, overhead=overhead, train_tokens=train_tokens,
-                headroom=headroom, warnings=plan_warnings(spec, training, budget, methods))
+                headroom=headroom, warnings=plan_warnings(spec, training, budget, methods) + bound)
+
+
+def _worst_routing_note(spec: ModelSpec, training: TrainingSpec, plans: dict[str, MethodPlan],
+                        overhead: DeviceOverhead) -> tuple[str, ...]:
+    """The eager experts loop under balanced routing (the estimate): the bound when one expert set takes every token
+    (`--routing worst`), per method."""
+    if not (spec.is_moe and training.experts_implementation == "eager" and training.routing == "balanced"):
+        return ()
+    worst = {m: estimate_memory(spec, replace(training, method=m, routing="worst"), overhead).peak_device_bytes
+             for m in plans}
+    parts = [f"{m} {gib_text(worst[m])} (+{gib_text(worst[m] - plans[m].estimate.peak_device_bytes)})"
+             for m in plans]
+    return (f"worst-case routing (one expert set takes every token, --routing worst) bounds the peak on device at "
+            + ", ".join(parts),)
 
 
 def _traced_info(family: str) -> dict[str, Any] | None:

@@ -391,6 +391,9 @@ def test_moe_routing_moves_only_the_eager_loop(tmp_path, capsys):
     eager = {r: run_json(capsys, *base, "--experts-implementation", "eager", "--routing", r)
              ["methods"]["lora"]["peak_allocated_bytes"] for r in ("balanced", "worst")}
     assert eager["balanced"] <= eager["worst"]
+    notes = run_json(capsys, *base, "--experts-implementation", "eager")["warnings"]
+    assert any(n.startswith("worst-case routing") for n in notes)  # the bound beside the balanced estimate
+    assert not any(n.startswith("worst-case routing") for n in run_json(capsys, *base)["warnings"])
     counts = tmp_path / "routing.json"
     counts.write_text(json.dumps({"router_counts": [[8192 // 64 * 8] * 64] * 16}))  # balanced, written out
     measured = run_json(capsys, *base, "--experts-implementation", "eager", "--routing", str(counts))
