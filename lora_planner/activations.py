@@ -41,6 +41,7 @@ from functools import cached_property, lru_cache
 
 from lora_planner.families import family_rules
 from lora_planner.families.base import Module
+from lora_planner.families.moe import busiest_expert_tokens, check_routing
 from lora_planner.families.rules import FP32, Flow, SavedTensor, norm
 from lora_planner.params import adapted_layers, adapters_by_layer, module_inventory, rotary_dim, rotary_tables
 from lora_planner.specs import ModelSpec, TrainingSpec
@@ -297,8 +298,6 @@ def activation_profile(spec: ModelSpec, training: TrainingSpec) -> ActivationPro
     """Saved activations and transient buffers of one training step (see the module docstring)."""
     flow = make_flow(spec, training)
     if spec.is_moe and not isinstance(training.routing, str):
-        from lora_planner.families.moe import check_routing
-
         check_routing(spec, training.routing)
     tokens, vocab, e = flow.tokens, spec.vocab_size, flow.e_compute
     logits = tokens * vocab
@@ -354,8 +353,6 @@ def _layer_backward_scratch(flow: Flow) -> int:
     dense = (2 * spec.hidden_size + 3 * spec.intermediate_size) * tokens * e
     if not spec.is_moe:
         return dense
-    from lora_planner.families.moe import busiest_expert_tokens
-
     width, h = spec.moe_intermediate_size, spec.hidden_size
     if flow.t.experts_implementation == "grouped_mm":
         rows, extra = tokens * spec.num_experts_per_tok, 0

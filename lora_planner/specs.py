@@ -211,7 +211,7 @@ class ModelSpec:
                                                    f"{self.num_layers} layers, got {self.layer_types!r}",
                                     "fix the config.json, or leave layer_types out")
         for name in ("tie_word_embeddings", "attention_bias", "attention_out_bias", "mlp_bias", "lm_head_bias",
-                     "qk_layernorm", "parallel_residual"):
+                     "qk_layernorm", "parallel_residual", "norm_topk_prob", "output_router_logits"):
             if not isinstance(getattr(self, name), bool):
                 raise PlannerInputError(name, f"must be true or false, got {getattr(self, name)!r}",
                                         "use a bool")

@@ -1,8 +1,9 @@
 """Mixture-of-experts blocks: the router, the fused experts and a shared expert, as transformers 5.24 runs them.
 
 Read from transformers 5.24 (`integrations/moe.py`, `models/mixtral/modeling_mixtral.py`, `models/qwen2_moe/...`,
-`models/qwen3_moe/...`, `models/olmoe/...`) and checked against autograd's saved tensors on tiny models (tests
-`tests/families/test_moe.py`, real CPU steps in `tests/test_moe_steps.py`). Symbols: T tokens (batch x sequence), H
+`models/qwen3_moe/...`, `models/olmoe/...`) and checked against autograd's saved tensors on tiny models
+(`tests/test_activations.py`, `MOE_CASES`), whole real CPU steps and full-size fake traces
+(`tests/profiler/test_runner.py`, `experiments/grids/*.toml`). Symbols: T tokens (batch x sequence), H
 hidden, E experts, k experts per token, S = T k token-expert pairs, I the experts' width, e bytes of the compute dtype.
 
 The router (`MixtralTopKRouter`, `Qwen3MoeTopKRouter`, ...): `F.linear(x, weight)` -> softmax in fp32 (saves its
@@ -50,6 +51,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from math import ceil
 
+from lora_planner.errors import PlannerInputError
 from lora_planner.families.base import Module
 from lora_planner.families.rules import (
     FP32, Flow, SavedTensor, attention_core, gated_mlp, norm, normed_attention_input, output_projection,
@@ -214,8 +216,6 @@ def routed_mlp(flow: Flow, prefix: str, x_needs_grad: bool, input_name: str,
 
 def check_routing(spec: ModelSpec, routing: tuple[tuple[int, ...], ...]) -> None:
     """A measured routing must give one row per MoE layer and one count per expert."""
-    from lora_planner.errors import PlannerInputError
-
     layers = sum(1 for i in range(spec.num_layers) if spec.is_moe_layer(i))
     if len(routing) != layers or any(len(row) != spec.num_experts for row in routing):
         raise PlannerInputError("routing", f"{spec.name} has {layers} MoE layers of {spec.num_experts} experts; the "
