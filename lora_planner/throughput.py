@@ -41,7 +41,7 @@ from lora_planner.optimizers import optimizer_bytes_touched
 from lora_planner.activations import make_flow
 from lora_planner.families import family_rules
 from lora_planner.families.base import Module
-from lora_planner.params import adapted_layers, adapters_by_layer, is_per_layer, module_inventory
+from lora_planner.params import adapters_by_layer, is_per_layer, module_inventory
 from lora_planner.specs import BYTES_PER_ELEMENT, ModelSpec, TrainingSpec
 
 DEFAULT_MFU = 0.4
@@ -80,9 +80,7 @@ def step_flops(spec: ModelSpec, training: TrainingSpec) -> StepFlops:
     attention_qk, attention_pv = scores * qk_width, scores * (spec.v_head_dim or spec.head_dim)
     attention = attention_qk + attention_pv
 
-    # PEFT's rank_pattern on MoE expert stacks (gate_up_proj: r x 2, `params.peft_moe_conversion`)
-    scales = {} if full else {m.path: m.lora_rank_scale for m, _ in adapted_layers(
-        spec, lora.target_modules, lora.layers_to_transform, lora.target_parameters)}
+    scales = make_flow(spec, training).rank_scale  # PEFT's rank_pattern on MoE expert stacks (gate_up_proj: 2r)
 
     def linear(m: Module, adapted: bool, x_grad: bool, scale: int = 1) -> tuple[int, int]:
         if m.kind != "linear":

@@ -33,7 +33,7 @@ import os
 import sys
 import time
 from copy import copy
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from fractions import Fraction
 from importlib import metadata, util
 from pathlib import Path
@@ -157,7 +157,9 @@ class TracedProfile:
         data = dict(data)
         if data.pop("format", None) != PROFILE_VERSION:
             raise ValueError("another profile format")
-        data["modules"] = tuple(Module(**{**m, "layers": tuple(m.get("layers", ()))}) for m in data["modules"])
+        known = {f.name for f in fields(Module)} - {"layers"}  # a cache may name fields a newer Module dropped
+        data["modules"] = tuple(Module(**{k: v for k, v in m.items() if k in known},
+                                       layers=tuple(m.get("layers", ()))) for m in data["modules"])
         data["peft_default_targets"] = tuple(data["peft_default_targets"])
         data["layers"] = {k: tuple(v) for k, v in data["layers"].items()}
         data["model_levels"] = {k: ModelLevel(**{**v, **{n: tuple(v[n]) for n in ("before_layers", "head", "loss", "held", "checkpoint_layer")}})

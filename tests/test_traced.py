@@ -97,6 +97,14 @@ def test_profile_round_trips_through_the_cache():
     assert traced.load_cached({**TINY_CONFIG, "hidden_size": 8}) is None
 
 
+def test_cached_modules_from_another_module_version_still_read():
+    """A cache written when `Module` had other fields (issue 12's interim `fused`) or lacked `layers` reads back."""
+    profile = tiny_profile()
+    data = profile.to_json()
+    data["modules"] = [{**{k: v for k, v in m.items() if k != "layers"}, "fused": 1} for m in data["modules"]]
+    assert traced.TracedProfile.from_json(data) == profile
+
+
 @pytest.mark.parametrize("key", [LORA_KEY, "full|fp32|bf16|eager",
                                  "lora|fp16|-|sdpa|base|r16|L:mlp.fc1,self_attn.q_proj|O:lm_head"])
 def test_settings_keys_parse_back(key):

@@ -47,8 +47,7 @@ class Module:
     `path` is the Hugging Face path of the first instance (layer 0); for linears `in_features` x
     `out_features` is the weight shape, for embeddings `in_features` is the vocabulary, for norms both
     are the normalised width. For "experts" (a 3-D parameter, `path` is the parameter's own name) each of the
-    `experts` experts maps `in_features` to `out_features` (the bias, when there is one, is experts x out);
-    `fused` counts the projections PEFT's transformers-v5 conversion fused into it (gate_proj + up_proj: 2).
+    `experts` experts maps `in_features` to `out_features` (the bias, when there is one, is experts x out).
     """
 
     path: str
@@ -60,7 +59,6 @@ class Module:
     count: int = 1
     tied: bool = False  # shares its weight with another module (tied lm_head): no parameters of its own
     experts: int = 1  # "experts" modules: how many experts the 3-D parameter stacks
-    fused: int = 1  # "experts" modules: projections fused into one tensor (gate_up_proj: 2)
     # The decoder layers the module is in, when not 0..count-1 (an MoE model's expert layers next to dense ones).
     layers: tuple[int, ...] = ()
     # LoRA only: the rank multiplier PEFT's MoE conversion gives this module (`rank_pattern`, gate_up_proj: 2).

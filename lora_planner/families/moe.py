@@ -72,7 +72,7 @@ def moe_modules(spec: ModelSpec, prefix: str, router_first: bool = True) -> list
     h, e, i = spec.hidden_size, spec.num_experts, spec.moe_intermediate_size
     n = spec.num_layers - len(spec.dense_layers)
     router = Module(prefix + "mlp.gate", "router", "mlp", h, e, count=n)
-    experts = [Module(prefix + "mlp.experts.gate_up_proj", "experts", "mlp", h, 2 * i, count=n, experts=e, fused=2),
+    experts = [Module(prefix + "mlp.experts.gate_up_proj", "experts", "mlp", h, 2 * i, count=n, experts=e),
                Module(prefix + "mlp.experts.down_proj", "experts", "mlp", i, h, count=n, experts=e)]
     return [router, *experts] if router_first else [*experts, router]
 
