@@ -41,7 +41,9 @@ from functools import cached_property, lru_cache
 
 from lora_planner.families import family_rules
 from lora_planner.families.base import Module
-from lora_planner.families.moe import busiest_expert_tokens, check_routing
+from lora_planner.families.moe import (
+    backward_order_counts, busiest_expert_tokens, check_routing, eager_loop_freed_bytes, eager_stack_gradient_bytes,
+)
 from lora_planner.families.rules import FP32, Flow, SavedTensor, norm
 from lora_planner.params import adapted_layers, adapters_by_layer, module_inventory, rotary_dim, rotary_tables
 from lora_planner.specs import ModelSpec, TrainingSpec
@@ -82,13 +84,21 @@ class ActivationProfile:
     # state when lm_head does not keep it, autocast's unsaved weight copies (see `activation_profile`).
     loss_forward_scratch_bytes: int
     loss_backward_scratch_bytes: int  # gradient buffers of the loss backward (and its seed), on top of `loss`
-    layer_backward_scratch_bytes: int  # transient gradient buffers inside one layer's backward
+    layer_backward_scratch_bytes: int  # transient gradient buffers inside one layer's backward (the largest layer's)
+    # ... and per decoder layer, where they differ (an MoE model's dense layers: `ModelSpec.dense_layers`); empty when
+    # every layer's are `layer_backward_scratch_bytes`
+    layer_backward_scratch_each: tuple[int, ...] = ()
     # MoE with `output_router_logits`: the gradients of every MoE layer's router logits, which the load-balancing loss's
     # backward (run first: its nodes are the newest) leaves waiting in each layer's input buffer until backward gets
     # there (`router_aux_gradient_bytes`, a (tokens, experts) tensor per MoE layer).
     router_aux_gradient_bytes: int = 0
     loss_output_bytes: int = FP32  # the loss value (a 0-d fp32 tensor), alive from forward end through backward
     backward_seed_bytes: int = FP32  # backward()'s seed gradient, ones_like(loss), alive through backward
+
+    def backward_scratch_bytes(self, index: int) -> int:
+        """The transient gradient buffers of decoder layer `index`'s backward."""
+        return self.layer_backward_scratch_each[index] if self.layer_backward_scratch_each \
+            else self.layer_backward_scratch_bytes
 
     @staticmethod
     def total(items: tuple[SavedTensor, ...]) -> int:
@@ -307,6 +317,7 @@ def activation_profile(spec: ModelSpec, training: TrainingSpec) -> ActivationPro
     embedding_adapted = any(flow.modules[p].kind == "embedding" for p in flow.outside_adapters)
     first_input_needs_grad = flow.full or training.grad_checkpointing or embedding_adapted
     runs = _layer_runs(flow, first_input_needs_grad)
+    scratch_each = _layer_backward_scratch_each(flow, runs)
     upcast = logits * FP32 if e != FP32 else 0
     # Final logit soft-capping (Gemma 2: `Gemma2ForCausalLM.forward`, logits / cap, tanh, * cap): the scalar ops save
     # nothing; tanh keeps its output (the logits' dtype) for backward.
@@ -339,19 +350,44 @@ def activation_profile(spec: ModelSpec, training: TrainingSpec) -> ActivationPro
         router_aux_gradient_bytes=router_aux,
         # Inside a layer's backward: the incoming gradient, gradients of the MLP's intermediates and of
         # the layer input, the largest of which are B x S x intermediate.
-        layer_backward_scratch_bytes=_layer_backward_scratch(flow),
+        layer_backward_scratch_bytes=max(scratch_each),
+        layer_backward_scratch_each=scratch_each if len(set(scratch_each)) > 1 else (),
     )
 
 
-def _layer_backward_scratch(flow: Flow) -> int:
+def _layer_backward_scratch_each(flow: Flow, runs: tuple[tuple[int, tuple[SavedTensor, ...]], ...]) -> tuple[int, ...]:
+    """`_layer_backward_scratch` of every decoder layer: dense and MoE layers differ, and under the eager experts loop
+    with trained stacks each MoE layer's routing decides what its backward has freed at its heaviest moment."""
+    spec = flow.spec
+    saved_each = [saved for count, saved in runs for _ in range(count)]
+    eager = spec.is_moe and flow.t.experts_implementation == "eager"
+    cache: dict[tuple[bool, tuple[int, int] | None, tuple[SavedTensor, ...] | None], int] = {}
+    each, moe_index = [], 0
+    for i in range(spec.num_layers):
+        moe_layer = spec.is_moe_layer(i)
+        order = backward_order_counts(spec, flow.tokens, flow.t.routing, moe_index) if moe_layer and eager else None
+        key = (moe_layer, order, saved_each[i] if order else None)
+        if key not in cache:
+            freed = eager_loop_freed_bytes(saved_each[i], flow.tokens * spec.num_experts_per_tok, *order) \
+                if order else 0
+            cache[key] = _layer_backward_scratch(flow, moe_layer, freed)
+        each.append(cache[key])
+        moe_index += moe_layer
+    return tuple(each)
+
+
+def _layer_backward_scratch(flow: Flow, moe_layer: bool, eager_freed: int = 0) -> int:
     """Transient gradient buffers inside one layer's backward: the incoming gradient and the layer input's, and the
     MLP intermediates' gradients (3 x tokens x intermediate). An MoE layer's intermediates are per routed pair
     (tokens x k rows of the experts' width) under grouped_mm; the eager loop runs one expert at a time, so only the
     busiest expert's rows (`TrainingSpec.routing`, `moe.busiest_expert_tokens`) are live at once, beside the
-    (tokens, hidden) gradients it accumulates into."""
+    (tokens, hidden) gradients it accumulates into. `moe_layer`: the layer routes through experts (an MoE model's
+    dense layers, `ModelSpec.dense_layers`, have a dense MLP's). With trained stacks under the eager loop its
+    heaviest moment is the second expert's stack gradient (`moe.eager_stack_gradient_bytes`), when the loop has
+    already freed `eager_freed` bytes of the layer's saved tensors (`moe.eager_loop_freed_bytes`)."""
     spec, tokens, e = flow.spec, flow.tokens, flow.e_compute
     dense = (2 * spec.hidden_size + 3 * spec.intermediate_size) * tokens * e
-    if not spec.is_moe:
+    if not moe_layer:
         return dense
     width, h = spec.moe_intermediate_size, spec.hidden_size
     if flow.t.experts_implementation == "grouped_mm":
@@ -359,10 +395,17 @@ def _layer_backward_scratch(flow: Flow) -> int:
     else:
         rows, extra = busiest_expert_tokens(spec, tokens, flow.t.routing), 2 * h
     moe = (2 * h * tokens + (3 * width + extra) * rows) * flow.e_expert
-    down = family_rules(spec.family).layer_prefix + "mlp.experts.down_proj"
-    if down in flow.layer_adapters[-1] and flow.t.experts_implementation == "grouped_mm":
+    prefix = family_rules(spec.family).layer_prefix + "mlp.experts."
+    down = prefix + "down_proj"
+    if flow.t.experts_implementation == "eager":
+        stacks = [prefix + "gate_up_proj", down]
+        stacks_bytes = eager_stack_gradient_bytes(flow, stacks if flow.full else
+                                                  [p for p in stacks if p in flow.layer_adapters[-1]])
+        if stacks_bytes:
+            moe = max(moe, 2 * h * tokens * flow.e_expert + stacks_bytes - eager_freed)
+    elif down in flow.layer_adapters[-1]:
         # LoRA on down_proj (PEFT's ParamWrapper): its grouped_mm's backward writes the folded weight's gradient, a
         # whole (E, H, I) stack, while the layer's saved tensors are still alive (measured; the gate_up stack's comes
         # after down's folded weight and inputs are freed)
         moe += spec.num_experts * h * width * flow.e_expert
-    return max(moe, dense) if spec.dense_layers else moe
+    return moe

@@ -228,9 +228,10 @@ class StepComponents:
     @property
     def layers_activations(self) -> int:
         """While backward runs through the layers: every layer's saved tensors (+ one recomputed), the
-        model-level ones, and the loss value the caller holds until `backward()` returns."""
+        model-level ones but the final norm's and lm_head's (their backward ran first and freed them), and the
+        loss value the caller holds until `backward()` returns."""
         acts = self.activations
-        return self.layers_saved + acts.model_bytes + self.recomputed + acts.loss_output_bytes \
+        return self.layers_saved + acts.model_bytes_below_head + self.recomputed + acts.loss_output_bytes \
             + acts.router_aux_gradient_bytes
 
 
@@ -248,17 +249,20 @@ def step_components(spec: ModelSpec, training: TrainingSpec) -> StepComponents:
 
     acts = activation_profile(spec, training)
     # backward()'s seed gradient lives through all of backward (`ActivationProfile.backward_seed_bytes`)
-    layer_scratch = acts.layer_backward_scratch_bytes + acts.backward_seed_bytes
+    extra_scratch = acts.backward_seed_bytes
     if training.method == "qlora":
         # bitsandbytes dequantizes one weight to the compute dtype for each matmul, forward and backward.
         largest = max(m.weight_numel_each for m in modules if m.kind == "linear" and m.group != "lm_head")
-        layer_scratch += largest * BYTES_PER_ELEMENT[training.compute_dtype]
+        extra_scratch += largest * BYTES_PER_ELEMENT[training.compute_dtype]
+    last = spec.num_layers - 1
     if training.grad_checkpointing:
         layers_saved = spec.num_layers * acts.checkpoint_per_layer_bytes
-        recomputed = acts.checkpoint_recompute_bytes  # the layer being recomputed in backward
+        # the layer being recomputed in backward, with its own backward's buffers: the heaviest of the layers
+        recomputed, scratch = _recompute_moment(acts)
     else:
-        layers_saved = acts.all_layers_bytes
-        recomputed = 0
+        # backward's first layer, with every layer's saved tensors still held
+        layers_saved, recomputed, scratch = acts.all_layers_bytes, 0, acts.backward_scratch_bytes(last)
+    layer_scratch = scratch + extra_scratch
     head_grads = sum(m.params for m in modules if m.group == "lm_head") * BYTES_PER_ELEMENT[training.dtype] \
         if training.method == "full" else 0
     # The end of backward is the larger of two moments: the first layer's backward (its saved tensors
@@ -282,11 +286,12 @@ def step_components(spec: ModelSpec, training: TrainingSpec) -> StepComponents:
         # its expert layers, so the first layer's backward need not be the heaviest late moment: the backward of each
         # run's first expert layer, beside the gradients of every layer above it (and, under checkpointing, its
         # recomputed saved tensors on top of the checkpointed inputs below), is a candidate too.
-        end_grads, last_layer_left = _late_backward_moment(acts, training, per_layer_trainable, first,
-                                                           trainable_bytes - embedding_grads,
-                                                           end_grads, last_layer_left)
+        end_grads, last_layer_left, first_scratch = _late_backward_moment(
+            acts, training, per_layer_trainable, first, trainable_bytes - embedding_grads, end_grads, last_layer_left)
+    else:
+        first_scratch = acts.backward_scratch_bytes(first)
     # The loss value and backward's seed stay until `backward()` returns, at either moment.
-    end_acts, end_scratch = last_layer_left + acts.loss_output_bytes, layer_scratch
+    end_acts, end_scratch = last_layer_left + acts.loss_output_bytes, first_scratch + extra_scratch
     last_op_scratch = acts.backward_seed_bytes
     if training.method == "full":
         # The embedding's backward (`embedding_dense_backward`) writes its gradient while its input, the
@@ -307,26 +312,44 @@ def step_components(spec: ModelSpec, training: TrainingSpec) -> StepComponents:
         end_gradients=end_grads, end_activations=end_acts, end_scratch=end_scratch)
 
 
+def _recompute_moment(acts: ActivationProfile) -> tuple[int, int]:
+    """Under gradient checkpointing, the heaviest decoder layer i of: (what recomputing it adds on top of every layer's
+    checkpointed input, its backward's buffers). Layer i is recomputed while the inputs of layers 0..i are still held
+    (later ones are freed): its saved bytes less (L - 1 - i) inputs (`ActivationProfile.checkpoint_recompute_bytes` is
+    the largest of the first terms)."""
+    moments, index = [], 0
+    for count, saved in acts.layer_runs:
+        for i in range(index, index + count):
+            extra = ActivationProfile.total(saved) - (acts.num_layers - 1 - i) * acts.checkpoint_per_layer_bytes
+            moments.append((extra, acts.backward_scratch_bytes(i)))
+        index += count
+    return max(moments, key=sum)
+
+
 def _late_backward_moment(acts: ActivationProfile, training: TrainingSpec, per_layer_trainable: tuple[int, ...],
-                          first: int, grads_after_embedding: int, grads: int, left: int) -> tuple[int, int]:
-    """(gradients, activations) at the heaviest layer backward among `first` and each later run's first layer (see
-    `step_components`): at layer i the gradients of the layers above it exist, and the layers up to i keep their saved
-    tensors (checkpointing: their inputs, and layer i its recomputed tensors)."""
-    best = (grads + left, grads, left)
+                          first: int, grads_after_embedding: int, grads: int, left: int) -> tuple[int, int, int]:
+    """(gradients, activations, the layer backward's buffers) at the heaviest layer backward from `first` on (see
+    `step_components`): at layer i the gradients of the layers above it exist, the layers up to i keep their saved
+    tensors (checkpointing: their inputs, and layer i its recomputed tensors), and layer i's backward its own buffers
+    (an MoE model's dense and expert layers differ)."""
+    scratch = acts.backward_scratch_bytes(first)
+    best = (grads + left + scratch, grads, left, scratch)
     index, saved_below = 0, 0
     for count, saved in acts.layer_runs:
         layer_bytes = ActivationProfile.total(saved)
-        if index >= first and index > 0:
-            g = grads_after_embedding - sum(per_layer_trainable[: index + 1])
-            if training.grad_checkpointing:
-                a = (index + 1) * acts.checkpoint_per_layer_bytes + layer_bytes
-            else:
-                a = saved_below + layer_bytes
-            if g + a > best[0]:
-                best = (g + a, g, a)
+        for i in range(index, index + count):
+            if i > first:
+                g = grads_after_embedding - sum(per_layer_trainable[: i + 1])
+                if training.grad_checkpointing:
+                    a = (i + 1) * acts.checkpoint_per_layer_bytes + layer_bytes
+                else:
+                    a = saved_below + (i - index + 1) * layer_bytes
+                s = acts.backward_scratch_bytes(i)
+                if g + a + s > best[0]:
+                    best = (g + a + s, g, a, s)
         saved_below += count * layer_bytes
         index += count
-    return best[1], best[2]
+    return best[1], best[2], best[3]
 
 
 def single_gpu_phases(c: StepComponents) -> tuple[PhaseMemory, ...]:

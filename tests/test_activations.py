@@ -891,3 +891,37 @@ def test_moe_saved_bytes_match_planner(case: Case):
                                    [(t.name, t.nbytes) for t in profile.layer_runs[0][1]])
     want_outside = expected(case, profile)["outside"]
     assert outside == want_outside, (case.id, outside, want_outside, _describe(measured, "outside"))
+
+
+TINY_MIXTRAL = spec_from_config({"model_type": "mixtral", "vocab_size": 128, "hidden_size": 64, "intermediate_size": 96,
+                                 "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                                 "num_local_experts": 8, "num_experts_per_tok": 2}, "tiny-mixtral-v128")
+GATE_UP, DOWN = 8 * 192 * 64 * 2, 8 * 64 * 96 * 2  # the bf16 (E, 2I, H) and (E, H, I) stacks: 196,608 and 98,304 B
+
+
+@pytest.mark.parametrize("method, lora, routing, trained", [
+    # full fine-tuning: both stacks' buffers, and from the second expert on a new gate_up gradient beside them
+    ("full", LoraSpec(), "balanced", (GATE_UP, DOWN)),
+    ("full", LoraSpec(), ((16, 16, 0, 0, 0, 0, 0, 0), (16, 16, 0, 0, 0, 0, 0, 0)), (GATE_UP, DOWN)),
+    # LoRA on down_proj only (PEFT's ParamWrapper): its folded weight's buffer and the next expert's
+    ("lora", LoraSpec(r=8, target_modules=("q_proj",), target_parameters=("mlp.experts.down_proj",)), "balanced",
+     (DOWN,)),
+    # attention-only LoRA: no stack needs a gradient
+    ("lora", LoraSpec(r=8, target_modules=("q_proj",)), "balanced", ()),
+])
+def test_eager_experts_stack_gradients_by_hand(method, lora, routing, trained):
+    """`moe.eager_stack_gradient_bytes` (each expert's `select_backward` writes a whole stack; autograd sums them in
+    place: the buffers plus the largest's next gradient and its slice); under a dispatch mode (`in_place=False`) the
+    sum is one more copy of the largest, the slice gone."""
+    from lora_planner.activations import make_flow
+    from lora_planner.families.moe import eager_stack_gradient_bytes
+    training = TrainingSpec(method=method, device="cpu", batch_size=2, seq_len=32, experts_implementation="eager",
+                            routing=routing, lora=lora)
+    flow = make_flow(TINY_MIXTRAL, training)
+    prefix = "model.layers.0.mlp.experts."
+    paths = [prefix + "gate_up_proj", prefix + "down_proj"]
+    adapted = paths if method == "full" else [p for p in paths if p in flow.layer_adapters[-1]]
+    largest = max(trained, default=0)
+    # in place: the buffers, the next expert's whole largest stack and the (out, in) slice it was made from
+    assert eager_stack_gradient_bytes(flow, adapted) == sum(trained) + largest + largest // 8
+    assert eager_stack_gradient_bytes(flow, adapted, in_place=False) == sum(trained) + 2 * largest

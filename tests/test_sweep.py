@@ -98,8 +98,9 @@ grad_checkpointing = [false, true]
 
 def test_shipped_grids_parse_with_known_counts():
     counts = {name: len(load_grid(ROOT / "experiments" / "grids" / f"{name}.toml").runs)
-              for name in ("cpu_validation", "fake_architectures", "gpu")}
-    assert counts == {"cpu_validation": 364, "fake_architectures": 120, "gpu": 33}
+              for name in ("cpu_validation", "fake_architectures", "gpu", "moe_small_vocab", "dense_small_vocab")}
+    assert counts == {"cpu_validation": 364, "fake_architectures": 120, "gpu": 33, "moe_small_vocab": 84,
+                      "dense_small_vocab": 32}
     cpu = load_grid(ROOT / "experiments" / "grids" / "cpu_validation.toml")
     assert {r.spec.family for r in cpu.runs} == set(FAMILIES)  # every family the planner knows
     assert {r.backend for r in cpu.runs} == {"hf", "builtin"} and {r.mode for r in cpu.runs} == {"cpu"}

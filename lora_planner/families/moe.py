@@ -39,10 +39,10 @@ every MoE layer's router logits, kept until its backward, which runs first in ba
 per MoE layer waiting until backward reaches that layer (`lora_planner.activations`, `router_aux_gradient_bytes`).
 
 Known limitations: `router_jitter_noise` (Mixtral's training-time noise, 0 by default) is not counted; expert
-parallelism is not modelled; the eager loop's backward when the expert stacks need a weight gradient (full
-fine-tuning, LoRA on the experts): `SelectBackward` makes a full-size gradient of the stack per expert, which is not
-counted (it decided no peak in the validation grids); LoRA on the experts bounds the folded weight's gradient by a
-whole stack (+0.01 to +0.05 % on full-size fake traces).
+parallelism is not modelled; LoRA on the experts bounds the folded weight's gradient by a whole stack (+0.01 to
++0.05 % on full-size fake traces). The eager loop's backward when the stacks need a gradient
+(`eager_stack_gradient_bytes`) is modelled as the real engine runs it, which the tracker cannot show (it sums
+gradients out of place): it is checked against the CPU allocator (`measured.allocator_peak_bytes`).
 """
 
 from __future__ import annotations
@@ -232,6 +232,67 @@ def busiest_expert_tokens(spec: ModelSpec, tokens: int, routing: str | tuple[tup
     if routing == "worst":
         return tokens
     return max(max(row) for row in routing)
+
+
+def experts_hit(spec: ModelSpec, tokens: int, routing: str | tuple[tuple[int, ...], ...]) -> int:
+    """How many experts receive tokens in the busiest layer: balanced routing reaches min(E, T k), the worst case the
+    k experts that take every token, a measured routing its nonzero counts."""
+    if routing == "balanced":
+        return min(spec.num_experts, tokens * spec.num_experts_per_tok)
+    if routing == "worst":
+        return min(spec.num_experts, spec.num_experts_per_tok)
+    return max(sum(1 for count in row if count) for row in routing)
+
+
+def backward_order_counts(spec: ModelSpec, tokens: int, routing: str | tuple[tuple[int, ...], ...],
+                          moe_index: int) -> tuple[int, int]:
+    """Tokens of the first two experts the eager loop's backward reaches in MoE layer `moe_index` (its `moe_index`-th
+    MoE layer). The forward loops over the experts with tokens in index order (`expert_hit` is sorted), each one's
+    ops newer than the last's, and autograd runs the newest ready node first: backward meets the highest-index expert
+    first. Balanced routing: T k / E each (rounded down); the worst case: the k experts that take every token."""
+    if routing == "balanced":
+        n = tokens * spec.num_experts_per_tok // spec.num_experts
+        return n, n
+    if routing == "worst":
+        return tokens, tokens if spec.num_experts_per_tok > 1 else 0
+    hit = [count for count in routing[moe_index] if count][::-1] + [0, 0]
+    return hit[0], hit[1]
+
+
+def eager_loop_freed_bytes(saved: tuple[SavedTensor, ...], pairs: int, first: int, second: int) -> int:
+    """What the eager loop's backward has freed of the layer's expert tensors (`experts`: per token-expert pair) when
+    the second expert's `gate_up_proj` gradient is written: all of the first expert's, and the second's but for the two
+    its gate_up backward still reads (its `torch.where` indices and its gathered input)."""
+    per_pair = sum(item.nbytes for item in saved if item.name in _EAGER_PAIR_ITEMS) / pairs
+    kept = sum(item.nbytes for item in saved if item.name in _KEPT_AT_GATE_UP) / pairs
+    return int(first * per_pair + second * (per_pair - kept))
+
+
+_EAGER_PAIR_ITEMS = frozenset({
+    "mlp.experts.token_index", "mlp.experts.gathered_input", "mlp.experts.gate_up_output", "mlp.experts.act_output",
+    "mlp.experts.down_input", "mlp.experts.down_output", "mlp.experts.scores", "mlp.experts.index_add_source"})
+_KEPT_AT_GATE_UP = frozenset({"mlp.experts.token_index", "mlp.experts.gathered_input"})
+
+
+def eager_stack_gradient_bytes(flow: Flow, trained: list[str], in_place: bool = True) -> int:
+    """The eager loop's backward when expert stacks need a gradient (`trained`: their layer-0 paths; full
+    fine-tuning trains both, LoRA through `ParamWrapper` the folded weight of each adapted stack). Each expert's
+    `gate_up_proj[e]` is a `select`, whose backward (`select_backward`) writes a whole zero (E, out, in) stack with
+    the expert's slice filled in; autograd sums these in the stack's input buffer, in place into the first one
+    (`torch/csrc/autograd/input_buffer.cpp`, `accumulate`), until the last expert hands the sum on (full: it becomes
+    `.grad`; LoRA: `baddbmm`'s backward reduces it to the factors' gradients). So while the loop's backward runs,
+    every trained stack's buffer is alive, and from the second expert on one more stack is written before it is
+    added: the largest, beside the expert's slice gradient it was made from. Measured without a dispatch mode
+    (`lora_planner.profiler.allocator`). `in_place=False` gives what the exact tracker sees instead: under any
+    dispatch mode autograd sums out of place (`old + new`), so the largest stack's sum is a third copy beside the
+    buffer and the new gradient, and the slice is gone by then (what its tests hold it to)."""
+    stacks = [flow.modules[path].weight_numel_each * flow.e_expert for path in trained]
+    if not stacks:
+        return 0
+    if experts_hit(flow.spec, flow.tokens, flow.t.routing) < 2:
+        return sum(stacks)
+    largest = max(stacks)
+    return sum(stacks) + (largest + largest // flow.spec.num_experts if in_place else 2 * largest)
 
 
 def mlp_modules(spec: ModelSpec, prefix: str, router_first: bool = True) -> list[Module]:

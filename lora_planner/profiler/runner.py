@@ -45,6 +45,7 @@ from lora_planner import __version__
 from lora_planner.errors import PlannerInputError
 from lora_planner.memory import estimate_memory
 from lora_planner.params import resolve_targets, target_description
+from lora_planner.profiler.allocator import allocator_peak_above_start
 from lora_planner.profiler.records import RECORD_SCHEMA_VERSION, check_record
 from lora_planner.profiler.tracker import StepMeasurement, hf_fake_parity, measure_training_step
 from lora_planner.specs import ModelSpec, TrainingSpec
@@ -152,6 +153,10 @@ class Measurement:
     # MoE models, real steps: tokens each expert received in each MoE layer, in step 1's forward (`RouterCounts`);
     # what `lora-plan --routing FILE` reads.
     router_counts: list[list[int]] | None = None
+    # Real CPU steps: the steady step's peak with no dispatch mode, the tracker's step-start bytes plus the CPU
+    # allocator's peak above them (`allocator.allocator_peak_above_start`): the check on the tracker where autograd
+    # would have summed gradients in place.
+    allocator_peak_bytes: int | None = None
 
 
 def resolve_mode(mode: Mode, request_spec: ModelSpec, training: TrainingSpec, cuda: CudaApi | None = None) -> str:
@@ -385,7 +390,9 @@ def measure_cpu(request: ProfileRequest) -> Measurement:
     tracked = _tracked(model, make_batch, optimizer, request.steps, loss_fn)
     routed = router.rows() if router else None
     times = _time_steps(model, make_batch, optimizer, loss_fn, request.steps, sync=lambda: None)
-    return replace(_from_tracker(tracked, times), router_counts=routed)
+    start = (tracked.steady_state or tracked.first_step).start_bytes
+    above = allocator_peak_above_start(lambda: _train_step(model, make_batch(), optimizer, loss_fn))
+    return replace(_from_tracker(tracked, times), router_counts=routed, allocator_peak_bytes=start + above)
 
 
 def measure_fake(request: ProfileRequest) -> Measurement:
