@@ -22,7 +22,9 @@ count is rebuilt from what PyTorch autograd actually saves in the Hugging Face `
 
 The loss (transformers' `ForCausalLMLoss`): logits are upcast to fp32, `log_softmax` keeps its fp32
 output; its backward holds three fp32 B x S x V tensors at once (saved output, incoming gradient from
-`nll_loss`, its own result), which is often the step's peak for LoRA with a 32k-256k vocabulary.
+`nll_loss`, its own result), which is often the step's peak for LoRA with a 32k-256k vocabulary. torchtune's
+chunked loss (`TrainingSpec.loss` "chunked", `_chunked_loss_moments`) keeps the same log_softmax outputs but holds
+one chunk's fp32 copy and gradients at a time (source and measurements: `lora_planner.profiler.losses`).
 
 Where the rules live: the op rules (norms, attention cores, MLPs, linears with or without adapters) are in
 `lora_planner.families.rules`; each family's layer composes them in `lora_planner/families/<family>.py`; this
@@ -31,7 +33,10 @@ module assembles a step's profile from them (layers in runs, what lives outside 
 Known limitations: assumes no padding mask (SDPA takes its causal fast path), PEFT's
 `lora_dropout=0`, no KV cache, no fused cross-entropy (Liger) and no sequence packing. The loss is the model's
 own `reduction="mean"` (what `model(**batch).loss` runs, and the profiler); the Trainer passes
-`num_items_in_batch` to models that accept loss kwargs, which sums and divides: a few 0-d tensors more.
+`num_items_in_batch` to models that accept loss kwargs, which sums and divides: a few 0-d tensors more. The chunked
+loss: eager only (`torch.compile` of it saves other tensors), not with LoRA on lm_head nor full fine-tuning under
+autocast (refused). A layer's backward buffers are one total per layer kind, with all its saved tensors alive
+(README, Known limitations).
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from functools import cached_property, lru_cache
 
+from lora_planner.errors import PlannerInputError
 from lora_planner.families import family_rules
 from lora_planner.families.base import Module
 from lora_planner.families.moe import (
@@ -46,7 +52,7 @@ from lora_planner.families.moe import (
 )
 from lora_planner.families.rules import FP32, Flow, SavedTensor, norm
 from lora_planner.params import adapted_layers, adapters_by_layer, module_inventory, rotary_dim, rotary_tables
-from lora_planner.specs import ModelSpec, TrainingSpec
+from lora_planner.specs import BYTES_PER_ELEMENT, ModelSpec, TrainingSpec
 
 
 # What only nll_loss saves (not log_softmax's backward), freed once `NllLossBackward` has run.
@@ -92,6 +98,12 @@ class ActivationProfile:
     # backward (run first: its nodes are the newest) leaves waiting in each layer's input buffer until backward gets
     # there (`router_aux_gradient_bytes`, a (tokens, experts) tensor per MoE layer).
     router_aux_gradient_bytes: int = 0
+    # What the loss still keeps when its backward peaks, where it is not `loss` less nll_loss's own saved tensors
+    # (the chunked loss: the chunks its backward has not reached yet keep theirs; `loss_bytes_in_backward`)
+    loss_kept_in_backward_bytes: int | None = None
+    # whether the loss value exists at the forward's heaviest op (transformers' loss: nll_loss makes it; the chunked
+    # loss peaks at its last chunk's nll_loss, before the final division makes it)
+    loss_value_at_forward_end: bool = True
     loss_output_bytes: int = FP32  # the loss value (a 0-d fp32 tensor), alive from forward end through backward
     backward_seed_bytes: int = FP32  # backward()'s seed gradient, ones_like(loss), alive through backward
 
@@ -165,6 +177,8 @@ class ActivationProfile:
         """What the loss still keeps when its backward peaks (log_softmax's backward writes its result): the
         shifted targets and the total weight are gone, freed with `NllLossBackward`'s saved variables once it
         ran (autograd releases a node's saved tensors after its backward unless `retain_graph`)."""
+        if self.loss_kept_in_backward_bytes is not None:
+            return self.loss_kept_in_backward_bytes
         return self.total(tuple(i for i in self.loss if i.name not in NLL_ONLY_SAVED))
 
 
@@ -215,6 +229,11 @@ def _model_level(flow: Flow, embeddings_need_grad: bool) -> list[SavedTensor]:
     saved += family.model_level(flow, embeddings_need_grad)
     saved += norm(flow, "final_norm", True)
     own, keeps = flow.linear("lm_head", flow.e_stream, True)
+    if flow.t.loss == "chunked" and not flow.full:
+        # the output layer runs once per chunk: under autocast each call casts (and keeps) its own copy of a frozen
+        # weight (a trained one's cast is cached, `autocast_mode.cpp` `cached_cast`, and shared)
+        own = [item._replace(nbytes=item.nbytes * flow.t.loss_chunks) if item.name.endswith("weight_autocast_copy")
+               else item for item in own]
     saved += own
     if keeps:
         saved.append(SavedTensor("lm_head.input", flow.tokens * spec.hidden_size * flow.e_stream))
@@ -247,7 +266,19 @@ def _layer_runs(flow: Flow, first_input_needs_grad: bool) -> tuple[tuple[int, tu
     return tuple((count, saved) for count, saved in runs)
 
 
-def _forward_end_holds(flow: Flow, model: tuple[SavedTensor, ...], first_input_needs_grad: bool) -> int:
+def check_chunked_loss(spec: ModelSpec) -> None:
+    """The chunked loss replaces the causal-LM head by the output layer alone: a model whose head does more (Gemma 2's
+    logit soft-capping, Granite's logit scaling) would not be the model any more."""
+    extra = "final_logit_softcapping" if spec.final_logit_softcapping is not None else \
+        "logits_scaling" if spec.family == "granite" else None  # `GraniteForCausalLM` always divides its logits
+    if extra:
+        raise PlannerInputError("loss", f"{spec.name}'s head applies {extra} after the output layer, which the chunked "
+                                        "loss (the output layer alone, torchtune's) leaves out",
+                                "use --loss hf for this model")
+
+
+def _forward_end_holds(flow: Flow, model: tuple[SavedTensor, ...], first_input_needs_grad: bool,
+                       hidden_held: bool = True) -> int:
     """What the forward still holds at its last op (nll_loss) that backward does not keep.
 
     - The final hidden state (lm_head's input), when lm_head does not save it (LoRA, or under autocast, where
@@ -265,7 +296,8 @@ def _forward_end_holds(flow: Flow, model: tuple[SavedTensor, ...], first_input_n
     is not checkpointed, and embeddings run no autocast op.
     """
     spec = flow.spec
-    held = 0 if any(i.name == "lm_head.input" for i in model) else flow.tokens * spec.hidden_size * flow.e_stream
+    held = 0 if not hidden_held or any(i.name == "lm_head.input" for i in model) \
+        else flow.tokens * spec.hidden_size * flow.e_stream
     if not flow.amp:
         return held
     e, checkpointed = flow.e_compute, flow.t.grad_checkpointing
@@ -289,6 +321,86 @@ def _forward_end_holds(flow: Flow, model: tuple[SavedTensor, ...], first_input_n
                         if not layer_flow.input_grads.get(p, True)) * e
         needs_grad = needs_grad or bool(adapters)
     return held
+
+
+def chunk_tokens(flow: Flow) -> list[int]:
+    """Tokens in each of the chunked loss's chunks: `tensor_split(n, dim=1)` of the sequence gives the first s mod n
+    chunks one position more, times the batch."""
+    q, r = divmod(flow.s, flow.t.loss_chunks)
+    return [flow.b * (q + (1 if i < r else 0)) for i in range(flow.t.loss_chunks)]
+
+
+def chunked_loss_saved(flow: Flow) -> tuple[SavedTensor, ...]:
+    """What torchtune's `CEWithChunkedOutputLoss` saves (`lora_planner.profiler.losses`): every chunk's fp32
+    log_softmax output (T x V x 4 in all, as transformers' loss), each chunk's targets (`reshape(-1)` of a (b, s_i)
+    slice of the shifted labels: copies when b > 1, else views of the one (1, s) tensor) and total weight, and the
+    target count the final division keeps."""
+    return (SavedTensor("loss.log_softmax_fp32", flow.tokens * flow.spec.vocab_size * FP32),
+            SavedTensor("loss.targets", flow.tokens * 8), SavedTensor("loss.total_weight", flow.t.loss_chunks * FP32),
+            SavedTensor("loss.target_count", 8))
+
+
+def _chunk_targets_are_views(flow: Flow) -> bool:
+    """A (b, s_i) slice of the (b, s) labels is contiguous, so `reshape(-1)` is a view, when b = 1 or one chunk."""
+    return flow.b == 1 or flow.t.loss_chunks == 1
+
+
+def _chunked_loss_moments(flow: Flow, head_grad_bytes: int = 0, in_place: bool = True) -> tuple[int, int, int]:
+    """The chunked loss's transients (module `lora_planner.profiler.losses`): (forward scratch at its heaviest op,
+    backward scratch at its heaviest op, what the loss keeps then), expressed like the "hf" loss's on top of all
+    chunks' saved log_softmax outputs. n_j: chunk j's tokens, V the vocabulary, e the logits' bytes.
+
+    Forward, chunk j's nll_loss: every chunk's logits (the output layer ran over all of them first), chunk j's fp32
+    copy (none when the logits are fp32) and the log_softmax outputs of chunks 0..j.
+
+    Backward: autograd runs the newest ready node first, and every chunk's loss ops are newer than every chunk's
+    output-layer op, so all the chunks' losses go back first, last chunk first, each leaving its (n_j, V) gradient
+    (e bytes) waiting at the output layer; chunk j's log_softmax backward holds the log_softmax outputs of chunks
+    0..j, two (n_j, V) fp32 gradients and the waiting gradients of chunks after j. Then the output layer goes back,
+    chunk by chunk, last first. With a trained output layer (`head_grad_bytes` = its weight's gradient, full
+    fine-tuning) each chunk writes a whole weight gradient, which autograd sums into the first one's
+    (`torch/csrc/autograd/input_buffer.cpp`: in place; `in_place=False`, what a dispatch mode such as the exact
+    tracker sees: out of place, a third copy); chunk j's backward then holds the gradients still waiting (chunks
+    0..j), its input gradient, its new weight gradient and the sum so far (chunks after j; their saved inputs and
+    input gradients, both (n, H), trade places)."""
+    v, e, h = flow.spec.vocab_size, flow.e_compute, flow.spec.hidden_size
+    sizes = chunk_tokens(flow)
+    logits_all = flow.tokens * v * e
+    saved_all = flow.tokens * v * FP32
+    upcast = FP32 if e != FP32 else 0
+    last = sizes[-1]
+    if _chunk_targets_are_views(flow):
+        targets_left = flow.tokens * 8 if len(sizes) > 1 else 0  # the one labels tensor, while any chunk keeps it
+    else:
+        targets_left = (flow.tokens - last) * 8
+    kept_extra = targets_left + (len(sizes) - 1) * FP32
+    forward, backward, before = 0, 0, 0
+    for j, n in enumerate(sizes):
+        before += n
+        forward = max(forward, logits_all + n * v * upcast + before * v * FP32)
+        backward = max(backward, before * v * FP32 + 2 * n * v * FP32 + (flow.tokens - before) * v * e)
+        if head_grad_bytes:
+            # the chunks' targets and total weights are gone by now; with b = 1 the chunks are views of one hidden
+            # state, kept whole until the last of them is done, so the input gradients add to it
+            gone = kept_extra + (FP32 if len(sizes) > 1 else 0)  # and the division's gradient
+            # (the saved inputs are per-chunk copies, n x H x e, unless b = 1 without autocast: then the chunks are
+            # views of the one hidden state, kept whole; the input gradients are the stream's, fp32 under autocast)
+            after = flow.tokens - before
+            per_token = h * e if flow.b == 1 and not flow.amp else h * (flow.e_stream - e)
+            summed = j < len(sizes) - 1  # a chunk after j has written its weight gradient already
+            backward = max(backward, before * v * e + n * h * e + head_grad_bytes * (2 if summed else 1)
+                           + after * per_token - gone)
+            if summed and not in_place:
+                backward = max(backward, (before - n) * v * e + 3 * head_grad_bytes + (after + n) * per_token - gone)
+    # what the loss keeps at its own backward's peak: every chunk's log_softmax output, and the targets and total
+    # weights of the chunks backward has not reached (b = 1: one labels tensor, kept while any chunk keeps it)
+    kept = saved_all + kept_extra
+    # Forward, at the last chunk's nll_loss: that chunk's loss and (several chunks) the running sum; the loss value
+    # does not exist yet (`loss_value_at_forward_end`). Backward (several chunks): the division's gradient (0-d fp32)
+    # beside the chunk's (measured, tests/profiler/test_runner.py).
+    several = len(sizes) > 1
+    return (forward - saved_all + FP32 * (2 if several else 1), backward - saved_all + (FP32 if several else 0),
+            kept)
 
 
 def causal_lm_loss_saved(flow: Flow) -> tuple[SavedTensor, ...]:
@@ -325,6 +437,32 @@ def activation_profile(spec: ModelSpec, training: TrainingSpec) -> ActivationPro
     # The padded labels (see `causal_lm_loss_saved`) are a separate b x (s+1) tensor only when b > 1.
     padded_labels = flow.b * (flow.s + 1) * 8 if flow.b > 1 else 0
     model = tuple(_model_level(flow, first_input_needs_grad))
+    if training.loss == "chunked":
+        check_chunked_loss(spec)
+        if any(flow.modules[p].group == "lm_head" for p in flow.outside_adapters):
+            raise PlannerInputError(
+                "loss", "the chunked loss with LoRA on lm_head is not modelled yet (its adapters' gradients are "
+                        "summed over the chunks)", "use --loss hf, or leave lm_head out of the targets")
+        if flow.full and flow.amp:
+            raise PlannerInputError(
+                "loss", "full fine-tuning under autocast with the chunked loss is not modelled yet (the chunks' "
+                        "gradients of lm_head's cached 16-bit weight are summed before one cast back)",
+                "use --loss hf, or bf16 weights without --amp")
+        # full fine-tuning: each chunk writes a gradient of the output layer's weight
+        head = sum(m.weight_numel_each for m in flow.modules.values() if m.group == "lm_head") if flow.full else 0
+        loss_saved = chunked_loss_saved(flow)
+        chunk_forward, chunk_backward, loss_kept = _chunked_loss_moments(
+            flow, head * BYTES_PER_ELEMENT[training.dtype])
+        # the shifted labels, held (not saved) when the chunks' targets are copies of them; the final hidden state
+        # went with the model's forward
+        loss_forward = chunk_forward + (0 if _chunk_targets_are_views(flow) else flow.tokens * 8) \
+            + _forward_end_holds(flow, model, first_input_needs_grad, hidden_held=False)
+        loss_backward = FP32 + chunk_backward
+    else:
+        loss_saved = causal_lm_loss_saved(flow) + softcap
+        loss_kept = None
+        loss_forward = logits * e + upcast + padded_labels + _forward_end_holds(flow, model, first_input_needs_grad)
+        loss_backward = FP32 + 2 * logits * FP32
     router_aux = 0
     if spec.is_moe and spec.output_router_logits and spec.family not in ("deepseek_v2", "deepseek_v3"):
         # `load_balancing_loss_func` (models/mixtral/modeling_mixtral.py and its copies): a softmax of each MoE layer's
@@ -336,18 +474,19 @@ def activation_profile(spec: ModelSpec, training: TrainingSpec) -> ActivationPro
         first_layer=runs[0][1],
         layer_runs=runs,
         model=model,
-        loss=causal_lm_loss_saved(flow) + softcap,
+        loss=loss_saved,
         num_layers=spec.num_layers,
         checkpoint_per_layer_bytes=tokens * spec.hidden_size * flow.e_stream,
         # At nll_loss (the forward's last op): the logits + their fp32 copy, the padded labels, and what the
         # CausalLM forward and the autocast region still hold (`_forward_end_holds`).
         # (With `output_router_logits` the model's output also holds every MoE layer's router logits through the loss.)
-        loss_forward_scratch_bytes=logits * e + upcast + padded_labels + router_aux
-        + _forward_end_holds(flow, model, first_input_needs_grad),
+        loss_forward_scratch_bytes=loss_forward + router_aux,
         # The seed ones_like(loss), then nll_loss's gradient and log_softmax's input gradient (both fp32) beside
-        # the saved output.
-        loss_backward_scratch_bytes=FP32 + 2 * logits * FP32 + router_aux,
+        # the saved output (the chunked loss: one chunk's).
+        loss_backward_scratch_bytes=loss_backward + router_aux,
         router_aux_gradient_bytes=router_aux,
+        loss_kept_in_backward_bytes=loss_kept,
+        loss_value_at_forward_end=training.loss != "chunked",
         # Inside a layer's backward: the incoming gradient, gradients of the MLP's intermediates and of
         # the layer input, the largest of which are B x S x intermediate.
         layer_backward_scratch_bytes=max(scratch_each),

@@ -23,7 +23,9 @@ from lora_planner.cli_args import SUBCOMMAND_ARGUMENTS, build_parser
 from lora_planner.cli_options import budget_from_args, overhead_from_args
 from lora_planner.errors import PlannerInputError
 from lora_planner.planner import make_plan, plan_to_dict, refit
-from lora_planner.specs import MAX_LAYERS, METHODS, REGISTERED_FAMILIES, LoraSpec, TrainingSpec, check_choice
+from lora_planner.specs import (
+    MAX_LAYERS, METHODS, REGISTERED_FAMILIES, LoraSpec, TrainingSpec, check_choice, parse_loss,
+)
 
 SUBCOMMANDS = tuple(SUBCOMMAND_ARGUMENTS)
 EXIT_BAD_INPUT = 2
@@ -50,6 +52,7 @@ def _training_from_args(args: argparse.Namespace, method: str) -> TrainingSpec:
                       layers_to_transform=layers, target_parameters=_target_parameters(args)),
         kbit_prep=args.kbit_prep, experts_implementation=getattr(args, "experts_implementation", "grouped_mm"),
         routing=_routing(getattr(args, "routing", "balanced")),
+        **parse_loss(getattr(args, "loss", "hf")),
     )
 
 

@@ -72,6 +72,10 @@ def add_planner_options(p: argparse.ArgumentParser) -> None:
                    help="MoE models, eager experts: the routing that sizes the busiest expert's buffers: balanced "
                         "(tokens x k / experts each; default), worst (one expert set takes every token), or a JSON "
                         "file of per-layer tokens per expert (e.g. the profiler's router counts)")
+    p.add_argument("--loss", type=Text("loss", "--loss chunked:8"), default="hf",
+                   help="the training loss: hf (transformers' ForCausalLMLoss: the whole logits, their fp32 copy and "
+                        "log_softmax at once; default) or chunked[:N] (torchtune's CEWithChunkedOutputLoss: the output "
+                        "layer and the fp32 upcast one of N sequence chunks at a time, N = 8 by default; frozen lm_head)")
     p.add_argument("--no-kbit-prep", dest="kbit_prep", action="store_false",
                    help="QLoRA without PEFT's prepare_model_for_kbit_training (which TRL and most recipes "
                         "call, casting embeddings, norms and lm_head to fp32)")

@@ -120,6 +120,11 @@ def plan_warnings(spec: ModelSpec, training: TrainingSpec, budget: Budget | None
                         "SDPA, which this estimate does not count")
     if spec.is_moe:
         warnings += moe_notes(spec, training, methods or (training.method,))
+    if training.loss == "chunked":
+        warnings.append(f"loss: torchtune's CEWithChunkedOutputLoss in {training.loss_chunks} sequence chunks (eager, "
+                        "no torch.compile): every chunk's logits live until the loss returns, the fp32 upcast and "
+                        "the loss gradients one chunk at a time (full fine-tuning: lm_head's weight gradient is "
+                        "written once per chunk and summed)")
     if training.resolved_strategy is not None:
         from lora_planner.parallel.deepspeed import unmodelled_note
 
@@ -256,7 +261,7 @@ def _worst_routing_note(spec: ModelSpec, training: TrainingSpec, plans: dict[str
              for m in plans}
     parts = [f"{m} {gib_text(worst[m])} (+{gib_text(worst[m] - plans[m].estimate.peak_device_bytes)})"
              for m in plans]
-    return (f"worst-case routing (one expert set takes every token, --routing worst) bounds the peak on device at "
+    return ("worst-case routing (one expert set takes every token, --routing worst) bounds the peak on device at "
             + ", ".join(parts),)
 
 
@@ -334,6 +339,8 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
             "seq_len": t.seq_len,
             "grad_checkpointing": t.grad_checkpointing,
             "attention": t.attention,
+            "loss": t.loss,
+            "loss_chunks": t.loss_chunks if t.loss == "chunked" else None,
             "target_parameters": list(t.lora.target_parameters) if t.lora.target_parameters else None,
             "experts_implementation": t.experts_implementation if spec.is_moe else None,
             "routing": (t.routing if isinstance(t.routing, str) else [list(r) for r in t.routing])

@@ -35,6 +35,9 @@ Attention = Literal["sdpa", "eager"]
 # transformers 5.24's MoE experts implementations (`integrations/moe.py`): "grouped_mm" (the default,
 # `PreTrainedModel.get_correct_experts_implementation`) or the class's own per-expert loop ("eager").
 ExpertsImplementation = Literal["grouped_mm", "eager"]
+# The training loss: transformers' `ForCausalLMLoss` ("hf"), or torchtune's chunked cross-entropy ("chunked":
+# `CEWithChunkedOutputLoss`, the output layer and the fp32 upcast one sequence chunk at a time).
+LossKind = Literal["hf", "chunked"]
 AdapterDtype = Literal["fp32", "base"]
 # Each strategy names one engine (lora_planner.parallel): torch DDP (+ ZeroRedundancyOptimizer), torch FSDP2
 # FULL_SHARD / SHARD_GRAD_OP, DeepSpeed ZeRO stages 1-3. The bare ZeRO names are DeepSpeed's.
@@ -51,6 +54,8 @@ OPTIMIZER_IMPLS: tuple[str, ...] = get_args(OptimizerImpl)
 DEVICES: tuple[str, ...] = get_args(Device)
 ATTENTIONS: tuple[str, ...] = get_args(Attention)
 EXPERTS_IMPLEMENTATIONS: tuple[str, ...] = get_args(ExpertsImplementation)
+LOSSES: tuple[str, ...] = get_args(LossKind)
+DEFAULT_LOSS_CHUNKS = 8  # torchtune's `CEWithChunkedOutputLoss(num_output_chunks=8)`
 ROUTINGS: tuple[str, ...] = ("balanced", "worst")
 STRATEGIES: tuple[str, ...] = get_args(Strategy)
 STRATEGY_ALIASES: dict[str, str] = {"zero1": "deepspeed-zero1", "zero2": "deepspeed-zero2",
@@ -73,6 +78,19 @@ MAX_BATCH_SIZE = 2**20  # sequences per micro-batch
 MAX_SEQ_LEN = 2**24  # 16.8 M tokens per sequence: above the longest context windows published (10 M)
 MAX_GPUS = 2**20  # data-parallel ranks: ~10x the largest training clusters built
 MAX_GLOBAL_BATCH = 2**30  # sequences per optimizer step: far above any published run (~10^4-10^5)
+
+
+def parse_loss(text: str) -> dict[str, object]:
+    """`hf` | `chunked[:N]` (the CLI's `--loss`, a grid's `loss` axis) -> TrainingSpec's `loss` and `loss_chunks`."""
+    name, _, chunks = text.strip().partition(":")
+    if name not in LOSSES or (chunks and name != "chunked"):
+        raise PlannerInputError("loss", f"unknown loss {text!r}", "pass --loss hf or --loss chunked[:N], e.g. chunked:8")
+    if not chunks:
+        return {"loss": name}
+    if not chunks.isdigit() or int(chunks) < 1:
+        raise PlannerInputError("loss", f"chunk count must be a positive integer, got {chunks!r}",
+                                "pass e.g. --loss chunked:8")
+    return {"loss": name, "loss_chunks": int(chunks)}
 
 
 def check_positive_int(field_name: str, value: object, maximum: int | None = None) -> None:
@@ -328,6 +346,9 @@ class TrainingSpec:
     # tokens each expert received, per MoE layer (e.g. measured by the profiler's router hook).
     experts_implementation: ExpertsImplementation = "grouped_mm"
     routing: str | tuple[tuple[int, ...], ...] = "balanced"
+    # The loss (`LossKind`) and, for "chunked", how many sequence chunks the output layer and the loss run in.
+    loss: LossKind = "hf"
+    loss_chunks: int = DEFAULT_LOSS_CHUNKS
     lora: LoraSpec = field(default_factory=LoraSpec)
     gpus: int = 1  # data-parallel ranks; batch_size is per rank
     strategy: Strategy | None = None  # how the ranks share model states (None: ddp when gpus > 1)
@@ -343,6 +364,11 @@ class TrainingSpec:
         check_positive_int("seq_len", self.seq_len, MAX_SEQ_LEN)
         check_positive_int("gpus", self.gpus, MAX_GPUS)
         check_choice("experts_implementation", self.experts_implementation, EXPERTS_IMPLEMENTATIONS)
+        check_choice("loss", self.loss, LOSSES)
+        check_positive_int("loss_chunks", self.loss_chunks, MAX_SEQ_LEN)
+        if self.loss == "chunked" and self.loss_chunks > self.seq_len:
+            raise PlannerInputError("loss", f"{self.loss_chunks} chunks of a {self.seq_len}-token sequence",
+                                    f"pass --loss chunked:N with N <= {self.seq_len}")
         if isinstance(self.routing, str):
             check_choice("routing", self.routing, ROUTINGS)
         elif not (isinstance(self.routing, tuple) and self.routing and all(

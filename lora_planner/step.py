@@ -214,9 +214,11 @@ class StepComponents:
 
     @property
     def saved(self) -> int:
-        """Everything the forward leaves for backward, the loss's included, and the loss value."""
+        """Everything the forward leaves for backward, the loss's included, and the loss value (when it exists at
+        the forward's heaviest op: `ActivationProfile.loss_value_at_forward_end`)."""
         acts = self.activations
-        return self.layers_saved + acts.model_bytes + acts.loss_bytes + acts.loss_output_bytes
+        return self.layers_saved + acts.model_bytes + acts.loss_bytes \
+            + (acts.loss_output_bytes if acts.loss_value_at_forward_end else 0)
 
     @property
     def saved_at_backward_start(self) -> int:

@@ -31,7 +31,8 @@ Axes (with their defaults): `backend` ["hf"] (hf | builtin), `mode` ["cpu"] (cpu
 "all-linear", "q_proj,v_proj" or ["q_proj", "v_proj"]), `adapter_dtype` ["fp32"], `batch_size` [1],
 `seq_len` [512], `grad_checkpointing` [false], `optimizer` ["adamw"] (adamw | sgd | adafactor),
 `optimizer_impl` ["default"] (PyTorch's default for the device, or foreach | for-loop | fused),
-`attention` ["sdpa"]; and the scalars `steps` (3) and `seed` (0).
+`attention` ["sdpa"], `experts_implementation` ["grouped_mm"] (MoE models: grouped_mm | eager), `loss` ["hf"]
+(hf | chunked[:N], torchtune's chunked cross-entropy: hf backend only); and the scalars `steps` (3) and `seed` (0).
 
 Rules: for `method = "full"` the adapter axes (r, alpha, target, adapter_dtype) do not apply, so
 they collapse to one run; runs of the builtin backend on a family it does not implement (it has
@@ -67,7 +68,7 @@ from lora_planner.config_reader import load_config_json, spec_from_config
 from lora_planner.errors import PlannerInputError
 from lora_planner.files import check_output_file, read_user_text
 from lora_planner.params import check_sequence_length, lora_params, resolve_targets
-from lora_planner.specs import LoraSpec, ModelSpec, TrainingSpec
+from lora_planner.specs import LoraSpec, ModelSpec, TrainingSpec, parse_loss
 
 # The builtin backend's families (`profiler.builtin_model.BUILTIN_FAMILIES`; a test keeps them equal).
 BUILTIN_FAMILIES: tuple[str, ...] = ("llama", "mistral", "qwen2")
@@ -84,7 +85,7 @@ AXES: dict[str, list[Any]] = {
     "backend": ["hf"], "mode": ["cpu"], "method": ["full", "lora"], "precision": ["bf16"], "r": [8],
     "alpha": [], "target": ["default"], "adapter_dtype": ["fp32"], "batch_size": [1], "seq_len": [512],
     "grad_checkpointing": [False], "optimizer": ["adamw"], "optimizer_impl": ["default"], "attention": ["sdpa"],
-    "experts_implementation": ["grouped_mm"],
+    "experts_implementation": ["grouped_mm"], "loss": ["hf"],
 }
 SCALARS: dict[str, int] = {"steps": 3, "seed": 0}
 EXIT_INTERRUPTED = 130
@@ -115,8 +116,9 @@ class SweepRun:
         adapter = f" r={t.lora.r} {self.source['target']}" if t.method != "full" else ""
         ckpt = " ckpt" if t.grad_checkpointing else ""
         experts = f" experts={t.experts_implementation}" if self.spec.is_moe else ""
+        loss = f" loss={t.loss}:{t.loss_chunks}" if t.loss != "hf" else ""
         return (f"{self.model} {t.method}{adapter} {self.source['precision']} {self.backend}/{self.mode} "
-                f"b={t.batch_size} s={t.seq_len}{ckpt}{experts}")
+                f"b={t.batch_size} s={t.seq_len}{ckpt}{experts}{loss}")
 
 
 @dataclass(frozen=True)
@@ -167,6 +169,11 @@ def _check_values(where: str, key: str, values: list[Any]) -> None:
                    "optimizer": PROFILED_OPTIMIZERS, "adapter_dtype": ("fp32", "base"), "attention": ("sdpa", "eager"),
                    "optimizer_impl": ("default", "foreach", "for-loop", "fused"),
                    "experts_implementation": ("grouped_mm", "eager")}.get(key)
+        if key == "loss":
+            try:
+                parse_loss(value)
+            except PlannerInputError as err:
+                raise bad(err.problem, 'write e.g. loss = ["hf", "chunked:8"]') from None
         if choices and value not in choices:
             extra = {"optimizer": " (8-bit AdamW needs bitsandbytes on CUDA)", "mode": " (auto is not allowed in a "
                      "grid: a run's key must not depend on the machine)"}.get(key, "")
@@ -308,7 +315,7 @@ def _expand_block(where: str, label: str, spec: ModelSpec, source: dict[str, Any
                 optimizer_impl=None if v["optimizer_impl"] == "default" else v["optimizer_impl"],
                 batch_size=v["batch_size"], seq_len=v["seq_len"], grad_checkpointing=v["grad_checkpointing"],
                 device=device, attention=v["attention"], lora=lora if v["method"] != "full" else LoraSpec(),
-                experts_implementation=v["experts_implementation"])
+                experts_implementation=v["experts_implementation"], **parse_loss(v["loss"]))
             if training.method != "full":
                 lora_params(spec, lora.r, targets)  # unknown targets, r wider than a layer
             else:
@@ -328,6 +335,9 @@ def _expand_block(where: str, label: str, spec: ModelSpec, source: dict[str, Any
             continue
         if v["experts_implementation"] == "eager" and v["mode"] == "fake":
             yield (run.label, "the eager experts loop's data-dependent nonzero cannot run under fake tensors")
+            continue
+        if v["loss"] != "hf" and v["backend"] != "hf":
+            yield (run.label, "the chunked loss runs on the hf backend (the builtin model has no output layer apart)")
             continue
         if v["backend"] == "builtin" and spec.family not in BUILTIN_FAMILIES:
             yield (run.label, f"the builtin backend implements {', '.join(BUILTIN_FAMILIES)} only, not {spec.family}")

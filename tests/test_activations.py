@@ -925,3 +925,43 @@ def test_eager_experts_stack_gradients_by_hand(method, lora, routing, trained):
     # in place: the buffers, the next expert's whole largest stack and the (out, in) slice it was made from
     assert eager_stack_gradient_bytes(flow, adapted) == sum(trained) + largest + largest // 8
     assert eager_stack_gradient_bytes(flow, adapted, in_place=False) == sum(trained) + 2 * largest
+
+
+TINY_LLAMA_V1000 = spec_from_config({"model_type": "llama", "vocab_size": 1000, "hidden_size": 64,
+                                     "intermediate_size": 176, "num_hidden_layers": 2, "num_attention_heads": 4,
+                                     "num_key_value_heads": 2}, "tiny-llama")
+
+
+@pytest.mark.parametrize("batch, seq, chunks, sizes", [(2, 16, 4, [8, 8, 8, 8]), (2, 17, 3, [12, 12, 10]),
+                                                       (1, 17, 5, [4, 4, 3, 3, 3])])
+def test_chunked_loss_by_hand(batch, seq, chunks, sizes):
+    """torchtune's chunked loss (`activations._chunked_loss_moments`), LoRA, bf16 logits, V = 1,000: forward at the
+    last chunk's nll_loss, every chunk's bf16 logits + its fp32 copy + all log_softmax outputs, + the running sum and
+    the chunk's loss; backward at the last chunk's log_softmax backward, all log_softmax outputs + two fp32 gradients
+    of that chunk, + the division's gradient (the moments are given on top of all the log_softmax outputs)."""
+    from lora_planner.activations import _chunked_loss_moments, chunk_tokens, make_flow
+    flow = make_flow(TINY_LLAMA_V1000, TrainingSpec(method="lora", device="cpu", batch_size=batch, seq_len=seq,
+                                                    loss="chunked", loss_chunks=chunks))
+    assert chunk_tokens(flow) == sizes
+    tokens, v = batch * seq, 1000
+    forward, backward, kept = _chunked_loss_moments(flow)
+    assert forward == tokens * v * 2 + sizes[-1] * v * 4 + 2 * 4
+    assert backward == 2 * sizes[-1] * v * 4 + 4
+    targets = tokens * 8 if batch == 1 else (tokens - sizes[-1]) * 8  # b = 1: the one labels tensor, views of it
+    assert kept == tokens * v * 4 + targets + (chunks - 1) * 4
+
+
+def test_chunked_loss_full_fine_tuning_by_hand():
+    """Full fine-tuning, b = 2, 16 tokens in 4 chunks of 8, V = 1,000, H = 64, bf16: the heaviest moment is the third
+    chunk's output-layer backward: the waiting (8, V) gradients of chunks 0-2, its (8, H) input gradient, its new
+    (V, H) weight gradient and the sum of the last chunk's, less the targets and total weights gone; under a
+    dispatch mode, after it, a third (V, H) copy (the out-of-place sum) beside chunks 0-1's."""
+    from lora_planner.activations import _chunked_loss_moments, make_flow
+    flow = make_flow(TINY_LLAMA_V1000, TrainingSpec(method="full", device="cpu", batch_size=2, seq_len=16,
+                                                    loss="chunked", loss_chunks=4))
+    weight_grad, saved_all = 1000 * 64 * 2, 32 * 1000 * 4
+    gone = 24 * 8 + 3 * 4 + 4  # targets and total weights of chunks 0-2, the division's gradient
+    _, backward, _ = _chunked_loss_moments(flow, weight_grad)
+    assert backward == 24 * 1000 * 2 + 8 * 64 * 2 + 2 * weight_grad - gone - saved_all + 4
+    _, tracked, _ = _chunked_loss_moments(flow, weight_grad, in_place=False)
+    assert tracked == 16 * 1000 * 2 + 3 * weight_grad - gone - saved_all + 4

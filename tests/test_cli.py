@@ -92,6 +92,21 @@ def test_detail_shows_every_phase(capsys):
         assert phase in out
 
 
+def test_chunked_loss_is_echoed_noted_and_smaller_at_long_sequences(capsys):
+    """--loss chunked[:N] (issue 13): the inputs echo it, the notes say what was assumed, and at 32k tokens of
+    Llama-3.1-8B LoRA it removes most of the loss's peak (the bf16 logits stay, the fp32 copies and gradients go
+    one chunk at a time)."""
+    base = ["--model", "llama-3.1-8b", "--method", "lora", "--seq-len", "32768", "--grad-checkpointing"]
+    hf = run_json(capsys, *base)
+    chunked = run_json(capsys, *base, "--loss", "chunked:8")
+    assert (hf["inputs"]["loss"], hf["inputs"]["loss_chunks"]) == ("hf", None)
+    assert (chunked["inputs"]["loss"], chunked["inputs"]["loss_chunks"]) == ("chunked", 8)
+    assert any("CEWithChunkedOutputLoss in 8 sequence chunks" in w for w in chunked["warnings"])
+    before, after = (doc["methods"]["lora"]["peak_allocated_bytes"] for doc in (hf, chunked))
+    assert (round(before / 2**30, 2), round(after / 2**30, 2)) == (70.48, 48.95)
+    assert chunked["methods"]["lora"]["peak_phase"] == "forward_end"
+
+
 def test_config_json_path(tmp_path, capsys):
     config = {"model_type": "llama", "vocab_size": 1000, "hidden_size": 64, "intermediate_size": 176,
               "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}
@@ -158,6 +173,18 @@ def test_config_json_path(tmp_path, capsys):
      "unrecognized arguments: --mode"),  # was read as --model
     (["--device", "tpu"], "device"),
     (["--attention", "flash3"], "attention"),
+    # issue 13: the loss
+    (["--loss", "fused"], "loss: unknown loss 'fused'"),
+    (["--loss", "hf:4"], "loss: unknown loss 'hf:4'"),
+    (["--loss", "chunked:0"], "loss: chunk count must be a positive integer"),
+    (["--loss", "chunked:x"], "loss: chunk count must be a positive integer"),
+    (["--loss", "chunked:64", "--seq-len", "32"], "loss: 64 chunks of a 32-token sequence"),
+    (["--model", "gemma-2-2b", "--loss", "chunked"], "loss: gemma-2-2b's head applies final_logit_softcapping"),
+    (["--method", "lora", "--target", "q_proj,lm_head", "--loss", "chunked"], "loss: the chunked loss with LoRA on "
+                                                                                "lm_head"),
+    (["--method", "full", "--amp", "bf16", "--loss", "chunked"], "loss: full fine-tuning under autocast"),
+    (["profile", "--backend", "builtin", "--method", "lora", "--loss", "chunked"],
+     "loss: the chunked loss runs on the hf backend"),
     (["--method", "qlora", "--dtype", "fp32"], "QLoRA"),
     (["--no-such-flag"], "unrecognized arguments"),
     # MoE (issue 12)

@@ -99,7 +99,7 @@ grad_checkpointing = [false, true]
 def test_shipped_grids_parse_with_known_counts():
     counts = {name: len(load_grid(ROOT / "experiments" / "grids" / f"{name}.toml").runs)
               for name in ("cpu_validation", "fake_architectures", "gpu", "moe_small_vocab", "dense_small_vocab")}
-    assert counts == {"cpu_validation": 364, "fake_architectures": 120, "gpu": 33, "moe_small_vocab": 84,
+    assert counts == {"cpu_validation": 388, "fake_architectures": 120, "gpu": 33, "moe_small_vocab": 84,
                       "dense_small_vocab": 32}
     cpu = load_grid(ROOT / "experiments" / "grids" / "cpu_validation.toml")
     assert {r.spec.family for r in cpu.runs} == set(FAMILIES)  # every family the planner knows
@@ -124,6 +124,8 @@ def test_builtin_families_match_the_backend():
     ("[models.a]\nconfig = { model_type = 'llama' }", "hidden_size"),
     ("models = 3", "no [models] table"),
     ("[models.a\n", "not valid TOML"),
+    ("[models.a]\ncatalog = 'gpt2'\n[[grid]]\nloss = ['fused']", "unknown loss 'fused'"),
+    ("[models.a]\ncatalog = 'gpt2'\n[[grid]]\nloss = ['chunked:0']", "chunk count must be a positive integer"),
 ])
 def test_bad_grids_are_one_line_errors(text, needle):
     with pytest.raises(PlannerInputError) as info:
@@ -378,3 +380,17 @@ def test_a_dotted_bare_model_label_says_to_quote_it():
     """TOML reads `granite-3.3-8b = ...` as nested tables: say so instead of a puzzling "needs one of"."""
     with pytest.raises(PlannerInputError, match="quote a label with dots"):
         parse_grid('[models]\ngranite-3.3-8b = "granite-3.3-8b-instruct"\n', name="g")
+
+
+def test_loss_axis_keys_labels_and_backend():
+    """The grid's `loss` axis (issue 13): a chunked run has its own key and label; the builtin backend has no output
+    layer apart, so its chunked runs are left out and counted."""
+    grid = parse_grid("[models.a]\nconfig = { model_type = 'llama', vocab_size = 128, hidden_size = 64, "
+                      "intermediate_size = 96, num_hidden_layers = 2, num_attention_heads = 4 }\n"
+                      "[[grid]]\nmethod = 'lora'\nbackend = ['hf', 'builtin']\nloss = ['hf', 'chunked:4']\n",
+                      name="losses")
+    runs = {(r.backend, r.training.loss, r.training.loss_chunks) for r in grid.runs}
+    assert runs == {("hf", "hf", 8), ("builtin", "hf", 8), ("hf", "chunked", 4)}
+    chunked = next(r for r in grid.runs if r.training.loss == "chunked")
+    assert chunked.label.endswith("loss=chunked:4") and chunked.to_request().key.endswith("|loss:chunked:4")
+    assert len(grid.skipped) == 1 and "hf backend" in grid.skipped[0][1]

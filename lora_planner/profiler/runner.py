@@ -46,6 +46,7 @@ from lora_planner.errors import PlannerInputError
 from lora_planner.memory import estimate_memory
 from lora_planner.params import resolve_targets, target_description
 from lora_planner.profiler.allocator import allocator_peak_above_start
+from lora_planner.profiler.losses import chunked_output_loss
 from lora_planner.profiler.records import RECORD_SCHEMA_VERSION, check_record
 from lora_planner.profiler.tracker import StepMeasurement, hf_fake_parity, measure_training_step
 from lora_planner.specs import ModelSpec, TrainingSpec
@@ -87,6 +88,8 @@ class ProfileRequest:
             parts.append(t.experts_implementation)
         if lora.target_parameters and t.method != "full":
             parts.append("params:" + ",".join(lora.target_parameters))
+        if t.loss != "hf":
+            parts.append(f"loss:{t.loss}:{t.loss_chunks}")
         return "|".join(map(str, parts))
 
 
@@ -247,6 +250,9 @@ def check_request(request: ProfileRequest) -> None:
         from lora_planner.profiler.hf_backend import require_bitsandbytes
 
         require_bitsandbytes("meta" if request.mode == "fake" else request.mode)
+    if t.loss != "hf" and request.backend != "hf":
+        raise PlannerInputError("loss", "the chunked loss runs on the hf backend (the builtin model has no output layer "
+                                        "apart)", "profile it with --backend hf")
     if request.backend == "hf":
         from lora_planner.profiler.hf_backend import require_hf
 
@@ -283,8 +289,11 @@ def _autocast(training: TrainingSpec, device_type: str) -> Iterator[None]:
 
 
 def _loss_fn(training: TrainingSpec, device_type: str) -> Callable[[torch.nn.Module, Any], torch.Tensor]:
+    """transformers' own loss (`model(**batch).loss`), or torchtune's chunked one (`losses.chunked_output_loss`)."""
     def loss_fn(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
         with _autocast(training, device_type):
+            if training.loss == "chunked":
+                return chunked_output_loss(model, batch, training.loss_chunks)
             return model(**batch).loss
 
     return loss_fn
@@ -516,6 +525,7 @@ def base_record(request: ProfileRequest) -> dict[str, Any]:
             "gpus": t.gpus, "strategy": t.resolved_strategy,
             "experts_implementation": t.experts_implementation if request.spec.is_moe else None,
             "target_parameters": list(lora.target_parameters) if lora.target_parameters else None,
+            "loss": t.loss, "loss_chunks": t.loss_chunks if t.loss == "chunked" else None,
         },
         "predicted": {
             "peak_bytes": predicted.peak_allocated_bytes,

@@ -221,6 +221,15 @@ CPU_CASES = [
     ("deepseek_v3", "hf", dict(method="full", grad_checkpointing=True)),
     ("deepseek_v3", "hf", dict(method="lora", experts_implementation="eager",
                                lora=LoraSpec(r=8, target_modules=("all-linear",)))),
+    # torchtune's chunked loss (issue 13): chunk counts that divide the sequence or not, one chunk, b = 1 (the
+    # targets are views), checkpointing, fp32 (no upcast), autocast, a tied head, an MoE model
+    ("llama", "hf", dict(method="lora", loss="chunked", loss_chunks=8)),
+    ("llama", "hf", dict(method="lora", loss="chunked", loss_chunks=1, lora=LoraSpec(r=8, target_modules=("all-linear",)))),
+    ("qwen2", "hf", dict(method="lora", loss="chunked", loss_chunks=5, grad_checkpointing=True)),
+    ("gemma", "hf", dict(method="lora", loss="chunked", loss_chunks=3, batch_size=1)),
+    ("phi3", "hf", dict(method="lora", loss="chunked", loss_chunks=4, dtype="fp32", amp="bf16")),
+    ("gpt2", "hf", dict(method="lora", loss="chunked", loss_chunks=4, dtype="fp32")),
+    ("mixtral", "hf", dict(method="lora", loss="chunked", loss_chunks=4)),
 ]
 
 
@@ -321,6 +330,8 @@ def _predicted_phase_peaks(req: ProfileRequest) -> dict[str, tuple[int, dict[str
     ("qwen3-30b-a3b", dict(method="lora", seq_len=256, batch_size=1, lora=LoraSpec(r=16, target_modules=("all-linear",)))),
     ("gpt-oss-20b", dict(method="lora", seq_len=256, batch_size=2)),
     ("olmoe-1b-7b", dict(method="full", seq_len=128, batch_size=1)),
+    # torchtune's chunked loss (issue 13) at full size: 128,256-token vocabulary, 8 chunks of 512 tokens
+    ("llama-3.2-1b", dict(method="lora", seq_len=4096, batch_size=1, grad_checkpointing=True, loss="chunked")),
 ])
 def test_planner_matches_fake_traces_of_real_architectures(model, settings):
     spec = resolve_model(model)

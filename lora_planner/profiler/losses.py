@@ -1,0 +1,61 @@
+"""Training losses other than transformers' own, run on the Hugging Face model the profiler builds.
+
+`chunked_output_loss`: torchtune's chunked cross-entropy as its SFT recipes run it (torchtune
+`torchtune/modules/transformer.py` `TransformerDecoder.chunked_output`, `torchtune/modules/loss/
+ce_chunked_output_loss.py` `CEWithChunkedOutputLoss`, `recipes/lora_finetune_single_device.py` `_loss_step`):
+
+- the decoder's final hidden state h (after the final norm) goes through the output layer one sequence chunk at a
+  time, `[output(chunk) for chunk in h.tensor_split(n, dim=1)]`: every chunk's logits (the compute dtype) are made
+  before the loss starts and live in that list until the loss returns; h itself is a local of the model's forward;
+- the labels are shifted by the recipe, not the loss: `torch.hstack((labels[..., 1:], ignore[:b]))`, a new (b, s)
+  int64 tensor;
+- the loss counts the targets (`(labels != ignore_index).sum()`), splits the labels the same way
+  (`reshape(-1)` of each (b, s_i) chunk: a copy when b > 1) and sums `F.cross_entropy(chunk.float(), labels,
+  reduction="sum")` over the chunks (the fp32 upcast of one chunk at a time), then divides by the count.
+
+transformers' model runs unchanged below the output layer (`get_decoder()`, `get_output_embeddings()`, PEFT's
+adapters included), so only the loss differs from `model(**batch).loss`. Models whose causal-LM head does more than
+the output layer (Gemma 2's logit soft-capping, Granite's logit scaling) are refused by `TrainingSpec`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+def _base(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model under a PEFT wrapper (or the model itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def chunked_output_loss(model: torch.nn.Module, batch: dict[str, Any], chunks: int) -> torch.Tensor:
+    """torchtune's `CEWithChunkedOutputLoss` over `chunks` output chunks (module docstring)."""
+    base = _base(model)
+    logits = _chunked_output(base, batch["input_ids"], chunks)
+    labels = batch["labels"]
+    ignore = torch.full((labels.shape[0], 1), IGNORE_INDEX, dtype=labels.dtype, device=labels.device)
+    labels = torch.hstack((labels[..., 1:], ignore))
+    del ignore
+    return _ce_with_chunked_output(logits, labels, chunks)
+
+
+def _chunked_output(base: torch.nn.Module, input_ids: torch.Tensor, chunks: int) -> list[torch.Tensor]:
+    hidden = base.get_decoder()(input_ids=input_ids).last_hidden_state
+    head = base.get_output_embeddings()
+    return [head(chunk) for chunk in hidden.tensor_split(chunks, dim=1)]
+
+
+def _ce_with_chunked_output(logits: list[torch.Tensor], labels: torch.Tensor, chunks: int) -> torch.Tensor:
+    total_elements = (labels != IGNORE_INDEX).sum()
+    label_chunks = [chunk.reshape(-1) for chunk in labels.tensor_split(chunks, dim=1)]
+    logit_chunks = [chunk.reshape(-1, chunk.size(-1)) for chunk in logits]
+    total_loss: torch.Tensor | float = 0.0
+    for logits_chunk, labels_chunk in zip(logit_chunks, label_chunks):
+        total_loss += F.cross_entropy(logits_chunk.float(), labels_chunk, ignore_index=IGNORE_INDEX, reduction="sum")
+    return total_loss / total_elements
