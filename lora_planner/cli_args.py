@@ -165,6 +165,9 @@ def add_recommend_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"{', '.join(STRATEGIES)} (zero1|zero2|zero3: DeepSpeed's stages) (default with --gpus: "
                         "the first of ddp, ddp-zero1, fsdp that gives the best configuration)")
     add_seq_len_argument(p)
+    p.add_argument("--loss", type=Text("loss", "--loss chunked:8"), default="hf",
+                   help="the training loss: hf (transformers' own; default) or chunked[:N] (torchtune's "
+                        "CEWithChunkedOutputLoss in N sequence chunks, 8 by default)")
     p.add_argument("--global-batch", type=count("global-batch", "--global-batch 32", MAX_GLOBAL_BATCH),
                    default=DEFAULT_GLOBAL_BATCH,
                    help="sequences per optimizer step = micro-batch x GPUs x accumulation steps "

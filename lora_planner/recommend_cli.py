@@ -19,7 +19,9 @@ from lora_planner.recommend import (  # noqa: F401 (VERIFY_TOLERANCE: re-exporte
     MAX_MICRO_BATCH, VERIFY_TOLERANCE, Candidate, Recommendation, RecommendRequest, Verification, VerifyRun, recommend,
     training_for,
 )
-from lora_planner.specs import REGISTERED_FAMILIES, STRATEGY_NAMES, LoraSpec, TrainingSpec, check_choice
+from lora_planner.specs import (
+    REGISTERED_FAMILIES, STRATEGY_NAMES, LoraSpec, TrainingSpec, check_choice, parse_loss,
+)
 
 
 # ---------------------------------------------------------------------------------------------- JSON
@@ -57,6 +59,8 @@ def recommendation_to_dict(rec: Recommendation, verification: Verification | Non
         "gradient_accumulation_steps": c.gradient_accumulation_steps,
         "effective_global_batch": c.effective_global_batch,
         "gradient_checkpointing": c.grad_checkpointing,
+        "loss": t.loss,
+        "loss_chunks": t.loss_chunks if t.loss == "chunked" else None,
         "gpus": req.gpus,
         "strategy": (req.strategy or "ddp") if req.gpus > 1 else None,
         "predicted_peak_bytes": c.predicted_peak_bytes,
@@ -195,6 +199,7 @@ def request_from_args(args: argparse.Namespace) -> RecommendRequest:
         method="full", dtype=dtype, amp=args.amp, optimizer=args.optimizer, optimizer_impl=args.optimizer_impl,
         seq_len=args.seq_len, device=args.device, attention=args.attention,
         lora=LoraSpec(r=1, alpha=args.alpha, target_modules=target, adapter_dtype=args.adapter_dtype),
+        **parse_loss(args.loss),
     )
     if args.strategy is not None and args.gpus == 1:
         raise PlannerInputError("strategy", f"{args.strategy} shares model states across GPUs, but --gpus is 1",

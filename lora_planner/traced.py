@@ -348,7 +348,7 @@ def _model_level_rule(family_id: str) -> Any:
         """Everything outside the layers, as traced, net of what `activations._model_level` adds generically
         (the batch is not traced; the final norm's and lm_head's rules and checkpointing's eager mask are
         subtracted so the totals are the traced ones)."""
-        from lora_planner.activations import causal_lm_loss_saved  # the generic rules the totals are net of
+        from lora_planner.loss import causal_lm_loss_saved  # the generic rules the totals are net of
         from lora_planner.families.rules import norm
 
         key = settings_key(flow)

@@ -582,3 +582,18 @@ def test_verify_on_sharded_strategies_says_which_profile_command_measures_them(c
     doc = json.loads(capsys.readouterr().out)
     assert doc["verify"]["runs"] == []
     assert "`lora-plan profile --gpus 2 --strategy fsdp --mode cpu`" in doc["verify"]["skipped"]
+
+
+def test_recommend_plans_the_chunked_loss(capsys):
+    """`recommend --loss chunked` (issue 13) searches with torchtune's chunked loss and echoes it: LoRA of Llama-3-8B
+    at 4,096 tokens does not fit a 24 GiB card with transformers' loss (23.49 GiB at one sequence, checkpointed),
+    and does with the loss one chunk at a time (20.70 GiB)."""
+    docs = {}
+    for loss in ("hf", "chunked:8"):
+        code = main(["recommend", "--model", "llama-3-8b", "--gpu-mem", "24GiB", "--seq-len", "4096", "--methods",
+                     "lora", "--loss", loss, "--json"])
+        docs[loss] = json.loads(capsys.readouterr().out)
+        assert code == 0 and docs[loss]["loss"] == loss.split(":")[0]
+    assert docs["hf"]["loss_chunks"] is None and docs["chunked:8"]["loss_chunks"] == 8
+    assert (docs["hf"]["fits"], docs["chunked:8"]["fits"]) == (False, True)
+    assert [round(docs[k]["predicted_peak_bytes"] / 2**30, 2) for k in docs] == [23.49, 20.70]

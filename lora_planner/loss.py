@@ -1,0 +1,127 @@
+"""What the training loss keeps and holds (pure): transformers' `ForCausalLMLoss` and torchtune's chunked
+cross-entropy.
+
+- transformers 5.24 (`loss/loss_utils.py` `ForCausalLMLoss` -> `fixed_cross_entropy`): the logits upcast to fp32,
+  log_softmax keeps its fp32 output, nll_loss the shifted targets and the total weight (`causal_lm_loss_saved`); its
+  backward holds three fp32 B x S x V tensors at once (`lora_planner.activations` assembles the moments).
+- torchtune's `CEWithChunkedOutputLoss` as its SFT recipes run it (`TrainingSpec.loss` "chunked"; the profiler runs
+  it for real, `lora_planner.profiler.losses`, whose docstring has the source): the same log_softmax outputs, but one
+  chunk's fp32 copy and gradients at a time (`chunked_loss_saved`, `chunked_loss_moments`).
+
+Checked byte for byte against real CPU steps and full-size fake traces (`tests/profiler/test_runner.py`,
+`tests/profiler/test_allocator.py`) and by hand (`tests/test_loss.py`).
+
+Known limitations: the chunked loss is modelled eager (`torch.compile` of it saves other tensors); LoRA on lm_head
+and full fine-tuning under autocast with it are refused (their gradients are summed over the chunks in ways not
+modelled yet), as are models whose head does more than the output layer (`check_chunked_loss`).
+"""
+
+from __future__ import annotations
+
+from lora_planner.errors import PlannerInputError
+from lora_planner.families.rules import FP32, Flow, SavedTensor
+from lora_planner.specs import ModelSpec
+
+
+def check_chunked_loss(spec: ModelSpec) -> None:
+    """The chunked loss replaces the causal-LM head by the output layer alone: a model whose head does more (Gemma 2's
+    logit soft-capping, Granite's logit scaling) would not be the model any more."""
+    extra = "final_logit_softcapping" if spec.final_logit_softcapping is not None else \
+        "logits_scaling" if spec.family == "granite" else None  # `GraniteForCausalLM` always divides its logits
+    if extra:
+        raise PlannerInputError("loss", f"{spec.name}'s head applies {extra} after the output layer, which the chunked "
+                                        "loss (the output layer alone, torchtune's) leaves out",
+                                "use --loss hf for this model")
+
+
+def chunk_tokens(flow: Flow) -> list[int]:
+    """Tokens in each of the chunked loss's chunks: `tensor_split(n, dim=1)` of the sequence gives the first s mod n
+    chunks one position more, times the batch."""
+    q, r = divmod(flow.s, flow.t.loss_chunks)
+    return [flow.b * (q + (1 if i < r else 0)) for i in range(flow.t.loss_chunks)]
+
+
+def chunked_loss_saved(flow: Flow) -> tuple[SavedTensor, ...]:
+    """What torchtune's `CEWithChunkedOutputLoss` saves (`lora_planner.profiler.losses`): every chunk's fp32
+    log_softmax output (T x V x 4 in all, as transformers' loss), each chunk's targets (`reshape(-1)` of a (b, s_i)
+    slice of the shifted labels: copies when b > 1, else views of the one (1, s) tensor) and total weight, and the
+    target count the final division keeps."""
+    return (SavedTensor("loss.log_softmax_fp32", flow.tokens * flow.spec.vocab_size * FP32),
+            SavedTensor("loss.targets", flow.tokens * 8), SavedTensor("loss.total_weight", flow.t.loss_chunks * FP32),
+            SavedTensor("loss.target_count", 8))
+
+
+def chunk_targets_are_views(flow: Flow) -> bool:
+    """A (b, s_i) slice of the (b, s) labels is contiguous, so `reshape(-1)` is a view, when b = 1 or one chunk."""
+    return flow.b == 1 or flow.t.loss_chunks == 1
+
+
+def chunked_loss_moments(flow: Flow, head_grad_bytes: int = 0, in_place: bool = True) -> tuple[int, int, int]:
+    """The chunked loss's transients (module `lora_planner.profiler.losses`): (forward scratch at its heaviest op,
+    backward scratch at its heaviest op, what the loss keeps then), expressed like the "hf" loss's on top of all
+    chunks' saved log_softmax outputs. n_j: chunk j's tokens, V the vocabulary, e the logits' bytes.
+
+    Forward, chunk j's nll_loss: every chunk's logits (the output layer ran over all of them first), chunk j's fp32
+    copy (none when the logits are fp32) and the log_softmax outputs of chunks 0..j.
+
+    Backward: autograd runs the newest ready node first, and every chunk's loss ops are newer than every chunk's
+    output-layer op, so all the chunks' losses go back first, last chunk first, each leaving its (n_j, V) gradient
+    (e bytes) waiting at the output layer; chunk j's log_softmax backward holds the log_softmax outputs of chunks
+    0..j, two (n_j, V) fp32 gradients and the waiting gradients of chunks after j. Then the output layer goes back,
+    chunk by chunk, last first. With a trained output layer (`head_grad_bytes` = its weight's gradient, full
+    fine-tuning) each chunk writes a whole weight gradient, which autograd sums into the first one's
+    (`torch/csrc/autograd/input_buffer.cpp`: in place; `in_place=False`, what a dispatch mode such as the exact
+    tracker sees: out of place, a third copy); chunk j's backward then holds the gradients still waiting (chunks
+    0..j), its input gradient, its new weight gradient and the sum so far (chunks after j; their saved inputs and
+    input gradients, both (n, H), trade places)."""
+    v, e, h = flow.spec.vocab_size, flow.e_compute, flow.spec.hidden_size
+    sizes = chunk_tokens(flow)
+    logits_all = flow.tokens * v * e
+    saved_all = flow.tokens * v * FP32
+    upcast = FP32 if e != FP32 else 0
+    last = sizes[-1]
+    if chunk_targets_are_views(flow):
+        targets_left = flow.tokens * 8 if len(sizes) > 1 else 0  # the one labels tensor, while any chunk keeps it
+    else:
+        targets_left = (flow.tokens - last) * 8
+    kept_extra = targets_left + (len(sizes) - 1) * FP32
+    forward, backward, before = 0, 0, 0
+    for j, n in enumerate(sizes):
+        before += n
+        forward = max(forward, logits_all + n * v * upcast + before * v * FP32)
+        backward = max(backward, before * v * FP32 + 2 * n * v * FP32 + (flow.tokens - before) * v * e)
+        if head_grad_bytes:
+            # the chunks' targets and total weights are gone by now; with b = 1 the chunks are views of one hidden
+            # state, kept whole until the last of them is done, so the input gradients add to it
+            gone = kept_extra + (FP32 if len(sizes) > 1 else 0)  # and the division's gradient
+            # (the saved inputs are per-chunk copies, n x H x e, unless b = 1 without autocast: then the chunks are
+            # views of the one hidden state, kept whole; the input gradients are the stream's, fp32 under autocast)
+            after = flow.tokens - before
+            per_token = h * e if flow.b == 1 and not flow.amp else h * (flow.e_stream - e)
+            summed = j < len(sizes) - 1  # a chunk after j has written its weight gradient already
+            backward = max(backward, before * v * e + n * h * e + head_grad_bytes * (2 if summed else 1)
+                           + after * per_token - gone)
+            if summed and not in_place:
+                backward = max(backward, (before - n) * v * e + 3 * head_grad_bytes + (after + n) * per_token - gone)
+    # what the loss keeps at its own backward's peak: every chunk's log_softmax output, and the targets and total
+    # weights of the chunks backward has not reached (b = 1: one labels tensor, kept while any chunk keeps it)
+    kept = saved_all + kept_extra
+    # Forward, at the last chunk's nll_loss: that chunk's loss and (several chunks) the running sum; the loss value
+    # does not exist yet (`loss_value_at_forward_end`). Backward (several chunks): the division's gradient (0-d fp32)
+    # beside the chunk's (measured, tests/profiler/test_runner.py).
+    several = len(sizes) > 1
+    return (forward - saved_all + FP32 * (2 if several else 1), backward - saved_all + (FP32 if several else 0),
+            kept)
+
+
+def causal_lm_loss_saved(flow: Flow) -> tuple[SavedTensor, ...]:
+    """What transformers 5.24's `ForCausalLMLoss` (`loss/loss_utils.py`) saves: log_softmax's fp32 output (kept
+    by nll_loss too), the shifted int64 targets and the total weight. `labels = pad(labels, (0, 1), value=-100)`
+    (b x (s+1) int64, held by the local `labels` until the loss returns), `shift_labels = labels[...,
+    1:].contiguous()`: a b x s copy, the targets nll_loss saves. With b = 1 the slice is already contiguous (a
+    size-1 dimension's stride does not count), so `contiguous()` copies nothing and the saved targets are a view
+    of the padded (s+1) labels, which then live on with them. (Traced profiles subtract this from what they
+    measured, `lora_planner.traced`.)"""
+    targets = flow.tokens * 8 if flow.b > 1 else (flow.s + 1) * 8
+    return (SavedTensor("loss.log_softmax_fp32", flow.tokens * flow.spec.vocab_size * FP32),
+            SavedTensor("loss.targets", targets), SavedTensor("loss.total_weight", FP32))
