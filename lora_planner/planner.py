@@ -325,6 +325,8 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
             "methods": list(plan.methods),
             "r": t.lora.r,
             "alpha": t.lora.effective_alpha,
+            "use_rslora": t.lora.use_rslora,
+            "lora_scaling": t.lora.scaling,
             "target_modules": list(plan.target_modules),
             "layers_to_transform": list(t.lora.layers_to_transform) if t.lora.layers_to_transform else None,
             "adapted_modules": list(plan.adapted_modules),

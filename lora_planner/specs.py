@@ -289,9 +289,15 @@ class LoraSpec:
     # PEFT's `target_parameters`: MoE expert / router weights adapted through `lora.ParamWrapper` (a parameter name
     # or its suffix, e.g. "mlp.experts.gate_up_proj"), beside what `target_modules` names.
     target_parameters: tuple[str, ...] | None = None
+    # PEFT's `use_rslora` (Kalajdzievski 2023, arXiv 2312.03732): the update is scaled by alpha / sqrt(r) instead of
+    # alpha / r (`peft/tuners/lora/layer.py` `update_layer`); nothing else changes, memory included.
+    use_rslora: bool = False
 
     def __post_init__(self) -> None:
         check_positive_int("r", self.r, MAX_R)
+        if not isinstance(self.use_rslora, bool):
+            raise PlannerInputError("use_rslora", f"must be true or false, got {self.use_rslora!r}",
+                                    "pass --use-rslora or leave it out")
         if self.alpha is not None and (isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float))
                                        or not math.isfinite(self.alpha) or not self.alpha > 0):
             raise PlannerInputError("alpha", f"must be positive, got {self.alpha!r}", "pass e.g. --alpha 16")
@@ -315,7 +321,8 @@ class LoraSpec:
 
     @property
     def scaling(self) -> float:
-        return self.effective_alpha / self.r
+        """The factor on B A x: alpha / r, or alpha / sqrt(r) with rsLoRA (PEFT's `LoraLayer.scaling`)."""
+        return self.effective_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
 
 @dataclass(frozen=True)

@@ -107,6 +107,17 @@ def test_chunked_loss_is_echoed_noted_and_smaller_at_long_sequences(capsys):
     assert chunked["methods"]["lora"]["peak_phase"] == "forward_end"
 
 
+def test_rslora_changes_the_scaling_shown_not_the_memory(capsys):
+    """--use-rslora (PEFT's use_rslora): the header and the JSON give alpha / sqrt(r); every byte is the same."""
+    base = ["--model", "llama-7b", "--method", "lora", "--r", "16"]
+    plain, rs = run_json(capsys, *base), run_json(capsys, *base, "--use-rslora")
+    assert (plain["inputs"]["use_rslora"], plain["inputs"]["lora_scaling"]) == (False, 2.0)
+    assert (rs["inputs"]["use_rslora"], rs["inputs"]["lora_scaling"]) == (True, 8.0)
+    assert plain["methods"] == rs["methods"]
+    assert main([*base, "--use-rslora"]) == 0
+    assert "rsLoRA (scaling alpha / sqrt(r) = 8)" in " ".join(capsys.readouterr().out.split())
+
+
 def test_config_json_path(tmp_path, capsys):
     config = {"model_type": "llama", "vocab_size": 1000, "hidden_size": 64, "intermediate_size": 176,
               "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}

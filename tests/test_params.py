@@ -965,3 +965,22 @@ _DEEPSEEK_FULL = {
                     "n_group": 8, "topk_group": 4, "routed_scaling_factor": 2.5, "max_position_embeddings": 163840,
                     "attention_bias": False, "tie_word_embeddings": False},
 }
+
+
+@pytest.mark.parametrize("r, alpha, rslora", [(8, None, False), (16, None, True), (4, 6, True), (64, 16, True)])
+def test_lora_scaling_equals_peft(r, alpha, rslora):
+    """`LoraSpec.scaling` against PEFT's own (`LoraLayer.scaling`, set in `update_layer`: alpha / sqrt(r) with
+    `use_rslora`), on a meta Llama."""
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+
+    spec = LoraSpec(r=r, alpha=alpha, use_rslora=rslora)
+    config = {"model_type": "llama", "vocab_size": 128, "hidden_size": 64, "intermediate_size": 96,
+              "num_hidden_layers": 1, "num_attention_heads": 4}
+    with warnings.catch_warnings(), torch.device("meta"):
+        warnings.simplefilter("ignore")
+        model = get_peft_model(meta_model(config), LoraConfig(r=r, lora_alpha=spec.effective_alpha,
+                                                              target_modules=["q_proj"], use_rslora=rslora))
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert layer.scaling["default"] == pytest.approx(spec.scaling, rel=1e-12)

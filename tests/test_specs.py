@@ -24,6 +24,8 @@ def test_defaults():
     assert TrainingSpec(optimizer="sgd", device="cpu").resolved_optimizer_impl == "for-loop"
     assert t.compute_dtype == "bf16" and TrainingSpec(dtype="fp32", amp="fp16").compute_dtype == "fp16"
     assert LoraSpec(r=8).effective_alpha == 16 and LoraSpec(r=8, alpha=32).scaling == 4
+    # rsLoRA: alpha / sqrt(r)
+    assert LoraSpec(r=16, use_rslora=True).scaling == 8 and LoraSpec(r=4, alpha=6, use_rslora=True).scaling == 3
 
 
 @pytest.mark.parametrize("kwargs, field", [
@@ -59,7 +61,7 @@ def test_qlora_under_autocast_is_allowed():
 @pytest.mark.parametrize("kwargs, field", [
     (dict(r=0), "r"), (dict(r=-1), "r"), (dict(r=2.5), "r"), (dict(alpha=0), "alpha"),
     (dict(target_modules=()), "target"), (dict(target_modules=("q_proj", " ")), "target"),
-    (dict(adapter_dtype="fp8"), "adapter_dtype"),
+    (dict(adapter_dtype="fp8"), "adapter_dtype"), (dict(use_rslora="yes"), "use_rslora"),
 ])
 def test_lora_spec_rejects(kwargs, field):
     with pytest.raises(PlannerInputError) as err:

@@ -399,7 +399,7 @@ class LoRALinear(nn.Module):
     """
 
     def __init__(self, base_layer: nn.Linear, r: int, alpha: float,
-                 adapter_dtype: torch.dtype | None = torch.float32) -> None:
+                 adapter_dtype: torch.dtype | None = torch.float32, use_rslora: bool = False) -> None:
         super().__init__()
         if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
             raise PlannerInputError("r", f"must be a positive integer, got {r!r}", "pass e.g. --r 8")
@@ -410,7 +410,7 @@ class LoRALinear(nn.Module):
             p.requires_grad_(False)
         self.r = r
         self.alpha = float(alpha)
-        self.scaling = self.alpha / r
+        self.scaling = self.alpha / (math.sqrt(r) if use_rslora else r)  # PEFT's `update_layer`
         self.lora_A = nn.Linear(base_layer.in_features, r, bias=False, dtype=dtype, device=weight.device)
         self.lora_B = nn.Linear(r, base_layer.out_features, bias=False, dtype=dtype, device=weight.device)
         if weight.device.type != "meta":
@@ -463,10 +463,11 @@ def lora_module_paths(spec: ModelSpec, target_modules: tuple[str, ...] | None,
 def apply_lora(model: DecoderLM, r: int, alpha: float | None = None,
                target_modules: tuple[str, ...] | None = None,
                adapter_dtype: torch.dtype | None = torch.float32,
-               layers_to_transform: tuple[int, ...] | None = None) -> DecoderLM:
+               layers_to_transform: tuple[int, ...] | None = None, use_rslora: bool = False) -> DecoderLM:
     """Freeze every base parameter and wrap the targeted linears in `LoRALinear` (in place).
 
-    `alpha` None means 2r (the planner's `LoraSpec` default). Returns the model.
+    `alpha` None means 2r (the planner's `LoraSpec` default); `use_rslora` scales by alpha / sqrt(r). Returns the
+    model.
     """
     alpha = float(2 * r) if alpha is None else alpha
     if not alpha > 0:
@@ -484,7 +485,7 @@ def apply_lora(model: DecoderLM, r: int, alpha: float | None = None,
             raise PlannerInputError("r", f"rank {r} exceeds the width of {path} "
                                          f"({base.in_features} x {base.out_features})",
                                     f"use r <= {min(base.in_features, base.out_features)}")
-        setattr(parent, name, LoRALinear(base, r, alpha, adapter_dtype))
+        setattr(parent, name, LoRALinear(base, r, alpha, adapter_dtype, use_rslora))
     model.tie_weights()
     return model
 

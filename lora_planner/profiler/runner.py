@@ -77,7 +77,8 @@ class ProfileRequest:
         """Identifies a run for `--resume`: every setting that changes what is measured."""
         t, lora = self.training, self.training.lora
         targets = ",".join(lora.target_modules or ("default",))
-        adapter = f"r{lora.r}-a{lora.effective_alpha:g}-{targets}-{lora.adapter_dtype}" if t.method != "full" else "-"
+        adapter = f"r{lora.r}-a{lora.effective_alpha:g}-{targets}-{lora.adapter_dtype}" \
+            + ("-rslora" if lora.use_rslora else "") if t.method != "full" else "-"
         parts = [self.model, self.backend, self.mode, t.method, adapter, t.dtype, t.amp or "-", t.optimizer,
                  t.resolved_optimizer_impl, t.batch_size, t.seq_len, int(t.grad_checkpointing), t.attention, self.steps]
         if t.gpus > 1:
@@ -195,7 +196,7 @@ def build_model(request: ProfileRequest, device: str) -> torch.nn.Module:
     if t.method != "full":
         adapter = torch.float32 if t.lora.adapter_dtype == "fp32" else TORCH_DTYPES[t.dtype]
         model = apply_lora(model, t.lora.r, t.lora.effective_alpha, t.lora.target_modules, adapter_dtype=adapter,
-                           layers_to_transform=t.lora.layers_to_transform)
+                           layers_to_transform=t.lora.layers_to_transform, use_rslora=t.lora.use_rslora)
     model.train()
     return model
 
@@ -512,6 +513,7 @@ def base_record(request: ProfileRequest) -> dict[str, Any]:
         "settings": {
             "method": t.method, "r": t.lora.r if t.method != "full" else None,
             "alpha": t.lora.effective_alpha if t.method != "full" else None, "target_modules": targets,
+            "use_rslora": t.lora.use_rslora if t.method != "full" else None,
             # what was asked (None: PEFT's default), which layers, and what that adapts, layer by layer
             "targets_asked": list(lora.target_modules) if lora.target_modules else None,
             "layers_to_transform": list(lora.layers_to_transform) if lora.layers_to_transform else None,

@@ -179,6 +179,7 @@ def test_lora_linear_follows_peft():
     base = nn.Linear(64, 48, bias=True, dtype=torch.bfloat16)
     lora = LoRALinear(base, r=4, alpha=8)
     assert lora.scaling == 2.0 and lora.base_layer is base
+    assert LoRALinear(base, r=4, alpha=8, use_rslora=True).scaling == 4.0  # rsLoRA: alpha / sqrt(r)
     assert lora.lora_A.weight.shape == (4, 64) and lora.lora_B.weight.shape == (48, 4)
     assert lora.lora_A.weight.dtype == torch.float32 and not base.weight.requires_grad
     assert torch.count_nonzero(lora.lora_B.weight) == 0

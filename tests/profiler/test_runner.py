@@ -221,6 +221,8 @@ CPU_CASES = [
     ("deepseek_v3", "hf", dict(method="full", grad_checkpointing=True)),
     ("deepseek_v3", "hf", dict(method="lora", experts_implementation="eager",
                                lora=LoraSpec(r=8, target_modules=("all-linear",)))),
+    # rsLoRA (issue 13): PEFT's use_rslora changes the scaling, not the memory
+    ("llama", "hf", dict(method="lora", lora=LoraSpec(r=16, use_rslora=True))),
     # torchtune's chunked loss (issue 13): chunk counts that divide the sequence or not, one chunk, b = 1 (the
     # targets are views), checkpointing, fp32 (no upcast), autocast, a tied head, an MoE model
     ("llama", "hf", dict(method="lora", loss="chunked", loss_chunks=8)),
