@@ -13,7 +13,9 @@ from typing import Any
 
 from lora_planner import __version__
 from lora_planner.catalog import model_names
-from lora_planner.cli_options import add_budget_arguments, add_overhead_arguments, add_seq_len_argument
+from lora_planner.cli_options import (
+    add_budget_arguments, add_loss_argument, add_overhead_arguments, add_seq_len_argument,
+)
 from lora_planner.cli_types import (
     MAX_SEED, MAX_STEPS, MAX_THREADS, MAX_TRAIN_TOKENS, Number, Text, count, fraction, option_error, positive_number,
 )
@@ -74,10 +76,7 @@ def add_planner_options(p: argparse.ArgumentParser) -> None:
                    help="MoE models, eager experts: the routing that sizes the busiest expert's buffers: balanced "
                         "(tokens x k / experts each; default), worst (one expert set takes every token), or a JSON "
                         "file of per-layer tokens per expert (e.g. the profiler's router counts)")
-    p.add_argument("--loss", type=Text("loss", "--loss chunked:8"), default="hf",
-                   help="the training loss: hf (transformers' ForCausalLMLoss: the whole logits, their fp32 copy and "
-                        "log_softmax at once; default) or chunked[:N] (torchtune's CEWithChunkedOutputLoss: the output "
-                        "layer and the fp32 upcast one of N sequence chunks at a time, N = 8 by default; frozen lm_head)")
+    add_loss_argument(p)
     p.add_argument("--no-kbit-prep", dest="kbit_prep", action="store_false",
                    help="QLoRA without PEFT's prepare_model_for_kbit_training (which TRL and most recipes "
                         "call, casting embeddings, norms and lm_head to fp32)")
@@ -167,9 +166,7 @@ def add_recommend_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"{', '.join(STRATEGIES)} (zero1|zero2|zero3: DeepSpeed's stages) (default with --gpus: "
                         "the first of ddp, ddp-zero1, fsdp that gives the best configuration)")
     add_seq_len_argument(p)
-    p.add_argument("--loss", type=Text("loss", "--loss chunked:8"), default="hf",
-                   help="the training loss: hf (transformers' own; default) or chunked[:N] (torchtune's "
-                        "CEWithChunkedOutputLoss in N sequence chunks, 8 by default)")
+    add_loss_argument(p)
     p.add_argument("--global-batch", type=count("global-batch", "--global-batch 32", MAX_GLOBAL_BATCH),
                    default=DEFAULT_GLOBAL_BATCH,
                    help="sequences per optimizer step = micro-batch x GPUs x accumulation steps "

@@ -23,6 +23,13 @@ def add_seq_len_argument(p: argparse.ArgumentParser) -> None:
                    help=f"tokens per sequence (default {DEFAULT_SEQ_LEN}, TRL's SFT max_length)")
 
 
+def add_loss_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--loss", type=Text("loss", "--loss chunked:8"), default="hf",
+                   help="the training loss: hf (transformers' ForCausalLMLoss: the whole logits, their fp32 copy and "
+                        "log_softmax at once; default) or chunked[:N] (torchtune's CEWithChunkedOutputLoss: the output "
+                        "layer and the fp32 upcast one of N sequence chunks at a time, N = 8 by default)")
+
+
 def add_budget_arguments(p: argparse.ArgumentParser) -> None:
     """--gpu, --gpu-mem (either, or both: that GPU with another memory size) and --headroom."""
     p.add_argument("--gpu", type=Text("gpu", "--gpu a100-80gb"), default=None,
