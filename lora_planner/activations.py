@@ -50,7 +50,7 @@ from lora_planner.families.base import Module
 from lora_planner.families.moe import (
     backward_order_counts, busiest_expert_tokens, check_routing, eager_loop_freed_bytes, eager_stack_gradient_bytes,
 )
-from lora_planner.families.rules import FP32, Flow, SavedTensor, norm
+from lora_planner.families.rules import FLASH, FP32, Flow, SavedTensor, flash_backward_scratch, norm
 from lora_planner.loss import (
     causal_lm_loss_saved, check_chunked_loss, chunk_targets_are_views, chunked_loss_moments, chunked_loss_saved,
 )
@@ -193,11 +193,15 @@ def _modules_by_path(spec: ModelSpec) -> dict[str, Module]:
 def make_flow(spec: ModelSpec, training: TrainingSpec) -> Flow:
     """The settings the family's rules read, with the adapted modules of every layer. A family transformers 5.24
     builds without SDPA (`Family.sdpa` False: Gemma 2, whose soft-capping SDPA cannot do) runs eager attention
-    whatever was asked (`from_config` / `from_pretrained` fall back to eager by default; an explicit "sdpa" raises),
-    so that is what is planned (`lora_planner.planner.plan_warnings` says so)."""
+    when SDPA was asked (`from_config` / `from_pretrained` fall back to eager by default; an explicit "sdpa" raises),
+    so that is what is planned (`lora_planner.planner.plan_warnings` says so); flash_attention_2 is refused for the
+    families whose flash path is not modelled (`Family.flash_refused`)."""
     family = family_rules(spec.family)
-    if not family.sdpa and training.attention != "eager":
+    if not family.sdpa and training.attention == "sdpa":
         training = replace(training, attention="eager")
+    if training.attention == "flash_attention_2" and family.flash_refused:
+        raise PlannerInputError("attention", f"flash_attention_2 is not planned for {spec.family}: "
+                                             f"{family.flash_refused}", "use --attention sdpa or eager")
     if training.method == "full":
         layer_adapters: tuple[frozenset[str], ...] = (frozenset(),) * spec.num_layers
         outside: frozenset[str] = frozenset()
@@ -422,11 +426,13 @@ def _layer_backward_scratch(flow: Flow, moe_layer: bool, eager_freed: int = 0) -
     (tokens, hidden) gradients it accumulates into. `moe_layer`: the layer routes through experts (an MoE model's
     dense layers, `ModelSpec.dense_layers`, have a dense MLP's). With trained stacks under the eager loop its
     heaviest moment is the second expert's stack gradient (`moe.eager_stack_gradient_bytes`), when the loop has
-    already freed `eager_freed` bytes of the layer's saved tensors (`moe.eager_loop_freed_bytes`)."""
+    already freed `eager_freed` bytes of the layer's saved tensors (`moe.eager_loop_freed_bytes`). Under flash-attn
+    the attention's backward (`rules.flash_backward_scratch`) is the heavier moment when its buffers outweigh those.
+    """
     spec, tokens, e = flow.spec, flow.tokens, flow.e_compute
-    dense = (2 * spec.hidden_size + 3 * spec.intermediate_size) * tokens * e
+    attention = flash_backward_scratch(flow) if flow.t.attention == FLASH else 0
     if not moe_layer:
-        return dense
+        return max((2 * spec.hidden_size + 3 * spec.intermediate_size) * tokens * e, attention)
     width, h = spec.moe_intermediate_size, spec.hidden_size
     if flow.t.experts_implementation == "grouped_mm":
         rows, extra = tokens * spec.num_experts_per_tok, 0
@@ -446,4 +452,4 @@ def _layer_backward_scratch(flow: Flow, moe_layer: bool, eager_freed: int = 0) -
         # whole (E, H, I) stack, while the layer's saved tensors are still alive (measured; the gate_up stack's comes
         # after down's folded weight and inputs are freed)
         moe += spec.num_experts * h * width * flow.e_expert
-    return moe
+    return max(moe, attention)

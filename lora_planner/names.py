@@ -190,22 +190,29 @@ def resolve_dtype(name: object, field: str = "dtype") -> str:
 
 # transformers' `attn_implementation` values the planner does not model yet, and why.
 REFUSED_ATTENTIONS: dict[str, str] = {
-    "flash_attention_2": "the flash-attn package's kernel is not modelled yet (it saves q, k, v, out and the "
-                         "softmax log-sum-exp like SDPA's flash path, but has not been measured)",
-    "flash_attention_3": "the FlashAttention-3 kernel is not modelled yet",
+    "flash_attention_3": "the FlashAttention-3 (Hopper) kernel is not modelled yet",
     "flex_attention": "FlexAttention's compiled block-mask kernels are not modelled yet",
 }
+# Other spellings of the modelled ones (the flash-attn package's own name, a dash for the underscore).
+ATTENTION_ALIASES: dict[str, str] = {"fa2": "flash_attention_2", "flash-attention-2": "flash_attention_2",
+                                     "flash_attn_2": "flash_attention_2", "flash-attn": "flash_attention_2",
+                                     "flash_attn": "flash_attention_2"}
+MODELLED_ATTENTIONS = ("sdpa", "eager", "flash_attention_2")
 
 
 def resolve_attention(name: object) -> str:
-    """'sdpa' or 'eager' (transformers' `attn_implementation` spelling); refuses the kernels not modelled."""
+    """'sdpa', 'eager' or 'flash_attention_2' (transformers' `attn_implementation` spelling, or an alias); refuses
+    the kernels not modelled."""
     key = name.strip().lower() if isinstance(name, str) else name
-    if key in ("sdpa", "eager"):
+    key = ATTENTION_ALIASES.get(key, key)
+    if key in MODELLED_ATTENTIONS:
         return key
     if key in REFUSED_ATTENTIONS:
         raise PlannerInputError("attention", f"{name!r} is not modelled: {REFUSED_ATTENTIONS[key]}",
-                                "use --attention sdpa (on CUDA it dispatches to a flash kernel for 16-bit inputs)")
+                                "use --attention flash_attention_2 or sdpa (on CUDA it dispatches to a flash kernel "
+                                "for 16-bit inputs)")
     import difflib  # lazily: only on this path (cold start, issue 11)
-    close = difflib.get_close_matches(str(key), ["sdpa", "eager", *REFUSED_ATTENTIONS], n=2, cutoff=0.5)
+    close = difflib.get_close_matches(str(key), [*MODELLED_ATTENTIONS, *REFUSED_ATTENTIONS], n=2, cutoff=0.5)
     hint = f"did you mean {', '.join(close)}? " if close else ""
-    raise PlannerInputError("attention", f"unknown attention {name!r}", f"{hint}use sdpa or eager")
+    raise PlannerInputError("attention", f"unknown attention {name!r}",
+                            f"{hint}use sdpa, eager or flash_attention_2")

@@ -108,7 +108,7 @@ def plan_warnings(spec: ModelSpec, training: TrainingSpec, budget: Budget | None
         warnings.append(f"--seq-len {training.seq_len} is above {spec.name}'s max_position_embeddings {limit}: "
                         "the model saw no longer sequences in pre-training: use RoPE scaling (rope_scaling in "
                         "config.json) or expect worse quality; the memory estimate is for the length asked")
-    if not family.sdpa and training.attention != "eager":
+    if not family.sdpa and training.attention == "sdpa":
         why = NO_SDPA_REASONS.get(spec.family, "its attention is not SDPA's")
         warnings.append(f"transformers 5.24 has no SDPA attention for {spec.family} ({why}): "
                         "attn_implementation=\"sdpa\" raises, and by default the model runs eager attention, "
@@ -120,6 +120,11 @@ def plan_warnings(spec: ModelSpec, training: TrainingSpec, budget: Budget | None
                         "SDPA, which this estimate does not count")
     if spec.is_moe:
         warnings += moe_notes(spec, training, methods or (training.method,))
+    if training.attention == "flash_attention_2":
+        warnings.append("attention: flash-attn 2 modelled from its source (Dao-AILab/flash-attention "
+                        "flash_attn_interface.py, flash_api.cpp), not measured here: q, k, v at kv-head width, the "
+                        "output, the fp32 log-sum-exp; no mask for sliding windows or soft-capping; o_proj's input is a "
+                        "copy (the output keeps q's head-major order)")
     if training.loss == "chunked":
         warnings.append(f"loss: torchtune's CEWithChunkedOutputLoss in {training.loss_chunks} sequence chunks (eager, "
                         "no torch.compile): every chunk's logits live until the loss returns, the fp32 upcast and "

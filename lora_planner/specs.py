@@ -31,7 +31,8 @@ Optimizer = Literal["adamw", "sgd", "sgd_momentum", "adagrad", "rmsprop", "adafa
                     "ademamix8bit", "ademamix32bit", "paged_ademamix8bit", "paged_ademamix32bit"]
 OptimizerImpl = Literal["foreach", "for-loop", "fused"]
 Device = Literal["cuda", "cpu"]
-Attention = Literal["sdpa", "eager"]
+# transformers' `attn_implementation` names: "flash_attention_2" is the flash-attn package (CUDA, 16-bit only).
+Attention = Literal["sdpa", "eager", "flash_attention_2"]
 # transformers 5.24's MoE experts implementations (`integrations/moe.py`): "grouped_mm" (the default,
 # `PreTrainedModel.get_correct_experts_implementation`) or the class's own per-expert loop ("eager").
 ExpertsImplementation = Literal["grouped_mm", "eager"]
@@ -401,6 +402,14 @@ class TrainingSpec:
                     "amp", f"autocast needs fp32 master weights, got --dtype {self.dtype}",
                     "use --dtype fp32 with --amp, or drop --amp",
                 )
+        if self.attention == "flash_attention_2":
+            if self.device != "cuda":
+                raise PlannerInputError("attention", "flash_attention_2 (the flash-attn package) runs on CUDA only",
+                                        "use --attention sdpa with --device cpu")
+            if self.compute_dtype == "fp32":
+                raise PlannerInputError("attention", "flash_attention_2 computes in fp16 / bf16 only (flash-attn "
+                                                     "refuses fp32 q / k / v)",
+                                        "use --dtype bf16, or --dtype fp32 --amp bf16")
         if self.method == "qlora" and self.dtype == "fp32" and self.amp is None:
             raise PlannerInputError(
                 "dtype", "QLoRA computes in 16-bit (the NF4 base is dequantized to the compute dtype)",

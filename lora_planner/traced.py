@@ -409,7 +409,8 @@ def register(profile: TracedProfile) -> None:
         last_linear=profile.last_linear, positions="alibi",  # no RoPE tables or position limit added generically
         norm="layer", model_level=_model_level_rule(family_id), scalar_buffers=profile.buffer_numel,
         fixed_buffer_bytes=profile.fixed_buffer_bytes,
-        peft_has_default=profile.peft_has_default)
+        peft_has_default=profile.peft_has_default,
+        flash_refused="a traced model runs on the CPU under fake tensors, where flash-attn does not exist")
     params.PEFT_DEFAULT_TARGETS[family_id] = profile.peft_default_targets
     specs.REGISTERED_FAMILIES.add(family_id)
 

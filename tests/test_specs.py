@@ -35,7 +35,9 @@ def test_defaults():
     (dict(optimizer="galore_adamw"), "optimizer"),  # refused: not modelled
     (dict(optimizer="rmsprop", optimizer_impl="fused"), "optimizer_impl"),  # torch's RMSprop has no fused kernel
     (dict(optimizer="adamw_torch_fused", optimizer_impl="foreach"), "optimizer_impl"),  # contradicts the name
-    (dict(attention="flash_attention_2"), "attention"),  # refused until its kernel is modelled
+    (dict(attention="flash_attention_3"), "attention"),  # refused until its kernel is modelled
+    (dict(attention="flash_attention_2", device="cpu"), "attention"),  # flash-attn is CUDA only
+    (dict(attention="flash_attention_2", dtype="fp32"), "attention"),  # and 16-bit only
     (dict(dtype="float64"), "dtype"),
     (dict(optimizer_impl="cuda-graph"), "optimizer_impl"),
     (dict(batch_size=0), "batch_size"),

@@ -159,6 +159,8 @@ class Family:
     # recompute runs through that matmul too.
     saves_after_last_linear: bool = False
     sdpa: bool = True  # transformers 5.24 accepts attn_implementation="sdpa" (Gemma 2: no, `_supports_sdpa = False`)
+    # Why attn_implementation="flash_attention_2" is refused for the family (empty: planned, `rules.flash_attention`).
+    flash_refused: str = ""
     rotary_per_layer_type: bool = False  # a RoPE table per `layer_types` kind (Gemma 3: local and global bases)
     # The layer rules count what a window past --seq-len allocates (`rules.attention_core` / `rules.mask_arguments`);
     # a family without it gets the planner's "not counted" note when --seq-len exceeds its window.

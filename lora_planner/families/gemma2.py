@@ -13,7 +13,8 @@ Attention: transformers 5.24 refuses SDPA for this class (`Gemma2PreTrainedModel
 not support softcapping"): `attn_implementation="sdpa"` raises ValueError, and the default (none given) falls back
 to eager (`PreTrainedModel.get_correct_attn_implementation`). So every plan is eager attention (`Family.sdpa` False:
 `lora_planner.activations.make_flow` plans eager and `plan_warnings` says so when SDPA was asked); flash-attention-2
-and flex attention are not modelled. `eager_attention_forward`: matmul(q, k^T) * scaling (scaling =
+is planned as flash-attn keeps it (`rules.flash_attention`: the soft-cap and the window are inside the kernel, no
+S x S tensor); flex attention is not modelled. `eager_attention_forward`: matmul(q, k^T) * scaling (scaling =
 `query_pre_attn_scalar ** -0.5`, a scalar: nothing saved), then with `attn_logit_softcapping` scores / cap,
 tanh, * cap: the scalar ops save nothing, tanh keeps its output (S x S per head, compute dtype) when q or k needs a
 gradient; then + mask, the fp32 softmax and its 16-bit copy as in every eager family (`rules.eager_attention`).
@@ -32,14 +33,15 @@ tanh, * cap before the loss): tanh keeps its output (B x S x V, the logits' dtyp
 (`lora_planner.activations`). RoPE: one table (`Gemma2RotaryEmbedding`, cos / sin in the stream dtype).
 
 PEFT 0.21.2's default LoRA targets for gemma2: q_proj, v_proj (TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING).
-Known limitations: flash-attention-2 / flex attention (which take the soft-cap inside the kernel) are not planned.
+Known limitations: flex attention (which takes the soft-cap inside its kernel) is not planned.
 """
 
 from __future__ import annotations
 
 from lora_planner.families.base import Family, Module, attention_modules
 from lora_planner.families.rules import (
-    Flow, SavedTensor, eager_attention, gated_mlp, mask_arguments, norm, normed_attention_input, output_projection,
+    FLASH, Flow, SavedTensor, attention_core, eager_attention, gated_mlp, mask_arguments, norm,
+    normed_attention_input, output_projection,
 )
 from lora_planner.specs import ModelSpec
 
@@ -102,7 +104,10 @@ def sandwich_layer(flow: Flow, x_needs_grad: bool, head_norms=None, attention=so
 
 
 def layer(flow: Flow, x_needs_grad: bool) -> list[SavedTensor]:
-    """One Gemma 2 decoder layer (eager attention, see the module docstring)."""
+    """One Gemma 2 decoder layer (eager attention, or flash-attn, which soft-caps inside its kernel and takes the
+    window as `window_size`: `rules.attention_core`; see the module docstring)."""
+    if flow.t.attention == FLASH:
+        return sandwich_layer(flow, x_needs_grad, attention=attention_core)
     return sandwich_layer(flow, x_needs_grad)
 
 

@@ -35,7 +35,7 @@ from __future__ import annotations
 from lora_planner.families.base import Family, Module
 from lora_planner.families.gemma2 import PREFIX, sandwich_layer
 from lora_planner.families.gemma2 import layout as gemma2_layout
-from lora_planner.families.rules import FP32, Flow, SavedTensor, attention_core, mask_arguments
+from lora_planner.families.rules import FP32, Flow, SavedTensor, attention_core, fused_output_reused, mask_arguments
 from lora_planner.specs import ModelSpec
 
 
@@ -74,7 +74,7 @@ def layer(flow: Flow, x_needs_grad: bool) -> list[SavedTensor]:
     """One Gemma 3 decoder layer: its attention core depends on its kind (`Flow.layer_type`) and the mask
     (`rules.attention_core`)."""
     return sandwich_layer(flow, x_needs_grad, head_norms=qk_head_norms, attention=attention_core,
-                          reads_saved_output=flow.t.attention != "eager")
+                          reads_saved_output=fused_output_reused(flow))
 
 
 def model_level(flow: Flow, embeddings_need_grad: bool) -> list[SavedTensor]:

@@ -162,4 +162,5 @@ def layer(flow: Flow, x_needs_grad: bool) -> list[SavedTensor]:
 FAMILY = Family(model_types=("gpt_oss",), layout=layout, layer=layer, peft_default_targets=("q_proj", "v_proj"),
                 peft_has_default=False, layer_prefix=PREFIX, last_linear="mlp.experts.down_proj",
                 saves_after_last_linear=True, positions="rope", norm="rms_fp32", model_level=sliding_model_level,
-                sdpa=False, models_sliding_window=True, rotary_half_tables=True)
+                sdpa=False, models_sliding_window=True, rotary_half_tables=True,
+                flash_refused="its attention sinks need the kernels-community FlashAttention-3 build, not the flash-attn package")

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from lora_planner.families.base import Family, Module, attention_modules
 from lora_planner.families.rules import (
-    Flow, SavedTensor, attention_core, gated_mlp, norm, normed_attention_input, output_projection,
+    Flow, SavedTensor, attention_core, fused_output_reused, gated_mlp, norm, normed_attention_input, output_projection,
     sliding_model_level,
 )
 from lora_planner.specs import ModelSpec
@@ -51,7 +51,7 @@ def layer(flow: Flow, x_needs_grad: bool) -> list[SavedTensor]:
     attn_needs_grad = q_grad or k_grad or v_grad
     saved += attention_core(flow, q_grad, k_grad, v_grad)
     own, mid_needs_grad = output_projection(flow, p + "self_attn.o_proj", spec.q_size, attn_needs_grad,
-                                            reads_saved_output=flow.t.attention != "eager")
+                                            reads_saved_output=fused_output_reused(flow))
     saved += own
     saved += norm(flow, "post_attention_layernorm", mid_needs_grad)
     mlp_saved, _ = gated_mlp(flow, p + "mlp.", mid_needs_grad, "post_attention_layernorm.output")

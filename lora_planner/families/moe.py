@@ -54,7 +54,7 @@ from math import ceil
 from lora_planner.errors import PlannerInputError
 from lora_planner.families.base import Module
 from lora_planner.families.rules import (
-    FP32, Flow, SavedTensor, attention_core, gated_mlp, norm, normed_attention_input, output_projection,
+    FP32, Flow, SavedTensor, attention_core, fused_output_reused, gated_mlp, norm, normed_attention_input, output_projection,
 )
 from lora_planner.specs import ModelSpec
 
@@ -339,7 +339,7 @@ def decoder_layer(flow: Flow, x_needs_grad: bool, qk_norms: QkNorms | None = Non
         saved += qk_norms(flow, q_grad, k_grad)
     saved += attention_core(flow, q_grad, k_grad, v_grad)
     own, mid_needs_grad = output_projection(flow, p + "self_attn.o_proj", spec.q_size, q_grad or k_grad or v_grad,
-                                            reads_saved_output=flow.t.attention != "eager")
+                                            reads_saved_output=fused_output_reused(flow))
     saved += own
     saved += norm(flow, "post_attention_layernorm", mid_needs_grad)
     mlp_saved, _ = routed_mlp(flow, p, mid_needs_grad, "post_attention_layernorm.output", fp32_scores)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from lora_planner.families.base import Family, Module, attention_modules
 from lora_planner.families.rules import (
-    Flow, SavedTensor, attention_core, attention_projections, gated_mlp, output_projection, rms_norm_of,
+    Flow, SavedTensor, attention_core, fused_output_reused, attention_projections, gated_mlp, output_projection, rms_norm_of,
 )
 from lora_planner.specs import ModelSpec
 
@@ -61,7 +61,7 @@ def layer(flow: Flow, x_needs_grad: bool) -> list[SavedTensor]:
     attn_needs_grad = q_grad or k_grad or v_grad
     saved += attention_core(flow, q_grad, k_grad, v_grad)
     own, attn_out_grad = output_projection(flow, p + "self_attn.o_proj", spec.q_size, attn_needs_grad,
-                                           reads_saved_output=flow.t.attention != "eager")
+                                           reads_saved_output=fused_output_reused(flow))
     saved += own
     saved += rms_norm_of(flow, "post_attention_layernorm", tokens * h, h, e, attn_out_grad, fp32_product=True)
 

@@ -32,8 +32,8 @@ from __future__ import annotations
 
 from lora_planner.families.base import Family, Module
 from lora_planner.families.rules import (
-    FP32, Flow, SavedTensor, dropout_mask, masked_sdpa, norm, normed_attention_input, output_projection,
-    sliding_mask_applies, sliding_model_level, softmax_saved,
+    FLASH, FP32, Flow, SavedTensor, dropout_mask, flash_attention, masked_sdpa, norm, normed_attention_input,
+    output_projection, sliding_mask_applies, sliding_model_level, softmax_saved,
 )
 from lora_planner.specs import ModelSpec
 
@@ -74,6 +74,11 @@ def _attention(flow: Flow, needs_grad: bool) -> list[SavedTensor]:
         saved.append(SavedTensor("attn.v_repeated" if gqa else "attn.v_copy",
                                  tokens * (spec.q_size if gqa else spec.kv_size) * e))
         return saved
+    if flow.t.attention == FLASH:
+        # v goes in as the view it is (unit last stride), keeping the qkv storage, unless transformers' cast to the
+        # flash dtype copied it (QLoRA's fp32 stream)
+        qkv = tokens * (spec.q_size + 2 * spec.kv_size) * e
+        return flash_attention(flow, spec.q_size, spec.kv_size, qkv if flow.e_attention == e else None)
     if sliding_mask_applies(flow) and spec.num_kv_heads != spec.num_heads:
         # A materialised mask (seq_len >= sliding_window): repeat_kv copies k and v to every head, so SDPA keeps
         # those copies, not the qkv storage (`rules.masked_sdpa`).

@@ -15,6 +15,7 @@ from lora_planner.specs import BYTES_PER_ELEMENT, ModelSpec, TrainingSpec
 
 FP32 = 4
 MASK = 1  # bool dropout mask, one byte per element
+FLASH = "flash_attention_2"
 
 
 class Flow:
@@ -56,6 +57,11 @@ class Flow:
         # MoE experts compute in their weights' dtype (grouped_mm casts its input to it, `integrations/moe.py`
         # `_grouped_mm`), fp32 after PEFT's kbit preparation.
         self.e_expert = FP32 if self.kbit_fp32 or (training.dtype == "fp32") else self.e_compute
+        # What flash-attn sees: transformers casts fp32 q / k / v to the autocast dtype, or else to the model's
+        # (`integrations/flash_attention.py` `get_target_dtype`, `fa_peft_integration_check`): the 16-bit compute
+        # dtype even where PEFT's kbit preparation keeps the stream fp32. Other kernels see the compute dtype.
+        self.e_attention = BYTES_PER_ELEMENT[training.compute_dtype] if training.attention == FLASH \
+            else self.e_compute
         # LoRA rank multipliers PEFT's MoE conversion sets (`rank_pattern`: r x 2 on gate_up_proj), by layer-0 path.
         self.rank_scale: dict[str, int] = {}
 
@@ -203,6 +209,58 @@ def sdpa(flow: Flow, q_cols: int, kv_cols: int) -> list[SavedTensor]:
     ]
 
 
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def flash_attention(flow: Flow, q_cols: int, kv_cols: int, v_storage: int | None = None) -> list[SavedTensor]:
+    """flash-attn 2 (`attn_implementation="flash_attention_2"`), modelled from its source (Dao-AILab/flash-attention
+    `flash_attn/flash_attn_interface.py` `FlashAttnFunc.forward`: `ctx.save_for_backward(q, k, v, out_padded,
+    softmax_lse, rng_state)`; `csrc/flash_attn/flash_api.cpp` `mha_fwd`: `out = torch::empty_like(q)`, `softmax_lse`
+    (b, heads, s) fp32, `rng_state` 2 int64): q, k and v as they reach it (transformers' (b, s, heads, dim)
+    transposes are views, `maybe_contiguous` copies nothing with a unit last stride; k and v stay at kv-head width,
+    the kernel does grouped-query attention itself), each padded to a multiple of 8 channels per head when the head
+    dim is not (`F.pad` copies), the output, the fp32 log-sum-exp and the RNG state. `v_storage`: bytes v keeps when
+    it is a view of a wider tensor (a fused qkv output). In the flash dtype (`Flow.e_attention`). Not measured here
+    (flash-attn needs CUDA): the counts are pinned by hand in tests/test_activations.py."""
+    spec, tokens, e = flow.spec, flow.tokens, flow.e_attention
+    dim = spec.head_dim
+    pad = round_up(dim, 8) / dim
+    v_bytes = int(tokens * kv_cols * e * pad) if v_storage is None or pad != 1 else v_storage
+    return [
+        SavedTensor("attn.q_rotated", int(tokens * q_cols * e * pad)),
+        SavedTensor("attn.k_rotated", int(tokens * kv_cols * e * pad)),
+        SavedTensor("attn.v", v_bytes),
+        SavedTensor("attn.output", int(tokens * q_cols * e * pad)),
+        SavedTensor("attn.logsumexp", flow.b * spec.num_heads * flow.s * FP32),
+        SavedTensor("attn.rng_state", 2 * 8),
+    ]
+
+
+def flash_backward_scratch(flow: Flow) -> int:
+    """flash-attn 2's backward at its heaviest (`csrc/flash_attn/flash_api.cpp` `mha_bwd`): beside the incoming
+    gradient of the output (b, s, heads, dim), dq / dk / dv (`empty_like` of q, k, v), `softmax_d` (b, heads,
+    s rounded up to 128) fp32, `dq_accum` (b, s rounded to 128, heads, dim rounded to 32 (to 64 above 128)) fp32, and
+    under grouped-query attention `dk_expanded` / `dv_expanded` at every head's width before the sum over groups;
+    plus the layer's incoming stream gradient."""
+    spec, b, s, e = flow.spec, flow.b, flow.s, flow.e_attention
+    heads, dim = spec.num_heads, round_up(spec.head_dim, 8)
+    q, kv = b * s * heads * dim * e, b * s * spec.num_kv_heads * dim * e
+    s_rounded = round_up(s, 128)
+    accum = b * s_rounded * heads * round_up(dim, 32 if dim <= 128 else 64) * FP32
+    expanded = 2 * q if spec.num_kv_heads != heads else 0
+    return (2 * q + 2 * kv + b * heads * s_rounded * FP32 + accum + expanded
+            + flow.tokens * spec.hidden_size * flow.e_stream)
+
+
+def fused_output_reused(flow: Flow) -> bool:
+    """Whether o_proj reads the saved attention output without a copy: SDPA's fused output is laid out (b, s, heads,
+    dim), so merging the heads is a view; flash-attn's `empty_like(q)` keeps q's (b, heads, s, dim) storage order
+    (q arrives as a transposed view), so transformers' `reshape(...).contiguous()` copies it, as after eager
+    attention."""
+    return flow.t.attention == "sdpa"
+
+
 def softmax_saved(flow: Flow, v_needs_grad: bool, fp32_softmax: bool = True) -> list[SavedTensor]:
     """Eager attention's S x S tensors: softmax keeps its output (fp32 when transformers asks for an fp32
     softmax (`fp32_softmax`) or autocast runs it in fp32); the 16-bit copy of the probabilities is kept by the
@@ -239,13 +297,16 @@ def eager_attention(flow: Flow, q_grad: bool, k_grad: bool, v_grad: bool) -> lis
 
 
 def attention_core(flow: Flow, q_grad: bool, k_grad: bool, v_grad: bool) -> list[SavedTensor]:
-    """RoPE'd q, k and v through SDPA (everything or nothing) or eager attention (per operand); a sliding-window
-    layer whose SDPA mask is materialised keeps what `masked_sdpa` says."""
+    """RoPE'd q, k and v through SDPA or flash-attn (everything or nothing) or eager attention (per operand); a
+    sliding-window layer whose SDPA mask is materialised keeps what `masked_sdpa` says (flash-attn takes the window
+    and Gemma 2's soft-cap inside the kernel: no mask)."""
     flow.note_attention(q_grad, k_grad, v_grad)
     if flow.t.attention == "eager":
         return eager_attention(flow, q_grad, k_grad, v_grad)
     if not (q_grad or k_grad or v_grad):
         return []
+    if flow.t.attention == FLASH:
+        return flash_attention(flow, flow.spec.q_size, flow.spec.kv_size)
     if sliding_mask_applies(flow):
         return masked_sdpa(flow, flow.spec.q_size)
     return sdpa(flow, flow.spec.q_size, flow.spec.kv_size)
@@ -280,9 +341,10 @@ SLIDING, FULL = "sliding_attention", "full_attention"
 
 def sliding_mask_materialised(flow: Flow) -> bool:
     """Whether SDPA's sliding-window layers get an explicit mask: seq_len >= sliding_window
-    (`masking_utils._ignore_causal_mask_sdpa`)."""
+    (`masking_utils._ignore_causal_mask_sdpa`). flash-attn takes the window as `window_size` (no mask; transformers'
+    `flash_attention_mask` passes none without padding)."""
     window = flow.spec.sliding_window
-    return flow.t.attention != "eager" and window is not None and flow.s >= window
+    return flow.t.attention == "sdpa" and window is not None and flow.s >= window
 
 
 def sliding_mask_applies(flow: Flow) -> bool:
@@ -352,10 +414,10 @@ def output_projection(flow: Flow, path: str, width: int, attn_needs_grad: bool,
     (`reads_saved_output`: fused SDPA's output is laid out (b, s, heads, dim), so the projection reads it without
     a copy; eager attention, partial RoPE's cat and merged heads make a copy). (saved, whether the output needs
     a gradient)."""
-    own, keeps = flow.linear(path, flow.e_compute, attn_needs_grad)
+    own, keeps = flow.linear(path, flow.e_attention, attn_needs_grad)
     if keeps and not (reads_saved_output and attn_needs_grad):
         name = path.split("layers.0.")[-1].split("h.0.")[-1]
-        own.append(SavedTensor(f"{name}.input", flow.tokens * width * flow.e_compute))
+        own.append(SavedTensor(f"{name}.input", flow.tokens * width * flow.e_attention))
     return own, attn_needs_grad or flow.adapted(path)
 
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from lora_planner.families.base import Family, Module, attention_modules
 from lora_planner.families.rules import (
-    FP32, Flow, SavedTensor, attention_core, dropout_mask, mask_arguments, norm, normed_attention_input,
+    FP32, Flow, SavedTensor, attention_core, fused_output_reused, dropout_mask, mask_arguments, norm, normed_attention_input,
     output_projection, plain_mlp,
 )
 from lora_planner.specs import ModelSpec
@@ -82,7 +82,7 @@ def layer(flow: Flow, x_needs_grad: bool) -> list[SavedTensor]:
     # SDPA's fused output is laid out (b, s, heads, dim): o_proj reads it without a copy; eager and the math
     # path copy.
     own, mid_needs_grad = output_projection(flow, p + "self_attn.o_proj", spec.q_size, attn_needs_grad,
-                                            reads_saved_output=flow.t.attention != "eager" and not cpu_math)
+                                            reads_saved_output=fused_output_reused(flow) and not cpu_math)
     saved += own
     saved += dropout_mask(flow, "attn.resid_dropout", tokens * h, spec.dropout, mid_needs_grad, e)
 

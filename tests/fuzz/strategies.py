@@ -126,7 +126,7 @@ VALID: dict[str, st.SearchStrategy[Any]] = {
     "optimizer_impl": st.sampled_from(specs.OPTIMIZER_IMPLS),
     "batch_size": _num((1, 2, 4, 8)),
     "seq_len": _num((16, 128, 512, 2048, 4096, 8192)),
-    "attention": st.sampled_from(specs.ATTENTIONS + ("flash_attention_2",)),
+    "attention": st.sampled_from(specs.ATTENTIONS + ("flash_attention_3", "fa2")),
     "device": st.sampled_from(specs.DEVICES),
     "gpus": _num((1, 2, 4, 8)),
     "strategy": st.sampled_from(specs.STRATEGY_NAMES),
