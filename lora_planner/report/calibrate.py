@@ -37,7 +37,6 @@ Everything here is pure Python (`lora-plan estimate --calibration` imports it).
 from __future__ import annotations
 
 import datetime as dt
-import json
 import math
 import random
 import statistics
