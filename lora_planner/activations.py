@@ -30,8 +30,14 @@ Where the rules live: the op rules (norms, attention cores, MLPs, linears with o
 `lora_planner.families.rules`; each family's layer composes them in `lora_planner/families/<family>.py`; this
 module assembles a step's profile from them (layers in runs, what lives outside the layers, the loss).
 
-Known limitations: assumes no padding mask (SDPA takes its causal fast path), PEFT's
-`lora_dropout=0`, no KV cache, no fused cross-entropy (Liger) and no sequence packing. The loss is the model's
+Padded and packed batches (`TrainingSpec.padding` / `packing`): transformers' materialised masks (SDPA's per-layer
+additive mask and repeated k / v, `rules.sdpa_mask_applies`), a packed row's S^2 over the whole row, the collator's
+extra batch tensors (`batch_extras`); measured on CPU steps. Liger (`TrainingSpec.liger`, `loss` "fused-linear"): its
+norms' and SwiGLU's saved tensors (`rules.liger_rms_norm`, `rules.gated_mlp`) and its fused loss (`lora_planner.loss`),
+modelled from its source.
+
+Known limitations: PEFT's `lora_dropout=0`, no KV cache; a padded batch is planned with every row as long as the
+longest. The loss is the model's
 own `reduction="mean"` (what `model(**batch).loss` runs, and the profiler); the Trainer passes
 `num_items_in_batch` to models that accept loss kwargs, which sums and divides: a few 0-d tensors more. The chunked
 loss: eager only (`torch.compile` of it saves other tensors), not with LoRA on lm_head nor full fine-tuning under
@@ -50,9 +56,10 @@ from lora_planner.families.base import Module
 from lora_planner.families.moe import (
     backward_order_counts, busiest_expert_tokens, check_routing, eager_loop_freed_bytes, eager_stack_gradient_bytes,
 )
-from lora_planner.families.rules import FLASH, FP32, Flow, SavedTensor, flash_backward_scratch, norm
+from lora_planner.families.rules import FLASH, FP32, FULL, Flow, SavedTensor, flash_backward_scratch, norm
 from lora_planner.loss import (
-    causal_lm_loss_saved, check_chunked_loss, chunk_targets_are_views, chunked_loss_moments, chunked_loss_saved,
+    causal_lm_loss_saved, check_chunked_loss, check_fused_linear_loss, chunk_targets_are_views, chunked_loss_moments,
+    chunked_loss_saved, flce_forward_scratch, flce_saved,
 )
 from lora_planner.params import adapted_layers, adapters_by_layer, module_inventory, rotary_dim, rotary_tables
 from lora_planner.specs import BYTES_PER_ELEMENT, ModelSpec, TrainingSpec
@@ -199,6 +206,12 @@ def make_flow(spec: ModelSpec, training: TrainingSpec) -> Flow:
     family = family_rules(spec.family)
     if not family.sdpa and training.attention == "sdpa":
         training = replace(training, attention="eager")
+    if (training.padding or training.packing) and family.mask_refused:
+        raise PlannerInputError("packing" if training.packing else "padding",
+                                f"not planned for {spec.family} yet: {family.mask_refused}",
+                                "plan without --padding / --packing (every row full, no mask)")
+    if training.liger and family.liger not in ("", "modelled"):
+        raise PlannerInputError("liger", f"not planned for {spec.family}: {family.liger}", "plan without --liger")
     if training.attention == "flash_attention_2" and family.flash_refused:
         raise PlannerInputError("attention", f"flash_attention_2 is not planned for {spec.family}: "
                                              f"{family.flash_refused}", "use --attention sdpa or eager")
@@ -222,19 +235,27 @@ def _model_level(flow: Flow, embeddings_need_grad: bool) -> list[SavedTensor]:
     (`Family.model_level`), the final norm, lm_head's input."""
     spec, s, family = flow.spec, flow.s, flow.family
     saved = [SavedTensor("batch.input_ids_and_labels", 2 * flow.tokens * 8)]
+    saved += batch_extras(flow)
     if rotary_dim(spec):
         # cos and sin for positions (1, s, rotary_dim), shared by every layer, in the stream dtype.
         rotary_e = FP32 if family.rotary_fp32 else flow.e_stream
         width = rotary_dim(spec) // 2 if family.rotary_half_tables else rotary_dim(spec)
         saved.append(SavedTensor("rotary.cos_sin", 2 * s * width * rotary_e * rotary_tables(spec)))
-        if flow.t.grad_checkpointing:
+        if flow.t.grad_checkpointing and not flow.t.packing:  # (packed: the batch's own position_ids)
             saved.append(SavedTensor("checkpoint.position_ids", s * 8))  # int64, kept by the checkpoint's closure
     if flow.t.grad_checkpointing and flow.t.attention == "eager":
         # Non-reentrant checkpointing keeps each layer's arguments until its backward: the materialised
         # (b, 1, s, s) causal mask, shared by all layers.
         saved.append(SavedTensor("checkpoint.attention_mask", flow.b * s * s * flow.e_stream))
+    elif flow.t.grad_checkpointing and flow.masked and FULL in (set(spec.layer_types or ()) or {FULL}):
+        # SDPA's (b, 1, s, s) bool mask of a padded / packed batch (flash-attn's: the (b, s) padding mask itself)
+        mask = flow.b * s * s if flow.t.attention == "sdpa" else flow.b * s if flow.t.padding else 0
+        if mask:
+            saved.append(SavedTensor("checkpoint.attention_mask", mask))
     saved += family.model_level(flow, embeddings_need_grad)
     saved += norm(flow, "final_norm", True)
+    if flow.loss == "fused-linear":  # the fused loss reads lm_head's weight itself: lm_head never runs
+        return saved
     own, keeps = flow.linear("lm_head", flow.e_stream, True)
     if flow.t.loss == "chunked" and not flow.full:
         # the output layer runs once per chunk: under autocast each call casts (and keeps) its own copy of a frozen
@@ -245,6 +266,20 @@ def _model_level(flow: Flow, embeddings_need_grad: bool) -> list[SavedTensor]:
     if keeps:
         saved.append(SavedTensor("lm_head.input", flow.tokens * spec.hidden_size * flow.e_stream))
     return saved
+
+
+def batch_extras(flow: Flow) -> list[SavedTensor]:
+    """What the collator adds to input_ids and labels: the (b, s) int64 attention mask of a padded batch; for a packed
+    one TRL's `DataCollatorForLanguageModeling(padding_free=True)` (trl/trainer/sft_trainer.py): int64 position_ids,
+    int32 `seq_idx` per token and the int32 cumulative lengths (`cu_seq_lens_q` / `_k`, one tensor) of its sequences,
+    taken as the micro-batch's (two when it is one sequence, so that the row packs several)."""
+    if flow.t.padding:
+        return [SavedTensor("batch.attention_mask", flow.tokens * 8)]
+    if flow.t.packing:
+        sequences = max(flow.t.batch_size, 2)
+        return [SavedTensor("batch.position_ids", flow.tokens * 8), SavedTensor("batch.seq_idx", flow.tokens * 4),
+                SavedTensor("batch.cu_seq_lens", (sequences + 1) * 4)]
+    return []
 
 
 def _layer_runs(flow: Flow, first_input_needs_grad: bool) -> tuple[tuple[int, tuple[SavedTensor, ...]], ...]:
@@ -361,6 +396,14 @@ def activation_profile(spec: ModelSpec, training: TrainingSpec) -> ActivationPro
         loss_forward = chunk_forward + (0 if chunk_targets_are_views(flow) else flow.tokens * 8) \
             + _forward_end_holds(flow, model, first_input_needs_grad, hidden_held=False)
         loss_backward = FP32 + chunk_backward
+    elif flow.loss == "fused-linear":
+        check_fused_linear_loss(flow)
+        head = spec.vocab_size * spec.hidden_size * BYTES_PER_ELEMENT[training.dtype] if flow.full else 0
+        loss_saved = flce_saved(flow, head)
+        loss_kept = None
+        # the final hidden state, held by the CausalLM forward while the loss runs (`_forward_end_holds`)
+        loss_forward = flce_forward_scratch(flow, head) + _forward_end_holds(flow, model, first_input_needs_grad)
+        loss_backward = 2 * FP32  # backward's seed and the division's gradient; the kernel scales in place
     else:
         loss_saved = causal_lm_loss_saved(flow) + softcap
         loss_kept = None
@@ -389,7 +432,7 @@ def activation_profile(spec: ModelSpec, training: TrainingSpec) -> ActivationPro
         loss_backward_scratch_bytes=loss_backward + router_aux,
         router_aux_gradient_bytes=router_aux,
         loss_kept_in_backward_bytes=loss_kept,
-        loss_value_at_forward_end=training.loss != "chunked",
+        loss_value_at_forward_end=flow.loss == "hf",
         # Inside a layer's backward: the incoming gradient, gradients of the MLP's intermediates and of
         # the layer input, the largest of which are B x S x intermediate.
         layer_backward_scratch_bytes=max(scratch_each),
@@ -432,7 +475,10 @@ def _layer_backward_scratch(flow: Flow, moe_layer: bool, eager_freed: int = 0) -
     spec, tokens, e = flow.spec, flow.tokens, flow.e_compute
     attention = flash_backward_scratch(flow) if flow.t.attention == FLASH else 0
     if not moe_layer:
-        return max((2 * spec.hidden_size + 3 * spec.intermediate_size) * tokens * e, attention)
+        # Liger's SwiGLU / GEGLU backward writes the gate's and up's gradients into their saved outputs: only the
+        # incoming gradient of the product is new (Liger-Kernel ops/swiglu.py `swiglu_backward`)
+        intermediates = 1 if flow.liger else 3
+        return max((2 * spec.hidden_size + intermediates * spec.intermediate_size) * tokens * e, attention)
     width, h = spec.moe_intermediate_size, spec.hidden_size
     if flow.t.experts_implementation == "grouped_mm":
         rows, extra = tokens * spec.num_experts_per_tok, 0

@@ -54,6 +54,8 @@ def _training_from_args(args: argparse.Namespace, method: str) -> TrainingSpec:
         kbit_prep=args.kbit_prep, experts_implementation=getattr(args, "experts_implementation", "grouped_mm"),
         routing=_routing(getattr(args, "routing", "balanced")),
         **parse_loss(getattr(args, "loss", "hf")),
+        padding=getattr(args, "padding", False), packing=getattr(args, "packing", False),
+        liger=getattr(args, "liger", False),
     )
 
 

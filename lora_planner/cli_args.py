@@ -14,7 +14,8 @@ from typing import Any
 from lora_planner import __version__
 from lora_planner.catalog import model_names
 from lora_planner.cli_options import (
-    add_budget_arguments, add_loss_argument, add_overhead_arguments, add_seq_len_argument,
+    add_budget_arguments, add_collate_arguments, add_liger_argument, add_loss_argument, add_overhead_arguments,
+    add_seq_len_argument,
 )
 from lora_planner.cli_types import (
     MAX_SEED, MAX_STEPS, MAX_THREADS, MAX_TRAIN_TOKENS, Number, Text, count, fraction, option_error, positive_number,
@@ -77,9 +78,11 @@ def add_planner_options(p: argparse.ArgumentParser) -> None:
                         "(tokens x k / experts each; default), worst (one expert set takes every token), or a JSON "
                         "file of per-layer tokens per expert (e.g. the profiler's router counts)")
     add_loss_argument(p)
+    add_liger_argument(p)
+    add_collate_arguments(p)
     p.add_argument("--no-kbit-prep", dest="kbit_prep", action="store_false",
-                   help="QLoRA without PEFT's prepare_model_for_kbit_training (which TRL and most recipes "
-                        "call, casting embeddings, norms and lm_head to fp32)")
+                   help="QLoRA without PEFT's prepare_model_for_kbit_training (which PEFT's QLoRA recipe calls, "
+                        "casting embeddings, norms and lm_head to fp32; TRL 1.16's SFTTrainer does not)")
     p.add_argument("--dtype", type=Text("dtype", "--dtype bf16"), default=None,
                    help=f"weight dtype: {'|'.join(DTYPES)}, or bfloat16|float16|float32 (default bf16; fp32 with "
                         "--amp)")
@@ -167,6 +170,8 @@ def add_recommend_arguments(p: argparse.ArgumentParser) -> None:
                         "the first of ddp, ddp-zero1, fsdp that gives the best configuration)")
     add_seq_len_argument(p)
     add_loss_argument(p)
+    add_liger_argument(p)
+    add_collate_arguments(p)
     p.add_argument("--global-batch", type=count("global-batch", "--global-batch 32", MAX_GLOBAL_BATCH),
                    default=DEFAULT_GLOBAL_BATCH,
                    help="sequences per optimizer step = micro-batch x GPUs x accumulation steps "

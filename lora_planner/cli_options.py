@@ -26,8 +26,31 @@ def add_seq_len_argument(p: argparse.ArgumentParser) -> None:
 def add_loss_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--loss", type=Text("loss", "--loss chunked:8"), default="hf",
                    help="the training loss: hf (transformers' ForCausalLMLoss: the whole logits, their fp32 copy and "
-                        "log_softmax at once; default) or chunked[:N] (torchtune's CEWithChunkedOutputLoss: the output "
-                        "layer and the fp32 upcast one of N sequence chunks at a time, N = 8 by default)")
+                        "log_softmax at once; default), chunked[:N] (torchtune's CEWithChunkedOutputLoss: the output "
+                        "layer and the fp32 upcast one of N sequence chunks at a time, N = 8 by default) or "
+                        "fused-linear (alias liger: Liger's fused linear cross-entropy, what use_liger_kernel=True "
+                        "runs: no logits kept, gradients computed in forward; modelled from its source)")
+
+
+def add_liger_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--liger", action="store_true",
+                   help="transformers' use_liger_kernel=True: Liger's RMSNorm, RoPE and SwiGLU / GEGLU kernels on the "
+                        "families it patches and its fused linear cross-entropy as the loss (modelled from Liger's "
+                        "source; a family Liger does not patch is planned as it is, and the plan says so)")
+
+
+def add_collate_arguments(p: argparse.ArgumentParser) -> None:
+    """--padding / --packing: the batch as the collator builds it (default: every row full, no mask)."""
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--padding", action="store_true",
+                       help="rows of different lengths padded to --seq-len with an attention mask (transformers' and "
+                            "TRL's default collator when lengths differ): SDPA then gets a (b, 1, s, s) mask and k / v "
+                            "repeated to every head in each layer")
+    group.add_argument("--packing", action="store_true",
+                       help="padding-free packing as TRL's packing / padding_free (bfd): the micro-batch's sequences "
+                            "in one row of --batch-size x --seq-len tokens with position_ids, no padding; SDPA and "
+                            "eager attention then build a block-diagonal mask over the whole row (its S^2 terms grow "
+                            "with the row), flash_attention_2 runs varlen with none")
 
 
 def add_budget_arguments(p: argparse.ArgumentParser) -> None:

@@ -125,3 +125,79 @@ def causal_lm_loss_saved(flow: Flow) -> tuple[SavedTensor, ...]:
     targets = flow.tokens * 8 if flow.b > 1 else (flow.s + 1) * 8
     return (SavedTensor("loss.log_softmax_fp32", flow.tokens * flow.spec.vocab_size * FP32),
             SavedTensor("loss.targets", targets), SavedTensor("loss.total_weight", FP32))
+
+
+# ---------------------------------------------------------------------------------------------- fused linear CE
+# Liger-Kernel's `LigerFusedLinearCrossEntropyFunction` as transformers' Trainer runs it (`use_liger_kernel=True`, or
+# `--loss fused-linear` alone), modelled from its source (linkedin/Liger-Kernel @ead96b6, Triton: not run here):
+# - `src/liger_kernel/transformers/model/loss_utils.py` `LigerForCausalLMLoss`: `labels = F.pad(labels, (0, 1))`
+#   (b x (s+1) int64, held by the local until the loss returns) and `shift_labels = labels[..., 1:].contiguous()`
+#   (a copy when b > 1), the final norm's output viewed (N, H); the Trainer passes `num_items_in_batch`, so
+#   reduction "sum" and a division after.
+# - `src/liger_kernel/ops/fused_linear_cross_entropy.py` `fused_linear_cross_entropy_forward`: the gradients are
+#   computed in forward. `grad_input = zeros_like(_input)` (N x H, saved for backward: it *is* the input gradient),
+#   `grad_weight` (V x H in the weight's dtype, only when lm_head trains), `loss_1d` (N fp32) and `target_mask` (N
+#   bool); the rows in chunks of C = next_pow2(ceil(N / ceil(V / H))) (L64-70): each chunk's logits (C x V, the
+#   matmul dtype, no fp32 copy: the kernel upcasts in registers and writes the gradient in place), the previous
+#   chunk's still referenced until L212 (two at once), the input gradient's matmul (C x H), and with a trained
+#   lm_head `grad_weight += torch.mm(...).float()` (L257): a V x H temporary in the matmul dtype plus its fp32 copy.
+# - backward (`fused_linear_cross_entropy_backward`): scales the saved gradients in place; allocates nothing.
+# Nothing of the logits, the hidden state or lm_head's input is saved.
+
+
+def loss_kind(spec: ModelSpec, training) -> str:
+    """The loss that runs: `use_liger_kernel` (`TrainingSpec.liger`) swaps in the fused linear cross-entropy on the
+    families Liger patches (`Family.liger`), and leaves a family it does not patch as it is."""
+    from lora_planner.families import family_rules  # lazily: families import this module's neighbours
+
+    if training.liger and family_rules(spec.family).liger == "modelled":
+        return "fused-linear"
+    return training.loss
+
+
+def flce_chunk_rows(flow: Flow) -> int:
+    """Liger's chunk size: next_pow2(ceil(N / ceil(V / H))) rows (`fused_linear_cross_entropy.py` L64-70)."""
+    n, v, h = flow.tokens, flow.spec.vocab_size, flow.spec.hidden_size
+    rows = -(-n // -(-v // h))
+    return 1 << (rows - 1).bit_length()
+
+
+def check_fused_linear_loss(flow: Flow) -> None:
+    """What `--loss fused-linear` does not model yet, refused with the reason."""
+    spec = flow.spec
+    if spec.family == "granite":
+        raise PlannerInputError("loss", "Liger has no fused linear cross-entropy for Granite (its logits are scaled; "
+                                        "`apply_liger_kernel_to_granite` raises with it)", "use --loss hf")
+    if any(flow.modules[p].group == "lm_head" for p in flow.outside_adapters):
+        raise PlannerInputError("loss", "Liger's fused linear cross-entropy reads lm_head.weight directly, so a LoRA "
+                                        "adapter on lm_head would be skipped", "leave lm_head out of the targets")
+    if flow.amp:
+        raise PlannerInputError("loss", "the fused linear cross-entropy under autocast (its per-chunk casts of the "
+                                        "output weight) is not modelled yet", "use bf16 weights without --amp")
+    if spec.lm_head_bias:
+        raise PlannerInputError("loss", "the fused linear cross-entropy with an lm_head bias is not modelled yet",
+                                "use --loss hf for this model")
+
+
+def flce_saved(flow: Flow, head_weight_bytes: int) -> tuple[SavedTensor, ...]:
+    """What the fused linear cross-entropy keeps for backward: the input gradient (N x H in the final hidden state's
+    dtype) and, when lm_head trains, its weight gradient (`head_weight_bytes`: V x H in the weight's dtype), which
+    autograd then takes as lm_head's `.grad`."""
+    saved = (SavedTensor("loss.flce_grad_input", flow.tokens * flow.spec.hidden_size * flow.e_stream),)
+    if head_weight_bytes:
+        saved += (SavedTensor("loss.flce_grad_weight", head_weight_bytes),)
+    return saved
+
+
+def flce_forward_scratch(flow: Flow, head_weight_bytes: int) -> int:
+    """The fused loss's transients at its heaviest moment, on top of what it saves: the labels (padded b x (s+1) and
+    shifted b x s when b > 1), `loss_1d` and `target_mask` (N x 5), then the larger of two chunks' logits at once and
+    one chunk's logits beside the input gradient's matmul (C x H) or, with a trained lm_head, the weight gradient's
+    V x H matmul in the weight's dtype and its fp32 copy (`fused_linear_cross_entropy.py` L114-257)."""
+    n, v, h = flow.tokens, flow.spec.vocab_size, flow.spec.hidden_size
+    c, e = min(flce_chunk_rows(flow), n), flow.e_stream  # the logits come in the input's (= the weight's) dtype
+    labels = flow.b * (flow.s + 1) * 8 + (n * 8 if flow.b > 1 else 0)
+    # with a trained lm_head: the V x H matmul in the weight's dtype, and its fp32 copy unless it is fp32 already
+    upcast = v * h * FP32 if head_weight_bytes and head_weight_bytes != v * h * FP32 else 0
+    second = head_weight_bytes + upcast if head_weight_bytes else c * h * e
+    return labels + n * (FP32 + 1) + max(2 * c * v * e, c * v * e + second)

@@ -14,6 +14,7 @@ from typing import Any
 from lora_planner.defaults import DEFAULT_HEADROOM
 from lora_planner.errors import PlannerInputError
 from lora_planner.gpus import GIB, GPUS, GpuSpec, memory_size_echo, parse_memory_size, resolve_gpu
+from lora_planner.loss import loss_kind
 from lora_planner.memory import DeviceOverhead, MemoryEstimate, estimate_memory
 from lora_planner.families import family_rules
 from lora_planner.params import PEFT_DEFAULT_TARGETS, ParamCounts, count_params, target_description
@@ -120,11 +121,28 @@ def plan_warnings(spec: ModelSpec, training: TrainingSpec, budget: Budget | None
                         "SDPA, which this estimate does not count")
     if spec.is_moe:
         warnings += moe_notes(spec, training, methods or (training.method,))
+    if training.liger:
+        if family.liger == "modelled":
+            warnings.append("liger: Liger's RMSNorm (keeps its input and 1/rms, no fp32 copy), RoPE (in place) and "
+                            "SwiGLU / GEGLU (keeps gate and up, gradients written into them) modelled from "
+                            "Liger-Kernel's source (Triton, not measured here)")
+        else:
+            warnings.append(f"liger: Liger has no patch for {spec.family}: the Trainer applies none of its kernels "
+                            "(`_apply_liger_kernel_to_instance` only logs), so the plan is without them")
+    if loss_kind(spec, training) == "fused-linear":
+        from lora_planner.loss import flce_chunk_rows  # lazily: only for this loss
+        from lora_planner.activations import make_flow
+
+        rows = flce_chunk_rows(make_flow(spec, training))
+        warnings.append(f"loss: Liger's fused linear cross-entropy modelled from its source (linkedin/Liger-Kernel "
+                        "ops/fused_linear_cross_entropy.py; Triton, not measured here): no logits kept, the input "
+                        f"gradient computed in forward, logits {rows} rows at a time (two chunks at once); a trained "
+                        "lm_head's weight gradient is made in forward too")
     if training.attention == "flash_attention_2":
         warnings.append("attention: flash-attn 2 modelled from its source (Dao-AILab/flash-attention "
                         "flash_attn_interface.py, flash_api.cpp), not measured here: q, k, v at kv-head width, the "
-                        "output, the fp32 log-sum-exp; no mask for sliding windows or soft-capping; o_proj's input is a "
-                        "copy (the output keeps q's head-major order)")
+                        "output, the fp32 log-sum-exp; no mask for sliding windows or soft-capping; o_proj's input is "
+                        "a copy (the output keeps q's head-major order)")
     if training.loss == "chunked":
         warnings.append(f"loss: torchtune's CEWithChunkedOutputLoss in {training.loss_chunks} sequence chunks (eager, "
                         "no torch.compile): every chunk's logits live until the loss returns, the fp32 upcast and "
@@ -346,8 +364,11 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
             "seq_len": t.seq_len,
             "grad_checkpointing": t.grad_checkpointing,
             "attention": t.attention,
-            "loss": t.loss,
+            "loss": loss_kind(spec, t),
             "loss_chunks": t.loss_chunks if t.loss == "chunked" else None,
+            "padding": t.padding,
+            "packing": t.packing,
+            "liger": t.liger,
             "target_parameters": list(t.lora.target_parameters) if t.lora.target_parameters else None,
             "experts_implementation": t.experts_implementation if spec.is_moe else None,
             "routing": (t.routing if isinstance(t.routing, str) else [list(r) for r in t.routing])

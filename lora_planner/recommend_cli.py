@@ -199,7 +199,7 @@ def request_from_args(args: argparse.Namespace) -> RecommendRequest:
         method="full", dtype=dtype, amp=args.amp, optimizer=args.optimizer, optimizer_impl=args.optimizer_impl,
         seq_len=args.seq_len, device=args.device, attention=args.attention,
         lora=LoraSpec(r=1, alpha=args.alpha, target_modules=target, adapter_dtype=args.adapter_dtype),
-        **parse_loss(args.loss),
+        **parse_loss(args.loss), padding=args.padding, packing=args.packing, liger=args.liger,
     )
     if args.strategy is not None and args.gpus == 1:
         raise PlannerInputError("strategy", f"{args.strategy} shares model states across GPUs, but --gpus is 1",

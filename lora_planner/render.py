@@ -64,6 +64,15 @@ def print_wrapped(console: Any, text: str, first: str = "", rest: str = "", styl
         console.print(line.replace(NBSP, " "), style=style, markup=False, highlight=False, soft_wrap=True)
 
 
+def collate_text(t) -> str:
+    """How the batch reaches the model, beside its size."""
+    if t.packing:
+        return f" packed into 1 row of {t.tokens} (padding-free)"
+    if t.padding:
+        return " padded (attention mask)"
+    return " (every row full)" if t.batch_size > 1 else ""
+
+
 def _settings_line(plan: Plan) -> str:
     t = plan.training
     precision = f"fp32 weights + {t.amp} autocast" if t.amp else f"{t.dtype} weights"
@@ -75,8 +84,10 @@ def _settings_line(plan: Plan) -> str:
     parts = [
         precision,
         f"{t.optimizer} ({t.resolved_optimizer_impl}: {t.optimizer_impl_reason})",
-        f"batch {t.batch_size} x {t.seq_len} tokens",
+        f"batch {t.batch_size} x {t.seq_len} tokens{collate_text(t)}",
         f"{t.attention} attention",
+        *(["Liger kernels"] if t.liger else []),
+        *([f"loss {t.loss}"] if t.loss != "hf" else []),
         "gradient checkpointing" if t.grad_checkpointing else "no checkpointing",
         f"device {t.device}",
     ]

@@ -21,6 +21,10 @@ def _gib(n: int | None) -> str:
     return "-" if n is None else f"{n / GIB:.2f}"
 
 
+def _collate(t) -> str:
+    return ", packed (padding-free rows of micro-batch x seq)" if t.packing else ", padded" if t.padding else ""
+
+
 def _settings_line(rec: Recommendation) -> str:
     req = rec.request
     t = req.training
@@ -28,7 +32,8 @@ def _settings_line(rec: Recommendation) -> str:
     gpus = f"{req.gpus} x " if req.gpus > 1 else ""
     budget = req.budget.name or describe_budget(req.budget)
     return " | ".join([
-        f"{req.spec.name} on {gpus}{budget}", f"seq {t.seq_len}", f"global batch {req.global_batch}", precision,
+        f"{req.spec.name} on {gpus}{budget}", f"seq {t.seq_len}{_collate(t)}", f"global batch {req.global_batch}",
+        precision,
         f"{t.optimizer} ({t.resolved_optimizer_impl})", f"{t.attention} attention", f"device {t.device}",
         f"headroom {100 * req.headroom:g} %",
     ])

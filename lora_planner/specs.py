@@ -36,9 +36,10 @@ Attention = Literal["sdpa", "eager", "flash_attention_2"]
 # transformers 5.24's MoE experts implementations (`integrations/moe.py`): "grouped_mm" (the default,
 # `PreTrainedModel.get_correct_experts_implementation`) or the class's own per-expert loop ("eager").
 ExpertsImplementation = Literal["grouped_mm", "eager"]
-# The training loss: transformers' `ForCausalLMLoss` ("hf"), or torchtune's chunked cross-entropy ("chunked":
-# `CEWithChunkedOutputLoss`, the output layer and the fp32 upcast one sequence chunk at a time).
-LossKind = Literal["hf", "chunked"]
+# The training loss: transformers' `ForCausalLMLoss` ("hf"), torchtune's chunked cross-entropy ("chunked":
+# `CEWithChunkedOutputLoss`, the output layer and the fp32 upcast one sequence chunk at a time), or Liger's fused
+# linear cross-entropy ("fused-linear": `LigerFusedLinearCrossEntropyFunction`, no logits kept, `lora_planner.loss`).
+LossKind = Literal["hf", "chunked", "fused-linear"]
 AdapterDtype = Literal["fp32", "base"]
 # Each strategy names one engine (lora_planner.parallel): torch DDP (+ ZeroRedundancyOptimizer), torch FSDP2
 # FULL_SHARD / SHARD_GRAD_OP, DeepSpeed ZeRO stages 1-3. The bare ZeRO names are DeepSpeed's.
@@ -81,11 +82,17 @@ MAX_GPUS = 2**20  # data-parallel ranks: ~10x the largest training clusters buil
 MAX_GLOBAL_BATCH = 2**30  # sequences per optimizer step: far above any published run (~10^4-10^5)
 
 
+LOSS_ALIASES = {"liger": "fused-linear", "flce": "fused-linear", "fused_linear": "fused-linear"}
+
+
 def parse_loss(text: str) -> dict[str, object]:
-    """`hf` | `chunked[:N]` (the CLI's `--loss`, a grid's `loss` axis) -> TrainingSpec's `loss` and `loss_chunks`."""
-    name, _, chunks = text.strip().partition(":")
+    """`hf` | `chunked[:N]` | `fused-linear` (alias `liger`, `flce`) (the CLI's `--loss`, a grid's `loss` axis) ->
+    TrainingSpec's `loss` and `loss_chunks`."""
+    name, _, chunks = text.strip().lower().partition(":")
+    name = LOSS_ALIASES.get(name, name)
     if name not in LOSSES or (chunks and name != "chunked"):
-        raise PlannerInputError("loss", f"unknown loss {text!r}", "pass --loss hf or --loss chunked[:N], e.g. chunked:8")
+        raise PlannerInputError("loss", f"unknown loss {text!r}",
+                                "pass --loss hf, chunked[:N] (e.g. chunked:8) or fused-linear")
     if not chunks:
         return {"loss": name}
     if not chunks.isdigit() or int(chunks) < 1:
@@ -357,10 +364,19 @@ class TrainingSpec:
     # The loss (`LossKind`) and, for "chunked", how many sequence chunks the output layer and the loss run in.
     loss: LossKind = "hf"
     loss_chunks: int = DEFAULT_LOSS_CHUNKS
+    # The batch as the collator builds it. `padding`: rows of different lengths padded to --seq-len, with an attention
+    # mask (transformers / TRL's default collator when lengths differ). `packing`: padding-free, as TRL's
+    # `padding_free` / `packing` (bfd) collator: the micro-batch's sequences concatenated into one row of
+    # batch_size x seq_len tokens (the fullest row it can build), position_ids restarting per sequence, no mask.
+    padding: bool = False
+    packing: bool = False
+    # transformers' `use_liger_kernel=True`: Liger's RMSNorm, RoPE and SwiGLU / GEGLU on the families it patches, and
+    # its fused linear cross-entropy as the loss (`lora_planner.liger`).
+    liger: bool = False
     lora: LoraSpec = field(default_factory=LoraSpec)
     gpus: int = 1  # data-parallel ranks; batch_size is per rank
     strategy: Strategy | None = None  # how the ranks share model states (None: ddp when gpus > 1)
-    # QLoRA only: PEFT's `prepare_model_for_kbit_training` (TRL and most recipes call it on a quantized
+    # QLoRA only: PEFT's `prepare_model_for_kbit_training` (PEFT's QLoRA recipe calls it on a quantized
     # base) casts every non-quantized 16-bit parameter to fp32; see `lora_planner.memory`.
     kbit_prep: bool = True
 
@@ -377,6 +393,12 @@ class TrainingSpec:
         if self.loss == "chunked" and self.loss_chunks > self.seq_len:
             raise PlannerInputError("loss", f"{self.loss_chunks} chunks of a {self.seq_len}-token sequence",
                                     f"pass --loss chunked:N with N <= {self.seq_len}")
+        if self.liger and self.loss == "chunked":
+            raise PlannerInputError("liger", "use_liger_kernel runs Liger's fused linear cross-entropy, not "
+                                             "torchtune's chunked loss", "drop --loss, or drop --liger")
+        if self.padding and self.packing:
+            raise PlannerInputError("packing", "a packed (padding-free) batch has no padding",
+                                    "pass --packing or --padding, not both")
         if isinstance(self.routing, str):
             check_choice("routing", self.routing, ROUTINGS)
         elif not (isinstance(self.routing, tuple) and self.routing and all(
@@ -460,3 +482,8 @@ class TrainingSpec:
     @property
     def tokens(self) -> int:
         return self.batch_size * self.seq_len
+
+    @property
+    def rows(self) -> tuple[int, int]:
+        """(rows, tokens per row) of what the model sees: packing flattens the micro-batch into one row."""
+        return (1, self.tokens) if self.packing else (self.batch_size, self.seq_len)

@@ -32,7 +32,9 @@ Axes (with their defaults): `backend` ["hf"] (hf | builtin), `mode` ["cpu"] (cpu
 `seq_len` [512], `grad_checkpointing` [false], `optimizer` ["adamw"] (adamw | sgd | adafactor),
 `optimizer_impl` ["default"] (PyTorch's default for the device, or foreach | for-loop | fused),
 `attention` ["sdpa"], `experts_implementation` ["grouped_mm"] (MoE models: grouped_mm | eager), `loss` ["hf"]
-(hf | chunked[:N], torchtune's chunked cross-entropy: hf backend only); and the scalars `steps` (3) and `seed` (0).
+(hf | chunked[:N], torchtune's chunked cross-entropy: hf backend only), `collate` ["full"] (full | padding |
+packing: every row full, padded rows with an attention mask, or TRL's packed padding-free row: hf backend only); and
+the scalars `steps` (3) and `seed` (0).
 
 Rules: for `method = "full"` the adapter axes (r, alpha, target, adapter_dtype) do not apply, so
 they collapse to one run; runs of the builtin backend on a family it does not implement (it has
@@ -85,8 +87,10 @@ AXES: dict[str, list[Any]] = {
     "backend": ["hf"], "mode": ["cpu"], "method": ["full", "lora"], "precision": ["bf16"], "r": [8],
     "alpha": [], "target": ["default"], "adapter_dtype": ["fp32"], "batch_size": [1], "seq_len": [512],
     "grad_checkpointing": [False], "optimizer": ["adamw"], "optimizer_impl": ["default"], "attention": ["sdpa"],
-    "experts_implementation": ["grouped_mm"], "loss": ["hf"],
+    "experts_implementation": ["grouped_mm"], "loss": ["hf"], "collate": ["full"],
 }
+# The `collate` axis: every row full (no mask), padded rows with an attention mask, or a packed padding-free row.
+COLLATES = ("full", "padding", "packing")
 SCALARS: dict[str, int] = {"steps": 3, "seed": 0}
 EXIT_INTERRUPTED = 130
 
@@ -116,9 +120,11 @@ class SweepRun:
         adapter = f" r={t.lora.r} {self.source['target']}" if t.method != "full" else ""
         ckpt = " ckpt" if t.grad_checkpointing else ""
         experts = f" experts={t.experts_implementation}" if self.spec.is_moe else ""
+        attention = f" {t.attention}" if t.attention != "sdpa" else ""
         loss = f" loss={t.loss}:{t.loss_chunks}" if t.loss != "hf" else ""
+        collate = " padded" if t.padding else " packed" if t.packing else ""
         return (f"{self.model} {t.method}{adapter} {self.source['precision']} {self.backend}/{self.mode} "
-                f"b={t.batch_size} s={t.seq_len}{ckpt}{experts}{loss}")
+                f"b={t.batch_size} s={t.seq_len}{ckpt}{experts}{loss}{collate}{attention}")
 
 
 @dataclass(frozen=True)
@@ -168,7 +174,7 @@ def _check_values(where: str, key: str, values: list[Any]) -> None:
         choices = {"backend": BACKENDS, "mode": MODES, "method": PROFILED_METHODS, "precision": tuple(PRECISIONS),
                    "optimizer": PROFILED_OPTIMIZERS, "adapter_dtype": ("fp32", "base"), "attention": ("sdpa", "eager"),
                    "optimizer_impl": ("default", "foreach", "for-loop", "fused"),
-                   "experts_implementation": ("grouped_mm", "eager")}.get(key)
+                   "experts_implementation": ("grouped_mm", "eager"), "collate": COLLATES}.get(key)
         if key == "loss":
             try:
                 parse_loss(value)
@@ -315,7 +321,8 @@ def _expand_block(where: str, label: str, spec: ModelSpec, source: dict[str, Any
                 optimizer_impl=None if v["optimizer_impl"] == "default" else v["optimizer_impl"],
                 batch_size=v["batch_size"], seq_len=v["seq_len"], grad_checkpointing=v["grad_checkpointing"],
                 device=device, attention=v["attention"], lora=lora if v["method"] != "full" else LoraSpec(),
-                experts_implementation=v["experts_implementation"], **parse_loss(v["loss"]))
+                experts_implementation=v["experts_implementation"], **parse_loss(v["loss"]),
+                padding=v["collate"] == "padding", packing=v["collate"] == "packing")
             if training.method != "full":
                 lora_params(spec, lora.r, targets)  # unknown targets, r wider than a layer
             else:
@@ -336,8 +343,14 @@ def _expand_block(where: str, label: str, spec: ModelSpec, source: dict[str, Any
         if v["experts_implementation"] == "eager" and v["mode"] == "fake":
             yield (run.label, "the eager experts loop's data-dependent nonzero cannot run under fake tensors")
             continue
+        if training.loss == "fused-linear":
+            yield (run.label, "Liger's fused linear cross-entropy is a Triton (CUDA) kernel the profiler does not run")
+            continue
         if v["loss"] != "hf" and v["backend"] != "hf":
             yield (run.label, "the chunked loss runs on the hf backend (the builtin model has no output layer apart)")
+            continue
+        if v["collate"] != "full" and v["backend"] != "hf":
+            yield (run.label, "padded and packed batches run on the hf backend (the builtin model takes no mask)")
             continue
         if v["backend"] == "builtin" and spec.family not in BUILTIN_FAMILIES:
             yield (run.label, f"the builtin backend implements {', '.join(BUILTIN_FAMILIES)} only, not {spec.family}")

@@ -351,6 +351,10 @@ def _model_level_rule(family_id: str) -> Any:
         from lora_planner.loss import causal_lm_loss_saved  # the generic rules the totals are net of
         from lora_planner.families.rules import norm
 
+        if flow.loss != "hf":
+            raise PlannerInputError("loss", f"a traced profile records transformers' own loss, not --loss {flow.loss}",
+                                    "use --loss hf for this model")
+
         key = settings_key(flow)
         gc = flow.t.grad_checkpointing
         profile = _ensure(profile_of(family_id), key, gc)
@@ -410,7 +414,8 @@ def register(profile: TracedProfile) -> None:
         norm="layer", model_level=_model_level_rule(family_id), scalar_buffers=profile.buffer_numel,
         fixed_buffer_bytes=profile.fixed_buffer_bytes,
         peft_has_default=profile.peft_has_default,
-        flash_refused="a traced model runs on the CPU under fake tensors, where flash-attn does not exist")
+        flash_refused="a traced model runs on the CPU under fake tensors, where flash-attn does not exist",
+        mask_refused="traced profiles are recorded without an attention mask")
     params.PEFT_DEFAULT_TARGETS[family_id] = profile.peft_default_targets
     specs.REGISTERED_FAMILIES.add(family_id)
 

@@ -263,7 +263,7 @@ def build_model(case: Case, tmp_dir: str | None = None) -> torch.nn.Module:
 
 def quantized_model(model: torch.nn.Module, case: Case, tmp_dir: str | None) -> torch.nn.Module:
     """The same weights reloaded as QLoRA does (bitsandbytes NF4, double quantization, bf16 compute),
-    then, with `kbit_prep`, PEFT's `prepare_model_for_kbit_training` as TRL calls it."""
+    then, with `kbit_prep`, PEFT's `prepare_model_for_kbit_training` as PEFT's QLoRA recipe calls it."""
     from peft import prepare_model_for_kbit_training
     from transformers import BitsAndBytesConfig
 

@@ -118,6 +118,38 @@ def test_rslora_changes_the_scaling_shown_not_the_memory(capsys):
     assert "rsLoRA (scaling alpha / sqrt(r) = 8)" in " ".join(capsys.readouterr().out.split())
 
 
+def test_padding_and_packing_flags(capsys):
+    """--padding / --packing: echoed in the JSON inputs and the header; Llama-3.1-8B LoRA, 4 x 2,048 tokens, no
+    checkpointing: SDPA with a padding mask (its (b, 1, s, s) mask, k / v repeated per layer) 72.79 GiB against 68.79
+    with every row full; packed into one 8,192-token row 75.79 GiB with SDPA (its mask is over the row), 68.79 with
+    flash-attn 2 (varlen, no mask). Both flags at once: one line, exit 2."""
+    base = ["--model", "llama-3.1-8b", "--method", "lora", "--batch-size", "4", "--seq-len", "2048"]
+    full, padded, packed = (run_json(capsys, *base, *extra) for extra in ([], ["--padding"], ["--packing"]))
+    flash = run_json(capsys, *base, "--packing", "--attention", "flash_attention_2")
+    assert (padded["inputs"]["padding"], packed["inputs"]["packing"], full["inputs"]["packing"]) == (True, True, False)
+    gib = [round(doc["methods"]["lora"]["peak_allocated_bytes"] / 2**30, 2) for doc in (full, padded, packed, flash)]
+    assert gib == [68.79, 72.79, 75.79, 68.79]
+    assert main([*base, "--packing"]) == 0
+    assert "packed into 1 row of 8192 (padding-free)" in " ".join(capsys.readouterr().out.split())
+    assert main([*base, "--padding", "--packing"]) == 2
+    assert "packing: not allowed with argument --padding" in capsys.readouterr().err
+
+
+def test_liger_flag(capsys):
+    """--liger (use_liger_kernel=True): Llama-3.1-8B LoRA at 8,192 tokens 68.79 -> 46.33 GiB, with checkpointing
+    28.87 -> 18.25 GiB; the JSON echoes it and the loss that runs, the notes say it is modelled from Liger's source;
+    --loss fused-linear alone keeps the HF layers."""
+    base = ["--model", "llama-3.1-8b", "--method", "lora", "--seq-len", "8192"]
+    docs = [run_json(capsys, *base, *extra) for extra in ([], ["--liger"], ["--grad-checkpointing"],
+                                                          ["--grad-checkpointing", "--liger"], ["--loss", "liger"])]
+    gib = [round(doc["methods"]["lora"]["peak_allocated_bytes"] / 2**30, 2) for doc in docs]
+    assert gib[:4] == [68.79, 46.33, 28.87, 18.25] and gib[1] < gib[4] < gib[0]
+    assert (docs[1]["inputs"]["liger"], docs[1]["inputs"]["loss"]) == (True, "fused-linear")
+    assert any("Liger-Kernel's source" in w for w in docs[1]["warnings"])
+    assert main([*base, "--liger", "--loss", "chunked"]) == 2
+    assert "liger: use_liger_kernel runs Liger's fused linear cross-entropy" in capsys.readouterr().err
+
+
 def test_config_json_path(tmp_path, capsys):
     config = {"model_type": "llama", "vocab_size": 1000, "hidden_size": 64, "intermediate_size": 176,
               "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}

@@ -5,11 +5,16 @@ from __future__ import annotations
 
 import pytest
 
-from lora_planner.activations import make_flow
+from lora_planner.activations import activation_profile, make_flow
+from lora_planner.catalog import resolve_model
 from lora_planner.config_reader import spec_from_config
 from lora_planner.errors import PlannerInputError
-from lora_planner.loss import causal_lm_loss_saved, check_chunked_loss, chunk_tokens, chunked_loss_moments
-from lora_planner.specs import TrainingSpec
+from lora_planner.loss import (
+    causal_lm_loss_saved, check_chunked_loss, chunk_tokens, chunked_loss_moments, flce_chunk_rows,
+    flce_forward_scratch, flce_saved,
+)
+from lora_planner.memory import estimate_memory
+from lora_planner.specs import LoraSpec, TrainingSpec, parse_loss
 
 
 TINY_LLAMA_V1000 = spec_from_config({"model_type": "llama", "vocab_size": 1000, "hidden_size": 64,
@@ -70,3 +75,66 @@ def test_transformers_loss_saves_log_softmax_targets_and_total_weight(batch, tar
 def test_chunked_loss_refuses_heads_that_do_more_than_the_output_layer(config, needle):
     with pytest.raises(PlannerInputError, match=needle):
         check_chunked_loss(spec_from_config(config, "tiny"))
+
+
+# ---------------------------------------------------------------------------------------------- fused linear CE
+
+
+@pytest.mark.parametrize("model, tokens, rows", [("llama-3.1-8b", 8192, 256), ("mistral-7b", 8192, 1024),
+                                                 ("llama-3.1-8b", 1000, 32), ("qwen2.5-0.5b", 4096, 32)])
+def test_liger_chunk_rows(model, tokens, rows):
+    """next_pow2(ceil(N / ceil(V / H))): Llama-3 (ceil(128,256 / 4,096) = 32: 8,192 -> 256, 1,000 -> 32), Mistral
+    (ceil(32,768 / 4,096) = 8: 8,192 -> 1,024), Qwen2.5-0.5B (ceil(151,936 / 896) = 170: ceil(4,096 / 170) = 25 ->
+    32)."""
+    flow = make_flow(resolve_model(model), TrainingSpec(method="lora", seq_len=tokens))
+    assert flce_chunk_rows(flow) == rows
+
+
+def test_fused_linear_loss_lora_by_hand():
+    """Liger's fused linear cross-entropy, LoRA (lm_head frozen), bf16, b = 2, s = 16, V = 1,000, H = 64: 32 tokens
+    in chunks of next_pow2(ceil(32 / 16)) = 2 rows. Saved: the bf16 input gradient (32 x 64). Forward transients:
+    the padded (2 x 17) and shifted (2 x 16) int64 labels, loss_1d and the mask (32 x 5), and two chunks' bf16 logits
+    (2 x 1,000 each) against one chunk and its input-gradient matmul (2 x 64): the first."""
+    flow = make_flow(TINY_LLAMA_V1000, TrainingSpec(method="lora", device="cpu", batch_size=2, seq_len=16,
+                                                    loss="fused-linear"))
+    assert flce_chunk_rows(flow) == 2
+    assert {t.name: t.nbytes for t in flce_saved(flow, 0)} == {"loss.flce_grad_input": 32 * 64 * 2}
+    assert flce_forward_scratch(flow, 0) == 2 * 17 * 8 + 32 * 8 + 32 * 5 + 2 * 2 * 1000 * 2
+
+
+def test_fused_linear_loss_full_fine_tuning_by_hand():
+    """Full fine-tuning: the weight gradient (V x H bf16) is made in forward and saved; each chunk's
+    `torch.mm(...).float()` adds a V x H bf16 matmul and its fp32 copy beside one chunk's logits."""
+    flow = make_flow(TINY_LLAMA_V1000, TrainingSpec(method="full", device="cpu", batch_size=2, seq_len=16,
+                                                    loss="fused-linear"))
+    weight = 1000 * 64 * 2
+    assert sum(t.nbytes for t in flce_saved(flow, weight)) == 32 * 64 * 2 + weight
+    assert flce_forward_scratch(flow, weight) == 2 * 17 * 8 + 32 * 8 + 32 * 5 + 2 * 1000 * 2 + weight + 1000 * 64 * 4
+
+
+def test_fused_linear_loss_keeps_no_logits():
+    """Llama-3.1-8B LoRA at 32,768 tokens with checkpointing: 70.48 GiB with transformers' loss, 31.39 GiB fused (the
+    layers' backward decides); nothing of V x tokens is saved."""
+    spec = resolve_model("llama-3.1-8b")
+    training = TrainingSpec(method="lora", seq_len=32768, grad_checkpointing=True, loss="fused-linear")
+    acts = activation_profile(spec, training)
+    assert acts.loss_bytes == 32768 * 4096 * 2
+    assert not any(t.name.startswith("lm_head.") for t in acts.model)
+    assert round(estimate_memory(spec, training).peak_allocated_bytes / 2**30, 2) == 31.39
+
+
+@pytest.mark.parametrize("settings, fragment", [
+    (dict(dtype="fp32", amp="bf16"), "autocast"),
+    (dict(lora=LoraSpec(target_modules=("q_proj", "lm_head"))), "lm_head"),
+])
+def test_fused_linear_loss_refusals(settings, fragment):
+    with pytest.raises(PlannerInputError) as err:
+        activation_profile(TINY_LLAMA_V1000, TrainingSpec(method="lora", device="cpu", loss="fused-linear",
+                                                          **settings))
+    assert err.value.field == "loss" and fragment in err.value.problem
+
+
+def test_loss_spellings():
+    assert parse_loss("liger") == parse_loss("FLCE") == {"loss": "fused-linear"}
+    with pytest.raises(PlannerInputError):
+        parse_loss("fused-linear:4")

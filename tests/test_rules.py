@@ -116,3 +116,132 @@ def test_flash_attention_refused_where_not_modelled(model, fragment):
     with pytest.raises(PlannerInputError) as err:
         make_flow(get_model(model), TrainingSpec(attention="flash_attention_2"))
     assert err.value.field == "attention" and fragment in str(err.value)
+
+
+# ---------------------------------------------------------------------------------------------- padding and packing
+
+
+def test_padding_materialises_the_sdpa_mask_in_every_layer_by_hand():
+    """A padded batch (b = 2, s = 64): SDPA gets the (b, 1, s, s) mask, converts it to an additive bf16 one it keeps,
+    and `repeat_kv` copies k / v to all 4 heads (GQA is off with a mask); eager attention keeps what it keeps
+    anyway (its mask always exists)."""
+    spec = spec_from_config(TINY, "tiny")
+    plain = attention_part(layer_saved(spec, method="lora"))
+    padded = attention_part(layer_saved(spec, method="lora", padding=True))
+    assert padded["attn.additive_mask"] == B * S * S * 2
+    assert padded["attn.k_rotated"] - plain["attn.k_rotated"] == T * (64 - 32) * 2
+    assert sum(padded.values()) - sum(plain.values()) == B * S * S * 2 + 2 * T * (64 - 32) * 2
+    assert layer_saved(spec, method="lora", attention="eager", padding=True) == \
+        layer_saved(spec, method="lora", attention="eager")
+
+
+def test_packing_is_one_row_of_every_token_by_hand():
+    """Packed (b = 2, s = 64): one row of 128 tokens. SDPA: a (1, 1, 128, 128) mask per layer (twice the padded
+    batch's b s^2); eager: the S^2 softmax over the row, b times the batch's; flash-attn: varlen, the same tensors as
+    an unpacked batch (its log-sum-exp (1, heads, 128) the same bytes)."""
+    spec = spec_from_config(TINY, "tiny")
+    packed = attention_part(layer_saved(spec, method="lora", packing=True))
+    assert packed["attn.additive_mask"] == (B * S) ** 2 * 2
+    eager_packed = layer_saved(spec, method="lora", attention="eager", packing=True)
+    eager = layer_saved(spec, method="lora", attention="eager")
+    assert eager_packed["attn.softmax"] == 4 * (B * S) ** 2 * 4 == B * eager["attn.softmax"]
+    assert layer_saved(spec, method="lora", attention="flash_attention_2", packing=True) == \
+        layer_saved(spec, method="lora", attention="flash_attention_2")
+
+
+def test_flash_padding_keeps_the_unpadding_indices():
+    """flash-attn with a padding mask runs varlen: each layer's int64 gather indices (worst case every token) and the
+    int32 cumulative lengths (b + 1) beside the usual tensors."""
+    spec = spec_from_config(TINY, "tiny")
+    padded = layer_saved(spec, method="lora", attention="flash_attention_2", padding=True)
+    plain = layer_saved(spec, method="lora", attention="flash_attention_2")
+    assert {k: v for k, v in padded.items() if k not in plain} == {"attn.unpad_indices": T * 8,
+                                                                    "attn.cu_seqlens": (B + 1) * 4}
+
+
+def test_packed_batch_and_checkpointed_masks_by_hand():
+    """Outside the layers: a packed batch carries TRL's int64 position_ids, int32 seq_idx and cumulative lengths (two
+    sequences + 1); checkpointing then keeps the (1, 1, T, T) bool mask instead of making position ids; a padded
+    batch carries its int64 attention mask."""
+    spec = spec_from_config(TINY, "tiny")
+    packed = {t.name: t.nbytes for t in activation_profile(spec, TrainingSpec(
+        method="lora", batch_size=B, seq_len=S, packing=True, grad_checkpointing=True)).model}
+    assert packed["batch.position_ids"] == T * 8 and packed["batch.seq_idx"] == T * 4
+    assert packed["batch.cu_seq_lens"] == 3 * 4
+    assert packed["checkpoint.attention_mask"] == T * T and "checkpoint.position_ids" not in packed
+    padded = {t.name: t.nbytes for t in activation_profile(spec, TrainingSpec(
+        method="lora", batch_size=B, seq_len=S, padding=True, grad_checkpointing=True)).model}
+    assert padded["batch.attention_mask"] == T * 8 and padded["checkpoint.attention_mask"] == B * S * S
+
+
+@pytest.mark.parametrize("model", ["gpt2", "bloom-7b1", "phi-2", "deepseek-v2-lite"])
+def test_masks_refused_where_not_measured(model):
+    with pytest.raises(PlannerInputError) as err:
+        make_flow(get_model(model), TrainingSpec(packing=True))
+    assert err.value.field == "packing"
+
+
+def test_padding_and_packing_exclude_each_other():
+    with pytest.raises(PlannerInputError) as err:
+        TrainingSpec(padding=True, packing=True)
+    assert err.value.field == "packing"
+    assert TrainingSpec(batch_size=4, seq_len=2048, packing=True).rows == (1, 8192)
+
+
+# ---------------------------------------------------------------------------------------------- Liger's kernels
+
+
+def test_liger_layer_by_hand():
+    """`--liger` on Llama, LoRA q_proj / v_proj, bf16, b = 2, s = 64, without checkpointing: each RMSNorm keeps its
+    bf16 input (the residual stream, T x 64) and fp32 1/rms (T) instead of an fp32 copy; SwiGLU keeps gate's and up's
+    outputs (2 x T x 176) instead of three intermediates; attention is unchanged (RoPE rotates in place, saving only
+    the shared cos / sin)."""
+    spec = spec_from_config(TINY, "tiny")
+    liger = layer_saved(spec, method="lora", liger=True)
+    plain = layer_saved(spec, method="lora")
+    assert {k: v for k, v in liger.items() if "layernorm" in k} == {
+        "input_layernorm.input": T * 64 * 2, "input_layernorm.rstd": T * 4,
+        "post_attention_layernorm.input": T * 64 * 2, "post_attention_layernorm.rstd": T * 4}
+    assert {k: v for k, v in liger.items() if k.startswith("mlp.")} == {"mlp.gate_output": T * 176 * 2,
+                                                                        "mlp.up_output": T * 176 * 2}
+    assert attention_part(liger) == attention_part(plain)
+    assert sum(plain.values()) - sum(liger.values()) == 2 * T * 64 * (4 - 2) + T * 176 * 2
+
+
+def test_liger_norm_under_checkpointing_keeps_no_second_layer_input():
+    """Under checkpointing the recomputed input_layernorm's input is the layer's checkpointed input (no second copy);
+    the post-attention norm's input is a fresh tensor, kept."""
+    spec = spec_from_config(TINY, "tiny")
+    saved = layer_saved(spec, method="lora", liger=True, grad_checkpointing=True)
+    assert "input_layernorm.input" not in saved and saved["input_layernorm.rstd"] == T * 4
+    assert saved["post_attention_layernorm.input"] == T * 64 * 2
+
+
+def test_liger_full_fine_tuning_norm_keeps_nothing_normalised_and_mlp_backward_is_in_place():
+    """Full fine-tuning: the HF norm also keeps the normalised tensor for its weight's gradient, Liger's computes it
+    from its input and 1/rms; the layer's backward buffers lose two of the three MLP intermediates' gradients
+    (Liger's SwiGLU backward writes them into its saved inputs)."""
+    spec = spec_from_config(TINY, "tiny")
+    assert "input_layernorm.normalised" in layer_saved(spec, method="full")
+    assert "input_layernorm.normalised" not in layer_saved(spec, method="full", liger=True)
+    training = TrainingSpec(method="full", batch_size=B, seq_len=S, liger=True)
+    assert activation_profile(spec, training).layer_backward_scratch_bytes == (2 * 64 + 176) * T * 2
+
+
+def test_phi3_liger_mlp_copies_gate_and_up():
+    """Phi-3's fused gate_up_proj: Liger's MLP makes gate and up contiguous (two T x I copies) for its SwiGLU, in
+    place of HF's fused (T x 2I) storage and the activation's output."""
+    spec = get_model("phi-3-mini-4k-instruct")
+    liger = layer_saved(spec, method="lora", liger=True)
+    inter = T * spec.intermediate_size * 2
+    assert (liger["mlp.gate_copy"], liger["mlp.up_copy"]) == (inter, inter) and "mlp.act_output" not in liger
+
+
+def test_liger_where_it_does_not_patch_or_is_not_modelled():
+    """GPT-2: Liger has no patch, the Trainer applies none (the plan is unchanged, transformers' loss); Mixtral: its
+    fused MoE experts are not modelled, refused."""
+    gpt2 = get_model("gpt2")
+    assert activation_profile(gpt2, TrainingSpec(liger=True)) == activation_profile(gpt2, TrainingSpec())
+    with pytest.raises(PlannerInputError) as err:
+        make_flow(get_model("mixtral-8x7b"), TrainingSpec(liger=True))
+    assert err.value.field == "liger"

@@ -161,6 +161,11 @@ class Family:
     sdpa: bool = True  # transformers 5.24 accepts attn_implementation="sdpa" (Gemma 2: no, `_supports_sdpa = False`)
     # Why attn_implementation="flash_attention_2" is refused for the family (empty: planned, `rules.flash_attention`).
     flash_refused: str = ""
+    # Why --padding / --packing (a materialised attention mask) are refused for the family (empty: planned).
+    mask_refused: str = ""
+    # `use_liger_kernel=True` (`--liger`): "modelled" (Liger's RMSNorm / RoPE / SwiGLU-GEGLU patches, the rules'
+    # `liger_*`), "" (Liger has no patch for the family: the Trainer applies nothing), else why it is refused.
+    liger: str = ""
     rotary_per_layer_type: bool = False  # a RoPE table per `layer_types` kind (Gemma 3: local and global bases)
     # The layer rules count what a window past --seq-len allocates (`rules.attention_core` / `rules.mask_arguments`);
     # a family without it gets the planner's "not counted" note when --seq-len exceeds its window.

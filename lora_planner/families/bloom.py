@@ -64,4 +64,6 @@ def model_level(flow: Flow, embeddings_need_grad: bool) -> list[SavedTensor]:
 FAMILY = Family(model_types=("bloom",), layout=layout, layer=layer, peft_default_targets=("query_key_value",),
                 layer_prefix=PREFIX, last_linear="mlp.dense_4h_to_h", positions="alibi", norm="layer",
                 model_level=model_level,
-                flash_refused="transformers 5.24 has no flash-attention path for BLOOM (its ALiBi attention is eager only)")
+                mask_refused="BLOOM builds its ALiBi mask itself, not measured with padding or packing yet",
+                flash_refused="transformers 5.24 has no flash-attention path for BLOOM (its ALiBi attention is eager "
+                              "only)")

@@ -246,4 +246,6 @@ FAMILY = Family(model_types=("deepseek_v2", "deepseek_v3"), layout=layout, layer
                 peft_default_targets=("kv_a_proj_with_mqa", "kv_b_proj", "o_proj"), peft_has_default=False,
                 layer_prefix=PREFIX, last_linear="mlp.shared_experts.down_proj", positions="rope", norm="rms",
                 norms_registered_last=True, fp32_buffers=correction_bias_numel, **moe_conversion("deepseek_v3"),
-                flash_refused="multi-head latent attention pads v to the q / k width for flash-attn (`integrations/flash_attention.py`), not modelled yet")
+                mask_refused="its latent-attention SDPA path with a padding mask is not measured yet",
+                flash_refused="multi-head latent attention pads v to the q / k width for flash-attn "
+                              "(`integrations/flash_attention.py`), not modelled yet")

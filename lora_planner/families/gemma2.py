@@ -119,4 +119,6 @@ def model_level(flow: Flow, embeddings_need_grad: bool) -> list[SavedTensor]:
 FAMILY = Family(model_types=("gemma2",), layout=layout, layer=layer, peft_default_targets=("q_proj", "v_proj"),
                 layer_prefix=PREFIX, last_linear="mlp.down_proj", positions="rope", norm="rms_gemma",
                 model_level=model_level, scalar_buffers=1, saves_after_last_linear=True, sdpa=False,
-                models_sliding_window=True)
+                models_sliding_window=True,
+                liger="Liger's Gemma 2 patch (out-of-place RMSNorms, GEGLU, soft-capped fused loss) is "
+                      "not modelled yet")

@@ -85,4 +85,5 @@ def model_level(flow: Flow, embeddings_need_grad: bool) -> list[SavedTensor]:
 FAMILY = Family(model_types=("gemma3_text",), layout=layout, layer=layer, peft_default_targets=("q_proj", "v_proj"),
                 layer_prefix=PREFIX, last_linear="mlp.down_proj", positions="rope", norm="rms_gemma",
                 model_level=model_level, scalar_buffers=1, saves_after_last_linear=True,
-                rotary_per_layer_type=True, models_sliding_window=True)
+                rotary_per_layer_type=True, models_sliding_window=True,
+                liger="Liger's Gemma 3 patch (out-of-place RMSNorms incl. q / k norms, GEGLU) is not modelled yet")

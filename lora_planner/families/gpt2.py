@@ -97,4 +97,5 @@ def model_level(flow: Flow, embeddings_need_grad: bool) -> list[SavedTensor]:
 FAMILY = Family(model_types=("gpt2",), layout=layout, layer=layer, peft_default_targets=("c_attn",),
                 layer_prefix=PREFIX, last_linear="mlp.c_proj", positions="learned", norm="layer",
                 model_level=model_level, residual_dropout=True,
+                mask_refused="its fused c_attn SDPA path with a padding mask is not measured yet",
                 flash_refused="its fused c_attn views under flash-attn are not modelled yet")

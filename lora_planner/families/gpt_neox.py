@@ -107,4 +107,5 @@ def model_level(flow: Flow, embeddings_need_grad: bool) -> list[SavedTensor]:
 FAMILY = Family(model_types=("gpt_neox",), layout=layout, layer=layer, peft_default_targets=("query_key_value",),
                 layer_prefix=PREFIX, last_linear="mlp.dense_4h_to_h", positions="rope", norm="layer",
                 model_level=model_level, residual_dropout=True,
+                mask_refused="its fused query_key_value SDPA path with a padding mask is not measured yet",
                 flash_refused="its fused query_key_value views under flash-attn are not modelled yet")

@@ -163,4 +163,7 @@ FAMILY = Family(model_types=("gpt_oss",), layout=layout, layer=layer, peft_defau
                 peft_has_default=False, layer_prefix=PREFIX, last_linear="mlp.experts.down_proj",
                 saves_after_last_linear=True, positions="rope", norm="rms_fp32", model_level=sliding_model_level,
                 sdpa=False, models_sliding_window=True, rotary_half_tables=True,
-                flash_refused="its attention sinks need the kernels-community FlashAttention-3 build, not the flash-attn package")
+                mask_refused="its sink attention with a padding mask is not measured yet",
+                flash_refused="its attention sinks need the kernels-community FlashAttention-3 build, not the "
+                              "flash-attn package",
+                liger="Liger's gpt-oss patch (fused MoE experts) is not modelled yet")

@@ -37,4 +37,5 @@ def model_level(flow: Flow, embeddings_need_grad: bool) -> list[SavedTensor]:
 
 FAMILY = Family(model_types=("granite",), layout=layout, layer=layer, peft_default_targets=("q_proj", "v_proj"),
                 layer_prefix=PREFIX, last_linear="mlp.down_proj", positions="rope", norm="rms",
-                model_level=model_level, norms_registered_last=True, peft_has_default=False)
+                model_level=model_level, norms_registered_last=True, peft_has_default=False,
+                liger="Liger patches Granite with its non-fused cross-entropy, not modelled yet")

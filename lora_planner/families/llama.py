@@ -63,7 +63,7 @@ def _family(model_type: str, **overrides) -> Family:
     # self_attn, mlp, input_layernorm, post_attention_layernorm), so `model.parameters()` is not forward order.
     rules = dict(model_types=(model_type,), layout=layout, layer=layer, peft_default_targets=("q_proj", "v_proj"),
                  layer_prefix=PREFIX, last_linear="mlp.down_proj", positions="rope", norm="rms",
-                 norms_registered_last=True)
+                 norms_registered_last=True, liger="modelled")
     return Family(**{**rules, **overrides})
 
 

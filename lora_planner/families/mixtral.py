@@ -31,4 +31,5 @@ def layer(flow: Flow, x_needs_grad: bool) -> list[SavedTensor]:
 FAMILY = Family(model_types=("mixtral",), layout=layout, layer=layer, peft_default_targets=("q_proj", "v_proj"),
                 layer_prefix=PREFIX, last_linear="mlp.experts.down_proj", saves_after_last_linear=True, positions="rope", norm="rms",
                 norms_registered_last=True, model_level=sliding_model_level, models_sliding_window=True,
-                **moe_conversion("mixtral"))
+                **moe_conversion("mixtral"),
+                liger="Liger's fused MoE experts (LigerExperts) are not modelled yet")

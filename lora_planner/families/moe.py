@@ -54,7 +54,8 @@ from math import ceil
 from lora_planner.errors import PlannerInputError
 from lora_planner.families.base import Module
 from lora_planner.families.rules import (
-    FP32, Flow, SavedTensor, attention_core, fused_output_reused, gated_mlp, norm, normed_attention_input, output_projection,
+    FP32, Flow, SavedTensor, attention_core, fused_output_reused, gated_mlp, norm, normed_attention_input,
+    output_projection,
 )
 from lora_planner.specs import ModelSpec
 

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 from lora_planner.families.base import Family, Module, attention_modules
 from lora_planner.families.rules import (
-    Flow, SavedTensor, attention_core, fused_output_reused, attention_projections, gated_mlp, output_projection, rms_norm_of,
+    Flow, SavedTensor, attention_core, attention_projections, fused_output_reused, gated_mlp, output_projection,
+    rms_norm_of,
 )
 from lora_planner.specs import ModelSpec
 
@@ -75,4 +76,5 @@ def layer(flow: Flow, x_needs_grad: bool) -> list[SavedTensor]:
 FAMILY = Family(model_types=("olmo2",), layout=layout, layer=layer, peft_default_targets=("q_proj", "v_proj"),
                 layer_prefix=PREFIX, last_linear="mlp.down_proj", positions="rope", norm="rms_fp32",
                 peft_has_default=False, rotary_fp32=True,
-                saves_after_last_linear=True)
+                saves_after_last_linear=True,
+                liger="Liger patches only some of OLMo 2's norms (out of place), not modelled yet")

@@ -63,4 +63,5 @@ FAMILY = Family(model_types=("phi",), layout=layout, layer=layer,
                 peft_default_targets=("q_proj", "v_proj", "fc1", "fc2"),
                 layer_prefix=PREFIX, last_linear="mlp.fc2", positions="rope", norm="layer",
                 norms_registered_last=True, residual_dropout=True,
+                mask_refused="its SDPA path with a padding mask is not measured yet",
                 flash_refused="its partial-rotary q / k layouts under flash-attn are not modelled yet")

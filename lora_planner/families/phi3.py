@@ -33,7 +33,7 @@ from __future__ import annotations
 from lora_planner.families.base import Family, Module
 from lora_planner.families.rules import (
     FLASH, FP32, Flow, SavedTensor, dropout_mask, flash_attention, masked_sdpa, norm, normed_attention_input,
-    output_projection, sliding_mask_applies, sliding_model_level, softmax_saved,
+    output_projection, sdpa_mask_applies, sliding_model_level, softmax_saved,
 )
 from lora_planner.specs import ModelSpec
 
@@ -70,18 +70,22 @@ def _attention(flow: Flow, needs_grad: bool) -> list[SavedTensor]:
                                  tokens * (spec.q_size if gqa else spec.kv_size) * e))
         saved += softmax_saved(flow, True)
         # probs @ v: torch.matmul folds v to 3-d for bmm, and v, a strided view of the qkv output, is copied by
-        # that reshape (or is repeat_kv's copy already): the copy is what is kept, not the qkv storage.
-        saved.append(SavedTensor("attn.v_repeated" if gqa else "attn.v_copy",
-                                 tokens * (spec.q_size if gqa else spec.kv_size) * e))
+        # that reshape (or is repeat_kv's copy already): the copy is what is kept, not the qkv storage. With one
+        # row (b = 1, e.g. packed) the fold is a view: then v keeps the whole qkv storage (measured, packed rows).
+        if not gqa and flow.b == 1:
+            saved.append(SavedTensor("attn.qkv_output", tokens * (spec.q_size + 2 * spec.kv_size) * e))
+        else:
+            saved.append(SavedTensor("attn.v_repeated" if gqa else "attn.v_copy",
+                                     tokens * (spec.q_size if gqa else spec.kv_size) * e))
         return saved
     if flow.t.attention == FLASH:
         # v goes in as the view it is (unit last stride), keeping the qkv storage, unless transformers' cast to the
         # flash dtype copied it (QLoRA's fp32 stream)
         qkv = tokens * (spec.q_size + 2 * spec.kv_size) * e
         return flash_attention(flow, spec.q_size, spec.kv_size, qkv if flow.e_attention == e else None)
-    if sliding_mask_applies(flow) and spec.num_kv_heads != spec.num_heads:
-        # A materialised mask (seq_len >= sliding_window): repeat_kv copies k and v to every head, so SDPA keeps
-        # those copies, not the qkv storage (`rules.masked_sdpa`).
+    if sdpa_mask_applies(flow) and spec.num_kv_heads != spec.num_heads:
+        # A materialised mask (seq_len >= sliding_window, padding, packing): repeat_kv copies k and v to every head,
+        # so SDPA keeps those copies, not the qkv storage (`rules.masked_sdpa`).
         return masked_sdpa(flow, spec.q_size)
     saved = [
         SavedTensor("attn.q_rotated", tokens * spec.q_size * e),
@@ -90,7 +94,7 @@ def _attention(flow: Flow, needs_grad: bool) -> list[SavedTensor]:
         SavedTensor("attn.output", tokens * spec.q_size * e),
         SavedTensor("attn.logsumexp", flow.b * spec.num_heads * flow.s * FP32),
     ]
-    if sliding_mask_applies(flow):  # without GQA, k and v go in as they are; the additive mask comes on top
+    if sdpa_mask_applies(flow):  # without GQA, k and v go in as they are; the additive mask comes on top
         saved.append(SavedTensor("attn.additive_mask", flow.b * flow.s * flow.s * e))
     return saved
 
@@ -113,7 +117,11 @@ def layer(flow: Flow, x_needs_grad: bool) -> list[SavedTensor]:
         saved.append(SavedTensor("post_attention_layernorm.output", tokens * h * flow.e_stream))
     inner_grad = mid_needs_grad or flow.adapted(p + "mlp.gate_up_proj")
     inter = tokens * spec.intermediate_size * e
-    if inner_grad:
+    if inner_grad and flow.liger:
+        # Liger's `LigerPhi3SwiGLUMLP`: `chunk(2)` views made contiguous (`ensure_contiguous`: copies) for
+        # `LigerSiLUMulFunction`, which keeps both (Liger-Kernel transformers/swiglu.py, ops/swiglu.py)
+        saved += [SavedTensor("mlp.gate_copy", inter), SavedTensor("mlp.up_copy", inter)]
+    elif inner_grad:
         # act(gate) keeps gate, act(gate) * up keeps up and act(gate): gate and up are views of one storage.
         saved += [SavedTensor("mlp.gate_up_output", 2 * inter), SavedTensor("mlp.act_output", inter)]
     own, keeps = flow.linear(p + "mlp.down_proj", e, inner_grad)
@@ -128,4 +136,5 @@ def layer(flow: Flow, x_needs_grad: bool) -> list[SavedTensor]:
 FAMILY = Family(model_types=("phi3",), layout=layout, layer=layer, peft_default_targets=("qkv_proj",),
                 layer_prefix=PREFIX, last_linear="mlp.down_proj", positions="rope", norm="rms",
                 norms_registered_last=True, residual_dropout=True, peft_has_default=False,
-                model_level=sliding_model_level, models_sliding_window=True)
+                model_level=sliding_model_level, models_sliding_window=True,
+                liger="modelled")

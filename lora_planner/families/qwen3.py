@@ -62,4 +62,4 @@ def layer(flow: Flow, x_needs_grad: bool) -> list[SavedTensor]:
 
 FAMILY = Family(model_types=("qwen3",), layout=layout, layer=layer, peft_default_targets=("q_proj", "v_proj"),
                 layer_prefix=PREFIX, last_linear="mlp.down_proj", positions="rope", norm="rms",
-                model_level=sliding_model_level, models_sliding_window=True)
+                model_level=sliding_model_level, models_sliding_window=True, liger="modelled")

@@ -33,7 +33,14 @@ class Flow:
         self.spec = spec
         self.family = family
         self.t = training
-        self.b, self.s = training.batch_size, training.seq_len
+        self.b, self.s = training.rows  # packing: one row of every token
+        # transformers materialises an attention mask (padding, or packed sequences found in position_ids:
+        # `masking_utils.find_packed_sequence_indices`) and hands SDPA a (b, 1, s, s) one
+        self.masked = training.padding or training.packing
+        # Liger's kernels replace the family's norms and gated MLP (`Family.liger` "modelled"; `lora_planner.liger`)
+        self.liger = training.liger and family.liger == "modelled"
+        # the loss that runs (`lora_planner.loss.loss_kind`): Liger's fused one where Liger patches the family
+        self.loss = "fused-linear" if self.liger else training.loss
         self.tokens = training.tokens
         self.full = training.method == "full"
         self.amp = training.amp is not None
@@ -137,6 +144,20 @@ def norm(flow: Flow, name: str, x_needs_grad: bool) -> list[SavedTensor]:
     return layer_norm(flow, name, x_needs_grad) if flow.family.norm == "layer" else rms_norm(flow, name, x_needs_grad)
 
 
+def liger_rms_norm(flow: Flow, name: str, x_needs_grad: bool) -> list[SavedTensor]:
+    """Liger's `LigerRMSNormFunction`, which its instance patch binds on input_layernorm, post_attention_layernorm
+    and the final norm (Liger-Kernel `src/liger_kernel/ops/rms_norm.py` `forward`: `ctx.save_for_backward(X, W,
+    RSTD)`; `rms_norm_forward`: Y in X's dtype, RSTD (rows,) fp32 in the llama and gemma casting modes): its input
+    itself, the residual stream in the stream dtype (no fp32 copy, no normalised tensor: the weight's gradient comes
+    from X and RSTD), and 1/rms, whenever it has a graph. Under checkpointing a layer's input_layernorm input is the
+    layer's checkpointed input, so its recompute keeps no second copy."""
+    if not (x_needs_grad or flow.full):
+        return []
+    saved = [] if flow.t.grad_checkpointing and name == "input_layernorm" else \
+        [SavedTensor(f"{name}.input", flow.tokens * flow.spec.hidden_size * flow.e_stream)]
+    return saved + [SavedTensor(f"{name}.rstd", flow.tokens * FP32)]
+
+
 def rms_norm(flow: Flow, name: str, x_needs_grad: bool) -> list[SavedTensor]:
     """Llama / Gemma RMSNorm: `x.to(fp32)`, `x * rsqrt(mean(x^2) + eps)`, then the weight.
 
@@ -145,6 +166,8 @@ def rms_norm(flow: Flow, name: str, x_needs_grad: bool) -> list[SavedTensor]:
     dtype; Gemma ("rms_gemma") multiplies in fp32 by `1 + w`, keeping that fp32 vector and an fp32
     normalised tensor; OLMo 2 ("rms_fp32") multiplies in fp32 by w itself, keeping an fp32 normalised tensor.
     """
+    if flow.liger:
+        return liger_rms_norm(flow, name, x_needs_grad)
     tokens, h = flow.tokens, flow.spec.hidden_size
     gemma = flow.family.norm == "rms_gemma"
     saved: list[SavedTensor] = []
@@ -227,7 +250,7 @@ def flash_attention(flow: Flow, q_cols: int, kv_cols: int, v_storage: int | None
     dim = spec.head_dim
     pad = round_up(dim, 8) / dim
     v_bytes = int(tokens * kv_cols * e * pad) if v_storage is None or pad != 1 else v_storage
-    return [
+    saved = [
         SavedTensor("attn.q_rotated", int(tokens * q_cols * e * pad)),
         SavedTensor("attn.k_rotated", int(tokens * kv_cols * e * pad)),
         SavedTensor("attn.v", v_bytes),
@@ -235,6 +258,12 @@ def flash_attention(flow: Flow, q_cols: int, kv_cols: int, v_storage: int | None
         SavedTensor("attn.logsumexp", flow.b * spec.num_heads * flow.s * FP32),
         SavedTensor("attn.rng_state", 2 * 8),
     ]
+    if flow.t.padding:
+        # the varlen path (`modeling_flash_attention_utils._upad_input`): each layer gathers the real tokens of q, k
+        # and v (copies of the same size when every row is full, the planned worst case) by int64 indices, which
+        # the gathers and the re-padding of the output keep, beside the int32 cumulative lengths (b + 1)
+        saved += [SavedTensor("attn.unpad_indices", tokens * 8), SavedTensor("attn.cu_seqlens", (flow.b + 1) * 4)]
+    return saved
 
 
 def flash_backward_scratch(flow: Flow) -> int:
@@ -280,9 +309,12 @@ def softmax_saved(flow: Flow, v_needs_grad: bool, fp32_softmax: bool = True) -> 
 
 def eager_attention(flow: Flow, q_grad: bool, k_grad: bool, v_grad: bool) -> list[SavedTensor]:
     """matmul(q, k^T) keeps each operand for the other's gradient; `repeat_kv` copies k and v to all
-    heads first (when heads > kv heads); probs @ v keeps v when the probabilities need a gradient."""
+    heads first (when heads > kv heads); probs @ v keeps v when the probabilities need a gradient. With one kv head
+    and one row (b = 1, e.g. a packed row) the repeat is a stride-0 view that matmul folds into its bmm without a
+    copy, so k and v keep their kv-wide storage (measured: tests/profiler/test_runner.py, Gemma packed)."""
     tokens, e, spec = flow.tokens, flow.e_compute, flow.spec
-    repeated = spec.q_size if spec.num_kv_heads != spec.num_heads else spec.kv_size
+    folds = spec.num_kv_heads == spec.num_heads or (spec.num_kv_heads == 1 and flow.b == 1)
+    repeated = spec.kv_size if folds else spec.q_size
     saved = []
     if k_grad:
         saved.append(SavedTensor("attn.q_rotated", tokens * spec.q_size * e))
@@ -307,7 +339,7 @@ def attention_core(flow: Flow, q_grad: bool, k_grad: bool, v_grad: bool) -> list
         return []
     if flow.t.attention == FLASH:
         return flash_attention(flow, flow.spec.q_size, flow.spec.kv_size)
-    if sliding_mask_applies(flow):
+    if sdpa_mask_applies(flow):
         return masked_sdpa(flow, flow.spec.q_size)
     return sdpa(flow, flow.spec.q_size, flow.spec.kv_size)
 
@@ -352,6 +384,14 @@ def sliding_mask_applies(flow: Flow) -> bool:
     return flow.layer_type == SLIDING and sliding_mask_materialised(flow)
 
 
+def sdpa_mask_applies(flow: Flow) -> bool:
+    """SDPA gets a materialised mask in this layer: a padded or packed batch (every layer: `masking_utils.sdpa_mask`
+    builds a (b, 1, s, s) bool mask once `_ignore_causal_mask_sdpa` sees a padding zero or packed sequences), or a
+    sliding window past --seq-len (`sliding_mask_applies`). Measured on CPU steps with padding and packing
+    (tests/profiler/test_runner.py)."""
+    return flow.t.attention == "sdpa" and (flow.masked or sliding_mask_applies(flow))
+
+
 def masked_sdpa(flow: Flow, q_cols: int) -> list[SavedTensor]:
     """SDPA with a materialised mask: q (`q_cols` wide), k and v repeated to every head (`repeat_kv`; as they are
     without GQA), the output, the log-sum-exp, and the additive (b, 1, s, s) mask SDPA makes of the bool one.
@@ -364,10 +404,13 @@ def masked_sdpa(flow: Flow, q_cols: int) -> list[SavedTensor]:
 def mask_arguments(flow: Flow) -> list[SavedTensor]:
     """Under non-reentrant checkpointing, the sliding layers' mask argument their recompute closures keep (the full
     layers' eager mask is counted by `lora_planner.activations` for every eager family): SDPA, seq_len >= window: the
-    (1, 1, s, s) bool mask; eager with both kinds of layer: the second (b, 1, s, s) additive mask."""
+    (1, 1, s, s) bool mask, (b, 1, s, s) with padding or packing (then at any length); eager with both kinds of
+    layer: the second (b, 1, s, s) additive mask."""
     kinds = set(flow.spec.layer_types or ())
     if not flow.t.grad_checkpointing or SLIDING not in kinds:
         return []
+    if flow.t.attention == "sdpa" and flow.masked:  # the padding mask's batch dimension carries through
+        return [SavedTensor("checkpoint.sliding_attention_mask", flow.b * flow.s * flow.s)]
     if sliding_mask_materialised(flow):
         return [SavedTensor("checkpoint.sliding_attention_mask", flow.s * flow.s)]
     if flow.t.attention == "eager" and kinds == {SLIDING, FULL}:
@@ -466,11 +509,16 @@ def gated_mlp(flow: Flow, prefix: str, x_needs_grad: bool, input_name: str,
     gate_grad = x_needs_grad or flow.adapted(prefix + "gate_proj")
     up_grad = x_needs_grad or flow.adapted(prefix + "up_proj")
     inter = tokens * (width or spec.intermediate_size) * e
-    if gate_grad:
+    if flow.liger and (gate_grad or up_grad):
+        # Liger's `LigerSiLUMulFunction` / `LigerGELUMulFunction` (ops/swiglu.py, ops/geglu.py:
+        # `ctx.save_for_backward(a, b)`): gate's and up's outputs, act(gate) * up in one kernel (backward writes
+        # their gradients into them)
+        saved += [SavedTensor("mlp.gate_output", inter), SavedTensor("mlp.up_output", inter)]
+    if gate_grad and not flow.liger:
         saved.append(SavedTensor("mlp.gate_output", inter))  # the activation function's input
-    if up_grad:
+    if up_grad and not flow.liger:
         saved.append(SavedTensor("mlp.act_output", inter))  # act(gate) * up: each factor for the other's grad
-    if gate_grad:
+    if gate_grad and not flow.liger:
         saved.append(SavedTensor("mlp.up_output", inter))
     own, keeps = flow.linear(prefix + "down_proj", e, gate_grad or up_grad)
     saved += own

@@ -36,4 +36,4 @@ from lora_planner.families.rules import sliding_model_level
 FAMILY = Family(model_types=("smollm3",), layout=layout, layer=layer, peft_default_targets=("q_proj", "v_proj"),
                 layer_prefix=PREFIX, last_linear="mlp.down_proj", positions="rope", norm="rms",
                 norms_registered_last=True, peft_has_default=False, model_level=sliding_model_level,
-                models_sliding_window=True)
+                models_sliding_window=True, liger="modelled")

@@ -27,7 +27,8 @@ from __future__ import annotations
 
 from lora_planner.families.base import Family, Module, attention_modules
 from lora_planner.families.rules import (
-    FP32, Flow, SavedTensor, attention_core, fused_output_reused, dropout_mask, mask_arguments, norm, normed_attention_input,
+    FP32, Flow, SavedTensor, attention_core, dropout_mask, fused_output_reused, mask_arguments, norm,
+    normed_attention_input,
     output_projection, plain_mlp,
 )
 from lora_planner.specs import ModelSpec

@@ -181,7 +181,7 @@ def require_bitsandbytes(device: str) -> None:
 def _quantized_model(config: Any, training: TrainingSpec, device: str, attention: str) -> nn.Module:
     """The model as QLoRA loads it: random weights saved, then reloaded through `from_pretrained` with
     bitsandbytes NF4 (double quantization, the training dtype as compute dtype; QLoRA paper, Sec. 3) and,
-    with `kbit_prep`, PEFT's `prepare_model_for_kbit_training` as TRL's SFTTrainer calls it
+    with `kbit_prep`, PEFT's `prepare_model_for_kbit_training` as PEFT's QLoRA recipe calls it
     (`use_gradient_checkpointing` = the run's checkpointing, non-reentrant)."""
     import tempfile
 

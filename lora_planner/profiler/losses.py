@@ -37,7 +37,8 @@ def _base(model: torch.nn.Module) -> torch.nn.Module:
 def chunked_output_loss(model: torch.nn.Module, batch: dict[str, Any], chunks: int) -> torch.Tensor:
     """torchtune's `CEWithChunkedOutputLoss` over `chunks` output chunks (module docstring)."""
     base = _base(model)
-    logits = _chunked_output(base, batch["input_ids"], chunks)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}  # the ids and the collator's mask / positions
+    logits = _chunked_output(base, inputs, chunks)
     labels = batch["labels"]
     ignore = torch.full((labels.shape[0], 1), IGNORE_INDEX, dtype=labels.dtype, device=labels.device)
     labels = torch.hstack((labels[..., 1:], ignore))
@@ -45,8 +46,8 @@ def chunked_output_loss(model: torch.nn.Module, batch: dict[str, Any], chunks: i
     return _ce_with_chunked_output(logits, labels, chunks)
 
 
-def _chunked_output(base: torch.nn.Module, input_ids: torch.Tensor, chunks: int) -> list[torch.Tensor]:
-    hidden = base.get_decoder()(input_ids=input_ids).last_hidden_state
+def _chunked_output(base: torch.nn.Module, inputs: dict[str, Any], chunks: int) -> list[torch.Tensor]:
+    hidden = base.get_decoder()(**inputs).last_hidden_state
     head = base.get_output_embeddings()
     return [head(chunk) for chunk in hidden.tensor_split(chunks, dim=1)]
 

@@ -91,6 +91,8 @@ class ProfileRequest:
             parts.append("params:" + ",".join(lora.target_parameters))
         if t.loss != "hf":
             parts.append(f"loss:{t.loss}:{t.loss_chunks}")
+        if t.padding or t.packing:
+            parts.append("collate:" + ("packing" if t.packing else "padding"))
         return "|".join(map(str, parts))
 
 
@@ -251,9 +253,19 @@ def check_request(request: ProfileRequest) -> None:
         from lora_planner.profiler.hf_backend import require_bitsandbytes
 
         require_bitsandbytes("meta" if request.mode == "fake" else request.mode)
+    if t.liger:
+        raise PlannerInputError("liger", "Liger's kernels are Triton (CUDA) kernels the profiler does not run yet; the "
+                                         "planner models them from their source", "profile without --liger")
+    if t.loss == "fused-linear":
+        raise PlannerInputError("loss", "Liger's fused linear cross-entropy is a Triton (CUDA) kernel the profiler "
+                                        "does not run yet; the planner models it from its source",
+                                "profile with --loss hf or chunked")
     if t.loss != "hf" and request.backend != "hf":
         raise PlannerInputError("loss", "the chunked loss runs on the hf backend (the builtin model has no output layer "
                                         "apart)", "profile it with --backend hf")
+    if (t.padding or t.packing) and request.backend != "hf":
+        raise PlannerInputError("packing" if t.packing else "padding", "the builtin model takes no attention mask or "
+                                "position ids", "profile padded or packed batches with --backend hf")
     if request.backend == "hf":
         from lora_planner.profiler.hf_backend import require_hf
 
@@ -268,14 +280,41 @@ def check_request(request: ProfileRequest) -> None:
         pass
 
 
+def packed_lengths(training: TrainingSpec) -> list[int]:
+    """The sequences of a packed row: the micro-batch's, seq_len tokens each; one sequence is split in two (a packed
+    row holds several)."""
+    b, s = training.batch_size, training.seq_len
+    return [s] * b if b > 1 else [s - s // 2, s // 2]
+
+
 def batch_factory(spec: ModelSpec, training: TrainingSpec, device: str, seed: int) -> Callable[[], dict[str, Any]]:
-    """Random token ids; labels are a separate tensor, as a data collator makes them."""
+    """Random token ids; labels are a separate tensor, as a data collator makes them. `padding`: the last row's last
+    quarter is padding (attention mask 0, labels -100), as a collator pads a shorter row. `packing`: one row of
+    every token as TRL's `DataCollatorForLanguageModeling(padding_free=True)` builds it (trl/trainer/sft_trainer.py):
+    position_ids restarting per sequence (`packed_lengths`), labels -100 at each sequence's first token, int32
+    `cu_seq_lens_q` / `_k` (one tensor), `max_length_q` / `_k` and int32 `seq_idx`; no attention mask."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
+    rows, length = training.rows
 
     def make_batch() -> dict[str, Any]:
-        ids = torch.randint(0, spec.vocab_size, (training.batch_size, training.seq_len), generator=generator)
-        ids = ids.to(device)
-        return {"input_ids": ids, "labels": ids.clone()}
+        ids = torch.randint(0, spec.vocab_size, (rows, length), generator=generator).to(device)
+        labels = ids.clone()
+        batch: dict[str, Any] = {"input_ids": ids, "labels": labels}
+        if training.padding:
+            mask = torch.ones_like(ids)
+            mask[-1, length - max(1, length // 4):] = 0
+            labels[mask == 0] = -100
+            batch["attention_mask"] = mask
+        elif training.packing:
+            lengths = packed_lengths(training)
+            position_ids = torch.cat([torch.arange(n) for n in lengths])[None].to(device)
+            labels[position_ids == 0] = -100
+            cu_seq_lens = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
+            batch.update(position_ids=position_ids, cu_seq_lens_q=cu_seq_lens, cu_seq_lens_k=cu_seq_lens,
+                         max_length_q=max(lengths), max_length_k=max(lengths),
+                         seq_idx=torch.repeat_interleave(torch.arange(len(lengths), dtype=torch.int32),
+                                                         torch.tensor(lengths))[None].to(device))
+        return batch
 
     return make_batch
 
@@ -528,6 +567,7 @@ def base_record(request: ProfileRequest) -> dict[str, Any]:
             "experts_implementation": t.experts_implementation if request.spec.is_moe else None,
             "target_parameters": list(lora.target_parameters) if lora.target_parameters else None,
             "loss": t.loss, "loss_chunks": t.loss_chunks if t.loss == "chunked" else None,
+            "padding": t.padding, "packing": t.packing,
         },
         "predicted": {
             "peak_bytes": predicted.peak_allocated_bytes,

@@ -49,6 +49,9 @@ TINY = {
     "phi3": spec_from_config({"model_type": "phi3", "vocab_size": 1000, "hidden_size": 64, "intermediate_size": 176,
                               "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
                               "partial_rotary_factor": 0.75, "resid_pdrop": 0.1, "pad_token_id": None}, "tiny-phi3"),
+    "phi3_mha": spec_from_config({"model_type": "phi3", "vocab_size": 1000, "hidden_size": 64, "intermediate_size": 176,
+                                  "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4,
+                                  "pad_token_id": None}, "tiny-phi3-mha"),
     # the released models' 0.1 dropouts (embeddings, residual, attention)
     "starcoder2": spec_from_config({"model_type": "starcoder2", "vocab_size": 1000, "hidden_size": 64,
                                     "intermediate_size": 176, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -232,6 +235,21 @@ CPU_CASES = [
     ("phi3", "hf", dict(method="lora", loss="chunked", loss_chunks=4, dtype="fp32", amp="bf16")),
     ("gpt2", "hf", dict(method="lora", loss="chunked", loss_chunks=4, dtype="fp32")),
     ("mixtral", "hf", dict(method="lora", loss="chunked", loss_chunks=4)),
+    # padded and packed batches (issue 13): SDPA's materialised mask in every layer (k / v repeated to every head,
+    # the additive mask) and the bool mask checkpointing keeps; eager's S^2 terms over a packed row; one kv head
+    # folding its repeat into matmul at b = 1 (Gemma, packed); sliding windows with a padding mask; MoE; a packed row
+    # through torchtune's chunked loss
+    ("llama", "hf", dict(method="lora", padding=True)),
+    ("llama", "hf", dict(method="full", padding=True, grad_checkpointing=True)),
+    ("llama", "hf", dict(method="lora", packing=True, grad_checkpointing=True)),
+    ("llama", "hf", dict(method="full", packing=True, attention="eager", dtype="fp32")),
+    ("gemma", "hf", dict(method="lora", packing=True, attention="eager")),
+    ("phi3_mha", "hf", dict(method="full", packing=True, attention="eager")),  # b = 1: v's fold keeps the qkv output
+    ("qwen2_swa", "hf", dict(method="lora", padding=True, grad_checkpointing=True)),
+    ("phi3", "hf", dict(method="lora", packing=True, dtype="fp32", amp="bf16")),
+    ("gemma3_text", "hf", dict(method="lora", padding=True, grad_checkpointing=True)),
+    ("mixtral", "hf", dict(method="lora", packing=True)),
+    ("qwen2", "hf", dict(method="lora", packing=True, batch_size=1, loss="chunked", loss_chunks=4)),
 ]
 
 
