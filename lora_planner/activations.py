@@ -56,7 +56,9 @@ from lora_planner.families.base import Module
 from lora_planner.families.moe import (
     backward_order_counts, busiest_expert_tokens, check_routing, eager_loop_freed_bytes, eager_stack_gradient_bytes,
 )
-from lora_planner.families.rules import FLASH, FP32, FULL, Flow, SavedTensor, flash_backward_scratch, norm
+from lora_planner.families.rules import (
+    FLASH, FP32, FULL, Flow, SavedTensor, dora_backward_scratch, dora_forward_scratch, flash_backward_scratch, norm,
+)
 from lora_planner.loss import (
     causal_lm_loss_saved, check_chunked_loss, check_fused_linear_loss, chunk_targets_are_views, chunked_loss_moments,
     chunked_loss_saved, flce_forward_scratch, flce_saved,
@@ -357,6 +359,8 @@ def _forward_end_holds(flow: Flow, model: tuple[SavedTensor, ...], first_input_n
 def activation_profile(spec: ModelSpec, training: TrainingSpec) -> ActivationProfile:
     """Saved activations and transient buffers of one training step (see the module docstring)."""
     flow = make_flow(spec, training)
+    if training.lora.use_dora and not flow.full:
+        check_dora(flow)
     if spec.is_moe and not isinstance(training.routing, str):
         check_routing(spec, training.routing)
     tokens, vocab, e = flow.tokens, spec.vocab_size, flow.e_compute
@@ -368,6 +372,13 @@ def activation_profile(spec: ModelSpec, training: TrainingSpec) -> ActivationPro
     first_input_needs_grad = flow.full or training.grad_checkpointing or embedding_adapted
     runs = _layer_runs(flow, first_input_needs_grad)
     scratch_each = _layer_backward_scratch_each(flow, runs)
+    dora_forward, dora_backward, dora_recompute = _dora_moments(flow) if training.lora.use_dora and \
+        not flow.full else (0, 0, 0)
+    if dora_backward or dora_forward:
+        # a DoRA linear's own backward, and under checkpointing its forward transient again in the recompute (the
+        # scratch comes on top of the whole recomputed layer; the transient, inside the recompute, on top of less)
+        scratch_each = tuple(max(each, dora_backward, dora_recompute if training.grad_checkpointing else 0)
+                             for each in scratch_each)
     upcast = logits * FP32 if e != FP32 else 0
     # Final logit soft-capping (Gemma 2: `Gemma2ForCausalLM.forward`, logits / cap, tanh, * cap): the scalar ops save
     # nothing; tanh keeps its output (the logits' dtype) for backward.
@@ -409,6 +420,12 @@ def activation_profile(spec: ModelSpec, training: TrainingSpec) -> ActivationPro
         loss_kept = None
         loss_forward = logits * e + upcast + padded_labels + _forward_end_holds(flow, model, first_input_needs_grad)
         loss_backward = FP32 + 2 * logits * FP32
+    if dora_forward:
+        # DoRA's weight-norm transient in the last layer's forward, before the loss, its saved tensors and the
+        # head's exist (the layer's own saved tensors counted whole: an upper bound)
+        head = sum(t.nbytes for t in model if t.name.startswith(("final_norm.", "lm_head.")))
+        loss_forward = max(loss_forward, dora_forward - sum(t.nbytes for t in loss_saved) - head
+                           - (FP32 if training.loss == "hf" else 0))
     router_aux = 0
     if spec.is_moe and spec.output_router_logits and spec.family not in ("deepseek_v2", "deepseek_v3"):
         # `load_balancing_loss_func` (models/mixtral/modeling_mixtral.py and its copies): a softmax of each MoE layer's
@@ -438,6 +455,41 @@ def activation_profile(spec: ModelSpec, training: TrainingSpec) -> ActivationPro
         layer_backward_scratch_bytes=max(scratch_each),
         layer_backward_scratch_each=scratch_each if len(set(scratch_each)) > 1 else (),
     )
+
+
+def _dora_moments(flow: Flow) -> tuple[int, int, int]:
+    """(forward, backward, recompute) transients of the heaviest DoRA linear (`rules.dora_forward_scratch`,
+    `rules.dora_backward_scratch`), over every distinct set of adapted modules; the backward one beside the layer's
+    incoming and input gradients and the module's incoming gradient; the recompute one (checkpointing) the forward
+    transient less the identity graph the layer's recomputed tensors already count (`rules.Flow.linear`), on top of
+    the whole recomputed layer (an upper bound)."""
+    forward = backward = recompute = 0
+    stream_grads = 2 * flow.tokens * flow.spec.hidden_size * flow.e_compute
+    for adapters in dict.fromkeys(flow.layer_adapters):
+        if not adapters:
+            continue
+        layer_flow = flow.in_layer(adapters)
+        layer_flow.dora_modules = []
+        flow.family.layer(layer_flow, True)  # a layer whose input needs a gradient: the heavier case
+        for i, o, x_e, x_grad in layer_flow.dora_modules:
+            forward = max(forward, dora_forward_scratch(flow, i, o, x_e, x_grad))
+            recompute = max(recompute, dora_forward_scratch(flow, i, o, x_e, x_grad)
+                            - (i + flow.r) * i * flow.e_adapter)
+            backward = max(backward, stream_grads + flow.tokens * o * x_e + dora_backward_scratch(flow, o, x_e))
+    return forward, backward, recompute
+
+
+def check_dora(flow: Flow) -> None:
+    """What DoRA is not planned with yet, refused with the reason."""
+    lora = flow.t.lora
+    why = ("QLoRA (DoRA dequantizes the 4-bit weight in every forward)" if flow.t.method == "qlora" else
+           "autocast (its weight-norm transients in 16-bit)" if flow.amp else
+           "MoE expert parameters" if lora.target_parameters or any(
+               flow.modules[p].kind == "experts" for a in flow.layer_adapters for p in a) else
+           "embeddings or lm_head" if any(flow.modules[p].kind != "linear" or flow.modules[p].group == "lm_head"
+                                          for p in flow.outside_adapters) else None)
+    if why:
+        raise PlannerInputError("use_dora", f"DoRA with {why} is not modelled yet", "plan without --dora")
 
 
 def _layer_backward_scratch_each(flow: Flow, runs: tuple[tuple[int, tuple[SavedTensor, ...]], ...]) -> tuple[int, ...]:

@@ -50,7 +50,7 @@ def _training_from_args(args: argparse.Namespace, method: str) -> TrainingSpec:
         device=args.device, attention=args.attention, gpus=args.gpus, strategy=args.strategy,
         lora=LoraSpec(r=args.r, alpha=args.alpha, target_modules=target, adapter_dtype=args.adapter_dtype,
                       layers_to_transform=layers, target_parameters=_target_parameters(args),
-                      use_rslora=getattr(args, "use_rslora", False)),
+                      use_rslora=getattr(args, "use_rslora", False), use_dora=getattr(args, "use_dora", False)),
         kbit_prep=args.kbit_prep, experts_implementation=getattr(args, "experts_implementation", "grouped_mm"),
         routing=_routing(getattr(args, "routing", "balanced")),
         **parse_loss(getattr(args, "loss", "hf")),

@@ -56,6 +56,9 @@ def add_planner_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alpha", type=positive_number("alpha", "--alpha 16"), default=None, help="LoRA alpha (default 2r)")
     p.add_argument("--use-rslora", action="store_true",
                    help="PEFT's use_rslora: scale the update by alpha / sqrt(r) instead of alpha / r (no memory change)")
+    p.add_argument("--dora", "--use-dora", dest="use_dora", action="store_true",
+                   help="PEFT's use_dora (DoRA): a trainable magnitude per adapted linear, and in every forward the "
+                        "weight norm of W + BA (out x in transients) and the base output kept for backward")
     p.add_argument("--target", type=Text("target", "--target q_proj,v_proj"), default=None,
                    help="LoRA target modules, comma list of PEFT names, or all-linear "
                         "(default: PEFT's default for the family, e.g. q_proj,v_proj)")

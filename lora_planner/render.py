@@ -95,7 +95,8 @@ def _settings_line(plan: Plan) -> str:
         parts.append(f"{t.gpus} GPUs, {t.resolved_strategy} (memory per GPU, tokens/s for all)")
     if any(m != "full" for m in plan.methods):
         rslora = f" rsLoRA (scaling alpha / sqrt(r) = {lora.scaling:.3g})" if lora.use_rslora else ""
-        parts.append(f"LoRA r={lora.r} alpha={lora.effective_alpha:g}{rslora} on {targets} ({lora.adapter_dtype} "
+        kind = "DoRA" if lora.use_dora else "LoRA"
+        parts.append(f"{kind} r={lora.r} alpha={lora.effective_alpha:g}{rslora} on {targets} ({lora.adapter_dtype} "
                      "adapters)")
     if "qlora" in plan.methods and t.dtype != "fp32":
         parts.append("QLoRA after prepare_model_for_kbit_training (embeddings, norms, lm_head in fp32)"

@@ -300,9 +300,15 @@ class LoraSpec:
     # PEFT's `use_rslora` (Kalajdzievski 2023, arXiv 2312.03732): the update is scaled by alpha / sqrt(r) instead of
     # alpha / r (`peft/tuners/lora/layer.py` `update_layer`); nothing else changes, memory included.
     use_rslora: bool = False
+    # PEFT's `use_dora` (Liu et al. 2024, arXiv 2402.09353): a trainable magnitude vector (out_features) per adapted
+    # linear, and the weight-norm computation in every forward (`lora_planner.families.rules.dora_saved`).
+    use_dora: bool = False
 
     def __post_init__(self) -> None:
         check_positive_int("r", self.r, MAX_R)
+        if not isinstance(self.use_dora, bool):
+            raise PlannerInputError("use_dora", f"must be true or false, got {self.use_dora!r}",
+                                    "pass --dora or leave it out")
         if not isinstance(self.use_rslora, bool):
             raise PlannerInputError("use_rslora", f"must be true or false, got {self.use_rslora!r}",
                                     "pass --use-rslora or leave it out")

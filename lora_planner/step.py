@@ -127,6 +127,8 @@ def _trainable_groups(spec: ModelSpec, method: str, dtype: str, lora: LoraSpec) 
         rank = lora.r * m.lora_rank_scale * m.experts  # PEFT's ParamWrapper: lora_A (r E, in), lora_B (out, r E)
         groups.append(TensorGroup((rank, m.in_features), m.count, e))
         groups.append(TensorGroup((m.out_features, rank), m.count, e))
+        if lora.use_dora:  # DoRA's magnitude (`lora_magnitude_vector`), cast with the adapters
+            groups.append(TensorGroup((m.out_features,), m.count, e))
     return tuple(groups)
 
 
@@ -172,7 +174,7 @@ def _group_bytes(spec: ModelSpec, method: str, dtype: str, lora: LoraSpec,
     adapted = {} if full else dict(adapted_layers(spec, lora.target_modules, lora.layers_to_transform,
                                                    lora.target_parameters))
     by_path = {m.path: layers_in for m, layers_in in adapted.items()}
-    numel_by_path = {m.path: m.lora_numel(lora.r) for m in adapted}
+    numel_by_path = {m.path: m.lora_numel(lora.r) + (m.out_features if lora.use_dora else 0) for m in adapted}
     root = root_trainable = 0
     per_layer_stored = [0] * layers  # an MoE model's dense layers and expert layers hold different modules
     per_layer_adapters = [0] * layers

@@ -245,3 +245,55 @@ def test_liger_where_it_does_not_patch_or_is_not_modelled():
     with pytest.raises(PlannerInputError) as err:
         make_flow(get_model("mixtral-8x7b"), TrainingSpec(liger=True))
     assert err.value.field == "liger"
+
+
+# ---------------------------------------------------------------------------------------------- DoRA
+
+
+def test_dora_saved_by_hand():
+    """PEFT's DoRA on q_proj (64 -> 64) and v_proj (64 -> 32), bf16 base, fp32 adapters, b = 2, s = 64: beside LoRA's
+    tensors each keeps its base output (bf16, T x out), B A x (fp32, T x out) and three fp32 (out,) vectors (the norm,
+    m / norm, m / norm - 1: the layer's input needs a gradient)."""
+    spec = spec_from_config(TINY, "tiny")
+    dora = layer_saved(spec, method="lora", lora=LoraSpec(use_dora=True))
+    lora = layer_saved(spec, method="lora")
+    extra = {k: v for k, v in dora.items() if k not in lora}
+    assert extra == {"self_attn.q_proj.dora_base_output": T * 64 * 2, "self_attn.q_proj.dora_lora_result": T * 64 * 4,
+                     "self_attn.q_proj.dora_scales": 3 * 64 * 4,
+                     "self_attn.v_proj.dora_base_output": T * 32 * 2, "self_attn.v_proj.dora_lora_result": T * 32 * 4,
+                     "self_attn.v_proj.dora_scales": 3 * 32 * 4}
+    checkpointed = layer_saved(spec, method="lora", grad_checkpointing=True, lora=LoraSpec(use_dora=True))
+    assert checkpointed["self_attn.q_proj.dora_recomputed_identity"] == (64 + 8) * 64 * 4
+
+
+def test_dora_forward_transient_by_hand():
+    """down_proj (176 -> 64), T = 128, r = 8: the base output (bf16) and the fp32 input cast held, the 176 x 176
+    identity, A I, B A and the base weight's fp32 copy, then the larger of the norm's two out x in temporaries and the
+    output's combination (three (out,) vectors, A x, four T x out fp32 products)."""
+    from lora_planner.families.rules import dora_forward_scratch
+
+    flow = make_flow(spec_from_config(TINY, "tiny"), TrainingSpec(method="lora", batch_size=B, seq_len=S,
+                                                                   lora=LoraSpec(use_dora=True)))
+    held = T * 64 * 2 + T * 176 * 4
+    weights = 176 * 176 * 4 + 176 * 8 * 4 + 2 * 64 * 176 * 4
+    combine = 3 * 64 * 4 + T * 8 * 4 + 4 * T * 64 * 4
+    assert dora_forward_scratch(flow, 176, 64, 2, True) == held + weights + max(2 * 64 * 176 * 4, combine)
+
+
+def test_dora_magnitude_is_trainable():
+    """One fp32 magnitude per adapted linear's output: q_proj 64 + v_proj 32 per layer, 2 layers."""
+    from lora_planner.memory import estimate_memory
+
+    spec = spec_from_config(TINY, "tiny")
+    plain = estimate_memory(spec, TrainingSpec(method="lora"))
+    dora = estimate_memory(spec, TrainingSpec(method="lora", lora=LoraSpec(use_dora=True)))
+    assert dora.trainable_params - plain.trainable_params == 2 * (64 + 32)
+
+
+@pytest.mark.parametrize("settings, fragment", [(dict(method="qlora"), "QLoRA"),
+                                                (dict(dtype="fp32", amp="bf16"), "autocast")])
+def test_dora_refusals(settings, fragment):
+    with pytest.raises(PlannerInputError) as err:
+        activation_profile(spec_from_config(TINY, "tiny"), TrainingSpec(**{"method": "lora", **settings},
+                                                                        lora=LoraSpec(use_dora=True)))
+    assert err.value.field == "use_dora" and fragment in err.value.problem

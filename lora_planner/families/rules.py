@@ -58,6 +58,8 @@ class Flow:
         self.adapted_paths = outside_adapters
         self.modules = modules
         self.input_grads: dict[str, bool] | None = None
+        # when a list, each DoRA linear the layer rule meets: (in, out, input bytes per element, input needs grad)
+        self.dora_modules: list[tuple[int, int, int, bool]] | None = None
         self.attention_grads: tuple[bool, bool, bool] | None = None
         self.layer_type: str | None = None  # the layer's `ModelSpec.layer_types` entry (set per layer)
         self.moe_layer = spec.is_moe  # the layer routes through experts (set per layer, `ModelSpec.dense_layers`)
@@ -112,6 +114,15 @@ class Flow:
                 keeps_x = True
                 a_out = self.e_adapter
             own.append(SavedTensor(f"{name}.lora_A_output", tokens * self.r * a_out))
+            if self.t.lora.use_dora:
+                own += dora_saved(self, name, m.out_features, x_bytes_per_element, x_needs_grad)
+                if self.t.grad_checkpointing:
+                    # the recompute (non-reentrant checkpointing) packs every saved tensor, those of B A's unused
+                    # graph too (the identity and A I): they stay in the checkpoint's frame through the backward
+                    own.append(SavedTensor(f"{name}.dora_recomputed_identity",
+                                           (m.in_features + self.r) * m.in_features * self.e_adapter))
+                if self.dora_modules is not None:
+                    self.dora_modules.append((m.in_features, m.out_features, x_bytes_per_element, x_needs_grad))
         if self.amp:
             own.extend(self.amp_weight_copies(path, x_needs_grad))
         return own, keeps_x
@@ -134,6 +145,50 @@ class Flow:
     def note_attention(self, q_grad: bool, k_grad: bool, v_grad: bool) -> None:
         if self.input_grads is not None:
             self.attention_grads = (q_grad, k_grad, v_grad)
+
+
+# ---------------------------------------------------------------------------------------------- DoRA
+# PEFT 0.21.2's DoRA on a Linear (`peft/tuners/lora/variants.py` `DoraLinearVariant.forward`, `peft/tuners/lora/dora.py`
+# `DoraLinearLayer.forward`), lora_dropout 0 (PEFT's default: the base output is reused, not recomputed), measured on
+# CPU (tests/profiler/test_runner.py): `get_lora_weight` builds B A as lora_B(lora_A(eye(in))) with a graph, the base
+# weight is cast to the adapter dtype, `weight + scaling * B A` and its row norm are taken detached (the paper's
+# section 4.3), so none of the out x in tensors is kept; then `(m / norm - 1) * base_result + m / norm * lora_result *
+# scaling` keeps the base output, B A x, and three (out,) vectors.
+
+
+def dora_saved(flow: Flow, name: str, out_features: int, x_e: int, x_needs_grad: bool) -> list[SavedTensor]:
+    """What DoRA adds to a LoRA linear's saved tensors: the base output (its dtype: the input's, the compute dtype
+    under autocast), B A x (the adapter dtype; 16-bit under autocast) and the norm, m / norm and, when x needs a
+    gradient, m / norm - 1 ((out,) in the adapter dtype)."""
+    tokens = flow.tokens
+    base_e = flow.e_compute if flow.amp else x_e
+    lora_e = flow.e_compute if flow.amp else flow.e_adapter
+    return [SavedTensor(f"{name}.dora_base_output", tokens * out_features * base_e),
+            SavedTensor(f"{name}.dora_lora_result", tokens * out_features * lora_e),
+            SavedTensor(f"{name}.dora_scales", (3 if x_needs_grad else 2) * out_features * flow.e_adapter)]
+
+
+def dora_forward_scratch(flow: Flow, in_features: int, out_features: int, x_e: int, x_needs_grad: bool) -> int:
+    """DoRA's forward transient in one adapted linear, above what lives when it starts (measured): the base output
+    and the input cast to the adapter dtype; the I x I identity, A I, B A and the base weight's cast copy (out x in);
+    then the larger of the weight norm's two out x in temporaries and the output's combination (B A x, three fp32
+    tokens x out products, A x, the (out,) vectors)."""
+    tokens, r, ea = flow.tokens, flow.r, flow.e_adapter
+    i, o = in_features, out_features
+    weight_e = BYTES_PER_ELEMENT[flow.t.dtype]
+    held = tokens * o * x_e + (tokens * i * ea if x_e != ea else 0)
+    weights = i * i * ea + i * r * ea + o * i * ea + (o * i * ea if weight_e != ea else 0)
+    combine = (3 if x_needs_grad else 2) * o * ea + tokens * r * ea + 4 * tokens * o * ea
+    return held + weights + max(2 * o * i * ea, combine)
+
+
+def dora_backward_scratch(flow: Flow, out_features: int, x_e: int) -> int:
+    """The heaviest moment of one DoRA linear's backward beyond the incoming gradient (measured): the gradient cast to
+    the adapter dtype and the base output's (input dtype), three tokens x out products in the adapter dtype, the
+    magnitude's gradient."""
+    tokens, ea = flow.tokens, flow.e_adapter
+    cast = tokens * out_features * (ea + x_e) if x_e != ea else 0
+    return cast + 3 * tokens * out_features * ea + out_features * ea
 
 
 # ---------------------------------------------------------------------------------------------- norms
