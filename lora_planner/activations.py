@@ -368,7 +368,7 @@ def activation_profile(spec: ModelSpec, training: TrainingSpec) -> ActivationPro
     # Frozen embeddings (LoRA / QLoRA, no enable_input_require_grads) send no gradient into layer 0, unless
     # the embedding itself carries an adapter. Gradient checkpointing in transformers makes the inputs
     # require grad, so layer 0 is like the rest.
-    embedding_adapted = any(flow.modules[p].kind == "embedding" for p in flow.outside_adapters)
+    embedding_adapted = any(flow.modules[p].kind == "embedding" for p in flow.outside_adapters | flow.trained_paths)
     first_input_needs_grad = flow.full or training.grad_checkpointing or embedding_adapted
     runs = _layer_runs(flow, first_input_needs_grad)
     scratch_each = _layer_backward_scratch_each(flow, runs)

@@ -17,6 +17,7 @@ import contextlib
 import os
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 from lora_planner.catalog import resolve_model
 from lora_planner.cli_args import SUBCOMMAND_ARGUMENTS, build_parser
@@ -50,7 +51,8 @@ def _training_from_args(args: argparse.Namespace, method: str) -> TrainingSpec:
         device=args.device, attention=args.attention, gpus=args.gpus, strategy=args.strategy,
         lora=LoraSpec(r=args.r, alpha=args.alpha, target_modules=target, adapter_dtype=args.adapter_dtype,
                       layers_to_transform=layers, target_parameters=_target_parameters(args),
-                      use_rslora=getattr(args, "use_rslora", False), use_dora=getattr(args, "use_dora", False)),
+                      use_rslora=getattr(args, "use_rslora", False), use_dora=getattr(args, "use_dora", False),
+                      modules_to_save=_csv(args.modules_to_save) if getattr(args, "modules_to_save", None) else None),
         kbit_prep=args.kbit_prep, experts_implementation=getattr(args, "experts_implementation", "grouped_mm"),
         routing=_routing(getattr(args, "routing", "balanced")),
         **parse_loss(getattr(args, "loss", "hf")),
@@ -134,6 +136,8 @@ def run_estimate(args: argparse.Namespace) -> int:
         _training_from_args(args, method)  # validate every method's settings before computing
     plan = make_plan(spec, training, methods, budget_from_args(args), overhead_from_args(args), mfu=args.mfu,
                      train_tokens=_train_tokens_from_args(args), headroom=args.headroom)
+    if getattr(args, "stack_note", None):
+        plan = replace(plan, warnings=(args.stack_note, *plan.warnings))
     calibration = None
     if getattr(args, "calibration", None):
         from lora_planner.report.calibrate import calibrate_plan_from_file
@@ -143,7 +147,9 @@ def run_estimate(args: argparse.Namespace) -> int:
     if args.json:
         import json  # only JSON output pays for it (cold start, issue 11)
 
-        print(json.dumps({**plan_to_dict(plan), **({"calibration": calibration} if calibration else {})}, indent=2))
+        doc = plan_to_dict(plan)
+        doc["inputs"]["stack"] = getattr(args, "stack", None)
+        print(json.dumps({**doc, **({"calibration": calibration} if calibration else {})}, indent=2))
         return 0
     from lora_planner.render import render_plan
     from lora_planner.textable import Console  # stdlib only: the estimate path stays instant (no rich)
@@ -194,12 +200,33 @@ def _runner(command: str) -> Callable[[argparse.Namespace], int]:
     return {"calibrate": run_calibrate_command, "report": run_report_command}[command]
 
 
+# What `recommend` searches itself: a preset does not fix it there.
+RECOMMEND_SEARCHED = frozenset({"r", "alpha", "batch_size", "grad_checkpointing"})
+
+
+def _apply_stack(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str]) -> None:
+    """`--stack NAME`: the framework's defaults (`lora_planner.stacks`) for every option not on the command line; the
+    note saying what was set goes to `args.stack_note` (printed with the plan)."""
+    from lora_planner.stacks import apply_stack, resolve_stack, stack_note
+
+    stack = resolve_stack(args.stack)
+    sub = next(a for a in parser._subparsers._group_actions if a.choices).choices[args.command]  # noqa: SLF001
+    given = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
+    explicit = {action.dest for action in sub._actions if given & set(action.option_strings)}  # noqa: SLF001
+    if args.command == "recommend":
+        explicit |= RECOMMEND_SEARCHED
+    args.stack_note = stack_note(stack, apply_stack(stack, args, explicit))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or (argv[0] not in SUBCOMMANDS and argv[0] not in ("-h", "--help", "--version")):
         argv.insert(0, "estimate")
     try:
-        args = build_parser(argv[0] if argv[0] in SUBCOMMANDS else None).parse_args(argv)
+        parser = build_parser(argv[0] if argv[0] in SUBCOMMANDS else None)
+        args = parser.parse_args(argv)
+        if getattr(args, "stack", None):
+            _apply_stack(parser, args, argv)
         return _runner(args.command)(args)
     except PlannerInputError as err:
         print(f"lora-plan: error: {err}", file=sys.stderr)

@@ -15,7 +15,7 @@ from lora_planner import __version__
 from lora_planner.catalog import model_names
 from lora_planner.cli_options import (
     add_budget_arguments, add_collate_arguments, add_liger_argument, add_loss_argument, add_overhead_arguments,
-    add_seq_len_argument,
+    add_seq_len_argument, add_stack_argument,
 )
 from lora_planner.cli_types import (
     MAX_SEED, MAX_STEPS, MAX_THREADS, MAX_TRAIN_TOKENS, Number, Text, count, fraction, option_error, positive_number,
@@ -56,6 +56,10 @@ def add_planner_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alpha", type=positive_number("alpha", "--alpha 16"), default=None, help="LoRA alpha (default 2r)")
     p.add_argument("--use-rslora", action="store_true",
                    help="PEFT's use_rslora: scale the update by alpha / sqrt(r) instead of alpha / r (no memory change)")
+    p.add_argument("--modules-to-save", type=Text("modules-to-save", "--modules-to-save embed_tokens,lm_head"),
+                   default=None,
+                   help="PEFT's modules_to_save: modules trained in full beside the adapters, e.g. "
+                        "embed_tokens,lm_head for new tokens (a trainable copy each, the original kept frozen)")
     p.add_argument("--dora", "--use-dora", dest="use_dora", action="store_true",
                    help="PEFT's use_dora (DoRA): a trainable magnitude per adapted linear, and in every forward the "
                         "weight norm of W + BA (out x in transients) and the base output kept for backward")
@@ -83,6 +87,7 @@ def add_planner_options(p: argparse.ArgumentParser) -> None:
     add_loss_argument(p)
     add_liger_argument(p)
     add_collate_arguments(p)
+    add_stack_argument(p)
     p.add_argument("--no-kbit-prep", dest="kbit_prep", action="store_false",
                    help="QLoRA without PEFT's prepare_model_for_kbit_training (which PEFT's QLoRA recipe calls, "
                         "casting embeddings, norms and lm_head to fp32; TRL 1.16's SFTTrainer does not)")
@@ -175,6 +180,7 @@ def add_recommend_arguments(p: argparse.ArgumentParser) -> None:
     add_loss_argument(p)
     add_liger_argument(p)
     add_collate_arguments(p)
+    add_stack_argument(p)
     p.add_argument("--global-batch", type=count("global-batch", "--global-batch 32", MAX_GLOBAL_BATCH),
                    default=DEFAULT_GLOBAL_BATCH,
                    help="sequences per optimizer step = micro-batch x GPUs x accumulation steps "

@@ -32,6 +32,14 @@ def add_loss_argument(p: argparse.ArgumentParser) -> None:
                         "runs: no logits kept, gradients computed in forward; modelled from its source)")
 
 
+def add_stack_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--stack", type=Text("stack", "--stack trl-sft"), default=None,
+                   help="the defaults a framework trains with: hf-trainer, trl-sft, torchtune, litgpt, unsloth or "
+                        "axolotl (optimizer, loss, attention, checkpointing, adapter dtype, kbit preparation, rank, "
+                        "batch, sequence, collator); flags given explicitly win; the plan prints what was set and "
+                        "what the framework does that is not modelled")
+
+
 def add_liger_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--liger", action="store_true",
                    help="transformers' use_liger_kernel=True: Liger's RMSNorm, RoPE and SwiGLU / GEGLU kernels on the "

@@ -11,8 +11,12 @@ arXiv 2106.09685, Sec. 4; PEFT's default `bias="none"` adds no bias). For fused 
 (GPT-2's `c_attn`, BLOOM's `query_key_value`) one adapter spans the fused width. The trainable fraction
 m is trainable / (base + adapters), which is what PEFT's `get_nb_trainable_parameters` reports.
 
+`modules_to_save` (the input embeddings and the output layer, `modules_to_save`) and DoRA's magnitudes are counted
+where the step's trainable tensors are (`lora_planner.step`).
+
 Known limitations: embeddings can be LoRA targets (PEFT's `lora_embedding_A/B`, same r * (in + out)),
-norms cannot; `modules_to_save`, DoRA and rank patterns are not modelled.
+norms cannot; `modules_to_save` of other modules, `trainable_token_indices` and user rank patterns are not
+modelled.
 """
 
 from __future__ import annotations
@@ -404,6 +408,30 @@ def lora_params(spec: ModelSpec, r: int, targets: tuple[str, ...] | None,
     trainable = sum(module.count * module.lora_numel(r) for module in modules)
     return LoraCounts(r=r, target_modules=modules, trainable_params=trainable,
                       base_params=count_params(spec).total)
+
+
+def modules_to_save(spec: ModelSpec, names: tuple[str, ...] | None) -> tuple[Module, ...]:
+    """The modules PEFT's `modules_to_save` names (suffix match on the path, as PEFT's `_check_target_module_exists`
+    does): the input embeddings and the output layer are planned; anything else is refused with the reason."""
+    if not names:
+        return ()
+    found: list[Module] = []
+    for name in names:
+        name = name.strip()
+        hits = [m for m in module_inventory(spec) if m.path == name or m.path.endswith("." + name)]
+        if not hits:
+            outside = [m.path.rsplit(".", 1)[-1] for m in module_inventory(spec)
+                       if m.kind == "embedding" or m.group == "lm_head"]
+            raise PlannerInputError("modules_to_save", f"{spec.name} has no module {name!r}",
+                                    f"use one of {', '.join(dict.fromkeys(outside))}")
+        for m in hits:
+            if not (m.kind == "embedding" and m.group == "embeddings" or m.group == "lm_head") or m.count > 1:
+                raise PlannerInputError("modules_to_save", f"{name!r} is not planned yet (only the input "
+                                                           "embeddings and the output layer are)",
+                                        "pass e.g. --modules-to-save embed_tokens,lm_head")
+            if m not in found:
+                found.append(m)
+    return tuple(found)
 
 
 def max_rank(spec: ModelSpec, targets: tuple[str, ...] | None) -> int:

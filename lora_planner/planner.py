@@ -350,6 +350,7 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
             "alpha": t.lora.effective_alpha,
             "use_rslora": t.lora.use_rslora,
             "use_dora": t.lora.use_dora,
+            "modules_to_save": list(t.lora.modules_to_save) if t.lora.modules_to_save else None,
             "lora_scaling": t.lora.scaling,
             "target_modules": list(plan.target_modules),
             "layers_to_transform": list(t.lora.layers_to_transform) if t.lora.layers_to_transform else None,

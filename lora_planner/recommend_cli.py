@@ -217,12 +217,18 @@ def run_recommend_command(args: argparse.Namespace) -> int:
     """`lora-plan recommend`: compute (pure), optionally verify (torch), then print JSON or tables."""
     rec = recommend(request_from_args(args))
     verification = verify(rec, args.model) if args.verify else None
+    note = getattr(args, "stack_note", None)  # `--stack`: what the framework's preset set
     if args.json:
-        print(json.dumps(recommendation_to_dict(rec, verification), indent=2))
+        doc = recommendation_to_dict(rec, verification)
+        doc["stack"] = {"name": args.stack, "note": note} if note else None
+        print(json.dumps(doc, indent=2))
         return 0
     from rich.console import Console  # only human output pays for rich
 
     from lora_planner.render_recommend import render_recommendation
 
-    render_recommendation(rec, Console(), verification)
+    console = Console()
+    render_recommendation(rec, console, verification)
+    if note:
+        console.print(note, style="yellow", highlight=False)
     return 0

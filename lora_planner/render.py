@@ -96,8 +96,9 @@ def _settings_line(plan: Plan) -> str:
     if any(m != "full" for m in plan.methods):
         rslora = f" rsLoRA (scaling alpha / sqrt(r) = {lora.scaling:.3g})" if lora.use_rslora else ""
         kind = "DoRA" if lora.use_dora else "LoRA"
+        saved = f", {', '.join(lora.modules_to_save)} trained in full" if lora.modules_to_save else ""
         parts.append(f"{kind} r={lora.r} alpha={lora.effective_alpha:g}{rslora} on {targets} ({lora.adapter_dtype} "
-                     "adapters)")
+                     f"adapters){saved}")
     if "qlora" in plan.methods and t.dtype != "fp32":
         parts.append("QLoRA after prepare_model_for_kbit_training (embeddings, norms, lm_head in fp32)"
                      if t.kbit_prep else "QLoRA without prepare_model_for_kbit_training (--no-kbit-prep)")

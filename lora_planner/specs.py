@@ -303,9 +303,16 @@ class LoraSpec:
     # PEFT's `use_dora` (Liu et al. 2024, arXiv 2402.09353): a trainable magnitude vector (out_features) per adapted
     # linear, and the weight-norm computation in every forward (`lora_planner.families.rules.dora_saved`).
     use_dora: bool = False
+    # PEFT's `modules_to_save`: modules trained in full beside the adapters (`ModulesToSaveWrapper`: a trainable deep
+    # copy, the original kept frozen), e.g. embed_tokens and lm_head for new tokens; `params.modules_to_save`.
+    modules_to_save: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         check_positive_int("r", self.r, MAX_R)
+        if self.modules_to_save is not None and (
+                not self.modules_to_save or any(not isinstance(n, str) or not n.strip() for n in self.modules_to_save)):
+            raise PlannerInputError("modules_to_save", "empty module name",
+                                    "pass e.g. --modules-to-save embed_tokens,lm_head")
         if not isinstance(self.use_dora, bool):
             raise PlannerInputError("use_dora", f"must be true or false, got {self.use_dora!r}",
                                     "pass --dora or leave it out")

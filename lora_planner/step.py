@@ -17,6 +17,7 @@ from lora_planner.activations import ActivationProfile, activation_profile
 from lora_planner.optimizers import TensorGroup, optimizer_scratch_bytes, optimizer_state_bytes
 from lora_planner.params import (
     Module, adapted_layers, buffer_bytes, check_sequence_length, is_per_layer, lora_params, module_inventory,
+    modules_to_save,
 )
 from lora_planner.specs import BYTES_PER_ELEMENT, LoraSpec, ModelSpec, TrainingSpec
 
@@ -102,8 +103,17 @@ def _stored_weight_bytes(spec: ModelSpec, quantized: bool, dtype: str, kbit_fp32
 
 
 @lru_cache(maxsize=4096)  # grids vary batch and sequence far more often than these inputs
-def _trainable_groups(spec: ModelSpec, method: str, dtype: str, lora: LoraSpec) -> tuple[TensorGroup, ...]:
-    """Every trainable tensor, grouped by shape: all weights and biases (full), or LoRA's A and B."""
+def saved_module_bytes(m: Module, dtype: str, kbit_fp32: bool) -> int:
+    """One `modules_to_save` copy (`ModulesToSaveWrapper`: a deep copy of the module, in the original's dtype: PEFT's
+    adapter upcast skips it; measured): weight (a tied output layer's too: the copy unties it) and bias."""
+    e = 4 if kbit_fp32 or m.fp32 else BYTES_PER_ELEMENT[dtype]
+    return (m.weight_numel_each + (m.out_features if m.bias else 0)) * e
+
+
+def _trainable_groups(spec: ModelSpec, method: str, dtype: str, lora: LoraSpec,
+                      kbit_fp32: bool = False) -> tuple[TensorGroup, ...]:
+    """Every trainable tensor, grouped by shape: all weights and biases (full), or LoRA's A and B (+ DoRA's
+    magnitudes, + the `modules_to_save` copies)."""
     groups: list[TensorGroup] = []
     if method == "full":
         e = BYTES_PER_ELEMENT[dtype]
@@ -129,23 +139,30 @@ def _trainable_groups(spec: ModelSpec, method: str, dtype: str, lora: LoraSpec) 
         groups.append(TensorGroup((m.out_features, rank), m.count, e))
         if lora.use_dora:  # DoRA's magnitude (`lora_magnitude_vector`), cast with the adapters
             groups.append(TensorGroup((m.out_features,), m.count, e))
+    for m in modules_to_save(spec, lora.modules_to_save):
+        copy_e = 4 if kbit_fp32 or m.fp32 else BYTES_PER_ELEMENT[dtype]
+        shape = (m.in_features, m.out_features) if m.kind == "embedding" else (m.out_features, m.in_features)
+        groups.append(TensorGroup(shape, 1, copy_e, embedding=m.kind == "embedding"))
+        if m.bias:
+            groups.append(TensorGroup((m.out_features,), 1, copy_e))
     return tuple(groups)
 
 
 def trainable_groups(spec: ModelSpec, training: TrainingSpec) -> tuple[TensorGroup, ...]:
     """The trainable tensors of `training` grouped by shape (all weights, or LoRA's A and B)."""
-    return _trainable_groups(spec, training.method, training.dtype, training.lora)
+    return _trainable_groups(spec, training.method, training.dtype, training.lora, _kbit_fp32(training))
 
 
 @lru_cache(maxsize=4096)
-def _trainable_totals(spec: ModelSpec, method: str, dtype: str, lora: LoraSpec) -> tuple[int, int]:
-    groups = _trainable_groups(spec, method, dtype, lora)
+def _trainable_totals(spec: ModelSpec, method: str, dtype: str, lora: LoraSpec,
+                      kbit_fp32: bool = False) -> tuple[int, int]:
+    groups = _trainable_groups(spec, method, dtype, lora, kbit_fp32)
     return sum(g.numel * g.count for g in groups), sum(g.nbytes for g in groups)
 
 
 def trainable_totals(spec: ModelSpec, training: TrainingSpec) -> tuple[int, int]:
     """(trainable parameters, their bytes)."""
-    return _trainable_totals(spec, training.method, training.dtype, training.lora)
+    return _trainable_totals(spec, training.method, training.dtype, training.lora, _kbit_fp32(training))
 
 
 def group_bytes(spec: ModelSpec, training: TrainingSpec) -> tuple[int, int, int, int]:
@@ -191,6 +208,8 @@ def _group_bytes(spec: ModelSpec, method: str, dtype: str, lora: LoraSpec,
             root_trainable += stored if full else (adapter if m.path in by_path else 0)
     if full:
         return root, max(per_layer_stored), max(per_layer_stored), root_trainable, tuple(per_layer_stored)
+    copies = sum(saved_module_bytes(m, dtype, kbit_fp32) for m in modules_to_save(spec, lora.modules_to_save))
+    root, root_trainable = root + copies, root_trainable + copies
     largest = max(per_layer_adapters)
     return root, max(s + a for s, a in zip(per_layer_stored, per_layer_adapters)), largest, root_trainable, \
         tuple(per_layer_adapters)
@@ -267,8 +286,10 @@ def step_components(spec: ModelSpec, training: TrainingSpec) -> StepComponents:
         # backward's first layer, with every layer's saved tensors still held
         layers_saved, recomputed, scratch = acts.all_layers_bytes, 0, acts.backward_scratch_bytes(last)
     layer_scratch = scratch + extra_scratch
+    saved_copies = modules_to_save(spec, training.lora.modules_to_save) if training.method != "full" else ()
     head_grads = sum(m.params for m in modules if m.group == "lm_head") * BYTES_PER_ELEMENT[training.dtype] \
-        if training.method == "full" else 0
+        if training.method == "full" else sum(saved_module_bytes(m, training.dtype, _kbit_fp32(training))
+                                              for m in saved_copies if m.group == "lm_head")
     # The end of backward is the larger of two moments: the first layer's backward (its saved tensors
     # and gradient buffers beside every other layer's gradients; its own come as its tensors go), and the
     # very last op, when all gradients exist and no activation is left; with a tied embedding autograd
@@ -279,7 +300,9 @@ def step_components(spec: ModelSpec, training: TrainingSpec) -> StepComponents:
     first = 0 if acts.first_layer_bytes or not any(per_layer_trainable) else \
         next(i for i, b in enumerate(per_layer_trainable) if b)
     embedding_grads = sum(m.params for m in modules if m.group == "embeddings") * BYTES_PER_ELEMENT[training.dtype] \
-        if training.method == "full" else 0  # computed after the first layer's backward
+        if training.method == "full" else sum(saved_module_bytes(m, training.dtype, _kbit_fp32(training))
+                                              for m in saved_copies if m.group == "embeddings")
+    # (computed after the first layer's backward)
     if training.grad_checkpointing:
         last_layer_left = (first + 1) * acts.checkpoint_per_layer_bytes + acts.layer_saved_bytes(first)
     else:
@@ -297,6 +320,10 @@ def step_components(spec: ModelSpec, training: TrainingSpec) -> StepComponents:
     # The loss value and backward's seed stay until `backward()` returns, at either moment.
     end_acts, end_scratch = last_layer_left + acts.loss_output_bytes, first_scratch + extra_scratch
     last_op_scratch = acts.backward_seed_bytes
+    if training.method != "full" and any(m.group == "embeddings" for m in saved_copies):
+        # a trained embedding copy's backward: its gradient beside its incoming one (the stream's dtype)
+        last_op_scratch += training.tokens * spec.hidden_size * (4 if _kbit_fp32(training) or training.amp
+                                                                 else BYTES_PER_ELEMENT[training.dtype])
     if training.method == "full":
         # The embedding's backward (`embedding_dense_backward`) writes its gradient while its input, the
         # gradient of the embeddings' output (tokens x h, the weights' dtype), is still alive: autograd frees

@@ -984,3 +984,18 @@ def test_lora_scaling_equals_peft(r, alpha, rslora):
                                                               target_modules=["q_proj"], use_rslora=rslora))
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
     assert layer.scaling["default"] == pytest.approx(spec.scaling, rel=1e-12)
+
+
+def test_modules_to_save_resolution():
+    """PEFT's suffix match: embed_tokens and lm_head on Llama; GPT-2's wte / wpe and its tied lm_head; a layer module
+    or an unknown name is refused with what can be named."""
+    from lora_planner.params import modules_to_save
+
+    assert [m.path for m in modules_to_save(resolve_model("llama-3.1-8b"), ("embed_tokens", "lm_head"))] == \
+        ["model.embed_tokens", "lm_head"]
+    assert [m.path for m in modules_to_save(resolve_model("gpt2"), ("wte", "lm_head"))] == \
+        ["transformer.wte", "lm_head"]
+    for names, fragment in [(("q_proj",), "not planned yet"), (("embed",), "has no module")]:
+        with pytest.raises(PlannerInputError) as err:
+            modules_to_save(resolve_model("llama-3.1-8b"), names)
+        assert err.value.field == "modules_to_save" and fragment in err.value.problem

@@ -38,6 +38,12 @@ class Flow:
         # `masking_utils.find_packed_sequence_indices`) and hands SDPA a (b, 1, s, s) one
         self.masked = training.padding or training.packing
         # Liger's kernels replace the family's norms and gated MLP (`Family.liger` "modelled"; `lora_planner.liger`)
+        # `modules_to_save` copies (trained in full beside the adapters: their linear keeps its input)
+        self.trained_paths: frozenset[str] = frozenset()
+        if training.lora.modules_to_save and training.method != "full":
+            from lora_planner.params import modules_to_save  # lazily: params imports the families
+
+            self.trained_paths = frozenset(m.path for m in modules_to_save(spec, training.lora.modules_to_save))
         self.liger = training.liger and family.liger == "modelled"
         # the loss that runs (`lora_planner.loss.loss_kind`): Liger's fused one where Liger patches the family
         self.loss = "fused-linear" if self.liger else training.loss
@@ -97,7 +103,7 @@ class Flow:
         own: list[SavedTensor] = []
         keeps_x = False
         cast_by_autocast = self.amp and x_bytes_per_element != self.e_compute
-        if self.full:
+        if self.full or path in self.trained_paths:
             if cast_by_autocast:
                 own.append(SavedTensor(f"{name}.input_autocast_copy", tokens * m.in_features * self.e_compute))
             else:
@@ -134,7 +140,7 @@ class Flow:
         m = self.modules[path]
         copies: list[SavedTensor] = []
         name = path.split("layers.0.")[-1].split("h.0.")[-1]
-        if x_needs_grad or self.full:
+        if x_needs_grad or self.full or path in self.trained_paths:
             copies.append(SavedTensor(f"{name}.weight_autocast_copy", m.in_features * m.out_features * self.e_compute))
         if self.adapted(path):
             lora_in = m.in_features if x_needs_grad else 0

@@ -208,6 +208,7 @@ def _apply_peft_lora(model: nn.Module, spec: ModelSpec, training: TrainingSpec) 
     target_modules: Any = ALL_LINEAR if targets == (ALL_LINEAR,) else list(targets)
     config = peft.LoraConfig(r=lora.r, lora_alpha=lora.effective_alpha, target_modules=target_modules,
                              lora_dropout=0.0, bias="none", use_rslora=lora.use_rslora, use_dora=lora.use_dora,
+                             modules_to_save=list(lora.modules_to_save) if lora.modules_to_save else None,
                              layers_to_transform=list(lora.layers_to_transform) if lora.layers_to_transform else None,
                              target_parameters=list(lora.target_parameters) if lora.target_parameters else None)
     device = next(model.parameters()).device

@@ -78,7 +78,8 @@ class ProfileRequest:
         t, lora = self.training, self.training.lora
         targets = ",".join(lora.target_modules or ("default",))
         adapter = f"r{lora.r}-a{lora.effective_alpha:g}-{targets}-{lora.adapter_dtype}" \
-            + ("-rslora" if lora.use_rslora else "") + ("-dora" if lora.use_dora else "") if t.method != "full" else "-"
+            + ("-rslora" if lora.use_rslora else "") + ("-dora" if lora.use_dora else "") \
+            + ("-save:" + ",".join(lora.modules_to_save) if lora.modules_to_save else "") if t.method != "full" else "-"
         parts = [self.model, self.backend, self.mode, t.method, adapter, t.dtype, t.amp or "-", t.optimizer,
                  t.resolved_optimizer_impl, t.batch_size, t.seq_len, int(t.grad_checkpointing), t.attention, self.steps]
         if t.gpus > 1:
@@ -253,6 +254,9 @@ def check_request(request: ProfileRequest) -> None:
         from lora_planner.profiler.hf_backend import require_bitsandbytes
 
         require_bitsandbytes("meta" if request.mode == "fake" else request.mode)
+    if t.lora.modules_to_save and t.method != "full" and request.backend != "hf":
+        raise PlannerInputError("modules_to_save", "the builtin backend has no modules_to_save",
+                                "profile it with --backend hf")
     if t.lora.use_dora and t.method != "full" and request.backend != "hf":
         raise PlannerInputError("use_dora", "the builtin backend has no DoRA", "profile DoRA with --backend hf")
     if t.liger:
@@ -556,6 +560,7 @@ def base_record(request: ProfileRequest) -> dict[str, Any]:
             "alpha": t.lora.effective_alpha if t.method != "full" else None, "target_modules": targets,
             "use_rslora": t.lora.use_rslora if t.method != "full" else None,
             "use_dora": t.lora.use_dora if t.method != "full" else None,
+            "modules_to_save": list(t.lora.modules_to_save) if t.lora.modules_to_save and t.method != "full" else None,
             # what was asked (None: PEFT's default), which layers, and what that adapts, layer by layer
             "targets_asked": list(lora.target_modules) if lora.target_modules else None,
             "layers_to_transform": list(lora.layers_to_transform) if lora.layers_to_transform else None,

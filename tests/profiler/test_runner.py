@@ -258,6 +258,15 @@ CPU_CASES = [
                                                                      use_dora=True))),
     ("llama", "hf", dict(method="lora", grad_checkpointing=True, seq_len=128, lora=LoraSpec(r=8, use_dora=True))),
     ("qwen3", "hf", dict(method="lora", lora=LoraSpec(r=8, target_modules=("all-linear",), use_dora=True))),
+    # modules_to_save (issue 13): trainable copies of embed_tokens / lm_head in the base dtype (fp32 after kbit
+    # preparation), their gradients and AdamW states, lm_head's input kept, layer 0's input needing a gradient, the
+    # embedding's backward last; a tied model (the copies untie it), autocast, QLoRA, checkpointing
+    ("llama", "hf", dict(method="lora", lora=LoraSpec(r=8, modules_to_save=("embed_tokens", "lm_head")))),
+    ("qwen2", "hf", dict(method="lora", lora=LoraSpec(r=8, modules_to_save=("embed_tokens", "lm_head")))),
+    ("qwen2", "hf", dict(method="lora", lora=LoraSpec(r=8, modules_to_save=("lm_head",)))),
+    ("llama", "hf", dict(method="lora", dtype="fp32", amp="bf16", lora=LoraSpec(r=8, modules_to_save=("lm_head",)))),
+    ("llama", "hf", dict(method="lora", grad_checkpointing=True, batch_size=1,
+                         lora=LoraSpec(r=8, modules_to_save=("embed_tokens", "lm_head")))),
 ]
 
 
@@ -634,7 +643,7 @@ def test_layer_specific_targets_match_measured_steps(backend, mode, lora):
 # ------------------------------------------------------------ QLoRA on real bitsandbytes NF4 (CPU backend)
 
 QLORA_CASES = [
-    ("llama", dict()),  # prepare_model_for_kbit_training, as TRL runs it
+    ("llama", dict()),  # prepare_model_for_kbit_training, as PEFT's QLoRA recipe runs it
     ("llama", dict(kbit_prep=False)),
     ("llama", dict(grad_checkpointing=True)),
     ("llama", dict(lora=LoraSpec(r=8, target_modules=("all-linear",)))),
@@ -642,12 +651,14 @@ QLORA_CASES = [
     ("gemma", dict(kbit_prep=False)),
     ("gemma2", dict()),  # eager attention, soft-capping; 64 tokens past the 16-token window
     ("gemma3_text", dict()),  # the sliding layer's SDPA mask and repeated k / v
+    ("llama", dict(lora=LoraSpec(r=8, modules_to_save=("embed_tokens", "lm_head")))),  # fp32 copies after kbit prep
 ]
 
 
 @pytest.mark.parametrize("family, settings", QLORA_CASES,
                          ids=[f"{f}-{'-'.join(f'{k}={v}' for k, v in s.items() if k != 'lora') or 'default'}"
-                              + ("-all-linear" if "lora" in s else "") for f, s in QLORA_CASES])
+                              + ("-" + ("save" if s["lora"].modules_to_save else "all-linear") if "lora" in s else "")
+                              for f, s in QLORA_CASES])
 def test_qlora_matches_real_bitsandbytes_steps(family, settings):
     """Real NF4 weights (transformers from_pretrained + BitsAndBytesConfig on bitsandbytes' CPU backend), the
     exact tracker (quantization states registered as weights), the planner's peak byte for byte, by category,
