@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 
 from lora_planner.errors import PlannerInputError
 from lora_planner.files import MAX_CONFIG_BYTES, read_json_file
-from lora_planner.specs import FAMILIES, ModelSpec
+from lora_planner.specs import FAMILIES, MAX_LAYERS, ModelSpec
 
 # --------------------------------------------------------------------------------------------------
 # config.json -> ModelSpec, with the rules transformers 5.24 applies
@@ -440,6 +440,9 @@ def spec_from_config(config: dict[str, Any], name: str) -> ModelSpec:
     gpt_names = family in ("gpt2", "bloom")
     hidden = r.size("n_embd" if family == "gpt2" else "hidden_size")
     layers = r.size("n_layer" if gpt_names else "num_hidden_layers")
+    if layers > MAX_LAYERS:  # before any per-layer list (layer_types, window pattern) is built from it
+        raise r.error(r.spelling("n_layer" if gpt_names else "num_hidden_layers"),
+                      f"{layers} layers is beyond the {MAX_LAYERS:,} this tool plans", f"use at most {MAX_LAYERS}")
     heads = r.size("n_head" if gpt_names else "num_attention_heads")
     vocab = r.size("vocab_size")
     heads_key = r.spelling("n_head" if gpt_names else "num_attention_heads")
