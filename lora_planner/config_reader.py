@@ -441,8 +441,10 @@ def spec_from_config(config: dict[str, Any], name: str) -> ModelSpec:
     hidden = r.size("n_embd" if family == "gpt2" else "hidden_size")
     layers = r.size("n_layer" if gpt_names else "num_hidden_layers")
     if layers > MAX_LAYERS:  # before any per-layer list (layer_types, window pattern) is built from it
+        shown = f"{layers:.3g}" if layers >= 10**12 else f"{layers:,}"
         raise r.error(r.spelling("n_layer" if gpt_names else "num_hidden_layers"),
-                      f"{layers} layers is beyond the {MAX_LAYERS:,} this tool plans", f"use at most {MAX_LAYERS}")
+                      f"{shown} is above the planner's limit of {MAX_LAYERS:,}, far beyond any released model",
+                      f"check the config.json (at most {MAX_LAYERS:,})")
     heads = r.size("n_head" if gpt_names else "num_attention_heads")
     vocab = r.size("vocab_size")
     heads_key = r.spelling("n_head" if gpt_names else "num_attention_heads")
