@@ -1,5 +1,6 @@
 """FLOPs and step time (`lora_planner.throughput`): exact counts against PyTorch's FlopCounterMode on real
-HF / builtin models, the LoRA/full ratio measured on CPU, and the time model."""
+HF / builtin models, and the time model (the measured LoRA/full step-time ratio is a benchmark:
+experiments/bench_step_time_ratio.py)."""
 
 from __future__ import annotations
 
