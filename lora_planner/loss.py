@@ -19,7 +19,7 @@ modelled yet), as are models whose head does more than the output layer (`check_
 from __future__ import annotations
 
 from lora_planner.errors import PlannerInputError
-from lora_planner.families.rules import FP32, Flow, SavedTensor
+from lora_planner.families.rules import FP32, Flow, SavedTensor, loss_that_runs
 from lora_planner.specs import ModelSpec
 
 
@@ -146,13 +146,10 @@ def causal_lm_loss_saved(flow: Flow) -> tuple[SavedTensor, ...]:
 
 
 def loss_kind(spec: ModelSpec, training) -> str:
-    """The loss that runs: `use_liger_kernel` (`TrainingSpec.liger`) swaps in the fused linear cross-entropy on the
-    families Liger patches (`Family.liger`), and leaves a family it does not patch as it is."""
+    """The loss that runs for `spec` (`rules.loss_that_runs`: Liger's fused one where `--liger` patches the family)."""
     from lora_planner.families import family_rules  # lazily: families import this module's neighbours
 
-    if training.liger and family_rules(spec.family).liger == "modelled":
-        return "fused-linear"
-    return training.loss
+    return loss_that_runs(family_rules(spec.family), training)
 
 
 def flce_chunk_rows(flow: Flow) -> int:

@@ -18,6 +18,17 @@ MASK = 1  # bool dropout mask, one byte per element
 FLASH = "flash_attention_2"
 
 
+def liger_patches(family: Family, training: TrainingSpec) -> bool:
+    """`use_liger_kernel` (`TrainingSpec.liger`) on a family whose Liger patch is planned (`Family.liger`)."""
+    return training.liger and family.liger == "modelled"
+
+
+def loss_that_runs(family: Family, training: TrainingSpec) -> str:
+    """The loss the step runs: Liger's fused linear cross-entropy where Liger patches the family, else the one asked
+    (`TrainingSpec.loss`; a family Liger does not patch keeps it)."""
+    return "fused-linear" if liger_patches(family, training) else training.loss
+
+
 class Flow:
     """The settings every rule below needs, and the rule for linear layers shared by all families.
 
@@ -44,9 +55,9 @@ class Flow:
             from lora_planner.params import modules_to_save  # lazily: params imports the families
 
             self.trained_paths = frozenset(m.path for m in modules_to_save(spec, training.lora.modules_to_save))
-        self.liger = training.liger and family.liger == "modelled"
-        # the loss that runs (`lora_planner.loss.loss_kind`): Liger's fused one where Liger patches the family
-        self.loss = "fused-linear" if self.liger else training.loss
+        # Liger's kernels replace the family's norms and gated MLP (`Family.liger` "modelled"), and the loss that runs
+        self.liger = liger_patches(family, training)
+        self.loss = loss_that_runs(family, training)
         self.tokens = training.tokens
         self.full = training.method == "full"
         self.amp = training.amp is not None
