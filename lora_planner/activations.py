@@ -425,7 +425,7 @@ def activation_profile(spec: ModelSpec, training: TrainingSpec) -> ActivationPro
         # head's exist (the layer's own saved tensors counted whole: an upper bound)
         head = sum(t.nbytes for t in model if t.name.startswith(("final_norm.", "lm_head.")))
         loss_forward = max(loss_forward, dora_forward - sum(t.nbytes for t in loss_saved) - head
-                           - (FP32 if training.loss == "hf" else 0))
+                           - (FP32 if flow.loss == "hf" else 0))
     router_aux = 0
     if spec.is_moe and spec.output_router_logits and spec.family not in ("deepseek_v2", "deepseek_v3"):
         # `load_balancing_loss_func` (models/mixtral/modeling_mixtral.py and its copies): a softmax of each MoE layer's

@@ -10,6 +10,7 @@ from typing import Any
 
 from lora_planner.memory import CATEGORIES, PHASE_TITLES
 from lora_planner.planner import Plan, describe_budget, describe_usable, gib_text
+from lora_planner.specs import TrainingSpec
 from lora_planner.textable import Console, Styled, Table
 
 GIB = 2**30
@@ -64,7 +65,7 @@ def print_wrapped(console: Any, text: str, first: str = "", rest: str = "", styl
         console.print(line.replace(NBSP, " "), style=style, markup=False, highlight=False, soft_wrap=True)
 
 
-def collate_text(t) -> str:
+def collate_text(t: TrainingSpec) -> str:
     """How the batch reaches the model, beside its size."""
     if t.packing:
         return f" packed into 1 row of {t.tokens} (padding-free)"

@@ -11,6 +11,7 @@ from lora_planner.memory import PHASE_TITLES
 from lora_planner.planner import describe_budget, describe_usable, fits
 from lora_planner.recommend import Recommendation, Verification
 from lora_planner.render import print_wrapped
+from lora_planner.specs import TrainingSpec
 
 GIB = 2**30
 METHOD_LABELS = {"full": "full fine-tune", "lora": "LoRA", "qlora": "QLoRA"}
@@ -21,7 +22,7 @@ def _gib(n: int | None) -> str:
     return "-" if n is None else f"{n / GIB:.2f}"
 
 
-def _collate(t) -> str:
+def _collate(t: TrainingSpec) -> str:
     return ", packed (padding-free rows of micro-batch x seq)" if t.packing else ", padded" if t.padding else ""
 
 
