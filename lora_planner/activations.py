@@ -117,6 +117,12 @@ class ActivationProfile:
     # loss peaks at its last chunk's nll_loss, before the final division makes it)
     loss_value_at_forward_end: bool = True
     loss_output_bytes: int = FP32  # the loss value (a 0-d fp32 tensor), alive from forward end through backward
+    # LoRA on lm_head (`head_lora_moments`): its forward add (activations beyond the layers' and the model-level saved
+    # tensors, temporaries) and its backward (gradients, activations beyond those, temporaries with the seed)
+    head_adapter_moments: tuple[tuple[int, int], tuple[int, int, int]] = ((0, 0), (0, 0, 0))
+    # Trainable tokens on the embeddings (`trainable_tokens_moments`): the forward's first op (activations beyond the
+    # batch, temporaries) and the backward's last (activations, temporaries; the embeddings' delta gradient not yet)
+    token_moments: tuple[tuple[int, int], tuple[int, int]] = ((0, 0), (0, 0))
     backward_seed_bytes: int = FP32  # backward()'s seed gradient, ones_like(loss), alive through backward
 
     def backward_scratch_bytes(self, index: int) -> int:
@@ -238,6 +244,8 @@ def _model_level(flow: Flow, embeddings_need_grad: bool) -> list[SavedTensor]:
     spec, s, family = flow.spec, flow.s, flow.family
     saved = [SavedTensor("batch.input_ids_and_labels", 2 * flow.tokens * 8)]
     saved += batch_extras(flow)
+    saved += embedding_lora_saved(flow)
+    saved += trainable_tokens_saved(flow)
     if rotary_dim(spec):
         # cos and sin for positions (1, s, rotary_dim), shared by every layer, in the stream dtype.
         rotary_e = FP32 if family.rotary_fp32 else flow.e_stream
@@ -267,6 +275,130 @@ def _model_level(flow: Flow, embeddings_need_grad: bool) -> list[SavedTensor]:
     saved += own
     if keeps:
         saved.append(SavedTensor("lm_head.input", flow.tokens * spec.hidden_size * flow.e_stream))
+    return saved
+
+
+def head_lora_moments(flow: Flow) -> tuple[tuple[int, int], tuple[int, int, int]]:
+    """LoRA on the output layer (PEFT 0.21.2 `peft/tuners/lora/layer.py` `Linear.forward`: `result = base(x)`, then
+    `result = result + lora_B(lora_A(x)) * scaling`): its two moments, each on top of the layers' and the model-level
+    saved tensors (the loss has saved nothing yet, or its backward has freed it all), measured on CPU
+    (tests/profiler/test_runner.py).
+
+    - Forward, at the add: ((activations, temporaries)) = (the loss value's absence: 0, the base logits, lora_B's output
+      and its scaled copy: the adapter dtype, under autocast the 16-bit compute dtype).
+    - Backward, when lora_B's weight gradient is written: (gradients, activations, temporaries) = (that gradient,
+      V x r in the adapter dtype; the loss value; the logits' gradient and its scaled copy for the adapter branch,
+      the input gradient written before it, tokens x r, and backward's seed). Under autocast the scaled copy is the
+      incoming gradient itself, and the heaviest moment comes one node later: the 16-bit gradient of lora_B cast to
+      fp32 beside it, once the matmul's node released what it saved (lora_B's and A x's 16-bit copies, the size of
+      its two gradients beside it).
+
+    Trainable tokens on lm_head (`trainable_tokens_saved`): backward writes the merged matrix's dense V x h gradient
+    (the weight's dtype) beside the logits' gradient, then lm_head's input gradient, before `index_select` takes the
+    trained rows; the merged matrix itself is saved.
+
+    ((0, 0), (0, 0, 0)) without LoRA or trainable tokens on lm_head."""
+    logits = flow.tokens * flow.spec.vocab_size
+    if any(layer.module.group == "lm_head" for layer in flow.token_layers) and \
+            not any(flow.modules[p].group == "lm_head" for p in flow.outside_adapters):
+        e = FP32 if flow.kbit_fp32 else BYTES_PER_ELEMENT[flow.t.dtype]
+        table, hidden = flow.spec.vocab_size * flow.spec.hidden_size, flow.tokens * flow.spec.hidden_size
+        if flow.amp:
+            # forward: the fp32 merged matrix, still referenced, beside its saved 16-bit copy and the 16-bit logits
+            # (and the final hidden state the CausalLM forward holds); backward: the copy's 16-bit gradient and its
+            # fp32 cast, the hidden state's gradient, once the matmul released the copy and the input's copy
+            return (0, table * e + logits * flow.e_compute + hidden * flow.e_stream), \
+                (0, FP32 - (table + hidden) * flow.e_compute,
+                 table * (flow.e_compute + e) + hidden * flow.e_stream + FP32)
+        return (0, 0), (0, FP32, (table + hidden) * e + logits * e + FP32)
+    if flow.full or not any(flow.modules[p].group == "lm_head" for p in flow.outside_adapters):
+        return (0, 0), (0, 0, 0)
+    grad_b = flow.spec.vocab_size * flow.r * flow.e_adapter
+    if flow.amp:
+        # lora_B's matmul node has released lora_B's 16-bit copy and A x's; its outputs, those two gradients, remain
+        released = (flow.spec.vocab_size + flow.tokens) * flow.r * flow.e_compute
+        return (0, logits * 3 * flow.e_compute), (grad_b, FP32 - released, released + logits * flow.e_compute + FP32)
+    return (0, logits * (flow.e_compute + 2 * flow.e_adapter)), \
+        (grad_b, FP32, logits * (flow.e_compute + flow.e_adapter) + flow.tokens * flow.r * flow.e_adapter + FP32)
+
+
+def trainable_tokens_saved(flow: Flow) -> list[SavedTensor]:
+    """PEFT 0.21.2's trainable tokens (`peft/tuners/trainable_tokens/layer.py`
+    `TrainableTokensLayer.get_merged_weights`: `W.index_copy(0, idx, delta.to(W))`, then `F.embedding` / `F.linear`
+    on the merged matrix), per wrapped module: index_copy's int64 indices, and the delta cast to the weight's dtype
+    when it differs (the fp32 rows on a 16-bit matrix). The output layer also keeps the merged V x h matrix for its input's gradient (under autocast, its 16-bit
+    copy instead: `Flow.amp_weight_copies`), and its input (`Flow.trained_paths`). Measured on CPU
+    (tests/profiler/test_runner.py)."""
+    saved: list[SavedTensor] = []
+    e = FP32 if flow.kbit_fp32 else BYTES_PER_ELEMENT[flow.t.dtype]  # the embedding matrix as stored
+    h, vocab = flow.spec.hidden_size, flow.spec.vocab_size
+    for layer in flow.token_layers:
+        name = layer.module.path.rsplit(".", 1)[-1]
+        saved.append(SavedTensor(f"{name}.trainable_tokens_index", layer.tokens * 8))
+        if e != flow.e_adapter:
+            saved.append(SavedTensor(f"{name}.trainable_tokens_cast", layer.tokens * h * e))
+        if layer.module.group == "lm_head" and not flow.amp:
+            saved.append(SavedTensor(f"{name}.merged_weight", vocab * h * e))
+    return saved
+
+
+def _head_moments_with_caches(flow: Flow, model: tuple[SavedTensor, ...], first_input_needs_grad: bool,
+                              ) -> tuple[tuple[int, int], tuple[int, int, int]]:
+    """`head_lora_moments` (the hf loss only), its forward moment with what autocast's cache still holds then (the
+    16-bit casts `_forward_end_holds` counts at the loss)."""
+    if flow.loss != "hf":
+        return (0, 0), (0, 0, 0)
+    (forward_acts, forward_temps), backward = head_lora_moments(flow)
+    if forward_temps and flow.amp:
+        forward_temps += _forward_end_holds(flow, model, first_input_needs_grad, hidden_held=False)
+    return (forward_acts, forward_temps), backward
+
+
+def trainable_tokens_moments(flow: Flow) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Trainable tokens on the input embeddings (`trainable_tokens_saved`), what the merged V x h matrix adds at the two
+    ends of the step (measured on CPU, tests/profiler/test_runner.py):
+
+    - forward, at `F.embedding`: (the token saves, the merged matrix + the embedding output), the output an activation
+      where it is kept itself (a checkpointed layer's input, or an fp32 stream a norm keeps);
+    - backward, at the last op: `embedding_dense_backward` writes a dense V x h gradient (the weight's dtype) beside
+      the gradient arriving at the embeddings (tokens x h), then `index_select` the n trained rows of it once that is
+      freed, while index_copy's saved tensors still live: (those saves, dense + the larger of the two).
+
+    ((0, 0), (0, 0)) without trainable tokens on the embeddings."""
+    layers = [layer for layer in flow.token_layers if layer.module.group == "embeddings"]
+    if not layers:
+        return (0, 0), (0, 0)
+    e = FP32 if flow.kbit_fp32 else BYTES_PER_ELEMENT[flow.t.dtype]
+    h, vocab = flow.spec.hidden_size, flow.spec.vocab_size
+    saves = sum(layer.tokens * 8 + (layer.tokens * h * e if e != flow.e_adapter else 0) for layer in layers)
+    output = flow.tokens * h * flow.e_stream
+    kept = flow.t.grad_checkpointing or flow.e_stream == FP32
+    forward = (saves + (output if kept else 0), vocab * h * e + (0 if kept else output))
+    # the gradient arriving at the embeddings lives until `embedding_dense_backward` returns; the rows' after it
+    arriving = flow.tokens * h * flow.e_stream
+    return forward, (saves, vocab * h * e + max(arriving, sum(layer.tokens for layer in layers) * h * e))
+
+
+def embedding_lora_saved(flow: Flow) -> list[SavedTensor]:
+    """LoRA on the input embeddings (PEFT 0.21.2 `peft/tuners/lora/layer.py` `Embedding.forward`): the rows of A
+    gathered for the batch, `F.embedding(x, lora_embedding_A.T)` (tokens x r, the adapter dtype), feed the matmul
+    with B, which keeps them (under autocast: the 16-bit copies of them and of B); the token ids are the batch itself.
+    Under checkpointing, transformers' `enable_input_require_grads` hook makes the frozen base embedding's output a
+    leaf that requires grad, which its AccumulateGrad node keeps beside the adapted sum `result + B A x` (cast back
+    to the stream's dtype) that layer 0 receives. Measured on CPU (tests/profiler/test_runner.py)."""
+    saved: list[SavedTensor] = []
+    for path in sorted(flow.outside_adapters):
+        m = flow.modules[path]
+        if m.kind != "embedding":
+            continue
+        name = path.rsplit(".", 1)[-1]
+        if flow.amp:
+            saved += [SavedTensor(f"{name}.lora_A_output_autocast_copy", flow.tokens * flow.r * flow.e_compute),
+                      SavedTensor(f"{name}.lora_B_autocast_copy", m.out_features * flow.r * flow.e_compute)]
+        else:
+            saved.append(SavedTensor(f"{name}.lora_A_output", flow.tokens * flow.r * flow.e_adapter))
+        if flow.t.grad_checkpointing:
+            saved.append(SavedTensor(f"{name}.base_output_leaf", flow.tokens * m.out_features * flow.e_stream))
     return saved
 
 
@@ -323,8 +455,9 @@ def _forward_end_holds(flow: Flow, model: tuple[SavedTensor, ...], first_input_n
       `torch.clear_autocast_cache`). Backward keeps a weight's copy only when the matmul's input needs a
       gradient (`Flow.amp_weight_copies`); in a checkpointed layer (non-reentrant) it keeps none. So: LoRA's
       lora_A where x needs no gradient (the layers before the first adapter's output, without checkpointing),
-      every adapter's A and B in checkpointed layers; under full fine-tuning every linear's bias (addmm's bias
-      needs no saving), and under checkpointing every layer linear's weight too.
+      every adapter's A and B in checkpointed layers; every linear's bias under full fine-tuning, and LoRA's
+      trained biases (`bias`; addmm's bias needs no saving), and under checkpointing every layer linear's weight
+      too.
     Adapters outside the layers (lm_head, the embeddings) are not counted: lm_head's input needs a gradient and
     is not checkpointed, and embeddings run no autocast op.
     """
@@ -342,7 +475,8 @@ def _forward_end_holds(flow: Flow, model: tuple[SavedTensor, ...], first_input_n
             weight = m.in_features * m.out_features if checkpointed and in_layers and not m.tied else 0
             held += (weight + (m.out_features if m.bias else 0)) * e * m.count
         return held
-    needs_grad = first_input_needs_grad
+    held += flow.linear_bias_numel * e
+    needs_grad = first_input_needs_grad or flow.norm_bias_trains
     for adapters, layer_type in zip(flow.layer_adapters, spec.layer_types or (None,) * spec.num_layers):
         if checkpointed:
             held += sum(flow.r * (flow.modules[p].in_features + flow.modules[p].out_features) for p in adapters) * e
@@ -370,7 +504,9 @@ def activation_profile(spec: ModelSpec, training: TrainingSpec) -> ActivationPro
     # require grad, so layer 0 is like the rest.
     embedding_adapted = any(flow.modules[p].kind == "embedding" for p in flow.outside_adapters | flow.trained_paths)
     first_input_needs_grad = flow.full or training.grad_checkpointing or embedding_adapted
-    runs = _layer_runs(flow, first_input_needs_grad)
+    # LoRA's bias="all" trains every LayerNorm's bias: the layers' first op (LayerNorm families) then gives layer 0 the
+    # graph an input gradient would (`rules.layer_norm`), and BLOOM's embedding LayerNorm its input gradient itself
+    runs = _layer_runs(flow, first_input_needs_grad or flow.norm_bias_trains)
     scratch_each = _layer_backward_scratch_each(flow, runs)
     dora_forward, dora_backward, dora_recompute = _dora_moments(flow) if training.lora.use_dora and \
         not flow.full else (0, 0, 0)
@@ -449,6 +585,8 @@ def activation_profile(spec: ModelSpec, training: TrainingSpec) -> ActivationPro
         loss_backward_scratch_bytes=loss_backward + router_aux,
         router_aux_gradient_bytes=router_aux,
         loss_kept_in_backward_bytes=loss_kept,
+        head_adapter_moments=_head_moments_with_caches(flow, model, first_input_needs_grad),
+        token_moments=trainable_tokens_moments(flow),
         loss_value_at_forward_end=flow.loss == "hf",
         # Inside a layer's backward: the incoming gradient, gradients of the MLP's intermediates and of
         # the layer input, the largest of which are B x S x intermediate.

@@ -25,7 +25,7 @@ from lora_planner.cli_options import budget_from_args, overhead_from_args
 from lora_planner.errors import PlannerInputError
 from lora_planner.planner import make_plan, plan_to_dict, refit
 from lora_planner.specs import (
-    MAX_LAYERS, METHODS, REGISTERED_FAMILIES, LoraSpec, TrainingSpec, check_choice, parse_loss,
+    MAX_LAYERS, MAX_VOCAB, METHODS, REGISTERED_FAMILIES, LoraSpec, TrainingSpec, check_choice, parse_loss,
 )
 
 SUBCOMMANDS = tuple(SUBCOMMAND_ARGUMENTS)
@@ -52,7 +52,9 @@ def _training_from_args(args: argparse.Namespace, method: str) -> TrainingSpec:
         lora=LoraSpec(r=args.r, alpha=args.alpha, target_modules=target, adapter_dtype=args.adapter_dtype,
                       layers_to_transform=layers, target_parameters=_target_parameters(args),
                       use_rslora=getattr(args, "use_rslora", False), use_dora=getattr(args, "use_dora", False),
-                      modules_to_save=_csv(args.modules_to_save) if getattr(args, "modules_to_save", None) else None),
+                      modules_to_save=_csv(args.modules_to_save) if getattr(args, "modules_to_save", None) else None,
+                      bias=getattr(args, "bias", "none"),
+                      trainable_token_indices=_token_indices(getattr(args, "trainable_token_indices", None))),
         kbit_prep=args.kbit_prep, experts_implementation=getattr(args, "experts_implementation", "grouped_mm"),
         routing=_routing(getattr(args, "routing", "balanced")),
         **parse_loss(getattr(args, "loss", "hf")),
@@ -89,6 +91,39 @@ def _routing(text: str) -> str | tuple[tuple[int, ...], ...]:
         raise PlannerInputError("routing", f"{text}: expected a JSON list of per-layer lists of token counts "
                                            "(one count per expert)", "pass balanced, worst, or such a file")
     return tuple(tuple(row) for row in data)
+
+
+def _token_indices(text: str | None) -> tuple[tuple[str, tuple[int, ...]], ...] | None:
+    """"128000-128255" (PEFT's list form) or "embed_tokens:0-9;lm_head:0-9" (its dict form) -> (module, ids) pairs."""
+    if text is None:
+        return None
+    pairs = []
+    for part in (p.strip() for p in text.split(";")):
+        name, sep, ids = part.rpartition(":")
+        if not ids.strip() or (sep and not name.strip()):
+            raise PlannerInputError("trainable-token-indices", f"cannot read {part!r}",
+                                    "pass token ids or ranges, e.g. 128000-128255, or embed_tokens:0-9;lm_head:0-9")
+        pairs.append((name.strip(), _id_ranges(ids)))
+    return tuple(pairs)
+
+
+def _id_ranges(text: str) -> tuple[int, ...]:
+    """"0,5,7" or "128000-128255" -> sorted unique token ids (at most MAX_VOCAB of them)."""
+    ids: set[int] = set()
+    for part in _csv(text):
+        low, sep, high = part.partition("-")
+        try:
+            first, last = int(low), int(high) if sep else int(low)
+        except ValueError:
+            first, last = 0, -1
+        if first < 0 or last < first:
+            raise PlannerInputError("trainable-token-indices", f"cannot read {part!r}",
+                                    "pass token ids or ranges, e.g. 128000-128255")
+        if last >= MAX_VOCAB:  # checked before the range is built
+            raise PlannerInputError("trainable-token-indices", f"token {last:,} in {part!r} is past any vocabulary "
+                                    f"(at most {MAX_VOCAB:,} tokens)", "pass the model's token ids")
+        ids.update(range(first, last + 1))
+    return tuple(sorted(ids))
 
 
 def _layer_list(text: str) -> tuple[int, ...]:

@@ -60,6 +60,15 @@ def add_planner_options(p: argparse.ArgumentParser) -> None:
                    default=None,
                    help="PEFT's modules_to_save: modules trained in full beside the adapters, e.g. "
                         "embed_tokens,lm_head for new tokens (a trainable copy each, the original kept frozen)")
+    p.add_argument("--bias", choices=("none", "lora_only", "all"), default="none",
+                   help="PEFT's bias: which base biases train beside the adapters (lora_only: the adapted layers'; "
+                        "all: every bias, norms' included); they get gradients and optimizer state, and under "
+                        "bias=all the first layer keeps what an input gradient would (default none)")
+    p.add_argument("--trainable-token-indices",
+                   type=Text("trainable-token-indices", "--trainable-token-indices 128000-128255"), default=None,
+                   help="PEFT's trainable_token_indices: train only these rows of the embeddings (e.g. new tokens), "
+                        "ids and ranges such as 128000-128255 (the input embeddings, and a tied lm_head with them), or "
+                        "per module: embed_tokens:128000-128255;lm_head:128000-128255")
     p.add_argument("--dora", "--use-dora", dest="use_dora", action="store_true",
                    help="PEFT's use_dora (DoRA): a trainable magnitude per adapted linear, and in every forward the "
                         "weight norm of W + BA (out x in transients) and the base output kept for backward")

@@ -11,12 +11,12 @@ arXiv 2106.09685, Sec. 4; PEFT's default `bias="none"` adds no bias). For fused 
 (GPT-2's `c_attn`, BLOOM's `query_key_value`) one adapter spans the fused width. The trainable fraction
 m is trainable / (base + adapters), which is what PEFT's `get_nb_trainable_parameters` reports.
 
-`modules_to_save` (the input embeddings and the output layer, `modules_to_save`) and DoRA's magnitudes are counted
-where the step's trainable tensors are (`lora_planner.step`).
+`modules_to_save` (the input embeddings and the output layer, `modules_to_save`), the base biases PEFT's `bias`
+trains (`trained_biases`), the rows `trainable_token_indices` trains (`trainable_token_layers`) and DoRA's magnitudes
+are counted where the step's trainable tensors are (`lora_planner.step`).
 
 Known limitations: embeddings can be LoRA targets (PEFT's `lora_embedding_A/B`, same r * (in + out)),
-norms cannot; `modules_to_save` of other modules, `trainable_token_indices` and user rank patterns are not
-modelled.
+norms cannot; `modules_to_save` of other modules, `ensure_weight_tying` and user rank patterns are not modelled.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from typing import Mapping
 from lora_planner.errors import PlannerInputError
 from lora_planner.families import FAMILY_RULES, family_rules
 from lora_planner.families.base import GROUPS, Module  # noqa: F401 (Module: re-exported)
-from lora_planner.specs import BYTES_PER_ELEMENT, MAX_R, ModelSpec
+from lora_planner.specs import BYTES_PER_ELEMENT, MAX_R, LoraSpec, ModelSpec
 
 ALL_LINEAR = "all-linear"
 
@@ -432,6 +432,75 @@ def modules_to_save(spec: ModelSpec, names: tuple[str, ...] | None) -> tuple[Mod
             if m not in found:
                 found.append(m)
     return tuple(found)
+
+
+def trained_biases(spec: ModelSpec, lora: LoraSpec) -> tuple[tuple[Module, frozenset[int]], ...]:
+    """The base biases PEFT's `bias` trains, each with the layers it trains in (PEFT 0.21.2
+    `peft/tuners/tuners_utils.py` `BaseTuner._mark_only_adapters_as_trainable`): "lora_only", the biases of the
+    adapted linears, in the layers they are adapted in; "all", every parameter whose name is or ends in "bias" (norms'
+    included); "none", none. No copy is made: the base parameter itself gets a gradient and optimizer state."""
+    if lora.bias == "none":
+        return ()
+    if lora.bias == "lora_only":
+        return tuple((m, layers) for m, layers in adapted_layers(spec, lora.target_modules, lora.layers_to_transform,
+                                                                  lora.target_parameters)
+                     if m.bias and m.kind == "linear")
+    return tuple((m, frozenset(m.layer_indices) if is_per_layer(m) else frozenset())
+                 for m in module_inventory(spec) if m.bias)
+
+
+def bias_numel(m: Module) -> int:
+    """Elements of one instance's bias (an "experts" parameter's: experts x out)."""
+    return m.experts * m.out_features
+
+
+@dataclass(frozen=True)
+class TokenLayer:
+    """A module PEFT's `trainable_token_indices` wraps (`TrainableTokensWrapper`): `tokens` rows trained, with a delta
+    of their own or, for an output layer tied to the input embeddings, the embeddings' (`shared`)."""
+
+    module: Module
+    tokens: int
+    shared: bool = False
+
+
+def trainable_token_layers(spec: ModelSpec, lora: LoraSpec) -> tuple[TokenLayer, ...]:
+    """The modules PEFT 0.21.2 wraps for `trainable_token_indices` (`peft/utils/other.py`
+    `set_additional_trainable_modules`): the list form names the input embeddings; a dict names modules (suffix match).
+    On a tied model, once the input embeddings are wrapped and a named output layer (if any) asks for the same
+    indices, the output layer is wrapped too, sharing the embeddings' delta (`tied_adapter`); otherwise every named
+    module has its own. A module also in `modules_to_save` is refused, as PEFT refuses it."""
+    if not lora.trainable_token_indices:
+        return ()
+    inventory = module_inventory(spec)
+    embedding = next(m for m in inventory if m.kind == "embedding" and m.group == "embeddings")
+    head = next((m for m in inventory if m.group == "lm_head"), None)
+    named: dict[Module, tuple[int, ...]] = {}
+    for name, indices in lora.trainable_token_indices:
+        hits = [embedding] if not name else [m for m in (embedding, head) if m is not None
+                                             and (m.path == name or m.path.endswith("." + name))]
+        if not hits:
+            raise PlannerInputError("trainable_token_indices", f"{spec.name} has no embedding or output layer named "
+                                                               f"{name!r}",
+                                    f"name {embedding.path.rsplit('.', 1)[-1]}"
+                                    + (f" or {head.path}" if head else "") + ", or pass a list of token ids alone")
+        for m in hits:
+            named[m] = tuple(sorted(set(indices)))
+    for m, indices in named.items():
+        if indices[-1] >= spec.vocab_size:
+            raise PlannerInputError("trainable_token_indices", f"token {indices[-1]:,} is past {spec.name}'s "
+                                                               f"vocabulary of {spec.vocab_size:,}",
+                                    f"pass token ids below {spec.vocab_size:,}")
+    saved = {m.path for m in modules_to_save(spec, lora.modules_to_save)}
+    if any(m.path in saved for m in named):
+        raise PlannerInputError("trainable_token_indices", "a module is both in modules_to_save and given trainable "
+                                                           "tokens (PEFT refuses it)", "drop one of the two")
+    layers = [TokenLayer(m, len(indices)) for m, indices in named.items()]
+    if spec.tie_word_embeddings and head is not None and embedding in named \
+            and named.get(head, named[embedding]) == named[embedding]:
+        layers = [layer for layer in layers if layer.module is not head]
+        layers.append(TokenLayer(head, len(named[embedding]), shared=True))
+    return tuple(layers)
 
 
 def max_rank(spec: ModelSpec, targets: tuple[str, ...] | None) -> int:

@@ -351,6 +351,10 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
             "use_rslora": t.lora.use_rslora,
             "use_dora": t.lora.use_dora,
             "modules_to_save": list(t.lora.modules_to_save) if t.lora.modules_to_save else None,
+            "bias": t.lora.bias,
+            # (module name, or "" for PEFT's list form: the input embeddings) -> how many rows train
+            "trainable_token_indices": {name: len(ids) for name, ids in t.lora.trainable_token_indices}
+            if t.lora.trainable_token_indices else None,
             "lora_scaling": t.lora.scaling,
             "target_modules": list(plan.target_modules),
             "layers_to_transform": list(t.lora.layers_to_transform) if t.lora.layers_to_transform else None,

@@ -98,6 +98,11 @@ def _settings_line(plan: Plan) -> str:
         rslora = f" rsLoRA (scaling alpha / sqrt(r) = {lora.scaling:.3g})" if lora.use_rslora else ""
         kind = "DoRA" if lora.use_dora else "LoRA"
         saved = f", {', '.join(lora.modules_to_save)} trained in full" if lora.modules_to_save else ""
+        saved += {"none": "", "lora_only": ", the adapted layers' biases trained",
+                  "all": ", every bias trained"}[lora.bias]
+        if lora.trainable_token_indices:
+            saved += ", trainable tokens " + ", ".join(f"{len(ids):,} on {name or 'the input embeddings'}"
+                                                        for name, ids in lora.trainable_token_indices)
         parts.append(f"{kind} r={lora.r} alpha={lora.effective_alpha:g}{rslora} on {targets} ({lora.adapter_dtype} "
                      f"adapters){saved}")
     if "qlora" in plan.methods and t.dtype != "fp32":

@@ -23,6 +23,7 @@ Family = Literal["llama", "mistral", "qwen2", "gemma", "phi", "gpt2", "bloom", "
                  "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "gpt_oss"]
 Dtype = Literal["fp32", "bf16", "fp16"]
 Method = Literal["full", "lora", "qlora"]
+LoraBias = Literal["none", "lora_only", "all"]
 # The planner's optimizer names, one per state layout (`lora_planner.names.PLANNER_OPTIMIZERS` says what
 # each is); Hugging Face `OptimizerNames` spellings are mapped onto these by `TrainingSpec`.
 Optimizer = Literal["adamw", "sgd", "sgd_momentum", "adagrad", "rmsprop", "adafactor", "torch_adafactor",
@@ -51,6 +52,7 @@ FAMILIES: tuple[str, ...] = get_args(Family)
 REGISTERED_FAMILIES: set[str] = set()
 DTYPES: tuple[str, ...] = get_args(Dtype)
 METHODS: tuple[str, ...] = get_args(Method)
+LORA_BIASES: tuple[str, ...] = get_args(LoraBias)
 OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
 OPTIMIZER_IMPLS: tuple[str, ...] = get_args(OptimizerImpl)
 DEVICES: tuple[str, ...] = get_args(Device)
@@ -306,9 +308,25 @@ class LoraSpec:
     # PEFT's `modules_to_save`: modules trained in full beside the adapters (`ModulesToSaveWrapper`: a trainable deep
     # copy, the original kept frozen), e.g. embed_tokens and lm_head for new tokens; `params.modules_to_save`.
     modules_to_save: tuple[str, ...] | None = None
+    # PEFT's `bias`: which of the base model's biases train beside the adapters (`BaseTuner._mark_only_adapters_as_
+    # trainable`): "none", "lora_only" (those of the adapted layers) or "all" (every parameter named bias); they stay
+    # in the base dtype (the adapter upcast skips them) and keep nothing for backward (`params.trained_biases`).
+    bias: LoraBias = "none"
+    # PEFT's `trainable_token_indices`: rows of the embedding matrix trained without a full copy
+    # (`TrainableTokensLayer`: the rows as an fp32 delta); (module name, indices) pairs, the name "" for PEFT's list
+    # form (the input embeddings, and a tied output layer with them); `params.trainable_token_layers`.
+    trainable_token_indices: tuple[tuple[str, tuple[int, ...]], ...] | None = None
 
     def __post_init__(self) -> None:
         check_positive_int("r", self.r, MAX_R)
+        check_choice("bias", self.bias, LORA_BIASES)
+        if self.trainable_token_indices is not None and (
+                not self.trainable_token_indices
+                or any(not isinstance(name, str) or not indices
+                       or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in indices)
+                       for name, indices in self.trainable_token_indices)):
+            raise PlannerInputError("trainable_token_indices", "needs token ids >= 0",
+                                    "pass e.g. --trainable-token-indices 128000-128255")
         if self.modules_to_save is not None and (
                 not self.modules_to_save or any(not isinstance(n, str) or not n.strip() for n in self.modules_to_save)):
             raise PlannerInputError("modules_to_save", "empty module name",

@@ -16,8 +16,8 @@ from typing import Literal, get_args
 from lora_planner.activations import ActivationProfile, activation_profile
 from lora_planner.optimizers import TensorGroup, optimizer_scratch_bytes, optimizer_state_bytes
 from lora_planner.params import (
-    Module, adapted_layers, buffer_bytes, check_sequence_length, is_per_layer, lora_params, module_inventory,
-    modules_to_save,
+    Module, adapted_layers, bias_numel, buffer_bytes, check_sequence_length, is_per_layer, lora_params,
+    module_inventory, modules_to_save, trainable_token_layers, trained_biases,
 )
 from lora_planner.specs import BYTES_PER_ELEMENT, LoraSpec, ModelSpec, TrainingSpec
 
@@ -145,7 +145,55 @@ def _trainable_groups(spec: ModelSpec, method: str, dtype: str, lora: LoraSpec,
         groups.append(TensorGroup(shape, 1, copy_e, embedding=m.kind == "embedding"))
         if m.bias:
             groups.append(TensorGroup((m.out_features,), 1, copy_e))
+    for m, layers in _trained_biases(spec, lora):
+        groups.append(TensorGroup((m.experts, m.out_features) if m.experts > 1 else (m.out_features,),
+                                  max(len(layers), 1), _bias_bytes(m, method, dtype, kbit_fp32)))
+    for layer in trainable_token_layers(spec, lora):
+        if not layer.shared:  # `trainable_tokens_delta`: the rows themselves, upcast with the adapters
+            groups.append(TensorGroup((layer.tokens, spec.hidden_size), 1, e))
     return tuple(groups)
+
+
+def token_buffer_bytes(spec: ModelSpec, training: TrainingSpec) -> int:
+    """`trainable_tokens_original`: each wrapped layer's own copy of its rows (a buffer, the adapter dtype: PEFT's
+    upcast reaches it), kept to restore them; a shared (tied) layer uses the embeddings'."""
+    if training.method == "full":
+        return 0
+    return sum(layer.tokens * spec.hidden_size * _adapter_bytes(training)
+               for layer in trainable_token_layers(spec, training.lora) if not layer.shared)
+
+
+def token_delta_bytes(spec: ModelSpec, training: TrainingSpec, group: str) -> int:
+    """Bytes of the trainable-token deltas of the wrapped modules in `group` ("embeddings", "lm_head")."""
+    if training.method == "full":
+        return 0
+    return sum(layer.tokens * spec.hidden_size * _adapter_bytes(training)
+               for layer in trainable_token_layers(spec, training.lora)
+               if not layer.shared and layer.module.group == group)
+
+
+def _trained_biases(spec: ModelSpec, lora: LoraSpec) -> tuple[tuple[Module, frozenset[int]], ...]:
+    """PEFT's `bias` (`params.trained_biases`), less the modules `modules_to_save` copies (their originals are frozen
+    again by `ModulesToSaveWrapper`; the copy's bias trains with it)."""
+    copied = {m.path for m in modules_to_save(spec, lora.modules_to_save)}
+    return tuple((m, layers) for m, layers in trained_biases(spec, lora) if m.path not in copied)
+
+
+def _bias_bytes(m: Module, method: str, dtype: str, kbit_fp32: bool) -> int:
+    """Bytes per element of a trained base bias, as stored (`_stored_bytes_each`): a 4-bit linear's is back at the
+    compute dtype after its first forward; kbit preparation leaves the others fp32."""
+    if method == "qlora" and m.kind == "linear" and m.group != "lm_head":
+        return BYTES_PER_ELEMENT[dtype]
+    return 4 if kbit_fp32 or m.fp32 else BYTES_PER_ELEMENT[dtype]
+
+
+def trained_bias_bytes(spec: ModelSpec, training: TrainingSpec) -> int:
+    """Bytes of the base biases PEFT's `bias` trains: already stored with the base weights."""
+    if training.method == "full":
+        return 0
+    kbit = _kbit_fp32(training)
+    return sum(bias_numel(m) * max(len(layers), 1) * _bias_bytes(m, training.method, training.dtype, kbit)
+               for m, layers in _trained_biases(spec, training.lora))
 
 
 def trainable_groups(spec: ModelSpec, training: TrainingSpec) -> tuple[TensorGroup, ...]:
@@ -210,9 +258,45 @@ def _group_bytes(spec: ModelSpec, method: str, dtype: str, lora: LoraSpec,
         return root, max(per_layer_stored), max(per_layer_stored), root_trainable, tuple(per_layer_stored)
     copies = sum(saved_module_bytes(m, dtype, kbit_fp32) for m in modules_to_save(spec, lora.modules_to_save))
     root, root_trainable = root + copies, root_trainable + copies
-    largest = max(per_layer_adapters)
+    # trained base biases: trainable (their gradients come with their layer's backward), already stored
+    per_layer_trainable = list(per_layer_adapters)
+    for m, layers_in in _trained_biases(spec, lora):
+        nbytes = bias_numel(m) * _bias_bytes(m, method, dtype, kbit_fp32)
+        if is_per_layer(m):
+            for i in layers_in:
+                per_layer_trainable[i] += nbytes
+        else:
+            root_trainable += nbytes
+    root_trainable += sum(layer.tokens * spec.hidden_size * e_adapter  # trainable-token deltas (outside the layers)
+                          for layer in trainable_token_layers(spec, lora) if not layer.shared)
+    largest = max(per_layer_trainable)
     return root, max(s + a for s, a in zip(per_layer_stored, per_layer_adapters)), largest, root_trainable, \
-        tuple(per_layer_adapters)
+        tuple(per_layer_trainable)
+
+
+def _adapter_bytes(training: TrainingSpec) -> int:
+    """Bytes per element of the LoRA factors: fp32 (PEFT's `autocast_adapter_dtype`) or the base dtype."""
+    return 4 if training.lora.adapter_dtype == "fp32" else BYTES_PER_ELEMENT[training.dtype]
+
+
+def _outside_adapter_paths(spec: ModelSpec, training: TrainingSpec) -> frozenset[str]:
+    """The adapted modules outside the decoder layers (LoRA on the embeddings or the output layer)."""
+    if training.method == "full":
+        return frozenset()
+    lora = training.lora
+    return frozenset(m.path for m, _ in adapted_layers(spec, lora.target_modules, lora.layers_to_transform,
+                                                       lora.target_parameters) if not is_per_layer(m))
+
+
+def _outside_adapter_bytes(spec: ModelSpec, training: TrainingSpec) -> dict[str, int]:
+    """LoRA bytes outside the layers by group ("embeddings", "lm_head"): their gradients come when backward reaches
+    the module (lm_head's first, the embeddings' last)."""
+    paths = _outside_adapter_paths(spec, training)
+    out = {"embeddings": 0, "lm_head": 0}
+    for m in module_inventory(spec):
+        if m.path in paths and m.group in out:
+            out[m.group] += m.lora_numel(training.lora.r) * _adapter_bytes(training)
+    return out
 
 
 @dataclass(frozen=True)
@@ -242,6 +326,26 @@ class StepComponents:
             + (acts.loss_output_bytes if acts.loss_value_at_forward_end else 0)
 
     @property
+    def forward_end(self) -> tuple[int, int]:
+        """(activations, temporaries) at the forward's heaviest op: the loss's, or LoRA on lm_head's add
+        (`ActivationProfile.head_adapter_moments`), whichever holds more."""
+        acts = self.activations
+        loss = (self.saved, acts.loss_forward_scratch_bytes)
+        extra_acts, temporaries = acts.head_adapter_moments[0]
+        head = (self.layers_saved + acts.model_bytes + extra_acts, temporaries)
+        return head if temporaries and sum(head) > sum(loss) else loss
+
+    @property
+    def backward_start(self) -> tuple[int, int, int]:
+        """(gradients, activations, temporaries) at the start of backward: the loss's backward, or LoRA on lm_head's
+        (`ActivationProfile.head_adapter_moments`), whichever holds more."""
+        acts = self.activations
+        loss = (0, self.saved_at_backward_start, acts.loss_backward_scratch_bytes)
+        gradients, extra_acts, temporaries = acts.head_adapter_moments[1]
+        head = (gradients, self.layers_saved + acts.model_bytes + extra_acts, temporaries)
+        return head if temporaries and sum(head) > sum(loss) else loss
+
+    @property
     def saved_at_backward_start(self) -> int:
         """What is kept when the loss's backward peaks: nll_loss's targets and total weight are freed by then
         (`ActivationProfile.loss_bytes_in_backward`)."""
@@ -266,7 +370,9 @@ def step_components(spec: ModelSpec, training: TrainingSpec) -> StepComponents:
     _, trainable_bytes = trainable_totals(spec, training)
     base_bytes = _base_weight_bytes(spec, training)
     buffers = buffer_bytes(spec, training.dtype)  # RoPE's fp32 tables, Gemma's embed_scale
-    weights = base_bytes + buffers + (0 if training.method == "full" else trainable_bytes)
+    # (trained base biases are stored with the base weights, `trained_bias_bytes`)
+    weights = base_bytes + buffers + token_buffer_bytes(spec, training) + (
+        0 if training.method == "full" else trainable_bytes - trained_bias_bytes(spec, training))
     impl = training.resolved_optimizer_impl
     step_on_device = training.device == "cpu" or impl == "fused"
 
@@ -287,9 +393,11 @@ def step_components(spec: ModelSpec, training: TrainingSpec) -> StepComponents:
         layers_saved, recomputed, scratch = acts.all_layers_bytes, 0, acts.backward_scratch_bytes(last)
     layer_scratch = scratch + extra_scratch
     saved_copies = modules_to_save(spec, training.lora.modules_to_save) if training.method != "full" else ()
+    outside = _outside_adapter_bytes(spec, training)  # LoRA on the output layer / the embeddings, by group
     head_grads = sum(m.params for m in modules if m.group == "lm_head") * BYTES_PER_ELEMENT[training.dtype] \
         if training.method == "full" else sum(saved_module_bytes(m, training.dtype, _kbit_fp32(training))
-                                              for m in saved_copies if m.group == "lm_head")
+                                              for m in saved_copies if m.group == "lm_head") + outside["lm_head"] \
+        + token_delta_bytes(spec, training, "lm_head")
     # The end of backward is the larger of two moments: the first layer's backward (its saved tensors
     # and gradient buffers beside every other layer's gradients; its own come as its tensors go), and the
     # very last op, when all gradients exist and no activation is left; with a tied embedding autograd
@@ -301,7 +409,8 @@ def step_components(spec: ModelSpec, training: TrainingSpec) -> StepComponents:
         next(i for i, b in enumerate(per_layer_trainable) if b)
     embedding_grads = sum(m.params for m in modules if m.group == "embeddings") * BYTES_PER_ELEMENT[training.dtype] \
         if training.method == "full" else sum(saved_module_bytes(m, training.dtype, _kbit_fp32(training))
-                                              for m in saved_copies if m.group == "embeddings")
+                                              for m in saved_copies if m.group == "embeddings") \
+        + outside["embeddings"] + token_delta_bytes(spec, training, "embeddings")
     # (computed after the first layer's backward)
     if training.grad_checkpointing:
         last_layer_left = (first + 1) * acts.checkpoint_per_layer_bytes + acts.layer_saved_bytes(first)
@@ -319,11 +428,30 @@ def step_components(spec: ModelSpec, training: TrainingSpec) -> StepComponents:
         first_scratch = acts.backward_scratch_bytes(first)
     # The loss value and backward's seed stay until `backward()` returns, at either moment.
     end_acts, end_scratch = last_layer_left + acts.loss_output_bytes, first_scratch + extra_scratch
-    last_op_scratch = acts.backward_seed_bytes
+    last_op_scratch, last_op_acts = acts.backward_seed_bytes, acts.loss_output_bytes
     if training.method != "full" and any(m.group == "embeddings" for m in saved_copies):
         # a trained embedding copy's backward: its gradient beside its incoming one (the stream's dtype)
         last_op_scratch += training.tokens * spec.hidden_size * (4 if _kbit_fp32(training) or training.amp
                                                                  else BYTES_PER_ELEMENT[training.dtype])
+    if outside["embeddings"]:
+        # LoRA on the embeddings (PEFT `Embedding`): the last op, `embedding_dense_backward` of F.embedding(x, A.T),
+        # writes a dense (V, r) gradient that AccumulateGrad copies into lora_embedding_A's (r, V) layout beside it.
+        # Under checkpointing the base output kept as a leaf (`activations.embedding_lora_saved`) and the gradient
+        # AccumulateGrad gives it are alive too.
+        adapted = _outside_adapter_paths(spec, training)
+        embedding_lora = [m for m in modules if m.kind == "embedding" and m.path in adapted]
+        last_op_scratch += sum(m.in_features * training.lora.r for m in embedding_lora) * _adapter_bytes(training)
+        if training.grad_checkpointing:
+            stream = 4 if _kbit_fp32(training) or training.amp else BYTES_PER_ELEMENT[training.dtype]
+            last_op_acts += training.tokens * spec.hidden_size * stream  # the leaf
+            last_op_scratch += training.tokens * spec.hidden_size * stream  # its gradient
+    last_op_grads = trainable_bytes
+    if acts.token_moments[1][1]:
+        # trainable tokens on the embeddings: the last op's dense gradient of the merged matrix (`activations.
+        # trainable_tokens_moments`), before the trained rows' gradient exists
+        last_op_acts += acts.token_moments[1][0]
+        last_op_scratch += acts.token_moments[1][1]
+        last_op_grads -= token_delta_bytes(spec, training, "embeddings")
     if training.method == "full":
         # The embedding's backward (`embedding_dense_backward`) writes its gradient while its input, the
         # gradient of the embeddings' output (tokens x h, the weights' dtype), is still alive: autograd frees
@@ -333,8 +461,8 @@ def step_components(spec: ModelSpec, training: TrainingSpec) -> StepComponents:
         e = BYTES_PER_ELEMENT[training.dtype]
         table, into_embedding = spec.vocab_size * spec.hidden_size * e, training.tokens * spec.hidden_size * e
         last_op_scratch += table + max(table, into_embedding) if spec.tie_word_embeddings else into_embedding
-    if trainable_bytes + last_op_scratch + acts.loss_output_bytes > end_grads + end_acts + end_scratch:
-        end_grads, end_acts, end_scratch = trainable_bytes, acts.loss_output_bytes, last_op_scratch
+    if last_op_grads + last_op_scratch + last_op_acts > end_grads + end_acts + end_scratch:
+        end_grads, end_acts, end_scratch = last_op_grads, last_op_acts, last_op_scratch
     return StepComponents(
         weights=weights, base_weights=base_bytes, gradients=trainable_bytes,
         states=optimizer_state_bytes(groups, training.optimizer, step_on_device),
@@ -391,10 +519,11 @@ def single_gpu_phases(c: StepComponents) -> tuple[PhaseMemory, ...]:
         return PhaseMemory(name, MemoryBreakdown(weights_bytes=c.weights, optimizer_states_bytes=c.states, **parts))
 
     return (
-        phase("forward_start", activations_bytes=acts.batch_bytes),
-        phase("forward_end", activations_bytes=c.saved, temporaries_bytes=acts.loss_forward_scratch_bytes),
-        phase("backward_start", activations_bytes=c.saved_at_backward_start,
-              temporaries_bytes=acts.loss_backward_scratch_bytes),
+        phase("forward_start", activations_bytes=acts.batch_bytes + acts.token_moments[0][0],
+              temporaries_bytes=acts.token_moments[0][1]),
+        phase("forward_end", activations_bytes=c.forward_end[0], temporaries_bytes=c.forward_end[1]),
+        phase("backward_start", gradients_bytes=c.backward_start[0], activations_bytes=c.backward_start[1],
+              temporaries_bytes=c.backward_start[2]),
         phase("backward_layers", gradients_bytes=c.head_gradients, activations_bytes=c.layers_activations,
               temporaries_bytes=c.layer_scratch),
         phase("backward_end", gradients_bytes=c.end_gradients, activations_bytes=c.end_activations + acts.batch_bytes,

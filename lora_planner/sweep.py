@@ -33,10 +33,13 @@ Axes (with their defaults): `backend` ["hf"] (hf | builtin), `mode` ["cpu"] (cpu
 `optimizer_impl` ["default"] (PyTorch's default for the device, or foreach | for-loop | fused),
 `attention` ["sdpa"], `experts_implementation` ["grouped_mm"] (MoE models: grouped_mm | eager), `loss` ["hf"]
 (hf | chunked[:N], torchtune's chunked cross-entropy: hf backend only), `collate` ["full"] (full | padding |
-packing: every row full, padded rows with an attention mask, or TRL's packed padding-free row: hf backend only); and
-the scalars `steps` (3) and `seed` (0).
+packing: every row full, padded rows with an attention mask, or TRL's packed padding-free row: hf backend only),
+`adapter` ["lora"] (lora | rslora | dora | bias:lora_only | bias:all | save:embed_tokens,lm_head | tokens:N |
+tokens:embed_tokens=N+lm_head=N: PEFT's use_rslora, use_dora, bias, modules_to_save and trainable_token_indices on top
+of the LoRA axes: hf backend only); and the scalars `steps` (3) and `seed`
+(0).
 
-Rules: for `method = "full"` the adapter axes (r, alpha, target, adapter_dtype) do not apply, so
+Rules: for `method = "full"` the adapter axes (r, alpha, target, adapter_dtype, adapter) do not apply, so
 they collapse to one run; runs of the builtin backend on a family it does not implement (it has
 llama, mistral, qwen2) are left out and reported as skipped, so one grid can cover every family on
 both backends. Every other bad value (unknown key, a target a family lacks, r wider than a layer)
@@ -69,7 +72,9 @@ from lora_planner.catalog import resolve_model
 from lora_planner.config_reader import load_config_json, spec_from_config
 from lora_planner.errors import PlannerInputError
 from lora_planner.files import check_output_file, read_user_text
-from lora_planner.params import check_sequence_length, lora_params, resolve_targets
+from lora_planner.params import (
+    check_sequence_length, lora_params, modules_to_save, resolve_targets, trainable_token_layers,
+)
 from lora_planner.specs import LoraSpec, ModelSpec, TrainingSpec, parse_loss
 
 # The builtin backend's families (`profiler.builtin_model.BUILTIN_FAMILIES`; a test keeps them equal).
@@ -87,10 +92,32 @@ AXES: dict[str, list[Any]] = {
     "backend": ["hf"], "mode": ["cpu"], "method": ["full", "lora"], "precision": ["bf16"], "r": [8],
     "alpha": [], "target": ["default"], "adapter_dtype": ["fp32"], "batch_size": [1], "seq_len": [512],
     "grad_checkpointing": [False], "optimizer": ["adamw"], "optimizer_impl": ["default"], "attention": ["sdpa"],
-    "experts_implementation": ["grouped_mm"], "loss": ["hf"], "collate": ["full"],
+    "experts_implementation": ["grouped_mm"], "loss": ["hf"], "collate": ["full"], "adapter": ["lora"],
 }
 # The `collate` axis: every row full (no mask), padded rows with an attention mask, or a packed padding-free row.
 COLLATES = ("full", "padding", "packing")
+# The `adapter` axis: PEFT's options on top of plain LoRA (`adapter_options`).
+ADAPTERS = ("lora", "rslora", "dora", "bias:lora_only", "bias:all")
+MODULES_TO_SAVE_PREFIX = "save:"
+TOKENS_PREFIX = "tokens:"
+
+
+def adapter_options(value: str) -> dict[str, Any]:
+    """The `LoraSpec` fields an `adapter` axis value sets: "lora" none; "rslora" use_rslora; "dora" use_dora;
+    "bias:lora_only" / "bias:all" PEFT's bias; "save:NAME,NAME" modules_to_save; "tokens:N" trainable_token_indices
+    (PEFT's list form, token ids 0..N-1), "tokens:NAME=N+NAME=N" its dict form."""
+    if value.startswith(TOKENS_PREFIX):
+        parts = value[len(TOKENS_PREFIX):].split("+")
+        pairs = [part.partition("=")[::2] if "=" in part else ("", part) for part in parts]
+        try:
+            return {"trainable_token_indices": tuple((name.strip(), tuple(range(int(count)))) for name, count in pairs)}
+        except ValueError:
+            raise PlannerInputError("adapter", f"cannot read {value!r}",
+                                    'write e.g. "tokens:8" or "tokens:embed_tokens=8+lm_head=8"') from None
+    if value.startswith(MODULES_TO_SAVE_PREFIX):
+        return {"modules_to_save": tuple(n.strip() for n in value[len(MODULES_TO_SAVE_PREFIX):].split(","))}
+    return {"lora": {}, "rslora": {"use_rslora": True}, "dora": {"use_dora": True},
+            "bias:lora_only": {"bias": "lora_only"}, "bias:all": {"bias": "all"}}[value]
 SCALARS: dict[str, int] = {"steps": 3, "seed": 0}
 EXIT_INTERRUPTED = 130
 
@@ -123,6 +150,8 @@ class SweepRun:
         attention = f" {t.attention}" if t.attention != "sdpa" else ""
         loss = f" loss={t.loss}:{t.loss_chunks}" if t.loss != "hf" else ""
         collate = " padded" if t.padding else " packed" if t.packing else ""
+        if t.method != "full" and self.source.get("adapter", "lora") != "lora":
+            adapter += f" {self.source['adapter']}"
         return (f"{self.model} {t.method}{adapter} {self.source['precision']} {self.backend}/{self.mode} "
                 f"b={t.batch_size} s={t.seq_len}{ckpt}{experts}{loss}{collate}{attention}")
 
@@ -174,7 +203,9 @@ def _check_values(where: str, key: str, values: list[Any]) -> None:
         choices = {"backend": BACKENDS, "mode": MODES, "method": PROFILED_METHODS, "precision": tuple(PRECISIONS),
                    "optimizer": PROFILED_OPTIMIZERS, "adapter_dtype": ("fp32", "base"), "attention": ("sdpa", "eager"),
                    "optimizer_impl": ("default", "foreach", "for-loop", "fused"),
-                   "experts_implementation": ("grouped_mm", "eager"), "collate": COLLATES}.get(key)
+                   "experts_implementation": ("grouped_mm", "eager"), "collate": COLLATES,
+                   "adapter": None if str(value).startswith((MODULES_TO_SAVE_PREFIX, TOKENS_PREFIX)) else ADAPTERS,
+                   }.get(key)
         if key == "loss":
             try:
                 parse_loss(value)
@@ -310,12 +341,13 @@ def _expand_block(where: str, label: str, spec: ModelSpec, source: dict[str, Any
     for combo in itertools.product(*(axes[n] or [None] for n in names)):
         v = dict(zip(names, combo))
         if v["method"] == "full":  # adapter axes do not apply: one run
-            v.update(r=AXES["r"][0], alpha=None, target="default", adapter_dtype="fp32")
+            v.update(r=AXES["r"][0], alpha=None, target="default", adapter_dtype="fp32", adapter="lora")
         dtype, amp = PRECISIONS[v["precision"]]
         device = "cuda" if v["mode"] == "cuda" else "cpu"
         targets = _target_tuple(v["target"])
         try:
-            lora = LoraSpec(r=v["r"], alpha=v["alpha"], target_modules=targets, adapter_dtype=v["adapter_dtype"])
+            lora = LoraSpec(r=v["r"], alpha=v["alpha"], target_modules=targets, adapter_dtype=v["adapter_dtype"],
+                            **adapter_options(v["adapter"]))
             training = TrainingSpec(
                 method=v["method"], dtype=dtype, amp=amp, optimizer=v["optimizer"],
                 optimizer_impl=None if v["optimizer_impl"] == "default" else v["optimizer_impl"],
@@ -325,13 +357,15 @@ def _expand_block(where: str, label: str, spec: ModelSpec, source: dict[str, Any
                 padding=v["collate"] == "padding", packing=v["collate"] == "packing")
             if training.method != "full":
                 lora_params(spec, lora.r, targets)  # unknown targets, r wider than a layer
+                modules_to_save(spec, lora.modules_to_save)  # a module the planner does not copy
+                trainable_token_layers(spec, lora)  # a module it cannot wrap, a token past the vocabulary
             else:
                 resolve_targets(spec, None)
             check_sequence_length(spec, training.seq_len)  # GPT-2's learned positions
         except PlannerInputError as err:
             raise _err(f"{where} model {label}", f"{err.field}: {err.problem}", err.fix) from None
         sweep = {"grid": grid_name, "model_source": source, "target": _target_label(v["target"]),
-                 "precision": v["precision"]}
+                 "precision": v["precision"], "adapter": v["adapter"]}
         run = SweepRun(model=label, spec=spec, training=training, backend=v["backend"], mode=v["mode"],
                        steps=scalars["steps"], seed=scalars["seed"], source=sweep)
         if training.method == "qlora" and (v["backend"] != "hf" or v["mode"] == "fake"):
@@ -348,6 +382,9 @@ def _expand_block(where: str, label: str, spec: ModelSpec, source: dict[str, Any
             continue
         if v["loss"] != "hf" and v["backend"] != "hf":
             yield (run.label, "the chunked loss runs on the hf backend (the builtin model has no output layer apart)")
+            continue
+        if v["adapter"] != "lora" and v["backend"] != "hf":
+            yield (run.label, "PEFT's rslora / dora / bias / modules_to_save / trainable tokens run on the hf backend")
             continue
         if v["collate"] != "full" and v["backend"] != "hf":
             yield (run.label, "padded and packed batches run on the hf backend (the builtin model takes no mask)")

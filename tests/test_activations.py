@@ -926,3 +926,49 @@ def test_eager_experts_stack_gradients_by_hand(method, lora, routing, trained):
     assert eager_stack_gradient_bytes(flow, adapted) == sum(trained) + largest + largest // 8
     assert eager_stack_gradient_bytes(flow, adapted, in_place=False) == sum(trained) + 2 * largest
 
+
+
+# ---------------------------------------------------------------------------------------------- LoRA outside layers
+
+def _vocab_llama(vocab: int = 32000):
+    return spec_from_config({"model_type": "llama", "vocab_size": vocab, "hidden_size": 64, "intermediate_size": 176,
+                             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}, "v-llama")
+
+
+@pytest.mark.parametrize("settings, expected", [
+    # T = 2 x 48 = 96 tokens, r = 8: A's gathered rows, tokens x r fp32 adapters
+    (dict(), [("embed_tokens.lora_A_output", 96 * 8 * 4)]),
+    # autocast: the 16-bit copies of A's rows (96 x 8 x 2) and of B (h x r = 64 x 8 x 2)
+    (dict(dtype="fp32", amp="bf16"), [("embed_tokens.lora_A_output_autocast_copy", 96 * 8 * 2),
+                                      ("embed_tokens.lora_B_autocast_copy", 64 * 8 * 2)]),
+    # checkpointing: the base output kept as a leaf (96 x 64, bf16 stream)
+    (dict(grad_checkpointing=True), [("embed_tokens.lora_A_output", 96 * 8 * 4),
+                                     ("embed_tokens.base_output_leaf", 96 * 64 * 2)]),
+])
+def test_embedding_lora_saved_hand_count(settings, expected):
+    from lora_planner.activations import embedding_lora_saved, make_flow
+
+    t = TrainingSpec(method="lora", device="cpu", batch_size=2, seq_len=48, **settings,
+                     lora=LoraSpec(r=8, target_modules=("embed_tokens", "q_proj")))
+    assert [(s.name, s.nbytes) for s in embedding_lora_saved(make_flow(_vocab_llama(1000), t))] == expected
+
+
+@pytest.mark.parametrize("settings, forward, backward", [
+    # bf16 base, fp32 adapters, T = 2, V = 32,000, r = 8: forward base logits (2) + B's output and its scaled copy (4
+    # each) per logit; backward B's gradient V x r x 4, the loss value, the logits' gradient (2) + its scaled copy (4),
+    # the input gradient T x r x 4, the seed
+    (dict(), (0, 2 * 32000 * 10), (32000 * 8 * 4, 4, 2 * 32000 * 6 + 2 * 8 * 4 + 4)),
+    # fp32: 12 and 8 bytes per logit
+    (dict(dtype="fp32"), (0, 2 * 32000 * 12), (32000 * 8 * 4, 4, 2 * 32000 * 8 + 2 * 8 * 4 + 4)),
+    # autocast: 16-bit logits, B's output and scaled copy; B's 16-bit copy and A x's released, their gradients live
+    (dict(dtype="fp32", amp="bf16"), (0, 2 * 32000 * 6),
+     (32000 * 8 * 4, 4 - (32000 + 2) * 8 * 2, (32000 + 2) * 8 * 2 + 2 * 32000 * 2 + 4)),
+])
+def test_head_lora_moments_hand_count(settings, forward, backward):
+    from lora_planner.activations import head_lora_moments, make_flow
+
+    t = TrainingSpec(method="lora", device="cpu", batch_size=1, seq_len=2, **settings,
+                     lora=LoraSpec(r=8, target_modules=("lm_head", "q_proj")))
+    assert head_lora_moments(make_flow(_vocab_llama(), t)) == (forward, backward)
+    no_head = TrainingSpec(method="lora", device="cpu", batch_size=1, seq_len=2, **settings)
+    assert head_lora_moments(make_flow(_vocab_llama(), no_head)) == ((0, 0), (0, 0, 0))

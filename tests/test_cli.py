@@ -509,3 +509,43 @@ def test_recommend_runs_for_gpt_oss(capsys):
     assert main(["recommend", "--model", "gpt-oss-20b", "--gpu", "h100-80gb"]) == 0
     out = capsys.readouterr().out
     assert "LoRA" in out and "MXFP4" in out and "Full fine-tuning does not fit" in out
+
+
+def test_bias_flag(capsys):
+    """--bias lora_only|all (PEFT's bias): echoed in --json and the assumptions line; Qwen2.5-7B's q / k / v biases
+    become trainable (lora_only: q and v, the default targets; all: k too); a misspelling: exit 2 naming the choices."""
+    base = ["--model", "qwen2.5-7b", "--method", "lora"]
+    counts = {}
+    for bias in ("none", "lora_only", "all"):
+        doc = run_json(capsys, *base, "--bias", bias)
+        assert doc["inputs"]["bias"] == bias
+        counts[bias] = doc["methods"]["lora"]["trainable_params"]
+    assert counts["lora_only"] - counts["none"] == 28 * (3584 + 512)
+    assert counts["all"] - counts["none"] == 28 * (3584 + 512 + 512)
+    assert main([*base, "--bias", "all"]) == 0
+    assert "every bias trained" in " ".join(capsys.readouterr().out.split())
+    assert main([*base, "--bias", "some"]) == 2
+    assert "bias: invalid choice: 'some' (choose from 'none', 'lora_only', 'all')" in capsys.readouterr().err
+
+
+def test_trainable_token_indices_flag(capsys):
+    """--trainable-token-indices (PEFT's trainable_token_indices): 256 new tokens on Llama-3.1-8B LoRA at 4,096 tokens
+    with checkpointing cost 0.02 GiB (21.93 -> 21.95) where modules_to_save embed_tokens,lm_head costs 5.90 (27.83);
+    training the same rows of lm_head too (the dict form) keeps its merged V x h matrix and input: 22.98; ranges and
+    lists are read, counts echoed; a range past any vocabulary: one line, exit 2."""
+    base = ["--model", "llama-3.1-8b", "--method", "lora", "--seq-len", "4096", "--grad-checkpointing"]
+    gib = {}
+    for label, extra in [("none", []), ("list", ["--trainable-token-indices", "128000-128255"]),
+                         ("dict", ["--trainable-token-indices", "embed_tokens:128000-128255;lm_head:128000-128127,"
+                                                                "128128-128255"])]:
+        doc = run_json(capsys, *base, *extra)
+        gib[label] = round(doc["methods"]["lora"]["peak_allocated_bytes"] / 2**30, 2)
+        echoed = doc["inputs"]["trainable_token_indices"]
+    assert gib == {"none": 21.93, "list": 21.95, "dict": 22.98}
+    assert echoed == {"embed_tokens": 256, "lm_head": 256}
+    assert main([*base, "--trainable-token-indices", "5,9,12-13"]) == 0
+    assert "trainable tokens 4 on the input embeddings" in " ".join(capsys.readouterr().out.split())
+    assert main([*base, "--trainable-token-indices", "0-99999999999"]) == 2
+    assert "is past any vocabulary" in capsys.readouterr().err
+    assert main([*base, "--trainable-token-indices", "embed_tokens:"]) == 2
+    assert "trainable-token-indices: cannot read" in capsys.readouterr().err

@@ -337,3 +337,21 @@ def test_embedding_tensors_are_marked_for_the_trainers_32_bit_8bit_optimizer_rul
 
     groups = trainable_groups(resolve_model("llama-3-8b"), TrainingSpec(method="full", optimizer="adamw8bit"))
     assert [g.shape for g in groups if g.embedding] == [(128256, 4096)]
+
+
+def test_lora_bias_is_trained_not_stored_twice():
+    """PEFT's bias="all" on Qwen2.5-7B (q / k / v biases, 28 layers x (3,584 + 512 + 512) = 129,024, bf16): the weights
+    stay as they are (the biases are base parameters), the gradients and the fused AdamW states grow by 2 and 4 bytes
+    per bias (+ the fp32 `step` fused AdamW keeps on the device per tensor: 84 of them), and nothing is saved for
+    backward (a bias's gradient is its output's, summed)."""
+    spec = resolve_model("qwen2.5-7b")
+    base = TrainingSpec(method="lora", seq_len=1024)
+    plain, biased = estimate_memory(spec, base), estimate_memory(spec, replace(base, lora=LoraSpec(bias="all")))
+    assert biased.trainable_params - plain.trainable_params == 129_024
+    by_phase = {p.phase: p.breakdown for p in plain.phases}
+    for p in biased.phases:
+        assert p.breakdown.weights_bytes == by_phase[p.phase].weights_bytes
+        assert p.breakdown.optimizer_states_bytes - by_phase[p.phase].optimizer_states_bytes == 2 * 129_024 * 2 + 84 * 4
+    end = {p.phase: p.breakdown for p in biased.phases}["optimizer_step"]
+    assert end.gradients_bytes - by_phase["optimizer_step"].gradients_bytes == 129_024 * 2
+    assert biased.activations.model == plain.activations.model

@@ -999,3 +999,70 @@ def test_modules_to_save_resolution():
         with pytest.raises(PlannerInputError) as err:
             modules_to_save(resolve_model("llama-3.1-8b"), names)
         assert err.value.field == "modules_to_save" and fragment in err.value.problem
+
+
+@pytest.mark.parametrize("model, bias, targets, expected", [
+    # Qwen2: q / k / v carry biases; lora_only trains those of the adapted q and v, all every one (no norm bias)
+    ("qwen2.5-7b", "lora_only", None, {"model.layers.0.self_attn.q_proj": 3584,
+                                       "model.layers.0.self_attn.v_proj": 512}),
+    ("qwen2.5-7b", "all", ("o_proj",), {"model.layers.0.self_attn.q_proj": 3584, "model.layers.0.self_attn.k_proj": 512,
+                                        "model.layers.0.self_attn.v_proj": 512}),
+    ("llama-3.1-8b", "all", None, {}),  # no biases: PEFT trains nothing more, and neither does the plan
+    ("qwen2.5-7b", "none", None, {}),
+])
+def test_trained_biases(model, bias, targets, expected):
+    """PEFT's `bias` (`_mark_only_adapters_as_trainable`): which base biases train, one entry per module."""
+    from lora_planner.params import bias_numel, trained_biases
+
+    spec = resolve_model(model)
+    found = trained_biases(spec, LoraSpec(bias=bias, target_modules=targets))
+    assert {m.path: bias_numel(m) for m, _ in found} == expected
+    assert all(len(layers) == spec.num_layers for _, layers in found)
+
+
+def test_trained_biases_all_includes_norms():
+    """GPT-2 under bias="all": every Conv1D's bias and both LayerNorms' of each layer, and ln_f's outside them."""
+    from lora_planner.params import bias_numel, trained_biases
+
+    spec = resolve_model("gpt2")
+    found = {m.path: (bias_numel(m), len(layers)) for m, layers in trained_biases(spec, LoraSpec(bias="all"))}
+    assert found["transformer.h.0.ln_1"] == (768, 12) and found["transformer.ln_f"] == (768, 0)
+    assert found["transformer.h.0.mlp.c_fc"] == (3072, 12)
+    # GPT-2 124M: per layer c_attn 2,304 + c_proj 768 + c_fc 3,072 + c_proj 768 + two LayerNorms 2 x 768; ln_f 768
+    assert sum(n * max(count, 1) for n, count in found.values()) == 12 * (2304 + 768 + 3072 + 768 + 2 * 768) + 768
+
+
+@pytest.mark.parametrize("model, indices, expected", [
+    # the list form: the input embeddings; a tied model's lm_head with them, sharing their delta
+    ("llama-3.1-8b", (("", tuple(range(128000, 128256))),), [("model.embed_tokens", 256, False)]),
+    ("qwen2.5-0.5b", (("", (1, 2, 3)),), [("model.embed_tokens", 3, False), ("lm_head", 3, True)]),
+    # the dict form: each named module its own delta; tied with equal indices: shared, with different ones: apart
+    ("llama-3.1-8b", (("embed_tokens", (1, 2)), ("lm_head", (1, 2, 3))),
+     [("model.embed_tokens", 2, False), ("lm_head", 3, False)]),
+    ("qwen2.5-0.5b", (("embed_tokens", (1, 2)), ("lm_head", (1, 2))),
+     [("model.embed_tokens", 2, False), ("lm_head", 2, True)]),
+    ("qwen2.5-0.5b", (("embed_tokens", (1, 2)), ("lm_head", (1, 2, 3))),
+     [("model.embed_tokens", 2, False), ("lm_head", 3, False)]),
+    ("qwen2.5-0.5b", (("lm_head", (1, 2)),), [("lm_head", 2, False)]),  # the embeddings unwrapped: no tying
+    ("llama-3.1-8b", (("", (5, 5, 6)),), [("model.embed_tokens", 2, False)]),  # repeated ids count once
+])
+def test_trainable_token_layers(model, indices, expected):
+    """PEFT 0.21.2's `set_additional_trainable_modules` for `trainable_token_indices`."""
+    from lora_planner.params import trainable_token_layers
+
+    layers = trainable_token_layers(resolve_model(model), LoraSpec(trainable_token_indices=indices))
+    assert [(layer.module.path, layer.tokens, layer.shared) for layer in layers] == expected
+
+
+@pytest.mark.parametrize("indices, mts, fragment", [
+    ((("wte", (1,)),), None, "no embedding or output layer named 'wte'"),
+    ((("", (128256,)),), None, "past llama-3.1-8b's vocabulary"),
+    ((("embed_tokens", (1,)),), ("embed_tokens",), "both in modules_to_save"),
+])
+def test_trainable_token_layers_refused(indices, mts, fragment):
+    from lora_planner.params import trainable_token_layers
+
+    with pytest.raises(PlannerInputError) as err:
+        trainable_token_layers(resolve_model("llama-3.1-8b"),
+                               LoraSpec(trainable_token_indices=indices, modules_to_save=mts))
+    assert err.value.field == "trainable_token_indices" and fragment in err.value.problem

@@ -394,3 +394,27 @@ def test_loss_axis_keys_labels_and_backend():
     chunked = next(r for r in grid.runs if r.training.loss == "chunked")
     assert chunked.label.endswith("loss=chunked:4") and chunked.to_request().key.endswith("|loss:chunked:4")
     assert len(grid.skipped) == 1 and "hf backend" in grid.skipped[0][1]
+
+
+def test_adapter_axis_sets_peft_options():
+    """The grid's `adapter` axis (issue 13): PEFT's use_rslora / use_dora / bias / modules_to_save /
+    trainable_token_indices on LoRA runs, each its own key and label; full runs collapse to one; the builtin backend is
+    left out; an unknown value or an unreadable token count is one error naming the block."""
+    grid = parse_grid(f"[models.tl]\nconfig = {TINY_LLAMA}\n[axes]\nmode = 'cpu'\n"
+                      "[[grid]]\nmethod = ['full', 'lora']\nbackend = ['hf', 'builtin']\n"
+                      "adapter = ['lora', 'dora', 'bias:all', 'save:lm_head', 'tokens:4', "
+                      "'tokens:embed_tokens=2+lm_head=3']\n")
+    lora = {r.source["adapter"]: r.training.lora for r in grid.runs
+            if r.training.method == "lora" and r.backend == "hf"}
+    assert lora["dora"].use_dora and lora["bias:all"].bias == "all"
+    assert lora["save:lm_head"].modules_to_save == ("lm_head",)
+    assert lora["tokens:4"].trainable_token_indices == (("", (0, 1, 2, 3)),)
+    assert lora["tokens:embed_tokens=2+lm_head=3"].trainable_token_indices == (("embed_tokens", (0, 1)),
+                                                                              ("lm_head", (0, 1, 2)))
+    # full on each backend (the adapter axis collapses), LoRA on hf with each option, plain LoRA on builtin
+    assert len({r.to_request().key for r in grid.runs}) == len(grid.runs) == 2 + 6 + 1
+    assert len(grid.skipped) == 5 and all("builtin" in label and "hf backend" in why for label, why in grid.skipped)
+    for value, fragment in [("loha", "unknown value 'loha'"), ("tokens:x", "cannot read 'tokens:x'")]:
+        with pytest.raises(PlannerInputError) as err:
+            parse_grid(f"[models.tl]\nconfig = {TINY_LLAMA}\n[[grid]]\nmethod = 'lora'\nadapter = ['{value}']\n")
+        assert fragment in err.value.problem

@@ -143,7 +143,7 @@ def attention_inputs(flow: Flow, x_needs_grad: bool) -> tuple[list[SavedTensor],
         own, keeps = flow.linear(ATTN + down, es, x_needs_grad)
         saved.extend(own)
         keeps_normed |= keeps
-        down_grad = x_needs_grad or flow.adapted(ATTN + down)
+        down_grad = x_needs_grad or flow.trains(ATTN + down)
         for item in rms_norm_of(flow, norm_name, tokens * width, width, e, down_grad):
             if item.name.endswith("fp32_input") and e == FP32:
                 item = SavedTensor(item.name, tokens * (width + rest) * FP32)
@@ -152,7 +152,7 @@ def attention_inputs(flow: Flow, x_needs_grad: bool) -> tuple[list[SavedTensor],
         saved.extend(own)
         if keeps:
             saved.append(SavedTensor(f"{norm_name}.output", tokens * width * e))
-        return down_grad or flow.adapted(ATTN + up)
+        return down_grad or flow.trains(ATTN + up)
 
     if spec.q_lora_rank:
         q_grad = low_rank("q_a_proj", "q_a_layernorm", "q_b_proj", spec.q_lora_rank)
@@ -160,7 +160,7 @@ def attention_inputs(flow: Flow, x_needs_grad: bool) -> tuple[list[SavedTensor],
         own, keeps = flow.linear(ATTN + "q_proj", es, x_needs_grad)
         saved += own
         keeps_normed |= keeps
-        q_grad = x_needs_grad or flow.adapted(ATTN + "q_proj")
+        q_grad = x_needs_grad or flow.trains(ATTN + "q_proj")
     kv_grad = low_rank("kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj", spec.kv_lora_rank, spec.head_dim)
     if keeps_normed:
         saved.append(SavedTensor("input_layernorm.output", tokens * spec.hidden_size * es))

@@ -64,8 +64,8 @@ def _head_norm(flow: Flow, name: str, width: int, x_needs_grad: bool) -> list[Sa
 def qk_head_norms(flow: Flow, x_needs_grad: bool) -> list[SavedTensor]:
     """`q_norm` / `k_norm` on the projections' outputs (see the module docstring)."""
     spec = flow.spec
-    q_grad = x_needs_grad or flow.adapted(PREFIX + "self_attn.q_proj")
-    k_grad = x_needs_grad or flow.adapted(PREFIX + "self_attn.k_proj")
+    q_grad = x_needs_grad or flow.trains(PREFIX + "self_attn.q_proj")
+    k_grad = x_needs_grad or flow.trains(PREFIX + "self_attn.k_proj")
     return (_head_norm(flow, "self_attn.q_norm", spec.q_size, q_grad)
             + _head_norm(flow, "self_attn.k_norm", spec.kv_size, k_grad))
 

@@ -60,14 +60,14 @@ def layer(flow: Flow, x_needs_grad: bool) -> list[SavedTensor]:
     saved += own
     if keeps:
         saved.append(SavedTensor("ln_1.output", tokens * h * flow.e_stream))
-    attn_needs_grad = x_needs_grad or flow.adapted(p + "attn.c_attn")
+    attn_needs_grad = x_needs_grad or flow.trains(p + "attn.c_attn")
     saved += _attention(flow, attn_needs_grad)
     own, keeps = flow.linear(p + "attn.c_proj", e, attn_needs_grad)
     saved += own
     fused_output_reused = flow.t.attention == "sdpa" and not (flow.t.device == "cpu" and spec.attention_dropout > 0)
     if keeps and not (fused_output_reused and attn_needs_grad):
         saved.append(SavedTensor("attn.c_proj.input", tokens * h * e))  # heads merged into a copy
-    mid_needs_grad = attn_needs_grad or flow.adapted(p + "attn.c_proj")
+    mid_needs_grad = attn_needs_grad or flow.trains(p + "attn.c_proj")
     saved += dropout_mask(flow, "attn.resid_dropout", tokens * h, spec.dropout, mid_needs_grad, e)
     saved += norm(flow, "ln_2", mid_needs_grad)
     mlp_saved, keeps_x, out_grad = plain_mlp(flow, p + "mlp.c_fc", p + "mlp.c_proj", mid_needs_grad)

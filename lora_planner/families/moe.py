@@ -202,7 +202,7 @@ def routed_mlp(flow: Flow, prefix: str, x_needs_grad: bool, input_name: str,
         own, gate_keeps = flow.linear(gate_path, flow.e_stream, x_needs_grad)
         saved += own
         keeps_x = keeps_x or gate_keeps
-        gate_grad = x_needs_grad or flow.adapted(gate_path)
+        gate_grad = x_needs_grad or flow.trains(gate_path)
         if gate_grad or shared_grad:  # sigmoid keeps its output; the product keeps both factors it needs
             saved.append(SavedTensor("mlp.shared_expert_gate.sigmoid", tokens * e))
         if gate_grad:

@@ -115,7 +115,7 @@ def layer(flow: Flow, x_needs_grad: bool) -> list[SavedTensor]:
     saved += own
     if keeps:
         saved.append(SavedTensor("post_attention_layernorm.output", tokens * h * flow.e_stream))
-    inner_grad = mid_needs_grad or flow.adapted(p + "mlp.gate_up_proj")
+    inner_grad = mid_needs_grad or flow.trains(p + "mlp.gate_up_proj")
     inter = tokens * spec.intermediate_size * e
     if inner_grad and flow.liger:
         # Liger's `LigerPhi3SwiGLUMLP`: `chunk(2)` views made contiguous (`ensure_contiguous`: copies) for
@@ -128,7 +128,7 @@ def layer(flow: Flow, x_needs_grad: bool) -> list[SavedTensor]:
     saved += own
     if keeps:
         saved.append(SavedTensor("mlp.down_proj.input", inter))
-    out_grad = inner_grad or flow.adapted(p + "mlp.down_proj")
+    out_grad = inner_grad or flow.trains(p + "mlp.down_proj")
     saved += dropout_mask(flow, "mlp.resid_dropout", tokens * h, spec.dropout, out_grad, e)
     return saved
 

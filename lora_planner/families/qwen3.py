@@ -47,8 +47,8 @@ def layout(spec: ModelSpec) -> list[Module]:
 def qk_head_norms(flow: Flow, x_needs_grad: bool) -> list[SavedTensor]:
     """`q_norm` and `k_norm` on the projections' outputs (compute dtype), one row per head and token."""
     spec, tokens, e = flow.spec, flow.tokens, flow.e_compute
-    q_grad = x_needs_grad or flow.adapted(PREFIX + "self_attn.q_proj")
-    k_grad = x_needs_grad or flow.adapted(PREFIX + "self_attn.k_proj")
+    q_grad = x_needs_grad or flow.trains(PREFIX + "self_attn.q_proj")
+    k_grad = x_needs_grad or flow.trains(PREFIX + "self_attn.k_proj")
     return (rms_norm_of(flow, "self_attn.q_norm", tokens * spec.q_size, spec.head_dim, e, q_grad)
             + rms_norm_of(flow, "self_attn.k_norm", tokens * spec.kv_size, spec.head_dim, e, k_grad))
 

@@ -55,6 +55,28 @@ class Flow:
             from lora_planner.params import modules_to_save  # lazily: params imports the families
 
             self.trained_paths = frozenset(m.path for m in modules_to_save(spec, training.lora.modules_to_save))
+        # trainable tokens: the wrapped modules run on a merged matrix that needs a gradient (the output layer keeps its
+        # input, the embeddings give layer 0 an input gradient), as a trained copy's would
+        self.token_layers: tuple = ()
+        if training.lora.trainable_token_indices and training.method != "full":
+            from lora_planner.params import trainable_token_layers
+
+            self.token_layers = trainable_token_layers(spec, training.lora)
+            self.trained_paths |= frozenset(layer.module.path for layer in self.token_layers)
+        # PEFT's `bias`: the base biases that train give their module's output a gradient (no saved tensor of their
+        # own: a bias's gradient is the sum of the output's); "all" trains the norms' too (`layer_norm`)
+        self.bias_paths: frozenset[str] = frozenset()
+        self.norm_bias_trains = False
+        self.linear_bias_numel = 0
+        if training.lora.bias != "none" and training.method != "full":
+            from lora_planner.params import trained_biases
+
+            biases = trained_biases(spec, training.lora)
+            self.bias_paths = frozenset(m.path for m, _ in biases)
+            self.norm_bias_trains = any(m.kind == "norm" for m, _ in biases)
+            # the linears' trained bias elements, every layer's: autocast caches their 16-bit casts for the forward
+            self.linear_bias_numel = sum(m.out_features * max(len(layers), 1) for m, layers in biases
+                                         if m.kind == "linear")
         # Liger's kernels replace the family's norms and gated MLP (`Family.liger` "modelled"), and the loss that runs
         self.liger = liger_patches(family, training)
         self.loss = loss_that_runs(family, training)
@@ -99,6 +121,10 @@ class Flow:
 
     def adapted(self, path: str) -> bool:
         return path in self.adapted_paths
+
+    def trains(self, path: str) -> bool:
+        """Whether the module's output needs a gradient of its own: an adapter, or a trained bias."""
+        return path in self.adapted_paths or path in self.bias_paths
 
     def linear(self, path: str, x_bytes_per_element: int, x_needs_grad: bool) -> tuple[list[SavedTensor], bool]:
         """What a (possibly adapted) linear saves for its input x: (own tensors, whether x itself is kept).
@@ -271,8 +297,9 @@ def rms_norm_of(flow: Flow, name: str, numel: int, width: int, x_e: int, x_needs
 
 def layer_norm(flow: Flow, name: str, x_needs_grad: bool) -> list[SavedTensor]:
     """nn.LayerNorm keeps its input and the per-token mean and 1/std: in the input's dtype on CPU (measured),
-    in fp32 on CUDA (`layer_norm_cuda` allocates them in the accumulation type)."""
-    if not (x_needs_grad or flow.full):
+    in fp32 on CUDA (`layer_norm_cuda` allocates them in the accumulation type). A trained bias alone (LoRA's
+    `bias="all"`) keeps the same: `native_layer_norm`'s one backward formula saves all three."""
+    if not (x_needs_grad or flow.full or flow.norm_bias_trains):
         return []
     tokens, h, e = flow.tokens, flow.spec.hidden_size, flow.e_stream
     stats = FP32 if flow.t.device == "cuda" else e
@@ -505,7 +532,7 @@ def attention_projections(flow: Flow, prefix: str, projections: tuple[str, ...],
         own, keeps = flow.linear(prefix + proj, flow.e_stream, x_needs_grad)
         saved += own
         keeps_input |= keeps
-    grads = tuple(x_needs_grad or flow.adapted(prefix + proj) for proj in projections)
+    grads = tuple(x_needs_grad or flow.trains(prefix + proj) for proj in projections)
     return saved, keeps_input, grads
 
 
@@ -533,7 +560,7 @@ def output_projection(flow: Flow, path: str, width: int, attn_needs_grad: bool,
     if keeps and not (reads_saved_output and attn_needs_grad):
         name = path.split("layers.0.")[-1].split("h.0.")[-1]
         own.append(SavedTensor(f"{name}.input", flow.tokens * width * flow.e_attention))
-    return own, attn_needs_grad or flow.adapted(path)
+    return own, attn_needs_grad or flow.trains(path)
 
 
 # ---------------------------------------------------------------------------------------------- MLPs
@@ -554,14 +581,14 @@ def plain_mlp(flow: Flow, fc1: str, fc2: str, x_needs_grad: bool) -> tuple[list[
     """fc1 -> activation -> fc2 (Phi, GPT-2, BLOOM): (saved, whether fc1 keeps its input, whether the
     output needs a gradient)."""
     saved, keeps_x = flow.linear(fc1, flow.e_stream, x_needs_grad)
-    inner_grad = x_needs_grad or flow.adapted(fc1)
+    inner_grad = x_needs_grad or flow.trains(fc1)
     if inner_grad:
         saved += gelu_saved(flow)
     own, keeps = flow.linear(fc2, flow.e_compute, inner_grad)
     saved += own
     if keeps:
         saved.append(SavedTensor("mlp.fc2_input", flow.tokens * flow.spec.intermediate_size * flow.e_compute))
-    return saved, keeps_x, inner_grad or flow.adapted(fc2)
+    return saved, keeps_x, inner_grad or flow.trains(fc2)
 
 
 def gated_mlp(flow: Flow, prefix: str, x_needs_grad: bool, input_name: str,
@@ -578,8 +605,8 @@ def gated_mlp(flow: Flow, prefix: str, x_needs_grad: bool, input_name: str,
         keeps_input |= keeps
     if keeps_input:
         saved.append(SavedTensor(input_name, tokens * spec.hidden_size * flow.e_stream))
-    gate_grad = x_needs_grad or flow.adapted(prefix + "gate_proj")
-    up_grad = x_needs_grad or flow.adapted(prefix + "up_proj")
+    gate_grad = x_needs_grad or flow.trains(prefix + "gate_proj")
+    up_grad = x_needs_grad or flow.trains(prefix + "up_proj")
     inter = tokens * (width or spec.intermediate_size) * e
     if flow.liger and (gate_grad or up_grad):
         # Liger's `LigerSiLUMulFunction` / `LigerGELUMulFunction` (ops/swiglu.py, ops/geglu.py:
@@ -596,5 +623,5 @@ def gated_mlp(flow: Flow, prefix: str, x_needs_grad: bool, input_name: str,
     saved += own
     if keeps:
         saved.append(SavedTensor("mlp.down_proj.input", inter))
-    return saved, gate_grad or up_grad or flow.adapted(prefix + "down_proj")
+    return saved, gate_grad or up_grad or flow.trains(prefix + "down_proj")
 

@@ -27,6 +27,15 @@ from lora_planner.specs import ModelSpec, TrainingSpec
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def peft_token_indices(pairs: tuple[tuple[str, tuple[int, ...]], ...] | None) -> Any:
+    """`LoraSpec.trainable_token_indices` as PEFT's `trainable_token_indices`: a list, or a dict by module name."""
+    if not pairs:
+        return None
+    if len(pairs) == 1 and pairs[0][0] == "":
+        return list(pairs[0][1])
+    return {name: list(indices) for name, indices in pairs}
+
+
 def require_hf() -> tuple[Any, Any]:
     """Import transformers and peft, or say how to get them."""
     # bitsandbytes (imported by peft when installed) logs a warning at import on AVX512-BF16 CPUs when the optional
@@ -207,8 +216,9 @@ def _apply_peft_lora(model: nn.Module, spec: ModelSpec, training: TrainingSpec) 
     targets = lora.target_modules or PEFT_DEFAULT_TARGETS[spec.family]
     target_modules: Any = ALL_LINEAR if targets == (ALL_LINEAR,) else list(targets)
     config = peft.LoraConfig(r=lora.r, lora_alpha=lora.effective_alpha, target_modules=target_modules,
-                             lora_dropout=0.0, bias="none", use_rslora=lora.use_rslora, use_dora=lora.use_dora,
+                             lora_dropout=0.0, bias=lora.bias, use_rslora=lora.use_rslora, use_dora=lora.use_dora,
                              modules_to_save=list(lora.modules_to_save) if lora.modules_to_save else None,
+                             trainable_token_indices=peft_token_indices(lora.trainable_token_indices),
                              layers_to_transform=list(lora.layers_to_transform) if lora.layers_to_transform else None,
                              target_parameters=list(lora.target_parameters) if lora.target_parameters else None)
     device = next(model.parameters()).device

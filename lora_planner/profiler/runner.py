@@ -79,7 +79,10 @@ class ProfileRequest:
         targets = ",".join(lora.target_modules or ("default",))
         adapter = f"r{lora.r}-a{lora.effective_alpha:g}-{targets}-{lora.adapter_dtype}" \
             + ("-rslora" if lora.use_rslora else "") + ("-dora" if lora.use_dora else "") \
-            + ("-save:" + ",".join(lora.modules_to_save) if lora.modules_to_save else "") if t.method != "full" else "-"
+            + ("-save:" + ",".join(lora.modules_to_save) if lora.modules_to_save else "") \
+            + (f"-bias:{lora.bias}" if lora.bias != "none" else "") \
+            + ("-tokens:" + ";".join(f"{name}={len(ids)}" for name, ids in lora.trainable_token_indices)
+               if lora.trainable_token_indices else "") if t.method != "full" else "-"
         parts = [self.model, self.backend, self.mode, t.method, adapter, t.dtype, t.amp or "-", t.optimizer,
                  t.resolved_optimizer_impl, t.batch_size, t.seq_len, int(t.grad_checkpointing), t.attention, self.steps]
         if t.gpus > 1:
@@ -257,6 +260,8 @@ def check_request(request: ProfileRequest) -> None:
     if t.lora.modules_to_save and t.method != "full" and request.backend != "hf":
         raise PlannerInputError("modules_to_save", "the builtin backend has no modules_to_save",
                                 "profile it with --backend hf")
+    if t.lora.bias != "none" and t.method != "full" and request.backend != "hf":
+        raise PlannerInputError("bias", "the builtin backend trains no base biases", "profile it with --backend hf")
     if t.lora.use_dora and t.method != "full" and request.backend != "hf":
         raise PlannerInputError("use_dora", "the builtin backend has no DoRA", "profile DoRA with --backend hf")
     if t.liger:
@@ -561,6 +566,9 @@ def base_record(request: ProfileRequest) -> dict[str, Any]:
             "use_rslora": t.lora.use_rslora if t.method != "full" else None,
             "use_dora": t.lora.use_dora if t.method != "full" else None,
             "modules_to_save": list(t.lora.modules_to_save) if t.lora.modules_to_save and t.method != "full" else None,
+            "bias": t.lora.bias if t.method != "full" else None,
+            "trainable_token_indices": [[name, list(ids)] for name, ids in t.lora.trainable_token_indices]
+            if t.lora.trainable_token_indices and t.method != "full" else None,
             # what was asked (None: PEFT's default), which layers, and what that adapts, layer by layer
             "targets_asked": list(lora.target_modules) if lora.target_modules else None,
             "layers_to_transform": list(lora.layers_to_transform) if lora.layers_to_transform else None,

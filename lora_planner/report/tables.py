@@ -86,14 +86,20 @@ def training_for_record(record: dict[str, Any]) -> TrainingSpec | None:
     s = record["settings"]
     try:
         layers = s.get("layers_to_transform")
+        saved = s.get("modules_to_save")
         lora = LoraSpec(r=s.get("r") or 8, alpha=s.get("alpha"), target_modules=record_targets(record),
                         adapter_dtype=s.get("adapter_dtype", "fp32"),
-                        layers_to_transform=tuple(layers) if layers else None) if s["method"] != "full" else LoraSpec()
+                        layers_to_transform=tuple(layers) if layers else None,
+                        use_rslora=bool(s.get("use_rslora")), use_dora=bool(s.get("use_dora")),
+                        modules_to_save=tuple(saved) if saved else None, bias=s.get("bias") or "none") \
+            if s["method"] != "full" else LoraSpec()
+        loss = {"loss": s.get("loss", "hf")} | ({"loss_chunks": s["loss_chunks"]} if s.get("loss_chunks") else {})
         return TrainingSpec(method=s["method"], dtype=s.get("dtype", "bf16"), amp=s.get("amp"),
                             optimizer=s.get("optimizer", "adamw"), optimizer_impl=s.get("optimizer_impl"),
                             batch_size=s["batch_size"], seq_len=s["seq_len"],
                             grad_checkpointing=bool(s.get("grad_checkpointing")), device=record.get("device", "cpu"),
-                            attention=s.get("attention", "sdpa"), lora=lora)
+                            attention=s.get("attention", "sdpa"), lora=lora, padding=bool(s.get("padding")),
+                            packing=bool(s.get("packing")), **loss)
     except (PlannerInputError, TypeError, KeyError):
         return None
 

@@ -57,6 +57,10 @@ TINY = {
                                     "intermediate_size": 176, "num_hidden_layers": 2, "num_attention_heads": 4,
                                     "num_key_value_heads": 2, "residual_dropout": 0.1, "embedding_dropout": 0.1,
                                     "attention_dropout": 0.1}, "tiny-starcoder2"),
+    # a 32k vocabulary over a 64-wide model: with a few tokens, the output layer's and the embeddings' moments decide
+    "llama_vocab": spec_from_config({"model_type": "llama", "vocab_size": 32000, "hidden_size": 64,
+                                     "intermediate_size": 176, "num_hidden_layers": 2, "num_attention_heads": 4,
+                                     "num_key_value_heads": 2}, "tiny-llama-32k-vocab"),
     # qwen3: heads x head_dim (128) above hidden, as in Qwen3-0.6B; tied embeddings
     "qwen3": spec_from_config({"model_type": "qwen3", "vocab_size": 1000, "hidden_size": 64, "intermediate_size": 176,
                                "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
@@ -267,6 +271,46 @@ CPU_CASES = [
     ("llama", "hf", dict(method="lora", dtype="fp32", amp="bf16", lora=LoraSpec(r=8, modules_to_save=("lm_head",)))),
     ("llama", "hf", dict(method="lora", grad_checkpointing=True, batch_size=1,
                          lora=LoraSpec(r=8, modules_to_save=("embed_tokens", "lm_head")))),
+    # LoRA on the embeddings and the output layer (issue 13): A's gathered rows kept (their 16-bit copies and B's
+    # under autocast), the base output kept as a leaf under checkpointing; with a few tokens over a 32k vocabulary
+    # the embedding's last backward op (A's dense gradient beside its copy) and lm_head's adapter backward decide
+    ("llama", "hf", dict(method="lora", lora=LoraSpec(r=8, target_modules=("embed_tokens", "lm_head", "v_proj")))),
+    ("qwen2", "hf", dict(method="lora", grad_checkpointing=True,
+                         lora=LoraSpec(r=8, target_modules=("embed_tokens", "lm_head", "v_proj")))),
+    ("llama", "hf", dict(method="lora", dtype="fp32", amp="bf16", grad_checkpointing=True,
+                         lora=LoraSpec(r=8, target_modules=("embed_tokens", "q_proj")))),
+    ("llama", "hf", dict(method="lora", dtype="fp32", lora=LoraSpec(r=8, target_modules=("lm_head", "q_proj")))),
+    ("llama_vocab", "hf", dict(method="lora", batch_size=1, seq_len=2, grad_checkpointing=True,
+                               lora=LoraSpec(r=8, target_modules=("embed_tokens", "q_proj")))),
+    ("llama_vocab", "hf", dict(method="lora", batch_size=1, seq_len=2, lora=LoraSpec(r=8, target_modules=(
+        "lm_head", "q_proj")))),
+    ("llama_vocab", "hf", dict(method="lora", batch_size=1, seq_len=4, dtype="fp32", amp="bf16",
+                               lora=LoraSpec(r=8, target_modules=("lm_head", "q_proj")))),
+    # PEFT's bias (issue 13): the base biases' gradients and AdamW states in the base dtype; bias="all" trains the
+    # LayerNorms' too (layer 0 then keeps what an input gradient would) and, on Qwen2, the q / k / v biases of layers
+    # whose projections carry no adapter; autocast caches their 16-bit casts
+    ("qwen2", "hf", dict(method="lora", lora=LoraSpec(r=8, bias="lora_only"))),
+    ("qwen2", "hf", dict(method="lora", lora=LoraSpec(r=8, bias="all", target_modules=("o_proj",)))),
+    ("gpt2", "hf", dict(method="lora", lora=LoraSpec(r=8, bias="all"))),
+    ("bloom", "hf", dict(method="lora", dtype="fp32", amp="bf16", lora=LoraSpec(r=8, bias="all"))),
+    ("phi", "hf", dict(method="lora", grad_checkpointing=True, lora=LoraSpec(r=8, bias="lora_only"))),
+    ("starcoder2", "hf", dict(method="lora", dtype="fp32", amp="bf16", lora=LoraSpec(r=8, bias="all"))),
+    # PEFT's trainable_token_indices (issue 13): the rows' fp32 delta and original, index_copy's saves, layer 0's input
+    # gradient; a tied model wraps lm_head too (one shared delta: the merged V x h matrix and lm_head's input kept);
+    # the dict form on an untied model; at a few tokens over a 32k vocabulary the merged matrix at the first op, at
+    # lm_head's backward and at the last op decide
+    ("llama", "hf", dict(method="lora", lora=LoraSpec(r=8, trainable_token_indices=(("", (3, 5, 7)),)))),
+    ("qwen2", "hf", dict(method="lora", grad_checkpointing=True,
+                         lora=LoraSpec(r=8, trainable_token_indices=(("", (3, 5, 7)),)))),
+    ("qwen2", "hf", dict(method="lora", dtype="fp32", amp="bf16",
+                         lora=LoraSpec(r=8, trainable_token_indices=(("", (3, 5, 7)),)))),
+    ("llama_vocab", "hf", dict(method="lora", batch_size=1, seq_len=2,
+                               lora=LoraSpec(r=8, trainable_token_indices=(("", (0, 1, 2, 3, 4)),)))),
+    ("llama_vocab", "hf", dict(method="lora", batch_size=1, seq_len=2, lora=LoraSpec(
+        r=8, trainable_token_indices=(("embed_tokens", (0, 1, 2, 3, 4)), ("lm_head", (0, 1, 2, 3, 4)))))),
+    ("llama_vocab", "hf", dict(method="lora", batch_size=1, seq_len=2, dtype="fp32", amp="bf16",
+                               grad_checkpointing=True, lora=LoraSpec(r=8, trainable_token_indices=(("embed_tokens", (0, 1, 2, 3, 4)),
+                                                                           ("lm_head", (0, 1, 2, 3, 4)))))),
 ]
 
 
@@ -296,9 +340,19 @@ def test_dora_small_vocabulary_bound(settings, low, high):
     assert low <= (predicted - measured) / measured <= high, (predicted, measured)
 
 
+def _lora_id(lora: LoraSpec | None) -> str:
+    """The adapter settings that differ from LoraSpec's defaults, for a readable test id."""
+    if lora is None:
+        return ""
+    default = LoraSpec()
+    changed = [f"{name}={','.join(map(str, value)) if isinstance(value, tuple) else value}"
+               for name, value in vars(lora).items() if value != getattr(default, name) and name != "r"]
+    return "-" + "-".join(changed) if changed else ""
+
+
 @pytest.mark.parametrize("family, backend, settings", CPU_CASES,
                          ids=[f"{f}-{b}-{'-'.join(f'{k}={v}' for k, v in s.items() if k != 'lora')}"
-                              for f, b, s in CPU_CASES])
+                              f"{_lora_id(s.get('lora'))}" for f, b, s in CPU_CASES])
 def test_planner_matches_real_cpu_steps(family, backend, settings):
     """Byte for byte (issue 11): the peak, its breakdown by category and its phase; and each of the tracker's
     phases (steady state) against the largest of the planner's phases folded onto it, by category.
