@@ -173,6 +173,8 @@ def run_estimate(args: argparse.Namespace) -> int:
                      train_tokens=_train_tokens_from_args(args), headroom=args.headroom)
     if getattr(args, "stack_note", None):
         plan = replace(plan, warnings=(args.stack_note, *plan.warnings))
+    if getattr(args, "lengths_note", None):
+        plan = replace(plan, warnings=(args.lengths_note, *plan.warnings))
     calibration = None
     if getattr(args, "calibration", None):
         from lora_planner.report.calibrate import calibrate_plan_from_file
@@ -184,6 +186,7 @@ def run_estimate(args: argparse.Namespace) -> int:
 
         doc = plan_to_dict(plan)
         doc["inputs"]["stack"] = getattr(args, "stack", None)
+        doc["inputs"]["lengths"] = getattr(args, "lengths_summary", None)
         print(json.dumps({**doc, **({"calibration": calibration} if calibration else {})}, indent=2))
         return 0
     from lora_planner.render import render_plan
@@ -253,6 +256,44 @@ def _apply_stack(parser: argparse.ArgumentParser, args: argparse.Namespace, argv
     args.stack_note = stack_note(stack, apply_stack(stack, args, explicit))
 
 
+def _apply_lengths(args: argparse.Namespace, argv: list[str]) -> None:
+    """`--lengths FILE` / `--max-seq-len N`: the worst micro-batch the collator can build (`lora_planner.lengths`) sets
+    --seq-len and --padding; `args.lengths_note` says which batch it is, `args.lengths_summary` goes to --json."""
+    given = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
+    args.lengths_note, args.lengths_summary = None, None
+    if args.lengths is None:
+        if args.max_seq_len is not None:
+            if "--seq-len" in given and args.seq_len != args.max_seq_len:
+                raise PlannerInputError("max-seq-len", "without --lengths it is the sequence length, and --seq-len "
+                                                       "says otherwise", "pass one of --seq-len and --max-seq-len")
+            args.seq_len = args.max_seq_len
+        return
+    from lora_planner.lengths import padding_share, read_lengths, worst_batch
+
+    if "--seq-len" in given and not args.packing:
+        raise PlannerInputError("seq-len", "--lengths sets the sequence length (the longest example, truncated)",
+                                "drop --seq-len; pass --max-seq-len for the truncation length")
+    lengths = read_lengths(args.lengths)
+    truncation = args.max_seq_len if args.max_seq_len is not None else (args.seq_len if args.packing else None)
+    # recommend searches the micro-batch: a padded one of b >= 2, one packed bin per row
+    rows = getattr(args, "batch_size", None) or (1 if args.packing else 2)
+    batch = worst_batch(lengths, rows, truncation, args.packing)
+    args.seq_len, args.padding = batch.seq_len, batch.padding
+    st = batch.stats
+    cut = "" if truncation else "; not truncated (pass --max-seq-len: TRL's max_length)"
+    share = "" if args.packing or rows == 1 or not hasattr(args, "batch_size") else \
+        f"; on average {padding_share(lengths, rows, truncation):.0%} of a padded batch is padding"
+    searched = " (recommend searches the batch size: each micro-batch planned as this one, b rows of it)" \
+        if not hasattr(args, "batch_size") else ""
+    args.lengths_note = (f"worst batch from {args.lengths} ({st.examples:,} examples, median {st.median_tokens:,.0f}, "
+                         f"p99 {st.p99_tokens:,}, longest {st.longest_tokens:,} tokens{cut}): {batch.description}"
+                         f"{share}{searched}")
+    args.lengths_summary = {"file": args.lengths, "examples": st.examples, "median_tokens": st.median_tokens,
+                            "p99_tokens": st.p99_tokens, "longest_tokens": st.longest_tokens,
+                            "truncated_examples": st.truncated_examples, "max_seq_len": truncation,
+                            "worst_batch": batch.description}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or (argv[0] not in SUBCOMMANDS and argv[0] not in ("-h", "--help", "--version")):
@@ -262,6 +303,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
         if getattr(args, "stack", None):
             _apply_stack(parser, args, argv)
+        if hasattr(args, "lengths"):
+            _apply_lengths(args, argv)
         return _runner(args.command)(args)
     except PlannerInputError as err:
         print(f"lora-plan: error: {err}", file=sys.stderr)

@@ -221,6 +221,7 @@ def run_recommend_command(args: argparse.Namespace) -> int:
     if args.json:
         doc = recommendation_to_dict(rec, verification)
         doc["stack"] = {"name": args.stack, "note": note} if note else None
+        doc["lengths"] = getattr(args, "lengths_summary", None)
         print(json.dumps(doc, indent=2))
         return 0
     from rich.console import Console  # only human output pays for rich
@@ -229,6 +230,7 @@ def run_recommend_command(args: argparse.Namespace) -> int:
 
     console = Console()
     render_recommendation(rec, console, verification)
-    if note:
-        console.print(note, style="yellow", highlight=False)
+    for line in (note, getattr(args, "lengths_note", None)):
+        if line:
+            console.print(line, style="yellow", highlight=False)
     return 0

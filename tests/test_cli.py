@@ -549,3 +549,33 @@ def test_trainable_token_indices_flag(capsys):
     assert "is past any vocabulary" in capsys.readouterr().err
     assert main([*base, "--trainable-token-indices", "embed_tokens:"]) == 2
     assert "trainable-token-indices: cannot read" in capsys.readouterr().err
+
+
+def test_lengths_flag(tmp_path, capsys):
+    """--lengths FILE plans the worst batch the collator can build: Llama-3.1-8B LoRA, batch 4, checkpointing, lengths
+    100 / 3,000 / 5,000 truncated at --max-seq-len 4,096: 4 x 4,096 tokens padded (the attention mask: 42.79 GiB,
+    the same as --seq-len 4096 --padding); packed: the 7,196 tokens in one row; echoed in --json; a --seq-len
+    beside it, or an unreadable file: one line, exit 2."""
+    path = tmp_path / "lengths.json"
+    path.write_text("[100, 3000, 5000]")
+    base = ["--model", "llama-3.1-8b", "--method", "lora", "--batch-size", "4", "--grad-checkpointing"]
+    doc = run_json(capsys, *base, "--lengths", str(path), "--max-seq-len", "4096")
+    same = run_json(capsys, *base, "--seq-len", "4096", "--padding")
+    assert doc["methods"]["lora"]["peak_allocated_bytes"] == same["methods"]["lora"]["peak_allocated_bytes"]
+    assert round(doc["methods"]["lora"]["peak_allocated_bytes"] / 2**30, 2) == 42.79
+    assert doc["inputs"]["lengths"]["worst_batch"].startswith("padded: the longest example (4,096 tokens)")
+    assert doc["inputs"]["lengths"]["truncated_examples"] == 1
+    packed = run_json(capsys, *base, "--lengths", str(path), "--max-seq-len", "4096", "--packing")
+    # 7,196 tokens in all (5,000 truncated): two bins, fewer than the micro-batch's four
+    assert packed["inputs"]["lengths"]["worst_batch"].startswith("packed: 2 bin(s) of up to 4,096 tokens")
+    assert main([*base, "--lengths", str(path)]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "worst batch from" in out and "not truncated" in out
+    rec = run_json(capsys, "recommend", "--model", "llama-3.1-8b", "--gpu", "a100-80gb", "--lengths", str(path),
+                   "--max-seq-len", "4096")
+    assert rec["lengths"]["longest_tokens"] == 5000 and "padded" in rec["lengths"]["worst_batch"]
+    assert main([*base, "--lengths", str(path), "--seq-len", "512"]) == 2
+    assert "seq-len: --lengths sets the sequence length" in capsys.readouterr().err
+    path.write_text("[1, 2")
+    assert main([*base, "--lengths", str(path)]) == 2
+    assert "lengths:" in capsys.readouterr().err
