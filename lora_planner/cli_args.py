@@ -75,6 +75,11 @@ def add_planner_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", type=Text("target", "--target q_proj,v_proj"), default=None,
                    help="LoRA target modules, comma list of PEFT names, or all-linear "
                         "(default: PEFT's default for the family, e.g. q_proj,v_proj)")
+    p.add_argument("--no-double-quant", dest="double_quant", action="store_false",
+                   help="QLoRA: bitsandbytes' bnb_4bit_use_double_quant=False, an fp32 absmax per 64 weights instead "
+                        "of the double-quantized 8-bit one (0.5625 instead of ~0.516 bytes per weight)")
+    p.add_argument("--quant-type", choices=("nf4", "fp4"), default="nf4",
+                   help="QLoRA: bitsandbytes' bnb_4bit_quant_type (the same bytes either way) (default nf4)")
     p.add_argument("--adapter-dtype", choices=("fp32", "base"), default="fp32",
                    help="LoRA weights in fp32 (PEFT's default) or in the base dtype")
     p.add_argument("--layers-to-transform", type=Text("layers-to-transform", "--layers-to-transform 0-3"),

@@ -360,6 +360,8 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
             "layers_to_transform": list(t.lora.layers_to_transform) if t.lora.layers_to_transform else None,
             "adapted_modules": list(plan.adapted_modules),
             "kbit_prep": t.kbit_prep if "qlora" in plan.methods else None,
+            "double_quant": t.double_quant if "qlora" in plan.methods else None,
+            "quant_type": t.quant_type if "qlora" in plan.methods else None,
             "adapter_dtype": t.lora.adapter_dtype,
             "dtype": t.dtype,
             "amp": t.amp,

@@ -108,6 +108,8 @@ def _settings_line(plan: Plan) -> str:
     if "qlora" in plan.methods and t.dtype != "fp32":
         parts.append("QLoRA after prepare_model_for_kbit_training (embeddings, norms, lm_head in fp32)"
                      if t.kbit_prep else "QLoRA without prepare_model_for_kbit_training (--no-kbit-prep)")
+        parts.append(f"{t.quant_type.upper()} " + ("with double quantization" if t.double_quant
+                                                   else "without double quantization (--no-double-quant)"))
     return " | ".join(parts)
 
 

@@ -24,6 +24,7 @@ Family = Literal["llama", "mistral", "qwen2", "gemma", "phi", "gpt2", "bloom", "
 Dtype = Literal["fp32", "bf16", "fp16"]
 Method = Literal["full", "lora", "qlora"]
 LoraBias = Literal["none", "lora_only", "all"]
+QuantType = Literal["nf4", "fp4"]
 # The planner's optimizer names, one per state layout (`lora_planner.names.PLANNER_OPTIMIZERS` says what
 # each is); Hugging Face `OptimizerNames` spellings are mapped onto these by `TrainingSpec`.
 Optimizer = Literal["adamw", "sgd", "sgd_momentum", "adagrad", "rmsprop", "adafactor", "torch_adafactor",
@@ -410,6 +411,10 @@ class TrainingSpec:
     # QLoRA only: PEFT's `prepare_model_for_kbit_training` (PEFT's QLoRA recipe calls it on a quantized
     # base) casts every non-quantized 16-bit parameter to fp32; see `lora_planner.memory`.
     kbit_prep: bool = True
+    # QLoRA only: bitsandbytes' `bnb_4bit_use_double_quant` (the QLoRA recipe's True: the absmax constants quantized
+    # again) and `bnb_4bit_quant_type` (nf4 or fp4: the same bytes); `step.nf4_bytes`.
+    double_quant: bool = True
+    quant_type: QuantType = "nf4"
 
     def __post_init__(self) -> None:
         check_choice("method", self.method, METHODS)
@@ -420,6 +425,10 @@ class TrainingSpec:
         check_positive_int("gpus", self.gpus, MAX_GPUS)
         check_choice("experts_implementation", self.experts_implementation, EXPERTS_IMPLEMENTATIONS)
         check_choice("loss", self.loss, LOSSES)
+        check_choice("quant_type", self.quant_type, ("nf4", "fp4"))
+        if not isinstance(self.double_quant, bool):
+            raise PlannerInputError("double_quant", f"must be true or false, got {self.double_quant!r}",
+                                    "pass --no-double-quant or leave it out")
         check_positive_int("loss_chunks", self.loss_chunks, MAX_SEQ_LEN)
         if self.loss == "chunked" and self.loss_chunks > self.seq_len:
             raise PlannerInputError("loss", f"{self.loss_chunks} chunks of a {self.seq_len}-token sequence",

@@ -64,17 +64,22 @@ class PhaseMemory:
 NF4_STATE_CONSTANT_BYTES = 16 * 4 + 4 + 256 * 4
 
 
-def nf4_bytes(numel: int) -> int:
-    """One NF4 tensor with double quantization (QLoRA Sec. 3; bitsandbytes `quantize_4bit`,
-    `compress_statistics=True`): packed 4-bit values, one uint8 constant per 64 values, one fp32 constant
-    per 256 of those, and the quantization state's own constants (1,092 bytes)."""
+def nf4_bytes(numel: int, double_quant: bool = True) -> int:
+    """One NF4 (or FP4: the same bytes) tensor. With double quantization (QLoRA Sec. 3; bitsandbytes 0.50.2
+    `functional.quantize_4bit`, `compress_statistics=True`): packed 4-bit values, one uint8 constant per 64 values,
+    one fp32 constant per 256 of those, and the quantization state's own constants (1,092 bytes). Without
+    (`bnb_4bit_use_double_quant=False`): the packed values, one fp32 absmax per 64 values and the 16-entry fp32 code
+    book. `bnb_4bit_quant_storage` reinterprets the same packed bytes. Measured on loaded models (CPU backend)."""
     blocks = ceil(numel / NF4_BLOCK)
+    if not double_quant:
+        return ceil(numel / 2) + 4 * blocks + 16 * 4
     return ceil(numel / 2) + blocks + 4 * ceil(blocks / NF4_DOUBLE_QUANT_BLOCK) + NF4_STATE_CONSTANT_BYTES
 
 
 def _base_weight_bytes(spec: ModelSpec, training: TrainingSpec) -> int:
     """Frozen or trainable base weights as stored: --dtype (fp32 under AMP), NF4 linears under QLoRA."""
-    return _stored_weight_bytes(spec, training.method == "qlora", training.dtype, _kbit_fp32(training))
+    return _stored_weight_bytes(spec, training.method == "qlora", training.dtype, _kbit_fp32(training),
+                                training.double_quant)
 
 
 def _kbit_fp32(training: TrainingSpec) -> bool:
@@ -85,7 +90,7 @@ def _kbit_fp32(training: TrainingSpec) -> bool:
     return training.method == "qlora" and training.kbit_prep and training.dtype != "fp32"
 
 
-def _stored_bytes_each(m: Module, quantized: bool, dtype: str, kbit_fp32: bool) -> int:
+def _stored_bytes_each(m: Module, quantized: bool, dtype: str, kbit_fp32: bool, double_quant: bool = True) -> int:
     """One instance of module `m` as stored: NF4 weight (+ bias) for QLoRA's linears, else at `dtype`;
     after kbit preparation everything else is fp32. A quantized linear's bias is back at `dtype` (the compute
     dtype QLoRA loads with) from the first forward on, kbit preparation or not: bitsandbytes 0.50
@@ -93,13 +98,16 @@ def _stored_bytes_each(m: Module, quantized: bool, dtype: str, kbit_fp32: bool) 
     (`bias.data = bias.data.to(x.dtype)`)."""
     e = 4 if kbit_fp32 or m.fp32 else BYTES_PER_ELEMENT[dtype]
     if quantized and m.kind == "linear" and m.group != "lm_head":
-        return nf4_bytes(m.weight_numel_each) + (m.out_features * BYTES_PER_ELEMENT[dtype] if m.bias else 0)
+        return nf4_bytes(m.weight_numel_each, double_quant) + (m.out_features * BYTES_PER_ELEMENT[dtype] if m.bias
+                                                               else 0)
     return m.params_each * e
 
 
 @lru_cache(maxsize=1024)
-def _stored_weight_bytes(spec: ModelSpec, quantized: bool, dtype: str, kbit_fp32: bool = False) -> int:
-    return sum(_stored_bytes_each(m, quantized, dtype, kbit_fp32) * m.count for m in module_inventory(spec))
+def _stored_weight_bytes(spec: ModelSpec, quantized: bool, dtype: str, kbit_fp32: bool = False,
+                         double_quant: bool = True) -> int:
+    return sum(_stored_bytes_each(m, quantized, dtype, kbit_fp32, double_quant) * m.count
+               for m in module_inventory(spec))
 
 
 @lru_cache(maxsize=4096)  # grids vary batch and sequence far more often than these inputs

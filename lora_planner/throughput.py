@@ -230,7 +230,7 @@ def estimate_throughput(spec: ModelSpec, training: TrainingSpec, gpu: GpuSpec,
         for m in module_inventory(spec):
             if m.kind == "linear" and m.group != "lm_head":
                 numel = m.weight_numel_each * m.count
-                memory_bytes += passes * (nf4_bytes(m.weight_numel_each) * m.count + 2 * numel * e)
+                memory_bytes += passes * (nf4_bytes(m.weight_numel_each, training.double_quant) * m.count + 2 * numel * e)
     memory = memory_bytes / gpu.memory_bandwidth_bytes_per_s
     step = compute + memory
     return ThroughputEstimate(flops=flops, gpu=gpu.name, peak_flops_per_s=peak, mfu=mfu, compute_time_s=compute,

@@ -355,3 +355,18 @@ def test_lora_bias_is_trained_not_stored_twice():
     end = {p.phase: p.breakdown for p in biased.phases}["optimizer_step"]
     assert end.gradients_bytes - by_phase["optimizer_step"].gradients_bytes == 129_024 * 2
     assert biased.activations.model == plain.activations.model
+
+
+def test_nf4_without_double_quantization():
+    """bnb_4bit_use_double_quant=False (bitsandbytes 0.50.2 `quantize_4bit`, compress_statistics=False): the packed
+    4-bit values, an fp32 absmax per 64 weights and the 16-entry fp32 code book: 4096 x 4096 -> 8,388,608 + 4 x
+    262,144 + 64 = 9,437,248 bytes, 0.5625 bytes a weight (double quantization: 8,655,940); only the weights change."""
+    assert nf4_bytes(4096 * 4096, double_quant=False) == 8_388_608 + 4 * 262_144 + 64 == 9_437_248
+    assert nf4_bytes(4096 * 4096) == 8_388_608 + 262_144 + 4 * 1024 + 1092 == 8_655_940
+    spec = resolve_model("llama-2-7b")
+    dq = estimate_memory(spec, TrainingSpec(method="qlora", seq_len=512))
+    plain = estimate_memory(spec, TrainingSpec(method="qlora", seq_len=512, double_quant=False))
+    linears = [m for m in module_inventory(spec) if m.kind == "linear" and m.group != "lm_head"]
+    extra = sum((nf4_bytes(m.weight_numel_each, False) - nf4_bytes(m.weight_numel_each)) * m.count for m in linears)
+    assert plain.peak.breakdown.weights_bytes - dq.peak.breakdown.weights_bytes == extra > 0
+    assert plain.activations == dq.activations

@@ -197,8 +197,9 @@ def _quantized_model(config: Any, training: TrainingSpec, device: str, attention
     transformers, peft = require_hf()
     require_bitsandbytes(device)
     compute = TORCH_DTYPES[training.compute_dtype]
-    quant = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                            bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute)
+    quant = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=training.quant_type,
+                                            bnb_4bit_use_double_quant=training.double_quant,
+                                            bnb_4bit_compute_dtype=compute)
     with tempfile.TemporaryDirectory(prefix="lora-plan-qlora-") as folder:
         transformers.AutoModelForCausalLM.from_config(config, dtype=compute).save_pretrained(folder)
         model = transformers.AutoModelForCausalLM.from_pretrained(

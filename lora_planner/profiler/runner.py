@@ -97,6 +97,8 @@ class ProfileRequest:
             parts.append(f"loss:{t.loss}:{t.loss_chunks}")
         if t.padding or t.packing:
             parts.append("collate:" + ("packing" if t.packing else "padding"))
+        if t.method == "qlora" and (not t.double_quant or t.quant_type != "nf4"):
+            parts.append(f"quant:{t.quant_type}" + ("" if t.double_quant else "-nodq"))
         return "|".join(map(str, parts))
 
 
@@ -576,6 +578,8 @@ def base_record(request: ProfileRequest) -> dict[str, Any]:
                                                        lora.target_parameters))
             if t.method != "full" else [],
             "kbit_prep": t.kbit_prep if t.method == "qlora" else None,
+            "double_quant": t.double_quant if t.method == "qlora" else None,
+            "quant_type": t.quant_type if t.method == "qlora" else None,
             "adapter_dtype": t.lora.adapter_dtype, "dtype": t.dtype, "amp": t.amp, "optimizer": t.optimizer,
             "optimizer_impl": t.resolved_optimizer_impl, "batch_size": t.batch_size, "seq_len": t.seq_len,
             "grad_checkpointing": t.grad_checkpointing, "attention": t.attention, "steps": request.steps,

@@ -703,6 +703,8 @@ QLORA_CASES = [
     ("llama", dict(lora=LoraSpec(r=8, target_modules=("all-linear",)))),
     ("qwen2", dict()),  # q/k/v biases: fp32 after kbit preparation
     ("gemma", dict(kbit_prep=False)),
+    # bnb_4bit_use_double_quant=False: an fp32 absmax per 64 weights (FP4: the same bytes), with checkpointing
+    ("llama", dict(double_quant=False, quant_type="fp4", grad_checkpointing=True)),
     ("gemma2", dict()),  # eager attention, soft-capping; 64 tokens past the 16-token window
     ("gemma3_text", dict()),  # the sliding layer's SDPA mask and repeated k / v
     ("llama", dict(lora=LoraSpec(r=8, modules_to_save=("embed_tokens", "lm_head")))),  # fp32 copies after kbit prep
