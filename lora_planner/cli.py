@@ -56,6 +56,8 @@ def _training_from_args(args: argparse.Namespace, method: str) -> TrainingSpec:
                       bias=getattr(args, "bias", "none"),
                       trainable_token_indices=_token_indices(getattr(args, "trainable_token_indices", None))),
         kbit_prep=args.kbit_prep, double_quant=getattr(args, "double_quant", True),
+        offload=getattr(args, "offload", "none"), offload_pin_memory=getattr(args, "offload_pin_memory", True),
+        gpus_per_node=getattr(args, "gpus_per_node", None),
         quant_type=getattr(args, "quant_type", "nf4"), experts_implementation=getattr(args, "experts_implementation", "grouped_mm"),
         routing=_routing(getattr(args, "routing", "balanced")),
         **parse_loss(getattr(args, "loss", "hf")),

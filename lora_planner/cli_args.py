@@ -75,6 +75,16 @@ def add_planner_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", type=Text("target", "--target q_proj,v_proj"), default=None,
                    help="LoRA target modules, comma list of PEFT names, or all-linear "
                         "(default: PEFT's default for the family, e.g. q_proj,v_proj)")
+    p.add_argument("--offload", choices=("none", "optimizer", "params"), default="none",
+                   help="model states in host RAM: optimizer = DeepSpeed ZeRO-Offload (offload_optimizer: fp32 master, "
+                        "its gradient and the optimizer states, stepped on the CPU; ZeRO-1/2/3, one GPU allowed); "
+                        "params = also the parameters (ZeRO-3 offload_param, FSDP2 CPUOffloadPolicy); needs "
+                        "--strategy; the host RAM per rank and per node is shown (default none)")
+    p.add_argument("--no-offload-pin-memory", dest="offload_pin_memory", action="store_false",
+                   help="with --offload: pageable host buffers (DeepSpeed pin_memory=false, CPUOffloadPolicy("
+                        "pin_memory=False)) instead of page-locked ones")
+    p.add_argument("--gpus-per-node", type=count("gpus-per-node", "--gpus-per-node 8", MAX_GPUS), default=None,
+                   help="with --offload: ranks sharing one host's RAM (default: every rank on one node, at most 8)")
     p.add_argument("--no-double-quant", dest="double_quant", action="store_false",
                    help="QLoRA: bitsandbytes' bnb_4bit_use_double_quant=False, an fp32 absmax per 64 weights instead "
                         "of the double-quantized 8-bit one (0.5625 instead of ~0.516 bytes per weight)")

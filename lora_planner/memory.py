@@ -65,6 +65,7 @@ from lora_planner.activations import ActivationProfile
 from lora_planner.errors import PlannerInputError
 from lora_planner.params import count_params
 from lora_planner.parallel import sharded_phases
+from lora_planner.parallel.offload import HostMemory, host_memory
 from lora_planner.specs import ModelSpec, TrainingSpec
 from lora_planner.step import (  # noqa: F401 (the step's pieces, re-exported: callers import them from here)
     CATEGORIES, MIB, PHASE_TITLES, PHASES, MemoryBreakdown, Phase, PhaseMemory, StepComponents, group_bytes,
@@ -116,6 +117,8 @@ class MemoryEstimate:
     phases: tuple[PhaseMemory, ...]
     device_overhead_bytes: int
     activations: ActivationProfile = field(repr=False)
+    # `--offload`: the host RAM of one rank's offloaded states (`lora_planner.parallel.offload`); None without
+    host: HostMemory | None = None
 
     @property
     def peak(self) -> PhaseMemory:
@@ -159,4 +162,5 @@ def estimate_memory(spec: ModelSpec, training: TrainingSpec,
         phases=phases,
         device_overhead_bytes=overhead.bytes_for(peak_allocated, training.device),
         activations=c.activations,
+        host=host_memory(spec, training),
     )

@@ -296,6 +296,17 @@ def _traced_info(family: str) -> dict[str, Any] | None:
     return traced_info(family)
 
 
+def _host_dict(host: Any) -> dict[str, Any] | None:
+    """`--offload`'s host RAM (`lora_planner.parallel.offload.HostMemory`) for --json; None without offload."""
+    if host is None:
+        return None
+    return {"per_rank_bytes": host.total_bytes, "pinned_bytes": host.pinned_bytes,
+            "pageable_bytes": host.pageable_bytes,
+            "pinned_reserved_bytes": host.pinned_reserved_bytes, "ranks_per_node": host.ranks_per_node,
+            "per_node_bytes": host.per_node_bytes,
+            "buffers": [{"name": b.name, "bytes": b.nbytes, "pinned": b.pinned} for b in host.buffers]}
+
+
 def plan_to_dict(plan: Plan) -> dict[str, Any]:
     """The `--json` document. Memory is per GPU; tokens/s and training time are for all GPUs together."""
     t, spec = plan.training, plan.spec
@@ -316,6 +327,7 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
             "fits": mp.fits,
             "fits_on": list(mp.fits_on),
             "phases": {p.phase: p.breakdown.as_dict() for p in e.phases},
+            "host": _host_dict(e.host),
             "activations_per_layer_bytes": e.activations.layer_bytes,
             "flops_per_step": mp.throughput.flops.total,
             "step_time_s": mp.throughput.step_time_s,
@@ -361,6 +373,8 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
             "adapted_modules": list(plan.adapted_modules),
             "kbit_prep": t.kbit_prep if "qlora" in plan.methods else None,
             "double_quant": t.double_quant if "qlora" in plan.methods else None,
+            "offload": t.offload, "offload_pin_memory": t.offload_pin_memory if t.offload != "none" else None,
+            "gpus_per_node": t.gpus_per_node,
             "quant_type": t.quant_type if "qlora" in plan.methods else None,
             "adapter_dtype": t.lora.adapter_dtype,
             "dtype": t.dtype,

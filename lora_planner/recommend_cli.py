@@ -132,7 +132,7 @@ def verify(rec: Recommendation, model_name: str | None = None) -> Verification:
         # One rank of DDP is one GPU's step plus the reducer's buckets (lora_planner.parallel.ddp): replay the
         # one-GPU step and add the buckets. Fake tensors are CPU tensors: replay on the CPU with the optimizer
         # implementation the device uses.
-        one_gpu = replace(device_step, gpus=1, strategy=None)
+        one_gpu = replace(device_step, gpus=1, strategy=None, offload="none")
         cpu_step = replace(one_gpu, device="cpu", optimizer_impl=one_gpu.resolved_optimizer_impl)
         record = run_profile(ProfileRequest(model=model_name or req.spec.name, spec=req.spec, training=cpu_step,
                                             backend="hf", mode="fake", steps=VERIFY_STEPS))

@@ -94,6 +94,13 @@ def _settings_line(plan: Plan) -> str:
     ]
     if t.gpus > 1:
         parts.append(f"{t.gpus} GPUs, {t.resolved_strategy} (memory per GPU, tokens/s for all)")
+    elif t.offload != "none":
+        parts.append(f"1 GPU, {t.resolved_strategy}")
+    if t.offload != "none":
+        what = "optimizer states, fp32 master and its gradient" if t.offload == "optimizer" else \
+            "parameters, gradients and optimizer states"
+        parts.append(f"{what} offloaded to host RAM ({'pinned' if t.offload_pin_memory else 'pageable'}; pinned "
+                     "blocks reserved at powers of two by torch's host allocator)")
     if any(m != "full" for m in plan.methods):
         rslora = f" rsLoRA (scaling alpha / sqrt(r) = {lora.scaling:.3g})" if lora.use_rslora else ""
         kind = "DoRA" if lora.use_dora else "LoRA"
@@ -152,6 +159,13 @@ def plan_table(plan: Plan) -> Table:
     if plan.training.device == "cuda":
         table.add_row("  + CUDA context etc.", *[gib(est[m].device_overhead_bytes) for m in methods])
         table.add_row("peak on device", *[Styled(gib(est[m].peak_device_bytes), "bold") for m in methods])
+    if any(est[m].host for m in methods):  # --offload: the host RAM the offloaded states take
+        table.add_row("host RAM per rank", *[gib(est[m].host.total_bytes) if est[m].host else "-" for m in methods])
+        table.add_row("  pinned (reserved)", *[gib(est[m].host.pinned_reserved_bytes) if est[m].host else "-"
+                                                for m in methods])
+        ranks = next(est[m].host.ranks_per_node for m in methods if est[m].host)
+        table.add_row(f"host RAM per node ({ranks})", *[Styled(gib(est[m].host.per_node_bytes), "bold")
+                                                      if est[m].host else "-" for m in methods])
     # The rule is for one GPU holding the whole model: beside a per-GPU peak it is labelled as such.
     seed_label = "seed rule 4x | (1+4m)x" if plan.training.gpus == 1 else "seed rule, whole model on 1 GPU"
     table.add_row(seed_label, *[gib(est[m].seed_rule_bytes) for m in methods])

@@ -25,6 +25,11 @@ Dtype = Literal["fp32", "bf16", "fp16"]
 Method = Literal["full", "lora", "qlora"]
 LoraBias = Literal["none", "lora_only", "all"]
 QuantType = Literal["nf4", "fp4"]
+# CPU offload of model states (`lora_planner.parallel.offload`): DeepSpeed's `offload_optimizer` (fp32 master, its
+# gradient and the optimizer states in host RAM, stepped there), or with the parameters too (DeepSpeed ZeRO-3's
+# `offload_param`, FSDP2's `CPUOffloadPolicy`: shards, gradients and optimizer states).
+Offload = Literal["none", "optimizer", "params"]
+OFFLOADS: tuple[str, ...] = ("none", "optimizer", "params")
 # The planner's optimizer names, one per state layout (`lora_planner.names.PLANNER_OPTIMIZERS` says what
 # each is); Hugging Face `OptimizerNames` spellings are mapped onto these by `TrainingSpec`.
 Optimizer = Literal["adamw", "sgd", "sgd_momentum", "adagrad", "rmsprop", "adafactor", "torch_adafactor",
@@ -415,6 +420,12 @@ class TrainingSpec:
     # again) and `bnb_4bit_quant_type` (nf4 or fp4: the same bytes); `step.nf4_bytes`.
     double_quant: bool = True
     quant_type: QuantType = "nf4"
+    # Model states in host RAM (`Offload`; needs a DeepSpeed or FSDP strategy, one GPU allowed) and whether the engine
+    # page-locks its host buffers (DeepSpeed `offload_optimizer.pin_memory`, FSDP2 `CPUOffloadPolicy(pin_memory)`).
+    offload: Offload = "none"
+    offload_pin_memory: bool = True
+    # Ranks sharing one host (its RAM holds their offloaded states); None: every rank on one node, at most 8.
+    gpus_per_node: int | None = None
 
     def __post_init__(self) -> None:
         check_choice("method", self.method, METHODS)
@@ -448,9 +459,17 @@ class TrainingSpec:
                                     "pass --routing balanced|worst|FILE (a JSON list of per-layer lists of counts)")
         if self.strategy is not None:
             check_choice("strategy", self.strategy, STRATEGY_NAMES)
-            if self.gpus == 1:
+            if self.gpus == 1 and self.offload == "none":
                 raise PlannerInputError("strategy", f"{self.strategy} shares model states across GPUs, but gpus is 1",
                                         "pass --gpus N (N >= 2) with --strategy, or drop --strategy")
+        check_choice("offload", self.offload, OFFLOADS)
+        if self.gpus_per_node is not None:
+            check_positive_int("gpus_per_node", self.gpus_per_node, MAX_GPUS)
+            if self.gpus_per_node > self.gpus:
+                raise PlannerInputError("gpus_per_node", f"{self.gpus_per_node} GPUs per node, but gpus is {self.gpus}",
+                                        f"pass --gpus-per-node {self.gpus} or fewer")
+        if self.offload != "none":
+            self._check_offload()
         if self.optimizer_impl is not None:
             check_choice("optimizer_impl", self.optimizer_impl, OPTIMIZER_IMPLS)
             impls = optimizer_impls(self.optimizer)
@@ -477,6 +496,20 @@ class TrainingSpec:
                 "dtype", "QLoRA computes in 16-bit (the NF4 base is dequantized to the compute dtype)",
                 "use --dtype bf16 or fp16 (or --amp bf16) with --method qlora",
             )
+
+    def _check_offload(self) -> None:
+        """The engines that offload, and what each can offload (`lora_planner.parallel.offload`)."""
+        strategy = STRATEGY_ALIASES.get(self.strategy, self.strategy) if self.strategy else None
+        if strategy is None or strategy.startswith("ddp"):
+            raise PlannerInputError("offload", "offloading is a DeepSpeed ZeRO or FSDP feature"
+                                    + (f", not {strategy}'s" if strategy else ""),
+                                    "pass --strategy deepspeed-zero2 (or zero1 / zero3, or fsdp), on one GPU or more")
+        if strategy.startswith("fsdp") and self.offload == "optimizer":
+            raise PlannerInputError("offload", "FSDP2's CPUOffloadPolicy moves parameters, gradients and optimizer "
+                                               "states together", "pass --offload params with --strategy fsdp")
+        if strategy in ("deepspeed-zero1", "deepspeed-zero2") and self.offload == "params":
+            raise PlannerInputError("offload", "DeepSpeed offloads parameters (offload_param) under ZeRO-3 only",
+                                    "pass --offload optimizer, or --strategy deepspeed-zero3")
 
     def _normalize_spellings(self) -> None:
         """Hugging Face / torch spellings -> the planner's (the dataclass is frozen: object.__setattr__)."""
@@ -509,8 +542,9 @@ class TrainingSpec:
     @property
     def resolved_strategy(self) -> Strategy | None:
         """The engine `strategy` is taken as (aliases resolved: zero2 -> deepspeed-zero2); None on one
-        GPU; DistributedDataParallel when several GPUs name no strategy."""
-        if self.gpus == 1:
+        GPU (unless it offloads: DeepSpeed's ZeRO-Offload runs on one); DistributedDataParallel when several GPUs name
+        no strategy."""
+        if self.gpus == 1 and self.offload == "none":
             return None
         return STRATEGY_ALIASES.get(self.strategy, self.strategy) if self.strategy else "ddp"
 

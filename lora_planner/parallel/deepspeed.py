@@ -58,7 +58,11 @@ next one prefetched (DeepSpeed's trace-based prefetch may hold more small module
 model); stage 2's first reduction is taken with every layer's saved tensors still live (on the test model
 lm_head's input and the final norm's are already gone: +0.23 %); ZeRO-3's extra linear inputs are
 modelled for Llama-like families only; `parameter_alignment` and `round_robin_gradients` (off by
-default) are not modelled; no CPU/NVMe offload, no ZeRO++ (hpZ, quantized weights), no MiCS; NCCL's own
+default) are not modelled; CPU offload is `lora_planner.parallel.offload` (its host side) and the phases below (its
+GPU side: no fp32 master, no optimizer state, no partition of gradients there; `temp_grad_buffer_for_gpu_offload`),
+where a parameter larger than `reduce_bucket_size` (an embedding past 5e8 elements) is held by the reduction in one
+more copy than the two counted (measured on CPU ranks: -10.8 % on a toy with a 50,000-element bucket, exact with
+every parameter inside the bucket); no NVMe offload, no ZeRO++ (hpZ, quantized weights), no MiCS; NCCL's own
 buffers are not modelled; torch autocast (`--amp`) is not DeepSpeed's mixed precision and is refused;
 QLoRA under stage 3 is refused (NF4 weights are not partitioned as plain tensors).
 """
@@ -126,6 +130,12 @@ def deepspeed_config(training: TrainingSpec, zero: DeepSpeedZeroConfig = DEFAULT
     config: dict[str, Any] = {"train_micro_batch_size_per_gpu": training.batch_size, "gradient_accumulation_steps": 1,
                               "zero_optimization": zero.as_dict(STAGES[training.resolved_strategy]),
                               "steps_per_print": 2**31 - 1}
+    if training.offload != "none":  # ZeRO-Offload (`lora_planner.parallel.offload`)
+        config["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": training.offload_pin_memory}
+        # the client torch optimizer steps the host partition (DeepSpeedCPUAdam keeps the same two moments)
+        config["zero_force_ds_cpu_optimizer"] = False
+        if training.offload == "params":
+            config["zero_optimization"]["offload_param"] = {"device": "cpu", "pin_memory": training.offload_pin_memory}
     if training.dtype == "bf16":
         config["bf16"] = {"enabled": True}
     elif training.dtype == "fp16":
@@ -300,7 +310,7 @@ def phases(spec: ModelSpec, training: TrainingSpec, c: StepComponents,
     _check(training)
     stage = STAGES[training.resolved_strategy]
     n = training.gpus
-    single = replace(training, gpus=1, strategy=None, lora=replace(training.lora, adapter_dtype="base"))
+    single = replace(training, gpus=1, strategy=None, offload="none", lora=replace(training.lora, adapter_dtype="base"))
     c = step_components(spec, single)
     e = BYTES_PER_ELEMENT[training.dtype]
     params = _parameters(spec, training)
@@ -310,10 +320,16 @@ def phases(spec: ModelSpec, training: TrainingSpec, c: StepComponents,
     step_on_device = training.device == "cpu" or impl == "fused"
     acts = c.activations
 
+    # ZeRO-Offload (`offload_optimizer`): the fp32 master partition, its gradient and the optimizer states live in
+    # host RAM and the step runs there (`lora_planner.parallel.offload`); stage 3's `offload_param` moves the 16-bit
+    # partitions there too
+    offload = training.offload != "none"
     if stage < 3:
         order = _trainable_order(spec, training)
         partition, ranks = _rank_partitions(order, n)
         weights = c.weights + (partition * n - trainable) * e + partition * FP32
+        if offload:  # no master on the GPU; `temp_grad_buffer_for_gpu_offload`, the largest parameter's size
+            weights += max(order) * e - partition * FP32
     else:
         threshold = zero.stage3_param_persistence_threshold
         shard = sum(ceil(numel / n) * count for numel, count, _ in params)
@@ -321,9 +337,12 @@ def phases(spec: ModelSpec, training: TrainingSpec, c: StepComponents,
         partition = sum(ceil(numel / n) * count for numel, count, t in params if t)
         buffers = buffer_bytes(spec, training.dtype)
         weights = (shard + persistent) * e + buffers + partition * FP32
+        if offload:  # the master in host RAM; with offload_param the partitions too (persistent ones stay whole)
+            weights -= partition * FP32 + (sum(ceil(numel / n) * count for numel, count, _ in params
+                                               if numel > threshold) * e if training.offload == "params" else 0)
     flat_group = (TensorGroup((partition,), 1, FP32),)
-    states = optimizer_state_bytes(flat_group, training.optimizer, step_on_device)
-    scratch = optimizer_scratch_bytes(flat_group, training.optimizer, impl)
+    states = 0 if offload else optimizer_state_bytes(flat_group, training.optimizer, step_on_device)
+    scratch = 0 if offload else optimizer_scratch_bytes(flat_group, training.optimizer, impl)
 
     def phase(name, weights_bytes, gradients, activations, temporaries) -> PhaseMemory:
         return PhaseMemory(name, MemoryBreakdown(weights_bytes=weights_bytes, gradients_bytes=gradients,
@@ -332,13 +351,25 @@ def phases(spec: ModelSpec, training: TrainingSpec, c: StepComponents,
 
     if stage == 3:
         gathered = _modules_gathered(spec, training, zero) * e
-        persistent_grads = bucket + partition * e  # ipg bucket + grad_partitions_flat_buffer, from __init__
+        # ipg bucket + grad_partitions_flat_buffer, from __init__ (the latter in host RAM when offloading)
+        persistent_grads = bucket + (0 if offload else partition * e)
         extra_layers, extra_outside = _zero3_linear_inputs_bytes(spec, training, c)
         saved = c.saved + extra_layers + extra_outside
         saved_at_backward_start = c.saved_at_backward_start + extra_layers + extra_outside
         layers = c.layers_activations + extra_layers + extra_outside
-        # step: the fp32 gradient of the partition, made from the 16-bit one (freed right after the cast)
+        layer_scratch = c.layer_scratch
+        if offload:
+            # stage3.py `partition_grads`: each reduced bucket's gradient partitions are copied into the host buffer
+            # and back to the GPU (`grad_buffer.to(grad_partition.device)`), all of the bucket's kept in the list it
+            # returns; at the boundary one of them is cast to fp32 before going to the host fp32 gradient
+            largest = max(numel for numel, _, t in params if t)
+            bucket_partition = ceil(max(largest, min(zero.reduce_bucket_size, trainable)) / n) * e
+            layer_scratch += bucket_partition + (ceil(largest / n) * FP32 if e != FP32 else 0)
+        # step: the fp32 gradient of the partition, made from the 16-bit one (freed right after the cast); offloaded,
+        # each parameter's partition passes through the GPU at the boundary (reduce-scatter output, its copy, fp32)
         step_temporaries = max(scratch, partition * e if e != FP32 else 0)
+        if offload:
+            step_temporaries = max(ceil(numel / n) for numel, _, t in params if t) * (2 * e + FP32)
         # Gathered modules on top of the partitions: the embedding at the start of forward, the largest
         # module and the one prefetched after it from then on.
         return (
@@ -347,10 +378,11 @@ def phases(spec: ModelSpec, training: TrainingSpec, c: StepComponents,
             phase("backward_start", weights + gathered, persistent_grads, saved_at_backward_start,
                   acts.loss_backward_scratch_bytes),
             phase("backward_layers", weights + gathered, persistent_grads + c.head_gradients, layers,
-                  c.layer_scratch),
+                  layer_scratch),
             phase("backward_end", weights + gathered, persistent_grads, c.end_activations + acts.batch_bytes,
                   c.end_scratch),
-            phase("optimizer_step", weights, persistent_grads + partition * FP32, acts.batch_bytes, step_temporaries),
+            phase("optimizer_step", weights, persistent_grads + (0 if offload else partition * FP32), acts.batch_bytes,
+                  step_temporaries),
         )
     # Stages 1 and 2. `grads_in_partition` (stage_1_and_2.py `copy_grads_in_partition`): one 16-bit buffer
     # of every parameter overlapping this rank's partition, whole, made at this rank's first reduction and
@@ -358,8 +390,9 @@ def phases(spec: ModelSpec, training: TrainingSpec, c: StepComponents,
     # 1 keeps every gradient; stage 2 has copied them into the bucket). Its end is the larger of the last
     # op (stage 1: every gradient beside the bucket) and the epilogue's reduction (the bucket, its flat
     # copy; stage_1_and_2.py `allreduce_bucket`: `self.flatten(bucket)`).
-    kept = max(r.grads_in_partition_numel for r in ranks) * e
-    last_rank_kept = ranks[-1].grads_in_partition_numel * e  # backward reaches the last parameters first
+    # (offloaded, each gradient slice of the partition goes straight to the host's fp32 gradient instead)
+    kept = 0 if offload else max(r.grads_in_partition_numel for r in ranks) * e
+    last_rank_kept = 0 if offload else ranks[-1].grads_in_partition_numel * e
     mid_backward = trainable > zero.reduce_bucket_size  # a reduction before the epilogue
     in_bucket = min(trainable, zero.reduce_bucket_size) * e
     layers_acts = c.layers_activations
@@ -376,7 +409,11 @@ def phases(spec: ModelSpec, training: TrainingSpec, c: StepComponents,
         # A gradient larger than the bucket stays in its own storage until the next gradient hook reduces
         # it (stage_1_and_2.py `reduce_independent_p_g_buckets_and_remove_grads`: `extra_large_param_to_reduce`);
         # the last rank's `grads_in_partition` is made then, before any layer's backward.
-        backward.append(phase("backward_layers", weights, bucket + last_rank_kept + head_pending, layers_acts, 0))
+        # Offloaded, DeepSpeed clones it first (`_offload_gradient_safety_enabled`: `grad_reduc.detach().clone()`) and
+        # the autograd gradient lives on beside the clone until the reduction (a further copy the reduction holds was
+        # measured on CPU ranks and is not counted: module docstring).
+        pending = head_pending * (2 if offload else 1)
+        backward.append(phase("backward_layers", weights, bucket + last_rank_kept + pending, layers_acts, 0))
     # step (stage_1_and_2.py `step`): the gradient norm first (`scaled_global_norm` -> `get_grad_norm_direct`:
     # each gradient piece of the partition copied to fp64, one at a time, beside `grads_in_partition`), then
     # the partition flattened (`self.flatten(self.averaged_gradients[i])`, 16-bit) and cast to fp32 (no copy
@@ -385,6 +422,8 @@ def phases(spec: ModelSpec, training: TrainingSpec, c: StepComponents,
                for r in ranks)
     flatten = max((r.grads_in_partition_numel + r.padding_numel) * e for r in ranks) + partition * e \
         + (partition * FP32 if e != FP32 else 0)
+    if offload:  # the norm, the flat copy and the step all happen in host RAM; the GPU takes the new 16-bit values
+        norm = flatten = 0
     return (
         phase("forward_start", weights, 0, acts.batch_bytes, 0),
         phase("forward_end", weights, 0, c.saved, acts.loss_forward_scratch_bytes),
@@ -392,7 +431,7 @@ def phases(spec: ModelSpec, training: TrainingSpec, c: StepComponents,
         max(backward, key=lambda p: p.breakdown.total_bytes),
         max(end, epilogue, key=lambda p: p.breakdown.total_bytes),
         max(phase("optimizer_step", weights, 0, acts.batch_bytes, max(norm, flatten)),
-            phase("optimizer_step", weights, partition * FP32, acts.batch_bytes, scratch),
+            phase("optimizer_step", weights, 0 if offload else partition * FP32, acts.batch_bytes, scratch),
             key=lambda p: p.breakdown.total_bytes),
     )
 

@@ -38,6 +38,13 @@ def phases(spec: ModelSpec, training: TrainingSpec, c: StepComponents) -> tuple[
     shards = ceil((c.weights - buffers) / n) + buffers
     grads, states = ceil(c.gradients / n), ceil(c.states / n)
     scratch = ceil(c.optimizer_scratch / n)
+    # CPUOffloadPolicy (`lora_planner.parallel.offload`): the shards, their gradients and the optimizer states live in
+    # host RAM and the optimizer steps there; each all-gather first copies its group's shards to the GPU (the copy
+    # freed once gathered), and each reduce-scatter's output goes back to the host
+    offload = training.offload != "none"
+    staging_root, staging_layer = (ceil(root / n), ceil(layer / n)) if offload else (0, 0)
+    if offload:
+        shards, grads, states, scratch = buffers, 0, 0, 0
     # Gathered on top of the shards: the root group always; every layer too between forward and backward
     # without reshard after forward.
     held = root + (spec.num_layers * layer if keep_gathered else 0)
@@ -56,18 +63,19 @@ def phases(spec: ModelSpec, training: TrainingSpec, c: StepComponents) -> tuple[
     gathered_next = 0 if keep_gathered else layer
     return (
         # The first all-gathers: root and layer 0, each beside its flat all-gather buffer.
-        phase("forward_start", shards + root + layer, root + layer, acts.batch_bytes),
+        phase("forward_start", shards + root + layer, root + layer + staging_root + staging_layer, acts.batch_bytes),
         phase("forward_end", shards + held, acts.loss_forward_scratch_bytes + (layer if keep_gathered else 0),
               c.saved),
         # lm_head's backward pre-hook already all-gathers the last layer (prefetch) into its flat buffer.
         phase("backward_start", shards + held, acts.loss_backward_scratch_bytes + (0 if keep_gathered else layer),
               c.saved_at_backward_start),
         phase("backward_layers", shards + held + gathered_next,
-              gathered_next + layer_trainable + c.head_gradients + acts.backward_seed_bytes,
-              between_layers, gradients=ceil(layer_trainable / n)),
+              gathered_next + (staging_layer if gathered_next else 0) + layer_trainable + c.head_gradients
+              + acts.backward_seed_bytes, between_layers, gradients=ceil(layer_trainable / n)),
         # The last op (the embedding's backward): the layers' gradients are sharded, the root's all still
         # unsharded; every saved tensor is gone (the loss value and backward's seed stay until it returns).
         phase("backward_end", shards + root, root_trainable + acts.backward_seed_bytes,
-              acts.batch_bytes + acts.loss_output_bytes, gradients=ceil((c.gradients - root_trainable) / n)),
+              acts.batch_bytes + acts.loss_output_bytes,
+              gradients=0 if offload else ceil((c.gradients - root_trainable) / n)),
         phase("optimizer_step", shards, scratch, acts.batch_bytes, gradients=grads),
     )

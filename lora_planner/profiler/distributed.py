@@ -538,6 +538,11 @@ _DEEPSPEED_STATE = {
     "single_partition_of_fp32_groups": (MemoryCategory.WEIGHTS, "ds_fp32_master"),
     "fp32_partitioned_groups_flat": (MemoryCategory.WEIGHTS, "ds_fp32_master"),
     "grad_partitions_flat_buffer": (MemoryCategory.GRADIENTS, "ds_grad_partitions"),
+    # ZeRO-Offload's host buffers (`lora_planner.parallel.offload`) and its GPU gradient staging buffer
+    "param_buffer_of_bit16_for_cpu_offload_groups": (MemoryCategory.WEIGHTS, "ds_offload_bit16_staging"),
+    "temp_grad_buffer_for_cpu_offload": (MemoryCategory.GRADIENTS, "ds_offload_temp_grad_host"),
+    "temp_grad_buffer_for_gpu_offload": (MemoryCategory.GRADIENTS, "ds_offload_temp_grad_device"),
+    "param_groups_fp16_flat_cpu_memory": (MemoryCategory.WEIGHTS, "ds_offload_bit16_partition"),
 }
 
 
@@ -548,6 +553,13 @@ def _deepspeed_buffers(zero_optimizer: Any) -> list[tuple[str, MemoryCategory, l
         tensors = [t for t in (value if isinstance(value, (list, tuple)) else [value]) if isinstance(t, torch.Tensor)]
         if tensors:
             out.append((name, category, tensors))
+    if getattr(zero_optimizer, "cpu_offload", False) or getattr(zero_optimizer, "offload_optimizer", False):
+        # the host fp32 gradient of the master partition (stage_1_and_2.py / stage3.py `initialize_optimizer_states`)
+        masters = getattr(zero_optimizer, "single_partition_of_fp32_groups", None) or \
+            getattr(zero_optimizer, "fp32_partitioned_groups_flat", [])
+        grads = [m.grad for m in masters if isinstance(getattr(m, "grad", None), torch.Tensor)]
+        if grads:
+            out.append(("ds_offload_fp32_grad", MemoryCategory.GRADIENTS, grads))
     buckets = [b.buffer for b in getattr(zero_optimizer, "ipg_buckets", {}).values()]
     tensors = [t for b in buckets for t in (b if isinstance(b, list) else [b]) if isinstance(t, torch.Tensor)]
     if tensors:
