@@ -143,6 +143,15 @@ def plan_warnings(spec: ModelSpec, training: TrainingSpec, budget: Budget | None
                         "flash_attn_interface.py, flash_api.cpp), not measured here: q, k, v at kv-head width, the "
                         "output, the fp32 log-sum-exp; no mask for sliding windows or soft-capping; o_proj's input is "
                         "a copy (the output keeps q's head-major order)")
+    if training.attention == "sdpa" and training.device == "cuda" and spec.family not in REGISTERED_FAMILIES \
+            and family_rules(spec.family).sdpa:
+        from lora_planner.activations import make_flow
+        from lora_planner.families.rules import sdpa_kernel
+
+        kernel, why = sdpa_kernel(make_flow(spec, training))
+        if kernel == "math":  # (the kernel assumed is in the settings line: `sdpa_kernel_for`)
+            warnings.append(f"attention: SDPA runs its math kernel ({why}): it keeps the S x S probabilities of every "
+                            "layer like eager attention")
     if training.loss == "chunked":
         warnings.append(f"loss: torchtune's CEWithChunkedOutputLoss in {training.loss_chunks} sequence chunks (eager, "
                         "no torch.compile): every chunk's logits live until the loss returns, the fp32 upcast and "
@@ -296,6 +305,18 @@ def _traced_info(family: str) -> dict[str, Any] | None:
     return traced_info(family)
 
 
+def sdpa_kernel_for(spec: ModelSpec, training: TrainingSpec) -> tuple[str, str] | None:
+    """(SDPA's kernel on CUDA, why) for the output (`families.rules.sdpa_kernel`); None where SDPA does not run or the
+    device is not CUDA."""
+    if training.attention != "sdpa" or training.device != "cuda" or spec.family in REGISTERED_FAMILIES \
+            or not family_rules(spec.family).sdpa:
+        return None
+    from lora_planner.activations import make_flow
+    from lora_planner.families.rules import sdpa_kernel
+
+    return sdpa_kernel(make_flow(spec, training))
+
+
 def _host_dict(host: Any) -> dict[str, Any] | None:
     """`--offload`'s host RAM (`lora_planner.parallel.offload.HostMemory`) for --json; None without offload."""
     if host is None:
@@ -373,6 +394,7 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
             "adapted_modules": list(plan.adapted_modules),
             "kbit_prep": t.kbit_prep if "qlora" in plan.methods else None,
             "double_quant": t.double_quant if "qlora" in plan.methods else None,
+            "sdpa_kernel": dict(zip(("kernel", "why"), sdpa_kernel_for(spec, t) or (None, None))),
             "offload": t.offload, "offload_pin_memory": t.offload_pin_memory if t.offload != "none" else None,
             "gpus_per_node": t.gpus_per_node,
             "quant_type": t.quant_type if "qlora" in plan.methods else None,

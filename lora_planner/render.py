@@ -9,7 +9,7 @@ import textwrap
 from typing import Any
 
 from lora_planner.memory import CATEGORIES, PHASE_TITLES
-from lora_planner.planner import Plan, describe_budget, describe_usable, gib_text
+from lora_planner.planner import Plan, describe_budget, describe_usable, gib_text, sdpa_kernel_for
 from lora_planner.specs import TrainingSpec
 from lora_planner.textable import Console, Styled, Table
 
@@ -86,7 +86,7 @@ def _settings_line(plan: Plan) -> str:
         precision,
         f"{t.optimizer} ({t.resolved_optimizer_impl}: {t.optimizer_impl_reason})",
         f"batch {t.batch_size} x {t.seq_len} tokens{collate_text(t)}",
-        f"{t.attention} attention",
+        f"{t.attention} attention" + _kernel_note(plan),
         *(["Liger kernels"] if t.liger else []),
         *([f"loss {t.loss}"] if t.loss != "hf" else []),
         "gradient checkpointing" if t.grad_checkpointing else "no checkpointing",
@@ -118,6 +118,13 @@ def _settings_line(plan: Plan) -> str:
         parts.append(f"{t.quant_type.upper()} " + ("with double quantization" if t.double_quant
                                                    else "without double quantization (--no-double-quant)"))
     return " | ".join(parts)
+
+
+def _kernel_note(plan: Plan) -> str:
+    """SDPA's kernel on CUDA, as assumed (`planner.sdpa_kernel_for`)."""
+    kernel = sdpa_kernel_for(plan.spec, plan.training)
+    names = {"flash": "flash", "efficient": "memory-efficient", "math": "math"}
+    return f" ({names[kernel[0]]} kernel)" if kernel else ""
 
 
 def _fits_cell(plan: Plan, method: str) -> Styled:

@@ -297,3 +297,62 @@ def test_dora_refusals(settings, fragment):
         activation_profile(spec_from_config(TINY, "tiny"), TrainingSpec(**{"method": "lora", **settings},
                                                                         lora=LoraSpec(use_dora=True)))
     assert err.value.field == "use_dora" and fragment in err.value.problem
+
+
+# ---------------------------------------------------------------------------------------------- SDPA's CUDA kernel
+
+@pytest.mark.parametrize("model, training, kernel", [
+    ("llama-3.1-8b", dict(), "flash"),  # bf16, no mask, head dim 128: grouped-query attention is fine for flash
+    ("llama-3.1-8b", dict(dtype="fp32", amp="bf16"), "flash"),  # autocast: 16-bit q / k / v
+    ("llama-3.1-8b", dict(dtype="fp32"), "efficient"),  # fp32: memory-efficient (grouped-query attention allowed)
+    ("llama-2-7b", dict(dtype="fp32"), "efficient"),
+    ("llama-3.1-8b", dict(padding=True), "efficient"),  # a mask: transformers repeats k / v, flash refuses masks
+    ("phi-3-mini-4k", dict(dtype="fp32"), "efficient"),  # fp32, no GQA (32 kv heads)
+    ("deepseek-v2-lite", dict(), "efficient"),  # q / k 192 wide, v 128: flash needs equal widths
+    ("llama-3.1-8b", dict(device="cpu"), "cpu-flash"),
+])
+def test_sdpa_kernel_follows_torchs_order(model, training, kernel):
+    """torch's dispatch (flash, memory-efficient, math; sdp_utils.cpp's checks) with transformers' enable_gqa."""
+    from lora_planner.families.rules import sdpa_kernel
+
+    spec = get_model(model)
+    assert sdpa_kernel(make_flow(spec, TrainingSpec(**training)))[0] == kernel
+
+
+@pytest.mark.parametrize("head_dim, training, kernel", [
+    (18, dict(), "flash"),  # 16-bit, no mask: flash takes any head dim up to 256
+    (18, dict(padding=True), "math"),  # a mask rules flash out; 18 is no multiple of 8: memory-efficient refuses
+    (18, dict(dtype="fp32"), "math"),  # 18 is no multiple of 4 in fp32
+    (20, dict(dtype="fp32"), "efficient"),
+])
+def test_sdpa_kernel_falls_back_to_math_on_unaligned_heads(head_dim, training, kernel):
+    from lora_planner.families.rules import sdpa_kernel
+
+    spec = spec_from_config({**TINY, "hidden_size": 4 * head_dim, "head_dim": head_dim}, "tiny-odd-heads")
+    assert sdpa_kernel(make_flow(spec, TrainingSpec(**training)))[0] == kernel
+
+
+def test_memory_efficient_log_sum_exp_is_padded_to_32_rows():
+    """Llama-2-7B (32 heads) in fp32 at b = 2, s = 1,000: the memory-efficient kernel's log-sum-exp holds
+    2 x 32 x 1,024 fp32 rows (1,000 rounded up to 32), flash's on bf16 2 x 32 x 1,000."""
+    from lora_planner.families.rules import logsumexp_saved
+
+    spec = get_model("llama-2-7b")
+    efficient = make_flow(spec, TrainingSpec(dtype="fp32", batch_size=2, seq_len=1000))
+    flash = make_flow(spec, TrainingSpec(batch_size=2, seq_len=1000))
+    assert logsumexp_saved(efficient, 32).nbytes == 2 * 32 * 1024 * 4
+    assert logsumexp_saved(flash, 32).nbytes == 2 * 32 * 1000 * 4
+
+
+def test_sdpa_math_kernel_hand_count():
+    """Llama-3.1-8B fp32 (math kernel), b = 1, s = 2,048, a layer whose q / k / v all need a gradient: the scaled q,
+    the scaled repeated k and the repeated v (2,048 x 4,096 x 4 bytes each) and the S x S probabilities (32 heads x
+    2,048^2 x 4 bytes); with only v needing a gradient, the probabilities alone."""
+    from lora_planner.families.rules import sdpa_math
+
+    flow = make_flow(get_model("llama-3.1-8b"), TrainingSpec(dtype="fp32", seq_len=2048))
+    tokens_bytes, probs = 2048 * 4096 * 4, 32 * 2048 * 2048 * 4
+    assert [(s.name, s.nbytes) for s in sdpa_math(flow, True, True, True)] == [
+        ("attn.q_scaled", tokens_bytes), ("attn.k_scaled_repeated", tokens_bytes), ("attn.softmax", probs),
+        ("attn.v_repeated", tokens_bytes)]
+    assert [(s.name, s.nbytes) for s in sdpa_math(flow, False, False, True)] == [("attn.probs", probs)]

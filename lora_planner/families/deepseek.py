@@ -21,8 +21,8 @@ attention implementation:
   math path, which keeps fp32 copies of q and k, the fp32 probabilities and an fp32 v (measured).
 - sdpa with equal widths on the CPU (measured), and sdpa on CUDA (assumed, not measured: flash needs equal widths,
   so the memory-efficient or cuDNN kernel runs): q, k, the whole kv_b_proj output (v is a view of it), the output
-  and the fp32 log-sum-exp. The memory-efficient kernel pads the log-sum-exp to a multiple of 32 positions and
-  keeps a philox seed / offset: not counted. flash_attention_2 (`integrations/flash_attention.py` pads v to the q / k
+  and the fp32 log-sum-exp, padded by the memory-efficient kernel to a multiple of 32 positions
+  (`rules.logsumexp_saved`); its philox seed / offset is not counted. flash_attention_2 (`integrations/flash_attention.py` pads v to the q / k
   width) is not modelled.
 In every case o_proj keeps its own copy of the merged heads (measured on the CPU also after the fused kernel: its
 output comes back head-major, so `transpose(1, 2).contiguous()` copies; on CUDA that copy may be a view: counted).
@@ -62,7 +62,7 @@ from dataclasses import replace
 from lora_planner.families.base import Family, Module
 from lora_planner.families.moe import INT64, moe_conversion, moe_modules, norms_last_layout, routed_mlp
 from lora_planner.families.rules import (
-    FP32, Flow, SavedTensor, norm, output_projection, rms_norm_of, softmax_saved,
+    FP32, Flow, SavedTensor, logsumexp_saved, norm, output_projection, rms_norm_of, sdpa_kernel, softmax_saved,
 )
 from lora_planner.specs import ModelSpec
 
@@ -194,7 +194,7 @@ def attention_core(flow: Flow, q_grad: bool, kv_grad: bool) -> list[SavedTensor]
                         SavedTensor("attn.v_fp32", tokens * heads * dv * FP32)]
     return [SavedTensor("attn.q", tokens * heads * dqk * e), SavedTensor("attn.k", tokens * heads * dqk * e),
             SavedTensor("attn.kv_b_output", kv_b_output), SavedTensor("attn.output", tokens * heads * dv * e),
-            SavedTensor("attn.logsumexp", flow.b * heads * flow.s * FP32)]
+            logsumexp_saved(flow, heads, sdpa_kernel(flow, dqk, dv)[0])]
 
 
 def router(flow: Flow, prefix: str, x_needs_grad: bool) -> tuple[list[SavedTensor], bool, bool]:

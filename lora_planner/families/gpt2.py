@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from lora_planner.families.base import Family, Module
 from lora_planner.families.rules import (
-    FP32, Flow, SavedTensor, dropout_mask, norm, plain_mlp, softmax_saved,
+    FP32, Flow, SavedTensor, dropout_mask, logsumexp_saved, norm, plain_mlp, softmax_saved,
 )
 from lora_planner.specs import ModelSpec
 
@@ -48,7 +48,7 @@ def _attention(flow: Flow, needs_grad: bool) -> list[SavedTensor]:
                 SavedTensor("attn.dropout_mask_fp32", scores * FP32),
                 SavedTensor("attn.probs_dropped_fp32", scores * FP32)]
     return [qkv, SavedTensor("attn.output", tokens * h * e),
-            SavedTensor("attn.logsumexp", flow.b * flow.spec.num_heads * flow.s * FP32)]
+            logsumexp_saved(flow, flow.spec.num_heads)]
 
 
 def layer(flow: Flow, x_needs_grad: bool) -> list[SavedTensor]:

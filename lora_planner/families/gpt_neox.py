@@ -25,8 +25,8 @@ from __future__ import annotations
 
 from lora_planner.families.base import Family, Module
 from lora_planner.families.rules import (
-    FP32, Flow, SavedTensor, dropout_mask, eager_attention, layer_norm, norm, normed_attention_input,
-    output_projection, plain_mlp,
+    Flow, SavedTensor, dropout_mask, eager_attention, layer_norm, norm, normed_attention_input,
+    logsumexp_saved, output_projection, plain_mlp,
 )
 from lora_planner.specs import ModelSpec
 
@@ -62,7 +62,7 @@ def _attention(flow: Flow, needs_grad: bool) -> list[SavedTensor]:
         SavedTensor("attn.k_rotated", tokens * h * e),
         SavedTensor("attn.query_key_value_output", tokens * 3 * h * e),  # v: a strided view of it
         SavedTensor("attn.output", tokens * h * e),
-        SavedTensor("attn.logsumexp", flow.b * flow.spec.num_heads * flow.s * FP32),
+        logsumexp_saved(flow, flow.spec.num_heads),
     ]
 
 

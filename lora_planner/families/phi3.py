@@ -32,8 +32,9 @@ from __future__ import annotations
 
 from lora_planner.families.base import Family, Module
 from lora_planner.families.rules import (
-    FLASH, FP32, Flow, SavedTensor, dropout_mask, flash_attention, masked_sdpa, norm, normed_attention_input,
-    output_projection, sdpa_mask_applies, sliding_model_level, softmax_saved,
+    FLASH, Flow, SavedTensor, dropout_mask, flash_attention, masked_sdpa, norm, normed_attention_input,
+    logsumexp_saved, output_projection, sdpa_kernel, sdpa_mask_applies, sdpa_math, sliding_model_level,
+    softmax_saved,
 )
 from lora_planner.specs import ModelSpec
 
@@ -83,6 +84,8 @@ def _attention(flow: Flow, needs_grad: bool) -> list[SavedTensor]:
         # flash dtype copied it (QLoRA's fp32 stream)
         qkv = tokens * (spec.q_size + 2 * spec.kv_size) * e
         return flash_attention(flow, spec.q_size, spec.kv_size, qkv if flow.e_attention == e else None)
+    if sdpa_kernel(flow)[0] == "math":  # fp32 on CUDA with grouped-query attention (`rules.sdpa_kernel`)
+        return sdpa_math(flow, True, True, True)
     if sdpa_mask_applies(flow) and spec.num_kv_heads != spec.num_heads:
         # A materialised mask (seq_len >= sliding_window, padding, packing): repeat_kv copies k and v to every head,
         # so SDPA keeps those copies, not the qkv storage (`rules.masked_sdpa`).
@@ -92,7 +95,7 @@ def _attention(flow: Flow, needs_grad: bool) -> list[SavedTensor]:
         SavedTensor("attn.k_rotated", tokens * spec.kv_size * e),
         SavedTensor("attn.qkv_output", tokens * (spec.q_size + 2 * spec.kv_size) * e),  # v's storage
         SavedTensor("attn.output", tokens * spec.q_size * e),
-        SavedTensor("attn.logsumexp", flow.b * spec.num_heads * flow.s * FP32),
+        logsumexp_saved(flow, spec.num_heads),
     ]
     if sdpa_mask_applies(flow):  # without GQA, k and v go in as they are; the additive mask comes on top
         saved.append(SavedTensor("attn.additive_mask", flow.b * flow.s * flow.s * e))

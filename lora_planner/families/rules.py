@@ -317,6 +317,54 @@ def dropout_mask(flow: Flow, name: str, numel: int, p: float, x_needs_grad: bool
 # ---------------------------------------------------------------------------------------------- attention
 
 
+# ---------------------------------------------------------------------------------------------- SDPA's kernel
+# On CUDA, `F.scaled_dot_product_attention` runs the first kernel whose checks pass, in torch's default order
+# (ATen/Context.h `sdp_priority_order`: flash, memory-efficient, math; pytorch/pytorch
+# aten/src/ATen/native/transformers/cuda/sdp_utils.cpp `select_sdp_backend`, `can_use_flash_attention`,
+# `can_use_mem_efficient_attention`):
+# - flash: fp16 / bf16, no attention mask, q / k / v head dims equal and <= 256, grouped-query attention allowed;
+# - memory-efficient: fp16 / bf16 / fp32, a mask allowed, grouped-query attention allowed (`supports_gqa`), head dims
+#   multiples of the GEMM alignment (`minimum_gemm_alignment`: 8 in 16-bit, 4 in fp32 on sm80+); its log-sum-exp is
+#   padded to a multiple of 32 positions;
+# - math: everything else, an eager-style graph (`_scaled_dot_product_attention_math`: S x S probabilities).
+# transformers passes `enable_gqa=True` (k, v at kv-head width) when there is no mask and the head dims are <= 256
+# (`integrations/sdpa_attention.py` `use_gqa_in_sdpa`), and repeats k / v itself otherwise. On H100 / B200 with
+# cuDNN >= 9.15 (`check_prefer_cudnn_attention`) cuDNN's kernel goes first for 16-bit inputs: it keeps what flash
+# keeps (q, k, v, the output, an unpadded fp32 log-sum-exp), so the flash plan stands. On the CPU the flash kernel
+# takes every dtype and a mask (measured). sm86-89's refusal of flash for training head dims in (192, 224] is not
+# modelled (the plan does not know the GPU's architecture).
+SdpaKernel = str  # "flash" | "efficient" | "math" | "cpu-flash"
+EFFICIENT_LSE_ALIGN = 32  # mem-efficient attention's log-sum-exp rows (`kernel_forward.h`: kAlignLSE)
+
+
+def sdpa_kernel(flow: Flow, head_dim: int | None = None, v_head_dim: int | None = None) -> tuple[SdpaKernel, str]:
+    """(the kernel SDPA runs for this layer, why) per the rules above."""
+    if flow.t.device != "cuda":
+        return "cpu-flash", "the CPU's flash kernel takes every dtype and a mask"
+    spec = flow.spec
+    if spec.v_head_dim:  # DeepSeek's MLA: q / k are qk_nope_head_dim + head_dim (RoPE) wide, v v_head_dim
+        hd, hv = spec.qk_nope_head_dim + spec.head_dim, spec.v_head_dim
+    else:
+        hd = hv = spec.head_dim
+    hd, hv = head_dim or hd, v_head_dim or hv
+    masked = sdpa_mask_applies(flow)
+    low = flow.e_attention == 2
+    if low and not masked and hd == hv <= 256:
+        return "flash", "16-bit, no mask, head dim <= 256"
+    align = 8 if low else 4
+    why = "a materialised mask" if masked else ("fp32" if not low else f"head dims {hd} / {hv}")
+    if hd % align == 0 and hv % align == 0:
+        return "efficient", f"{why} rules flash out"
+    return "math", f"{why} rules flash out, and head dim {hd if hd % align else hv} is not a multiple of {align}"
+
+
+def logsumexp_saved(flow: Flow, heads: int, kernel: SdpaKernel | None = None) -> SavedTensor:
+    """SDPA's fp32 log-sum-exp (b x heads x s), its rows padded to 32 by the memory-efficient kernel."""
+    kernel = kernel or sdpa_kernel(flow)[0]
+    rows = round_up(flow.s, EFFICIENT_LSE_ALIGN) if kernel == "efficient" else flow.s
+    return SavedTensor("attn.logsumexp", flow.b * heads * rows * FP32)
+
+
 def sdpa(flow: Flow, q_cols: int, kv_cols: int) -> list[SavedTensor]:
     """Fused SDPA (flash / memory-efficient, CUDA and CPU) keeps q, k, v, the output and the fp32
     log-sum-exp (b x heads x s); with no padding mask transformers passes `enable_gqa`, so k and v stay
@@ -327,8 +375,29 @@ def sdpa(flow: Flow, q_cols: int, kv_cols: int) -> list[SavedTensor]:
         SavedTensor("attn.k_rotated", tokens * kv_cols * e),
         SavedTensor("attn.v", tokens * kv_cols * e),
         SavedTensor("attn.output", tokens * q_cols * e),
-        SavedTensor("attn.logsumexp", flow.b * flow.spec.num_heads * flow.s * FP32),
+        logsumexp_saved(flow, flow.spec.num_heads),
     ]
+
+
+def sdpa_math(flow: Flow, q_grad: bool, k_grad: bool, v_grad: bool) -> list[SavedTensor]:
+    """SDPA's math kernel (aten/src/ATen/native/transformers/attention.cpp `_scaled_dot_product_attention_math`):
+    q and k each scaled by sqrt(scale) (new tensors), k and v repeated to every head first under `enable_gqa`
+    (`repeat_interleave`: copies), q k^T, `_safe_softmax` in the compute dtype, dropout, then the probabilities @ v.
+    Each matmul keeps the operand the other's gradient needs: the scaled q (when k needs a gradient), the scaled
+    repeated k (when q does), the probabilities and v (whole-head width). Measured on CPU steps with the math kernel
+    forced (tests/test_rules.py)."""
+    tokens, e, spec = flow.tokens, flow.e_compute, flow.spec
+    saved = []
+    if k_grad:
+        saved.append(SavedTensor("attn.q_scaled", tokens * spec.q_size * e))
+    if q_grad:
+        saved.append(SavedTensor("attn.k_scaled_repeated", tokens * spec.q_size * e))
+    if q_grad or k_grad:
+        saved += softmax_saved(flow, v_grad, fp32_softmax=False)
+        saved.append(SavedTensor("attn.v_repeated", tokens * spec.q_size * e))
+    elif v_grad:  # the probabilities (after dropout) for v's gradient
+        saved.append(SavedTensor("attn.probs", flow.b * spec.num_heads * flow.s * flow.s * e))
+    return saved
 
 
 def round_up(n: int, multiple: int) -> int:
@@ -385,8 +454,8 @@ def fused_output_reused(flow: Flow) -> bool:
     """Whether o_proj reads the saved attention output without a copy: SDPA's fused output is laid out (b, s, heads,
     dim), so merging the heads is a view; flash-attn's `empty_like(q)` keeps q's (b, heads, s, dim) storage order
     (q arrives as a transposed view), so transformers' `reshape(...).contiguous()` copies it, as after eager
-    attention."""
-    return flow.t.attention == "sdpa"
+    attention and SDPA's math kernel (whose output is not saved: `sdpa_math`)."""
+    return flow.t.attention == "sdpa" and sdpa_kernel(flow)[0] != "math"
 
 
 def softmax_saved(flow: Flow, v_needs_grad: bool, fp32_softmax: bool = True) -> list[SavedTensor]:
@@ -438,6 +507,8 @@ def attention_core(flow: Flow, q_grad: bool, k_grad: bool, v_grad: bool) -> list
         return []
     if flow.t.attention == FLASH:
         return flash_attention(flow, flow.spec.q_size, flow.spec.kv_size)
+    if sdpa_kernel(flow)[0] == "math":
+        return sdpa_math(flow, q_grad, k_grad, v_grad)
     if sdpa_mask_applies(flow):
         return masked_sdpa(flow, flow.spec.q_size)
     return sdpa(flow, flow.spec.q_size, flow.spec.kv_size)

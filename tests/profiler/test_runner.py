@@ -137,6 +137,16 @@ def request(spec=TINY_LLAMA, backend="hf", mode="cpu", steps=2, **kw) -> Profile
                           steps=steps)
 
 
+def _lora_id(lora: LoraSpec | None) -> str:
+    """The adapter settings that differ from LoraSpec's defaults, for a readable test id."""
+    if lora is None:
+        return ""
+    default = LoraSpec()
+    changed = [f"{name}={','.join(map(str, value)) if isinstance(value, tuple) else value}"
+               for name, value in vars(lora).items() if value != getattr(default, name) and name != "r"]
+    return "-" + "-".join(changed) if changed else ""
+
+
 # ---------------------------------------------------------------------------------------------- fidelity
 
 CPU_CASES = [
@@ -324,6 +334,54 @@ DORA_SMALL_VOCAB = [
 ]
 
 
+# 18-wide heads (4 x 18 = 72 channels): in fp32 on CUDA neither fused kernel takes them (18 is no multiple of 4: the
+# memory-efficient kernel's alignment), so SDPA runs its math kernel (`rules.sdpa_kernel`); Phi-3 rotates 12 of 18
+ODD_HEADS = {"vocab_size": 1000, "hidden_size": 72, "intermediate_size": 176, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "num_key_value_heads": 2}
+SDPA_MATH_CASES = [
+    ("llama", dict(), dict()),
+    ("llama", dict(), dict(grad_checkpointing=True)),
+    ("llama", dict(), dict(lora=LoraSpec(r=8, target_modules=("all-linear",)))),  # o_proj keeps its own output copy
+    ("llama", dict(), dict(method="full")),
+    ("qwen2", dict(), dict(lora=LoraSpec(r=8, target_modules=("k_proj",)))),  # layer 0: only k needs a gradient
+    ("qwen3", dict(head_dim=18), dict()),  # q / k norms
+    ("olmo2", dict(), dict(grad_checkpointing=True)),
+    ("phi3", dict(partial_rotary_factor=2 / 3, pad_token_id=None), dict()),  # its own rule (fused qkv) routes here too
+]
+
+
+@pytest.mark.parametrize("family, config, settings", SDPA_MATH_CASES,
+                         ids=[f"{f}-{'-'.join(f'{k}={v}' for k, v in s.items() if k != 'lora')}{_lora_id(s.get('lora'))}"
+                              for f, _, s in SDPA_MATH_CASES])
+def test_sdpa_math_kernel_matches_cpu_steps_with_math_forced(family, config, settings):
+    """Where SDPA's fused kernels refuse the heads on CUDA it runs its math kernel (`rules.sdpa_kernel`); the same
+    kernel runs on the CPU under `sdpa_kernel([SDPBackend.MATH])`: the planner's saved tensors for the CUDA plan equal
+    the CPU step's, byte for byte, at the end of forward and at the backward's peak (the optimizer's own tensors
+    differ between the devices and are left out)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from lora_planner.families.rules import sdpa_kernel as kernel_of
+    from lora_planner.activations import make_flow
+    from lora_planner.profiler.runner import _loss_fn, batch_factory, build_model
+    from lora_planner.profiler.tracker import measure_training_step
+
+    spec = spec_from_config({"model_type": family, **ODD_HEADS, **config}, f"tiny-{family}-18-wide-heads")
+    settings = dict(settings)
+    req = request(spec, method=settings.pop("method", "lora"), dtype="fp32", **settings)
+    t = req.training
+    assert kernel_of(make_flow(spec, replace(t, device="cuda")))[0] == "math"
+    torch.manual_seed(0)
+    model = build_model(req, "cpu")
+    with sdpa_kernel([SDPBackend.MATH]):
+        measured = measure_training_step(model, batch_factory(req.spec, t, "cpu", 0), build_optimizer(model, t),
+                                         steps=2, loss_fn=_loss_fn(t, "cpu")).steady_state
+    planned = {p.phase: p.breakdown for p in estimate_memory(req.spec, replace(t, device="cuda")).phases}
+    forward = measured.phase("forward")
+    assert planned["forward_end"].activations_bytes == forward.peak_breakdown["activations"]
+    backward = measured.phase("backward")
+    assert planned["backward_start"].activations_bytes == backward.peak_breakdown["activations"]
+
+
 @pytest.mark.parametrize("settings, low, high", DORA_SMALL_VOCAB, ids=["no-ckpt", "ckpt", "ckpt-b1-s8"])
 def test_dora_small_vocabulary_bound(settings, low, high):
     """Where DoRA's own transients decide (its I x I identity, B A, the weight's cast copy, the weight norm's two
@@ -338,16 +396,6 @@ def test_dora_small_vocabulary_bound(settings, low, high):
     assert record["status"] == "ok", record.get("error")
     predicted, measured = record["predicted"]["peak_bytes"], record["measured"]["peak_bytes"]
     assert low <= (predicted - measured) / measured <= high, (predicted, measured)
-
-
-def _lora_id(lora: LoraSpec | None) -> str:
-    """The adapter settings that differ from LoraSpec's defaults, for a readable test id."""
-    if lora is None:
-        return ""
-    default = LoraSpec()
-    changed = [f"{name}={','.join(map(str, value)) if isinstance(value, tuple) else value}"
-               for name, value in vars(lora).items() if value != getattr(default, name) and name != "r"]
-    return "-" + "-".join(changed) if changed else ""
 
 
 @pytest.mark.parametrize("family, backend, settings", CPU_CASES,
