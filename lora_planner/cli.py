@@ -58,7 +58,8 @@ def _training_from_args(args: argparse.Namespace, method: str) -> TrainingSpec:
         kbit_prep=args.kbit_prep, double_quant=getattr(args, "double_quant", True),
         offload=getattr(args, "offload", "none"), offload_pin_memory=getattr(args, "offload_pin_memory", True),
         gpus_per_node=getattr(args, "gpus_per_node", None),
-        quant_type=getattr(args, "quant_type", "nf4"), experts_implementation=getattr(args, "experts_implementation", "grouped_mm"),
+        quant_type=getattr(args, "quant_type", "nf4"),
+        experts_implementation=getattr(args, "experts_implementation", "grouped_mm"),
         routing=_routing(getattr(args, "routing", "balanced")),
         **parse_loss(getattr(args, "loss", "hf")),
         padding=getattr(args, "padding", False), packing=getattr(args, "packing", False),
@@ -112,26 +113,24 @@ def _token_indices(text: str | None) -> tuple[tuple[str, tuple[int, ...]], ...] 
 
 def _id_ranges(text: str) -> tuple[int, ...]:
     """"0,5,7" or "128000-128255" -> sorted unique token ids (at most MAX_VOCAB of them)."""
-    ids: set[int] = set()
-    for part in _csv(text):
-        low, sep, high = part.partition("-")
-        try:
-            first, last = int(low), int(high) if sep else int(low)
-        except ValueError:
-            first, last = 0, -1
-        if first < 0 or last < first:
-            raise PlannerInputError("trainable-token-indices", f"cannot read {part!r}",
-                                    "pass token ids or ranges, e.g. 128000-128255")
-        if last >= MAX_VOCAB:  # checked before the range is built
-            raise PlannerInputError("trainable-token-indices", f"token {last:,} in {part!r} is past any vocabulary "
-                                    f"(at most {MAX_VOCAB:,} tokens)", "pass the model's token ids")
-        ids.update(range(first, last + 1))
-    return tuple(sorted(ids))
+    return _index_ranges(text, "trainable-token-indices", "token", MAX_VOCAB, "vocabulary",
+                         "pass token ids or ranges, e.g. 128000-128255", "pass the model's token ids")
 
 
 def _layer_list(text: str) -> tuple[int, ...]:
     """"0,1,2" or "24-31" or "0-3,8" -> sorted unique layer indices."""
-    layers: set[int] = set()
+    layers = _index_ranges(text, "layers-to-transform", "layer", MAX_LAYERS, "model",
+                           "pass layer indices or ranges, e.g. 0,1,2 or 24-31",
+                           "pass the model's layer indices, e.g. 0-31")
+    if not layers:
+        raise PlannerInputError("layers-to-transform", "no layer given", "pass e.g. --layers-to-transform 0-3")
+    return layers
+
+
+def _index_ranges(text: str, field: str, what: str, limit: int, past: str, fix: str, past_fix: str) -> tuple[int, ...]:
+    """Comma-separated indices and inclusive ranges ("0,5,7", "24-31") -> sorted unique indices below `limit`; the
+    limit is checked before a range is built (0-99999999999 must not hang)."""
+    found: set[int] = set()
     for part in _csv(text):
         low, sep, high = part.partition("-")
         try:
@@ -139,15 +138,12 @@ def _layer_list(text: str) -> tuple[int, ...]:
         except ValueError:
             first, last = 0, -1
         if first < 0 or last < first:
-            raise PlannerInputError("layers-to-transform", f"cannot read {part!r}",
-                                    "pass layer indices or ranges, e.g. 0,1,2 or 24-31")
-        if last >= MAX_LAYERS:  # checked before the range is built: 0-99999999999 must not hang
-            raise PlannerInputError("layers-to-transform", f"layer {last:,} in {part!r} is past any model "
-                                    f"(at most {MAX_LAYERS:,} layers)", "pass the model's layer indices, e.g. 0-31")
-        layers.update(range(first, last + 1))
-    if not layers:
-        raise PlannerInputError("layers-to-transform", "no layer given", "pass e.g. --layers-to-transform 0-3")
-    return tuple(sorted(layers))
+            raise PlannerInputError(field, f"cannot read {part!r}", fix)
+        if last >= limit:
+            raise PlannerInputError(field, f"{what} {last:,} in {part!r} is past any {past} (at most {limit:,} "
+                                           f"{what}s)", past_fix)
+        found.update(range(first, last + 1))
+    return tuple(sorted(found))
 
 
 def _methods_from_args(args: argparse.Namespace) -> tuple[str, ...]:
