@@ -117,8 +117,8 @@ class ActivationProfile:
     # loss peaks at its last chunk's nll_loss, before the final division makes it)
     loss_value_at_forward_end: bool = True
     loss_output_bytes: int = FP32  # the loss value (a 0-d fp32 tensor), alive from forward end through backward
-    # LoRA on lm_head (`head_lora_moments`): its forward add (activations beyond the layers' and the model-level saved
-    # tensors, temporaries) and its backward (gradients, activations beyond those, temporaries with the seed)
+    # LoRA or trainable tokens on lm_head (`head_moments`): its forward moment (activations beyond the layers' and the
+    # model-level saved tensors, temporaries) and its backward one (gradients, activations beyond those, temporaries)
     head_adapter_moments: tuple[tuple[int, int], tuple[int, int, int]] = ((0, 0), (0, 0, 0))
     # Trainable tokens on the embeddings (`trainable_tokens_moments`): the forward's first op (activations beyond the
     # batch, temporaries) and the backward's last (activations, temporaries; the embeddings' delta gradient not yet)
@@ -278,7 +278,7 @@ def _model_level(flow: Flow, embeddings_need_grad: bool) -> list[SavedTensor]:
     return saved
 
 
-def head_lora_moments(flow: Flow) -> tuple[tuple[int, int], tuple[int, int, int]]:
+def head_moments(flow: Flow) -> tuple[tuple[int, int], tuple[int, int, int]]:
     """LoRA on the output layer (PEFT 0.21.2 `peft/tuners/lora/layer.py` `Linear.forward`: `result = base(x)`, then
     `result = result + lora_B(lora_A(x)) * scaling`): its two moments, each on top of the layers' and the model-level
     saved tensors (the loss has saved nothing yet, or its backward has freed it all), measured on CPU
@@ -344,11 +344,11 @@ def trainable_tokens_saved(flow: Flow) -> list[SavedTensor]:
 
 def _head_moments_with_caches(flow: Flow, model: tuple[SavedTensor, ...], first_input_needs_grad: bool,
                               ) -> tuple[tuple[int, int], tuple[int, int, int]]:
-    """`head_lora_moments` (the hf loss only), its forward moment with what autocast's cache still holds then (the
+    """`head_moments` (the hf loss only), its forward moment with what autocast's cache still holds then (the
     16-bit casts `_forward_end_holds` counts at the loss)."""
     if flow.loss != "hf":
         return (0, 0), (0, 0, 0)
-    (forward_acts, forward_temps), backward = head_lora_moments(flow)
+    (forward_acts, forward_temps), backward = head_moments(flow)
     if forward_temps and flow.amp:
         forward_temps += _forward_end_holds(flow, model, first_input_needs_grad, hidden_held=False)
     return (forward_acts, forward_temps), backward

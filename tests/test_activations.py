@@ -964,11 +964,11 @@ def test_embedding_lora_saved_hand_count(settings, expected):
     (dict(dtype="fp32", amp="bf16"), (0, 2 * 32000 * 6),
      (32000 * 8 * 4, 4 - (32000 + 2) * 8 * 2, (32000 + 2) * 8 * 2 + 2 * 32000 * 2 + 4)),
 ])
-def test_head_lora_moments_hand_count(settings, forward, backward):
-    from lora_planner.activations import head_lora_moments, make_flow
+def test_head_moments_hand_count(settings, forward, backward):
+    from lora_planner.activations import head_moments, make_flow
 
     t = TrainingSpec(method="lora", device="cpu", batch_size=1, seq_len=2, **settings,
                      lora=LoraSpec(r=8, target_modules=("lm_head", "q_proj")))
-    assert head_lora_moments(make_flow(_vocab_llama(), t)) == (forward, backward)
+    assert head_moments(make_flow(_vocab_llama(), t)) == (forward, backward)
     no_head = TrainingSpec(method="lora", device="cpu", batch_size=1, seq_len=2, **settings)
-    assert head_lora_moments(make_flow(_vocab_llama(), no_head)) == ((0, 0), (0, 0, 0))
+    assert head_moments(make_flow(_vocab_llama(), no_head)) == ((0, 0), (0, 0, 0))

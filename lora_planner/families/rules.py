@@ -9,6 +9,7 @@ rules is the docstring of `lora_planner.activations`). A family module composes 
 from __future__ import annotations
 
 from copy import copy
+from typing import Any
 
 from lora_planner.families.base import Family, Module, SavedTensor
 from lora_planner.specs import BYTES_PER_ELEMENT, ModelSpec, TrainingSpec
@@ -57,7 +58,7 @@ class Flow:
             self.trained_paths = frozenset(m.path for m in modules_to_save(spec, training.lora.modules_to_save))
         # trainable tokens: the wrapped modules run on a merged matrix that needs a gradient (the output layer keeps its
         # input, the embeddings give layer 0 an input gradient), as a trained copy's would
-        self.token_layers: tuple = ()
+        self.token_layers: tuple[Any, ...] = ()  # `params.TokenLayer`s
         if training.lora.trainable_token_indices and training.method != "full":
             from lora_planner.params import trainable_token_layers
 
