@@ -148,3 +148,13 @@ def test_zero_offload_matches_deepspeed_on_cpu_ranks(ds_offload_measured, stage,
     assert abs((gpu + host_memory(TINY, t).total_bytes) / busiest - 1) <= 0.005, (gpu, busiest)
     for rank in ds_offload_measured[(stage, method)]:
         assert rank.buffers_at_peak["ds_offload_fp32_grad"] == rank.buffers_at_peak["ds_fp32_master"]
+
+
+def test_profile_refuses_offload(tmp_path, capsys):
+    """`lora-plan profile` measures on the CPU, where the GPU side and the host side are one memory: refused with the
+    reason (the validation is `test_zero_offload_matches_deepspeed_on_cpu_ranks`), nothing written."""
+    out = tmp_path / "runs.jsonl"
+    assert main(["profile", "--model", "llama-2-7b", "--method", "lora", "--strategy", "deepspeed-zero2",
+                 "--offload", "optimizer", "--mode", "cpu", "--out", str(out)]) == 2
+    assert "offload: a profiled step runs on the CPU" in capsys.readouterr().err
+    assert not out.exists()

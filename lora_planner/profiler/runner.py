@@ -262,6 +262,11 @@ def check_request(request: ProfileRequest) -> None:
     if t.lora.modules_to_save and t.method != "full" and request.backend != "hf":
         raise PlannerInputError("modules_to_save", "the builtin backend has no modules_to_save",
                                 "profile it with --backend hf")
+    if t.offload != "none":
+        raise PlannerInputError("offload", "a profiled step runs on the CPU, where an offloading run's GPU side and its "
+                                           "host side are one memory: the GPU peak cannot be measured apart",
+                                "profile without --offload (ZeRO-Offload is held to DeepSpeed on CPU ranks by "
+                                "tests/test_offload.py: the GPU peak plus the host RAM equals the rank's peak)")
     if t.lora.bias != "none" and t.method != "full" and request.backend != "hf":
         raise PlannerInputError("bias", "the builtin backend trains no base biases", "profile it with --backend hf")
     if t.lora.use_dora and t.method != "full" and request.backend != "hf":
