@@ -68,10 +68,11 @@ STACKS: dict[str, Stack] = {s.name: s for s in (
     Stack("litgpt", "litgpt config_hub llama-3.1-8b lora.yaml",
           dict(optimizer="adamw_torch", attention="sdpa", grad_checkpointing=False, adapter_dtype="base",
                r=32, alpha=16.0, target="q_proj,v_proj", dtype="bf16", amp=None, seq_len=512, batch_size=1,
-               padding=True, packing=False, kbit_prep=False, loss="hf", liger=False),
+               padding=True, packing=False, kbit_prep=False, loss="hf", liger=False, double_quant=False),
           ("litgpt's chunked cross-entropy (128-token lm_head chunks, bf16 logits) is not modelled yet: planned with "
            "transformers' loss, which over-estimates the loss term",
-           "QLoRA: litgpt quantizes lm_head too and skips double quantization, planned as PEFT's QLoRA")),
+           "QLoRA: litgpt (`--quantize bnb.nf4`, no double quantization: planned) quantizes lm_head too, planned "
+           "as PEFT's QLoRA with lm_head in 16-bit")),
     Stack("unsloth", "unsloth 2026.10.9",
           dict(optimizer="adamw_8bit", attention="flash_attention_2", grad_checkpointing=True, adapter_dtype="fp32",
                r=16, alpha=16.0, target="all-linear", dtype="bf16", amp=None, seq_len=2048, batch_size=4,

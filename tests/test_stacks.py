@@ -68,3 +68,13 @@ def test_unknown_stack():
         resolve_stack("deepspeed")
     assert err.value.field == "stack" and "trl-sft" in err.value.fix
     assert main(["--model", "gpt2", "--stack", "nemo"]) == 2
+
+
+def test_litgpt_plans_qlora_without_double_quantization(capsys):
+    """litgpt's QLoRA (`--quantize bnb.nf4`) keeps an fp32 absmax per 64 weights: the preset turns double
+    quantization off (an explicit flag would still win) and says so in its note."""
+    assert main(["--model", "llama-3.1-8b", "--stack", "litgpt", "--method", "qlora", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["inputs"]["double_quant"] is False
+    assert main(["--model", "llama-3.1-8b", "--stack", "litgpt", "--method", "qlora"]) == 0
+    assert "--double-quant off" in " ".join(capsys.readouterr().out.split())
