@@ -47,7 +47,8 @@ def _training_from_args(args: argparse.Namespace, method: str) -> TrainingSpec:
     layers = _layer_list(args.layers_to_transform) if args.layers_to_transform is not None else None
     return TrainingSpec(
         method=method, dtype=dtype, amp=args.amp, optimizer=args.optimizer, optimizer_impl=args.optimizer_impl,
-        batch_size=args.batch_size, seq_len=args.seq_len, grad_checkpointing=args.grad_checkpointing,
+        batch_size=args.batch_size, seq_len=args.seq_len,
+        grad_checkpointing=args.grad_checkpointing or getattr(args, "activation_offload", "none") != "none",
         device=args.device, attention=args.attention, gpus=args.gpus, strategy=args.strategy,
         lora=LoraSpec(r=args.r, alpha=args.alpha, target_modules=target, adapter_dtype=args.adapter_dtype,
                       layers_to_transform=layers, target_parameters=_target_parameters(args),
@@ -58,6 +59,7 @@ def _training_from_args(args: argparse.Namespace, method: str) -> TrainingSpec:
         kbit_prep=args.kbit_prep, double_quant=getattr(args, "double_quant", True),
         offload=getattr(args, "offload", "none"), offload_pin_memory=getattr(args, "offload_pin_memory", True),
         gpus_per_node=getattr(args, "gpus_per_node", None),
+        activation_offload=getattr(args, "activation_offload", "none"),
         quant_type=getattr(args, "quant_type", "nf4"),
         experts_implementation=getattr(args, "experts_implementation", "grouped_mm"),
         routing=_routing(getattr(args, "routing", "balanced")),

@@ -80,6 +80,13 @@ def add_planner_options(p: argparse.ArgumentParser) -> None:
                         "its gradient and the optimizer states, stepped on the CPU; ZeRO-1/2/3, one GPU allowed); "
                         "params = also the parameters (ZeRO-3 offload_param, FSDP2 CPUOffloadPolicy); needs "
                         "--strategy; the host RAM per rank and per node is shown (default none)")
+    p.add_argument("--activation-offloading", dest="activation_offload", choices=("none", "torchtune", "unsloth"),
+                   default="none",
+                   help="checkpointed layer inputs in pinned host RAM: torchtune = its recipes' "
+                        "enable_activation_offloading (OffloadActivations: every saved tensor of 1 KiB or more, the "
+                        "last 5 kept on the GPU), unsloth = use_gradient_checkpointing=\"unsloth\" (each layer's input "
+                        "through two 16-bit GPU buffers); implies --grad-checkpointing; modelled from their source "
+                        "(default none)")
     p.add_argument("--no-offload-pin-memory", dest="offload_pin_memory", action="store_false",
                    help="with --offload: pageable host buffers (DeepSpeed pin_memory=false, CPUOffloadPolicy("
                         "pin_memory=False)) instead of page-locked ones")
@@ -136,7 +143,7 @@ def add_planner_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute layers in backward")
     p.add_argument("--attention", type=Text("attention", "--attention sdpa"), default="sdpa",
                    help=f"{'|'.join(ATTENTIONS)}, transformers' attn_implementation (default sdpa, transformers' "
-                        "default; flash_attention_2 is refused until its kernel is modelled)")
+                        "default; flash_attention_2 is modelled from flash-attn's source)")
     p.add_argument("--device", type=Text("device", "--device cuda"), default="cuda",
                    help=f"{'|'.join(DEVICES)} (default cuda)")
     p.add_argument("--gpus", type=count("gpus", "--gpus 8", MAX_GPUS), default=1,

@@ -407,6 +407,7 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
             "batch_size": t.batch_size,
             "seq_len": t.seq_len,
             "grad_checkpointing": t.grad_checkpointing,
+            "activation_offload": t.activation_offload,
             "attention": t.attention,
             "loss": loss_kind(spec, t),
             "loss_chunks": t.loss_chunks if t.loss == "chunked" else None,

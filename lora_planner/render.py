@@ -89,7 +89,7 @@ def _settings_line(plan: Plan) -> str:
         f"{t.attention} attention" + _kernel_note(plan),
         *(["Liger kernels"] if t.liger else []),
         *([f"loss {t.loss}"] if t.loss != "hf" else []),
-        "gradient checkpointing" if t.grad_checkpointing else "no checkpointing",
+        ("gradient checkpointing" if t.grad_checkpointing else "no checkpointing") + _offload_note(t),
         f"device {t.device}",
     ]
     if t.gpus > 1:
@@ -118,6 +118,15 @@ def _settings_line(plan: Plan) -> str:
         parts.append(f"{t.quant_type.upper()} " + ("with double quantization" if t.double_quant
                                                    else "without double quantization (--no-double-quant)"))
     return " | ".join(parts)
+
+
+def _offload_note(t) -> str:
+    """`--activation-offloading`, as assumed (`lora_planner.activation_offload`; modelled from source, not measured)."""
+    return {"none": "",
+            "torchtune": " with torchtune's activation offloading (saved tensors of 1 KiB or more in pinned host "
+                         "RAM, the last 5 kept; modelled from its source)",
+            "unsloth": " with Unsloth's offloaded checkpointing (layer inputs in pinned host RAM through two 16-bit GPU "
+                       "buffers; modelled from its source)"}[t.activation_offload]
 
 
 def _kernel_note(plan: Plan) -> str:

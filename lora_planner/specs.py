@@ -30,6 +30,9 @@ QuantType = Literal["nf4", "fp4"]
 # `offload_param`, FSDP2's `CPUOffloadPolicy`: shards, gradients and optimizer states).
 Offload = Literal["none", "optimizer", "params"]
 OFFLOADS: tuple[str, ...] = ("none", "optimizer", "params")
+# Activation offloading's implementations (`lora_planner.activation_offload`).
+ActivationOffload = Literal["none", "torchtune", "unsloth"]
+ACTIVATION_OFFLOADS: tuple[str, ...] = ("none", "torchtune", "unsloth")
 # The planner's optimizer names, one per state layout (`lora_planner.names.PLANNER_OPTIMIZERS` says what
 # each is); Hugging Face `OptimizerNames` spellings are mapped onto these by `TrainingSpec`.
 Optimizer = Literal["adamw", "sgd", "sgd_momentum", "adagrad", "rmsprop", "adafactor", "torch_adafactor",
@@ -426,6 +429,9 @@ class TrainingSpec:
     offload_pin_memory: bool = True
     # Ranks sharing one host (its RAM holds their offloaded states); None: every rank on one node, at most 8.
     gpus_per_node: int | None = None
+    # Checkpointed layer inputs in host RAM (`lora_planner.activation_offload`): torchtune's
+    # `enable_activation_offloading`, Unsloth's `use_gradient_checkpointing="unsloth"`; needs grad_checkpointing.
+    activation_offload: ActivationOffload = "none"
 
     def __post_init__(self) -> None:
         check_choice("method", self.method, METHODS)
@@ -470,6 +476,11 @@ class TrainingSpec:
                                         f"pass --gpus-per-node {self.gpus} or fewer")
         if self.offload != "none":
             self._check_offload()
+        check_choice("activation_offload", self.activation_offload, ACTIVATION_OFFLOADS)
+        if self.activation_offload != "none":
+            from lora_planner.activation_offload import check_activation_offload
+
+            check_activation_offload(self, None)
         if self.optimizer_impl is not None:
             check_choice("optimizer_impl", self.optimizer_impl, OPTIMIZER_IMPLS)
             impls = optimizer_impls(self.optimizer)

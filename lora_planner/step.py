@@ -13,7 +13,10 @@ from functools import lru_cache
 from math import ceil
 from typing import Literal, get_args
 
-from lora_planner.activations import ActivationProfile, activation_profile
+from lora_planner.activation_offload import (
+    final_norm_packs, inputs_held_in_backward, inputs_kept_at_forward_end, resident_gpu_bytes,
+)
+from lora_planner.activations import ActivationProfile, activation_profile, make_flow
 from lora_planner.optimizers import TensorGroup, optimizer_scratch_bytes, optimizer_state_bytes
 from lora_planner.params import (
     Module, adapted_layers, bias_numel, buffer_bytes, check_sequence_length, is_per_layer, lora_params,
@@ -324,6 +327,7 @@ class StepComponents:
     end_gradients: int  # the end of backward (see step_components)
     end_activations: int  # besides the batch (the loss value included)
     end_scratch: int  # backward's seed included
+    resident: int = 0  # activation offloading's own GPU buffers (Unsloth's), there at every phase
 
     @property
     def saved(self) -> int:
@@ -392,10 +396,11 @@ def step_components(spec: ModelSpec, training: TrainingSpec) -> StepComponents:
         largest = max(m.weight_numel_each for m in modules if m.kind == "linear" and m.group != "lm_head")
         extra_scratch += largest * BYTES_PER_ELEMENT[training.compute_dtype]
     last = spec.num_layers - 1
+    offload = _activation_offload(spec, training, acts)
     if training.grad_checkpointing:
-        layers_saved = spec.num_layers * acts.checkpoint_per_layer_bytes
+        layers_saved = offload.kept * acts.checkpoint_per_layer_bytes
         # the layer being recomputed in backward, with its own backward's buffers: the heaviest of the layers
-        recomputed, scratch = _recompute_moment(acts)
+        recomputed, scratch = _recompute_moment(acts, offload)
     else:
         # backward's first layer, with every layer's saved tensors still held
         layers_saved, recomputed, scratch = acts.all_layers_bytes, 0, acts.backward_scratch_bytes(last)
@@ -421,7 +426,7 @@ def step_components(spec: ModelSpec, training: TrainingSpec) -> StepComponents:
         + outside["embeddings"] + token_delta_bytes(spec, training, "embeddings")
     # (computed after the first layer's backward)
     if training.grad_checkpointing:
-        last_layer_left = (first + 1) * acts.checkpoint_per_layer_bytes + acts.layer_saved_bytes(first)
+        last_layer_left = offload.held(first) * acts.checkpoint_per_layer_bytes + acts.layer_saved_bytes(first)
     else:
         last_layer_left = acts.layer_saved_bytes(first)
     end_grads = trainable_bytes - per_layer_trainable[first] - embedding_grads
@@ -431,7 +436,8 @@ def step_components(spec: ModelSpec, training: TrainingSpec) -> StepComponents:
         # run's first expert layer, beside the gradients of every layer above it (and, under checkpointing, its
         # recomputed saved tensors on top of the checkpointed inputs below), is a candidate too.
         end_grads, last_layer_left, first_scratch = _late_backward_moment(
-            acts, training, per_layer_trainable, first, trainable_bytes - embedding_grads, end_grads, last_layer_left)
+            acts, training, per_layer_trainable, first, trainable_bytes - embedding_grads, end_grads, last_layer_left,
+            offload)
     else:
         first_scratch = acts.backward_scratch_bytes(first)
     # The loss value and backward's seed stay until `backward()` returns, at either moment.
@@ -476,25 +482,55 @@ def step_components(spec: ModelSpec, training: TrainingSpec) -> StepComponents:
         states=optimizer_state_bytes(groups, training.optimizer, step_on_device),
         optimizer_scratch=optimizer_scratch_bytes(groups, training.optimizer, impl), head_gradients=head_grads,
         activations=acts, layers_saved=layers_saved, recomputed=recomputed, layer_scratch=layer_scratch,
-        end_gradients=end_grads, end_activations=end_acts, end_scratch=end_scratch)
+        end_gradients=end_grads, end_activations=end_acts, end_scratch=end_scratch, resident=offload.resident)
 
 
-def _recompute_moment(acts: ActivationProfile) -> tuple[int, int]:
-    """Under gradient checkpointing, the heaviest decoder layer i of: (what recomputing it adds on top of every layer's
-    checkpointed input, its backward's buffers). Layer i is recomputed while the inputs of layers 0..i are still held
-    (later ones are freed): its saved bytes less (L - 1 - i) inputs (`ActivationProfile.checkpoint_recompute_bytes` is
-    the largest of the first terms)."""
+@dataclass(frozen=True)
+class _Offload:
+    """Checkpointed layer inputs on the GPU (`lora_planner.activation_offload`): `kept` from the forward's end through
+    the loss, `held(i)` while layer i is recomputed and goes back (i + 1 without offloading), and what the
+    implementation keeps on the GPU at every phase (`resident`)."""
+
+    kind: str
+    num_layers: int
+    kept: int
+    input_elements: int
+    resident: int = 0
+
+    def held(self, layer: int) -> int:
+        return inputs_held_in_backward(self.kind, layer, self.num_layers, self.input_elements)
+
+
+def _activation_offload(spec: ModelSpec, training: TrainingSpec, acts: ActivationProfile) -> _Offload:
+    kind, layers = training.activation_offload, spec.num_layers
+    elements = training.tokens * spec.hidden_size
+    if kind == "none":
+        return _Offload(kind, layers, layers, elements)
+    flow = make_flow(spec, training)
+    packs = final_norm_packs(flow.family.norm, flow.full, flow.liger, training.tokens, spec.hidden_size,
+                             flow.e_stream)
+    return _Offload(kind, layers, inputs_kept_at_forward_end(kind, layers, packs, elements), elements,
+                    resident_gpu_bytes(kind, elements))
+
+
+def _recompute_moment(acts: ActivationProfile, offload: _Offload) -> tuple[int, int]:
+    """Under gradient checkpointing, the heaviest decoder layer i of: (what recomputing it adds on top of the
+    checkpointed inputs the forward left on the GPU, its backward's buffers). Without offloading layer i is
+    recomputed while the inputs of layers 0..i are still held (later ones are freed): its saved bytes less (L - 1 - i)
+    inputs (`ActivationProfile.checkpoint_recompute_bytes` is the largest of the first terms); with it, the inputs
+    `offload.held(i)` says."""
     moments, index = [], 0
     for count, saved in acts.layer_runs:
         for i in range(index, index + count):
-            extra = ActivationProfile.total(saved) - (acts.num_layers - 1 - i) * acts.checkpoint_per_layer_bytes
+            extra = ActivationProfile.total(saved) + (offload.held(i) - offload.kept) * acts.checkpoint_per_layer_bytes
             moments.append((extra, acts.backward_scratch_bytes(i)))
         index += count
     return max(moments, key=sum)
 
 
 def _late_backward_moment(acts: ActivationProfile, training: TrainingSpec, per_layer_trainable: tuple[int, ...],
-                          first: int, grads_after_embedding: int, grads: int, left: int) -> tuple[int, int, int]:
+                          first: int, grads_after_embedding: int, grads: int, left: int,
+                          offload: _Offload) -> tuple[int, int, int]:
     """(gradients, activations, the layer backward's buffers) at the heaviest layer backward from `first` on (see
     `step_components`): at layer i the gradients of the layers above it exist, the layers up to i keep their saved
     tensors (checkpointing: their inputs, and layer i its recomputed tensors), and layer i's backward its own buffers
@@ -508,7 +544,7 @@ def _late_backward_moment(acts: ActivationProfile, training: TrainingSpec, per_l
             if i > first:
                 g = grads_after_embedding - sum(per_layer_trainable[: i + 1])
                 if training.grad_checkpointing:
-                    a = (i + 1) * acts.checkpoint_per_layer_bytes + layer_bytes
+                    a = offload.held(i) * acts.checkpoint_per_layer_bytes + layer_bytes
                 else:
                     a = saved_below + (i - index + 1) * layer_bytes
                 s = acts.backward_scratch_bytes(i)
@@ -523,8 +559,9 @@ def single_gpu_phases(c: StepComponents) -> tuple[PhaseMemory, ...]:
     """The phases of the module docstring's table for one GPU holding everything."""
     acts = c.activations
 
-    def phase(name: Phase, **parts: int) -> PhaseMemory:
-        return PhaseMemory(name, MemoryBreakdown(weights_bytes=c.weights, optimizer_states_bytes=c.states, **parts))
+    def phase(name: Phase, activations_bytes: int, **parts: int) -> PhaseMemory:
+        return PhaseMemory(name, MemoryBreakdown(weights_bytes=c.weights, optimizer_states_bytes=c.states,
+                                                 activations_bytes=activations_bytes + c.resident, **parts))
 
     return (
         phase("forward_start", activations_bytes=acts.batch_bytes + acts.token_moments[0][0],

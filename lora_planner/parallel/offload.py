@@ -30,8 +30,8 @@ ones already held to measured ranks (tests/test_parallel.py). Not validated here
 bus each buffer is on, the pinning itself and the allocator's rounding, which need CUDA.
 
 Known limitations: gradient accumulation's host buffers (DeepSpeed `accumulated_grads_in_cpu`, FSDP2's pageable
-temporary) are not counted (the planner steps every micro-batch); NVMe offload, activation offloading (torchtune's
-`OffloadActivations`, Unsloth's offloaded checkpointing) are not modelled; the host's own process memory (CUDA
+temporary) are not counted (the planner steps every micro-batch); NVMe offload is not modelled (activation offloading's
+host buffers are added from `lora_planner.activation_offload`); the host's own process memory (CUDA
 context, the Python heap, the dataset) is not included.
 """
 
@@ -95,14 +95,19 @@ def _pow2_ceil(n: int) -> int:
 
 
 def host_memory(spec: ModelSpec, training: TrainingSpec) -> HostMemory | None:
-    """The host buffers of one rank under `training.offload` (None without offload); `training.gpus_per_node` of them
-    share a node (default: every rank on one node, at most 8)."""
-    if training.offload == "none":
+    """The host buffers of one rank under `training.offload` and `training.activation_offload` (None without either,
+    the latter's from `lora_planner.activation_offload`); `training.gpus_per_node` of them share a node (default: every
+    rank on one node, at most 8)."""
+    from lora_planner.activation_offload import activation_offload_host
+
+    if training.offload == "none" and training.activation_offload == "none":
         return None
     per_node = training.gpus_per_node or min(training.gpus, 8)
-    if training.resolved_strategy.startswith("deepspeed"):
-        return HostMemory(_deepspeed_buffers(spec, training), per_node)
-    return HostMemory(_fsdp_buffers(spec, training), per_node)
+    buffers: tuple[HostBuffer, ...] = ()
+    if training.offload != "none":
+        buffers = _deepspeed_buffers(spec, training) if training.resolved_strategy.startswith("deepspeed") else \
+            _fsdp_buffers(spec, training)
+    return HostMemory(buffers + activation_offload_host(spec, training), per_node)
 
 
 def _optimizer_states(training: TrainingSpec, numel: int) -> int:

@@ -267,6 +267,11 @@ def check_request(request: ProfileRequest) -> None:
                                            "host side are one memory: the GPU peak cannot be measured apart",
                                 "profile without --offload (ZeRO-Offload is held to DeepSpeed on CPU ranks by "
                                 "tests/test_offload.py: the GPU peak plus the host RAM equals the rank's peak)")
+    if t.activation_offload != "none":
+        raise PlannerInputError("activation_offload", f"{t.activation_offload}'s activation offloading needs CUDA "
+                                "streams and pinned memory, which a profiled step here does not run",
+                                "profile without --activation-offloading (its GPU side is modelled from source and "
+                                "checked by a CPU emulation of its policy, tests/test_activation_offload.py)")
     if t.lora.bias != "none" and t.method != "full" and request.backend != "hf":
         raise PlannerInputError("bias", "the builtin backend trains no base biases", "profile it with --backend hf")
     if t.lora.use_dora and t.method != "full" and request.backend != "hf":
