@@ -61,7 +61,8 @@ from lora_planner.families.rules import (
 )
 from lora_planner.loss import (
     causal_lm_loss_saved, check_chunked_loss, check_fused_linear_loss, chunk_targets_are_views, chunked_loss_moments,
-    chunked_loss_saved, flce_forward_scratch, flce_saved,
+    chunked_loss_saved, flce_forward_scratch, flce_saved, cce_saved, cce_forward_scratch, cce_backward_scratch,
+    check_cce_loss,
 )
 from lora_planner.params import adapted_layers, adapters_by_layer, module_inventory, rotary_dim, rotary_tables
 from lora_planner.specs import BYTES_PER_ELEMENT, ModelSpec, TrainingSpec
@@ -264,7 +265,7 @@ def _model_level(flow: Flow, embeddings_need_grad: bool) -> list[SavedTensor]:
             saved.append(SavedTensor("checkpoint.attention_mask", mask))
     saved += family.model_level(flow, embeddings_need_grad)
     saved += norm(flow, "final_norm", True)
-    if flow.loss == "fused-linear":  # the fused loss reads lm_head's weight itself: lm_head never runs
+    if flow.loss in ("fused-linear", "cce"):  # the fused losses read lm_head's weight themselves: lm_head never runs
         return saved
     own, keeps = flow.linear("lm_head", flow.e_stream, True)
     if flow.t.loss == "chunked" and not flow.full:
@@ -551,6 +552,14 @@ def activation_profile(spec: ModelSpec, training: TrainingSpec) -> ActivationPro
         # the final hidden state, held by the CausalLM forward while the loss runs (`_forward_end_holds`)
         loss_forward = flce_forward_scratch(flow, head) + _forward_end_holds(flow, model, first_input_needs_grad)
         loss_backward = 2 * FP32  # backward's seed and the division's gradient; the kernel scales in place
+    elif flow.loss == "cce":
+        check_cce_loss(flow)
+        loss_saved = cce_saved(flow)
+        loss_kept = None
+        # the final hidden state is saved by the loss itself (in loss_saved), not merely held
+        loss_forward = cce_forward_scratch(flow) + _forward_end_holds(flow, model, first_input_needs_grad,
+                                                                       hidden_held=False)
+        loss_backward = 2 * FP32 + cce_backward_scratch(flow)  # backward's seed and the division's gradient
     else:
         loss_saved = causal_lm_loss_saved(flow) + softcap
         loss_kept = None

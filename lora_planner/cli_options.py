@@ -29,7 +29,9 @@ def add_loss_argument(p: argparse.ArgumentParser) -> None:
                         "log_softmax at once; default), chunked[:N] (torchtune's CEWithChunkedOutputLoss: the output "
                         "layer and the fp32 upcast one of N sequence chunks at a time, N = 8 by default) or "
                         "fused-linear (alias liger: Liger's fused linear cross-entropy, what use_liger_kernel=True "
-                        "runs: no logits kept, gradients computed in forward; modelled from its source)")
+                        "runs: no logits kept, gradients computed in forward; modelled from its source) or cce "
+                        "(Apple's Cut Cross-Entropy, axolotl's cut_cross_entropy plugin: no logits ever, the hidden "
+                        "state kept, its gradient made in backward; modelled from its source)")
 
 
 def add_stack_argument(p: argparse.ArgumentParser) -> None:

@@ -1,5 +1,5 @@
-"""What the training loss keeps and holds (pure): transformers' `ForCausalLMLoss` and torchtune's chunked
-cross-entropy.
+"""What the training loss keeps and holds (pure): transformers' `ForCausalLMLoss`, torchtune's chunked
+cross-entropy, Liger's fused linear cross-entropy and Apple's Cut Cross-Entropy (the last two modelled from source).
 
 - transformers 5.24 (`loss/loss_utils.py` `ForCausalLMLoss` -> `fixed_cross_entropy`): the logits upcast to fp32,
   log_softmax keeps its fp32 output, nll_loss the shifted targets and the total weight (`causal_lm_loss_saved`); its
@@ -198,3 +198,71 @@ def flce_forward_scratch(flow: Flow, head_weight_bytes: int) -> int:
     upcast = v * h * FP32 if head_weight_bytes and head_weight_bytes != v * h * FP32 else 0
     second = head_weight_bytes + upcast if head_weight_bytes else c * h * e
     return labels + n * (FP32 + 1) + max(2 * c * v * e, c * v * e + second)
+
+
+# ---------------------------------------------------------------------------------------------- Cut Cross-Entropy
+# Apple's Cut Cross-Entropy (`cut_cross_entropy.linear_cross_entropy`, impl "cce", the default off macOS), as its
+# transformers patch and axolotl's cut_cross_entropy plugin call it (`apply_lce(hidden_states, lm_head.weight, labels,
+# shift=True)`, the patched forward returning `logits=None`), modelled from its source (apple/ml-cross-entropy @d42911f;
+# axolotl's fork @5f0c7a7 allocates the same; Triton, not run here):
+# - `cce.py` `cce_linear_cross_entropy` / `LinearCrossEntropyFunction.forward` (l.48-162): `valids`, the K rows whose
+#   shifted target is not ignored (`utils.py` l.44-49: built from index products and a sum, int64), the log-sum-exp of
+#   every row (fp32, K; `cce_lse_forward.py` l.181-201: the logits live only in the kernel's registers) and, for the
+#   gradient filter, the vocabulary's average logit (fp32, V); then the target logits (fp32, K, `indexed_dot.py`
+#   l.123) and the loss in place of them; `ctx.save_for_backward(e, c, bias, lse, targets, valids, logit_avg)`
+#   (l.141): the hidden state e itself (N x H) is kept, the weight c is the parameter, the targets the batch's labels.
+# - backward (`cce.py` l.171-179, `cce_backward.py` l.346-521): `argsort(logit_avg).to(int32)` (V int64, then V int32),
+#   `de = zeros_like(e)` (N x H, e's dtype; fp32 only with `accum_e_fp32`, not the default) and its lock array
+#   (int32, ceil(K / 128) x ceil(H / 64)); `dc` (V x H) only when the output weight trains.
+# No (N, V) tensor exists at any moment.
+
+
+def cce_rows(flow: Flow) -> int:
+    """K: the rows whose shifted target exists, every row's last position dropped by the shift (a padded batch is
+    planned full, its padding counted as targets; a packed batch is one row)."""
+    return flow.tokens - flow.b
+
+
+def check_cce_loss(flow: Flow) -> None:
+    """What `--loss cce` does not model yet, refused with the reason."""
+    spec = flow.spec
+    if spec.final_logit_softcapping is not None or spec.family == "granite":
+        raise PlannerInputError("loss", f"{spec.name}'s head transforms its logits (soft-capping or scaling), which "
+                                        "the planned Cut Cross-Entropy call does not", "use --loss hf for this model")
+    if flow.full or any(flow.modules[p].group == "lm_head" for p in flow.outside_adapters | flow.trained_paths) or \
+            any(layer.module.group == "lm_head" for layer in flow.token_layers):
+        raise PlannerInputError("loss", "Cut Cross-Entropy with a trained output layer (its V x H gradient in "
+                                        "backward) is not modelled yet", "train adapters only, lm_head frozen")
+    if flow.amp:
+        raise PlannerInputError("loss", "Cut Cross-Entropy under autocast (Apple's casts e and c, axolotl's fork "
+                                        "refuses fp32) is not modelled yet", "use bf16 weights without --amp")
+    if spec.lm_head_bias:
+        raise PlannerInputError("loss", "Cut Cross-Entropy with an lm_head bias is not modelled yet",
+                                "use --loss hf for this model")
+    if flow.e_stream == FP32:
+        raise PlannerInputError("loss", "Cut Cross-Entropy computes in 16-bit (axolotl's fork asserts bf16 / fp16 "
+                                        "inputs; an fp32 stream comes from --dtype fp32 or QLoRA's kbit preparation)",
+                                "use --dtype bf16, and with QLoRA --no-kbit-prep (axolotl casts back to bf16)")
+
+
+def cce_saved(flow: Flow) -> tuple[SavedTensor, ...]:
+    """What Cut Cross-Entropy keeps for backward: the final hidden state (N x H, the stream's dtype), the per-row
+    log-sum-exp (fp32, K), `valids` (int64, K) and the average logit per vocabulary entry (fp32, V)."""
+    k = cce_rows(flow)
+    return (SavedTensor("loss.cce_hidden", flow.tokens * flow.spec.hidden_size * flow.e_stream),
+            SavedTensor("loss.cce_lse", k * FP32), SavedTensor("loss.cce_valids", k * 8),
+            SavedTensor("loss.cce_logit_avg", flow.spec.vocab_size * FP32))
+
+
+def cce_forward_scratch(flow: Flow) -> int:
+    """On top of what it saves, at its heaviest forward moment: the target logits (fp32, K), which become the loss in
+    place, and the loss value."""
+    return cce_rows(flow) * FP32 + FP32
+
+
+def cce_backward_scratch(flow: Flow) -> int:
+    """The backward's buffers on top of the saved tensors: the vocabulary order (V int32) beside its int64 argsort
+    first, then the input gradient (N x H, the stream's dtype) and its locks."""
+    v, h = flow.spec.vocab_size, flow.spec.hidden_size
+    locks = -(-cce_rows(flow) // 128) * -(-h // 64) * 4
+    return v * 4 + max(v * 8, flow.tokens * h * flow.e_stream + locks)

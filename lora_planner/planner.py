@@ -138,6 +138,10 @@ def plan_warnings(spec: ModelSpec, training: TrainingSpec, budget: Budget | None
                         "ops/fused_linear_cross_entropy.py; Triton, not measured here): no logits kept, the input "
                         f"gradient computed in forward, logits {rows} rows at a time (two chunks at once); a trained "
                         "lm_head's weight gradient is made in forward too")
+    if loss_kind(spec, training) == "cce":
+        warnings.append("loss: Apple's Cut Cross-Entropy (axolotl's cut_cross_entropy plugin) modelled from its source "
+                        "(apple/ml-cross-entropy cce.py, cce_backward.py; Triton, not measured here): no logits at "
+                        "any moment; the final hidden state kept for backward, its gradient made there")
     if training.attention == "flash_attention_2":
         warnings.append("attention: flash-attn 2 modelled from its source (Dao-AILab/flash-attention "
                         "flash_attn_interface.py, flash_api.cpp), not measured here: q, k, v at kv-head width, the "

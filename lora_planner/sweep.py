@@ -377,8 +377,8 @@ def _expand_block(where: str, label: str, spec: ModelSpec, source: dict[str, Any
         if v["experts_implementation"] == "eager" and v["mode"] == "fake":
             yield (run.label, "the eager experts loop's data-dependent nonzero cannot run under fake tensors")
             continue
-        if training.loss == "fused-linear":
-            yield (run.label, "Liger's fused linear cross-entropy is a Triton (CUDA) kernel the profiler does not run")
+        if training.loss in ("fused-linear", "cce"):
+            yield (run.label, f"the {training.loss} loss is a Triton (CUDA) kernel the profiler does not run")
             continue
         if v["loss"] != "hf" and v["backend"] != "hf":
             yield (run.label, "the chunked loss runs on the hf backend (the builtin model has no output layer apart)")

@@ -279,10 +279,10 @@ def check_request(request: ProfileRequest) -> None:
     if t.liger:
         raise PlannerInputError("liger", "Liger's kernels are Triton (CUDA) kernels the profiler does not run yet; the "
                                          "planner models them from their source", "profile without --liger")
-    if t.loss == "fused-linear":
-        raise PlannerInputError("loss", "Liger's fused linear cross-entropy is a Triton (CUDA) kernel the profiler "
-                                        "does not run yet; the planner models it from its source",
-                                "profile with --loss hf or chunked")
+    if t.loss in ("fused-linear", "cce"):
+        name = "Liger's fused linear cross-entropy" if t.loss == "fused-linear" else "Apple's Cut Cross-Entropy"
+        raise PlannerInputError("loss", f"{name} is a Triton (CUDA) kernel the profiler does not run yet; the planner "
+                                        "models it from its source", "profile with --loss hf or chunked")
     if t.loss != "hf" and request.backend != "hf":
         raise PlannerInputError("loss", "the chunked loss runs on the hf backend (the builtin model has no output layer "
                                         "apart)", "profile it with --backend hf")
