@@ -18,7 +18,8 @@ Sources (file:line at the version named):
   apply_lora_to_mlp, r 8, alpha 16, batch_size 2, enable_activation_checkpointing true, dtype bf16, AdamW fused),
   `CEWithChunkedOutputLoss(num_output_chunks=8)` in 0.6.1 (main switched to `LinearCrossEntropyLoss`).
 - litgpt: `config_hub/finetune/llama-3.1-8b/lora.yaml` (r 32, alpha 16, q / v, max_seq_length 512, micro_batch_size 1,
-  bf16-true), `litgpt/utils.py` `chunked_cross_entropy` (128-token lm_head chunks, bf16 logits).
+  bf16-true), `litgpt/utils.py` `chunked_cross_entropy` (128-token lm_head chunks; Lightning Fabric's
+  `_FabricModule.forward` converts every logits chunk to fp32: experiments/notes/loss_variants_research.md).
 - unsloth 2026.10.9: `FastLanguageModel.from_pretrained` (load_in_4bit, flash-attn when installed),
   `get_peft_model` (r 16, alpha 16, the seven projections, use_gradient_checkpointing="unsloth": offloaded,
   `lora_planner.activation_offload`), its
@@ -70,8 +71,8 @@ STACKS: dict[str, Stack] = {s.name: s for s in (
           dict(optimizer="adamw_torch", attention="sdpa", grad_checkpointing=False, adapter_dtype="base",
                r=32, alpha=16.0, target="q_proj,v_proj", dtype="bf16", amp=None, seq_len=512, batch_size=1,
                padding=True, packing=False, kbit_prep=False, loss="hf", liger=False, double_quant=False),
-          ("litgpt's chunked cross-entropy (128-token lm_head chunks, bf16 logits) is not modelled yet: planned with "
-           "transformers' loss, which over-estimates the loss term",
+          ("litgpt's chunked cross-entropy (128-token lm_head chunks, converted to fp32 by Fabric) is not modelled "
+           "yet: planned with transformers' loss, which over-estimates the loss term",
            "QLoRA: litgpt (`--quantize bnb.nf4`, no double quantization: planned) quantizes lm_head too, planned "
            "as PEFT's QLoRA with lm_head in 16-bit")),
     Stack("unsloth", "unsloth 2026.10.9",
@@ -86,8 +87,8 @@ STACKS: dict[str, Stack] = {s.name: s for s in (
           dict(optimizer="adamw_torch_fused", attention="sdpa", grad_checkpointing=False, adapter_dtype="fp32",
                dtype="bf16", amp=None, seq_len=512, batch_size=1, padding=True, packing=False, kbit_prep=False,
                loss="hf", liger=False),
-          ("axolotl's example configs set flash-attention, sample packing, checkpointing (reentrant) and often "
-           "lora_modules_to_save: pass them as flags",)),
+          ("axolotl's example configs set flash-attention, sample packing, checkpointing (reentrant), often "
+           "lora_modules_to_save and the cut_cross_entropy plugin: pass them as flags (--loss cce for the plugin)",)),
 )}
 
 
