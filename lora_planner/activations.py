@@ -62,7 +62,7 @@ from lora_planner.families.rules import (
 from lora_planner.loss import (
     causal_lm_loss_saved, check_chunked_loss, check_fused_linear_loss, chunk_targets_are_views, chunked_loss_moments,
     chunked_loss_saved, flce_forward_scratch, flce_saved, cce_saved, cce_forward_scratch, cce_backward_scratch,
-    check_cce_loss,
+    check_cce_loss, check_trl_loss, trl_backward_scratch, trl_forward_scratch, trl_saved,
 )
 from lora_planner.params import adapted_layers, adapters_by_layer, module_inventory, rotary_dim, rotary_tables
 from lora_planner.specs import BYTES_PER_ELEMENT, ModelSpec, TrainingSpec
@@ -265,7 +265,7 @@ def _model_level(flow: Flow, embeddings_need_grad: bool) -> list[SavedTensor]:
             saved.append(SavedTensor("checkpoint.attention_mask", mask))
     saved += family.model_level(flow, embeddings_need_grad)
     saved += norm(flow, "final_norm", True)
-    if flow.loss in ("fused-linear", "cce"):  # the fused losses read lm_head's weight themselves: lm_head never runs
+    if flow.loss in ("fused-linear", "cce", "trl"):  # the fused losses read lm_head's weight: lm_head never runs
         return saved
     own, keeps = flow.linear("lm_head", flow.e_stream, True)
     if flow.t.loss == "chunked" and not flow.full:
@@ -560,6 +560,13 @@ def activation_profile(spec: ModelSpec, training: TrainingSpec) -> ActivationPro
         loss_forward = cce_forward_scratch(flow) + _forward_end_holds(flow, model, first_input_needs_grad,
                                                                        hidden_held=False)
         loss_backward = 2 * FP32 + cce_backward_scratch(flow)  # backward's seed and the division's gradient
+    elif flow.loss == "trl":
+        check_trl_loss(flow)
+        loss_saved = trl_saved(flow)
+        loss_kept = None
+        # the backbone's output, held by the patched forward while the head runs (`_forward_end_holds`)
+        loss_forward = trl_forward_scratch(flow) + _forward_end_holds(flow, model, first_input_needs_grad)
+        loss_backward = 2 * FP32 + trl_backward_scratch(flow)  # backward's seed and the division's gradient
     else:
         loss_saved = causal_lm_loss_saved(flow) + softcap
         loss_kept = None

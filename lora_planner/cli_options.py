@@ -31,7 +31,9 @@ def add_loss_argument(p: argparse.ArgumentParser) -> None:
                         "fused-linear (alias liger: Liger's fused linear cross-entropy, what use_liger_kernel=True "
                         "runs: no logits kept, gradients computed in forward; modelled from its source) or cce "
                         "(Apple's Cut Cross-Entropy, axolotl's cut_cross_entropy plugin: no logits ever, the hidden "
-                        "state kept, its gradient made in backward; modelled from its source)")
+                        "state kept, its gradient made in backward; modelled from its source) or trl (TRL 1.16's fused "
+                        "LM head, SFTTrainer's default: 4,096 x 32,768 tiles, the valid rows kept; modelled from its "
+                        "source)")
 
 
 def add_stack_argument(p: argparse.ArgumentParser) -> None:

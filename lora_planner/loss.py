@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from lora_planner.errors import PlannerInputError
 from lora_planner.families.rules import FP32, Flow, SavedTensor, loss_that_runs
-from lora_planner.specs import ModelSpec
+from lora_planner.specs import BYTES_PER_ELEMENT, ModelSpec
 
 
 def check_chunked_loss(spec: ModelSpec) -> None:
@@ -266,3 +266,76 @@ def cce_backward_scratch(flow: Flow) -> int:
     v, h = flow.spec.vocab_size, flow.spec.hidden_size
     locks = -(-cce_rows(flow) // 128) * -(-h // 64) * 4
     return v * 4 + max(v * 8, flow.tokens * h * flow.e_stream + locks)
+
+
+# ---------------------------------------------------------------------------------------------- TRL's fused LM head
+# TRL 1.16's fused LM head (`trl/trainer/utils.py` `add_fused_lm_head`, l.1548-1700; `trl/kernels/chunked_logprob.py`
+# `ChunkedLogProbFunction`), what `SFTTrainer` runs by default (`sft_trainer.py` l.1142-1147, `compute_loss` l.1611:
+# `outputs = model(**inputs, fused_lm_head=True)`, loss = -log_probs.sum() / tokens; the outputs requested: log_probs,
+# entropy, is_top1), modelled from its source (Triton on CUDA; not run here):
+# - the patched forward runs the backbone (lm_head skipped), shifts (`last_hidden_state[:, :-1]`, `labels[:, 1:]`),
+#   `mask = labels != -100` (bool) and on a Triton device keeps only the valid rows: `hidden_states[mask]` (K x H, a
+#   copy in the stream's dtype) and `labels[mask]` (K int64);
+# - forward: seven fp32 K-vectors of online log-sum-exp statistics and one projection buffer `mm_buf` of min(K, 4,096)
+#   x 32,768 in the compute dtype (`TOKEN_CHUNK_SIZE`, `_CHUNKED_LOGPROB_CHUNK_SIZE`: 32,768 columns even when V is
+#   smaller); each 4,096-token chunk cast to the compute dtype and each 32,768-row slice of the weight too (copies only
+#   when the dtypes differ: autocast over fp32 weights); the Triton kernel folds a tile in registers; then log_z,
+#   log_probs, entropy (via a K temporary) and is_top1 (two bool temporaries); `ctx.save_for_backward(hidden,
+#   weight, bias, targets, log_z, entropy)`;
+# - backward: `grad_hidden = zeros(K, H, fp32)`, a new `mm_buf`, each tile recomputed and turned into the logits'
+#   gradient in place, `addmm(..., out_dtype=fp32)` into grad_hidden (no copies on CUDA from torch 2.8), and
+#   `grad_hidden.to(hidden.dtype)` before its locals go.
+TRL_TOKEN_CHUNK = 4096  # `TOKEN_CHUNK_SIZE`
+TRL_VOCAB_CHUNK = 32768  # `_CHUNKED_LOGPROB_CHUNK_SIZE`
+
+
+def trl_rows(flow: Flow) -> int:
+    """K: the shifted targets (every one counted valid: padding is planned as tokens)."""
+    return flow.tokens - flow.b
+
+
+def check_trl_loss(flow: Flow) -> None:
+    """What `--loss trl` does not model yet, refused with the reason."""
+    if flow.full or any(flow.modules[p].group == "lm_head" for p in flow.outside_adapters | flow.trained_paths) or \
+            any(layer.module.group == "lm_head" for layer in flow.token_layers):
+        raise PlannerInputError("loss", "TRL's fused LM head with a trained output layer (its fp32 V x H gradient) is "
+                                        "not modelled yet", "train adapters only, lm_head frozen")
+
+
+def _trl_buffers(flow: Flow) -> tuple[int, int, int]:
+    """(K, the projection buffer's bytes, the larger per-tile copy: a token chunk's or a weight slice's cast to the
+    compute dtype when it differs)."""
+    k, h, e_c = trl_rows(flow), flow.spec.hidden_size, flow.e_compute
+    mm = min(k, TRL_TOKEN_CHUNK) * TRL_VOCAB_CHUNK * e_c
+    chunk = min(k, TRL_TOKEN_CHUNK) * h * e_c if flow.e_stream != e_c else 0
+    weight_bytes = FP32 if flow.kbit_fp32 else BYTES_PER_ELEMENT[flow.t.dtype]  # lm_head's (kbit prep: fp32)
+    weight = min(flow.spec.vocab_size, TRL_VOCAB_CHUNK) * h * e_c if weight_bytes != e_c else 0
+    return k, mm, chunk + weight
+
+
+def trl_saved(flow: Flow) -> tuple[SavedTensor, ...]:
+    """What TRL's fused LM head keeps for backward: the valid rows of the final hidden state (K x H, the stream's
+    dtype), their int64 targets, fp32 log_z and entropy, and the bool label mask (b x (s - 1)) the indexing and the
+    scatter back keep."""
+    k = trl_rows(flow)
+    return (SavedTensor("loss.trl_hidden", k * flow.spec.hidden_size * flow.e_stream),
+            SavedTensor("loss.trl_targets", k * 8), SavedTensor("loss.trl_log_z", k * FP32),
+            SavedTensor("loss.trl_entropy", k * FP32), SavedTensor("loss.trl_mask", flow.b * (flow.s - 1)))
+
+
+def trl_forward_scratch(flow: Flow) -> int:
+    """On top of what it saves (log_z and entropy not yet there in the tile loop): the seven statistics and the
+    projection buffer, with the tile copies in the loop (7 x 4 K - 8 K + copies) or log_probs and entropy's
+    temporary after it (7 x 4 K + 8 K)."""
+    k, mm, copies = _trl_buffers(flow)
+    return 7 * k * FP32 + mm + max(copies - 2 * k * FP32, 2 * k * FP32)
+
+
+def trl_backward_scratch(flow: Flow) -> int:
+    """At the end of its backward: the incoming gradient of log_probs (K fp32), the fp32 input gradient (K x H), the
+    projection buffer, and the cast of the gradient to the stream's dtype (none when fp32) or, in the tile loop, the
+    tile copies."""
+    k, mm, copies = _trl_buffers(flow)
+    h = flow.spec.hidden_size
+    cast = k * h * flow.e_stream if flow.e_stream != FP32 else 0
+    return k * FP32 + k * h * FP32 + mm + max(copies, cast)

@@ -142,6 +142,11 @@ def plan_warnings(spec: ModelSpec, training: TrainingSpec, budget: Budget | None
         warnings.append("loss: Apple's Cut Cross-Entropy (axolotl's cut_cross_entropy plugin) modelled from its source "
                         "(apple/ml-cross-entropy cce.py, cce_backward.py; Triton, not measured here): no logits at "
                         "any moment; the final hidden state kept for backward, its gradient made there")
+    if loss_kind(spec, training) == "trl":
+        warnings.append("loss: TRL 1.16's fused LM head (SFTTrainer's default) modelled from its source "
+                        "(trl/kernels/chunked_logprob.py; Triton, not measured here): the valid rows of the final "
+                        "hidden state kept, logits only as 4,096 x 32,768 tiles, the input gradient accumulated in "
+                        "fp32")
     if training.attention == "flash_attention_2":
         warnings.append("attention: flash-attn 2 modelled from its source (Dao-AILab/flash-attention "
                         "flash_attn_interface.py, flash_api.cpp), not measured here: q, k, v at kv-head width, the "

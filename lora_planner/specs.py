@@ -49,8 +49,9 @@ ExpertsImplementation = Literal["grouped_mm", "eager"]
 # The training loss: transformers' `ForCausalLMLoss` ("hf"), torchtune's chunked cross-entropy ("chunked":
 # `CEWithChunkedOutputLoss`, the output layer and the fp32 upcast one sequence chunk at a time), or Liger's fused
 # linear cross-entropy ("fused-linear": `LigerFusedLinearCrossEntropyFunction`, no logits kept, `lora_planner.loss`),
-# or Apple's Cut Cross-Entropy ("cce": `linear_cross_entropy`, what axolotl's cut_cross_entropy plugin runs).
-LossKind = Literal["hf", "chunked", "fused-linear", "cce"]
+# or Apple's Cut Cross-Entropy ("cce": `linear_cross_entropy`, what axolotl's cut_cross_entropy plugin runs), or TRL's
+# fused LM head ("trl": `ChunkedLogProbFunction`, what TRL 1.16's SFTTrainer runs by default).
+LossKind = Literal["hf", "chunked", "fused-linear", "cce", "trl"]
 AdapterDtype = Literal["fp32", "base"]
 # Each strategy names one engine (lora_planner.parallel): torch DDP (+ ZeroRedundancyOptimizer), torch FSDP2
 # FULL_SHARD / SHARD_GRAD_OP, DeepSpeed ZeRO stages 1-3. The bare ZeRO names are DeepSpeed's.
@@ -95,18 +96,19 @@ MAX_GLOBAL_BATCH = 2**30  # sequences per optimizer step: far above any publishe
 
 
 LOSS_ALIASES = {"liger": "fused-linear", "flce": "fused-linear", "fused_linear": "fused-linear",
-                "cut-cross-entropy": "cce", "cut_cross_entropy": "cce"}
+                "cut-cross-entropy": "cce", "cut_cross_entropy": "cce", "fused_lm_head": "trl",
+                "fused-lm-head": "trl"}
 
 
 def parse_loss(text: str) -> dict[str, object]:
-    """`hf` | `chunked[:N]` | `fused-linear` (alias `liger`, `flce`) | `cce` (alias `cut_cross_entropy`) (the CLI's
-    `--loss`, a grid's `loss` axis) ->
+    """`hf` | `chunked[:N]` | `fused-linear` (alias `liger`, `flce`) | `cce` (alias `cut_cross_entropy`) | `trl`
+    (alias `fused_lm_head`) (the CLI's `--loss`, a grid's `loss` axis) ->
     TrainingSpec's `loss` and `loss_chunks`."""
     name, _, chunks = text.strip().lower().partition(":")
     name = LOSS_ALIASES.get(name, name)
     if name not in LOSSES or (chunks and name != "chunked"):
         raise PlannerInputError("loss", f"unknown loss {text!r}",
-                                "pass --loss hf, chunked[:N] (e.g. chunked:8), fused-linear or cce")
+                                "pass --loss hf, chunked[:N] (e.g. chunked:8), fused-linear, cce or trl")
     if not chunks:
         return {"loss": name}
     if not chunks.isdigit() or int(chunks) < 1:

@@ -11,7 +11,7 @@ Sources (file:line at the version named):
   at 777, bf16 / fp16 off 874-885, gradient checkpointing off 908-937), PEFT 0.21.2 `tuners/lora/config.py` (r 8,
   lora_alpha 8: 632, 652).
 - trl-sft: TRL 1.16.0 `trainer/sft_config.py` (max_length 1024, packing off, padding_free off, gradient checkpointing
-  on, non-reentrant), `trainer/sft_trainer.py` (the fused LM head loss `add_fused_lm_head`, 1142-1147; no
+  on, non-reentrant), `trainer/sft_trainer.py` (the fused LM head loss `add_fused_lm_head`, 1142-1147, `--loss trl`; no
   `prepare_model_for_kbit_training`), `trainer/model_config.py` (r 16, alpha 32), `trainer/utils.py`
   `create_model_from_path` (a model named by path loads in float32; `bf16=True` then autocasts).
 - torchtune: `recipes/configs/llama3_1/8B_lora_single_device.yaml` (lora_attn_modules q_proj, v_proj, output_proj,
@@ -57,10 +57,8 @@ STACKS: dict[str, Stack] = {s.name: s for s in (
     Stack("trl-sft", "TRL 1.16.0 SFTTrainer + SFTConfig",
           dict(optimizer="adamw_torch_fused", attention="sdpa", grad_checkpointing=True, adapter_dtype="fp32",
                r=16, alpha=32.0, dtype="fp32", amp="bf16", seq_len=1024, batch_size=8, padding=True, packing=False,
-               kbit_prep=False, loss="hf", liger=False),
-          ("TRL's fused LM-head loss (`add_fused_lm_head`: 4,096 x 32,768 tiles, no logits kept) is not modelled "
-           "yet: planned with transformers' loss, which over-estimates the loss term",
-           "QLoRA: TRL casts the adapters to bf16, planned in fp32 (over by the adapters' bytes)")),
+               kbit_prep=False, loss="trl", liger=False),
+          ("QLoRA: TRL casts the adapters to bf16, planned in fp32 (over by the adapters' bytes)",)),
     Stack("torchtune", "torchtune 0.6.1 llama3_1/8B_lora_single_device",
           dict(optimizer="adamw_torch_fused", attention="sdpa", grad_checkpointing=True, adapter_dtype="base",
                r=8, alpha=16.0, target="q_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", dtype="bf16", amp=None,

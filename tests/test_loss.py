@@ -12,6 +12,7 @@ from lora_planner.errors import PlannerInputError
 from lora_planner.loss import (
     causal_lm_loss_saved, check_chunked_loss, chunk_tokens, chunked_loss_moments, flce_chunk_rows,
     flce_forward_scratch, flce_saved, cce_backward_scratch, cce_forward_scratch, cce_rows, cce_saved,
+    trl_backward_scratch, trl_forward_scratch, trl_rows, trl_saved,
 )
 from lora_planner.memory import estimate_memory
 from lora_planner.specs import LoraSpec, TrainingSpec, parse_loss
@@ -178,7 +179,52 @@ def test_cce_loss_refusals(settings, fragment):
     assert err.value.field == "loss" and fragment in err.value.problem
 
 
+def test_trl_fused_lm_head_lora_by_hand():
+    """TRL 1.16's fused LM head, LoRA, bf16, b = 2, s = 16, V = 1,000, H = 64: K = 2 x 15 = 30 valid rows. Saved: the
+    bf16 rows (30 x 64), int64 targets, fp32 log_z and entropy, the bool mask (2 x 15). The projection buffer is
+    30 x 32,768 bf16 (32,768 columns whatever V). Forward on top: seven fp32 statistics and the buffer, then
+    log_probs and entropy's temporary (no copies in bf16). Backward: the incoming gradient (30 fp32), the fp32 input
+    gradient (30 x 64), the buffer, and the gradient's bf16 cast."""
+    flow = make_flow(TINY_LLAMA_V1000, TrainingSpec(method="lora", device="cpu", batch_size=2, seq_len=16, loss="trl"))
+    assert trl_rows(flow) == 30
+    assert {t.name: t.nbytes for t in trl_saved(flow)} == {
+        "loss.trl_hidden": 30 * 64 * 2, "loss.trl_targets": 30 * 8, "loss.trl_log_z": 30 * 4,
+        "loss.trl_entropy": 30 * 4, "loss.trl_mask": 30}
+    mm = 30 * 32768 * 2
+    assert trl_forward_scratch(flow) == 7 * 30 * 4 + mm + 2 * 30 * 4
+    assert trl_backward_scratch(flow) == 30 * 4 + 30 * 64 * 4 + mm + 30 * 64 * 2
+
+
+def test_trl_fused_lm_head_llama_8b():
+    """Llama-3.1-8B LoRA. bf16, 2 x 4,096 tokens: K = 8,190, a 4,096 x 32,768 bf16 buffer (256 MiB). TRL's SFT setting
+    (fp32 weights + bf16 autocast, 8 x 1,024): the stream is fp32, so each 4,096-token chunk (32 MiB) and each
+    32,768-row weight slice (256 MiB) is cast to bf16 in the tile loop, and the fp32 input gradient needs no cast."""
+    spec = resolve_model("llama-3.1-8b")
+    acts = activation_profile(spec, TrainingSpec(method="lora", batch_size=2, seq_len=4096, grad_checkpointing=True,
+                                                 loss="trl"))
+    mm = 4096 * 32768 * 2
+    assert acts.loss_bytes == 8190 * 4096 * 2 + 8190 * (8 + 4 + 4) + 2 * 4095
+    assert acts.loss_forward_scratch_bytes == 7 * 8190 * 4 + mm + 2 * 8190 * 4 + 8192 * 4096 * 2  # + the held hidden
+    assert acts.loss_backward_scratch_bytes == 8 + 8190 * 4 + 8190 * 4096 * 4 + mm + 8190 * 4096 * 2
+    sft = TrainingSpec(method="lora", batch_size=8, seq_len=1024, grad_checkpointing=True, loss="trl", dtype="fp32",
+                       amp="bf16")
+    acts = activation_profile(spec, sft)
+    copies = 4096 * 4096 * 2 + 32768 * 4096 * 2
+    assert acts.loss_bytes == 8184 * 4096 * 4 + 8184 * (8 + 4 + 4) + 8 * 1023
+    assert acts.loss_backward_scratch_bytes == 8 + 8184 * 4 + 8184 * 4096 * 4 + mm + copies
+    assert round(estimate_memory(spec, sft).peak_allocated_bytes / 2**30, 2) == 36.33
+
+
+def test_trl_fused_lm_head_refusals():
+    for settings in (dict(method="full"), dict(lora=LoraSpec(target_modules=("q_proj", "lm_head")))):
+        with pytest.raises(PlannerInputError) as err:
+            activation_profile(TINY_LLAMA_V1000, TrainingSpec(**{"method": "lora", "device": "cpu", "loss": "trl",
+                                                                 **settings}))
+        assert err.value.field == "loss" and "output layer" in err.value.problem
+
+
 def test_loss_spellings():
+    assert parse_loss("fused_lm_head") == parse_loss("TRL") == {"loss": "trl"}
     assert parse_loss("cut_cross_entropy") == parse_loss("CCE") == {"loss": "cce"}
     assert parse_loss("liger") == parse_loss("FLCE") == {"loss": "fused-linear"}
     with pytest.raises(PlannerInputError):

@@ -78,3 +78,10 @@ def test_litgpt_plans_qlora_without_double_quantization(capsys):
     assert doc["inputs"]["double_quant"] is False
     assert main(["--model", "llama-3.1-8b", "--stack", "litgpt", "--method", "qlora"]) == 0
     assert "--double-quant off" in " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.parametrize("name", sorted(STACKS))
+def test_notes_are_sentences(name):
+    """Each note is one sentence of what is not modelled (a one-element tuple needs its comma)."""
+    notes = STACKS[name].notes
+    assert isinstance(notes, tuple) and all(isinstance(n, str) and len(n) > 20 for n in notes)

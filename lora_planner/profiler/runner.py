@@ -279,8 +279,9 @@ def check_request(request: ProfileRequest) -> None:
     if t.liger:
         raise PlannerInputError("liger", "Liger's kernels are Triton (CUDA) kernels the profiler does not run yet; the "
                                          "planner models them from their source", "profile without --liger")
-    if t.loss in ("fused-linear", "cce"):
-        name = "Liger's fused linear cross-entropy" if t.loss == "fused-linear" else "Apple's Cut Cross-Entropy"
+    if t.loss in ("fused-linear", "cce", "trl"):
+        name = {"fused-linear": "Liger's fused linear cross-entropy", "cce": "Apple's Cut Cross-Entropy",
+                "trl": "TRL's fused LM head"}[t.loss]
         raise PlannerInputError("loss", f"{name} is a Triton (CUDA) kernel the profiler does not run yet; the planner "
                                         "models it from its source", "profile with --loss hf or chunked")
     if t.loss != "hf" and request.backend != "hf":
