@@ -62,7 +62,8 @@ from lora_planner.families.rules import (
 from lora_planner.loss import (
     causal_lm_loss_saved, check_chunked_loss, check_fused_linear_loss, chunk_targets_are_views, chunked_loss_moments,
     chunked_loss_saved, flce_forward_scratch, flce_saved, cce_saved, cce_forward_scratch, cce_backward_scratch,
-    check_cce_loss, check_trl_loss, trl_backward_scratch, trl_forward_scratch, trl_saved,
+    check_cce_loss, check_trl_loss, trl_backward_scratch, trl_forward_scratch, trl_saved, check_linear_loss,
+    linear_loss_moments, linear_loss_saved,
 )
 from lora_planner.params import adapted_layers, adapters_by_layer, module_inventory, rotary_dim, rotary_tables
 from lora_planner.specs import BYTES_PER_ELEMENT, ModelSpec, TrainingSpec
@@ -268,7 +269,7 @@ def _model_level(flow: Flow, embeddings_need_grad: bool) -> list[SavedTensor]:
     if flow.loss in ("fused-linear", "cce", "trl"):  # the fused losses read lm_head's weight: lm_head never runs
         return saved
     own, keeps = flow.linear("lm_head", flow.e_stream, True)
-    if flow.t.loss == "chunked" and not flow.full:
+    if flow.t.loss in ("chunked", "linear") and not flow.full:
         # the output layer runs once per chunk: under autocast each call casts (and keeps) its own copy of a frozen
         # weight (a trained one's cast is cached, `autocast_mode.cpp` `cached_cast`, and shared)
         own = [item._replace(nbytes=item.nbytes * flow.t.loss_chunks) if item.name.endswith("weight_autocast_copy")
@@ -544,6 +545,13 @@ def activation_profile(spec: ModelSpec, training: TrainingSpec) -> ActivationPro
         loss_forward = chunk_forward + (0 if chunk_targets_are_views(flow) else flow.tokens * 8) \
             + _forward_end_holds(flow, model, first_input_needs_grad, hidden_held=False)
         loss_backward = FP32 + chunk_backward
+    elif training.loss == "linear":
+        check_linear_loss(flow)
+        loss_saved = linear_loss_saved(flow)
+        forward, backward, loss_kept = linear_loss_moments(flow)
+        # the final hidden state, held by the recipe while the loss runs
+        loss_forward = forward + _forward_end_holds(flow, model, first_input_needs_grad)
+        loss_backward = FP32 + backward  # backward's seed
     elif flow.loss == "fused-linear":
         check_fused_linear_loss(flow)
         head = spec.vocab_size * spec.hidden_size * BYTES_PER_ELEMENT[training.dtype] if flow.full else 0

@@ -27,9 +27,11 @@ def add_loss_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--loss", type=Text("loss", "--loss chunked:8"), default="hf",
                    help="the training loss: hf (transformers' ForCausalLMLoss: the whole logits, their fp32 copy and "
                         "log_softmax at once; default), chunked[:N] (torchtune's CEWithChunkedOutputLoss: the output "
-                        "layer and the fp32 upcast one of N sequence chunks at a time, N = 8 by default) or "
+                        "layer and the fp32 upcast one of N sequence chunks at a time, N = 8 by default), linear[:N] "
+                        "(torchtune main's LinearCrossEntropyLoss: the ignored rows dropped, then N row chunks; "
+                        "measured), "
                         "fused-linear (alias liger: Liger's fused linear cross-entropy, what use_liger_kernel=True "
-                        "runs: no logits kept, gradients computed in forward; modelled from its source) or cce "
+                        "runs: no logits kept, gradients computed in forward; modelled from its source), cce "
                         "(Apple's Cut Cross-Entropy, axolotl's cut_cross_entropy plugin: no logits ever, the hidden "
                         "state kept, its gradient made in backward; modelled from its source) or trl (TRL 1.16's fused "
                         "LM head, SFTTrainer's default: 4,096 x 32,768 tiles, the valid rows kept; modelled from its "

@@ -7,6 +7,10 @@ cross-entropy, Liger's fused linear cross-entropy and Apple's Cut Cross-Entropy 
 - torchtune's `CEWithChunkedOutputLoss` as its SFT recipes run it (`TrainingSpec.loss` "chunked"; the profiler runs
   it for real, `lora_planner.profiler.losses`, whose docstring has the source): the same log_softmax outputs, but one
   chunk's fp32 copy and gradients at a time (`chunked_loss_saved`, `chunked_loss_moments`).
+- torchtune main's `LinearCrossEntropyLoss` ("linear", run for real by the profiler too): the ignored rows dropped,
+  then the output layer and the fp32 upcast over row chunks (`linear_loss_saved`, `linear_loss_moments`).
+- Liger's fused linear cross-entropy, Apple's Cut Cross-Entropy and TRL's fused LM head ("fused-linear", "cce",
+  "trl"): Triton kernels, modelled from their source (each section below cites it) and pinned by hand counts.
 
 Checked byte for byte against real CPU steps and full-size fake traces (`tests/profiler/test_runner.py`,
 `tests/profiler/test_allocator.py`) and by hand (`tests/test_loss.py`).
@@ -339,3 +343,72 @@ def trl_backward_scratch(flow: Flow) -> int:
     h = flow.spec.hidden_size
     cast = k * h * flow.e_stream if flow.e_stream != FP32 else 0
     return k * FP32 + k * h * FP32 + mm + max(copies, cast)
+
+
+# ---------------------------------------------------------------------------------------------- torchtune's linear CE
+# torchtune main's `LinearCrossEntropyLoss` as its LoRA recipes run it (pytorch/torchtune @bd2a0fc
+# `torchtune/modules/loss/cross_entropy_loss.py` l.19-188, `recipes/lora_finetune_single_device.py` `_loss_step`
+# l.584-602; the labels come shifted from the dataset, `datasets/_sft.py` l.165-176): the model skips its output
+# layer and returns the final hidden state (held by the recipe until the loss returns); the loss drops the ignored
+# rows (`index_select` of the hidden state, n x H, and of the targets, n int64; the hidden's index kept for backward),
+# splits them with `tensor_split(N, dim=0)` and runs, chunk by chunk, the output layer, the fp32 upcast and
+# `F.cross_entropy(..., reduction="sum")`: a chunk's logits and upcast are freed when it returns, its log_softmax output
+# is kept. Run for real on CPU by the profiler (`lora_planner.profiler.losses.linear_cross_entropy_loss`).
+
+
+def linear_rows(flow: Flow) -> int:
+    """n: the rows the loss keeps, every target valid but each row's last (the dataset's shift)."""
+    return flow.tokens - flow.b
+
+
+def linear_chunk_rows(flow: Flow) -> list[int]:
+    """`tensor_split(N, dim=0)` of the n rows: the first n mod N chunks one row more."""
+    q, r = divmod(linear_rows(flow), flow.t.loss_chunks)
+    return [q + (1 if i < r else 0) for i in range(flow.t.loss_chunks)]
+
+
+def check_linear_loss(flow: Flow) -> None:
+    """What `--loss linear` does not model yet, refused with the reason."""
+    check_chunked_loss(flow.spec)
+    if flow.full or any(flow.modules[p].group == "lm_head" for p in flow.outside_adapters | flow.trained_paths) or \
+            any(layer.module.group == "lm_head" for layer in flow.token_layers):
+        raise PlannerInputError("loss", "torchtune's linear cross-entropy with a trained output layer is not modelled "
+                                        "yet", "train adapters only, lm_head frozen, or use --loss chunked")
+
+
+def linear_loss_saved(flow: Flow) -> tuple[SavedTensor, ...]:
+    """Every chunk's fp32 log_softmax output (n x V x 4 in all), the kept targets (n int64, their chunks' views saved
+    by nll_loss), the hidden state's row index (n int64, `IndexSelectBackward`) and each chunk's total weight."""
+    n = linear_rows(flow)
+    return (SavedTensor("loss.log_softmax_fp32", n * flow.spec.vocab_size * FP32),
+            SavedTensor("loss.targets", n * 8), SavedTensor("loss.row_index", n * 8),
+            SavedTensor("loss.total_weight", flow.t.loss_chunks * FP32))
+
+
+def linear_loss_moments(flow: Flow) -> tuple[int, int, int]:
+    """(forward scratch on top of everything the loss saves, backward scratch, what the loss keeps then), V the
+    vocabulary, e the logits' bytes, chunk j of c_j rows; measured exact on CPU (tests/profiler/test_runner.py).
+
+    Forward peaks at chunk j's nll_loss: the kept rows (n x H, the stream's dtype), chunk j's logits and fp32 upcast,
+    the log_softmax outputs and total weights of chunks 0..j, chunk j's loss value and the running sum: the larger j,
+    the more outputs (every chunk within one row of the others).
+
+    Backward runs chunk by chunk, last first (each chunk's nodes are newer than the previous chunk's); chunk j's
+    log_softmax backward holds two (c_j, V) fp32 gradients, the input gradients of the chunks already done (waiting at
+    the split, c_i x H in the stream's dtype) and, for j > 0, the running sum's gradient for the chunks before it; the
+    loss then keeps the outputs of chunks 0..j, the total weights of chunks 0..j-1 and the row index, and the targets
+    while a chunk before j still has a view of them."""
+    v, h, e, s = flow.spec.vocab_size, flow.spec.hidden_size, flow.e_compute, flow.e_stream
+    sizes, n = linear_chunk_rows(flow), linear_rows(flow)
+    saved_all = sum(t.nbytes for t in linear_loss_saved(flow))
+    upcast = FP32 if e != FP32 else 0
+    chunks, done, forward, backward = len(sizes), 0, 0, (-1, 0, 0)
+    for j, c in enumerate(sizes):
+        done += c
+        later = (n - done) * v * FP32
+        forward = max(forward, n * h * s + c * v * (e + upcast) - later - (chunks - j - 1) * FP32 + 2 * FP32)
+        kept = saved_all - later - (chunks - j) * FP32 - (n * 8 if j == 0 else 0)
+        scratch = 2 * c * v * FP32 + (n - done) * h * s + (FP32 if j > 0 else 0)
+        if kept + scratch > sum(backward[1:]):
+            backward = (j, kept, scratch)
+    return forward, backward[2], backward[1]

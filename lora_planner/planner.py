@@ -166,6 +166,10 @@ def plan_warnings(spec: ModelSpec, training: TrainingSpec, budget: Budget | None
                         "no torch.compile): every chunk's logits live until the loss returns, the fp32 upcast and "
                         "the loss gradients one chunk at a time (full fine-tuning: lm_head's weight gradient is "
                         "written once per chunk and summed)")
+    if training.loss == "linear":
+        warnings.append(f"loss: torchtune's LinearCrossEntropyLoss in {training.loss_chunks} row chunks (eager, no "
+                        "torch.compile): the ignored rows dropped before the output layer (every target planned "
+                        "valid), each chunk's logits and fp32 upcast one at a time, every chunk's log_softmax kept")
     if training.resolved_strategy is not None:
         from lora_planner.parallel.deepspeed import unmodelled_note
 
@@ -419,7 +423,7 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
             "activation_offload": t.activation_offload,
             "attention": t.attention,
             "loss": loss_kind(spec, t),
-            "loss_chunks": t.loss_chunks if t.loss == "chunked" else None,
+            "loss_chunks": t.loss_chunks if t.loss in ("chunked", "linear") else None,
             "padding": t.padding,
             "packing": t.packing,
             "liger": t.liger,

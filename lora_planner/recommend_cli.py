@@ -60,7 +60,7 @@ def recommendation_to_dict(rec: Recommendation, verification: Verification | Non
         "effective_global_batch": c.effective_global_batch,
         "gradient_checkpointing": c.grad_checkpointing,
         "loss": t.loss,
-        "loss_chunks": t.loss_chunks if t.loss == "chunked" else None,
+        "loss_chunks": t.loss_chunks if t.loss in ("chunked", "linear") else None,
         "gpus": req.gpus,
         "strategy": (req.strategy or "ddp") if req.gpus > 1 else None,
         "predicted_peak_bytes": c.predicted_peak_bytes,

@@ -51,7 +51,9 @@ ExpertsImplementation = Literal["grouped_mm", "eager"]
 # linear cross-entropy ("fused-linear": `LigerFusedLinearCrossEntropyFunction`, no logits kept, `lora_planner.loss`),
 # or Apple's Cut Cross-Entropy ("cce": `linear_cross_entropy`, what axolotl's cut_cross_entropy plugin runs), or TRL's
 # fused LM head ("trl": `ChunkedLogProbFunction`, what TRL 1.16's SFTTrainer runs by default).
-LossKind = Literal["hf", "chunked", "fused-linear", "cce", "trl"]
+# torchtune main's `LinearCrossEntropyLoss` ("linear": the ignored rows dropped first, the output layer and the fp32
+# upcast over N row chunks).
+LossKind = Literal["hf", "chunked", "fused-linear", "cce", "trl", "linear"]
 AdapterDtype = Literal["fp32", "base"]
 # Each strategy names one engine (lora_planner.parallel): torch DDP (+ ZeroRedundancyOptimizer), torch FSDP2
 # FULL_SHARD / SHARD_GRAD_OP, DeepSpeed ZeRO stages 1-3. The bare ZeRO names are DeepSpeed's.
@@ -97,18 +99,19 @@ MAX_GLOBAL_BATCH = 2**30  # sequences per optimizer step: far above any publishe
 
 LOSS_ALIASES = {"liger": "fused-linear", "flce": "fused-linear", "fused_linear": "fused-linear",
                 "cut-cross-entropy": "cce", "cut_cross_entropy": "cce", "fused_lm_head": "trl",
-                "fused-lm-head": "trl"}
+                "fused-lm-head": "trl", "linear-ce": "linear", "linear_cross_entropy": "linear",
+                "linearcrossentropyloss": "linear"}
 
 
 def parse_loss(text: str) -> dict[str, object]:
-    """`hf` | `chunked[:N]` | `fused-linear` (alias `liger`, `flce`) | `cce` (alias `cut_cross_entropy`) | `trl`
-    (alias `fused_lm_head`) (the CLI's `--loss`, a grid's `loss` axis) ->
+    """`hf` | `chunked[:N]` | `linear[:N]` (alias `linear_cross_entropy`) | `fused-linear` (alias `liger`, `flce`) |
+    `cce` (alias `cut_cross_entropy`) | `trl` (alias `fused_lm_head`) (the CLI's `--loss`, a grid's `loss` axis) ->
     TrainingSpec's `loss` and `loss_chunks`."""
     name, _, chunks = text.strip().lower().partition(":")
     name = LOSS_ALIASES.get(name, name)
-    if name not in LOSSES or (chunks and name != "chunked"):
+    if name not in LOSSES or (chunks and name not in ("chunked", "linear")):
         raise PlannerInputError("loss", f"unknown loss {text!r}",
-                                "pass --loss hf, chunked[:N] (e.g. chunked:8), fused-linear, cce or trl")
+                                "pass --loss hf, chunked[:N] (e.g. chunked:8), linear[:N], fused-linear, cce or trl")
     if not chunks:
         return {"loss": name}
     if not chunks.isdigit() or int(chunks) < 1:
@@ -406,7 +409,8 @@ class TrainingSpec:
     # tokens each expert received, per MoE layer (e.g. measured by the profiler's router hook).
     experts_implementation: ExpertsImplementation = "grouped_mm"
     routing: str | tuple[tuple[int, ...], ...] = "balanced"
-    # The loss (`LossKind`) and, for "chunked", how many sequence chunks the output layer and the loss run in.
+    # The loss (`LossKind`) and, for "chunked" / "linear", how many (sequence / row) chunks the output layer and the
+    # loss run in.
     loss: LossKind = "hf"
     loss_chunks: int = DEFAULT_LOSS_CHUNKS
     # The batch as the collator builds it. `padding`: rows of different lengths padded to --seq-len, with an attention
@@ -455,7 +459,10 @@ class TrainingSpec:
         if self.loss == "chunked" and self.loss_chunks > self.seq_len:
             raise PlannerInputError("loss", f"{self.loss_chunks} chunks of a {self.seq_len}-token sequence",
                                     f"pass --loss chunked:N with N <= {self.seq_len}")
-        if self.liger and self.loss == "chunked":
+        if self.loss == "linear" and self.loss_chunks > self.tokens - self.rows[0]:
+            raise PlannerInputError("loss", f"{self.loss_chunks} chunks of {self.tokens - self.rows[0]} target rows",
+                                    f"pass --loss linear:N with N <= {self.tokens - self.rows[0]}")
+        if self.liger and self.loss in ("chunked", "linear"):
             raise PlannerInputError("liger", "use_liger_kernel runs Liger's fused linear cross-entropy, not "
                                              "torchtune's chunked loss", "drop --loss, or drop --liger")
         if self.padding and self.packing:

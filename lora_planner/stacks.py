@@ -63,7 +63,7 @@ STACKS: dict[str, Stack] = {s.name: s for s in (
           dict(optimizer="adamw_torch_fused", attention="sdpa", grad_checkpointing=True, adapter_dtype="base",
                r=8, alpha=16.0, target="q_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", dtype="bf16", amp=None,
                batch_size=2, padding=True, packing=False, kbit_prep=False, loss="chunked:8", liger=False),
-          ("torchtune main uses LinearCrossEntropyLoss (masked rows, 8 chunks): planned as 0.6.1's chunked loss",
+          ("torchtune main uses LinearCrossEntropyLoss (the ignored rows dropped, 8 row chunks): pass --loss linear",
            "QLoRA: torchtune quantizes with torchao's NF4, planned as bitsandbytes NF4")),
     Stack("litgpt", "litgpt config_hub llama-3.1-8b lora.yaml",
           dict(optimizer="adamw_torch", attention="sdpa", grad_checkpointing=False, adapter_dtype="base",

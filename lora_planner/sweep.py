@@ -377,6 +377,9 @@ def _expand_block(where: str, label: str, spec: ModelSpec, source: dict[str, Any
         if v["experts_implementation"] == "eager" and v["mode"] == "fake":
             yield (run.label, "the eager experts loop's data-dependent nonzero cannot run under fake tensors")
             continue
+        if training.loss == "linear" and v["mode"] == "fake":
+            yield (run.label, "torchtune's linear cross-entropy's data-dependent nonzero cannot run under fake tensors")
+            continue
         if training.loss in ("fused-linear", "cce", "trl"):
             yield (run.label, f"the {training.loss} loss is a Triton (CUDA) kernel the profiler does not run")
             continue

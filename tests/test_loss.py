@@ -12,7 +12,8 @@ from lora_planner.errors import PlannerInputError
 from lora_planner.loss import (
     causal_lm_loss_saved, check_chunked_loss, chunk_tokens, chunked_loss_moments, flce_chunk_rows,
     flce_forward_scratch, flce_saved, cce_backward_scratch, cce_forward_scratch, cce_rows, cce_saved,
-    trl_backward_scratch, trl_forward_scratch, trl_rows, trl_saved,
+    trl_backward_scratch, trl_forward_scratch, trl_rows, trl_saved, linear_chunk_rows, linear_loss_moments,
+    linear_loss_saved,
 )
 from lora_planner.memory import estimate_memory
 from lora_planner.specs import LoraSpec, TrainingSpec, parse_loss
@@ -223,7 +224,32 @@ def test_trl_fused_lm_head_refusals():
         assert err.value.field == "loss" and "output layer" in err.value.problem
 
 
+def test_linear_loss_by_hand():
+    """torchtune main's LinearCrossEntropyLoss, LoRA, bf16, b = 2, s = 16, V = 1,000, H = 64, 4 chunks: n = 30 rows
+    (each row's last label is the dataset's ignore) in chunks of 8, 8, 7, 7. Saved: every chunk's fp32 log_softmax
+    (30 x 1,000 x 4), the targets and the row index (30 int64 each), 4 total weights. Forward peaks at the last
+    chunk's nll_loss: the kept rows (30 x 64 bf16), its bf16 logits and fp32 upcast (7 x 1,000 x 6), its loss and the
+    running sum. Backward peaks at the last chunk's log_softmax backward (two 7 x 1,000 fp32 gradients, the running
+    sum's gradient) with every output kept but its total weight: the first chunk's moment holds 8 rows but has
+    dropped the 22 later rows' outputs."""
+    flow = make_flow(TINY_LLAMA_V1000, TrainingSpec(method="lora", device="cpu", batch_size=2, seq_len=16,
+                                                    loss="linear", loss_chunks=4))
+    assert linear_chunk_rows(flow) == [8, 8, 7, 7]
+    assert {t.name: t.nbytes for t in linear_loss_saved(flow)} == {
+        "loss.log_softmax_fp32": 30 * 1000 * 4, "loss.targets": 30 * 8, "loss.row_index": 30 * 8,
+        "loss.total_weight": 16}
+    saved = 30 * 1000 * 4 + 30 * 16 + 16
+    forward, backward, kept = linear_loss_moments(flow)
+    assert forward == 30 * 64 * 2 + 7 * 1000 * 6 + 2 * 4
+    assert (backward, kept) == (2 * 7 * 1000 * 4 + 4, saved - 4)
+    with pytest.raises(PlannerInputError, match="output layer"):
+        activation_profile(TINY_LLAMA_V1000, TrainingSpec(method="full", device="cpu", loss="linear"))
+    with pytest.raises(PlannerInputError, match="linear:N with N <= 30"):
+        TrainingSpec(method="lora", batch_size=2, seq_len=16, loss="linear", loss_chunks=31)
+
+
 def test_loss_spellings():
+    assert parse_loss("linear_cross_entropy:4") == {"loss": "linear", "loss_chunks": 4}
     assert parse_loss("fused_lm_head") == parse_loss("TRL") == {"loss": "trl"}
     assert parse_loss("cut_cross_entropy") == parse_loss("CCE") == {"loss": "cce"}
     assert parse_loss("liger") == parse_loss("FLCE") == {"loss": "fused-linear"}

@@ -60,3 +60,33 @@ def _ce_with_chunked_output(logits: list[torch.Tensor], labels: torch.Tensor, ch
     for logits_chunk, labels_chunk in zip(logit_chunks, label_chunks):
         total_loss += F.cross_entropy(logits_chunk.float(), labels_chunk, ignore_index=IGNORE_INDEX, reduction="sum")
     return total_loss / total_elements
+
+
+def linear_cross_entropy_loss(model: torch.nn.Module, batch: dict[str, Any], chunks: int) -> torch.Tensor:
+    """torchtune main's `LinearCrossEntropyLoss` as its LoRA recipes run it (pytorch/torchtune
+    `torchtune/modules/loss/cross_entropy_loss.py`, `recipes/lora_finetune_single_device.py` `_loss_step`): the batch's
+    labels come shifted (its dataset shifts them, `datasets/_sft.py`; `batch_factory` builds them so), the model
+    skips its output layer and the loss drops the ignored rows, then runs the output layer, the fp32 upcast and the
+    summed cross-entropy over `chunks` row chunks, dividing by the valid count."""
+    base = _base(model)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    outputs = base.get_decoder()(**inputs).last_hidden_state
+    loss = _linear_ce(outputs, batch["labels"], base.get_output_embeddings(), chunks)
+    del outputs
+    return loss
+
+
+def _linear_ce(outputs: torch.Tensor, targets: torch.Tensor, projection: torch.nn.Module,
+               chunks: int) -> torch.Tensor:
+    total_valid_tokens = torch.where(targets != IGNORE_INDEX)[0].numel()
+    targets = targets.reshape(-1)
+    outputs = outputs.reshape(-1, outputs.shape[-1])
+    indices = torch.where(targets != IGNORE_INDEX)[0]
+    outputs = outputs.index_select(0, indices)
+    targets = targets.index_select(0, indices)
+    total_loss = torch.tensor(0.0, device=targets.device)
+    for hidden_chunk, target_chunk in zip(outputs.tensor_split(chunks, dim=0), targets.tensor_split(chunks, dim=0)):
+        logits = projection(hidden_chunk)
+        total_loss += F.cross_entropy(logits.float(), target_chunk, reduction="sum", ignore_index=IGNORE_INDEX)
+        del logits
+    return total_loss / total_valid_tokens

@@ -46,7 +46,7 @@ from lora_planner.errors import PlannerInputError
 from lora_planner.memory import estimate_memory
 from lora_planner.params import resolve_targets, target_description
 from lora_planner.profiler.allocator import allocator_peak_above_start
-from lora_planner.profiler.losses import chunked_output_loss
+from lora_planner.profiler.losses import chunked_output_loss, linear_cross_entropy_loss
 from lora_planner.profiler.records import RECORD_SCHEMA_VERSION, check_record
 from lora_planner.profiler.tracker import StepMeasurement, hf_fake_parity, measure_training_step
 from lora_planner.specs import ModelSpec, TrainingSpec
@@ -253,6 +253,9 @@ def check_request(request: ProfileRequest) -> None:
     a session of several runs stops at once instead of after the runs before it."""
     t = request.training
     estimate_memory(request.spec, t)  # the planner's own checks (e.g. a sequence past GPT-2's positions)
+    if t.loss == "linear" and request.mode == "fake":
+        raise PlannerInputError("loss", "torchtune's linear cross-entropy selects its rows with a data-dependent "
+                                        "nonzero, which fake tensors cannot run", "profile it with --mode cpu")
     if t.method == "qlora":
         if request.backend != "hf":
             raise PlannerInputError("method", "the builtin backend has no 4-bit base", "profile QLoRA with --backend hf")
@@ -322,7 +325,9 @@ def batch_factory(spec: ModelSpec, training: TrainingSpec, device: str, seed: in
 
     def make_batch() -> dict[str, Any]:
         ids = torch.randint(0, spec.vocab_size, (rows, length), generator=generator).to(device)
-        labels = ids.clone()
+        # torchtune's datasets shift the labels themselves (`losses.linear_cross_entropy_loss`)
+        labels = torch.cat((ids[:, 1:], torch.full((rows, 1), -100, dtype=ids.dtype, device=device)), dim=1) \
+            if training.loss == "linear" else ids.clone()
         batch: dict[str, Any] = {"input_ids": ids, "labels": labels}
         if training.padding:
             mask = torch.ones_like(ids)
@@ -353,11 +358,14 @@ def _autocast(training: TrainingSpec, device_type: str) -> Iterator[None]:
 
 
 def _loss_fn(training: TrainingSpec, device_type: str) -> Callable[[torch.nn.Module, Any], torch.Tensor]:
-    """transformers' own loss (`model(**batch).loss`), or torchtune's chunked one (`losses.chunked_output_loss`)."""
+    """transformers' own loss (`model(**batch).loss`), or torchtune's chunked or linear one
+    (`lora_planner.profiler.losses`)."""
     def loss_fn(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
         with _autocast(training, device_type):
             if training.loss == "chunked":
                 return chunked_output_loss(model, batch, training.loss_chunks)
+            if training.loss == "linear":
+                return linear_cross_entropy_loss(model, batch, training.loss_chunks)
             return model(**batch).loss
 
     return loss_fn
@@ -597,7 +605,7 @@ def base_record(request: ProfileRequest) -> dict[str, Any]:
             "gpus": t.gpus, "strategy": t.resolved_strategy,
             "experts_implementation": t.experts_implementation if request.spec.is_moe else None,
             "target_parameters": list(lora.target_parameters) if lora.target_parameters else None,
-            "loss": t.loss, "loss_chunks": t.loss_chunks if t.loss == "chunked" else None,
+            "loss": t.loss, "loss_chunks": t.loss_chunks if t.loss in ("chunked", "linear") else None,
             "padding": t.padding, "packing": t.packing,
         },
         "predicted": {

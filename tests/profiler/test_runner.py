@@ -249,6 +249,13 @@ CPU_CASES = [
     ("phi3", "hf", dict(method="lora", loss="chunked", loss_chunks=4, dtype="fp32", amp="bf16")),
     ("gpt2", "hf", dict(method="lora", loss="chunked", loss_chunks=4, dtype="fp32")),
     ("mixtral", "hf", dict(method="lora", loss="chunked", loss_chunks=4)),
+    # torchtune main's LinearCrossEntropyLoss (issue 13): the ignored rows dropped, row chunks that divide or not, one
+    # chunk (the targets' last view goes with it), b = 1, checkpointing, fp32, autocast, a tied head (QLoRA below)
+    ("llama", "hf", dict(method="lora", loss="linear", loss_chunks=8)),
+    ("llama", "hf", dict(method="lora", loss="linear", loss_chunks=1, grad_checkpointing=True)),
+    ("llama", "hf", dict(method="lora", loss="linear", loss_chunks=3, batch_size=1, dtype="fp32")),
+    ("qwen2", "hf", dict(method="lora", loss="linear", loss_chunks=5, grad_checkpointing=True)),
+    ("phi3", "hf", dict(method="lora", loss="linear", loss_chunks=4, dtype="fp32", amp="bf16")),
     # padded and packed batches (issue 13): SDPA's materialised mask in every layer (k / v repeated to every head,
     # the additive mask) and the bool mask checkpointing keeps; eager's S^2 terms over a packed row; one kv head
     # folding its repeat into matmul at b = 1 (Gemma, packed); sliding windows with a padding mask; MoE; a packed row
@@ -756,6 +763,7 @@ QLORA_CASES = [
     ("gemma2", dict()),  # eager attention, soft-capping; 64 tokens past the 16-token window
     ("gemma3_text", dict()),  # the sliding layer's SDPA mask and repeated k / v
     ("llama", dict(lora=LoraSpec(r=8, modules_to_save=("embed_tokens", "lm_head")))),  # fp32 copies after kbit prep
+    ("llama", dict(loss="linear", loss_chunks=8)),  # torchtune main's linear cross-entropy over the fp32 stream
 ]
 
 
