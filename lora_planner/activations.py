@@ -60,10 +60,13 @@ from lora_planner.families.rules import (
     FLASH, FP32, FULL, Flow, SavedTensor, dora_backward_scratch, dora_forward_scratch, flash_backward_scratch, norm,
 )
 from lora_planner.loss import (
-    causal_lm_loss_saved, check_chunked_loss, check_fused_linear_loss, chunk_targets_are_views, chunked_loss_moments,
-    chunked_loss_saved, flce_forward_scratch, flce_saved, cce_saved, cce_forward_scratch, cce_backward_scratch,
-    check_cce_loss, check_trl_loss, trl_backward_scratch, trl_forward_scratch, trl_saved, check_linear_loss,
-    linear_loss_moments, linear_loss_saved,
+    causal_lm_loss_saved, check_chunked_loss, check_linear_loss, check_litgpt_loss, chunk_targets_are_views,
+    chunked_loss_moments, chunked_loss_saved, linear_loss_moments, linear_loss_saved, litgpt_head_calls,
+    litgpt_logits_bytes, litgpt_loss_moments, litgpt_loss_saved, litgpt_retained_bytes,
+)
+from lora_planner.loss_fused import (
+    cce_backward_scratch, cce_forward_scratch, cce_saved, check_cce_loss, check_fused_linear_loss, check_trl_loss,
+    flce_forward_scratch, flce_saved, trl_backward_scratch, trl_forward_scratch, trl_saved,
 )
 from lora_planner.params import adapted_layers, adapters_by_layer, module_inventory, rotary_dim, rotary_tables
 from lora_planner.specs import BYTES_PER_ELEMENT, ModelSpec, TrainingSpec
@@ -119,6 +122,15 @@ class ActivationProfile:
     # loss peaks at its last chunk's nll_loss, before the final division makes it)
     loss_value_at_forward_end: bool = True
     loss_output_bytes: int = FP32  # the loss value (a 0-d fp32 tensor), alive from forward end through backward
+    # what the training loop keeps from one step to the next, there at every phase (litgpt's fp32 logits list)
+    resident_bytes: int = 0
+    # the activations at the loss's forward peak less what the loss saves (litgpt: Fabric's new fp32 list, before any
+    # loss op has saved anything)
+    loss_forward_activations_delta: int = 0
+    # (activations, temporaries) the previous step's graph holds, kept alive by litgpt's kept logits, from the optimizer
+    # step until the next forward's logits replace them (`loss.litgpt_retained_bytes`; the forward's end counts them
+    # in the loss's moments before that)
+    retained_graph_bytes: tuple[int, int] = (0, 0)
     # LoRA or trainable tokens on lm_head (`head_moments`): its forward moment (activations beyond the layers' and the
     # model-level saved tensors, temporaries) and its backward one (gradients, activations beyond those, temporaries)
     head_adapter_moments: tuple[tuple[int, int], tuple[int, int, int]] = ((0, 0), (0, 0, 0))
@@ -269,10 +281,10 @@ def _model_level(flow: Flow, embeddings_need_grad: bool) -> list[SavedTensor]:
     if flow.loss in ("fused-linear", "cce", "trl"):  # the fused losses read lm_head's weight: lm_head never runs
         return saved
     own, keeps = flow.linear("lm_head", flow.e_stream, True)
-    if flow.t.loss in ("chunked", "linear") and not flow.full:
+    if flow.t.loss in ("chunked", "linear", "litgpt") and not flow.full:
         # the output layer runs once per chunk: under autocast each call casts (and keeps) its own copy of a frozen
         # weight (a trained one's cast is cached, `autocast_mode.cpp` `cached_cast`, and shared)
-        own = [item._replace(nbytes=item.nbytes * flow.t.loss_chunks) if item.name.endswith("weight_autocast_copy")
+        own = [item._replace(nbytes=item.nbytes * litgpt_head_calls(flow)) if item.name.endswith("weight_autocast_copy")
                else item for item in own]
     saved += own
     if keeps:
@@ -523,6 +535,9 @@ def activation_profile(spec: ModelSpec, training: TrainingSpec) -> ActivationPro
     softcap = (SavedTensor("loss.logit_softcap_tanh", logits * e),) if spec.final_logit_softcapping is not None else ()
     # The padded labels (see `causal_lm_loss_saved`) are a separate b x (s+1) tensor only when b > 1.
     padded_labels = flow.b * (flow.s + 1) * 8 if flow.b > 1 else 0
+    resident = 0  # what the loss keeps from one step to the next (litgpt's logits)
+    forward_activations = 0  # the activations at the loss's forward peak less what it saves (litgpt's conversion)
+    retained = (0, 0)  # what a kept graph holds from the optimizer step to the next forward's end (litgpt)
     model = tuple(_model_level(flow, first_input_needs_grad))
     if training.loss == "chunked":
         check_chunked_loss(spec)
@@ -552,6 +567,13 @@ def activation_profile(spec: ModelSpec, training: TrainingSpec) -> ActivationPro
         # the final hidden state, held by the recipe while the loss runs
         loss_forward = forward + _forward_end_holds(flow, model, first_input_needs_grad)
         loss_backward = FP32 + backward  # backward's seed
+    elif training.loss == "litgpt":
+        check_litgpt_loss(flow)
+        loss_saved = litgpt_loss_saved(flow)
+        forward_activations, loss_forward, backward, loss_kept = litgpt_loss_moments(flow)
+        loss_backward = FP32 + backward  # backward's seed
+        resident = litgpt_logits_bytes(flow)
+        retained = litgpt_retained_bytes(flow)
     elif flow.loss == "fused-linear":
         check_fused_linear_loss(flow)
         head = spec.vocab_size * spec.hidden_size * BYTES_PER_ELEMENT[training.dtype] if flow.full else 0
@@ -608,6 +630,9 @@ def activation_profile(spec: ModelSpec, training: TrainingSpec) -> ActivationPro
         # the saved output (the chunked loss: one chunk's).
         loss_backward_scratch_bytes=loss_backward + router_aux,
         router_aux_gradient_bytes=router_aux,
+        resident_bytes=resident,
+        loss_forward_activations_delta=forward_activations,
+        retained_graph_bytes=retained,
         loss_kept_in_backward_bytes=loss_kept,
         head_adapter_moments=_head_moments_with_caches(flow, model, first_input_needs_grad),
         token_moments=trainable_tokens_moments(flow),

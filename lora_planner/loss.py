@@ -9,8 +9,9 @@ cross-entropy, Liger's fused linear cross-entropy and Apple's Cut Cross-Entropy 
   chunk's fp32 copy and gradients at a time (`chunked_loss_saved`, `chunked_loss_moments`).
 - torchtune main's `LinearCrossEntropyLoss` ("linear", run for real by the profiler too): the ignored rows dropped,
   then the output layer and the fp32 upcast over row chunks (`linear_loss_saved`, `linear_loss_moments`).
-- Liger's fused linear cross-entropy, Apple's Cut Cross-Entropy and TRL's fused LM head ("fused-linear", "cce",
-  "trl"): Triton kernels, modelled from their source (each section below cites it) and pinned by hand counts.
+- litgpt's under Lightning Fabric ("litgpt", run for real too): 128-token chunks of the output layer, Fabric's fp32
+  copy of each, the list kept by the loop from step to step (`litgpt_loss_saved`, `litgpt_loss_moments`).
+- Liger's fused linear cross-entropy, Apple's Cut Cross-Entropy and TRL's fused LM head: `lora_planner.loss_fused`.
 
 Checked byte for byte against real CPU steps and full-size fake traces (`tests/profiler/test_runner.py`,
 `tests/profiler/test_allocator.py`) and by hand (`tests/test_loss.py`).
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 from lora_planner.errors import PlannerInputError
 from lora_planner.families.rules import FP32, Flow, SavedTensor, loss_that_runs
-from lora_planner.specs import BYTES_PER_ELEMENT, ModelSpec
+from lora_planner.specs import ModelSpec
 
 
 def check_chunked_loss(spec: ModelSpec) -> None:
@@ -131,22 +132,13 @@ def causal_lm_loss_saved(flow: Flow) -> tuple[SavedTensor, ...]:
             SavedTensor("loss.targets", targets), SavedTensor("loss.total_weight", FP32))
 
 
-# ---------------------------------------------------------------------------------------------- fused linear CE
-# Liger-Kernel's `LigerFusedLinearCrossEntropyFunction` as transformers' Trainer runs it (`use_liger_kernel=True`, or
-# `--loss fused-linear` alone), modelled from its source (linkedin/Liger-Kernel @ead96b6, Triton: not run here):
-# - `src/liger_kernel/transformers/model/loss_utils.py` `LigerForCausalLMLoss`: `labels = F.pad(labels, (0, 1))`
-#   (b x (s+1) int64, held by the local until the loss returns) and `shift_labels = labels[..., 1:].contiguous()`
-#   (a copy when b > 1), the final norm's output viewed (N, H); the Trainer passes `num_items_in_batch`, so
-#   reduction "sum" and a division after.
-# - `src/liger_kernel/ops/fused_linear_cross_entropy.py` `fused_linear_cross_entropy_forward`: the gradients are
-#   computed in forward. `grad_input = zeros_like(_input)` (N x H, saved for backward: it *is* the input gradient),
-#   `grad_weight` (V x H in the weight's dtype, only when lm_head trains), `loss_1d` (N fp32) and `target_mask` (N
-#   bool); the rows in chunks of C = next_pow2(ceil(N / ceil(V / H))) (L64-70): each chunk's logits (C x V, the
-#   matmul dtype, no fp32 copy: the kernel upcasts in registers and writes the gradient in place), the previous
-#   chunk's still referenced until L212 (two at once), the input gradient's matmul (C x H), and with a trained
-#   lm_head `grad_weight += torch.mm(...).float()` (L257): a V x H temporary in the matmul dtype plus its fp32 copy.
-# - backward (`fused_linear_cross_entropy_backward`): scales the saved gradients in place; allocates nothing.
-# Nothing of the logits, the hidden state or lm_head's input is saved.
+def refuse_trained_head(flow: Flow, what: str) -> None:
+    """The losses planned with a frozen output layer only: full fine-tuning, LoRA, a copy (`modules_to_save`) or
+    trainable tokens on lm_head are refused, naming the loss (`what`)."""
+    if flow.full or any(flow.modules[p].group == "lm_head" for p in flow.outside_adapters | flow.trained_paths) or \
+            any(layer.module.group == "lm_head" for layer in flow.token_layers):
+        raise PlannerInputError("loss", f"{what} is not modelled yet", "train adapters only, lm_head frozen, or use "
+                                                                       "--loss hf")
 
 
 def loss_kind(spec: ModelSpec, training) -> str:
@@ -154,195 +146,6 @@ def loss_kind(spec: ModelSpec, training) -> str:
     from lora_planner.families import family_rules  # lazily: families import this module's neighbours
 
     return loss_that_runs(family_rules(spec.family), training)
-
-
-def flce_chunk_rows(flow: Flow) -> int:
-    """Liger's chunk size: next_pow2(ceil(N / ceil(V / H))) rows (`fused_linear_cross_entropy.py` L64-70)."""
-    n, v, h = flow.tokens, flow.spec.vocab_size, flow.spec.hidden_size
-    rows = -(-n // -(-v // h))
-    return 1 << (rows - 1).bit_length()
-
-
-def check_fused_linear_loss(flow: Flow) -> None:
-    """What `--loss fused-linear` does not model yet, refused with the reason."""
-    spec = flow.spec
-    if spec.family == "granite":
-        raise PlannerInputError("loss", "Liger has no fused linear cross-entropy for Granite (its logits are scaled; "
-                                        "`apply_liger_kernel_to_granite` raises with it)", "use --loss hf")
-    if any(flow.modules[p].group == "lm_head" for p in flow.outside_adapters):
-        raise PlannerInputError("loss", "Liger's fused linear cross-entropy reads lm_head.weight directly, so a LoRA "
-                                        "adapter on lm_head would be skipped", "leave lm_head out of the targets")
-    if flow.amp:
-        raise PlannerInputError("loss", "the fused linear cross-entropy under autocast (its per-chunk casts of the "
-                                        "output weight) is not modelled yet", "use bf16 weights without --amp")
-    if spec.lm_head_bias:
-        raise PlannerInputError("loss", "the fused linear cross-entropy with an lm_head bias is not modelled yet",
-                                "use --loss hf for this model")
-
-
-def flce_saved(flow: Flow, head_weight_bytes: int) -> tuple[SavedTensor, ...]:
-    """What the fused linear cross-entropy keeps for backward: the input gradient (N x H in the final hidden state's
-    dtype) and, when lm_head trains, its weight gradient (`head_weight_bytes`: V x H in the weight's dtype), which
-    autograd then takes as lm_head's `.grad`."""
-    saved = (SavedTensor("loss.flce_grad_input", flow.tokens * flow.spec.hidden_size * flow.e_stream),)
-    if head_weight_bytes:
-        saved += (SavedTensor("loss.flce_grad_weight", head_weight_bytes),)
-    return saved
-
-
-def flce_forward_scratch(flow: Flow, head_weight_bytes: int) -> int:
-    """The fused loss's transients at its heaviest moment, on top of what it saves: the labels (padded b x (s+1) and
-    shifted b x s when b > 1), `loss_1d` and `target_mask` (N x 5), then the larger of two chunks' logits at once and
-    one chunk's logits beside the input gradient's matmul (C x H) or, with a trained lm_head, the weight gradient's
-    V x H matmul in the weight's dtype and its fp32 copy (`fused_linear_cross_entropy.py` L114-257)."""
-    n, v, h = flow.tokens, flow.spec.vocab_size, flow.spec.hidden_size
-    c, e = min(flce_chunk_rows(flow), n), flow.e_stream  # the logits come in the input's (= the weight's) dtype
-    labels = flow.b * (flow.s + 1) * 8 + (n * 8 if flow.b > 1 else 0)
-    # with a trained lm_head: the V x H matmul in the weight's dtype, and its fp32 copy unless it is fp32 already
-    upcast = v * h * FP32 if head_weight_bytes and head_weight_bytes != v * h * FP32 else 0
-    second = head_weight_bytes + upcast if head_weight_bytes else c * h * e
-    return labels + n * (FP32 + 1) + max(2 * c * v * e, c * v * e + second)
-
-
-# ---------------------------------------------------------------------------------------------- Cut Cross-Entropy
-# Apple's Cut Cross-Entropy (`cut_cross_entropy.linear_cross_entropy`, impl "cce", the default off macOS), as its
-# transformers patch and axolotl's cut_cross_entropy plugin call it (`apply_lce(hidden_states, lm_head.weight, labels,
-# shift=True)`, the patched forward returning `logits=None`), modelled from its source (apple/ml-cross-entropy @d42911f;
-# axolotl's fork @5f0c7a7 allocates the same; Triton, not run here):
-# - `cce.py` `cce_linear_cross_entropy` / `LinearCrossEntropyFunction.forward` (l.48-162): `valids`, the K rows whose
-#   shifted target is not ignored (`utils.py` l.44-49: built from index products and a sum, int64), the log-sum-exp of
-#   every row (fp32, K; `cce_lse_forward.py` l.181-201: the logits live only in the kernel's registers) and, for the
-#   gradient filter, the vocabulary's average logit (fp32, V); then the target logits (fp32, K, `indexed_dot.py`
-#   l.123) and the loss in place of them; `ctx.save_for_backward(e, c, bias, lse, targets, valids, logit_avg)`
-#   (l.141): the hidden state e itself (N x H) is kept, the weight c is the parameter, the targets the batch's labels.
-# - backward (`cce.py` l.171-179, `cce_backward.py` l.346-521): `argsort(logit_avg).to(int32)` (V int64, then V int32),
-#   `de = zeros_like(e)` (N x H, e's dtype; fp32 only with `accum_e_fp32`, not the default) and its lock array
-#   (int32, ceil(K / 128) x ceil(H / 64)); `dc` (V x H) only when the output weight trains.
-# No (N, V) tensor exists at any moment.
-
-
-def cce_rows(flow: Flow) -> int:
-    """K: the rows whose shifted target exists, every row's last position dropped by the shift (a padded batch is
-    planned full, its padding counted as targets; a packed batch is one row)."""
-    return flow.tokens - flow.b
-
-
-def check_cce_loss(flow: Flow) -> None:
-    """What `--loss cce` does not model yet, refused with the reason."""
-    spec = flow.spec
-    if spec.final_logit_softcapping is not None or spec.family == "granite":
-        raise PlannerInputError("loss", f"{spec.name}'s head transforms its logits (soft-capping or scaling), which "
-                                        "the planned Cut Cross-Entropy call does not", "use --loss hf for this model")
-    if flow.full or any(flow.modules[p].group == "lm_head" for p in flow.outside_adapters | flow.trained_paths) or \
-            any(layer.module.group == "lm_head" for layer in flow.token_layers):
-        raise PlannerInputError("loss", "Cut Cross-Entropy with a trained output layer (its V x H gradient in "
-                                        "backward) is not modelled yet", "train adapters only, lm_head frozen")
-    if flow.amp:
-        raise PlannerInputError("loss", "Cut Cross-Entropy under autocast (Apple's casts e and c, axolotl's fork "
-                                        "refuses fp32) is not modelled yet", "use bf16 weights without --amp")
-    if spec.lm_head_bias:
-        raise PlannerInputError("loss", "Cut Cross-Entropy with an lm_head bias is not modelled yet",
-                                "use --loss hf for this model")
-    if flow.e_stream == FP32:
-        raise PlannerInputError("loss", "Cut Cross-Entropy computes in 16-bit (axolotl's fork asserts bf16 / fp16 "
-                                        "inputs; an fp32 stream comes from --dtype fp32 or QLoRA's kbit preparation)",
-                                "use --dtype bf16, and with QLoRA --no-kbit-prep (axolotl casts back to bf16)")
-
-
-def cce_saved(flow: Flow) -> tuple[SavedTensor, ...]:
-    """What Cut Cross-Entropy keeps for backward: the final hidden state (N x H, the stream's dtype), the per-row
-    log-sum-exp (fp32, K), `valids` (int64, K) and the average logit per vocabulary entry (fp32, V)."""
-    k = cce_rows(flow)
-    return (SavedTensor("loss.cce_hidden", flow.tokens * flow.spec.hidden_size * flow.e_stream),
-            SavedTensor("loss.cce_lse", k * FP32), SavedTensor("loss.cce_valids", k * 8),
-            SavedTensor("loss.cce_logit_avg", flow.spec.vocab_size * FP32))
-
-
-def cce_forward_scratch(flow: Flow) -> int:
-    """On top of what it saves, at its heaviest forward moment: the target logits (fp32, K), which become the loss in
-    place, and the loss value."""
-    return cce_rows(flow) * FP32 + FP32
-
-
-def cce_backward_scratch(flow: Flow) -> int:
-    """The backward's buffers on top of the saved tensors: the vocabulary order (V int32) beside its int64 argsort
-    first, then the input gradient (N x H, the stream's dtype) and its locks."""
-    v, h = flow.spec.vocab_size, flow.spec.hidden_size
-    locks = -(-cce_rows(flow) // 128) * -(-h // 64) * 4
-    return v * 4 + max(v * 8, flow.tokens * h * flow.e_stream + locks)
-
-
-# ---------------------------------------------------------------------------------------------- TRL's fused LM head
-# TRL 1.16's fused LM head (`trl/trainer/utils.py` `add_fused_lm_head`, l.1548-1700; `trl/kernels/chunked_logprob.py`
-# `ChunkedLogProbFunction`), what `SFTTrainer` runs by default (`sft_trainer.py` l.1142-1147, `compute_loss` l.1611:
-# `outputs = model(**inputs, fused_lm_head=True)`, loss = -log_probs.sum() / tokens; the outputs requested: log_probs,
-# entropy, is_top1), modelled from its source (Triton on CUDA; not run here):
-# - the patched forward runs the backbone (lm_head skipped), shifts (`last_hidden_state[:, :-1]`, `labels[:, 1:]`),
-#   `mask = labels != -100` (bool) and on a Triton device keeps only the valid rows: `hidden_states[mask]` (K x H, a
-#   copy in the stream's dtype) and `labels[mask]` (K int64);
-# - forward: seven fp32 K-vectors of online log-sum-exp statistics and one projection buffer `mm_buf` of min(K, 4,096)
-#   x 32,768 in the compute dtype (`TOKEN_CHUNK_SIZE`, `_CHUNKED_LOGPROB_CHUNK_SIZE`: 32,768 columns even when V is
-#   smaller); each 4,096-token chunk cast to the compute dtype and each 32,768-row slice of the weight too (copies only
-#   when the dtypes differ: autocast over fp32 weights); the Triton kernel folds a tile in registers; then log_z,
-#   log_probs, entropy (via a K temporary) and is_top1 (two bool temporaries); `ctx.save_for_backward(hidden,
-#   weight, bias, targets, log_z, entropy)`;
-# - backward: `grad_hidden = zeros(K, H, fp32)`, a new `mm_buf`, each tile recomputed and turned into the logits'
-#   gradient in place, `addmm(..., out_dtype=fp32)` into grad_hidden (no copies on CUDA from torch 2.8), and
-#   `grad_hidden.to(hidden.dtype)` before its locals go.
-TRL_TOKEN_CHUNK = 4096  # `TOKEN_CHUNK_SIZE`
-TRL_VOCAB_CHUNK = 32768  # `_CHUNKED_LOGPROB_CHUNK_SIZE`
-
-
-def trl_rows(flow: Flow) -> int:
-    """K: the shifted targets (every one counted valid: padding is planned as tokens)."""
-    return flow.tokens - flow.b
-
-
-def check_trl_loss(flow: Flow) -> None:
-    """What `--loss trl` does not model yet, refused with the reason."""
-    if flow.full or any(flow.modules[p].group == "lm_head" for p in flow.outside_adapters | flow.trained_paths) or \
-            any(layer.module.group == "lm_head" for layer in flow.token_layers):
-        raise PlannerInputError("loss", "TRL's fused LM head with a trained output layer (its fp32 V x H gradient) is "
-                                        "not modelled yet", "train adapters only, lm_head frozen")
-
-
-def _trl_buffers(flow: Flow) -> tuple[int, int, int]:
-    """(K, the projection buffer's bytes, the larger per-tile copy: a token chunk's or a weight slice's cast to the
-    compute dtype when it differs)."""
-    k, h, e_c = trl_rows(flow), flow.spec.hidden_size, flow.e_compute
-    mm = min(k, TRL_TOKEN_CHUNK) * TRL_VOCAB_CHUNK * e_c
-    chunk = min(k, TRL_TOKEN_CHUNK) * h * e_c if flow.e_stream != e_c else 0
-    weight_bytes = FP32 if flow.kbit_fp32 else BYTES_PER_ELEMENT[flow.t.dtype]  # lm_head's (kbit prep: fp32)
-    weight = min(flow.spec.vocab_size, TRL_VOCAB_CHUNK) * h * e_c if weight_bytes != e_c else 0
-    return k, mm, chunk + weight
-
-
-def trl_saved(flow: Flow) -> tuple[SavedTensor, ...]:
-    """What TRL's fused LM head keeps for backward: the valid rows of the final hidden state (K x H, the stream's
-    dtype), their int64 targets, fp32 log_z and entropy, and the bool label mask (b x (s - 1)) the indexing and the
-    scatter back keep."""
-    k = trl_rows(flow)
-    return (SavedTensor("loss.trl_hidden", k * flow.spec.hidden_size * flow.e_stream),
-            SavedTensor("loss.trl_targets", k * 8), SavedTensor("loss.trl_log_z", k * FP32),
-            SavedTensor("loss.trl_entropy", k * FP32), SavedTensor("loss.trl_mask", flow.b * (flow.s - 1)))
-
-
-def trl_forward_scratch(flow: Flow) -> int:
-    """On top of what it saves (log_z and entropy not yet there in the tile loop): the seven statistics and the
-    projection buffer, with the tile copies in the loop (7 x 4 K - 8 K + copies) or log_probs and entropy's
-    temporary after it (7 x 4 K + 8 K)."""
-    k, mm, copies = _trl_buffers(flow)
-    return 7 * k * FP32 + mm + max(copies - 2 * k * FP32, 2 * k * FP32)
-
-
-def trl_backward_scratch(flow: Flow) -> int:
-    """At the end of its backward: the incoming gradient of log_probs (K fp32), the fp32 input gradient (K x H), the
-    projection buffer, and the cast of the gradient to the stream's dtype (none when fp32) or, in the tile loop, the
-    tile copies."""
-    k, mm, copies = _trl_buffers(flow)
-    h = flow.spec.hidden_size
-    cast = k * h * flow.e_stream if flow.e_stream != FP32 else 0
-    return k * FP32 + k * h * FP32 + mm + max(copies, cast)
 
 
 # ---------------------------------------------------------------------------------------------- torchtune's linear CE
@@ -370,10 +173,7 @@ def linear_chunk_rows(flow: Flow) -> list[int]:
 def check_linear_loss(flow: Flow) -> None:
     """What `--loss linear` does not model yet, refused with the reason."""
     check_chunked_loss(flow.spec)
-    if flow.full or any(flow.modules[p].group == "lm_head" for p in flow.outside_adapters | flow.trained_paths) or \
-            any(layer.module.group == "lm_head" for layer in flow.token_layers):
-        raise PlannerInputError("loss", "torchtune's linear cross-entropy with a trained output layer is not modelled "
-                                        "yet", "train adapters only, lm_head frozen, or use --loss chunked")
+    refuse_trained_head(flow, "torchtune's linear cross-entropy with a trained output layer")
 
 
 def linear_loss_saved(flow: Flow) -> tuple[SavedTensor, ...]:
@@ -412,3 +212,104 @@ def linear_loss_moments(flow: Flow) -> tuple[int, int, int]:
         if kept + scratch > sum(backward[1:]):
             backward = (j, kept, scratch)
     return forward, backward[2], backward[1]
+
+
+# ---------------------------------------------------------------------------------------------- litgpt's loss
+# litgpt's LoRA fine-tuning loss under Lightning Fabric (Lightning-AI/litgpt v0.5.13 `litgpt/finetune/lora.py` `fit`
+# l.355-359, `litgpt/utils.py` `chunked_cross_entropy` l.302-351, `litgpt/model.py` `GPT.forward` l.177-181;
+# Lightning 2.6.1 `lightning/fabric/wrappers.py` `_FabricModule.forward`, `plugins/precision/half.py` `convert_output`):
+# the output layer over `lm_head_chunk_size` = 128-token sequence chunks, Fabric's fp32 copy of every chunk (made while
+# the 16-bit list is referenced), the loop's `logits` keeping the fp32 list from one step to the next, and per chunk
+# `cross_entropy(..., reduction="none")` on the fp32 logits. Run for real by the profiler
+# (`profiler.losses.LitgptLoss`).
+
+
+def litgpt_chunks(flow: Flow) -> list[int]:
+    """The sequence chunks of `x.split(N, dim=1)`: N tokens each, the last what is left."""
+    q, r = divmod(flow.s, flow.t.loss_chunk_tokens)
+    return [flow.t.loss_chunk_tokens] * q + ([r] if r else [])
+
+
+def check_litgpt_loss(flow: Flow) -> None:
+    check_chunked_loss(flow.spec)
+    if flow.t.resolved_strategy not in (None, "ddp", "ddp-zero1"):
+        raise PlannerInputError("loss", f"litgpt's loss with {flow.t.resolved_strategy} is not modelled yet (its "
+                                        "logits kept from step to step)", "plan it on one GPU or with DDP")
+    refuse_trained_head(flow, "litgpt's loss with a trained output layer")
+
+
+def litgpt_retained_bytes(flow: Flow) -> tuple[int, int]:
+    """What the kept list's autograd graph holds besides it, from the step's optimizer step to the next step's
+    conversion (activations, temporaries): under checkpointing the embedding output that transformers'
+    `enable_input_require_grads` made a leaf, held by its AccumulateGrad node, and the gradient accumulated into it
+    (measured on CPU)."""
+    if not flow.t.grad_checkpointing or flow.full:
+        return 0, 0
+    leaf = flow.tokens * flow.spec.hidden_size * flow.e_stream
+    return leaf, leaf
+
+
+def litgpt_logits_bytes(flow: Flow) -> int:
+    """The fp32 list of every chunk's logits, b x s x V x 4, which the training loop keeps across steps."""
+    return flow.b * flow.s * flow.spec.vocab_size * FP32
+
+
+def litgpt_loss_saved(flow: Flow) -> tuple[SavedTensor, ...]:
+    """Every chunk's fp32 log_softmax output (b x (s - 1) x V x 4 in all: the shift drops the last chunk's last
+    position), the targets (reshaped copies of `targets[..., 1:]` chunks when b > 1, views of the batch's labels at
+    b = 1) and each chunk's total weight."""
+    targets = flow.b * (flow.s - 1) * 8 if flow.b > 1 else 0
+    return (SavedTensor("loss.log_softmax_fp32", flow.b * (flow.s - 1) * flow.spec.vocab_size * FP32),
+            SavedTensor("loss.targets", targets), SavedTensor("loss.total_weight", len(litgpt_chunks(flow)) * FP32))
+
+
+def litgpt_head_calls(flow: Flow) -> int:
+    """How many times the output layer runs (each call under autocast casts and keeps a frozen weight's copy)."""
+    if flow.t.loss == "litgpt":
+        return len(litgpt_chunks(flow))
+    return flow.t.loss_chunks
+
+
+def litgpt_loss_moments(flow: Flow) -> tuple[int, int, int, int]:
+    """(activations at the loss's forward peak less what the loss saves, the forward's temporaries, the backward's
+    temporaries, what the loss keeps then), on top of the kept fp32 list (`litgpt_logits_bytes`, counted at every
+    phase); V the vocabulary, e the logits' bytes, rows_j = b x the chunk's positions (the last one shifted).
+    Measured exact on CPU (tests/profiler/test_runner.py).
+
+    Forward: the output layer's last chunk (the final hidden state still held) or Fabric's conversion, the new fp32 list
+    beside the previous step's (still the loop's `logits`) and, when the logits are 16-bit, the 16-bit list it copies
+    (nothing of the loss saved yet); or the last chunk's nll_loss: every
+    output, the loop's list, the last chunk's reshape (a copy when b > 1: the shifted view is not contiguous), the
+    per-token losses and their concatenation at its sum.
+
+    Backward, chunk j's log_softmax backward (chunks in reverse): two (rows_j, V) fp32 gradients, the fp32 gradients of
+    the chunks done (waiting at Fabric's conversion, whose nodes are older than every chunk's loss), the seed and the
+    division's gradient; the loss then keeps the outputs of chunks 0..j and the targets and total weights of chunks
+    0..j-1."""
+    v, e, b = flow.spec.vocab_size, flow.e_compute, flow.b
+    sizes = litgpt_chunks(flow)
+    rows = [b * n for n in sizes[:-1]] + [b * (sizes[-1] - 1)]
+    saved = litgpt_loss_saved(flow)
+    saved_all = sum(t.nbytes for t in saved)
+    logits = litgpt_logits_bytes(flow)
+    sixteen = b * flow.s * v * e if e != FP32 else 0  # the model's 16-bit logits, before Fabric's copies
+    # the output layer's last chunk, the final hidden state still there (in fp32 the logits are the kept list)
+    # (before the loop's `logits` is reassigned, the previous step's graph still holds what it retains)
+    held_acts, held_temps = litgpt_retained_bytes(flow)
+    head = ((logits if not sixteen else 0) - saved_all + held_acts,
+            flow.tokens * flow.spec.hidden_size * flow.e_stream + sixteen + held_temps)
+    convert = (logits - saved_all + held_acts, sixteen + held_temps)
+    losses = sum(rows) * FP32  # the per-token losses (reduction "none")
+    # at `torch.cat(loss_chunks).sum()`: the losses, their concatenation, the int64 target count and the sum
+    nll = (0, (rows[-1] * v * FP32 if b > 1 else 0) + 2 * losses + 8 + FP32)
+    forward = max(head, convert, nll, key=sum)
+    targets = [r * 8 if b > 1 else 0 for r in rows]
+    backward, outputs_after = (0, 0), 0
+    for j in range(len(rows) - 1, -1, -1):
+        kept = saved_all - outputs_after - sum(targets[j:]) - (len(rows) - j) * FP32
+        # (the seed's, and for j > 0 one more 0-d gradient waiting for the chunks before it; measured)
+        scratch = 2 * rows[j] * v * FP32 + outputs_after + (2 if j > 0 else 1) * FP32
+        if kept + scratch > sum(backward):
+            backward = (kept, scratch)
+        outputs_after += rows[j] * v * FP32
+    return forward[0], forward[1], backward[1] - FP32, backward[0]

@@ -130,7 +130,7 @@ def plan_warnings(spec: ModelSpec, training: TrainingSpec, budget: Budget | None
             warnings.append(f"liger: Liger has no patch for {spec.family}: the Trainer applies none of its kernels "
                             "(`_apply_liger_kernel_to_instance` only logs), so the plan is without them")
     if loss_kind(spec, training) == "fused-linear":
-        from lora_planner.loss import flce_chunk_rows  # lazily: only for this loss
+        from lora_planner.loss_fused import flce_chunk_rows  # lazily: only for this loss
         from lora_planner.activations import make_flow
 
         rows = flce_chunk_rows(make_flow(spec, training))
@@ -424,6 +424,7 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
             "attention": t.attention,
             "loss": loss_kind(spec, t),
             "loss_chunks": t.loss_chunks if t.loss in ("chunked", "linear") else None,
+            "loss_chunk_tokens": t.loss_chunk_tokens if t.loss == "litgpt" else None,
             "padding": t.padding,
             "packing": t.packing,
             "liger": t.liger,

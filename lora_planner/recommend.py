@@ -318,6 +318,10 @@ class _Search:
                          trainable_params=p.trainable_params, trainable_fraction=p.trainable_fraction)
 
 
+# the losses planned with a frozen output layer only (`lora_planner.loss`: each refuses a trained one)
+FROZEN_HEAD_LOSSES = ("linear", "litgpt", "trl", "cce")
+
+
 def _allowed_methods(req: RecommendRequest, reasons: list[str]) -> tuple[str, ...]:
     t = req.training
     if req.methods is None:
@@ -326,6 +330,10 @@ def _allowed_methods(req: RecommendRequest, reasons: list[str]) -> tuple[str, ..
             methods = ("full", "lora")
             reasons.append("QLoRA is left out: it computes in 16-bit and these settings are pure fp32 "
                            "(use --amp bf16 to include it).")
+        if t.loss in FROZEN_HEAD_LOSSES:
+            methods = tuple(m for m in methods if m != "full")
+            reasons.append(f"Full fine-tuning is left out: the {t.loss} loss with a trained output layer is not "
+                           "modelled yet (use --loss hf or chunked to include it).")
     else:
         methods = tuple(m for m in QUALITY_ORDER if m in req.methods)
         excluded = [METHOD_NAMES[m] for m in QUALITY_ORDER if m not in methods]

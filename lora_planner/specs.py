@@ -53,7 +53,9 @@ ExpertsImplementation = Literal["grouped_mm", "eager"]
 # fused LM head ("trl": `ChunkedLogProbFunction`, what TRL 1.16's SFTTrainer runs by default).
 # torchtune main's `LinearCrossEntropyLoss` ("linear": the ignored rows dropped first, the output layer and the fp32
 # upcast over N row chunks).
-LossKind = Literal["hf", "chunked", "fused-linear", "cce", "trl", "linear"]
+# litgpt's ("litgpt": the output layer over 128-token sequence chunks, Fabric's fp32 copy of every chunk, the list
+# kept by the training loop from one step to the next).
+LossKind = Literal["hf", "chunked", "fused-linear", "cce", "trl", "linear", "litgpt"]
 AdapterDtype = Literal["fp32", "base"]
 # Each strategy names one engine (lora_planner.parallel): torch DDP (+ ZeroRedundancyOptimizer), torch FSDP2
 # FULL_SHARD / SHARD_GRAD_OP, DeepSpeed ZeRO stages 1-3. The bare ZeRO names are DeepSpeed's.
@@ -109,11 +111,17 @@ def parse_loss(text: str) -> dict[str, object]:
     TrainingSpec's `loss` and `loss_chunks`."""
     name, _, chunks = text.strip().lower().partition(":")
     name = LOSS_ALIASES.get(name, name)
-    if name not in LOSSES or (chunks and name not in ("chunked", "linear")):
+    if name not in LOSSES or (chunks and name not in ("chunked", "linear", "litgpt")):
         raise PlannerInputError("loss", f"unknown loss {text!r}",
-                                "pass --loss hf, chunked[:N] (e.g. chunked:8), linear[:N], fused-linear, cce or trl")
+                                "pass --loss hf, chunked[:N] (e.g. chunked:8), linear[:N], litgpt[:TOKENS], "
+                                "fused-linear, cce or trl")
     if not chunks:
         return {"loss": name}
+    if name == "litgpt":  # litgpt[:N]: N tokens per chunk, not N chunks
+        if not chunks.isdigit() or int(chunks) < 1:
+            raise PlannerInputError("loss", f"chunk size must be a positive integer, got {chunks!r}",
+                                    "pass e.g. --loss litgpt:128")
+        return {"loss": name, "loss_chunk_tokens": int(chunks)}
     if not chunks.isdigit() or int(chunks) < 1:
         raise PlannerInputError("loss", f"chunk count must be a positive integer, got {chunks!r}",
                                 "pass e.g. --loss chunked:8")
@@ -413,6 +421,7 @@ class TrainingSpec:
     # loss run in.
     loss: LossKind = "hf"
     loss_chunks: int = DEFAULT_LOSS_CHUNKS
+    loss_chunk_tokens: int = 128  # "litgpt": the sequence chunk of its output layer (`lm_head_chunk_size=128`)
     # The batch as the collator builds it. `padding`: rows of different lengths padded to --seq-len, with an attention
     # mask (transformers / TRL's default collator when lengths differ). `packing`: padding-free, as TRL's
     # `padding_free` / `packing` (bfd) collator: the micro-batch's sequences concatenated into one row of
@@ -456,13 +465,14 @@ class TrainingSpec:
             raise PlannerInputError("double_quant", f"must be true or false, got {self.double_quant!r}",
                                     "pass --no-double-quant or leave it out")
         check_positive_int("loss_chunks", self.loss_chunks, MAX_SEQ_LEN)
+        check_positive_int("loss_chunk_tokens", self.loss_chunk_tokens, MAX_SEQ_LEN)
         if self.loss == "chunked" and self.loss_chunks > self.seq_len:
             raise PlannerInputError("loss", f"{self.loss_chunks} chunks of a {self.seq_len}-token sequence",
                                     f"pass --loss chunked:N with N <= {self.seq_len}")
         if self.loss == "linear" and self.loss_chunks > self.tokens - self.rows[0]:
             raise PlannerInputError("loss", f"{self.loss_chunks} chunks of {self.tokens - self.rows[0]} target rows",
                                     f"pass --loss linear:N with N <= {self.tokens - self.rows[0]}")
-        if self.liger and self.loss in ("chunked", "linear"):
+        if self.liger and self.loss in ("chunked", "linear", "litgpt"):
             raise PlannerInputError("liger", "use_liger_kernel runs Liger's fused linear cross-entropy, not "
                                              "torchtune's chunked loss", "drop --loss, or drop --liger")
         if self.padding and self.packing:

@@ -19,7 +19,7 @@ Sources (file:line at the version named):
   `CEWithChunkedOutputLoss(num_output_chunks=8)` in 0.6.1 (main switched to `LinearCrossEntropyLoss`).
 - litgpt: `config_hub/finetune/llama-3.1-8b/lora.yaml` (r 32, alpha 16, q / v, max_seq_length 512, micro_batch_size 1,
   bf16-true), `litgpt/utils.py` `chunked_cross_entropy` (128-token lm_head chunks; Lightning Fabric's
-  `_FabricModule.forward` converts every logits chunk to fp32: experiments/notes/loss_variants_research.md).
+  `_FabricModule.forward` converts every logits chunk to fp32, and the loop keeps them: `--loss litgpt`).
 - unsloth 2026.10.9: `FastLanguageModel.from_pretrained` (load_in_4bit, flash-attn when installed),
   `get_peft_model` (r 16, alpha 16, the seven projections, use_gradient_checkpointing="unsloth": offloaded,
   `lora_planner.activation_offload`), its
@@ -68,11 +68,9 @@ STACKS: dict[str, Stack] = {s.name: s for s in (
     Stack("litgpt", "litgpt config_hub llama-3.1-8b lora.yaml",
           dict(optimizer="adamw_torch", attention="sdpa", grad_checkpointing=False, adapter_dtype="base",
                r=32, alpha=16.0, target="q_proj,v_proj", dtype="bf16", amp=None, seq_len=512, batch_size=1,
-               padding=True, packing=False, kbit_prep=False, loss="hf", liger=False, double_quant=False),
-          ("litgpt's chunked cross-entropy (128-token lm_head chunks, converted to fp32 by Fabric) is not modelled "
-           "yet: planned with transformers' loss, which over-estimates the loss term",
-           "QLoRA: litgpt (`--quantize bnb.nf4`, no double quantization: planned) quantizes lm_head too, planned "
-           "as PEFT's QLoRA with lm_head in 16-bit")),
+               padding=True, packing=False, kbit_prep=False, loss="litgpt", liger=False, double_quant=False),
+          ("QLoRA: litgpt (`--quantize bnb.nf4`, no double quantization: planned) quantizes lm_head too, planned "
+           "as PEFT's QLoRA with lm_head in 16-bit",)),
     Stack("unsloth", "unsloth 2026.10.9",
           dict(optimizer="adamw_8bit", attention="flash_attention_2", grad_checkpointing=True, adapter_dtype="fp32",
                r=16, alpha=16.0, target="all-linear", dtype="bf16", amp=None, seq_len=2048, batch_size=4,

@@ -327,7 +327,7 @@ class StepComponents:
     end_gradients: int  # the end of backward (see step_components)
     end_activations: int  # besides the batch (the loss value included)
     end_scratch: int  # backward's seed included
-    resident: int = 0  # activation offloading's own GPU buffers (Unsloth's), there at every phase
+    resident: int = 0  # there at every phase: activation offloading's GPU buffers (Unsloth's), litgpt's logits
 
     @property
     def saved(self) -> int:
@@ -342,7 +342,7 @@ class StepComponents:
         """(activations, temporaries) at the forward's heaviest op: the loss's, or LoRA on lm_head's add
         (`ActivationProfile.head_adapter_moments`), whichever holds more."""
         acts = self.activations
-        loss = (self.saved, acts.loss_forward_scratch_bytes)
+        loss = (self.saved + acts.loss_forward_activations_delta, acts.loss_forward_scratch_bytes)
         extra_acts, temporaries = acts.head_adapter_moments[0]
         head = (self.layers_saved + acts.model_bytes + extra_acts, temporaries)
         return head if temporaries and sum(head) > sum(loss) else loss
@@ -482,7 +482,8 @@ def step_components(spec: ModelSpec, training: TrainingSpec) -> StepComponents:
         states=optimizer_state_bytes(groups, training.optimizer, step_on_device),
         optimizer_scratch=optimizer_scratch_bytes(groups, training.optimizer, impl), head_gradients=head_grads,
         activations=acts, layers_saved=layers_saved, recomputed=recomputed, layer_scratch=layer_scratch,
-        end_gradients=end_grads, end_activations=end_acts, end_scratch=end_scratch, resident=offload.resident)
+        end_gradients=end_grads, end_activations=end_acts, end_scratch=end_scratch,
+        resident=offload.resident + acts.resident_bytes)
 
 
 @dataclass(frozen=True)
@@ -555,13 +556,19 @@ def _late_backward_moment(acts: ActivationProfile, training: TrainingSpec, per_l
     return best[1], best[2], best[3]
 
 
+RETAINED_GRAPH_PHASES = ("forward_start", "optimizer_step")  # (forward_end: in the loss's own moments)
+
+
 def single_gpu_phases(c: StepComponents) -> tuple[PhaseMemory, ...]:
     """The phases of the module docstring's table for one GPU holding everything."""
     acts = c.activations
 
-    def phase(name: Phase, activations_bytes: int, **parts: int) -> PhaseMemory:
+    def phase(name: Phase, activations_bytes: int, temporaries_bytes: int, **parts: int) -> PhaseMemory:
+        # a graph kept past its backward (litgpt's logits) holds its tensors outside backward
+        held_acts, held_temps = acts.retained_graph_bytes if name in RETAINED_GRAPH_PHASES else (0, 0)
         return PhaseMemory(name, MemoryBreakdown(weights_bytes=c.weights, optimizer_states_bytes=c.states,
-                                                 activations_bytes=activations_bytes + c.resident, **parts))
+                                                 activations_bytes=activations_bytes + c.resident + held_acts,
+                                                 temporaries_bytes=temporaries_bytes + held_temps, **parts))
 
     return (
         phase("forward_start", activations_bytes=acts.batch_bytes + acts.token_moments[0][0],

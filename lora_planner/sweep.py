@@ -148,7 +148,8 @@ class SweepRun:
         ckpt = " ckpt" if t.grad_checkpointing else ""
         experts = f" experts={t.experts_implementation}" if self.spec.is_moe else ""
         attention = f" {t.attention}" if t.attention != "sdpa" else ""
-        loss = f" loss={t.loss}:{t.loss_chunks}" if t.loss != "hf" else ""
+        loss = "" if t.loss == "hf" else f" loss={t.loss}:{t.loss_chunk_tokens}" if t.loss == "litgpt" else \
+            f" loss={t.loss}:{t.loss_chunks}" if t.loss in ("chunked", "linear") else f" loss={t.loss}"
         collate = " padded" if t.padding else " packed" if t.packing else ""
         if t.method != "full" and self.source.get("adapter", "lora") != "lora":
             adapter += f" {self.source['adapter']}"

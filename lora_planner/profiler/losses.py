@@ -20,7 +20,8 @@ the output layer (Gemma 2's logit soft-capping, Granite's logit scaling) are ref
 
 from __future__ import annotations
 
-from typing import Any
+from contextlib import nullcontext
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -90,3 +91,46 @@ def _linear_ce(outputs: torch.Tensor, targets: torch.Tensor, projection: torch.n
         total_loss += F.cross_entropy(logits.float(), target_chunk, reduction="sum", ignore_index=IGNORE_INDEX)
         del logits
     return total_loss / total_valid_tokens
+
+
+class LitgptLoss:
+    """litgpt's fine-tuning loss as `litgpt/finetune/lora.py` runs it (Lightning-AI/litgpt v0.5.13 `fit`, l.355-359;
+    `litgpt/utils.py` `chunked_cross_entropy`, l.302-351; `litgpt/model.py` `GPT.forward`, l.177-181) under Lightning
+    Fabric (`lightning/fabric/wrappers.py` `_FabricModule.forward`, `plugins/precision/half.py` `convert_output`):
+
+    - the model returns `[lm_head(x_i) for x_i in x.split(chunk, dim=1)]` (its final hidden state x freed on return);
+    - Fabric converts every floating output to the default dtype (fp32) while the 16-bit list is still referenced;
+    - the training loop's `logits` keeps the list from one step to the next (no `del`): the previous step's list lives
+      until the new one is assigned (`self.logits` here);
+    - `logits[-1] = logits[-1][..., :-1, :]` and `chunked_cross_entropy(logits, targets[..., 1:])`: per chunk
+      `cross_entropy(..., reduction="none")` on the fp32 logits, then `cat(...).sum() / count`."""
+
+    def __init__(self, chunk_tokens: int, forward_context: Callable[[], Any] = nullcontext) -> None:
+        self.chunk_tokens = chunk_tokens
+        self.forward_context = forward_context  # Fabric's precision context (autocast for bf16-mixed), forward only
+        self.logits: list[torch.Tensor] | None = None
+
+    def __call__(self, model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        base = _base(model)
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        with self.forward_context():
+            logits = _litgpt_head(base, inputs, self.chunk_tokens)
+        logits = [t.to(torch.get_default_dtype()) if torch.is_floating_point(t) else t for t in logits]
+        self.logits = logits
+        logits[-1] = logits[-1][..., :-1, :]
+        return _litgpt_chunked_cross_entropy(logits, batch["labels"][..., 1:])
+
+
+def _litgpt_head(base: torch.nn.Module, inputs: dict[str, Any], chunk_tokens: int) -> list[torch.Tensor]:
+    hidden = base.get_decoder()(**inputs).last_hidden_state
+    head = base.get_output_embeddings()
+    return [head(chunk) for chunk in hidden.split(chunk_tokens, dim=1)]
+
+
+def _litgpt_chunked_cross_entropy(logits: list[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
+    logit_chunks = [chunk.reshape(-1, chunk.size(-1)) for chunk in logits]
+    target_chunks = [chunk.reshape(-1) for chunk in targets.split(logits[0].size(1), dim=1)]
+    loss_chunks = [F.cross_entropy(logit_chunk, target_chunk, ignore_index=IGNORE_INDEX, reduction="none")
+                   for logit_chunk, target_chunk in zip(logit_chunks, target_chunks)]
+    non_masked_elems = (targets != IGNORE_INDEX).sum()
+    return torch.cat(loss_chunks).sum() / non_masked_elems.maximum(torch.ones_like(non_masked_elems))

@@ -46,7 +46,7 @@ from lora_planner.errors import PlannerInputError
 from lora_planner.memory import estimate_memory
 from lora_planner.params import resolve_targets, target_description
 from lora_planner.profiler.allocator import allocator_peak_above_start
-from lora_planner.profiler.losses import chunked_output_loss, linear_cross_entropy_loss
+from lora_planner.profiler.losses import LitgptLoss, chunked_output_loss, linear_cross_entropy_loss
 from lora_planner.profiler.records import RECORD_SCHEMA_VERSION, check_record
 from lora_planner.profiler.tracker import StepMeasurement, hf_fake_parity, measure_training_step
 from lora_planner.specs import ModelSpec, TrainingSpec
@@ -360,6 +360,9 @@ def _autocast(training: TrainingSpec, device_type: str) -> Iterator[None]:
 def _loss_fn(training: TrainingSpec, device_type: str) -> Callable[[torch.nn.Module, Any], torch.Tensor]:
     """transformers' own loss (`model(**batch).loss`), or torchtune's chunked or linear one
     (`lora_planner.profiler.losses`)."""
+    if training.loss == "litgpt":  # Fabric autocasts the model's forward only; the loss keeps a step's logits
+        return LitgptLoss(training.loss_chunk_tokens, lambda: _autocast(training, device_type))
+
     def loss_fn(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
         with _autocast(training, device_type):
             if training.loss == "chunked":
@@ -606,6 +609,7 @@ def base_record(request: ProfileRequest) -> dict[str, Any]:
             "experts_implementation": t.experts_implementation if request.spec.is_moe else None,
             "target_parameters": list(lora.target_parameters) if lora.target_parameters else None,
             "loss": t.loss, "loss_chunks": t.loss_chunks if t.loss in ("chunked", "linear") else None,
+            "loss_chunk_tokens": t.loss_chunk_tokens if t.loss == "litgpt" else None,
             "padding": t.padding, "packing": t.packing,
         },
         "predicted": {

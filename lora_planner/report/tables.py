@@ -93,7 +93,8 @@ def training_for_record(record: dict[str, Any]) -> TrainingSpec | None:
                         use_rslora=bool(s.get("use_rslora")), use_dora=bool(s.get("use_dora")),
                         modules_to_save=tuple(saved) if saved else None, bias=s.get("bias") or "none") \
             if s["method"] != "full" else LoraSpec()
-        loss = {"loss": s.get("loss", "hf")} | ({"loss_chunks": s["loss_chunks"]} if s.get("loss_chunks") else {})
+        loss = {"loss": s.get("loss", "hf")} | ({"loss_chunks": s["loss_chunks"]} if s.get("loss_chunks") else {}) \
+            | ({"loss_chunk_tokens": s["loss_chunk_tokens"]} if s.get("loss_chunk_tokens") else {})
         return TrainingSpec(method=s["method"], dtype=s.get("dtype", "bf16"), amp=s.get("amp"),
                             optimizer=s.get("optimizer", "adamw"), optimizer_impl=s.get("optimizer_impl"),
                             batch_size=s["batch_size"], seq_len=s["seq_len"],

@@ -256,6 +256,16 @@ CPU_CASES = [
     ("llama", "hf", dict(method="lora", loss="linear", loss_chunks=3, batch_size=1, dtype="fp32")),
     ("qwen2", "hf", dict(method="lora", loss="linear", loss_chunks=5, grad_checkpointing=True)),
     ("phi3", "hf", dict(method="lora", loss="linear", loss_chunks=4, dtype="fp32", amp="bf16")),
+    # litgpt's loss under Fabric (issue 13): 16-token head chunks with a short last one, Fabric's fp32 copies, the list
+    # kept from step to step (and under checkpointing the graph's input leaf and its gradient), b = 1, fp32, autocast
+    ("llama_vocab", "hf", dict(method="lora", loss="litgpt", loss_chunk_tokens=16, seq_len=50)),
+    ("llama_vocab", "hf", dict(method="lora", loss="litgpt", loss_chunk_tokens=16, grad_checkpointing=True)),
+    ("llama_vocab", "hf", dict(method="lora", loss="litgpt", loss_chunk_tokens=16, batch_size=1, dtype="fp32")),
+    ("llama_vocab", "hf", dict(method="lora", loss="litgpt", loss_chunk_tokens=16, dtype="fp32", amp="bf16",
+                               grad_checkpointing=True)),
+    ("gemma", "hf", dict(method="lora", loss="litgpt", loss_chunk_tokens=32, seq_len=48, dtype="fp32",
+                         grad_checkpointing=True)),
+    ("phi", "hf", dict(method="lora", loss="litgpt", loss_chunk_tokens=16, seq_len=48)),
     # padded and packed batches (issue 13): SDPA's materialised mask in every layer (k / v repeated to every head,
     # the additive mask) and the bool mask checkpointing keeps; eager's S^2 terms over a packed row; one kv head
     # folding its repeat into matmul at b = 1 (Gemma, packed); sliding windows with a padding mask; MoE; a packed row
@@ -764,6 +774,7 @@ QLORA_CASES = [
     ("gemma3_text", dict()),  # the sliding layer's SDPA mask and repeated k / v
     ("llama", dict(lora=LoraSpec(r=8, modules_to_save=("embed_tokens", "lm_head")))),  # fp32 copies after kbit prep
     ("llama", dict(loss="linear", loss_chunks=8)),  # torchtune main's linear cross-entropy over the fp32 stream
+    ("llama_vocab", dict(loss="litgpt", loss_chunk_tokens=16, grad_checkpointing=True)),  # litgpt's loss, fp32
 ]
 
 
