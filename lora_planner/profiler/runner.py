@@ -94,7 +94,7 @@ class ProfileRequest:
         if lora.target_parameters and t.method != "full":
             parts.append("params:" + ",".join(lora.target_parameters))
         if t.loss != "hf":
-            parts.append(f"loss:{t.loss}:{t.loss_chunks}")
+            parts.append(f"loss:{t.loss}:{t.loss_chunk_tokens if t.loss == 'litgpt' else t.loss_chunks}")
         if t.padding or t.packing:
             parts.append("collate:" + ("packing" if t.packing else "padding"))
         if t.method == "qlora" and (not t.double_quant or t.quant_type != "nf4"):

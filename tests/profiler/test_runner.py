@@ -573,7 +573,9 @@ def test_keys_differ_by_every_setting_that_changes_memory():
     base = request()
     variants = [request(batch_size=3), request(seq_len=64), request(method="full"), request(backend="builtin"),
                 request(mode="fake"), request(grad_checkpointing=True), request(lora=LoraSpec(r=8)),
-                request(optimizer_impl="foreach"), request(attention="eager"), request(steps=3)]
+                request(optimizer_impl="foreach"), request(attention="eager"), request(steps=3),
+                request(loss="linear", loss_chunks=4), request(loss="linear", loss_chunks=8),
+                request(loss="litgpt", loss_chunk_tokens=16), request(loss="litgpt", loss_chunk_tokens=8)]
     keys = {base.key, *(v.key for v in variants)}
     assert len(keys) == len(variants) + 1
 
