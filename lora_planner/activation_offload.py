@@ -43,13 +43,6 @@ and an integrated GPU's single buffer are not planned; the time of the copies is
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from lora_planner.errors import PlannerInputError
-
-if TYPE_CHECKING:
-    from lora_planner.parallel.offload import HostBuffer
-    from lora_planner.specs import ModelSpec, TrainingSpec
 
 TORCHTUNE_MIN_OFFLOAD_BYTES = 1024  # `min_offload_size`
 TORCHTUNE_FWD_STASH = 5  # `max_fwd_stash_size`
@@ -58,29 +51,6 @@ UNSLOTH_HOST_BUFFERS = 200  # `INITIAL_CPU_BUFFER_COUNT`
 UNSLOTH_HOST_BUFFER_ELEMENTS = 128 * 1024  # `INITIAL_CPU_BUFFER_SIZE`
 UNSLOTH_GPU_BUFFERS = 2  # `GPU_BUFFERS` and `GPU_BUFFERS_B` (double buffering)
 UNSLOTH_BYTES = 2  # its buffers are bf16 (or fp16): 16-bit
-
-
-def check_activation_offload(training, spec) -> None:
-    """What each implementation needs (raised as one line naming the field)."""
-    kind = training.activation_offload
-    if kind == "none":
-        return
-    if not training.grad_checkpointing:
-        raise PlannerInputError("activation_offload", f"{kind}'s activation offloading moves checkpointed layer inputs "
-                                "(torchtune's recipes refuse it without activation checkpointing)",
-                                "add --grad-checkpointing")
-    if training.device != "cuda":
-        raise PlannerInputError("activation_offload", "activation offloading copies from the GPU to host RAM",
-                                "use --device cuda")
-    if training.resolved_strategy not in (None, "ddp"):
-        raise PlannerInputError("activation_offload", f"activation offloading with {training.resolved_strategy} is not "
-                                "modelled yet", "plan it on one GPU or with DDP")
-    if kind == "unsloth" and training.compute_dtype == "fp32":
-        raise PlannerInputError("activation_offload", "Unsloth's offload buffers are 16-bit", "use --dtype bf16")
-    if kind == "torchtune" and spec is not None and spec.final_logit_softcapping is not None:
-        raise PlannerInputError("activation_offload", f"{spec.name}'s logit soft-capping runs outside the output "
-                                "layer, where torchtune's hooks would offload it: not modelled",
-                                "drop --activation-offloading for this model")
 
 
 def final_norm_packs(norm: str, weight_trains: bool, liger: bool, tokens: int, hidden: int,
@@ -103,6 +73,11 @@ def final_norm_packs(norm: str, weight_trains: bool, liger: bool, tokens: int, h
         return packs + ((hidden * 4, False),) + (((x32, False),) if weight_trains else ())
     product = x32 if norm == "rms_fp32" else tokens * hidden * stream_bytes
     return packs + ((weight, True),) + (((product, False),) if weight_trains else ())
+
+
+def flow_packs(flow) -> tuple[tuple[int, bool], ...]:
+    """`final_norm_packs` for a step's `lora_planner.families.rules.Flow`."""
+    return final_norm_packs(flow.family.norm, flow.full, flow.liger, flow.tokens, flow.spec.hidden_size, flow.e_stream)
 
 
 def offloadable(nbytes: int, parameter: bool) -> bool:
@@ -143,35 +118,27 @@ def resident_gpu_bytes(kind: str, input_elements: int) -> int:
     return UNSLOTH_GPU_BUFFERS * max(input_elements, UNSLOTH_MIN_ELEMENTS) * UNSLOTH_BYTES
 
 
+HostBlocks = tuple[str, int, tuple[int, ...]]  # (name, bytes in use, the pinned allocations it takes)
+
+
 def host_buffers(kind: str, num_layers: int, packs: tuple[tuple[int, bool], ...], input_bytes: int,
-                 input_elements: int) -> tuple[HostBuffer, ...]:
-    """The pinned host blocks after one forward. torchtune: one per offloaded tensor (every layer input, the final
-    norm's offloadable saves); Unsloth: its 200 initial buffers (those it resized still reserved in the host cache,
-    in use no more) and L layer buffers grown to M (the first step offloads every layer; past 200 layers new ones)."""
-    from lora_planner.parallel.offload import HostBuffer  # lazily: lora_planner.parallel imports the step
+                 input_elements: int) -> tuple[HostBlocks, ...]:
+    """The pinned host blocks after one forward, as (name, bytes in use, allocations), which
+    `lora_planner.parallel.offload` sizes as the host allocator reserves them. torchtune: one per offloaded tensor
+    (every layer input, the final norm's offloadable saves); Unsloth: its 200 initial buffers (those it resized still
+    reserved in the host cache, in use no more) and L layer buffers grown to M (the first step offloads every layer;
+    past 200 layers new ones)."""
     if kind == "torchtune":
         norm = tuple(nbytes for nbytes, param in packs if offloadable(nbytes, param))
         layers = (input_bytes,) * num_layers if input_bytes >= TORCHTUNE_MIN_OFFLOAD_BYTES else ()
-        return (HostBuffer("torchtune: checkpointed layer inputs", sum(layers), True, layers),
-                HostBuffer("torchtune: the final norm's saved tensors", sum(norm), True, norm))
+        return (("torchtune: checkpointed layer inputs", sum(layers), layers),
+                ("torchtune: the final norm's saved tensors", sum(norm), norm))
     if kind == "unsloth":
         initial = UNSLOTH_HOST_BUFFER_ELEMENTS * UNSLOTH_BYTES
         grown = num_layers if input_elements > UNSLOTH_MIN_ELEMENTS else 0
         layers = (input_elements * UNSLOTH_BYTES,) * grown
-        return (HostBuffer("unsloth: initial buffers", (UNSLOTH_HOST_BUFFERS - min(grown, UNSLOTH_HOST_BUFFERS))
-                           * initial, True, (initial,) * UNSLOTH_HOST_BUFFERS),
-                HostBuffer("unsloth: layer input buffers", sum(layers), True, layers))
+        return (("unsloth: initial buffers", (UNSLOTH_HOST_BUFFERS - min(grown, UNSLOTH_HOST_BUFFERS)) * initial,
+                 (initial,) * UNSLOTH_HOST_BUFFERS),
+                ("unsloth: layer input buffers", sum(layers), layers))
     return ()
 
-
-def activation_offload_host(spec: ModelSpec, training: TrainingSpec) -> tuple[HostBuffer, ...]:
-    """The host buffers of `training.activation_offload` for `spec` (`host_buffers`)."""
-    if training.activation_offload == "none":
-        return ()
-    from lora_planner.activations import make_flow  # lazily, as the step does
-
-    flow = make_flow(spec, training)
-    elements = training.tokens * spec.hidden_size
-    packs = final_norm_packs(flow.family.norm, flow.full, flow.liger, training.tokens, spec.hidden_size,
-                             flow.e_stream)
-    return host_buffers(training.activation_offload, spec.num_layers, packs, elements * flow.e_stream, elements)

@@ -500,9 +500,7 @@ class TrainingSpec:
             self._check_offload()
         check_choice("activation_offload", self.activation_offload, ACTIVATION_OFFLOADS)
         if self.activation_offload != "none":
-            from lora_planner.activation_offload import check_activation_offload
-
-            check_activation_offload(self, None)
+            self._check_activation_offload()
         if self.optimizer_impl is not None:
             check_choice("optimizer_impl", self.optimizer_impl, OPTIMIZER_IMPLS)
             impls = optimizer_impls(self.optimizer)
@@ -543,6 +541,22 @@ class TrainingSpec:
         if strategy in ("deepspeed-zero1", "deepspeed-zero2") and self.offload == "params":
             raise PlannerInputError("offload", "DeepSpeed offloads parameters (offload_param) under ZeRO-3 only",
                                     "pass --offload optimizer, or --strategy deepspeed-zero3")
+
+    def _check_activation_offload(self) -> None:
+        """What `lora_planner.activation_offload`'s two implementations need."""
+        kind = self.activation_offload
+        if not self.grad_checkpointing:
+            raise PlannerInputError("activation_offload", f"{kind}'s activation offloading moves checkpointed layer "
+                                    "inputs (torchtune's recipes refuse it without activation checkpointing)",
+                                    "add --grad-checkpointing")
+        if self.device != "cuda":
+            raise PlannerInputError("activation_offload", "activation offloading copies from the GPU to host RAM",
+                                    "use --device cuda")
+        if self.resolved_strategy not in (None, "ddp"):
+            raise PlannerInputError("activation_offload", f"activation offloading with {self.resolved_strategy} is "
+                                    "not modelled yet", "plan it on one GPU or with DDP")
+        if kind == "unsloth" and self.compute_dtype == "fp32":
+            raise PlannerInputError("activation_offload", "Unsloth's offload buffers are 16-bit", "use --dtype bf16")
 
     def _normalize_spellings(self) -> None:
         """Hugging Face / torch spellings -> the planner's (the dataclass is frozen: object.__setattr__)."""

@@ -14,9 +14,10 @@ from math import ceil
 from typing import Literal, get_args
 
 from lora_planner.activation_offload import (
-    final_norm_packs, inputs_held_in_backward, inputs_kept_at_forward_end, resident_gpu_bytes,
+    flow_packs, inputs_held_in_backward, inputs_kept_at_forward_end, resident_gpu_bytes,
 )
 from lora_planner.activations import ActivationProfile, activation_profile, make_flow
+from lora_planner.errors import PlannerInputError
 from lora_planner.optimizers import TensorGroup, optimizer_scratch_bytes, optimizer_state_bytes
 from lora_planner.params import (
     Module, adapted_layers, bias_numel, buffer_bytes, check_sequence_length, is_per_layer, lora_params,
@@ -507,9 +508,11 @@ def _activation_offload(spec: ModelSpec, training: TrainingSpec, acts: Activatio
     elements = training.tokens * spec.hidden_size
     if kind == "none":
         return _Offload(kind, layers, layers, elements)
-    flow = make_flow(spec, training)
-    packs = final_norm_packs(flow.family.norm, flow.full, flow.liger, training.tokens, spec.hidden_size,
-                             flow.e_stream)
+    if kind == "torchtune" and spec.final_logit_softcapping is not None:
+        raise PlannerInputError("activation_offload", f"{spec.name}'s logit soft-capping runs outside the output "
+                                "layer, where torchtune's hooks would offload it: not modelled",
+                                "drop --activation-offloading for this model")
+    packs = flow_packs(make_flow(spec, training))
     return _Offload(kind, layers, inputs_kept_at_forward_end(kind, layers, packs, elements), elements,
                     resident_gpu_bytes(kind, elements))
 

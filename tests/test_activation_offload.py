@@ -17,6 +17,7 @@ from lora_planner.cli import main
 from lora_planner.errors import PlannerInputError
 from lora_planner.families import family_rules
 from lora_planner.memory import estimate_memory
+from lora_planner.parallel.offload import HostBuffer
 from lora_planner.specs import TrainingSpec
 
 MIB = 2 ** 20
@@ -85,17 +86,20 @@ def test_host_buffers_hand_count():
     inputs (128 MiB) and two 1/rms rows (32 KiB), every one a power of two already. Unsloth: its 200 buffers of 256
     KiB (32 of them resized: reserved, no longer in use) and 32 layer buffers of 64 MiB."""
     packs = final_norm_packs("rms", False, False, 8192, 4096, 2)
-    tt = host_buffers("torchtune", 32, packs, M * 2, M)
+    tt = [HostBuffer(name, nbytes, True, sizes)
+          for name, nbytes, sizes in host_buffers("torchtune", 32, packs, M * 2, M)]
     assert [b.nbytes for b in tt] == [32 * 64 * MIB, 2 * 128 * MIB + 2 * 32768]
-    assert all(b.pinned for b in tt) and sum(b.reserved_bytes for b in tt) == 2_415_984_640
-    un = host_buffers("unsloth", 32, packs, M * 2, M)
+    assert sum(b.reserved_bytes for b in tt) == 2_415_984_640
+    un = [HostBuffer(name, nbytes, True, sizes)
+          for name, nbytes, sizes in host_buffers("unsloth", 32, packs, M * 2, M)]
     assert [b.nbytes for b in un] == [(200 - 32) * 256 * 1024, 32 * 64 * MIB]
     assert sum(b.reserved_bytes for b in un) == 200 * 256 * 1024 + 32 * 64 * MIB
     # a layer input of 96 MiB is reserved as 128 MiB
-    assert host_buffers("unsloth", 2, packs, 3 * M, 3 * M // 2)[1].reserved_bytes == 2 * 128 * MIB
+    name, nbytes, sizes = host_buffers("unsloth", 2, packs, 3 * M, 3 * M // 2)[1]
+    assert HostBuffer(name, nbytes, True, sizes).reserved_bytes == 2 * 128 * MIB
     # nothing offloaded at or below 1 Mi elements: only the initial buffers
     small = host_buffers("unsloth", 32, packs, 2 ** 21, 2 ** 20)
-    assert [b.nbytes for b in small] == [200 * 256 * 1024, 0]
+    assert [nbytes for _, nbytes, _ in small] == [200 * 256 * 1024, 0]
     assert offloadable(1024, False) and not offloadable(1023, False) and not offloadable(10 ** 9, True)
 
 
@@ -127,6 +131,9 @@ def test_refusals():
         TrainingSpec(activation_offload="unsloth", grad_checkpointing=True, dtype="fp32")
     with pytest.raises(PlannerInputError, match="activation_offload"):
         TrainingSpec(activation_offload="cpu", grad_checkpointing=True)
+    with pytest.raises(PlannerInputError, match="soft-capping"):
+        estimate_memory(resolve_model("gemma-2-2b"), TrainingSpec(activation_offload="torchtune",
+                                                                  grad_checkpointing=True))
     # DDP is planned: the per-rank plan plus its gradient buckets
     ddp = estimate_memory(LLAMA_8B, replace(training("torchtune"), gpus=2))
     assert ddp.host.ranks_per_node == 2

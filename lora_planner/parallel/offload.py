@@ -98,8 +98,6 @@ def host_memory(spec: ModelSpec, training: TrainingSpec) -> HostMemory | None:
     """The host buffers of one rank under `training.offload` and `training.activation_offload` (None without either,
     the latter's from `lora_planner.activation_offload`); `training.gpus_per_node` of them share a node (default: every
     rank on one node, at most 8)."""
-    from lora_planner.activation_offload import activation_offload_host
-
     if training.offload == "none" and training.activation_offload == "none":
         return None
     per_node = training.gpus_per_node or min(training.gpus, 8)
@@ -107,7 +105,21 @@ def host_memory(spec: ModelSpec, training: TrainingSpec) -> HostMemory | None:
     if training.offload != "none":
         buffers = _deepspeed_buffers(spec, training) if training.resolved_strategy.startswith("deepspeed") else \
             _fsdp_buffers(spec, training)
-    return HostMemory(buffers + activation_offload_host(spec, training), per_node)
+    return HostMemory(buffers + _activation_offload_buffers(spec, training), per_node)
+
+
+def _activation_offload_buffers(spec: ModelSpec, training: TrainingSpec) -> tuple[HostBuffer, ...]:
+    """`--activation-offloading`'s pinned host blocks (`lora_planner.activation_offload.host_buffers`)."""
+    if training.activation_offload == "none":
+        return ()
+    from lora_planner.activation_offload import flow_packs, host_buffers
+    from lora_planner.activations import make_flow  # lazily, as the step does
+
+    flow = make_flow(spec, training)
+    elements = training.tokens * spec.hidden_size
+    blocks = host_buffers(training.activation_offload, spec.num_layers, flow_packs(flow), elements * flow.e_stream,
+                          elements)
+    return tuple(HostBuffer(name, nbytes, True, allocations) for name, nbytes, allocations in blocks)
 
 
 def _optimizer_states(training: TrainingSpec, numel: int) -> int:
