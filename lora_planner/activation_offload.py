@@ -1,9 +1,9 @@
 """Activation offloading (pure): which checkpointed layer inputs stay on the GPU, and what host RAM the rest take.
 
 Two implementations, both CUDA-only (streams, pinned memory), so modelled from their source and pinned by hand counts
-(tests/test_activation_offload.py); a CPU emulation of each policy with the exact tracker checks the arithmetic on
-real transformers models (same file). Both need gradient checkpointing: what is offloaded is each checkpointed
-layer's input, M = tokens x hidden elements.
+(tests/test_activation_offload.py); a hook recording what autograd packs in real transformers forwards on the CPU
+checks the pack sequences they act on and replays torchtune's stash rule over them (same file). Both need gradient
+checkpointing: what is offloaded is each checkpointed layer's input, M = tokens x hidden elements.
 
 torchtune `OffloadActivations` (pytorch/torchtune @bd2a0fc `torchtune/training/_activation_offloading.py`, the
 recipes' `enable_activation_offloading: True`, which they refuse without activation checkpointing):
