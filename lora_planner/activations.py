@@ -490,6 +490,11 @@ def _forward_end_holds(flow: Flow, model: tuple[SavedTensor, ...], first_input_n
             held += (weight + (m.out_features if m.bias else 0)) * e * m.count
         return held
     held += flow.linear_bias_numel * e
+    if checkpointed and flow.family.linear_reads_layer_input:
+        # checkpointing's `enable_input_require_grads` makes layer 0's input a leaf that requires grad; a layer whose
+        # projections read its input directly (no pre-norm: OLMo 2) has autocast cast that leaf, and cache the 16-bit
+        # copy until the region exits (measured on CPU)
+        held += flow.tokens * spec.hidden_size * e
     needs_grad = first_input_needs_grad or flow.norm_bias_trains
     for adapters, layer_type in zip(flow.layer_adapters, spec.layer_types or (None,) * spec.num_layers):
         if checkpointed:

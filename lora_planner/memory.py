@@ -48,13 +48,12 @@ weigh most), with the final norm's and lm_head's saved tensors freed by their ba
 expert layers have different buffers, so backward_end scans every layer from the first one backward reaches.
 
 Known limitations: CPU and activation offloading are planned from their engines' source (`lora_planner.parallel.
-offload`, `lora_planner.activation_offload`), not measured on a GPU; OLMo 2 under autocast with checkpointing keeps one
-bf16 hidden state more at the forward's end than planned (-0.35 % on a toy, measured); activation rules follow the
-transformers implementations of the supported families (see `activations`). The moments inside a layer's backward are modelled coarsely (one buffer total per
-layer kind, every saved tensor of the layer alive): where they decide the peak, which takes a vocabulary small
-against the layer (2-layer toys with 128 tokens of vocabulary), the plan is within -1.1 % to +3.3 % under
-checkpointing and exact without it (`experiments/grids/dense_small_vocab.toml`); at real vocabularies the logits'
-moments decide and the plan is exact.
+offload`, `lora_planner.activation_offload`), not measured on a GPU; activation rules follow the transformers
+implementations of the supported families (see `activations`). The moments inside a layer's backward are modelled
+coarsely (one buffer total per layer kind, every saved tensor of the layer alive): where they decide the peak, which
+takes a vocabulary small against the layer (2-layer toys with 128 tokens of vocabulary), the plan is within -1.1 %
+to +3.3 % under checkpointing and exact without it (`experiments/grids/dense_small_vocab.toml`); at real
+vocabularies the logits' moments decide and the plan is exact.
 """
 
 from __future__ import annotations

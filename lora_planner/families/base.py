@@ -152,6 +152,8 @@ class Family:
     fp32_buffers: Callable[[ModelSpec], int] | None = None
     peft_has_default: bool = True
     rotary_fp32: bool = False  # RoPE's cos / sin stay fp32 whatever the dtype (OLMo 2's rotary embedding)
+    # the layer's projections read its input itself, no norm before them (OLMo 2's post-norm layers)
+    linear_reads_layer_input: bool = False
     # RoPE's cos / sin are half the rotary width (gpt-oss: `GptOssRotaryEmbedding.forward` does not repeat the
     # frequencies, `_apply_rotary_emb` rotates the two halves with them).
     rotary_half_tables: bool = False

@@ -75,6 +75,6 @@ def layer(flow: Flow, x_needs_grad: bool) -> list[SavedTensor]:
 
 FAMILY = Family(model_types=("olmo2",), layout=layout, layer=layer, peft_default_targets=("q_proj", "v_proj"),
                 layer_prefix=PREFIX, last_linear="mlp.down_proj", positions="rope", norm="rms_fp32",
-                peft_has_default=False, rotary_fp32=True,
+                peft_has_default=False, rotary_fp32=True, linear_reads_layer_input=True,
                 saves_after_last_linear=True,
                 liger="Liger patches only some of OLMo 2's norms (out of place), not modelled yet")

@@ -256,6 +256,9 @@ CPU_CASES = [
     ("llama", "hf", dict(method="lora", loss="linear", loss_chunks=3, batch_size=1, dtype="fp32")),
     ("qwen2", "hf", dict(method="lora", loss="linear", loss_chunks=5, grad_checkpointing=True)),
     ("phi3", "hf", dict(method="lora", loss="linear", loss_chunks=4, dtype="fp32", amp="bf16")),
+    # OLMo 2 reads layer 0's input (checkpointing's leaf) with its projections: autocast caches its bf16 copy
+    ("olmo2", "hf", dict(method="lora", loss="linear", loss_chunks=8, dtype="fp32", amp="bf16",
+                         grad_checkpointing=True)),
     # litgpt's loss under Fabric (issue 13): 16-token head chunks with a short last one, Fabric's fp32 copies, the list
     # kept from step to step (and under checkpointing the graph's input leaf and its gradient), b = 1, fp32, autocast
     ("llama_vocab", "hf", dict(method="lora", loss="litgpt", loss_chunk_tokens=16, seq_len=50)),
