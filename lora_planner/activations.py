@@ -61,7 +61,7 @@ from lora_planner.families.rules import (
 )
 from lora_planner.loss import (
     causal_lm_loss_saved, check_chunked_loss, check_linear_loss, check_litgpt_loss, chunk_targets_are_views,
-    chunked_loss_moments, chunked_loss_saved, linear_loss_moments, linear_loss_saved, litgpt_head_calls,
+    chunked_loss_moments, chunked_loss_saved, linear_loss_moments, linear_loss_saved, output_layer_calls,
     litgpt_logits_bytes, litgpt_loss_moments, litgpt_loss_saved, litgpt_retained_bytes,
 )
 from lora_planner.loss_fused import (
@@ -284,7 +284,8 @@ def _model_level(flow: Flow, embeddings_need_grad: bool) -> list[SavedTensor]:
     if flow.t.loss in ("chunked", "linear", "litgpt") and not flow.full:
         # the output layer runs once per chunk: under autocast each call casts (and keeps) its own copy of a frozen
         # weight (a trained one's cast is cached, `autocast_mode.cpp` `cached_cast`, and shared)
-        own = [item._replace(nbytes=item.nbytes * litgpt_head_calls(flow)) if item.name.endswith("weight_autocast_copy")
+        own = [item._replace(nbytes=item.nbytes * output_layer_calls(flow))
+               if item.name.endswith("weight_autocast_copy")
                else item for item in own]
     saved += own
     if keeps:

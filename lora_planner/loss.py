@@ -39,6 +39,13 @@ def check_chunked_loss(spec: ModelSpec) -> None:
                                 "use --loss hf for this model")
 
 
+def output_layer_calls(flow: Flow) -> int:
+    """How many times the output layer runs (each call under autocast casts and keeps a frozen weight's copy)."""
+    if flow.t.loss == "litgpt":
+        return len(litgpt_chunks(flow))
+    return flow.t.loss_chunks
+
+
 def chunk_tokens(flow: Flow) -> list[int]:
     """Tokens in each of the chunked loss's chunks: `tensor_split(n, dim=1)` of the sequence gives the first s mod n
     chunks one position more, times the batch."""
@@ -159,14 +166,16 @@ def loss_kind(spec: ModelSpec, training) -> str:
 # is kept. Run for real on CPU by the profiler (`lora_planner.profiler.losses.linear_cross_entropy_loss`).
 
 
-def linear_rows(flow: Flow) -> int:
-    """n: the rows the loss keeps, every target valid but each row's last (the dataset's shift)."""
+def shifted_rows(flow: Flow) -> int:
+    """The rows whose shifted target exists: every row's last position is dropped by the shift (a padded batch is
+    planned full, its padding counted as targets; a packed batch is one row). torchtune's linear loss, Cut
+    Cross-Entropy and TRL's fused LM head keep exactly these."""
     return flow.tokens - flow.b
 
 
 def linear_chunk_rows(flow: Flow) -> list[int]:
     """`tensor_split(N, dim=0)` of the n rows: the first n mod N chunks one row more."""
-    q, r = divmod(linear_rows(flow), flow.t.loss_chunks)
+    q, r = divmod(shifted_rows(flow), flow.t.loss_chunks)
     return [q + (1 if i < r else 0) for i in range(flow.t.loss_chunks)]
 
 
@@ -179,7 +188,7 @@ def check_linear_loss(flow: Flow) -> None:
 def linear_loss_saved(flow: Flow) -> tuple[SavedTensor, ...]:
     """Every chunk's fp32 log_softmax output (n x V x 4 in all), the kept targets (n int64, their chunks' views saved
     by nll_loss), the hidden state's row index (n int64, `IndexSelectBackward`) and each chunk's total weight."""
-    n = linear_rows(flow)
+    n = shifted_rows(flow)
     return (SavedTensor("loss.log_softmax_fp32", n * flow.spec.vocab_size * FP32),
             SavedTensor("loss.targets", n * 8), SavedTensor("loss.row_index", n * 8),
             SavedTensor("loss.total_weight", flow.t.loss_chunks * FP32))
@@ -199,7 +208,7 @@ def linear_loss_moments(flow: Flow) -> tuple[int, int, int]:
     loss then keeps the outputs of chunks 0..j, the total weights of chunks 0..j-1 and the row index, and the targets
     while a chunk before j still has a view of them."""
     v, h, e, s = flow.spec.vocab_size, flow.spec.hidden_size, flow.e_compute, flow.e_stream
-    sizes, n = linear_chunk_rows(flow), linear_rows(flow)
+    sizes, n = linear_chunk_rows(flow), shifted_rows(flow)
     saved_all = sum(t.nbytes for t in linear_loss_saved(flow))
     upcast = FP32 if e != FP32 else 0
     chunks, done, forward, backward = len(sizes), 0, 0, (-1, 0, 0)
@@ -261,13 +270,6 @@ def litgpt_loss_saved(flow: Flow) -> tuple[SavedTensor, ...]:
     targets = flow.b * (flow.s - 1) * 8 if flow.b > 1 else 0
     return (SavedTensor("loss.log_softmax_fp32", flow.b * (flow.s - 1) * flow.spec.vocab_size * FP32),
             SavedTensor("loss.targets", targets), SavedTensor("loss.total_weight", len(litgpt_chunks(flow)) * FP32))
-
-
-def litgpt_head_calls(flow: Flow) -> int:
-    """How many times the output layer runs (each call under autocast casts and keeps a frozen weight's copy)."""
-    if flow.t.loss == "litgpt":
-        return len(litgpt_chunks(flow))
-    return flow.t.loss_chunks
 
 
 def litgpt_loss_moments(flow: Flow) -> tuple[int, int, int, int]:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from lora_planner.errors import PlannerInputError
 from lora_planner.families.rules import FP32, Flow, SavedTensor
-from lora_planner.loss import refuse_trained_head
+from lora_planner.loss import refuse_trained_head, shifted_rows
 from lora_planner.specs import BYTES_PER_ELEMENT
 
 
@@ -108,12 +108,6 @@ def flce_forward_scratch(flow: Flow, head_weight_bytes: int) -> int:
 # No (N, V) tensor exists at any moment.
 
 
-def cce_rows(flow: Flow) -> int:
-    """K: the rows whose shifted target exists, every row's last position dropped by the shift (a padded batch is
-    planned full, its padding counted as targets; a packed batch is one row)."""
-    return flow.tokens - flow.b
-
-
 def check_cce_loss(flow: Flow) -> None:
     """What `--loss cce` does not model yet, refused with the reason."""
     spec = flow.spec
@@ -131,7 +125,7 @@ def check_cce_loss(flow: Flow) -> None:
 def cce_saved(flow: Flow) -> tuple[SavedTensor, ...]:
     """What Cut Cross-Entropy keeps for backward: the final hidden state (N x H, the stream's dtype), the per-row
     log-sum-exp (fp32, K), `valids` (int64, K) and the average logit per vocabulary entry (fp32, V)."""
-    k = cce_rows(flow)
+    k = shifted_rows(flow)
     return (SavedTensor("loss.cce_hidden", flow.tokens * flow.spec.hidden_size * flow.e_stream),
             SavedTensor("loss.cce_lse", k * FP32), SavedTensor("loss.cce_valids", k * 8),
             SavedTensor("loss.cce_logit_avg", flow.spec.vocab_size * FP32))
@@ -140,14 +134,14 @@ def cce_saved(flow: Flow) -> tuple[SavedTensor, ...]:
 def cce_forward_scratch(flow: Flow) -> int:
     """On top of what it saves, at its heaviest forward moment: the target logits (fp32, K), which become the loss in
     place, and the loss value."""
-    return cce_rows(flow) * FP32 + FP32
+    return shifted_rows(flow) * FP32 + FP32
 
 
 def cce_backward_scratch(flow: Flow) -> int:
     """The backward's buffers on top of the saved tensors: the vocabulary order (V int32) beside its int64 argsort
     first, then the input gradient (N x H, the stream's dtype) and its locks."""
     v, h = flow.spec.vocab_size, flow.spec.hidden_size
-    locks = -(-cce_rows(flow) // 128) * -(-h // 64) * 4
+    locks = -(-shifted_rows(flow) // 128) * -(-h // 64) * 4
     return v * 4 + max(v * 8, flow.tokens * h * flow.e_stream + locks)
 
 
@@ -172,11 +166,6 @@ TRL_TOKEN_CHUNK = 4096  # `TOKEN_CHUNK_SIZE`
 TRL_VOCAB_CHUNK = 32768  # `_CHUNKED_LOGPROB_CHUNK_SIZE`
 
 
-def trl_rows(flow: Flow) -> int:
-    """K: the shifted targets (every one counted valid: padding is planned as tokens)."""
-    return flow.tokens - flow.b
-
-
 def check_trl_loss(flow: Flow) -> None:
     """What `--loss trl` does not model yet, refused with the reason."""
     refuse_trained_head(flow, "TRL's fused LM head with a trained output layer (its fp32 V x H gradient)")
@@ -185,7 +174,7 @@ def check_trl_loss(flow: Flow) -> None:
 def _trl_buffers(flow: Flow) -> tuple[int, int, int]:
     """(K, the projection buffer's bytes, the larger per-tile copy: a token chunk's or a weight slice's cast to the
     compute dtype when it differs)."""
-    k, h, e_c = trl_rows(flow), flow.spec.hidden_size, flow.e_compute
+    k, h, e_c = shifted_rows(flow), flow.spec.hidden_size, flow.e_compute
     mm = min(k, TRL_TOKEN_CHUNK) * TRL_VOCAB_CHUNK * e_c
     chunk = min(k, TRL_TOKEN_CHUNK) * h * e_c if flow.e_stream != e_c else 0
     weight_bytes = FP32 if flow.kbit_fp32 else BYTES_PER_ELEMENT[flow.t.dtype]  # lm_head's (kbit prep: fp32)
@@ -197,7 +186,7 @@ def trl_saved(flow: Flow) -> tuple[SavedTensor, ...]:
     """What TRL's fused LM head keeps for backward: the valid rows of the final hidden state (K x H, the stream's
     dtype), their int64 targets, fp32 log_z and entropy, and the bool label mask (b x (s - 1)) the indexing and the
     scatter back keep."""
-    k = trl_rows(flow)
+    k = shifted_rows(flow)
     return (SavedTensor("loss.trl_hidden", k * flow.spec.hidden_size * flow.e_stream),
             SavedTensor("loss.trl_targets", k * 8), SavedTensor("loss.trl_log_z", k * FP32),
             SavedTensor("loss.trl_entropy", k * FP32), SavedTensor("loss.trl_mask", flow.b * (flow.s - 1)))

@@ -10,9 +10,10 @@ from lora_planner.activations import activation_profile, make_flow
 from lora_planner.catalog import resolve_model
 from lora_planner.errors import PlannerInputError
 from lora_planner.loss_fused import (
-    cce_backward_scratch, cce_forward_scratch, cce_rows, cce_saved, flce_chunk_rows, flce_forward_scratch, flce_saved,
-    trl_backward_scratch, trl_forward_scratch, trl_rows, trl_saved,
+    cce_backward_scratch, cce_forward_scratch, cce_saved, flce_chunk_rows, flce_forward_scratch, flce_saved,
+    trl_backward_scratch, trl_forward_scratch, trl_saved,
 )
+from lora_planner.loss import shifted_rows
 from lora_planner.memory import estimate_memory
 from lora_planner.specs import LoraSpec, TrainingSpec
 from tests.test_loss import TINY_LLAMA_V1000
@@ -82,7 +83,7 @@ def test_cce_loss_lora_by_hand():
     Backward: the vocabulary order (1,000 int32) beside its int64 argsort (8,000 B) or beside the bf16 input gradient
     (4,096 B) and its locks (1 x 1 int32): the argsort."""
     flow = make_flow(TINY_LLAMA_V1000, TrainingSpec(method="lora", device="cpu", batch_size=2, seq_len=16, loss="cce"))
-    assert cce_rows(flow) == 30
+    assert shifted_rows(flow) == 30
     assert {t.name: t.nbytes for t in cce_saved(flow)} == {
         "loss.cce_hidden": 32 * 64 * 2, "loss.cce_lse": 30 * 4, "loss.cce_valids": 30 * 8, "loss.cce_logit_avg": 4000}
     assert cce_forward_scratch(flow) == 30 * 4 + 4
@@ -126,7 +127,7 @@ def test_trl_fused_lm_head_lora_by_hand():
     log_probs and entropy's temporary (no copies in bf16). Backward: the incoming gradient (30 fp32), the fp32 input
     gradient (30 x 64), the buffer, and the gradient's bf16 cast."""
     flow = make_flow(TINY_LLAMA_V1000, TrainingSpec(method="lora", device="cpu", batch_size=2, seq_len=16, loss="trl"))
-    assert trl_rows(flow) == 30
+    assert shifted_rows(flow) == 30
     assert {t.name: t.nbytes for t in trl_saved(flow)} == {
         "loss.trl_hidden": 30 * 64 * 2, "loss.trl_targets": 30 * 8, "loss.trl_log_z": 30 * 4,
         "loss.trl_entropy": 30 * 4, "loss.trl_mask": 30}
