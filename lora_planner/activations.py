@@ -58,18 +58,20 @@ from lora_planner.families.moe import (
 )
 from lora_planner.families.rules import (
     FLASH, FP32, FULL, Flow, SavedTensor, dora_backward_scratch, dora_forward_scratch, flash_backward_scratch, norm,
+    rms_norm_backward,
 )
 from lora_planner.loss import (
     causal_lm_loss_saved, check_chunked_loss, check_linear_loss, check_litgpt_loss, chunk_targets_are_views,
     chunked_loss_moments, chunked_loss_saved, linear_loss_moments, linear_loss_saved, output_layer_calls,
-    litgpt_logits_bytes, litgpt_loss_moments, litgpt_loss_saved, litgpt_retained_bytes,
+    litgpt_logits_bytes, litgpt_loss_moments, litgpt_loss_saved, litgpt_retained_bytes, check_unsloth_loss,
+    unsloth_loss_moments, unsloth_loss_saved,
 )
 from lora_planner.loss_fused import (
     cce_backward_scratch, cce_forward_scratch, cce_saved, check_cce_loss, check_fused_linear_loss, check_trl_loss,
     flce_forward_scratch, flce_saved, trl_backward_scratch, trl_forward_scratch, trl_saved,
 )
 from lora_planner.params import adapted_layers, adapters_by_layer, module_inventory, rotary_dim, rotary_tables
-from lora_planner.specs import BYTES_PER_ELEMENT, ModelSpec, TrainingSpec
+from lora_planner.specs import BYTES_PER_ELEMENT, UNSLOTH_LOSSES, ModelSpec, TrainingSpec
 
 
 # What only nll_loss saves (not log_softmax's backward), freed once `NllLossBackward` has run.
@@ -124,6 +126,9 @@ class ActivationProfile:
     loss_output_bytes: int = FP32  # the loss value (a 0-d fp32 tensor), alive from forward end through backward
     # what the training loop keeps from one step to the next, there at every phase (litgpt's fp32 logits list)
     resident_bytes: int = 0
+    # the final norm's backward moment (`rules.rms_norm_backward`): (its saved bytes freed by then, its buffers); (0, 0)
+    # where it is not modelled (it then never outweighs the loss's or the last layer's backward)
+    final_norm_backward: tuple[int, int] = (0, 0)
     # the activations at the loss's forward peak less what the loss saves (litgpt: Fabric's new fp32 list, before any
     # loss op has saved anything)
     loss_forward_activations_delta: int = 0
@@ -278,7 +283,7 @@ def _model_level(flow: Flow, embeddings_need_grad: bool) -> list[SavedTensor]:
             saved.append(SavedTensor("checkpoint.attention_mask", mask))
     saved += family.model_level(flow, embeddings_need_grad)
     saved += norm(flow, "final_norm", True)
-    if flow.loss in ("fused-linear", "cce", "trl"):  # the fused losses read lm_head's weight: lm_head never runs
+    if flow.loss in ("fused-linear", "cce", "trl") + UNSLOTH_LOSSES:  # fused losses read lm_head's weight: it never runs
         return saved
     own, keeps = flow.linear("lm_head", flow.e_stream, True)
     if flow.t.loss in ("chunked", "linear", "litgpt") and not flow.full:
@@ -580,6 +585,13 @@ def activation_profile(spec: ModelSpec, training: TrainingSpec) -> ActivationPro
         loss_backward = FP32 + backward  # backward's seed
         resident = litgpt_logits_bytes(flow)
         retained = litgpt_retained_bytes(flow)
+    elif training.loss in UNSLOTH_LOSSES:
+        check_unsloth_loss(flow)
+        loss_saved = unsloth_loss_saved(flow)
+        loss_kept = None
+        forward, loss_backward = unsloth_loss_moments(flow)
+        # the final hidden state, held by the patched forward while the loss runs
+        loss_forward = forward + _forward_end_holds(flow, model, first_input_needs_grad)
     elif flow.loss == "fused-linear":
         check_fused_linear_loss(flow)
         head = spec.vocab_size * spec.hidden_size * BYTES_PER_ELEMENT[training.dtype] if flow.full else 0
@@ -642,7 +654,8 @@ def activation_profile(spec: ModelSpec, training: TrainingSpec) -> ActivationPro
         loss_kept_in_backward_bytes=loss_kept,
         head_adapter_moments=_head_moments_with_caches(flow, model, first_input_needs_grad),
         token_moments=trainable_tokens_moments(flow),
-        loss_value_at_forward_end=flow.loss == "hf",
+        loss_value_at_forward_end=flow.loss in ("hf",) + UNSLOTH_LOSSES,  # (Unsloth's: the accumulator, made first)
+        final_norm_backward=rms_norm_backward(flow, model),
         # Inside a layer's backward: the incoming gradient, gradients of the MLP's intermediates and of
         # the layer input, the largest of which are B x S x intermediate.
         layer_backward_scratch_bytes=max(scratch_each),

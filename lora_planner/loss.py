@@ -11,21 +11,28 @@ cross-entropy, Liger's fused linear cross-entropy and Apple's Cut Cross-Entropy 
   then the output layer and the fp32 upcast over row chunks (`linear_loss_saved`, `linear_loss_moments`).
 - litgpt's under Lightning Fabric ("litgpt", run for real too): 128-token chunks of the output layer, Fabric's fp32
   copy of each, the list kept by the loop from step to step (`litgpt_loss_saved`, `litgpt_loss_moments`).
+- Unsloth's fused cross-entropy ("unsloth", "unsloth-eager"): the input gradient computed in forward chunk by chunk
+  (`unsloth_loss_saved`, `unsloth_loss_moments`): eager run for real, the compiled default modelled from the code
+  inductor generates for the chunk.
 - Liger's fused linear cross-entropy, Apple's Cut Cross-Entropy and TRL's fused LM head: `lora_planner.loss_fused`.
 
 Checked byte for byte against real CPU steps and full-size fake traces (`tests/profiler/test_runner.py`,
 `tests/profiler/test_allocator.py`) and by hand (`tests/test_loss.py`).
 
-Known limitations: the chunked loss is modelled eager (`torch.compile` of it saves other tensors); LoRA on lm_head
+Known limitations: Unsloth's target is planned at its 4 GiB cap (a GPU with less than 8 GiB free at the first loss
+chunks finer: an upper bound); its compiled chunk is modelled from inductor's CPU code (CUDA's Triton kernels are not
+measured). The chunked loss is modelled eager (`torch.compile` of it saves other tensors); LoRA on lm_head
 and full fine-tuning under autocast with it are refused (their gradients are summed over the chunks in ways not
 modelled yet), as are models whose head does more than the output layer (`check_chunked_loss`).
 """
 
 from __future__ import annotations
 
+import math
+
 from lora_planner.errors import PlannerInputError
 from lora_planner.families.rules import FP32, Flow, SavedTensor, loss_that_runs
-from lora_planner.specs import ModelSpec
+from lora_planner.specs import ModelSpec, TrainingSpec
 
 
 def check_chunked_loss(spec: ModelSpec) -> None:
@@ -315,3 +322,92 @@ def litgpt_loss_moments(flow: Flow) -> tuple[int, int, int, int]:
             backward = (kept, scratch)
         outputs_after += rows[j] * v * FP32
     return forward[0], forward[1], backward[1] - FP32, backward[0]
+
+
+# ---------------------------------------------------------------------------------------------- Unsloth's fused CE
+# Unsloth's fused cross-entropy (unslothai/unsloth-zoo @ce232d6 `unsloth_zoo/fused_losses/cross_entropy_loss.py`): the
+# patched causal-LM forward hands the final hidden state, lm_head's weight and the labels to `UnslothFusedLoss`, which
+# shifts the labels into a new (N,) int64 tensor (the hidden state is not shifted: every row's last position runs with
+# an ignored target), preallocates the input gradient (N x H, `torch.empty_like(hidden_states)`), splits the N = b x s
+# rows with `torch.chunk(n_chunks)` and per chunk runs `torch.func.grad_and_value` of `compute_fused_ce_loss` (the
+# output layer in the weight's dtype, `.float()`, `cross_entropy(reduction="sum") / divisor`), copying the chunk's input
+# gradient into the buffer; it saves only that buffer, and backward multiplies it by the incoming scale (out of place).
+# "unsloth-eager" (`UNSLOTH_FUSED_CE_COMPILE_DISABLE=1`) is run for real on CPU by the profiler
+# (`lora_planner.profiler.losses.unsloth_fused_ce_loss`). "unsloth", the default, compiles each chunk's step
+# (`torch.compile(accumulate_chunk, dynamic=True, fullgraph=True)`, l.347-360): modelled from the code inductor
+# generates for it (torch 2.13, `experiments/unsloth/compiled_chunk.py` and its note): the chunk's logits, one
+# fused kernel that writes their gradient in place (`buf5 = buf0; del buf0  # reuse`) beside three fp32 per-row
+# buffers, then the input gradient's matmul (c x H), with the logits' buffer still alive.
+
+UNSLOTH_TARGET_CAP_GIB = 4.0  # `_get_chunk_multiplier`: min(half the free GPU memory, 4 GiB)
+
+
+def unsloth_chunk_count(rows: int, vocab_size: int, target_gib: float) -> int:
+    """`get_chunk_size` (l.151-173): the full fp32 logits (rows x V x 4 bytes) over the target, 1 when they fit, else
+    rounded up to a multiple of 4; computed in the same floating-point steps as Unsloth's."""
+    multiplier = (vocab_size * 4 / 1024 / 1024 / 1024) / target_gib / 4
+    exact = rows * multiplier * 4
+    if exact <= 1.0 + 1e-9:
+        return 1
+    return math.ceil(exact / 4 - 1e-9) * 4
+
+
+def unsloth_chunks(spec: ModelSpec, training: TrainingSpec) -> int:
+    """The chunk count the run uses: Unsloth's rule for the target (`TrainingSpec.loss_target_gib`), or the forced
+    count (`loss_chunks`)."""
+    if training.loss_target_gib is None:
+        return training.loss_chunks
+    return unsloth_chunk_count(training.tokens, spec.vocab_size, training.loss_target_gib)
+
+
+def unsloth_chunk_rows(flow: Flow) -> list[int]:
+    """`torch.chunk(n)` of the N rows: chunks of ceil(N / n) rows, the last what is left (fewer chunks when n does not
+    divide evenly)."""
+    n = flow.tokens
+    size = -(-n // unsloth_chunks(flow.spec, flow.t))
+    return [min(size, n - start) for start in range(0, n, size)]
+
+
+def check_unsloth_loss(flow: Flow) -> None:
+    """What `--loss unsloth` / `unsloth-eager` does not model yet, refused with the reason: a head doing more than the
+    output layer (Unsloth passes soft-capping and logit scaling into each chunk: not modelled), a trained output layer (its
+    gradient is accumulated in forward), autocast over fp32 weights (Unsloth loads the model in 16 bits)."""
+    check_chunked_loss(flow.spec)
+    refuse_trained_head(flow, "Unsloth's fused cross-entropy with a trained output layer")
+    if flow.amp:
+        raise PlannerInputError("loss", "Unsloth's fused cross-entropy under autocast over fp32 weights is not "
+                                        "modelled (Unsloth loads the model in 16 bits)",
+                                "use --dtype bf16 (or fp16) without --amp")
+
+
+def unsloth_loss_saved(flow: Flow) -> tuple[SavedTensor, ...]:
+    """The input gradient computed in forward (N x H, the hidden state's dtype): all it saves for backward."""
+    return (SavedTensor("loss.input_gradient", flow.tokens * flow.spec.hidden_size * flow.e_stream),)
+
+
+def unsloth_loss_moments(flow: Flow) -> tuple[int, int]:
+    """(forward scratch on top of the input gradient it saves, backward scratch); eager measured exact on CPU
+    (tests/profiler/test_runner.py), compiled modelled from inductor's code. c the largest chunk's rows, V the
+    vocabulary, H the hidden size, e the output layer's dtype (the logits').
+
+    Compiled: the chunk's logits (c x V at e, their gradient written in place) beside the larger of the fused kernel's
+    three fp32 (c,) buffers and a scalar, and the input gradient (c x H at e).
+
+    Forward: the shifted labels (N int64), the divisor, the seed `torch.func.grad_and_value` differentiates from and
+    the chunk's loss (three fp32 scalars), and the heavier of the chunk's two backward moments: `.float()`'s gradient
+    cast back to e beside log_softmax's output, nll_loss's gradient and log_softmax's input gradient (three fp32
+    c x V; with fp32 logits there is no cast), or the output layer's input gradient (c x H at e) beside those fp32
+    buffers but the one the cast replaced. The logits and their upcast are freed when the chunk's forward returns.
+
+    Backward: the seed, the mean of the incoming gradient and the scale factor (fp32 scalars), and the scaled input
+    gradient (N x H, out of place)."""
+    v, h, e = flow.spec.vocab_size, flow.spec.hidden_size, flow.e_compute
+    c = max(unsloth_chunk_rows(flow))
+    if flow.t.loss == "unsloth":
+        chunk = c * v * e + max(3 * c * FP32 + FP32, c * h * e)
+    else:
+        cast = c * v * e if e != FP32 else 0
+        chunk = max(3 * c * v * FP32 + cast, 2 * c * v * FP32 + (cast or c * v * FP32) + c * h * e)
+    forward = flow.tokens * 8 + 3 * FP32 + chunk
+    backward = 3 * FP32 + flow.tokens * h * flow.e_stream
+    return forward, backward

@@ -14,11 +14,11 @@ from typing import Any
 from lora_planner.defaults import DEFAULT_HEADROOM
 from lora_planner.errors import PlannerInputError
 from lora_planner.gpus import GIB, GPUS, GpuSpec, memory_size_echo, parse_memory_size, resolve_gpu
-from lora_planner.loss import loss_kind
+from lora_planner.loss import loss_kind, unsloth_chunks
 from lora_planner.memory import DeviceOverhead, MemoryEstimate, estimate_memory
 from lora_planner.families import family_rules
 from lora_planner.params import PEFT_DEFAULT_TARGETS, ParamCounts, count_params, target_description
-from lora_planner.specs import REGISTERED_FAMILIES, ModelSpec, TrainingSpec
+from lora_planner.specs import REGISTERED_FAMILIES, UNSLOTH_LOSSES, ModelSpec, TrainingSpec
 from lora_planner.throughput import DEFAULT_MFU, ThroughputEstimate, estimate_throughput
 
 REFERENCE_GPU = "h100-80gb"  # step times need a GPU's FLOP/s; this one when the budget names none
@@ -170,6 +170,16 @@ def plan_warnings(spec: ModelSpec, training: TrainingSpec, budget: Budget | None
         warnings.append(f"loss: torchtune's LinearCrossEntropyLoss in {training.loss_chunks} row chunks (eager, no "
                         "torch.compile): the ignored rows dropped before the output layer (every target planned "
                         "valid), each chunk's logits and fp32 upcast one at a time, every chunk's log_softmax kept")
+    if training.loss in UNSLOTH_LOSSES:
+        chunks = unsloth_chunks(spec, training)
+        rule = "forced" if training.loss_target_gib is None else \
+            f"Unsloth's rule for a {training.loss_target_gib:g} GiB target (min(half the free GPU memory, 4 GiB))"
+        how = ("eager (UNSLOTH_FUSED_CE_COMPILE_DISABLE=1; measured on CPU): the chunk's fp32 upcast, log-softmax "
+               "and gradients at once") if training.loss == "unsloth-eager" else \
+            ("each chunk's step compiled, as by default (modelled from the code inductor generates: the chunk's "
+             "logits, their gradient written in place, then the input gradient)")
+        warnings.append(f"loss: Unsloth's fused cross-entropy in {chunks} row chunk{'s' if chunks > 1 else ''} "
+                        f"({rule}), {how}; no logits kept, each chunk's loss and input gradient made in forward")
     if training.resolved_strategy is not None:
         from lora_planner.parallel.deepspeed import unmodelled_note
 
@@ -423,8 +433,10 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
             "activation_offload": t.activation_offload,
             "attention": t.attention,
             "loss": loss_kind(spec, t),
-            "loss_chunks": t.loss_chunks if t.loss in ("chunked", "linear") else None,
+            "loss_chunks": t.loss_chunks if t.loss in ("chunked", "linear") else unsloth_chunks(spec, t)
+            if t.loss in UNSLOTH_LOSSES else None,
             "loss_chunk_tokens": t.loss_chunk_tokens if t.loss == "litgpt" else None,
+            "loss_target_gib": t.loss_target_gib if t.loss in UNSLOTH_LOSSES else None,
             "padding": t.padding,
             "packing": t.packing,
             "liger": t.liger,

@@ -55,7 +55,11 @@ ExpertsImplementation = Literal["grouped_mm", "eager"]
 # upcast over N row chunks).
 # litgpt's ("litgpt": the output layer over 128-token sequence chunks, Fabric's fp32 copy of every chunk, the list
 # kept by the training loop from one step to the next).
-LossKind = Literal["hf", "chunked", "fused-linear", "cce", "trl", "linear", "litgpt"]
+# Unsloth's fused cross-entropy ("unsloth": `UnslothFusedLoss`, each row chunk's loss and input gradient computed in
+# forward, the chunks sized so that one's fp32 logits stay under a target, 4 GiB at most; each chunk's step compiled,
+# as Unsloth runs it by default; "unsloth-eager": the same with `UNSLOTH_FUSED_CE_COMPILE_DISABLE=1`).
+LossKind = Literal["hf", "chunked", "fused-linear", "cce", "trl", "linear", "litgpt", "unsloth", "unsloth-eager"]
+UNSLOTH_LOSSES: tuple[str, ...] = ("unsloth", "unsloth-eager")
 AdapterDtype = Literal["fp32", "base"]
 # Each strategy names one engine (lora_planner.parallel): torch DDP (+ ZeroRedundancyOptimizer), torch FSDP2
 # FULL_SHARD / SHARD_GRAD_OP, DeepSpeed ZeRO stages 1-3. The bare ZeRO names are DeepSpeed's.
@@ -102,21 +106,33 @@ MAX_GLOBAL_BATCH = 2**30  # sequences per optimizer step: far above any publishe
 LOSS_ALIASES = {"liger": "fused-linear", "flce": "fused-linear", "fused_linear": "fused-linear",
                 "cut-cross-entropy": "cce", "cut_cross_entropy": "cce", "fused_lm_head": "trl",
                 "fused-lm-head": "trl", "linear-ce": "linear", "linear_cross_entropy": "linear",
-                "linearcrossentropyloss": "linear"}
+                "linearcrossentropyloss": "linear", "unsloth_fused_ce": "unsloth", "unsloth-fused-ce": "unsloth",
+                "unsloth_eager": "unsloth-eager"}
 
 
 def parse_loss(text: str) -> dict[str, object]:
     """`hf` | `chunked[:N]` | `linear[:N]` (alias `linear_cross_entropy`) | `fused-linear` (alias `liger`, `flce`) |
-    `cce` (alias `cut_cross_entropy`) | `trl` (alias `fused_lm_head`) (the CLI's `--loss`, a grid's `loss` axis) ->
-    TrainingSpec's `loss` and `loss_chunks`."""
+    `cce` (alias `cut_cross_entropy`) | `trl` (alias `fused_lm_head`) | `unsloth[-eager][:N | :GIB gb]` (N chunks
+    forced, as `UNSLOTH_CE_LOSS_N_CHUNKS`; or the per-chunk target, as `UNSLOTH_CE_LOSS_TARGET_GB`) (the CLI's `--loss`, a
+    grid's `loss` axis) -> TrainingSpec's `loss`, `loss_chunks`, `loss_chunk_tokens` and `loss_target_gib`."""
     name, _, chunks = text.strip().lower().partition(":")
     name = LOSS_ALIASES.get(name, name)
-    if name not in LOSSES or (chunks and name not in ("chunked", "linear", "litgpt")):
+    if name not in LOSSES or (chunks and name not in ("chunked", "linear", "litgpt") + UNSLOTH_LOSSES):
         raise PlannerInputError("loss", f"unknown loss {text!r}",
                                 "pass --loss hf, chunked[:N] (e.g. chunked:8), linear[:N], litgpt[:TOKENS], "
-                                "fused-linear, cce or trl")
+                                "fused-linear, cce, trl, unsloth[:N | :GIBgb] or unsloth-eager[:N | :GIBgb]")
     if not chunks:
         return {"loss": name}
+    if name in UNSLOTH_LOSSES and chunks.rstrip("gib") != chunks:  # unsloth:2.5gb: the per-chunk target in GiB
+        target = chunks.rstrip("gib")
+        try:
+            gib = float(target)
+        except ValueError:
+            gib = 0.0
+        if not 0 < gib < float("inf"):
+            raise PlannerInputError("loss", f"the chunk target must be a positive number of GiB, got {chunks!r}",
+                                    "pass e.g. --loss unsloth:2gb")
+        return {"loss": name, "loss_target_gib": gib}
     if name == "litgpt":  # litgpt[:N]: N tokens per chunk, not N chunks
         if not chunks.isdigit() or int(chunks) < 1:
             raise PlannerInputError("loss", f"chunk size must be a positive integer, got {chunks!r}",
@@ -124,8 +140,8 @@ def parse_loss(text: str) -> dict[str, object]:
         return {"loss": name, "loss_chunk_tokens": int(chunks)}
     if not chunks.isdigit() or int(chunks) < 1:
         raise PlannerInputError("loss", f"chunk count must be a positive integer, got {chunks!r}",
-                                "pass e.g. --loss chunked:8")
-    return {"loss": name, "loss_chunks": int(chunks)}
+                                f"pass e.g. --loss {name}:8")
+    return {"loss": name, "loss_chunks": int(chunks)} | ({"loss_target_gib": None} if name in UNSLOTH_LOSSES else {})
 
 
 def check_positive_int(field_name: str, value: object, maximum: int | None = None) -> None:
@@ -422,6 +438,9 @@ class TrainingSpec:
     loss: LossKind = "hf"
     loss_chunks: int = DEFAULT_LOSS_CHUNKS
     loss_chunk_tokens: int = 128  # "litgpt": the sequence chunk of its output layer (`lm_head_chunk_size=128`)
+    # "unsloth" / "unsloth-eager": the per-chunk target of its fp32 logits, GiB (`get_chunk_size`: min(half the free GPU memory, 4 GiB),
+    # the cap planned); None: `loss_chunks` chunks, forced as `UNSLOTH_CE_LOSS_N_CHUNKS` forces them.
+    loss_target_gib: float | None = 4.0
     # The batch as the collator builds it. `padding`: rows of different lengths padded to --seq-len, with an attention
     # mask (transformers / TRL's default collator when lengths differ). `packing`: padding-free, as TRL's
     # `padding_free` / `packing` (bfd) collator: the micro-batch's sequences concatenated into one row of
@@ -466,15 +485,20 @@ class TrainingSpec:
                                     "pass --no-double-quant or leave it out")
         check_positive_int("loss_chunks", self.loss_chunks, MAX_SEQ_LEN)
         check_positive_int("loss_chunk_tokens", self.loss_chunk_tokens, MAX_SEQ_LEN)
+        if self.loss_target_gib is not None and (isinstance(self.loss_target_gib, bool) or not isinstance(
+                self.loss_target_gib, (int, float)) or not 0 < self.loss_target_gib < float("inf")):
+            raise PlannerInputError("loss_target_gib",
+                                    f"must be a positive number of GiB, got {self.loss_target_gib!r}",
+                                    "pass e.g. --loss unsloth:2gb, or --loss unsloth:N for N chunks")
         if self.loss == "chunked" and self.loss_chunks > self.seq_len:
             raise PlannerInputError("loss", f"{self.loss_chunks} chunks of a {self.seq_len}-token sequence",
                                     f"pass --loss chunked:N with N <= {self.seq_len}")
         if self.loss == "linear" and self.loss_chunks > self.tokens - self.rows[0]:
             raise PlannerInputError("loss", f"{self.loss_chunks} chunks of {self.tokens - self.rows[0]} target rows",
                                     f"pass --loss linear:N with N <= {self.tokens - self.rows[0]}")
-        if self.liger and self.loss in ("chunked", "linear", "litgpt"):
-            raise PlannerInputError("liger", "use_liger_kernel runs Liger's fused linear cross-entropy, not "
-                                             "torchtune's chunked loss", "drop --loss, or drop --liger")
+        if self.liger and self.loss in ("chunked", "linear", "litgpt") + UNSLOTH_LOSSES:
+            raise PlannerInputError("liger", f"use_liger_kernel runs Liger's fused linear cross-entropy, not the "
+                                             f"{self.loss} loss", "drop --loss, or drop --liger")
         if self.padding and self.packing:
             raise PlannerInputError("packing", "a packed (padding-free) batch has no padding",
                                     "pass --packing or --padding, not both")

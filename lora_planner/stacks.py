@@ -22,7 +22,7 @@ Sources (file:line at the version named):
   `_FabricModule.forward` converts every logits chunk to fp32, and the loop keeps them: `--loss litgpt`).
 - unsloth 2026.10.9: `FastLanguageModel.from_pretrained` (load_in_4bit, flash-attn when installed),
   `get_peft_model` (r 16, alpha 16, the seven projections, use_gradient_checkpointing="unsloth": offloaded,
-  `lora_planner.activation_offload`), its
+  `lora_planner.activation_offload`), unsloth-zoo's fused cross-entropy (`--loss unsloth`, compiled), its
   TRL patch (adamw_8bit, per_device_train_batch_size 4, max_seq_length 2048, padding-free).
 - axolotl (067b021): `src/axolotl/utils/schemas/*` (optimizer adamw_torch_fused, sequence_len 512,
   micro_batch_size 1, gradient_checkpointing off, sdpa; QLoRA: kbit preparation, then embeddings, norms and lm_head
@@ -74,10 +74,9 @@ STACKS: dict[str, Stack] = {s.name: s for s in (
     Stack("unsloth", "unsloth 2026.10.9",
           dict(optimizer="adamw_8bit", attention="flash_attention_2", grad_checkpointing=True, adapter_dtype="fp32",
                r=16, alpha=16.0, target="all-linear", dtype="bf16", amp=None, seq_len=2048, batch_size=4,
-               padding=False, packing=True, kbit_prep=False, loss="fused-linear", liger=False,
+               padding=False, packing=True, kbit_prep=False, loss="unsloth", liger=False,
                activation_offload="unsloth"),
-          ("unsloth's fused cross-entropy and Triton RMSNorm / RoPE / SwiGLU / LoRA kernels: planned as Liger's fused "
-           "loss and the HF layers",
+          ("unsloth's Triton RMSNorm / RoPE / SwiGLU / LoRA kernels: planned as the HF layers",
            "unsloth loads in 4 bits by default: pass --method qlora")),
     Stack("axolotl", "axolotl 067b021 (schema defaults)",
           dict(optimizer="adamw_torch_fused", attention="sdpa", grad_checkpointing=False, adapter_dtype="fp32",

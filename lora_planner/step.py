@@ -356,7 +356,12 @@ class StepComponents:
         loss = (0, self.saved_at_backward_start, acts.loss_backward_scratch_bytes)
         gradients, extra_acts, temporaries = acts.head_adapter_moments[1]
         head = (gradients, self.layers_saved + acts.model_bytes + extra_acts, temporaries)
-        return head if temporaries and sum(head) > sum(loss) else loss
+        moment = head if temporaries and sum(head) > sum(loss) else loss
+        freed, scratch = acts.final_norm_backward
+        # the final norm's backward, after the loss's (a fused loss's is light): the loss's saved tensors are gone
+        norm = (0, self.layers_saved + acts.model_bytes - freed + acts.loss_output_bytes,
+                scratch + acts.backward_seed_bytes)
+        return norm if scratch and sum(norm) > sum(moment) else moment
 
     @property
     def saved_at_backward_start(self) -> int:

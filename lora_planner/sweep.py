@@ -384,6 +384,10 @@ def _expand_block(where: str, label: str, spec: ModelSpec, source: dict[str, Any
         if training.loss in ("fused-linear", "cce", "trl"):
             yield (run.label, f"the {training.loss} loss is a Triton (CUDA) kernel the profiler does not run")
             continue
+        if training.loss == "unsloth":
+            yield (run.label, "Unsloth's compiled chunk allocates inside inductor's code, unseen by the tracker: "
+                              "profile unsloth-eager")
+            continue
         if v["loss"] != "hf" and v["backend"] != "hf":
             yield (run.label, "the chunked loss runs on the hf backend (the builtin model has no output layer apart)")
             continue

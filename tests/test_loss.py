@@ -14,8 +14,10 @@ from lora_planner.errors import PlannerInputError
 from lora_planner.loss import (
     causal_lm_loss_saved, check_chunked_loss, chunk_tokens, chunked_loss_moments, linear_chunk_rows,
     linear_loss_moments, linear_loss_saved, litgpt_chunks, litgpt_logits_bytes, litgpt_loss_moments,
-    litgpt_loss_saved, litgpt_retained_bytes,
+    litgpt_loss_saved, litgpt_retained_bytes, unsloth_chunk_count, unsloth_chunk_rows, unsloth_chunks,
+    unsloth_loss_moments, unsloth_loss_saved,
 )
+from lora_planner.catalog import resolve_model
 from lora_planner.specs import TrainingSpec, parse_loss
 
 
@@ -134,3 +136,64 @@ def test_loss_spellings():
     assert parse_loss("liger") == parse_loss("FLCE") == {"loss": "fused-linear"}
     with pytest.raises(PlannerInputError):
         parse_loss("fused-linear:4")
+
+
+@pytest.mark.parametrize("rows, vocab, target_gib, chunks", [
+    (8192, 128_256, 4.0, 1),  # 3.91 GiB of fp32 logits fit one 4 GiB chunk
+    (16_384, 128_256, 4.0, 4),  # 7.83 GiB: 1.96 -> rounded up to a multiple of 4
+    (8193 * 4, 128_256, 4.0, 4),  # 15.66 GiB: 3.92 -> 4
+    (65_536, 128_256, 4.0, 8),  # 31.3 GiB: 7.83 -> 8
+    (128, 1000, 0.0001, 8),  # 4.77 -> 8
+    (128, 1000, 4.0, 1),
+    (2 * 2**30 // 4, 1, 2.0, 1),  # exactly the target: one chunk
+])
+def test_unsloth_chunk_rule_by_hand(rows, vocab, target_gib, chunks):
+    """`get_chunk_size`: rows x V x 4 bytes over the target, 1 when it fits, else up to a multiple of 4."""
+    assert unsloth_chunk_count(rows, vocab, target_gib) == chunks
+
+
+def test_unsloth_loss_by_hand():
+    """Unsloth's fused cross-entropy, LoRA, bf16, b = 2, s = 64, V = 1,000, H = 64: N = 128 rows in 3 forced chunks
+    (torch.chunk: 43, 43, 42). Saved: the input gradient (128 x 64 bf16). Eager forward: the labels (128 int64), three
+    fp32 scalars and the chunk's backward: three fp32 43 x 1,000 buffers and the bf16 cast of the gradient. Compiled:
+    the 43 x 1,000 bf16 logits (their gradient in place) and the 43 x 64 bf16 input gradient. Backward: three fp32
+    scalars and the scaled input gradient."""
+    training = TrainingSpec(method="lora", device="cpu", batch_size=2, seq_len=64, loss="unsloth-eager",
+                            loss_target_gib=None, loss_chunks=3)
+    flow = make_flow(TINY_LLAMA_V1000, training)
+    assert unsloth_chunk_rows(flow) == [43, 43, 42]
+    assert {t.name: t.nbytes for t in unsloth_loss_saved(flow)} == {"loss.input_gradient": 128 * 64 * 2}
+    assert unsloth_loss_moments(flow) == (128 * 8 + 12 + 43 * 1000 * (12 + 2), 12 + 128 * 64 * 2)
+    compiled = make_flow(TINY_LLAMA_V1000, replace(training, loss="unsloth"))
+    assert unsloth_loss_moments(compiled) == (128 * 8 + 12 + 43 * 1000 * 2 + 43 * 64 * 2, 12 + 128 * 64 * 2)
+    # fp32 logits: no cast back; the input gradient's matmul beside the three fp32 buffers decides
+    fp32 = make_flow(TINY_LLAMA_V1000, replace(training, dtype="fp32"))
+    assert unsloth_loss_moments(fp32)[0] == 128 * 8 + 12 + 43 * 1000 * 12 + 43 * 64 * 4
+    # the default target: min(half the free memory, 4 GiB), the cap planned
+    llama = resolve_model("llama-3.1-8b")
+    assert unsloth_chunks(llama, TrainingSpec(method="lora", batch_size=2, seq_len=4096, loss="unsloth")) == 1
+    assert unsloth_chunks(llama, TrainingSpec(method="lora", batch_size=4, seq_len=4096, loss="unsloth")) == 4
+    assert unsloth_chunks(llama, TrainingSpec(method="lora", batch_size=4, seq_len=4096, loss="unsloth",
+                                              loss_target_gib=1.0)) == 8
+
+
+@pytest.mark.parametrize("settings, needle", [
+    (dict(method="full"), "trained output layer"),
+    (dict(dtype="fp32", amp="bf16"), "autocast"),
+    (dict(liger=True), "liger"),
+])
+def test_unsloth_loss_refusals(settings, needle):
+    with pytest.raises(PlannerInputError, match=needle):
+        activation_profile(TINY_LLAMA_V1000, TrainingSpec(**({"device": "cpu", "method": "lora", "loss": "unsloth"}
+                                                              | settings)))
+
+
+def test_unsloth_loss_spellings():
+    assert parse_loss("unsloth") == parse_loss("unsloth_fused_ce") == {"loss": "unsloth"}
+    assert parse_loss("unsloth_eager:3") == {"loss": "unsloth-eager", "loss_chunks": 3, "loss_target_gib": None}
+    assert parse_loss("unsloth:2.5GB") == parse_loss("unsloth:2.5gib") == {"loss": "unsloth", "loss_target_gib": 2.5}
+    for bad in ("unsloth:0gb", "unsloth:xgb", "unsloth:-1", "unsloth:infgb"):
+        with pytest.raises(PlannerInputError, match="loss"):
+            parse_loss(bad)
+    with pytest.raises(PlannerInputError, match="loss_target_gib"):
+        TrainingSpec(loss="unsloth", loss_target_gib=0)

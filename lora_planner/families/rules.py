@@ -280,6 +280,20 @@ def rms_norm(flow: Flow, name: str, x_needs_grad: bool) -> list[SavedTensor]:
     return saved
 
 
+def rms_norm_backward(flow: Flow, model: tuple[SavedTensor, ...]) -> tuple[int, int]:
+    """The final RMSNorm's backward on a 16-bit stream (Llama's, Gemma's and OLMo 2's, `rms_norm`; measured on CPU): 1/rms
+    (and Gemma's fp32 1 + w) is freed by then, the fp32 input is still kept, and pow's backward (`grad * 2 * x.pow(1)`) holds five fp32
+    tokens x hidden buffers (the product's two branches, the mean's expanded gradient, x^1 and 2 x^1). Returns (bytes
+    freed, buffers); (0, 0) where not modelled: fp32 streams, Liger's norm, full fine-tuning (a trained norm), LoRA on
+    lm_head or a trained copy of it (their backward runs first). It decides only where the loss's backward is light (a
+    fused loss) and the MLP is narrow beside the hidden size (the last layer's backward is lighter)."""
+    if flow.liger or flow.full or flow.family.norm not in ("rms", "rms_gemma", "rms_fp32") or flow.e_stream == FP32 \
+            or any(flow.modules[p].group == "lm_head" for p in flow.outside_adapters | flow.trained_paths):
+        return (0, 0)
+    freed = sum(t.nbytes for t in model if t.name.startswith("final_norm.") and t.name != "final_norm.fp32_input")
+    return (freed, 5 * flow.tokens * flow.spec.hidden_size * FP32) if freed else (0, 0)
+
+
 def rms_norm_of(flow: Flow, name: str, numel: int, width: int, x_e: int, x_needs_grad: bool,
                 fp32_product: bool = False) -> list[SavedTensor]:
     """RMSNorm over the last `width` channels of a tensor of `numel` elements, `x_e` bytes each, wherever it sits:

@@ -26,6 +26,8 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from lora_planner.loss import unsloth_chunk_count
+
 IGNORE_INDEX = -100
 
 
@@ -134,3 +136,71 @@ def _litgpt_chunked_cross_entropy(logits: list[torch.Tensor], targets: torch.Ten
                    for logit_chunk, target_chunk in zip(logit_chunks, target_chunks)]
     non_masked_elems = (targets != IGNORE_INDEX).sum()
     return torch.cat(loss_chunks).sum() / non_masked_elems.maximum(torch.ones_like(non_masked_elems))
+
+
+def unsloth_fused_ce_loss(model: torch.nn.Module, batch: dict[str, Any], target_gib: float | None,
+                          chunks: int) -> torch.Tensor:
+    """Unsloth's fused cross-entropy as its patched causal-LM forwards call it (unslothai/unsloth-zoo @ce232d6
+    `unsloth_zoo/fused_losses/cross_entropy_loss.py`: `unsloth_fused_ce_loss` l.535-591, `UnslothFusedLoss` l.181-531,
+    `compute_fused_ce_loss` l.69-135), run eager (`UNSLOTH_FUSED_CE_COMPILE_DISABLE=1`; by default it compiles each
+    chunk's step): the backbone's final hidden state goes in, the output layer never runs on its own. The chunks:
+    `get_chunk_size`'s count for the per-chunk target (`lora_planner.loss.unsloth_chunk_count`), or `chunks` when the
+    target is None (as `UNSLOTH_CE_LOSS_N_CHUNKS` forces them)."""
+    base = _base(model)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    hidden = base.get_decoder()(**inputs).last_hidden_state
+    weight = base.get_output_embeddings().weight
+    if target_gib is not None:
+        chunks = unsloth_chunk_count(hidden.shape[0] * hidden.shape[1], weight.shape[0], target_gib)
+    loss = _UnslothFusedLoss.apply(hidden, weight, batch["labels"], chunks)
+    del hidden
+    return loss
+
+
+def _unsloth_chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                        divisor: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor]]:
+    """`compute_fused_ce_loss` with the labels already shifted, no bias, scaling or soft-capping: the chunk's logits in
+    the weight's dtype, their fp32 upcast, a summed cross-entropy over the divisor."""
+    logits = F.linear(hidden.to(dtype=weight.dtype), weight)
+    loss = F.cross_entropy(logits.view(-1, weight.shape[0]).float().contiguous(), labels.view(-1).contiguous(),
+                           reduction="sum", ignore_index=IGNORE_INDEX)
+    loss = loss / divisor
+    return loss, (loss.detach(),)
+
+
+class _UnslothFusedLoss(torch.autograd.Function):
+    """`UnslothFusedLoss` for a frozen output layer: the labels shifted into a new tensor, the input gradient
+    preallocated (N x H, the hidden state's dtype), each row chunk's loss and input gradient computed in forward by
+    `torch.func.grad_and_value` and copied into it; backward only scales that buffer (out of place)."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                chunks: int) -> torch.Tensor:
+        shifted = torch.empty_like(labels)
+        shifted[..., :-1] = labels[..., 1:]
+        shifted[..., -1] = IGNORE_INDEX
+        shifted = shifted.view(-1)
+        divisor = (shifted != IGNORE_INDEX).sum()
+        divisor = divisor.to(dtype=torch.float32)
+        grad_inputs = torch.empty_like(hidden)
+        accumulated = torch.zeros(1, device=hidden.device)[0]
+        hd = hidden.shape[-1]
+
+        def accumulate_chunk(grad_j: torch.Tensor, hidden_j: torch.Tensor, labels_j: torch.Tensor) -> None:
+            step = torch.func.grad_and_value(_unsloth_chunk_loss, argnums=(0,), has_aux=True)
+            (chunk_grad,), (_, (unscaled,)) = step(hidden_j, weight, labels_j, divisor)
+            accumulated.add_(unscaled)
+            grad_j[:] = chunk_grad
+
+        for grad_j, hidden_j, labels_j in zip(torch.chunk(grad_inputs.view(-1, hd), chunks, dim=0),
+                                              torch.chunk(hidden.reshape(-1, hd), chunks, dim=0),
+                                              torch.chunk(shifted, chunks, dim=0)):
+            accumulate_chunk(grad_j, hidden_j, labels_j)
+        ctx.save_for_backward(grad_inputs)
+        return accumulated
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        (grad_inputs,) = ctx.saved_tensors
+        scale_factor = grad_output.detach().float().mean() / 1.0
+        return grad_inputs * scale_factor, None, None, None

@@ -46,7 +46,9 @@ from lora_planner.errors import PlannerInputError
 from lora_planner.memory import estimate_memory
 from lora_planner.params import resolve_targets, target_description
 from lora_planner.profiler.allocator import allocator_peak_above_start
-from lora_planner.profiler.losses import LitgptLoss, chunked_output_loss, linear_cross_entropy_loss
+from lora_planner.profiler.losses import (
+    LitgptLoss, chunked_output_loss, linear_cross_entropy_loss, unsloth_fused_ce_loss,
+)
 from lora_planner.profiler.records import RECORD_SCHEMA_VERSION, check_record
 from lora_planner.profiler.tracker import StepMeasurement, hf_fake_parity, measure_training_step
 from lora_planner.specs import ModelSpec, TrainingSpec
@@ -287,6 +289,10 @@ def check_request(request: ProfileRequest) -> None:
                 "trl": "TRL's fused LM head"}[t.loss]
         raise PlannerInputError("loss", f"{name} is a Triton (CUDA) kernel the profiler does not run yet; the planner "
                                         "models it from its source", "profile with --loss hf or chunked")
+    if t.loss == "unsloth":
+        raise PlannerInputError("loss", "Unsloth's compiled chunk step allocates inside inductor's generated code, which "
+                                        "the tracker cannot see; the planner models it from that code",
+                                "profile --loss unsloth-eager (UNSLOTH_FUSED_CE_COMPILE_DISABLE=1), measured exact")
     if t.loss != "hf" and request.backend != "hf":
         raise PlannerInputError("loss", "the chunked loss runs on the hf backend (the builtin model has no output layer "
                                         "apart)", "profile it with --backend hf")
@@ -369,6 +375,8 @@ def _loss_fn(training: TrainingSpec, device_type: str) -> Callable[[torch.nn.Mod
                 return chunked_output_loss(model, batch, training.loss_chunks)
             if training.loss == "linear":
                 return linear_cross_entropy_loss(model, batch, training.loss_chunks)
+            if training.loss == "unsloth-eager":
+                return unsloth_fused_ce_loss(model, batch, training.loss_target_gib, training.loss_chunks)
             return model(**batch).loss
 
     return loss_fn
