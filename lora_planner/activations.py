@@ -515,11 +515,31 @@ def _forward_end_holds(flow: Flow, model: tuple[SavedTensor, ...], first_input_n
     return held
 
 
+def int8_checkpoint_held_bytes(flow: Flow) -> int:
+    """Under checkpointing (non-reentrant), what each layer's LLM.int8 matmuls keep from its forward to its backward:
+    their inputs are context attributes (`ctx.A`), which checkpointing's saved-tensor hooks never see, so every
+    distinct input of the layer's 8-bit linears (the attention's and the MLP's inputs, o_proj's and down_proj's) stays
+    beside the layer's checkpointed input (the same tensor where a projection reads that input: OLMo 2). Every layer
+    holds the same: checkpointing makes every layer's input need a gradient. Measured on CPU (MatMul8bitFp; the CUDA
+    `MatMul8bitLt` keeps its input the same way, `ctx.tensors`)."""
+    if not (flow.int8 and flow.t.grad_checkpointing):
+        return 0
+    layer_flow = flow.in_layer(flow.layer_adapters[0])
+    layer_flow.layer_type = (flow.spec.layer_types or (None,))[0]
+    layer_flow.int8_inputs = {}
+    flow.family.layer(layer_flow, True)
+    return sum(size for key, size in layer_flow.int8_inputs.items() if key != "layer_input")
+
+
 def activation_profile(spec: ModelSpec, training: TrainingSpec) -> ActivationProfile:
     """Saved activations and transient buffers of one training step (see the module docstring)."""
     flow = make_flow(spec, training)
     if training.lora.use_dora and not flow.full:
         check_dora(flow)
+    if flow.int8 and spec.is_moe:
+        raise PlannerInputError("quant", "an 8-bit base of an MoE model is not modelled yet (bitsandbytes quantizes "
+                                         "the router and attention linears, not the experts' parameter stacks)",
+                                "plan the MoE model with --method lora or qlora")
     if spec.is_moe and not isinstance(training.routing, str):
         check_routing(spec, training.routing)
     tokens, vocab, e = flow.tokens, spec.vocab_size, flow.e_compute
@@ -639,7 +659,8 @@ def activation_profile(spec: ModelSpec, training: TrainingSpec) -> ActivationPro
         model=model,
         loss=loss_saved,
         num_layers=spec.num_layers,
-        checkpoint_per_layer_bytes=tokens * spec.hidden_size * flow.e_stream,
+        # a checkpointed layer's input, and what LLM.int8's matmuls keep beside it (`int8_checkpoint_held_bytes`)
+        checkpoint_per_layer_bytes=tokens * spec.hidden_size * flow.e_stream + int8_checkpoint_held_bytes(flow),
         # At nll_loss (the forward's last op): the logits + their fp32 copy, the padded labels, and what the
         # CausalLM forward and the autocast region still hold (`_forward_end_holds`).
         # (With `output_router_logits` the model's output also holds every MoE layer's router logits through the loss.)
@@ -689,6 +710,7 @@ def check_dora(flow: Flow) -> None:
     """What DoRA is not planned with yet, refused with the reason."""
     lora = flow.t.lora
     why = ("QLoRA (DoRA dequantizes the 4-bit weight in every forward)" if flow.t.method == "qlora" else
+           "an 8-bit base (DoRA dequantizes the int8 weight in every forward)" if flow.int8 else
            "autocast (its weight-norm transients in 16-bit)" if flow.amp else
            "MoE expert parameters" if lora.target_parameters or any(
                flow.modules[p].kind == "experts" for a in flow.layer_adapters for p in a) else

@@ -60,7 +60,8 @@ def _training_from_args(args: argparse.Namespace, method: str) -> TrainingSpec:
         offload=getattr(args, "offload", "none"), offload_pin_memory=getattr(args, "offload_pin_memory", True),
         gpus_per_node=getattr(args, "gpus_per_node", None),
         activation_offload=getattr(args, "activation_offload", "none"),
-        quant_type=getattr(args, "quant_type", "nf4"),
+        quant_type=getattr(args, "quant_type", "nf4"), load_in_8bit=_load_in_8bit(args),
+        bnb_4bit_compute_dtype=getattr(args, "bnb_4bit_compute_dtype", None),
         experts_implementation=getattr(args, "experts_implementation", "grouped_mm"),
         routing=_routing(getattr(args, "routing", "balanced")),
         **parse_loss(getattr(args, "loss", "hf")),
@@ -148,7 +149,24 @@ def _index_ranges(text: str, field: str, what: str, limit: int, past: str, fix: 
     return tuple(sorted(found))
 
 
+QUANT_SPELLINGS = {"none": "none", "int8": "int8", "8bit": "int8", "llm.int8": "int8", "bnb.int8": "int8",
+                   "load_in_8bit": "int8", "bnb8": "int8"}
+
+
+def _load_in_8bit(args: argparse.Namespace) -> bool:
+    """`--quant` (none | int8, with the spellings users type: 8bit, llm.int8, bnb.int8, load_in_8bit)."""
+    text = str(getattr(args, "quant", "none")).strip().lower()
+    if text in ("nf4", "fp4", "4bit"):
+        raise PlannerInputError("quant", f"{text} is QLoRA's 4-bit base", f"pass --method qlora --quant-type "
+                                                                          f"{'fp4' if text == 'fp4' else 'nf4'}")
+    if text not in QUANT_SPELLINGS:
+        raise PlannerInputError("quant", f"unknown quantization {text!r}", "pass --quant int8 or --quant none")
+    return QUANT_SPELLINGS[text] == "int8"
+
+
 def _methods_from_args(args: argparse.Namespace) -> tuple[str, ...]:
+    if _load_in_8bit(args) and args.method in ("full,lora,qlora", "full,lora"):
+        return ("lora",)  # the default methods: an 8-bit base carries LoRA adapters only
     methods = _csv(args.method)
     for method in methods:
         if method not in METHODS:

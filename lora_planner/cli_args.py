@@ -95,6 +95,16 @@ def add_planner_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-double-quant", dest="double_quant", action="store_false",
                    help="QLoRA: bitsandbytes' bnb_4bit_use_double_quant=False, an fp32 absmax per 64 weights instead "
                         "of the double-quantized 8-bit one (0.5625 instead of ~0.516 bytes per weight)")
+    p.add_argument("--quant", type=Text("quant", "--quant int8"), default="none",
+                   help="the LoRA base's quantization: none, or int8 (bitsandbytes LLM.int8, transformers' "
+                        "load_in_8bit=True; with kbit preparation as for QLoRA); with the default --method, plans LoRA "
+                        "only (QLoRA's 4-bit base is --method qlora)")
+    p.add_argument("--load-in-8bit", dest="quant", action="store_const", const="int8",
+                   help="transformers' spelling of --quant int8")
+    p.add_argument("--bnb-4bit-compute-dtype", type=Text("bnb-4bit-compute-dtype", "--bnb-4bit-compute-dtype bf16"),
+                   default=None, help="QLoRA: bitsandbytes' bnb_4bit_compute_dtype, the dtype the 4-bit matmuls run in "
+                                      "(default: --dtype, as the QLoRA recipe sets it; transformers' own default is "
+                                      "fp32)")
     p.add_argument("--quant-type", choices=("nf4", "fp4"), default="nf4",
                    help="QLoRA: bitsandbytes' bnb_4bit_quant_type (the same bytes either way) (default nf4)")
     p.add_argument("--adapter-dtype", choices=("fp32", "base"), default="fp32",

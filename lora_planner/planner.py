@@ -170,6 +170,18 @@ def plan_warnings(spec: ModelSpec, training: TrainingSpec, budget: Budget | None
         warnings.append(f"loss: torchtune's LinearCrossEntropyLoss in {training.loss_chunks} row chunks (eager, no "
                         "torch.compile): the ignored rows dropped before the output layer (every target planned "
                         "valid), each chunk's logits and fp32 upcast one at a time, every chunk's log_softmax kept")
+    if training.load_in_8bit:
+        from lora_planner.activations import int8_checkpoint_held_bytes, make_flow
+
+        held = int8_checkpoint_held_bytes(make_flow(spec, training)) * spec.num_layers
+        warnings.append(
+            "quant: an 8-bit base (bitsandbytes LLM.int8, measured on CPU): int8 weights with an fp32 scale per output "
+            "row, dequantized per matmul; each 8-bit matmul keeps its input as a context attribute while it has a "
+            "gradient node" + (f"; under non-reentrant checkpointing (transformers' and TRL's default) the layers' "
+                               f"8-bit inputs stay through the forward: {held / GIB:.2f} GiB here, none with reentrant "
+                               "checkpointing (use_reentrant=True, prepare_model_for_kbit_training's own)"
+                               if held else "") +
+            "; on CUDA, MatMul8bitLt also keeps the outlier columns (inputs >= 6.0, data-dependent: planned none)")
     if training.loss in UNSLOTH_LOSSES:
         chunks = unsloth_chunks(spec, training)
         rule = "forced" if training.loss_target_gib is None else \
@@ -415,12 +427,14 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
             "target_modules": list(plan.target_modules),
             "layers_to_transform": list(t.lora.layers_to_transform) if t.lora.layers_to_transform else None,
             "adapted_modules": list(plan.adapted_modules),
-            "kbit_prep": t.kbit_prep if "qlora" in plan.methods else None,
+            "kbit_prep": t.kbit_prep if "qlora" in plan.methods or t.load_in_8bit else None,
+            "load_in_8bit": t.load_in_8bit,
             "double_quant": t.double_quant if "qlora" in plan.methods else None,
             "sdpa_kernel": dict(zip(("kernel", "why"), sdpa_kernel_for(spec, t) or (None, None))),
             "offload": t.offload, "offload_pin_memory": t.offload_pin_memory if t.offload != "none" else None,
             "gpus_per_node": t.gpus_per_node,
             "quant_type": t.quant_type if "qlora" in plan.methods else None,
+            "bnb_4bit_compute_dtype": t.matmul_4bit_dtype if "qlora" in plan.methods else None,
             "adapter_dtype": t.lora.adapter_dtype,
             "dtype": t.dtype,
             "amp": t.amp,

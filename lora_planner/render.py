@@ -112,11 +112,16 @@ def _settings_line(plan: Plan) -> str:
                                                         for name, ids in lora.trainable_token_indices)
         parts.append(f"{kind} r={lora.r} alpha={lora.effective_alpha:g}{rslora} on {targets} ({lora.adapter_dtype} "
                      f"adapters){saved}")
+    if t.load_in_8bit:
+        parts.append("8-bit base (LLM.int8, load_in_8bit) " + (
+            "after prepare_model_for_kbit_training (embeddings, norms, lm_head in fp32)" if t.kbit_prep and
+            t.dtype != "fp32" else "without prepare_model_for_kbit_training" if t.dtype != "fp32" else "in fp32"))
     if "qlora" in plan.methods and t.dtype != "fp32":
         parts.append("QLoRA after prepare_model_for_kbit_training (embeddings, norms, lm_head in fp32)"
                      if t.kbit_prep else "QLoRA without prepare_model_for_kbit_training (--no-kbit-prep)")
         parts.append(f"{t.quant_type.upper()} " + ("with double quantization" if t.double_quant
-                                                   else "without double quantization (--no-double-quant)"))
+                                                   else "without double quantization (--no-double-quant)")
+                     + f", 4-bit matmuls in {t.matmul_4bit_dtype}")
     return " | ".join(parts)
 
 
@@ -163,7 +168,8 @@ def plan_table(plan: Plan) -> Table:
     table = Table(title=f"Peak memory{per_gpu} of one training step (GiB)")
     table.add_column("", style="bold", no_wrap=True)
     for method in methods:
-        table.add_column(METHOD_TITLES[method], justify="right")
+        table.add_column(METHOD_TITLES[method] + (" (8-bit base)" if method == "lora" and plan.training.load_in_8bit
+                                                  else ""), justify="right")
     est = {m: plan.methods[m].estimate for m in methods}
     table.add_row("trainable params", *[human_count(est[m].trainable_params) for m in methods])
     table.add_row("trainable fraction m", *[_percent(est[m].trainable_fraction) for m in methods])

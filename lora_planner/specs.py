@@ -460,6 +460,14 @@ class TrainingSpec:
     # again) and `bnb_4bit_quant_type` (nf4 or fp4: the same bytes); `step.nf4_bytes`.
     double_quant: bool = True
     quant_type: QuantType = "nf4"
+    # QLoRA only: bitsandbytes' `bnb_4bit_compute_dtype`, the dtype the 4-bit matmuls run in (`Linear4bit.forward` casts
+    # its input to it and the output back); None: the load dtype (`--dtype`), as the QLoRA recipe sets it.
+    # transformers' own default is fp32. Other methods ignore it.
+    bnb_4bit_compute_dtype: Dtype | None = None
+    # LoRA only: the base loaded in 8 bits (bitsandbytes LLM.int8, transformers'
+    # `BitsAndBytesConfig(load_in_8bit=True)`: int8 weights with an fp32 scale per output row, `step.int8_bytes`; what
+    # its matmuls keep: `rules.Flow.linear`); kbit preparation as for QLoRA.
+    load_in_8bit: bool = False
     # Model states in host RAM (`Offload`; needs a DeepSpeed or FSDP strategy, one GPU allowed) and whether the engine
     # page-locks its host buffers (DeepSpeed `offload_optimizer.pin_memory`, FSDP2 `CPUOffloadPolicy(pin_memory)`).
     offload: Offload = "none"
@@ -480,6 +488,8 @@ class TrainingSpec:
         check_choice("experts_implementation", self.experts_implementation, EXPERTS_IMPLEMENTATIONS)
         check_choice("loss", self.loss, LOSSES)
         check_choice("quant_type", self.quant_type, ("nf4", "fp4"))
+        if self.bnb_4bit_compute_dtype is not None:
+            check_choice("bnb_4bit_compute_dtype", self.bnb_4bit_compute_dtype, DTYPES)
         if not isinstance(self.double_quant, bool):
             raise PlannerInputError("double_quant", f"must be true or false, got {self.double_quant!r}",
                                     "pass --no-double-quant or leave it out")
@@ -525,6 +535,7 @@ class TrainingSpec:
         check_choice("activation_offload", self.activation_offload, ACTIVATION_OFFLOADS)
         if self.activation_offload != "none":
             self._check_activation_offload()
+        self._check_load_in_8bit()
         if self.optimizer_impl is not None:
             check_choice("optimizer_impl", self.optimizer_impl, OPTIMIZER_IMPLS)
             impls = optimizer_impls(self.optimizer)
@@ -551,6 +562,27 @@ class TrainingSpec:
                 "dtype", "QLoRA computes in 16-bit (the NF4 base is dequantized to the compute dtype)",
                 "use --dtype bf16 or fp16 (or --amp bf16) with --method qlora",
             )
+
+    def _check_load_in_8bit(self) -> None:
+        """An 8-bit base (LLM.int8) as planned: LoRA adapters on it, no autocast, one GPU or DDP."""
+        if not isinstance(self.load_in_8bit, bool):
+            raise PlannerInputError("load_in_8bit", f"must be true or false, got {self.load_in_8bit!r}",
+                                    "pass --quant int8 or leave it out")
+        if self.load_in_8bit and self.method != "lora":
+            raise PlannerInputError("quant", f"an 8-bit base (load_in_8bit) carries LoRA adapters, not --method "
+                                             f"{self.method}" + (" (QLoRA is the 4-bit base)" if self.method == "qlora"
+                                                                 else ""), "use --method lora with --quant int8")
+        if self.load_in_8bit and self.activation_offload != "none":
+            raise PlannerInputError("activation_offload", "activation offloading with an 8-bit base is not modelled "
+                                    "yet (LLM.int8 keeps its inputs outside the saved-tensor hooks that offload)",
+                                    "drop --activation-offloading, or --quant int8")
+        if self.load_in_8bit and self.resolved_strategy not in (None, "ddp", "ddp-zero1"):
+            raise PlannerInputError("strategy", f"an 8-bit base under {self.resolved_strategy} is not modelled (its "
+                                                "int8 weights are not sharded like 16-bit ones)",
+                                    "use one GPU or --strategy ddp with --quant int8")
+        if self.load_in_8bit and self.amp is not None:
+            raise PlannerInputError("amp", "autocast over an 8-bit base is not modelled yet (bitsandbytes' int8 matmul "
+                                           "runs in its input's dtype)", "load in 16 bits: --dtype bf16 without --amp")
 
     def _check_offload(self) -> None:
         """The engines that offload, and what each can offload (`lora_planner.parallel.offload`)."""
@@ -587,6 +619,9 @@ class TrainingSpec:
         object.__setattr__(self, "dtype", resolve_dtype(self.dtype, "dtype"))
         if self.amp is not None:
             object.__setattr__(self, "amp", resolve_dtype(self.amp, "amp"))
+        if self.bnb_4bit_compute_dtype is not None:
+            object.__setattr__(self, "bnb_4bit_compute_dtype",
+                               resolve_dtype(self.bnb_4bit_compute_dtype, "bnb_4bit_compute_dtype"))
         object.__setattr__(self, "attention", resolve_attention(self.attention))
         optimizer, impl = resolve_optimizer(self.optimizer, self.device)
         if impl is not None and self.optimizer_impl is not None and impl != self.optimizer_impl:
@@ -618,6 +653,16 @@ class TrainingSpec:
         if self.gpus == 1 and self.offload == "none":
             return None
         return STRATEGY_ALIASES.get(self.strategy, self.strategy) if self.strategy else "ddp"
+
+    @property
+    def quantized(self) -> bool:
+        """The base is a bitsandbytes one: NF4 / FP4 (QLoRA) or LLM.int8 (`load_in_8bit`)."""
+        return self.method == "qlora" or self.load_in_8bit
+
+    @property
+    def matmul_4bit_dtype(self) -> Dtype:
+        """The dtype QLoRA's 4-bit matmuls compute in: `bnb_4bit_compute_dtype`, else the compute dtype."""
+        return self.bnb_4bit_compute_dtype or self.compute_dtype
 
     @property
     def compute_dtype(self) -> Dtype:

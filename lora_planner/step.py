@@ -82,35 +82,60 @@ def nf4_bytes(numel: int, double_quant: bool = True) -> int:
 
 def _base_weight_bytes(spec: ModelSpec, training: TrainingSpec) -> int:
     """Frozen or trainable base weights as stored: --dtype (fp32 under AMP), NF4 linears under QLoRA."""
-    return _stored_weight_bytes(spec, training.method == "qlora", training.dtype, _kbit_fp32(training),
+    return _stored_weight_bytes(spec, _quant(training.method, training), training.dtype, _kbit_fp32(training),
+                                training.matmul_4bit_dtype,
                                 training.double_quant)
 
 
 def _kbit_fp32(training: TrainingSpec) -> bool:
-    """Whether PEFT's `prepare_model_for_kbit_training` runs (QLoRA, `kbit_prep`): it casts every 16-bit
+    """Whether PEFT's `prepare_model_for_kbit_training` runs (a quantized base, `kbit_prep`): it casts every 16-bit
     parameter that is not a bitsandbytes `Params4bit` to fp32 (peft 0.21.2, `peft/utils/other.py`): the
-    embeddings, norms, lm_head and the biases of the quantized linears (which their first forward casts back to
-    the compute dtype, `_stored_bytes_each`). Buffers (RoPE's inv_freq) stay."""
-    return training.method == "qlora" and training.kbit_prep and training.dtype != "fp32"
+    embeddings, norms, lm_head and the biases of the quantized linears (a 4-bit one's first forward casts its bias
+    back to the compute dtype, `_stored_bytes_each`; LLM.int8's `Int8Params` are int8, untouched). Buffers (RoPE's
+    inv_freq) stay."""
+    return training.quantized and training.kbit_prep and training.dtype != "fp32"
 
 
-def _stored_bytes_each(m: Module, quantized: bool, dtype: str, kbit_fp32: bool, double_quant: bool = True) -> int:
-    """One instance of module `m` as stored: NF4 weight (+ bias) for QLoRA's linears, else at `dtype`;
-    after kbit preparation everything else is fp32. A quantized linear's bias is back at `dtype` (the compute
-    dtype QLoRA loads with) from the first forward on, kbit preparation or not: bitsandbytes 0.50
-    `nn/modules.py` `Linear4bit.forward` casts x to the compute dtype and then the bias for good
-    (`bias.data = bias.data.to(x.dtype)`)."""
+def _quant(method: str, training: TrainingSpec | None = None) -> str:
+    """How the base linears are stored: "nf4" (QLoRA's NF4 / FP4), "int8" (LLM.int8, `load_in_8bit`), "" (at the
+    dtype). `method` may be `_storage_method`'s "int8" already."""
+    if method == "qlora":
+        return "nf4"
+    return "int8" if method == "int8" or (training is not None and training.load_in_8bit) else ""
+
+
+def _storage_method(training: TrainingSpec) -> str:
+    """The method as the cached storage functions key it: "int8" for LoRA on an 8-bit base."""
+    return "int8" if training.load_in_8bit else training.method
+
+
+def int8_bytes(m: Module) -> int:
+    """One LLM.int8 linear's weight (bitsandbytes 0.50.2 `nn/modules.py` `Int8Params._quantize`, measured on a loaded
+    model): the int8 values (`CB`, the weight's own storage) and an fp32 absmax per output row (`SCB`)."""
+    return m.weight_numel_each + 4 * m.out_features
+
+
+def _stored_bytes_each(m: Module, quant: str, dtype: str, kbit_fp32: bool, double_quant: bool = True,
+                       matmul_dtype: str | None = None) -> int:
+    """One instance of module `m` as stored: NF4 (`quant` "nf4") or int8 ("int8") weight (+ bias) for the quantized
+    base's linears, else at `dtype`; after kbit preparation everything else is fp32. A 4-bit linear's bias is back
+    at `dtype` (the compute dtype QLoRA loads with) from the first forward on, kbit preparation or not:
+    bitsandbytes 0.50 `nn/modules.py` `Linear4bit.forward` casts x to the compute dtype and then the bias for good
+    (`bias.data = bias.data.to(x.dtype)`: `matmul_dtype`, `bnb_4bit_compute_dtype` when set); an 8-bit linear's
+    follows its input (`Linear8bitLt.forward`: the stream's dtype, fp32 after kbit preparation)."""
     e = 4 if kbit_fp32 or m.fp32 else BYTES_PER_ELEMENT[dtype]
-    if quantized and m.kind == "linear" and m.group != "lm_head":
-        return nf4_bytes(m.weight_numel_each, double_quant) + (m.out_features * BYTES_PER_ELEMENT[dtype] if m.bias
-                                                               else 0)
+    if quant and m.kind == "linear" and m.group != "lm_head":
+        if quant == "int8":
+            return int8_bytes(m) + (m.out_features * e if m.bias else 0)
+        return nf4_bytes(m.weight_numel_each, double_quant) + (
+            m.out_features * BYTES_PER_ELEMENT[matmul_dtype or dtype] if m.bias else 0)
     return m.params_each * e
 
 
 @lru_cache(maxsize=1024)
-def _stored_weight_bytes(spec: ModelSpec, quantized: bool, dtype: str, kbit_fp32: bool = False,
-                         double_quant: bool = True) -> int:
-    return sum(_stored_bytes_each(m, quantized, dtype, kbit_fp32, double_quant) * m.count
+def _stored_weight_bytes(spec: ModelSpec, quant: str, dtype: str, kbit_fp32: bool = False,
+                         matmul_dtype: str | None = None, double_quant: bool = True) -> int:
+    return sum(_stored_bytes_each(m, quant, dtype, kbit_fp32, double_quant, matmul_dtype) * m.count
                for m in module_inventory(spec))
 
 
@@ -204,13 +229,14 @@ def trained_bias_bytes(spec: ModelSpec, training: TrainingSpec) -> int:
     if training.method == "full":
         return 0
     kbit = _kbit_fp32(training)
-    return sum(bias_numel(m) * max(len(layers), 1) * _bias_bytes(m, training.method, training.dtype, kbit)
+    return sum(bias_numel(m) * max(len(layers), 1) * _bias_bytes(m, _storage_method(training), training.dtype, kbit)
                for m, layers in _trained_biases(spec, training.lora))
 
 
 def trainable_groups(spec: ModelSpec, training: TrainingSpec) -> tuple[TensorGroup, ...]:
     """The trainable tensors of `training` grouped by shape (all weights, or LoRA's A and B)."""
-    return _trainable_groups(spec, training.method, training.dtype, training.lora, _kbit_fp32(training))
+    return _trainable_groups(spec, _storage_method(training), training.dtype, training.lora,
+                             _kbit_fp32(training))
 
 
 @lru_cache(maxsize=4096)
@@ -222,22 +248,24 @@ def _trainable_totals(spec: ModelSpec, method: str, dtype: str, lora: LoraSpec,
 
 def trainable_totals(spec: ModelSpec, training: TrainingSpec) -> tuple[int, int]:
     """(trainable parameters, their bytes)."""
-    return _trainable_totals(spec, training.method, training.dtype, training.lora, _kbit_fp32(training))
+    return _trainable_totals(spec, _storage_method(training), training.dtype, training.lora,
+                             _kbit_fp32(training))
 
 
 def group_bytes(spec: ModelSpec, training: TrainingSpec) -> tuple[int, int, int, int]:
     """(root bytes, one layer's bytes, one layer's trainable bytes, root trainable bytes), adapters
     included: "root" is everything outside the decoder layers (embeddings, final norm, lm_head), the
     groups FSDP gathers and reduce-scatters, and what backward finishes last."""
-    root, layer, layer_trainable, root_trainable, _ = _group_bytes(spec, training.method, training.dtype,
-                                                                   training.lora, _kbit_fp32(training))
+    root, layer, layer_trainable, root_trainable, _ = _group_bytes(
+        spec, _storage_method(training), training.dtype, training.lora, _kbit_fp32(training))
     return root, layer, layer_trainable, root_trainable
 
 
 def layer_trainable_bytes(spec: ModelSpec, training: TrainingSpec) -> tuple[int, ...]:
     """Trainable bytes of each decoder layer (all its weights under full fine-tuning; its adapters under
     LoRA, which may differ layer by layer with layer-specific targets)."""
-    return _group_bytes(spec, training.method, training.dtype, training.lora, _kbit_fp32(training))[4]
+    return _group_bytes(spec, _storage_method(training), training.dtype, training.lora,
+                        _kbit_fp32(training))[4]
 
 
 @lru_cache(maxsize=4096)  # keyed on what matters, not on batch and sequence
@@ -256,7 +284,7 @@ def _group_bytes(spec: ModelSpec, method: str, dtype: str, lora: LoraSpec,
     per_layer_stored = [0] * layers  # an MoE model's dense layers and expert layers hold different modules
     per_layer_adapters = [0] * layers
     for m in module_inventory(spec):
-        stored = _stored_bytes_each(m, method == "qlora", dtype, kbit_fp32)
+        stored = _stored_bytes_each(m, _quant(method), dtype, kbit_fp32)
         adapter = numel_by_path.get(m.path, 0) * e_adapter
         if is_per_layer(m):
             for i in m.layers or range(layers):
@@ -397,10 +425,20 @@ def step_components(spec: ModelSpec, training: TrainingSpec) -> StepComponents:
     acts = activation_profile(spec, training)
     # backward()'s seed gradient lives through all of backward (`ActivationProfile.backward_seed_bytes`)
     extra_scratch = acts.backward_seed_bytes
-    if training.method == "qlora":
-        # bitsandbytes dequantizes one weight to the compute dtype for each matmul, forward and backward.
-        largest = max(m.weight_numel_each for m in modules if m.kind == "linear" and m.group != "lm_head")
-        extra_scratch += largest * BYTES_PER_ELEMENT[training.compute_dtype]
+    if training.quantized:
+        # bitsandbytes dequantizes one weight for each matmul, forward and backward: to the compute dtype (4-bit), or
+        # to the input's dtype beside an fp32 scale per output row (LLM.int8: `MatMul8bitFp` / `MatMul8bitLt.backward`
+        # `state.CB.to(dtype_A).mul_(SCB.unsqueeze(1) * (1 / 127))`; the stream's dtype, fp32 after kbit preparation)
+        linears = [m for m in modules if m.kind == "linear" and m.group != "lm_head"]
+        if training.load_in_8bit:
+            stream = 4 if _kbit_fp32(training) else BYTES_PER_ELEMENT[training.dtype]
+            extra_scratch += max(m.weight_numel_each * stream + 4 * m.out_features for m in linears)
+        else:
+            # `MatMul4Bit.backward` dequantizes at the dtype the weight was quantized from (the load dtype,
+            # `quant_state.dtype`), then casts that copy to `bnb_4bit_compute_dtype` when they differ: both live
+            load, compute = BYTES_PER_ELEMENT[training.dtype], BYTES_PER_ELEMENT[training.matmul_4bit_dtype]
+            extra_scratch += max(m.weight_numel_each for m in linears) * (
+                compute + (load if training.matmul_4bit_dtype != training.dtype else 0))
     last = spec.num_layers - 1
     offload = _activation_offload(spec, training, acts)
     if training.grad_checkpointing:

@@ -36,7 +36,8 @@ Axes (with their defaults): `backend` ["hf"] (hf | builtin), `mode` ["cpu"] (cpu
 packing: every row full, padded rows with an attention mask, or TRL's packed padding-free row: hf backend only),
 `adapter` ["lora"] (lora | rslora | dora | bias:lora_only | bias:all | save:embed_tokens,lm_head | tokens:N |
 tokens:embed_tokens=N+lm_head=N: PEFT's use_rslora, use_dora, bias, modules_to_save and trainable_token_indices on top
-of the LoRA axes: hf backend only); and the scalars `steps` (3) and `seed`
+of the LoRA axes: hf backend only), `quant` ["none"] (none | int8 | int8-nokbit: LoRA on an LLM.int8 base, with or
+without kbit preparation: real bitsandbytes, hf backend, cpu or cuda mode); and the scalars `steps` (3) and `seed`
 (0).
 
 Rules: for `method = "full"` the adapter axes (r, alpha, target, adapter_dtype, adapter) do not apply, so
@@ -75,7 +76,7 @@ from lora_planner.files import check_output_file, read_user_text
 from lora_planner.params import (
     check_sequence_length, lora_params, modules_to_save, resolve_targets, trainable_token_layers,
 )
-from lora_planner.specs import LoraSpec, ModelSpec, TrainingSpec, parse_loss
+from lora_planner.specs import UNSLOTH_LOSSES, LoraSpec, ModelSpec, TrainingSpec, parse_loss
 
 # The builtin backend's families (`profiler.builtin_model.BUILTIN_FAMILIES`; a test keeps them equal).
 BUILTIN_FAMILIES: tuple[str, ...] = ("llama", "mistral", "qwen2")
@@ -93,7 +94,11 @@ AXES: dict[str, list[Any]] = {
     "alpha": [], "target": ["default"], "adapter_dtype": ["fp32"], "batch_size": [1], "seq_len": [512],
     "grad_checkpointing": [False], "optimizer": ["adamw"], "optimizer_impl": ["default"], "attention": ["sdpa"],
     "experts_implementation": ["grouped_mm"], "loss": ["hf"], "collate": ["full"], "adapter": ["lora"],
+    "quant": ["none"],
 }
+# The `quant` axis: LoRA's base as stored: at the precision, or LLM.int8 (`load_in_8bit`) with or without kbit
+# preparation.
+QUANTS = ("none", "int8", "int8-nokbit")
 # The `collate` axis: every row full (no mask), padded rows with an attention mask, or a packed padding-free row.
 COLLATES = ("full", "padding", "packing")
 # The `adapter` axis: PEFT's options on top of plain LoRA (`adapter_options`).
@@ -149,10 +154,14 @@ class SweepRun:
         experts = f" experts={t.experts_implementation}" if self.spec.is_moe else ""
         attention = f" {t.attention}" if t.attention != "sdpa" else ""
         loss = "" if t.loss == "hf" else f" loss={t.loss}:{t.loss_chunk_tokens}" if t.loss == "litgpt" else \
-            f" loss={t.loss}:{t.loss_chunks}" if t.loss in ("chunked", "linear") else f" loss={t.loss}"
+            f" loss={t.loss}:{t.loss_chunks}" if t.loss in ("chunked", "linear") or (
+                t.loss in UNSLOTH_LOSSES and t.loss_target_gib is None) else \
+            f" loss={t.loss}:{t.loss_target_gib:g}gb" if t.loss in UNSLOTH_LOSSES else f" loss={t.loss}"
         collate = " padded" if t.padding else " packed" if t.packing else ""
         if t.method != "full" and self.source.get("adapter", "lora") != "lora":
             adapter += f" {self.source['adapter']}"
+        if self.source.get("quant", "none") != "none":
+            adapter += f" {self.source['quant']}"
         return (f"{self.model} {t.method}{adapter} {self.source['precision']} {self.backend}/{self.mode} "
                 f"b={t.batch_size} s={t.seq_len}{ckpt}{experts}{loss}{collate}{attention}")
 
@@ -343,6 +352,11 @@ def _expand_block(where: str, label: str, spec: ModelSpec, source: dict[str, Any
         v = dict(zip(names, combo))
         if v["method"] == "full":  # adapter axes do not apply: one run
             v.update(r=AXES["r"][0], alpha=None, target="default", adapter_dtype="fp32", adapter="lora")
+        if v["quant"] not in QUANTS:
+            raise _err(f"{where} model {label}", f"quant: unknown value {v['quant']!r}",
+                       f"use one of {', '.join(QUANTS)}")
+        if v["method"] != "lora":  # an 8-bit base carries LoRA: one run
+            v.update(quant="none")
         dtype, amp = PRECISIONS[v["precision"]]
         device = "cuda" if v["mode"] == "cuda" else "cpu"
         targets = _target_tuple(v["target"])
@@ -355,7 +369,8 @@ def _expand_block(where: str, label: str, spec: ModelSpec, source: dict[str, Any
                 batch_size=v["batch_size"], seq_len=v["seq_len"], grad_checkpointing=v["grad_checkpointing"],
                 device=device, attention=v["attention"], lora=lora if v["method"] != "full" else LoraSpec(),
                 experts_implementation=v["experts_implementation"], **parse_loss(v["loss"]),
-                padding=v["collate"] == "padding", packing=v["collate"] == "packing")
+                padding=v["collate"] == "padding", packing=v["collate"] == "packing",
+                load_in_8bit=v["quant"] != "none", kbit_prep=v["quant"] != "int8-nokbit")
             if training.method != "full":
                 lora_params(spec, lora.r, targets)  # unknown targets, r wider than a layer
                 modules_to_save(spec, lora.modules_to_save)  # a module the planner does not copy
@@ -366,11 +381,11 @@ def _expand_block(where: str, label: str, spec: ModelSpec, source: dict[str, Any
         except PlannerInputError as err:
             raise _err(f"{where} model {label}", f"{err.field}: {err.problem}", err.fix) from None
         sweep = {"grid": grid_name, "model_source": source, "target": _target_label(v["target"]),
-                 "precision": v["precision"], "adapter": v["adapter"]}
+                 "precision": v["precision"], "adapter": v["adapter"], "quant": v["quant"]}
         run = SweepRun(model=label, spec=spec, training=training, backend=v["backend"], mode=v["mode"],
                        steps=scalars["steps"], seed=scalars["seed"], source=sweep)
-        if training.method == "qlora" and (v["backend"] != "hf" or v["mode"] == "fake"):
-            yield (run.label, "QLoRA runs on real bitsandbytes NF4 weights: hf backend, cpu or cuda mode")
+        if training.quantized and (v["backend"] != "hf" or v["mode"] == "fake"):
+            yield (run.label, "QLoRA and 8-bit bases run on real bitsandbytes weights: hf backend, cpu or cuda mode")
             continue
         if v["experts_implementation"] != "grouped_mm" and not spec.is_moe:
             yield (run.label, "experts_implementation applies to MoE models only")

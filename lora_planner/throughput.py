@@ -18,8 +18,8 @@ against which the tests check these counts exactly (SDPA counted through its mat
 
 Time: compute at a model-FLOPs utilisation (MFU) of the GPU's dense peak for the compute dtype (NVIDIA
 datasheet figures; fp32 assumes TF32 is off, PyTorch's default for matmuls), plus the memory-bound
-optimizer step (bytes it reads and writes over the memory bandwidth), plus for QLoRA the NF4
-dequantization of every base weight in each pass. The default MFU of 0.4 is typical of well-tuned
+optimizer step (bytes it reads and writes over the memory bandwidth), plus for a quantized base (QLoRA's NF4,
+LLM.int8) the dequantization of every base weight in each pass. The default MFU of 0.4 is typical of well-tuned
 single-GPU PyTorch training; calibrate it from profiler runs (`lora-plan calibrate`).
 
 Several GPUs: FLOPs and compute time are per GPU (its micro-batch); a sharded optimizer (ZeRO / FSDP)
@@ -198,7 +198,7 @@ class ThroughputEstimate:
     peak_flops_per_s: float
     mfu: float
     compute_time_s: float
-    memory_time_s: float  # optimizer step (+ QLoRA dequantization), memory-bandwidth bound
+    memory_time_s: float  # optimizer step (+ a quantized base's dequantization), memory-bandwidth bound
     step_time_s: float
     tokens_per_s: float
 
@@ -224,13 +224,17 @@ def estimate_throughput(spec: ModelSpec, training: TrainingSpec, gpu: GpuSpec,
     memory_bytes = _optimizer_bytes_touched(spec, training)
     if training.resolved_strategy not in (None, "ddp"):
         memory_bytes //= training.gpus  # each rank steps its shard of the optimizer state
-    if training.method == "qlora":
+    if training.quantized:
+        # each matmul reads the packed weight and writes then reads its dequantized copy: at the compute dtype (NF4),
+        # at the input's (LLM.int8: the stream's, fp32 after kbit preparation)
         passes = 2 + (1 if training.grad_checkpointing else 0)  # forward, backward (+ recompute)
-        e = BYTES_PER_ELEMENT[training.compute_dtype]
+        e = 4 if training.load_in_8bit and training.kbit_prep else BYTES_PER_ELEMENT[training.compute_dtype]
         for m in module_inventory(spec):
             if m.kind == "linear" and m.group != "lm_head":
                 numel = m.weight_numel_each * m.count
-                memory_bytes += passes * (nf4_bytes(m.weight_numel_each, training.double_quant) * m.count + 2 * numel * e)
+                packed = (m.weight_numel_each + 4 * m.out_features if training.load_in_8bit else
+                          nf4_bytes(m.weight_numel_each, training.double_quant)) * m.count
+                memory_bytes += passes * (packed + 2 * numel * e)
     memory = memory_bytes / gpu.memory_bandwidth_bytes_per_s
     step = compute + memory
     return ThroughputEstimate(flops=flops, gpu=gpu.name, peak_flops_per_s=peak, mfu=mfu, compute_time_s=compute,

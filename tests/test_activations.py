@@ -972,3 +972,41 @@ def test_head_moments_hand_count(settings, forward, backward):
     assert head_moments(make_flow(_vocab_llama(), t)) == (forward, backward)
     no_head = TrainingSpec(method="lora", device="cpu", batch_size=1, seq_len=2, **settings)
     assert head_moments(make_flow(_vocab_llama(), no_head)) == ((0, 0), (0, 0, 0))
+
+
+@pytest.mark.parametrize("config, kept_per_token", [
+    # Llama: the attention's input, o_proj's, the MLP's and down_proj's (H + H + H + I)
+    ({"model_type": "llama", "hidden_size": 64, "intermediate_size": 176}, 64 * 3 + 176),
+    # Phi-2: fc1 reads the attention's input (one LayerNorm); dense's and fc2's own
+    ({"model_type": "phi", "hidden_size": 64, "intermediate_size": 176}, 64 * 2 + 176),
+    # OLMo 2: the projections read the layer's (checkpointed) input itself: o_proj's, the MLP's and down_proj's
+    ({"model_type": "olmo2", "hidden_size": 64, "intermediate_size": 176}, 64 * 2 + 176),
+])
+def test_int8_checkpointed_layers_keep_their_8bit_inputs_by_hand(config, kept_per_token):
+    """Under non-reentrant checkpointing each LLM.int8 matmul's context attribute keeps its input (measured:
+    `tests/profiler/test_runner.py` INT8_CASES): per layer every distinct input of an 8-bit linear, fp32 after kbit
+    preparation, beside the checkpointed layer input."""
+    from lora_planner.activations import int8_checkpoint_held_bytes, make_flow
+
+    spec = spec_from_config({"vocab_size": 1000, "num_hidden_layers": 2, "num_attention_heads": 4,
+                             "num_key_value_heads": 4, **config}, "tiny")
+    training = TrainingSpec(method="lora", load_in_8bit=True, batch_size=2, seq_len=64, grad_checkpointing=True)
+    held = int8_checkpoint_held_bytes(make_flow(spec, training))
+    assert held == 2 * 64 * kept_per_token * 4
+    profile = activation_profile(spec, training)
+    assert profile.checkpoint_per_layer_bytes == 2 * 64 * 64 * 4 + held
+    assert int8_checkpoint_held_bytes(make_flow(spec, TrainingSpec(method="lora", load_in_8bit=True))) == 0
+
+
+def test_int8_refuses_what_it_does_not_model():
+    from lora_planner.errors import PlannerInputError
+
+    moe = spec_from_config({"model_type": "mixtral", "vocab_size": 1000, "hidden_size": 64, "intermediate_size": 96,
+                            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                            "num_local_experts": 4, "num_experts_per_tok": 2}, "tiny-moe")
+    with pytest.raises(PlannerInputError, match="MoE"):
+        activation_profile(moe, TrainingSpec(method="lora", load_in_8bit=True))
+    llama = spec_from_config({"model_type": "llama", "vocab_size": 1000, "hidden_size": 64, "intermediate_size": 96,
+                              "num_hidden_layers": 2, "num_attention_heads": 4}, "tiny")
+    with pytest.raises(PlannerInputError, match="8-bit base"):
+        activation_profile(llama, TrainingSpec(method="lora", load_in_8bit=True, lora=LoraSpec(r=8, use_dora=True)))

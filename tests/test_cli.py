@@ -591,3 +591,26 @@ def test_no_double_quant_flag(capsys):
     assert (plain["inputs"]["double_quant"], plain["inputs"]["quant_type"]) == (False, "fp4")
     assert main([*base, "--no-double-quant"]) == 0
     assert "NF4 without double quantization" in " ".join(capsys.readouterr().out.split())
+
+
+def test_quant_int8_plans_lora_on_an_8bit_base(capsys):
+    """`--quant int8` (and transformers' spelling `--load-in-8bit`): LoRA only with the default methods, kbit
+    preparation on, the inputs echoed; full fine-tuning or QLoRA with it, a 4-bit name, an unknown one: one line."""
+    plan = run_json(capsys, "--model", "llama-3.1-8b", "--quant", "int8", "--grad-checkpointing", "--json")
+    assert list(plan["methods"]) == ["lora"]
+    assert (plan["inputs"]["load_in_8bit"], plan["inputs"]["kbit_prep"]) == (True, True)
+    assert any(w.startswith("quant: an 8-bit base") and "non-reentrant" in w for w in plan["warnings"])
+    alias = run_json(capsys, "--model", "llama-3.1-8b", "--load-in-8bit", "--grad-checkpointing", "--json")
+    assert alias["methods"] == plan["methods"]
+    lora = run_json(capsys, "--model", "llama-3.1-8b", "--method", "lora", "--json")["methods"]["lora"]
+    assert plan["methods"]["lora"]["weights_at_dtype_bytes"] < lora["weights_at_dtype_bytes"]
+    assert main(["--model", "llama-3.1-8b", "--quant", "int8"]) == 0
+    assert "LoRA (8-bit base)" in capsys.readouterr().out
+    for argv, needle in ((["--method", "full", "--quant", "int8"], "carries LoRA adapters"),
+                         (["--method", "qlora", "--load-in-8bit"], "QLoRA is the 4-bit base"),
+                         (["--quant", "nf4"], "--method qlora"),
+                         (["--quant", "int4"], "unknown quantization"),
+                         (["--quant", "int8", "--dtype", "fp32", "--amp", "bf16"], "autocast")):
+        assert main(["--model", "llama-3.1-8b", *argv]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and err.count("\n") == 1, err

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from lora_planner.catalog import resolve_model
 from lora_planner.config_reader import spec_from_config
+from lora_planner.errors import PlannerInputError
 from lora_planner.memory import CATEGORIES, PHASES, DeviceOverhead, estimate_memory, nf4_bytes
 from lora_planner.params import module_inventory
 from lora_planner.specs import LoraSpec, TrainingSpec
@@ -370,3 +371,41 @@ def test_nf4_without_double_quantization():
     extra = sum((nf4_bytes(m.weight_numel_each, False) - nf4_bytes(m.weight_numel_each)) * m.count for m in linears)
     assert plain.peak.breakdown.weights_bytes - dq.peak.breakdown.weights_bytes == extra > 0
     assert plain.activations == dq.activations
+
+
+def test_int8_base_stores_int8_weights_with_fp32_row_scales():
+    """LLM.int8 (`load_in_8bit`) on Llama-3.1-8B: every layer linear one byte per weight and an fp32 absmax per output
+    row (bitsandbytes `Int8Params`: CB, SCB); kbit preparation casts the rest to fp32 (embeddings, lm_head, 65 norms),
+    as for QLoRA. Without it they stay bf16."""
+    spec = resolve_model("llama-3.1-8b")
+    per_layer = 2 * 4096 * 4096 + 2 * 1024 * 4096 + 3 * 14336 * 4096
+    rows = 4096 + 1024 + 1024 + 4096 + 14336 + 14336 + 4096
+    other = 2 * 128256 * 4096 + 65 * 4096
+    for kbit_prep, e in ((True, 4), (False, 2)):
+        plan = estimate_memory(spec, TrainingSpec(method="lora", load_in_8bit=True, kbit_prep=kbit_prep))
+        assert plan.weights_at_dtype_bytes == 32 * (per_layer + 4 * rows) + e * other
+    with pytest.raises(PlannerInputError, match="carries LoRA adapters"):
+        TrainingSpec(method="qlora", load_in_8bit=True)
+    for kw, field_ in ((dict(gpus=2, strategy="fsdp"), "strategy"),
+                       (dict(grad_checkpointing=True, activation_offload="torchtune"), "activation_offload"),
+                       (dict(load_in_8bit="yes"), "load_in_8bit")):
+        with pytest.raises(PlannerInputError) as err:
+            TrainingSpec(**({"method": "lora", "load_in_8bit": True} | kw))
+        assert err.value.field == field_
+    assert TrainingSpec(method="lora", load_in_8bit=True, gpus=2).resolved_strategy == "ddp"
+
+
+def test_bnb_4bit_compute_dtype_adds_the_cast_copy_of_the_dequantized_weight():
+    """`MatMul4Bit.backward` dequantizes at the load dtype, then casts to `bnb_4bit_compute_dtype`: with fp32 compute
+    over bf16 weights both copies of the largest weight (Llama-3.1-8B's MLP, 14,336 x 4,096) live at once, 2 + 4
+    bytes a weight instead of 2 (counted on top of the layer's buffers: an upper bound, README Known limitations)."""
+    from lora_planner.step import step_components
+
+    spec = resolve_model("llama-3.1-8b")
+    base = step_components(spec, TrainingSpec(method="qlora"))
+    fp32 = step_components(spec, TrainingSpec(method="qlora", bnb_4bit_compute_dtype="float32"))
+    assert fp32.layer_scratch - base.layer_scratch == 14336 * 4096 * 4
+    assert TrainingSpec(method="qlora", bnb_4bit_compute_dtype="torch.float16").matmul_4bit_dtype == "fp16"
+    assert TrainingSpec(method="qlora").matmul_4bit_dtype == "bf16"
+    with pytest.raises(PlannerInputError, match="bnb_4bit_compute_dtype"):
+        TrainingSpec(method="qlora", bnb_4bit_compute_dtype="int4")

@@ -262,7 +262,7 @@ def test_qlora_runs_on_real_nf4_weights_only():
     grid = parse_grid("[models.a]\ncatalog = 'gpt2'\n[[grid]]\nmethod = ['qlora']\nmode = ['cpu', 'fake']\n"
                       "backend = ['hf', 'builtin']")
     assert [(r.backend, r.mode) for r in grid.runs] == [("hf", "cpu")]
-    assert len(grid.skipped) == 3 and all("real bitsandbytes NF4" in why for _, why in grid.skipped)
+    assert len(grid.skipped) == 3 and all("real bitsandbytes weights" in why for _, why in grid.skipped)
 
 
 # ---------------------------------------------------------------------------------------------- issue 10
@@ -418,3 +418,21 @@ def test_adapter_axis_sets_peft_options():
         with pytest.raises(PlannerInputError) as err:
             parse_grid(f"[models.tl]\nconfig = {TINY_LLAMA}\n[[grid]]\nmethod = 'lora'\nadapter = ['{value}']\n")
         assert fragment in err.value.problem
+
+
+def test_quant_axis_puts_lora_on_an_8bit_base(tmp_path):
+    """`quant = ["int8", "int8-nokbit"]`: LoRA on an LLM.int8 base with and without kbit preparation (distinct record
+    keys); full fine-tuning collapses to one run; fake mode is skipped (real bitsandbytes weights); a bad value is
+    one error naming the block."""
+    path = tmp_path / "g.toml"
+    path.write_text('[models.a]\ncatalog = "llama-3.2-1b"\n[[grid]]\nmodels = "*"\nmethod = ["full", "lora"]\n'
+                    'quant = ["none", "int8", "int8-nokbit"]\nmode = ["cpu", "fake"]\n')
+    grid = load_grid(path)
+    cpu = [run for run in grid.runs if run.mode == "cpu"]
+    assert sorted((r.training.method, r.training.load_in_8bit, r.training.kbit_prep) for r in cpu) == [
+        ("full", False, True), ("lora", False, True), ("lora", True, False), ("lora", True, True)]
+    assert len({r.to_request().key for r in cpu}) == 4
+    assert sum("int8" in label for label, _ in grid.skipped) == 2
+    path.write_text('[models.a]\ncatalog = "llama-3.2-1b"\n[[grid]]\nmodels = "*"\nquant = ["int4"]\n')
+    with pytest.raises(PlannerInputError, match="quant"):
+        load_grid(path)

@@ -30,6 +30,24 @@ def loss_that_runs(family: Family, training: TrainingSpec) -> str:
     return "fused-linear" if liger_patches(family, training) else training.loss
 
 
+# Linears that read the same tensor as another (the key they share): q / k / v the attention's input, gate / up the
+# MLP's; Phi-2's fc1 reads the one LayerNorm output its attention reads too (`PhiDecoderLayer.forward`).
+SHARED_INPUT = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}
+SHARED_INPUT_BY_FAMILY = {"phi": {"mlp.fc1": "self_attn.q_proj"}}
+
+
+def int8_input_key(family: Family, name: str) -> str:
+    """Which tensor the linear `name` (its path below the layer) reads: "layer_input" when it is the decoder layer's
+    input itself (OLMo 2's attention projections: no pre-norm), else the name of the first linear reading it."""
+    parent, _, last = name.rpartition(".")
+    special = SHARED_INPUT_BY_FAMILY.get(family.model_types[0], {})
+    key = special[name] if name in special else \
+        (f"{parent}.{SHARED_INPUT[last]}" if parent else SHARED_INPUT[last]) if last in SHARED_INPUT else name
+    if family.linear_reads_layer_input and key.endswith("q_proj"):
+        return "layer_input"
+    return key
+
+
 class Flow:
     """The settings every rule below needs, and the rule for linear layers shared by all families.
 
@@ -87,7 +105,11 @@ class Flow:
         # PEFT's prepare_model_for_kbit_training casts embeddings, norms, biases and lm_head to fp32: the
         # stream and every op between the 4-bit matmuls (which cast their input to the compute dtype and
         # their output back, bitsandbytes `Linear4bit.forward`) then run in fp32.
-        self.kbit_fp32 = training.method == "qlora" and training.kbit_prep
+        self.kbit_fp32 = training.quantized and training.kbit_prep
+        self.int8 = training.load_in_8bit  # LLM.int8 base linears (`Flow.linear`)
+        # when a dict: each distinct input an LLM.int8 linear of the layer keeps as a context attribute, by the input's
+        # name (`int8_input_key`), in bytes (`activations.int8_checkpoint_held_bytes`)
+        self.int8_inputs: dict[str, int] | None = None
         self.e_compute = FP32 if self.kbit_fp32 else BYTES_PER_ELEMENT[training.compute_dtype]
         # The residual stream: fp32 under autocast (fp32 embeddings, fp32 adds), else the compute dtype.
         self.e_stream = FP32 if self.amp else self.e_compute
@@ -141,6 +163,15 @@ class Flow:
         own: list[SavedTensor] = []
         keeps_x = False
         cast_by_autocast = self.amp and x_bytes_per_element != self.e_compute
+        if self.int8 and x_needs_grad and m.group != "lm_head" and path not in self.trained_paths:
+            # LLM.int8's matmul keeps its input as a context attribute whenever it has a node (bitsandbytes 0.50.2
+            # `autograd/_functions.py`: `ctx.A = A` in `MatMul8bitFp`, `ctx.tensors = (None, subA, A)` in
+            # `MatMul8bitLt`), though backward never reads it: the frozen weight needs no gradient. Under checkpointing
+            # these are held from the forward (`activations.int8_checkpoint_held_bytes`), and the recompute keeps no
+            # second copy (its hooks see no context attribute): only what another op saves is recomputed.
+            keeps_x = keeps_x or not self.t.grad_checkpointing
+            if self.int8_inputs is not None:
+                self.int8_inputs[int8_input_key(self.family, name)] = tokens * m.in_features * x_bytes_per_element
         if self.full or path in self.trained_paths:
             if cast_by_autocast:
                 own.append(SavedTensor(f"{name}.input_autocast_copy", tokens * m.in_features * self.e_compute))

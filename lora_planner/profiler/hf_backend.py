@@ -162,7 +162,7 @@ def build_hf_model(spec: ModelSpec, training: TrainingSpec, device: str) -> nn.M
     attention = "eager" if spec.family == "bloom" or not family_rules(spec.family).sdpa else training.attention
     if spec.is_moe:  # transformers reads it off the config (`PreTrainedModel._check_and_adjust_experts_implementation`)
         config._experts_implementation = training.experts_implementation
-    if training.method == "qlora":
+    if training.quantized:
         model = _quantized_model(config, training, device, attention)
     else:
         with torch.device(device):
@@ -189,7 +189,8 @@ def require_bitsandbytes(device: str) -> None:
 
 def _quantized_model(config: Any, training: TrainingSpec, device: str, attention: str) -> nn.Module:
     """The model as QLoRA loads it: random weights saved, then reloaded through `from_pretrained` with
-    bitsandbytes NF4 (double quantization, the training dtype as compute dtype; QLoRA paper, Sec. 3) and,
+    bitsandbytes NF4 (double quantization, the training dtype as compute dtype; QLoRA paper, Sec. 3), or LLM.int8
+    (`load_in_8bit`, transformers' defaults: threshold 6.0, no fp16 weights kept) and,
     with `kbit_prep`, PEFT's `prepare_model_for_kbit_training` as PEFT's QLoRA recipe calls it
     (`use_gradient_checkpointing` = the run's checkpointing, non-reentrant)."""
     import tempfile
@@ -197,9 +198,10 @@ def _quantized_model(config: Any, training: TrainingSpec, device: str, attention
     transformers, peft = require_hf()
     require_bitsandbytes(device)
     compute = TORCH_DTYPES[training.compute_dtype]
-    quant = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=training.quant_type,
-                                            bnb_4bit_use_double_quant=training.double_quant,
-                                            bnb_4bit_compute_dtype=compute)
+    quant = transformers.BitsAndBytesConfig(load_in_8bit=True) if training.load_in_8bit else \
+        transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=training.quant_type,
+                                        bnb_4bit_use_double_quant=training.double_quant,
+                                        bnb_4bit_compute_dtype=TORCH_DTYPES[training.matmul_4bit_dtype])
     with tempfile.TemporaryDirectory(prefix="lora-plan-qlora-") as folder:
         transformers.AutoModelForCausalLM.from_config(config, dtype=compute).save_pretrained(folder)
         model = transformers.AutoModelForCausalLM.from_pretrained(

@@ -51,7 +51,7 @@ from lora_planner.profiler.losses import (
 )
 from lora_planner.profiler.records import RECORD_SCHEMA_VERSION, check_record
 from lora_planner.profiler.tracker import StepMeasurement, hf_fake_parity, measure_training_step
-from lora_planner.specs import ModelSpec, TrainingSpec
+from lora_planner.specs import UNSLOTH_LOSSES, ModelSpec, TrainingSpec
 
 Backend = Literal["builtin", "hf"]
 Mode = Literal["auto", "cuda", "cpu", "fake"]
@@ -96,11 +96,19 @@ class ProfileRequest:
         if lora.target_parameters and t.method != "full":
             parts.append("params:" + ",".join(lora.target_parameters))
         if t.loss != "hf":
-            parts.append(f"loss:{t.loss}:{t.loss_chunk_tokens if t.loss == 'litgpt' else t.loss_chunks}")
+            size = f"{t.loss_chunk_tokens}" if t.loss == "litgpt" else f"{t.loss_target_gib}gib" \
+                if t.loss in UNSLOTH_LOSSES and t.loss_target_gib is not None else f"{t.loss_chunks}"
+            parts.append(f"loss:{t.loss}:{size}")
         if t.padding or t.packing:
             parts.append("collate:" + ("packing" if t.packing else "padding"))
         if t.method == "qlora" and (not t.double_quant or t.quant_type != "nf4"):
             parts.append(f"quant:{t.quant_type}" + ("" if t.double_quant else "-nodq"))
+        if t.load_in_8bit:
+            parts.append("quant:int8")
+        if t.method == "qlora" and t.bnb_4bit_compute_dtype not in (None, t.compute_dtype):
+            parts.append(f"compute:{t.bnb_4bit_compute_dtype}")
+        if t.quantized and not t.kbit_prep:
+            parts.append("no-kbit-prep")
         return "|".join(map(str, parts))
 
 
@@ -199,8 +207,8 @@ def build_model(request: ProfileRequest, device: str) -> torch.nn.Module:
         return build_hf_model(request.spec, t, device)
     from lora_planner.profiler.builtin_model import apply_lora, build_builtin_model
 
-    if t.method == "qlora":
-        raise PlannerInputError("method", "the builtin backend has no 4-bit base", "profile full or lora")
+    if t.quantized:
+        raise PlannerInputError("method", "the builtin backend has no bitsandbytes base", "profile full or lora")
     model = build_builtin_model(request.spec, dtype=TORCH_DTYPES["fp32" if t.amp else t.dtype], device=device,
                                 attention=t.attention, gradient_checkpointing=t.grad_checkpointing)
     if t.method != "full":
@@ -258,9 +266,10 @@ def check_request(request: ProfileRequest) -> None:
     if t.loss == "linear" and request.mode == "fake":
         raise PlannerInputError("loss", "torchtune's linear cross-entropy selects its rows with a data-dependent "
                                         "nonzero, which fake tensors cannot run", "profile it with --mode cpu")
-    if t.method == "qlora":
+    if t.quantized:
         if request.backend != "hf":
-            raise PlannerInputError("method", "the builtin backend has no 4-bit base", "profile QLoRA with --backend hf")
+            raise PlannerInputError("method", "the builtin backend has no bitsandbytes base",
+                                    "profile QLoRA or an 8-bit base with --backend hf")
         from lora_planner.profiler.hf_backend import require_bitsandbytes
 
         require_bitsandbytes("meta" if request.mode == "fake" else request.mode)
@@ -607,16 +616,20 @@ def base_record(request: ProfileRequest) -> dict[str, Any]:
             "adapted_modules": list(target_description(request.spec, lora.target_modules, lora.layers_to_transform,
                                                        lora.target_parameters))
             if t.method != "full" else [],
-            "kbit_prep": t.kbit_prep if t.method == "qlora" else None,
+            "kbit_prep": t.kbit_prep if t.quantized else None,
+            "load_in_8bit": t.load_in_8bit or None,
             "double_quant": t.double_quant if t.method == "qlora" else None,
             "quant_type": t.quant_type if t.method == "qlora" else None,
+            "bnb_4bit_compute_dtype": t.bnb_4bit_compute_dtype if t.method == "qlora" else None,
             "adapter_dtype": t.lora.adapter_dtype, "dtype": t.dtype, "amp": t.amp, "optimizer": t.optimizer,
             "optimizer_impl": t.resolved_optimizer_impl, "batch_size": t.batch_size, "seq_len": t.seq_len,
             "grad_checkpointing": t.grad_checkpointing, "attention": t.attention, "steps": request.steps,
             "gpus": t.gpus, "strategy": t.resolved_strategy,
             "experts_implementation": t.experts_implementation if request.spec.is_moe else None,
             "target_parameters": list(lora.target_parameters) if lora.target_parameters else None,
-            "loss": t.loss, "loss_chunks": t.loss_chunks if t.loss in ("chunked", "linear") else None,
+            "loss": t.loss, "loss_chunks": t.loss_chunks if t.loss in ("chunked", "linear") or (
+                t.loss in UNSLOTH_LOSSES and t.loss_target_gib is None) else None,
+            "loss_target_gib": t.loss_target_gib if t.loss in UNSLOTH_LOSSES else None,
             "loss_chunk_tokens": t.loss_chunk_tokens if t.loss == "litgpt" else None,
             "padding": t.padding, "packing": t.packing,
         },

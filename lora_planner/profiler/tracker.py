@@ -639,13 +639,17 @@ def _optimizer_state_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Ten
 
 
 def _quant_state_tensors(params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
-    """The tensors of bitsandbytes' 4-bit weights that are neither parameters nor buffers: each
+    """The tensors of bitsandbytes' quantized weights that are neither parameters nor buffers: an 8-bit weight's
+    row scales (`Int8Params.SCB`, moved to its module's state by the first forward); each
     `Params4bit.quant_state`'s `absmax`, NF4 `code` book and `offset`, and its nested (double-quantization)
     state's `absmax` and `code` (bitsandbytes `functional.QuantState`, made by `quantize_4bit`). They are part of
     the weight for as long as the model lives; unregistered, the ones an op reads would be adopted in the first
     forward (and counted as activations) and the code book, which no op reads, not at all."""
     out: list[torch.Tensor] = []
     for p in params:
+        scale = getattr(p, "SCB", None)  # LLM.int8's `Int8Params`: the fp32 scale of each output row
+        if isinstance(scale, torch.Tensor):
+            out.append(scale)
         state = getattr(p, "quant_state", None)
         while state is not None:
             out += [t for t in (getattr(state, name, None) for name in ("absmax", "code", "offset"))

@@ -94,13 +94,17 @@ def training_for_record(record: dict[str, Any]) -> TrainingSpec | None:
                         modules_to_save=tuple(saved) if saved else None, bias=s.get("bias") or "none") \
             if s["method"] != "full" else LoraSpec()
         loss = {"loss": s.get("loss", "hf")} | ({"loss_chunks": s["loss_chunks"]} if s.get("loss_chunks") else {}) \
-            | ({"loss_chunk_tokens": s["loss_chunk_tokens"]} if s.get("loss_chunk_tokens") else {})
+            | ({"loss_chunk_tokens": s["loss_chunk_tokens"]} if s.get("loss_chunk_tokens") else {}) \
+            | ({"loss_target_gib": s.get("loss_target_gib")} if s.get("loss", "hf").startswith("unsloth") else {})
         return TrainingSpec(method=s["method"], dtype=s.get("dtype", "bf16"), amp=s.get("amp"),
                             optimizer=s.get("optimizer", "adamw"), optimizer_impl=s.get("optimizer_impl"),
                             batch_size=s["batch_size"], seq_len=s["seq_len"],
                             grad_checkpointing=bool(s.get("grad_checkpointing")), device=record.get("device", "cpu"),
                             attention=s.get("attention", "sdpa"), lora=lora, padding=bool(s.get("padding")),
-                            packing=bool(s.get("packing")), **loss)
+                            packing=bool(s.get("packing")), load_in_8bit=bool(s.get("load_in_8bit")),
+                            kbit_prep=s.get("kbit_prep") is not False, double_quant=s.get("double_quant") is not False,
+                            quant_type=s.get("quant_type") or "nf4",
+                            bnb_4bit_compute_dtype=s.get("bnb_4bit_compute_dtype"), **loss)
     except (PlannerInputError, TypeError, KeyError):
         return None
 

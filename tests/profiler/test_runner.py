@@ -790,6 +790,11 @@ QLORA_CASES = [
     ("llama", dict(lora=LoraSpec(r=8, modules_to_save=("embed_tokens", "lm_head")))),  # fp32 copies after kbit prep
     ("llama", dict(loss="linear", loss_chunks=8)),  # torchtune main's linear cross-entropy over the fp32 stream
     ("llama_vocab", dict(loss="litgpt", loss_chunk_tokens=16, grad_checkpointing=True)),  # litgpt's loss, fp32
+    # bnb_4bit_compute_dtype other than the load dtype (transformers' default fp32; fp16 over bf16 weights): the
+    # matmuls cast their input and output, nothing more is kept
+    ("llama", dict(bnb_4bit_compute_dtype="fp32")),
+    ("qwen2", dict(kbit_prep=False, bnb_4bit_compute_dtype="fp32", grad_checkpointing=True)),
+    ("gemma", dict(kbit_prep=False, bnb_4bit_compute_dtype="fp16")),
 ]
 
 
@@ -813,7 +818,7 @@ def test_qlora_matches_real_bitsandbytes_steps(family, settings):
 
 @pytest.mark.parametrize("backend, mode, message", [
     ("hf", "fake", "QLoRA cannot be replayed under fake tensors"),
-    ("builtin", "cpu", "the builtin backend has no 4-bit base"),
+    ("builtin", "cpu", "the builtin backend has no bitsandbytes base"),
 ])
 def test_qlora_needs_real_weights_on_the_hf_backend(backend, mode, message):
     from lora_planner.profiler.runner import check_request
@@ -848,3 +853,45 @@ def test_unsloth_loss_forward_is_exact_and_backward_bounded(family, settings):
     (want_bytes, _), got = _predicted_phase_peaks(req)["backward"], measured["phases"]["backward"]
     layer = activation_profile(req.spec, replace(req.training, device="cpu")).layer_backward_scratch_bytes
     assert 0 <= want_bytes - got["peak_bytes"] <= layer, (want_bytes, got)
+
+
+
+# LLM.int8 bases (issue 13, bitsandbytes 0.50.2's CPU path, `MatMul8bitFp`): int8 weights and fp32 row scales; each
+# 8-bit matmul keeps its input while it has a node (the MLP's and down_proj's inputs beside what LoRA keeps); kbit
+# preparation or not (fp32 / bf16 stream); checkpointing, where those inputs stay through the forward (a projection
+# reading the layer input: OLMo 2; Phi-2's fc1 reading the attention's input); all-linear, biases, copies, fp32, a
+# fused loss
+INT8_CASES = [
+    ("llama", dict()),
+    ("llama", dict(kbit_prep=False)),
+    ("llama", dict(grad_checkpointing=True)),
+    ("llama", dict(grad_checkpointing=True, kbit_prep=False, lora=LoraSpec(r=8, target_modules=("all-linear",)))),
+    ("llama", dict(dtype="fp32")),
+    ("llama", dict(lora=LoraSpec(r=8, modules_to_save=("embed_tokens", "lm_head")))),
+    ("qwen2", dict(grad_checkpointing=True, lora=LoraSpec(r=8, target_modules=("all-linear",)))),
+    ("qwen2", dict(lora=LoraSpec(r=8, bias="lora_only"))),
+    ("phi", dict(grad_checkpointing=True)),
+    ("olmo2", dict(grad_checkpointing=True)),
+    ("gpt2", dict(grad_checkpointing=True, kbit_prep=False)),
+    ("gemma", dict(kbit_prep=False, loss="unsloth-eager", loss_target_gib=None, loss_chunks=2)),
+]
+
+
+@pytest.mark.parametrize("family, settings", INT8_CASES,
+                         ids=[f"{f}-{'-'.join(f'{k}={v}' for k, v in s.items() if k != 'lora') or 'default'}"
+                              + _lora_id(s.get("lora")) for f, s in INT8_CASES])
+def test_int8_base_matches_real_bitsandbytes_steps(family, settings):
+    """Real LLM.int8 weights (transformers from_pretrained + BitsAndBytesConfig(load_in_8bit=True) on bitsandbytes'
+    CPU backend): the planner's peak byte for byte, by category, in its phase, and every phase's peak."""
+    pytest.importorskip("bitsandbytes", reason="8-bit runs need bitsandbytes (test extra)")
+    req = request(TINY[family], **({"method": "lora", "load_in_8bit": True, "batch_size": 2, "seq_len": 64}
+                                   | settings))
+    record = run_profile(req)
+    assert record["status"] == "ok", record.get("error")
+    predicted, measured = record["predicted"], record["measured"]
+    assert (predicted["peak_bytes"], predicted["breakdown_bytes"]) == (measured["peak_bytes"],
+                                                                         measured["breakdown_bytes"]), measured
+    assert measured["peak_phase"] == predicted["coarse_phase"]
+    for name, (want_bytes, want) in _predicted_phase_peaks(req).items():
+        got = measured["phases"][name]
+        assert (got["peak_bytes"], got["peak_breakdown"]) == (want_bytes, want), name

@@ -109,7 +109,7 @@ def test_ctrl_c_keeps_finished_records(tiny_config, tmp_path, monkeypatch, capsy
     (["--mode", "tpu"], "mode"),
     (["--steps", "0"], "steps"),
     (["--method", "qlora", "--mode", "fake"], "QLoRA cannot be replayed under fake tensors"),
-    (["--method", "qlora", "--backend", "builtin"], "the builtin backend has no 4-bit base"),
+    (["--method", "qlora", "--backend", "builtin"], "the builtin backend has no bitsandbytes base"),
     (["--optimizer", "adamw8bit"], "bitsandbytes"),
 ])
 def test_bad_input_is_one_line_exit_2(tiny_config, tmp_path, capsys, extra, message):
