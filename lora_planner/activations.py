@@ -57,7 +57,8 @@ from lora_planner.families.moe import (
     backward_order_counts, busiest_expert_tokens, check_routing, eager_loop_freed_bytes, eager_stack_gradient_bytes,
 )
 from lora_planner.families.rules import (
-    FLASH, FP32, FULL, Flow, SavedTensor, dora_backward_scratch, dora_forward_scratch, flash_backward_scratch, norm,
+    FLASH, FLEX, FP32, FULL, Flow, SavedTensor, dora_backward_scratch, dora_forward_scratch, flash_backward_scratch,
+    flex_backward_scratch, flex_block_mask_bytes, norm,
     rms_norm_backward,
 )
 from lora_planner.loss import (
@@ -228,8 +229,8 @@ def make_flow(spec: ModelSpec, training: TrainingSpec) -> Flow:
     """The settings the family's rules read, with the adapted modules of every layer. A family transformers 5.24
     builds without SDPA (`Family.sdpa` False: Gemma 2, whose soft-capping SDPA cannot do) runs eager attention
     when SDPA was asked (`from_config` / `from_pretrained` fall back to eager by default; an explicit "sdpa" raises),
-    so that is what is planned (`lora_planner.planner.plan_warnings` says so); flash_attention_2 is refused for the
-    families whose flash path is not modelled (`Family.flash_refused`)."""
+    so that is what is planned (`lora_planner.planner.plan_warnings` says so); flash_attention_2 and flex_attention are
+    refused for the families whose flash path is not modelled (`Family.flash_refused`)."""
     family = family_rules(spec.family)
     if not family.sdpa and training.attention == "sdpa":
         training = replace(training, attention="eager")
@@ -239,9 +240,15 @@ def make_flow(spec: ModelSpec, training: TrainingSpec) -> Flow:
                                 "plan without --padding / --packing (every row full, no mask)")
     if training.liger and family.liger not in ("", "modelled"):
         raise PlannerInputError("liger", f"not planned for {spec.family}: {family.liger}", "plan without --liger")
-    if training.attention == "flash_attention_2" and family.flash_refused:
-        raise PlannerInputError("attention", f"flash_attention_2 is not planned for {spec.family}: "
-                                             f"{family.flash_refused}", "use --attention sdpa or eager")
+    if training.attention in (FLASH, FLEX) and family.flash_refused:
+        raise PlannerInputError("attention", f"{training.attention} is not planned for {spec.family}: "
+                                             + (family.flash_refused if training.attention == FLASH else
+                                                "its attention's layouts are planned for SDPA and eager only (as for "
+                                                f"flash-attn: {family.flash_refused})"), "use --attention sdpa or eager")
+    if training.attention == FLEX and spec.attention_dropout > 0:
+        raise PlannerInputError("attention", f"transformers' FlexAttention refuses dropout in training, and "
+                                             f"{spec.name} has attention_dropout {spec.attention_dropout:g}",
+                                "use --attention sdpa, or a config with attention_dropout 0")
     if training.method == "full":
         layer_adapters: tuple[frozenset[str], ...] = (frozenset(),) * spec.num_layers
         outside: frozenset[str] = frozenset()
@@ -277,10 +284,15 @@ def _model_level(flow: Flow, embeddings_need_grad: bool) -> list[SavedTensor]:
         # (b, 1, s, s) causal mask, shared by all layers.
         saved.append(SavedTensor("checkpoint.attention_mask", flow.b * s * s * flow.e_stream))
     elif flow.t.grad_checkpointing and flow.masked and FULL in (set(spec.layer_types or ()) or {FULL}):
-        # SDPA's (b, 1, s, s) bool mask of a padded / packed batch (flash-attn's: the (b, s) padding mask itself)
-        mask = flow.b * s * s if flow.t.attention == "sdpa" else flow.b * s if flow.t.padding else 0
+        # SDPA's (b, 1, s, s) bool mask of a padded / packed batch (flash-attn's: the (b, s) padding mask itself;
+        # FlexAttention's: its BlockMask, below)
+        mask = flow.b * s * s if flow.t.attention == "sdpa" else flow.b * s if flow.t.padding and \
+            flow.t.attention == FLASH else 0
         if mask:
             saved.append(SavedTensor("checkpoint.attention_mask", mask))
+    if flow.t.attention == FLEX:
+        # the BlockMask every layer's FlexAttention saves (and checkpointing keeps as their argument): shared
+        saved.append(SavedTensor("attn.block_mask", flex_block_mask_bytes(flow)))
     saved += family.model_level(flow, embeddings_need_grad)
     saved += norm(flow, "final_norm", True)
     if flow.loss in ("fused-linear", "cce", "trl") + UNSLOTH_LOSSES:  # fused losses read lm_head's weight: it never runs
@@ -753,7 +765,8 @@ def _layer_backward_scratch(flow: Flow, moe_layer: bool, eager_freed: int = 0) -
     the attention's backward (`rules.flash_backward_scratch`) is the heavier moment when its buffers outweigh those.
     """
     spec, tokens, e = flow.spec, flow.tokens, flow.e_compute
-    attention = flash_backward_scratch(flow) if flow.t.attention == FLASH else 0
+    attention = flash_backward_scratch(flow) if flow.t.attention == FLASH else \
+        flex_backward_scratch(flow) if flow.t.attention == FLEX else 0
     if not moe_layer:
         # Liger's SwiGLU / GEGLU backward writes the gate's and up's gradients into their saved outputs: only the
         # incoming gradient of the product is new (Liger-Kernel ops/swiglu.py `swiglu_backward`)

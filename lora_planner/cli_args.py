@@ -28,6 +28,16 @@ from lora_planner.specs import (
 )
 
 
+class WholeWordsHelpFormatter(argparse.HelpFormatter):
+    """Help text wrapped at spaces only: textwrap's default also breaks at hyphens, which cuts option names in two
+    (`--grad-` / `checkpointing`), and a reader cannot copy a flag that is not whole."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        import textwrap  # lazily: only --help wraps text
+
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse prints usage + error on two or more lines; we want one line naming the option and exit code 2.
     Option names must be typed whole (`--mod` is not `--model`): abbreviations are how a typo silently sets
@@ -35,6 +45,7 @@ class OneLineParser(argparse.ArgumentParser):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("allow_abbrev", False)
+        kwargs.setdefault("formatter_class", WholeWordsHelpFormatter)
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]

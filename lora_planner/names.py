@@ -191,17 +191,18 @@ def resolve_dtype(name: object, field: str = "dtype") -> str:
 # transformers' `attn_implementation` values the planner does not model yet, and why.
 REFUSED_ATTENTIONS: dict[str, str] = {
     "flash_attention_3": "the FlashAttention-3 (Hopper) kernel is not modelled yet",
-    "flex_attention": "FlexAttention's compiled block-mask kernels are not modelled yet",
 }
 # Other spellings of the modelled ones (the flash-attn package's own name, a dash for the underscore).
 ATTENTION_ALIASES: dict[str, str] = {"fa2": "flash_attention_2", "flash-attention-2": "flash_attention_2",
                                      "flash_attn_2": "flash_attention_2", "flash-attn": "flash_attention_2",
-                                     "flash_attn": "flash_attention_2"}
-MODELLED_ATTENTIONS = ("sdpa", "eager", "flash_attention_2")
+                                     "flash_attn": "flash_attention_2", "flex": "flex_attention",
+                                     "flex-attention": "flex_attention", "flexattention": "flex_attention"}
+MODELLED_ATTENTIONS = ("sdpa", "eager", "flash_attention_2", "flex_attention")
 
 
 def resolve_attention(name: object) -> str:
-    """'sdpa', 'eager' or 'flash_attention_2' (transformers' `attn_implementation` spelling, or an alias); refuses
+    """'sdpa', 'eager', 'flash_attention_2' or 'flex_attention' (transformers' `attn_implementation` spelling, or an
+    alias); refuses
     the kernels not modelled."""
     key = name.strip().lower() if isinstance(name, str) else name
     key = ATTENTION_ALIASES.get(key, key)
@@ -215,4 +216,4 @@ def resolve_attention(name: object) -> str:
     close = difflib.get_close_matches(str(key), [*MODELLED_ATTENTIONS, *REFUSED_ATTENTIONS], n=2, cutoff=0.5)
     hint = f"did you mean {', '.join(close)}? " if close else ""
     raise PlannerInputError("attention", f"unknown attention {name!r}",
-                            f"{hint}use sdpa, eager or flash_attention_2")
+                            f"{hint}use sdpa, eager, flash_attention_2 or flex_attention")

@@ -152,6 +152,12 @@ def plan_warnings(spec: ModelSpec, training: TrainingSpec, budget: Budget | None
                         "flash_attn_interface.py, flash_api.cpp), not measured here: q, k, v at kv-head width, the "
                         "output, the fp32 log-sum-exp; no mask for sliding windows or soft-capping; o_proj's input is "
                         "a copy (the output keeps q's head-major order)")
+    if training.attention == "flex_attention":
+        warnings.append("attention: FlexAttention modelled from its source (torch 2.13 _higher_order_ops/"
+                        "flex_attention.py, _inductor/kernel/flex/flex_attention.py; transformers' compiled call), not "
+                        "measured here (it has no backward on the CPU): q, k, v at kv-head width, the output, the fp32 "
+                        "log-sum-exp; the mask a BlockMask of 128 x 128 blocks (padding, packing, windows and "
+                        "soft-capping inside it); o_proj's input is a copy (the output keeps q's head-major order)")
     if training.attention == "sdpa" and training.device == "cuda" and spec.family not in REGISTERED_FAMILIES \
             and family_rules(spec.family).sdpa:
         from lora_planner.activations import make_flow

@@ -41,8 +41,9 @@ Optimizer = Literal["adamw", "sgd", "sgd_momentum", "adagrad", "rmsprop", "adafa
                     "ademamix8bit", "ademamix32bit", "paged_ademamix8bit", "paged_ademamix32bit"]
 OptimizerImpl = Literal["foreach", "for-loop", "fused"]
 Device = Literal["cuda", "cpu"]
-# transformers' `attn_implementation` names: "flash_attention_2" is the flash-attn package (CUDA, 16-bit only).
-Attention = Literal["sdpa", "eager", "flash_attention_2"]
+# transformers' `attn_implementation` names: "flash_attention_2" is the flash-attn package (CUDA, 16-bit only);
+# "flex_attention" PyTorch's FlexAttention, compiled (CUDA: it has no backward on the CPU).
+Attention = Literal["sdpa", "eager", "flash_attention_2", "flex_attention"]
 # transformers 5.24's MoE experts implementations (`integrations/moe.py`): "grouped_mm" (the default,
 # `PreTrainedModel.get_correct_experts_implementation`) or the class's own per-expert loop ("eager").
 ExpertsImplementation = Literal["grouped_mm", "eager"]
@@ -549,6 +550,9 @@ class TrainingSpec:
                     "amp", f"autocast needs fp32 master weights, got --dtype {self.dtype}",
                     "use --dtype fp32 with --amp, or drop --amp",
                 )
+        if self.attention == "flex_attention" and self.device != "cuda":
+            raise PlannerInputError("attention", "FlexAttention has no backward on the CPU (torch 2.13: "
+                                                 "`_validate_device`)", "use --attention sdpa with --device cpu")
         if self.attention == "flash_attention_2":
             if self.device != "cuda":
                 raise PlannerInputError("attention", "flash_attention_2 (the flash-attn package) runs on CUDA only",

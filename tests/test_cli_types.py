@@ -14,8 +14,8 @@ from lora_planner.cli_types import (
     MAX_TEXT_CHARS, Integer, Number, Text, count, fraction, option_error, positive_number,
 )
 
-FLAG_ACTIONS = (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse._HelpAction,
-                argparse._VersionAction, argparse._SubParsersAction)
+FLAG_ACTIONS = (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse._StoreConstAction,
+                argparse._HelpAction, argparse._VersionAction, argparse._SubParsersAction)
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:

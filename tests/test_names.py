@@ -77,7 +77,7 @@ def test_unknown_dtype_suggests_and_names_the_field():
     assert err.value.field == "amp" and "bfloat16" in err.value.fix
 
 
-@pytest.mark.parametrize("name", ["flash_attention_3", "flex_attention"])
+@pytest.mark.parametrize("name", ["flash_attention_3"])
 def test_unmodelled_attention_kernels_are_refused(name):
     with pytest.raises(PlannerInputError) as err:
         resolve_attention(name)
@@ -88,13 +88,15 @@ def test_attention_spellings():
     assert resolve_attention("EAGER") == "eager"
     assert resolve_attention("flash_attention_2") == resolve_attention("FA2") == resolve_attention("flash-attn") \
         == "flash_attention_2"
+    assert resolve_attention("flex") == resolve_attention("FlexAttention") == "flex_attention"
     with pytest.raises(PlannerInputError, match="did you mean"):
         resolve_attention("flash_attention2")
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--optimizer", "galore_adamw"], "optimizer: 'galore_adamw' is not modelled: GaLore"),
-    (["--attention", "flex_attention"], "attention: 'flex_attention' is not modelled"),
+    (["--attention", "flash_attention_3"], "attention: 'flash_attention_3' is not modelled"),
+    (["--attention", "flex_attention", "--device", "cpu"], "attention: FlexAttention has no backward on the CPU"),
     (["--attention", "flash_attention_2", "--device", "cpu"], "attention: flash_attention_2 (the flash-attn package) "
                                                              "runs on CUDA only"),
     (["--model", "bloom-7b1", "--attention", "fa2"], "attention: flash_attention_2 is not planned for bloom"),

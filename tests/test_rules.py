@@ -356,3 +356,51 @@ def test_sdpa_math_kernel_hand_count():
         ("attn.q_scaled", tokens_bytes), ("attn.k_scaled_repeated", tokens_bytes), ("attn.softmax", probs),
         ("attn.v_repeated", tokens_bytes)]
     assert [(s.name, s.nbytes) for s in sdpa_math(flow, False, False, True)] == [("attn.probs", probs)]
+
+
+def test_flex_attention_full_fine_tuning_by_hand():
+    """FlexAttention (modelled from torch 2.13's source), full fine-tuning, bf16, b = 2, s = 64, 4 heads of 16, 2 kv
+    heads: q (T x 64), k and v at kv width (T x 32), the output (T x 64), the fp32 (b, heads, s) log-sum-exp, and
+    o_proj's input, a copy (the output keeps q's head-major order); no padding of the head dim, no RNG state. fp32
+    stays fp32 (no cast, unlike flash-attn). The BlockMask is model-level: 128-token blocks, one for s = 64."""
+    spec = spec_from_config(TINY, "tiny")
+    flex = attention_part(layer_saved(spec, method="full", attention="flex_attention"))
+    assert flex == {"attn.q_rotated": T * 64 * 2, "attn.k_rotated": T * 32 * 2, "attn.v": T * 32 * 2,
+                    "attn.output": T * 64 * 2, "attn.logsumexp": B * 4 * S * 4, "self_attn.o_proj.input": T * 64 * 2}
+    fp32 = attention_part(layer_saved(spec, method="full", attention="flex_attention", dtype="fp32"))
+    assert fp32["attn.q_rotated"] == T * 64 * 4
+    model = {t.name: t.nbytes for t in activation_profile(spec, TrainingSpec(
+        method="lora", batch_size=B, seq_len=S, attention="flex_attention")).model}
+    assert model["attn.block_mask"] == 4 * B * 4 * (1 + 1)  # kv / q side, partial / full, counts + indices
+    flow = make_flow(spec, TrainingSpec(method="lora", batch_size=B, seq_len=S, attention="flex_attention"))
+    from lora_planner.families.rules import flex_backward_scratch
+
+    assert flex_backward_scratch(flow) == 2 * T * 64 * 2 + 2 * T * 32 * 2 + B * 4 * S * 4 + T * 64 * 2
+
+
+def test_flex_attention_block_mask_and_repeated_kv_by_hand():
+    """Llama-3.1-8B at 2 x 4,096: 32 blocks a side, 4 x 2 x 4 x (32 + 32 x 32) bytes of BlockMask; Gemma 3 (sliding and
+    full layers) has two. A head count that is not a power of two makes transformers repeat k and v (`repeat_kv`):
+    they are kept at q width."""
+    llama = activation_profile(get_model("llama-3.1-8b"), TrainingSpec(method="lora", batch_size=2, seq_len=4096,
+                                                                       attention="flex_attention"))
+    assert {t.name: t.nbytes for t in llama.model}["attn.block_mask"] == 4 * 2 * 4 * (32 + 32 * 32)
+    gemma3 = activation_profile(get_model("gemma-3-1b"), TrainingSpec(method="lora", batch_size=2, seq_len=4096,
+                                                                      attention="flex_attention"))
+    assert {t.name: t.nbytes for t in gemma3.model}["attn.block_mask"] == 2 * 4 * 2 * 4 * (32 + 32 * 32)
+    odd = spec_from_config({**TINY, "hidden_size": 48, "num_attention_heads": 3, "num_key_value_heads": 1}, "odd")
+    saved = attention_part(layer_saved(odd, method="full", attention="flex_attention"))
+    assert saved["attn.k_rotated"] == saved["attn.v"] == saved["attn.q_rotated"] == T * 48 * 2
+
+
+@pytest.mark.parametrize("spec, training, needle", [
+    ("llama-3.1-8b", dict(device="cpu"), "no backward on the CPU"),
+    ("gpt2", dict(), "not planned for gpt2"),
+    ("tiny-dropout", dict(), "refuses dropout"),
+])
+def test_flex_attention_refusals(spec, training, needle):
+    model = spec_from_config({**TINY, "attention_dropout": 0.1}, "tiny-dropout") if spec == "tiny-dropout" \
+        else get_model(spec)
+    with pytest.raises(PlannerInputError, match=needle):
+        activation_profile(model, TrainingSpec(**({"method": "lora", "attention": "flex", "seq_len": 512}
+                                                  | training)))

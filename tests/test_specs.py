@@ -44,7 +44,8 @@ def test_defaults():
     (dict(seq_len=-5), "seq_len"),
     (dict(batch_size=True), "batch_size"),
     (dict(device="tpu"), "device"),
-    (dict(attention="flex"), "attention"),
+    (dict(attention="flex", device="cpu"), "attention"),  # FlexAttention has no backward on the CPU
+    (dict(attention="flash_attention_3"), "attention"),
     (dict(amp="bf16"), "amp"),  # needs fp32 master weights
     (dict(dtype="fp32", amp="fp8"), "amp"),
     (dict(method="qlora", dtype="fp32"), "dtype"),

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 from lora_planner.families.base import Family, Module, attention_modules
 from lora_planner.families.rules import (
-    FLASH, Flow, SavedTensor, attention_core, eager_attention, gated_mlp, mask_arguments, norm,
+    FLASH, FLEX, Flow, SavedTensor, attention_core, eager_attention, gated_mlp, mask_arguments, norm,
     normed_attention_input, output_projection,
 )
 from lora_planner.specs import ModelSpec
@@ -106,7 +106,7 @@ def sandwich_layer(flow: Flow, x_needs_grad: bool, head_norms=None, attention=so
 def layer(flow: Flow, x_needs_grad: bool) -> list[SavedTensor]:
     """One Gemma 2 decoder layer (eager attention, or flash-attn, which soft-caps inside its kernel and takes the
     window as `window_size`: `rules.attention_core`; see the module docstring)."""
-    if flow.t.attention == FLASH:
+    if flow.t.attention in (FLASH, FLEX):  # both soft-cap and slide inside the kernel
         return sandwich_layer(flow, x_needs_grad, attention=attention_core)
     return sandwich_layer(flow, x_needs_grad)
 

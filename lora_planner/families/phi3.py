@@ -32,8 +32,8 @@ from __future__ import annotations
 
 from lora_planner.families.base import Family, Module
 from lora_planner.families.rules import (
-    FLASH, Flow, SavedTensor, dropout_mask, flash_attention, masked_sdpa, norm, normed_attention_input,
-    logsumexp_saved, output_projection, sdpa_kernel, sdpa_mask_applies, sdpa_math, sliding_model_level,
+    FLASH, FLEX, Flow, SavedTensor, dropout_mask, flash_attention, flex_attention, masked_sdpa, norm,
+    normed_attention_input, logsumexp_saved, output_projection, sdpa_kernel, sdpa_mask_applies, sdpa_math, sliding_model_level,
     softmax_saved,
 )
 from lora_planner.specs import ModelSpec
@@ -84,6 +84,8 @@ def _attention(flow: Flow, needs_grad: bool) -> list[SavedTensor]:
         # flash dtype copied it (QLoRA's fp32 stream)
         qkv = tokens * (spec.q_size + 2 * spec.kv_size) * e
         return flash_attention(flow, spec.q_size, spec.kv_size, qkv if flow.e_attention == e else None)
+    if flow.t.attention == FLEX:  # v goes in as the view it is, keeping the qkv storage
+        return flex_attention(flow, spec.q_size, spec.kv_size, tokens * (spec.q_size + 2 * spec.kv_size) * e)
     if sdpa_kernel(flow)[0] == "math":  # fp32 on CUDA with grouped-query attention (`rules.sdpa_kernel`)
         return sdpa_math(flow, True, True, True)
     if sdpa_mask_applies(flow) and spec.num_kv_heads != spec.num_heads:

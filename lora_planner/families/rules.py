@@ -17,6 +17,7 @@ from lora_planner.specs import BYTES_PER_ELEMENT, ModelSpec, TrainingSpec
 FP32 = 4
 MASK = 1  # bool dropout mask, one byte per element
 FLASH = "flash_attention_2"
+FLEX = "flex_attention"
 
 
 def liger_patches(family: Family, training: TrainingSpec) -> bool:
@@ -496,6 +497,56 @@ def flash_backward_scratch(flow: Flow) -> int:
             + flow.tokens * spec.hidden_size * flow.e_stream)
 
 
+# ---------------------------------------------------------------------------------------------- FlexAttention
+# PyTorch's FlexAttention as transformers 5.24 trains with it (`integrations/flex_attention.py`
+# `flex_attention_forward`: `enable_gqa=True` for a power-of-two head count, the LSE requested on CUDA, the output
+# `transpose(1, 2).contiguous()`; `compile_friendly_flex_attention` compiles `flex_attention`), modelled from torch 2.13's
+# source because it has no backward on the CPU: `torch/_higher_order_ops/flex_attention.py`
+# `FlexAttentionAutogradOp.forward` saves q, k, v, the output, the log-sum-exp and the block mask's tensors (the max
+# scores are output too, but the compiled graph's backward does not read them: freed); the inductor template
+# (`torch/_inductor/kernel/flex/flex_attention.py`, `tuned_flex_attention`) writes the output with q's stride order and
+# an fp32 (b, heads, s) log-sum-exp; its backward (`tuned_flex_attention_backward`) makes the fp32 (b, heads, s)
+# `delta`, dq (q's shape) and dk / dv at the kv heads' width (grouped-query attention inside the kernel). The mask is a
+# BlockMask (`masking_utils.flex_attention_mask`, `create_block_mask(B=batch, H=None)`): int32 block counts and
+# indices at 128 x 128 blocks, nothing S x S; padding, packed sequences, sliding windows and soft-capping live in its
+# mask / score functions. Dropout is refused by transformers.
+FLEX_BLOCK = 128  # `_DEFAULT_SPARSE_BLOCK_SIZE`
+
+
+def flex_attention(flow: Flow, q_cols: int, kv_cols: int, v_storage: int | None = None) -> list[SavedTensor]:
+    """FlexAttention's saved tensors (above): q and k as RoPE left them, v as it reaches it (`v_storage`: the bytes a
+    view of a wider tensor keeps, e.g. a fused qkv output), k and v at kv-head width, the output and the fp32
+    log-sum-exp; in the compute dtype (it takes fp32 too). The block mask is model-level (`flex_block_mask_bytes`)."""
+    spec, tokens, e = flow.spec, flow.tokens, flow.e_compute
+    if spec.num_heads & (spec.num_heads - 1):  # not a power of two: transformers repeats k and v (`repeat_kv`)
+        kv_cols, v_storage = q_cols, None
+    return [
+        SavedTensor("attn.q_rotated", tokens * q_cols * e),
+        SavedTensor("attn.k_rotated", tokens * kv_cols * e),
+        SavedTensor("attn.v", tokens * kv_cols * e if v_storage is None else v_storage),
+        SavedTensor("attn.output", tokens * q_cols * e),
+        SavedTensor("attn.logsumexp", flow.b * spec.num_heads * flow.s * FP32),
+    ]
+
+
+def flex_block_mask_bytes(flow: Flow) -> int:
+    """One BlockMask's tensors (torch `nn/attention/flex_attention.py` `BlockMask`): for the kv side and the q side
+    (its transpose, for backward), the block counts (b, 1, blocks) and the indices (b, 1, blocks, blocks), each for the
+    partial and the full blocks, int32; one mask per kind of layer (sliding and full), shared by every layer."""
+    blocks = -(-flow.s // FLEX_BLOCK)
+    kinds = len(set(flow.spec.layer_types or ())) or 1
+    return kinds * 4 * flow.b * 4 * (blocks + blocks * blocks)
+
+
+def flex_backward_scratch(flow: Flow) -> int:
+    """FlexAttention's backward at its heaviest (above): beside the incoming gradient of the output, dq (q's size), dk
+    and dv (kv width) and the fp32 (b, heads, s) delta, plus the layer's incoming stream gradient."""
+    spec, e = flow.spec, flow.e_compute
+    kv_size = spec.q_size if spec.num_heads & (spec.num_heads - 1) else spec.kv_size
+    q, kv = flow.tokens * spec.q_size * e, flow.tokens * kv_size * e
+    return 2 * q + 2 * kv + flow.b * spec.num_heads * flow.s * FP32 + flow.tokens * spec.hidden_size * flow.e_stream
+
+
 def fused_output_reused(flow: Flow) -> bool:
     """Whether o_proj reads the saved attention output without a copy: SDPA's fused output is laid out (b, s, heads,
     dim), so merging the heads is a view; flash-attn's `empty_like(q)` keeps q's (b, heads, s, dim) storage order
@@ -543,7 +594,8 @@ def eager_attention(flow: Flow, q_grad: bool, k_grad: bool, v_grad: bool) -> lis
 
 
 def attention_core(flow: Flow, q_grad: bool, k_grad: bool, v_grad: bool) -> list[SavedTensor]:
-    """RoPE'd q, k and v through SDPA or flash-attn (everything or nothing) or eager attention (per operand); a
+    """RoPE'd q, k and v through SDPA, flash-attn or FlexAttention (everything or nothing) or eager attention (per
+    operand); a
     sliding-window layer whose SDPA mask is materialised keeps what `masked_sdpa` says (flash-attn takes the window
     and Gemma 2's soft-cap inside the kernel: no mask)."""
     flow.note_attention(q_grad, k_grad, v_grad)
@@ -553,6 +605,8 @@ def attention_core(flow: Flow, q_grad: bool, k_grad: bool, v_grad: bool) -> list
         return []
     if flow.t.attention == FLASH:
         return flash_attention(flow, flow.spec.q_size, flow.spec.kv_size)
+    if flow.t.attention == FLEX:
+        return flex_attention(flow, flow.spec.q_size, flow.spec.kv_size)
     if sdpa_kernel(flow)[0] == "math":
         return sdpa_math(flow, q_grad, k_grad, v_grad)
     if sdpa_mask_applies(flow):
