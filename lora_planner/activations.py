@@ -721,8 +721,7 @@ def _dora_moments(flow: Flow) -> tuple[int, int, int]:
 def check_dora(flow: Flow) -> None:
     """What DoRA is not planned with yet, refused with the reason."""
     lora = flow.t.lora
-    why = ("QLoRA (DoRA dequantizes the 4-bit weight in every forward)" if flow.t.method == "qlora" else
-           "an 8-bit base (DoRA dequantizes the int8 weight in every forward)" if flow.int8 else
+    why = ("an 8-bit base (DoRA dequantizes the int8 weight in every forward)" if flow.int8 else
            "autocast (its weight-norm transients in 16-bit)" if flow.amp else
            "MoE expert parameters" if lora.target_parameters or any(
                flow.modules[p].kind == "experts" for a in flow.layer_adapters for p in a) else

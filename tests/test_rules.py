@@ -404,3 +404,15 @@ def test_flex_attention_refusals(spec, training, needle):
     with pytest.raises(PlannerInputError, match=needle):
         activation_profile(model, TrainingSpec(**({"method": "lora", "attention": "flex", "seq_len": 512}
                                                   | training)))
+
+
+def test_qdora_forward_adds_the_dequantized_weight_by_hand():
+    """DoRA on a 4-bit base without kbit preparation (bf16 stream, fp32 adapters) holds, beside LoRA-on-bf16 DoRA's
+    forward transient, the weight `dequantize_module_weight` makes at the load dtype (out x in x 2 bytes)."""
+    from lora_planner.families.rules import dora_forward_scratch
+
+    spec = spec_from_config(TINY, "tiny")
+    lora = LoraSpec(r=8, use_dora=True)
+    plain = make_flow(spec, TrainingSpec(method="lora", batch_size=B, seq_len=S, lora=lora))
+    qdora = make_flow(spec, TrainingSpec(method="qlora", kbit_prep=False, batch_size=B, seq_len=S, lora=lora))
+    assert dora_forward_scratch(qdora, 64, 176, 2, True) - dora_forward_scratch(plain, 64, 176, 2, True) == 176 * 64 * 2

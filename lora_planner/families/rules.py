@@ -246,7 +246,8 @@ def dora_saved(flow: Flow, name: str, out_features: int, x_e: int, x_needs_grad:
 
 def dora_forward_scratch(flow: Flow, in_features: int, out_features: int, x_e: int, x_needs_grad: bool) -> int:
     """DoRA's forward transient in one adapted linear, above what lives when it starts (measured): the base output
-    and the input cast to the adapter dtype; the I x I identity, A I, B A and the base weight's cast copy (out x in);
+    and the input cast to the adapter dtype; the I x I identity, A I, B A and the base weight's cast copy (out x in;
+    on a 4-bit base also the dequantized weight at its load dtype, `dequantize_module_weight`);
     then the larger of the weight norm's two out x in temporaries and the output's combination (B A x, three fp32
     tokens x out products, A x, the (out,) vectors)."""
     tokens, r, ea = flow.tokens, flow.r, flow.e_adapter
@@ -254,6 +255,8 @@ def dora_forward_scratch(flow: Flow, in_features: int, out_features: int, x_e: i
     weight_e = BYTES_PER_ELEMENT[flow.t.dtype]
     held = tokens * o * x_e + (tokens * i * ea if x_e != ea else 0)
     weights = i * i * ea + i * r * ea + o * i * ea + (o * i * ea if weight_e != ea else 0)
+    if flow.t.method == "qlora":  # `dequantize_module_weight`: the 4-bit weight at its load dtype, before the cast
+        weights += o * i * weight_e
     combine = (3 if x_needs_grad else 2) * o * ea + tokens * r * ea + 4 * tokens * o * ea
     return held + weights + max(2 * o * i * ea, combine)
 

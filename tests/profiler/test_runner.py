@@ -793,6 +793,10 @@ QLORA_CASES = [
     # bnb_4bit_compute_dtype other than the load dtype (transformers' default fp32; fp16 over bf16 weights): the
     # matmuls cast their input and output, nothing more is kept
     ("llama", dict(bnb_4bit_compute_dtype="fp32")),
+    # DoRA on the 4-bit base (QDoRA): PEFT dequantizes the weight in every forward for the weight norm
+    ("llama", dict(lora=LoraSpec(r=8, use_dora=True))),
+    ("llama", dict(kbit_prep=False, grad_checkpointing=True, lora=LoraSpec(r=8, use_dora=True))),
+    ("llama", dict(lora=LoraSpec(r=8, target_modules=("all-linear",), use_dora=True))),
     ("qwen2", dict(kbit_prep=False, bnb_4bit_compute_dtype="fp32", grad_checkpointing=True)),
     ("gemma", dict(kbit_prep=False, bnb_4bit_compute_dtype="fp16")),
 ]
@@ -800,8 +804,7 @@ QLORA_CASES = [
 
 @pytest.mark.parametrize("family, settings", QLORA_CASES,
                          ids=[f"{f}-{'-'.join(f'{k}={v}' for k, v in s.items() if k != 'lora') or 'default'}"
-                              + ("-" + ("save" if s["lora"].modules_to_save else "all-linear") if "lora" in s else "")
-                              for f, s in QLORA_CASES])
+                              + _lora_id(s.get("lora")) for f, s in QLORA_CASES])
 def test_qlora_matches_real_bitsandbytes_steps(family, settings):
     """Real NF4 weights (transformers from_pretrained + BitsAndBytesConfig on bitsandbytes' CPU backend), the
     exact tracker (quantization states registered as weights), the planner's peak byte for byte, by category,
