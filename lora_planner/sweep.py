@@ -37,8 +37,9 @@ packing: every row full, padded rows with an attention mask, or TRL's packed pad
 `adapter` ["lora"] (lora | rslora | dora | bias:lora_only | bias:all | save:embed_tokens,lm_head | tokens:N |
 tokens:embed_tokens=N+lm_head=N: PEFT's use_rslora, use_dora, bias, modules_to_save and trainable_token_indices on top
 of the LoRA axes: hf backend only), `quant` ["none"] (none | int8 | int8-nokbit: LoRA on an LLM.int8 base, with or
-without kbit preparation: real bitsandbytes, hf backend, cpu or cuda mode); and the scalars `steps` (3) and `seed`
-(0).
+without kbit preparation; with method qlora: nf4-nokbit | nf4-nodq | fp4 | nf4-fp32-compute, one bitsandbytes option
+changed from the QLoRA recipe's; real bitsandbytes, hf backend, cpu or cuda mode); and the scalars `steps` (3) and
+`seed` (0).
 
 Rules: for `method = "full"` the adapter axes (r, alpha, target, adapter_dtype, adapter) do not apply, so
 they collapse to one run; runs of the builtin backend on a family it does not implement (it has
@@ -96,9 +97,15 @@ AXES: dict[str, list[Any]] = {
     "experts_implementation": ["grouped_mm"], "loss": ["hf"], "collate": ["full"], "adapter": ["lora"],
     "quant": ["none"],
 }
-# The `quant` axis: LoRA's base as stored: at the precision, or LLM.int8 (`load_in_8bit`) with or without kbit
-# preparation.
-QUANTS = ("none", "int8", "int8-nokbit")
+# The `quant` axis: how the base is stored, by method: LoRA's at the precision or LLM.int8 (`load_in_8bit`) with or
+# without kbit preparation; QLoRA's NF4 as its recipe loads it ("none") or one bitsandbytes option changed. A value
+# of the other method collapses to "none".
+QUANT_OPTIONS: dict[str, dict[str, dict[str, Any]]] = {
+    "lora": {"int8": {"load_in_8bit": True}, "int8-nokbit": {"load_in_8bit": True, "kbit_prep": False}},
+    "qlora": {"nf4-nokbit": {"kbit_prep": False}, "nf4-nodq": {"double_quant": False}, "fp4": {"quant_type": "fp4"},
+              "nf4-fp32-compute": {"bnb_4bit_compute_dtype": "fp32"}},
+}
+QUANTS = ("none", *QUANT_OPTIONS["lora"], *QUANT_OPTIONS["qlora"])
 # The `collate` axis: every row full (no mask), padded rows with an attention mask, or a packed padding-free row.
 COLLATES = ("full", "padding", "packing")
 # The `adapter` axis: PEFT's options on top of plain LoRA (`adapter_options`).
@@ -160,7 +167,7 @@ class SweepRun:
         collate = " padded" if t.padding else " packed" if t.packing else ""
         if t.method != "full" and self.source.get("adapter", "lora") != "lora":
             adapter += f" {self.source['adapter']}"
-        if self.source.get("quant", "none") != "none":
+        if self.source.get("quant", "none") != "none":  # (QLoRA's too)
             adapter += f" {self.source['quant']}"
         return (f"{self.model} {t.method}{adapter} {self.source['precision']} {self.backend}/{self.mode} "
                 f"b={t.batch_size} s={t.seq_len}{ckpt}{experts}{loss}{collate}{attention}")
@@ -355,7 +362,7 @@ def _expand_block(where: str, label: str, spec: ModelSpec, source: dict[str, Any
         if v["quant"] not in QUANTS:
             raise _err(f"{where} model {label}", f"quant: unknown value {v['quant']!r}",
                        f"use one of {', '.join(QUANTS)}")
-        if v["method"] != "lora":  # an 8-bit base carries LoRA: one run
+        if v["quant"] not in QUANT_OPTIONS.get(v["method"], {}):  # another method's option: one run
             v.update(quant="none")
         dtype, amp = PRECISIONS[v["precision"]]
         device = "cuda" if v["mode"] == "cuda" else "cpu"
@@ -370,7 +377,7 @@ def _expand_block(where: str, label: str, spec: ModelSpec, source: dict[str, Any
                 device=device, attention=v["attention"], lora=lora if v["method"] != "full" else LoraSpec(),
                 experts_implementation=v["experts_implementation"], **parse_loss(v["loss"]),
                 padding=v["collate"] == "padding", packing=v["collate"] == "packing",
-                load_in_8bit=v["quant"] != "none", kbit_prep=v["quant"] != "int8-nokbit")
+                **QUANT_OPTIONS.get(v["method"], {}).get(v["quant"], {}))
             if training.method != "full":
                 lora_params(spec, lora.r, targets)  # unknown targets, r wider than a layer
                 modules_to_save(spec, lora.modules_to_save)  # a module the planner does not copy

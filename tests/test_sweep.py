@@ -433,6 +433,12 @@ def test_quant_axis_puts_lora_on_an_8bit_base(tmp_path):
         ("full", False, True), ("lora", False, True), ("lora", True, False), ("lora", True, True)]
     assert len({r.to_request().key for r in cpu}) == 4
     assert sum("int8" in label for label, _ in grid.skipped) == 2
+    path.write_text('[models.a]\ncatalog = "llama-3.2-1b"\n[[grid]]\nmodels = "*"\nmethod = "qlora"\n'
+                    'quant = ["none", "int8", "nf4-nodq", "fp4", "nf4-nokbit", "nf4-fp32-compute"]\n')
+    qlora = sorted((r.training.double_quant, r.training.quant_type, r.training.kbit_prep,
+                    str(r.training.bnb_4bit_compute_dtype)) for r in load_grid(path).runs)
+    assert qlora == [(False, "nf4", True, "None"), (True, "fp4", True, "None"), (True, "nf4", False, "None"),
+                     (True, "nf4", True, "None"), (True, "nf4", True, "fp32")]  # int8 collapses to the recipe's
     path.write_text('[models.a]\ncatalog = "llama-3.2-1b"\n[[grid]]\nmodels = "*"\nquant = ["int4"]\n')
     with pytest.raises(PlannerInputError, match="quant"):
         load_grid(path)
