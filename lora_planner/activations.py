@@ -532,9 +532,10 @@ def int8_checkpoint_held_bytes(flow: Flow) -> int:
     their inputs are context attributes (`ctx.A`), which checkpointing's saved-tensor hooks never see, so every
     distinct input of the layer's 8-bit linears (the attention's and the MLP's inputs, o_proj's and down_proj's) stays
     beside the layer's checkpointed input (the same tensor where a projection reads that input: OLMo 2). Every layer
-    holds the same: checkpointing makes every layer's input need a gradient. Measured on CPU (MatMul8bitFp; the CUDA
-    `MatMul8bitLt` keeps its input the same way, `ctx.tensors`)."""
-    if not (flow.int8 and flow.t.grad_checkpointing):
+    holds the same: checkpointing makes every layer's input need a gradient. Reentrant checkpointing runs the forward
+    without a graph: nothing held. Measured on CPU (MatMul8bitFp; the CUDA `MatMul8bitLt` keeps its input the same
+    way, `ctx.tensors`)."""
+    if not (flow.int8 and flow.t.grad_checkpointing) or flow.t.use_reentrant:  # reentrant: the forward has no graph
         return 0
     layer_flow = flow.in_layer(flow.layer_adapters[0])
     layer_flow.layer_type = (flow.spec.layer_types or (None,))[0]

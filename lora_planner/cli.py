@@ -48,7 +48,8 @@ def _training_from_args(args: argparse.Namespace, method: str) -> TrainingSpec:
     return TrainingSpec(
         method=method, dtype=dtype, amp=args.amp, optimizer=args.optimizer, optimizer_impl=args.optimizer_impl,
         batch_size=args.batch_size, seq_len=args.seq_len,
-        grad_checkpointing=args.grad_checkpointing or getattr(args, "activation_offload", "none") != "none",
+        grad_checkpointing=args.grad_checkpointing or getattr(args, "activation_offload", "none") != "none"
+        or getattr(args, "use_reentrant", False), use_reentrant=getattr(args, "use_reentrant", False),
         device=args.device, attention=args.attention, gpus=args.gpus, strategy=args.strategy,
         lora=LoraSpec(r=args.r, alpha=args.alpha, target_modules=target, adapter_dtype=args.adapter_dtype,
                       layers_to_transform=layers, target_parameters=_target_parameters(args),

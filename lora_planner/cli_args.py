@@ -162,6 +162,10 @@ def add_planner_options(p: argparse.ArgumentParser) -> None:
                    help=f"micro-batch size (default {DEFAULT_BATCH_SIZE})")
     add_seq_len_argument(p)
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute layers in backward")
+    p.add_argument("--use-reentrant", action="store_true",
+                   help="reentrant checkpointing (gradient_checkpointing_kwargs={'use_reentrant': True}, what "
+                        "prepare_model_for_kbit_training asks for) instead of transformers' and TRL's non-reentrant "
+                        "default; implies --grad-checkpointing")
     p.add_argument("--attention", type=Text("attention", "--attention sdpa"), default="sdpa",
                    help=f"{'|'.join(ATTENTIONS)}, transformers' attn_implementation (default sdpa, transformers' "
                         "default; flash_attention_2 is modelled from flash-attn's source)")

@@ -185,7 +185,7 @@ def plan_warnings(spec: ModelSpec, training: TrainingSpec, budget: Budget | None
             "row, dequantized per matmul; each 8-bit matmul keeps its input as a context attribute while it has a "
             "gradient node" + (f"; under non-reentrant checkpointing (transformers' and TRL's default) the layers' "
                                f"8-bit inputs stay through the forward: {held / GIB:.2f} GiB here, none with reentrant "
-                               "checkpointing (use_reentrant=True, prepare_model_for_kbit_training's own)"
+                               "checkpointing (--use-reentrant: prepare_model_for_kbit_training's own)"
                                if held else "") +
             "; on CUDA, MatMul8bitLt also keeps the outlier columns (inputs >= 6.0, data-dependent: planned none)")
     if training.loss in UNSLOTH_LOSSES:
@@ -450,6 +450,7 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
             "batch_size": t.batch_size,
             "seq_len": t.seq_len,
             "grad_checkpointing": t.grad_checkpointing,
+            "use_reentrant": t.use_reentrant,
             "activation_offload": t.activation_offload,
             "attention": t.attention,
             "loss": loss_kind(spec, t),

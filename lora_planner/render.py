@@ -89,7 +89,8 @@ def _settings_line(plan: Plan) -> str:
         f"{t.attention} attention" + _kernel_note(plan),
         *(["Liger kernels"] if t.liger else []),
         *([f"loss {t.loss}"] if t.loss != "hf" else []),
-        ("gradient checkpointing" if t.grad_checkpointing else "no checkpointing") + _offload_note(t),
+        ("gradient checkpointing" + (" (reentrant)" if t.use_reentrant else "") if t.grad_checkpointing
+         else "no checkpointing") + _offload_note(t),
         f"device {t.device}",
     ]
     if t.gpus > 1:

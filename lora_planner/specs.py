@@ -465,6 +465,11 @@ class TrainingSpec:
     # its input to it and the output back); None: the load dtype (`--dtype`), as the QLoRA recipe sets it.
     # transformers' own default is fp32. Other methods ignore it.
     bnb_4bit_compute_dtype: Dtype | None = None
+    # Gradient checkpointing's flavour: torch's reentrant `checkpoint` (`gradient_checkpointing_kwargs={"use_reentrant":
+    # True}`, what PEFT's `prepare_model_for_kbit_training` asks for) instead of the non-reentrant one transformers and
+    # TRL default to. Measured equal but for what the checkpointed forward keeps outside saved-tensor hooks (an 8-bit
+    # base's inputs: none under reentrant, which runs the layers without a graph).
+    use_reentrant: bool = False
     # LoRA only: the base loaded in 8 bits (bitsandbytes LLM.int8, transformers'
     # `BitsAndBytesConfig(load_in_8bit=True)`: int8 weights with an fp32 scale per output row, `step.int8_bytes`; what
     # its matmuls keep: `rules.Flow.linear`); kbit preparation as for QLoRA.
@@ -537,6 +542,12 @@ class TrainingSpec:
         if self.activation_offload != "none":
             self._check_activation_offload()
         self._check_load_in_8bit()
+        if not isinstance(self.use_reentrant, bool):
+            raise PlannerInputError("use_reentrant", f"must be true or false, got {self.use_reentrant!r}",
+                                    "pass --use-reentrant or leave it out")
+        if self.use_reentrant and not self.grad_checkpointing:
+            raise PlannerInputError("use_reentrant", "reentrant checkpointing needs checkpointing",
+                                    "pass --grad-checkpointing with --use-reentrant")
         if self.optimizer_impl is not None:
             check_choice("optimizer_impl", self.optimizer_impl, OPTIMIZER_IMPLS)
             impls = optimizer_impls(self.optimizer)

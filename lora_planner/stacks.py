@@ -82,7 +82,8 @@ STACKS: dict[str, Stack] = {s.name: s for s in (
           dict(optimizer="adamw_torch_fused", attention="sdpa", grad_checkpointing=False, adapter_dtype="fp32",
                dtype="bf16", amp=None, seq_len=512, batch_size=1, padding=True, packing=False, kbit_prep=False,
                loss="hf", liger=False),
-          ("axolotl's example configs set flash-attention, sample packing, checkpointing (reentrant), often "
+          ("axolotl's example configs set flash-attention, sample packing, checkpointing (often reentrant: "
+           "--use-reentrant), often "
            "lora_modules_to_save and the cut_cross_entropy plugin: pass them as flags (--loss cce for the plugin)",)),
 )}
 

@@ -606,6 +606,11 @@ def test_quant_int8_plans_lora_on_an_8bit_base(capsys):
     assert plan["methods"]["lora"]["weights_at_dtype_bytes"] < lora["weights_at_dtype_bytes"]
     assert main(["--model", "llama-3.1-8b", "--quant", "int8"]) == 0
     assert "LoRA (8-bit base)" in capsys.readouterr().out
+    # reentrant checkpointing runs the layers' forward without a graph: no 8-bit input is held (26.00 GiB here)
+    reentrant = run_json(capsys, "--model", "llama-3.1-8b", "--quant", "int8", "--use-reentrant", "--json")
+    assert (reentrant["inputs"]["use_reentrant"], reentrant["inputs"]["grad_checkpointing"]) == (True, True)
+    held = plan["methods"]["lora"]["peak_allocated_bytes"] - reentrant["methods"]["lora"]["peak_allocated_bytes"]
+    assert held == 32 * 1024 * (3 * 4096 + 14336) * 4  # 32 layers x 1,024 tokens x (3 H + I), fp32
     for argv, needle in ((["--method", "full", "--quant", "int8"], "carries LoRA adapters"),
                          (["--method", "qlora", "--load-in-8bit"], "QLoRA is the 4-bit base"),
                          (["--quant", "nf4"], "--method qlora"),

@@ -191,3 +191,11 @@ def test_model_spec_rejects(edits, field):
                                    dict(sliding_window=None), dict(sliding_window=1)])
 def test_model_spec_accepts_the_edges(edits):
     _model(**edits)
+
+
+def test_use_reentrant_needs_checkpointing():
+    assert TrainingSpec(grad_checkpointing=True, use_reentrant=True).use_reentrant
+    with pytest.raises(PlannerInputError, match="use_reentrant"):
+        TrainingSpec(use_reentrant=True)
+    with pytest.raises(PlannerInputError, match="use_reentrant"):
+        TrainingSpec(grad_checkpointing=True, use_reentrant="yes")

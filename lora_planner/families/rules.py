@@ -170,7 +170,7 @@ class Flow:
             # `MatMul8bitLt`), though backward never reads it: the frozen weight needs no gradient. Under checkpointing
             # these are held from the forward (`activations.int8_checkpoint_held_bytes`), and the recompute keeps no
             # second copy (its hooks see no context attribute): only what another op saves is recomputed.
-            keeps_x = keeps_x or not self.t.grad_checkpointing
+            keeps_x = keeps_x or not self.t.grad_checkpointing  # (reentrant: the recompute keeps it, as without)
             if self.int8_inputs is not None:
                 self.int8_inputs[int8_input_key(self.family, name)] = tokens * m.in_features * x_bytes_per_element
         if self.full or path in self.trained_paths:

@@ -168,7 +168,7 @@ def build_hf_model(spec: ModelSpec, training: TrainingSpec, device: str) -> nn.M
         with torch.device(device):
             model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attention)
     if training.grad_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": training.use_reentrant})
     if training.method != "full":
         model = _apply_peft_lora(model, spec, training)
     model.train()
@@ -209,7 +209,7 @@ def _quantized_model(config: Any, training: TrainingSpec, device: str, attention
     if training.kbit_prep:
         model = peft.prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=training.grad_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False})
+            gradient_checkpointing_kwargs={"use_reentrant": training.use_reentrant})
     return model
 
 

@@ -107,6 +107,8 @@ class ProfileRequest:
             parts.append("quant:int8")
         if t.method == "qlora" and t.bnb_4bit_compute_dtype not in (None, t.compute_dtype):
             parts.append(f"compute:{t.bnb_4bit_compute_dtype}")
+        if t.use_reentrant:
+            parts.append("reentrant")
         if t.quantized and not t.kbit_prep:
             parts.append("no-kbit-prep")
         return "|".join(map(str, parts))
@@ -286,6 +288,9 @@ def check_request(request: ProfileRequest) -> None:
                                 "streams and pinned memory, which a profiled step here does not run",
                                 "profile without --activation-offloading (its GPU side is modelled from source and "
                                 "checked by a CPU emulation of its policy, tests/test_activation_offload.py)")
+    if t.use_reentrant and request.backend != "hf":
+        raise PlannerInputError("use_reentrant", "the builtin backend checkpoints non-reentrant",
+                                "profile reentrant checkpointing with --backend hf")
     if t.lora.bias != "none" and t.method != "full" and request.backend != "hf":
         raise PlannerInputError("bias", "the builtin backend trains no base biases", "profile it with --backend hf")
     if t.lora.use_dora and t.method != "full" and request.backend != "hf":
@@ -623,7 +628,8 @@ def base_record(request: ProfileRequest) -> dict[str, Any]:
             "bnb_4bit_compute_dtype": t.bnb_4bit_compute_dtype if t.method == "qlora" else None,
             "adapter_dtype": t.lora.adapter_dtype, "dtype": t.dtype, "amp": t.amp, "optimizer": t.optimizer,
             "optimizer_impl": t.resolved_optimizer_impl, "batch_size": t.batch_size, "seq_len": t.seq_len,
-            "grad_checkpointing": t.grad_checkpointing, "attention": t.attention, "steps": request.steps,
+            "grad_checkpointing": t.grad_checkpointing, "use_reentrant": t.use_reentrant or None,
+            "attention": t.attention, "steps": request.steps,
             "gpus": t.gpus, "strategy": t.resolved_strategy,
             "experts_implementation": t.experts_implementation if request.spec.is_moe else None,
             "target_parameters": list(lora.target_parameters) if lora.target_parameters else None,

@@ -100,6 +100,7 @@ def training_for_record(record: dict[str, Any]) -> TrainingSpec | None:
                             optimizer=s.get("optimizer", "adamw"), optimizer_impl=s.get("optimizer_impl"),
                             batch_size=s["batch_size"], seq_len=s["seq_len"],
                             grad_checkpointing=bool(s.get("grad_checkpointing")), device=record.get("device", "cpu"),
+                            use_reentrant=bool(s.get("use_reentrant")),
                             attention=s.get("attention", "sdpa"), lora=lora, padding=bool(s.get("padding")),
                             packing=bool(s.get("packing")), load_in_8bit=bool(s.get("load_in_8bit")),
                             kbit_prep=s.get("kbit_prep") is not False, double_quant=s.get("double_quant") is not False,

@@ -239,6 +239,12 @@ CPU_CASES = [
     ("deepseek_v3", "hf", dict(method="full", grad_checkpointing=True)),
     ("deepseek_v3", "hf", dict(method="lora", experts_implementation="eager",
                                lora=LoraSpec(r=8, target_modules=("all-linear",)))),
+    # reentrant checkpointing (issue 13, `use_reentrant`): what the non-reentrant flavour keeps, measured equal
+    ("llama", "hf", dict(method="lora", grad_checkpointing=True, use_reentrant=True)),
+    ("qwen2", "hf", dict(method="lora", grad_checkpointing=True, use_reentrant=True,
+                         lora=LoraSpec(r=8, target_modules=("all-linear",)))),
+    ("gemma2", "hf", dict(method="lora", grad_checkpointing=True, use_reentrant=True)),
+    ("llama", "hf", dict(method="lora", grad_checkpointing=True, use_reentrant=True, lora=LoraSpec(r=8, use_dora=True))),
     # rsLoRA (issue 13): PEFT's use_rslora changes the scaling, not the memory
     ("llama", "hf", dict(method="lora", lora=LoraSpec(r=16, use_rslora=True))),
     # torchtune's chunked loss (issue 13): chunk counts that divide the sequence or not, one chunk, b = 1 (the
@@ -869,6 +875,7 @@ INT8_CASES = [
     ("llama", dict(kbit_prep=False)),
     ("llama", dict(grad_checkpointing=True)),
     ("llama", dict(grad_checkpointing=True, kbit_prep=False, lora=LoraSpec(r=8, target_modules=("all-linear",)))),
+    ("llama", dict(grad_checkpointing=True, use_reentrant=True)),  # reentrant: the forward keeps no 8-bit input
     ("llama", dict(dtype="fp32")),
     ("llama", dict(lora=LoraSpec(r=8, modules_to_save=("embed_tokens", "lm_head")))),
     ("qwen2", dict(grad_checkpointing=True, lora=LoraSpec(r=8, target_modules=("all-linear",)))),
