@@ -237,6 +237,33 @@ def test_phi3_liger_mlp_copies_gate_and_up():
     assert (liger["mlp.gate_copy"], liger["mlp.up_copy"]) == (inter, inter) and "mlp.act_output" not in liger
 
 
+GEMMA = {"model_type": "gemma2", "vocab_size": 1000, "hidden_size": 64, "intermediate_size": 176,
+         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16}
+
+
+@pytest.mark.parametrize("model_type", ["gemma2", "gemma3_text"])
+def test_liger_gemma_layer_by_hand(model_type):
+    """`--liger` on Gemma 2 / 3 (`apply_liger_kernel_to_gemma2` / `_gemma3_text`), LoRA q / v, bf16, b = 2, s = 64: each
+    of the four (1 + w) RMSNorms keeps its bf16 input and fp32 1/rms (no fp32 copy, no fp32 (1 + w)); GEGLU keeps gate's
+    and up's outputs; Gemma 3's q / k norms keep the projections' bf16 outputs and 1/rms per head and token; the loss
+    is the fused linear cross-entropy, the final soft-cap inside its kernel (no tanh tensor)."""
+    spec = spec_from_config({**GEMMA, "model_type": model_type}, "tiny-gemma")
+    liger = layer_saved(spec, method="lora", liger=True)
+    norms = {k: v for k, v in liger.items() if "layernorm" in k}
+    assert norms == {f"{n}.{part}": T * (64 * 2 if part == "input" else 4)
+                     for n in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                               "post_feedforward_layernorm") for part in ("input", "rstd")}
+    assert {k: v for k, v in liger.items() if k.startswith("mlp.")} == {"mlp.gate_output": T * 176 * 2,
+                                                                        "mlp.up_output": T * 176 * 2}
+    if model_type == "gemma3_text":
+        assert {k: v for k, v in liger.items() if "_norm." in k} == {
+            "self_attn.q_norm.input": T * 64 * 2, "self_attn.q_norm.rstd": T * 4 * 4,
+            "self_attn.k_norm.input": T * 32 * 2, "self_attn.k_norm.rstd": T * 2 * 4}
+    profile = activation_profile(spec, TrainingSpec(method="lora", batch_size=B, seq_len=S, liger=True))
+    assert not any(t.name.startswith("loss.logit_softcap") for t in profile.loss)
+    assert {t.name for t in profile.loss} == {"loss.flce_grad_input"}
+
+
 def test_liger_where_it_does_not_patch_or_is_not_modelled():
     """GPT-2: Liger has no patch, the Trainer applies none (the plan is unchanged, transformers' loss); Mixtral: its
     fused MoE experts are not modelled, refused."""

@@ -14,7 +14,7 @@ not support softcapping"): `attn_implementation="sdpa"` raises ValueError, and t
 to eager (`PreTrainedModel.get_correct_attn_implementation`). So every plan is eager attention (`Family.sdpa` False:
 `lora_planner.activations.make_flow` plans eager and `plan_warnings` says so when SDPA was asked); flash-attention-2
 is planned as flash-attn keeps it (`rules.flash_attention`: the soft-cap and the window are inside the kernel, no
-S x S tensor); flex attention is not modelled. `eager_attention_forward`: matmul(q, k^T) * scaling (scaling =
+S x S tensor), and so is FlexAttention (`rules.flex_attention`). `eager_attention_forward`: matmul(q, k^T) * scaling (scaling =
 `query_pre_attn_scalar ** -0.5`, a scalar: nothing saved), then with `attn_logit_softcapping` scores / cap,
 tanh, * cap: the scalar ops save nothing, tanh keeps its output (S x S per head, compute dtype) when q or k needs a
 gradient; then + mask, the fp32 softmax and its 16-bit copy as in every eager family (`rules.eager_attention`).
@@ -32,8 +32,14 @@ Outside the layers: `Gemma2TextScaledWordEmbedding` multiplies the embeddings by
 tanh, * cap before the loss): tanh keeps its output (B x S x V, the logits' dtype), counted with the loss
 (`lora_planner.activations`). RoPE: one table (`Gemma2RotaryEmbedding`, cos / sin in the stream dtype).
 
+Liger (`use_liger_kernel`, linkedin/Liger-Kernel `transformers/monkey_patch.py` `apply_liger_kernel_to_gemma2`):
+`LigerRMSNormForGemma2` (offset 1, gemma casting mode, out of place) on the four layer norms and the final one (each
+keeps its input and fp32 1/rms: `rules.liger_rms_norm`; out of place changes only its backward's buffer), GEGLU
+(`LigerGEGLUMLP`: gate's and up's outputs, `rules.gated_mlp`), RoPE, and the fused linear cross-entropy with the
+final soft-cap inside its kernel (`ops/cross_entropy.py` `HAS_SOFTCAPPING`: no tanh tensor). Modelled, not measured.
+
 PEFT 0.21.2's default LoRA targets for gemma2: q_proj, v_proj (TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING).
-Known limitations: flex attention (which takes the soft-cap inside its kernel) is not planned.
+flex attention takes the window and the soft-cap inside its kernel, as flash-attn does (`rules.flex_attention`).
 """
 
 from __future__ import annotations
@@ -119,6 +125,4 @@ def model_level(flow: Flow, embeddings_need_grad: bool) -> list[SavedTensor]:
 FAMILY = Family(model_types=("gemma2",), layout=layout, layer=layer, peft_default_targets=("q_proj", "v_proj"),
                 layer_prefix=PREFIX, last_linear="mlp.down_proj", positions="rope", norm="rms_gemma",
                 model_level=model_level, scalar_buffers=1, saves_after_last_linear=True, sdpa=False,
-                models_sliding_window=True,
-                liger="Liger's Gemma 2 patch (out-of-place RMSNorms, GEGLU, soft-capped fused loss) is "
-                      "not modelled yet")
+                models_sliding_window=True, liger="modelled")

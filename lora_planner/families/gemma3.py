@@ -23,6 +23,9 @@ shared sliding-window rules (`lora_planner.families.rules`, "sliding windows"):
   (1, 1, s, s) bool mask is kept as the layers' argument (`rules.mask_arguments`).
 - eager: both kinds get a (b, 1, s, s) additive mask, transient unless checkpointing keeps them (as Gemma 2).
 
+Liger (`apply_liger_kernel_to_gemma3_text`): Gemma 2's patch (`lora_planner.families.gemma2`) and `LigerRMSNormForGemma3`
+on q_norm / k_norm too (`_head_norm`). Modelled, not measured.
+
 PEFT 0.21.2's default LoRA targets for gemma3_text: q_proj, v_proj (TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING).
 Known limitations: only the text tower (`Gemma3ForCausalLM`); the multimodal `gemma3` wrappers (4B / 12B / 27B:
 `Gemma3ForConditionalGeneration`, a SigLIP vision tower and projector beside the language model) are not modelled;
@@ -51,6 +54,11 @@ def layout(spec: ModelSpec) -> list[Module]:
 
 def _head_norm(flow: Flow, name: str, width: int, x_needs_grad: bool) -> list[SavedTensor]:
     tokens, d = flow.tokens, flow.spec.head_dim
+    if flow.liger:
+        # `LigerRMSNormForGemma3` (offset 1, gemma casting mode): the projection's output (a (tokens x heads, d) view,
+        # the compute dtype) and fp32 1/rms per head and token; nothing normalised for a trained weight
+        return [SavedTensor(f"{name}.input", tokens * width * flow.e_compute),
+                SavedTensor(f"{name}.rstd", tokens * (width // d) * FP32)] if x_needs_grad or flow.full else []
     saved: list[SavedTensor] = []
     if x_needs_grad:
         saved += [SavedTensor(f"{name}.fp32_input", tokens * width * FP32),
@@ -85,5 +93,4 @@ def model_level(flow: Flow, embeddings_need_grad: bool) -> list[SavedTensor]:
 FAMILY = Family(model_types=("gemma3_text",), layout=layout, layer=layer, peft_default_targets=("q_proj", "v_proj"),
                 layer_prefix=PREFIX, last_linear="mlp.down_proj", positions="rope", norm="rms_gemma",
                 model_level=model_level, scalar_buffers=1, saves_after_last_linear=True,
-                rotary_per_layer_type=True, models_sliding_window=True,
-                liger="Liger's Gemma 3 patch (out-of-place RMSNorms incl. q / k norms, GEGLU) is not modelled yet")
+                rotary_per_layer_type=True, models_sliding_window=True, liger="modelled")
