@@ -443,3 +443,15 @@ def test_qdora_forward_adds_the_dequantized_weight_by_hand():
     plain = make_flow(spec, TrainingSpec(method="lora", batch_size=B, seq_len=S, lora=lora))
     qdora = make_flow(spec, TrainingSpec(method="qlora", kbit_prep=False, batch_size=B, seq_len=S, lora=lora))
     assert dora_forward_scratch(qdora, 64, 176, 2, True) - dora_forward_scratch(plain, 64, 176, 2, True) == 176 * 64 * 2
+
+
+def test_liger_olmo2_patches_the_post_norms_not_q_k_norms():
+    """`apply_liger_kernel_to_olmo2(model=...)` patches the instance's post-norms and final norm, not q_norm / k_norm:
+    the post-norms keep their bf16 input and fp32 1/rms, the q / k norms their fp32 copies as without Liger."""
+    spec = spec_from_config({**TINY, "model_type": "olmo2", "head_dim": 16}, "tiny-olmo2")
+    liger = layer_saved(spec, method="lora", liger=True)
+    plain = layer_saved(spec, method="lora")
+    for name in ("post_attention_layernorm", "post_feedforward_layernorm"):
+        assert (liger[f"{name}.input"], liger[f"{name}.rstd"]) == (T * 64 * 2, T * 4)
+        assert f"{name}.fp32_input" not in liger
+    assert {k: v for k, v in liger.items() if "_norm." in k} == {k: v for k, v in plain.items() if "_norm." in k}

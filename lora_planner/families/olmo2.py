@@ -14,6 +14,10 @@ itself (the residual stream), so it is what they keep; q_norm / k_norm keep the 
 outputs and 1/rms per token (`rms_norm_of`); the attention core as Llama's; each post-norm keeps the fp32 copy
 of its sublayer's output (o_proj, down_proj) and 1/rms; gate / up read the stream after the attention residual.
 
+Liger (`use_liger_kernel`, Liger-Kernel `monkey_patch.py` `apply_liger_kernel_to_olmo2` on the instance): its RMSNorm
+on the two post-norms (out of place) and the final norm, SwiGLU, RoPE and the fused linear cross-entropy; q_norm /
+k_norm stay transformers' (the instance patch leaves them). Modelled, not measured.
+
 PEFT 0.21.2 has no default LoRA targets for olmo2 (TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING has no
 entry: `get_peft_model` asks for target_modules): the planner uses q_proj, v_proj and says so
 (`Family.peft_has_default` False).
@@ -23,8 +27,8 @@ from __future__ import annotations
 
 from lora_planner.families.base import Family, Module, attention_modules
 from lora_planner.families.rules import (
-    Flow, SavedTensor, attention_core, attention_projections, fused_output_reused, gated_mlp, output_projection,
-    rms_norm_of,
+    Flow, SavedTensor, attention_core, attention_projections, fused_output_reused, gated_mlp, liger_rms_norm,
+    output_projection, rms_norm_of,
 )
 from lora_planner.specs import ModelSpec
 
@@ -64,17 +68,25 @@ def layer(flow: Flow, x_needs_grad: bool) -> list[SavedTensor]:
     own, attn_out_grad = output_projection(flow, p + "self_attn.o_proj", spec.q_size, attn_needs_grad,
                                            reads_saved_output=fused_output_reused(flow))
     saved += own
-    saved += rms_norm_of(flow, "post_attention_layernorm", tokens * h, h, e, attn_out_grad, fp32_product=True)
+    saved += _post_norm(flow, "post_attention_layernorm", attn_out_grad)
 
     mid_needs_grad = x_needs_grad or attn_out_grad
     mlp_saved, mlp_out_grad = gated_mlp(flow, p + "mlp.", mid_needs_grad, "attention_residual.output")
     saved += mlp_saved
-    saved += rms_norm_of(flow, "post_feedforward_layernorm", tokens * h, h, e, mlp_out_grad, fp32_product=True)
+    saved += _post_norm(flow, "post_feedforward_layernorm", mlp_out_grad)
     return saved
+
+
+def _post_norm(flow: Flow, name: str, x_needs_grad: bool) -> list[SavedTensor]:
+    """A post-norm on its sublayer's output: `Olmo2RMSNorm`, or Liger's (`apply_liger_kernel_to_olmo2` patches the
+    instance's post-norms and the final norm, out of place, not q_norm / k_norm: `rules.liger_rms_norm`)."""
+    h = flow.spec.hidden_size
+    if flow.liger:
+        return liger_rms_norm(flow, name, x_needs_grad)
+    return rms_norm_of(flow, name, flow.tokens * h, h, flow.e_compute, x_needs_grad, fp32_product=True)
 
 
 FAMILY = Family(model_types=("olmo2",), layout=layout, layer=layer, peft_default_targets=("q_proj", "v_proj"),
                 layer_prefix=PREFIX, last_linear="mlp.down_proj", positions="rope", norm="rms_fp32",
                 peft_has_default=False, rotary_fp32=True, linear_reads_layer_input=True,
-                saves_after_last_linear=True,
-                liger="Liger patches only some of OLMo 2's norms (out of place), not modelled yet")
+                saves_after_last_linear=True, liger="modelled")
