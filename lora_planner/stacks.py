@@ -95,12 +95,17 @@ def resolve_stack(name: str) -> Stack:
     return STACKS[key]
 
 
+# Options that exclude each other: one given explicitly replaces the preset's choice of the other too (`--packing`
+# over a preset that pads).
+EXCLUSIVE = {"padding": "packing", "packing": "padding"}
+
+
 def apply_stack(stack: Stack, args: Any, explicit: set[str]) -> list[str]:
     """Set every preset option the user did not give explicitly (`explicit`: argparse dests named on the command
-    line) and that `args` has; returns the options set, as `--flag value` text."""
+    line) and that `args` has, nor one it excludes (`EXCLUSIVE`); returns the options set, as `--flag value` text."""
     applied = []
     for dest, value in stack.settings.items():
-        if dest in explicit or not hasattr(args, dest):
+        if dest in explicit or EXCLUSIVE.get(dest) in explicit or not hasattr(args, dest):
             continue
         setattr(args, dest, value)
         flag = "--" + dest.replace("_", "-")

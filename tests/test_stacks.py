@@ -85,3 +85,10 @@ def test_notes_are_sentences(name):
     """Each note is one sentence of what is not modelled (a one-element tuple needs its comma)."""
     notes = STACKS[name].notes
     assert isinstance(notes, tuple) and all(isinstance(n, str) and len(n) > 20 for n in notes)
+
+
+def test_an_explicit_packing_replaces_the_presets_padding(capsys):
+    """trl-sft pads by default; `--packing` given explicitly wins over that too (the two exclude each other)."""
+    assert main(["--model", "llama-3.1-8b", "--method", "lora", "--stack", "trl-sft", "--packing", "--json"]) == 0
+    inputs = json.loads(capsys.readouterr().out)["inputs"]
+    assert (inputs["packing"], inputs["padding"]) == (True, False)
