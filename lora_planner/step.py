@@ -82,7 +82,7 @@ def nf4_bytes(numel: int, double_quant: bool = True) -> int:
 
 def _base_weight_bytes(spec: ModelSpec, training: TrainingSpec) -> int:
     """Frozen or trainable base weights as stored: --dtype (fp32 under AMP), NF4 linears under QLoRA."""
-    return _stored_weight_bytes(spec, _quant(training.method, training), training.dtype, _kbit_fp32(training),
+    return _stored_weight_bytes(spec, _quant(_storage_method(training)), training.dtype, _kbit_fp32(training),
                                 training.matmul_4bit_dtype,
                                 training.double_quant)
 
@@ -96,12 +96,10 @@ def _kbit_fp32(training: TrainingSpec) -> bool:
     return training.quantized and training.kbit_prep and training.dtype != "fp32"
 
 
-def _quant(method: str, training: TrainingSpec | None = None) -> str:
-    """How the base linears are stored: "nf4" (QLoRA's NF4 / FP4), "int8" (LLM.int8, `load_in_8bit`), "" (at the
-    dtype). `method` may be `_storage_method`'s "int8" already."""
-    if method == "qlora":
-        return "nf4"
-    return "int8" if method == "int8" or (training is not None and training.load_in_8bit) else ""
+def _quant(method: str) -> str:
+    """How the base linears of a `_storage_method` are stored: "nf4" (QLoRA's NF4 / FP4), "int8" (LLM.int8,
+    `load_in_8bit`), "" (at the dtype)."""
+    return {"qlora": "nf4", "int8": "int8"}.get(method, "")
 
 
 def _storage_method(training: TrainingSpec) -> str:
