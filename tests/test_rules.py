@@ -317,7 +317,7 @@ def test_dora_magnitude_is_trainable():
     assert dora.trainable_params - plain.trainable_params == 2 * (64 + 32)
 
 
-@pytest.mark.parametrize("settings, fragment", [(dict(method="qlora"), "QLoRA"),
+@pytest.mark.parametrize("settings, fragment", [(dict(load_in_8bit=True), "8-bit base"),
                                                 (dict(dtype="fp32", amp="bf16"), "autocast")])
 def test_dora_refusals(settings, fragment):
     with pytest.raises(PlannerInputError) as err:
