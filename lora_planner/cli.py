@@ -193,6 +193,8 @@ def run_estimate(args: argparse.Namespace) -> int:
                      train_tokens=_train_tokens_from_args(args), headroom=args.headroom)
     if getattr(args, "stack_note", None):
         plan = replace(plan, warnings=(args.stack_note, *plan.warnings))
+    if getattr(args, "files_note", None):
+        plan = replace(plan, warnings=(args.files_note, *plan.warnings))
     if getattr(args, "lengths_note", None):
         plan = replace(plan, warnings=(args.lengths_note, *plan.warnings))
     calibration = None
@@ -207,6 +209,7 @@ def run_estimate(args: argparse.Namespace) -> int:
         doc = plan_to_dict(plan)
         doc["inputs"]["stack"] = getattr(args, "stack", None)
         doc["inputs"]["lengths"] = getattr(args, "lengths_summary", None)
+        doc["inputs"]["from_files"] = getattr(args, "files_summary", None)
         print(json.dumps({**doc, **({"calibration": calibration} if calibration else {})}, indent=2))
         return 0
     from lora_planner.render import render_plan
@@ -262,15 +265,35 @@ def _runner(command: str) -> Callable[[argparse.Namespace], int]:
 RECOMMEND_SEARCHED = frozenset({"r", "alpha", "batch_size", "grad_checkpointing"})
 
 
-def _apply_stack(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str]) -> None:
-    """`--stack NAME`: the framework's defaults (`lora_planner.stacks`) for every option not on the command line; the
-    note saying what was set goes to `args.stack_note` (printed with the plan)."""
+def _explicit(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str]) -> set[str]:
+    """The argparse dests named on the command line."""
+    sub = next(a for a in parser._subparsers._group_actions if a.choices).choices[args.command]  # noqa: SLF001
+    given = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
+    return {action.dest for action in sub._actions if given & set(action.option_strings)}  # noqa: SLF001
+
+
+def _apply_files(args: argparse.Namespace, explicit: set[str]) -> set[str]:
+    """`--from FILE` (`lora_planner.from_files`): every file's settings for the options not on the command line
+    (later files win); the note goes to `args.files_note`, the files' summary to `args.files_summary` (--json).
+    Returns the options the files set, which a `--stack` preset then leaves alone."""
+    from lora_planner.from_files import files_note, merge_files, read_settings_file
+    from lora_planner.stacks import Stack, apply_stack
+
+    files = [read_settings_file(path) for path in args.from_files]
+    merged = {dest: value for dest, value in merge_files(files).items() if dest not in explicit}
+    applied = apply_stack(Stack("files", "", merged), args, explicit)
+    args.files_note = files_note(files, applied)
+    args.files_summary = [{"file": f.path, "kind": f.kind, "settings": f.settings,
+                           "not_modelled": list(f.not_modelled)} for f in files]
+    return set(merged)
+
+
+def _apply_stack(args: argparse.Namespace, explicit: set[str]) -> None:
+    """`--stack NAME`: the framework's defaults (`lora_planner.stacks`) for every option not on the command line (nor
+    set by `--from`); the note saying what was set goes to `args.stack_note` (printed with the plan)."""
     from lora_planner.stacks import apply_stack, resolve_stack, stack_note
 
     stack = resolve_stack(args.stack)
-    sub = next(a for a in parser._subparsers._group_actions if a.choices).choices[args.command]  # noqa: SLF001
-    given = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
-    explicit = {action.dest for action in sub._actions if given & set(action.option_strings)}  # noqa: SLF001
     if args.command == "recommend":
         explicit |= RECOMMEND_SEARCHED
     args.stack_note = stack_note(stack, apply_stack(stack, args, explicit))
@@ -321,8 +344,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         parser = build_parser(argv[0] if argv[0] in SUBCOMMANDS else None)
         args = parser.parse_args(argv)
+        explicit = _explicit(parser, args, argv) if getattr(args, "stack", None) or \
+            getattr(args, "from_files", None) else set()
+        if getattr(args, "from_files", None):
+            explicit |= _apply_files(args, explicit)
         if getattr(args, "stack", None):
-            _apply_stack(parser, args, argv)
+            _apply_stack(args, explicit)
         if hasattr(args, "lengths"):
             _apply_lengths(args, argv)
         return _runner(args.command)(args)
