@@ -549,6 +549,11 @@ _VARIANT_SUFFIXES = ("-instruct", "-chat", "-it")
 _VARIANT_INFIXES = ("-instruct-", "-chat-", "-it-")
 
 
+def catalog_name(text: str) -> str | None:
+    """The catalog name `text` means (a name, alias or repo id, any case, or a fine-tune of one), else None."""
+    return _catalog_key(text.strip().lower())
+
+
 def _catalog_key(key: str) -> str | None:
     """The catalog name `key` (lower case) means, directly, by alias / repo id, or as a fine-tune of one."""
     candidates = [key]

@@ -25,7 +25,7 @@ from lora_planner.cli_options import budget_from_args, overhead_from_args
 from lora_planner.errors import PlannerInputError
 from lora_planner.planner import make_plan, plan_to_dict, refit
 from lora_planner.specs import (
-    MAX_LAYERS, MAX_VOCAB, METHODS, REGISTERED_FAMILIES, LoraSpec, TrainingSpec, check_choice, parse_loss,
+    MAX_LAYERS, MAX_VOCAB, METHODS, REGISTERED_FAMILIES, STRATEGY_ALIASES, LoraSpec, TrainingSpec, check_choice, parse_loss,
 )
 
 SUBCOMMANDS = tuple(SUBCOMMAND_ARGUMENTS)
@@ -65,6 +65,7 @@ def _training_from_args(args: argparse.Namespace, method: str) -> TrainingSpec:
         bnb_4bit_compute_dtype=getattr(args, "bnb_4bit_compute_dtype", None),
         experts_implementation=getattr(args, "experts_implementation", "grouped_mm"),
         routing=_routing(getattr(args, "routing", "balanced")),
+        zero_config=getattr(args, "zero_config", None) or (),
         **parse_loss(getattr(args, "loss", "hf")),
         padding=getattr(args, "padding", False), packing=getattr(args, "packing", False),
         liger=getattr(args, "liger", False),
@@ -169,6 +170,8 @@ def _methods_from_args(args: argparse.Namespace) -> tuple[str, ...]:
     if _load_in_8bit(args) and args.method in ("full,lora,qlora", "full,lora"):
         return ("lora",)  # the default methods: an 8-bit base carries LoRA adapters only
     methods = _csv(args.method)
+    if args.method == "full,lora,qlora" and STRATEGY_ALIASES.get(args.strategy, args.strategy) == "deepspeed-zero3":
+        methods = ("full", "lora")  # the default methods: QLoRA's NF4 weights under ZeRO-3 are refused (not modelled)
     for method in methods:
         if method not in METHODS:
             raise PlannerInputError("method", f"unknown method {method!r}", f"use a comma list of {', '.join(METHODS)}")
@@ -274,18 +277,26 @@ def _explicit(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: l
 
 def _apply_files(args: argparse.Namespace, explicit: set[str]) -> set[str]:
     """`--from FILE` (`lora_planner.from_files`): every file's settings for the options not on the command line
-    (later files win); the note goes to `args.files_note`, the files' summary to `args.files_summary` (--json).
-    Returns the options the files set, which a `--stack` preset then leaves alone."""
-    from lora_planner.from_files import files_note, merge_files, read_settings_file
+    (later files win); the note goes to `args.files_note`, the files' summary to `args.files_summary` (--json), the
+    files to `args.files` (the smallest edit to fit). A framework's file names its preset, used when no `--stack`
+    is given. Returns the options the files set, which a `--stack` preset then leaves alone."""
+    from lora_planner.from_files import files_note, implied_stack, merge_files, read_settings_file
     from lora_planner.stacks import Stack, apply_stack
 
     files = [read_settings_file(path) for path in args.from_files]
     merged = {dest: value for dest, value in merge_files(files).items() if dest not in explicit}
     applied = apply_stack(Stack("files", "", merged), args, explicit)
+    args.files = files
     args.files_note = files_note(files, applied)
-    args.files_summary = [{"file": f.path, "kind": f.kind, "settings": f.settings,
-                           "not_modelled": list(f.not_modelled)} for f in files]
+    args.files_summary = [{"file": f.path, "kind": f.kind, "settings": _jsonable(f.settings), "keys": f.keys,
+                           "stack": f.stack, "not_modelled": list(f.not_modelled)} for f in files]
+    if getattr(args, "stack", None) is None and implied_stack(files):
+        args.stack = implied_stack(files)
     return set(merged)
+
+
+def _jsonable(settings: dict) -> dict:
+    return {k: [list(p) for p in v] if isinstance(v, tuple) else v for k, v in settings.items()}
 
 
 def _apply_stack(args: argparse.Namespace, explicit: set[str]) -> None:

@@ -65,7 +65,10 @@ def add_planner_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--from", dest="from_files", action="append", type=Text("from", "--from adapter_config.json"),
                    default=None, help="read settings from a file you already have (repeatable; later files win, flags "
                                       "win over files): a PEFT adapter_config.json / LoraConfig, transformers' "
-                                      "TrainingArguments or TRL's SFTConfig as JSON or YAML")
+                                      "TrainingArguments or TRL's SFTConfig as JSON or YAML, an axolotl, "
+                                      "LLaMA-Factory, torchtune or litgpt YAML, a DeepSpeed JSON, an accelerate "
+                                      "config, a model's config.json / BitsAndBytesConfig")
+    p.set_defaults(zero_config=None)  # DeepSpeed's zero_optimization sizes: only --from a DeepSpeed JSON sets them
     p.add_argument("--r", type=count("r", "--r 8", MAX_R), default=DEFAULT_R,
                    help=f"LoRA rank (default {DEFAULT_R}, PEFT's)")
     p.add_argument("--alpha", type=positive_number("alpha", "--alpha 16"), default=None, help="LoRA alpha (default 2r)")

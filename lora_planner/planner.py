@@ -468,6 +468,7 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
             "device": t.device,
             "gpus": t.gpus,
             "strategy": t.resolved_strategy,
+            "zero_config": dict(t.zero_config) or None,
             "gpu": plan.budget.name if plan.budget else None,
             "budget_bytes": plan.budget.memory_bytes if plan.budget else None,
             "gpu_mem": plan.budget.memory_text if plan.budget else None,

@@ -483,6 +483,10 @@ class TrainingSpec:
     # Checkpointed layer inputs in host RAM (`lora_planner.activation_offload`): torchtune's
     # `enable_activation_offloading`, Unsloth's `use_gradient_checkpointing="unsloth"`; needs grad_checkpointing.
     activation_offload: ActivationOffload = "none"
+    # DeepSpeed strategies: the `zero_optimization` settings that change memory, as (key, value) pairs over
+    # DeepSpeed's defaults (`lora_planner.parallel.deepspeed.DeepSpeedZeroConfig`); a value "auto" is what the
+    # Hugging Face Trainer fills in from the model's hidden size (`--from` a DeepSpeed JSON sets them).
+    zero_config: tuple[tuple[str, int | bool | str], ...] = ()
 
     def __post_init__(self) -> None:
         check_choice("method", self.method, METHODS)

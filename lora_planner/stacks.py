@@ -27,7 +27,11 @@ Sources (file:line at the version named):
 - axolotl (067b021): `src/axolotl/utils/schemas/*` (optimizer adamw_torch_fused, sequence_len 512,
   micro_batch_size 1, gradient_checkpointing off, sdpa; QLoRA: kbit preparation, then embeddings, norms and lm_head
   cast back to the load dtype).
-Read in the research notes of issue 13; the frameworks move fast, so each preset names its version.
+- llamafactory (ff6d4d1): `src/llamafactory/hparams/{model,finetuning,data}_args.py` (lora_rank 8, lora_alpha 2 x
+  rank, lora_target all, cutoff_len 2048, gradient checkpointing on unless disable_gradient_checkpointing, reentrant
+  unless use_reentrant_gc=False), `model/adapter.py` (trainable parameters upcast to fp32), no kbit preparation
+  (`model/model_utils/checkpointing.py` `prepare_model_for_training` instead), transformers' Trainer otherwise.
+Read in the research notes of issues 13 and 14; the frameworks move fast, so each preset names its version.
 """
 
 from __future__ import annotations
@@ -85,6 +89,10 @@ STACKS: dict[str, Stack] = {s.name: s for s in (
           ("axolotl's example configs set flash-attention, sample packing, checkpointing (often reentrant: "
            "--use-reentrant), often "
            "lora_modules_to_save and the cut_cross_entropy plugin: pass them as flags (--loss cce for the plugin)",)),
+    Stack("llamafactory", "LLaMA-Factory ff6d4d1 (argument defaults)",
+          dict(optimizer="adamw_torch_fused", attention="sdpa", grad_checkpointing=True, use_reentrant=True,
+               adapter_dtype="fp32", r=8, alpha=16.0, target="all-linear", dtype="bf16", amp=None, seq_len=2048,
+               batch_size=8, padding=True, packing=False, kbit_prep=False, loss="hf", liger=False)),
 )}
 
 

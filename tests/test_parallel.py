@@ -273,3 +273,31 @@ def test_deepspeed_shards_expert_stacks_like_any_parameter(name, targets):
     plan = estimate_memory(spec, full)
     single = estimate_memory(spec, TrainingSpec(method="full"))
     assert plan.peak_allocated_bytes < single.peak_allocated_bytes / 2  # weights, gradients, states sharded 8 ways
+
+
+@pytest.mark.parametrize("strategy, expected", [
+    # transformers 5.24 integrations/deepspeed.py trainer_config_finalize, h = 4,096 (Llama-3.1-8B)
+    ("deepspeed-zero3", dict(reduce_bucket_size=4096 * 4096, stage3_prefetch_bucket_size=15_099_494,
+                             stage3_param_persistence_threshold=40_960, stage3_max_live_parameters=10**9)),
+    # below stage 3 the Trainer fills reduce_bucket_size only; the rest keep DeepSpeed's defaults
+    ("deepspeed-zero2", dict(reduce_bucket_size=16_777_216, stage3_prefetch_bucket_size=50_000_000,
+                             stage3_param_persistence_threshold=100_000, stage3_max_live_parameters=10**9)),
+])
+def test_hf_trainer_auto_sizes_by_hand(strategy, expected):
+    auto = (("reduce_bucket_size", "auto"), ("stage3_prefetch_bucket_size", "auto"),
+            ("stage3_param_persistence_threshold", "auto"), ("overlap_comm", False))
+    t = TrainingSpec(method="full", gpus=8, strategy=strategy, zero_config=auto)
+    zero = deepspeed.zero_config_for(resolve_model("llama-3.1-8b"), t)
+    assert {k: getattr(zero, k) for k in expected} == expected and zero.overlap_comm is False
+    assert deepspeed.zero_config_for(TINY, TrainingSpec(method="full", gpus=2, strategy=strategy)) == \
+        deepspeed.DEFAULT_CONFIG
+
+
+def test_zero_config_reaches_the_plan():
+    """A smaller reduce bucket (what --from a DeepSpeed JSON sets) shrinks the ZeRO-2 plan by the bucket's bytes."""
+    def peak(zero_config):
+        t = training("full", strategy="deepspeed-zero2", zero_config=zero_config)
+        return estimate_memory(TINY, t).peak_allocated_bytes
+    small = peak((("reduce_bucket_size", 50_000), ("allgather_bucket_size", 50_000)))
+    assert small == max(b.total_bytes for b in ds_phases(zero=SMALL_BUCKETS).values())
+    assert peak(()) > small

@@ -120,6 +120,28 @@ class DeepSpeedZeroConfig:
 
 
 DEFAULT_CONFIG = DeepSpeedZeroConfig()
+ZERO_KEYS = frozenset(DeepSpeedZeroConfig.__dataclass_fields__)
+# What the Hugging Face Trainer writes over "auto" from the model's hidden size h (transformers 5.24
+# integrations/deepspeed.py `HfTrainerDeepSpeedConfig.trainer_config_finalize`): reduce_bucket_size h^2; under
+# stage 3 also stage3_prefetch_bucket_size int(0.9 h^2) and stage3_param_persistence_threshold 10 h.
+HF_AUTO = {"reduce_bucket_size": lambda h: h * h, "stage3_prefetch_bucket_size": lambda h: int(0.9 * h * h),
+           "stage3_param_persistence_threshold": lambda h: 10 * h}
+
+
+def zero_config_for(spec: ModelSpec, training: TrainingSpec) -> DeepSpeedZeroConfig:
+    """`training.zero_config` over DeepSpeed's defaults, each "auto" resolved as the Hugging Face Trainer resolves it
+    (`HF_AUTO`; an "auto" it leaves alone keeps DeepSpeed's default)."""
+    if not training.zero_config:
+        return DEFAULT_CONFIG
+    stage = STAGES.get(training.resolved_strategy, 0)
+    values: dict[str, Any] = {}
+    for key, value in training.zero_config:
+        if value == "auto":
+            if key in HF_AUTO and (key == "reduce_bucket_size" or stage == 3):
+                values[key] = HF_AUTO[key](spec.hidden_size)
+        else:
+            values[key] = value
+    return replace(DEFAULT_CONFIG, **values)
 STAGES = {"deepspeed-zero1": 1, "deepspeed-zero2": 2, "deepspeed-zero3": 3}
 
 
@@ -303,11 +325,12 @@ def unmodelled_note(spec: ModelSpec, training: TrainingSpec) -> str | None:
 
 
 def phases(spec: ModelSpec, training: TrainingSpec, c: StepComponents,
-           zero: DeepSpeedZeroConfig = DEFAULT_CONFIG) -> tuple[PhaseMemory, ...]:
+           zero: DeepSpeedZeroConfig | None = None) -> tuple[PhaseMemory, ...]:
     """The busiest rank under `deepspeed-zero1|2|3` (see the module docstring). `c` is ignored:
     DeepSpeed's components are rebuilt with its dtype rule (every parameter, adapters included, in
     `--dtype`). Where ranks differ (stage 1/2's partitions), each phase takes the rank that holds most."""
     _check(training)
+    zero = zero or zero_config_for(spec, training)
     stage = STAGES[training.resolved_strategy]
     n = training.gpus
     single = replace(training, gpus=1, strategy=None, offload="none", lora=replace(training.lora, adapter_dtype="base"))

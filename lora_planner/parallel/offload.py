@@ -132,7 +132,7 @@ def _optimizer_states(training: TrainingSpec, numel: int) -> int:
 
 def _deepspeed_buffers(spec: ModelSpec, training: TrainingSpec) -> tuple[HostBuffer, ...]:
     from lora_planner.parallel.deepspeed import (  # the partition arithmetic the GPU side uses
-        DEFAULT_CONFIG, STAGES, _parameters, _rank_partitions, _trainable_order,
+        STAGES, zero_config_for, _parameters, _rank_partitions, _trainable_order,
     )
 
     n, e, pin = training.gpus, BYTES_PER_ELEMENT[training.dtype], training.offload_pin_memory
@@ -145,7 +145,7 @@ def _deepspeed_buffers(spec: ModelSpec, training: TrainingSpec) -> tuple[HostBuf
                 HostBuffer("16-bit staging partition", partition * e, pin),
                 HostBuffer("temp_grad_buffer_for_cpu_offload", max(order) * e, pin),
                 HostBuffer("optimizer states", _optimizer_states(training, partition), False))
-    threshold = DEFAULT_CONFIG.stage3_param_persistence_threshold
+    threshold = zero_config_for(spec, training).stage3_param_persistence_threshold
     partition = sum(ceil(numel / n) * count for numel, count, t in params if t)
     buffers = [HostBuffer("fp32 master partition", partition * FP32, False),
                HostBuffer("fp32 gradient partition", partition * FP32, pin),
