@@ -25,7 +25,8 @@ from lora_planner.cli_options import budget_from_args, overhead_from_args
 from lora_planner.errors import PlannerInputError
 from lora_planner.planner import make_plan, plan_to_dict, refit
 from lora_planner.specs import (
-    MAX_LAYERS, MAX_VOCAB, METHODS, REGISTERED_FAMILIES, STRATEGY_ALIASES, LoraSpec, TrainingSpec, check_choice, parse_loss,
+    MAX_LAYERS, MAX_VOCAB, METHODS, REGISTERED_FAMILIES, STRATEGY_ALIASES, LoraSpec, TrainingSpec, check_choice,
+    parse_loss,
 )
 
 SUBCOMMANDS = tuple(SUBCOMMAND_ARGUMENTS)
@@ -206,10 +207,13 @@ def run_estimate(args: argparse.Namespace) -> int:
 
         plan, calibration = calibrate_plan_from_file(plan, args.calibration)
         plan = refit(plan)  # the fit of the calibrated peaks, by the same rule and headroom
+    edits = _fit_edits(args, spec, training, plan)
     if args.json:
         import json  # only JSON output pays for it (cold start, issue 11)
+        from dataclasses import asdict
 
         doc = plan_to_dict(plan)
+        doc["fit_edits"] = [asdict(e) for e in edits] if getattr(args, "files", None) else None
         doc["inputs"]["stack"] = getattr(args, "stack", None)
         doc["inputs"]["lengths"] = getattr(args, "lengths_summary", None)
         doc["inputs"]["from_files"] = getattr(args, "files_summary", None)
@@ -222,7 +226,25 @@ def run_estimate(args: argparse.Namespace) -> int:
     render_plan(plan, console, detail=args.detail)
     if calibration:
         console.print(calibration["note"], style="yellow", highlight=False)
+    if edits:
+        from lora_planner.render import render_fit_edits
+
+        render_fit_edits(edits, plan.budget.name or plan.budget.memory_text, console)
     return 0
+
+
+def _fit_edits(args: argparse.Namespace, spec, training: TrainingSpec, plan) -> list:
+    """With `--from` files and a GPU: per method that does not fit, the smallest edit to those files
+    (`lora_planner.fit_edit`), on the planner's (uncalibrated) peaks."""
+    files = getattr(args, "files", None)
+    if not files or plan.usable_bytes is None:
+        return []
+    from lora_planner.fit_edit import smallest_edit
+    from lora_planner.from_files import merge_files
+
+    accumulation = merge_files(files).get("grad_accumulation")
+    return [smallest_edit(spec, replace(training, method=method), plan.usable_bytes, files, plan.overhead,
+                          accumulation) for method, mp in plan.methods.items() if mp.fits is False]
 
 
 def run_profile_command(args: argparse.Namespace) -> int:

@@ -42,6 +42,7 @@ def _seconds(seconds: float) -> str:
     return f"{seconds / 86400:.1f} days"
 
 
+
 def gib(n: int) -> str:
     """A table cell: the table's title or column header carries the unit."""
     return f"{n / GIB:.2f}"
@@ -281,3 +282,35 @@ def render_plan(plan: Plan, console: Console, detail: bool = False) -> None:
             console.print(phases_table(plan, method))
             if plan.methods[method].estimate.activations.layer_bytes:
                 console.print(saved_tensors_table(plan, method))
+
+
+def render_fit_edits(edits: list, gpu: str, console: Any) -> None:
+    """`lora_planner.fit_edit`: per method that does not fit, the smallest edit to the user's files, as a diff of
+    their keys (a key the file does not have yet is only added); changes no file can say are command-line flags."""""
+    from lora_planner.planner import gib_text
+
+    for edit in edits:
+        head = f"{edit.method} does not fit {gpu} (usable {gib_text(edit.usable_bytes)}, peak " \
+               f"{gib_text(edit.peak_before_bytes)})"
+        if not edit.fits:
+            print_wrapped(console, f"{head}; no edit within checkpointing, Liger, an 8-bit optimizer, a smaller "
+                                   f"micro-batch, a 4-bit base, offload or a shorter sequence fits ({edit.plans_tried} "
+                                   "plans): try `lora-plan recommend`, more GPUs or a larger one", style="red")
+            continue
+        kept = f"; the global batch kept at {edit.global_batch} sequences per GPU per step" if edit.global_batch and \
+            "micro-batch" in edit.levers else ""
+        print_wrapped(console, f"{head}. Smallest edit ({', '.join(edit.levers)}): peak "
+                               f"{gib_text(edit.peak_after_bytes)}{kept}", style="bold")
+        for file in dict.fromkeys(c.file for c in edit.changes):
+            console.print(f"  {file}" if file else "  on the command line", style="dim")
+            for c in (c for c in edit.changes if c.file == file):
+                if not c.added:
+                    console.print(f"  - {c.key}: {_yaml(c.before)}", style="red")
+                console.print(f"  + {c.key}: {_yaml(c.after)}", style="green")
+
+
+def _yaml(value: Any) -> str:
+    """A value as the file would spell it (YAML / JSON scalars: true, false, lists)."""
+    import json
+
+    return json.dumps(value) if isinstance(value, (bool, list, dict)) or value is None else str(value)

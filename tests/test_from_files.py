@@ -115,6 +115,10 @@ EXAMPLES = [
      {"model": "llama-3.1-8b", "dtype": "bf16", "amp": None, "method": "qlora", "quant_type": "nf4",
       "double_quant": False, "r": 32, "alpha": 16.0, "target": "q_proj,v_proj", "gpus": 1, "batch_size": 2,
       "seq_len": 512, "grad_accumulation": 4, "optimizer": "adamw_torch"}, ["lora_dropout 0.05"]),
+    ("trl_sft_qlora.yaml", "training_args", "trl-sft",
+     {"batch_size": 8, "grad_accumulation": 2, "grad_checkpointing": True, "seq_len": 4096, "model": "Qwen/Qwen3-8B",
+      "attention": "sdpa", "method": "qlora", "r": 32, "alpha": 16.0, "target": "all-linear", "quant_type": "nf4",
+      "double_quant": True, "dtype": "bf16", "amp": None}, []),
     ("deepspeed_zero3_offload.json", "deepspeed", None,
      {"strategy": "deepspeed-zero3", "offload": "optimizer", "offload_pin_memory": True,
       "zero_config": (("reduce_bucket_size", "auto"), ("stage3_prefetch_bucket_size", "auto"),
@@ -141,9 +145,9 @@ def test_every_shipped_config_is_tested_and_plans():
     tested = {e[0] for e in EXAMPLES} | {"peft_adapter_config.json", "trl_sft_config.yaml"}
     assert tested == {p.name for p in CONFIGS.iterdir()}
     for name in tested:
-        model = [] if name in ("axolotl_qlora.yaml", "llamafactory_lora_sft.yaml", "torchtune_lora.yaml",
-                               "litgpt_qlora.yaml", "qwen3_8b_bnb4bit_config.json", "peft_adapter_config.json") \
-            else ["--model", "llama-3.1-8b"]
+        names_model = ("axolotl_qlora.yaml", "llamafactory_lora_sft.yaml", "torchtune_lora.yaml", "trl_sft_qlora.yaml",
+                       "litgpt_qlora.yaml", "qwen3_8b_bnb4bit_config.json", "peft_adapter_config.json")
+        model = [] if name in names_model else ["--model", "llama-3.1-8b"]
         assert main([*model, "--from", str(CONFIGS / name), "--gpu", "a100-80gb", "--json"]) == 0, name
 
 

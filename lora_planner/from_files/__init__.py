@@ -5,15 +5,15 @@ order); each maps its framework's field names to the CLI's options (argparse des
 
 | kind             | module                         | what it is                                                 |
 |------------------|--------------------------------|------------------------------------------------------------|
-| `model_config`   | `from_files.model_config`      | a model's config.json, its `quantization_config`; a BitsAndBytesConfig |
+| `model_config`   | `from_files.model_config`      | config.json + quantization_config; BitsAndBytesConfig |
 | `deepspeed`      | `from_files.deepspeed`         | a DeepSpeed JSON (ZeRO stage, offload, bucket sizes)       |
 | `accelerate`     | `from_files.accelerate`        | an accelerate config YAML (processes, FSDP / DeepSpeed)    |
 | `torchtune`      | `from_files.torchtune`         | a torchtune recipe YAML (`_component_` entries)            |
 | `litgpt`         | `from_files.litgpt`            | a litgpt finetune YAML                                     |
 | `axolotl`        | `from_files.axolotl`           | an axolotl YAML                                            |
 | `llamafactory`   | `from_files.llamafactory`      | a LLaMA-Factory YAML                                       |
-| `peft`           | `from_files.peft`              | a PEFT adapter_config.json / LoraConfig                    |
 | `training_args`  | `from_files.training_args`     | transformers' TrainingArguments, TRL's SFTConfig / ...     |
+| `peft`           | `from_files.peft`              | a PEFT adapter_config.json / LoraConfig                    |
 
 A field that changes memory is either set (its option) or listed as not modelled, with why; fields that do not
 change memory (learning rate, logging, output paths, datasets, ...) are ignored silently. A framework's file also
@@ -43,8 +43,8 @@ FileKind = Literal["model_config", "deepspeed", "accelerate", "torchtune", "litg
 # The order files are recognised in: the most specific keys first (an axolotl YAML has `lora_alpha` too).
 READERS: tuple[tuple[FileKind, ModuleType], ...] = (
     ("model_config", model_config), ("deepspeed", deepspeed), ("accelerate", accelerate), ("torchtune", torchtune),
-    ("litgpt", litgpt), ("axolotl", axolotl), ("llamafactory", llamafactory), ("peft", peft),
-    ("training_args", training_args))
+    ("litgpt", litgpt), ("axolotl", axolotl), ("llamafactory", llamafactory), ("training_args", training_args),
+    ("peft", peft))
 LABELS: dict[str, str] = {"model_config": "model config", "deepspeed": "DeepSpeed config",
                           "accelerate": "accelerate config", "torchtune": "torchtune recipe", "litgpt": "litgpt config",
                           "axolotl": "axolotl config", "llamafactory": "LLaMA-Factory config",

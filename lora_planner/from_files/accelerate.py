@@ -18,6 +18,14 @@ from lora_planner.from_files.fields import Collected, bad, flag, mapping, positi
 
 KEYS = frozenset({"distributed_type", "compute_environment", "num_processes", "fsdp_config", "deepspeed_config"})
 SHARDING = {"FULL_SHARD": "fsdp", "1": "fsdp", "SHARD_GRAD_OP": "fsdp-grad-op", "2": "fsdp-grad-op"}
+# How the smallest edit to fit (`lora_planner.fit_edit`) writes an option in this framework's file: option ->
+# (value, the file's data) -> [(key, value)], or None where this file cannot say it.
+EDITS = {
+    "grad_checkpointing": lambda v, d: [("fsdp_config.fsdp_activation_checkpointing", v)]
+    if str(d.get("distributed_type", "")).upper() == "FSDP" else None,
+    "offload": lambda v, d: [("deepspeed_config.offload_optimizer_device", "cpu")]
+    if str(d.get("distributed_type", "")).upper() == "DEEPSPEED" and v == "optimizer" else None,
+}
 
 
 def detect(data: dict[str, Any]) -> bool:

@@ -28,10 +28,22 @@ KEYS = frozenset({"base_model", "sequence_len", "micro_batch_size", "lora_r", "a
 ATTENTION = {"flash_attention": "flash_attention_2", "sdp_attention": "sdpa", "flex_attention": "flex_attention",
              "eager_attention": "eager"}
 LIGER_KERNELS = ("liger_rope", "liger_rms_norm", "liger_glu_activation")
+# How the smallest edit to fit (`lora_planner.fit_edit`) writes an option in this framework's file: option ->
+# (value, the file's data) -> [(key, value)], or None where this file cannot say it.
+EDITS = {
+    "grad_checkpointing": lambda v, d: [("gradient_checkpointing", v)],
+    "liger": lambda v, d: [("plugins", [*(d.get("plugins") or []), "axolotl.integrations.liger.LigerPlugin"])]
+    + [(k, True) for k in (*LIGER_KERNELS, "liger_fused_linear_cross_entropy")],
+    "optimizer": lambda v, d: [("optimizer", v)],
+    "batch_size": lambda v, d: [("micro_batch_size", v)],
+    "grad_accumulation": lambda v, d: [("gradient_accumulation_steps", v)],
+    "seq_len": lambda v, d: [("sequence_len", v)],
+    "method": lambda v, d: [("adapter", "qlora"), ("load_in_4bit", True)] if v == "qlora" else None,
+}
 
 
 def detect(data: dict[str, Any]) -> bool:
-    return len(set(data) & KEYS) >= 2 or "micro_batch_size" in data or "sequence_len" in data
+    return len(set(data) & KEYS) >= 2 or bool(set(data) & {"base_model", "micro_batch_size", "sequence_len"})
 
 
 def read(path: str, data: dict[str, Any]) -> Collected:

@@ -23,6 +23,15 @@ UNMODELLED = {"zero_optimization.zero_quantized_weights": "ZeRO++ quantized weig
               "zero_optimization.mics_shard_size": "MiCS sharding",
               "activation_checkpointing.partition_activations": "DeepSpeed's own activation partitioning",
               "activation_checkpointing.cpu_checkpointing": "DeepSpeed's own activation CPU checkpointing"}
+# How the smallest edit to fit (`lora_planner.fit_edit`) writes an option in this framework's file: option ->
+# (value, the file's data) -> [(key, value)], or None where this file cannot say it.
+EDITS = {
+    "offload": lambda v, d: [("zero_optimization.offload_optimizer.device", "cpu")] if v == "optimizer" else None,
+    "batch_size": lambda v, d: [("train_micro_batch_size_per_gpu", v)]
+    if d.get("train_micro_batch_size_per_gpu") not in (None, "auto") else None,
+    "grad_accumulation": lambda v, d: [("gradient_accumulation_steps", v)]
+    if d.get("gradient_accumulation_steps") not in (None, "auto") else None,
+}
 
 
 def detect(data: dict[str, Any]) -> bool:

@@ -28,6 +28,18 @@ PRECISIONS = {"bf16-true": ("bf16", None), "16-true": ("fp16", None), "32-true":
 OPTIMIZERS = {"adamw": "adamw_torch", "torch.optim.adamw": "adamw_torch", "sgd": "sgd", "torch.optim.sgd": "sgd",
               "bitsandbytes.optim.pagedadamw": "paged_adamw_32bit", "bitsandbytes.optim.adamw8bit": "adamw_8bit",
               "bitsandbytes.optim.pagedadamw8bit": "paged_adamw_8bit"}
+# How the smallest edit to fit (`lora_planner.fit_edit`) writes an option in this framework's file: option ->
+# (value, the file's data) -> [(key, value)], or None where this file cannot say it.
+EDITS = {
+    "optimizer": lambda v, d: [("optimizer.class_path" if isinstance(d.get("optimizer"), dict) else "optimizer",
+                                EIGHT_BIT_CLASSES[v])] if v in EIGHT_BIT_CLASSES else None,
+    "batch_size": lambda v, d: [("train.micro_batch_size", v)],
+    "grad_accumulation": lambda v, d: [] if get(d, "train.global_batch_size") else None,  # derived from it
+    "seq_len": lambda v, d: [("train.max_seq_length", v)],
+    "method": lambda v, d: [("quantize", "bnb.nf4")] if v == "qlora" else None,
+}
+EIGHT_BIT_CLASSES = {"adamw_8bit": "bitsandbytes.optim.AdamW8bit",
+                     "paged_adamw_8bit": "bitsandbytes.optim.PagedAdamW8bit"}
 
 
 def detect(data: dict[str, Any]) -> bool:

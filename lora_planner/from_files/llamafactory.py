@@ -26,6 +26,17 @@ STACK = "llamafactory"
 KEYS = frozenset({"finetuning_type", "stage", "lora_rank", "lora_target", "cutoff_len", "template",
                   "quantization_bit", "model_name_or_path"})
 ATTENTION = {"auto": "sdpa", "sdpa": "sdpa", "fa2": "flash_attention_2", "disabled": "eager"}
+# How the smallest edit to fit (`lora_planner.fit_edit`) writes an option in this framework's file: option ->
+# (value, the file's data) -> [(key, value)], or None where this file cannot say it.
+EDITS = {
+    "grad_checkpointing": lambda v, d: [("disable_gradient_checkpointing", not v)],
+    "liger": lambda v, d: [("enable_liger_kernel", v)],
+    "optimizer": lambda v, d: [("optim", v)],
+    "batch_size": lambda v, d: [("per_device_train_batch_size", v)],
+    "grad_accumulation": lambda v, d: [("gradient_accumulation_steps", v)],
+    "seq_len": lambda v, d: [("cutoff_len", v)],
+    "method": lambda v, d: [("quantization_bit", 4)] if v == "qlora" else None,
+}
 
 
 def detect(data: dict[str, Any]) -> bool:

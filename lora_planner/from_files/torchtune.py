@@ -32,6 +32,17 @@ DTYPES = {"bf16": "bf16", "fp32": "fp32", "fp16": "fp16"}
 # llama3_1_8b -> llama-3.1-8b, qwen2_5_7b_base -> qwen2.5-7b, qwen3_8b_base -> qwen3-8b
 BUILDER = re.compile(r"(?P<name>[a-z]+?)(?P<major>\d+)?(?:_(?P<minor>\d))?_(?P<size>\d+(?:_\d+)?b)"
                      r"(?:_(?:base|instruct))?")
+# How the smallest edit to fit (`lora_planner.fit_edit`) writes an option in this framework's file: option ->
+# (value, the file's data) -> [(key, value)], or None where this file cannot say it.
+EDITS = {
+    "grad_checkpointing": lambda v, d: [("enable_activation_checkpointing", v)],
+    "optimizer": lambda v, d: [("optimizer._component_", c) for c, name in OPTIMIZERS.items() if name == v][:1] or None,
+    "batch_size": lambda v, d: [("batch_size", v)],
+    "grad_accumulation": lambda v, d: [("gradient_accumulation_steps", v)],
+    "seq_len": lambda v, d: [("tokenizer.max_seq_len", v)],
+    "method": lambda v, d: [("model._component_", get(d, "model._component_", "").replace(".lora_", ".qlora_"))]
+    if v == "qlora" else None,
+}
 
 
 def detect(data: dict[str, Any]) -> bool:
