@@ -124,6 +124,8 @@ EXAMPLES = [
       "zero_config": (("reduce_bucket_size", "auto"), ("stage3_prefetch_bucket_size", "auto"),
                       ("stage3_param_persistence_threshold", "auto"), ("stage3_max_live_parameters", 10**9),
                       ("overlap_comm", True), ("contiguous_gradients", True))}, []),
+    ("skypilot_task.yaml", "launcher", None, {"gpu": "A100-80GB", "gpus": 2}, []),
+    ("axolotl_cloud_modal.yaml", "launcher", None, {"gpu": "l4", "gpus": 1}, []),
     ("accelerate_fsdp.yaml", "accelerate", None,
      {"gpus": 8, "strategy": "fsdp", "grad_checkpointing": True}, ["mixed_precision bf16"]),
     ("qwen3_8b_bnb4bit_config.json", "model_config", None,
@@ -145,6 +147,9 @@ def test_every_shipped_config_is_tested_and_plans():
     tested = {e[0] for e in EXAMPLES} | {"peft_adapter_config.json", "trl_sft_config.yaml"}
     assert tested == {p.name for p in CONFIGS.iterdir()}
     for name in tested:
+        if name in ("skypilot_task.yaml", "axolotl_cloud_modal.yaml"):
+            assert main(["--model", "llama-3.1-8b", "--from", str(CONFIGS / name), "--json"]) == 0, name
+            continue
         names_model = ("axolotl_qlora.yaml", "llamafactory_lora_sft.yaml", "torchtune_lora.yaml", "trl_sft_qlora.yaml",
                        "litgpt_qlora.yaml", "qwen3_8b_bnb4bit_config.json", "peft_adapter_config.json")
         model = [] if name in names_model else ["--model", "llama-3.1-8b"]
@@ -204,6 +209,13 @@ def test_every_shipped_config_is_tested_and_plans():
     ("c.yaml", "distributed_type: FSDP\nnum_processes: 4\nfsdp_config: {fsdp_sharding_strategy: SHARD_GRAD_OP, "
                "fsdp_offload_params: true}\n",
      {"gpus": 4, "strategy": "fsdp-grad-op", "offload": "params"}, "fsdp_version 1"),
+    # launchers: SkyPilot's spellings, nodes; axolotl's cloud config; axolotl's own gpu_memory_limit (GiB)
+    ("k.yaml", "resources: {accelerators: {H100: 8}}\nnum_nodes: 2\n",
+     {"gpu": "H100", "gpus": 16, "gpus_per_node": 8}, None),
+    ("k.yaml", "resources: {accelerators: [L4, A10G]}\n", {"gpu": "L4", "gpus": 1}, None),
+    ("k.yaml", "provider: baseten\ngpu: h100\ngpu_count: 8\nnode_count: 1\n", {"gpu": "h100", "gpus": 8}, None),
+    ("a.yaml", "base_model: x\ngpu_memory_limit: 20\n",
+     {"model": "x", "method": "full", "dtype": "bf16", "amp": None, "gpu_mem": "20GiB"}, None),
     # a BitsAndBytesConfig alone: transformers' defaults (fp4, no double quantization, fp32 compute)
     ("q.json", '{"load_in_4bit": true}', {"method": "qlora", "quant_type": "fp4", "double_quant": False,
                                           "bnb_4bit_compute_dtype": "fp32"}, None),
@@ -251,6 +263,8 @@ def test_deepspeed_file_named_by_training_arguments(tmp_path):
      "model.lora_attn_modules must be"),
     ("c.yaml", "distributed_type: DEEPSPEED\ndeepspeed_config: {zero_stage: 5}\n", "zero_stage must be"),
     ("q.json", '{"load_in_4bit": true, "load_in_8bit": true}', "load_in_4bit must be false"),
+    ("k.yaml", "resources: {accelerators: 'A100:eight'}\n", "resources.accelerators must be"),
+    ("k.yaml", "provider: modal\ngpu: 3\n", "gpu must be a GPU name"),
     ("m.json", '{"architectures": ["X"], "dtype": "int3"}', "dtype must be bfloat16"),
     ("a.yaml", "base_model: x\nmicro_batch_size: 0\n", "micro_batch_size must be a positive integer"),
 ])

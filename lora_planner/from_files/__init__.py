@@ -8,6 +8,7 @@ order); each maps its framework's field names to the CLI's options (argparse des
 | `model_config`   | `from_files.model_config`      | config.json + quantization_config; BitsAndBytesConfig |
 | `deepspeed`      | `from_files.deepspeed`         | a DeepSpeed JSON (ZeRO stage, offload, bucket sizes)       |
 | `accelerate`     | `from_files.accelerate`        | an accelerate config YAML (processes, FSDP / DeepSpeed)    |
+| `launcher`       | `from_files.launcher`          | a SkyPilot task / axolotl cloud config: the GPU and count  |
 | `torchtune`      | `from_files.torchtune`         | a torchtune recipe YAML (`_component_` entries)            |
 | `litgpt`         | `from_files.litgpt`            | a litgpt finetune YAML                                     |
 | `axolotl`        | `from_files.axolotl`           | an axolotl YAML                                            |
@@ -35,22 +36,25 @@ from typing import Any, Literal
 from lora_planner.errors import PlannerInputError
 from lora_planner.files import read_user_text
 from lora_planner.from_files import (
-    accelerate, axolotl, deepspeed, litgpt, llamafactory, model_config, peft, torchtune, training_args,
+    accelerate, axolotl, deepspeed, launcher, litgpt, llamafactory, model_config, peft, torchtune, training_args,
 )
 
-FileKind = Literal["model_config", "deepspeed", "accelerate", "torchtune", "litgpt", "axolotl", "llamafactory",
-                   "peft", "training_args"]
+FileKind = Literal["model_config", "deepspeed", "accelerate", "launcher", "torchtune", "litgpt", "axolotl",
+                   "llamafactory", "peft", "training_args"]
 # The order files are recognised in: the most specific keys first (an axolotl YAML has `lora_alpha` too).
 READERS: tuple[tuple[FileKind, ModuleType], ...] = (
-    ("model_config", model_config), ("deepspeed", deepspeed), ("accelerate", accelerate), ("torchtune", torchtune),
+    ("model_config", model_config), ("deepspeed", deepspeed), ("accelerate", accelerate), ("launcher", launcher),
+    ("torchtune", torchtune),
     ("litgpt", litgpt), ("axolotl", axolotl), ("llamafactory", llamafactory), ("training_args", training_args),
     ("peft", peft))
 LABELS: dict[str, str] = {"model_config": "model config", "deepspeed": "DeepSpeed config",
-                          "accelerate": "accelerate config", "torchtune": "torchtune recipe", "litgpt": "litgpt config",
+                          "accelerate": "accelerate config", "launcher": "launcher config",
+                          "torchtune": "torchtune recipe", "litgpt": "litgpt config",
                           "axolotl": "axolotl config", "llamafactory": "LLaMA-Factory config",
                           "peft": "PEFT adapter config", "training_args": "training arguments"}
 KINDS_TEXT = ("a PEFT adapter_config.json, TrainingArguments / SFTConfig, an axolotl, LLaMA-Factory, torchtune or "
-              "litgpt YAML, a DeepSpeed JSON, an accelerate config or a model's config.json")
+              "litgpt YAML, a DeepSpeed JSON, an accelerate config, a SkyPilot / axolotl cloud config or a model's "
+              "config.json")
 
 
 @dataclass(frozen=True)

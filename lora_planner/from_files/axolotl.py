@@ -71,6 +71,9 @@ def read(path: str, data: dict[str, Any]) -> Collected:
     _checkpointing(out, data)
     _attention(out, data)
     _loss(out, data)
+    limit = data.get("gpu_memory_limit")
+    if limit is not None:  # loaders/model.py: an integer is GiB
+        out.set("gpu_mem", "gpu_memory_limit", f"{limit}GiB" if isinstance(limit, int) else str(limit))
     for key, why in (("torch_compile", "compiled graphs keep other tensors: planned eager"),
                      ("tiled_mlp", "the MLP in sequence tiles: planned whole"),
                      ("chunked_cross_entropy", "axolotl's chunked loss: planned as --loss"),

@@ -25,7 +25,7 @@ SFT_KEYS = frozenset({"packing", "padding_free", "dataset_text_field", "completi
                       "max_seq_length", "packing_strategy", "dataset_kwargs"})
 MODEL_CONFIG_KEYS = frozenset({"use_peft", "lora_r", "load_in_4bit", "load_in_8bit", "model_name_or_path",
                                "attn_implementation", "use_bnb_nested_quant"})
-RL_KEYS = frozenset({"beta", "num_generations", "max_completion_length", "max_prompt_length", "loss_type",
+RL_KEYS = frozenset({"beta", "num_generations", "max_completion_length", "max_prompt_length",
                      "use_vllm", "precompute_ref_log_probs"})
 # How the smallest edit to fit (`lora_planner.fit_edit`) writes an option in this framework's file: option ->
 # (value, the file's data) -> [(key, value)], or None where this file cannot say it.
