@@ -17,16 +17,16 @@ import contextlib
 import os
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from lora_planner.catalog import resolve_model
-from lora_planner.cli_args import SUBCOMMAND_ARGUMENTS, build_parser
+from lora_planner.cli_args import SUBCOMMAND_ARGUMENTS, cached_parser
 from lora_planner.cli_options import budget_from_args, overhead_from_args
 from lora_planner.errors import PlannerInputError
-from lora_planner.planner import make_plan, plan_to_dict, refit
+from lora_planner.planner import Plan, make_plan, plan_to_dict, refit
 from lora_planner.specs import (
-    MAX_LAYERS, MAX_VOCAB, METHODS, REGISTERED_FAMILIES, STRATEGY_ALIASES, LoraSpec, TrainingSpec, check_choice,
-    parse_loss,
+    MAX_LAYERS, MAX_VOCAB, METHODS, REGISTERED_FAMILIES, STRATEGY_ALIASES, LoraSpec, ModelSpec, TrainingSpec,
+    check_choice, parse_loss,
 )
 
 SUBCOMMANDS = tuple(SUBCOMMAND_ARGUMENTS)
@@ -185,51 +185,82 @@ def _train_tokens_from_args(args: argparse.Namespace) -> int | None:
     return None if args.train_tokens is None else int(args.train_tokens)  # a finite number >= 1 (cli_types)
 
 
-def run_estimate(args: argparse.Namespace) -> int:
-    spec = resolve_model(args.model)
+@dataclass(frozen=True)
+class Estimate:
+    """What `estimate` computed: the plan (calibrated when asked), the calibration's summary, the fit edits."""
+
+    plan: Plan
+    calibration: dict | None
+    edits: list
+
+
+def plan_inputs(args: argparse.Namespace, spec: ModelSpec | None = None
+                ) -> tuple[ModelSpec, TrainingSpec, tuple[str, ...]]:
+    """The model, the step's settings (for the first method) and the methods `estimate` plans, every method's
+    settings validated."""
+    spec = spec or resolve_model(args.model)
     methods = _methods_from_args(args)
     if spec.family in REGISTERED_FAMILIES and args.method == "full,lora,qlora" and len(methods) > 1:
         methods = tuple(m for m in methods if m != "qlora")  # the default: traced profiles have no QLoRA (traced.py)
+    if args.method == "full,lora,qlora" and str(getattr(args, "loss", "hf")).startswith("trl") and "full" in methods:
+        methods = tuple(m for m in methods if m != "full")
+        args.methods_note = ("full fine-tuning left out of the default methods: TRL's fused LM head with a trained "
+                             "output layer is not modelled (pass --method full --loss hf to plan it)")
     training = _training_from_args(args, methods[0])
     for method in methods[1:]:
         _training_from_args(args, method)  # validate every method's settings before computing
+    return spec, training, methods
+
+
+def compute_estimate(args: argparse.Namespace, spec: ModelSpec | None = None) -> Estimate:
+    """`estimate`'s computation from parsed options (`spec`: the model already read, e.g. a config.json the web page
+    uploaded; else `--model`). The CLI and the web page (`lora_planner.web`) share it."""
+    spec, training, methods = plan_inputs(args, spec)
     plan = make_plan(spec, training, methods, budget_from_args(args), overhead_from_args(args), mfu=args.mfu,
                      train_tokens=_train_tokens_from_args(args), headroom=args.headroom)
-    if getattr(args, "stack_note", None):
-        plan = replace(plan, warnings=(args.stack_note, *plan.warnings))
-    if getattr(args, "files_note", None):
-        plan = replace(plan, warnings=(args.files_note, *plan.warnings))
-    if getattr(args, "lengths_note", None):
-        plan = replace(plan, warnings=(args.lengths_note, *plan.warnings))
+    for note in ("methods_note", "stack_note", "files_note", "lengths_note"):
+        if getattr(args, note, None):
+            plan = replace(plan, warnings=(getattr(args, note), *plan.warnings))
     calibration = None
     if getattr(args, "calibration", None):
         from lora_planner.report.calibrate import calibrate_plan_from_file
 
         plan, calibration = calibrate_plan_from_file(plan, args.calibration)
         plan = refit(plan)  # the fit of the calibrated peaks, by the same rule and headroom
-    edits = _fit_edits(args, spec, training, plan)
+    return Estimate(plan, calibration, _fit_edits(args, spec, training, plan))
+
+
+def estimate_document(args: argparse.Namespace, estimate: Estimate) -> dict:
+    """`lora-plan ... --json`: the plan's document with what the options read (preset, lengths, files)."""
+    from dataclasses import asdict
+
+    doc = plan_to_dict(estimate.plan)
+    doc["fit_edits"] = [asdict(e) for e in estimate.edits] if getattr(args, "files", None) else None
+    doc["inputs"]["stack"] = getattr(args, "stack", None)
+    doc["inputs"]["lengths"] = getattr(args, "lengths_summary", None)
+    doc["inputs"]["from_files"] = getattr(args, "files_summary", None)
+    return {**doc, **({"calibration": estimate.calibration} if estimate.calibration else {})}
+
+
+def run_estimate(args: argparse.Namespace) -> int:
+    estimate = compute_estimate(args)
+    plan = estimate.plan
     if args.json:
         import json  # only JSON output pays for it (cold start, issue 11)
-        from dataclasses import asdict
 
-        doc = plan_to_dict(plan)
-        doc["fit_edits"] = [asdict(e) for e in edits] if getattr(args, "files", None) else None
-        doc["inputs"]["stack"] = getattr(args, "stack", None)
-        doc["inputs"]["lengths"] = getattr(args, "lengths_summary", None)
-        doc["inputs"]["from_files"] = getattr(args, "files_summary", None)
-        print(json.dumps({**doc, **({"calibration": calibration} if calibration else {})}, indent=2))
+        print(json.dumps(estimate_document(args, estimate), indent=2))
         return 0
     from lora_planner.render import render_plan
     from lora_planner.textable import Console  # stdlib only: the estimate path stays instant (no rich)
 
     console = Console()
     render_plan(plan, console, detail=args.detail)
-    if calibration:
-        console.print(calibration["note"], style="yellow", highlight=False)
-    if edits:
+    if estimate.calibration:
+        console.print(estimate.calibration["note"], style="yellow", highlight=False)
+    if estimate.edits:
         from lora_planner.render import render_fit_edits
 
-        render_fit_edits(edits, plan.budget.name or plan.budget.memory_text, console)
+        render_fit_edits(estimate.edits, plan.budget.name or plan.budget.memory_text, console)
     return 0
 
 
@@ -281,6 +312,10 @@ def _runner(command: str) -> Callable[[argparse.Namespace], int]:
         from lora_planner.models_cli import run_models_command
 
         return run_models_command
+    if command == "serve":
+        from lora_planner.web import run_serve_command
+
+        return run_serve_command
     from lora_planner.report import run_calibrate_command, run_report_command
 
     return {"calibrate": run_calibrate_command, "report": run_report_command}[command]
@@ -370,22 +405,28 @@ def _apply_lengths(args: argparse.Namespace, argv: list[str]) -> None:
                             "worst_batch": batch.description}
 
 
+def parse_command(argv: list[str]) -> argparse.Namespace:
+    """`argv` (a subcommand first) parsed, with what `--from`, `--stack` and `--lengths` set applied: what a
+    subcommand runs on (the web page parses its requests the same way)."""
+    parser = cached_parser(argv[0] if argv[0] in SUBCOMMANDS else None)
+    args = parser.parse_args(argv)
+    explicit = _explicit(parser, args, argv) if getattr(args, "stack", None) or \
+        getattr(args, "from_files", None) else set()
+    if getattr(args, "from_files", None):
+        explicit |= _apply_files(args, explicit)
+    if getattr(args, "stack", None):
+        _apply_stack(args, explicit)
+    if hasattr(args, "lengths"):
+        _apply_lengths(args, argv)
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or (argv[0] not in SUBCOMMANDS and argv[0] not in ("-h", "--help", "--version")):
         argv.insert(0, "estimate")
     try:
-        parser = build_parser(argv[0] if argv[0] in SUBCOMMANDS else None)
-        args = parser.parse_args(argv)
-        explicit = _explicit(parser, args, argv) if getattr(args, "stack", None) or \
-            getattr(args, "from_files", None) else set()
-        if getattr(args, "from_files", None):
-            explicit |= _apply_files(args, explicit)
-        if getattr(args, "stack", None):
-            _apply_stack(args, explicit)
-        if hasattr(args, "lengths"):
-            _apply_lengths(args, argv)
-        return _runner(args.command)(args)
+        return _runner(argv[0] if argv[0] in SUBCOMMANDS else "estimate")(parse_command(argv))
     except PlannerInputError as err:
         print(f"lora-plan: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -8,6 +8,7 @@ defaults come from `lora_planner.defaults`; `lora_planner.cli` dispatches to eac
 from __future__ import annotations
 
 import argparse
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -229,6 +230,13 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+@functools.lru_cache(maxsize=None)
+def cached_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """`build_parser(command)`, built once per process (parsing does not change a parser; the web page parses every
+    request)."""
+    return build_parser(command)
+
+
 def add_recommend_arguments(p: argparse.ArgumentParser) -> None:
     """The `recommend` subcommand's options (registered by `lora_planner.cli`)."""
     p.add_argument("--model", type=Text("model", "--model llama-3.1-8b"), required=True,
@@ -331,6 +339,14 @@ def add_models_arguments(p: argparse.ArgumentParser) -> None:
 
 
 # Each subcommand: its help line and the function declaring its options, in the order `--help` lists them.
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    """`lora-plan serve`'s options (`lora_planner.web`)."""
+    p.add_argument("--host", type=Text("host", "--host 127.0.0.1"), default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=count("port", "--port 8000", 65535), default=8000, help="port (default 8000)")
+    p.add_argument("--open", dest="open_browser", action="store_true", help="open the page in the default browser")
+
+
 SUBCOMMAND_ARGUMENTS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
     "estimate": ("predict the peak memory of one training step (default)", add_estimate_arguments),
     "profile": ("run real training steps (full vs LoRA) and compare with the prediction", add_profile_arguments),
@@ -339,4 +355,5 @@ SUBCOMMAND_ARGUMENTS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], N
     "calibrate": ("fit the planner's free constants to measured runs", add_calibrate_arguments),
     "report": ("charts and a Markdown report from profile records", add_report_arguments),
     "models": ("list the model catalog (sizes, context, repo ids)", add_models_arguments),
+    "serve": ("a local web page over the planner (needs the web extra)", add_serve_arguments),
 }

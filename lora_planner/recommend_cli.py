@@ -20,7 +20,7 @@ from lora_planner.recommend import (  # noqa: F401 (VERIFY_TOLERANCE: re-exporte
     training_for,
 )
 from lora_planner.specs import (
-    REGISTERED_FAMILIES, STRATEGY_NAMES, LoraSpec, TrainingSpec, check_choice, parse_loss,
+    REGISTERED_FAMILIES, STRATEGY_NAMES, LoraSpec, ModelSpec, TrainingSpec, check_choice, parse_loss,
 )
 
 
@@ -179,12 +179,13 @@ def _calibration_from_args(args: argparse.Namespace) -> dict | None:
     return load_calibration(args.calibration)
 
 
-def request_from_args(args: argparse.Namespace) -> RecommendRequest:
+def request_from_args(args: argparse.Namespace, spec: ModelSpec | None = None) -> RecommendRequest:
+    """The search's request from parsed options (`spec`: the model already read, e.g. an uploaded config.json)."""
     if args.gpu is None and args.gpu_mem is None:
         raise PlannerInputError("arguments", "one of the arguments --gpu --gpu-mem is required",
                                 "pass e.g. --gpu rtx-4090, --gpu-mem 24GiB, or both (that GPU with that memory)")
     budget = budget_from_args(args)
-    spec = resolve_model(args.model)
+    spec = spec or resolve_model(args.model)
     target = _csv(args.target) if args.target is not None else None
     if args.target is not None and not target:
         raise PlannerInputError("target", "empty target list", "pass e.g. --target q_proj,v_proj or all-linear")
@@ -213,16 +214,23 @@ def request_from_args(args: argparse.Namespace) -> RecommendRequest:
                             calibration=_calibration_from_args(args))
 
 
+def recommend_document(args: argparse.Namespace, rec: Recommendation,
+                       verification: Verification | None = None) -> dict[str, Any]:
+    """`lora-plan recommend ... --json`: the recommendation's document with the preset and lengths it read."""
+    note = getattr(args, "stack_note", None)
+    doc = recommendation_to_dict(rec, verification)
+    doc["stack"] = {"name": args.stack, "note": note} if note else None
+    doc["lengths"] = getattr(args, "lengths_summary", None)
+    return doc
+
+
 def run_recommend_command(args: argparse.Namespace) -> int:
     """`lora-plan recommend`: compute (pure), optionally verify (torch), then print JSON or tables."""
     rec = recommend(request_from_args(args))
     verification = verify(rec, args.model) if args.verify else None
     note = getattr(args, "stack_note", None)  # `--stack`: what the framework's preset set
     if args.json:
-        doc = recommendation_to_dict(rec, verification)
-        doc["stack"] = {"name": args.stack, "note": note} if note else None
-        doc["lengths"] = getattr(args, "lengths_summary", None)
-        print(json.dumps(doc, indent=2))
+        print(json.dumps(recommend_document(args, rec, verification), indent=2))
         return 0
     from rich.console import Console  # only human output pays for rich
 

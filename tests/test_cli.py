@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from lora_planner.cli import build_parser, main
+from lora_planner.cli import main
+from lora_planner.cli_args import build_parser
 from lora_planner.cli_args import SUBCOMMAND_ARGUMENTS
 from lora_planner.defaults import DEFAULT_HEADROOM, DEFAULT_R, DEFAULT_SEQ_LEN
 from lora_planner.errors import PlannerInputError

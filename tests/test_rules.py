@@ -274,6 +274,16 @@ def test_liger_where_it_does_not_patch_or_is_not_modelled():
     assert err.value.field == "liger"
 
 
+def test_liger_under_trl_keeps_trls_fused_head():
+    """TRL 1.16's SFTTrainer turns Liger's fused linear cross-entropy off under use_liger_kernel and keeps its own
+    fused LM head: the layers are Liger's, the loss TRL's."""
+    spec = spec_from_config(TINY, "tiny")
+    trl_liger = activation_profile(spec, TrainingSpec(batch_size=B, seq_len=S, loss="trl", liger=True))
+    assert trl_liger.loss == activation_profile(spec, TrainingSpec(batch_size=B, seq_len=S, loss="trl")).loss
+    assert trl_liger.layer == activation_profile(spec, TrainingSpec(batch_size=B, seq_len=S, liger=True)).layer
+    assert any(t.name.startswith("loss.trl") for t in trl_liger.loss)
+
+
 # ---------------------------------------------------------------------------------------------- DoRA
 
 

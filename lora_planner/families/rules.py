@@ -27,8 +27,10 @@ def liger_patches(family: Family, training: TrainingSpec) -> bool:
 
 def loss_that_runs(family: Family, training: TrainingSpec) -> str:
     """The loss the step runs: Liger's fused linear cross-entropy where Liger patches the family, else the one asked
-    (`TrainingSpec.loss`; a family Liger does not patch keeps it)."""
-    return "fused-linear" if liger_patches(family, training) else training.loss
+    (`TrainingSpec.loss`; a family Liger does not patch keeps it). TRL's fused LM head ("trl") stays: TRL 1.16's
+    `SFTTrainer` sets `liger_kernel_config["fused_linear_cross_entropy"] = False` under `use_liger_kernel`
+    (`trainer/sft_trainer.py`, before `add_fused_lm_head`), so only Liger's layer kernels apply."""
+    return "fused-linear" if liger_patches(family, training) and training.loss != "trl" else training.loss
 
 
 # Linears that read the same tensor as another (the key they share): q / k / v the attention's input, gate / up the

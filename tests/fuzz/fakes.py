@@ -71,9 +71,17 @@ def patched(behaviour: str = "ok") -> Iterator[FakeMeasure]:
     runner.MEASURE.update({mode: fake for mode in runner.MEASURE})
     runner.measure_ranks = fake
     torch.set_num_threads = ThreadGuard(saved_threads)
+    try:  # `lora-plan serve` parses its options and returns instead of serving
+        from lora_planner.web import app
+        saved_serve = app.serve
+        app.serve = lambda host, port, open_browser: None
+    except ImportError:  # no web extra: serve answers its one-line error
+        app = None
     try:
         yield fake
     finally:
+        if app is not None:
+            app.serve = saved_serve
         runner.MEASURE.clear()
         runner.MEASURE.update(saved_measure)
         runner.measure_ranks = saved_ranks

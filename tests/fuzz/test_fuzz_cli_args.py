@@ -12,7 +12,7 @@ from .workspace import Workspace
 
 # Each subcommand's share of the ci profile's examples (report builds charts: the slowest).
 SHARES = {"estimate": 1.0, "profile": 0.6, "recommend": 0.8, "sweep": 0.3, "calibrate": 0.4, "report": 0.15,
-          "models": 0.1}
+          "models": 0.1, "serve": 0.1}
 
 
 def test_option_tables_cover_every_subcommand():

@@ -1,0 +1,101 @@
+"""The page's latency over a scripted session (issue 15): 60 changes a person makes (rank, micro-batch, sequence
+length, GPU, model, methods, checkpointing), each waited for until every view has redrawn. Recorded per change: the
+server's own time for each request the change makes (`server_ms` in the answers: the plan, three sweeps, the
+recommendation), their sum, and the wall time in the browser from the change to the last redraw.
+
+    python experiments/web/latency.py    # writes experiments/web/latency.json and prints p50 / p95
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from tests.web.browser import chromium, serving, wait_ready  # noqa: E402
+
+RECORD = """window.__times = []; const f = window.fetch;
+window.fetch = async (...a) => { const r = await f(...a); r.clone().json().then((d) => {
+  if (d.server_ms !== undefined) window.__times.push([String(a[0]), d.server_ms]); }); return r; };"""
+
+
+def changes():
+    from selenium.webdriver.support.ui import Select
+
+    def typed(field, value):
+        def act(driver):
+            from selenium.webdriver.common.by import By
+            box = driver.find_element(By.ID, field)
+            box.clear()
+            box.send_keys(value)
+        return act
+
+    def picked(field, value):
+        def act(driver):
+            from selenium.webdriver.common.by import By
+            Select(driver.find_element(By.ID, field)).select_by_value(value)
+        return act
+
+    def clicked(field):
+        def act(driver):
+            from selenium.webdriver.common.by import By
+            driver.find_element(By.ID, field).click()
+        return act
+
+    script = []
+    for r in ("4", "16", "32", "64", "128", "8"):
+        script.append(typed("r", r))
+    for b in ("2", "4", "8", "1"):
+        script.append(typed("batch-size", b))
+    for s in ("2048", "4096", "8192", "1024"):
+        script.append(typed("seq-len", s))
+    for g in ("rtx-4090", "a100-80gb", "l4", "h100-80gb"):
+        script.append(picked("gpu", g))
+    for m in ("qwen3-8b", "mistral-7b", "llama-3.2-1b", "llama-3.1-8b"):
+        script.append(typed("model", m))
+    script += [clicked("grad-checkpointing"), clicked("m-full"), clicked("m-full"), clicked("grad-checkpointing")]
+    return (script * 3)[:60]
+
+
+def pct(values, q):
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+
+
+def main() -> None:
+    rows = []
+    with serving() as url, chromium() as driver:
+        driver.get(url + "/?gpu=rtx-4090")
+        wait_ready(driver)
+        for act in changes():
+            driver.execute_script(RECORD)
+            start = time.perf_counter()
+            act(driver)
+            wait_ready(driver)
+            wall_ms = (time.perf_counter() - start) * 1000
+            time.sleep(0.05)  # the last answer's JSON is read asynchronously
+            times = driver.execute_script("return window.__times")
+            rows.append({"requests": times, "server_ms": sum(t for _, t in times), "wall_ms": wall_ms})
+    per_kind = {}
+    for row in rows:
+        for path, ms in row["requests"]:
+            per_kind.setdefault(path.rsplit("/", 1)[-1], []).append(ms)
+    summary = {"changes": len(rows),
+               "server_ms_per_change": {"p50": pct([r["server_ms"] for r in rows], 0.5),
+                                        "p95": pct([r["server_ms"] for r in rows], 0.95)},
+               "wall_ms_per_change": {"p50": pct([r["wall_ms"] for r in rows], 0.5),
+                                      "p95": pct([r["wall_ms"] for r in rows], 0.95)},
+               "server_ms_per_request": {k: {"n": len(v), "p50": pct(v, 0.5), "p95": pct(v, 0.95),
+                                             "mean": statistics.mean(v)} for k, v in sorted(per_kind.items())}}
+    out = Path(__file__).with_name("latency.json")
+    out.write_text(json.dumps({"summary": summary, "changes": rows}, indent=1) + "\n")
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""The web API (`lora_planner.web.api` and its routes in `web.app`), through Starlette's test client: the answers are
+the CLI's own `--json` documents for the same options, bad input is a field-level 400 (never a 500: fuzzed), files on
+the server are refused, an uploaded config.json plans as `--model config.json` does."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from lora_planner.cli import main
+from lora_planner.web import api
+
+starlette = pytest.importorskip("starlette")
+from starlette.testclient import TestClient  # noqa: E402
+
+from lora_planner.web.app import create_app  # noqa: E402
+
+CLIENT = TestClient(create_app())
+CONFIGS = Path(__file__).resolve().parents[2] / "experiments" / "configs"
+
+
+def cli_json(capsys, argv: list[str]) -> dict:
+    assert main([*argv, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def to_argv(params: dict[str, str]) -> list[str]:
+    return [w for k, v in params.items() for w in ((f"--{k}",) if v == "1" and k in (
+        "grad-checkpointing", "liger", "use-dora", "packing", "padding") else (f"--{k}", v))]
+
+
+PLANS = [
+    {"model": "llama-3.1-8b"},
+    {"model": "llama-3.1-8b", "gpu": "rtx-4090", "r": "16", "grad-checkpointing": "1"},
+    {"model": "qwen3-8b", "method": "lora,qlora", "batch-size": "4", "seq-len": "2048", "packing": "1",
+     "attention": "flash_attention_2", "gpu-mem": "40GiB"},
+    {"model": "mistral-7b", "method": "full", "gpus": "8", "strategy": "zero3", "gpu": "h100-80gb", "dtype": "bf16"},
+    {"model": "gemma-2-9b", "method": "lora", "stack": "trl-sft", "liger": "1", "target": "all-linear", "gpu": "l4"},
+]
+
+
+@pytest.mark.parametrize("params", PLANS, ids=lambda p: ",".join(f"{k}={v}" for k, v in p.items()))
+def test_plan_is_the_clis_json(capsys, params):
+    response = CLIENT.get("/api/plan", params=params)
+    assert response.status_code == 200
+    data = response.json()
+    assert data["plan"] == cli_json(capsys, to_argv(params))
+    assert data["cli"] == "lora-plan " + " ".join(to_argv(params)) + " --json"
+    assert data["server_ms"] > 0
+
+
+def test_recommend_is_the_clis_json(capsys):
+    params = {"model": "llama-3.1-8b", "gpu": "rtx-4090", "seq-len": "2048"}
+    data = CLIENT.post("/api/recommend", json={"params": params}).json()
+    assert data["recommendation"] == cli_json(capsys, ["recommend", *to_argv(params)])
+    assert data["cli"] == "lora-plan recommend --model llama-3.1-8b --gpu rtx-4090 --seq-len 2048 --json"
+
+
+def test_uploaded_config_plans_as_the_file(capsys):
+    path = CONFIGS / "qwen3_8b_bnb4bit_config.json"
+    config = json.loads(path.read_text())
+    data = CLIENT.post("/api/plan", json={"params": {"gpu": "rtx-4090", "method": "lora"}, "config": config}).json()
+    expected = cli_json(capsys, ["--model", str(path), "--gpu", "rtx-4090", "--method", "lora"])
+    assert data["plan"]["methods"] == expected["methods"]
+    assert data["cli"] == "lora-plan --model config.json --gpu rtx-4090 --method lora --json"
+    modules = CLIENT.post("/api/modules", json={"config": config}).json()
+    assert modules["linear_modules"] == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                                         "lm_head"]
+
+
+@pytest.mark.parametrize("method, path, params, body, field", [
+    ("get", "/api/plan", {"r": "0"}, None, "r"),
+    ("get", "/api/plan", {"batch-size": "many"}, None, "batch-size"),
+    ("get", "/api/plan", {"model": "llama-9000"}, None, "model"),
+    ("get", "/api/plan", {"gpu": "rtx-9090"}, None, "gpu"),
+    ("get", "/api/plan", {"grad-checkpointing": "maybe"}, None, "grad-checkpointing"),
+    ("get", "/api/plan", {"colour": "red"}, None, "colour"),
+    ("get", "/api/plan", {"from": "/etc/passwd"}, None, "from"),
+    ("get", "/api/plan", {"model": "/etc/config.json"}, None, "model"),
+    ("get", "/api/plan", {"calibration": "c.json"}, None, "calibration"),
+    ("post", "/api/plan", None, b"[1, 2]", "body"),
+    ("post", "/api/plan", None, b'{"params": {}, "config": {"model_type": "no-such"}}', "no-such"),
+    ("post", "/api/plan", None, b'{"params": {}, "config": [1]}', "config"),
+    ("get", "/api/sweep", {"axis": "dtype", "values": "1"}, None, "axis"),
+    ("get", "/api/sweep", {"axis": "r", "values": ""}, None, "values"),
+    ("get", "/api/recommend", {"model": "llama-3.1-8b"}, None, "arguments"),
+])
+def test_bad_input_is_a_field_level_400(method, path, params, body, field):
+    response = CLIENT.get(path, params=params) if method == "get" else CLIENT.post(path, content=body)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert set(error) == {"field", "message", "fix"} and field in (error["field"] + error["message"])
+
+
+def test_sweep_by_hand():
+    """The batch sweep's peaks are the plans' own and never fall as the batch grows."""
+    data = CLIENT.get("/api/sweep", params={"model": "llama-3.2-1b", "gpu": "rtx-4090", "axis": "batch-size",
+                                            "values": "1,2,4,8"}).json()
+    assert [p["value"] for p in data["points"]] == [1, 2, 4, 8]
+    for method in ("full", "lora", "qlora"):
+        peaks = [p["peaks"][method] for p in data["points"]]
+        assert peaks == sorted(peaks)
+        plan = CLIENT.get("/api/plan", params={"model": "llama-3.2-1b", "gpu": "rtx-4090", "batch-size": "4"}).json()
+        assert peaks[2] == plan["plan"]["methods"][method]["peak_device_bytes"]
+    assert data["usable_bytes"] == plan["plan"]["inputs"]["usable_bytes"]
+
+
+def test_catalogs():
+    models = CLIENT.get("/api/models", params={"q": "QWEN3-8"}).json()["models"]
+    assert {"name": "qwen3-8b", "repo_id": "Qwen/Qwen3-8B"} in models
+    gpus = CLIENT.get("/api/gpus").json()["gpus"]
+    assert {"name": "rtx-4090", "memory_bytes": 24_564 * 2**20, "bf16": True} in gpus
+    modules = CLIENT.get("/api/modules", params={"model": "llama-3.1-8b"}).json()
+    assert modules["default_targets"] == ["q_proj", "v_proj"]
+
+
+def test_page_and_assets():
+    page = CLIENT.get("/")
+    assert page.status_code == 200 and "<form id=\"form\"" in page.text
+    for asset in ("app.js", "style.css"):
+        assert CLIENT.get(f"/static/{asset}").status_code == 200
+
+
+OPTIONS = ["model", "method", "r", "alpha", "batch-size", "seq-len", "gpu", "gpu-mem", "gpus", "strategy", "dtype",
+           "amp", "optimizer", "attention", "loss", "stack", "quant", "target", "grad-checkpointing", "packing",
+           "liger", "headroom", "mfu", "use-dora", "bias", "layers-to-transform", "train-tokens"]
+VALUES = st.one_of(st.sampled_from(["", "0", "1", "-1", "8", "1e30", "nan", "all-linear", "bf16", "fsdp", "h100",
+                                    "24GiB", "llama-3.1-8b", "lora,qlora", "x" * 300, "\u00e9\u0000", "0-3"]),
+                   st.text(max_size=12))
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.dictionaries(st.sampled_from(OPTIONS), VALUES, max_size=5))
+def test_never_a_500(params):
+    response = CLIENT.get("/api/plan", params=params)
+    assert response.status_code in (200, 400), (params, response.text[:300])
+    if response.status_code == 400:
+        assert response.json()["error"]["field"]
+
+
+def test_argv_from_params_by_hand():
+    assert api.argv_from_params("estimate", {"model": "gpt2", "grad-checkpointing": "on", "liger": "0",
+                                             "alpha": ""}) == ["estimate", "--model", "gpt2", "--grad-checkpointing"]
