@@ -12,7 +12,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from tests.web.browser import chromium, serving, wait_ready  # noqa: E402
+from tests.web.browser import chromium, phone, serving, wait_ready  # noqa: E402
 
 OUT = ROOT / "reports" / "web"
 VIEW = "/?gpu=rtx-4090&grad-checkpointing=1&r=16&target=q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
@@ -24,6 +24,8 @@ def main() -> None:
         for name, width, height, extra in (("light", 1280, 2300, ""), ("dark", 1280, 2300, "&theme=dark"),
                                            ("phone", 390, 3600, "")):
             with chromium(width, height) as driver:
+                if name == "phone":
+                    phone(driver, width, height)
                 driver.get(url + VIEW + extra)
                 wait_ready(driver)
                 driver.save_screenshot(str(OUT / f"{name}.png"))

@@ -69,6 +69,12 @@ def chromium(width: int = 1280, height: int = 1600) -> Iterator[object]:
         driver.quit()
 
 
+def phone(driver, width: int = 390, height: int = 844) -> None:
+    """Emulate a phone's viewport (a desktop window cannot be narrower than ~500 px)."""
+    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                           {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": True})
+
+
 def wait_ready(driver, timeout: float = 30) -> None:
     """Until the page has drawn the answer to its latest settings (the body's data-state) and its sweeps."""
     from selenium.webdriver.common.by import By

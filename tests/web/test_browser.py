@@ -12,7 +12,7 @@ import pytest
 
 from lora_planner.cli import main
 
-from tests.web.browser import browser_or_skip, chromium, serving, wait_ready
+from tests.web.browser import browser_or_skip, chromium, phone, serving, wait_ready
 
 pytest.importorskip("selenium")
 pytest.importorskip("uvicorn")
@@ -139,11 +139,13 @@ def test_dark_theme_and_phone_width(page, tmp_path):
     driver.find_element(By.ID, "theme").click()
     assert driver.execute_script("return document.documentElement.dataset.theme") == "light"
     assert "theme" not in url_params(driver)
-    driver.set_window_size(390, 1200)
+    phone(driver)
+    driver.get(url + "/?gpu=l4")
     wait_ready(driver)
+    assert driver.execute_script("return window.innerWidth") == 390
     width = driver.execute_script("return document.documentElement.scrollWidth")
     assert width <= 390, width  # one column, nothing sideways
-    driver.set_window_size(1280, 1600)
+    driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
 
 
 def test_keyboard_and_labels(page):

@@ -114,7 +114,10 @@ async function update() {
   const here = (performance.now() - started).toFixed(0);
   $("timing").textContent = `plan: ${plan.server_ms} ms on the server, ${here} ms here`;
   await Promise.all([updateSweeps(p, mine), updateRecommendation(p, mine)]);
-  if (mine === generation) window.loraPlanIdle = true;  // the tests wait for this
+  if (mine === generation) {
+    window.loraPlanIdle = true;  // the tests wait for this
+    window.loraPlanIdleAt = performance.now();  // experiments/web/latency.py: from the change to the last redraw
+  }
 }
 
 // Answers already drawn, by what they depend on: a sweep over r does not depend on r, the recommendation (which
@@ -394,6 +397,7 @@ function schedule() {
   clearTimeout(timer);
   document.body.dataset.state = "pending";
   window.loraPlanIdle = false;
+  window.loraPlanChangedAt = performance.now();
   timer = setTimeout(update, 60);
 }
 
