@@ -313,7 +313,7 @@ def _runner(command: str) -> Callable[[argparse.Namespace], int]:
 
         return run_models_command
     if command == "serve":
-        from lora_planner.web import run_serve_command
+        from lora_planner.web.serve import run_serve_command
 
         return run_serve_command
     from lora_planner.report import run_calibrate_command, run_report_command

@@ -1,19 +1,3 @@
 """`lora-plan serve`: the planner as a local web page (issue 15). `api` holds the JSON API as plain functions over
-the CLI's own parsing and documents; `app` routes to them with Starlette and serves `static/` (the page).
-Starlette and uvicorn come with the `web` extra: `pip install -e ".[web]"`."""
-
-from __future__ import annotations
-
-import argparse
-
-from lora_planner.errors import PlannerInputError
-
-
-def run_serve_command(args: argparse.Namespace) -> int:
-    try:
-        from lora_planner.web.app import serve
-    except ImportError as err:
-        raise PlannerInputError("serve", f"the web page needs {err.name}", 'pip install -e ".[web]"') from None
-    print(f"lora-plan: serving on http://{args.host}:{args.port}/ (Ctrl-C stops)")
-    serve(args.host, args.port, args.open_browser)
-    return 0
+the CLI's own parsing and documents; `app` routes to them with Starlette and serves `static/` (the page); `serve` is
+the subcommand. Starlette and uvicorn come with the `web` extra: `pip install -e ".[web]"`."""

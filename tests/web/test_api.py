@@ -145,3 +145,14 @@ def test_never_a_500(params):
 def test_argv_from_params_by_hand():
     assert api.argv_from_params("estimate", {"model": "gpt2", "grad-checkpointing": "on", "liger": "0",
                                              "alpha": ""}) == ["estimate", "--model", "gpt2", "--grad-checkpointing"]
+
+
+def test_serve_parses_and_serves(monkeypatch, capsys):
+    """`lora-plan serve --port N` hands its options to the server (stood in for here), and says where it listens."""
+    from lora_planner.web import app
+
+    calls = []
+    monkeypatch.setattr(app, "serve", lambda host, port, open_browser: calls.append((host, port, open_browser)))
+    assert main(["serve", "--port", "8123", "--open"]) == 0
+    assert calls == [("127.0.0.1", 8123, True)] and "http://127.0.0.1:8123/" in capsys.readouterr().out
+    assert main(["serve", "--port", "0"]) == 2
