@@ -117,6 +117,18 @@ def test_upload_config(page, capsys):
     targets = [c.get_attribute("value") for c in driver.find_elements(By.CSS_SELECTOR, "#targets input")]
     assert "gate_proj" in targets
     check_numbers(driver, capsys, model_path=str(path))
+    # pasted text works the same; a pasted non-object is refused at the field
+    driver.get(url + "/?gpu=rtx-4090&method=lora")
+    wait_ready(driver)
+    driver.find_element(By.CSS_SELECTOR, "#paste-box summary").click()
+    driver.execute_script("document.getElementById('config-text').value = arguments[0]", "[1, 2]")
+    driver.find_element(By.ID, "use-pasted").click()
+    assert "not a JSON object" in driver.find_element(By.ID, "err-config").text
+    driver.execute_script("document.getElementById('config-text').value = arguments[0]", path.read_text())
+    driver.find_element(By.ID, "use-pasted").click()
+    wait_ready(driver)
+    assert driver.find_element(By.ID, "config-name").text == "using the pasted config"
+    check_numbers(driver, capsys, model_path=str(path))
 
 
 def test_bad_input_shows_at_the_field(page):

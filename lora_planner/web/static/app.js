@@ -392,6 +392,33 @@ async function loadTargets(chosen) {
   }
 }
 
+// An uploaded or pasted config.json becomes the model (null text: back to the catalog name).
+async function useConfig(text, name) {
+  $("err-config").textContent = "";
+  if (text === null) {
+    config = null;
+    uploadId = 0;
+    $("config-name").textContent = "";
+    $("model").disabled = false;
+    loadTargets(null).then(schedule);
+    return;
+  }
+  try {
+    const parsed = JSON.parse(text);
+    if (parsed === null || typeof parsed !== "object" || Array.isArray(parsed)) throw new Error("not an object");
+    config = parsed;
+  } catch (err) {
+    $("err-config").textContent = `${name} is not a JSON object (upload or paste a model's config.json)`;
+    return;
+  }
+  uploadId += 1;  // a new config redraws every view
+  $("config-name").textContent = `using ${name}`;
+  $("model").disabled = true;
+  targetsTouched = false;
+  await loadTargets(null);
+  schedule();
+}
+
 let timer = null;
 function schedule() {
   clearTimeout(timer);
@@ -421,29 +448,10 @@ async function init() {
   $("form").addEventListener("submit", (e) => { e.preventDefault(); update(); });
   $("config-file").addEventListener("change", async (e) => {
     const file = e.target.files[0];
-    $("err-config").textContent = "";
-    if (!file) {
-      config = null;
-      uploadId = 0;
-      $("config-name").textContent = "";
-      $("model").disabled = false;
-      loadTargets(null).then(schedule);
-      return;
-    }
-    try {
-      config = JSON.parse(await file.text());
-      uploadId += 1;  // a new upload redraws every view
-      $("config-name").textContent = `using ${file.name}`;
-      $("model").disabled = true;
-    } catch (err) {
-      config = null;
-      $("err-config").textContent = `${file.name} is not JSON (upload a model's config.json)`;
-      return;
-    }
-    targetsTouched = false;
-    await loadTargets(null);
-    schedule();
+    if (!file) { useConfig(null, ""); return; }
+    useConfig(await file.text(), file.name);
   });
+  $("use-pasted").addEventListener("click", () => useConfig($("config-text").value, "the pasted config"));
   $("phase-method").addEventListener("change", () => last && drawPhases(last.plan, $("phase-method").value));
   $("theme").addEventListener("click", () => {
     setTheme(document.documentElement.dataset.theme !== "dark");
