@@ -292,6 +292,20 @@ def add_recommend_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verify", action="store_true",
                    help="replay the recommended step and the next micro-batch under fake tensors (needs torch)")
     p.add_argument("--json", action="store_true", help="print the recommendation as JSON")
+    p.add_argument("--train-tokens", type=Number("train-tokens", 1, MAX_TRAIN_TOKENS, "--train-tokens 1e7"),
+                   default=None, help="the unique training tokens: the rank then comes from the data and the "
+                                      "published evidence (lora_planner.rank_evidence; targets all-linear unless "
+                                      "--target), instead of the default rank")
+    p.add_argument("--examples", type=Number("examples", 1, MAX_TRAIN_TOKENS, "--examples 50000"), default=None,
+                   help="the training examples (x --seq-len tokens for sft / continued-pretraining; episodes for rl, "
+                        "pairs for preference): the rank from the data, as --train-tokens")
+    p.add_argument("--objective", type=Text("objective", "--objective sft"), default=None,
+                   help="sft (default), rl, continued-pretraining or preference: how much a token or an episode "
+                        "teaches, and what the evidence says for it; needs --train-tokens or --examples")
+    p.add_argument("--capacity-margin", type=positive_number("capacity-margin", "--capacity-margin 2"), default=None,
+                   help="trainable parameters x 2 bits over the data's bits (default 2)")
+    p.add_argument("--explain", action="store_true",
+                   help="print the evidence chain behind the rank, targets, alpha and learning rate, with citations")
 
 
 def add_sweep_arguments(p: Any) -> None:

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from lora_planner.errors import PlannerInputError
 from lora_planner.gpus import GPUS
@@ -92,6 +93,10 @@ class RecommendRequest:
     min_micro_batch: int = 1
     overhead: DeviceOverhead = field(default_factory=DeviceOverhead)
     calibration: dict | None = field(default=None, compare=False)  # a calib.json: every estimate applies it
+    # the rank from the data and the evidence (`lora_planner.rank_evidence`), used when neither r nor a fraction is
+    # given; `evidence_targets_auto`: its all-linear targets were chosen by the rule (not by --target)
+    evidence: Any = field(default=None, compare=False)
+    evidence_targets_auto: bool = False
 
     def __post_init__(self) -> None:
         check_positive_int("gpus", self.gpus, MAX_GPUS)
@@ -205,7 +210,7 @@ class Recommendation:
     choice: Candidate  # when nothing fits: the smallest configuration
     alpha: float | None  # None for full fine-tuning
     target_modules: tuple[str, ...]  # as LoraConfig(target_modules=...) takes them; () for full
-    rank_source: str  # "given", "trainable-fraction", "default", or "none" (full fine-tuning)
+    rank_source: str  # "given", "trainable-fraction", "evidence", "default", or "none" (full fine-tuning)
     implied_r: int | None  # the r --trainable-fraction implies, before rounding up to the ladder
     reasons: tuple[str, ...]
     alternatives: tuple[Candidate, ...]
@@ -364,6 +369,10 @@ def _ranks(req: RecommendRequest, adapter_methods: tuple[str, ...]) -> tuple[tup
             raise PlannerInputError("r", f"rank {req.r} exceeds the width {limit} of the targeted modules ({names})",
                                     f"use r <= {limit}")
         return (req.r,), "given", None, (req.r,), [f"Rank r={req.r}, as given (--r)."]
+    if req.evidence is not None and req.trainable_fraction is None:
+        start = min(req.evidence.rank, limit)
+        return ((start, *(r for r in reversed(ladder) if r < start)), "evidence", None, ladder,
+                [req.evidence.summary])
     if req.trainable_fraction is not None:
         implied = rank_for_trainable_fraction(spec, req.trainable_fraction, targets)
         rung = next((r for r in ladder if r >= implied), implied)
@@ -387,6 +396,32 @@ STRATEGY_ORDER = ("ddp", "ddp-zero1", "fsdp")  # simplest first: each shards mor
 
 
 def recommend(req: RecommendRequest) -> Recommendation:
+    """`recommend_once`, and with the evidence's automatic all-linear targets: PEFT's default targets where all-linear
+    does not fit, and otherwise what all-linear costs over them (`lora_planner.rank_evidence`, step 1)."""
+    rec = recommend_once(req)
+    if not req.evidence_targets_auto:
+        return rec
+    fallback = replace(req, training=replace(req.training, lora=replace(req.training.lora, target_modules=None)),
+                       evidence_targets_auto=False)
+    if not rec.fits:
+        other = recommend_once(fallback)
+        if other.fits:
+            names = ", ".join(PEFT_DEFAULT_TARGETS[req.spec.family])
+            return replace(other, reasons=(f"All-linear targets do not fit on this GPU; PEFT's default targets "
+                                           f"({names}) do.", *other.reasons))
+        return rec
+    c = rec.choice
+    if c is None or c.method == "full" or c.r is None:
+        return rec
+    narrow = estimate_memory(req.spec, training_for(fallback, c.method, c.r, c.grad_checkpointing,
+                                                    c.micro_batch_size), req.overhead).peak_device_bytes
+    names = ", ".join(PEFT_DEFAULT_TARGETS[req.spec.family])
+    cost = (f"All-linear targets cost {gib(c.predicted_peak_bytes - narrow)} more than PEFT's default ({names}) at "
+            f"the same settings ({gib(c.predicted_peak_bytes)} vs {gib(narrow)}).")
+    return replace(rec, reasons=(*rec.reasons, cost))
+
+
+def recommend_once(req: RecommendRequest) -> Recommendation:
     """Choose method, rank, alpha, checkpointing, micro-batch and, on several GPUs without --strategy, the
     sharding strategy: the first of ddp, ddp-zero1, fsdp whose recommendation is best (method quality,
     no checkpointing, micro-batch, rank; the simpler strategy on a tie)."""
@@ -433,7 +468,7 @@ def _recommend_one(req: RecommendRequest) -> Recommendation:
             if choice:
                 break
         if choice:
-            if rank_source == "default" and choice.r is not None and choice.r != tries[0]:
+            if rank_source in ("default", "evidence") and choice.r is not None and choice.r != tries[0]:
                 method_reasons.append(
                     f"r={tries[0]} does not fit even with checkpointing; r={choice.r} is the largest rank on the "
                     "ladder that does.")

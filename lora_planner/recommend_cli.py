@@ -19,6 +19,9 @@ from lora_planner.recommend import (  # noqa: F401 (VERIFY_TOLERANCE: re-exporte
     MAX_MICRO_BATCH, VERIFY_TOLERANCE, Candidate, Recommendation, RecommendRequest, Verification, VerifyRun, recommend,
     training_for,
 )
+from lora_planner.rank_evidence import (
+    DEFAULT_CAPACITY_MARGIN, SOURCES, Evidence, rank_from_evidence, resolve_objective,
+)
 from lora_planner.specs import (
     REGISTERED_FAMILIES, STRATEGY_NAMES, LoraSpec, ModelSpec, TrainingSpec, check_choice, parse_loss,
 )
@@ -189,6 +192,10 @@ def request_from_args(args: argparse.Namespace, spec: ModelSpec | None = None) -
     target = _csv(args.target) if args.target is not None else None
     if args.target is not None and not target:
         raise PlannerInputError("target", "empty target list", "pass e.g. --target q_proj,v_proj or all-linear")
+    evidence = _evidence(args, spec, target)
+    auto_targets = evidence is not None and target is None
+    if auto_targets:
+        target = ("all-linear",)
     methods = None
     if args.methods is not None:
         methods = tuple(dict.fromkeys(_csv(args.methods)))
@@ -211,7 +218,31 @@ def request_from_args(args: argparse.Namespace, spec: ModelSpec | None = None) -
                             global_batch=args.global_batch, methods=methods, r=args.r,
                             trainable_fraction=args.trainable_fraction, headroom=args.headroom,
                             min_micro_batch=args.min_micro_batch, overhead=overhead,
-                            calibration=_calibration_from_args(args))
+                            calibration=_calibration_from_args(args), evidence=evidence,
+                            evidence_targets_auto=auto_targets)
+
+
+def _evidence(args: argparse.Namespace, spec: ModelSpec, target: tuple[str, ...] | None) -> Evidence | None:
+    """`--train-tokens` / `--examples` (+ `--objective`, `--capacity-margin`): the rank from the data and the evidence
+    (`lora_planner.rank_evidence`); None when no data size is given."""
+    tokens, examples = getattr(args, "train_tokens", None), getattr(args, "examples", None)
+    if tokens is None and examples is None:
+        for name in ("objective", "capacity_margin"):
+            if getattr(args, name, None) is not None:
+                flag = "--" + name.replace("_", "-")
+                raise PlannerInputError(name.replace("_", "-"), f"{flag} sizes the rank from the data, which needs "
+                                        "its size", "pass --train-tokens N or --examples N with it")
+        return None
+    if tokens is not None and examples is not None:
+        raise PlannerInputError("examples", "--train-tokens and --examples both given", "pass one of them")
+    objective = resolve_objective(args.objective or "sft")
+    per_token = objective in ("sft", "continued-pretraining")
+    if per_token:
+        amount = int(tokens) if tokens is not None else int(examples) * args.seq_len
+    else:  # episodes / pairs; tokens are read as sequences of --seq-len
+        amount = int(examples) if examples is not None else max(1, int(tokens) // args.seq_len)
+    return rank_from_evidence(spec, objective, amount, args.capacity_margin or DEFAULT_CAPACITY_MARGIN,
+                              target or ("all-linear",))
 
 
 def recommend_document(args: argparse.Namespace, rec: Recommendation,
@@ -221,6 +252,14 @@ def recommend_document(args: argparse.Namespace, rec: Recommendation,
     doc = recommendation_to_dict(rec, verification)
     doc["stack"] = {"name": args.stack, "note": note} if note else None
     doc["lengths"] = getattr(args, "lengths_summary", None)
+    ev = rec.request.evidence
+    doc["evidence"] = None if ev is None else {
+        "objective": ev.objective, "amount": ev.amount, "unit": ev.unit, "data_bits": ev.data_bits,
+        "capacity_margin": ev.capacity_margin, "required_params": ev.required_params,
+        "params_per_rank": ev.params_per_rank, "targets": list(ev.targets), "rank": ev.rank, "capped": ev.capped,
+        "alpha": ev.alpha, "lr_ratio": ev.lr_ratio, "seed_rank": ev.seed_rank,
+        "steps": [{"text": step.text, "sources": [SOURCES[k] for k in step.source.split("+")] if step.source else []}
+                  for step in ev.steps]}
     return doc
 
 
@@ -237,7 +276,7 @@ def run_recommend_command(args: argparse.Namespace) -> int:
     from lora_planner.render_recommend import render_recommendation
 
     console = Console()
-    render_recommendation(rec, console, verification)
+    render_recommendation(rec, console, verification, explain=getattr(args, "explain", False))
     for line in (note, getattr(args, "lengths_note", None)):
         if line:
             console.print(line, style="yellow", highlight=False)

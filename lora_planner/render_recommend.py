@@ -140,7 +140,8 @@ def render_verification(v: Verification, console: Console) -> None:
             console.print(f"[red]{r.label}: {r.error}[/red]", highlight=False)
 
 
-def render_recommendation(rec: Recommendation, console: Console, verification: Verification | None = None) -> None:
+def render_recommendation(rec: Recommendation, console: Console, verification: Verification | None = None,
+                          explain: bool = False) -> None:
     console.print(_settings_line(rec), style="dim")
     console.print(choice_table(rec))
     for warning in rec.warnings:
@@ -150,6 +151,23 @@ def render_recommendation(rec: Recommendation, console: Console, verification: V
         print_wrapped(console, reason, first="- ", rest="  ")
     if rec.alternatives:
         console.print(alternatives_table(rec))
+    if explain:
+        _render_evidence(rec, console)
     if verification is not None:
         render_verification(verification, console)
 
+
+
+def _render_evidence(rec: Recommendation, console: Console) -> None:
+    """`--explain`: the evidence chain behind the rank (`lora_planner.rank_evidence`), each step with its sources."""
+    from lora_planner.rank_evidence import cited
+
+    ev = rec.request.evidence
+    console.print(Text("Evidence", style="bold"))
+    if ev is None:
+        print_wrapped(console, "No data size given: the rank is the default or the one asked for. Pass --train-tokens "
+                               "N or --examples N (and --objective) for a rank from the data and the evidence.",
+                      first="- ", rest="  ")
+        return
+    for step in ev.steps:
+        print_wrapped(console, cited(step), first="- ", rest="  ")

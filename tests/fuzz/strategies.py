@@ -20,7 +20,7 @@ from typing import Any
 
 from hypothesis import strategies as st
 
-from lora_planner import cli, specs, sweep
+from lora_planner import cli, cli_args, specs, sweep
 from lora_planner.catalog import MODEL_ALIASES, MODEL_CONFIGS, model_names
 from lora_planner.gpus import GPUS
 
@@ -53,7 +53,7 @@ class Option:
 
 @functools.lru_cache(maxsize=None)
 def subparsers() -> dict[str, argparse.ArgumentParser]:
-    parser = cli.build_parser()
+    parser = cli_args.build_parser()
     action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     return dict(action.choices)
 
