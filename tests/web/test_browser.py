@@ -177,3 +177,19 @@ def test_keyboard_and_labels(page):
             break
         ActionChains(driver).send_keys(Keys.TAB).perform()
     assert driver.switch_to.active_element.get_attribute("id") == "r"
+
+
+def test_recommendation_from_the_data(page, capsys):
+    """The data's size in the recommendation's card sizes its rank as `recommend --train-tokens` does; a bad size shows
+    at its field."""
+    url, driver = page
+    driver.get(url + "/?gpu=rtx-4090")
+    wait_ready(driver)
+    set_value(driver, "train-tokens", "1e7")
+    assert url_params(driver)["train-tokens"] == "1e7"
+    assert main(["recommend", "--model", "llama-3.1-8b", "--gpu", "rtx-4090", "--train-tokens", "1e7", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    answer = driver.find_element(By.CSS_SELECTOR, "#recommendation .answer")
+    assert int(answer.get_attribute("data-bytes")) == doc["predicted_peak_bytes"] and f"r {doc['r']}," in answer.text
+    set_value(driver, "train-tokens", "lots")
+    assert driver.find_element(By.ID, "err-train-tokens").text

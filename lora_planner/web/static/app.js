@@ -11,6 +11,7 @@ const SWEEPS = {"r": [1, 2, 4, 8, 16, 32, 64, 128, 256], "batch-size": [1, 2, 4,
                 "seq-len": [256, 512, 1024, 2048, 4096, 8192, 16384, 32768]};
 const FIELDS = ["model", "r", "alpha", "dtype", "amp", "quant", "optimizer", "batch-size", "seq-len", "attention",
                 "loss", "stack", "gpu", "gpu-mem", "gpus", "strategy", "offload", "activation-offloading"];
+const RECOMMEND_FIELDS = ["train-tokens", "objective"];  // the recommendation's only: the data, for the rank
 const SWITCHES = ["grad-checkpointing", "liger", "use-dora"];
 const DEFAULTS = {model: "llama-3.1-8b", r: "8", "batch-size": "1", "seq-len": "1024", gpus: "1"};
 
@@ -33,6 +34,7 @@ function params() {
     p[name] = value;  // a default left out: the URL and the CLI command say only what was chosen
   }
   for (const name of SWITCHES) if ($(name).checked) p[name] = "1";
+  for (const name of RECOMMEND_FIELDS) if ($(name).value.trim()) p[name] = $(name).value.trim();
   const methods = ["full", "lora", "qlora"].filter((m) => $("m-" + m).checked);
   if (methods.length !== 3) p.method = methods.join(",");
   if ($("collate").value) p[$("collate").value] = "1";
@@ -45,7 +47,7 @@ function params() {
 
 function applyUrl() {
   const q = new URLSearchParams(location.search);
-  for (const name of FIELDS) if (q.has(name)) $(name).value = q.get(name);
+  for (const name of [...FIELDS, ...RECOMMEND_FIELDS]) if (q.has(name)) $(name).value = q.get(name);
   for (const name of SWITCHES) $(name).checked = q.get(name) === "1";
   if (q.has("method")) {
     const on = q.get("method").split(",");
@@ -67,6 +69,10 @@ function writeUrl(p) {
 // ---- the server ------------------------------------------------------------------------------------------------
 
 async function call(path, p, extra = {}) {
+  if (path !== "/api/recommend") {  // the data size sizes the recommendation's rank only
+    p = {...p};
+    for (const name of RECOMMEND_FIELDS) delete p[name];
+  }
   const response = await fetch(path, {method: "POST", headers: {"Content-Type": "application/json"},
                                       body: JSON.stringify({params: {...p, ...extra}, config})});
   const data = await response.json();
@@ -154,7 +160,8 @@ async function updateRecommendation(p, mine) {
   }
   const q = {model: p.model, gpu: p.gpu, "gpu-mem": p["gpu-mem"], gpus: p.gpus, strategy: p.strategy,
              "seq-len": p["seq-len"], dtype: p.dtype, amp: p.amp, optimizer: p.optimizer, attention: p.attention,
-             loss: p.loss, target: p.target, liger: p.liger, packing: p.packing, padding: p.padding};
+             loss: p.loss, target: p.target, liger: p.liger, packing: p.packing, padding: p.padding,
+             "train-tokens": p["train-tokens"], objective: p.objective};
   for (const k of Object.keys(q)) if (q[k] === undefined) delete q[k];
   if (unchanged("recommendation", JSON.stringify([q, uploadId]))) return;
   try {
@@ -181,7 +188,9 @@ async function updateRecommendation(p, mine) {
     }
   } catch (err) {
     drawn.recommendation = null;
-    if (mine === generation) box.textContent = err.message;
+    if (mine !== generation) return;
+    box.textContent = err.message;
+    if (err.detail && RECOMMEND_FIELDS.includes(err.detail.field)) showError(err.detail);
   }
 }
 
@@ -446,6 +455,10 @@ async function init() {
   });
   $("form").addEventListener("change", (e) => { if (e.target.tagName === "SELECT") schedule(); });
   $("form").addEventListener("submit", (e) => { e.preventDefault(); update(); });
+  for (const name of RECOMMEND_FIELDS) {  // outside the form's box: they belong to the recommendation's card
+    $(name).addEventListener("input", schedule);
+    $(name).addEventListener("change", schedule);
+  }
   $("config-file").addEventListener("change", async (e) => {
     const file = e.target.files[0];
     if (!file) { useConfig(null, ""); return; }
