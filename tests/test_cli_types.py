@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lora_planner.cli import build_parser
+from lora_planner.cli_args import build_parser
 from lora_planner.cli_types import (
     MAX_TEXT_CHARS, Integer, Number, Text, count, fraction, option_error, positive_number,
 )

@@ -1,5 +1,5 @@
 """The fuzz suite of issue 10: hypothesis generates argument vectors (from the real option tables of
-`lora_planner.cli.build_parser()`), configs, grids, record files and calibration files, runs
+`lora_planner.cli_args.build_parser()`), configs, grids, record files and calibration files, runs
 `lora_planner.cli.main(argv)` in-process and holds every answer to the CLI's contract
 (`tests/fuzz/checks.py`): no traceback, no hang, exit 0 or 2 with one `lora-plan: error: ` line,
 standard JSON with finite, non-negative byte counts whose breakdowns sum to their peak, record files

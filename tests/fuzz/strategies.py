@@ -1,7 +1,7 @@
 """Hypothesis strategies of the fuzz suite: argument vectors built from the real option tables, and the
 files they name (configs, grids, record files, calibration files), valid, boundary and hostile.
 
-Option tables: `option_tables()` walks `lora_planner.cli.build_parser()` (each subparser's `_actions`:
+Option tables: `option_tables()` walks `lora_planner.cli_args.build_parser()` (each subparser's `_actions`:
 option strings, whether it takes a value, choices, type, required), so a new option is fuzzed as soon as
 it is declared. Its valid values come from `VALID` (by `dest`, from the project's own constants: catalog
 models and GPUs, `lora_planner.specs`, `lora_planner.sweep`) or, for an option `VALID` does not know,
