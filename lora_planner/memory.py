@@ -58,6 +58,7 @@ vocabularies the logits' moments decide and the plan is exact.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from math import ceil
@@ -165,3 +166,11 @@ def estimate_memory(spec: ModelSpec, training: TrainingSpec,
         activations=c.activations,
         host=host_memory(spec, training),
     )
+
+
+# The searches (`recommend`, the web page's sweeps) ask for the same configurations again and again: within one
+# recommendation (every rung of the rank ladder at the micro-batches its neighbours tried) and across the page's
+# requests, where one change leaves most of them as they were. Every argument is a frozen dataclass (hashable) and the
+# estimate is immutable, so they share one process-wide LRU cache: about 8 KiB an entry (llama-7b, tracemalloc), so
+# at most ~16 MiB. Direct callers of `estimate_memory` (among them the tests that patch the engine) never use it.
+estimate_memory_cached = functools.lru_cache(maxsize=2048)(estimate_memory)

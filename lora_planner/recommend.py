@@ -1,7 +1,7 @@
 """`lora-plan recommend`: the method, LoRA rank, alpha, micro-batch, gradient accumulation and
 checkpointing to use for a GPU budget, each choice explained in a sentence (pure; no torch).
 
-The decision, in order (every step searches the pure planner, `memory.estimate_memory`):
+The decision, in order (every step searches the pure planner, `memory.estimate_memory`, through its LRU cache):
 
 1. **Usable memory** = budget x (1 - headroom), per GPU (`planner.usable_bytes`, the same definition and
    default headroom as `lora-plan`). A configuration *fits* (`planner.fits`) when its predicted peak on
@@ -19,7 +19,7 @@ The decision, in order (every step searches the pure planner, `memory.estimate_m
 4. **Gradient checkpointing** only when the wanted micro-batch does not fit without it: checkpointing
    recomputes every layer's forward in backward (about a third more compute per step), while gradient
    accumulation reaches the same global batch at no extra compute.
-5. **Micro-batch**: the largest that fits (`max_micro_batch_size`, by exponential + binary search; the
+5. **Micro-batch**: the largest that fits (`max_micro_batch_size`, by `search.largest_fitting`: the
    predicted peak never decreases with the batch), but never more than one optimizer step needs
    (ceil(global_batch / gpus)), then *balanced*: the smallest micro-batch that needs no more accumulation
    steps than the largest (up to 12 fit, global batch 32: 11 x 3 = 33 rather than 12 x 3 = 36: same
@@ -45,8 +45,11 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from lora_planner.errors import PlannerInputError
+from lora_planner.search import largest_fitting
 from lora_planner.gpus import GPUS
-from lora_planner.memory import PHASE_TITLES, DeviceOverhead, estimate_memory, trainable_totals
+from lora_planner.memory import (
+    PHASE_TITLES, DeviceOverhead, estimate_memory_cached, trainable_totals,
+)
 from lora_planner.params import PEFT_DEFAULT_TARGETS, max_rank, rank_for_trainable_fraction, resolve_targets
 from lora_planner.defaults import DEFAULT_GLOBAL_BATCH, DEFAULT_HEADROOM, DEFAULT_R
 from lora_planner.planner import (
@@ -256,12 +259,13 @@ class _Search:
         self.usable = req.usable_bytes
         self._points: dict[tuple[str, int | None, bool, int], _Point] = {}
         self._max: dict[tuple[str, int | None, bool], int] = {}
+        self._last: dict[tuple[str, bool], int] = {}  # the latest answer by (method, checkpointing)
 
     def point(self, method: str, r: int | None, ckpt: bool, micro: int) -> _Point:
         key = (method, r, ckpt, micro)
         if key not in self._points:
             training = training_for(self.req, method, r, ckpt, micro)
-            est = estimate_memory(self.req.spec, training, self.req.overhead)
+            est = estimate_memory_cached(self.req.spec, training, self.req.overhead)
             if self.req.calibration is not None:
                 from lora_planner.report.calibrate import apply_calibration  # pure, like this module
 
@@ -286,17 +290,11 @@ class _Search:
         """The largest micro-batch that fits (0 if not even 1), up to `MAX_MICRO_BATCH`."""
         key = (method, r, ckpt)
         if key not in self._max:
-            if not self.fits(method, r, ckpt, 1):
-                self._max[key] = 0
-            else:
-                low = 1  # fits
-                while low * 2 <= MAX_MICRO_BATCH and self.fits(method, r, ckpt, low * 2):
-                    low *= 2
-                high = min(low * 2, MAX_MICRO_BATCH + 1)  # does not fit (or past the limit)
-                while high - low > 1:
-                    mid = (low + high) // 2
-                    low, high = (mid, high) if self.fits(method, r, ckpt, mid) else (low, mid)
-                self._max[key] = low
+            # the answer at the previous rank searched (same method and checkpointing) is a close hint: the peak
+            # moves little along the ladder
+            hint = self._last.get((method, ckpt)) or None
+            self._max[key] = self._last[(method, ckpt)] = largest_fitting(
+                lambda micro: self.peak(method, r, ckpt, micro), self.usable, MAX_MICRO_BATCH, hint)
         return self._max[key]
 
     def schedule(self, max_micro: int) -> tuple[int, int]:
@@ -413,7 +411,7 @@ def recommend(req: RecommendRequest) -> Recommendation:
     c = rec.choice
     if c is None or c.method == "full" or c.r is None:
         return rec
-    narrow = estimate_memory(req.spec, training_for(fallback, c.method, c.r, c.grad_checkpointing,
+    narrow = estimate_memory_cached(req.spec, training_for(fallback, c.method, c.r, c.grad_checkpointing,
                                                     c.micro_batch_size), req.overhead).peak_device_bytes
     names = ", ".join(PEFT_DEFAULT_TARGETS[req.spec.family])
     cost = (f"All-linear targets cost {gib(c.predicted_peak_bytes - narrow)} more than PEFT's default ({names}) at "

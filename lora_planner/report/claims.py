@@ -24,6 +24,7 @@ from lora_planner.catalog import resolve_model
 from lora_planner.errors import PlannerInputError
 from lora_planner.memory import estimate_memory
 from lora_planner.params import count_params, lora_params, max_rank, rank_for_trainable_fraction
+from lora_planner.search import largest_fitting
 from lora_planner.report.charts import MIN_TIMED_FLOPS, pair_full_lora, timed_pairs
 from lora_planner.specs import LoraSpec, TrainingSpec
 
@@ -161,19 +162,10 @@ def phase_claim(frame: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
 
 def max_batch(spec: Any, training: TrainingSpec, budget_bytes: int, limit: int = 4096) -> int:
     """Largest micro-batch whose predicted peak on the device fits `budget_bytes` (0: not even 1)."""
-    def fits(batch: int) -> bool:
-        return estimate_memory(spec, replace(training, batch_size=batch)).peak_device_bytes <= budget_bytes
+    def peak(batch: int) -> int:
+        return estimate_memory(spec, replace(training, batch_size=batch)).peak_device_bytes
 
-    if not fits(1):
-        return 0
-    low, high = 1, 2
-    while high <= limit and fits(high):
-        low, high = high, high * 2
-    high = min(high, limit + 1)
-    while high - low > 1:  # fits(low), not fits(high) (or high is past the limit)
-        mid = (low + high) // 2
-        low, high = (mid, high) if fits(mid) else (low, mid)
-    return low
+    return largest_fitting(peak, budget_bytes, limit)
 
 
 def batch_claim(models: tuple[str, ...] = ("llama-3.2-1b", "qwen2.5-1.5b", "llama-3.2-3b", "mistral-7b", "llama-3-8b"),

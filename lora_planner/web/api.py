@@ -152,7 +152,7 @@ def sweep(params: Mapping[str, Any], axis: str, values: list[int],
 
     from lora_planner.cli import plan_inputs
     from lora_planner.cli_options import budget_from_args, overhead_from_args
-    from lora_planner.memory import estimate_memory
+    from lora_planner.memory import estimate_memory_cached
     from lora_planner.planner import usable_bytes
 
     if axis not in SWEEP_AXES:
@@ -170,7 +170,7 @@ def sweep(params: Mapping[str, Any], axis: str, values: list[int],
         setattr(args, SWEEP_AXES[axis], value)
         try:  # the memory only: a sweep's points need no step time (`compute_estimate` less the throughput)
             model, training, methods = plan_inputs(args, spec)
-            peaks = {m: estimate_memory(model, replace(training, method=m), overhead).peak_device_bytes
+            peaks = {m: estimate_memory_cached(model, replace(training, method=m), overhead).peak_device_bytes
                      for m in methods}
         except PlannerInputError as err:
             points.append({"value": value, "peaks": None, "error": str(err)})

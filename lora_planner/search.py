@@ -1,0 +1,78 @@
+"""The largest integer whose predicted peak fits: the micro-batch search behind `recommend`, the web page and the
+report's batch claim (pure; no torch).
+
+`largest_fitting(peak, usable, limit)` returns the largest x in [1, limit] with peak(x) <= usable (0 when not even
+x = 1 fits), for any peak that never decreases with x: the planner's peak is so in the micro-batch (every saved
+activation, logits buffer and scratch grows with the rows; nothing shrinks). It returns exactly what an exponential
++ binary search returns, in fewer planner calls: the planner's peak is close to affine in the batch (fixed states
+plus per-row activations), so a secant through the two nearest evaluated points lands on or next to the answer,
+usually in 3-4 calls where doubling and bisection need 2 log2(answer) (about 14 for a micro-batch of 87).
+
+The method is safeguarded regula falsi on integers: a bracket lo (fits) < hi (does not fit, or limit + 1) that
+only shrinks; each guess is the secant's, clamped strictly inside the bracket; when two secant guesses in a row
+fail to halve the bracket, the next guess is the midpoint, so the worst case stays within a small factor of
+bisection for peaks far from affine (e.g. a step from a chunked loss switching chunk counts).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+
+def largest_fitting(peak: Callable[[int], int], usable: int, limit: int, hint: int | None = None) -> int:
+    """The largest x in [1, limit] with peak(x) <= usable; 0 when peak(1) > usable. `peak` must never decrease.
+
+    `hint`: a likely answer (e.g. the one found for the next rank on the ladder): x = hint and hint + 1 are tried
+    first, so a right hint costs two calls. A wrong one costs at most those two, never a different answer."""
+    if limit < 1:
+        raise ValueError(f"limit must be at least 1, got {limit}")
+    known: dict[int, int] = {}
+    lo, hi = 0, limit + 1  # peak(lo) fits (0: nothing known to fit); hi does not (or is past the limit)
+    for x in ((hint, hint + 1) if hint is not None and 1 <= hint <= limit else ()):
+        if x > limit:
+            break
+        known[x] = peak(x)
+        if known[x] > usable:
+            hi = x
+            break
+        lo = x
+    if lo == 0:
+        if hi > 1:
+            known[1] = peak(1)
+        if known[1] > usable:
+            return 0
+        lo = 1
+    stalls = 0  # secant guesses in a row that did not halve the bracket (or double lo while hi is unknown)
+    while hi - lo > 1:
+        before_lo, before_hi = lo, hi
+        if stalls >= 2:  # the safeguard: bisect, or double while no failing point is known
+            guess, stalls = ((lo + hi) // 2 if hi in known else 2 * lo), 0
+        else:
+            guess = _secant(known, lo, hi, usable)
+        guess = min(max(guess, lo + 1), hi - 1)
+        known[guess] = peak(guess)
+        if known[guess] <= usable:
+            lo = guess
+        else:
+            hi = guess
+        if before_hi in known:
+            progress = 2 * (hi - lo) <= before_hi - before_lo
+        else:
+            progress = hi != before_hi or lo >= 2 * before_lo
+        stalls = 0 if progress else stalls + 1
+    return lo
+
+
+def _secant(known: dict[int, int], lo: int, hi: int, usable: int) -> int:
+    """Where the line through the two evaluated points nearest the boundary reaches `usable` (rounded down)."""
+    if hi in known:
+        x0, x1 = lo, hi
+    else:  # no failing point yet: extrapolate from the two largest fitting ones (or probe lo + 1)
+        below = sorted(x for x in known if x < lo)
+        if not below:
+            return lo + 1
+        x0, x1 = below[-1], lo
+    y0, y1 = known[x0], known[x1]
+    if y1 <= y0:  # flat: nothing to extrapolate from
+        return 2 * lo if hi not in known else (lo + hi) // 2
+    return x0 + (usable - y0) * (x1 - x0) // (y1 - y0)
