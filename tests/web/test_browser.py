@@ -191,5 +191,15 @@ def test_recommendation_from_the_data(page, capsys):
     doc = json.loads(capsys.readouterr().out)
     answer = driver.find_element(By.CSS_SELECTOR, "#recommendation .answer")
     assert int(answer.get_attribute("data-bytes")) == doc["predicted_peak_bytes"] and f"r {doc['r']}," in answer.text
+    set_value(driver, "capacity-margin", "4")  # twice the margin: a larger rank, as the CLI's
+    assert main(["recommend", "--model", "llama-3.1-8b", "--gpu", "rtx-4090", "--train-tokens", "1e7",
+                 "--capacity-margin", "4", "--json"]) == 0
+    wider = json.loads(capsys.readouterr().out)
+    assert wider["r"] > doc["r"]
+    answer = driver.find_element(By.CSS_SELECTOR, "#recommendation .answer")
+    assert int(answer.get_attribute("data-bytes")) == wider["predicted_peak_bytes"] and f"r {wider['r']}," in answer.text
+    set_value(driver, "capacity-margin", "-1")
+    assert "must be in (0, inf]" in driver.find_element(By.ID, "err-capacity-margin").text
+    set_value(driver, "capacity-margin", "")
     set_value(driver, "train-tokens", "lots")
     assert driver.find_element(By.ID, "err-train-tokens").text

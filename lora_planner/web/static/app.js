@@ -11,7 +11,7 @@ const SWEEPS = {"r": [1, 2, 4, 8, 16, 32, 64, 128, 256], "batch-size": [1, 2, 4,
                 "seq-len": [256, 512, 1024, 2048, 4096, 8192, 16384, 32768]};
 const FIELDS = ["model", "r", "alpha", "dtype", "amp", "quant", "optimizer", "batch-size", "seq-len", "attention",
                 "loss", "stack", "gpu", "gpu-mem", "gpus", "strategy", "offload", "activation-offloading"];
-const RECOMMEND_FIELDS = ["train-tokens", "objective"];  // the recommendation's only: the data, for the rank
+const RECOMMEND_FIELDS = ["train-tokens", "objective", "capacity-margin"];  // the recommendation's only: the data, for the rank
 const SWITCHES = ["grad-checkpointing", "liger", "use-dora"];
 const DEFAULTS = {model: "llama-3.1-8b", r: "8", "batch-size": "1", "seq-len": "1024", gpus: "1"};
 
@@ -161,7 +161,8 @@ async function updateRecommendation(p, mine) {
   const q = {model: p.model, gpu: p.gpu, "gpu-mem": p["gpu-mem"], gpus: p.gpus, strategy: p.strategy,
              "seq-len": p["seq-len"], dtype: p.dtype, amp: p.amp, optimizer: p.optimizer, attention: p.attention,
              loss: p.loss, target: p.target, liger: p.liger, packing: p.packing, padding: p.padding,
-             "train-tokens": p["train-tokens"], objective: p.objective};
+             "train-tokens": p["train-tokens"], objective: p.objective,
+             "capacity-margin": p["capacity-margin"]};
   for (const k of Object.keys(q)) if (q[k] === undefined) delete q[k];
   if (unchanged("recommendation", JSON.stringify([q, uploadId]))) return;
   try {
