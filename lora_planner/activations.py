@@ -69,8 +69,11 @@ from lora_planner.loss import (
 )
 from lora_planner.loss_fused import (
     cce_backward_scratch, cce_forward_scratch, cce_saved, check_cce_loss, check_fused_linear_loss, check_trl_loss,
-    flce_forward_scratch, flce_saved, trl_backward_scratch, trl_forward_scratch, trl_saved,
+    flce_forward_scratch, flce_saved, trl_backward_scratch, trl_forward_scratch, trl_held_outputs_bytes,
+    trl_no_grad_head_bytes, trl_saved,
 )
+from lora_planner.inference import check_no_grad_forward, layer_weight_casts_bytes, no_grad_layer_peak_bytes
+from lora_planner.objectives import reference_pass
 from lora_planner.params import adapted_layers, adapters_by_layer, module_inventory, rotary_dim, rotary_tables
 from lora_planner.specs import BYTES_PER_ELEMENT, UNSLOTH_LOSSES, ModelSpec, TrainingSpec
 
@@ -144,6 +147,12 @@ class ActivationProfile:
     # batch, temporaries) and the backward's last (activations, temporaries; the embeddings' delta gradient not yet)
     token_moments: tuple[tuple[int, int], tuple[int, int]] = ((0, 0), (0, 0))
     backward_seed_bytes: int = FP32  # backward()'s seed gradient, ones_like(loss), alive through backward
+    # DPO's reference pass (`lora_planner.objectives`), between the policy's forward and backward: (what the loss code
+    # holds beside the policy's saved tensors, the no-grad pass's heaviest transient); (0, 0): no reference pass
+    reference_moment: tuple[int, int] = (0, 0)
+    # under checkpointing, a layer's own forward transient beyond the checkpointed inputs it runs beside (DPO; 0: not
+    # planned)
+    checkpointed_forward_bytes: int = 0
 
     def backward_scratch_bytes(self, index: int) -> int:
         """The transient gradient buffers of decoder layer `index`'s backward."""
@@ -439,6 +448,11 @@ def batch_extras(flow: Flow) -> list[SavedTensor]:
     one TRL's `DataCollatorForLanguageModeling(padding_free=True)` (trl/trainer/sft_trainer.py): int64 position_ids,
     int32 `seq_idx` per token and the int32 cumulative lengths (`cu_seq_lens_q` / `_k`, one tensor) of its sequences,
     taken as the micro-batch's (two when it is one sequence, so that the row packs several)."""
+    if flow.t.objective == "dpo":
+        # `DataCollatorForPreference` always returns the int64 attention and completion masks; `_compute_loss` builds
+        # the labels (counted with input_ids) from them (dpo_trainer.py l.184-206, l.1296)
+        return [SavedTensor("batch.attention_mask", flow.tokens * 8), SavedTensor("batch.completion_mask",
+                                                                                  flow.tokens * 8)]
     if flow.t.padding:
         return [SavedTensor("batch.attention_mask", flow.tokens * 8)]
     if flow.t.packing:
@@ -659,6 +673,30 @@ def activation_profile(spec: ModelSpec, training: TrainingSpec) -> ActivationPro
         head = sum(t.nbytes for t in model if t.name.startswith(("final_norm.", "lm_head.")))
         loss_forward = max(loss_forward, dora_forward - sum(t.nbytes for t in loss_saved) - head
                            - (FP32 if flow.loss == "hf" else 0))
+    reference = (0, 0)
+    if reference_pass(training) != "none":
+        # DPO's reference pass (`lora_planner.objectives`): the outputs the policy's forward returned, held by
+        # `_compute_loss`, and the no-grad pass's heaviest moment: in the layers, or in the fused head
+        check_no_grad_forward(flow, "DPO's reference pass")
+        # full fine-tuning's reference copy: its parameters require grad (TRL leaves them so), so under autocast its
+        # forward caches every layer weight's cast until the pass ends
+        copy = reference_pass(training) == "model-copy"
+        casts = layer_weight_casts_bytes(flow) if copy else 0
+        reference = (trl_held_outputs_bytes(flow),
+                     casts + max(no_grad_layer_peak_bytes(flow, copy),
+                                 trl_no_grad_head_bytes(flow, ("log_probs",) if copy else None)))
+    checkpointed_forward = 0
+    if training.objective == "dpo" and training.grad_checkpointing and \
+            not any(flow.modules[p].group == "mlp" for a in flow.layer_adapters for p in a):
+        # A checkpointed layer's forward keeps nothing but its input, so its heaviest moment is the no-grad one
+        # (`lora_planner.inference`), beside every earlier layer's checkpointed input; with TRL's fused head (no
+        # logits) it can outweigh the loss's moment. (Planned for DPO, measured there; adapters on the MLP add to it,
+        # not modelled yet.) The stream tensors and RoPE tables it counts are taken out of what is saved already.
+        rope = sum(i.nbytes for i in model if i.name in ("rotary.cos_sin", "checkpoint.position_ids"))
+        # (full fine-tuning under autocast: the layers' weight casts are cached as they run, every layer's by the last)
+        checkpointed_forward = no_grad_layer_peak_bytes(flow, flow.full) - rope \
+            - min(2, spec.num_layers) * tokens * spec.hidden_size * flow.e_stream \
+            + (layer_weight_casts_bytes(flow) if flow.full else 0)
     router_aux = 0
     if spec.is_moe and spec.output_router_logits and spec.family not in ("deepseek_v2", "deepseek_v3"):
         # `load_balancing_loss_func` (models/mixtral/modeling_mixtral.py and its copies): a softmax of each MoE layer's
@@ -686,6 +724,8 @@ def activation_profile(spec: ModelSpec, training: TrainingSpec) -> ActivationPro
         loss_forward_activations_delta=forward_activations,
         retained_graph_bytes=retained,
         loss_kept_in_backward_bytes=loss_kept,
+        reference_moment=reference,
+        checkpointed_forward_bytes=checkpointed_forward,
         head_adapter_moments=_head_moments_with_caches(flow, model, first_input_needs_grad),
         token_moments=trainable_tokens_moments(flow),
         loss_value_at_forward_end=flow.loss in ("hf",) + UNSLOTH_LOSSES,  # (Unsloth's: the accumulator, made first)

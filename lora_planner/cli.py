@@ -70,7 +70,15 @@ def _training_from_args(args: argparse.Namespace, method: str) -> TrainingSpec:
         **parse_loss(getattr(args, "loss", "hf")),
         padding=getattr(args, "padding", False), packing=getattr(args, "packing", False),
         liger=getattr(args, "liger", False),
+        objective=_objective(args), precompute_ref_log_probs=getattr(args, "precompute_ref_log_probs", False),
     )
+
+
+def _objective(args: argparse.Namespace) -> str:
+    """`--objective` of estimate (TRL's trainers; `recommend --objective` is the rank evidence's and plans sft)."""
+    if not hasattr(args, "precompute_ref_log_probs"):  # recommend / sweep / profile: the SFT step
+        return "sft"
+    return str(args.objective).strip().lower()
 
 
 def _target_parameters(args: argparse.Namespace) -> tuple[str, ...] | None:
@@ -202,9 +210,10 @@ def plan_inputs(args: argparse.Namespace, spec: ModelSpec | None = None
     methods = _methods_from_args(args)
     if spec.family in REGISTERED_FAMILIES and args.method == "full,lora,qlora" and len(methods) > 1:
         methods = tuple(m for m in methods if m != "qlora")  # the default: traced profiles have no QLoRA (traced.py)
-    if args.method == "full,lora,qlora" and str(getattr(args, "loss", "hf")).startswith("trl") and "full" in methods:
+    if args.method == "full,lora,qlora" and str(getattr(args, "loss", "hf")).startswith("trl") and "full" in methods \
+            and spec.tie_word_embeddings:
         methods = tuple(m for m in methods if m != "full")
-        args.methods_note = ("full fine-tuning left out of the default methods: TRL's fused LM head with a trained "
+        args.methods_note = ("full fine-tuning left out of the default methods: TRL's fused LM head with a tied, trained "
                              "output layer is not modelled (pass --method full --loss hf to plan it)")
     training = _training_from_args(args, methods[0])
     for method in methods[1:]:
@@ -221,6 +230,10 @@ def compute_estimate(args: argparse.Namespace, spec: ModelSpec | None = None) ->
     for note in ("methods_note", "stack_note", "files_note", "lengths_note"):
         if getattr(args, note, None):
             plan = replace(plan, warnings=(getattr(args, note), *plan.warnings))
+    if training.objective != "sft":
+        from lora_planner.objectives import describe
+
+        plan = replace(plan, warnings=(describe(training), *plan.warnings))
     calibration = None
     if getattr(args, "calibration", None):
         from lora_planner.report.calibrate import calibrate_plan_from_file
@@ -416,6 +429,11 @@ def parse_command(argv: list[str]) -> argparse.Namespace:
         explicit |= _apply_files(args, explicit)
     if getattr(args, "stack", None):
         _apply_stack(args, explicit)
+    if getattr(args, "objective", "sft") not in ("sft", None) and getattr(args, "loss", "trl") != "trl":
+        if "loss" in (explicit or _explicit(parser, args, argv)):
+            raise PlannerInputError("loss", f"TRL's trainer for --objective {args.objective} always runs its fused LM "
+                                            f"head, not the {args.loss} loss", "drop --loss (or pass --loss trl)")
+        args.loss = "trl"  # the trainer's own head: `model(..., fused_lm_head=True)`
     if hasattr(args, "lengths"):
         _apply_lengths(args, argv)
     return args

@@ -195,6 +195,14 @@ def add_planner_options(p: argparse.ArgumentParser) -> None:
 
 def add_estimate_arguments(p: argparse.ArgumentParser) -> None:
     add_planner_options(p)
+    p.add_argument("--objective", type=Text("objective", "--objective dpo"), default="sft",
+                   help="what the step trains for, as TRL's trainers: sft (default; every trainer's causal-LM step) or "
+                        "dpo (DPOTrainer: each of --batch-size pairs is two rows, prompt + chosen and prompt + "
+                        "rejected, of --seq-len tokens; TRL's fused LM head; a reference pass, the adapters disabled "
+                        "(LoRA) between the forward and backward); orpo, simpo, kto and grpo are not modelled yet")
+    p.add_argument("--precompute-ref-log-probs", action="store_true",
+                   help="DPO: the reference log-probs computed over the dataset before training "
+                        "(DPOConfig.precompute_ref_log_probs): no reference pass in the step")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--detail", action="store_true", help="also show every phase of each method")
     p.add_argument("--calibration", type=Text("calibration", "--calibration calib.json"), default=None,

@@ -162,12 +162,41 @@ def cce_backward_scratch(flow: Flow) -> int:
 # - backward: `grad_hidden = zeros(K, H, fp32)`, a new `mm_buf`, each tile recomputed and turned into the logits'
 #   gradient in place, `addmm(..., out_dtype=fp32)` into grad_hidden (no copies on CUDA from torch 2.8), and
 #   `grad_hidden.to(hidden.dtype)` before its locals go.
+#
+# On a device without Triton (CPU) the same function runs its torch fallback (`_forward_tile`, `_backward_tile`,
+# chunked_logprob.py l.211-305), measured with the exact tracker on real TRL steps (`tests/profiler/test_trl_steps.py`):
+# the patched forward scores every position (`compact` False, utils.py l.1640-1660: `hidden_states.reshape(-1, H)`, a
+# copy, `labels.clamp(min=0)`, a copy), each tile folded as whole fp32 tensors: the tile's upcast and the transform's
+# two products, z, the bool `before_target` (a local until the fold returns) with its negation and masked copy,
+# `z - max` and its exp, `e * z`: 13 bytes a tile element at the heaviest op with is_top1 requested (12 without);
+# after the call each output is `x.view(mask.shape).masked_fill(~mask, 0)` (a new tensor, and a saved `~mask` for each
+# differentiable one). Its backward (`_backward_tile`) holds y, z, log_p, p, grad, is_target (bool), and the
+# subtraction's and product's fp32 temporaries: 29 bytes a tile element.
 TRL_TOKEN_CHUNK = 4096  # `TOKEN_CHUNK_SIZE`
 TRL_VOCAB_CHUNK = 32768  # `_CHUNKED_LOGPROB_CHUNK_SIZE`
 
 
+def trl_outputs(flow: Flow) -> tuple[str, ...]:
+    """The outputs the trainer asks of the fused head (`objectives.FUSED_HEAD_OUTPUTS`)."""
+    from lora_planner.objectives import FUSED_HEAD_OUTPUTS  # lazily: objectives imports the specs this module does
+
+    return FUSED_HEAD_OUTPUTS[flow.t.objective]
+
+
+def trl_compact(flow: Flow) -> bool:
+    """`_use_triton(device)`: on CUDA only the valid rows go through the kernel; on CPU every position does."""
+    return flow.t.device != "cpu"
+
+
 def check_trl_loss(flow: Flow) -> None:
-    """What `--loss trl` does not model yet, refused with the reason."""
+    """What `--loss trl` does not model yet, refused with the reason: full fine-tuning is planned (the trained output
+    layer's fp32 V x H gradient, `trl_backward_scratch`) but for a tied output layer, and LoRA, a copy or trainable
+    tokens on lm_head are not."""
+    if flow.full and flow.spec.tie_word_embeddings:
+        raise PlannerInputError("loss", "TRL's fused LM head with a tied, trained output layer is not modelled yet",
+                                "train adapters (--method lora), or use --loss hf")
+    if flow.full:
+        return
     refuse_trained_head(flow, "TRL's fused LM head with a trained output layer (its fp32 V x H gradient)")
 
 
@@ -182,29 +211,75 @@ def _trl_buffers(flow: Flow) -> tuple[int, int, int]:
     return k, mm, chunk + weight
 
 
+def _trl_tile(flow: Flow) -> tuple[int, int]:
+    """(rows, columns) of the fallback's largest tile: a token chunk by the vocabulary's first chunk."""
+    return min(shifted_rows(flow), TRL_TOKEN_CHUNK), min(flow.spec.vocab_size, TRL_VOCAB_CHUNK)
+
+
 def trl_saved(flow: Flow) -> tuple[SavedTensor, ...]:
-    """What TRL's fused LM head keeps for backward: the valid rows of the final hidden state (K x H, the stream's
-    dtype), their int64 targets, fp32 log_z and entropy, and the bool label mask (b x (s - 1)) the indexing and the
-    scatter back keep."""
+    """What TRL's fused LM head keeps for backward: the rows of the final hidden state it scored (K x H, the stream's
+    dtype: the valid ones gathered on CUDA, all of them reshaped on CPU), their int64 targets, fp32 log_z and entropy
+    (log_z again when entropy is not asked for), and the bool label mask (b x (s - 1)) the indexing and the scatter
+    back keep on CUDA, or the negated mask each differentiable output's `masked_fill` keeps on CPU."""
     k = shifted_rows(flow)
+    entropy = "entropy" in trl_outputs(flow)
+    masks = (1 + entropy) if not trl_compact(flow) else 1
     return (SavedTensor("loss.trl_hidden", k * flow.spec.hidden_size * flow.e_stream),
             SavedTensor("loss.trl_targets", k * 8), SavedTensor("loss.trl_log_z", k * FP32),
-            SavedTensor("loss.trl_entropy", k * FP32), SavedTensor("loss.trl_mask", flow.b * (flow.s - 1)))
+            SavedTensor("loss.trl_entropy", k * FP32 if entropy else 0),
+            SavedTensor("loss.trl_mask", masks * flow.b * (flow.s - 1)))
 
 
-def trl_forward_scratch(flow: Flow) -> int:
+def trl_held_outputs_bytes(flow: Flow) -> int:
+    """The outputs the forward returns beside the loss, (b, s - 1) each: fp32 log_probs, entropy, mean_logits, bool
+    is_top1, and the bool label mask (`FusedCausalLMOutput.label_mask`), held by the trainer's loss code."""
+    per = flow.b * (flow.s - 1)
+    return sum(per * (1 if name == "is_top1" else FP32) for name in trl_outputs(flow)) + per
+
+
+def trl_forward_scratch(flow: Flow, outputs: tuple[str, ...] | None = None) -> int:
     """On top of what it saves (log_z and entropy not yet there in the tile loop): the seven statistics and the
     projection buffer, with the tile copies in the loop (7 x 4 K - 8 K + copies) or log_probs and entropy's
-    temporary after it (7 x 4 K + 8 K)."""
+    temporary after it (7 x 4 K + 8 K). On CPU, the tile loop's fold instead (module comment), beside the label mask."""
     k, mm, copies = _trl_buffers(flow)
-    return 7 * k * FP32 + mm + max(copies - 2 * k * FP32, 2 * k * FP32)
+    if trl_compact(flow):
+        return 7 * k * FP32 + mm + max(copies - 2 * k * FP32, 2 * k * FP32)
+    outputs = trl_outputs(flow) if outputs is None else outputs
+    n, cols = _trl_tile(flow)
+    chunk = n * flow.spec.hidden_size * flow.e_compute if flow.e_stream != flow.e_compute else 0
+    per_element = 13 if "is_top1" in outputs else 12
+    not_yet = k * FP32 * (1 + ("entropy" in outputs)) + k * (1 + ("entropy" in outputs))
+    return 7 * k * FP32 + mm + chunk + per_element * n * cols + 16 * n + k - not_yet
 
 
 def trl_backward_scratch(flow: Flow) -> int:
     """At the end of its backward: the incoming gradient of log_probs (K fp32), the fp32 input gradient (K x H), the
     projection buffer, and the cast of the gradient to the stream's dtype (none when fp32) or, in the tile loop, the
-    tile copies."""
+    tile copies. On CPU, the fallback's tile (module comment) beside the weight slice's cast."""
     k, mm, copies = _trl_buffers(flow)
     h = flow.spec.hidden_size
     cast = k * h * flow.e_stream if flow.e_stream != FP32 else 0
-    return k * FP32 + k * h * FP32 + mm + max(copies, cast)
+    head = upcast = 0
+    n, cols = _trl_tile(flow)
+    if flow.full:  # the trained output layer: an fp32 V x H gradient from the start, cast to the weight's dtype last
+        v, e_w = flow.spec.vocab_size, BYTES_PER_ELEMENT[flow.t.dtype]
+        head, cast = v * h * FP32, cast + (v * h * e_w if e_w != FP32 else 0)
+        # on CPU its accumulation, after the fold, upcasts the tile (transposed) and the token chunk (`_addmm_fp32`)
+        upcast = (n * cols + n * h) * FP32 if flow.e_compute != FP32 else 0
+    if trl_compact(flow):
+        return k * FP32 + k * h * FP32 + head + mm + max(copies, cast)
+    return k * FP32 + k * h * FP32 + head + mm + max(copies + max(29 * n * cols, upcast), cast)
+
+
+def trl_no_grad_head_bytes(flow: Flow, outputs: tuple[str, ...] | None = None) -> int:
+    """The fused head's heaviest moment in a no-grad pass (DPO's reference pass), beyond the weights: the backbone's
+    output (b x s x H) and the scored rows' hidden state (gathered or reshaped, K x H), their targets and the label
+    mask, then the tile loop (`trl_forward_scratch` with nothing saved). `outputs`: the head's (a reference model's
+    own head asks for log_probs only, `add_fused_lm_head`'s default); the trainer's by default."""
+    outputs = trl_outputs(flow) if outputs is None else outputs
+    k, h = shifted_rows(flow), flow.spec.hidden_size
+    # (on CPU the label mask is in the scratch already: it is not saved there)
+    inputs = flow.tokens * h * flow.e_stream + k * h * flow.e_stream + k * 8 + (k if trl_compact(flow) else 0)
+    not_saved = k * FP32 * (1 + ("entropy" in outputs)) + k * (1 + ("entropy" in outputs)) \
+        if not trl_compact(flow) else 2 * k * FP32
+    return inputs + trl_forward_scratch(flow, outputs) + not_saved

@@ -460,6 +460,8 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
             "loss_target_gib": t.loss_target_gib if t.loss in UNSLOTH_LOSSES else None,
             "padding": t.padding,
             "packing": t.packing,
+            "objective": t.objective, "precompute_ref_log_probs": t.precompute_ref_log_probs,
+            "rows": t.rows[0],
             "liger": t.liger,
             "target_parameters": list(t.lora.target_parameters) if t.lora.target_parameters else None,
             "experts_implementation": t.experts_implementation if spec.is_moe else None,

@@ -184,6 +184,9 @@ def _calibration_from_args(args: argparse.Namespace) -> dict | None:
 
 def request_from_args(args: argparse.Namespace, spec: ModelSpec | None = None) -> RecommendRequest:
     """The search's request from parsed options (`spec`: the model already read, e.g. an uploaded config.json)."""
+    if getattr(args, "stack", None) == "trl-dpo":
+        raise PlannerInputError("stack", "recommend searches SFT steps; DPO's batch and reference trade-offs are not "
+                                         "searched yet", "plan DPO with `lora-plan --stack trl-dpo ...`")
     if args.gpu is None and args.gpu_mem is None:
         raise PlannerInputError("arguments", "one of the arguments --gpu --gpu-mem is required",
                                 "pass e.g. --gpu rtx-4090, --gpu-mem 24GiB, or both (that GPU with that memory)")

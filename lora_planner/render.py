@@ -66,6 +66,11 @@ def print_wrapped(console: Any, text: str, first: str = "", rest: str = "", styl
         console.print(line.replace(NBSP, " "), style=style, markup=False, highlight=False, soft_wrap=True)
 
 
+def dpo_rows(t: TrainingSpec) -> str:
+    """' pairs (2b rows)' for a preference objective, whose pairs are two rows each."""
+    return f" pair{'s' if t.batch_size != 1 else ''} ({t.rows[0]} rows)" if t.rows_per_example > 1 else ""
+
+
 def collate_text(t: TrainingSpec) -> str:
     """How the batch reaches the model, beside its size."""
     if t.packing:
@@ -86,7 +91,7 @@ def _settings_line(plan: Plan) -> str:
     parts = [
         precision,
         f"{t.optimizer} ({t.resolved_optimizer_impl}: {t.optimizer_impl_reason})",
-        f"batch {t.batch_size} x {t.seq_len} tokens{collate_text(t)}",
+        f"batch {t.batch_size}{dpo_rows(t)} x {t.seq_len} tokens{collate_text(t)}",
         f"{t.attention} attention" + _kernel_note(plan),
         *(["Liger kernels"] if t.liger else []),
         *([f"loss {t.loss}"] if t.loss != "hf" else []),

@@ -61,6 +61,10 @@ ExpertsImplementation = Literal["grouped_mm", "eager"]
 # as Unsloth runs it by default; "unsloth-eager": the same with `UNSLOTH_FUSED_CE_COMPILE_DISABLE=1`).
 LossKind = Literal["hf", "chunked", "fused-linear", "cce", "trl", "linear", "litgpt", "unsloth", "unsloth-eager"]
 UNSLOTH_LOSSES: tuple[str, ...] = ("unsloth", "unsloth-eager")
+# What the step trains for, as TRL's trainers name it (`lora_planner.objectives`): "sft" is every trainer's plain
+# causal-LM step; "dpo" TRL's DPOTrainer (chosen and rejected rows, a reference pass); the others are refused until
+# modelled (issue 17).
+Objective = Literal["sft", "dpo", "orpo", "simpo", "kto", "grpo"]
 AdapterDtype = Literal["fp32", "base"]
 # Each strategy names one engine (lora_planner.parallel): torch DDP (+ ZeroRedundancyOptimizer), torch FSDP2
 # FULL_SHARD / SHARD_GRAD_OP, DeepSpeed ZeRO stages 1-3. The bare ZeRO names are DeepSpeed's.
@@ -79,6 +83,7 @@ DEVICES: tuple[str, ...] = get_args(Device)
 ATTENTIONS: tuple[str, ...] = get_args(Attention)
 EXPERTS_IMPLEMENTATIONS: tuple[str, ...] = get_args(ExpertsImplementation)
 LOSSES: tuple[str, ...] = get_args(LossKind)
+OBJECTIVES: tuple[str, ...] = get_args(Objective)
 DEFAULT_LOSS_CHUNKS = 8  # torchtune's `CEWithChunkedOutputLoss(num_output_chunks=8)`
 ROUTINGS: tuple[str, ...] = ("balanced", "worst")
 STRATEGIES: tuple[str, ...] = get_args(Strategy)
@@ -448,6 +453,10 @@ class TrainingSpec:
     # batch_size x seq_len tokens (the fullest row it can build), position_ids restarting per sequence, no mask.
     padding: bool = False
     packing: bool = False
+    # The training objective (`lora_planner.objectives`): "dpo" runs each of `batch_size` pairs as two rows (prompt +
+    # chosen, prompt + rejected) of `seq_len` tokens, and a reference pass unless `precompute_ref_log_probs`.
+    objective: Objective = "sft"
+    precompute_ref_log_probs: bool = False
     # transformers' `use_liger_kernel=True`: Liger's RMSNorm, RoPE and SwiGLU / GEGLU on the families it patches, and
     # its fused linear cross-entropy as the loss (`lora_planner.liger`).
     liger: bool = False
@@ -497,6 +506,7 @@ class TrainingSpec:
         check_positive_int("gpus", self.gpus, MAX_GPUS)
         check_choice("experts_implementation", self.experts_implementation, EXPERTS_IMPLEMENTATIONS)
         check_choice("loss", self.loss, LOSSES)
+        self._check_objective()
         check_choice("quant_type", self.quant_type, ("nf4", "fp4"))
         if self.bnb_4bit_compute_dtype is not None:
             check_choice("bnb_4bit_compute_dtype", self.bnb_4bit_compute_dtype, DTYPES)
@@ -581,6 +591,15 @@ class TrainingSpec:
                 "dtype", "QLoRA computes in 16-bit (the NF4 base is dequantized to the compute dtype)",
                 "use --dtype bf16 or fp16 (or --amp bf16) with --method qlora",
             )
+
+    def _check_objective(self) -> None:
+        from lora_planner.objectives import check_objective  # lazily: objectives reads these specs
+
+        check_choice("objective", self.objective, OBJECTIVES)
+        if not isinstance(self.precompute_ref_log_probs, bool):
+            raise PlannerInputError("precompute_ref_log_probs", f"must be true or false, got "
+                                    f"{self.precompute_ref_log_probs!r}", "pass --precompute-ref-log-probs or leave it out")
+        check_objective(self)
 
     def _check_load_in_8bit(self) -> None:
         """An 8-bit base (LLM.int8) as planned: LoRA adapters on it, no autocast, one GPU or DDP."""
@@ -689,10 +708,16 @@ class TrainingSpec:
         return self.amp if self.amp is not None else self.dtype
 
     @property
+    def rows_per_example(self) -> int:
+        """Rows the model sees per example of the micro-batch: 2 for a preference pair (`objectives.PAIRED`)."""
+        return 2 if self.objective in ("dpo", "orpo", "simpo") else 1
+
+    @property
     def tokens(self) -> int:
-        return self.batch_size * self.seq_len
+        return self.batch_size * self.rows_per_example * self.seq_len
 
     @property
     def rows(self) -> tuple[int, int]:
-        """(rows, tokens per row) of what the model sees: packing flattens the micro-batch into one row."""
-        return (1, self.tokens) if self.packing else (self.batch_size, self.seq_len)
+        """(rows, tokens per row) of what the model sees: packing flattens the micro-batch into one row; a preference
+        pair is two rows."""
+        return (1, self.tokens) if self.packing else (self.batch_size * self.rows_per_example, self.seq_len)

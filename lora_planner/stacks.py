@@ -14,6 +14,11 @@ Sources (file:line at the version named):
   on, non-reentrant), `trainer/sft_trainer.py` (the fused LM head loss `add_fused_lm_head`, 1142-1147, `--loss trl`; no
   `prepare_model_for_kbit_training`), `trainer/model_config.py` (r 16, alpha 32), `trainer/utils.py`
   `create_model_from_path` (a model named by path loads in float32; `bf16=True` then autocasts).
+- trl-dpo: TRL 1.16.0 `trainer/dpo_config.py` (max_length 1024 at 195-201, precompute_ref_log_probs off, loss_type
+  sigmoid, beta 0.1), `trainer/base_config.py` (gradient checkpointing on 62-67, bf16 on 68-75), `trainer/dpo_trainer.py`
+  (pairs as two rows, right-padded to the longest, 146-207; the fused LM head, 954-960; the reference pass with the
+  adapters disabled, 1320-1347), `trainer/model_config.py` (r 16, alpha 32), `trainer/utils.py` `create_model_from_path`
+  (float32); `--objective dpo` (`lora_planner.objectives`).
 - torchtune: `recipes/configs/llama3_1/8B_lora_single_device.yaml` (lora_attn_modules q_proj, v_proj, output_proj,
   apply_lora_to_mlp, r 8, alpha 16, batch_size 2, enable_activation_checkpointing true, dtype bf16, AdamW fused),
   `CEWithChunkedOutputLoss(num_output_chunks=8)` in 0.6.1 (main switched to `LinearCrossEntropyLoss`).
@@ -63,6 +68,12 @@ STACKS: dict[str, Stack] = {s.name: s for s in (
                r=16, alpha=32.0, dtype="fp32", amp="bf16", seq_len=1024, batch_size=8, padding=True, packing=False,
                kbit_prep=False, loss="trl", liger=False),
           ("QLoRA: TRL casts the adapters to bf16, planned in fp32 (over by the adapters' bytes)",)),
+    Stack("trl-dpo", "TRL 1.16.0 DPOTrainer + DPOConfig",
+          dict(optimizer="adamw_torch_fused", attention="sdpa", grad_checkpointing=True, adapter_dtype="fp32",
+               r=16, alpha=32.0, dtype="fp32", amp="bf16", seq_len=1024, batch_size=8, padding=True, packing=False,
+               kbit_prep=False, loss="trl", liger=False, objective="dpo"),
+          ("every position counted as scored; on CUDA the fused head scores only the completions' tokens (over by "
+           "their hidden rows and statistics)",)),
     Stack("torchtune", "torchtune 0.6.1 llama3_1/8B_lora_single_device",
           dict(optimizer="adamw_torch_fused", attention="sdpa", grad_checkpointing=True, adapter_dtype="base",
                r=8, alpha=16.0, target="q_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", dtype="bf16", amp=None,

@@ -18,6 +18,7 @@ from lora_planner.activation_offload import (
 )
 from lora_planner.activations import ActivationProfile, activation_profile, make_flow
 from lora_planner.errors import PlannerInputError
+from lora_planner.objectives import reference_pass
 from lora_planner.optimizers import TensorGroup, optimizer_scratch_bytes, optimizer_state_bytes
 from lora_planner.params import (
     Module, adapted_layers, bias_numel, buffer_bytes, check_sequence_length, is_per_layer, lora_params,
@@ -25,11 +26,12 @@ from lora_planner.params import (
 )
 from lora_planner.specs import BYTES_PER_ELEMENT, LoraSpec, ModelSpec, TrainingSpec
 
-Phase = Literal["forward_start", "forward_end", "backward_start", "backward_layers", "backward_end",
+Phase = Literal["forward_start", "forward_end", "reference_forward", "backward_start", "backward_layers", "backward_end",
                 "optimizer_step"]
 PHASES: tuple[str, ...] = get_args(Phase)
 PHASE_TITLES: dict[str, str] = {
-    "forward_start": "forward (gather)", "forward_end": "forward end", "backward_start": "backward start",
+    "forward_start": "forward (gather)", "forward_end": "forward end", "reference_forward": "reference forward",
+    "backward_start": "backward start",
     "backward_layers": "backward (layers)", "backward_end": "backward end", "optimizer_step": "optimizer step"}
 CATEGORIES = ("weights", "gradients", "optimizer_states", "activations", "temporaries")
 MIB = 2**20
@@ -372,7 +374,11 @@ class StepComponents:
         loss = (self.saved + acts.loss_forward_activations_delta, acts.loss_forward_scratch_bytes)
         extra_acts, temporaries = acts.head_adapter_moments[0]
         head = (self.layers_saved + acts.model_bytes + extra_acts, temporaries)
-        return head if temporaries and sum(head) > sum(loss) else loss
+        moment = head if temporaries and sum(head) > sum(loss) else loss
+        # a checkpointed layer's own forward (`ActivationProfile.checkpointed_forward_bytes`), the last one's: every
+        # layer input and the model-level tensors below the head saved beside it
+        layer = (self.layers_saved + acts.model_bytes_below_head, acts.checkpointed_forward_bytes)
+        return layer if acts.checkpointed_forward_bytes and sum(layer) > sum(moment) else moment
 
     @property
     def backward_start(self) -> tuple[int, int, int]:
@@ -417,6 +423,8 @@ def step_components(spec: ModelSpec, training: TrainingSpec) -> StepComponents:
     # (trained base biases are stored with the base weights, `trained_bias_bytes`)
     weights = base_bytes + buffers + token_buffer_bytes(spec, training) + (
         0 if training.method == "full" else trainable_bytes - trained_bias_bytes(spec, training))
+    if reference_pass(training) == "model-copy":
+        weights += base_bytes + buffers  # DPO's reference: the model again, at the policy's dtype (`objectives`)
     impl = training.resolved_optimizer_impl
     step_on_device = training.device == "cpu" or impl == "fused"
 
@@ -614,10 +622,15 @@ def single_gpu_phases(c: StepComponents) -> tuple[PhaseMemory, ...]:
                                                  activations_bytes=activations_bytes + c.resident + held_acts,
                                                  temporaries_bytes=temporaries_bytes + held_temps, **parts))
 
+    # DPO's reference pass (`lora_planner.objectives`): the policy's saved tensors and the outputs held, and the no-grad
+    # pass's heaviest moment
+    held, reference = acts.reference_moment
     return (
         phase("forward_start", activations_bytes=acts.batch_bytes + acts.token_moments[0][0],
               temporaries_bytes=acts.token_moments[0][1]),
         phase("forward_end", activations_bytes=c.forward_end[0], temporaries_bytes=c.forward_end[1]),
+        *((phase("reference_forward", activations_bytes=c.saved + held, temporaries_bytes=reference),)
+          if reference else ()),
         phase("backward_start", gradients_bytes=c.backward_start[0], activations_bytes=c.backward_start[1],
               temporaries_bytes=c.backward_start[2]),
         phase("backward_layers", gradients_bytes=c.head_gradients, activations_bytes=c.layers_activations,

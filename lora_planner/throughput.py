@@ -14,7 +14,9 @@ against which the tests check these counts exactly (SDPA counted through its mat
 - under LoRA with frozen embeddings nothing upstream of layer 0's first adapter needs a gradient: layer
   0's first projections do no backward at all (the same rule the activation model uses);
 - gradient checkpointing recomputes every layer's forward once in backward, except each layer's last
-  matmul: non-reentrant checkpointing stops at the last saved tensor, and ops save inputs first.
+  matmul: non-reentrant checkpointing stops at the last saved tensor, and ops save inputs first;
+- DPO (`lora_planner.objectives`): 2 rows per pair, and the reference pass, one more forward of the rows with the
+  adapters disabled (none when its log-probs are precomputed).
 
 Time: compute at a model-FLOPs utilisation (MFU) of the GPU's dense peak for the compute dtype (NVIDIA
 datasheet figures; fp32 assumes TF32 is off, PyTorch's default for matmuls), plus the memory-bound
@@ -37,6 +39,7 @@ from dataclasses import dataclass
 
 from lora_planner.gpus import GpuSpec
 from lora_planner.memory import nf4_bytes
+from lora_planner.objectives import reference_pass
 from lora_planner.optimizers import optimizer_bytes_touched
 from lora_planner.activations import make_flow
 from lora_planner.families import family_rules
@@ -51,10 +54,11 @@ class StepFlops:
     forward: int
     backward: int
     recompute: int  # gradient checkpointing's second forward of the layers
+    reference: int = 0  # DPO's reference pass: a forward of the same rows without adapters (`objectives`)
 
     @property
     def total(self) -> int:
-        return self.forward + self.backward + self.recompute
+        return self.forward + self.backward + self.recompute + self.reference
 
 
 def step_flops(spec: ModelSpec, training: TrainingSpec) -> StepFlops:
@@ -75,7 +79,7 @@ def step_flops(spec: ModelSpec, training: TrainingSpec) -> StepFlops:
     needs_grad = full or training.grad_checkpointing or embedding_adapted
     # q k^T over the q / k head width, then probs @ v over v's (equal but for DeepSeek's latent attention, whose
     # q / k heads are qk_nope_head_dim + the RoPE head_dim wide and v heads v_head_dim)
-    scores = 2 * training.batch_size * spec.num_heads * training.seq_len ** 2
+    scores = 2 * training.batch_size * training.rows_per_example * spec.num_heads * training.seq_len ** 2
     qk_width = spec.head_dim + spec.qk_nope_head_dim
     attention_qk, attention_pv = scores * qk_width, scores * (spec.v_head_dim or spec.head_dim)
     attention = attention_qk + attention_pv
@@ -115,7 +119,13 @@ def step_flops(spec: ModelSpec, training: TrainingSpec) -> StepFlops:
         f, b = linear(m, m.path in outside, needs_grad)
         forward, backward = forward + f, backward + b
     recompute = layer_forward - _recompute_skipped(spec, training, layer_adapters) if training.grad_checkpointing else 0
-    return StepFlops(forward=forward, backward=backward, recompute=recompute)
+    reference = 0
+    if reference_pass(training) != "none":  # the frozen model's forward: full fine-tuning's, whose has no adapters
+        from dataclasses import replace
+
+        reference = step_flops(spec, replace(training, method="full", grad_checkpointing=False,
+                                             precompute_ref_log_probs=True)).forward
+    return StepFlops(forward=forward, backward=backward, recompute=recompute, reference=reference)
 
 
 MATMUL_KINDS = ("linear", "experts", "router")

@@ -125,8 +125,8 @@ def test_trl_fused_lm_head_lora_by_hand():
     bf16 rows (30 x 64), int64 targets, fp32 log_z and entropy, the bool mask (2 x 15). The projection buffer is
     30 x 32,768 bf16 (32,768 columns whatever V). Forward on top: seven fp32 statistics and the buffer, then
     log_probs and entropy's temporary (no copies in bf16). Backward: the incoming gradient (30 fp32), the fp32 input
-    gradient (30 x 64), the buffer, and the gradient's bf16 cast."""
-    flow = make_flow(TINY_LLAMA_V1000, TrainingSpec(method="lora", device="cpu", batch_size=2, seq_len=16, loss="trl"))
+    gradient (30 x 64), the buffer, and the gradient's bf16 cast. (CUDA: the Triton path.)"""
+    flow = make_flow(TINY_LLAMA_V1000, TrainingSpec(method="lora", device="cuda", batch_size=2, seq_len=16, loss="trl"))
     assert shifted_rows(flow) == 30
     assert {t.name: t.nbytes for t in trl_saved(flow)} == {
         "loss.trl_hidden": 30 * 64 * 2, "loss.trl_targets": 30 * 8, "loss.trl_log_z": 30 * 4,
@@ -134,6 +134,21 @@ def test_trl_fused_lm_head_lora_by_hand():
     mm = 30 * 32768 * 2
     assert trl_forward_scratch(flow) == 7 * 30 * 4 + mm + 2 * 30 * 4
     assert trl_backward_scratch(flow) == 30 * 4 + 30 * 64 * 4 + mm + 30 * 64 * 2
+
+
+def test_trl_fused_lm_head_cpu_fallback_by_hand():
+    """The same step on CPU, where TRL folds each tile in torch (measured on real DPO steps,
+    tests/profiler/test_trl_steps.py): every position scored (K = 30, the hidden state reshaped, the clamped labels),
+    a negated mask saved per differentiable output (log_probs, entropy). Forward on top of the saved tensors: the
+    seven statistics, the buffer, the fold's 13 bytes a tile element (30 x 1,000) and its three n-vectors, the label
+    mask, less log_z, entropy and the two masks not made yet. Backward: the fold's 29 bytes a tile element."""
+    flow = make_flow(TINY_LLAMA_V1000, TrainingSpec(method="lora", device="cpu", batch_size=2, seq_len=16, loss="trl"))
+    assert {t.name: t.nbytes for t in trl_saved(flow)} == {
+        "loss.trl_hidden": 30 * 64 * 2, "loss.trl_targets": 30 * 8, "loss.trl_log_z": 30 * 4,
+        "loss.trl_entropy": 30 * 4, "loss.trl_mask": 2 * 30}
+    mm = 30 * 32768 * 2
+    assert trl_forward_scratch(flow) == 7 * 30 * 4 + mm + 13 * 30 * 1000 + 16 * 30 + 30 - (2 * 30 * 4 + 2 * 30)
+    assert trl_backward_scratch(flow) == 30 * 4 + 30 * 64 * 4 + mm + 29 * 30 * 1000
 
 
 def test_trl_fused_lm_head_llama_8b():
@@ -157,8 +172,25 @@ def test_trl_fused_lm_head_llama_8b():
 
 
 def test_trl_fused_lm_head_refusals():
-    for settings in (dict(method="full"), dict(lora=LoraSpec(target_modules=("q_proj", "lm_head")))):
+    from dataclasses import replace
+
+    tied = replace(TINY_LLAMA_V1000, tie_word_embeddings=True)
+    for spec, settings in ((tied, dict(method="full")),
+                           (TINY_LLAMA_V1000, dict(lora=LoraSpec(target_modules=("q_proj", "lm_head"))))):
         with pytest.raises(PlannerInputError) as err:
-            activation_profile(TINY_LLAMA_V1000, TrainingSpec(**{"method": "lora", "device": "cpu", "loss": "trl",
-                                                                 **settings}))
+            activation_profile(spec, TrainingSpec(**{"method": "lora", "device": "cpu", "loss": "trl", **settings}))
         assert err.value.field == "loss" and "output layer" in err.value.problem
+
+
+@pytest.mark.parametrize(("device", "extra"), [
+    # CUDA: the fp32 V x H gradient beside the rest, then both casts (the input gradient's, the head's to bf16)
+    ("cuda", 1000 * 64 * 4 + max(0, 30 * 64 * 2 + 1000 * 64 * 2)),
+    # CPU: the same gradient; the fold's 29 bytes a tile element outweigh its accumulation's fp32 upcasts and the casts
+    ("cpu", 1000 * 64 * 4 + max(29 * 30 * 1000, 30 * 64 * 2 + 1000 * 64 * 2)),
+])
+def test_trl_fused_lm_head_full_fine_tuning_by_hand(device, extra):
+    """Full fine-tuning trains the output layer: `ChunkedLogProbFunction.backward` accumulates an fp32 V x H gradient
+    (`grad_weight`) and returns it cast to the weight's dtype (bf16 here: a copy while the fp32 one lives)."""
+    flow = make_flow(TINY_LLAMA_V1000, TrainingSpec(method="full", device=device, batch_size=2, seq_len=16,
+                                                    loss="trl"))
+    assert trl_backward_scratch(flow) == 30 * 4 + 30 * 64 * 4 + 30 * 32768 * 2 + extra

@@ -18,6 +18,7 @@ right. The rule's prediction for the rank where LoRA stops being capacity-bound 
 parameters x 2 bits >= 8N (margin 1).
 
     python experiments/capacity/run.py [--out reports/capacity/runs.jsonl] [--steps 1500]
+    python experiments/capacity/run.py --facts 16384 --ranks 16 32 64 --steps 6000 --lr 5e-4   # one corner, longer
     python experiments/capacity/chart.py   # reports/capacity/capacity.png and summary.md
 
 Records are appended as each run finishes; a second call skips the runs already recorded.
@@ -114,13 +115,15 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-3, help="full fine-tuning's learning rate (LoRA: 10x)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--only", choices=("all", "full", "lora"), default="all", help="which runs of the grid")
+    parser.add_argument("--facts", type=int, nargs="+", default=list(FACTS), help="the N to run (default: all)")
+    parser.add_argument("--ranks", type=int, nargs="+", default=list(RANKS), help="the LoRA ranks to run")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     done = {json.loads(line)["key"] for line in out.read_text().splitlines() if line.strip()} if out.exists() else set()
-    for n in FACTS:
-        for method, r in [("full", None), *(("lora", r) for r in RANKS)]:
+    for n in args.facts:
+        for method, r in [("full", None), *(("lora", r) for r in args.ranks)]:
             if args.only not in ("all", method):
                 continue
             lr = args.lr * (10 if method == "lora" else 1)

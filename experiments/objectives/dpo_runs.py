@@ -1,0 +1,64 @@
+"""DPO planned vs measured per phase (issue 17): real TRL 1.16 `DPOTrainer` steps of a tiny Llama on CPU under the
+exact tracker (`lora_planner.profiler.trl_steps`), against `lora-plan --objective dpo --device cpu`.
+
+    python experiments/objectives/dpo_runs.py   # writes reports/objectives/dpo_validation.{md,json}, ~1 min
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from lora_planner.config_reader import spec_from_config  # noqa: E402
+from lora_planner.memory import estimate_memory  # noqa: E402
+from lora_planner.profiler.trl_steps import dpo_trainer, measure_trl_steps, planned_phases, tiny_llama_config  # noqa: E402,E501
+from lora_planner.specs import LoraSpec, TrainingSpec  # noqa: E402
+
+RUNS = [  # (method, pairs, bf16 autocast, checkpointing, intermediate size)
+    ("lora", 1, False, True, 176), ("lora", 2, False, True, 176), ("lora", 4, False, True, 176),
+    ("lora", 2, True, True, 176), ("lora", 1, True, False, 176), ("lora", 2, False, False, 176),
+    ("lora", 2, False, True, 12288), ("full", 2, False, True, 176), ("full", 2, True, True, 176),
+    ("full", 1, True, False, 176), ("full", 2, True, True, 12288),
+]
+PHASES = ("forward", "reference", "backward", "optimizer_step")
+
+
+def main() -> None:
+    rows = []
+    for method, pairs, amp, ckpt, inter in RUNS:
+        cfg = tiny_llama_config(inter)
+        with tempfile.TemporaryDirectory() as out:
+            measured = measure_trl_steps(dpo_trainer(out, cfg, pairs, amp, ckpt, method), steps=3)
+        training = TrainingSpec(method=method, dtype="fp32", amp="bf16" if amp else None, device="cpu",
+                                batch_size=pairs, seq_len=measured["batch_shape"][1], grad_checkpointing=ckpt,
+                                loss="trl", objective="dpo", padding=measured["padded"],
+                                lora=LoraSpec(r=8, alpha=16, target_modules=("q_proj", "v_proj")))
+        planned = planned_phases(estimate_memory(spec_from_config(cfg, "tiny"), training))
+        rows.append({"method": method, "pairs": pairs, "amp": amp, "checkpointing": ckpt, "intermediate_size": inter,
+                     "batch_shape": list(measured["batch_shape"]),
+                     "phases": {p: {"measured_bytes": measured["phases"][p], "planned_bytes": planned[p],
+                                    "error_pct": round(100 * (planned[p] / measured["phases"][p] - 1), 3)}
+                                for p in PHASES}})
+        print(rows[-1], flush=True)
+    out = ROOT / "reports" / "objectives"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "dpo_validation.json").write_text(json.dumps(rows, indent=1) + "\n")
+    lines = ["| method | pairs | rows x tokens | autocast | checkpointing | MLP width | "
+             + " | ".join(f"{p} (measured, error)" for p in PHASES) + " |", "|" + "---|" * (6 + len(PHASES))]
+    for r in rows:
+        cells = [f"{r['phases'][p]['measured_bytes'] / 2**20:.2f} MiB, {r['phases'][p]['error_pct']:+.2f} %"
+                 for p in PHASES]
+        lines.append(f"| {r['method']} | {r['pairs']} | {r['batch_shape'][0]} x {r['batch_shape'][1]} | "
+                     f"{'bf16' if r['amp'] else 'off'} | {'on' if r['checkpointing'] else 'off'} | "
+                     f"{r['intermediate_size']} | " + " | ".join(cells) + " |")
+    (out / "dpo_validation.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""What the training objective does to a step's memory (pure): TRL 1.16.0's trainers, read from their source.
+
+`TrainingSpec.objective` names the trainer's objective as TRL does. Planned so far:
+
+- "sft": the plain causal-LM step (transformers' Trainer, TRL's `SFTTrainer`); nothing below applies.
+- "dpo": TRL's `DPOTrainer` (`trl/trainer/dpo_trainer.py`, `dpo_config.py`; the facts, with line numbers, are in
+  `docs/research/issue17_dpo.md`):
+  - **rows**: `per_device_train_batch_size` counts pairs; the collator (`DataCollatorForPreference.torch_call`,
+    l.146-207) builds prompt + chosen and prompt + rejected as two rows each, right-padded to the longest row, so the
+    model sees 2B rows of `seq_len` tokens (`TrainingSpec.rows_per_example`);
+  - **the policy pass**: `model(**inputs, labels=labels, fused_lm_head=True)` (`_compute_loss`, l.1289-1299): TRL's
+    fused LM head (`--loss trl`, `lora_planner.loss_fused`) with the outputs log_probs, entropy, mean_logits and
+    is_top1 (l.954-960), summed per row (l.1301-1304);
+  - **the reference pass** (l.1320-1347), after the policy's forward and while its graph is alive: under
+    `torch.no_grad()` with checkpointing switched off (`disable_gradient_checkpointing`), the same 2B rows through the
+    same fused head: with a PEFT model and no `ref_model`, the policy itself with its adapters disabled
+    (`use_adapter(..., None)` -> `disable_adapter`); with full fine-tuning, a second copy of the model loaded at the
+    policy's dtype (`create_model_from_path`, l.915-927) on the device for the whole run. `precompute_ref_log_probs`
+    runs the reference over the dataset before training (l.1013-1034) and stores two numbers per pair: no reference
+    pass in the step, and (full fine-tuning) no copy;
+  - the loss itself works on (B,) vectors (l.1349-1528): nothing the planner counts.
+
+The reference pass's peak is its phase, "reference_forward" (`reference_forward_bytes`): what the policy's forward
+keeps for backward and the outputs `_compute_loss` holds, plus the no-grad forward's heaviest moment, the larger of
+one decoder layer's (`lora_planner.inference`) and the fused head's tile loop.
+
+Full fine-tuning: the reference is a second copy of the model (its weights counted in every phase), whose parameters
+TRL leaves requiring grad, so under autocast its forward caches every layer weight's cast
+(`inference.layer_weight_casts_bytes`); its own fused head asks for log-probs only.
+
+Known limitations: every position of a row is counted as scored (on CUDA the fused head scores only the completion's
+tokens, so this is an upper bound there; on CPU it scores every position, as planned); a padded batch is planned with
+every row `seq_len` long; a tied output layer under full fine-tuning is refused (`loss_fused.check_trl_loss`); the
+labels `_compute_loss` builds are counted through the step (TRL drops them before backward: b x s x 8 bytes over); the
+reference copy is counted as TRL loads it, not a `ref_model` of another size; one GPU only (the reference pass under DDP / FSDP / ZeRO is not modelled yet); ORPO, SimPO, KTO and GRPO are refused
+until modelled (issue 17).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from lora_planner.errors import PlannerInputError
+from lora_planner.specs import TrainingSpec
+
+MODELLED: tuple[str, ...] = ("sft", "dpo")
+PAIRED: tuple[str, ...] = ("dpo", "orpo", "simpo")  # a preference pair is two rows (`TrainingSpec.rows_per_example`)
+TRAINERS = {"sft": "SFTTrainer / Trainer", "dpo": "DPOTrainer", "orpo": "ORPOTrainer", "simpo": "CPOTrainer (simpo)",
+            "kto": "KTOTrainer", "grpo": "GRPOTrainer"}
+# The fused LM head's outputs each trainer asks for (`add_fused_lm_head(..., outputs=...)`: sft_trainer.py l.1144-1147,
+# dpo_trainer.py l.954-960, kto_trainer.py l.967-970, grpo_trainer.py l.1068-1073)
+FUSED_HEAD_OUTPUTS: dict[str, tuple[str, ...]] = {
+    "sft": ("log_probs", "entropy", "is_top1"),
+    "dpo": ("log_probs", "entropy", "mean_logits", "is_top1"),
+    "kto": ("log_probs", "entropy", "mean_logits"),
+    "grpo": ("log_probs", "entropy"),
+}
+ReferencePass = Literal["none", "adapters-disabled", "model-copy"]
+
+
+def check_objective(training: TrainingSpec) -> None:
+    """What an objective is not planned with (yet), refused with the reason and the fix."""
+    objective = training.objective
+    if objective not in MODELLED:
+        raise PlannerInputError("objective", f"{objective} ({TRAINERS[objective]}) is not modelled yet",
+                                "plan --objective sft or dpo")
+    if training.precompute_ref_log_probs and objective != "dpo":
+        raise PlannerInputError("precompute_ref_log_probs", f"only DPO has a reference to precompute, not {objective}",
+                                "drop --precompute-ref-log-probs, or pass --objective dpo")
+    if objective == "sft":
+        return
+    if training.loss != "trl":
+        raise PlannerInputError("loss", f"TRL's {TRAINERS[objective]} always runs its fused LM head "
+                                        f"(`fused_lm_head=True`), not the {training.loss} loss",
+                                "pass --loss trl (or leave --loss out with --objective)")
+    if training.packing:
+        raise PlannerInputError("packing", f"{TRAINERS[objective]} has no padding-free batches (TRL 1.16 resets "
+                                           "padding_free to False)", "drop --packing")
+    if training.gpus > 1 or training.strategy is not None or training.offload != "none":
+        raise PlannerInputError("gpus", f"{TRAINERS[objective]} is planned on one GPU so far (its reference pass under "
+                                        "DDP, FSDP or ZeRO is not modelled yet)", "pass --gpus 1")
+
+
+def reference_pass(training: TrainingSpec) -> ReferencePass:
+    """How the step gets its reference log-probs: none (SFT, or precomputed before training), the policy with its
+    adapters disabled (LoRA / QLoRA without `ref_model`), or a second copy of the model (full fine-tuning)."""
+    if training.objective != "dpo" or training.precompute_ref_log_probs:
+        return "none"
+    return "model-copy" if training.method == "full" else "adapters-disabled"
+
+
+def describe(training: TrainingSpec) -> str:
+    """One line for the plan's notes: what the objective changed."""
+    if training.objective == "sft":
+        return ""
+    b, s = training.batch_size, training.seq_len
+    ref = {"none": "reference log-probs precomputed before training: no reference pass in the step",
+           "adapters-disabled": "reference pass: the policy with its adapters disabled, a no-grad forward of the same "
+                                "rows while the policy's graph is alive",
+           "model-copy": "reference pass: a second copy of the model (its weights counted), a no-grad forward of the "
+                         "same rows while the policy's graph is alive"}[reference_pass(training)]
+    return (f"DPO (TRL 1.16 DPOTrainer): {b} pair{'s' if b != 1 else ''} = {2 * b} rows of {s} tokens per forward "
+            f"(prompt + chosen, prompt + rejected), through TRL's fused LM head; {ref}.")
