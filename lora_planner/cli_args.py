@@ -309,7 +309,11 @@ def add_recommend_arguments(p: argparse.ArgumentParser) -> None:
                         "pairs for preference): the rank from the data, as --train-tokens")
     p.add_argument("--objective", type=Text("objective", "--objective sft"), default=None,
                    help="sft (default), rl, continued-pretraining or preference: how much a token or an episode "
-                        "teaches, and what the evidence says for it; needs --train-tokens or --examples")
+                        "teaches, and what the evidence says for it, with --train-tokens or --examples; dpo or "
+                        "preference also search DPO's step (TRL's DPOTrainer: --global-batch and the micro-batch "
+                        "count pairs, two rows each, and its reference pass)")
+    p.add_argument("--precompute-ref-log-probs", action="store_true",
+                   help="with --objective dpo: the reference log-probs computed before training (no reference pass)")
     p.add_argument("--capacity-margin", type=positive_number("capacity-margin", "--capacity-margin 2"), default=None,
                    help="trainable parameters x 2 bits over the data's bits (default 2)")
     p.add_argument("--explain", action="store_true",

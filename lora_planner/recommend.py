@@ -321,8 +321,14 @@ class _Search:
                          trainable_params=p.trainable_params, trainable_fraction=p.trainable_fraction)
 
 
-# the losses planned with a frozen output layer only (`lora_planner.loss`: each refuses a trained one)
+# the losses planned with a frozen output layer only (`lora_planner.loss`: each refuses a trained one); TRL's fused
+# head trains an untied one (`loss_fused.check_trl_loss`)
 FROZEN_HEAD_LOSSES = ("linear", "litgpt", "trl", "cce")
+
+
+def _frozen_head_only(req: RecommendRequest) -> bool:
+    return req.training.loss in FROZEN_HEAD_LOSSES and not (req.training.loss == "trl"
+                                                            and not req.spec.tie_word_embeddings)
 
 
 def _allowed_methods(req: RecommendRequest, reasons: list[str]) -> tuple[str, ...]:
@@ -333,9 +339,10 @@ def _allowed_methods(req: RecommendRequest, reasons: list[str]) -> tuple[str, ..
             methods = ("full", "lora")
             reasons.append("QLoRA is left out: it computes in 16-bit and these settings are pure fp32 "
                            "(use --amp bf16 to include it).")
-        if t.loss in FROZEN_HEAD_LOSSES:
+        if _frozen_head_only(req):
             methods = tuple(m for m in methods if m != "full")
-            reasons.append(f"Full fine-tuning is left out: the {t.loss} loss with a trained output layer is not "
+            tied = " tied," if t.loss == "trl" else ""
+            reasons.append(f"Full fine-tuning is left out: the {t.loss} loss with a{tied} trained output layer is not "
                            "modelled yet (use --loss hf or chunked to include it).")
     else:
         methods = tuple(m for m in QUALITY_ORDER if m in req.methods)
@@ -572,6 +579,37 @@ def _peak_and_notes(req: RecommendRequest, c: Candidate) -> list[str]:
                  f"{gib(req.usable_bytes)}.")
     if req.gpus > 1:
         notes.append(_parallel_note(req))
+    if req.training.objective == "dpo":
+        notes += _dpo_notes(req, c)
+    return notes
+
+
+def _dpo_notes(req: RecommendRequest, c: Candidate) -> list[str]:
+    """DPO's rows, and what precomputing the reference log-probs would trade (`lora_planner.objectives`)."""
+    from lora_planner.throughput import step_flops  # pure, like this module
+
+    training = training_for(req, c.method, c.r, c.grad_checkpointing, c.micro_batch_size)
+    notes = [f"DPO (TRL's DPOTrainer): the micro-batch and the global batch count pairs, each two rows (prompt + "
+             f"chosen, prompt + rejected): {c.micro_batch_size} pairs = {training.rows[0]} rows of {training.seq_len} "
+             "tokens per forward."]
+    if training.precompute_ref_log_probs:
+        return notes + ["The reference log-probs are precomputed (--precompute-ref-log-probs): no reference pass in "
+                        "the step, one pass over the dataset before training."]
+    est = estimate_memory_cached(req.spec, training, req.overhead)
+    without = estimate_memory_cached(req.spec, replace(training, precompute_ref_log_probs=True), req.overhead)
+    reference = next(p for p in est.phases if p.phase == "reference_forward")
+    flops = step_flops(req.spec, training)
+    what = "a second copy of the model" if c.method == "full" else "the adapters disabled"
+    peak = (f"the peak {gib(without.peak_device_bytes)} instead of {gib(est.peak_device_bytes)}"
+            if without.peak_device_bytes < est.peak_device_bytes else
+            f"the peak stays {gib(est.peak_device_bytes)} (the reference pass does not decide it)")
+    precomputed = replace(req, training=replace(req.training, precompute_ref_log_probs=True))
+    wider = _Search(precomputed).max_micro(c.method, c.r, c.grad_checkpointing)
+    more = f"; up to {wider} pairs a micro-batch would fit (now {c.max_micro_batch_size})" \
+        if wider > c.max_micro_batch_size else ""
+    notes.append(f"The reference pass ({what}) peaks at {gib(reference.breakdown.total_bytes + est.device_overhead_bytes)}"
+                 f" on the device. --precompute-ref-log-probs would drop it, for one pass over the dataset before "
+                 f"training: {100 * flops.reference / flops.total:.0f} % of each step's FLOPs, and {peak}{more}.")
     return notes
 
 

@@ -64,6 +64,8 @@ def recommendation_to_dict(rec: Recommendation, verification: Verification | Non
         "gradient_checkpointing": c.grad_checkpointing,
         "loss": t.loss,
         "loss_chunks": t.loss_chunks if t.loss in ("chunked", "linear") else None,
+        "objective": t.objective,  # the step searched (`objectives`): dpo counts the batches in pairs
+        "precompute_ref_log_probs": t.precompute_ref_log_probs,
         "gpus": req.gpus,
         "strategy": (req.strategy or "ddp") if req.gpus > 1 else None,
         "predicted_peak_bytes": c.predicted_peak_bytes,
@@ -184,9 +186,6 @@ def _calibration_from_args(args: argparse.Namespace) -> dict | None:
 
 def request_from_args(args: argparse.Namespace, spec: ModelSpec | None = None) -> RecommendRequest:
     """The search's request from parsed options (`spec`: the model already read, e.g. an uploaded config.json)."""
-    if getattr(args, "stack", None) == "trl-dpo":
-        raise PlannerInputError("stack", "recommend searches SFT steps; DPO's batch and reference trade-offs are not "
-                                         "searched yet", "plan DPO with `lora-plan --stack trl-dpo ...`")
     if args.gpu is None and args.gpu_mem is None:
         raise PlannerInputError("arguments", "one of the arguments --gpu --gpu-mem is required",
                                 "pass e.g. --gpu rtx-4090, --gpu-mem 24GiB, or both (that GPU with that memory)")
@@ -206,11 +205,14 @@ def request_from_args(args: argparse.Namespace, spec: ModelSpec | None = None) -
         methods = ("full", "lora")  # traced profiles have no QLoRA (lora_planner.traced)
     overhead = overhead_from_args(args)
     dtype = args.dtype if args.dtype is not None else ("fp32" if args.amp else "bf16")
+    objective = memory_objective(args)
+    loss = "trl" if objective != "sft" and args.loss == "hf" else args.loss  # DPOTrainer's own fused head
     training = TrainingSpec(
         method="full", dtype=dtype, amp=args.amp, optimizer=args.optimizer, optimizer_impl=args.optimizer_impl,
         seq_len=args.seq_len, device=args.device, attention=args.attention,
         lora=LoraSpec(r=1, alpha=args.alpha, target_modules=target, adapter_dtype=args.adapter_dtype),
-        **parse_loss(args.loss), padding=args.padding, packing=args.packing, liger=args.liger,
+        **parse_loss(loss), padding=args.padding, packing=args.packing, liger=args.liger,
+        objective=objective, precompute_ref_log_probs=args.precompute_ref_log_probs,
     )
     if args.strategy is not None and args.gpus == 1:
         raise PlannerInputError("strategy", f"{args.strategy} shares model states across GPUs, but --gpus is 1",
@@ -225,13 +227,20 @@ def request_from_args(args: argparse.Namespace, spec: ModelSpec | None = None) -
                             evidence_targets_auto=auto_targets)
 
 
+def memory_objective(args: argparse.Namespace) -> str:
+    """The step `recommend` searches: DPO's (`lora_planner.objectives`) for `--objective dpo` or `preference` (TRL's
+    preference trainer), else the SFT step (the evidence's rl and continued-pretraining train as SFT steps here)."""
+    text = (getattr(args, "objective", None) or "sft").strip().lower()
+    return "dpo" if text in ("dpo", "preference") else "sft"
+
+
 def _evidence(args: argparse.Namespace, spec: ModelSpec, target: tuple[str, ...] | None) -> Evidence | None:
     """`--train-tokens` / `--examples` (+ `--objective`, `--capacity-margin`): the rank from the data and the evidence
     (`lora_planner.rank_evidence`); None when no data size is given."""
     tokens, examples = getattr(args, "train_tokens", None), getattr(args, "examples", None)
     if tokens is None and examples is None:
         for name in ("objective", "capacity_margin"):
-            if getattr(args, name, None) is not None:
+            if getattr(args, name, None) is not None and not (name == "objective" and memory_objective(args) != "sft"):
                 flag = "--" + name.replace("_", "-")
                 raise PlannerInputError(name.replace("_", "-"), f"{flag} sizes the rank from the data, which needs "
                                         "its size", "pass --train-tokens N or --examples N with it")

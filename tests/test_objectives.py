@@ -124,3 +124,26 @@ def test_cli_refuses_in_one_line(capsys, argv):
     assert main(["--model", "llama-3.1-8b", *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("lora-plan: error: ") and len(err.strip().splitlines()) == 1
+
+
+def test_recommend_searches_the_dpo_step(capsys):
+    """`recommend --objective dpo`: the micro-batch counts pairs, its peak is the DPO step's (reference pass included),
+    and the reasons say what precomputing the reference would trade."""
+    from lora_planner.catalog import resolve_model
+    from lora_planner.specs import LoraSpec
+
+    assert main(["recommend", "--model", "llama-3.1-8b", "--gpu", "rtx-4090", "--objective", "dpo", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert (doc["objective"], doc["loss"], doc["method"]) == ("dpo", "trl", "lora")
+    training = TrainingSpec(method="lora", loss="trl", objective="dpo", batch_size=doc["micro_batch_size"],
+                            grad_checkpointing=doc["gradient_checkpointing"],
+                            lora=LoraSpec(r=doc["r"], alpha=doc["alpha"], target_modules=tuple(doc["target_modules"])))
+    assert estimate_memory(resolve_model("llama-3.1-8b"), training).peak_device_bytes == doc["predicted_peak_bytes"]
+    reasons = " ".join(doc["reasons"])
+    assert f"{doc['micro_batch_size']} pairs = {2 * doc['micro_batch_size']} rows" in reasons
+    assert "--precompute-ref-log-probs would drop it" in reasons
+    assert main(["recommend", "--model", "llama-3.1-8b", "--gpu", "rtx-4090", "--objective", "dpo",
+                 "--precompute-ref-log-probs", "--json"]) == 0
+    precomputed = json.loads(capsys.readouterr().out)
+    assert precomputed["micro_batch_size"] >= doc["micro_batch_size"]
+    assert "no reference pass in the step" in " ".join(precomputed["reasons"])
