@@ -2,8 +2,8 @@
 holds on top of the weights while it runs through the model.
 
 Under `torch.no_grad()` nothing is saved: each op's output lives until the Python code drops its last reference.
-Measured with the exact tracker on transformers 5.24's `LlamaModel` (train mode, `use_cache=False`, as TRL's
-reference pass calls it; `tests/test_inference.py`), the layers' heaviest moment is in the gated MLP,
+Measured with the exact tracker on transformers 5.24's Llama, Mistral, Qwen2 and Qwen3 (train mode, `use_cache=False`,
+as TRL's reference pass calls it; `tests/test_inference.py`), the layers' heaviest moment is in the gated MLP,
 `down_proj(act_fn(gate_proj(x)) * up_proj(x))`:
 
 - at `* ` : act(gate) and up's output alive and their product made: 3 x tokens x intermediate (compute dtype);

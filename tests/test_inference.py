@@ -1,5 +1,5 @@
 """`lora_planner.inference`: a no-grad forward's heaviest moment in the layers, by hand and against the exact tracker
-on transformers' Llama (train mode, `use_cache=False`, as TRL's reference pass calls it)."""
+on transformers' Llama, Mistral, Qwen2 and Qwen3 (train mode, `use_cache=False`, as TRL's reference pass calls it)."""
 
 from __future__ import annotations
 
@@ -36,18 +36,20 @@ def test_other_families_are_refused(name):
         check_no_grad_forward(make_flow(spec, TrainingSpec(method="lora")), "DPO's reference pass")
 
 
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3"])
 @pytest.mark.parametrize("amp", [None, "bf16"])
-def test_equals_the_tracker(amp):
+def test_equals_the_tracker(amp, model_type):
     """The real forward of frozen weights (a LoRA base, as DPO's reference pass runs it), measured: the peak above the
     weights and the input ids equals the planned moment. (Weights that require grad would also have autocast cache
     their bf16 casts until the region ends, no-grad or not: not planned, full fine-tuning's reference is refused.)"""
     torch = pytest.importorskip("torch")
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from lora_planner.profiler.tracker import LiveTensorTracker
 
+    config = {**CONFIG, "model_type": model_type, "head_dim": 16}
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in CONFIG.items() if k != "model_type"})).train()
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config)).train()
     model.requires_grad_(False)
     ids = torch.randint(0, 64, (2, 32))
     tracker = LiveTensorTracker()
@@ -59,5 +61,6 @@ def test_equals_the_tracker(amp):
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp is not None):
             model.model(input_ids=ids, use_cache=False)
         result = tracker.end_step()
-    flow = make_flow(SPEC, TrainingSpec(method="lora", dtype="fp32", amp=amp, device="cpu", batch_size=2, seq_len=32))
+    flow = make_flow(spec_from_config(config, model_type),
+                     TrainingSpec(method="lora", dtype="fp32", amp=amp, device="cpu", batch_size=2, seq_len=32))
     assert result.peak_bytes - base == no_grad_layer_peak_bytes(flow)
