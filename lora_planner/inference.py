@@ -19,6 +19,9 @@ The weights are frozen (a LoRA base, its adapters disabled): autocast casts them
 would have autocast cache every cast until the region ends, no-grad or not (`cached_cast`; measured), which full
 fine-tuning's reference copy would add (refused for now with TRL's fused head).
 
+A 4-bit base (QLoRA) on CUDA dequantizes each weight for its matmul (`MatMul4Bit`, modelled as the training step's
+rule); on CPU bitsandbytes' fused `gemm_4bit` does not (measured). An 8-bit base is refused.
+
 Known limitations: Llama-style pre-norm layers with a gated MLP only (`check_no_grad_forward` refuses the others); the
 attention's own moment is taken as lighter than the MLP's (q, k, v, RoPE's temporaries and the output are about 5-6
 tokens x hidden wide, the MLP's product 3 x intermediate: true when intermediate >= 2 x hidden, which every catalog
@@ -52,6 +55,12 @@ def no_grad_layer_peak_bytes(flow: Flow, weights_cached: bool = False) -> int:
     e_w = BYTES_PER_ELEMENT[flow.t.dtype]
     x_cast = t * h * e_c if e_s != e_c else 0  # autocast's copy of the MLP's input, per matmul
     w_cast = inter * h * e_c if e_w != e_c and not weights_cached else 0  # and of a frozen weight (one op's transient)
+    if flow.t.quantized and not flow.t.load_in_8bit:
+        # a 4-bit base: on CUDA `MatMul4Bit` dequantizes the weight at its load dtype and casts it to the compute
+        # dtype when they differ (the SFT engine's rule, `step.step_components`; not measured here); on CPU
+        # bitsandbytes' `gemm_4bit` reads the packed weight (measured: no copy)
+        load, compute = BYTES_PER_ELEMENT[flow.t.dtype], BYTES_PER_ELEMENT[flow.t.matmul_4bit_dtype]
+        w_cast = 0 if flow.t.device == "cpu" else inter * h * (compute + (load if compute != load else 0))
     mlp = max(3 * t * inter * e_c,  # act(gate) * up
               2 * t * inter * e_c + x_cast + w_cast,  # up_proj
               t * inter * e_c + w_cast + t * h * e_c)  # down_proj

@@ -76,9 +76,18 @@ def check_objective(training: TrainingSpec) -> None:
     if training.packing:
         raise PlannerInputError("packing", f"{TRAINERS[objective]} has no padding-free batches (TRL 1.16 resets "
                                            "padding_free to False)", "drop --packing")
-    if training.gpus > 1 or training.strategy is not None or training.offload != "none":
+    if training.gpus > 1 or training.strategy is not None:
         raise PlannerInputError("gpus", f"{TRAINERS[objective]} is planned on one GPU so far (its reference pass under "
                                         "DDP, FSDP or ZeRO is not modelled yet)", "pass --gpus 1")
+    for field, on, what, fix in (
+            ("offload", training.offload != "none", "CPU offload", "drop --offload"),
+            ("activation_offload", training.activation_offload != "none", "activation offloading",
+             "drop --activation-offloading"),
+            ("liger", training.liger, "Liger's kernels (their no-grad forward in the reference pass)", "drop --liger"),
+            ("use_dora", training.lora.use_dora, "DoRA (its transients in the checkpointed forward)", "drop --dora"),
+            ("quant", training.load_in_8bit, "an 8-bit base (LLM.int8's no-grad matmuls)", "use --method qlora")):
+        if on:
+            raise PlannerInputError(field, f"{TRAINERS[objective]} with {what} is not modelled yet", fix)
 
 
 def reference_pass(training: TrainingSpec) -> ReferencePass:

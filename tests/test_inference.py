@@ -64,3 +64,13 @@ def test_equals_the_tracker(amp, model_type):
     flow = make_flow(spec_from_config(config, model_type),
                      TrainingSpec(method="lora", dtype="fp32", amp=amp, device="cpu", batch_size=2, seq_len=32))
     assert result.peak_bytes - base == no_grad_layer_peak_bytes(flow)
+
+
+@pytest.mark.parametrize(("device", "dequantized"), [("cuda", 352 * 64 * 2), ("cpu", 0)])
+def test_a_4bit_base(device, dequantized):
+    """QLoRA (no kbit preparation, bf16): on CUDA `MatMul4Bit` dequantizes up_proj's weight for its matmul, which at 16
+    tokens outweighs the MLP's activations; on CPU bitsandbytes' gemm_4bit reads the packed weight."""
+    flow = make_flow(SPEC, TrainingSpec(method="qlora", dtype="bf16", device=device, batch_size=2, seq_len=8,
+                                        kbit_prep=False))
+    stream = 4 * 16 * 64 * 2 + 2 * 8 * 16 * 2 + 8 * 8
+    assert no_grad_layer_peak_bytes(flow) == stream + max(3 * 16 * 352 * 2, 2 * 16 * 352 * 2 + dequantized)

@@ -44,6 +44,8 @@ def test_reference_pass(settings, expected):
     ({"loss": "hf"}, "loss", "always runs its fused LM head"),
     ({"packing": True}, "packing", "no padding-free batches"),
     ({"gpus": 2}, "gpus", "one GPU so far"),
+    ({"liger": True}, "liger", "Liger's kernels"),
+    ({"offload": "optimizer"}, "offload", "CPU offload"),
     ({"objective": "sft", "precompute_ref_log_probs": True}, "precompute_ref_log_probs", "only DPO"),
 ])
 def test_refused_with_the_reason(settings, field, fragment):
