@@ -692,6 +692,7 @@ def activation_profile(spec: ModelSpec, training: TrainingSpec) -> ActivationPro
         # (`lora_planner.inference`), beside every earlier layer's checkpointed input; with TRL's fused head (no
         # logits) it can outweigh the loss's moment. (Planned for DPO, measured there; adapters on the MLP add to it,
         # not modelled yet.) The stream tensors and RoPE tables it counts are taken out of what is saved already.
+        check_no_grad_forward(flow, "DPO's checkpointed forward")
         rope = sum(i.nbytes for i in model if i.name in ("rotary.cos_sin", "checkpoint.position_ids"))
         # (full fine-tuning under autocast: the layers' weight casts are cached as they run, every layer's by the last)
         checkpointed_forward = no_grad_layer_peak_bytes(flow, flow.full) - rope \

@@ -149,3 +149,14 @@ def test_recommend_searches_the_dpo_step(capsys):
     precomputed = json.loads(capsys.readouterr().out)
     assert precomputed["micro_batch_size"] >= doc["micro_batch_size"]
     assert "no reference pass in the step" in " ".join(precomputed["reasons"])
+
+
+def test_other_families_are_refused_even_precomputed():
+    """The checkpointed forward's moment uses the same no-grad model: a GPT-2 DPO step is refused with or without a
+    reference pass."""
+    from lora_planner.catalog import resolve_model
+
+    for precompute in (False, True):
+        with pytest.raises(PlannerInputError, match="dense Llama-style"):
+            estimate_memory(resolve_model("gpt2"), TrainingSpec(**{**DPO, "grad_checkpointing": True,
+                                                                   "precompute_ref_log_probs": precompute}))
