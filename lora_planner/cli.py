@@ -227,13 +227,13 @@ def compute_estimate(args: argparse.Namespace, spec: ModelSpec | None = None) ->
     spec, training, methods = plan_inputs(args, spec)
     plan = make_plan(spec, training, methods, budget_from_args(args), overhead_from_args(args), mfu=args.mfu,
                      train_tokens=_train_tokens_from_args(args), headroom=args.headroom)
-    for note in ("methods_note", "stack_note", "files_note", "lengths_note"):
-        if getattr(args, note, None):
-            plan = replace(plan, warnings=(getattr(args, note), *plan.warnings))
-    if training.objective != "sft":
+    if training.objective != "sft":  # (before the options' notes, which come first)
         from lora_planner.objectives import describe
 
         plan = replace(plan, warnings=(describe(training), *plan.warnings))
+    for note in ("methods_note", "stack_note", "files_note", "lengths_note"):
+        if getattr(args, note, None):
+            plan = replace(plan, warnings=(getattr(args, note), *plan.warnings))
     calibration = None
     if getattr(args, "calibration", None):
         from lora_planner.report.calibrate import calibrate_plan_from_file
@@ -429,7 +429,7 @@ def parse_command(argv: list[str]) -> argparse.Namespace:
         explicit |= _apply_files(args, explicit)
     if getattr(args, "stack", None):
         _apply_stack(args, explicit)
-    if getattr(args, "objective", "sft") not in ("sft", None) and getattr(args, "loss", "trl") != "trl":
+    if str(getattr(args, "objective", None)).strip().lower() == "dpo" and getattr(args, "loss", "trl") != "trl":
         if "loss" in (explicit or _explicit(parser, args, argv)):
             raise PlannerInputError("loss", f"TRL's trainer for --objective {args.objective} always runs its fused LM "
                                             f"head, not the {args.loss} loss", "drop --loss (or pass --loss trl)")

@@ -63,13 +63,13 @@ def add_collate_arguments(p: argparse.ArgumentParser) -> None:
                             "repeated to every head in each layer")
     group.add_argument("--packing", action="store_true",
                        help="padding-free packing as TRL's packing / padding_free (bfd): the micro-batch's sequences "
-                            "in one row of --batch-size x --seq-len tokens with position_ids, no padding; SDPA and "
+                            "in one row of micro-batch x --seq-len tokens with position_ids, no padding; SDPA and "
                             "eager attention then build a block-diagonal mask over the whole row (its S^2 terms grow "
                             "with the row), flash_attention_2 runs varlen with none")
     p.add_argument("--lengths", type=Text("lengths", "--lengths lengths.json"), default=None,
                    help="the dataset's tokenized example lengths (a JSON list, or a CSV / text file with one per "
                         "line): plan the worst micro-batch the collator can build from them (the longest example "
-                        "padded with --batch-size - 1 shorter ones, or with --packing --batch-size full bins), which "
+                        "padded with the micro-batch's other rows, shorter, or with --packing the micro-batch's full bins), which "
                         "sets --seq-len and --padding, and say which batch it is")
     p.add_argument("--max-seq-len", type=count("max-seq-len", "--max-seq-len 4096", MAX_SEQ_LEN), default=None,
                    help="with --lengths: the truncation length (TRL's SFTConfig max_length; with --packing, the bin "

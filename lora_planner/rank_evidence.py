@@ -151,8 +151,8 @@ def rank_from_evidence(spec: ModelSpec, objective: str, amount: int,
         steps.append(Step("RL: LoRA matched full fine-tuning under policy gradient even at rank 1 (MATH: ~320,000 "
                           "bits against rank 1's ~3M parameters on Llama-3.1-8B).", "lwr"))
     steps += [
-        Step(f"alpha = 2r = {2 * rank:g}: the choice alpha = 2r is crucial for high ranks (with --use-rslora the "
-             "update is scaled by alpha / sqrt(r), stable at high ranks).", "biderman+rslora"),
+        Step(f"alpha = 2r = {2 * rank:g}: the choice alpha = 2r is crucial for high ranks (rsLoRA, PEFT's "
+             "use_rslora, scales the update by alpha / sqrt(r), stable at high ranks).", "biderman+rslora"),
         Step(f"Learning rate: about {LR_RATIO}x your full fine-tuning one (9.8x fitted over 14 models, ~15x for runs "
              "under ~100 steps; typically 5e-5 to 5e-4; QLoRA used 2e-4 at 7B / 13B, 1e-4 at 33B / 65B). LoRA is "
              "less tolerant of large batches than full fine-tuning.", "lwr+biderman+qlora"),
