@@ -16,7 +16,7 @@ from lora_planner import __version__
 from lora_planner.catalog import model_names
 from lora_planner.cli_options import (
     add_budget_arguments, add_collate_arguments, add_liger_argument, add_loss_argument, add_overhead_arguments,
-    add_seq_len_argument, add_stack_argument,
+    add_precompute_argument, add_seq_len_argument, add_stack_argument,
 )
 from lora_planner.cli_types import (
     MAX_SEED, MAX_STEPS, MAX_THREADS, MAX_TRAIN_TOKENS, Number, Text, count, fraction, option_error, positive_number,
@@ -200,9 +200,7 @@ def add_estimate_arguments(p: argparse.ArgumentParser) -> None:
                         "dpo (DPOTrainer: each of --batch-size pairs is two rows, prompt + chosen and prompt + "
                         "rejected, of --seq-len tokens; TRL's fused LM head; a reference pass, the adapters disabled "
                         "(LoRA) between the forward and backward); orpo, simpo, kto and grpo are not modelled yet")
-    p.add_argument("--precompute-ref-log-probs", action="store_true",
-                   help="DPO: the reference log-probs computed over the dataset before training "
-                        "(DPOConfig.precompute_ref_log_probs): no reference pass in the step")
+    add_precompute_argument(p)
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--detail", action="store_true", help="also show every phase of each method")
     p.add_argument("--calibration", type=Text("calibration", "--calibration calib.json"), default=None,
@@ -312,8 +310,7 @@ def add_recommend_arguments(p: argparse.ArgumentParser) -> None:
                         "teaches, and what the evidence says for it, with --train-tokens or --examples; dpo or "
                         "preference also search DPO's step (TRL's DPOTrainer: --global-batch and the micro-batch "
                         "count pairs, two rows each, and its reference pass)")
-    p.add_argument("--precompute-ref-log-probs", action="store_true",
-                   help="with --objective dpo: the reference log-probs computed before training (no reference pass)")
+    add_precompute_argument(p)
     p.add_argument("--capacity-margin", type=positive_number("capacity-margin", "--capacity-margin 2"), default=None,
                    help="trainable parameters x 2 bits over the data's bits (default 2)")
     p.add_argument("--explain", action="store_true",

@@ -47,6 +47,12 @@ def add_stack_argument(p: argparse.ArgumentParser) -> None:
                         "what the framework does that is not modelled")
 
 
+def add_precompute_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--precompute-ref-log-probs", action="store_true",
+                   help="with --objective dpo: the reference log-probs computed over the dataset before training "
+                        "(DPOConfig.precompute_ref_log_probs): no reference pass in the step")
+
+
 def add_liger_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--liger", action="store_true",
                    help="transformers' use_liger_kernel=True: Liger's RMSNorm, RoPE and SwiGLU / GEGLU kernels on the "

@@ -19,6 +19,7 @@ from __future__ import annotations
 from lora_planner.errors import PlannerInputError
 from lora_planner.families.rules import FP32, Flow, SavedTensor
 from lora_planner.loss import refuse_trained_head, shifted_rows
+from lora_planner.objectives import FUSED_HEAD_OUTPUTS
 from lora_planner.specs import BYTES_PER_ELEMENT
 
 
@@ -178,8 +179,6 @@ TRL_VOCAB_CHUNK = 32768  # `_CHUNKED_LOGPROB_CHUNK_SIZE`
 
 def trl_outputs(flow: Flow) -> tuple[str, ...]:
     """The outputs the trainer asks of the fused head (`objectives.FUSED_HEAD_OUTPUTS`)."""
-    from lora_planner.objectives import FUSED_HEAD_OUTPUTS  # lazily: objectives imports the specs this module does
-
     return FUSED_HEAD_OUTPUTS[flow.t.objective]
 
 

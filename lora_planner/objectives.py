@@ -40,13 +40,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from lora_planner.errors import PlannerInputError
 from lora_planner.specs import TrainingSpec
 
-MODELLED: tuple[str, ...] = ("sft", "dpo")
-PAIRED: tuple[str, ...] = ("dpo", "orpo", "simpo")  # a preference pair is two rows (`TrainingSpec.rows_per_example`)
-TRAINERS = {"sft": "SFTTrainer / Trainer", "dpo": "DPOTrainer", "orpo": "ORPOTrainer", "simpo": "CPOTrainer (simpo)",
-            "kto": "KTOTrainer", "grpo": "GRPOTrainer"}
+# (what each objective is refused with is validated by `TrainingSpec._check_objective`)
 # The fused LM head's outputs each trainer asks for (`add_fused_lm_head(..., outputs=...)`: sft_trainer.py l.1144-1147,
 # dpo_trainer.py l.954-960, kto_trainer.py l.967-970, grpo_trainer.py l.1068-1073)
 FUSED_HEAD_OUTPUTS: dict[str, tuple[str, ...]] = {
@@ -56,38 +52,6 @@ FUSED_HEAD_OUTPUTS: dict[str, tuple[str, ...]] = {
     "grpo": ("log_probs", "entropy"),
 }
 ReferencePass = Literal["none", "adapters-disabled", "model-copy"]
-
-
-def check_objective(training: TrainingSpec) -> None:
-    """What an objective is not planned with (yet), refused with the reason and the fix."""
-    objective = training.objective
-    if objective not in MODELLED:
-        raise PlannerInputError("objective", f"{objective} ({TRAINERS[objective]}) is not modelled yet",
-                                "plan --objective sft or dpo")
-    if training.precompute_ref_log_probs and objective != "dpo":
-        raise PlannerInputError("precompute_ref_log_probs", f"only DPO has a reference to precompute, not {objective}",
-                                "drop --precompute-ref-log-probs, or pass --objective dpo")
-    if objective == "sft":
-        return
-    if training.loss != "trl":
-        raise PlannerInputError("loss", f"TRL's {TRAINERS[objective]} always runs its fused LM head "
-                                        f"(`fused_lm_head=True`), not the {training.loss} loss",
-                                "pass --loss trl (or leave --loss out with --objective)")
-    if training.packing:
-        raise PlannerInputError("packing", f"{TRAINERS[objective]} has no padding-free batches (TRL 1.16 resets "
-                                           "padding_free to False)", "drop --packing")
-    if training.gpus > 1 or training.strategy is not None:
-        raise PlannerInputError("gpus", f"{TRAINERS[objective]} is planned on one GPU so far (its reference pass under "
-                                        "DDP, FSDP or ZeRO is not modelled yet)", "pass --gpus 1")
-    for field, on, what, fix in (
-            ("offload", training.offload != "none", "CPU offload", "drop --offload"),
-            ("activation_offload", training.activation_offload != "none", "activation offloading",
-             "drop --activation-offloading"),
-            ("liger", training.liger, "Liger's kernels (their no-grad forward in the reference pass)", "drop --liger"),
-            ("use_dora", training.lora.use_dora, "DoRA (its transients in the checkpointed forward)", "drop --dora"),
-            ("quant", training.load_in_8bit, "an 8-bit base (LLM.int8's no-grad matmuls)", "use --method qlora")):
-        if on:
-            raise PlannerInputError(field, f"{TRAINERS[objective]} with {what} is not modelled yet", fix)
 
 
 def reference_pass(training: TrainingSpec) -> ReferencePass:

@@ -84,6 +84,10 @@ ATTENTIONS: tuple[str, ...] = get_args(Attention)
 EXPERTS_IMPLEMENTATIONS: tuple[str, ...] = get_args(ExpertsImplementation)
 LOSSES: tuple[str, ...] = get_args(LossKind)
 OBJECTIVES: tuple[str, ...] = get_args(Objective)
+MODELLED_OBJECTIVES: tuple[str, ...] = ("sft", "dpo")
+PAIRED: tuple[str, ...] = ("dpo", "orpo", "simpo")  # a preference pair is two rows (`TrainingSpec.rows_per_example`)
+TRAINERS = {"sft": "SFTTrainer / Trainer", "dpo": "DPOTrainer", "orpo": "ORPOTrainer", "simpo": "CPOTrainer (simpo)",
+            "kto": "KTOTrainer", "grpo": "GRPOTrainer"}
 DEFAULT_LOSS_CHUNKS = 8  # torchtune's `CEWithChunkedOutputLoss(num_output_chunks=8)`
 ROUTINGS: tuple[str, ...] = ("balanced", "worst")
 STRATEGIES: tuple[str, ...] = get_args(Strategy)
@@ -593,13 +597,40 @@ class TrainingSpec:
             )
 
     def _check_objective(self) -> None:
-        from lora_planner.objectives import check_objective  # lazily: objectives reads these specs
-
+        """What an objective is not planned with (yet), refused with the reason and the fix (`lora_planner.objectives`
+        plans the rest)."""
         check_choice("objective", self.objective, OBJECTIVES)
         if not isinstance(self.precompute_ref_log_probs, bool):
             raise PlannerInputError("precompute_ref_log_probs", f"must be true or false, got "
                                     f"{self.precompute_ref_log_probs!r}", "pass --precompute-ref-log-probs or leave it out")
-        check_objective(self)
+        objective, trainer = self.objective, TRAINERS[self.objective]
+        if objective not in MODELLED_OBJECTIVES:
+            raise PlannerInputError("objective", f"{objective} ({trainer}) is not modelled yet",
+                                    "plan --objective sft or dpo")
+        if self.precompute_ref_log_probs and objective != "dpo":
+            raise PlannerInputError("precompute_ref_log_probs", f"only DPO has a reference to precompute, not "
+                                    f"{objective}", "drop --precompute-ref-log-probs, or pass --objective dpo")
+        if objective == "sft":
+            return
+        if self.loss != "trl":
+            raise PlannerInputError("loss", f"TRL's {trainer} always runs its fused LM head (`fused_lm_head=True`), "
+                                            f"not the {self.loss} loss",
+                                    "pass --loss trl (or leave --loss out with --objective)")
+        if self.packing:
+            raise PlannerInputError("packing", f"{trainer} has no padding-free batches (TRL 1.16 resets padding_free "
+                                               "to False)", "drop --packing")
+        if self.gpus > 1 or self.strategy is not None:
+            raise PlannerInputError("gpus", f"{trainer} is planned on one GPU so far (its reference pass under DDP, "
+                                            "FSDP or ZeRO is not modelled yet)", "pass --gpus 1")
+        for field_name, on, what, fix in (
+                ("offload", self.offload != "none", "CPU offload", "drop --offload"),
+                ("activation_offload", self.activation_offload != "none", "activation offloading",
+                 "drop --activation-offloading"),
+                ("liger", self.liger, "Liger's kernels (their no-grad forward in the reference pass)", "drop --liger"),
+                ("use_dora", self.lora.use_dora, "DoRA (its transients in the checkpointed forward)", "drop --dora"),
+                ("quant", self.load_in_8bit, "an 8-bit base (LLM.int8's no-grad matmuls)", "use --method qlora")):
+            if on:
+                raise PlannerInputError(field_name, f"{trainer} with {what} is not modelled yet", fix)
 
     def _check_load_in_8bit(self) -> None:
         """An 8-bit base (LLM.int8) as planned: LoRA adapters on it, no autocast, one GPU or DDP."""
@@ -710,7 +741,7 @@ class TrainingSpec:
     @property
     def rows_per_example(self) -> int:
         """Rows the model sees per example of the micro-batch: 2 for a preference pair (`objectives.PAIRED`)."""
-        return 2 if self.objective in ("dpo", "orpo", "simpo") else 1
+        return 2 if self.objective in PAIRED else 1
 
     @property
     def tokens(self) -> int:
