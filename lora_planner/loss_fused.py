@@ -247,8 +247,14 @@ def trl_forward_scratch(flow: Flow, outputs: tuple[str, ...] | None = None) -> i
     n, cols = _trl_tile(flow)
     chunk = n * flow.spec.hidden_size * flow.e_compute if flow.e_stream != flow.e_compute else 0
     per_element = 13 if "is_top1" in outputs else 12
-    not_yet = k * FP32 * (1 + ("entropy" in outputs)) + k * (1 + ("entropy" in outputs))
-    return 7 * k * FP32 + mm + chunk + per_element * n * cols + 16 * n + k - not_yet
+    return 7 * k * FP32 + mm + chunk + per_element * n * cols + 16 * n + k - _cpu_saved_after_loop(k, outputs)
+
+
+def _cpu_saved_after_loop(k: int, outputs: tuple[str, ...]) -> int:
+    """On CPU, what the head saves only after its tile loop: fp32 log_z (and entropy), and the negated label mask of
+    each differentiable output (log_probs, entropy)."""
+    differentiable = 1 + ("entropy" in outputs)
+    return differentiable * k * (FP32 + 1)
 
 
 def trl_backward_scratch(flow: Flow) -> int:
@@ -279,6 +285,5 @@ def trl_no_grad_head_bytes(flow: Flow, outputs: tuple[str, ...] | None = None) -
     k, h = shifted_rows(flow), flow.spec.hidden_size
     # (on CPU the label mask is in the scratch already: it is not saved there)
     inputs = flow.tokens * h * flow.e_stream + k * h * flow.e_stream + k * 8 + (k if trl_compact(flow) else 0)
-    not_saved = k * FP32 * (1 + ("entropy" in outputs)) + k * (1 + ("entropy" in outputs)) \
-        if not trl_compact(flow) else 2 * k * FP32
+    not_saved = _cpu_saved_after_loop(k, outputs) if not trl_compact(flow) else 2 * k * FP32
     return inputs + trl_forward_scratch(flow, outputs) + not_saved
