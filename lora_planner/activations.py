@@ -72,7 +72,9 @@ from lora_planner.loss_fused import (
     flce_forward_scratch, flce_saved, trl_backward_scratch, trl_forward_scratch, trl_held_outputs_bytes,
     trl_no_grad_head_bytes, trl_saved,
 )
-from lora_planner.inference import check_no_grad_forward, layer_weight_casts_bytes, no_grad_layer_peak_bytes
+from lora_planner.inference import (
+    check_no_grad_family, check_no_grad_forward, layer_weight_casts_bytes, no_grad_layer_peak_bytes,
+)
 from lora_planner.objectives import reference_pass
 from lora_planner.params import adapted_layers, adapters_by_layer, module_inventory, rotary_dim, rotary_tables
 from lora_planner.specs import BYTES_PER_ELEMENT, UNSLOTH_LOSSES, ModelSpec, TrainingSpec
@@ -241,6 +243,8 @@ def make_flow(spec: ModelSpec, training: TrainingSpec) -> Flow:
     so that is what is planned (`lora_planner.planner.plan_warnings` says so); flash_attention_2 and flex_attention are
     refused for the families whose flash path is not modelled (`Family.flash_refused`)."""
     family = family_rules(spec.family)
+    if training.objective == "grpo":  # (before the padding its rows always have)
+        check_no_grad_family(spec, "GRPO's generation")
     if not family.sdpa and training.attention == "sdpa":
         training = replace(training, attention="eager")
     if (training.padding or training.packing) and family.mask_refused:

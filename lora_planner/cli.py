@@ -25,7 +25,8 @@ from lora_planner.cli_options import budget_from_args, overhead_from_args
 from lora_planner.errors import PlannerInputError
 from lora_planner.planner import Plan, make_plan, plan_to_dict, refit
 from lora_planner.specs import (
-    MAX_LAYERS, MAX_VOCAB, METHODS, REGISTERED_FAMILIES, STRATEGY_ALIASES, LoraSpec, ModelSpec, TrainingSpec,
+    MAX_LAYERS, MAX_VOCAB, METHODS, REGISTERED_FAMILIES, STRATEGY_ALIASES, GrpoSpec, LoraSpec, ModelSpec,
+    TrainingSpec,
     check_choice, parse_loss,
 )
 
@@ -71,6 +72,7 @@ def _training_from_args(args: argparse.Namespace, method: str) -> TrainingSpec:
         padding=getattr(args, "padding", False), packing=getattr(args, "packing", False),
         liger=getattr(args, "liger", False),
         objective=_objective(args), precompute_ref_log_probs=getattr(args, "precompute_ref_log_probs", False),
+        **({"grpo": grpo_from_args(args)} if _objective(args) == "grpo" else {}),
     )
 
 
@@ -215,6 +217,10 @@ def plan_inputs(args: argparse.Namespace, spec: ModelSpec | None = None
         methods = tuple(m for m in methods if m != "full")
         args.methods_note = ("full fine-tuning left out of the default methods: TRL's fused LM head with a tied, trained "
                              "output layer is not modelled (pass --method full --loss hf to plan it)")
+    if args.method == "full,lora,qlora" and _objective(args) == "grpo" and "qlora" in methods:
+        methods = tuple(m for m in methods if m != "qlora")
+        note = "QLoRA left out of the default methods: GRPO on a 4-bit base is not modelled yet"
+        args.methods_note = f"{args.methods_note}; {note}" if getattr(args, "methods_note", None) else note
     training = _training_from_args(args, methods[0])
     for method in methods[1:]:
         _training_from_args(args, method)  # validate every method's settings before computing
@@ -230,7 +236,7 @@ def compute_estimate(args: argparse.Namespace, spec: ModelSpec | None = None) ->
     if training.objective != "sft":  # (before the options' notes, which come first)
         from lora_planner.objectives import describe
 
-        plan = replace(plan, warnings=(describe(training), *plan.warnings))
+        plan = replace(plan, warnings=(describe(training, spec), *plan.warnings))
     for note in ("methods_note", "stack_note", "files_note", "lengths_note"):
         if getattr(args, note, None):
             plan = replace(plan, warnings=(getattr(args, note), *plan.warnings))
@@ -429,7 +435,12 @@ def parse_command(argv: list[str]) -> argparse.Namespace:
         explicit |= _apply_files(args, explicit)
     if getattr(args, "stack", None):
         _apply_stack(args, explicit)
-    if str(getattr(args, "objective", None)).strip().lower() == "dpo" and getattr(args, "loss", "trl") != "trl":
+    objective = str(getattr(args, "objective", None)).strip().lower()
+    if objective == "rl" and getattr(args, "command", None) == "recommend":
+        objective = "grpo"  # (recommend's evidence objective: GRPO's step is searched, `recommend_cli`)
+    if objective == "grpo" and hasattr(args, "max_completion_length"):
+        _apply_grpo_lengths(args, explicit or _explicit(parser, args, argv))
+    if objective in ("dpo", "grpo") and getattr(args, "loss", "trl") != "trl":
         if "loss" in (explicit or _explicit(parser, args, argv)):
             raise PlannerInputError("loss", f"TRL's trainer for --objective {args.objective} always runs its fused LM "
                                             f"head, not the {args.loss} loss", "drop --loss (or pass --loss trl)")
@@ -437,6 +448,47 @@ def parse_command(argv: list[str]) -> argparse.Namespace:
     if hasattr(args, "lengths"):
         _apply_lengths(args, argv)
     return args
+
+
+def _apply_grpo_lengths(args: argparse.Namespace, explicit: set[str]) -> None:
+    """A GRPO row is prompt + completion (`GrpoSpec`): --seq-len set from --max-prompt-length (512 when neither is
+    given) and --max-completion-length; the rows padded (prompts left, completions right, TRL's re-padding); the
+    micro-batch TRL's 8 completions unless given."""
+    completion, prompt = args.max_completion_length, args.max_prompt_length
+    if prompt is not None:
+        if "seq_len" in explicit and args.seq_len != prompt + completion:
+            raise PlannerInputError("seq-len", f"a GRPO row is prompt + completion = {prompt + completion} tokens, not "
+                                               f"--seq-len {args.seq_len}", "drop --seq-len (or --max-prompt-length)")
+        args.seq_len = prompt + completion
+    elif "seq_len" not in explicit:
+        args.seq_len = 512 + completion
+    elif args.seq_len <= completion:
+        raise PlannerInputError("seq-len", f"a GRPO row is prompt + completion: --seq-len {args.seq_len} leaves no "
+                                           f"prompt beside --max-completion-length {completion}",
+                                "pass --max-prompt-length (and drop --seq-len)")
+    args.padding = True
+    if "batch_size" not in explicit and hasattr(args, "batch_size"):
+        args.batch_size = 8  # TrainingArguments' per_device_train_batch_size, in completions
+
+
+def grpo_from_args(args: argparse.Namespace) -> GrpoSpec:
+    """GRPOConfig's settings (`specs.GrpoSpec`) of the options; a colocated vLLM's share is of the --gpu's memory."""
+    backend = "transformers"
+    if getattr(args, "use_vllm", None) is not None:
+        mode = str(args.use_vllm).strip().lower()
+        if mode not in ("colocate", "server"):
+            raise PlannerInputError("use-vllm", f"unknown vLLM mode {args.use_vllm!r}",
+                                    "pass --use-vllm (colocate) or --use-vllm server")
+        backend = f"vllm-{mode}"
+    budget = budget_from_args(args) if backend == "vllm-colocate" else None
+    return GrpoSpec(num_generations=args.num_generations, max_completion_length=args.max_completion_length,
+                    gradient_accumulation_steps=getattr(args, "gradient_accumulation_steps", 1),
+                    steps_per_generation=args.steps_per_generation, num_iterations=args.num_iterations,
+                    generation_batch_size=args.generation_batch_size,
+                    beta=args.beta, generation_backend=backend,
+                    vllm_gpu_memory_utilization=args.vllm_gpu_memory_utilization,
+                    vllm_enable_sleep_mode=args.vllm_enable_sleep_mode, temperature=args.temperature,
+                    vllm_gpu_memory_bytes=budget.memory_bytes if budget else None)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

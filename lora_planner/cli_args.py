@@ -15,8 +15,8 @@ from typing import Any
 from lora_planner import __version__
 from lora_planner.catalog import model_names
 from lora_planner.cli_options import (
-    add_budget_arguments, add_collate_arguments, add_liger_argument, add_loss_argument, add_overhead_arguments,
-    add_precompute_argument, add_seq_len_argument, add_stack_argument,
+    add_budget_arguments, add_collate_arguments, add_grpo_arguments, add_liger_argument, add_loss_argument,
+    add_overhead_arguments, add_precompute_argument, add_seq_len_argument, add_stack_argument,
 )
 from lora_planner.cli_types import (
     MAX_SEED, MAX_STEPS, MAX_THREADS, MAX_TRAIN_TOKENS, Number, Text, count, fraction, option_error, positive_number,
@@ -199,8 +199,11 @@ def add_estimate_arguments(p: argparse.ArgumentParser) -> None:
                    help="what the step trains for, as TRL's trainers: sft (default; every trainer's causal-LM step) or "
                         "dpo (DPOTrainer: each of --batch-size pairs is two rows, prompt + chosen and prompt + "
                         "rejected, of --seq-len tokens; TRL's fused LM head; a reference pass, the adapters disabled "
-                        "(LoRA) between the forward and backward); orpo, simpo, kto and grpo are not modelled yet")
+                        "(LoRA) between the forward and backward) or grpo (GRPOTrainer: a generation round, scoring "
+                        "passes and the training step; --batch-size counts completions); orpo, simpo and kto are not "
+                        "modelled yet")
     add_precompute_argument(p)
+    add_grpo_arguments(p)
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--detail", action="store_true", help="also show every phase of each method")
     p.add_argument("--calibration", type=Text("calibration", "--calibration calib.json"), default=None,
@@ -309,8 +312,10 @@ def add_recommend_arguments(p: argparse.ArgumentParser) -> None:
                    help="sft (default), rl, continued-pretraining or preference: how much a token or an episode "
                         "teaches, and what the evidence says for it, with --train-tokens or --examples; dpo or "
                         "preference also search DPO's step (TRL's DPOTrainer: --global-batch and the micro-batch "
-                        "count pairs, two rows each, and its reference pass)")
+                        "count pairs, two rows each, and its reference pass); grpo or rl search GRPO's (TRL's "
+                        "GRPOTrainer: they count completions; a generation round, then the training step)")
     add_precompute_argument(p)
+    add_grpo_arguments(p, accumulation=False)
     p.add_argument("--capacity-margin", type=positive_number("capacity-margin", "--capacity-margin 2"), default=None,
                    help="trainable parameters x 2 bits over the data's bits (default 2)")
     p.add_argument("--explain", action="store_true",

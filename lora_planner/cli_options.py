@@ -12,7 +12,7 @@ from lora_planner.defaults import (
 from lora_planner.gpus import GPUS, parse_memory_size
 from lora_planner.memory import MAX_ALLOCATOR_FRACTION, DeviceOverhead
 from lora_planner.planner import Budget, budget_from_options, usable_bytes
-from lora_planner.specs import MAX_SEQ_LEN
+from lora_planner.specs import MAX_GENERATIONS, MAX_SEQ_LEN
 
 ALLOCATOR_OVERHEAD = Number("allocator-overhead", 0.0, MAX_ALLOCATOR_FRACTION, "--allocator-overhead 0.05",
                             high_open=True)
@@ -51,6 +51,44 @@ def add_precompute_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precompute-ref-log-probs", action="store_true",
                    help="with --objective dpo: the reference log-probs computed over the dataset before training "
                         "(DPOConfig.precompute_ref_log_probs): no reference pass in the step")
+
+
+def add_grpo_arguments(p: argparse.ArgumentParser, accumulation: bool = True) -> None:
+    """GRPOConfig's fields that change a GRPO step's memory (`specs.GrpoSpec`), with TRL's names and defaults
+    (`accumulation` False: the command has its own, `recommend`'s global batch)."""
+    g = p.add_argument_group("GRPO (--objective grpo, TRL 1.16 GRPOTrainer)")
+    g.add_argument("--num-generations", type=count("num-generations", "--num-generations 8", MAX_GENERATIONS, low=2),
+                   default=8, help="completions per prompt (default 8); --batch-size counts completions")
+    g.add_argument("--max-completion-length", type=count("max-completion-length", "--max-completion-length 1024",
+                                                         MAX_SEQ_LEN), default=512,
+                   help="tokens generated per completion (default 512)")
+    g.add_argument("--max-prompt-length", type=count("max-prompt-length", "--max-prompt-length 512", MAX_SEQ_LEN),
+                   default=None, help="the longest prompt's tokens (GRPOConfig does not truncate prompts; default: "
+                                      "--seq-len minus the completion when --seq-len is given, else 512): a row is "
+                                      "prompt + completion")
+    g.add_argument("--beta", type=Number("beta", 0.0, 1e6, "--beta 0.04"), default=0.0,
+                   help="KL coefficient (default 0.0, TRL's: no reference model); above 0 a reference pass runs")
+    g.add_argument("--num-iterations", type=count("num-iterations", "--num-iterations 2"), default=1,
+                   help="times each generation round is trained on (default 1)")
+    g.add_argument("--steps-per-generation", type=count("steps-per-generation", "--steps-per-generation 4"),
+                   default=None, help="micro-batches one generation round feeds (default: the accumulation steps)")
+    g.add_argument("--generation-batch-size", type=count("generation-batch-size", "--generation-batch-size 64"),
+                   default=None, help="completions generated per round (instead of --steps-per-generation)")
+    if accumulation:
+        g.add_argument("--gradient-accumulation-steps", type=count("gradient-accumulation-steps",
+                                                                   "--gradient-accumulation-steps 4"), default=1,
+                       help="micro-batches per optimizer step (default 1)")
+    g.add_argument("--use-vllm", nargs="?", const="colocate", default=None, type=Text("use-vllm", "--use-vllm server"),
+                   help="generate with vLLM: colocate (the default mode: in the training process, reserving "
+                        "--vllm-gpu-memory-utilization of the GPU) or server (on other GPUs)")
+    g.add_argument("--vllm-gpu-memory-utilization", type=fraction("vllm-gpu-memory-utilization",
+                                                                  "--vllm-gpu-memory-utilization 0.3", zero=False,
+                                                                  one=False), default=0.3,
+                   help="colocated vLLM's share of the GPU's memory (default 0.3)")
+    g.add_argument("--vllm-enable-sleep-mode", action="store_true",
+                   help="colocated vLLM releases its weights and KV cache between generations")
+    g.add_argument("--temperature", type=Number("temperature", 0.0, 1e6, "--temperature 1.0", low_open=True),
+                   default=1.0, help="sampling temperature (default 1.0; another value adds a logits processor)")
 
 
 def add_liger_argument(p: argparse.ArgumentParser) -> None:

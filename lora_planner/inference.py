@@ -32,23 +32,28 @@ from __future__ import annotations
 
 from lora_planner.errors import PlannerInputError
 from lora_planner.families.rules import Flow
-from lora_planner.specs import BYTES_PER_ELEMENT
+from lora_planner.specs import BYTES_PER_ELEMENT, ModelSpec
 
 NO_GRAD_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 def check_no_grad_forward(flow: Flow, why: str) -> None:
-    spec = flow.spec
+    check_no_grad_family(flow.spec, why)
+
+
+def check_no_grad_family(spec: ModelSpec, why: str) -> None:
+    """The families whose no-grad forward is modelled (the module docstring), or a one-line refusal."""
     if spec.family not in NO_GRAD_FAMILIES or spec.is_moe or spec.intermediate_size < 2 * spec.hidden_size:
         raise PlannerInputError("model", f"{why} is modelled for dense Llama-style models ({', '.join(NO_GRAD_FAMILIES)})"
                                          f" so far, not {spec.name} ({spec.family})",
                                 "plan a Llama, Mistral or Qwen model, or --objective sft")
 
 
-def no_grad_layer_peak_bytes(flow: Flow, weights_cached: bool = False) -> int:
+def no_grad_layer_peak_bytes(flow: Flow, weights_cached: bool = False, rope_rows: int = 1) -> int:
     """The heaviest moment of a no-grad pass through the decoder layers, beyond the weights and the batch: the
     residual stream's tensors and the MLP's heaviest op (the module docstring). `weights_cached`: the weights require
-    grad, so autocast's casts of them are cached (`layer_weight_casts_bytes`, counted apart), not per-op transients."""
+    grad, so autocast's casts of them are cached (`layer_weight_casts_bytes`, counted apart), not per-op transients.
+    `rope_rows`: rows with their own position ids (generation's left-padded prompts), each its own RoPE tables."""
     spec, t = flow.spec, flow.tokens
     h, inter = spec.hidden_size, spec.intermediate_size
     e_c, e_s = flow.e_compute, flow.e_stream
@@ -65,7 +70,7 @@ def no_grad_layer_peak_bytes(flow: Flow, weights_cached: bool = False) -> int:
               2 * t * inter * e_c + x_cast + w_cast,  # up_proj
               t * inter * e_c + w_cast + t * h * e_c)  # down_proj
     stream = (4 if spec.num_layers > 1 else 3) * t * h * e_s
-    rope = 2 * flow.s * spec.head_dim * e_s + flow.s * 8  # cos, sin, and the int64 positions
+    rope = rope_rows * (2 * flow.s * spec.head_dim * e_s + flow.s * 8)  # cos, sin, and the int64 positions
     return stream + rope + mlp
 
 

@@ -3,6 +3,8 @@
 `TrainingSpec.objective` names the trainer's objective as TRL does. Planned so far:
 
 - "sft": the plain causal-LM step (transformers' Trainer, TRL's `SFTTrainer`); nothing below applies.
+- "grpo": TRL's `GRPOTrainer`: a generation round, scoring passes and the training step (`lora_planner.generation`,
+  `specs.GrpoSpec`);
 - "dpo": TRL's `DPOTrainer` (`trl/trainer/dpo_trainer.py`, `dpo_config.py`; the facts, with line numbers, are in
   `docs/research/issue17_dpo.md`):
   - **rows**: `per_device_train_batch_size` counts pairs; the collator (`DataCollatorForPreference.torch_call`,
@@ -32,15 +34,15 @@ Known limitations: every position of a row is counted as scored (on CUDA the fus
 tokens, so this is an upper bound there; on CPU it scores every position, as planned); a padded batch is planned with
 every row `seq_len` long; a tied output layer under full fine-tuning is refused (`loss_fused.check_trl_loss`); the
 labels `_compute_loss` builds are counted through the step (TRL drops them before backward: b x s x 8 bytes over); the
-reference copy is counted as TRL loads it, not a `ref_model` of another size; one GPU only (the reference pass under DDP / FSDP / ZeRO is not modelled yet); ORPO, SimPO, KTO and GRPO are refused
-until modelled (issue 17).
+reference copy is counted as TRL loads it, not a `ref_model` of another size; one GPU only (the reference pass under
+DDP / FSDP / ZeRO is not modelled yet); ORPO, SimPO and KTO are refused until modelled (issue 17).
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
-from lora_planner.specs import TrainingSpec
+from lora_planner.specs import GrpoSpec, ModelSpec, TrainingSpec
 
 # (what each objective is refused with is validated by `TrainingSpec._check_objective`)
 # The fused LM head's outputs each trainer asks for (`add_fused_lm_head(..., outputs=...)`: sft_trainer.py l.1144-1147,
@@ -62,10 +64,12 @@ def reference_pass(training: TrainingSpec) -> ReferencePass:
     return "model-copy" if training.method == "full" else "adapters-disabled"
 
 
-def describe(training: TrainingSpec) -> str:
-    """One line for the plan's notes: what the objective changed."""
+def describe(training: TrainingSpec, spec: ModelSpec | None = None) -> str:
+    """One line for the plan's notes: what the objective changed (GRPO: with `spec`, its KV cache's size)."""
     if training.objective == "sft":
         return ""
+    if training.objective == "grpo":
+        return _describe_grpo(training, spec)
     b, s = training.batch_size, training.seq_len
     ref = {"none": "reference log-probs precomputed before training: no reference pass in the step",
            "adapters-disabled": "reference pass: the policy with its adapters disabled, a no-grad forward of the same "
@@ -74,3 +78,41 @@ def describe(training: TrainingSpec) -> str:
                          "same rows while the policy's graph is alive"}[reference_pass(training)]
     return (f"DPO (TRL 1.16 DPOTrainer): {b} pair{'s' if b != 1 else ''} = {2 * b} rows of {s} tokens per forward "
             f"(prompt + chosen, prompt + rejected), through TRL's fused LM head; {ref}.")
+
+
+def vllm_share(g: GrpoSpec) -> str:
+    from lora_planner.planner import gib_text
+
+    return f", {gib_text(g.vllm_gpu_memory_utilization * g.vllm_gpu_memory_bytes)}" if g.vllm_gpu_memory_bytes else ""
+
+
+def _describe_grpo(training: TrainingSpec, spec: ModelSpec | None) -> str:
+    from lora_planner.generation import generation_rows, prompt_tokens
+
+    g, b = training.grpo, training.batch_size
+    steps = g.steps_per_round(b)
+    rows = generation_rows(training)
+    lc, p = g.max_completion_length, prompt_tokens(training)
+    where = {"transformers": "transformers' generate on the training GPU",
+             "vllm-colocate": f"vLLM colocated (reserving {g.vllm_gpu_memory_utilization:g} of the GPU's memory"
+                              f"{vllm_share(g)}, counted with the activations"
+                              f"{', during generation only: sleep mode' if g.vllm_enable_sleep_mode else ''}; "
+                              "modelled from TRL's configuration of it, not measured)",
+             "vllm-server": "a vLLM server on other GPUs (nothing of generation on this one)"}[g.generation_backend]
+    kv = ""
+    if spec is not None and g.generation_backend == "transformers":
+        from lora_planner.activations import make_flow
+        from lora_planner.generation import generation_memory
+        from lora_planner.planner import gib_text
+
+        gen = generation_memory(make_flow(spec, training))
+        kv = f" (its KV cache {gib_text(gen.kv_cache_bytes)} at the last token)"
+    passes = [name for name, on in (("the old policy's", g.old_log_prob_pass(b)), ("the reference's (beta > 0)",
+                                                                               g.reference_pass)) if on]
+    scoring = (f"then {' and '.join(passes)} log-prob pass{'es' if len(passes) > 1 else ''} over them in chunks of "
+               f"{b} rows (no grad)") if passes else "no scoring pass (beta 0, one iteration per round)"
+    return (f"GRPO (TRL 1.16 GRPOTrainer): a round of {rows} completion{'s' if rows != 1 else ''} "
+            f"({rows // g.num_generations} prompt{'s' if rows // g.num_generations != 1 else ''} x {g.num_generations} "
+            f"generations) of up to {p} prompt + {lc} completion tokens, generated by {where}{kv}; {scoring}; then "
+            f"{steps} micro-batch{'es' if steps > 1 else ''} of {b} rows x {training.seq_len} tokens "
+            "through TRL's fused LM head (log-probs and entropy). The step's peak is the largest of the phases.")

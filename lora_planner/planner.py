@@ -369,6 +369,30 @@ def _host_dict(host: Any) -> dict[str, Any] | None:
             "buffers": [{"name": b.name, "bytes": b.nbytes, "pinned": b.pinned} for b in host.buffers]}
 
 
+def grpo_inputs(t: TrainingSpec) -> dict[str, Any] | None:
+    """GRPOConfig's settings as planned (`specs.GrpoSpec`), with the round's rows and the prompt's tokens."""
+    if t.objective != "grpo":
+        return None
+    from dataclasses import asdict
+
+    from lora_planner.generation import generation_rows, prompt_tokens
+
+    g = t.grpo
+    return {**asdict(g), "steps_per_generation": g.steps_per_round(t.batch_size), "rows_per_round": generation_rows(t),
+            "prompts_per_round": generation_rows(t) // g.num_generations, "prompt_tokens": prompt_tokens(t),
+            "old_log_prob_pass": g.old_log_prob_pass(t.batch_size), "reference_pass": g.reference_pass}
+
+
+def _generation_dict(spec: ModelSpec, t: TrainingSpec) -> dict[str, int]:
+    """A GRPO round's generation on the training GPU, bytes beyond the model states (`generation.GenerationMemory`)."""
+    from lora_planner.activations import make_flow
+    from lora_planner.generation import generation_memory
+
+    g = generation_memory(make_flow(spec, t))
+    return {"kv_cache_bytes": g.kv_cache_bytes, "held_bytes": g.held_bytes, "prefill_bytes": g.prefill_bytes,
+            "decode_bytes": g.decode_bytes, "vllm_reserved_bytes": g.vllm_bytes, "weight_sync_bytes": g.sync_bytes}
+
+
 def plan_to_dict(plan: Plan) -> dict[str, Any]:
     """The `--json` document. Memory is per GPU; tokens/s and training time are for all GPUs together."""
     t, spec = plan.training, plan.spec
@@ -390,6 +414,7 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
             "fits_on": list(mp.fits_on),
             "phases": {p.phase: p.breakdown.as_dict() for p in e.phases},
             "host": _host_dict(e.host),
+            "generation": _generation_dict(spec, replace(t, method=method)) if t.objective == "grpo" else None,
             "activations_per_layer_bytes": e.activations.layer_bytes,
             "flops_per_step": mp.throughput.flops.total,
             "step_time_s": mp.throughput.step_time_s,
@@ -399,6 +424,7 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
                 "forward_flops": mp.throughput.flops.forward, "backward_flops": mp.throughput.flops.backward,
                 "recompute_flops": mp.throughput.flops.recompute, "compute_time_s": mp.throughput.compute_time_s,
                 "memory_time_s": mp.throughput.memory_time_s,
+                "scoring_flops": mp.throughput.flops.scoring, "prefill_flops": mp.throughput.flops.prefill,
                 "train_time_s": mp.throughput.time_for_tokens_s(plan.train_tokens) / t.gpus if plan.train_tokens else None,
             },
         }
@@ -462,6 +488,7 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
             "packing": t.packing,
             "objective": t.objective, "precompute_ref_log_probs": t.precompute_ref_log_probs,
             "rows": t.rows[0],
+            "grpo": grpo_inputs(t),
             "liger": t.liger,
             "target_parameters": list(t.lora.target_parameters) if t.lora.target_parameters else None,
             "experts_implementation": t.experts_implementation if spec.is_moe else None,

@@ -236,8 +236,32 @@ def training_for(req: RecommendRequest, method: str, r: int | None, ckpt: bool, 
     if alpha is not None and r is not None:
         lora = replace(lora, alpha=alpha)
     strategy = (req.strategy or "ddp") if req.gpus > 1 else None
-    return replace(req.training, method=method, batch_size=micro, grad_checkpointing=ckpt, lora=lora,
+    training = req.training
+    if training.objective == "grpo":
+        # GRPO (`lora_planner.generation`): the round's rows are fixed (its `generation_batch_size`, by default the
+        # whole step's completions: TRL's steps_per_generation = the accumulation steps), the micro-batch one of its
+        # divisors (GRPOConfig requires it): a micro-batch that does not divide the round is planned at the largest
+        # one below it that does (the peak stays monotone in the micro-batch for the search)
+        rows = grpo_round_rows(req)
+        micro = _largest_divisor_at_most(rows, micro)
+        g = training.grpo
+        steps = rows // micro if g.generation_batch_size is not None else g.steps_per_generation
+        return replace(training, method=method, batch_size=micro, grad_checkpointing=ckpt, lora=lora,
+                       gpus=req.gpus, strategy=strategy, grpo=replace(
+                           g, gradient_accumulation_steps=math.ceil(req.global_batch / (micro * req.gpus)),
+                           steps_per_generation=steps, generation_batch_size=None))
+    return replace(training, method=method, batch_size=micro, grad_checkpointing=ckpt, lora=lora,
                    gpus=req.gpus, strategy=strategy)
+
+
+def grpo_round_rows(req: RecommendRequest) -> int:
+    """The rows of a GRPO round (`GrpoSpec.generation_batch_size`; recommend sets it from the global batch)."""
+    g = req.training.grpo
+    return g.generation_batch_size or req.training.batch_size * g.steps_per_round(req.training.batch_size)
+
+
+def _largest_divisor_at_most(n: int, at_most: int) -> int:
+    return max(d for d in range(1, min(n, max(at_most, 1)) + 1) if n % d == 0)
 
 
 @dataclass(frozen=True)
@@ -293,14 +317,20 @@ class _Search:
             # the answer at the previous rank searched (same method and checkpointing) is a close hint: the peak
             # moves little along the ladder
             hint = self._last.get((method, ckpt)) or None
-            self._max[key] = self._last[(method, ckpt)] = largest_fitting(
-                lambda micro: self.peak(method, r, ckpt, micro), self.usable, MAX_MICRO_BATCH, hint)
+            grpo = self.req.training.objective == "grpo"  # (micro-batches divide GRPO's round: `training_for`)
+            rows = grpo_round_rows(self.req) if grpo else MAX_MICRO_BATCH
+            biggest = largest_fitting(lambda micro: self.peak(method, r, ckpt, micro), self.usable, rows, hint)
+            self._max[key] = self._last[(method, ckpt)] = _largest_divisor_at_most(rows, biggest) \
+                if grpo and biggest else biggest
         return self._max[key]
 
     def schedule(self, max_micro: int) -> tuple[int, int]:
         """(micro-batch, accumulation steps) for the largest micro-batch that fits (see the module doc)."""
         req = self.req
         micro = max(1, min(max_micro, req.per_gpu_share))
+        if req.training.objective == "grpo":  # a divisor of the round's rows (`training_for`)
+            micro = _largest_divisor_at_most(grpo_round_rows(req), micro)
+            return micro, math.ceil(req.global_batch / (micro * req.gpus))
         accum = math.ceil(req.global_batch / (micro * req.gpus))
         micro = math.ceil(req.global_batch / (req.gpus * accum))  # same steps, least memory
         return micro, accum
@@ -311,6 +341,8 @@ class _Search:
         if micro is None:
             micro, accum = self.schedule(biggest)
         else:
+            if self.req.training.objective == "grpo":
+                micro = _largest_divisor_at_most(grpo_round_rows(self.req), micro)
             accum = math.ceil(self.req.global_batch / (micro * self.req.gpus))
         p = self.point(method, r, ckpt, micro)
         return Candidate(method=method, r=r if method != "full" else None, grad_checkpointing=ckpt,
@@ -344,6 +376,9 @@ def _allowed_methods(req: RecommendRequest, reasons: list[str]) -> tuple[str, ..
             tied = " tied," if t.loss == "trl" else ""
             reasons.append(f"Full fine-tuning is left out: the {t.loss} loss with a{tied} trained output layer is not "
                            "modelled yet (use --loss hf or chunked to include it).")
+        if t.objective == "grpo" and "qlora" in methods:
+            methods = tuple(m for m in methods if m != "qlora")
+            reasons.append("QLoRA is left out: GRPO's generation on a 4-bit base is not modelled yet.")
     else:
         methods = tuple(m for m in QUALITY_ORDER if m in req.methods)
         excluded = [METHOD_NAMES[m] for m in QUALITY_ORDER if m not in methods]
@@ -550,6 +585,9 @@ def _batch_reasons(req: RecommendRequest, search: _Search, c: Candidate) -> list
     text = f"Micro-batch {c.micro_batch_size} per GPU"
     if c.micro_batch_size == c.max_micro_batch_size:
         nxt = c.max_micro_batch_size + 1
+        if req.training.objective == "grpo":  # the next micro-batch that divides GRPO's round, if any
+            rows = grpo_round_rows(req)
+            nxt = next((d for d in range(nxt, rows + 1) if rows % d == 0), MAX_MICRO_BATCH + 1)
         if nxt <= MAX_MICRO_BATCH:
             text += (f" is the largest that fits ({nxt} would peak at "
                      f"{gib(search.peak(c.method, c.r, c.grad_checkpointing, nxt))})")
@@ -581,7 +619,71 @@ def _peak_and_notes(req: RecommendRequest, c: Candidate) -> list[str]:
         notes.append(_parallel_note(req))
     if req.training.objective == "dpo":
         notes += _dpo_notes(req, c)
+    if req.training.objective == "grpo":
+        notes += _grpo_notes(req, c)
     return notes
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}{'s' if n != 1 else ''}"
+
+
+def _grpo_notes(req: RecommendRequest, c: Candidate) -> list[str]:
+    """GRPO's round and which phase decides (`lora_planner.generation`)."""
+    from lora_planner.activations import make_flow
+    from lora_planner.generation import generation_memory, generation_rows, prompt_tokens
+
+    training = training_for(req, c.method, c.r, c.grad_checkpointing, c.micro_batch_size)
+    g = training.grpo
+    rows = generation_rows(training)
+    est = estimate_memory_cached(req.spec, training, req.overhead)
+    phase = next(p for p in est.phases if p.phase == "generation")
+    where = {"transformers": "transformers' generate", "vllm-colocate": "a colocated vLLM",
+             "vllm-server": "a vLLM server"}[g.generation_backend]
+    kv = generation_memory(make_flow(req.spec, training)).kv_cache_bytes
+    cache = f", its KV cache {gib(kv)}" if kv else ""
+    decides = "decides the peak" if est.peak_phase == "generation" else \
+        f"does not decide the peak ({PHASE_TITLES[est.peak_phase]} does)"
+    return [f"GRPO (TRL's GRPOTrainer): the micro-batch and the global batch count completions, {g.num_generations} a "
+            f"prompt; each round generates {rows} completions ({plural(rows // g.num_generations, 'prompt')}) of up to "
+            f"{prompt_tokens(training)} prompt + {g.max_completion_length} completion tokens with {where} and trains "
+            f"on them in {g.steps_per_round(training.batch_size)} micro-batches. The generation phase peaks at "
+            f"{gib(phase.breakdown.total_bytes + est.device_overhead_bytes)} on the device{cache}: it {decides}."]
+
+
+def recommend_grpo(req: RecommendRequest) -> Recommendation:
+    """`recommend` for GRPO: as asked, else the first of these that fits, each said as given up: a round of one
+    prompt's completions (`generation_batch_size` = num_generations, trained on in as many micro-batches), then
+    completions halved (down to 64 tokens), then fewer generations a prompt (halved, down to 2)."""
+    rec = recommend(req)
+    if rec.fits:
+        return rec
+    g, t = req.training.grpo, req.training
+    tries: list[tuple[RecommendRequest, str]] = []
+    if grpo_round_rows(req) > g.num_generations:
+        tries.append((replace(req, training=replace(t, grpo=replace(g, generation_batch_size=g.num_generations))),
+                      f"rounds of {g.num_generations} completions (one prompt, --generation-batch-size "
+                      f"{g.num_generations}) instead of {grpo_round_rows(req)}"))
+    prompt = t.seq_len - g.max_completion_length
+    completion, generations = g.max_completion_length, g.num_generations
+    while completion > 64 or generations > 2:
+        if completion > 64:
+            completion //= 2
+        else:
+            generations //= 2
+        smaller = replace(g, max_completion_length=completion, num_generations=generations,
+                          generation_batch_size=generations)
+        tries.append((replace(req, training=replace(t, seq_len=prompt + completion, grpo=smaller)),
+                      f"completions of {completion} tokens (--max-completion-length {completion}) instead of "
+                      f"{g.max_completion_length}" + (f", {generations} generations a prompt instead of "
+                                                       f"{g.num_generations}" if generations != g.num_generations
+                                                       else "") + f", rounds of {generations} completions"))
+    for smaller, given_up in tries:
+        other = recommend(smaller)
+        if other.fits:
+            return replace(other, reasons=(f"GRPO as asked does not fit on this GPU; gave up {given_up}.",
+                                           *other.reasons))
+    return rec
 
 
 def _dpo_notes(req: RecommendRequest, c: Candidate) -> list[str]:

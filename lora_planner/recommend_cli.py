@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from dataclasses import replace
 from typing import Any
 
@@ -14,16 +15,16 @@ from lora_planner.catalog import resolve_model
 from lora_planner.cli_options import budget_from_args, overhead_from_args
 from lora_planner.errors import PlannerInputError
 from lora_planner.memory import estimate_memory, trainable_totals
-from lora_planner.planner import SCHEMA_VERSION, fits
+from lora_planner.planner import SCHEMA_VERSION, grpo_inputs, fits
 from lora_planner.recommend import (  # noqa: F401 (VERIFY_TOLERANCE: re-exported for callers)
     MAX_MICRO_BATCH, VERIFY_TOLERANCE, Candidate, Recommendation, RecommendRequest, Verification, VerifyRun, recommend,
-    training_for,
+    recommend_grpo, training_for,
 )
 from lora_planner.rank_evidence import (
     DEFAULT_CAPACITY_MARGIN, SOURCES, Evidence, rank_from_evidence, resolve_objective,
 )
 from lora_planner.specs import (
-    REGISTERED_FAMILIES, STRATEGY_NAMES, LoraSpec, ModelSpec, TrainingSpec, check_choice, parse_loss,
+    REGISTERED_FAMILIES, STRATEGY_NAMES, GrpoSpec, LoraSpec, ModelSpec, TrainingSpec, check_choice, parse_loss,
 )
 
 
@@ -66,6 +67,9 @@ def recommendation_to_dict(rec: Recommendation, verification: Verification | Non
         "loss_chunks": t.loss_chunks if t.loss in ("chunked", "linear") else None,
         "objective": t.objective,  # the step searched (`objectives`): dpo counts the batches in pairs
         "precompute_ref_log_probs": t.precompute_ref_log_probs,
+        # GRPO: GRPOConfig's settings of the recommended step (the round, lengths, scoring passes)
+        "grpo": grpo_inputs(training_for(req, c.method, c.r, c.grad_checkpointing, c.micro_batch_size))
+        if t.objective == "grpo" else None,
         "gpus": req.gpus,
         "strategy": (req.strategy or "ddp") if req.gpus > 1 else None,
         "predicted_peak_bytes": c.predicted_peak_bytes,
@@ -213,6 +217,7 @@ def request_from_args(args: argparse.Namespace, spec: ModelSpec | None = None) -
         lora=LoraSpec(r=1, alpha=args.alpha, target_modules=target, adapter_dtype=args.adapter_dtype),
         **parse_loss(loss), padding=args.padding, packing=args.packing, liger=args.liger,
         objective=objective, precompute_ref_log_probs=args.precompute_ref_log_probs,
+        **({"grpo": _grpo_for_recommend(args)} if objective == "grpo" else {}),
     )
     if args.strategy is not None and args.gpus == 1:
         raise PlannerInputError("strategy", f"{args.strategy} shares model states across GPUs, but --gpus is 1",
@@ -229,9 +234,28 @@ def request_from_args(args: argparse.Namespace, spec: ModelSpec | None = None) -
 
 def memory_objective(args: argparse.Namespace) -> str:
     """The step `recommend` searches: DPO's (`lora_planner.objectives`) for `--objective dpo` or `preference` (TRL's
-    preference trainer), else the SFT step (the evidence's rl and continued-pretraining train as SFT steps here)."""
+    preference trainer), GRPO's (`lora_planner.generation`) for `grpo` or `rl` (TRL's RL trainer), else the SFT step
+    (continued pretraining trains as one)."""
     text = (getattr(args, "objective", None) or "sft").strip().lower()
-    return "dpo" if text in ("dpo", "preference") else "sft"
+    return {"dpo": "dpo", "preference": "dpo", "grpo": "grpo", "rl": "grpo"}.get(text, "sft")
+
+
+def _grpo_for_recommend(args: argparse.Namespace) -> GrpoSpec:
+    """GRPOConfig's settings for the search: a round is the global batch's completions (TRL's default
+    steps_per_generation = the accumulation steps) unless --generation-batch-size; the micro-batch is chosen."""
+    from lora_planner.cli import grpo_from_args
+
+    if args.steps_per_generation is not None:
+        raise PlannerInputError("steps-per-generation", "recommend chooses the micro-batch, so a round is given by its "
+                                                        "rows", "pass --generation-batch-size instead")
+    g = grpo_from_args(args)
+    rows = args.generation_batch_size or math.ceil(args.global_batch / args.gpus)
+    if rows % g.num_generations:
+        raise PlannerInputError("generation-batch-size" if args.generation_batch_size else "global-batch",
+                                f"a round of {rows} completions is not a whole number of groups of "
+                                f"--num-generations {g.num_generations}",
+                                f"pass a multiple of {g.num_generations}")
+    return replace(g, generation_batch_size=rows)
 
 
 def _evidence(args: argparse.Namespace, spec: ModelSpec, target: tuple[str, ...] | None) -> Evidence | None:
@@ -277,7 +301,8 @@ def recommend_document(args: argparse.Namespace, rec: Recommendation,
 
 def run_recommend_command(args: argparse.Namespace) -> int:
     """`lora-plan recommend`: compute (pure), optionally verify (torch), then print JSON or tables."""
-    rec = recommend(request_from_args(args))
+    req = request_from_args(args)
+    rec = recommend_grpo(req) if req.training.objective == "grpo" else recommend(req)
     verification = verify(rec, args.model) if args.verify else None
     note = getattr(args, "stack_note", None)  # `--stack`: what the framework's preset set
     if args.json:

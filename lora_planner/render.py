@@ -67,8 +67,19 @@ def print_wrapped(console: Any, text: str, first: str = "", rest: str = "", styl
 
 
 def dpo_rows(t: TrainingSpec) -> str:
-    """' pairs (2b rows)' for a preference objective, whose pairs are two rows each."""
+    """' pairs (2b rows)' for a preference objective, whose pairs are two rows each; ' completions' for GRPO's rows,
+    with the prompt / completion split of their tokens."""
+    if t.objective == "grpo":
+        return f" completion{'s' if t.batch_size != 1 else ''}"
     return f" pair{'s' if t.batch_size != 1 else ''} ({t.rows[0]} rows)" if t.rows_per_example > 1 else ""
+
+
+def grpo_split(t: TrainingSpec) -> str:
+    """GRPO's row: ' (P prompt + C completion)'."""
+    if t.objective != "grpo":
+        return ""
+    lc = t.grpo.max_completion_length
+    return f" ({t.seq_len - lc} prompt + {lc} completion)"
 
 
 def collate_text(t: TrainingSpec) -> str:
@@ -91,7 +102,7 @@ def _settings_line(plan: Plan) -> str:
     parts = [
         precision,
         f"{t.optimizer} ({t.resolved_optimizer_impl}: {t.optimizer_impl_reason})",
-        f"batch {t.batch_size}{dpo_rows(t)} x {t.seq_len} tokens{collate_text(t)}",
+        f"batch {t.batch_size}{dpo_rows(t)} x {t.seq_len} tokens{grpo_split(t)}{collate_text(t)}",
         f"{t.attention} attention" + _kernel_note(plan),
         *(["Liger kernels"] if t.liger else []),
         *([f"loss {t.loss}"] if t.loss != "hf" else []),

@@ -62,8 +62,8 @@ ExpertsImplementation = Literal["grouped_mm", "eager"]
 LossKind = Literal["hf", "chunked", "fused-linear", "cce", "trl", "linear", "litgpt", "unsloth", "unsloth-eager"]
 UNSLOTH_LOSSES: tuple[str, ...] = ("unsloth", "unsloth-eager")
 # What the step trains for, as TRL's trainers name it (`lora_planner.objectives`): "sft" is every trainer's plain
-# causal-LM step; "dpo" TRL's DPOTrainer (chosen and rejected rows, a reference pass); the others are refused until
-# modelled (issue 17).
+# causal-LM step; "dpo" TRL's DPOTrainer (chosen and rejected rows, a reference pass); "grpo" TRL's GRPOTrainer (a
+# generation round, scoring passes, `GrpoSpec`); the others are refused until modelled (issue 17).
 Objective = Literal["sft", "dpo", "orpo", "simpo", "kto", "grpo"]
 AdapterDtype = Literal["fp32", "base"]
 # Each strategy names one engine (lora_planner.parallel): torch DDP (+ ZeroRedundancyOptimizer), torch FSDP2
@@ -84,7 +84,7 @@ ATTENTIONS: tuple[str, ...] = get_args(Attention)
 EXPERTS_IMPLEMENTATIONS: tuple[str, ...] = get_args(ExpertsImplementation)
 LOSSES: tuple[str, ...] = get_args(LossKind)
 OBJECTIVES: tuple[str, ...] = get_args(Objective)
-MODELLED_OBJECTIVES: tuple[str, ...] = ("sft", "dpo")
+MODELLED_OBJECTIVES: tuple[str, ...] = ("sft", "dpo", "grpo")
 PAIRED: tuple[str, ...] = ("dpo", "orpo", "simpo")  # a preference pair is two rows (`TrainingSpec.rows_per_example`)
 TRAINERS = {"sft": "SFTTrainer / Trainer", "dpo": "DPOTrainer", "orpo": "ORPOTrainer", "simpo": "CPOTrainer (simpo)",
             "kto": "KTOTrainer", "grpo": "GRPOTrainer"}
@@ -415,6 +415,107 @@ class LoraSpec:
         return self.effective_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
 
+GenerationBackend = Literal["transformers", "vllm-colocate", "vllm-server"]
+GENERATION_BACKENDS: tuple[str, ...] = get_args(GenerationBackend)
+MAX_GENERATIONS = 2**12
+
+
+@dataclass(frozen=True)
+class GrpoSpec:
+    """TRL 1.16's `GRPOConfig` fields that change a GRPO step's memory (`lora_planner.generation`,
+    `lora_planner.objectives`), named and defaulted as TRL does (`trl/trainer/grpo_config.py`; the facts with line
+    numbers in `docs/research/issue17_grpo.md`). `TrainingSpec.batch_size` is `per_device_train_batch_size`, counted in
+    completions (rows), and `TrainingSpec.seq_len` a row's prompt + completion.
+
+    - `num_generations` (G, 8): completions per prompt; a generation round's rows must be a multiple of it;
+    - `max_completion_length` (512): the completion's tokens (generate's `max_new_tokens`); the prompt is the rest of
+      the row (GRPOConfig has no prompt limit: prompts are not truncated);
+    - `gradient_accumulation_steps` (1) and `steps_per_generation` (None: the accumulation steps) or
+      `generation_batch_size` (the round's rows; not both): one round generates batch_size x steps_per_generation
+      rows on each GPU, in one `generate` call, then trains on them in that many micro-batches;
+    - `num_iterations` (mu, 1): rounds reused that many times;
+    - `beta` (0.0, TRL's default): above 0, a reference pass (the adapters disabled, or a model copy for full
+      fine-tuning) and its log-probs;
+    - `generation_backend`: "transformers" (`use_vllm=False`, the default: `model.generate` on the training GPU),
+      "vllm-colocate" (`use_vllm=True`, `vllm_mode="colocate"`: vLLM in the training process, its share
+      `vllm_gpu_memory_utilization` of the GPU, 0.3) or "vllm-server" (`vllm_mode="server"`: generation elsewhere);
+    - `vllm_enable_sleep_mode` (False): vLLM releases its weights and KV cache between generations;
+    - `temperature` (1.0): another value adds one (rows x vocabulary) fp32 buffer per sampled token (a logits
+      processor).
+    """
+
+    num_generations: int = 8
+    max_completion_length: int = 512
+    gradient_accumulation_steps: int = 1
+    steps_per_generation: int | None = None
+    generation_batch_size: int | None = None
+    num_iterations: int = 1
+    beta: float = 0.0
+    generation_backend: GenerationBackend = "transformers"
+    vllm_gpu_memory_utilization: float = 0.3
+    vllm_enable_sleep_mode: bool = False
+    temperature: float = 1.0
+    # "vllm-colocate": the GPU's memory vLLM takes its share of (the CLI fills it from --gpu / --gpu-mem)
+    vllm_gpu_memory_bytes: int | None = None
+
+    def __post_init__(self) -> None:
+        check_positive_int("num_generations", self.num_generations, MAX_GENERATIONS)
+        if self.num_generations < 2:
+            raise PlannerInputError("num_generations", "GRPO compares completions of one prompt: needs at least 2, "
+                                    f"got {self.num_generations}", "pass --num-generations 2 or more")
+        check_positive_int("max_completion_length", self.max_completion_length, MAX_SEQ_LEN)
+        check_positive_int("gradient_accumulation_steps", self.gradient_accumulation_steps, MAX_BATCH_SIZE)
+        if self.steps_per_generation is not None:
+            check_positive_int("steps_per_generation", self.steps_per_generation, MAX_BATCH_SIZE)
+        if self.generation_batch_size is not None:
+            check_positive_int("generation_batch_size", self.generation_batch_size, MAX_BATCH_SIZE)
+            if self.steps_per_generation is not None:
+                raise PlannerInputError("generation_batch_size", "GRPOConfig takes generation_batch_size or "
+                                        "steps_per_generation, not both", "drop one of them")
+        check_positive_int("num_iterations", self.num_iterations, MAX_BATCH_SIZE)
+        for name, value, low in (("beta", self.beta, 0.0), ("temperature", self.temperature, 0.0)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value < float("inf") \
+                    or (name == "temperature" and value == 0):
+                raise PlannerInputError(name, f"must be a {'non-negative' if name == 'beta' else 'positive'} number, "
+                                              f"got {value!r}", f"pass e.g. --{name} {0.04 if name == 'beta' else 1.0}")
+        check_choice("generation_backend", self.generation_backend, GENERATION_BACKENDS)
+        value = self.vllm_gpu_memory_utilization
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+            raise PlannerInputError("vllm_gpu_memory_utilization", f"must be a fraction in (0, 1), got {value!r}",
+                                    "pass e.g. --vllm-gpu-memory-utilization 0.3")
+        if self.vllm_gpu_memory_bytes is not None:
+            check_positive_int("vllm_gpu_memory_bytes", self.vllm_gpu_memory_bytes)
+        if not isinstance(self.vllm_enable_sleep_mode, bool):
+            raise PlannerInputError("vllm_enable_sleep_mode", f"must be true or false, got "
+                                    f"{self.vllm_enable_sleep_mode!r}", "pass --vllm-enable-sleep-mode or leave it out")
+
+    @property
+    def reference_pass(self) -> bool:
+        """A reference model's log-probs only when beta is not 0 (grpo_trainer.py l.984-986, l.2709-2739)."""
+        return self.beta != 0
+
+    def steps_per_round(self, batch_size: int) -> int:
+        """Micro-batches one generation round feeds: `steps_per_generation`, or `generation_batch_size` / the
+        micro-batch, or the accumulation steps (grpo_config.py l.1096-1116, one process)."""
+        if self.steps_per_generation is not None:
+            return self.steps_per_generation
+        if self.generation_batch_size is not None:
+            return max(self.generation_batch_size // batch_size, 1)
+        return self.gradient_accumulation_steps
+
+    def old_log_prob_pass(self, batch_size: int) -> bool:
+        """Whether `_generate_and_score_completions` runs the old policy's no-grad pass (grpo_trainer.py l.2642-2657):
+        when the accumulation steps are not a multiple of a round's reuse, or vLLM samples (its importance-sampling
+        correction, on by default)."""
+        return self.gradient_accumulation_steps % (self.steps_per_round(batch_size) * self.num_iterations) != 0 or \
+            self.generation_backend != "transformers"
+
+    def round_starts_mid_step(self, batch_size: int) -> bool:
+        """A round can start while the step's gradients are held: rounds start every steps_per_generation x
+        num_iterations micro-batches, optimizer steps every gradient_accumulation_steps."""
+        return (self.steps_per_round(batch_size) * self.num_iterations) % self.gradient_accumulation_steps != 0
+
+
 @dataclass(frozen=True)
 class TrainingSpec:
     """One optimizer step's settings.
@@ -461,6 +562,8 @@ class TrainingSpec:
     # chosen, prompt + rejected) of `seq_len` tokens, and a reference pass unless `precompute_ref_log_probs`.
     objective: Objective = "sft"
     precompute_ref_log_probs: bool = False
+    # "grpo": GRPOConfig's generation and scoring settings (`GrpoSpec`); ignored by the other objectives.
+    grpo: GrpoSpec = field(default_factory=GrpoSpec)
     # transformers' `use_liger_kernel=True`: Liger's RMSNorm, RoPE and SwiGLU / GEGLU on the families it patches, and
     # its fused linear cross-entropy as the loss (`lora_planner.liger`).
     liger: bool = False
@@ -606,7 +709,7 @@ class TrainingSpec:
         objective, trainer = self.objective, TRAINERS[self.objective]
         if objective not in MODELLED_OBJECTIVES:
             raise PlannerInputError("objective", f"{objective} ({trainer}) is not modelled yet",
-                                    "plan --objective sft or dpo")
+                                    "plan --objective sft, dpo or grpo")
         if self.precompute_ref_log_probs and objective != "dpo":
             raise PlannerInputError("precompute_ref_log_probs", f"only DPO has a reference to precompute, not "
                                     f"{objective}", "drop --precompute-ref-log-probs, or pass --objective dpo")
@@ -620,8 +723,11 @@ class TrainingSpec:
             raise PlannerInputError("packing", f"{trainer} has no padding-free batches (TRL 1.16 resets padding_free "
                                                "to False)", "drop --packing")
         if self.gpus > 1 or self.strategy is not None:
-            raise PlannerInputError("gpus", f"{trainer} is planned on one GPU so far (its reference pass under DDP, "
-                                            "FSDP or ZeRO is not modelled yet)", "pass --gpus 1")
+            what = "its generation and scoring passes" if objective == "grpo" else "its reference pass"
+            raise PlannerInputError("gpus", f"{trainer} is planned on one GPU so far ({what} under DDP, FSDP or ZeRO "
+                                            "is not modelled yet)", "pass --gpus 1")
+        if objective == "grpo":
+            self._check_grpo()
         for field_name, on, what, fix in (
                 ("offload", self.offload != "none", "CPU offload", "drop --offload"),
                 ("activation_offload", self.activation_offload != "none", "activation offloading",
@@ -631,6 +737,34 @@ class TrainingSpec:
                 ("quant", self.load_in_8bit, "an 8-bit base (LLM.int8's no-grad matmuls)", "use --method qlora")):
             if on:
                 raise PlannerInputError(field_name, f"{trainer} with {what} is not modelled yet", fix)
+
+    def _check_grpo(self) -> None:
+        """GRPO's rows and what it is planned with so far (`lora_planner.generation`)."""
+        g = self.grpo
+        if not isinstance(g, GrpoSpec):
+            raise PlannerInputError("grpo", f"expected GRPO settings, got {type(g).__name__}", "pass a GrpoSpec")
+        if self.seq_len <= g.max_completion_length:
+            raise PlannerInputError("seq_len", f"a GRPO row is prompt + completion: {self.seq_len} tokens leave no "
+                                               f"prompt beside max_completion_length {g.max_completion_length}",
+                                    "pass --max-prompt-length (the prompt's tokens) and --max-completion-length")
+        if g.generation_batch_size is not None and g.generation_batch_size % self.batch_size:
+            raise PlannerInputError("generation_batch_size", f"a round's {g.generation_batch_size} rows are not a "
+                                    f"whole number of micro-batches of {self.batch_size} (GRPOConfig requires it)",
+                                    f"pass a multiple of {self.batch_size}")
+        steps = g.steps_per_round(self.batch_size)
+        rows = self.batch_size * steps
+        if rows % g.num_generations:
+            raise PlannerInputError("num_generations", f"a generation round's {rows} rows (batch size {self.batch_size}"
+                                    f" x steps_per_generation {steps}) are not a multiple of num_generations "
+                                    f"{g.num_generations} (GRPOConfig requires generation_batch_size % num_generations"
+                                    " == 0)", f"pass --batch-size or --steps-per-generation so that their product is"
+                                              f" a multiple of {g.num_generations}")
+        if self.method == "qlora":
+            raise PlannerInputError("method", "GRPO on a 4-bit base (its generation through bitsandbytes) is not "
+                                              "modelled yet", "plan --method lora or full")
+        if g.generation_backend != "transformers" and self.device == "cpu":
+            raise PlannerInputError("generation_backend", "vLLM runs on CUDA GPUs, not on cpu",
+                                    "drop --use-vllm, or plan --device cuda")
 
     def _check_load_in_8bit(self) -> None:
         """An 8-bit base (LLM.int8) as planned: LoRA adapters on it, no autocast, one GPU or DDP."""

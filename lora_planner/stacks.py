@@ -19,6 +19,10 @@ Sources (file:line at the version named):
   (pairs as two rows, right-padded to the longest, 146-207; the fused LM head, 954-960; the reference pass with the
   adapters disabled, 1320-1347), `trainer/model_config.py` (r 16, alpha 32), `trainer/utils.py` `create_model_from_path`
   (float32); `--objective dpo` (`lora_planner.objectives`).
+- trl-grpo: TRL 1.16.0 `trainer/grpo_config.py` (num_generations 8 at 480-486, max_completion_length 512 at 494-497,
+  beta 0.0 at 681-688, use_vllm False at 587-593), `trainer/base_config.py` (gradient checkpointing on, bf16 on),
+  `trainer/model_config.py` (r 16, alpha 32), `trainer/utils.py` `create_model_from_path` (float32: the KV cache of a
+  LoRA policy's generation is then fp32); `--objective grpo` (`lora_planner.generation`).
 - torchtune: `recipes/configs/llama3_1/8B_lora_single_device.yaml` (lora_attn_modules q_proj, v_proj, output_proj,
   apply_lora_to_mlp, r 8, alpha 16, batch_size 2, enable_activation_checkpointing true, dtype bf16, AdamW fused),
   `CEWithChunkedOutputLoss(num_output_chunks=8)` in 0.6.1 (main switched to `LinearCrossEntropyLoss`).
@@ -74,6 +78,12 @@ STACKS: dict[str, Stack] = {s.name: s for s in (
                kbit_prep=False, loss="trl", liger=False, objective="dpo"),
           ("every position counted as scored; on CUDA the fused head scores only the completions' tokens (over by "
            "their hidden rows and statistics)",)),
+    Stack("trl-grpo", "TRL 1.16.0 GRPOTrainer + GRPOConfig",
+          dict(optimizer="adamw_torch_fused", attention="sdpa", grad_checkpointing=True, adapter_dtype="fp32",
+               r=16, alpha=32.0, dtype="fp32", amp="bf16", batch_size=8, padding=True, packing=False,
+               kbit_prep=False, loss="trl", liger=False, objective="grpo"),
+          ("every position counted as scored; on CUDA the fused head scores only the completions' tokens (over by "
+           "their hidden rows and statistics)", "reward models on the GPU are not counted (callable rewards)")),
     Stack("torchtune", "torchtune 0.6.1 llama3_1/8B_lora_single_device",
           dict(optimizer="adamw_torch_fused", attention="sdpa", grad_checkpointing=True, adapter_dtype="base",
                r=8, alpha=16.0, target="q_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", dtype="bf16", amp=None,

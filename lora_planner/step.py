@@ -8,7 +8,7 @@ the sources of every term and the known limitations are in `lora_planner.memory`
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from math import ceil
 from typing import Literal, get_args
@@ -26,12 +26,12 @@ from lora_planner.params import (
 )
 from lora_planner.specs import BYTES_PER_ELEMENT, LoraSpec, ModelSpec, TrainingSpec
 
-Phase = Literal["forward_start", "forward_end", "reference_forward", "backward_start", "backward_layers", "backward_end",
-                "optimizer_step"]
+Phase = Literal["generation", "scoring", "forward_start", "forward_end", "reference_forward", "backward_start",
+                "backward_layers", "backward_end", "optimizer_step"]
 PHASES: tuple[str, ...] = get_args(Phase)
 PHASE_TITLES: dict[str, str] = {
-    "forward_start": "forward (gather)", "forward_end": "forward end", "reference_forward": "reference forward",
-    "backward_start": "backward start",
+    "generation": "generation", "scoring": "scoring passes", "forward_start": "forward (gather)",
+    "forward_end": "forward end", "reference_forward": "reference forward", "backward_start": "backward start",
     "backward_layers": "backward (layers)", "backward_end": "backward end", "optimizer_step": "optimizer step"}
 CATEGORIES = ("weights", "gradients", "optimizer_states", "activations", "temporaries")
 MIB = 2**20
@@ -357,6 +357,18 @@ class StepComponents:
     end_activations: int  # besides the batch (the loss value included)
     end_scratch: int  # backward's seed included
     resident: int = 0  # there at every phase: activation offloading's GPU buffers (Unsloth's), litgpt's logits
+    # GRPO (`lora_planner.generation`): the round's buffered inputs through the training phases; the generation
+    # round's and the scoring passes' bytes beyond the model states (0: no such phase); whether a round can start
+    # while the step's gradients are held; a colocated vLLM's reservation during generation only (sleep mode; without
+    # it, in `resident`)
+    round_bytes: int = 0
+    generation_bytes: int = 0
+    scoring_bytes: int = 0
+    generation_gradients: bool = False
+    generation_only_bytes: int = 0
+    # GRPO: the micro-batch's ids are `_compute_loss`'s locals (cats of the buffered round), gone when it returns, but
+    # for what backward keeps of them (a trained embedding's indices): those bytes (None: the batch lives all step)
+    batch_in_backward: int | None = None
 
     @property
     def saved(self) -> int:
@@ -423,8 +435,9 @@ def step_components(spec: ModelSpec, training: TrainingSpec) -> StepComponents:
     # (trained base biases are stored with the base weights, `trained_bias_bytes`)
     weights = base_bytes + buffers + token_buffer_bytes(spec, training) + (
         0 if training.method == "full" else trainable_bytes - trained_bias_bytes(spec, training))
-    if reference_pass(training) == "model-copy":
-        weights += base_bytes + buffers  # DPO's reference: the model again, at the policy's dtype (`objectives`)
+    if reference_pass(training) == "model-copy" or (training.objective == "grpo" and training.method == "full"
+                                                    and training.grpo.reference_pass):
+        weights += base_bytes + buffers  # DPO's reference (GRPO's at beta > 0): the model again, at the policy's dtype
     impl = training.resolved_optimizer_impl
     step_on_device = training.device == "cpu" or impl == "fused"
 
@@ -533,7 +546,27 @@ def step_components(spec: ModelSpec, training: TrainingSpec) -> StepComponents:
         optimizer_scratch=optimizer_scratch_bytes(groups, training.optimizer, impl), head_gradients=head_grads,
         activations=acts, layers_saved=layers_saved, recomputed=recomputed, layer_scratch=layer_scratch,
         end_gradients=end_grads, end_activations=end_acts, end_scratch=end_scratch,
-        resident=offload.resident + acts.resident_bytes)
+        **_grpo_parts(spec, training, offload.resident + acts.resident_bytes))
+
+
+def _grpo_parts(spec: ModelSpec, training: TrainingSpec, resident: int) -> dict[str, int | bool]:
+    """GRPO's round (`lora_planner.generation`): the generation and scoring phases' own bytes, the round's buffer
+    through training, and a colocated vLLM's reservation (every phase, or generation only under sleep mode)."""
+    if training.objective != "grpo":
+        return {"resident": resident}
+    from lora_planner.activations import make_flow
+    from lora_planner.generation import buffered_round_bytes, generation_memory, scoring_memory, scoring_passes
+
+    flow = make_flow(spec, training)
+    gen = generation_memory(flow)
+    scoring = sum(scoring_memory(flow)) if scoring_passes(training) else 0
+    sleep = training.grpo.vllm_enable_sleep_mode
+    return {"round_bytes": buffered_round_bytes(training, scoring_passes(training)),
+            "batch_in_backward": training.tokens * 8 if training.method == "full" else 0,
+            "generation_bytes": gen.peak_bytes, "scoring_bytes": scoring,
+            "generation_gradients": training.grpo.round_starts_mid_step(training.batch_size),
+            "generation_only_bytes": gen.vllm_bytes if sleep else 0,
+            "resident": resident + (0 if sleep else gen.vllm_bytes)}
 
 
 @dataclass(frozen=True)
@@ -625,18 +658,28 @@ def single_gpu_phases(c: StepComponents) -> tuple[PhaseMemory, ...]:
     # DPO's reference pass (`lora_planner.objectives`): the policy's saved tensors and the outputs held, and the no-grad
     # pass's heaviest moment
     held, reference = acts.reference_moment
+    grads = c.gradients if c.generation_gradients else 0
+    generation = (phase("generation", gradients_bytes=grads, activations_bytes=0,
+                        temporaries_bytes=c.generation_bytes + c.generation_only_bytes),) if c.generation_bytes else ()
+    scoring = (phase("scoring", gradients_bytes=grads, activations_bytes=0, temporaries_bytes=c.scoring_bytes),) \
+        if c.scoring_bytes else ()
+    c = replace(c, resident=c.resident + c.round_bytes)  # the round's buffer, through the training phases
+    batch = acts.batch_bytes if c.batch_in_backward is None else c.batch_in_backward  # in backward
+    freed = acts.batch_bytes - batch
     return (
+        *generation, *scoring,
         phase("forward_start", activations_bytes=acts.batch_bytes + acts.token_moments[0][0],
               temporaries_bytes=acts.token_moments[0][1]),
         phase("forward_end", activations_bytes=c.forward_end[0], temporaries_bytes=c.forward_end[1]),
         *((phase("reference_forward", activations_bytes=c.saved + held, temporaries_bytes=reference),)
           if reference else ()),
-        phase("backward_start", gradients_bytes=c.backward_start[0], activations_bytes=c.backward_start[1],
+        phase("backward_start", gradients_bytes=c.backward_start[0], activations_bytes=c.backward_start[1] - freed,
               temporaries_bytes=c.backward_start[2]),
-        phase("backward_layers", gradients_bytes=c.head_gradients, activations_bytes=c.layers_activations,
+        phase("backward_layers", gradients_bytes=c.head_gradients, activations_bytes=c.layers_activations - freed,
               temporaries_bytes=c.layer_scratch),
-        phase("backward_end", gradients_bytes=c.end_gradients, activations_bytes=c.end_activations + acts.batch_bytes,
+        phase("backward_end", gradients_bytes=c.end_gradients, activations_bytes=c.end_activations + batch,
               temporaries_bytes=c.end_scratch),
-        phase("optimizer_step", gradients_bytes=c.gradients, activations_bytes=acts.batch_bytes,
+        phase("optimizer_step", gradients_bytes=c.gradients,
+              activations_bytes=acts.batch_bytes if c.batch_in_backward is None else 0,
               temporaries_bytes=c.optimizer_scratch),
     )

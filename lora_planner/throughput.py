@@ -17,6 +17,8 @@ against which the tests check these counts exactly (SDPA counted through its mat
   matmul: non-reentrant checkpointing stops at the last saved tensor, and ops save inputs first;
 - DPO (`lora_planner.objectives`): 2 rows per pair, and the reference pass, one more forward of the rows with the
   adapters disabled (none when its log-probs are precomputed).
+- GRPO (`lora_planner.generation`): the round's prefill and scoring passes (forwards) shared by the micro-batches it
+  feeds, and its decode as memory-bound steps (`decode_time_s`, a lower bound: no per-token overhead).
 
 Time: compute at a model-FLOPs utilisation (MFU) of the GPU's dense peak for the compute dtype (NVIDIA
 datasheet figures; fp32 assumes TF32 is off, PyTorch's default for matmuls), plus the memory-bound
@@ -55,10 +57,14 @@ class StepFlops:
     backward: int
     recompute: int  # gradient checkpointing's second forward of the layers
     reference: int = 0  # DPO's reference pass: a forward of the same rows without adapters (`objectives`)
+    # GRPO (`lora_planner.generation`), per micro-batch: the scoring passes' forwards and the generation's prefill,
+    # each round's shared by the micro-batches it feeds
+    scoring: int = 0
+    prefill: int = 0
 
     @property
     def total(self) -> int:
-        return self.forward + self.backward + self.recompute + self.reference
+        return self.forward + self.backward + self.recompute + self.reference + self.scoring + self.prefill
 
 
 def step_flops(spec: ModelSpec, training: TrainingSpec) -> StepFlops:
@@ -125,7 +131,44 @@ def step_flops(spec: ModelSpec, training: TrainingSpec) -> StepFlops:
 
         reference = step_flops(spec, replace(training, method="full", grad_checkpointing=False,
                                              precompute_ref_log_probs=True)).forward
-    return StepFlops(forward=forward, backward=backward, recompute=recompute, reference=reference)
+    scoring = prefill = 0
+    if training.objective == "grpo":
+        from dataclasses import replace
+
+        from lora_planner.generation import generation_rows, prompt_tokens, scoring_passes
+
+        g = training.grpo
+        uses = g.steps_per_round(training.batch_size) * g.num_iterations  # micro-batches a round feeds
+        plain = replace(training, objective="sft", loss="hf", grad_checkpointing=False)
+        scoring = scoring_passes(training) * step_flops(spec, plain).forward // g.num_iterations
+        if g.generation_backend == "transformers":
+            prefill = step_flops(spec, replace(plain, batch_size=generation_rows(training),
+                                               seq_len=prompt_tokens(training))).forward // uses
+    return StepFlops(forward=forward, backward=backward, recompute=recompute, reference=reference, scoring=scoring,
+                     prefill=prefill)
+
+
+def decode_time_s(spec: ModelSpec, training: TrainingSpec, gpu: GpuSpec, mfu: float) -> float:
+    """A GRPO round's decode with transformers' `generate`, per micro-batch it feeds: one step per completion token,
+    each reading every stored weight and the KV cache so far over the memory bandwidth, or computing 2 x parameters
+    FLOPs per row at the MFU, whichever is slower. A lower bound: `generate`'s per-token Python and kernel-launch
+    overhead (tens of ms per token at small batches) is not counted. 0 with vLLM (its own GPU time, or other GPUs)."""
+    g = training.grpo
+    if training.objective != "grpo" or g.generation_backend != "transformers":
+        return 0.0
+    from lora_planner.activations import make_flow
+    from lora_planner.generation import generation_rows, kv_element_bytes, prompt_tokens
+    from lora_planner.memory import estimate_memory_cached
+
+    rows, p, lc = generation_rows(training), prompt_tokens(training), g.max_completion_length
+    weights = estimate_memory_cached(spec, training).phases[0].breakdown.weights_bytes
+    e_k, e_v = kv_element_bytes(make_flow(spec, training))
+    kv_per_position = spec.num_layers * rows * spec.num_kv_heads * spec.head_dim * (e_k + e_v)
+    params = sum(m.params for m in module_inventory(spec) if m.kind == "linear")  # (the matmuls)
+    per_step = [max(2 * params * rows / (gpu.flops_per_s(training.compute_dtype) * mfu),
+                    (weights + kv_per_position * (p + i)) / gpu.memory_bandwidth_bytes_per_s) for i in (0, lc - 1)]
+    # (linear in the cache: the mean of the ends)
+    return lc * sum(per_step) / 2 / (g.steps_per_round(training.batch_size) * g.num_iterations)
 
 
 MATMUL_KINDS = ("linear", "experts", "router")
@@ -208,7 +251,7 @@ class ThroughputEstimate:
     peak_flops_per_s: float
     mfu: float
     compute_time_s: float
-    memory_time_s: float  # optimizer step (+ a quantized base's dequantization), memory-bandwidth bound
+    memory_time_s: float  # optimizer step (+ a quantized base's dequantization, GRPO's decode), memory-bound
     step_time_s: float
     tokens_per_s: float
 
@@ -245,7 +288,7 @@ def estimate_throughput(spec: ModelSpec, training: TrainingSpec, gpu: GpuSpec,
                 packed = (m.weight_numel_each + 4 * m.out_features if training.load_in_8bit else
                           nf4_bytes(m.weight_numel_each, training.double_quant)) * m.count
                 memory_bytes += passes * (packed + 2 * numel * e)
-    memory = memory_bytes / gpu.memory_bandwidth_bytes_per_s
+    memory = memory_bytes / gpu.memory_bandwidth_bytes_per_s + decode_time_s(spec, training, gpu, mfu)
     step = compute + memory
     return ThroughputEstimate(flops=flops, gpu=gpu.name, peak_flops_per_s=peak, mfu=mfu, compute_time_s=compute,
                               memory_time_s=memory, step_time_s=step, tokens_per_s=training.tokens / step)

@@ -36,7 +36,7 @@ def test_reference_pass(settings, expected):
 
 
 @pytest.mark.parametrize(("settings", "field", "fragment"), [
-    ({"objective": "grpo"}, "objective", "grpo (GRPOTrainer) is not modelled yet"),
+    ({"objective": "grpo", "seq_len": 512}, "seq_len", "leave no prompt"),
     ({"objective": "orpo"}, "objective", "not modelled yet"),
     ({"objective": "kto"}, "objective", "not modelled yet"),
     ({"objective": "simpo"}, "objective", "not modelled yet"),
@@ -118,7 +118,7 @@ def test_cli_plans_dpo_with_trl_s_head_and_says_so(capsys):
 
 @pytest.mark.parametrize("argv", [
     ["--objective", "dpo", "--loss", "hf"],
-    ["--objective", "grpo"],
+    ["--objective", "grpo", "--loss", "hf"],
     ["--objective", "dpo", "--packing"],
     ["--precompute-ref-log-probs"],
 ])

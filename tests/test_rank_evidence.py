@@ -104,7 +104,7 @@ def test_memory_still_decides(capsys):
 
 
 @pytest.mark.parametrize("argv, needle", [
-    (["--objective", "rl"], "needs its size"),
+    (["--objective", "continued-pretraining"], "needs its size"),
     (["--capacity-margin", "3"], "needs its size"),
     (["--train-tokens", "1e6", "--examples", "10"], "both given"),
     (["--train-tokens", "1e6", "--objective", "vibes"], "unknown objective"),

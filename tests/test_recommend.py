@@ -597,3 +597,52 @@ def test_recommend_plans_the_chunked_loss(capsys):
     assert docs["hf"]["loss_chunks"] is None and docs["chunked:8"]["loss_chunks"] == 8
     assert (docs["hf"]["fits"], docs["chunked:8"]["fits"]) == (False, True)
     assert [round(docs[k]["predicted_peak_bytes"] / 2**30, 2) for k in docs] == [23.49, 20.70]
+
+
+# ---- GRPO (`recommend --objective grpo | rl`): the round, its micro-batches, and what is given up ------------------
+
+
+def _grpo_doc(capsys, *argv: str) -> dict:
+    assert main(["recommend", "--model", "qwen3-8b", "--max-completion-length", "1024", "--json", *argv]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_grpo_searches_the_round_and_its_micro_batches(capsys):
+    """On an 80 GB GPU the whole step's 32 completions are one round (TRL's steps_per_generation = the accumulation
+    steps); the micro-batch divides it, and the reasons say which phase decides."""
+    doc = _grpo_doc(capsys, "--gpu", "a100-80gb", "--objective", "grpo", "--methods", "lora")
+    assert doc["fits"] and doc["objective"] == "grpo" and doc["loss"] == "trl"
+    g = doc["grpo"]
+    assert g["rows_per_round"] == 32 and g["prompts_per_round"] == 4 and g["prompt_tokens"] == 512
+    assert 32 % doc["micro_batch_size"] == 0 and g["steps_per_generation"] == 32 // doc["micro_batch_size"]
+    assert doc["effective_global_batch"] == 32
+    assert any(r.startswith("GRPO (TRL's GRPOTrainer): the micro-batch and the global batch count completions")
+               and "The generation phase peaks at" in r for r in doc["reasons"])
+
+
+def test_grpo_gives_up_the_round_first(capsys):
+    """On a 24 GB GPU the 32-completion round's KV cache does not fit: one prompt's 8 completions a round do, and the
+    first reason says what was given up (`rl` searches GRPO's step too)."""
+    doc = _grpo_doc(capsys, "--gpu", "rtx-4090", "--objective", "rl")
+    assert doc["fits"] and doc["grpo"]["rows_per_round"] == 8 and doc["grpo"]["max_completion_length"] == 1024
+    assert doc["reasons"][0].startswith("GRPO as asked does not fit on this GPU; gave up rounds of 8 completions")
+    assert doc["method"] != "qlora" and any("QLoRA is left out: GRPO" in r for r in doc["reasons"])
+
+
+def test_grpo_shortens_completions_when_a_round_of_one_prompt_does_not_fit(capsys):
+    """20 GiB: rounds of one prompt do not fit either at 1,024 completion tokens; 512 do."""
+    doc = _grpo_doc(capsys, "--gpu-mem", "20GiB", "--objective", "grpo", "--methods", "lora")
+    assert doc["fits"] and doc["grpo"]["max_completion_length"] == 512 and doc["grpo"]["rows_per_round"] == 8
+    assert doc["reasons"][0] == ("GRPO as asked does not fit on this GPU; gave up completions of 512 tokens "
+                                 "(--max-completion-length 512) instead of 1024, rounds of 8 completions.")
+
+
+@pytest.mark.parametrize(("argv", "field"), [
+    (["--objective", "grpo", "--steps-per-generation", "2"], "steps-per-generation"),
+    (["--objective", "grpo", "--global-batch", "12"], "global-batch"),
+    (["--objective", "grpo", "--generation-batch-size", "12"], "generation-batch-size"),
+])
+def test_grpo_refusals(capsys, argv, field):
+    assert main(["recommend", "--model", "qwen3-8b", "--gpu", "a100-80gb", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"error: {field}:" in err

@@ -6,7 +6,6 @@ exact tracker (`lora_planner.profiler.trl_steps`), against `lora-plan --objectiv
 
 from __future__ import annotations
 
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from experiments.objectives.report import write_validation  # noqa: E402
 from lora_planner.config_reader import spec_from_config  # noqa: E402
 from lora_planner.memory import estimate_memory  # noqa: E402
 from lora_planner.profiler.trl_steps import dpo_trainer, measure_trl_steps, planned_phases, tiny_llama_config  # noqa: E402,E501
@@ -45,19 +45,13 @@ def main() -> None:
                                     "error_pct": round(100 * (planned[p] / measured["phases"][p] - 1), 3)}
                                 for p in PHASES}})
         print(rows[-1], flush=True)
-    out = ROOT / "reports" / "objectives"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "dpo_validation.json").write_text(json.dumps(rows, indent=1) + "\n")
-    lines = ["| method | pairs | rows x tokens | autocast | checkpointing | MLP width | "
-             + " | ".join(f"{p} (measured, error)" for p in PHASES) + " |", "|" + "---|" * (6 + len(PHASES))]
-    for r in rows:
-        cells = [f"{r['phases'][p]['measured_bytes'] / 2**20:.2f} MiB, {r['phases'][p]['error_pct']:+.2f} %"
-                 for p in PHASES]
-        lines.append(f"| {r['method']} | {r['pairs']} | {r['batch_shape'][0]} x {r['batch_shape'][1]} | "
-                     f"{'bf16' if r['amp'] else 'off'} | {'on' if r['checkpointing'] else 'off'} | "
-                     f"{r['intermediate_size']} | " + " | ".join(cells) + " |")
-    (out / "dpo_validation.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    print(write_validation("dpo_validation", rows, ["method", "pairs", "rows x tokens", "autocast", "checkpointing",
+                                                     "MLP width"], _cells, PHASES))
+
+
+def _cells(r: dict) -> list[str]:
+    return [r["method"], str(r["pairs"]), f"{r['batch_shape'][0]} x {r['batch_shape'][1]}",
+            "bf16" if r["amp"] else "off", "on" if r["checkpointing"] else "off", str(r["intermediate_size"])]
 
 
 if __name__ == "__main__":

@@ -24,27 +24,29 @@ from typing import Any
 from lora_planner.profiler.tracker import LiveTensorTracker
 
 VOCAB = 1000
-PHASES = ("forward", "reference", "loss", "backward", "optimizer_step")
+PHASES = ("generation", "scoring", "forward", "reference", "loss", "backward", "optimizer_step")
 # the planner's phases -> the measured ones
-PLANNED = {"forward_start": "forward", "forward_end": "forward", "reference_forward": "reference",
-           "backward_start": "backward", "backward_layers": "backward", "backward_end": "backward",
-           "optimizer_step": "optimizer_step"}
+PLANNED = {"generation": "generation", "scoring": "scoring", "forward_start": "forward", "forward_end": "forward",
+           "reference_forward": "reference", "backward_start": "backward", "backward_layers": "backward",
+           "backward_end": "backward", "optimizer_step": "optimizer_step"}
 
 
 def measure_trl_steps(trainer: Any, steps: int) -> dict[str, Any]:
     """Train `trainer` (built with `max_steps=steps`) and return {"phases": {phase: peak bytes}, "batch_shape":
-    (rows, tokens per row) of the last step's input_ids, "padded": whether its attention mask has a zero}. Patches, for the run only, the trainer's accelerator and
-    TRL's `disable_gradient_checkpointing` in the DPO module."""
+    (rows, tokens per row) of the last step's input_ids (GRPO: (rows, prompt + completion, completion) of its last
+    micro-batch), "padded": whether its attention mask has a zero}. Patches, for the run only, the trainer's
+    accelerator and TRL's `disable_gradient_checkpointing` in the DPO module (GRPO: `_mark_grpo`)."""
     import trl.trainer.dpo_trainer as dpo_module
     from transformers import TrainerCallback
 
     tracker = LiveTensorTracker(forward_phases=("forward", "reference", "loss"), backward_phase="backward")
+    first_phase = "generation" if hasattr(trainer, "_generate_and_score_completions") else "forward"
     shapes: list[tuple[int, ...]] = []
     padded: list[bool] = []
 
     class Marks(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):  # noqa: ANN001, ANN003
-            tracker.begin_step("forward")
+            tracker.begin_step(first_phase)
 
         def on_pre_optimizer_step(self, args, state, control, **kw):  # noqa: ANN001, ANN003
             tracker.mark_phase("optimizer_step")
@@ -70,15 +72,19 @@ def measure_trl_steps(trainer: Any, steps: int) -> dict[str, Any]:
     original_step = trainer.training_step
 
     def training_step(model: Any, inputs: dict, *args: Any, **kwargs: Any) -> Any:
-        shapes.append(tuple(inputs["input_ids"].shape))
-        mask = inputs.get("attention_mask")
-        padded.append(bool(mask is not None and not bool(mask.all())))
+        if isinstance(inputs, dict) and "input_ids" in inputs:  # (GRPO's are the round's prompts: `_mark_grpo`)
+            shapes.append(tuple(inputs["input_ids"].shape))
+            mask = inputs.get("attention_mask")
+            padded.append(bool(mask is not None and not bool(mask.all())))
         return original_step(model, inputs, *args, **kwargs)
 
     trainer.add_callback(Marks())
     trainer.accelerator.backward = backward
     trainer.training_step = training_step
     dpo_module.disable_gradient_checkpointing = marked
+    grpo = hasattr(trainer, "_generate_and_score_completions")
+    if grpo:
+        _mark_grpo(trainer, tracker, shapes, padded)
     for model in (trainer.model, getattr(trainer, "ref_model", None)):
         if model is not None:
             tracker.register(list(model.parameters()) + list(model.buffers()), "weights")
@@ -89,11 +95,41 @@ def measure_trl_steps(trainer: Any, steps: int) -> dict[str, Any]:
         dpo_module.disable_gradient_checkpointing = original_disable
         trainer.accelerator.backward = original_backward
         del trainer.training_step
+        if grpo:
+            del trainer._get_per_token_logps_and_entropies, trainer._compute_loss
     result = tracker.step_result(steps)
     peaks: dict[str, int] = {}
     for snapshot in result.phases:
         peaks[snapshot.phase] = max(peaks.get(snapshot.phase, 0), snapshot.peak_bytes)
     return {"phases": peaks, "batch_shape": shapes[-1], "padded": padded[-1]}
+
+
+def _mark_grpo(trainer: Any, tracker: LiveTensorTracker, shapes: list, padded: list) -> None:
+    """GRPOTrainer's phases: the step opens in "generation" (`_prepare_inputs` generating a round); each no-grad
+    `_get_per_token_logps_and_entropies` call of `_generate_and_score_completions` is "scoring" (the old policy's or
+    the reference's log-probs), back to "generation" after it; `_compute_loss` opens "forward" (the training pass and
+    the loss, to `accelerator.backward`)."""
+    import torch
+
+    log_probs, compute_loss = trainer._get_per_token_logps_and_entropies, trainer._compute_loss
+
+    def scored(model: Any, *args: Any, **kwargs: Any) -> Any:
+        if torch.is_grad_enabled():
+            return log_probs(model, *args, **kwargs)
+        tracker.mark_phase("scoring")
+        out = log_probs(model, *args, **kwargs)
+        tracker.mark_phase("generation")
+        return out
+
+    def loss(model: Any, inputs: dict) -> Any:
+        tracker.mark_phase("forward")
+        prompt, completion = inputs["prompt_ids"].shape, inputs["completion_ids"].shape
+        shapes.append((prompt[0], prompt[1] + completion[1], completion[1]))
+        padded.append(not bool(inputs["prompt_mask"].all()) or not bool(inputs["completion_mask"].all()))
+        return compute_loss(model, inputs)
+
+    trainer._get_per_token_logps_and_entropies = scored
+    trainer._compute_loss = loss
 
 
 def planned_phases(estimate: Any) -> dict[str, int]:
@@ -147,3 +183,61 @@ def dpo_trainer(out_dir: str, cfg: dict, pairs: int, amp: bool, checkpointing: b
                           train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
     return DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
                       peft_config=LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+
+
+def _word_tokenizer() -> Any:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(VOCAB)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="t1", eos_token="t2", unk_token="t0")
+
+
+def grpo_trainer(out_dir: str, cfg: dict, batch: int, generations: int, completion: int, amp: bool,
+                 checkpointing: bool, method: str = "lora", beta: float = 0.0, **config: Any) -> Any:
+    """TRL's GRPOTrainer (transformers' `generate`) on a random `cfg` Llama with LoRA on q_proj, v_proj (or `method`
+    "full"), 32 prompts of 18-25 words (a round's prompts left-padded to its longest), a length reward, `max_steps` 3,
+    on CPU; `config`: more GRPOConfig fields (e.g. num_iterations, steps_per_generation)."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from trl import GRPOConfig, GRPOTrainer
+
+    g = torch.Generator().manual_seed(0)
+    rows = [{"prompt": " ".join(f"t{int(i)}" for i in torch.randint(3, VOCAB, (int(torch.randint(18, 26, (1,),
+                                                                                           generator=g)),),
+                                                                      generator=g))} for _ in range(32)]
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in cfg.items() if k != "model_type"}))
+    args = GRPOConfig(output_dir=out_dir, per_device_train_batch_size=batch, num_generations=generations,
+                      max_completion_length=completion, max_steps=3, report_to=[], use_cpu=True, logging_steps=100,
+                      save_strategy="no", disable_tqdm=True, bf16=amp, gradient_checkpointing=checkpointing, beta=beta,
+                      **config)
+    peft = None if method == "full" else LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+                                                    lora_dropout=0.0)
+    if method == "full" and beta:
+        # the reference model is loaded from the policy's path (grpo_trainer.py l.991-1003): pass the model as one
+        model.save_pretrained(f"{out_dir}/policy")
+        model = f"{out_dir}/policy"
+
+    def length_reward(completions: list, **kwargs: Any) -> list[float]:
+        return [float(len(c)) for c in completions]
+
+    return GRPOTrainer(model=model, reward_funcs=length_reward, args=args, train_dataset=Dataset.from_list(rows),
+                       processing_class=_word_tokenizer(), peft_config=peft)
+
+
+def grpo_planned_training(measured: dict[str, Any], method: str, amp: bool, checkpointing: bool, generations: int,
+                          beta: float = 0.0, **config: Any) -> Any:
+    """What `lora-plan --objective grpo --device cpu` plans for a `grpo_trainer` run measured by `measure_trl_steps`:
+    its last micro-batch's rows, prompt + completion and completion tokens, its padding."""
+    from lora_planner.specs import GrpoSpec, LoraSpec, TrainingSpec
+
+    rows, total, completion = measured["batch_shape"]
+    return TrainingSpec(method=method, dtype="fp32", amp="bf16" if amp else None, device="cpu", batch_size=rows,
+                        seq_len=total, grad_checkpointing=checkpointing, loss="trl", objective="grpo",
+                        padding=measured["padded"], lora=LoraSpec(r=8, alpha=16, target_modules=("q_proj", "v_proj")),
+                        grpo=GrpoSpec(num_generations=generations, max_completion_length=completion, beta=beta,
+                                      **config))
