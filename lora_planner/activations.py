@@ -155,6 +155,9 @@ class ActivationProfile:
     # under checkpointing, a layer's own forward transient beyond the checkpointed inputs it runs beside (DPO; 0: not
     # planned)
     checkpointed_forward_bytes: int = 0
+    # KTO's policy pass over the KL batch, no grad, before the forward (`objectives`): its heaviest moment beyond the
+    # weights and the batch (0: no such pass)
+    kl_moment: int = 0
 
     def backward_scratch_bytes(self, index: int) -> int:
         """The transient gradient buffers of decoder layer `index`'s backward."""
@@ -457,6 +460,13 @@ def batch_extras(flow: Flow) -> list[SavedTensor]:
         # the labels (counted with input_ids) from them (dpo_trainer.py l.184-206, l.1296)
         return [SavedTensor("batch.attention_mask", flow.tokens * 8), SavedTensor("batch.completion_mask",
                                                                                   flow.tokens * 8)]
+    if flow.t.objective == "kto":
+        # `DataCollatorForUnpairedPreference`: the attention and completion masks, the KL batch's ids and masks (taken
+        # as long as the main batch's), the bool labels; `_compute_loss` builds the labels from them (kto_trainer.py
+        # l.161-206, l.1370-1401)
+        return [SavedTensor(f"batch.{name}", flow.tokens * 8) for name in (
+            "attention_mask", "completion_mask", "KL_input_ids", "KL_attention_mask", "KL_completion_mask")] + [
+            SavedTensor("batch.label", flow.b)]
     if flow.t.padding:
         return [SavedTensor("batch.attention_mask", flow.tokens * 8)]
     if flow.t.packing:
@@ -689,8 +699,16 @@ def activation_profile(spec: ModelSpec, training: TrainingSpec) -> ActivationPro
         reference = (trl_held_outputs_bytes(flow),
                      casts + max(no_grad_layer_peak_bytes(flow, copy),
                                  trl_no_grad_head_bytes(flow, ("log_probs",) if copy else None)))
+    kl = 0
+    if training.objective == "kto":
+        # the KL batch (as long as the main one) through the policy under no_grad: its labels, then the layers' moment
+        # (with the padded batch's bool mask; a trained model's autocast casts cached) or the fused head's
+        check_no_grad_forward(flow, "KTO's KL pass")
+        mask = flow.b * flow.s * flow.s if flow.masked else 0
+        casts = layer_weight_casts_bytes(flow) if flow.full else 0
+        kl = tokens * 8 + casts + max(mask + no_grad_layer_peak_bytes(flow, flow.full), trl_no_grad_head_bytes(flow))
     checkpointed_forward = 0
-    if training.objective == "dpo" and training.grad_checkpointing and \
+    if training.objective in ("dpo", "kto") and training.grad_checkpointing and \
             not any(flow.modules[p].group == "mlp" for a in flow.layer_adapters for p in a):
         # A checkpointed layer's forward keeps nothing but its input, so its heaviest moment is the no-grad one
         # (`lora_planner.inference`), beside every earlier layer's checkpointed input; with TRL's fused head (no
@@ -731,6 +749,7 @@ def activation_profile(spec: ModelSpec, training: TrainingSpec) -> ActivationPro
         loss_kept_in_backward_bytes=loss_kept,
         reference_moment=reference,
         checkpointed_forward_bytes=checkpointed_forward,
+        kl_moment=kl,
         head_adapter_moments=_head_moments_with_caches(flow, model, first_input_needs_grad),
         token_moments=trainable_tokens_moments(flow),
         loss_value_at_forward_end=flow.loss in ("hf",) + UNSLOTH_LOSSES,  # (Unsloth's: the accumulator, made first)

@@ -440,7 +440,7 @@ def parse_command(argv: list[str]) -> argparse.Namespace:
         objective = "grpo"  # (recommend's evidence objective: GRPO's step is searched, `recommend_cli`)
     if objective == "grpo" and hasattr(args, "max_completion_length"):
         _apply_grpo_lengths(args, explicit or _explicit(parser, args, argv))
-    if objective in ("dpo", "grpo") and getattr(args, "loss", "trl") != "trl":
+    if objective in ("dpo", "kto", "grpo") and getattr(args, "loss", "trl") != "trl":
         if "loss" in (explicit or _explicit(parser, args, argv)):
             raise PlannerInputError("loss", f"TRL's trainer for --objective {args.objective} always runs its fused LM "
                                             f"head, not the {args.loss} loss", "drop --loss (or pass --loss trl)")

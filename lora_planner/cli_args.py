@@ -199,9 +199,10 @@ def add_estimate_arguments(p: argparse.ArgumentParser) -> None:
                    help="what the step trains for, as TRL's trainers: sft (default; every trainer's causal-LM step) or "
                         "dpo (DPOTrainer: each of --batch-size pairs is two rows, prompt + chosen and prompt + "
                         "rejected, of --seq-len tokens; TRL's fused LM head; a reference pass, the adapters disabled "
-                        "(LoRA) between the forward and backward) or grpo (GRPOTrainer: a generation round, scoring "
-                        "passes and the training step; --batch-size counts completions); orpo, simpo and kto are not "
-                        "modelled yet")
+                        "(LoRA) between the forward and backward), kto (KTOTrainer: --batch-size single examples, a "
+                        "no-grad KL pass first, reference passes over the KL and main rows) or grpo (GRPOTrainer: a "
+                        "generation round, scoring passes and the training step; --batch-size counts completions); "
+                        "orpo and simpo are not modelled yet")
     add_precompute_argument(p)
     add_grpo_arguments(p)
     p.add_argument("--json", action="store_true", help="print the plan as JSON")

@@ -49,8 +49,8 @@ def add_stack_argument(p: argparse.ArgumentParser) -> None:
 
 def add_precompute_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precompute-ref-log-probs", action="store_true",
-                   help="with --objective dpo: the reference log-probs computed over the dataset before training "
-                        "(DPOConfig.precompute_ref_log_probs): no reference pass in the step")
+                   help="with --objective dpo or kto: the reference log-probs computed over the dataset before "
+                        "training (precompute_ref_log_probs): no reference pass in the step")
 
 
 def add_grpo_arguments(p: argparse.ArgumentParser, accumulation: bool = True) -> None:

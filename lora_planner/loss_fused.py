@@ -199,10 +199,19 @@ def check_trl_loss(flow: Flow) -> None:
     refuse_trained_head(flow, "TRL's fused LM head with a trained output layer (its fp32 V x H gradient)")
 
 
+def trl_rows(flow: Flow) -> int:
+    """K, the rows the fused head scores: every shifted position, but on a Triton device (`trl_compact`) only the
+    valid labels' for GRPO, whose labels mask everything before the completion (`labels[:, :-logits_to_keep] = -100`,
+    grpo_trainer.py l.1495-1496): batch x completion tokens (SFT and DPO: every position, an upper bound on CUDA)."""
+    if trl_compact(flow) and flow.t.objective == "grpo":
+        return flow.b * flow.t.grpo.max_completion_length
+    return shifted_rows(flow)
+
+
 def _trl_buffers(flow: Flow) -> tuple[int, int, int]:
     """(K, the projection buffer's bytes, the larger per-tile copy: a token chunk's or a weight slice's cast to the
     compute dtype when it differs)."""
-    k, h, e_c = shifted_rows(flow), flow.spec.hidden_size, flow.e_compute
+    k, h, e_c = trl_rows(flow), flow.spec.hidden_size, flow.e_compute
     mm = min(k, TRL_TOKEN_CHUNK) * TRL_VOCAB_CHUNK * e_c
     chunk = min(k, TRL_TOKEN_CHUNK) * h * e_c if flow.e_stream != e_c else 0
     weight_bytes = FP32 if flow.kbit_fp32 else BYTES_PER_ELEMENT[flow.t.dtype]  # lm_head's (kbit prep: fp32)
@@ -212,7 +221,7 @@ def _trl_buffers(flow: Flow) -> tuple[int, int, int]:
 
 def _trl_tile(flow: Flow) -> tuple[int, int]:
     """(rows, columns) of the fallback's largest tile: a token chunk by the vocabulary's first chunk."""
-    return min(shifted_rows(flow), TRL_TOKEN_CHUNK), min(flow.spec.vocab_size, TRL_VOCAB_CHUNK)
+    return min(trl_rows(flow), TRL_TOKEN_CHUNK), min(flow.spec.vocab_size, TRL_VOCAB_CHUNK)
 
 
 def trl_saved(flow: Flow) -> tuple[SavedTensor, ...]:
@@ -220,7 +229,7 @@ def trl_saved(flow: Flow) -> tuple[SavedTensor, ...]:
     dtype: the valid ones gathered on CUDA, all of them reshaped on CPU), their int64 targets, fp32 log_z and entropy
     (log_z again when entropy is not asked for), and the bool label mask (b x (s - 1)) the indexing and the scatter
     back keep on CUDA, or the negated mask each differentiable output's `masked_fill` keeps on CPU."""
-    k = shifted_rows(flow)
+    k = trl_rows(flow)
     entropy = "entropy" in trl_outputs(flow)
     masks = (1 + entropy) if not trl_compact(flow) else 1
     return (SavedTensor("loss.trl_hidden", k * flow.spec.hidden_size * flow.e_stream),
@@ -282,7 +291,7 @@ def trl_no_grad_head_bytes(flow: Flow, outputs: tuple[str, ...] | None = None) -
     mask, then the tile loop (`trl_forward_scratch` with nothing saved). `outputs`: the head's (a reference model's
     own head asks for log_probs only, `add_fused_lm_head`'s default); the trainer's by default."""
     outputs = trl_outputs(flow) if outputs is None else outputs
-    k, h = shifted_rows(flow), flow.spec.hidden_size
+    k, h = trl_rows(flow), flow.spec.hidden_size
     # (on CPU the label mask is in the scratch already: it is not saved there)
     inputs = flow.tokens * h * flow.e_stream + k * h * flow.e_stream + k * 8 + (k if trl_compact(flow) else 0)
     not_saved = _cpu_saved_after_loop(k, outputs) if not trl_compact(flow) else 2 * k * FP32

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from lora_planner.specs import GrpoSpec, ModelSpec, TrainingSpec
+from lora_planner.specs import WITH_REFERENCE, GrpoSpec, ModelSpec, TrainingSpec
 
 # (what each objective is refused with is validated by `TrainingSpec._check_objective`)
 # The fused LM head's outputs each trainer asks for (`add_fused_lm_head(..., outputs=...)`: sft_trainer.py l.1144-1147,
@@ -59,7 +59,7 @@ ReferencePass = Literal["none", "adapters-disabled", "model-copy"]
 def reference_pass(training: TrainingSpec) -> ReferencePass:
     """How the step gets its reference log-probs: none (SFT, or precomputed before training), the policy with its
     adapters disabled (LoRA / QLoRA without `ref_model`), or a second copy of the model (full fine-tuning)."""
-    if training.objective != "dpo" or training.precompute_ref_log_probs:
+    if training.objective not in WITH_REFERENCE or training.precompute_ref_log_probs:
         return "none"
     return "model-copy" if training.method == "full" else "adapters-disabled"
 
@@ -76,6 +76,12 @@ def describe(training: TrainingSpec, spec: ModelSpec | None = None) -> str:
                                 "rows while the policy's graph is alive",
            "model-copy": "reference pass: a second copy of the model (its weights counted), a no-grad forward of the "
                          "same rows while the policy's graph is alive"}[reference_pass(training)]
+    if training.objective == "kto":
+        ref = ref.replace("reference pass:", "reference passes:").replace("a no-grad forward of the same rows",
+                                                                          "no-grad forwards of the KL and main rows")
+        return (f"KTO (TRL 1.16 KTOTrainer): {b} example{'s' if b != 1 else ''} of {s} tokens per forward, and as many "
+                "KL rows (each prompt with another example's completion, taken as long) through the policy under "
+                f"no_grad first; TRL's fused LM head; {ref}.")
     return (f"DPO (TRL 1.16 DPOTrainer): {b} pair{'s' if b != 1 else ''} = {2 * b} rows of {s} tokens per forward "
             f"(prompt + chosen, prompt + rejected), through TRL's fused LM head; {ref}.")
 

@@ -62,8 +62,9 @@ ExpertsImplementation = Literal["grouped_mm", "eager"]
 LossKind = Literal["hf", "chunked", "fused-linear", "cce", "trl", "linear", "litgpt", "unsloth", "unsloth-eager"]
 UNSLOTH_LOSSES: tuple[str, ...] = ("unsloth", "unsloth-eager")
 # What the step trains for, as TRL's trainers name it (`lora_planner.objectives`): "sft" is every trainer's plain
-# causal-LM step; "dpo" TRL's DPOTrainer (chosen and rejected rows, a reference pass); "grpo" TRL's GRPOTrainer (a
-# generation round, scoring passes, `GrpoSpec`); the others are refused until modelled (issue 17).
+# causal-LM step; "dpo" TRL's DPOTrainer (chosen and rejected rows, a reference pass); "kto" TRL's KTOTrainer (single
+# examples, a KL batch, two reference passes); "grpo" TRL's GRPOTrainer (a generation round, scoring passes,
+# `GrpoSpec`); the others are refused until modelled (issue 17).
 Objective = Literal["sft", "dpo", "orpo", "simpo", "kto", "grpo"]
 AdapterDtype = Literal["fp32", "base"]
 # Each strategy names one engine (lora_planner.parallel): torch DDP (+ ZeroRedundancyOptimizer), torch FSDP2
@@ -84,7 +85,8 @@ ATTENTIONS: tuple[str, ...] = get_args(Attention)
 EXPERTS_IMPLEMENTATIONS: tuple[str, ...] = get_args(ExpertsImplementation)
 LOSSES: tuple[str, ...] = get_args(LossKind)
 OBJECTIVES: tuple[str, ...] = get_args(Objective)
-MODELLED_OBJECTIVES: tuple[str, ...] = ("sft", "dpo", "grpo")
+MODELLED_OBJECTIVES: tuple[str, ...] = ("sft", "dpo", "kto", "grpo")
+WITH_REFERENCE: tuple[str, ...] = ("dpo", "kto")  # a reference pass in the step, unless precomputed
 PAIRED: tuple[str, ...] = ("dpo", "orpo", "simpo")  # a preference pair is two rows (`TrainingSpec.rows_per_example`)
 TRAINERS = {"sft": "SFTTrainer / Trainer", "dpo": "DPOTrainer", "orpo": "ORPOTrainer", "simpo": "CPOTrainer (simpo)",
             "kto": "KTOTrainer", "grpo": "GRPOTrainer"}
@@ -709,10 +711,10 @@ class TrainingSpec:
         objective, trainer = self.objective, TRAINERS[self.objective]
         if objective not in MODELLED_OBJECTIVES:
             raise PlannerInputError("objective", f"{objective} ({trainer}) is not modelled yet",
-                                    "plan --objective sft, dpo or grpo")
-        if self.precompute_ref_log_probs and objective != "dpo":
-            raise PlannerInputError("precompute_ref_log_probs", f"only DPO has a reference to precompute, not "
-                                    f"{objective}", "drop --precompute-ref-log-probs, or pass --objective dpo")
+                                    "plan --objective sft, dpo, kto or grpo")
+        if self.precompute_ref_log_probs and objective not in WITH_REFERENCE:
+            raise PlannerInputError("precompute_ref_log_probs", f"only DPO and KTO have a reference to precompute, not "
+                                    f"{objective}", "drop --precompute-ref-log-probs, or pass --objective dpo or kto")
         if objective == "sft":
             return
         if self.loss != "trl":
@@ -728,6 +730,10 @@ class TrainingSpec:
                                             "is not modelled yet)", "pass --gpus 1")
         if objective == "grpo":
             self._check_grpo()
+        if objective == "kto" and self.batch_size < 2:
+            raise PlannerInputError("batch_size", "KTOTrainer's KL term needs at least 2 examples a micro-batch (its "
+                                                  "KL batch pairs each prompt with another example's completion)",
+                                    "pass --batch-size 2 or more")
         for field_name, on, what, fix in (
                 ("offload", self.offload != "none", "CPU offload", "drop --offload"),
                 ("activation_offload", self.activation_offload != "none", "activation offloading",

@@ -82,8 +82,8 @@ STACKS: dict[str, Stack] = {s.name: s for s in (
           dict(optimizer="adamw_torch_fused", attention="sdpa", grad_checkpointing=True, adapter_dtype="fp32",
                r=16, alpha=32.0, dtype="fp32", amp="bf16", batch_size=8, padding=True, packing=False,
                kbit_prep=False, loss="trl", liger=False, objective="grpo"),
-          ("every position counted as scored; on CUDA the fused head scores only the completions' tokens (over by "
-           "their hidden rows and statistics)", "reward models on the GPU are not counted (callable rewards)")),
+          ("every completion counted at --max-completion-length tokens (TRL pads the round to its longest)",
+           "reward models on the GPU are not counted (callable rewards)")),
     Stack("torchtune", "torchtune 0.6.1 llama3_1/8B_lora_single_device",
           dict(optimizer="adamw_torch_fused", attention="sdpa", grad_checkpointing=True, adapter_dtype="base",
                r=8, alpha=16.0, target="q_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", dtype="bf16", amp=None,

@@ -26,13 +26,14 @@ from lora_planner.params import (
 )
 from lora_planner.specs import BYTES_PER_ELEMENT, LoraSpec, ModelSpec, TrainingSpec
 
-Phase = Literal["generation", "scoring", "forward_start", "forward_end", "reference_forward", "backward_start",
-                "backward_layers", "backward_end", "optimizer_step"]
+Phase = Literal["generation", "scoring", "kl_forward", "forward_start", "forward_end", "reference_forward",
+                "backward_start", "backward_layers", "backward_end", "optimizer_step"]
 PHASES: tuple[str, ...] = get_args(Phase)
 PHASE_TITLES: dict[str, str] = {
-    "generation": "generation", "scoring": "scoring passes", "forward_start": "forward (gather)",
-    "forward_end": "forward end", "reference_forward": "reference forward", "backward_start": "backward start",
-    "backward_layers": "backward (layers)", "backward_end": "backward end", "optimizer_step": "optimizer step"}
+    "generation": "generation", "scoring": "scoring passes", "kl_forward": "KL pass",
+    "forward_start": "forward (gather)", "forward_end": "forward end", "reference_forward": "reference forward",
+    "backward_start": "backward start", "backward_layers": "backward (layers)", "backward_end": "backward end",
+    "optimizer_step": "optimizer step"}
 CATEGORIES = ("weights", "gradients", "optimizer_states", "activations", "temporaries")
 MIB = 2**20
 NF4_BLOCK = 64
@@ -668,6 +669,8 @@ def single_gpu_phases(c: StepComponents) -> tuple[PhaseMemory, ...]:
     freed = acts.batch_bytes - batch
     return (
         *generation, *scoring,
+        *((phase("kl_forward", activations_bytes=acts.batch_bytes, temporaries_bytes=acts.kl_moment),)
+          if acts.kl_moment else ()),
         phase("forward_start", activations_bytes=acts.batch_bytes + acts.token_moments[0][0],
               temporaries_bytes=acts.token_moments[0][1]),
         phase("forward_end", activations_bytes=c.forward_end[0], temporaries_bytes=c.forward_end[1]),

@@ -16,7 +16,8 @@ against which the tests check these counts exactly (SDPA counted through its mat
 - gradient checkpointing recomputes every layer's forward once in backward, except each layer's last
   matmul: non-reentrant checkpointing stops at the last saved tensor, and ops save inputs first;
 - DPO (`lora_planner.objectives`): 2 rows per pair, and the reference pass, one more forward of the rows with the
-  adapters disabled (none when its log-probs are precomputed).
+  adapters disabled (none when its log-probs are precomputed); KTO: the KL rows' forward by the policy, and the
+  reference's forwards of the KL and main rows (counted in `reference`).
 - GRPO (`lora_planner.generation`): the round's prefill and scoring passes (forwards) shared by the micro-batches it
   feeds, and its decode as memory-bound steps (`decode_time_s`, a lower bound: no per-token overhead).
 
@@ -131,6 +132,12 @@ def step_flops(spec: ModelSpec, training: TrainingSpec) -> StepFlops:
 
         reference = step_flops(spec, replace(training, method="full", grad_checkpointing=False,
                                              precompute_ref_log_probs=True)).forward
+    if training.objective == "kto":  # the KL rows: the policy's no-grad pass, and the reference's unless precomputed
+        from dataclasses import replace
+
+        plain = step_flops(spec, replace(training, grad_checkpointing=False, objective="sft",
+                                         precompute_ref_log_probs=False)).forward
+        reference = 2 * reference + plain
     scoring = prefill = 0
     if training.objective == "grpo":
         from dataclasses import replace

@@ -186,3 +186,16 @@ def test_vllm_server_and_prompt_length(capsys):
     gen = doc["methods"]["lora"]["generation"]
     assert gen["kv_cache_bytes"] == 0 and gen["vllm_reserved_bytes"] == 0 and gen["weight_sync_bytes"] > 0
     assert doc["inputs"]["grpo"]["old_log_prob_pass"]  # vLLM's importance-sampling correction
+
+
+def test_on_cuda_the_head_scores_the_completions_only():
+    """TRL masks GRPO's labels before the completion (`labels[:, :-logits_to_keep] = -100`): on a Triton device the
+    fused head gathers batch x completion rows, not every position (on CPU it scores every position, measured)."""
+    from lora_planner.loss_fused import trl_rows, trl_saved
+
+    spec = spec_from_config(TINY, "tiny")
+    cuda = make_flow(spec, grpo(device="cuda", dtype="bf16"))
+    cpu = make_flow(spec, grpo())
+    assert trl_rows(cuda) == 16 * 256 and trl_rows(cpu) == 16 * (282 - 1)
+    hidden = next(t for t in trl_saved(cuda) if t.name == "loss.trl_hidden")
+    assert hidden.nbytes == 16 * 256 * 64 * 2

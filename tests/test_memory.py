@@ -119,7 +119,7 @@ def test_gradient_checkpointing_keeps_layer_inputs_and_recomputes_one_layer():
 def test_breakdown_at_peak_adds_up_and_every_phase_is_reported():
     e = estimate_memory(resolve_model("llama-3-8b"), TrainingSpec(method="lora", batch_size=4, seq_len=2048))
     assert tuple(p.phase for p in e.phases) == tuple(p for p in PHASES if p not in (
-        "reference_forward", "generation", "scoring"))  # (DPO's, GRPO's only)
+        "reference_forward", "generation", "scoring", "kl_forward"))  # (DPO's, GRPO's, KTO's only)
     assert sum(e.peak.breakdown.as_dict().values()) == e.peak_allocated_bytes
     assert set(e.peak.breakdown.as_dict()) == set(CATEGORIES)
     assert e.peak_allocated_bytes == max(p.breakdown.total_bytes for p in e.phases)

@@ -38,7 +38,7 @@ def test_reference_pass(settings, expected):
 @pytest.mark.parametrize(("settings", "field", "fragment"), [
     ({"objective": "grpo", "seq_len": 512}, "seq_len", "leave no prompt"),
     ({"objective": "orpo"}, "objective", "not modelled yet"),
-    ({"objective": "kto"}, "objective", "not modelled yet"),
+    ({"objective": "kto", "batch_size": 1}, "batch_size", "KL term"),
     ({"objective": "simpo"}, "objective", "not modelled yet"),
     ({"objective": "ppo"}, "objective", "unknown value"),
     ({"loss": "hf"}, "loss", "always runs its fused LM head"),
@@ -160,3 +160,49 @@ def test_other_families_are_refused_even_precomputed():
         with pytest.raises(PlannerInputError, match="dense Llama-style"):
             estimate_memory(resolve_model("gpt2"), TrainingSpec(**{**DPO, "grad_checkpointing": True,
                                                                    "precompute_ref_log_probs": precompute}))
+
+
+# ---- KTO: single examples, the policy's KL pass, two reference passes (real KTOTrainer steps: test_trl_steps) ----
+
+KTO = dict(DPO, objective="kto", batch_size=4)
+
+
+def test_kto_rows_phases_and_batch():
+    """B examples are B rows (unpaired); the KL pass comes first and the reference passes (adapters disabled) after the
+    forward; precomputing the reference drops only those."""
+    training = TrainingSpec(**KTO)
+    assert training.rows == (4, 16) and reference_pass(training) == "adapters-disabled"
+    e = estimate_memory(TINY_LLAMA_V1000, training)
+    assert [p.phase for p in e.phases][:3] == ["kl_forward", "forward_start", "forward_end"]
+    assert "reference_forward" in [p.phase for p in e.phases]
+    pre = estimate_memory(TINY_LLAMA_V1000, TrainingSpec(**KTO, precompute_ref_log_probs=True))
+    assert [p.phase for p in pre.phases][0] == "kl_forward" and "reference_forward" not in [p.phase for p in pre.phases]
+    # the collator's tensors: input_ids and labels as every step's, the masks and the KL batch (int64, taken as long
+    # as the main one), the bool labels
+    from lora_planner.activations import batch_extras
+
+    extras = batch_extras(make_flow(TINY_LLAMA_V1000, training))
+    assert sum(t.nbytes for t in extras) == 5 * 4 * 16 * 8 + 4
+
+
+def test_kto_kl_pass_by_hand():
+    """The KL pass: its labels (int64), then the heavier of the layers' no-grad moment (with the padded batch's bool
+    mask) and the fused head's."""
+    training = TrainingSpec(**KTO, padding=True)
+    flow = make_flow(TINY_LLAMA_V1000, training)
+    acts = activation_profile(TINY_LLAMA_V1000, training)
+    tokens = 4 * 16
+    assert acts.kl_moment == tokens * 8 + max(4 * 16 * 16 + no_grad_layer_peak_bytes(flow),
+                                              trl_no_grad_head_bytes(flow))
+
+
+def test_kto_refusals_and_cli(capsys):
+    with pytest.raises(PlannerInputError) as err:
+        TrainingSpec(**{**KTO, "batch_size": 1})
+    assert err.value.field == "batch_size" and "KL term" in str(err.value)
+    assert main(["--model", "llama-3.1-8b", "--method", "lora", "--objective", "kto", "--batch-size", "4",
+                 "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["inputs"]["loss"] == "trl" and doc["inputs"]["rows"] == 4
+    assert list(doc["methods"]["lora"]["phases"])[0] == "kl_forward"
+    assert any(w.startswith("KTO (TRL 1.16 KTOTrainer): 4 examples") for w in doc["warnings"])

@@ -16,8 +16,9 @@ sys.path.insert(0, str(ROOT))
 from experiments.objectives.report import write_validation  # noqa: E402
 from lora_planner.config_reader import spec_from_config  # noqa: E402
 from lora_planner.memory import estimate_memory  # noqa: E402
-from lora_planner.profiler.trl_steps import dpo_trainer, measure_trl_steps, planned_phases, tiny_llama_config  # noqa: E402,E501
-from lora_planner.specs import LoraSpec, TrainingSpec  # noqa: E402
+from lora_planner.profiler.trl_steps import (  # noqa: E402
+    dpo_trainer, measure_trl_steps, phase_errors, planned_phases, reference_planned_training, tiny_llama_config,
+)
 
 RUNS = [  # (method, pairs, bf16 autocast, checkpointing, intermediate size)
     ("lora", 1, False, True, 176), ("lora", 2, False, True, 176), ("lora", 4, False, True, 176),
@@ -34,16 +35,11 @@ def main() -> None:
         cfg = tiny_llama_config(inter)
         with tempfile.TemporaryDirectory() as out:
             measured = measure_trl_steps(dpo_trainer(out, cfg, pairs, amp, ckpt, method), steps=3)
-        training = TrainingSpec(method=method, dtype="fp32", amp="bf16" if amp else None, device="cpu",
-                                batch_size=pairs, seq_len=measured["batch_shape"][1], grad_checkpointing=ckpt,
-                                loss="trl", objective="dpo", padding=measured["padded"],
-                                lora=LoraSpec(r=8, alpha=16, target_modules=("q_proj", "v_proj")))
+        training = reference_planned_training(measured, "dpo", method, amp, ckpt, pairs)
         planned = planned_phases(estimate_memory(spec_from_config(cfg, "tiny"), training))
         rows.append({"method": method, "pairs": pairs, "amp": amp, "checkpointing": ckpt, "intermediate_size": inter,
                      "batch_shape": list(measured["batch_shape"]),
-                     "phases": {p: {"measured_bytes": measured["phases"][p], "planned_bytes": planned[p],
-                                    "error_pct": round(100 * (planned[p] / measured["phases"][p] - 1), 3)}
-                                for p in PHASES}})
+                     "phases": phase_errors(measured, planned, PHASES)})
         print(rows[-1], flush=True)
     print(write_validation("dpo_validation", rows, ["method", "pairs", "rows x tokens", "autocast", "checkpointing",
                                                      "MLP width"], _cells, PHASES))

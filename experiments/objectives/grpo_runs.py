@@ -19,7 +19,7 @@ from lora_planner.config_reader import spec_from_config  # noqa: E402
 from lora_planner.memory import estimate_memory  # noqa: E402
 from experiments.objectives.report import write_validation  # noqa: E402
 from lora_planner.profiler.trl_steps import (  # noqa: E402
-    grpo_planned_training, grpo_trainer, measure_trl_steps, planned_phases, tiny_llama_config,
+    grpo_planned_training, grpo_trainer, measure_trl_steps, phase_errors, planned_phases, tiny_llama_config,
 )
 
 # (method, per-device batch (completions), num_generations, max_completion_length, bf16 autocast, checkpointing,
@@ -53,9 +53,7 @@ def main() -> None:
         rows.append({"method": method, "batch": batch, "num_generations": gens, "max_completion_length": completion,
                      "amp": amp, "checkpointing": ckpt, "beta": beta, "config": config,
                      "batch_shape": list(measured["batch_shape"]),
-                     "phases": {p: {"measured_bytes": measured["phases"][p], "planned_bytes": planned[p],
-                                    "error_pct": round(100 * (planned[p] / measured["phases"][p] - 1), 3)}
-                                for p in PHASES if p in measured["phases"]}})
+                     "phases": phase_errors(measured, planned, PHASES)})
         print(rows[-1], flush=True)
     print(write_validation("grpo_validation", rows, ["method", "rows x (prompt + completion)", "G", "autocast",
                                                       "ckpt", "beta", "other"], _cells, PHASES))

@@ -12,8 +12,9 @@ returns the last step's peak per phase, the phases cut where the trainer's own c
 - "optimizer_step": to `on_step_end` (the optimizer's step and `zero_grad`).
 
 The model's parameters and buffers (and a reference model's) are registered as weights before training, as the
-device counts them from their allocation; everything else is what the ops make. The phases' peaks are absolute (the
-weights included), like the planner's.
+device counts them from their allocation; the batch from its first use in a step (the collator runs outside the
+tracker: on a GPU the prefetched next batch waits in host memory); everything else is what the ops make. The phases'
+peaks are absolute (the weights included), like the planner's.
 """
 
 from __future__ import annotations
@@ -24,11 +25,11 @@ from typing import Any
 from lora_planner.profiler.tracker import LiveTensorTracker
 
 VOCAB = 1000
-PHASES = ("generation", "scoring", "forward", "reference", "loss", "backward", "optimizer_step")
+PHASES = ("generation", "scoring", "kl", "forward", "reference", "loss", "backward", "optimizer_step")
 # the planner's phases -> the measured ones
-PLANNED = {"generation": "generation", "scoring": "scoring", "forward_start": "forward", "forward_end": "forward",
-           "reference_forward": "reference", "backward_start": "backward", "backward_layers": "backward",
-           "backward_end": "backward", "optimizer_step": "optimizer_step"}
+PLANNED = {"generation": "generation", "scoring": "scoring", "kl_forward": "kl", "forward_start": "forward",
+           "forward_end": "forward", "reference_forward": "reference", "backward_start": "backward",
+           "backward_layers": "backward", "backward_end": "backward", "optimizer_step": "optimizer_step"}
 
 
 def measure_trl_steps(trainer: Any, steps: int) -> dict[str, Any]:
@@ -39,7 +40,7 @@ def measure_trl_steps(trainer: Any, steps: int) -> dict[str, Any]:
     import trl.trainer.dpo_trainer as dpo_module
     from transformers import TrainerCallback
 
-    tracker = LiveTensorTracker(forward_phases=("forward", "reference", "loss"), backward_phase="backward")
+    tracker = LiveTensorTracker(forward_phases=("forward", "kl", "reference", "loss"), backward_phase="backward")
     first_phase = "generation" if hasattr(trainer, "_generate_and_score_completions") else "forward"
     shapes: list[tuple[int, ...]] = []
     padded: list[bool] = []
@@ -54,7 +55,10 @@ def measure_trl_steps(trainer: Any, steps: int) -> dict[str, Any]:
         def on_step_end(self, args, state, control, **kw):  # noqa: ANN001, ANN003
             tracker.end_step()
 
+    import trl.trainer.kto_trainer as kto_module
+
     original_disable = dpo_module.disable_gradient_checkpointing
+    original_kto_disable = kto_module.disable_gradient_checkpointing
 
     @contextlib.contextmanager
     def marked(*args: Any, **kwargs: Any):
@@ -78,10 +82,24 @@ def measure_trl_steps(trainer: Any, steps: int) -> dict[str, Any]:
             padded.append(bool(mask is not None and not bool(mask.all())))
         return original_step(model, inputs, *args, **kwargs)
 
+    # The collator builds the batch on the host (the data loader prefetches the next one while the step runs): its
+    # tensors are counted from their first use in a step, as a GPU would hold them after `_prepare_inputs` moves them.
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    original_collator = trainer.data_collator
+
+    def host_collate(features: Any) -> Any:
+        with _disable_current_modes():
+            return original_collator(features)
+
+    trainer.data_collator = host_collate
     trainer.add_callback(Marks())
     trainer.accelerator.backward = backward
     trainer.training_step = training_step
     dpo_module.disable_gradient_checkpointing = marked
+    kto_module.disable_gradient_checkpointing = marked
+    if hasattr(trainer, "_compute_kl_logps"):
+        _mark_kto(trainer, tracker)
     grpo = hasattr(trainer, "_generate_and_score_completions")
     if grpo:
         _mark_grpo(trainer, tracker, shapes, padded)
@@ -93,7 +111,10 @@ def measure_trl_steps(trainer: Any, steps: int) -> dict[str, Any]:
             trainer.train()
     finally:
         dpo_module.disable_gradient_checkpointing = original_disable
+        kto_module.disable_gradient_checkpointing = original_kto_disable
+        trainer.__dict__.pop("_compute_kl_logps", None)
         trainer.accelerator.backward = original_backward
+        trainer.data_collator = original_collator
         del trainer.training_step
         if grpo:
             del trainer._get_per_token_logps_and_entropies, trainer._compute_loss
@@ -102,6 +123,22 @@ def measure_trl_steps(trainer: Any, steps: int) -> dict[str, Any]:
     for snapshot in result.phases:
         peaks[snapshot.phase] = max(peaks.get(snapshot.phase, 0), snapshot.peak_bytes)
     return {"phases": peaks, "batch_shape": shapes[-1], "padded": padded[-1]}
+
+
+def _mark_kto(trainer: Any, tracker: LiveTensorTracker) -> None:
+    """KTOTrainer's policy pass over the KL batch (no grad, before the policy's forward) is "kl"; its call inside the
+    reference pass stays in "reference"."""
+    kl_logps = trainer._compute_kl_logps
+
+    def marked(model: Any, batch: dict) -> Any:
+        if tracker.phase != "forward":
+            return kl_logps(model, batch)
+        tracker.mark_phase("kl")
+        out = kl_logps(model, batch)
+        tracker.mark_phase("forward")
+        return out
+
+    trainer._compute_kl_logps = marked
 
 
 def _mark_grpo(trainer: Any, tracker: LiveTensorTracker, shapes: list, padded: list) -> None:
@@ -185,13 +222,16 @@ def dpo_trainer(out_dir: str, cfg: dict, pairs: int, amp: bool, checkpointing: b
                       peft_config=LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
 
 
-def _word_tokenizer() -> Any:
+def _word_tokenizer(clean: bool = False) -> Any:
+    """One token a word `t{i}`. `clean`: special tokens no word contains (with the default "t1" / "t2" / "t0",
+    a word such as "t105" splits around them, so rows of as many words differ in tokens)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(VOCAB)}, unk_token="t0"))
+    unk, pad, eos = ("<unk>", "<pad>", "<eos>") if clean else ("t0", "t1", "t2")
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(3, VOCAB)} | {unk: 0, pad: 1, eos: 2}, unk_token=unk))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="t1", eos_token="t2", unk_token="t0")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=pad, eos_token=eos, unk_token=unk)
 
 
 def grpo_trainer(out_dir: str, cfg: dict, batch: int, generations: int, completion: int, amp: bool,
@@ -241,3 +281,55 @@ def grpo_planned_training(measured: dict[str, Any], method: str, amp: bool, chec
                         padding=measured["padded"], lora=LoraSpec(r=8, alpha=16, target_modules=("q_proj", "v_proj")),
                         grpo=GrpoSpec(num_generations=generations, max_completion_length=completion, beta=beta,
                                       **config))
+
+
+def kto_trainer(out_dir: str, cfg: dict, batch: int, amp: bool, checkpointing: bool, method: str = "lora") -> Any:
+    """TRL's KTOTrainer on a random `cfg` Llama with LoRA on q_proj, v_proj (or `method` "full": the reference a copy
+    of the model, as TRL would load it), 32 unpaired examples of word-level text (prompts of 20 tokens, completions of
+    30-50, desirable and undesirable alternating: the KL batch, the block's completions rotated, is as long as the main
+    one, as the planner takes it), `max_steps` 3, on CPU."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from trl import KTOConfig, KTOTrainer
+
+    g = torch.Generator().manual_seed(0)
+
+    def words(n: int) -> str:
+        return " ".join(f"t{int(i)}" for i in torch.randint(3, VOCAB, (n,), generator=g))
+
+    rows = [{"prompt": words(20), "completion": " " + words(int(torch.randint(30, 50, (1,), generator=g))),
+             "label": i % 2 == 0} for i in range(32)]
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in cfg.items() if k != "model_type"}))
+    args = KTOConfig(output_dir=out_dir, per_device_train_batch_size=batch, max_steps=3, report_to=[], use_cpu=True,
+                     logging_steps=100, save_strategy="no", max_length=128, disable_tqdm=True, bf16=amp,
+                     gradient_checkpointing=checkpointing)
+    if method == "full":
+        import copy
+
+        return KTOTrainer(model=model, ref_model=copy.deepcopy(model), args=args, train_dataset=Dataset.from_list(rows),
+                          processing_class=_word_tokenizer(clean=True))
+    return KTOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                      processing_class=_word_tokenizer(clean=True),
+                      peft_config=LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+
+
+def reference_planned_training(measured: dict[str, Any], objective: str, method: str, amp: bool, checkpointing: bool,
+                               batch: int) -> Any:
+    """What `lora-plan --objective dpo|kto --device cpu` plans for a `dpo_trainer` / `kto_trainer` run measured by
+    `measure_trl_steps`: `batch` pairs (DPO) or examples (KTO) of its last step's tokens per row, its padding."""
+    from lora_planner.specs import LoraSpec, TrainingSpec
+
+    return TrainingSpec(method=method, dtype="fp32", amp="bf16" if amp else None, device="cpu", batch_size=batch,
+                        seq_len=measured["batch_shape"][1], grad_checkpointing=checkpointing, loss="trl",
+                        objective=objective, padding=measured["padded"],
+                        lora=LoraSpec(r=8, alpha=16, target_modules=("q_proj", "v_proj")))
+
+
+def phase_errors(measured: dict[str, Any], planned: dict[str, int], phases: tuple[str, ...]) -> dict[str, dict]:
+    """{phase: measured, planned bytes and the planner's error in %} for the phases measured."""
+    return {p: {"measured_bytes": measured["phases"][p], "planned_bytes": planned[p],
+                "error_pct": round(100 * (planned[p] / measured["phases"][p] - 1), 3)}
+            for p in phases if p in measured["phases"]}

@@ -59,3 +59,26 @@ def test_grpo_phases_within_2_percent(tmp_path, method, batch, completion, amp, 
     for phase, peak in measured["phases"].items():
         error = planned[phase] / peak - 1
         assert abs(error) <= TOLERANCE, (phase, planned[phase], peak, f"{100 * error:+.2f} %")
+
+
+@pytest.mark.parametrize(("method", "batch", "amp", "checkpointing"), [
+    ("lora", 4, False, True),  # KTOConfig's checkpointing; the adapters disabled for the reference passes
+    ("full", 2, True, False),  # a reference copy, bf16 autocast, no checkpointing
+])
+def test_kto_phases_within_2_percent(tmp_path, method, batch, amp, checkpointing):
+    """KTO planned vs measured (`experiments/objectives/kto_runs.py` runs more): the policy's KL pass, the forward,
+    the reference passes over the KL and main rows, backward and the optimizer step (they land within 0.5 %)."""
+    from lora_planner.profiler.trl_steps import kto_trainer
+
+    cfg = tiny_llama_config()
+    measured = measure_trl_steps(kto_trainer(str(tmp_path), cfg, batch, amp, checkpointing, method), steps=3)
+    rows, seq = measured["batch_shape"]
+    assert rows == batch
+    training = TrainingSpec(method=method, dtype="fp32", amp="bf16" if amp else None, device="cpu", batch_size=batch,
+                            seq_len=seq, grad_checkpointing=checkpointing, loss="trl", objective="kto",
+                            padding=measured["padded"],
+                            lora=LoraSpec(r=8, alpha=16, target_modules=("q_proj", "v_proj")))
+    planned = planned_phases(estimate_memory(spec_from_config(cfg, "tiny"), training))
+    for phase in ("kl", "forward", "reference", "backward", "optimizer_step"):
+        error = planned[phase] / measured["phases"][phase] - 1
+        assert abs(error) <= TOLERANCE, (phase, planned[phase], measured["phases"][phase], f"{100 * error:+.2f} %")
