@@ -5,6 +5,12 @@
 - "sft": the plain causal-LM step (transformers' Trainer, TRL's `SFTTrainer`); nothing below applies.
 - "grpo": TRL's `GRPOTrainer`: a generation round, scoring passes and the training step (`lora_planner.generation`,
   `specs.GrpoSpec`);
+- "kto": TRL's `KTOTrainer` (`trl/trainer/kto_trainer.py`; facts in `docs/research/issue17_orpo_simpo_kto.md` §3):
+  `per_device_train_batch_size` single examples, one row each, and a KL batch as many rows (each prompt with another
+  example's completion, `_prepare_dataset` l.1146-1156; taken as long as the main batch): the policy's no-grad pass over
+  it before the forward (`_compute_kl_logps`, the phase "kl_forward", `ActivationProfile.kl_moment`), then after the
+  forward the reference's passes over the KL and the main rows (l.1424-1440), DPO's reference machinery below; the
+  fused head asks for log_probs, entropy and mean_logits;
 - "dpo": TRL's `DPOTrainer` (`trl/trainer/dpo_trainer.py`, `dpo_config.py`; the facts, with line numbers, are in
   `docs/research/issue17_dpo.md`):
   - **rows**: `per_device_train_batch_size` counts pairs; the collator (`DataCollatorForPreference.torch_call`,

@@ -651,6 +651,12 @@ def _grpo_notes(req: RecommendRequest, c: Candidate) -> list[str]:
             f"{gib(phase.breakdown.total_bytes + est.device_overhead_bytes)} on the device{cache}: it {decides}."]
 
 
+def recommend_for_objective(req: RecommendRequest) -> Recommendation:
+    """`recommend`, with GRPO's trade-offs (`recommend_grpo`) when the step searched is GRPO's: what the CLI and the
+    web page run."""
+    return recommend_grpo(req) if req.training.objective == "grpo" else recommend(req)
+
+
 def recommend_grpo(req: RecommendRequest) -> Recommendation:
     """`recommend` for GRPO: as asked, else the first of these that fits, each said as given up: a round of one
     prompt's completions (`generation_batch_size` = num_generations, trained on in as many micro-batches), then

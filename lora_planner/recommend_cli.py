@@ -15,10 +15,10 @@ from lora_planner.catalog import resolve_model
 from lora_planner.cli_options import budget_from_args, overhead_from_args
 from lora_planner.errors import PlannerInputError
 from lora_planner.memory import estimate_memory, trainable_totals
-from lora_planner.planner import SCHEMA_VERSION, grpo_inputs, fits
+from lora_planner.planner import SCHEMA_VERSION, fits, grpo_inputs
 from lora_planner.recommend import (  # noqa: F401 (VERIFY_TOLERANCE: re-exported for callers)
-    MAX_MICRO_BATCH, VERIFY_TOLERANCE, Candidate, Recommendation, RecommendRequest, Verification, VerifyRun, recommend,
-    recommend_grpo, training_for,
+    MAX_MICRO_BATCH, VERIFY_TOLERANCE, Candidate, Recommendation, RecommendRequest, Verification, VerifyRun,
+    recommend_for_objective, training_for,
 )
 from lora_planner.rank_evidence import (
     DEFAULT_CAPACITY_MARGIN, SOURCES, Evidence, rank_from_evidence, resolve_objective,
@@ -302,7 +302,7 @@ def recommend_document(args: argparse.Namespace, rec: Recommendation,
 def run_recommend_command(args: argparse.Namespace) -> int:
     """`lora-plan recommend`: compute (pure), optionally verify (torch), then print JSON or tables."""
     req = request_from_args(args)
-    rec = recommend_grpo(req) if req.training.objective == "grpo" else recommend(req)
+    rec = recommend_for_objective(req)
     verification = verify(rec, args.model) if args.verify else None
     note = getattr(args, "stack_note", None)  # `--stack`: what the framework's preset set
     if args.json:

@@ -131,7 +131,7 @@ def plan(params: Mapping[str, Any], config: Mapping[str, Any] | None = None) -> 
 
 def recommend(params: Mapping[str, Any], config: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """`lora-plan recommend ... --json` for `params`."""
-    from lora_planner.recommend import recommend as run
+    from lora_planner.recommend import recommend_for_objective as run
     from lora_planner.recommend_cli import recommend_document, request_from_args
 
     if config is not None and not params.get("model"):

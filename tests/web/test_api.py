@@ -60,6 +60,14 @@ def test_recommend_is_the_clis_json(capsys):
     assert data["cli"] == "lora-plan recommend --model llama-3.1-8b --gpu rtx-4090 --seq-len 2048 --json"
 
 
+def test_grpo_recommendation_is_the_clis_json(capsys):
+    """GRPO's search with its trade-offs (`recommend.recommend_for_objective`), as the CLI runs it."""
+    params = {"model": "qwen3-8b", "gpu": "rtx-4090", "objective": "rl", "max-completion-length": "1024"}
+    data = CLIENT.post("/api/recommend", json={"params": params}).json()
+    assert data["recommendation"] == cli_json(capsys, ["recommend", *to_argv(params)])
+    assert data["recommendation"]["reasons"][0].startswith("GRPO as asked does not fit on this GPU")
+
+
 def test_uploaded_config_plans_as_the_file(capsys):
     path = CONFIGS / "qwen3_8b_bnb4bit_config.json"
     config = json.loads(path.read_text())
