@@ -21,12 +21,11 @@ from dataclasses import dataclass, replace
 
 from lora_planner.catalog import resolve_model
 from lora_planner.cli_args import SUBCOMMAND_ARGUMENTS, cached_parser
-from lora_planner.cli_options import budget_from_args, overhead_from_args
+from lora_planner.cli_options import budget_from_args, grpo_from_args, overhead_from_args
 from lora_planner.errors import PlannerInputError
 from lora_planner.planner import Plan, make_plan, plan_to_dict, refit
 from lora_planner.specs import (
-    MAX_LAYERS, MAX_VOCAB, METHODS, REGISTERED_FAMILIES, STRATEGY_ALIASES, GrpoSpec, LoraSpec, ModelSpec,
-    TrainingSpec,
+    MAX_LAYERS, MAX_VOCAB, METHODS, REGISTERED_FAMILIES, STRATEGY_ALIASES, LoraSpec, ModelSpec, TrainingSpec,
     check_choice, parse_loss,
 )
 
@@ -469,26 +468,6 @@ def _apply_grpo_lengths(args: argparse.Namespace, explicit: set[str]) -> None:
     args.padding = True
     if "batch_size" not in explicit and hasattr(args, "batch_size"):
         args.batch_size = 8  # TrainingArguments' per_device_train_batch_size, in completions
-
-
-def grpo_from_args(args: argparse.Namespace) -> GrpoSpec:
-    """GRPOConfig's settings (`specs.GrpoSpec`) of the options; a colocated vLLM's share is of the --gpu's memory."""
-    backend = "transformers"
-    if getattr(args, "use_vllm", None) is not None:
-        mode = str(args.use_vllm).strip().lower()
-        if mode not in ("colocate", "server"):
-            raise PlannerInputError("use-vllm", f"unknown vLLM mode {args.use_vllm!r}",
-                                    "pass --use-vllm (colocate) or --use-vllm server")
-        backend = f"vllm-{mode}"
-    budget = budget_from_args(args) if backend == "vllm-colocate" else None
-    return GrpoSpec(num_generations=args.num_generations, max_completion_length=args.max_completion_length,
-                    gradient_accumulation_steps=getattr(args, "gradient_accumulation_steps", 1),
-                    steps_per_generation=args.steps_per_generation, num_iterations=args.num_iterations,
-                    generation_batch_size=args.generation_batch_size,
-                    beta=args.beta, generation_backend=backend,
-                    vllm_gpu_memory_utilization=args.vllm_gpu_memory_utilization,
-                    vllm_enable_sleep_mode=args.vllm_enable_sleep_mode, temperature=args.temperature,
-                    vllm_gpu_memory_bytes=budget.memory_bytes if budget else None)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -9,10 +9,11 @@ from lora_planner.cli_types import Number, Text, count, fraction
 from lora_planner.defaults import (
     DEFAULT_ALLOCATOR_OVERHEAD, DEFAULT_CUDA_CONTEXT, DEFAULT_HEADROOM, DEFAULT_SEQ_LEN,
 )
+from lora_planner.errors import PlannerInputError
 from lora_planner.gpus import GPUS, parse_memory_size
 from lora_planner.memory import MAX_ALLOCATOR_FRACTION, DeviceOverhead
 from lora_planner.planner import Budget, budget_from_options, usable_bytes
-from lora_planner.specs import MAX_GENERATIONS, MAX_SEQ_LEN
+from lora_planner.specs import MAX_GENERATIONS, MAX_SEQ_LEN, GrpoSpec
 
 ALLOCATOR_OVERHEAD = Number("allocator-overhead", 0.0, MAX_ALLOCATOR_FRACTION, "--allocator-overhead 0.05",
                             high_open=True)
@@ -150,3 +151,23 @@ def budget_from_args(args: argparse.Namespace) -> Budget | None:
 def overhead_from_args(args: argparse.Namespace) -> DeviceOverhead:
     return DeviceOverhead(cuda_context_bytes=parse_memory_size(args.cuda_context, "cuda-context"),
                           allocator_fraction=args.allocator_overhead)
+
+
+def grpo_from_args(args: argparse.Namespace) -> GrpoSpec:
+    """GRPOConfig's settings (`specs.GrpoSpec`) of the options; a colocated vLLM's share is of the --gpu's memory."""
+    backend = "transformers"
+    if getattr(args, "use_vllm", None) is not None:
+        mode = str(args.use_vllm).strip().lower()
+        if mode not in ("colocate", "server"):
+            raise PlannerInputError("use-vllm", f"unknown vLLM mode {args.use_vllm!r}",
+                                    "pass --use-vllm (colocate) or --use-vllm server")
+        backend = f"vllm-{mode}"
+    budget = budget_from_args(args) if backend == "vllm-colocate" else None
+    return GrpoSpec(num_generations=args.num_generations, max_completion_length=args.max_completion_length,
+                    gradient_accumulation_steps=getattr(args, "gradient_accumulation_steps", 1),
+                    steps_per_generation=args.steps_per_generation, num_iterations=args.num_iterations,
+                    generation_batch_size=args.generation_batch_size,
+                    beta=args.beta, generation_backend=backend,
+                    vllm_gpu_memory_utilization=args.vllm_gpu_memory_utilization,
+                    vllm_enable_sleep_mode=args.vllm_enable_sleep_mode, temperature=args.temperature,
+                    vllm_gpu_memory_bytes=budget.memory_bytes if budget else None)

@@ -48,7 +48,7 @@ from dataclasses import dataclass, replace
 from lora_planner.errors import PlannerInputError
 from lora_planner.families.rules import Flow
 from lora_planner.inference import check_no_grad_forward, layer_weight_casts_bytes, no_grad_layer_peak_bytes
-from lora_planner.specs import BYTES_PER_ELEMENT, TrainingSpec
+from lora_planner.specs import BYTES_PER_ELEMENT, ModelSpec, TrainingSpec
 
 INT64 = 8
 FP32 = 4
@@ -156,6 +156,13 @@ def generation_memory(flow: Flow) -> GenerationMemory:
     late = (spec.num_heads * spec.head_dim + 3 * spec.intermediate_size) * one_cast
     decode = kv + ids + max(cat + step + vocab + casts - late, logits + vocab + casts)
     return GenerationMemory(rows, p, lc, kv, held, prefill, decode)
+
+
+def kv_cache_bytes(spec: ModelSpec, training: TrainingSpec) -> int:
+    """The round's KV cache at the last decode step (`GenerationMemory.kv_cache_bytes`)."""
+    from lora_planner.activations import make_flow  # (activations imports the objectives: lazily)
+
+    return generation_memory(make_flow(spec, training)).kv_cache_bytes
 
 
 def _vllm_bytes(training: TrainingSpec) -> int:

@@ -113,12 +113,10 @@ def _describe_grpo(training: TrainingSpec, spec: ModelSpec | None) -> str:
              "vllm-server": "a vLLM server on other GPUs (nothing of generation on this one)"}[g.generation_backend]
     kv = ""
     if spec is not None and g.generation_backend == "transformers":
-        from lora_planner.activations import make_flow
-        from lora_planner.generation import generation_memory
+        from lora_planner.generation import kv_cache_bytes
         from lora_planner.planner import gib_text
 
-        gen = generation_memory(make_flow(spec, training))
-        kv = f" (its KV cache {gib_text(gen.kv_cache_bytes)} at the last token)"
+        kv = f" (its KV cache {gib_text(kv_cache_bytes(spec, training))} at the last token)"
     passes = [name for name, on in (("the old policy's", g.old_log_prob_pass(b)), ("the reference's (beta > 0)",
                                                                                g.reference_pass)) if on]
     scoring = (f"then {' and '.join(passes)} log-prob pass{'es' if len(passes) > 1 else ''} over them in chunks of "

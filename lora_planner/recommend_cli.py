@@ -12,7 +12,7 @@ from dataclasses import replace
 from typing import Any
 
 from lora_planner.catalog import resolve_model
-from lora_planner.cli_options import budget_from_args, overhead_from_args
+from lora_planner.cli_options import budget_from_args, grpo_from_args, overhead_from_args
 from lora_planner.errors import PlannerInputError
 from lora_planner.memory import estimate_memory, trainable_totals
 from lora_planner.planner import SCHEMA_VERSION, fits, grpo_inputs
@@ -243,8 +243,6 @@ def memory_objective(args: argparse.Namespace) -> str:
 def _grpo_for_recommend(args: argparse.Namespace) -> GrpoSpec:
     """GRPOConfig's settings for the search: a round is the global batch's completions (TRL's default
     steps_per_generation = the accumulation steps) unless --generation-batch-size; the micro-batch is chosen."""
-    from lora_planner.cli import grpo_from_args
-
     if args.steps_per_generation is not None:
         raise PlannerInputError("steps-per-generation", "recommend chooses the micro-batch, so a round is given by its "
                                                         "rows", "pass --generation-batch-size instead")
