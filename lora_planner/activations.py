@@ -69,8 +69,8 @@ from lora_planner.loss import (
 )
 from lora_planner.loss_fused import (
     cce_backward_scratch, cce_forward_scratch, cce_saved, check_cce_loss, check_fused_linear_loss, check_trl_loss,
-    flce_forward_scratch, flce_saved, trl_backward_scratch, trl_forward_scratch, trl_held_outputs_bytes,
-    trl_no_grad_head_bytes, trl_saved,
+    flce_forward_scratch, flce_saved, no_grad_pass_bytes, trl_backward_scratch, trl_forward_scratch,
+    trl_held_outputs_bytes, trl_saved,
 )
 from lora_planner.inference import (
     check_no_grad_family, check_no_grad_forward, layer_weight_casts_bytes, no_grad_layer_peak_bytes,
@@ -697,8 +697,7 @@ def activation_profile(spec: ModelSpec, training: TrainingSpec) -> ActivationPro
         copy = reference_pass(training) == "model-copy"
         casts = layer_weight_casts_bytes(flow) if copy else 0
         reference = (trl_held_outputs_bytes(flow),
-                     casts + max(no_grad_layer_peak_bytes(flow, copy),
-                                 trl_no_grad_head_bytes(flow, ("log_probs",) if copy else None)))
+                     casts + no_grad_pass_bytes(flow, copy, ("log_probs",) if copy else None))
     kl = 0
     if training.objective == "kto":
         # the KL batch (as long as the main one) through the policy under no_grad: its labels, then the layers' moment
@@ -706,7 +705,7 @@ def activation_profile(spec: ModelSpec, training: TrainingSpec) -> ActivationPro
         check_no_grad_forward(flow, "KTO's KL pass")
         mask = flow.b * flow.s * flow.s if flow.masked else 0
         casts = layer_weight_casts_bytes(flow) if flow.full else 0
-        kl = tokens * 8 + casts + max(mask + no_grad_layer_peak_bytes(flow, flow.full), trl_no_grad_head_bytes(flow))
+        kl = tokens * 8 + casts + no_grad_pass_bytes(flow, flow.full, mask_bytes=mask)
     checkpointed_forward = 0
     if training.objective in ("dpo", "kto") and training.grad_checkpointing and \
             not any(flow.modules[p].group == "mlp" for a in flow.layer_adapters for p in a):

@@ -194,7 +194,7 @@ def scoring_memory(flow: Flow) -> tuple[int, int]:
     moment): what stays alive through the pass (the previous round's buffer, the new round's ids and masks before and
     after `cat`, each pass's (rows, completion) fp32 log-probs), and one chunk's heaviest moment (the decoder layers'
     or the head's, `lora_planner.inference` / `loss_fused`, with the (b, 1, s, s) bool mask of a padded batch)."""
-    from lora_planner.loss_fused import trl_no_grad_head_bytes  # (loss_fused imports the objectives: lazily)
+    from lora_planner.loss_fused import no_grad_pass_bytes  # (loss_fused imports the objectives: lazily)
 
     t = flow.t
     rows, lc = generation_rows(t), t.grpo.max_completion_length
@@ -205,15 +205,14 @@ def scoring_memory(flow: Flow) -> tuple[int, int]:
     mask = flow.b * flow.s * flow.s if t.padding else 0
     labels = flow.tokens * INT64
     # (the mask lives inside the backbone's forward: gone when the head runs)
-    policy = max(mask + no_grad_layer_peak_bytes(flow), trl_no_grad_head_bytes(flow))
+    policy = no_grad_pass_bytes(flow, mask_bytes=mask)
     # a full model's reference is a copy loaded from the policy's path, its parameters left requiring grad, so under
     # autocast its forward caches every layer weight's cast until the pass ends (as DPO's, measured); its own head
     # asks for log-probs only
     copy = 0
     if flow.full and t.grpo.reference_pass:
         casts = layer_weight_casts_bytes(flow)
-        copy = casts + max(mask + no_grad_layer_peak_bytes(flow, weights_cached=bool(casts)),
-                           trl_no_grad_head_bytes(flow, ("log_probs",)))
+        copy = casts + no_grad_pass_bytes(flow, bool(casts), ("log_probs",), mask)
     # (LoRA's reference: the policy with its adapters disabled)
     old = policy if t.grpo.old_log_prob_pass(t.batch_size) or not flow.full else 0
     return held, labels + max(old, copy)

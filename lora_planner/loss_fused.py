@@ -296,3 +296,13 @@ def trl_no_grad_head_bytes(flow: Flow, outputs: tuple[str, ...] | None = None) -
     inputs = flow.tokens * h * flow.e_stream + k * h * flow.e_stream + k * 8 + (k if trl_compact(flow) else 0)
     not_saved = _cpu_saved_after_loop(k, outputs) if not trl_compact(flow) else 2 * k * FP32
     return inputs + trl_forward_scratch(flow, outputs) + not_saved
+
+
+def no_grad_pass_bytes(flow: Flow, weights_cached: bool = False, outputs: tuple[str, ...] | None = None,
+                       mask_bytes: int = 0) -> int:
+    """A no-grad forward through TRL's fused head (a reference, scoring or KL pass): the heavier of one decoder
+    layer's moment (`inference.no_grad_layer_peak_bytes`, beside the padded batch's bool mask when no graph keeps it
+    already) and the head's (`trl_no_grad_head_bytes`: the mask is gone by then)."""
+    from lora_planner.inference import no_grad_layer_peak_bytes
+
+    return max(mask_bytes + no_grad_layer_peak_bytes(flow, weights_cached), trl_no_grad_head_bytes(flow, outputs))

@@ -12,8 +12,9 @@ pytest.importorskip("trl")
 
 from lora_planner.config_reader import spec_from_config  # noqa: E402
 from lora_planner.memory import estimate_memory  # noqa: E402
-from lora_planner.profiler.trl_steps import dpo_trainer, measure_trl_steps, planned_phases, tiny_llama_config  # noqa: E402,E501
-from lora_planner.specs import LoraSpec, TrainingSpec  # noqa: E402
+from lora_planner.profiler.trl_steps import (  # noqa: E402
+    dpo_trainer, measure_trl_steps, planned_phases, reference_planned_training, tiny_llama_config,
+)
 
 TOLERANCE = 0.02
 
@@ -27,11 +28,9 @@ TOLERANCE = 0.02
 def test_dpo_phases_within_2_percent(tmp_path, method, pairs, amp, checkpointing, intermediate):
     cfg = tiny_llama_config(intermediate)
     measured = measure_trl_steps(dpo_trainer(str(tmp_path), cfg, pairs, amp, checkpointing, method), steps=3)
-    rows, seq = measured["batch_shape"]
+    rows = measured["batch_shape"][0]
     assert rows == 2 * pairs
-    training = TrainingSpec(method=method, dtype="fp32", amp="bf16" if amp else None, device="cpu", batch_size=pairs,
-                            seq_len=seq, grad_checkpointing=checkpointing, loss="trl", objective="dpo",
-                            padding=measured["padded"], lora=LoraSpec(r=8, alpha=16, target_modules=("q_proj", "v_proj")))
+    training = reference_planned_training(measured, "dpo", method, amp, checkpointing, pairs)
     planned = planned_phases(estimate_memory(spec_from_config(cfg, "tiny"), training))
     for phase in ("forward", "reference", "backward", "optimizer_step"):
         error = planned[phase] / measured["phases"][phase] - 1
@@ -72,12 +71,9 @@ def test_kto_phases_within_2_percent(tmp_path, method, batch, amp, checkpointing
 
     cfg = tiny_llama_config()
     measured = measure_trl_steps(kto_trainer(str(tmp_path), cfg, batch, amp, checkpointing, method), steps=3)
-    rows, seq = measured["batch_shape"]
+    rows = measured["batch_shape"][0]
     assert rows == batch
-    training = TrainingSpec(method=method, dtype="fp32", amp="bf16" if amp else None, device="cpu", batch_size=batch,
-                            seq_len=seq, grad_checkpointing=checkpointing, loss="trl", objective="kto",
-                            padding=measured["padded"],
-                            lora=LoraSpec(r=8, alpha=16, target_modules=("q_proj", "v_proj")))
+    training = reference_planned_training(measured, "kto", method, amp, checkpointing, batch)
     planned = planned_phases(estimate_memory(spec_from_config(cfg, "tiny"), training))
     for phase in ("kl", "forward", "reference", "backward", "optimizer_step"):
         error = planned[phase] / measured["phases"][phase] - 1
