@@ -77,7 +77,9 @@ from lora_planner.inference import (
 )
 from lora_planner.objectives import reference_pass
 from lora_planner.params import adapted_layers, adapters_by_layer, module_inventory, rotary_dim, rotary_tables
-from lora_planner.specs import BYTES_PER_ELEMENT, UNSLOTH_LOSSES, ModelSpec, TrainingSpec
+from lora_planner.loss_preference import check_logits_objective, preference_batch_bytes, preference_loss_moments, \
+    preference_loss_saved
+from lora_planner.specs import BYTES_PER_ELEMENT, LOGITS_OBJECTIVES, UNSLOTH_LOSSES, ModelSpec, TrainingSpec
 
 
 # What only nll_loss saves (not log_softmax's backward), freed once `NllLossBackward` has run.
@@ -460,6 +462,8 @@ def batch_extras(flow: Flow) -> list[SavedTensor]:
         # the labels (counted with input_ids) from them (dpo_trainer.py l.184-206, l.1296)
         return [SavedTensor("batch.attention_mask", flow.tokens * 8), SavedTensor("batch.completion_mask",
                                                                                   flow.tokens * 8)]
+    if flow.t.objective in LOGITS_OBJECTIVES:
+        return [SavedTensor("batch.preference_extras", preference_batch_bytes(flow))]
     if flow.t.objective == "kto":
         # `DataCollatorForUnpairedPreference`: the attention and completion masks, the KL batch's ids and masks (taken
         # as long as the main batch's), the bool labels; `_compute_loss` builds the labels from them (kto_trainer.py
@@ -676,6 +680,15 @@ def activation_profile(spec: ModelSpec, training: TrainingSpec) -> ActivationPro
         # the backbone's output, held by the patched forward while the head runs (`_forward_end_holds`)
         loss_forward = trl_forward_scratch(flow) + _forward_end_holds(flow, model, first_input_needs_grad)
         loss_backward = 2 * FP32 + trl_backward_scratch(flow)  # backward's seed and the division's gradient
+    elif training.objective in LOGITS_OBJECTIVES:
+        # ORPO / CPO (`lora_planner.loss_preference`): the pair's whole logits through TRL's own loss code
+        check_logits_objective(flow)
+        loss_saved = softcap + preference_loss_saved(flow)
+        # (after the output layer, the model's forward and Accelerate's autocast region, with its cache of weight
+        # casts, return: what they hold counts at the output layer only)
+        loss_forward, loss_kept, loss_backward = preference_loss_moments(
+            flow, _forward_end_holds(flow, model, first_input_needs_grad))
+        loss_backward += FP32  # backward's seed
     else:
         loss_saved = causal_lm_loss_saved(flow) + softcap
         loss_kept = None
@@ -751,7 +764,7 @@ def activation_profile(spec: ModelSpec, training: TrainingSpec) -> ActivationPro
         kl_moment=kl,
         head_adapter_moments=_head_moments_with_caches(flow, model, first_input_needs_grad),
         token_moments=trainable_tokens_moments(flow),
-        loss_value_at_forward_end=flow.loss in ("hf",) + UNSLOTH_LOSSES,  # (Unsloth's: the accumulator, made first)
+        loss_value_at_forward_end=flow.loss in ("hf",) + UNSLOTH_LOSSES and training.objective not in LOGITS_OBJECTIVES,  # (Unsloth's: the accumulator, made first)
         final_norm_backward=rms_norm_backward(flow, model),
         # Inside a layer's backward: the incoming gradient, gradients of the MLP's intermediates and of
         # the layer input, the largest of which are B x S x intermediate.

@@ -25,7 +25,7 @@ from lora_planner.cli_options import budget_from_args, grpo_from_args, overhead_
 from lora_planner.errors import PlannerInputError
 from lora_planner.planner import Plan, make_plan, plan_to_dict, refit
 from lora_planner.specs import (
-    MAX_LAYERS, MAX_VOCAB, METHODS, REGISTERED_FAMILIES, STRATEGY_ALIASES, LoraSpec, ModelSpec, TrainingSpec,
+    LOGITS_OBJECTIVES, MAX_LAYERS, MAX_VOCAB, METHODS, REGISTERED_FAMILIES, STRATEGY_ALIASES, LoraSpec, ModelSpec, TrainingSpec,
     check_choice, parse_loss,
 )
 
@@ -71,6 +71,7 @@ def _training_from_args(args: argparse.Namespace, method: str) -> TrainingSpec:
         padding=getattr(args, "padding", False), packing=getattr(args, "packing", False),
         liger=getattr(args, "liger", False),
         objective=_objective(args), precompute_ref_log_probs=getattr(args, "precompute_ref_log_probs", False),
+        cpo_alpha=getattr(args, "cpo_alpha", 1.0),
         **({"grpo": grpo_from_args(args)} if _objective(args) == "grpo" else {}),
     )
 
@@ -439,6 +440,11 @@ def parse_command(argv: list[str]) -> argparse.Namespace:
         objective = "grpo"  # (recommend's evidence objective: GRPO's step is searched, `recommend_cli`)
     if objective == "grpo" and hasattr(args, "max_completion_length"):
         _apply_grpo_lengths(args, explicit or _explicit(parser, args, argv))
+    if objective in LOGITS_OBJECTIVES and getattr(args, "loss", "hf") != "hf":
+        if "loss" in (explicit or _explicit(parser, args, argv)):
+            raise PlannerInputError("loss", f"TRL's trainer for --objective {args.objective} computes its loss from the "
+                                            f"whole logits, not the {args.loss} loss", "drop --loss (or pass --loss hf)")
+        args.loss = "hf"  # the trainer's own loss code over `outputs.logits`
     if objective in ("dpo", "kto", "grpo") and getattr(args, "loss", "trl") != "trl":
         if "loss" in (explicit or _explicit(parser, args, argv)):
             raise PlannerInputError("loss", f"TRL's trainer for --objective {args.objective} always runs its fused LM "

@@ -15,7 +15,7 @@ from typing import Any
 from lora_planner import __version__
 from lora_planner.catalog import model_names
 from lora_planner.cli_options import (
-    add_budget_arguments, add_collate_arguments, add_grpo_arguments, add_liger_argument, add_loss_argument,
+    add_budget_arguments, add_collate_arguments, add_cpo_alpha_argument, add_grpo_arguments, add_liger_argument, add_loss_argument,
     add_overhead_arguments, add_precompute_argument, add_seq_len_argument, add_stack_argument,
 )
 from lora_planner.cli_types import (
@@ -200,10 +200,12 @@ def add_estimate_arguments(p: argparse.ArgumentParser) -> None:
                         "dpo (DPOTrainer: each of --batch-size pairs is two rows, prompt + chosen and prompt + "
                         "rejected, of --seq-len tokens; TRL's fused LM head; a reference pass, the adapters disabled "
                         "(LoRA) between the forward and backward), kto (KTOTrainer: --batch-size single examples, a "
-                        "no-grad KL pass first, reference passes over the KL and main rows) or grpo (GRPOTrainer: a "
-                        "generation round, scoring passes and the training step; --batch-size counts completions); "
-                        "orpo and simpo are not modelled yet")
+                        "no-grad KL pass first, reference passes over the KL and main rows), grpo (GRPOTrainer: a "
+                        "generation round, scoring passes and the training step; --batch-size counts completions), "
+                        "orpo (ORPOTrainer), simpo or cpo (CPOTrainer, loss_type simpo or sigmoid): pairs as two "
+                        "rows, the loss computed from the whole logits (fp32 under autocast), no reference")
     add_precompute_argument(p)
+    add_cpo_alpha_argument(p)
     add_grpo_arguments(p)
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--detail", action="store_true", help="also show every phase of each method")

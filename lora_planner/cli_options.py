@@ -54,6 +54,12 @@ def add_precompute_argument(p: argparse.ArgumentParser) -> None:
                         "training (precompute_ref_log_probs): no reference pass in the step")
 
 
+def add_cpo_alpha_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cpo-alpha", type=Number("cpo-alpha", 0.0, float("inf"), "--cpo-alpha 0"), default=1.0,
+                   help="with --objective simpo or cpo: CPOConfig's cpo_alpha, the chosen rows' NLL term's weight "
+                        "(TRL's default 1.0, for SimPO too); 0 drops the term and its log_softmax (pure SimPO)")
+
+
 def add_grpo_arguments(p: argparse.ArgumentParser, accumulation: bool = True) -> None:
     """GRPOConfig's fields that change a GRPO step's memory (`specs.GrpoSpec`), with TRL's names and defaults
     (`accumulation` False: the command has its own, `recommend`'s global batch)."""

@@ -487,6 +487,7 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
             "padding": t.padding,
             "packing": t.packing,
             "objective": t.objective, "precompute_ref_log_probs": t.precompute_ref_log_probs,
+            "cpo_alpha": t.cpo_alpha if t.objective in ("simpo", "cpo") else None,
             "rows": t.rows[0],
             "grpo": grpo_inputs(t),
             "liger": t.liger,

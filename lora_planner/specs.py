@@ -64,8 +64,9 @@ UNSLOTH_LOSSES: tuple[str, ...] = ("unsloth", "unsloth-eager")
 # What the step trains for, as TRL's trainers name it (`lora_planner.objectives`): "sft" is every trainer's plain
 # causal-LM step; "dpo" TRL's DPOTrainer (chosen and rejected rows, a reference pass); "kto" TRL's KTOTrainer (single
 # examples, a KL batch, two reference passes); "grpo" TRL's GRPOTrainer (a generation round, scoring passes,
-# `GrpoSpec`); the others are refused until modelled (issue 17).
-Objective = Literal["sft", "dpo", "orpo", "simpo", "kto", "grpo"]
+# `GrpoSpec`); "orpo", "simpo" and "cpo" TRL's ORPOTrainer and CPOTrainer (the pair's whole logits,
+# `lora_planner.loss_preference`).
+Objective = Literal["sft", "dpo", "orpo", "simpo", "cpo", "kto", "grpo"]
 AdapterDtype = Literal["fp32", "base"]
 # Each strategy names one engine (lora_planner.parallel): torch DDP (+ ZeroRedundancyOptimizer), torch FSDP2
 # FULL_SHARD / SHARD_GRAD_OP, DeepSpeed ZeRO stages 1-3. The bare ZeRO names are DeepSpeed's.
@@ -85,10 +86,12 @@ ATTENTIONS: tuple[str, ...] = get_args(Attention)
 EXPERTS_IMPLEMENTATIONS: tuple[str, ...] = get_args(ExpertsImplementation)
 LOSSES: tuple[str, ...] = get_args(LossKind)
 OBJECTIVES: tuple[str, ...] = get_args(Objective)
-MODELLED_OBJECTIVES: tuple[str, ...] = ("sft", "dpo", "kto", "grpo")
+MODELLED_OBJECTIVES: tuple[str, ...] = ("sft", "dpo", "orpo", "simpo", "cpo", "kto", "grpo")
+LOGITS_OBJECTIVES: tuple[str, ...] = ("orpo", "simpo", "cpo")  # the trainer's loss over the whole logits, no fused head
 WITH_REFERENCE: tuple[str, ...] = ("dpo", "kto")  # a reference pass in the step, unless precomputed
-PAIRED: tuple[str, ...] = ("dpo", "orpo", "simpo")  # a preference pair is two rows (`TrainingSpec.rows_per_example`)
+PAIRED: tuple[str, ...] = ("dpo", "orpo", "simpo", "cpo")  # a preference pair is two rows (`TrainingSpec.rows_per_example`)
 TRAINERS = {"sft": "SFTTrainer / Trainer", "dpo": "DPOTrainer", "orpo": "ORPOTrainer", "simpo": "CPOTrainer (simpo)",
+            "cpo": "CPOTrainer",
             "kto": "KTOTrainer", "grpo": "GRPOTrainer"}
 DEFAULT_LOSS_CHUNKS = 8  # torchtune's `CEWithChunkedOutputLoss(num_output_chunks=8)`
 ROUTINGS: tuple[str, ...] = ("balanced", "worst")
@@ -564,6 +567,9 @@ class TrainingSpec:
     # chosen, prompt + rejected) of `seq_len` tokens, and a reference pass unless `precompute_ref_log_probs`.
     objective: Objective = "sft"
     precompute_ref_log_probs: bool = False
+    # "simpo" / "cpo": CPOConfig's `cpo_alpha`, the NLL term's weight (TRL's default 1.0, for SimPO too); 0 drops the
+    # term and its log_softmax over the chosen rows
+    cpo_alpha: float = 1.0
     # "grpo": GRPOConfig's generation and scoring settings (`GrpoSpec`); ignored by the other objectives.
     grpo: GrpoSpec = field(default_factory=GrpoSpec)
     # transformers' `use_liger_kernel=True`: Liger's RMSNorm, RoPE and SwiGLU / GEGLU on the families it patches, and
@@ -711,11 +717,21 @@ class TrainingSpec:
         objective, trainer = self.objective, TRAINERS[self.objective]
         if objective not in MODELLED_OBJECTIVES:
             raise PlannerInputError("objective", f"{objective} ({trainer}) is not modelled yet",
-                                    "plan --objective sft, dpo, kto or grpo")
+                                    f"plan --objective {', '.join(MODELLED_OBJECTIVES)}")
         if self.precompute_ref_log_probs and objective not in WITH_REFERENCE:
             raise PlannerInputError("precompute_ref_log_probs", f"only DPO and KTO have a reference to precompute, not "
                                     f"{objective}", "drop --precompute-ref-log-probs, or pass --objective dpo or kto")
+        if not isinstance(self.cpo_alpha, (int, float)) or isinstance(self.cpo_alpha, bool) or \
+                not 0 <= self.cpo_alpha < float("inf"):
+            raise PlannerInputError("cpo_alpha", f"must be a number >= 0, got {self.cpo_alpha!r}",
+                                    "pass e.g. --cpo-alpha 0 (pure SimPO) or 1 (TRL's default)")
+        if self.cpo_alpha != 1.0 and objective not in ("simpo", "cpo"):
+            raise PlannerInputError("cpo_alpha", f"only CPOTrainer (--objective simpo or cpo) has cpo_alpha, not "
+                                    f"{objective}", "drop --cpo-alpha, or pass --objective simpo")
         if objective == "sft":
+            return
+        if objective in LOGITS_OBJECTIVES:
+            self._check_logits_objective(trainer)
             return
         if self.loss != "trl":
             raise PlannerInputError("loss", f"TRL's {trainer} always runs its fused LM head (`fused_lm_head=True`), "
@@ -741,6 +757,25 @@ class TrainingSpec:
                 ("liger", self.liger, "Liger's kernels (their no-grad forward in the reference pass)", "drop --liger"),
                 ("use_dora", self.lora.use_dora, "DoRA (its transients in the checkpointed forward)", "drop --dora"),
                 ("quant", self.load_in_8bit, "an 8-bit base (LLM.int8's no-grad matmuls)", "use --method qlora")):
+            if on:
+                raise PlannerInputError(field_name, f"{trainer} with {what} is not modelled yet", fix)
+
+    def _check_logits_objective(self, trainer: str) -> None:
+        """ORPO / CPO: the trainer projects every position and computes its loss from the logits
+        (`lora_planner.loss_preference`); what it is not planned with yet is refused."""
+        if self.loss != "hf":
+            raise PlannerInputError("loss", f"TRL's {trainer} computes its loss from the whole logits (no fused "
+                                            f"head), not the {self.loss} loss", "drop --loss (or pass --loss hf)")
+        for field_name, on, what, fix in (
+                ("packing", self.packing, "padding-free batches (its collator pads the pairs)", "drop --packing"),
+                ("gpus", self.gpus > 1 or self.strategy is not None, "several GPUs (not validated yet)",
+                 "pass --gpus 1"),
+                ("offload", self.offload != "none", "CPU offload", "drop --offload"),
+                ("activation_offload", self.activation_offload != "none", "activation offloading",
+                 "drop --activation-offloading"),
+                ("liger", self.liger, "Liger's kernels", "drop --liger"),
+                ("use_dora", self.lora.use_dora, "DoRA", "drop --dora"),
+                ("quant", self.load_in_8bit, "an 8-bit base", "use --method qlora")):
             if on:
                 raise PlannerInputError(field_name, f"{trainer} with {what} is not modelled yet", fix)
 

@@ -32,10 +32,11 @@ PLANNED = {"generation": "generation", "scoring": "scoring", "kl_forward": "kl",
            "backward_layers": "backward", "backward_end": "backward", "optimizer_step": "optimizer_step"}
 
 
-def measure_trl_steps(trainer: Any, steps: int) -> dict[str, Any]:
+def measure_trl_steps(trainer: Any, steps: int, detail: bool = False) -> dict[str, Any]:
     """Train `trainer` (built with `max_steps=steps`) and return {"phases": {phase: peak bytes}, "batch_shape":
     (rows, tokens per row) of the last step's input_ids (GRPO: (rows, prompt + completion, completion) of its last
-    micro-batch), "padded": whether its attention mask has a zero}. Patches, for the run only, the trainer's
+    micro-batch; ORPO / CPO: the rows `concatenated_inputs` builds), "padded": whether its attention mask has a zero};
+    `detail`: also "storages", {phase: what was live at its peak, (bytes, shape, dtype, op) largest first}. Patches, for the run only, the trainer's
     accelerator and TRL's `disable_gradient_checkpointing` in the DPO module (GRPO: `_mark_grpo`)."""
     import trl.trainer.dpo_trainer as dpo_module
     from transformers import TrainerCallback
@@ -80,6 +81,11 @@ def measure_trl_steps(trainer: Any, steps: int) -> dict[str, Any]:
             shapes.append(tuple(inputs["input_ids"].shape))
             mask = inputs.get("attention_mask")
             padded.append(bool(mask is not None and not bool(mask.all())))
+        elif isinstance(inputs, dict) and "chosen_input_ids" in inputs:  # ORPO / CPO: the rows `concatenated_inputs`
+            chosen, rejected = inputs["chosen_attention_mask"], inputs["rejected_attention_mask"]  # builds
+            width = max(chosen.shape[1], rejected.shape[1])
+            shapes.append((2 * chosen.shape[0], width))
+            padded.append(bool(not chosen.all() or not rejected.all() or chosen.shape[1] != rejected.shape[1]))
         return original_step(model, inputs, *args, **kwargs)
 
     # The collator builds the batch on the host (the data loader prefetches the next one while the step runs): its
@@ -120,9 +126,15 @@ def measure_trl_steps(trainer: Any, steps: int) -> dict[str, Any]:
             del trainer._get_per_token_logps_and_entropies, trainer._compute_loss
     result = tracker.step_result(steps)
     peaks: dict[str, int] = {}
+    events: dict[str, int] = {}
     for snapshot in result.phases:
-        peaks[snapshot.phase] = max(peaks.get(snapshot.phase, 0), snapshot.peak_bytes)
-    return {"phases": peaks, "batch_shape": shapes[-1], "padded": padded[-1]}
+        if snapshot.peak_bytes > peaks.get(snapshot.phase, -1):
+            peaks[snapshot.phase], events[snapshot.phase] = snapshot.peak_bytes, snapshot.peak_event
+    out = {"phases": peaks, "batch_shape": shapes[-1], "padded": padded[-1]}
+    if detail:
+        out["storages"] = {phase: [(i.nbytes, i.shape, i.dtype, i.op) for i in tracker.storages_live_at(event)]
+                           for phase, event in events.items()}
+    return out
 
 
 def _mark_kto(trainer: Any, tracker: LiveTensorTracker) -> None:
@@ -316,16 +328,58 @@ def kto_trainer(out_dir: str, cfg: dict, batch: int, amp: bool, checkpointing: b
                       peft_config=LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
 
 
+def cpo_trainer(out_dir: str, cfg: dict, pairs: int, amp: bool, checkpointing: bool, method: str = "lora",
+                objective: str = "orpo", cpo_alpha: float = 1.0) -> Any:
+    """TRL's ORPOTrainer (`objective` "orpo") or CPOTrainer (`objective` "simpo": `loss_type="simpo"`, or "cpo": its
+    default sigmoid loss; `cpo_alpha`, the NLL term's weight) on a random `cfg` Llama with LoRA on q_proj, v_proj (or
+    `method` "full"), 16 pairs of word-level text (prompts of 20 tokens, answers of 30-50: rows padded to the batch's
+    longest), `max_steps` 3, on CPU. Both are in `trl.experimental` in TRL 1.16."""
+    import warnings
+
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from trl.experimental.cpo import CPOConfig, CPOTrainer
+        from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+    g = torch.Generator().manual_seed(0)
+
+    def words(n: int) -> str:
+        return " ".join(f"t{int(i)}" for i in torch.randint(3, VOCAB, (n,), generator=g))
+
+    rows = [{"prompt": words(20), "chosen": " " + words(int(torch.randint(30, 50, (1,), generator=g))),
+             "rejected": " " + words(int(torch.randint(30, 50, (1,), generator=g)))} for _ in range(16)]
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in cfg.items() if k != "model_type"}))
+    common = dict(output_dir=out_dir, per_device_train_batch_size=pairs, max_steps=3, report_to=[], use_cpu=True,
+                  logging_steps=100, save_strategy="no", max_length=128, disable_tqdm=True, bf16=amp,
+                  gradient_checkpointing=checkpointing)
+    if objective == "orpo":
+        config, trainer = ORPOConfig(**common), ORPOTrainer
+    else:
+        config = CPOConfig(**common, loss_type="simpo" if objective == "simpo" else "sigmoid", cpo_alpha=cpo_alpha)
+        trainer = CPOTrainer
+    peft = None if method == "full" else LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+                                                    lora_dropout=0.0)
+    return trainer(model=model, args=config, train_dataset=Dataset.from_list(rows),
+                   processing_class=_word_tokenizer(clean=True), peft_config=peft)
+
+
 def reference_planned_training(measured: dict[str, Any], objective: str, method: str, amp: bool, checkpointing: bool,
-                               batch: int) -> Any:
-    """What `lora-plan --objective dpo|kto --device cpu` plans for a `dpo_trainer` / `kto_trainer` run measured by
-    `measure_trl_steps`: `batch` pairs (DPO) or examples (KTO) of its last step's tokens per row, its padding."""
-    from lora_planner.specs import LoraSpec, TrainingSpec
+                               batch: int, **fields: Any) -> Any:
+    """What `lora-plan --objective dpo|kto|orpo|simpo|cpo --device cpu` plans for a `dpo_trainer` / `kto_trainer` /
+    `cpo_trainer` run measured by `measure_trl_steps`: `batch` pairs (DPO, ORPO, CPO) or examples (KTO) of its last
+    step's tokens per row, its padding; `fields`: more TrainingSpec fields (e.g. cpo_alpha)."""
+    from lora_planner.specs import LOGITS_OBJECTIVES, LoraSpec, TrainingSpec
 
     return TrainingSpec(method=method, dtype="fp32", amp="bf16" if amp else None, device="cpu", batch_size=batch,
-                        seq_len=measured["batch_shape"][1], grad_checkpointing=checkpointing, loss="trl",
-                        objective=objective, padding=measured["padded"],
-                        lora=LoraSpec(r=8, alpha=16, target_modules=("q_proj", "v_proj")))
+                        seq_len=measured["batch_shape"][1], grad_checkpointing=checkpointing,
+                        loss="hf" if objective in LOGITS_OBJECTIVES else "trl", objective=objective,
+                        padding=measured["padded"], lora=LoraSpec(r=8, alpha=16, target_modules=("q_proj", "v_proj")),
+                        **fields)
 
 
 def phase_errors(measured: dict[str, Any], planned: dict[str, int], phases: tuple[str, ...]) -> dict[str, dict]:
