@@ -77,8 +77,7 @@ from lora_planner.inference import (
 )
 from lora_planner.objectives import reference_pass
 from lora_planner.params import adapted_layers, adapters_by_layer, module_inventory, rotary_dim, rotary_tables
-from lora_planner.loss_preference import check_logits_objective, preference_batch_bytes, preference_loss_moments, \
-    preference_loss_saved
+from lora_planner.loss_preference import preference_batch_bytes, preference_loss_moments, preference_loss_saved
 from lora_planner.specs import BYTES_PER_ELEMENT, LOGITS_OBJECTIVES, UNSLOTH_LOSSES, ModelSpec, TrainingSpec
 
 
@@ -682,7 +681,6 @@ def activation_profile(spec: ModelSpec, training: TrainingSpec) -> ActivationPro
         loss_backward = 2 * FP32 + trl_backward_scratch(flow)  # backward's seed and the division's gradient
     elif training.objective in LOGITS_OBJECTIVES:
         # ORPO / CPO (`lora_planner.loss_preference`): the pair's whole logits through TRL's own loss code
-        check_logits_objective(flow)
         loss_saved = softcap + preference_loss_saved(flow)
         # (after the output layer, the model's forward and Accelerate's autocast region, with its cache of weight
         # casts, return: what they hold counts at the output layer only)

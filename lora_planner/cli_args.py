@@ -316,8 +316,10 @@ def add_recommend_arguments(p: argparse.ArgumentParser) -> None:
                         "teaches, and what the evidence says for it, with --train-tokens or --examples; dpo or "
                         "preference also search DPO's step (TRL's DPOTrainer: --global-batch and the micro-batch "
                         "count pairs, two rows each, and its reference pass); grpo or rl search GRPO's (TRL's "
-                        "GRPOTrainer: they count completions; a generation round, then the training step)")
+                        "GRPOTrainer: they count completions; a generation round, then the training step); orpo, "
+                        "simpo or cpo search ORPOTrainer's or CPOTrainer's (pairs, the whole logits in fp32)")
     add_precompute_argument(p)
+    add_cpo_alpha_argument(p)
     add_grpo_arguments(p, accumulation=False)
     p.add_argument("--capacity-margin", type=positive_number("capacity-margin", "--capacity-margin 2"), default=None,
                    help="trainable parameters x 2 bits over the data's bits (default 2)")

@@ -42,7 +42,8 @@ def add_loss_argument(p: argparse.ArgumentParser) -> None:
 
 def add_stack_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stack", type=Text("stack", "--stack trl-sft"), default=None,
-                   help="the defaults a framework trains with: hf-trainer, trl-sft, torchtune, litgpt, unsloth or "
+                   help="the defaults a framework trains with: hf-trainer, trl-sft, trl-dpo, trl-grpo, trl-orpo, "
+                        "trl-cpo, torchtune, litgpt, unsloth, llamafactory or "
                         "axolotl (optimizer, loss, attention, checkpointing, adapter dtype, kbit preparation, rank, "
                         "batch, sequence, collator); flags given explicitly win; the plan prints what was set and "
                         "what the framework does that is not modelled")

@@ -6,9 +6,10 @@ facts, with line numbers, are in `docs/research/issue17_orpo_simpo_kto.md` §1, 
 
 - `concatenated_forward`: `model(concatenated_input_ids, attention_mask=..., use_cache=False)` over the 2B rows (chosen
   first) with no labels, so the output layer projects every position: (2B, T, V) logits. Under Accelerate's native
-  AMP (`bf16=True`, TRL's default, not DeepSpeed) `prepare_model` wraps the forward in `convert_outputs_to_fp32`
-  (accelerate/accelerator.py l.1824-1835, utils/operations.py l.889-931): the 16-bit logits are copied to fp32, both
-  alive during the copy, and the loss code sees fp32 (`logits_bytes`);
+  AMP (`bf16=True`, TRL's default, not DeepSpeed) `prepare_model` wraps the forward in autocast and then in
+  `convert_outputs_to_fp32` (accelerate/accelerator.py l.1824-1835, utils/operations.py l.889-931): the 16-bit logits
+  (autocast's, or 16-bit weights') are copied to fp32 once the autocast region has exited, both alive during the copy,
+  and the loss code sees fp32 (`logits_bytes`);
 - the NLL term (ORPO always, l.782-800; CPO when `cpo_alpha` != 0, its default 1.0 even for SimPO, l.842-845):
   `logits[..., :-1, :].contiguous()` of the chosen half (a B x (T-1) x V copy, freed when the function returns) and
   `nn.CrossEntropyLoss`, whose log_softmax output (B (T-1) x V, the logits' dtype) is kept with the shifted targets;
@@ -30,24 +31,31 @@ slices' backward and is added to the log-probs' (in place on a device; out of pl
 the exact tracker: a third (2B, T, V) tensor), then Accelerate's cast's backward (the 16-bit gradient) and the output
 layer's.
 
-Known limitations: CPU with 16-bit logits (TRL's per-row log_softmax fallback, bf16 weights without autocast) is
-refused; the prompt's collated ids and mask are not counted (the planner has one length; the chosen and rejected
-sides are counted at it, each padded to its own longest in TRL);
-MoE's router loss (`output_router_logits`) is not added to these objectives' moments; the CUDA path is modelled from
-the Triton kernel's source and has not been measured here (no GPU lent).
+Known limitations: 16-bit weights under TRL's `bf16=True` autocast are planned as 16-bit weights without autocast
+(ops autocast runs in fp32 inside the layers are not counted), but for the logits' conversion; 16-bit logits
+(`bf16=False` over 16-bit weights, DeepSpeed) are not planned; the prompt's collated ids and mask are not counted (the
+planner has one length; the chosen and rejected sides are counted at it, each padded to its own longest in TRL); MoE's
+router loss (`output_router_logits`) is not added to these objectives' moments; the CUDA path is modelled from the
+Triton kernel's source and has not been measured here (no GPU lent).
 """
 
 from __future__ import annotations
 
-from lora_planner.errors import PlannerInputError
 from lora_planner.families.rules import FP32, Flow, SavedTensor
 
 
 
 def logits_bytes(flow: Flow) -> int:
-    """Bytes an element of the logits the loss code sees: fp32 under autocast (Accelerate's conversion), else the
-    output layer's dtype."""
-    return FP32 if flow.amp else flow.e_compute
+    """Bytes an element of the logits the loss code sees: fp32. TRL's configs default to `bf16=True` (`not fp16`,
+    `trl/trainer/base_config.py` l.107-110), Accelerate's native AMP then converts the 16-bit logits of 16-bit weights
+    or of autocast to fp32; fp32 weights without autocast give fp32 logits. (16-bit logits need `bf16=False` over
+    16-bit weights, or DeepSpeed: not planned.)"""
+    return FP32
+
+
+def converted(flow: Flow) -> bool:
+    """Whether the output layer's logits are 16-bit, copied to fp32 by Accelerate's `convert_outputs_to_fp32`."""
+    return flow.e_compute != FP32
 
 
 def has_nll(flow: Flow) -> bool:
@@ -59,13 +67,6 @@ def triton(flow: Flow) -> bool:
     """`selective_log_softmax` runs TRL's Triton kernel on CUDA / XPU (`_supports_trl_loss_kernel`), the torch
     fallback on CPU."""
     return flow.t.device != "cpu"
-
-
-def check_logits_objective(flow: Flow) -> None:
-    """What is not modelled yet for ORPO / CPO, refused with the reason."""
-    if not triton(flow) and logits_bytes(flow) != FP32:
-        raise PlannerInputError("amp", "ORPO / CPO on CPU with 16-bit logits (TRL's per-row log_softmax fallback) "
-                                       "is not modelled yet", "pass --amp bf16 (TRL's default) or --dtype fp32")
 
 
 def _sizes(flow: Flow) -> tuple[int, int, int, int, int]:
@@ -118,7 +119,7 @@ def preference_loss_moments(flow: Flow, head_held: int) -> tuple[int, int, int]:
     nll = b * (t - 1) * v * e if has_nll(flow) else 0
     local = 4 * r * t * 8  # concatenated ids, mask, labels, and the labels TRL builds from them
     moments = [saved, r * t * v * flow.e_compute + head_held]
-    if flow.amp:
+    if converted(flow):
         moments.append(r * t * v * flow.e_compute + full)
     if nll:
         # (with one pair the chosen row's shifted slice is contiguous already: `.contiguous()` copies nothing)
@@ -137,6 +138,6 @@ def preference_loss_moments(flow: Flow, head_held: int) -> tuple[int, int, int]:
         # the NLL path, after the log-probs': the waiting (2B, T, V) gradient, then the chosen half's grown back to
         # (2B, T, V) beside it and (the tracker's) sum
         moment = max(moment, (3 if not triton(flow) else 2) * full + b * t * v * e)
-    if flow.amp:
+    if converted(flow):
         moment = max(moment, full + r * t * v * flow.e_compute)
     return forward, kept, moment - kept

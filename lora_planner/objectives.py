@@ -11,6 +11,9 @@
   it before the forward (`_compute_kl_logps`, the phase "kl_forward", `ActivationProfile.kl_moment`), then after the
   forward the reference's passes over the KL and the main rows (l.1424-1440), DPO's reference machinery below; the
   fused head asks for log_probs, entropy and mean_logits;
+- "orpo", "simpo", "cpo": TRL's `ORPOTrainer` and `CPOTrainer` (`trl.experimental`): the pair's two rows through the
+  output layer, the whole logits kept in fp32 and the loss computed from them (`lora_planner.loss_preference`); no
+  reference, one forward;
 - "dpo": TRL's `DPOTrainer` (`trl/trainer/dpo_trainer.py`, `dpo_config.py`; the facts, with line numbers, are in
   `docs/research/issue17_dpo.md`):
   - **rows**: `per_device_train_batch_size` counts pairs; the collator (`DataCollatorForPreference.torch_call`,
@@ -41,14 +44,14 @@ tokens, so this is an upper bound there; on CPU it scores every position, as pla
 every row `seq_len` long; a tied output layer under full fine-tuning is refused (`loss_fused.check_trl_loss`); the
 labels `_compute_loss` builds are counted through the step (TRL drops them before backward: b x s x 8 bytes over); the
 reference copy is counted as TRL loads it, not a `ref_model` of another size; one GPU only (the reference pass under
-DDP / FSDP / ZeRO is not modelled yet); ORPO, SimPO and KTO are refused until modelled (issue 17).
+DDP / FSDP / ZeRO is not modelled yet).
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
-from lora_planner.specs import WITH_REFERENCE, GrpoSpec, ModelSpec, TrainingSpec
+from lora_planner.specs import LOGITS_OBJECTIVES, TRAINERS, WITH_REFERENCE, GrpoSpec, ModelSpec, TrainingSpec
 
 # (what each objective is refused with is validated by `TrainingSpec._check_objective`)
 # The fused LM head's outputs each trainer asks for (`add_fused_lm_head(..., outputs=...)`: sft_trainer.py l.1144-1147,
@@ -76,6 +79,8 @@ def describe(training: TrainingSpec, spec: ModelSpec | None = None) -> str:
         return ""
     if training.objective == "grpo":
         return _describe_grpo(training, spec)
+    if training.objective in LOGITS_OBJECTIVES:
+        return _describe_logits(training, spec)
     b, s = training.batch_size, training.seq_len
     ref = {"none": "reference log-probs precomputed before training: no reference pass in the step",
            "adapters-disabled": "reference pass: the policy with its adapters disabled, a no-grad forward of the same "
@@ -90,6 +95,27 @@ def describe(training: TrainingSpec, spec: ModelSpec | None = None) -> str:
                 f"no_grad first; TRL's fused LM head; {ref}.")
     return (f"DPO (TRL 1.16 DPOTrainer): {b} pair{'s' if b != 1 else ''} = {2 * b} rows of {s} tokens per forward "
             f"(prompt + chosen, prompt + rejected), through TRL's fused LM head; {ref}.")
+
+
+def _describe_logits(training: TrainingSpec, spec: ModelSpec | None) -> str:
+    """ORPO / SimPO / CPO (`lora_planner.loss_preference`): the rows, the logits' size, the NLL term, the log-probs'
+    implementation."""
+    b, s, objective = training.batch_size, training.seq_len, training.objective
+    name = {"orpo": "ORPO", "simpo": "SimPO", "cpo": "CPO"}[objective]
+    size = ""
+    if spec is not None:
+        from lora_planner.planner import gib_text
+
+        size = f", {gib_text(2 * b * s * spec.vocab_size * 4)}"
+    nll = "the chosen rows' NLL term (its log_softmax kept, half the logits' size)" \
+        if objective == "orpo" or training.cpo_alpha != 0 else "no NLL term (cpo_alpha 0)"
+    if objective != "orpo" and training.cpo_alpha != 0:
+        nll += f" (cpo_alpha {training.cpo_alpha:g}: 0 drops it)"
+    logps = "TRL's Triton log-prob kernel (modelled from its source, not measured)" if training.device != "cpu" \
+        else "the torch fallback (per-row logsumexp; three logits-sized gradients at once in backward)"
+    return (f"{name} (TRL 1.16 {TRAINERS[objective]}, trl.experimental): {b} pair{'s' if b != 1 else ''} = {2 * b} "
+            f"rows of {s} tokens per forward, the output layer over every position and the logits kept in fp32 "
+            f"(Accelerate's conversion under bf16{size}); {nll}; log-probs by {logps}; no reference model.")
 
 
 def vllm_share(g: GrpoSpec) -> str:

@@ -47,6 +47,7 @@ from lora_planner.specs import ModelSpec
 Objective = Literal["sft", "rl", "continued-pretraining", "preference"]
 OBJECTIVES: tuple[str, ...] = get_args(Objective)
 OBJECTIVE_ALIASES = {"cpt": "continued-pretraining", "pretraining": "continued-pretraining", "dpo": "preference",
+                     "orpo": "preference", "simpo": "preference", "cpo": "preference", "kto": "preference",
                      "grpo": "rl", "ppo": "rl", "instruction-tuning": "sft"}
 BITS_PER_PARAM = 2.0  # LoRA Without Regret, Discussion (citing Allen-Zhu & Li 2024)
 BITS_PER_TOKEN = 1.0  # ibid.: "a loss of around 1 bit (0.69 nats) per token"

@@ -56,7 +56,8 @@ from lora_planner.planner import (
     Budget, describe_budget, describe_usable, fits, fits_on, plan_warnings, usable_bytes,
 )
 from lora_planner.specs import (
-    MAX_BATCH_SIZE, MAX_GLOBAL_BATCH, MAX_GPUS, MAX_R, METHODS, ModelSpec, TrainingSpec, check_positive_int,
+    LOGITS_OBJECTIVES, MAX_BATCH_SIZE, MAX_GLOBAL_BATCH, MAX_GPUS, MAX_R, METHODS, ModelSpec, TrainingSpec,
+    check_positive_int,
 )
 
 GIB = 2**30
@@ -621,6 +622,8 @@ def _peak_and_notes(req: RecommendRequest, c: Candidate) -> list[str]:
         notes += _dpo_notes(req, c)
     if req.training.objective == "grpo":
         notes += _grpo_notes(req, c)
+    if req.training.objective in LOGITS_OBJECTIVES:
+        notes += _logits_notes(req, c)
     return notes
 
 
@@ -690,6 +693,25 @@ def recommend_grpo(req: RecommendRequest) -> Recommendation:
             return replace(other, reasons=(f"GRPO as asked does not fit on this GPU; gave up {given_up}.",
                                            *other.reasons))
     return rec
+
+
+def _logits_notes(req: RecommendRequest, c: Candidate) -> list[str]:
+    """ORPO / SimPO / CPO: the rows, the logits' share, and what the NLL term costs (`lora_planner.loss_preference`)."""
+    training = training_for(req, c.method, c.r, c.grad_checkpointing, c.micro_batch_size)
+    name = {"orpo": "ORPO (TRL's ORPOTrainer)", "simpo": "SimPO (TRL's CPOTrainer)",
+            "cpo": "CPO (TRL's CPOTrainer)"}[training.objective]
+    logits = training.rows[0] * training.seq_len * req.spec.vocab_size * 4
+    pairs = plural(c.micro_batch_size, "pair")
+    notes = [f"{name}: the micro-batch and the global batch count pairs, each two rows: {pairs} = "
+             f"{training.rows[0]} rows of {training.seq_len} tokens per forward, their logits kept in fp32 "
+             f"({gib(logits)}): the micro-batch costs far more than in DPO's fused head."]
+    if training.objective != "orpo" and training.cpo_alpha != 0:
+        est = estimate_memory_cached(req.spec, training, req.overhead)
+        pure = estimate_memory_cached(req.spec, replace(training, cpo_alpha=0.0), req.overhead)
+        notes.append(f"cpo_alpha {training.cpo_alpha:g} (TRL's default) keeps the chosen rows' NLL term and its "
+                     f"log_softmax: --cpo-alpha 0 (pure SimPO) would peak at {gib(pure.peak_device_bytes)} instead "
+                     f"of {gib(est.peak_device_bytes)}.")
+    return notes
 
 
 def _dpo_notes(req: RecommendRequest, c: Candidate) -> list[str]:

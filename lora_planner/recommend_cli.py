@@ -67,6 +67,7 @@ def recommendation_to_dict(rec: Recommendation, verification: Verification | Non
         "loss_chunks": t.loss_chunks if t.loss in ("chunked", "linear") else None,
         "objective": t.objective,  # the step searched (`objectives`): dpo counts the batches in pairs
         "precompute_ref_log_probs": t.precompute_ref_log_probs,
+        "cpo_alpha": t.cpo_alpha if t.objective in ("simpo", "cpo") else None,
         # GRPO: GRPOConfig's settings of the recommended step (the round, lengths, scoring passes)
         "grpo": grpo_inputs(training_for(req, c.method, c.r, c.grad_checkpointing, c.micro_batch_size))
         if t.objective == "grpo" else None,
@@ -210,13 +211,14 @@ def request_from_args(args: argparse.Namespace, spec: ModelSpec | None = None) -
     overhead = overhead_from_args(args)
     dtype = args.dtype if args.dtype is not None else ("fp32" if args.amp else "bf16")
     objective = memory_objective(args)
-    loss = "trl" if objective != "sft" and args.loss == "hf" else args.loss  # DPOTrainer's own fused head
+    # DPO / KTO / GRPO run TRL's own fused head; ORPO / CPO compute their loss from the logits (transformers' head)
+    loss = "trl" if objective in ("dpo", "kto", "grpo") and args.loss == "hf" else args.loss
     training = TrainingSpec(
         method="full", dtype=dtype, amp=args.amp, optimizer=args.optimizer, optimizer_impl=args.optimizer_impl,
         seq_len=args.seq_len, device=args.device, attention=args.attention,
         lora=LoraSpec(r=1, alpha=args.alpha, target_modules=target, adapter_dtype=args.adapter_dtype),
         **parse_loss(loss), padding=args.padding, packing=args.packing, liger=args.liger,
-        objective=objective, precompute_ref_log_probs=args.precompute_ref_log_probs,
+        objective=objective, precompute_ref_log_probs=args.precompute_ref_log_probs, cpo_alpha=args.cpo_alpha,
         **({"grpo": _grpo_for_recommend(args)} if objective == "grpo" else {}),
     )
     if args.strategy is not None and args.gpus == 1:
@@ -234,10 +236,15 @@ def request_from_args(args: argparse.Namespace, spec: ModelSpec | None = None) -
 
 def memory_objective(args: argparse.Namespace) -> str:
     """The step `recommend` searches: DPO's (`lora_planner.objectives`) for `--objective dpo` or `preference` (TRL's
-    preference trainer), GRPO's (`lora_planner.generation`) for `grpo` or `rl` (TRL's RL trainer), else the SFT step
+    preference trainer), ORPO's, SimPO's or CPO's for theirs, GRPO's (`lora_planner.generation`) for `grpo` or `rl`
+    (TRL's RL trainer), else the SFT step
     (continued pretraining trains as one)."""
     text = (getattr(args, "objective", None) or "sft").strip().lower()
-    return {"dpo": "dpo", "preference": "dpo", "grpo": "grpo", "rl": "grpo"}.get(text, "sft")
+    if text == "kto":
+        raise PlannerInputError("objective", "recommend does not search KTO's step yet (its micro-batch needs 2 "
+                                             "examples or more)", "plan it: lora-plan --objective kto --batch-size N")
+    return {"dpo": "dpo", "preference": "dpo", "grpo": "grpo", "rl": "grpo", "orpo": "orpo", "simpo": "simpo",
+            "cpo": "cpo"}.get(text, "sft")
 
 
 def _grpo_for_recommend(args: argparse.Namespace) -> GrpoSpec:

@@ -23,6 +23,11 @@ Sources (file:line at the version named):
   beta 0.0 at 681-688, use_vllm False at 587-593), `trainer/base_config.py` (gradient checkpointing on, bf16 on),
   `trainer/model_config.py` (r 16, alpha 32), `trainer/utils.py` `create_model_from_path` (float32: the KV cache of a
   LoRA policy's generation is then fp32); `--objective grpo` (`lora_planner.generation`).
+- trl-orpo / trl-cpo: TRL 1.16.0 `experimental/orpo/orpo_config.py` / `experimental/cpo/cpo_config.py` (max_length
+  1024, beta 0.1; CPO: loss_type sigmoid, cpo_alpha 1.0), `trainer/base_config.py` (gradient checkpointing on, bf16 on),
+  `experimental/orpo/orpo_trainer.py` l.171-196 (a model named by path loads with `from_pretrained(model)`: the
+  checkpoint's dtype), the pairs padded to the batch's longest (`DPODataCollatorWithPadding`); `--objective orpo|cpo`
+  (`lora_planner.loss_preference`).
 - torchtune: `recipes/configs/llama3_1/8B_lora_single_device.yaml` (lora_attn_modules q_proj, v_proj, output_proj,
   apply_lora_to_mlp, r 8, alpha 16, batch_size 2, enable_activation_checkpointing true, dtype bf16, AdamW fused),
   `CEWithChunkedOutputLoss(num_output_chunks=8)` in 0.6.1 (main switched to `LinearCrossEntropyLoss`).
@@ -62,6 +67,9 @@ class Stack:
     notes: tuple[str, ...] = ()
 
 
+# ORPO / CPO load a model named by path in the checkpoint's dtype, then train it under bf16=True
+BF16_CHECKPOINT = ("the checkpoint's dtype (from_pretrained's 'auto'), taken as bf16, under bf16=True autocast: "
+                   "planned as bf16 weights without autocast, but for the logits' fp32 conversion")
 STACKS: dict[str, Stack] = {s.name: s for s in (
     Stack("hf-trainer", "transformers 5.24 Trainer + PEFT 0.21.2",
           dict(optimizer="adamw_torch_fused", attention="sdpa", grad_checkpointing=False, adapter_dtype="fp32",
@@ -84,6 +92,17 @@ STACKS: dict[str, Stack] = {s.name: s for s in (
                kbit_prep=False, loss="trl", liger=False, objective="grpo"),
           ("every completion counted at --max-completion-length tokens (TRL pads the round to its longest)",
            "reward models on the GPU are not counted (callable rewards)")),
+    Stack("trl-orpo", "TRL 1.16.0 ORPOTrainer + ORPOConfig (trl.experimental)",
+          dict(optimizer="adamw_torch_fused", attention="sdpa", grad_checkpointing=True, adapter_dtype="fp32",
+               r=16, alpha=32.0, dtype="bf16", amp=None, seq_len=1024, batch_size=8, padding=True, packing=False,
+               kbit_prep=False, loss="hf", liger=False, objective="orpo"),
+          (BF16_CHECKPOINT,)),
+    Stack("trl-cpo", "TRL 1.16.0 CPOTrainer + CPOConfig (trl.experimental)",
+          dict(optimizer="adamw_torch_fused", attention="sdpa", grad_checkpointing=True, adapter_dtype="fp32",
+               r=16, alpha=32.0, dtype="bf16", amp=None, seq_len=1024, batch_size=8, padding=True, packing=False,
+               kbit_prep=False, loss="hf", liger=False, objective="cpo"),
+          (BF16_CHECKPOINT,
+           "SimPO: pass --objective simpo (and --cpo-alpha 0 for pure SimPO; TRL's default keeps the NLL term)")),
     Stack("torchtune", "torchtune 0.6.1 llama3_1/8B_lora_single_device",
           dict(optimizer="adamw_torch_fused", attention="sdpa", grad_checkpointing=True, adapter_dtype="base",
                r=8, alpha=16.0, target="q_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", dtype="bf16", amp=None,

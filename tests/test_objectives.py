@@ -37,9 +37,10 @@ def test_reference_pass(settings, expected):
 
 @pytest.mark.parametrize(("settings", "field", "fragment"), [
     ({"objective": "grpo", "seq_len": 512}, "seq_len", "leave no prompt"),
-    ({"objective": "orpo"}, "objective", "not modelled yet"),
+    ({"objective": "orpo"}, "loss", "from the whole logits"),
     ({"objective": "kto", "batch_size": 1}, "batch_size", "KL term"),
-    ({"objective": "simpo"}, "objective", "not modelled yet"),
+    ({"objective": "simpo", "loss": "hf", "cpo_alpha": -1.0}, "cpo_alpha", "must be a number >= 0"),
+    ({"cpo_alpha": 0.0}, "cpo_alpha", "only CPOTrainer"),
     ({"objective": "ppo"}, "objective", "unknown value"),
     ({"loss": "hf"}, "loss", "always runs its fused LM head"),
     ({"packing": True}, "packing", "no padding-free batches"),

@@ -646,3 +646,25 @@ def test_grpo_refusals(capsys, argv, field):
     assert main(["recommend", "--model", "qwen3-8b", "--gpu", "a100-80gb", *argv]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"error: {field}:" in err
+
+
+# ---- ORPO / SimPO / CPO (`recommend --objective orpo | simpo | cpo`): pairs, the whole logits -----------------------
+
+
+def test_orpo_and_simpo_search_their_own_steps(capsys):
+    """ORPO's micro-batch counts pairs and costs its logits in fp32: on an RTX 4090 it fits fewer pairs than DPO's
+    fused head with the reference precomputed; SimPO's default cpo_alpha says what 0 would save."""
+    base = ["recommend", "--model", "llama-3.1-8b", "--gpu", "rtx-4090", "--methods", "lora", "--json"]
+    assert main(base + ["--objective", "orpo"]) == 0
+    orpo = json.loads(capsys.readouterr().out)
+    assert orpo["fits"] and orpo["objective"] == "orpo" and orpo["loss"] == "hf"
+    assert any(r.startswith("ORPO (TRL's ORPOTrainer): the micro-batch and the global batch count pairs")
+               for r in orpo["reasons"])
+    assert main(base + ["--objective", "dpo", "--precompute-ref-log-probs"]) == 0
+    dpo = json.loads(capsys.readouterr().out)
+    assert dpo["max_micro_batch_size"] > orpo["max_micro_batch_size"]
+    assert main(base + ["--objective", "simpo"]) == 0
+    simpo = json.loads(capsys.readouterr().out)
+    assert simpo["cpo_alpha"] == 1.0 and any("--cpo-alpha 0 (pure SimPO) would peak at" in r for r in simpo["reasons"])
+    assert main(base + ["--objective", "kto"]) == 2
+    assert "recommend does not search KTO's step yet" in capsys.readouterr().err

@@ -203,3 +203,30 @@ def test_recommendation_from_the_data(page, capsys):
     set_value(driver, "capacity-margin", "")
     set_value(driver, "train-tokens", "lots")
     assert driver.find_element(By.ID, "err-train-tokens").text
+
+
+def test_trainer_objective(page, capsys):
+    """The objective select plans TRL's trainer as `lora-plan --objective` does (ORPO's pairs, GRPO's round), sends
+    recommend-only names to the recommendation and their step to the plan, and a refusal shows at its field."""
+    url, driver = page
+    driver.get(url + "/?gpu=a100-80gb&batch-size=8&grad-checkpointing=1")
+    wait_ready(driver)
+    for value in ("orpo", "grpo"):
+        Select(driver.find_element(By.ID, "objective")).select_by_value(value)
+        wait_ready(driver)
+        assert url_params(driver)["objective"] == value
+        doc = check_numbers(driver, capsys)
+        assert doc["inputs"]["objective"] == value
+    # "rl" is recommend's name: the plan runs GRPO's step, the recommendation searches it
+    Select(driver.find_element(By.ID, "objective")).select_by_value("rl")
+    wait_ready(driver)
+    params = url_params(driver)
+    assert params["objective"] == "rl"
+    doc = cli_json(capsys, {**params, "objective": "grpo"} | {"model": "llama-3.1-8b"})
+    shown = driver.find_element(By.CSS_SELECTOR, '.verdict[data-method="lora"] .peak')
+    assert int(shown.get_attribute("data-bytes")) == doc["methods"]["lora"]["peak_device_bytes"]
+    assert "GRPO" in driver.find_element(By.ID, "recommendation").text
+    # KTO needs two examples a micro-batch: the message shows at the batch's field
+    Select(driver.find_element(By.ID, "objective")).select_by_value("kto")
+    set_value(driver, "batch-size", "1")
+    assert "at least 2 examples" in driver.find_element(By.ID, "err-batch-size").text

@@ -10,8 +10,10 @@ const METHOD_NAMES = {full: "full", lora: "LoRA", qlora: "QLoRA"};
 const SWEEPS = {"r": [1, 2, 4, 8, 16, 32, 64, 128, 256], "batch-size": [1, 2, 4, 8, 16, 32, 64],
                 "seq-len": [256, 512, 1024, 2048, 4096, 8192, 16384, 32768]};
 const FIELDS = ["model", "r", "alpha", "dtype", "amp", "quant", "optimizer", "batch-size", "seq-len", "attention",
-                "loss", "stack", "gpu", "gpu-mem", "gpus", "strategy", "offload", "activation-offloading"];
-const RECOMMEND_FIELDS = ["train-tokens", "objective", "capacity-margin"];  // the recommendation's only: the data, for the rank
+                "loss", "objective", "stack", "gpu", "gpu-mem", "gpus", "strategy", "offload", "activation-offloading"];
+const RECOMMEND_FIELDS = ["train-tokens", "capacity-margin"];  // the recommendation's only: the data, for the rank
+// The objective's names that only `recommend` takes (the data's kind for the rank): the step the plan runs for them
+const PLAN_OBJECTIVE = {rl: "grpo", preference: "dpo", "continued-pretraining": undefined};
 const SWITCHES = ["grad-checkpointing", "liger", "use-dora"];
 const DEFAULTS = {model: "llama-3.1-8b", r: "8", "batch-size": "1", "seq-len": "1024", gpus: "1"};
 
@@ -72,6 +74,9 @@ async function call(path, p, extra = {}) {
   if (path !== "/api/recommend") {  // the data size sizes the recommendation's rank only
     p = {...p};
     for (const name of RECOMMEND_FIELDS) delete p[name];
+    if (p.objective in PLAN_OBJECTIVE) {
+      if (PLAN_OBJECTIVE[p.objective]) p.objective = PLAN_OBJECTIVE[p.objective]; else delete p.objective;
+    }
   }
   const response = await fetch(path, {method: "POST", headers: {"Content-Type": "application/json"},
                                       body: JSON.stringify({params: {...p, ...extra}, config})});
