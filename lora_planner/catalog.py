@@ -9,6 +9,8 @@ totals are pinned in the tests against `transformers` models built from these co
 
 from __future__ import annotations
 
+import functools
+
 import os
 import re
 from pathlib import Path
@@ -518,7 +520,7 @@ def resolve_model(name_or_path: str) -> ModelSpec:
     key = name_or_path.strip().lower()
     found = _catalog_key(key)
     if found is not None:
-        return spec_from_config(MODEL_CONFIGS[found][1], name=found)
+        return _catalog_spec(found)
     if name_or_path.endswith(".json") or _exists(Path(name_or_path)):
         return load_config_json(name_or_path)
     shown = name_or_path if len(name_or_path) <= 80 else name_or_path[:77] + "..."
@@ -539,6 +541,13 @@ def resolve_model(name_or_path: str) -> ModelSpec:
             "`lora-plan --model path/to/config.json` with the path it prints")
     raise PlannerInputError("model", f"unknown model {shown!r}",
                             f"{hint} (or pass a path to a config.json)")
+
+
+@functools.lru_cache(maxsize=None)
+def _catalog_spec(name: str) -> ModelSpec:
+    """A catalog model's spec, read once per process (specs are frozen; the web page's sweeps resolve the model at
+    every point)."""
+    return spec_from_config(MODEL_CONFIGS[name][1], name=name)
 
 
 # Base models' names from their fine-tunes' (which share the base shapes): a trailing "-instruct" / "-chat" / "-it"

@@ -60,7 +60,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from math import ceil
 
 from lora_planner.activations import ActivationProfile
@@ -68,7 +68,7 @@ from lora_planner.errors import PlannerInputError
 from lora_planner.params import count_params
 from lora_planner.parallel import sharded_phases
 from lora_planner.parallel.offload import HostMemory, host_memory
-from lora_planner.specs import ModelSpec, TrainingSpec
+from lora_planner.specs import LoraSpec, ModelSpec, TrainingSpec
 from lora_planner.step import (  # noqa: F401 (the step's pieces, re-exported: callers import them from here)
     CATEGORIES, MIB, PHASE_TITLES, PHASES, MemoryBreakdown, Phase, PhaseMemory, StepComponents, group_bytes,
     layer_trainable_bytes, nf4_bytes, single_gpu_phases, step_components, trainable_groups, trainable_totals,
@@ -173,4 +173,17 @@ def estimate_memory(spec: ModelSpec, training: TrainingSpec,
 # requests, where one change leaves most of them as they were. Every argument is a frozen dataclass (hashable) and the
 # estimate is immutable, so they share one process-wide LRU cache: about 8 KiB an entry (llama-7b, tracemalloc), so
 # at most ~16 MiB. Direct callers of `estimate_memory` (among them the tests that patch the engine) never use it.
-estimate_memory_cached = functools.lru_cache(maxsize=2048)(estimate_memory)
+# Full fine-tuning has no adapters, so its estimate does not depend on the adapters' rank and alpha: one entry serves
+# every rank (the page's "memory vs r" sweep asks full fine-tuning at each).
+_estimate_memory_lru = functools.lru_cache(maxsize=2048)(estimate_memory)
+
+
+def estimate_memory_cached(spec: ModelSpec, training: TrainingSpec,
+                           overhead: DeviceOverhead | None = None) -> MemoryEstimate:
+    """`estimate_memory` through the shared LRU cache (above)."""
+    if training.method == "full" and (training.lora.r, training.lora.alpha) != (FULL_KEY_R, None):
+        training = replace(training, lora=replace(training.lora, r=FULL_KEY_R, alpha=None))
+    return _estimate_memory_lru(spec, training, overhead)
+
+
+FULL_KEY_R = LoraSpec().r

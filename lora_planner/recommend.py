@@ -284,7 +284,8 @@ class _Search:
         self.usable = req.usable_bytes
         self._points: dict[tuple[str, int | None, bool, int], _Point] = {}
         self._max: dict[tuple[str, int | None, bool], int] = {}
-        self._last: dict[tuple[str, bool], int] = {}  # the latest answer by (method, checkpointing)
+        # the latest answer by (method, checkpointing): (its rank, the largest micro-batch that fits)
+        self._last: dict[tuple[str, bool], tuple[int | None, int]] = {}
 
     def point(self, method: str, r: int | None, ckpt: bool, micro: int) -> _Point:
         key = (method, r, ckpt, micro)
@@ -315,14 +316,17 @@ class _Search:
         """The largest micro-batch that fits (0 if not even 1), up to `MAX_MICRO_BATCH`."""
         key = (method, r, ckpt)
         if key not in self._max:
-            # the answer at the previous rank searched (same method and checkpointing) is a close hint: the peak
-            # moves little along the ladder
-            hint = self._last.get((method, ckpt)) or None
+            # the answer at the previous rank searched (same method and checkpointing) bounds this one: the peak
+            # never falls as r grows (more adapter parameters, states and activations at every micro-batch), so a
+            # smaller rank's answer is an upper bound and a larger rank's a lower one
+            last_r, hint = self._last.get((method, ckpt), (None, None))
+            bound = None if r is None or last_r is None or last_r == r else "upper" if last_r < r else "lower"
             grpo = self.req.training.objective == "grpo"  # (micro-batches divide GRPO's round: `training_for`)
             rows = grpo_round_rows(self.req) if grpo else MAX_MICRO_BATCH
-            biggest = largest_fitting(lambda micro: self.peak(method, r, ckpt, micro), self.usable, rows, hint)
-            self._max[key] = self._last[(method, ckpt)] = _largest_divisor_at_most(rows, biggest) \
-                if grpo and biggest else biggest
+            biggest = largest_fitting(lambda micro: self.peak(method, r, ckpt, micro), self.usable, rows,
+                                      hint if bound else hint or None, bound)
+            self._max[key] = _largest_divisor_at_most(rows, biggest) if grpo and biggest else biggest
+            self._last[(method, ckpt)] = (r, biggest)
         return self._max[key]
 
     def schedule(self, max_micro: int) -> tuple[int, int]:

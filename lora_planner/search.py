@@ -17,17 +17,46 @@ bisection for peaks far from affine (e.g. a step from a chunked loss switching c
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Literal
 
 
-def largest_fitting(peak: Callable[[int], int], usable: int, limit: int, hint: int | None = None) -> int:
+def largest_fitting(peak: Callable[[int], int], usable: int, limit: int, hint: int | None = None,
+                    bound: Literal["upper", "lower"] | None = None) -> int:
     """The largest x in [1, limit] with peak(x) <= usable; 0 when peak(1) > usable. `peak` must never decrease.
 
     `hint`: a likely answer (e.g. the one found for the next rank on the ladder): x = hint and hint + 1 are tried
-    first, so a right hint costs two calls. A wrong one costs at most those two, never a different answer."""
+    first, so a right hint costs two calls. A wrong one costs at most those two, never a different answer.
+    `bound`: what the hint is known to be, not only likely: "upper", the answer is at most `hint` (the answer for a
+    smaller rank, whose peak is never higher at any x), so a right hint costs one call (and 0 none); "lower", the
+    answer is at least `hint` (a larger rank's answer), so x = hint + 1 alone decides a right one."""
     if limit < 1:
         raise ValueError(f"limit must be at least 1, got {limit}")
-    known: dict[int, int] = {}
-    lo, hi = 0, limit + 1  # peak(lo) fits (0: nothing known to fit); hi does not (or is past the limit)
+    if hint is not None and bound is not None:
+        return _bounded(peak, usable, limit, hint, bound)
+    return _search(peak, usable, limit, hint, {}, 0, limit + 1)
+
+
+def _bounded(peak: Callable[[int], int], usable: int, limit: int, hint: int,
+             bound: Literal["upper", "lower"]) -> int:
+    """`largest_fitting` with a hint known to bound the answer (see there)."""
+    if bound == "upper":
+        x = min(hint, limit)
+        if x < 1:
+            return 0
+        known = {x: peak(x)}
+        return x if known[x] <= usable else _search(peak, usable, limit, None, known, 0, x)
+    x = min(max(hint, 0), limit)
+    if x >= limit:
+        return limit
+    known = {x + 1: peak(x + 1)}
+    if known[x + 1] > usable:
+        return x
+    return _search(peak, usable, limit, None, known, x + 1, limit + 1)
+
+
+def _search(peak: Callable[[int], int], usable: int, limit: int, hint: int | None, known: dict[int, int],
+            lo: int, hi: int) -> int:
+    """The search proper from the bracket lo (fits; 0: nothing known to fit) < hi (does not fit, or limit + 1)."""
     for x in ((hint, hint + 1) if hint is not None and 1 <= hint <= limit else ()):
         if x > limit:
             break

@@ -8,6 +8,7 @@ the sources of every term and the known limitations are in `lora_planner.memory`
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from math import ceil
@@ -608,8 +609,9 @@ def _recompute_moment(acts: ActivationProfile, offload: _Offload) -> tuple[int, 
     `offload.held(i)` says."""
     moments, index = [], 0
     for count, saved in acts.layer_runs:
+        layer_bytes = ActivationProfile.total(saved)
         for i in range(index, index + count):
-            extra = ActivationProfile.total(saved) + (offload.held(i) - offload.kept) * acts.checkpoint_per_layer_bytes
+            extra = layer_bytes + (offload.held(i) - offload.kept) * acts.checkpoint_per_layer_bytes
             moments.append((extra, acts.backward_scratch_bytes(i)))
         index += count
     return max(moments, key=sum)
@@ -625,11 +627,12 @@ def _late_backward_moment(acts: ActivationProfile, training: TrainingSpec, per_l
     scratch = acts.backward_scratch_bytes(first)
     best = (grads + left + scratch, grads, left, scratch)
     index, saved_below = 0, 0
+    trained_up_to = list(itertools.accumulate(per_layer_trainable))  # layers 0..i's trainable bytes
     for count, saved in acts.layer_runs:
         layer_bytes = ActivationProfile.total(saved)
         for i in range(index, index + count):
             if i > first:
-                g = grads_after_embedding - sum(per_layer_trainable[: i + 1])
+                g = grads_after_embedding - trained_up_to[i]
                 if training.grad_checkpointing:
                     a = offload.held(i) * acts.checkpoint_per_layer_bytes + layer_bytes
                 else:

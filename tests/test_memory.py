@@ -410,3 +410,18 @@ def test_bnb_4bit_compute_dtype_adds_the_cast_copy_of_the_dequantized_weight():
     assert TrainingSpec(method="qlora").matmul_4bit_dtype == "bf16"
     with pytest.raises(PlannerInputError, match="bnb_4bit_compute_dtype"):
         TrainingSpec(method="qlora", bnb_4bit_compute_dtype="int4")
+
+
+def test_the_cache_serves_full_fine_tuning_at_any_rank():
+    """Full fine-tuning has no adapters: one cached estimate serves every rank (the page's "memory vs r" sweep), and it
+    is the uncached estimate's."""
+    from lora_planner.catalog import resolve_model
+    from lora_planner.memory import estimate_memory_cached
+    from lora_planner.specs import LoraSpec
+
+    spec = resolve_model("llama-3.1-8b")
+    first = estimate_memory_cached(spec, TrainingSpec(method="full", lora=LoraSpec(r=4, alpha=8.0)))
+    assert estimate_memory_cached(spec, TrainingSpec(method="full", lora=LoraSpec(r=256))) is first
+    assert first.phases == estimate_memory(spec, TrainingSpec(method="full", lora=LoraSpec(r=64))).phases
+    lora = estimate_memory_cached(spec, TrainingSpec(method="lora", lora=LoraSpec(r=4)))
+    assert estimate_memory_cached(spec, TrainingSpec(method="lora", lora=LoraSpec(r=256))) is not lora

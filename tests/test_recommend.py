@@ -668,3 +668,31 @@ def test_orpo_and_simpo_search_their_own_steps(capsys):
     assert simpo["cpo_alpha"] == 1.0 and any("--cpo-alpha 0 (pure SimPO) would peak at" in r for r in simpo["reasons"])
     assert main(base + ["--objective", "kto"]) == 2
     assert "recommend does not search KTO's step yet" in capsys.readouterr().err
+
+
+# ---- the search's rank bounds: the same answers in fewer planner calls -------------------------------------------
+
+
+@pytest.mark.parametrize("argv", [
+    ["--model", "llama-3.2-3b", "--gpu", "rtx-4090"],
+    ["--model", "qwen3-8b", "--gpu", "a100-80gb", "--seq-len", "4096"],
+    ["--model", "mistral-7b", "--gpu", "t4", "--train-tokens", "1e7"],
+    ["--model", "llama-3.1-8b", "--gpu", "rtx-4090", "--gpus", "4"],
+])
+def test_rank_bounds_change_no_answer(monkeypatch, capsys, argv):
+    """A smaller rank's largest micro-batch bounds a larger rank's from above (the peak never falls as r grows): the
+    search trusts it (`largest_fitting(..., bound=...)`) and answers as the unbounded search does, with fewer calls."""
+    import lora_planner.recommend as rec
+    from lora_planner import memory
+    from lora_planner.search import largest_fitting
+
+    def recommend_json() -> tuple[str, int]:
+        memory._estimate_memory_lru.cache_clear()
+        assert main(["recommend", *argv, "--json"]) == 0
+        return capsys.readouterr().out, memory._estimate_memory_lru.cache_info().misses
+
+    bounded, bounded_calls = recommend_json()
+    monkeypatch.setattr(rec, "largest_fitting", lambda peak, usable, limit, hint=None, bound=None:
+                        largest_fitting(peak, usable, limit, hint or None))
+    unbounded, unbounded_calls = recommend_json()
+    assert bounded == unbounded and bounded_calls < unbounded_calls

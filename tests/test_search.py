@@ -106,3 +106,30 @@ def test_convex_peaks(base: int, per_row: int, limit: int, usable: int, hint: in
     peak = Counted(lambda x: base + per_row * x + x * x // 3)
     assert largest_fitting(peak, usable, limit, hint=hint) == bisection(peak.fn, usable, limit)
     assert len(peak.calls) <= 4 * (limit.bit_length() + 2)
+
+
+@given(monotone_peaks(), st.integers(0, 60))
+def test_a_bounding_hint_gives_the_scan_s_answer(case, slack) -> None:
+    """A hint known to bound the answer (a smaller rank's answer bounds a larger rank's from above, a larger rank's
+    from below): the same answer as a scan, for any bound that holds."""
+    values, usable, limit, _ = case
+    answer = scan(lambda x: values[x - 1], usable, limit)
+    for hint, bound in ((answer + slack, "upper"), (max(answer - slack, 0), "lower")):
+        peak = Counted(lambda x: values[x - 1])
+        assert largest_fitting(peak, usable, limit, hint=hint, bound=bound) == answer
+        assert all(1 <= x <= limit for x in peak.calls)
+        assert len(peak.calls) <= 4 * (limit.bit_length() + 2) + 1
+
+
+@pytest.mark.parametrize(("hint", "bound", "calls"), [
+    (29, "upper", [29]),   # right: one call, where an unbounded hint costs two
+    (29, "lower", [30]),
+    (0, "upper", []),      # nothing fitted at a smaller rank: nothing fits here, no call
+    (64, "lower", []),     # the lower bound is the limit already
+])
+def test_a_right_bounding_hint_costs_one_call_or_none(hint: int, bound: str, calls: list[int]) -> None:
+    peak = Counted(lambda x: 10 + 3 * x)
+    limit = 64 if hint == 64 else 100
+    assert largest_fitting(peak, 99 if hint != 64 else 10**6, limit, hint=hint, bound=bound) == \
+        (0 if hint == 0 and bound == "upper" else 64 if hint == 64 else 29)
+    assert peak.calls == calls
