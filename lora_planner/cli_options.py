@@ -66,7 +66,9 @@ def add_grpo_arguments(p: argparse.ArgumentParser, accumulation: bool = True) ->
     (`accumulation` False: the command has its own, `recommend`'s global batch)."""
     g = p.add_argument_group("GRPO (--objective grpo, TRL 1.16 GRPOTrainer)")
     g.add_argument("--num-generations", type=count("num-generations", "--num-generations 8", MAX_GENERATIONS, low=2),
-                   default=8, help="completions per prompt (default 8); --batch-size counts completions")
+                   default=8, help="completions per prompt (default 8); " + (
+                       "--batch-size counts completions" if accumulation else
+                       "the micro-batch and --global-batch count completions"))
     g.add_argument("--max-completion-length", type=count("max-completion-length", "--max-completion-length 1024",
                                                          MAX_SEQ_LEN), default=512,
                    help="tokens generated per completion (default 512)")

@@ -19,6 +19,8 @@ parameters x 2 bits >= 8N (margin 1).
 
     python experiments/capacity/run.py [--out reports/capacity/runs.jsonl] [--steps 1500]
     python experiments/capacity/run.py --facts 16384 --ranks 16 32 64 --steps 6000 --lr 5e-4   # one corner, longer
+    python experiments/capacity/run.py --facts 16384 --ranks 64 --steps 6000 --lr 1e-4 --warmup 600 --only lora
+    python experiments/capacity/run.py --task copy --facts 16384 --ranks 1 4 --steps 1500   # a rule, not facts
     python experiments/capacity/chart.py   # reports/capacity/capacity.png and summary.md
 
 Records are appended as each run finishes; a second call skips the runs already recorded.
@@ -42,11 +44,12 @@ CONFIG = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=176, num_hidde
               num_key_value_heads=2, max_position_embeddings=16, tie_word_embeddings=False)
 
 
-def facts(n: int, seed: int = 0) -> torch.Tensor:
-    """n rows of 4 distinct-enough key tokens (0..255) and a value token (256..511)."""
+def facts(n: int, seed: int = 0, task: str = "memorise") -> torch.Tensor:
+    """n rows of 4 distinct-enough key tokens (0..255) and a value token (256..511): random ("memorise", 8 bits a fact
+    to store), or the first key's token shifted by 256 ("copy": a rule, nothing to store per fact however many)."""
     g = torch.Generator().manual_seed(seed + n)
     keys = torch.randint(0, 256, (n, KEY_TOKENS), generator=g)
-    values = torch.randint(256, 512, (n, 1), generator=g)
+    values = torch.randint(256, 512, (n, 1), generator=g) if task == "memorise" else keys[:, :1] + 256
     return torch.cat([keys, values], dim=1)
 
 
@@ -76,12 +79,16 @@ def evaluate(model, data: torch.Tensor) -> tuple[float, float]:
     return float(sum(losses)) / len(data), correct / len(data)
 
 
-def train(method: str, r: int | None, n: int, steps: int, batch: int, lr_full: float) -> dict:
-    data = facts(n)
+def train(method: str, r: int | None, n: int, steps: int, batch: int, lr_full: float, warmup: int = 0,
+          task: str = "memorise") -> dict:
+    data = facts(n, task=task)
     model = build(method, r)
     params = [p for p in model.parameters() if p.requires_grad]
     lr = lr_full * (10 if method == "lora" else 1)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    # linear warmup over `warmup` steps, then constant (0: constant from the first step, as the first runs)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup
+                                                 else 1.0)
     g = torch.Generator().manual_seed(1)
     labels_mask = torch.full((batch, KEY_TOKENS + 1), -100)
     start = time.time()
@@ -97,14 +104,22 @@ def train(method: str, r: int | None, n: int, steps: int, batch: int, lr_full: f
         loss = model(input_ids=rows, labels=labels).loss
         loss.backward()
         optimizer.step()
+        schedule.step()
         optimizer.zero_grad(set_to_none=True)
     final_loss, accuracy = evaluate(model, data)
     stored = n * max(0.0, VALUE_BITS - final_loss / math.log(2))
-    return {"key": f"{method}|{r}|{n}|{steps}|{lr:g}", "method": method, "r": r, "facts": n,
+    return {"key": run_key(method, r, n, steps, lr, warmup, task), "method": method, "r": r, "facts": n,
+            "task": task, "warmup": warmup,
             "data_bits": n * VALUE_BITS,
             "trainable_params": sum(p.numel() for p in params), "steps": steps, "batch": batch, "lr": lr,
             "final_loss_nats": final_loss, "accuracy": accuracy, "bits_stored": stored,
             "seconds": round(time.time() - start, 1)}
+
+
+def run_key(method: str, r: int | None, n: int, steps: int, lr: float, warmup: int, task: str) -> str:
+    """A run's key in the records (the first runs' form when there is no warmup and the task is memorising)."""
+    key = f"{method}|{r}|{n}|{steps}|{lr:g}"
+    return key + (f"|warmup{warmup}" if warmup else "") + (f"|{task}" if task != "memorise" else "")
 
 
 def main() -> None:
@@ -117,6 +132,9 @@ def main() -> None:
     parser.add_argument("--only", choices=("all", "full", "lora"), default="all", help="which runs of the grid")
     parser.add_argument("--facts", type=int, nargs="+", default=list(FACTS), help="the N to run (default: all)")
     parser.add_argument("--ranks", type=int, nargs="+", default=list(RANKS), help="the LoRA ranks to run")
+    parser.add_argument("--warmup", type=int, default=0, help="linear learning-rate warmup steps (default none)")
+    parser.add_argument("--task", choices=("memorise", "copy"), default="memorise",
+                        help="random values to store, or a rule (the value copies the first key)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -127,10 +145,10 @@ def main() -> None:
             if args.only not in ("all", method):
                 continue
             lr = args.lr * (10 if method == "lora" else 1)
-            key = f"{method}|{r}|{n}|{args.steps}|{lr:g}"
+            key = run_key(method, r, n, args.steps, lr, args.warmup, args.task)
             if key in done:
                 continue
-            row = train(method, r, n, args.steps, args.batch, args.lr)
+            row = train(method, r, n, args.steps, args.batch, args.lr, args.warmup, args.task)
             with out.open("a") as f:
                 f.write(json.dumps(row) + "\n")
             print(f"{key}: loss {row['final_loss_nats']:.3f} nats, accuracy {row['accuracy']:.3f}, "
