@@ -93,14 +93,14 @@ def _schedule_table(runs: list[dict]) -> list[str]:
 def _copy_table(every: list[dict]) -> list[str]:
     """The rule task ("copy": the value is the first key's token): what a rank needs when the data is not random."""
     copy = sorted((r for r in every if r.get("task") == "copy"), key=lambda r: (r["facts"], r["method"] != "full",
-                                                                                 r["r"] or 0))
+                                                                                 r["r"] or 0, r["lr"]))
     if not copy:
         return []
     rows = [f"| {r['facts']:,} | {r['method']}{'' if r['r'] is None else ' r ' + str(r['r'])} | "
-            f"{r['trainable_params']:,} | {r['steps']:,} | {r['accuracy']:.3f} |" for r in copy]
+            f"{r['trainable_params']:,} | {r['lr']:g} | {r['steps']:,} | {r['accuracy']:.3f} |" for r in copy]
     return ["", "A rule instead of facts (the value copies the first key: the rows' 8 bits each are not information "
-            "to store):", "", "| rows N | method | trainable params | steps | accuracy |",
-            "|---:|---|---:|---:|---:|", *rows]
+            "to store):", "", "| rows N | method | trainable params | learning rate | steps | accuracy |",
+            "|---:|---|---:|---:|---:|---:|", *rows]
 
 
 if __name__ == "__main__":
