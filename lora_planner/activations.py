@@ -49,6 +49,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from functools import cached_property, lru_cache
+from itertools import groupby
 
 from lora_planner.errors import PlannerInputError
 from lora_planner.families import family_rules
@@ -479,29 +480,45 @@ def batch_extras(flow: Flow) -> list[SavedTensor]:
     return []
 
 
+@lru_cache(maxsize=256)
+def _layer_kinds(spec: ModelSpec) -> tuple[tuple[str | None, bool], ...]:
+    """Each decoder layer's (`ModelSpec.layer_types` entry, whether it routes through experts)."""
+    return tuple(zip(spec.layer_types or (None,) * spec.num_layers,
+                     (spec.is_moe_layer(i) for i in range(spec.num_layers))))
+
+
 def _layer_runs(flow: Flow, first_input_needs_grad: bool) -> tuple[tuple[int, tuple[SavedTensor, ...]], ...]:
     """Each decoder layer's saved tensors, as runs of identical layers. A layer's input needs a gradient
     when anything upstream trains: the embeddings (full), checkpointing's `enable_input_require_grads`,
     or an adapter in an earlier layer. Layers of different `ModelSpec.layer_types` (sliding-window or full
-    attention) are built apart (`Flow.layer_type`); equal results share one tuple, so runs still merge."""
-    layer_fn, spec = flow.family.layer, flow.spec
+    attention) are built apart (`Flow.layer_type`); equal results share one tuple, so runs still merge.
+    Consecutive layers alike (adapters, kind) are taken together: within such a group only the first layer's input
+    can lack a gradient (its adapters give every later one's)."""
+    layer_fn = flow.family.layer
     built: dict[tuple[frozenset[str], bool, str | None, bool], tuple[SavedTensor, ...]] = {}
     runs: list[list] = []
-    needs_grad = first_input_needs_grad
-    for index, (adapters, layer_type) in enumerate(zip(flow.layer_adapters,
-                                                       spec.layer_types or (None,) * spec.num_layers)):
-        moe_layer = spec.is_moe_layer(index)
+
+    def add(count: int, adapters: frozenset[str], needs_grad: bool, layer_type: str | None, moe_layer: bool) -> None:
         key = (adapters, needs_grad, layer_type, moe_layer)
-        if key not in built:
+        saved = built.get(key)
+        if saved is None:
             layer_flow = flow.in_layer(adapters)
             layer_flow.layer_type, layer_flow.moe_layer = layer_type, moe_layer
             saved = tuple(layer_fn(layer_flow, needs_grad))
-            built[key] = next((other for other in built.values() if other == saved), saved)
-        if runs and runs[-1][1] is built[key]:
-            runs[-1][0] += 1
+            saved = built[key] = next((other for other in built.values() if other == saved), saved)
+        if runs and runs[-1][1] is saved:
+            runs[-1][0] += count
         else:
-            runs.append([1, built[key]])
-        needs_grad = needs_grad or bool(adapters)
+            runs.append([count, saved])
+
+    needs_grad = first_input_needs_grad
+    for (adapters, (layer_type, moe_layer)), group in groupby(zip(flow.layer_adapters, _layer_kinds(flow.spec))):
+        count = sum(1 for _ in group)
+        if adapters and not needs_grad:
+            add(1, adapters, False, layer_type, moe_layer)
+            needs_grad, count = True, count - 1
+        if count:
+            add(count, adapters, needs_grad, layer_type, moe_layer)
     return tuple((count, saved) for count, saved in runs)
 
 
@@ -810,8 +827,12 @@ def _layer_backward_scratch_each(flow: Flow, runs: tuple[tuple[int, tuple[SavedT
     """`_layer_backward_scratch` of every decoder layer: dense and MoE layers differ, and under the eager experts loop
     with trained stacks each MoE layer's routing decides what its backward has freed at its heaviest moment."""
     spec = flow.spec
-    saved_each = [saved for count, saved in runs for _ in range(count)]
     eager = spec.is_moe and flow.t.experts_implementation == "eager"
+    if not eager:  # a layer's scratch depends on its kind only
+        kinds = [moe_layer for _, moe_layer in _layer_kinds(spec)]
+        by_kind = {moe_layer: _layer_backward_scratch(flow, moe_layer) for moe_layer in set(kinds)}
+        return tuple(by_kind[moe_layer] for moe_layer in kinds)
+    saved_each = [saved for count, saved in runs for _ in range(count)]
     cache: dict[tuple[bool, tuple[int, int] | None, tuple[SavedTensor, ...] | None], int] = {}
     each, moe_index = [], 0
     for i in range(spec.num_layers):

@@ -122,7 +122,7 @@ class MemoryEstimate:
     # `--offload`: the host RAM of one rank's offloaded states (`lora_planner.parallel.offload`); None without
     host: HostMemory | None = None
 
-    @property
+    @functools.cached_property  # (the searches read it several times an estimate, which never changes)
     def peak(self) -> PhaseMemory:
         return max(self.phases, key=lambda p: p.breakdown.total_bytes)
 
@@ -172,7 +172,8 @@ def estimate_memory(spec: ModelSpec, training: TrainingSpec,
 # recommendation (every rung of the rank ladder at the micro-batches its neighbours tried) and across the page's
 # requests, where one change leaves most of them as they were. Every argument is a frozen dataclass (hashable) and the
 # estimate is immutable, so they share one process-wide LRU cache: about 8 KiB an entry (llama-7b, tracemalloc), so
-# at most ~16 MiB. Direct callers of `estimate_memory` (among them the tests that patch the engine) never use it.
+# at most ~16 MiB. `planner.make_plan` goes through it too (the page's plan, then its sweeps at the same settings);
+# direct callers of `estimate_memory` (among them the tests that patch the engine) never use it.
 # Full fine-tuning has no adapters, so its estimate does not depend on the adapters' rank and alpha: one entry serves
 # every rank (the page's "memory vs r" sweep asks full fine-tuning at each).
 _estimate_memory_lru = functools.lru_cache(maxsize=2048)(estimate_memory)
@@ -182,7 +183,7 @@ def estimate_memory_cached(spec: ModelSpec, training: TrainingSpec,
                            overhead: DeviceOverhead | None = None) -> MemoryEstimate:
     """`estimate_memory` through the shared LRU cache (above)."""
     if training.method == "full" and (training.lora.r, training.lora.alpha) != (FULL_KEY_R, None):
-        training = replace(training, lora=replace(training.lora, r=FULL_KEY_R, alpha=None))
+        training = training.evolve(lora=training.lora.evolve(r=FULL_KEY_R, alpha=None))
     return _estimate_memory_lru(spec, training, overhead)
 
 

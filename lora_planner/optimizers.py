@@ -51,6 +51,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from math import ceil
 
+from lora_planner.frozen import frozen_spec
 from lora_planner.specs import Optimizer, OptimizerImpl
 
 BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes `min_8bit_size` default
@@ -58,7 +59,7 @@ BNB_BLOCK_SIZE = 256  # bitsandbytes blockwise quantization block
 FP32 = 4
 
 
-@dataclass(frozen=True)
+@frozen_spec  # (hashed at every cached state-size lookup)
 class TensorGroup:
     """`count` trainable tensors of one shape, stored with `bytes_per_element`; `embedding` marks
     `nn.Embedding` weights (the Trainer keeps their states in 32-bit under 8-bit bitsandbytes optimizers)."""

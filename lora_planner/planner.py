@@ -15,7 +15,7 @@ from lora_planner.defaults import DEFAULT_HEADROOM
 from lora_planner.errors import PlannerInputError
 from lora_planner.gpus import GIB, GPUS, GpuSpec, memory_size_echo, parse_memory_size, resolve_gpu
 from lora_planner.loss import loss_kind, unsloth_chunks
-from lora_planner.memory import DeviceOverhead, MemoryEstimate, estimate_memory
+from lora_planner.memory import DeviceOverhead, MemoryEstimate, estimate_memory, estimate_memory_cached
 from lora_planner.families import family_rules
 from lora_planner.params import PEFT_DEFAULT_TARGETS, ParamCounts, count_params, target_description
 from lora_planner.specs import REGISTERED_FAMILIES, UNSLOTH_LOSSES, ModelSpec, TrainingSpec
@@ -309,8 +309,8 @@ def make_plan(spec: ModelSpec, training: TrainingSpec, methods: tuple[str, ...],
     gpu = GPUS.get(budget.name or "", GPUS[REFERENCE_GPU]) if budget else GPUS[REFERENCE_GPU]
     plans: dict[str, MethodPlan] = {}
     for method in methods:
-        method_training = replace(training, method=method)
-        estimate = estimate_memory(spec, method_training, overhead)
+        method_training = training.evolve(method=method)
+        estimate = estimate_memory_cached(spec, method_training, overhead)  # (the page's sweeps ask it again)
         fit = None if usable is None else fits(estimate.peak_device_bytes, usable)
         plans[method] = MethodPlan(estimate, fit,
                                    fits_on(estimate.peak_device_bytes, GPUS, training.compute_dtype, headroom),

@@ -233,9 +233,9 @@ class Recommendation:
 
 def training_for(req: RecommendRequest, method: str, r: int | None, ckpt: bool, micro: int,
               alpha: float | None = None) -> TrainingSpec:
-    lora = req.training.lora if r is None else replace(req.training.lora, r=r)
+    lora = req.training.lora if r is None else req.training.lora.evolve(r=r)
     if alpha is not None and r is not None:
-        lora = replace(lora, alpha=alpha)
+        lora = lora.evolve(alpha=alpha)
     strategy = (req.strategy or "ddp") if req.gpus > 1 else None
     training = req.training
     if training.objective == "grpo":
@@ -247,12 +247,12 @@ def training_for(req: RecommendRequest, method: str, r: int | None, ckpt: bool, 
         micro = _largest_divisor_at_most(rows, micro)
         g = training.grpo
         steps = rows // micro if g.generation_batch_size is not None else g.steps_per_generation
-        return replace(training, method=method, batch_size=micro, grad_checkpointing=ckpt, lora=lora,
-                       gpus=req.gpus, strategy=strategy, grpo=replace(
-                           g, gradient_accumulation_steps=math.ceil(req.global_batch / (micro * req.gpus)),
-                           steps_per_generation=steps, generation_batch_size=None))
-    return replace(training, method=method, batch_size=micro, grad_checkpointing=ckpt, lora=lora,
-                   gpus=req.gpus, strategy=strategy)
+        return training.evolve(method=method, batch_size=micro, grad_checkpointing=ckpt, lora=lora,
+                               gpus=req.gpus, strategy=strategy, grpo=g.evolve(
+                                   gradient_accumulation_steps=math.ceil(req.global_batch / (micro * req.gpus)),
+                                   steps_per_generation=steps, generation_batch_size=None))
+    return training.evolve(method=method, batch_size=micro, grad_checkpointing=ckpt, lora=lora, gpus=req.gpus,
+                           strategy=strategy)
 
 
 def grpo_round_rows(req: RecommendRequest) -> int:

@@ -9,10 +9,11 @@ trust its inputs; errors are `PlannerInputError`s that name the field and the fi
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Literal, get_args
 
 from lora_planner.errors import PlannerInputError
+from lora_planner.frozen import frozen_spec
 from lora_planner.defaults import DEFAULT_R, DEFAULT_SEQ_LEN
 from lora_planner.names import (
     default_optimizer_impl, optimizer_impls, resolve_attention, resolve_dtype, resolve_optimizer,
@@ -188,7 +189,7 @@ MODEL_CONFIG_KEYS: dict[str, str] = {"num_layers": "num_hidden_layers", "num_hea
                                      "num_kv_heads": "num_key_value_heads"}
 
 
-@dataclass(frozen=True)
+@frozen_spec
 class ModelSpec:
     """A decoder-only LLM, reduced to what determines its memory.
 
@@ -335,7 +336,7 @@ class ModelSpec:
         return self.num_experts > 0 and layer not in self.dense_layers
 
 
-@dataclass(frozen=True)
+@frozen_spec
 class LoraSpec:
     """A LoRA adapter (Hu et al. 2021, arXiv 2106.09685): W x + (alpha / r) B A x, A: r x in, B: out x r.
 
@@ -425,7 +426,7 @@ GENERATION_BACKENDS: tuple[str, ...] = get_args(GenerationBackend)
 MAX_GENERATIONS = 2**12
 
 
-@dataclass(frozen=True)
+@frozen_spec
 class GrpoSpec:
     """TRL 1.16's `GRPOConfig` fields that change a GRPO step's memory (`lora_planner.generation`,
     `lora_planner.objectives`), named and defaulted as TRL does (`trl/trainer/grpo_config.py`; the facts with line
@@ -521,7 +522,7 @@ class GrpoSpec:
         return (self.steps_per_round(batch_size) * self.num_iterations) % self.gradient_accumulation_steps != 0
 
 
-@dataclass(frozen=True)
+@frozen_spec
 class TrainingSpec:
     """One optimizer step's settings.
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, replace
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from math import ceil
 from typing import Literal, get_args
 
@@ -149,6 +149,7 @@ def saved_module_bytes(m: Module, dtype: str, kbit_fp32: bool) -> int:
     return (m.weight_numel_each + (m.out_features if m.bias else 0)) * e
 
 
+@lru_cache(maxsize=4096)  # (a tuple of frozen groups: the optimizer's cached state sizes key on it)
 def _trainable_groups(spec: ModelSpec, method: str, dtype: str, lora: LoraSpec,
                       kbit_fp32: bool = False) -> tuple[TensorGroup, ...]:
     """Every trainable tensor, grouped by shape: all weights and biases (full), or LoRA's A and B (+ DoRA's
@@ -372,7 +373,7 @@ class StepComponents:
     # for what backward keeps of them (a trained embedding's indices): those bytes (None: the batch lives all step)
     batch_in_backward: int | None = None
 
-    @property
+    @cached_property  # (frozen: each is read more than once a step)
     def saved(self) -> int:
         """Everything the forward leaves for backward, the loss's included, and the loss value (when it exists at
         the forward's heaviest op: `ActivationProfile.loss_value_at_forward_end`)."""
@@ -380,7 +381,7 @@ class StepComponents:
         return self.layers_saved + acts.model_bytes + acts.loss_bytes \
             + (acts.loss_output_bytes if acts.loss_value_at_forward_end else 0)
 
-    @property
+    @cached_property
     def forward_end(self) -> tuple[int, int]:
         """(activations, temporaries) at the forward's heaviest op: the loss's, or LoRA on lm_head's add
         (`ActivationProfile.head_adapter_moments`), whichever holds more."""
@@ -394,7 +395,7 @@ class StepComponents:
         layer = (self.layers_saved + acts.model_bytes_below_head, acts.checkpointed_forward_bytes)
         return layer if acts.checkpointed_forward_bytes and sum(layer) > sum(moment) else moment
 
-    @property
+    @cached_property
     def backward_start(self) -> tuple[int, int, int]:
         """(gradients, activations, temporaries) at the start of backward: the loss's backward, or LoRA on lm_head's
         (`ActivationProfile.head_adapter_moments`), whichever holds more."""
@@ -409,14 +410,14 @@ class StepComponents:
                 scratch + acts.backward_seed_bytes)
         return norm if scratch and sum(norm) > sum(moment) else moment
 
-    @property
+    @cached_property
     def saved_at_backward_start(self) -> int:
         """What is kept when the loss's backward peaks: nll_loss's targets and total weight are freed by then
         (`ActivationProfile.loss_bytes_in_backward`)."""
         acts = self.activations
         return self.layers_saved + acts.model_bytes + acts.loss_bytes_in_backward + acts.loss_output_bytes
 
-    @property
+    @cached_property
     def layers_activations(self) -> int:
         """While backward runs through the layers: every layer's saved tensors (+ one recomputed), the
         model-level ones but the final norm's and lm_head's (their backward ran first and freed them), and the
@@ -608,9 +609,14 @@ def _recompute_moment(acts: ActivationProfile, offload: _Offload) -> tuple[int, 
     inputs (`ActivationProfile.checkpoint_recompute_bytes` is the largest of the first terms); with it, the inputs
     `offload.held(i)` says."""
     moments, index = [], 0
+    scratch_each = acts.layer_backward_scratch_each
     for count, saved in acts.layer_runs:
         layer_bytes = ActivationProfile.total(saved)
-        for i in range(index, index + count):
+        layers = range(index, index + count)
+        if offload.kind == "none" and (not scratch_each or len(set(scratch_each[index:index + count])) == 1):
+            # the inputs held grow with i and the run's buffers are alike: its last layer is its heaviest
+            layers = range(index + count - 1, index + count)
+        for i in layers:
             extra = layer_bytes + (offload.held(i) - offload.kept) * acts.checkpoint_per_layer_bytes
             moments.append((extra, acts.backward_scratch_bytes(i)))
         index += count
@@ -667,7 +673,8 @@ def single_gpu_phases(c: StepComponents) -> tuple[PhaseMemory, ...]:
                         temporaries_bytes=c.generation_bytes + c.generation_only_bytes),) if c.generation_bytes else ()
     scoring = (phase("scoring", gradients_bytes=grads, activations_bytes=0, temporaries_bytes=c.scoring_bytes),) \
         if c.scoring_bytes else ()
-    c = replace(c, resident=c.resident + c.round_bytes)  # the round's buffer, through the training phases
+    if c.round_bytes:
+        c = replace(c, resident=c.resident + c.round_bytes)  # the round's buffer, through the training phases
     batch = acts.batch_bytes if c.batch_in_backward is None else c.batch_in_backward  # in backward
     freed = acts.batch_bytes - batch
     return (

@@ -1010,3 +1010,68 @@ def test_int8_refuses_what_it_does_not_model():
                               "num_hidden_layers": 2, "num_attention_heads": 4}, "tiny")
     with pytest.raises(PlannerInputError, match="8-bit base"):
         activation_profile(llama, TrainingSpec(method="lora", load_in_8bit=True, lora=LoraSpec(r=8, use_dora=True)))
+
+
+# The layer loop's settings: models with alike layers, sliding / full attention layers, dense layers among MoE ones,
+# adapters on some layers only, on the embeddings, under checkpointing and the eager experts loop.
+LAYER_LOOP_CASES = [
+    ("llama-3.1-8b", TrainingSpec(method="lora")),
+    ("llama-3.1-8b", TrainingSpec(method="full", grad_checkpointing=True)),
+    ("llama-3.1-8b", TrainingSpec(method="lora", lora=LoraSpec(r=4, layers_to_transform=(3, 4, 9, 30)))),
+    ("llama-3.1-8b", TrainingSpec(method="lora", lora=LoraSpec(r=4, target_modules=("embed_tokens", "q_proj")))),
+    ("gemma-2-9b", TrainingSpec(method="lora", lora=LoraSpec(r=8, layers_to_transform=(1, 2, 3, 20)))),
+    ("mistral-7b", TrainingSpec(method="qlora", grad_checkpointing=True)),
+    ("deepseek-v2-lite", TrainingSpec(method="lora", lora=LoraSpec(r=8, target_modules=("all-linear",)))),
+    ("deepseek-v2-lite", TrainingSpec(method="full", experts_implementation="eager", routing="worst")),
+    ("gpt-oss-20b", TrainingSpec(method="lora", experts_implementation="eager", grad_checkpointing=True)),
+]
+
+
+@pytest.mark.parametrize("model,training", LAYER_LOOP_CASES, ids=lambda c: c if isinstance(c, str) else "")
+def test_layer_loops_equal_the_plain_per_layer_loops(model, training):
+    """`_layer_runs` and `_layer_backward_scratch_each` take alike consecutive layers together; they give what one
+    pass per layer gives (the plain loops below), and the step's recompute moment likewise."""
+    from lora_planner.activations import _layer_backward_scratch, _layer_backward_scratch_each, _layer_runs, make_flow
+    from lora_planner.catalog import resolve_model
+    from lora_planner.families.moe import backward_order_counts, eager_loop_freed_bytes
+    from lora_planner.step import _activation_offload, _recompute_moment
+
+    spec = resolve_model(model)
+    flow = make_flow(spec, training)
+    for first_needs_grad in (False, True):
+        runs, needs_grad, built = [], first_needs_grad, {}
+        for index, (adapters, layer_type) in enumerate(zip(flow.layer_adapters,
+                                                           spec.layer_types or (None,) * spec.num_layers)):
+            key = (adapters, needs_grad, layer_type, spec.is_moe_layer(index))
+            if key not in built:
+                layer_flow = flow.in_layer(adapters)
+                layer_flow.layer_type, layer_flow.moe_layer = layer_type, key[3]
+                saved = tuple(flow.family.layer(layer_flow, needs_grad))
+                built[key] = next((other for other in built.values() if other == saved), saved)
+            if runs and runs[-1][1] is built[key]:
+                runs[-1][0] += 1
+            else:
+                runs.append([1, built[key]])
+            needs_grad = needs_grad or bool(adapters)
+        assert _layer_runs(flow, first_needs_grad) == tuple((count, saved) for count, saved in runs)
+    runs = _layer_runs(flow, True)
+    saved_each = [saved for count, saved in runs for _ in range(count)]
+    expected, moe_index = [], 0
+    for i in range(spec.num_layers):
+        moe_layer = spec.is_moe_layer(i)
+        order = backward_order_counts(spec, flow.tokens, training.routing, moe_index) \
+            if moe_layer and training.experts_implementation == "eager" else None
+        freed = eager_loop_freed_bytes(saved_each[i], flow.tokens * spec.num_experts_per_tok, *order) if order else 0
+        expected.append(_layer_backward_scratch(flow, moe_layer, freed))
+        moe_index += moe_layer
+    assert _layer_backward_scratch_each(flow, runs) == tuple(expected)
+    if training.grad_checkpointing:
+        acts = activation_profile(spec, training)
+        offload = _activation_offload(spec, training, acts)
+        moments, index = [], 0
+        for count, saved in acts.layer_runs:
+            for i in range(index, index + count):
+                moments.append((ActivationProfile.total(saved) + (offload.held(i) - offload.kept)
+                                * acts.checkpoint_per_layer_bytes, acts.backward_scratch_bytes(i)))
+            index += count
+        assert _recompute_moment(acts, offload) == max(moments, key=sum)

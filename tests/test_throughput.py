@@ -189,7 +189,7 @@ def test_moe_flops_equal_flop_counter_mode(family, method, targets, params, ckpt
                             device="cpu", experts_implementation="eager",
                             lora=LoraSpec(r=4, target_modules=targets, target_parameters=params))
     assert step_flops(MOE_SPECS[family], training).total == counted_flops(MOE_SPECS[family], training)
-    grouped = TrainingSpec(**{**training.__dict__, "experts_implementation": "grouped_mm"})
+    grouped = training.evolve(experts_implementation="grouped_mm")
     assert step_flops(MOE_SPECS[family], grouped) == step_flops(MOE_SPECS[family], training)
 
 

@@ -1,18 +1,27 @@
 """The page's latency over a scripted session (issue 15): 60 changes a person makes (rank, micro-batch, sequence
 length, GPU, model, methods, checkpointing), each waited for until every view has redrawn. Recorded per change: the
 server's own time for each request the change makes (`server_ms` in the answers: the plan, three sweeps, the
-recommendation), their sum, and the time in the page from the last input event of the change to the last redraw
+recommendation; `server_cpu_ms`, the CPU time of the thread that answered: less when the browser, on the same cores,
+took the CPU from it), their sums, and the time in the page from the last input event of the change to the last redraw
 (`loraPlanChangedAt` -> `loraPlanIdleAt`, including the page's 60 ms debounce of keystrokes).
+
+The server runs as `lora-plan serve` does, in a process of its own (`--in-process`: in a thread of this one, beside the
+browser's driver, as the browser tests run it).
 
     python experiments/web/latency.py    # writes experiments/web/latency.json and prints p50 / p95
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
 import statistics
+import subprocess
 import sys
 import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -22,7 +31,8 @@ from tests.web.browser import chromium, serving, wait_ready  # noqa: E402
 
 RECORD = """window.__times = []; if (!window.__recording) { window.__recording = true; const f = window.fetch;
 window.fetch = async (...a) => { const r = await f(...a); r.clone().json().then((d) => {
-  if (d.server_ms !== undefined) window.__times.push([String(a[0]), d.server_ms]); }); return r; }; }"""
+  if (d.server_ms !== undefined) window.__times.push([String(a[0]), d.server_ms, d.server_cpu_ms]); });
+  return r; }; }"""
 
 
 def changes():
@@ -63,14 +73,45 @@ def changes():
     return (script * 3)[:60]
 
 
+@contextlib.contextmanager
+def serve_process() -> Iterator[str]:
+    """`lora-plan serve` on a free port, in its own process, until the block ends."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-c", "import sys; from lora_planner.cli import main; "
+                               f"sys.exit(main(['serve', '--port', '{port}']))"], cwd=ROOT,
+                              stdout=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                urllib.request.urlopen(url + "/api/gpus", timeout=1).read()
+                break
+            except OSError:
+                if time.time() > deadline or server.poll() is not None:
+                    raise RuntimeError("lora-plan serve did not start") from None
+                time.sleep(0.1)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
 def pct(values, q):
     values = sorted(values)
     return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
 
 
 def main() -> None:
+    in_process = "--in-process" in sys.argv[1:]
+    if in_process:
+        from lora_planner.web.app import prepare_process
+
+        prepare_process()  # as `lora-plan serve` does
     rows = []
-    with serving() as url, chromium() as driver:
+    with (serving() if in_process else serve_process()) as url, chromium() as driver:
         driver.get(url + "/?gpu=rtx-4090")
         wait_ready(driver)
         for act in changes():
@@ -82,15 +123,17 @@ def main() -> None:
             time.sleep(0.05)  # the last answer's JSON is read asynchronously
             times = driver.execute_script("return window.__times")
             page_ms = driver.execute_script("return window.loraPlanIdleAt - window.loraPlanChangedAt")
-            rows.append({"requests": times, "server_ms": sum(t for _, t in times), "page_ms": page_ms,
-                         "selenium_ms": wall_ms})
+            rows.append({"requests": times, "server_ms": sum(t[1] for t in times),
+                         "server_cpu_ms": sum(t[2] for t in times), "page_ms": page_ms, "selenium_ms": wall_ms})
     per_kind = {}
     for row in rows:
-        for path, ms in row["requests"]:
+        for path, ms, *_ in row["requests"]:
             per_kind.setdefault(path.rsplit("/", 1)[-1], []).append(ms)
-    summary = {"changes": len(rows),
+    summary = {"changes": len(rows), "server": "in this process" if in_process else "lora-plan serve (own process)",
                "server_ms_per_change": {"p50": pct([r["server_ms"] for r in rows], 0.5),
                                         "p95": pct([r["server_ms"] for r in rows], 0.95)},
+               "server_cpu_ms_per_change": {"p50": pct([r["server_cpu_ms"] for r in rows], 0.5),
+                                            "p95": pct([r["server_cpu_ms"] for r in rows], 0.95)},
                "page_ms_per_change": {"p50": pct([r["page_ms"] for r in rows], 0.5),
                                       "p95": pct([r["page_ms"] for r in rows], 0.95)},
                "server_ms_per_request": {k: {"n": len(v), "p50": pct(v, 0.5), "p95": pct(v, 0.95),

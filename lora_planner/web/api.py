@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import io
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -90,11 +91,18 @@ def argv_from_params(command: str, params: Mapping[str, Any]) -> list[str]:
 
 
 def _parse(command: str, params: Mapping[str, Any]) -> Parsed:
+    argv = argv_from_params(command, params)
+    return Parsed(argparse.Namespace(**vars(_parse_argv(tuple(argv)))), argv)  # (a copy: callers annotate theirs)
+
+
+@functools.lru_cache(maxsize=256)
+def _parse_argv(argv: tuple[str, ...]) -> argparse.Namespace:
+    """`cli.parse_command`, once per command line: a change of the page parses the same options for the plan and each
+    sweep (what the API accepts reads no file, so the options alone decide the result; refusals are not cached)."""
     from lora_planner.cli import parse_command
 
-    argv = argv_from_params(command, params)
     with _planner_errors(), contextlib.redirect_stderr(io.StringIO()):
-        return Parsed(parse_command(argv), argv)
+        return parse_command(list(argv))
 
 
 @contextlib.contextmanager
@@ -148,8 +156,6 @@ def sweep(params: Mapping[str, Any], axis: str, values: list[int],
           config: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Every method's peak on the device as `axis` takes `values` (the other options as `params`); points the planner
     refuses are null with the reason."""
-    from dataclasses import replace
-
     from lora_planner.cli import plan_inputs
     from lora_planner.cli_options import budget_from_args, overhead_from_args
     from lora_planner.memory import estimate_memory_cached
@@ -160,23 +166,47 @@ def sweep(params: Mapping[str, Any], axis: str, values: list[int],
     if not values or len(values) > MAX_SWEEP_POINTS or any(v < 1 for v in values):
         raise WebInputError("values", f"1 to {MAX_SWEEP_POINTS} positive integers", "e.g. values=1,2,4,8")
     spec = _spec(config)
-    parsed = _parse("estimate", params)  # once: each point changes one option of a copy
+    parsed = _parse("estimate", params)  # once: each point changes one field of the step's settings
     with _planner_errors():
         budget, overhead = budget_from_args(parsed.args), overhead_from_args(parsed.args)
     usable = None if budget is None else usable_bytes(budget.memory_bytes, parsed.args.headroom)
+    try:
+        model, training, methods = plan_inputs(argparse.Namespace(**vars(parsed.args)), spec)
+    except PlannerInputError:
+        model = training = methods = None  # the settings as given are refused: each point re-reads its options
     points: list[dict[str, Any]] = []
     for value in values:
-        args = argparse.Namespace(**vars(parsed.args))
-        setattr(args, SWEEP_AXES[axis], value)
         try:  # the memory only: a sweep's points need no step time (`compute_estimate` less the throughput)
-            model, training, methods = plan_inputs(args, spec)
-            peaks = {m: estimate_memory_cached(model, replace(training, method=m), overhead).peak_device_bytes
-                     for m in methods}
+            if training is None:
+                args = argparse.Namespace(**vars(parsed.args))
+                setattr(args, SWEEP_AXES[axis], value)
+                model, first, methods = plan_inputs(args, spec)
+                point = {m: first.evolve(method=m) for m in methods}
+                peaks = {m: estimate_memory_cached(model, t, overhead).peak_device_bytes for m, t in point.items()}
+            else:
+                peaks = {m: _swept_peak(model, training, overhead, axis, value, m) for m in methods}
         except PlannerInputError as err:
             points.append({"value": value, "peaks": None, "error": str(err)})
             continue
         points.append({"value": value, "peaks": peaks, "error": None})
     return {"axis": axis, "points": points, "usable_bytes": usable}
+
+
+@functools.lru_cache(maxsize=8192)
+def _swept_peak(model: Any, training: Any, overhead: Any, axis: str, value: int, method: str) -> int:
+    """A sweep point's device peak for one method, cached by the sweep's own settings (a change redraws the sweeps it
+    did not change from here, without building each point's settings again)."""
+    from lora_planner.memory import estimate_memory_cached
+
+    return estimate_memory_cached(model, _swept(training, axis, value, method), overhead).peak_device_bytes
+
+
+def _swept(training: Any, axis: str, value: int, method: str) -> Any:
+    """The settings `plan_inputs` gives with the option `axis` set to `value`, for `method`: the one field changed and
+    validated (`TrainingSpec.evolve`), without reading the options again (tests/web/test_api.py holds the two equal)."""
+    if axis == "r":
+        return training.evolve(method=method, lora=training.lora.evolve(r=value))
+    return training.evolve(method=method, **{SWEEP_AXES[axis]: value})
 
 
 def models(query: str = "") -> list[dict[str, Any]]:

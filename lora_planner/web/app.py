@@ -7,19 +7,29 @@ Routes: `/` the page (`static/index.html`, plain HTML / CSS / JavaScript, no bui
 
 | route | answers |
 |---|---|
-| `GET /api/plan?<options>`, `POST {"params": {...}, "config": {...}}` | `{"plan": <--json>, "cli", "server_ms"}` |
-| `GET /api/recommend?<options>`, `POST` likewise | `{"recommendation": <recommend --json>, "cli", "server_ms"}` |
+| `GET /api/plan?<options>`, `POST {"params": {...}, "config": {...}}` | `{"plan": <--json>, "cli", "server_ms", ...}` |
+| `GET /api/recommend?<options>`, `POST` likewise | `{"recommendation": <recommend --json>, "cli", "server_ms", ...}` |
 | `GET /api/sweep?axis=r&values=1,2,4&<options>`, `POST` | every method's device peak per value, the usable memory |
 | `GET /api/models?q=llama` | catalog models matching `q` |
 | `GET /api/modules?model=qwen3-8b`, `POST {"config": ...}` | the model's linear module names, PEFT's default targets |
 | `GET /api/gpus` | the GPU catalog |
 
 Bad input answers 400 with `{"error": {"field", "message", "fix"}}`; the options are the CLI's flags without dashes.
+Every JSON object answered also carries `server_ms` (the request's time in the server) and `server_cpu_ms` (the CPU
+time of the thread that answered it: less than `server_ms` when other processes had the CPU).
+Latency: every change of the page asks the plan, up to three sweeps and a recommendation (~50-150 planner calls when
+the model, the GPU or the sequence length changed, ~0.3 ms each). The planner allocates many small objects and keeps a
+few hundred thousand in its caches, so CPython's default collector thresholds (700, 10, 10) run full collections of
+them often enough to double the slowest changes' time: `prepare_process` (which `serve` calls) imports the planner,
+freezes what start-up allocated (`gc.freeze`) and raises the thresholds (`GC_THRESHOLDS`); `experiments/web/
+latency.py` measures the page under the same settings.
+
 Known limitations: one process, no authentication (it binds 127.0.0.1 by default: a local tool).
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import time
 from pathlib import Path
@@ -34,6 +44,9 @@ from starlette.staticfiles import StaticFiles
 from lora_planner.web import api
 
 STATIC = Path(__file__).resolve().parent / "static"
+# (young objects between collections, young collections per middle one, middle ones per full one): the planner's
+# garbage is acyclic (reference counting frees it), so collections rarely find anything; these keep them rare
+GC_THRESHOLDS = (100_000, 50, 1_000)
 MAX_BODY_BYTES = 2 * 2**20  # a config.json is a few KB
 
 
@@ -56,7 +69,7 @@ async def _inputs(request: Request) -> tuple[dict[str, Any], dict[str, Any] | No
 
 def _answer(compute) -> Any:
     async def endpoint(request: Request) -> Response:
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.thread_time()
         try:
             params, config = await _inputs(request)
             result = compute(params, config)
@@ -64,6 +77,7 @@ def _answer(compute) -> Any:
             return JSONResponse({"error": err.as_dict()}, status_code=400)
         if isinstance(result, dict):
             result["server_ms"] = round((time.perf_counter() - start) * 1000, 2)
+            result["server_cpu_ms"] = round((time.thread_time() - start_cpu) * 1000, 2)  # (less: time descheduled)
         return JSONResponse(result)
 
     return endpoint
@@ -96,9 +110,23 @@ def create_app() -> Starlette:
     ])
 
 
+def prepare_process() -> None:
+    """A serving process's set-up (see the module docstring): the planner imported, start-up's objects frozen, the
+    collector's thresholds raised."""
+    import importlib
+
+    for module in ("lora_planner.cli", "lora_planner.recommend_cli"):  # the planner, before the first request
+        importlib.import_module(module)
+
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
 def serve(host: str = "127.0.0.1", port: int = 8000, open_browser: bool = False) -> None:
     import uvicorn
 
+    prepare_process()
     if open_browser:
         import threading
         import webbrowser

@@ -3,7 +3,7 @@ and fidelity: the planner's peak against measured training steps."""
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import fields, replace
 
 import pytest
 import torch
@@ -144,7 +144,8 @@ def _lora_id(lora: LoraSpec | None) -> str:
         return ""
     default = LoraSpec()
     changed = [f"{name}={','.join(map(str, value)) if isinstance(value, tuple) else value}"
-               for name, value in vars(lora).items() if value != getattr(default, name) and name != "r"]
+               for name, value in ((f.name, getattr(lora, f.name)) for f in fields(lora))
+               if value != getattr(default, name) and name != "r"]
     return "-" + "-".join(changed) if changed else ""
 
 

@@ -50,7 +50,7 @@ def test_plan_is_the_clis_json(capsys, params):
     data = response.json()
     assert data["plan"] == cli_json(capsys, to_argv(params))
     assert data["cli"] == "lora-plan " + " ".join(to_argv(params)) + " --json"
-    assert data["server_ms"] > 0
+    assert data["server_ms"] > 0 and 0 < data["server_cpu_ms"]
 
 
 def test_recommend_is_the_clis_json(capsys):
@@ -115,6 +115,75 @@ def test_sweep_by_hand():
         plan = CLIENT.get("/api/plan", params={"model": "llama-3.2-1b", "gpu": "rtx-4090", "batch-size": "4"}).json()
         assert peaks[2] == plan["plan"]["methods"][method]["peak_device_bytes"]
     assert data["usable_bytes"] == plan["plan"]["inputs"]["usable_bytes"]
+
+
+SWEPT = [
+    {"model": "llama-3.1-8b"},
+    {"model": "qwen3-8b", "method": "lora,qlora", "target": "all-linear", "alpha": "32", "grad-checkpointing": "1",
+     "packing": "1", "loss": "chunked:4", "attention": "eager"},
+    {"model": "gemma-2-9b", "stack": "trl-sft", "liger": "1", "gpu": "l4", "use-dora": "1", "method": "lora"},
+    {"model": "llama-3.2-1b", "objective": "dpo", "batch-size": "2"},
+    {"model": "qwen3-8b", "objective": "grpo", "max-completion-length": "256", "num-generations": "4"},
+    {"model": "mistral-7b", "method": "full", "gpus": "4", "strategy": "zero3", "optimizer": "adamw8bit"},
+    {"model": "llama-3.1-8b", "loss": "chunked:3000"},  # refused as given (3,000 chunks of 1,024 tokens): per point
+]
+
+
+@pytest.mark.parametrize("params", SWEPT, ids=lambda p: ",".join(f"{k}={v}" for k, v in p.items()))
+@pytest.mark.parametrize("axis,values", [("r", [1, 4, 64, 300]), ("batch-size", [1, 3, 64]),
+                                         ("seq-len", [100, 2048, 40000])])
+def test_sweep_points_are_the_clis_settings(params, axis, values):
+    """Each point's settings (`api._swept`: one field of the parsed settings changed) are what the CLI reads from
+    the options with that one changed, for every method, and its peak that of `lora-plan` with those options."""
+    import argparse
+
+    from lora_planner.cli import plan_inputs
+    from lora_planner.errors import PlannerInputError
+    from lora_planner.memory import estimate_memory
+
+    parsed = api._parse("estimate", params)
+    try:
+        _, training, _ = plan_inputs(argparse.Namespace(**vars(parsed.args)))
+    except PlannerInputError:
+        training = None
+    swept = api.sweep(params, axis, values)
+    for value, point in zip(values, swept["points"]):
+        args = argparse.Namespace(**vars(parsed.args))
+        setattr(args, api.SWEEP_AXES[axis], value)
+        try:
+            spec, first, methods = plan_inputs(args)
+            expected = {m: estimate_memory(spec, first.evolve(method=m)).peak_device_bytes for m in methods}
+        except PlannerInputError as err:
+            assert point == {"value": value, "peaks": None, "error": str(err)}
+            continue
+        assert point == {"value": value, "peaks": expected, "error": None}
+        if training is not None:
+            for method in methods:
+                assert api._swept(training, axis, value, method) == first.evolve(method=method)
+
+
+def test_parsed_options_are_each_callers_own():
+    """The parse cache hands out copies: what one request writes on its options (`plan_inputs`' notes) is not seen by
+    the next."""
+    first = api._parse("estimate", {"model": "qwen3-8b", "objective": "grpo"})
+    first.args.methods_note = "written by a caller"
+    again = api._parse("estimate", {"model": "qwen3-8b", "objective": "grpo"})
+    assert again.args is not first.args and getattr(again.args, "methods_note", None) is None
+    assert vars(again.args) == {k: v for k, v in vars(first.args).items() if k != "methods_note"}
+
+
+def test_prepare_process_freezes_and_raises_the_thresholds():
+    import gc
+
+    from lora_planner.web.app import GC_THRESHOLDS, prepare_process
+
+    before = gc.get_threshold()
+    try:
+        prepare_process()
+        assert gc.get_threshold() == GC_THRESHOLDS and gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
 
 
 def test_catalogs():
