@@ -40,12 +40,13 @@ asked for, micro-batch 1, checkpointing), `fits` False, with the per-GPU memory 
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from lora_planner.errors import PlannerInputError
-from lora_planner.search import largest_fitting
+from lora_planner.search import largest_fitting, largest_fitting_between
 from lora_planner.gpus import GPUS
 from lora_planner.memory import (
     PHASE_TITLES, DeviceOverhead, estimate_memory_cached, trainable_totals,
@@ -233,32 +234,43 @@ class Recommendation:
 
 def training_for(req: RecommendRequest, method: str, r: int | None, ckpt: bool, micro: int,
               alpha: float | None = None) -> TrainingSpec:
-    lora = req.training.lora if r is None else req.training.lora.evolve(r=r)
+    """The step's settings for one configuration of the search: the request's, with the method, rank (and alpha),
+    checkpointing and micro-batch set."""
+    return _training_for(req.training, req.gpus, req.strategy, req.global_batch, method, r, ckpt, micro, alpha)
+
+
+@functools.lru_cache(maxsize=8192)  # (the searches ask the same configurations again; validating each again costs)
+def _training_for(training: TrainingSpec, gpus: int, req_strategy: str | None, global_batch: int, method: str,
+                  r: int | None, ckpt: bool, micro: int, alpha: float | None) -> TrainingSpec:
+    lora = training.lora if r is None else training.lora.evolve(r=r)
     if alpha is not None and r is not None:
         lora = lora.evolve(alpha=alpha)
-    strategy = (req.strategy or "ddp") if req.gpus > 1 else None
-    training = req.training
+    strategy = (req_strategy or "ddp") if gpus > 1 else None
     if training.objective == "grpo":
         # GRPO (`lora_planner.generation`): the round's rows are fixed (its `generation_batch_size`, by default the
         # whole step's completions: TRL's steps_per_generation = the accumulation steps), the micro-batch one of its
         # divisors (GRPOConfig requires it): a micro-batch that does not divide the round is planned at the largest
         # one below it that does (the peak stays monotone in the micro-batch for the search)
-        rows = grpo_round_rows(req)
+        rows = _round_rows(training)
         micro = _largest_divisor_at_most(rows, micro)
         g = training.grpo
         steps = rows // micro if g.generation_batch_size is not None else g.steps_per_generation
         return training.evolve(method=method, batch_size=micro, grad_checkpointing=ckpt, lora=lora,
-                               gpus=req.gpus, strategy=strategy, grpo=g.evolve(
-                                   gradient_accumulation_steps=math.ceil(req.global_batch / (micro * req.gpus)),
+                               gpus=gpus, strategy=strategy, grpo=g.evolve(
+                                   gradient_accumulation_steps=math.ceil(global_batch / (micro * gpus)),
                                    steps_per_generation=steps, generation_batch_size=None))
-    return training.evolve(method=method, batch_size=micro, grad_checkpointing=ckpt, lora=lora, gpus=req.gpus,
+    return training.evolve(method=method, batch_size=micro, grad_checkpointing=ckpt, lora=lora, gpus=gpus,
                            strategy=strategy)
 
 
 def grpo_round_rows(req: RecommendRequest) -> int:
     """The rows of a GRPO round (`GrpoSpec.generation_batch_size`; recommend sets it from the global batch)."""
-    g = req.training.grpo
-    return g.generation_batch_size or req.training.batch_size * g.steps_per_round(req.training.batch_size)
+    return _round_rows(req.training)
+
+
+def _round_rows(training: TrainingSpec) -> int:
+    g = training.grpo
+    return g.generation_batch_size or training.batch_size * g.steps_per_round(training.batch_size)
 
 
 def _largest_divisor_at_most(n: int, at_most: int) -> int:
@@ -284,8 +296,8 @@ class _Search:
         self.usable = req.usable_bytes
         self._points: dict[tuple[str, int | None, bool, int], _Point] = {}
         self._max: dict[tuple[str, int | None, bool], int] = {}
-        # the latest answer by (method, checkpointing): (its rank, the largest micro-batch that fits)
-        self._last: dict[tuple[str, bool], tuple[int | None, int]] = {}
+        # by (method, checkpointing): each rank searched -> the largest micro-batch that fits there
+        self._answers: dict[tuple[str, bool], dict[int, int]] = {}
 
     def point(self, method: str, r: int | None, ckpt: bool, micro: int) -> _Point:
         key = (method, r, ckpt, micro)
@@ -316,18 +328,48 @@ class _Search:
         """The largest micro-batch that fits (0 if not even 1), up to `MAX_MICRO_BATCH`."""
         key = (method, r, ckpt)
         if key not in self._max:
-            # the answer at the previous rank searched (same method and checkpointing) bounds this one: the peak
-            # never falls as r grows (more adapter parameters, states and activations at every micro-batch), so a
-            # smaller rank's answer is an upper bound and a larger rank's a lower one
-            last_r, hint = self._last.get((method, ckpt), (None, None))
-            bound = None if r is None or last_r is None or last_r == r else "upper" if last_r < r else "lower"
             grpo = self.req.training.objective == "grpo"  # (micro-batches divide GRPO's round: `training_for`)
             rows = grpo_round_rows(self.req) if grpo else MAX_MICRO_BATCH
-            biggest = largest_fitting(lambda micro: self.peak(method, r, ckpt, micro), self.usable, rows,
-                                      hint if bound else hint or None, bound)
+            biggest = self._search_micro(method, r, ckpt, rows)
             self._max[key] = _largest_divisor_at_most(rows, biggest) if grpo and biggest else biggest
-            self._last[(method, ckpt)] = (r, biggest)
+            if r is not None:
+                self._answers.setdefault((method, ckpt), {})[r] = biggest
         return self._max[key]
+
+    use_bounds = True  # (tests compare the answers without them)
+
+    def _search_micro(self, method: str, r: int | None, ckpt: bool, limit: int) -> int:
+        """The largest micro-batch that fits at rank r. The ranks searched already (same method and checkpointing)
+        bound it: the peak never falls as r grows (more adapter parameters, states and activations at every
+        micro-batch), so the nearest smaller rank's answer is an upper bound and the nearest larger rank's a lower
+        one; where the two agree, every rank between them has their answer, with no planner call."""
+        def peak(micro: int) -> int:
+            return self.peak(method, r, ckpt, micro)
+
+        known = self._answers.get((method, ckpt), {}) if self.use_bounds and r is not None else {}
+        upper = known[max(k for k in known if k < r)] if any(k < r for k in known) else None
+        lower = known[min(k for k in known if k > r)] if any(k > r for k in known) else None
+        if upper is not None and lower is not None:
+            return largest_fitting_between(peak, self.usable, limit, lower, upper)
+        if upper is not None:
+            return largest_fitting(peak, self.usable, limit, upper, "upper")
+        if lower is not None:
+            return largest_fitting(peak, self.usable, limit, lower, "lower")
+        return largest_fitting(peak, self.usable, limit)
+
+    def bracket_ladder(self, method: str, ranks: tuple[int, ...]) -> None:
+        """Search the ladder's two ends first (both checkpointing settings), then the middle rung of any stretch
+        whose ends disagree, so that the rungs between ends that agree cost no search (`_search_micro`): on a roomy
+        GPU most ranks fit the same micro-batch."""
+        ladder = sorted(set(ranks))
+        for ckpt in (False, True):
+            stretches = [(0, len(ladder) - 1)]
+            while stretches:
+                lo, hi = stretches.pop()
+                if self.max_micro(method, ladder[lo], ckpt) != self.max_micro(method, ladder[hi], ckpt) \
+                        and hi - lo > 1:
+                    mid = (lo + hi) // 2
+                    stretches += [(lo, mid), (mid, hi)]
 
     def schedule(self, max_micro: int) -> tuple[int, int]:
         """(micro-batch, accumulation steps) for the largest micro-batch that fits (see the module doc)."""
@@ -527,6 +569,8 @@ def _recommend_one(req: RecommendRequest) -> Recommendation:
 
     alternatives_pool: list[Candidate] = []
     for method in methods:
+        if method != "full":
+            search.bracket_ladder(method, alt_ranks)
         for r in ((None,) if method == "full" else alt_ranks):
             for ckpt in (False, True):
                 if search.max_micro(method, r, ckpt) >= 1:

@@ -8,6 +8,9 @@ activation, logits buffer and scratch grows with the rows; nothing shrinks). It 
 plus per-row activations), so a secant through the two nearest evaluated points lands on or next to the answer,
 usually in 3-4 calls where doubling and bisection need 2 log2(answer) (about 14 for a micro-batch of 87).
 
+`largest_fitting_between(peak, usable, limit, lower, upper)` is the same search inside a known bracket (the rank
+ladder's neighbours on both sides), no call at all when the bracket is one number.
+
 The method is safeguarded regula falsi on integers: a bracket lo (fits) < hi (does not fit, or limit + 1) that
 only shrinks; each guess is the secant's, clamped strictly inside the bracket; when two secant guesses in a row
 fail to halve the bracket, the next guess is the midpoint, so the worst case stays within a small factor of
@@ -34,6 +37,18 @@ def largest_fitting(peak: Callable[[int], int], usable: int, limit: int, hint: i
     if hint is not None and bound is not None:
         return _bounded(peak, usable, limit, hint, bound)
     return _search(peak, usable, limit, hint, {}, 0, limit + 1)
+
+
+def largest_fitting_between(peak: Callable[[int], int], usable: int, limit: int, lower: int, upper: int) -> int:
+    """`largest_fitting` when the answer is known to lie in [lower, upper]: between a larger rank's answer and a
+    smaller rank's (the peak never falls as r grows, so a rank's answer is at most the smaller rank's and at least the
+    larger rank's). No call when they meet: every rung between two ranks that agree has their answer."""
+    lower, upper = max(lower, 0), min(upper, limit)
+    if lower > upper:
+        raise ValueError(f"empty bracket [{lower}, {upper}]")
+    if lower == upper:
+        return lower
+    return _search(peak, usable, limit, None, {}, lower, upper + 1)
 
 
 def _bounded(peak: Callable[[int], int], usable: int, limit: int, hint: int,

@@ -678,13 +678,15 @@ def test_orpo_and_simpo_search_their_own_steps(capsys):
     ["--model", "qwen3-8b", "--gpu", "a100-80gb", "--seq-len", "4096"],
     ["--model", "mistral-7b", "--gpu", "t4", "--train-tokens", "1e7"],
     ["--model", "llama-3.1-8b", "--gpu", "rtx-4090", "--gpus", "4"],
+    ["--model", "llama-3.1-8b", "--gpu", "h100-80gb", "--seq-len", "2048"],
+    ["--model", "qwen3-8b", "--gpu", "h100-80gb", "--objective", "rl", "--max-completion-length", "512"],
 ])
 def test_rank_bounds_change_no_answer(monkeypatch, capsys, argv):
-    """A smaller rank's largest micro-batch bounds a larger rank's from above (the peak never falls as r grows): the
-    search trusts it (`largest_fitting(..., bound=...)`) and answers as the unbounded search does, with fewer calls."""
+    """The ranks searched bound the others (the peak never falls as r grows): a smaller rank's largest micro-batch
+    bounds a larger rank's from above, a larger rank's from below, and where two agree the ranks between need no
+    search (`_Search._search_micro`). The answers are the unbounded search's, in fewer calls."""
     import lora_planner.recommend as rec
     from lora_planner import memory
-    from lora_planner.search import largest_fitting
 
     def recommend_json() -> tuple[str, int]:
         memory._estimate_memory_lru.cache_clear()
@@ -692,7 +694,6 @@ def test_rank_bounds_change_no_answer(monkeypatch, capsys, argv):
         return capsys.readouterr().out, memory._estimate_memory_lru.cache_info().misses
 
     bounded, bounded_calls = recommend_json()
-    monkeypatch.setattr(rec, "largest_fitting", lambda peak, usable, limit, hint=None, bound=None:
-                        largest_fitting(peak, usable, limit, hint or None))
+    monkeypatch.setattr(rec._Search, "use_bounds", False)
     unbounded, unbounded_calls = recommend_json()
     assert bounded == unbounded and bounded_calls < unbounded_calls

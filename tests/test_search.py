@@ -1,5 +1,5 @@
-"""`lora_planner.search.largest_fitting`: the same answer as a plain scan, for any non-decreasing peak, in fewer calls
-than doubling + bisection where the peak is affine."""
+"""`lora_planner.search.largest_fitting` (and `largest_fitting_between`): the same answer as a plain scan, for any
+non-decreasing peak, in fewer calls than doubling + bisection where the peak is affine."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lora_planner.search import largest_fitting
+from lora_planner.search import largest_fitting, largest_fitting_between
 
 
 def scan(peak, usable: int, limit: int) -> int:
@@ -133,3 +133,22 @@ def test_a_right_bounding_hint_costs_one_call_or_none(hint: int, bound: str, cal
     assert largest_fitting(peak, 99 if hint != 64 else 10**6, limit, hint=hint, bound=bound) == \
         (0 if hint == 0 and bound == "upper" else 64 if hint == 64 else 29)
     assert peak.calls == calls
+
+
+@given(monotone_peaks(), st.integers(0, 40), st.integers(0, 40))
+def test_a_bracket_gives_the_scan_s_answer(case, below, above) -> None:
+    """Between a lower and an upper bound that hold (a larger and a smaller rank's answers): the scan's answer, every
+    call inside the bracket; none when the bracket is one number."""
+    values, usable, limit, _ = case
+    answer = scan(lambda x: values[x - 1], usable, limit)
+    lower, upper = max(answer - below, 0), min(answer + above, limit)
+    peak = Counted(lambda x: values[x - 1])
+    assert largest_fitting_between(peak, usable, limit, lower, upper) == answer
+    assert all(max(lower, 1) <= x <= upper for x in peak.calls)
+    if lower == upper:
+        assert peak.calls == []
+
+
+def test_an_empty_bracket_is_refused() -> None:
+    with pytest.raises(ValueError, match="empty bracket"):
+        largest_fitting_between(lambda x: x, 10, 100, 5, 4)
