@@ -239,7 +239,7 @@ def training_for(req: RecommendRequest, method: str, r: int | None, ckpt: bool, 
     return _training_for(req.training, req.gpus, req.strategy, req.global_batch, method, r, ckpt, micro, alpha)
 
 
-@functools.lru_cache(maxsize=8192)  # (the searches ask the same configurations again; validating each again costs)
+@functools.lru_cache(maxsize=4096)  # (the searches ask the same configurations again; validating each again costs)
 def _training_for(training: TrainingSpec, gpus: int, req_strategy: str | None, global_batch: int, method: str,
                   r: int | None, ckpt: bool, micro: int, alpha: float | None) -> TrainingSpec:
     lora = training.lora if r is None else training.lora.evolve(r=r)
