@@ -522,6 +522,14 @@ class GrpoSpec:
         return (self.steps_per_round(batch_size) * self.num_iterations) % self.gradient_accumulation_steps != 0
 
 
+def _refuse_unmodelled(trainer: str, settings: tuple[tuple[str, bool, str, str], ...]) -> None:
+    """The first of `settings` (field, whether set, what, the fix) that is set, refused: `trainer` is not planned
+    with it yet."""
+    for field_name, on, what, fix in settings:
+        if on:
+            raise PlannerInputError(field_name, f"{trainer} with {what} is not modelled yet", fix)
+
+
 @frozen_spec
 class TrainingSpec:
     """One optimizer step's settings.
@@ -751,15 +759,20 @@ class TrainingSpec:
             raise PlannerInputError("batch_size", "KTOTrainer's KL term needs at least 2 examples a micro-batch (its "
                                                   "KL batch pairs each prompt with another example's completion)",
                                     "pass --batch-size 2 or more")
-        for field_name, on, what, fix in (
-                ("offload", self.offload != "none", "CPU offload", "drop --offload"),
+        _refuse_unmodelled(trainer, self._unmodelled_with_trainers(
+            liger=" (their no-grad forward in the reference pass)", dora=" (its transients in the checkpointed forward)",
+            int8=" (LLM.int8's no-grad matmuls)"))
+
+    def _unmodelled_with_trainers(self, liger: str = "", dora: str = "", int8: str = "") -> tuple[
+            tuple[str, bool, str, str], ...]:
+        """The settings no TRL trainer is planned with yet, as (field, whether set, what, the fix); `liger`, `dora`,
+        `int8`: why, for the trainer at hand."""
+        return (("offload", self.offload != "none", "CPU offload", "drop --offload"),
                 ("activation_offload", self.activation_offload != "none", "activation offloading",
                  "drop --activation-offloading"),
-                ("liger", self.liger, "Liger's kernels (their no-grad forward in the reference pass)", "drop --liger"),
-                ("use_dora", self.lora.use_dora, "DoRA (its transients in the checkpointed forward)", "drop --dora"),
-                ("quant", self.load_in_8bit, "an 8-bit base (LLM.int8's no-grad matmuls)", "use --method qlora")):
-            if on:
-                raise PlannerInputError(field_name, f"{trainer} with {what} is not modelled yet", fix)
+                ("liger", self.liger, "Liger's kernels" + liger, "drop --liger"),
+                ("use_dora", self.lora.use_dora, "DoRA" + dora, "drop --dora"),
+                ("quant", self.load_in_8bit, "an 8-bit base" + int8, "use --method qlora"))
 
     def _check_logits_objective(self, trainer: str) -> None:
         """ORPO / CPO: the trainer projects every position and computes its loss from the logits
@@ -767,18 +780,10 @@ class TrainingSpec:
         if self.loss != "hf":
             raise PlannerInputError("loss", f"TRL's {trainer} computes its loss from the whole logits (no fused "
                                             f"head), not the {self.loss} loss", "drop --loss (or pass --loss hf)")
-        for field_name, on, what, fix in (
-                ("packing", self.packing, "padding-free batches (its collator pads the pairs)", "drop --packing"),
-                ("gpus", self.gpus > 1 or self.strategy is not None, "several GPUs (not validated yet)",
-                 "pass --gpus 1"),
-                ("offload", self.offload != "none", "CPU offload", "drop --offload"),
-                ("activation_offload", self.activation_offload != "none", "activation offloading",
-                 "drop --activation-offloading"),
-                ("liger", self.liger, "Liger's kernels", "drop --liger"),
-                ("use_dora", self.lora.use_dora, "DoRA", "drop --dora"),
-                ("quant", self.load_in_8bit, "an 8-bit base", "use --method qlora")):
-            if on:
-                raise PlannerInputError(field_name, f"{trainer} with {what} is not modelled yet", fix)
+        _refuse_unmodelled(trainer, (
+            ("packing", self.packing, "padding-free batches (its collator pads the pairs)", "drop --packing"),
+            ("gpus", self.gpus > 1 or self.strategy is not None, "several GPUs (not validated yet)", "pass --gpus 1"),
+            *self._unmodelled_with_trainers()))
 
     def _check_grpo(self) -> None:
         """GRPO's rows and what it is planned with so far (`lora_planner.generation`)."""

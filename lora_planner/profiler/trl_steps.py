@@ -205,21 +205,10 @@ def dpo_trainer(out_dir: str, cfg: dict, pairs: int, amp: bool, checkpointing: b
     import torch
     from datasets import Dataset
     from peft import LoraConfig
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM
     from trl import DPOConfig, DPOTrainer
 
-    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(VOCAB)}, unk_token="t0"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="t1", eos_token="t2", unk_token="t0")
-    g = torch.Generator().manual_seed(0)
-
-    def words(n: int) -> str:
-        return " ".join(f"t{int(i)}" for i in torch.randint(3, VOCAB, (n,), generator=g))
-
-    # prompts of 20 words, answers of 30-50: rows padded to the longest of the batch
-    rows = [{"prompt": words(20), "chosen": " " + words(int(torch.randint(30, 50, (1,), generator=g))),
-             "rejected": " " + words(int(torch.randint(30, 50, (1,), generator=g)))} for _ in range(16)]
+    tokenizer, rows = _word_tokenizer(), _preference_rows()
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in cfg.items() if k != "model_type"}))
     args = DPOConfig(output_dir=out_dir, per_device_train_batch_size=pairs, max_steps=3, report_to=[],
@@ -232,6 +221,20 @@ def dpo_trainer(out_dir: str, cfg: dict, pairs: int, amp: bool, checkpointing: b
                           train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
     return DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
                       peft_config=LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+
+
+def _preference_rows(count: int = 16) -> list[dict[str, str]]:
+    """`count` word-level preference pairs, the same on every call (seed 0): prompts of 20 words, chosen and rejected
+    answers of 30-50 (rows padded to the batch's longest)."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+
+    def words(n: int) -> str:
+        return " ".join(f"t{int(i)}" for i in torch.randint(3, VOCAB, (n,), generator=g))
+
+    return [{"prompt": words(20), "chosen": " " + words(int(torch.randint(30, 50, (1,), generator=g))),
+             "rejected": " " + words(int(torch.randint(30, 50, (1,), generator=g)))} for _ in range(count)]
 
 
 def _word_tokenizer(clean: bool = False) -> Any:
@@ -345,13 +348,7 @@ def cpo_trainer(out_dir: str, cfg: dict, pairs: int, amp: bool, checkpointing: b
         warnings.simplefilter("ignore")
         from trl.experimental.cpo import CPOConfig, CPOTrainer
         from trl.experimental.orpo import ORPOConfig, ORPOTrainer
-    g = torch.Generator().manual_seed(0)
-
-    def words(n: int) -> str:
-        return " ".join(f"t{int(i)}" for i in torch.randint(3, VOCAB, (n,), generator=g))
-
-    rows = [{"prompt": words(20), "chosen": " " + words(int(torch.randint(30, 50, (1,), generator=g))),
-             "rejected": " " + words(int(torch.randint(30, 50, (1,), generator=g)))} for _ in range(16)]
+    rows = _preference_rows()
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in cfg.items() if k != "model_type"}))
     common = dict(output_dir=out_dir, per_device_train_batch_size=pairs, max_steps=3, report_to=[], use_cpu=True,
