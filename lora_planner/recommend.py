@@ -362,7 +362,7 @@ class _Search:
         whose ends disagree, so that the rungs between ends that agree cost no search (`_search_micro`): on a roomy
         GPU most ranks fit the same micro-batch."""
         ladder = sorted(set(ranks))
-        for ckpt in (False, True):
+        for ckpt in (False, True) if ladder else ():
             stretches = [(0, len(ladder) - 1)]
             while stretches:
                 lo, hi = stretches.pop()
